@@ -1,0 +1,263 @@
+//! A scriptable instance holder, used by the test suite (and handy for experiments).
+//!
+//! ```text
+//! holder NAME [--backend auto|dbus|lockfile] [--scope auto|user|system] [--lock-file PATH]
+//!             [--wait forever|SECONDS] [--allow-replacement] [--recheck-ms N] [--blocking]
+//!             [--go-on-stdin] [--critical FILE --hold-ms N]
+//! ```
+//!
+//! Prints one line per event on stdout (`acquired ...`, `already-running ...`, `lost ...`,
+//! `released`), holds the instance until stdin closes (or, with `--hold-ms`, for that long), and
+//! exits 0, or 75 (already running / timed out), 64, 77, 69, 70 as the CLI does. With
+//! `--critical FILE` it creates FILE exclusively while it holds the instance and exits 99 if
+//! FILE already exists: two holders at once are caught, not assumed away.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use unique_instance::{Backend, Error, InstanceGuard, InstanceOptions, Scope, Wait};
+
+#[derive(Default)]
+struct Args {
+    name: String,
+    backend: Option<Backend>,
+    scope: Option<Scope>,
+    lock_file: Option<PathBuf>,
+    wait: Option<Wait>,
+    allow_replacement: bool,
+    recheck: Option<Duration>,
+    blocking: bool,
+    go_on_stdin: bool,
+    critical: Option<PathBuf>,
+    hold: Option<Duration>,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut args = Args::default();
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--backend" => {
+                args.backend = Some(match value()?.as_str() {
+                    "auto" => Backend::Auto,
+                    "dbus" => Backend::Dbus,
+                    "lockfile" => Backend::LockFile,
+                    other => return Err(format!("unknown backend {other}")),
+                })
+            }
+            "--scope" => {
+                args.scope = Some(match value()?.as_str() {
+                    "auto" => Scope::Auto,
+                    "user" => Scope::User,
+                    "system" => Scope::System,
+                    other => return Err(format!("unknown scope {other}")),
+                })
+            }
+            "--lock-file" => args.lock_file = Some(value()?.into()),
+            "--wait" => {
+                let v = value()?;
+                args.wait = Some(if v == "forever" {
+                    Wait::Forever
+                } else {
+                    Wait::Timeout(Duration::from_secs_f64(v.parse().map_err(|_| format!("bad --wait {v}"))?))
+                })
+            }
+            "--allow-replacement" => args.allow_replacement = true,
+            "--recheck-ms" => {
+                args.recheck = Some(Duration::from_millis(value()?.parse().map_err(|_| "bad --recheck-ms")?))
+            }
+            "--blocking" => args.blocking = true,
+            "--go-on-stdin" => args.go_on_stdin = true,
+            "--critical" => args.critical = Some(value()?.into()),
+            "--hold-ms" => {
+                args.hold = Some(Duration::from_millis(value()?.parse().map_err(|_| "bad --hold-ms")?))
+            }
+            name if !name.starts_with("--") && args.name.is_empty() => args.name = name.to_owned(),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn options(args: &Args) -> InstanceOptions {
+    let mut o = InstanceOptions::new(&args.name).allow_replacement(args.allow_replacement);
+    if let Some(b) = args.backend {
+        o = o.backend(b);
+    }
+    if let Some(s) = args.scope {
+        o = o.scope(s);
+    }
+    if let Some(p) = &args.lock_file {
+        o = o.lock_file(p);
+    }
+    if let Some(w) = args.wait {
+        o = o.wait(w);
+    }
+    if let Some(r) = args.recheck {
+        o = o.recheck_lock_file(r);
+    }
+    o
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn report_error(e: &Error) -> i32 {
+    let one_line = e.to_string().replace('\n', " ");
+    let (word, code) = match e {
+        Error::AlreadyRunning { .. } => ("already-running", 75),
+        Error::TimedOut { .. } => ("timed-out", 75),
+        Error::InvalidName { .. } => ("invalid-name", 64),
+        Error::NotPermitted { .. } => ("not-permitted", 77),
+        Error::NoUsableBackend { .. } => ("no-usable-backend", 69),
+        Error::UnsafeLockPath { .. } => ("unsafe-lock-path", 70),
+        Error::NetworkFilesystem { .. } => ("network-filesystem", 70),
+        _ => ("error", 70),
+    };
+    let pid = e
+        .holder()
+        .and_then(|h| h.pid)
+        .map_or("unknown".to_owned(), |p| p.to_string());
+    say(&format!("{word} holder_pid={pid} msg={one_line}"));
+    code
+}
+
+fn acquired_line(guard: &InstanceGuard) -> String {
+    format!(
+        "acquired pid={} backends={:?} bus={:?} unique={}",
+        std::process::id(),
+        guard.backends(),
+        guard.bus_kind(),
+        guard.bus_unique_name().unwrap_or_default()
+    )
+}
+
+fn critical_enter(args: &Args) {
+    if let Some(path) = &args.critical {
+        if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
+            say(&format!("overlap {e}"));
+            std::process::exit(99);
+        }
+    }
+}
+
+fn critical_leave(args: &Args) {
+    if let Some(path) = &args.critical {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn main() {
+    let args = match parse() {
+        Ok(a) if !a.name.is_empty() || std::env::args().len() > 1 => a,
+        Ok(_) => {
+            eprintln!("usage: holder NAME [options]");
+            std::process::exit(64);
+        }
+        Err(e) => {
+            eprintln!("holder: {e}");
+            std::process::exit(64);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let stdin = std::io::stdin();
+    if args.go_on_stdin {
+        let mut line = String::new();
+        let _ = stdin.lock().read_line(&mut line);
+    }
+    let code = if args.blocking {
+        run_blocking(&args)
+    } else {
+        match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(run_async(&args)),
+            Err(e) => {
+                eprintln!("holder: {e}");
+                70
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run_blocking(args: &Args) -> i32 {
+    let mut guard = match options(args).acquire() {
+        Ok(g) => g,
+        Err(e) => return report_error(&e),
+    };
+    critical_enter(args);
+    say(&acquired_line(&guard));
+    // Losses are reported from a thread that owns the guard; the main thread waits on stdin.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let hold = args.hold;
+    std::thread::spawn(move || {
+        match hold {
+            Some(d) => std::thread::sleep(d),
+            None => {
+                let _ = std::io::stdin().lock().lines().count();
+            }
+        }
+        let _ = done_tx.send(());
+    });
+    loop {
+        if done_rx.try_recv().is_ok() {
+            break;
+        }
+        if let Some(loss) = guard.wait_next_loss(Some(Duration::from_millis(50))) {
+            say(&format!("lost reason={:?} still_exclusive={}", loss.reason, loss.still_exclusive));
+        }
+    }
+    critical_leave(args);
+    match guard.release() {
+        Ok(()) => {
+            say("released");
+            0
+        }
+        Err(e) => report_error(&e),
+    }
+}
+
+async fn run_async(args: &Args) -> i32 {
+    let mut guard = match options(args).acquire_async().await {
+        Ok(g) => g,
+        Err(e) => return report_error(&e),
+    };
+    critical_enter(args);
+    say(&acquired_line(&guard));
+    let done = async {
+        match args.hold {
+            Some(d) => tokio::time::sleep(d).await,
+            None => {
+                // stdin closing is the signal to release.
+                let _ = tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().count()).await;
+            }
+        }
+    };
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            _ = &mut done => break,
+            loss = guard.next_loss() => {
+                say(&format!("lost reason={:?} still_exclusive={}", loss.reason, loss.still_exclusive));
+            }
+        }
+    }
+    critical_leave(args);
+    match guard.release_async().await {
+        Ok(()) => {
+            say("released");
+            0
+        }
+        Err(e) => report_error(&e),
+    }
+}

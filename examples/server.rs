@@ -1,0 +1,101 @@
+//! A small D-Bus server that refuses to run twice.
+//!
+//! ```text
+//! cargo run --example server [NAME]        # default NAME: org.example.Server
+//! ```
+//!
+//! It becomes the single instance of NAME (lock file + bus name), serves `org.example.Server1`
+//! at `/org/example/Server` on the connection that owns the name (methods `Ping` and `Pid`),
+//! prints `ready: NAME pid PID` on stdout, and exits cleanly on SIGTERM or SIGINT. A second copy
+//! prints who is running and exits with status 75.
+
+use std::process::ExitCode;
+
+use tokio::signal::unix::{SignalKind, signal};
+use unique_instance::{Error, InstanceOptions};
+
+struct Server {
+    name: String,
+}
+
+#[zbus::interface(name = "org.example.Server1")]
+impl Server {
+    /// Answers "pong from NAME".
+    fn ping(&self) -> String {
+        format!("pong from {}", self.name)
+    }
+
+    /// The server's process ID.
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let name = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "org.example.Server".to_owned());
+
+    // Export the object before the name is requested, so a caller who sees the name can use it.
+    let options = InstanceOptions::new(&name).serve_at(
+        "/org/example/Server",
+        Server {
+            name: name.clone(),
+        },
+    );
+    let mut guard = match options.acquire_async().await {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("server: {e}");
+            return ExitCode::from(exit_code(&e));
+        }
+    };
+    tracing::info!(?guard, "serving");
+    println!("ready: {name} pid {}", std::process::id());
+
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("server: cannot install signal handlers");
+        return ExitCode::from(70);
+    };
+    let code = loop {
+        tokio::select! {
+            _ = term.recv() => break 0,
+            _ = int.recv() => break 0,
+            loss = guard.next_loss() => {
+                if loss.still_exclusive {
+                    tracing::warn!(%loss, "carrying on");
+                } else {
+                    eprintln!("server: {loss}");
+                    break 1;
+                }
+            }
+        }
+    };
+    tracing::info!("shutting down");
+    if let Err(e) = guard.release_async().await {
+        eprintln!("server: {e}");
+        return ExitCode::from(70);
+    }
+    ExitCode::from(code)
+}
+
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::AlreadyRunning { .. } | Error::TimedOut { .. } => 75,
+        Error::InvalidName { .. } => 64,
+        Error::NotPermitted { .. } => 77,
+        Error::NoUsableBackend { .. } => 69,
+        _ => 70,
+    }
+}

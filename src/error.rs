@@ -1,0 +1,181 @@
+//! The error a caller can match on.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::holder::Holder;
+use crate::name::NameRule;
+use crate::scope::BusKind;
+
+/// Everything that can stop an instance from being acquired, or released cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another copy holds the instance.
+    #[error("{name} is already running ({holder})")]
+    AlreadyRunning {
+        /// The instance name.
+        name: String,
+        /// What is known of the running copy.
+        holder: Box<Holder>,
+    },
+
+    /// The name is not a valid D-Bus well-known name; nothing was created or contacted.
+    #[error("invalid instance name {name:?}: {rule}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// The rule it broke.
+        rule: NameRule,
+    },
+
+    /// The bus policy or the file system does not let this process hold the instance.
+    #[error("{name}: not permitted: {reason}")]
+    NotPermitted {
+        /// The instance name.
+        name: String,
+        /// What refused, in words a user can act on.
+        reason: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
+
+    /// No backend could enforce exclusion, so nothing was acquired.
+    #[error("{name}: no usable backend: {reason}")]
+    NoUsableBackend {
+        /// The instance name.
+        name: String,
+        /// Why each candidate was unusable.
+        reason: String,
+        /// The underlying error, if one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
+
+    /// The lock path is not a file this process may safely lock.
+    #[error("unsafe lock path {}: {problem}; remove it or choose another lock path", path.display())]
+    UnsafeLockPath {
+        /// The path that was refused.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: UnsafeLockPath,
+    },
+
+    /// The lock directory is on a network file system, where `flock` cannot be trusted.
+    #[error(
+        "lock directory {} is on a network file system ({fs_type}), where file locks may not exclude other hosts or may hang; \
+         choose a local directory, or allow network file systems explicitly",
+        path.display()
+    )]
+    NetworkFilesystem {
+        /// The directory.
+        path: PathBuf,
+        /// The file system type that was detected.
+        fs_type: &'static str,
+    },
+
+    /// Waiting for the instance gave up.
+    #[error("{name}: timed out after {waited:?} waiting for the running copy to exit ({holder})")]
+    TimedOut {
+        /// The instance name.
+        name: String,
+        /// How long it waited.
+        waited: Duration,
+        /// The copy still running, as far as known.
+        holder: Box<Holder>,
+    },
+
+    /// A file system operation failed.
+    #[error("{context} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Talking to the bus failed.
+    #[error("{context} on the {bus} bus: {source}")]
+    Bus {
+        /// What was being done.
+        context: &'static str,
+        /// Which bus.
+        bus: BusKind,
+        /// The underlying error.
+        #[source]
+        source: zbus::Error,
+    },
+}
+
+/// Why a lock path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UnsafeLockPath {
+    /// The path is a symbolic link (never followed: it could point anywhere).
+    #[error("it is a symbolic link")]
+    Symlink,
+    /// The path is not a regular file.
+    #[error("it is a {kind}, not a regular file")]
+    NotRegularFile {
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// The file belongs to another user, who could remove or rewrite it.
+    #[error("it is owned by uid {owner}, not by this user (uid {expected})")]
+    WrongOwner {
+        /// The file's owner.
+        owner: u32,
+        /// The user (and, in system scope, root) it should belong to.
+        expected: u32,
+    },
+    /// A directory on the way is writable by others without the sticky bit.
+    #[error("directory {} is writable by others without the sticky bit (mode {mode:o})", dir.display())]
+    InsecureDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A directory on the way belongs to another user.
+    #[error("directory {} is owned by uid {owner}, not by this user or root", dir.display())]
+    ForeignDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Its owner.
+        owner: u32,
+    },
+    /// A per-user fallback directory does not have mode 0700.
+    #[error("per-user directory {} has mode {mode:o}, expected 700", dir.display())]
+    DirectoryMode {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Shorthand for this crate's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The holder, for [`Error::AlreadyRunning`] and [`Error::TimedOut`].
+    pub fn holder(&self) -> Option<&Holder> {
+        match self {
+            Error::AlreadyRunning { holder, .. } | Error::TimedOut { holder, .. } => Some(holder),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            context,
+            path: path.into(),
+            source,
+        }
+    }
+}

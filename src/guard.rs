@@ -1,0 +1,300 @@
+//! The one guard type: proof that this process is the running instance.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::dbus;
+use crate::error::{Error, Result};
+use crate::holder::BackendKind;
+use crate::lockfile::HeldLock;
+use crate::name::InstanceName;
+use crate::scope::{BusKind, Scope};
+
+/// Why (part of) the instance was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LossReason {
+    /// Another copy took the bus name (only possible when replacement was allowed).
+    Replaced,
+    /// The bus connection closed (the bus daemon died or dropped us).
+    BusConnectionClosed,
+    /// The lock file was removed by someone else (seen by the periodic re-check).
+    LockFileRemoved,
+    /// The lock file was replaced by another file (seen by the periodic re-check).
+    LockFileReplaced,
+}
+
+impl fmt::Display for LossReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LossReason::Replaced => "replaced by another instance on the bus",
+            LossReason::BusConnectionClosed => "the bus connection closed",
+            LossReason::LockFileRemoved => "the lock file was removed by someone else",
+            LossReason::LockFileReplaced => "the lock file was replaced by someone else",
+        })
+    }
+}
+
+/// One loss event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Loss {
+    /// What happened.
+    pub reason: LossReason,
+    /// True when exclusion still holds through another backend (the bus went away but the
+    /// lock file is still ours): the program may keep running. False means another copy may
+    /// now start: stop the guarded work.
+    pub still_exclusive: bool,
+}
+
+impl fmt::Display for Loss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.still_exclusive {
+            write!(f, "{} (the lock file still excludes other copies)", self.reason)
+        } else {
+            write!(f, "{}; this copy is no longer the instance", self.reason)
+        }
+    }
+}
+
+pub(crate) type LossLog = watch::Sender<Vec<Loss>>;
+
+/// Proof that this process is the one running instance of a name.
+///
+/// Dropping it releases the instance: the bus name first, then the lock file, which is removed
+/// while still locked. [`InstanceGuard::release`] does the same and reports failures, which
+/// `Drop` can only log.
+#[must_use = "the instance is released as soon as the guard is dropped"]
+pub struct InstanceGuard {
+    pub(crate) name: InstanceName,
+    pub(crate) scope: Scope,
+    pub(crate) lock: Option<HeldLock>,
+    pub(crate) bus: Option<(BusKind, zbus::Connection)>,
+    pub(crate) losses: watch::Receiver<Vec<Loss>>,
+    pub(crate) seen_losses: usize,
+    pub(crate) tasks: Vec<JoinHandle<()>>,
+    /// The runtime that services the connection when the guard came from the blocking API.
+    pub(crate) runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl fmt::Debug for InstanceGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstanceGuard")
+            .field("name", &self.name)
+            .field("scope", &self.scope)
+            .field("lock_file", &self.lock_file())
+            .field("bus", &self.bus_kind())
+            .field("bus_unique_name", &self.bus_unique_name())
+            .field("backends", &self.backends())
+            .finish()
+    }
+}
+
+impl InstanceGuard {
+    /// The instance name.
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    /// The scope that was asked for.
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    /// The backends that hold the instance, lock file first.
+    pub fn backends(&self) -> Vec<BackendKind> {
+        let mut v = Vec::new();
+        if self.lock.is_some() {
+            v.push(BackendKind::LockFile);
+        }
+        if self.bus.is_some() {
+            v.push(BackendKind::Dbus);
+        }
+        v
+    }
+
+    /// The lock file held, if any.
+    pub fn lock_file(&self) -> Option<&Path> {
+        self.lock.as_ref().map(HeldLock::path)
+    }
+
+    /// The bus the name is owned on, if any.
+    pub fn bus_kind(&self) -> Option<BusKind> {
+        self.bus.as_ref().map(|(kind, _)| *kind)
+    }
+
+    /// Our unique name on the bus (`:1.42`), if the name is owned on a bus.
+    pub fn bus_unique_name(&self) -> Option<String> {
+        self.bus
+            .as_ref()
+            .and_then(|(_, c)| c.unique_name().map(|n| n.to_string()))
+    }
+
+    /// The connection that owns the name: serve your own objects on it.
+    pub fn connection(&self) -> Option<&zbus::Connection> {
+        self.bus.as_ref().map(|(_, c)| c)
+    }
+
+    /// Every loss seen so far, oldest first.
+    pub fn losses(&self) -> Vec<Loss> {
+        self.losses.borrow().clone()
+    }
+
+    /// False once a loss left no backend excluding other copies.
+    pub fn is_exclusive(&self) -> bool {
+        self.losses.borrow().iter().all(|l| l.still_exclusive)
+    }
+
+    /// Waits for the next loss event not yet returned by this method.
+    ///
+    /// Never resolves when nothing can be lost: a lock file alone with no re-check configured.
+    pub async fn next_loss(&mut self) -> Loss {
+        let seen = self.seen_losses;
+        let log = self
+            .losses
+            .wait_for(|log| log.len() > seen)
+            .await
+            .map(|log| log[seen]);
+        match log {
+            Ok(loss) => {
+                self.seen_losses += 1;
+                loss
+            }
+            // The sender lives in the guard's tasks; if they are all gone nothing more can be
+            // reported, so wait forever, as documented.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Blocking form of [`InstanceGuard::next_loss`], giving up after `timeout`.
+    ///
+    /// # Caveats
+    ///
+    /// Call it from plain threads, not from inside an async task.
+    pub fn wait_next_loss(&mut self, timeout: Option<Duration>) -> Option<Loss> {
+        let fut = async {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, self.next_loss()).await.ok(),
+                None => Some(self.next_loss().await),
+            }
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .ok()?;
+        rt.block_on(fut)
+    }
+
+    /// Releases the instance and reports any failure (the bus name first, then the lock file).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bus`] if `ReleaseName` failed, [`Error::Io`] if the lock file could not be
+    /// removed. The instance is released in any case: closing our descriptors releases it.
+    ///
+    /// # Caveats
+    ///
+    /// From inside a single-threaded tokio runtime this cannot wait for the bus, so it closes the
+    /// connection instead (the bus releases the name when it sees the close). Use
+    /// [`InstanceGuard::release_async`] there.
+    pub fn release(mut self) -> Result<()> {
+        self.release_blocking()
+    }
+
+    /// Releases the instance from async code, reporting any failure.
+    ///
+    /// # Errors
+    ///
+    /// As [`InstanceGuard::release`].
+    pub async fn release_async(mut self) -> Result<()> {
+        self.stop_tasks();
+        let bus_result = match self.bus.take() {
+            Some((kind, conn)) => release_bus(kind, conn, self.name.as_str()).await,
+            None => Ok(()),
+        };
+        let lock_result = self.lock.take().map_or(Ok(()), HeldLock::release);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        bus_result.and(lock_result)
+    }
+
+    fn stop_tasks(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+
+    fn release_blocking(&mut self) -> Result<()> {
+        self.stop_tasks();
+        let bus_result = match self.bus.take() {
+            Some((kind, conn)) => {
+                if let Some(rt) = &self.runtime {
+                    rt.block_on(release_bus(kind, conn, self.name.as_str()))
+                } else {
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(handle)
+                            if handle.runtime_flavor()
+                                == tokio::runtime::RuntimeFlavor::MultiThread =>
+                        {
+                            tokio::task::block_in_place(|| handle.block_on(release_bus(kind, conn, self.name.as_str())))
+                        }
+                        Ok(_) => {
+                            // Cannot wait here: closing the connection makes the bus release
+                            // the name as soon as it notices.
+                            drop(conn);
+                            Ok(())
+                        }
+                        Err(_) => {
+                            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                                Ok(rt) => rt.block_on(release_bus(kind, conn, self.name.as_str())),
+                                Err(_) => {
+                                    drop(conn);
+                                    Ok(())
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            None => Ok(()),
+        };
+        let lock_result = self.lock.take().map_or(Ok(()), HeldLock::release);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        bus_result.and(lock_result)
+    }
+}
+
+async fn release_bus(kind: BusKind, conn: zbus::Connection, name: &str) -> Result<()> {
+    if conn.is_closed() {
+        return Ok(());
+    }
+    let result = tokio::time::timeout(Duration::from_secs(5), dbus::release_name(&conn, name)).await;
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(Error::Bus {
+            context: "cannot release the name",
+            bus: kind,
+            source,
+        }),
+        Err(_) => Err(Error::Bus {
+            context: "cannot release the name",
+            bus: kind,
+            source: zbus::Error::Failure("the bus did not answer ReleaseName within 5 s".into()),
+        }),
+    }
+}
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.release_blocking() {
+            tracing::warn!(name = %self.name, error = %e, "releasing the instance failed");
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! What is known of the running instance: the lock file's record and what the bus says.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::scope::BusKind;
+
+/// The backend through which a holder was found, or which an instance holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// A D-Bus well-known name.
+    Dbus,
+    /// A lock file.
+    LockFile,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Dbus => "dbus",
+            BackendKind::LockFile => "lock-file",
+        })
+    }
+}
+
+/// What is known of the process that holds an instance.
+///
+/// Every field is best effort: a lock file with an empty or unreadable record gives a holder
+/// with nothing but [`Holder::found_by`] and [`Holder::lock_file`] set, and that still means
+/// "running" — the kernel lock decides, never the record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Holder {
+    /// Process ID, as seen from this process's PID namespace when it came from the bus.
+    pub pid: Option<u32>,
+    /// User ID of the holder.
+    pub uid: Option<u32>,
+    /// When the holding process started.
+    #[serde(serialize_with = "serialize_time")]
+    pub since: Option<SystemTime>,
+    /// The backend through which this holder was found.
+    pub found_by: Option<BackendKind>,
+    /// The bus the holder owns the name on, if known.
+    pub bus: Option<BusKind>,
+    /// The holder's unique bus name (`:1.42`), if known.
+    pub bus_unique_name: Option<String>,
+    /// The holder's executable, if known.
+    pub executable: Option<PathBuf>,
+    /// The host the holder runs on, from the lock file record.
+    pub hostname: Option<String>,
+    /// The lock file it holds, when it was found through one.
+    pub lock_file: Option<PathBuf>,
+}
+
+fn serialize_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_some(&format_rfc3339(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+impl Holder {
+    /// True when nothing identifying is known (an empty or garbled lock file record).
+    pub fn is_unknown(&self) -> bool {
+        self.pid.is_none() && self.bus_unique_name.is_none()
+    }
+}
+
+impl fmt::Display for Holder {
+    /// Reads like `pid 4242, since 2026-11-23T10:00:00Z, on the session bus`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        match self.pid {
+            Some(pid) => parts.push(format!("pid {pid}")),
+            None if self.is_unknown() => parts.push("holder unknown".to_owned()),
+            None => {}
+        }
+        if let Some(since) = self.since {
+            parts.push(format!("since {}", format_rfc3339(since)));
+        }
+        if let Some(bus) = self.bus {
+            parts.push(format!("on the {bus} bus"));
+        }
+        if let Some(path) = &self.lock_file {
+            parts.push(format!("lock file {}", path.display()));
+        }
+        if let Some(name) = &self.bus_unique_name {
+            if self.found_by == Some(BackendKind::Dbus) {
+                parts.push(format!("as {name}"));
+            }
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// The one-line JSON record a holder writes into its lock file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LockRecord {
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+    /// Process start time, seconds since the Unix epoch.
+    pub(crate) start_time: Option<u64>,
+    pub(crate) backend: Vec<BackendKind>,
+    pub(crate) bus: Option<BusKind>,
+    pub(crate) bus_unique_name: Option<String>,
+    pub(crate) executable: Option<PathBuf>,
+    pub(crate) hostname: Option<String>,
+}
+
+impl LockRecord {
+    /// The record for this process.
+    pub(crate) fn for_self(
+        backend: Vec<BackendKind>,
+        bus: Option<BusKind>,
+        bus_unique_name: Option<String>,
+    ) -> Self {
+        let pid = std::process::id();
+        LockRecord {
+            pid,
+            uid: rustix::process::geteuid().as_raw(),
+            start_time: process_start_time(pid).and_then(|t| {
+                t.duration_since(UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs())
+            }),
+            backend,
+            bus,
+            bus_unique_name,
+            executable: std::env::current_exe().ok(),
+            hostname: Some(
+                rustix::system::uname()
+                    .nodename()
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+        }
+    }
+
+    /// One line, newline-terminated, for a single `write`.
+    pub(crate) fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+
+    /// Parses a record; `None` for empty or garbage content ("holder unknown", never "stale").
+    pub(crate) fn parse(content: &[u8]) -> Option<Self> {
+        let line = content.split(|&b| b == b'\n').next()?;
+        serde_json::from_slice(line).ok()
+    }
+
+    pub(crate) fn into_holder(self, lock_file: PathBuf) -> Holder {
+        Holder {
+            pid: Some(self.pid),
+            uid: Some(self.uid),
+            since: self
+                .start_time
+                .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
+            found_by: Some(BackendKind::LockFile),
+            bus: self.bus,
+            bus_unique_name: self.bus_unique_name,
+            executable: self.executable,
+            hostname: self.hostname,
+            lock_file: Some(lock_file),
+        }
+    }
+}
+
+/// When process `pid` started, from `/proc/PID/stat` and the boot time in `/proc/stat`.
+pub(crate) fn process_start_time(pid: u32) -> Option<SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    // starttime is field 22 overall, the 20th after "pid (comm)".
+    let ticks: u64 = after_comm.split_whitespace().nth(19)?.parse().ok()?;
+    let boot_time: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Some(UNIX_EPOCH + Duration::from_secs(boot_time) + Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// The executable of process `pid`, where `/proc` lets us see it.
+pub(crate) fn process_executable(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// `2026-11-23T10:00:00Z`: whole seconds, UTC.
+pub fn format_rfc3339(time: SystemTime) -> String {
+    let secs = match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs(),
+        Err(_) => 0,
+    };
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's published algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(format_rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_428_000); // 2026-11-23T10:00:00Z
+        assert_eq!(format_rfc3339(t), "2026-11-23T10:00:00Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(format_rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn record_round_trips_and_garbage_is_unknown() {
+        let record = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+        let line = record.to_line();
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(LockRecord::parse(&line), Some(record));
+        assert_eq!(LockRecord::parse(b""), None);
+        assert_eq!(LockRecord::parse(b"\0\0garbage{"), None);
+    }
+
+    #[test]
+    fn own_start_time_is_in_the_past() {
+        let start = process_start_time(std::process::id()).expect("/proc is mounted");
+        assert!(start <= SystemTime::now());
+    }
+
+    #[test]
+    fn holder_message_names_pid_time_and_bus() {
+        let holder = Holder {
+            pid: Some(4242),
+            since: Some(UNIX_EPOCH + Duration::from_secs(1_795_428_000)),
+            found_by: Some(BackendKind::Dbus),
+            bus: Some(BusKind::Session),
+            ..Holder::default()
+        };
+        assert_eq!(
+            holder.to_string(),
+            "pid 4242, since 2026-11-23T10:00:00Z, on the session bus"
+        );
+        let unknown = Holder {
+            found_by: Some(BackendKind::LockFile),
+            lock_file: Some("/run/x.lock".into()),
+            ..Holder::default()
+        };
+        assert_eq!(unknown.to_string(), "holder unknown, lock file /run/x.lock");
+    }
+}

@@ -1,0 +1,533 @@
+//! The lock-file backend: an exclusive `flock` on a file that is opened safely, re-checked after
+//! locking, and removed only while still locked.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
+use rustix::io::Errno;
+
+use crate::error::{Error, Result, UnsafeLockPath};
+use crate::holder::{Holder, LockRecord};
+use crate::scope::LockPlan;
+
+/// How long a refused copy waits for a just-started holder to write its record before it
+/// reports the holder as unknown. The holder writes it right after connecting to the bus.
+const RECORD_GRACE: Duration = Duration::from_secs(2);
+
+/// A lock file this process holds. Dropping it removes the file (if it is still ours) while the
+/// lock is held, then unlocks.
+#[derive(Debug)]
+pub(crate) struct HeldLock {
+    file: OwnedFd,
+    dir: Arc<OwnedFd>,
+    file_name: String,
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    released: bool,
+}
+
+/// The outcome of one attempt.
+pub(crate) enum Attempt {
+    /// Locked; carries the previous holder's record, if the file had one (a crashed holder's).
+    Acquired(HeldLock, Option<LockRecord>),
+    /// Someone else holds it.
+    Busy(Box<Holder>),
+}
+
+/// What changed under a held lock file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PathChange {
+    Removed,
+    Replaced,
+}
+
+/// Opens (creating if needed) and checks the lock directory.
+pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<OwnedFd> {
+    let euid = rustix::process::geteuid().as_raw();
+    if let Some(mode) = plan.create_dir_mode {
+        match rustix::fs::mkdir(&plan.dir, Mode::from_raw_mode(0o700)) {
+            Ok(()) => {
+                // mkdir's mode is masked by the umask; set the intended one exactly.
+                rustix::fs::chmod(&plan.dir, Mode::from_raw_mode(mode))
+                    .map_err(|e| Error::io("cannot set the mode of lock directory", &plan.dir, e.into()))?;
+            }
+            Err(Errno::EXIST) => {}
+            Err(e) => return Err(dir_error(plan, "cannot create lock directory", e)),
+        }
+    }
+    let dir = rustix::fs::open(
+        &plan.dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
+    let st = rustix::fs::fstat(&dir)
+        .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
+    check_dir(plan, &st, euid)?;
+    if !allow_network_fs {
+        let fs = rustix::fs::fstatfs(&dir)
+            .map_err(|e| Error::io("cannot statfs lock directory", &plan.dir, e.into()))?;
+        if let Some(fs_type) = network_fs_name(fs.f_type as i64) {
+            return Err(Error::NetworkFilesystem {
+                path: plan.dir.clone(),
+                fs_type,
+            });
+        }
+    }
+    Ok(dir)
+}
+
+fn dir_error(plan: &LockPlan, context: &'static str, e: Errno) -> Error {
+    if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS {
+        Error::NotPermitted {
+            name: plan.file_name.trim_end_matches(".lock").to_owned(),
+            reason: format!(
+                "{context} {}: {}; run with the right user or choose another lock directory",
+                plan.dir.display(),
+                std::io::Error::from(e)
+            ),
+            source: Some(Box::new(std::io::Error::from(e))),
+        }
+    } else {
+        Error::io(context, &plan.dir, e.into())
+    }
+}
+
+fn check_dir(plan: &LockPlan, st: &Stat, euid: u32) -> Result<()> {
+    let unsafe_dir = |problem| Error::UnsafeLockPath {
+        path: plan.dir.clone(),
+        problem,
+    };
+    let owner = st.st_uid;
+    let mode = st.st_mode & 0o7777;
+    if plan.private_dir {
+        if owner != euid {
+            return Err(unsafe_dir(UnsafeLockPath::ForeignDirectory {
+                dir: plan.dir.clone(),
+                owner,
+            }));
+        }
+        if mode & 0o777 != 0o700 {
+            return Err(unsafe_dir(UnsafeLockPath::DirectoryMode {
+                dir: plan.dir.clone(),
+                mode,
+            }));
+        }
+        return Ok(());
+    }
+    if owner != euid && owner != 0 {
+        return Err(unsafe_dir(UnsafeLockPath::ForeignDirectory {
+            dir: plan.dir.clone(),
+            owner,
+        }));
+    }
+    // Anyone who can write the directory without the sticky bit can remove our file.
+    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(UnsafeLockPath::InsecureDirectory {
+            dir: plan.dir.clone(),
+            mode,
+        }));
+    }
+    Ok(())
+}
+
+/// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
+pub(crate) fn lock(plan: &LockPlan, dir: &OwnedFd, block: bool) -> Result<Attempt> {
+    let euid = rustix::process::geteuid().as_raw();
+    let path = plan.path();
+    loop {
+        let file = open_lock_file(plan, dir, &path, euid)?;
+        let op = if block {
+            FlockOperation::LockExclusive
+        } else {
+            FlockOperation::NonBlockingLockExclusive
+        };
+        match retry_eintr(|| rustix::fs::flock(&file, op)) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => return Ok(Attempt::Busy(Box::new(read_holder(&file, &path)))),
+            Err(Errno::NOLCK) => {
+                return Err(Error::NoUsableBackend {
+                    name: plan.file_name.trim_end_matches(".lock").to_owned(),
+                    reason: format!("the file system of {} does not support locks", path.display()),
+                    source: Some(Box::new(std::io::Error::from(Errno::NOLCK))),
+                });
+            }
+            Err(e) => return Err(Error::io("cannot lock", &path, e.into())),
+        }
+        let st = rustix::fs::fstat(&file).map_err(|e| Error::io("cannot stat", &path, e.into()))?;
+        // The holder before us may have removed the file while we waited on the old inode, or
+        // someone replaced it: then the lock we hold protects nothing. Start again.
+        match rustix::fs::statat(dir, plan.file_name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
+            Ok(_) | Err(Errno::NOENT) => {
+                tracing::debug!(path = %path.display(), "lock file was replaced while we locked it; retrying");
+                continue;
+            }
+            Err(e) => return Err(Error::io("cannot stat", &path, e.into())),
+        }
+        let previous = read_record(&file);
+        // Clear a crashed holder's record at once, so nobody reports a dead PID while we set up.
+        retry_eintr(|| rustix::fs::ftruncate(&file, 0))
+            .map_err(|e| Error::io("cannot truncate", &path, e.into()))?;
+        let dir = Arc::new(
+            dir.try_clone()
+                .map_err(|e| Error::io("cannot duplicate descriptor of", &plan.dir, e))?,
+        );
+        return Ok(Attempt::Acquired(
+            HeldLock {
+                file,
+                dir,
+                file_name: plan.file_name.clone(),
+                path,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                released: false,
+            },
+            previous,
+        ));
+    }
+}
+
+fn open_lock_file(plan: &LockPlan, dir: &OwnedFd, path: &Path, euid: u32) -> Result<OwnedFd> {
+    let unsafe_path = |problem| Error::UnsafeLockPath {
+        path: path.to_owned(),
+        problem,
+    };
+    // NONBLOCK keeps a FIFO planted at the path from blocking the open; it is refused below.
+    let flags = OFlags::RDWR
+        | OFlags::CREATE
+        | OFlags::NOFOLLOW
+        | OFlags::CLOEXEC
+        | OFlags::NOCTTY
+        | OFlags::NONBLOCK;
+    let file = match retry_eintr(|| {
+        rustix::fs::openat(
+            dir,
+            plan.file_name.as_str(),
+            flags,
+            Mode::from_raw_mode(plan.file_mode),
+        )
+    }) {
+        Ok(file) => file,
+        Err(Errno::LOOP) => return Err(unsafe_path(UnsafeLockPath::Symlink)),
+        Err(Errno::ISDIR) => {
+            return Err(unsafe_path(UnsafeLockPath::NotRegularFile { kind: "directory" }));
+        }
+        Err(Errno::NXIO) => return Err(unsafe_path(UnsafeLockPath::NotRegularFile { kind: "socket" })),
+        Err(e) if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS => {
+            return Err(Error::NotPermitted {
+                name: plan.file_name.trim_end_matches(".lock").to_owned(),
+                reason: format!(
+                    "cannot open lock file {}: {}; run as its owner or choose another lock path",
+                    path.display(),
+                    std::io::Error::from(e)
+                ),
+                source: Some(Box::new(std::io::Error::from(e))),
+            });
+        }
+        Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
+    };
+    let st = rustix::fs::fstat(&file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
+    let file_type = FileType::from_raw_mode(st.st_mode);
+    if file_type != FileType::RegularFile {
+        return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
+            kind: file_type_name(file_type),
+        }));
+    }
+    if st.st_uid != euid && !(plan.root_may_own && st.st_uid == 0) {
+        return Err(unsafe_path(UnsafeLockPath::WrongOwner {
+            owner: st.st_uid,
+            expected: euid,
+        }));
+    }
+    Ok(file)
+}
+
+fn file_type_name(t: FileType) -> &'static str {
+    match t {
+        FileType::Directory => "directory",
+        FileType::Fifo => "FIFO",
+        FileType::Socket => "socket",
+        FileType::CharacterDevice => "character device",
+        FileType::BlockDevice => "block device",
+        FileType::Symlink => "symbolic link",
+        _ => "special file",
+    }
+}
+
+fn retry_eintr<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::INTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+fn read_record(file: &OwnedFd) -> Option<LockRecord> {
+    LockRecord::parse(&read_content(file))
+}
+
+fn read_content(file: &OwnedFd) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    match retry_eintr(|| rustix::io::pread(file, &mut buf, 0)) {
+        Ok(n) => {
+            buf.truncate(n);
+            buf
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Reads the holder's record. A holder writes it just after locking, so an empty file is given a
+/// short, event-driven grace (inotify, no polling) before the holder is reported as unknown.
+fn read_holder(file: &OwnedFd, path: &Path) -> Holder {
+    let unknown = || Holder {
+        found_by: Some(crate::holder::BackendKind::LockFile),
+        lock_file: Some(path.to_owned()),
+        ..Holder::default()
+    };
+    if let Some(record) = read_record(file) {
+        return record.into_holder(path.to_owned());
+    }
+    let Ok(inotify) = rustix::fs::inotify::init(
+        rustix::fs::inotify::CreateFlags::CLOEXEC | rustix::fs::inotify::CreateFlags::NONBLOCK,
+    ) else {
+        return unknown();
+    };
+    let watch = rustix::fs::inotify::WatchFlags::MODIFY | rustix::fs::inotify::WatchFlags::CLOSE_WRITE;
+    if rustix::fs::inotify::add_watch(&inotify, path, watch).is_err() {
+        return unknown();
+    }
+    let deadline = Instant::now() + RECORD_GRACE;
+    loop {
+        // Re-read after the watch is in place, so a write between the two is not missed.
+        if let Some(record) = read_record(file) {
+            return record.into_holder(path.to_owned());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !wait_readable(&inotify, left) {
+            return unknown();
+        }
+        drain(&inotify);
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes; true when readable.
+pub(crate) fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+    let ts = rustix::event::Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    matches!(retry_eintr(|| rustix::event::poll(&mut fds, Some(&ts))), Ok(n) if n > 0)
+}
+
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 4096];
+    while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
+}
+
+/// Reads the current holder of `path` without locking anything (for `status` and timeouts).
+pub(crate) fn peek_holder(path: &Path) -> Option<Holder> {
+    let file = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&file).ok()?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return None;
+    }
+    Some(match read_record(&file) {
+        Some(record) => record.into_holder(path.to_owned()),
+        None => Holder {
+            found_by: Some(crate::holder::BackendKind::LockFile),
+            lock_file: Some(path.to_owned()),
+            ..Holder::default()
+        },
+    })
+}
+
+/// Whether `path` is locked by someone, tested with a shared non-blocking lock on a read-only
+/// descriptor (never created, never written). `None` when there is no such file.
+pub(crate) fn is_locked(path: &Path) -> Result<Option<bool>> {
+    let file = match rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) {
+        Ok(f) => f,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(Errno::LOOP) => {
+            return Err(Error::UnsafeLockPath {
+                path: path.to_owned(),
+                problem: UnsafeLockPath::Symlink,
+            });
+        }
+        Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
+    };
+    match retry_eintr(|| rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared)) {
+        Ok(()) => Ok(Some(false)),
+        Err(Errno::WOULDBLOCK) => Ok(Some(true)),
+        Err(e) => Err(Error::io("cannot test lock on", path, e.into())),
+    }
+}
+
+impl HeldLock {
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the holder record with one `write` (the file was truncated when locked).
+    pub(crate) fn write_record(&self, record: &LockRecord) -> Result<()> {
+        let line = record.to_line();
+        let n = retry_eintr(|| rustix::io::pwrite(&self.file, &line, 0))
+            .map_err(|e| Error::io("cannot write holder record to", &self.path, e.into()))?;
+        if n != line.len() {
+            return Err(Error::io(
+                "short write of holder record to",
+                &self.path,
+                std::io::Error::from(std::io::ErrorKind::WriteZero),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Is the path still our file? `None` when it is.
+    pub(crate) fn check_path(&self) -> Option<PathChange> {
+        self.watch_handle().check_path()
+    }
+
+    /// What a periodic re-check needs, without the lock itself.
+    pub(crate) fn watch_handle(&self) -> WatchHandle {
+        WatchHandle {
+            dir: Arc::clone(&self.dir),
+            file_name: self.file_name.clone(),
+            path: self.path.clone(),
+            dev: self.dev,
+            ino: self.ino,
+        }
+    }
+
+    /// Removes the file while still holding the lock (only if the path is still our file), then
+    /// unlocks by closing.
+    pub(crate) fn release(mut self) -> Result<()> {
+        self.release_in_place()
+    }
+
+    fn release_in_place(&mut self) -> Result<()> {
+        if self.released {
+            return Ok(());
+        }
+        self.released = true;
+        if self.check_path().is_none() {
+            match rustix::fs::unlinkat(&*self.dir, self.file_name.as_str(), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => {
+                    return Err(Error::io("cannot remove lock file", &self.path, e.into()));
+                }
+            }
+        }
+        // Closing `file` (when self drops) releases the flock: waiters on this inode wake, see
+        // that the path no longer names it, and retry on a fresh file.
+        Ok(())
+    }
+
+    /// The descriptor (for tests that check it is not inherited).
+    #[allow(dead_code)]
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// Identifies a held lock file's path and inode, for re-checks from another task.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchHandle {
+    dir: Arc<OwnedFd>,
+    file_name: String,
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl WatchHandle {
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Is the path still our file? `None` when it is.
+    pub(crate) fn check_path(&self) -> Option<PathChange> {
+        match rustix::fs::statat(&*self.dir, self.file_name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_dev == self.dev && st.st_ino == self.ino => None,
+            Ok(_) => Some(PathChange::Replaced),
+            Err(Errno::NOENT) => Some(PathChange::Removed),
+            // Cannot tell (e.g. EACCES after a permission change): not evidence of a loss.
+            Err(_) => None,
+        }
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        if let Err(e) = self.release_in_place() {
+            tracing::warn!(error = %e, "releasing lock file failed");
+        }
+    }
+}
+
+/// Names file systems whose locks cannot be trusted to exclude (or may hang), by `statfs` magic.
+pub fn network_fs_name(f_type: i64) -> Option<&'static str> {
+    // Magic numbers from linux/magic.h and the file systems' own headers.
+    Some(match f_type as u32 {
+        0x6969 => "nfs",
+        0x517B => "smb",
+        0xFF53_4D42 => "cifs",
+        0xFE53_4D42 => "smb2",
+        0x564C => "ncp",
+        0x0102_1997 => "9p",
+        0x00C3_6400 => "ceph",
+        0x5346_414F => "afs",
+        0x6B41_4653 => "kafs",
+        0x7375_7245 => "coda",
+        0x0BD0_0BD0 => "lustre",
+        0x4750_4653 => "gpfs",
+        0x0116_1970 => "gfs2",
+        0x7461_636F => "ocfs2",
+        0x6573_5546 => "fuse",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_network_file_systems() {
+        assert_eq!(network_fs_name(0x6969), Some("nfs"));
+        assert_eq!(network_fs_name(0xFF53_4D42), Some("cifs"));
+        assert_eq!(network_fs_name(0xFE53_4D42), Some("smb2"));
+        assert_eq!(network_fs_name(0x517B), Some("smb"));
+        assert_eq!(network_fs_name(0x00C3_6400), Some("ceph"));
+        assert_eq!(network_fs_name(0x0102_1997), Some("9p"));
+        assert_eq!(network_fs_name(0x6573_5546), Some("fuse"));
+        // statfs reports f_type as a signed long: CIFS's magic arrives sign-extended.
+        assert_eq!(network_fs_name(0xFF53_4D42_u32 as i32 as i64), Some("cifs"));
+        // Local ones pass.
+        for local in [0x0102_1994_i64 /* tmpfs */, 0xEF53 /* ext4 */, 0x5846_5342 /* xfs */, 0x9123_683E /* btrfs */, 0x794C_7630 /* overlayfs */] {
+            assert_eq!(network_fs_name(local), None, "{local:#x}");
+        }
+    }
+
+    #[test]
+    fn this_machines_tmp_is_local() {
+        let fs = rustix::fs::statfs("/tmp").expect("statfs /tmp");
+        assert_eq!(network_fs_name(fs.f_type as i64), None);
+    }
+}

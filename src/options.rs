@@ -1,0 +1,668 @@
+//! Options, and the one async core that acquires an instance.
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+
+use crate::dbus;
+use crate::error::{Error, Result};
+use crate::guard::{InstanceGuard, Loss, LossLog, LossReason};
+use crate::holder::{BackendKind, Holder, LockRecord};
+use crate::lockfile::{self, Attempt, HeldLock, PathChange};
+use crate::name::InstanceName;
+use crate::scope::{self, Backend, BusKind, BusPlan, LOCK_DIR_ENV, LockPlan, SYSTEM_LOCK_DIR, Scope};
+
+/// How long to wait when the instance is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Wait {
+    /// Fail at once with [`Error::AlreadyRunning`].
+    #[default]
+    No,
+    /// Wait until the holder exits, however long.
+    Forever,
+    /// Wait up to this long, then fail with [`Error::TimedOut`].
+    Timeout(Duration),
+}
+
+/// How long an instance that holds the lock file waits for the bus to drop a name still owned
+/// by the lock's previous holder, which has died but whose disconnect the bus has not yet seen.
+const DEAD_OWNER_GRACE: Duration = Duration::from_secs(5);
+
+type Export = Box<
+    dyn FnOnce(zbus::Connection) -> Pin<Box<dyn Future<Output = zbus::Result<()>> + Send>> + Send,
+>;
+
+/// Everything that can be chosen about acquiring an instance; [`crate::ensure_single_instance`]
+/// is this with the defaults.
+#[must_use = "options do nothing until acquire() or acquire_async() is called"]
+pub struct InstanceOptions {
+    name: String,
+    scope: Scope,
+    backend: Backend,
+    lock_file: Option<PathBuf>,
+    lock_dir: Option<PathBuf>,
+    wait: Wait,
+    allow_replacement: bool,
+    recheck: Option<Duration>,
+    allow_network_filesystem: bool,
+    exports: Vec<Export>,
+}
+
+impl fmt::Debug for InstanceOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstanceOptions")
+            .field("name", &self.name)
+            .field("scope", &self.scope)
+            .field("backend", &self.backend)
+            .field("lock_file", &self.lock_file)
+            .field("lock_dir", &self.lock_dir)
+            .field("wait", &self.wait)
+            .field("allow_replacement", &self.allow_replacement)
+            .field("recheck", &self.recheck)
+            .field("allow_network_filesystem", &self.allow_network_filesystem)
+            .field("exports", &self.exports.len())
+            .finish()
+    }
+}
+
+/// What [`InstanceOptions::plan`] decided, before anything is touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Plan {
+    /// The validated name.
+    pub name: String,
+    /// The lock file that would be taken, if any.
+    pub lock_file: Option<PathBuf>,
+    /// The bus the name would be owned on, if any.
+    pub bus: Option<BusKind>,
+    /// Why that bus (or none) was chosen.
+    pub bus_reason: &'static str,
+}
+
+impl InstanceOptions {
+    /// Options for `name` with every default: Auto scope, Auto backend (lock file and bus), no
+    /// waiting, no replacement, no periodic re-check.
+    pub fn new(name: impl Into<String>) -> Self {
+        InstanceOptions {
+            name: name.into(),
+            scope: Scope::Auto,
+            backend: Backend::Auto,
+            lock_file: None,
+            lock_dir: None,
+            wait: Wait::No,
+            allow_replacement: false,
+            recheck: None,
+            allow_network_filesystem: false,
+            exports: Vec::new(),
+        }
+    }
+
+    /// Sets the scope.
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// Sets which backends enforce exclusion.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Uses this exact lock file (for example inside the data directory the program protects).
+    pub fn lock_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.lock_file = Some(path.into());
+        self
+    }
+
+    /// Puts the lock file in this directory instead of the scope's. The environment variable
+    /// [`LOCK_DIR_ENV`] does the same when this is not called.
+    pub fn lock_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.lock_dir = Some(dir.into());
+        self
+    }
+
+    /// Waits for a running copy to exit instead of failing at once.
+    pub fn wait(mut self, wait: Wait) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Lets a later copy that asks with `REPLACE_EXISTING` take the bus name from this one; the
+    /// guard then reports [`LossReason::Replaced`].
+    pub fn allow_replacement(mut self, allow: bool) -> Self {
+        self.allow_replacement = allow;
+        self
+    }
+
+    /// Re-checks every `interval` that the lock file path still names our file, and reports
+    /// [`LossReason::LockFileRemoved`] / [`LossReason::LockFileReplaced`] if not (as PostgreSQL
+    /// does for `postmaster.pid`). Off by default: an idle holder then never wakes up.
+    pub fn recheck_lock_file(mut self, interval: Duration) -> Self {
+        self.recheck = Some(interval);
+        self
+    }
+
+    /// Allows a lock directory on a network file system (NFS, CIFS, ...), where locks may not
+    /// exclude other hosts. Refused by default.
+    pub fn allow_network_filesystem(mut self, allow: bool) -> Self {
+        self.allow_network_filesystem = allow;
+        self
+    }
+
+    /// Serves `iface` at `path` on the bus connection *before* the name is requested, so that
+    /// anyone who sees the name can call it at once.
+    pub fn serve_at<I>(mut self, path: &'static str, iface: I) -> Self
+    where
+        I: zbus::object_server::Interface,
+    {
+        self.exports.push(Box::new(move |conn: zbus::Connection| {
+            Box::pin(async move { conn.object_server().at(path, iface).await.map(drop) })
+        }));
+        self
+    }
+
+    /// Decides the lock file and bus from the options and the environment, touching nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] for an invalid name; [`Error::NoUsableBackend`] when the
+    /// D-Bus backend was asked for and no bus is configured.
+    pub fn plan(&self) -> Result<Plan> {
+        let (name, lock, bus) = self.resolve()?;
+        Ok(Plan {
+            name: name.to_string(),
+            lock_file: lock.map(|l| l.path()),
+            bus: bus.map(|b| b.kind),
+            bus_reason: bus.map_or("no session bus is configured and this is not a system service", |b| b.why),
+        })
+    }
+
+    fn resolve(&self) -> Result<(InstanceName, Option<LockPlan>, Option<BusPlan>)> {
+        let name = InstanceName::new(&self.name).map_err(|rule| Error::InvalidName {
+            name: self.name.clone(),
+            rule,
+        })?;
+        let env = |k: &str| std::env::var(k).ok();
+        let bus = match self.backend {
+            Backend::LockFile => None,
+            Backend::Auto | Backend::Dbus => scope::choose_bus(self.scope, &env),
+        };
+        if self.backend == Backend::Dbus && bus.is_none() {
+            return Err(Error::NoUsableBackend {
+                name: name.to_string(),
+                reason: "the D-Bus backend was asked for, but no session bus is configured \
+                         (DBUS_SESSION_BUS_ADDRESS is unset and there is no $XDG_RUNTIME_DIR/bus); \
+                         run inside a session, use --system, or use the lock-file backend"
+                    .into(),
+                source: None,
+            });
+        }
+        let lock = if self.backend == Backend::Dbus {
+            None
+        } else {
+            Some(self.lock_plan(&name, &env))
+        };
+        Ok((name, lock, bus))
+    }
+
+    fn lock_plan(&self, name: &InstanceName, env: &dyn Fn(&str) -> Option<String>) -> LockPlan {
+        let euid = rustix::process::geteuid().as_raw();
+        let system = scope::lock_is_system(self.scope, euid);
+        let file_mode = if system { 0o644 } else { 0o600 };
+        if let Some(path) = &self.lock_file {
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), PathBuf::from);
+            let file_name = path
+                .file_name()
+                .map_or_else(|| name.lock_file_name(), |f| f.to_string_lossy().into_owned());
+            return LockPlan {
+                dir,
+                file_name,
+                root_may_own: system,
+                create_dir_mode: None,
+                private_dir: false,
+                file_mode,
+            };
+        }
+        let explicit_dir = self
+            .lock_dir
+            .clone()
+            .or_else(|| env(LOCK_DIR_ENV).filter(|d| !d.is_empty()).map(PathBuf::from));
+        let (dir, create_dir_mode, private_dir) = match explicit_dir {
+            Some(dir) => (dir, Some(0o755), false),
+            None if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
+            None => {
+                let (dir, private) = scope::user_lock_dir(euid, env);
+                (dir, Some(0o700), private)
+            }
+        };
+        LockPlan {
+            dir,
+            file_name: name.lock_file_name(),
+            root_may_own: system,
+            create_dir_mode,
+            private_dir,
+            file_mode,
+        }
+    }
+
+    fn needs_runtime(&self) -> bool {
+        self.backend != Backend::LockFile || self.recheck.is_some() || self.wait != Wait::No
+    }
+
+    /// Acquires the instance, blocking; for plain `fn main`. The guard carries a small runtime
+    /// that keeps its bus connection serviced, so loss of the name is noticed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyRunning`] when another copy holds it; [`Error::TimedOut`] when a bounded
+    /// wait ran out; [`Error::InvalidName`], [`Error::NotPermitted`], [`Error::NoUsableBackend`],
+    /// [`Error::UnsafeLockPath`], [`Error::NetworkFilesystem`], [`Error::Io`], [`Error::Bus`].
+    ///
+    /// # Caveats
+    ///
+    /// Do not call it from inside an async runtime: use [`InstanceOptions::acquire_async`].
+    pub fn acquire(self) -> Result<InstanceGuard> {
+        if !self.needs_runtime() {
+            // A lock file alone, no waiting, nothing to watch: no runtime, no threads.
+            return acquire_lock_only(self);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("unique-instance")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("cannot start the runtime for", PathBuf::from(&self.name), e))?;
+        let mut guard = rt.block_on(self.acquire_async())?;
+        guard.runtime = Some(rt);
+        Ok(guard)
+    }
+
+    /// Acquires the instance inside a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// As [`InstanceOptions::acquire`].
+    pub async fn acquire_async(self) -> Result<InstanceGuard> {
+        let (name, lock_plan, bus_plan) = self.resolve()?;
+        let started = Instant::now();
+        let deadline = match self.wait {
+            Wait::Timeout(d) => Some(started + d),
+            _ => None,
+        };
+        tracing::debug!(
+            name = %name,
+            scope = ?self.scope,
+            backend = ?self.backend,
+            lock_file = ?lock_plan.as_ref().map(LockPlan::path),
+            bus = ?bus_plan,
+            "acquiring instance"
+        );
+
+        // 1. The lock file: cheap, local, and the ground truth on this machine.
+        let (lock, previous) = match &lock_plan {
+            Some(plan) => {
+                let (held, previous) = take_lock(&name, plan, &self, deadline).await?;
+                (Some(held), previous)
+            }
+            None => (None, None),
+        };
+
+        // 2. The bus name.
+        let mut bus = None;
+        if let Some(plan) = bus_plan {
+            match dbus::connect(plan.kind).await {
+                Ok(conn) => bus = Some((plan.kind, conn)),
+                Err(e) if lock.is_none() => {
+                    return Err(Error::NoUsableBackend {
+                        name: name.to_string(),
+                        reason: format!("cannot reach the {} bus ({})", plan.kind, plan.why),
+                        source: Some(Box::new(e)),
+                    });
+                }
+                Err(e) => tracing::warn!(
+                    name = %name,
+                    bus = %plan.kind,
+                    error = %e,
+                    "the {} bus is unreachable; the lock file alone enforces exclusion",
+                    plan.kind
+                ),
+            }
+        } else if lock.is_some() && self.backend == Backend::Auto {
+            tracing::warn!(
+                name = %name,
+                "no D-Bus bus is configured; the lock file alone enforces exclusion"
+            );
+        }
+
+        if let Some(held) = &lock {
+            let mut backends = vec![BackendKind::LockFile];
+            if bus.is_some() {
+                backends.push(BackendKind::Dbus);
+            }
+            let record = LockRecord::for_self(
+                backends,
+                bus.as_ref().map(|(k, _)| *k),
+                bus.as_ref()
+                    .and_then(|(_, c): &(BusKind, zbus::Connection)| c.unique_name().map(|n| n.to_string())),
+            );
+            held.write_record(&record)?;
+        }
+
+        let (loss_tx, loss_rx) = watch::channel(Vec::new());
+        let mut tasks = Vec::new();
+        if let Some((kind, conn)) = &bus {
+            for export in self.exports {
+                export(conn.clone()).await.map_err(|source| Error::Bus {
+                    context: "cannot export an object",
+                    bus: *kind,
+                    source,
+                })?;
+            }
+            let stream = dbus::signal_stream(conn);
+            let stream = own_name(
+                &name,
+                *kind,
+                conn,
+                stream,
+                self.wait,
+                deadline,
+                self.allow_replacement,
+                previous.as_ref(),
+                lock.is_some(),
+            )
+            .await?;
+            tasks.push(tokio::spawn(watch_bus(
+                stream,
+                name.to_string(),
+                loss_tx.clone(),
+                lock.is_some(),
+            )));
+        }
+
+        if let (Some(interval), Some(held)) = (self.recheck, &lock) {
+            tasks.push(tokio::spawn(recheck_lock(held.watch_handle(), interval, loss_tx)));
+        }
+
+        tracing::info!(
+            name = %name,
+            lock_file = ?lock.as_ref().map(HeldLock::path),
+            bus = ?bus.as_ref().map(|(k, _)| *k),
+            "acquired instance"
+        );
+        Ok(InstanceGuard {
+            name,
+            scope: self.scope,
+            lock,
+            bus,
+            losses: loss_rx,
+            seen_losses: 0,
+            tasks,
+            runtime: None,
+        })
+    }
+}
+
+fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
+    let (name, lock_plan, _) = options.resolve()?;
+    let plan = lock_plan.expect("the lock-file backend always plans a lock file");
+    let dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
+    let held = match lockfile::lock(&plan, &dir, false)? {
+        Attempt::Acquired(held, _) => held,
+        Attempt::Busy(holder) => return Err(already_running(&name, holder)),
+    };
+    held.write_record(&LockRecord::for_self(vec![BackendKind::LockFile], None, None))?;
+    let (_, loss_rx) = watch::channel(Vec::new());
+    Ok(InstanceGuard {
+        name,
+        scope: options.scope,
+        lock: Some(held),
+        bus: None,
+        losses: loss_rx,
+        seen_losses: 0,
+        tasks: Vec::new(),
+        runtime: None,
+    })
+}
+
+fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error {
+    Error::AlreadyRunning {
+        name: name.to_string(),
+        holder,
+    }
+}
+
+/// Takes the lock file, waiting as asked. A blocking `flock` cannot be cancelled, so a bounded
+/// wait runs it on its own thread; if we stop waiting, the thread's lock, once it comes, is
+/// dropped (and so released) unused.
+async fn take_lock(
+    name: &InstanceName,
+    plan: &LockPlan,
+    options: &InstanceOptions,
+    deadline: Option<Instant>,
+) -> Result<(HeldLock, Option<LockRecord>)> {
+    let dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
+    let holder = match lockfile::lock(plan, &dir, false)? {
+        Attempt::Acquired(held, previous) => return Ok((held, previous)),
+        Attempt::Busy(holder) => holder,
+    };
+    if options.wait == Wait::No {
+        return Err(already_running(name, holder));
+    }
+    tracing::info!(name = %name, holder = %holder, "waiting for the running copy to exit");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread_plan = plan.clone();
+    std::thread::Builder::new()
+        .name("unique-instance-wait".into())
+        .spawn(move || {
+            // If the receiver is gone the lock comes back in the error and is dropped: released.
+            let _ = tx.send(lockfile::lock(&thread_plan, &dir, true));
+        })
+        .map_err(|e| Error::io("cannot start a thread to wait for", plan.path(), e))?;
+    let outcome = match deadline {
+        Some(deadline) => {
+            match tokio::time::timeout_at(deadline.into(), rx).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    return Err(Error::TimedOut {
+                        name: name.to_string(),
+                        waited: options_wait(options),
+                        holder: Box::new(lockfile::peek_holder(&plan.path()).unwrap_or(*holder)),
+                    });
+                }
+            }
+        }
+        None => rx.await,
+    };
+    match outcome {
+        Ok(Ok(Attempt::Acquired(held, previous))) => Ok((held, previous)),
+        Ok(Ok(Attempt::Busy(holder))) => Err(already_running(name, holder)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::io(
+            "the waiting thread ended without an answer for",
+            plan.path(),
+            std::io::Error::other("lock wait thread died"),
+        )),
+    }
+}
+
+fn options_wait(options: &InstanceOptions) -> Duration {
+    match options.wait {
+        Wait::Timeout(d) => d,
+        _ => Duration::ZERO,
+    }
+}
+
+/// Requests the name with explicit flags and, when asked or when the previous lock holder's
+/// connection is still being torn down, waits in the bus queue for it.
+#[allow(clippy::too_many_arguments)]
+async fn own_name(
+    name: &InstanceName,
+    kind: BusKind,
+    conn: &zbus::Connection,
+    mut stream: zbus::MessageStream,
+    wait: Wait,
+    deadline: Option<Instant>,
+    allow_replacement: bool,
+    previous: Option<&LockRecord>,
+    holding_lock: bool,
+) -> Result<zbus::MessageStream> {
+    let mut flags = RequestNameFlags::empty();
+    if wait == Wait::No {
+        flags |= RequestNameFlags::DO_NOT_QUEUE;
+    }
+    if allow_replacement {
+        flags |= RequestNameFlags::ALLOW_REPLACEMENT;
+    }
+    let bus_error = |context, source| Error::Bus {
+        context,
+        bus: kind,
+        source,
+    };
+    let not_permitted = |source: zbus::Error| Error::NotPermitted {
+        name: name.to_string(),
+        reason: format!(
+            "the {kind} bus policy does not allow this user to own {name}; install a D-Bus policy \
+             file that allows it (see dbus/ in unique-instance)"
+        ),
+        source: Some(Box::new(source)),
+    };
+    let reply = match dbus::request_name(conn, name.as_str(), flags).await {
+        Ok(reply) => reply,
+        Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
+        Err(e) => return Err(bus_error("cannot request the name", e)),
+    };
+    let mut queue_deadline = deadline;
+    match reply {
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => return Ok(stream),
+        RequestNameReply::InQueue => {}
+        RequestNameReply::Exists => {
+            let owner = dbus::owner_of(conn, name.as_str(), kind).await;
+            // We hold the lock file, yet the bus still lists the process that held it before
+            // us: that process is dead (the kernel released its lock) and the bus has not yet
+            // processed its disconnect. Queue for the name, briefly, rather than refuse.
+            let dead_previous = holding_lock
+                && owner.pid.is_some()
+                && previous.is_some_and(|p| Some(p.pid) == owner.pid);
+            if !dead_previous {
+                return Err(already_running(name, Box::new(owner)));
+            }
+            tracing::debug!(name = %name, owner = %owner, "waiting for the bus to drop a dead holder");
+            let retry_flags = flags & !RequestNameFlags::DO_NOT_QUEUE;
+            match dbus::request_name(conn, name.as_str(), retry_flags).await {
+                Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => return Ok(stream),
+                Ok(RequestNameReply::InQueue) => {}
+                Ok(RequestNameReply::Exists) => return Err(already_running(name, Box::new(owner))),
+                Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
+                Err(e) => return Err(bus_error("cannot request the name", e)),
+            }
+            let grace = Instant::now() + DEAD_OWNER_GRACE;
+            queue_deadline = Some(queue_deadline.map_or(grace, |d| d.min(grace)));
+            if wait == Wait::No {
+                queue_deadline = Some(grace);
+            }
+        }
+    }
+    // In the queue: the bus sends NameAcquired the moment the holder lets go.
+    let acquired = async {
+        loop {
+            match dbus::next_name_signal(&mut stream, name.as_str()).await {
+                Some(dbus::NameSignal::Acquired) => return true,
+                Some(dbus::NameSignal::Lost) => continue,
+                None => return false,
+            }
+        }
+    };
+    let outcome = match queue_deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), acquired).await.ok(),
+        None => Some(acquired.await),
+    };
+    match outcome {
+        Some(true) => Ok(stream),
+        Some(false) => Err(bus_error(
+            "the connection closed while waiting for the name",
+            zbus::Error::InputOutput(std::sync::Arc::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            ))),
+        )),
+        None => {
+            // Leave the queue, so that we are not handed the name after giving up.
+            let _ = dbus::release_name(conn, name.as_str()).await;
+            let holder = Box::new(dbus::owner_of(conn, name.as_str(), kind).await);
+            if wait == Wait::No {
+                Err(already_running(name, holder))
+            } else {
+                Err(Error::TimedOut {
+                    name: name.to_string(),
+                    waited: match wait {
+                        Wait::Timeout(d) => d,
+                        _ => Duration::ZERO,
+                    },
+                    holder,
+                })
+            }
+        }
+    }
+}
+
+/// Watches the connection: `NameLost` for our name means replaced; the stream ending (zbus sends
+/// no `NameLost` when the bus dies) means the connection closed. Draining the stream also keeps
+/// zbus's reader from stalling on a full queue.
+async fn watch_bus(mut stream: zbus::MessageStream, name: String, losses: LossLog, holding_lock: bool) {
+    loop {
+        match dbus::next_name_signal(&mut stream, &name).await {
+            Some(dbus::NameSignal::Lost) => {
+                tracing::warn!(name = %name, "the bus name was taken over by another instance");
+                losses.send_modify(|log| {
+                    log.push(Loss {
+                        reason: LossReason::Replaced,
+                        still_exclusive: false,
+                    })
+                });
+            }
+            Some(dbus::NameSignal::Acquired) => {}
+            None => {
+                let replaced = losses.borrow().iter().any(|l| l.reason == LossReason::Replaced);
+                tracing::warn!(name = %name, "the bus connection closed");
+                losses.send_modify(|log| {
+                    log.push(Loss {
+                        reason: LossReason::BusConnectionClosed,
+                        still_exclusive: holding_lock && !replaced,
+                    })
+                });
+                return;
+            }
+        }
+    }
+}
+
+async fn recheck_lock(handle: lockfile::WatchHandle, interval: Duration, losses: LossLog) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Some(change) = handle.check_path() {
+            let reason = match change {
+                PathChange::Removed => LossReason::LockFileRemoved,
+                PathChange::Replaced => LossReason::LockFileReplaced,
+            };
+            tracing::warn!(path = %handle.path().display(), %reason, "lost the lock file");
+            losses.send_modify(|log| {
+                log.push(Loss {
+                    reason,
+                    still_exclusive: false,
+                })
+            });
+            return;
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Scopes, and the deterministic rules that turn one into a lock directory and a bus.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// How far uniqueness reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Scope {
+    /// One instance per user: the session bus and the user's runtime directory.
+    User,
+    /// One instance per machine: the system bus and `/run/lock/unique-instance/`.
+    System,
+    /// The lock file follows who you are (System for root, User otherwise); the bus follows the
+    /// environment (session bus if configured, else the system bus under systemd or system bus
+    /// activation, else none).
+    #[default]
+    Auto,
+}
+
+/// Which mechanisms enforce exclusion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Backend {
+    /// Both: the lock file always, then the bus name when a bus is available.
+    #[default]
+    Auto,
+    /// The D-Bus name only. Fails when no bus is reachable.
+    Dbus,
+    /// The lock file only.
+    LockFile,
+}
+
+/// Which message bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum BusKind {
+    /// The user's session bus.
+    Session,
+    /// The machine's system bus.
+    System,
+}
+
+impl fmt::Display for BusKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BusKind::Session => "session",
+            BusKind::System => "system",
+        })
+    }
+}
+
+/// The environment variable that points the lock directory elsewhere (tests, sandboxes).
+///
+/// Every copy that should exclude the others must see the same value.
+pub const LOCK_DIR_ENV: &str = "UNIQUE_INSTANCE_LOCK_DIR";
+
+/// The system-scope lock directory.
+pub const SYSTEM_LOCK_DIR: &str = "/run/lock/unique-instance";
+
+/// Where the lock file lives and who may own it.
+#[derive(Debug, Clone)]
+pub(crate) struct LockPlan {
+    pub(crate) dir: PathBuf,
+    pub(crate) file_name: String,
+    /// Root may own the file and directory (system scope).
+    pub(crate) root_may_own: bool,
+    /// The directory is created if missing, with this mode.
+    pub(crate) create_dir_mode: Option<u32>,
+    /// The directory must be exactly 0700 and ours (a per-user fallback in a shared place).
+    pub(crate) private_dir: bool,
+    pub(crate) file_mode: u32,
+}
+
+impl LockPlan {
+    pub(crate) fn path(&self) -> PathBuf {
+        self.dir.join(&self.file_name)
+    }
+}
+
+/// Why a bus was chosen, for `Debug`, logs and `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BusPlan {
+    pub(crate) kind: BusKind,
+    pub(crate) why: &'static str,
+}
+
+/// True when the lock file should follow the system rules.
+pub(crate) fn lock_is_system(scope: Scope, euid: u32) -> bool {
+    match scope {
+        Scope::System => true,
+        Scope::User => false,
+        Scope::Auto => euid == 0,
+    }
+}
+
+/// The bus for `scope`, from the environment, deterministically.
+pub(crate) fn choose_bus(scope: Scope, env: &dyn Fn(&str) -> Option<String>) -> Option<BusPlan> {
+    let session_configured = || {
+        if env("DBUS_SESSION_BUS_ADDRESS").is_some_and(|a| !a.is_empty()) {
+            return Some("DBUS_SESSION_BUS_ADDRESS is set");
+        }
+        let runtime = env("XDG_RUNTIME_DIR").filter(|d| Path::new(d).is_absolute())?;
+        Path::new(&runtime)
+            .join("bus")
+            .exists()
+            .then_some("$XDG_RUNTIME_DIR/bus exists")
+    };
+    match scope {
+        Scope::User => session_configured().map(|why| BusPlan {
+            kind: BusKind::Session,
+            why,
+        }),
+        Scope::System => Some(BusPlan {
+            kind: BusKind::System,
+            why: "system scope",
+        }),
+        Scope::Auto => {
+            if let Some(why) = session_configured() {
+                Some(BusPlan {
+                    kind: BusKind::Session,
+                    why,
+                })
+            } else if env("INVOCATION_ID").is_some() {
+                Some(BusPlan {
+                    kind: BusKind::System,
+                    why: "started by systemd (INVOCATION_ID is set) with no session bus",
+                })
+            } else if env("DBUS_STARTER_BUS_TYPE").as_deref() == Some("system") {
+                Some(BusPlan {
+                    kind: BusKind::System,
+                    why: "activated by the system bus (DBUS_STARTER_BUS_TYPE=system)",
+                })
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// The per-user lock directory: the runtime directory, else a verified fallback.
+pub(crate) fn user_lock_dir(euid: u32, env: &dyn Fn(&str) -> Option<String>) -> (PathBuf, bool) {
+    use std::os::unix::fs::MetadataExt;
+    let ours = |dir: &Path| {
+        std::fs::metadata(dir)
+            .map(|m| m.is_dir() && m.uid() == euid)
+            .unwrap_or(false)
+    };
+    if let Some(dir) = env("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        if dir.is_absolute() && ours(&dir) {
+            return (dir.join("unique-instance"), false);
+        }
+    }
+    let run_user = PathBuf::from(format!("/run/user/{euid}"));
+    if ours(&run_user) {
+        return (run_user.join("unique-instance"), false);
+    }
+    // No runtime directory: a per-user directory in /tmp, whose owner and 0700 mode are
+    // verified before use so another user cannot pre-create it.
+    (
+        PathBuf::from(format!("/tmp/unique-instance-{euid}")),
+        true,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k: &str| map.get(k).cloned()
+    }
+
+    #[test]
+    fn auto_bus_prefers_session_then_systemd_then_activation_then_none() {
+        let session = env_of(&[("DBUS_SESSION_BUS_ADDRESS", "unix:path=/x"), ("INVOCATION_ID", "1")]);
+        assert_eq!(choose_bus(Scope::Auto, &session).map(|b| b.kind), Some(BusKind::Session));
+        let unit = env_of(&[("INVOCATION_ID", "abc")]);
+        assert_eq!(choose_bus(Scope::Auto, &unit).map(|b| b.kind), Some(BusKind::System));
+        let activated = env_of(&[("DBUS_STARTER_BUS_TYPE", "system")]);
+        assert_eq!(choose_bus(Scope::Auto, &activated).map(|b| b.kind), Some(BusKind::System));
+        let session_activated = env_of(&[("DBUS_STARTER_BUS_TYPE", "session")]);
+        assert_eq!(choose_bus(Scope::Auto, &session_activated), None);
+        assert_eq!(choose_bus(Scope::Auto, &env_of(&[])), None);
+    }
+
+    #[test]
+    fn explicit_scopes_pick_their_bus() {
+        assert_eq!(choose_bus(Scope::User, &env_of(&[])), None);
+        assert_eq!(
+            choose_bus(Scope::System, &env_of(&[])).map(|b| b.kind),
+            Some(BusKind::System)
+        );
+    }
+
+    #[test]
+    fn lock_follows_who_you_are() {
+        assert!(lock_is_system(Scope::Auto, 0));
+        assert!(!lock_is_system(Scope::Auto, 1000));
+        assert!(lock_is_system(Scope::System, 1000));
+        assert!(!lock_is_system(Scope::User, 0));
+    }
+
+    #[test]
+    fn user_dir_falls_back_to_a_private_tmp_dir() {
+        let (dir, private) = user_lock_dir(4_000_000, &env_of(&[("XDG_RUNTIME_DIR", "/nonexistent")]));
+        assert_eq!(dir, PathBuf::from("/tmp/unique-instance-4000000"));
+        assert!(private);
+    }
+}
