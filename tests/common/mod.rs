@@ -1,0 +1,341 @@
+//! Test harness: private `dbus-daemon`s, spawned processes, and lines read with timeouts.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::Duration;
+
+/// Generous: these machines are shared and slow; a timeout here means a hang, not slowness.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A name unique to this test, this process and this call.
+pub fn unique_name(test: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "org.uniqueinstance.Test.{}.p{}_{}",
+        test.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Finds a program on PATH, or fails the test saying what to install.
+pub fn require_program(program: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "`{program}` is not installed, and this test needs it: install it with \
+         `apt-get install -y {package}` (the test does not skip)"
+    );
+}
+
+/// The bus configurations tests need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusConfig {
+    /// Anyone may own any name (a session bus).
+    Open,
+    /// Nobody may own any name (`<deny own="*"/>`), as on a system bus without a policy file.
+    DenyOwn,
+}
+
+/// A private `dbus-daemon`, killed when dropped.
+pub struct DbusDaemon {
+    child: Child,
+    pub address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl DbusDaemon {
+    pub fn start(config: BusConfig) -> Self {
+        Self::start_with(config, "")
+    }
+
+    /// Starts one with extra `<policy>`/`<includedir>` XML appended to the configuration.
+    pub fn start_with(config: BusConfig, extra_xml: &str) -> Self {
+        let daemon = require_program("dbus-daemon", "dbus");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("bus");
+        let own = match config {
+            BusConfig::Open => r#"<allow own="*"/>"#,
+            BusConfig::DenyOwn => r#"<deny own="*"/>"#,
+        };
+        let conf = format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow user="*"/>
+    {own}
+  </policy>
+  {extra_xml}
+</busconfig>
+"#,
+            socket.display()
+        );
+        let conf_path = dir.path().join("bus.conf");
+        std::fs::write(&conf_path, conf).expect("write bus config");
+        let mut child = Command::new(daemon)
+            .arg(format!("--config-file={}", conf_path.display()))
+            .arg("--nofork")
+            .arg("--print-address=1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dbus-daemon");
+        // The daemon prints its address once it listens: that line is the readiness signal.
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = line_channel(stdout);
+        let address = match lines.recv_timeout(TIMEOUT) {
+            Ok(line) => line.trim().to_owned(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("dbus-daemon did not print its address within {TIMEOUT:?}");
+            }
+        };
+        DbusDaemon {
+            child,
+            address,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the daemon and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DbusDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads lines from `reader` on a thread, into a channel.
+pub fn line_channel(reader: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A spawned process whose stdout is read line by line, killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+    stderr: Receiver<String>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let stdin = child.stdin.take();
+        Proc {
+            child,
+            stdin,
+            lines: line_channel(stdout),
+            seen: Vec::new(),
+            stderr: line_channel(stderr),
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stdout line, or a panic naming what was awaited.
+    pub fn next_line(&mut self, what: &str) -> String {
+        match self.lines.recv_timeout(TIMEOUT) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                line
+            }
+            Err(RecvTimeoutError::Timeout) => panic!(
+                "timed out after {TIMEOUT:?} waiting for {what}; stdout so far: {:?}; stderr: {:?}",
+                self.seen,
+                self.stderr_lines()
+            ),
+            Err(RecvTimeoutError::Disconnected) => panic!(
+                "stdout closed while waiting for {what}; stdout: {:?}; stderr: {:?}; status: {:?}",
+                self.seen,
+                self.stderr_lines(),
+                self.child.try_wait()
+            ),
+        }
+    }
+
+    /// Waits for a line starting with `prefix`, skipping others.
+    pub fn line_starting(&mut self, prefix: &str) -> String {
+        loop {
+            let line = self.next_line(prefix);
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+
+    /// The next stdout line if one comes within `within`.
+    pub fn try_line(&mut self, within: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(within).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
+    pub fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(text.as_bytes()).expect("write stdin");
+        stdin.flush().expect("flush stdin");
+    }
+
+    /// Closes stdin (the holder's signal to release and exit).
+    pub fn close_stdin(&mut self) {
+        self.stdin.take();
+    }
+
+    /// Waits for exit, with a timeout (a blocking `waitpid` on a thread, no polling).
+    pub fn wait(&mut self) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let status = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+            let _ = tx.send(status);
+        });
+        match rx.recv_timeout(TIMEOUT) {
+            Ok(Ok(Some((_, status)))) => {
+                use std::os::unix::process::ExitStatusExt;
+                let status = ExitStatus::from_raw(status.as_raw() as i32);
+                self.status = Some(status);
+                status
+            }
+            Ok(other) => panic!("waitpid failed: {other:?}"),
+            Err(_) => {
+                let _ = self.child.kill();
+                panic!(
+                    "process did not exit within {TIMEOUT:?}; stdout: {:?}; stderr: {:?}",
+                    self.seen,
+                    self.stderr_lines()
+                );
+            }
+        }
+    }
+
+    /// Waits for exit and returns the code (panics on death by signal).
+    pub fn exit_code(&mut self) -> i32 {
+        let status = self.wait();
+        status.code().unwrap_or_else(|| {
+            panic!(
+                "killed by a signal: {status:?}; stdout: {:?}; stderr: {:?}",
+                self.seen,
+                self.stderr_lines()
+            )
+        })
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn sigkill(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, sig).expect("kill");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Only a process not yet reaped is ours to kill: a reaped PID may belong to another.
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Where cargo puts examples: next to this test's deps directory.
+pub fn example_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "example `{name}` is not built at {}; `cargo test` builds examples, or run `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+/// A command with a clean environment: only PATH, the given bus, and the lock directory.
+pub fn clean_command(program: &Path, bus: Option<&str>, lock_dir: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir)
+        .env("RUST_LOG", "warn");
+    if let Some(address) = bus {
+        cmd.env("DBUS_SESSION_BUS_ADDRESS", address);
+    }
+    cmd
+}
+
+/// The `holder` example with `args`, on `bus` (none: no session bus at all).
+pub fn holder(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
+    let mut cmd = clean_command(&example_path("holder"), bus, lock_dir);
+    cmd.args(args);
+    Proc::spawn(cmd)
+}
+
+/// Parses `key=value` out of an event line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
