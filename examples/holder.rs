@@ -61,18 +61,24 @@ fn parse() -> Result<Args, String> {
                 args.wait = Some(if v == "forever" {
                     Wait::Forever
                 } else {
-                    Wait::Timeout(Duration::from_secs_f64(v.parse().map_err(|_| format!("bad --wait {v}"))?))
+                    Wait::Timeout(Duration::from_secs_f64(
+                        v.parse().map_err(|_| format!("bad --wait {v}"))?,
+                    ))
                 })
             }
             "--allow-replacement" => args.allow_replacement = true,
             "--recheck-ms" => {
-                args.recheck = Some(Duration::from_millis(value()?.parse().map_err(|_| "bad --recheck-ms")?))
+                args.recheck = Some(Duration::from_millis(
+                    value()?.parse().map_err(|_| "bad --recheck-ms")?,
+                ))
             }
             "--blocking" => args.blocking = true,
             "--go-on-stdin" => args.go_on_stdin = true,
             "--critical" => args.critical = Some(value()?.into()),
             "--hold-ms" => {
-                args.hold = Some(Duration::from_millis(value()?.parse().map_err(|_| "bad --hold-ms")?))
+                args.hold = Some(Duration::from_millis(
+                    value()?.parse().map_err(|_| "bad --hold-ms")?,
+                ))
             }
             name if !name.starts_with("--") && args.name.is_empty() => args.name = name.to_owned(),
             other => return Err(format!("unknown argument {other}")),
@@ -139,7 +145,11 @@ fn acquired_line(guard: &InstanceGuard) -> String {
 
 fn critical_enter(args: &Args) {
     if let Some(path) = &args.critical {
-        if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+        {
             say(&format!("overlap {e}"));
             std::process::exit(99);
         }
@@ -214,7 +224,10 @@ fn run_blocking(args: &Args) -> i32 {
             break;
         }
         if let Some(loss) = guard.wait_next_loss(Some(Duration::from_millis(50))) {
-            say(&format!("lost reason={:?} still_exclusive={}", loss.reason, loss.still_exclusive));
+            say(&format!(
+                "lost reason={:?} still_exclusive={}",
+                loss.reason, loss.still_exclusive
+            ));
         }
     }
     critical_leave(args);
@@ -239,7 +252,8 @@ async fn run_async(args: &Args) -> i32 {
             Some(d) => tokio::time::sleep(d).await,
             None => {
                 // stdin closing is the signal to release.
-                let _ = tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().count()).await;
+                let _ =
+                    tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().count()).await;
             }
         }
     };

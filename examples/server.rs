@@ -45,12 +45,8 @@ async fn main() -> ExitCode {
         .unwrap_or_else(|| "org.example.Server".to_owned());
 
     // Export the object before the name is requested, so a caller who sees the name can use it.
-    let options = InstanceOptions::new(&name).serve_at(
-        "/org/example/Server",
-        Server {
-            name: name.clone(),
-        },
-    );
+    let options =
+        InstanceOptions::new(&name).serve_at("/org/example/Server", Server { name: name.clone() });
     let mut guard = match options.acquire_async().await {
         Ok(guard) => guard,
         Err(e) => {

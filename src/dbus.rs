@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use zbus::OwnedVariant;
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
 use zbus::message::Type as MessageType;
-use zbus::OwnedVariant;
 use zbus::{Connection, MessageStream};
 
 use crate::holder::{BackendKind, Holder, process_executable, process_start_time};
@@ -99,7 +99,9 @@ pub(crate) async fn owner_of(conn: &Connection, name: &str, bus: BusKind) -> Hol
         since: pid.and_then(process_start_time),
         found_by: Some(BackendKind::Dbus),
         bus: Some(bus),
-        bus_unique_name: owner.ok().and_then(|m| m.body().deserialize::<String>().ok()),
+        bus_unique_name: owner
+            .ok()
+            .and_then(|m| m.body().deserialize::<String>().ok()),
         executable: pid.and_then(process_executable),
         hostname: None,
         lock_file: None,

@@ -54,7 +54,11 @@ pub struct Loss {
 impl fmt::Display for Loss {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.still_exclusive {
-            write!(f, "{} (the lock file still excludes other copies)", self.reason)
+            write!(
+                f,
+                "{} (the lock file still excludes other copies)",
+                self.reason
+            )
         } else {
             write!(f, "{}; this copy is no longer the instance", self.reason)
         }
@@ -241,7 +245,9 @@ impl InstanceGuard {
                             if handle.runtime_flavor()
                                 == tokio::runtime::RuntimeFlavor::MultiThread =>
                         {
-                            tokio::task::block_in_place(|| handle.block_on(release_bus(kind, conn, self.name.as_str())))
+                            tokio::task::block_in_place(|| {
+                                handle.block_on(release_bus(kind, conn, self.name.as_str()))
+                            })
                         }
                         Ok(_) => {
                             // Cannot wait here: closing the connection makes the bus release
@@ -250,7 +256,10 @@ impl InstanceGuard {
                             Ok(())
                         }
                         Err(_) => {
-                            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                            match tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                            {
                                 Ok(rt) => rt.block_on(release_bus(kind, conn, self.name.as_str())),
                                 Err(_) => {
                                     drop(conn);
@@ -275,7 +284,8 @@ async fn release_bus(kind: BusKind, conn: zbus::Connection, name: &str) -> Resul
     if conn.is_closed() {
         return Ok(());
     }
-    let result = tokio::time::timeout(Duration::from_secs(5), dbus::release_name(&conn, name)).await;
+    let result =
+        tokio::time::timeout(Duration::from_secs(5), dbus::release_name(&conn, name)).await;
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(Error::Bus {

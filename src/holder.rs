@@ -123,11 +123,8 @@ impl LockRecord {
         LockRecord {
             pid,
             uid: rustix::process::geteuid().as_raw(),
-            start_time: process_start_time(pid).and_then(|t| {
-                t.duration_since(UNIX_EPOCH)
-                    .ok()
-                    .map(|d| d.as_secs())
-            }),
+            start_time: process_start_time(pid)
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())),
             backend,
             bus,
             bus_unique_name,

@@ -52,8 +52,9 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<OwnedF
         match rustix::fs::mkdir(&plan.dir, Mode::from_raw_mode(0o700)) {
             Ok(()) => {
                 // mkdir's mode is masked by the umask; set the intended one exactly.
-                rustix::fs::chmod(&plan.dir, Mode::from_raw_mode(mode))
-                    .map_err(|e| Error::io("cannot set the mode of lock directory", &plan.dir, e.into()))?;
+                rustix::fs::chmod(&plan.dir, Mode::from_raw_mode(mode)).map_err(|e| {
+                    Error::io("cannot set the mode of lock directory", &plan.dir, e.into())
+                })?;
             }
             Err(Errno::EXIST) => {}
             Err(e) => return Err(dir_error(plan, "cannot create lock directory", e)),
@@ -148,11 +149,16 @@ pub(crate) fn lock(plan: &LockPlan, dir: &OwnedFd, block: bool) -> Result<Attemp
         };
         match retry_eintr(|| rustix::fs::flock(&file, op)) {
             Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => return Ok(Attempt::Busy(Box::new(read_holder(&file, &path)))),
+            Err(Errno::WOULDBLOCK) => {
+                return Ok(Attempt::Busy(Box::new(read_holder(&file, &path))));
+            }
             Err(Errno::NOLCK) => {
                 return Err(Error::NoUsableBackend {
                     name: plan.file_name.trim_end_matches(".lock").to_owned(),
-                    reason: format!("the file system of {} does not support locks", path.display()),
+                    reason: format!(
+                        "the file system of {} does not support locks",
+                        path.display()
+                    ),
                     source: Some(Box::new(std::io::Error::from(Errno::NOLCK))),
                 });
             }
@@ -215,9 +221,15 @@ fn open_lock_file(plan: &LockPlan, dir: &OwnedFd, path: &Path, euid: u32) -> Res
         Ok(file) => file,
         Err(Errno::LOOP) => return Err(unsafe_path(UnsafeLockPath::Symlink)),
         Err(Errno::ISDIR) => {
-            return Err(unsafe_path(UnsafeLockPath::NotRegularFile { kind: "directory" }));
+            return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
+                kind: "directory",
+            }));
         }
-        Err(Errno::NXIO) => return Err(unsafe_path(UnsafeLockPath::NotRegularFile { kind: "socket" })),
+        Err(Errno::NXIO) => {
+            return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
+                kind: "socket",
+            }));
+        }
         Err(e) if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS => {
             return Err(Error::NotPermitted {
                 name: plan.file_name.trim_end_matches(".lock").to_owned(),
@@ -299,7 +311,8 @@ fn read_holder(file: &OwnedFd, path: &Path) -> Holder {
     ) else {
         return unknown();
     };
-    let watch = rustix::fs::inotify::WatchFlags::MODIFY | rustix::fs::inotify::WatchFlags::CLOSE_WRITE;
+    let watch =
+        rustix::fs::inotify::WatchFlags::MODIFY | rustix::fs::inotify::WatchFlags::CLOSE_WRITE;
     if rustix::fs::inotify::add_watch(&inotify, path, watch).is_err() {
         return unknown();
     }
@@ -463,7 +476,11 @@ impl WatchHandle {
 
     /// Is the path still our file? `None` when it is.
     pub(crate) fn check_path(&self) -> Option<PathChange> {
-        match rustix::fs::statat(&*self.dir, self.file_name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        match rustix::fs::statat(
+            &*self.dir,
+            self.file_name.as_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        ) {
             Ok(st) if st.st_dev == self.dev && st.st_ino == self.ino => None,
             Ok(_) => Some(PathChange::Replaced),
             Err(Errno::NOENT) => Some(PathChange::Removed),
@@ -520,7 +537,13 @@ mod tests {
         // statfs reports f_type as a signed long: CIFS's magic arrives sign-extended.
         assert_eq!(network_fs_name(0xFF53_4D42_u32 as i32 as i64), Some("cifs"));
         // Local ones pass.
-        for local in [0x0102_1994_i64 /* tmpfs */, 0xEF53 /* ext4 */, 0x5846_5342 /* xfs */, 0x9123_683E /* btrfs */, 0x794C_7630 /* overlayfs */] {
+        for local in [
+            0x0102_1994_i64, /* tmpfs */
+            0xEF53,          /* ext4 */
+            0x5846_5342,     /* xfs */
+            0x9123_683E,     /* btrfs */
+            0x794C_7630,     /* overlayfs */
+        ] {
             assert_eq!(network_fs_name(local), None, "{local:#x}");
         }
     }

@@ -53,7 +53,10 @@ impl fmt::Display for NameRule {
         match self {
             NameRule::Empty => write!(f, "the name is empty"),
             NameRule::TooLong { len } => {
-                write!(f, "it is {len} characters long; the limit is {MAX_NAME_LEN}")
+                write!(
+                    f,
+                    "it is {len} characters long; the limit is {MAX_NAME_LEN}"
+                )
             }
             NameRule::UniqueNamePrefix => write!(
                 f,

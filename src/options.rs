@@ -15,7 +15,9 @@ use crate::guard::{InstanceGuard, Loss, LossLog, LossReason};
 use crate::holder::{BackendKind, Holder, LockRecord};
 use crate::lockfile::{self, Attempt, HeldLock, PathChange};
 use crate::name::InstanceName;
-use crate::scope::{self, Backend, BusKind, BusPlan, LOCK_DIR_ENV, LockPlan, SYSTEM_LOCK_DIR, Scope};
+use crate::scope::{
+    self, Backend, BusKind, BusPlan, LOCK_DIR_ENV, LockPlan, SYSTEM_LOCK_DIR, Scope,
+};
 
 /// How long to wait when the instance is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -180,7 +182,10 @@ impl InstanceOptions {
             name: name.to_string(),
             lock_file: lock.map(|l| l.path()),
             bus: bus.map(|b| b.kind),
-            bus_reason: bus.map_or("no session bus is configured and this is not a system service", |b| b.why),
+            bus_reason: bus.map_or(
+                "no session bus is configured and this is not a system service",
+                |b| b.why,
+            ),
         })
     }
 
@@ -221,9 +226,10 @@ impl InstanceOptions {
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .map_or_else(|| PathBuf::from("."), PathBuf::from);
-            let file_name = path
-                .file_name()
-                .map_or_else(|| name.lock_file_name(), |f| f.to_string_lossy().into_owned());
+            let file_name = path.file_name().map_or_else(
+                || name.lock_file_name(),
+                |f| f.to_string_lossy().into_owned(),
+            );
             return LockPlan {
                 dir,
                 file_name,
@@ -233,10 +239,11 @@ impl InstanceOptions {
                 file_mode,
             };
         }
-        let explicit_dir = self
-            .lock_dir
-            .clone()
-            .or_else(|| env(LOCK_DIR_ENV).filter(|d| !d.is_empty()).map(PathBuf::from));
+        let explicit_dir = self.lock_dir.clone().or_else(|| {
+            env(LOCK_DIR_ENV)
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+        });
         let (dir, create_dir_mode, private_dir) = match explicit_dir {
             Some(dir) => (dir, Some(0o755), false),
             None if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
@@ -353,7 +360,9 @@ impl InstanceOptions {
                 backends,
                 bus.as_ref().map(|(k, _)| *k),
                 bus.as_ref()
-                    .and_then(|(_, c): &(BusKind, zbus::Connection)| c.unique_name().map(|n| n.to_string())),
+                    .and_then(|(_, c): &(BusKind, zbus::Connection)| {
+                        c.unique_name().map(|n| n.to_string())
+                    }),
             );
             held.write_record(&record)?;
         }
@@ -390,7 +399,11 @@ impl InstanceOptions {
         }
 
         if let (Some(interval), Some(held)) = (self.recheck, &lock) {
-            tasks.push(tokio::spawn(recheck_lock(held.watch_handle(), interval, loss_tx)));
+            tasks.push(tokio::spawn(recheck_lock(
+                held.watch_handle(),
+                interval,
+                loss_tx,
+            )));
         }
 
         tracing::info!(
@@ -420,7 +433,11 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         Attempt::Acquired(held, _) => held,
         Attempt::Busy(holder) => return Err(already_running(&name, holder)),
     };
-    held.write_record(&LockRecord::for_self(vec![BackendKind::LockFile], None, None))?;
+    held.write_record(&LockRecord::for_self(
+        vec![BackendKind::LockFile],
+        None,
+        None,
+    ))?;
     let (_, loss_rx) = watch::channel(Vec::new());
     Ok(InstanceGuard {
         name,
@@ -469,18 +486,16 @@ async fn take_lock(
         })
         .map_err(|e| Error::io("cannot start a thread to wait for", plan.path(), e))?;
     let outcome = match deadline {
-        Some(deadline) => {
-            match tokio::time::timeout_at(deadline.into(), rx).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    return Err(Error::TimedOut {
-                        name: name.to_string(),
-                        waited: options_wait(options),
-                        holder: Box::new(lockfile::peek_holder(&plan.path()).unwrap_or(*holder)),
-                    });
-                }
+        Some(deadline) => match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                return Err(Error::TimedOut {
+                    name: name.to_string(),
+                    waited: options_wait(options),
+                    holder: Box::new(lockfile::peek_holder(&plan.path()).unwrap_or(*holder)),
+                });
             }
-        }
+        },
         None => rx.await,
     };
     match outcome {
@@ -559,7 +574,9 @@ async fn own_name(
             tracing::debug!(name = %name, owner = %owner, "waiting for the bus to drop a dead holder");
             let retry_flags = flags & !RequestNameFlags::DO_NOT_QUEUE;
             match dbus::request_name(conn, name.as_str(), retry_flags).await {
-                Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => return Ok(stream),
+                Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {
+                    return Ok(stream);
+                }
                 Ok(RequestNameReply::InQueue) => {}
                 Ok(RequestNameReply::Exists) => return Err(already_running(name, Box::new(owner))),
                 Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
@@ -617,7 +634,12 @@ async fn own_name(
 /// Watches the connection: `NameLost` for our name means replaced; the stream ending (zbus sends
 /// no `NameLost` when the bus dies) means the connection closed. Draining the stream also keeps
 /// zbus's reader from stalling on a full queue.
-async fn watch_bus(mut stream: zbus::MessageStream, name: String, losses: LossLog, holding_lock: bool) {
+async fn watch_bus(
+    mut stream: zbus::MessageStream,
+    name: String,
+    losses: LossLog,
+    holding_lock: bool,
+) {
     loop {
         match dbus::next_name_signal(&mut stream, &name).await {
             Some(dbus::NameSignal::Lost) => {
@@ -631,7 +653,10 @@ async fn watch_bus(mut stream: zbus::MessageStream, name: String, losses: LossLo
             }
             Some(dbus::NameSignal::Acquired) => {}
             None => {
-                let replaced = losses.borrow().iter().any(|l| l.reason == LossReason::Replaced);
+                let replaced = losses
+                    .borrow()
+                    .iter()
+                    .any(|l| l.reason == LossReason::Replaced);
                 tracing::warn!(name = %name, "the bus connection closed");
                 losses.send_modify(|log| {
                     log.push(Loss {

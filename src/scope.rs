@@ -160,10 +160,7 @@ pub(crate) fn user_lock_dir(euid: u32, env: &dyn Fn(&str) -> Option<String>) -> 
     }
     // No runtime directory: a per-user directory in /tmp, whose owner and 0700 mode are
     // verified before use so another user cannot pre-create it.
-    (
-        PathBuf::from(format!("/tmp/unique-instance-{euid}")),
-        true,
-    )
+    (PathBuf::from(format!("/tmp/unique-instance-{euid}")), true)
 }
 
 #[cfg(test)]
@@ -181,12 +178,24 @@ mod tests {
 
     #[test]
     fn auto_bus_prefers_session_then_systemd_then_activation_then_none() {
-        let session = env_of(&[("DBUS_SESSION_BUS_ADDRESS", "unix:path=/x"), ("INVOCATION_ID", "1")]);
-        assert_eq!(choose_bus(Scope::Auto, &session).map(|b| b.kind), Some(BusKind::Session));
+        let session = env_of(&[
+            ("DBUS_SESSION_BUS_ADDRESS", "unix:path=/x"),
+            ("INVOCATION_ID", "1"),
+        ]);
+        assert_eq!(
+            choose_bus(Scope::Auto, &session).map(|b| b.kind),
+            Some(BusKind::Session)
+        );
         let unit = env_of(&[("INVOCATION_ID", "abc")]);
-        assert_eq!(choose_bus(Scope::Auto, &unit).map(|b| b.kind), Some(BusKind::System));
+        assert_eq!(
+            choose_bus(Scope::Auto, &unit).map(|b| b.kind),
+            Some(BusKind::System)
+        );
         let activated = env_of(&[("DBUS_STARTER_BUS_TYPE", "system")]);
-        assert_eq!(choose_bus(Scope::Auto, &activated).map(|b| b.kind), Some(BusKind::System));
+        assert_eq!(
+            choose_bus(Scope::Auto, &activated).map(|b| b.kind),
+            Some(BusKind::System)
+        );
         let session_activated = env_of(&[("DBUS_STARTER_BUS_TYPE", "session")]);
         assert_eq!(choose_bus(Scope::Auto, &session_activated), None);
         assert_eq!(choose_bus(Scope::Auto, &env_of(&[])), None);
@@ -211,7 +220,8 @@ mod tests {
 
     #[test]
     fn user_dir_falls_back_to_a_private_tmp_dir() {
-        let (dir, private) = user_lock_dir(4_000_000, &env_of(&[("XDG_RUNTIME_DIR", "/nonexistent")]));
+        let (dir, private) =
+            user_lock_dir(4_000_000, &env_of(&[("XDG_RUNTIME_DIR", "/nonexistent")]));
         assert_eq!(dir, PathBuf::from("/tmp/unique-instance-4000000"));
         assert!(private);
     }

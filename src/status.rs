@@ -57,7 +57,9 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
                     holder = Some(merge(holder, owner));
                 }
             }
-            Err(e) => tracing::warn!(bus = %kind, error = %e, "cannot reach the bus; reporting the lock file only"),
+            Err(e) => {
+                tracing::warn!(bus = %kind, error = %e, "cannot reach the bus; reporting the lock file only")
+            }
         }
     }
     Ok(Status {
@@ -70,7 +72,9 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
 
 /// The lock file's record and the bus's answer, combined; the bus wins where both speak.
 fn merge(from_lock: Option<Holder>, from_bus: Holder) -> Holder {
-    let Some(lock) = from_lock else { return from_bus };
+    let Some(lock) = from_lock else {
+        return from_bus;
+    };
     Holder {
         pid: from_bus.pid.or(lock.pid),
         uid: from_bus.uid.or(lock.uid),

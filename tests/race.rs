@@ -15,7 +15,13 @@ fn thirty_two_copies_one_holder_every_round() {
         let name = unique_name("race");
         // All copies start, then block on stdin until every one exists: then they race.
         let mut copies: Vec<_> = (0..COPIES)
-            .map(|_| holder(Some(&bus.address), lock_dir.path(), &[&name, "--go-on-stdin"]))
+            .map(|_| {
+                holder(
+                    Some(&bus.address),
+                    lock_dir.path(),
+                    &[&name, "--go-on-stdin"],
+                )
+            })
             .collect();
         for copy in &mut copies {
             copy.send("go\n");
@@ -27,11 +33,18 @@ fn thirty_two_copies_one_holder_every_round() {
             if line.starts_with("acquired") {
                 winners.push(i);
             } else {
-                assert!(line.starts_with("already-running"), "round {round}: unexpected {line:?}");
+                assert!(
+                    line.starts_with("already-running"),
+                    "round {round}: unexpected {line:?}"
+                );
                 losers.push((i, line));
             }
         }
-        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}, losers {losers:?}");
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: winners {winners:?}, losers {losers:?}"
+        );
         let winner_pid = copies[winners[0]].pid().to_string();
         for (i, line) in &losers {
             assert_eq!(

@@ -311,7 +311,43 @@ pub fn example_path(name: &str) -> PathBuf {
         "example `{name}` is not built at {}; `cargo test` builds examples, or run `cargo build --examples`",
         path.display()
     );
+    // `cargo test --test X` does not rebuild examples: refuse to test a stale binary.
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["src", "examples"] {
+        if let Some(newer) = newest_source(&root.join(dir)).filter(|(t, _)| *t > built) {
+            panic!(
+                "example `{name}` is older than {}: run plain `cargo test` (it builds examples) \
+                 or `cargo build --examples` first",
+                newer.1.display()
+            );
+        }
+    }
     path
+}
+
+fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_source(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
+        };
+        if let Some(c) = candidate {
+            if newest.as_ref().is_none_or(|n| c.0 > n.0) {
+                newest = Some(c);
+            }
+        }
+    }
+    newest
 }
 
 /// A command with a clean environment: only PATH, the given bus, and the lock directory.
@@ -320,7 +356,11 @@ pub fn clean_command(program: &Path, bus: Option<&str>, lock_dir: &Path) -> Comm
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir)
-        .env("RUST_LOG", "warn");
+        // HOLDER_LOG=debug shows the library's reasoning in a failing test's stderr.
+        .env(
+            "RUST_LOG",
+            std::env::var("HOLDER_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     if let Some(address) = bus {
         cmd.env("DBUS_SESSION_BUS_ADDRESS", address);
     }

@@ -1,0 +1,183 @@
+//! Crashes, a dying bus, and copies that see different environments.
+
+mod common;
+
+use common::{BusConfig, DbusDaemon, field, holder, unique_name};
+
+/// SIGKILL the holder: the next copy acquires at once, with no clean-up by anyone. Repeated,
+/// because the bus may still list the dead holder for a moment after the kernel dropped its lock.
+#[test]
+fn next_copy_acquires_at_once_after_holder_is_sigkilled() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("crash");
+    let mut current = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let first = current.next_line("first holder");
+    assert!(first.starts_with("acquired"), "{first}");
+    for round in 0..10 {
+        current.sigkill();
+        let mut next = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+        let line = next.next_line("next holder");
+        assert!(line.starts_with("acquired"), "round {round}: {line}");
+        assert!(
+            line.contains("LockFile") && line.contains("Dbus"),
+            "round {round}: {line}"
+        );
+        current = next;
+    }
+    // The stale record of the killed holder was replaced: a contender names the live one.
+    let mut contender = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let line = contender.next_line("contender");
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(current.pid().to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(contender.exit_code(), 75);
+}
+
+/// Kill the bus under a holder: the guard reports the loss, the lock file still excludes.
+#[test]
+fn bus_death_is_reported_and_the_lock_file_still_excludes() {
+    let mut bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("busdies");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let mut args = vec![name.as_str()];
+        args.extend_from_slice(mode);
+        let mut h = holder(Some(&bus.address), lock_dir.path(), &args);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        bus.kill();
+        let loss = h.line_starting("lost");
+        assert_eq!(
+            loss, "lost reason=BusConnectionClosed still_exclusive=true",
+            "{mode:?}"
+        );
+
+        // A copy pointed at the dead bus, and one with no bus at all: both refused by the lock.
+        for env_bus in [Some(bus.address.as_str()), None] {
+            let mut other = holder(env_bus, lock_dir.path(), &[&name]);
+            let line = other.next_line("contender");
+            assert!(line.starts_with("already-running"), "{env_bus:?}: {line}");
+            assert_eq!(
+                field(&line, "holder_pid"),
+                Some(h.pid().to_string().as_str())
+            );
+            assert_eq!(other.exit_code(), 75);
+        }
+        h.close_stdin();
+        assert_eq!(h.line_starting("released"), "released");
+        assert_eq!(h.exit_code(), 0);
+        bus = DbusDaemon::start(BusConfig::Open);
+    }
+}
+
+/// A holder with the bus and a contender without one, and the reverse: refused both ways.
+#[test]
+fn mixed_environments_exclude_each_other() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(Option<&str>, Option<&str>); 2] =
+        [(Some(&bus.address), None), (None, Some(&bus.address))];
+    for (holder_bus, contender_bus) in cases {
+        let name = unique_name("mixed");
+        let mut h = holder(holder_bus, lock_dir.path(), &[&name]);
+        let acquired = h.next_line("holder");
+        assert!(acquired.starts_with("acquired"), "{acquired}");
+        assert_eq!(
+            acquired.contains("Dbus"),
+            holder_bus.is_some(),
+            "{acquired}"
+        );
+        let mut c = holder(contender_bus, lock_dir.path(), &[&name]);
+        let line = c.next_line("contender");
+        assert!(
+            line.starts_with("already-running"),
+            "holder bus {holder_bus:?}, contender bus {contender_bus:?}: {line}"
+        );
+        assert_eq!(
+            field(&line, "holder_pid"),
+            Some(h.pid().to_string().as_str())
+        );
+        assert_eq!(c.exit_code(), 75);
+    }
+}
+
+/// A bus whose policy denies ownership: not permitted (77), never "already running", nothing
+/// runs, and the lock file taken first is given back.
+#[test]
+fn policy_denial_is_not_permitted_and_nothing_runs() {
+    let bus = DbusDaemon::start(BusConfig::DenyOwn);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("policy");
+    for backend in ["auto", "dbus"] {
+        let mut h = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend],
+        );
+        let line = h.next_line("outcome");
+        assert!(line.starts_with("not-permitted"), "{backend}: {line}");
+        assert!(line.contains("bus policy"), "{backend}: {line}");
+        assert_eq!(h.exit_code(), 77);
+        assert!(!h.seen.iter().any(|l| l.starts_with("acquired")));
+    }
+    // The lock file was released: a lock-file-only copy gets it.
+    let mut after = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    assert!(after.next_line("lockfile copy").starts_with("acquired"));
+}
+
+/// The kernel released the lock, but the bus still lists the previous lock holder as the name's
+/// owner (its disconnect not yet processed). Simulated exactly: this test process owns the name
+/// and the lock file holds a record naming this process, unlocked. The newcomer must queue for
+/// the name instead of refusing, and get it the moment the old owner goes.
+#[tokio::test]
+async fn newcomer_waits_for_the_bus_to_drop_the_previous_lock_holder() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("deadowner");
+    let conn = zbus::connection::Builder::address(bus.address.as_str())
+        .build()
+        .await
+        .expect("connect");
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "RequestName",
+            &(name.as_str(), 4u32),
+        )
+        .await
+        .expect("RequestName")
+        .body()
+        .deserialize::<u32>()
+        .expect("reply");
+    assert_eq!(reply, 1, "the test connection must own the name");
+    let record = format!(
+        "{{\"pid\":{},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\",\"dbus\"],\"bus\":\"session\",\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
+        std::process::id()
+    );
+    std::fs::write(lock_dir.path().join(format!("{name}.lock")), record).expect("stale record");
+
+    let address = bus.address.clone();
+    let dir = lock_dir.path().to_owned();
+    let newcomer_name = name.clone();
+    let (mut newcomer, early) = tokio::task::spawn_blocking(move || {
+        let mut h = holder(Some(&address), &dir, &[&newcomer_name]);
+        let early = h.try_line(std::time::Duration::from_millis(300));
+        (h, early)
+    })
+    .await
+    .expect("join");
+    assert_eq!(
+        early, None,
+        "the newcomer must wait for the old owner, not refuse or take it"
+    );
+    drop(conn);
+    let line = tokio::task::spawn_blocking(move || newcomer.next_line("newcomer"))
+        .await
+        .expect("join");
+    assert!(line.starts_with("acquired"), "{line}");
+    assert!(line.contains("Dbus"), "{line}");
+}

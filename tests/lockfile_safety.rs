@@ -1,0 +1,324 @@
+//! The lock file's safety rules, in process and across processes.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use common::{field, holder, unique_name};
+use unique_instance::{Backend, Error, InstanceOptions, UnsafeLockPath};
+
+fn lock_only(name: &str, dir: &Path) -> InstanceOptions {
+    InstanceOptions::new(name)
+        .backend(Backend::LockFile)
+        .lock_dir(dir)
+}
+
+fn unsafe_problem(
+    result: unique_instance::Result<unique_instance::InstanceGuard>,
+) -> UnsafeLockPath {
+    match result {
+        Err(Error::UnsafeLockPath { problem, .. }) => problem,
+        other => panic!("expected an unsafe lock path error, got {other:?}"),
+    }
+}
+
+#[test]
+fn symlink_at_lock_path_is_refused_and_its_target_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("symlink");
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "do not truncate me\n").expect("write target");
+    std::os::unix::fs::symlink(&target, dir.path().join(format!("{name}.lock"))).expect("symlink");
+    let before = std::fs::metadata(&target).expect("meta");
+    assert_eq!(
+        unsafe_problem(lock_only(&name, dir.path()).acquire()),
+        UnsafeLockPath::Symlink
+    );
+    assert_eq!(
+        std::fs::read_to_string(&target).expect("read"),
+        "do not truncate me\n"
+    );
+    let after = std::fs::metadata(&target).expect("meta");
+    assert_eq!(
+        (before.ino(), before.mtime_nsec(), before.mode()),
+        (after.ino(), after.mtime_nsec(), after.mode())
+    );
+    // A dangling symlink is refused too, and creates nothing where it points.
+    let name2 = unique_name("dangling");
+    let nowhere = dir.path().join("nowhere");
+    std::os::unix::fs::symlink(&nowhere, dir.path().join(format!("{name2}.lock")))
+        .expect("symlink");
+    assert_eq!(
+        unsafe_problem(lock_only(&name2, dir.path()).acquire()),
+        UnsafeLockPath::Symlink
+    );
+    assert!(!nowhere.exists());
+}
+
+#[test]
+fn fifo_directory_and_foreign_owner_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo_name = unique_name("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        dir.path().join(format!("{fifo_name}.lock")),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    assert_eq!(
+        unsafe_problem(lock_only(&fifo_name, dir.path()).acquire()),
+        UnsafeLockPath::NotRegularFile { kind: "FIFO" }
+    );
+
+    let dir_name = unique_name("dir");
+    std::fs::create_dir(dir.path().join(format!("{dir_name}.lock"))).expect("mkdir");
+    assert_eq!(
+        unsafe_problem(lock_only(&dir_name, dir.path()).acquire()),
+        UnsafeLockPath::NotRegularFile { kind: "directory" }
+    );
+
+    let euid = rustix::process::geteuid().as_raw();
+    assert_eq!(
+        euid, 0,
+        "this test plants a file owned by another user and must run as root (CI does)"
+    );
+    let foreign_name = unique_name("foreign");
+    let foreign = dir.path().join(format!("{foreign_name}.lock"));
+    std::fs::write(&foreign, "").expect("write");
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).expect("chown");
+    assert_eq!(
+        unsafe_problem(lock_only(&foreign_name, dir.path()).acquire()),
+        UnsafeLockPath::WrongOwner {
+            owner: 65534,
+            expected: 0
+        }
+    );
+    assert_eq!(
+        std::fs::metadata(&foreign).expect("meta").uid(),
+        65534,
+        "left as it was"
+    );
+}
+
+#[test]
+fn world_writable_directory_needs_the_sticky_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("wwdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    assert!(matches!(
+        unsafe_problem(lock_only(&name, dir.path()).acquire()),
+        UnsafeLockPath::InsecureDirectory { mode: 0o777, .. }
+    ));
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("ls").count(),
+        0,
+        "nothing created"
+    );
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let guard = lock_only(&name, dir.path())
+        .acquire()
+        .expect("sticky directory is fine");
+    guard.release().expect("release");
+}
+
+#[test]
+fn lock_file_mode_and_removal_on_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("mode");
+    let guard = lock_only(&name, dir.path()).acquire().expect("acquire");
+    let path = guard.lock_file().expect("lock file").to_owned();
+    let meta = std::fs::metadata(&path).expect("meta");
+    assert!(meta.is_file());
+    // Root gets the system-scope mode (0644); anyone else the user-scope one (0600).
+    let expected = if rustix::process::geteuid().is_root() {
+        0o644
+    } else {
+        0o600
+    };
+    assert_eq!(meta.mode() & 0o777, expected);
+    let record = std::fs::read_to_string(&path).expect("record");
+    assert_eq!(record.lines().count(), 1, "{record}");
+    let json: serde_json::Value = serde_json::from_str(&record).expect("one-line JSON");
+    assert_eq!(json["pid"], std::process::id());
+    for key in [
+        "uid",
+        "start_time",
+        "backend",
+        "bus_unique_name",
+        "executable",
+        "hostname",
+    ] {
+        assert!(json.get(key).is_some(), "record lacks {key}: {record}");
+    }
+    guard.release().expect("release");
+    assert!(!path.exists(), "the lock file is removed on release");
+}
+
+/// The path is unlinked and recreated while a waiter blocks on the old inode. When the holder
+/// goes, the waiter must lock the file the path names now, not the orphan: a newcomer is then
+/// refused. Without the lock-then-recheck, both would hold "the" lock.
+#[test]
+fn unlinked_and_recreated_file_never_yields_two_holders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for round in 0..20 {
+        let name = unique_name("recreate");
+        let path = dir.path().join(format!("{name}.lock"));
+        let mut h = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        let mut w = holder(
+            None,
+            dir.path(),
+            &[&name, "--backend", "lockfile", "--wait", "forever"],
+        );
+        // The waiter is blocked once it exists and has not acquired; unlink + recreate now.
+        assert_eq!(w.try_line(std::time::Duration::from_millis(100)), None);
+        std::fs::remove_file(&path).expect("unlink");
+        std::fs::write(&path, "").expect("recreate");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        h.close_stdin();
+        assert_eq!(h.line_starting("released"), "released");
+        let got = w.next_line("waiter");
+        assert!(got.starts_with("acquired"), "round {round}: {got}");
+        let mut c = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+        let line = c.next_line("newcomer");
+        assert!(
+            line.starts_with("already-running"),
+            "round {round}: two holders: {line}"
+        );
+        assert_eq!(
+            field(&line, "holder_pid"),
+            Some(w.pid().to_string().as_str()),
+            "round {round}"
+        );
+    }
+}
+
+/// Many waiters, each marking a critical section with an exclusive-create marker file: a second
+/// copy inside at the same time makes one exit 99. Release removes the lock file every time, so
+/// the remove-while-others-wait hazard is exercised on every hand-over.
+#[test]
+fn waiters_never_overlap_through_many_hand_overs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker_dir = tempfile::tempdir().expect("tempdir");
+    for backend in ["lockfile", "auto"] {
+        for round in 0..4 {
+            let name = unique_name("overlap");
+            let marker = marker_dir.path().join(&name);
+            let marker = marker.to_str().expect("utf8");
+            let mut copies: Vec<_> = (0..6)
+                .map(|_| {
+                    holder(
+                        None,
+                        dir.path(),
+                        &[
+                            &name,
+                            "--backend",
+                            backend,
+                            "--wait",
+                            "forever",
+                            "--critical",
+                            marker,
+                            "--hold-ms",
+                            "15",
+                            "--go-on-stdin",
+                        ],
+                    )
+                })
+                .collect();
+            for c in &mut copies {
+                c.send("go\n");
+            }
+            for (i, c) in copies.iter_mut().enumerate() {
+                let first = c.next_line("acquired, after waiting its turn");
+                assert!(
+                    first.starts_with("acquired"),
+                    "{backend} round {round} copy {i}: {first}"
+                );
+                assert_eq!(
+                    c.exit_code(),
+                    0,
+                    "{backend} round {round} copy {i}: {:?}",
+                    c.seen
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn garbage_or_empty_record_still_excludes_and_reports_holder_unknown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for content in [&b"\x00\x01not json at all{{"[..], &b""[..]] {
+        let name = unique_name("garbage");
+        let mut h = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        // Rewrite the content in place (same inode, lock untouched).
+        std::fs::write(dir.path().join(format!("{name}.lock")), content).expect("overwrite");
+        let mut c = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+        let line = c.next_line("contender");
+        assert!(line.starts_with("already-running"), "{line}");
+        assert_eq!(field(&line, "holder_pid"), Some("unknown"), "{line}");
+        assert!(line.contains("holder unknown"), "{line}");
+        assert_eq!(c.exit_code(), 75);
+    }
+}
+
+#[test]
+fn periodic_recheck_reports_a_removed_or_replaced_lock_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (replace, expected) in [(false, "LockFileRemoved"), (true, "LockFileReplaced")] {
+        for mode in [&[][..], &["--blocking"][..]] {
+            let name = unique_name("recheck");
+            let path = dir.path().join(format!("{name}.lock"));
+            let mut args = vec![name.as_str(), "--backend", "lockfile", "--recheck-ms", "20"];
+            args.extend_from_slice(mode);
+            let mut h = holder(None, dir.path(), &args);
+            assert!(h.next_line("holder").starts_with("acquired"));
+            std::fs::remove_file(&path).expect("unlink");
+            if replace {
+                std::fs::write(&path, "").expect("replace");
+            }
+            assert_eq!(
+                h.line_starting("lost"),
+                format!("lost reason={expected} still_exclusive=false"),
+                "{mode:?}"
+            );
+            h.close_stdin();
+            assert_eq!(h.exit_code(), 0);
+            if replace {
+                assert!(
+                    path.exists(),
+                    "release must not remove a file that is not ours"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn explicit_lock_file_path_is_used_as_given() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let path = data_dir.path().join("server.pid");
+    let name = unique_name("explicit");
+    let guard = InstanceOptions::new(&name)
+        .backend(Backend::LockFile)
+        .lock_file(&path)
+        .acquire()
+        .expect("acquire");
+    assert_eq!(guard.lock_file(), Some(path.as_path()));
+    let second = InstanceOptions::new(&name)
+        .backend(Backend::LockFile)
+        .lock_file(&path)
+        .acquire();
+    match second {
+        Err(Error::AlreadyRunning { holder, .. }) => {
+            assert_eq!(holder.pid, Some(std::process::id()))
+        }
+        other => panic!("expected already running, got {other:?}"),
+    }
+    drop(guard);
+    assert!(!path.exists());
+}

@@ -1,0 +1,76 @@
+//! Invalid names are rejected, each for the right reason, before anything is touched.
+
+mod common;
+
+use unique_instance::{Error, InstanceOptions, NameRule};
+
+#[test]
+fn invalid_names_are_rejected_with_the_rule_and_nothing_is_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let too_long = format!("org.{}", "x".repeat(252));
+    let table: Vec<(&str, NameRule)> = vec![
+        ("", NameRule::Empty),
+        (&too_long, NameRule::TooLong { len: 256 }),
+        (":1.7", NameRule::UniqueNamePrefix),
+        (".org.example", NameRule::LeadingDot),
+        ("example", NameRule::TooFewElements),
+        ("org..example", NameRule::EmptyElement { index: 1 }),
+        ("org.example.", NameRule::EmptyElement { index: 2 }),
+        (
+            "org.9lives",
+            NameRule::ElementStartsWithDigit {
+                element: "9lives".into(),
+            },
+        ),
+        (
+            "org/example.Server",
+            NameRule::InvalidCharacter {
+                character: '/',
+                offset: 3,
+            },
+        ),
+        ("../etc.passwd", NameRule::LeadingDot),
+        (
+            "org.example.Ser ver",
+            NameRule::InvalidCharacter {
+                character: ' ',
+                offset: 15,
+            },
+        ),
+        (
+            "org.example.Serv*",
+            NameRule::InvalidCharacter {
+                character: '*',
+                offset: 16,
+            },
+        ),
+    ];
+    for (name, rule) in table {
+        // The bus address points nowhere: reaching for it would be a different error.
+        let result = InstanceOptions::new(name).lock_dir(dir.path()).acquire();
+        match result {
+            Err(Error::InvalidName { name: n, rule: r }) => {
+                assert_eq!((n.as_str(), &r), (name, &rule));
+                let message = Error::InvalidName { name: n, rule: r }.to_string();
+                assert!(message.contains(&rule.to_string()), "{message}");
+            }
+            other => panic!("{name:?}: expected InvalidName({rule:?}), got {other:?}"),
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("ls").count(),
+        0,
+        "nothing may be created"
+    );
+}
+
+#[test]
+fn invalid_name_exits_64_from_a_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = common::holder(None, dir.path(), &["not-a-bus-name"]);
+    let line = h.next_line("outcome");
+    assert!(line.starts_with("invalid-name"), "{line}");
+    assert!(line.contains("at least two"), "{line}");
+    assert_eq!(h.exit_code(), 64);
+    assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+}

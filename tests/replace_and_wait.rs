@@ -1,0 +1,180 @@
+//! Replacement on the bus, and waiting for a running copy to exit.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{BusConfig, DbusDaemon, field, holder, unique_name};
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+
+async fn request(
+    address: &str,
+    name: &str,
+    flags: RequestNameFlags,
+) -> (zbus::Connection, RequestNameReply) {
+    let conn = zbus::connection::Builder::address(address)
+        .build()
+        .await
+        .expect("connect");
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "RequestName",
+            &(name, flags),
+        )
+        .await
+        .expect("RequestName")
+        .body()
+        .deserialize::<RequestNameReply>()
+        .expect("reply");
+    (conn, reply)
+}
+
+#[tokio::test]
+async fn holder_that_allows_replacement_reports_replaced() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("replace");
+    let mut h = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--allow-replacement"],
+    );
+    assert!(h.next_line("holder").starts_with("acquired"));
+    let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
+    let (_conn, reply) = request(&bus.address, &name, flags).await;
+    assert_eq!(reply, RequestNameReply::PrimaryOwner);
+    let line = tokio::task::spawn_blocking(move || {
+        let line = h.line_starting("lost");
+        (line, h)
+    })
+    .await
+    .expect("join");
+    assert_eq!(line.0, "lost reason=Replaced still_exclusive=false");
+}
+
+#[tokio::test]
+async fn holder_that_does_not_allow_replacement_keeps_the_name() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("noreplace");
+    let mut h = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let acquired = h.next_line("holder");
+    let unique = field(&acquired, "unique").expect("unique name").to_owned();
+    let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
+    let (conn, reply) = request(&bus.address, &name, flags).await;
+    assert_eq!(reply, RequestNameReply::Exists);
+    let owner = conn
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "GetNameOwner",
+            &(name.as_str(),),
+        )
+        .await
+        .expect("GetNameOwner")
+        .body()
+        .deserialize::<String>()
+        .expect("owner");
+    assert_eq!(owner, unique);
+}
+
+#[test]
+fn waiter_takes_over_when_the_holder_exits_or_dies() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for (backend, kill) in [
+        ("auto", false),
+        ("auto", true),
+        ("dbus", false),
+        ("dbus", true),
+        ("lockfile", true),
+    ] {
+        let name = unique_name("wait");
+        let mut h = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend],
+        );
+        assert!(h.next_line("holder").starts_with("acquired"), "{backend}");
+        let mut w = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend, "--wait", "forever"],
+        );
+        // The waiter must not get in while the holder lives.
+        assert_eq!(
+            w.try_line(Duration::from_millis(300)),
+            None,
+            "{backend}: waiter got in early"
+        );
+        if kill {
+            h.sigkill();
+        } else {
+            h.close_stdin();
+            assert_eq!(h.line_starting("released"), "released");
+        }
+        let line = w.next_line("waiter takes over");
+        assert!(
+            line.starts_with("acquired"),
+            "{backend} kill={kill}: {line}"
+        );
+        // And it really holds it now.
+        let mut c = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend],
+        );
+        let refused = c.next_line("contender");
+        assert_eq!(
+            field(&refused, "holder_pid"),
+            Some(w.pid().to_string().as_str()),
+            "{refused}"
+        );
+    }
+}
+
+#[test]
+fn bounded_wait_times_out_with_the_timeout_error() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for backend in ["auto", "dbus", "lockfile"] {
+        let name = unique_name("timeout");
+        let mut h = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend],
+        );
+        assert!(h.next_line("holder").starts_with("acquired"));
+        let started = Instant::now();
+        let mut w = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend, "--wait", "0.5"],
+        );
+        let line = w.next_line("waiter gives up");
+        assert!(line.starts_with("timed-out"), "{backend}: {line}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "{backend}: gave up early"
+        );
+        assert_eq!(
+            field(&line, "holder_pid"),
+            Some(h.pid().to_string().as_str()),
+            "{line}"
+        );
+        assert_eq!(w.exit_code(), 75);
+        // The holder is untouched, and the timed-out waiter left nothing behind in the queue.
+        h.close_stdin();
+        assert_eq!(h.line_starting("released"), "released");
+        let mut next = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend],
+        );
+        assert!(next.next_line("next").starts_with("acquired"), "{backend}");
+    }
+}
