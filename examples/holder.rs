@@ -144,15 +144,14 @@ fn acquired_line(guard: &InstanceGuard) -> String {
 }
 
 fn critical_enter(args: &Args) {
-    if let Some(path) = &args.critical {
-        if let Err(e) = std::fs::OpenOptions::new()
+    if let Some(path) = &args.critical
+        && let Err(e) = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(path)
-        {
-            say(&format!("overlap {e}"));
-            std::process::exit(99);
-        }
+    {
+        say(&format!("overlap {e}"));
+        std::process::exit(99);
     }
 }
 

@@ -89,10 +89,10 @@ impl fmt::Display for Holder {
         if let Some(path) = &self.lock_file {
             parts.push(format!("lock file {}", path.display()));
         }
-        if let Some(name) = &self.bus_unique_name {
-            if self.found_by == Some(BackendKind::Dbus) {
-                parts.push(format!("as {name}"));
-            }
+        if let Some(name) = &self.bus_unique_name
+            && self.found_by == Some(BackendKind::Dbus)
+        {
+            parts.push(format!("as {name}"));
         }
         f.write_str(&parts.join(", "))
     }

@@ -149,10 +149,11 @@ pub(crate) fn user_lock_dir(euid: u32, env: &dyn Fn(&str) -> Option<String>) -> 
             .map(|m| m.is_dir() && m.uid() == euid)
             .unwrap_or(false)
     };
-    if let Some(dir) = env("XDG_RUNTIME_DIR").map(PathBuf::from) {
-        if dir.is_absolute() && ours(&dir) {
-            return (dir.join("unique-instance"), false);
-        }
+    if let Some(dir) = env("XDG_RUNTIME_DIR").map(PathBuf::from)
+        && dir.is_absolute()
+        && ours(&dir)
+    {
+        return (dir.join("unique-instance"), false);
     }
     let run_user = PathBuf::from(format!("/run/user/{euid}"));
     if ours(&run_user) {

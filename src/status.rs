@@ -42,10 +42,10 @@ impl Status {
 pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let plan = options.plan()?;
     let mut holder = None;
-    if let Some(path) = &plan.lock_file {
-        if lockfile::is_locked(path)? == Some(true) {
-            holder = lockfile::peek_holder(path);
-        }
+    if let Some(path) = &plan.lock_file
+        && lockfile::is_locked(path)? == Some(true)
+    {
+        holder = lockfile::peek_holder(path);
     }
     let mut bus_asked = None;
     if let Some(kind) = plan.bus {

@@ -246,7 +246,7 @@ impl Proc {
         match rx.recv_timeout(TIMEOUT) {
             Ok(Ok(Some((_, status)))) => {
                 use std::os::unix::process::ExitStatusExt;
-                let status = ExitStatus::from_raw(status.as_raw() as i32);
+                let status = ExitStatus::from_raw(status.as_raw());
                 self.status = Some(status);
                 status
             }
@@ -341,10 +341,10 @@ fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
                 .ok()
                 .map(|t| (t, path))
         };
-        if let Some(c) = candidate {
-            if newest.as_ref().is_none_or(|n| c.0 > n.0) {
-                newest = Some(c);
-            }
+        if let Some(c) = candidate
+            && newest.as_ref().is_none_or(|n| c.0 > n.0)
+        {
+            newest = Some(c);
         }
     }
     newest

@@ -1,0 +1,22 @@
+# Debian packages the demo and the tests need; sourced by scripts/demo, scripts/test and .ci/run.
+# dbus: dbus-daemon, dbus-run-session. systemd-container: systemd-nspawn for the deployment
+# tests. libsystemd-dev: the sd-bus C reference of the benchmarks. util-linux: flock(1), setpriv.
+UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux)
+
+# Installs what is missing when we are root; otherwise says exactly what to run, and fails.
+ensure_packages() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "installing: ${missing[*]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "missing Debian packages: ${missing[*]}" >&2
+        echo "install them with: sudo apt-get install -y ${missing[*]}" >&2
+        return 1
+    fi
+}
