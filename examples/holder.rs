@@ -200,37 +200,33 @@ fn main() {
 }
 
 fn run_blocking(args: &Args) -> i32 {
-    let mut guard = match options(args).acquire() {
+    let guard = match options(args).acquire() {
         Ok(g) => g,
         Err(e) => return report_error(&e),
     };
     critical_enter(args);
     say(&acquired_line(&guard));
-    // Losses are reported from a thread that owns the guard; the main thread waits on stdin.
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let hold = args.hold;
-    std::thread::spawn(move || {
-        match hold {
-            Some(d) => std::thread::sleep(d),
-            None => {
-                let _ = std::io::stdin().lock().lines().count();
-            }
-        }
-        let _ = done_tx.send(());
-    });
-    loop {
-        if done_rx.try_recv().is_ok() {
-            break;
-        }
-        if let Some(loss) = guard.wait_next_loss(Some(Duration::from_millis(50))) {
+    // Losses are reported from a thread with a watcher; this thread keeps the guard.
+    let mut watcher = guard.loss_watcher();
+    let reporter = std::thread::spawn(move || {
+        while let Some(loss) = watcher.next_blocking(None) {
             say(&format!(
                 "lost reason={:?} still_exclusive={}",
                 loss.reason, loss.still_exclusive
             ));
         }
+    });
+    match args.hold {
+        Some(d) => std::thread::sleep(d),
+        None => {
+            let _ = std::io::stdin().lock().lines().count();
+        }
     }
     critical_leave(args);
-    match guard.release() {
+    let result = guard.release();
+    // The guard is gone: the watcher sees the end of its losses and the reporter ends.
+    let _ = reporter.join();
+    match result {
         Ok(()) => {
             say("released");
             0

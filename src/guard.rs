@@ -67,6 +67,50 @@ impl fmt::Display for Loss {
 
 pub(crate) type LossLog = watch::Sender<Vec<Loss>>;
 
+/// Follows an instance's losses independently of its guard; see [`InstanceGuard::loss_watcher`].
+#[derive(Debug, Clone)]
+pub struct LossWatcher {
+    losses: watch::Receiver<Vec<Loss>>,
+    seen: usize,
+}
+
+impl LossWatcher {
+    /// Waits for the next loss this watcher has not returned yet.
+    ///
+    /// Returns `None` once the guard is gone (released or dropped) and every loss was returned.
+    pub async fn next(&mut self) -> Option<Loss> {
+        let seen = self.seen;
+        let loss = self
+            .losses
+            .wait_for(|log| log.len() > seen)
+            .await
+            .ok()
+            .map(|log| log[seen]);
+        if loss.is_some() {
+            self.seen += 1;
+        }
+        loss
+    }
+
+    /// Blocking form of [`LossWatcher::next`], giving up after `timeout` (`None`: no limit).
+    ///
+    /// # Caveats
+    ///
+    /// Call it from plain threads, not from inside an async task.
+    pub fn next_blocking(&mut self, timeout: Option<Duration>) -> Option<Loss> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, self.next()).await.ok().flatten(),
+                None => self.next().await,
+            }
+        })
+    }
+}
+
 /// Proof that this process is the one running instance of a name.
 ///
 /// Dropping it releases the instance: the bus name first, then the lock file, which is removed
@@ -79,6 +123,9 @@ pub struct InstanceGuard {
     pub(crate) lock: Option<HeldLock>,
     pub(crate) bus: Option<(BusKind, zbus::Connection)>,
     pub(crate) losses: watch::Receiver<Vec<Loss>>,
+    /// Keeps the loss channel open for as long as the guard lives, even with no task feeding it,
+    /// so that watchers see its end only when the guard is gone.
+    pub(crate) _loss_log: LossLog,
     pub(crate) seen_losses: usize,
     pub(crate) tasks: Vec<JoinHandle<()>>,
     /// The runtime that services the connection when the guard came from the blocking API.
@@ -151,6 +198,16 @@ impl InstanceGuard {
     /// False once a loss left no backend excluding other copies.
     pub fn is_exclusive(&self) -> bool {
         self.losses.borrow().iter().all(|l| l.still_exclusive)
+    }
+
+    /// A watcher of this guard's losses that can be moved to another thread or task, so one
+    /// part of a program waits for losses while another holds the guard. It starts before the
+    /// first loss not yet returned by [`InstanceGuard::next_loss`].
+    pub fn loss_watcher(&self) -> LossWatcher {
+        LossWatcher {
+            losses: self.losses.clone(),
+            seen: self.seen_losses,
+        }
     }
 
     /// Waits for the next loss event not yet returned by this method.

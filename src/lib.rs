@@ -32,7 +32,7 @@ mod scope;
 mod status;
 
 pub use error::{Error, Result, UnsafeLockPath};
-pub use guard::{InstanceGuard, Loss, LossReason};
+pub use guard::{InstanceGuard, Loss, LossReason, LossWatcher};
 pub use holder::{BackendKind, Holder, format_rfc3339};
 pub use lockfile::network_fs_name;
 pub use name::{InstanceName, MAX_NAME_LEN, NameRule};

@@ -548,6 +548,58 @@ mod tests {
         }
     }
 
+    fn private_plan(dir: &Path) -> LockPlan {
+        LockPlan {
+            dir: dir.to_owned(),
+            file_name: "org.example.Test.lock".into(),
+            root_may_own: false,
+            create_dir_mode: Some(0o700),
+            private_dir: true,
+            file_mode: 0o600,
+        }
+    }
+
+    #[test]
+    fn per_user_fallback_directory_must_be_ours_and_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().expect("tempdir");
+        // Created by us: made 0700 whatever the umask, and accepted.
+        let fresh = base.path().join("fresh");
+        open_dir(&private_plan(&fresh), false).expect("a fresh private directory is accepted");
+        let mode = std::fs::metadata(&fresh)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o700);
+        // Pre-created by someone with a looser mode: refused, not "fixed".
+        let loose = base.path().join("loose");
+        std::fs::create_dir(&loose).expect("mkdir");
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert!(matches!(
+            open_dir(&private_plan(&loose), false),
+            Err(Error::UnsafeLockPath {
+                problem: UnsafeLockPath::DirectoryMode { mode: 0o755, .. },
+                ..
+            })
+        ));
+        // Pre-created by another user: refused.
+        if rustix::process::geteuid().is_root() {
+            let foreign = base.path().join("foreign");
+            std::fs::create_dir(&foreign).expect("mkdir");
+            std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod");
+            std::os::unix::fs::chown(&foreign, Some(65534), None).expect("chown");
+            assert!(matches!(
+                open_dir(&private_plan(&foreign), false),
+                Err(Error::UnsafeLockPath {
+                    problem: UnsafeLockPath::ForeignDirectory { owner: 65534, .. },
+                    ..
+                })
+            ));
+        }
+    }
+
     #[test]
     fn this_machines_tmp_is_local() {
         let fs = rustix::fs::statfs("/tmp").expect("statfs /tmp");

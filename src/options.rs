@@ -402,7 +402,7 @@ impl InstanceOptions {
             tasks.push(tokio::spawn(recheck_lock(
                 held.watch_handle(),
                 interval,
-                loss_tx,
+                loss_tx.clone(),
             )));
         }
 
@@ -418,6 +418,7 @@ impl InstanceOptions {
             lock,
             bus,
             losses: loss_rx,
+            _loss_log: loss_tx,
             seen_losses: 0,
             tasks,
             runtime: None,
@@ -438,13 +439,14 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         None,
         None,
     ))?;
-    let (_, loss_rx) = watch::channel(Vec::new());
+    let (loss_tx, loss_rx) = watch::channel(Vec::new());
     Ok(InstanceGuard {
         name,
         scope: options.scope,
         lock: Some(held),
         bus: None,
         losses: loss_rx,
+        _loss_log: loss_tx,
         seen_losses: 0,
         tasks: Vec::new(),
         runtime: None,
