@@ -181,3 +181,54 @@ async fn newcomer_waits_for_the_bus_to_drop_the_previous_lock_holder() {
     assert!(line.starts_with("acquired"), "{line}");
     assert!(line.contains("Dbus"), "{line}");
 }
+
+/// The D-Bus backend alone, with no bus configured or a dead one: no usable backend (69),
+/// never an unguarded success.
+#[test]
+fn dbus_backend_without_a_bus_is_no_usable_backend() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let mut dead = DbusDaemon::start(BusConfig::Open);
+    dead.kill();
+    for bus in [None, Some(dead.address.as_str())] {
+        let name = unique_name("nobackend");
+        let mut h = holder(bus, lock_dir.path(), &[&name, "--backend", "dbus"]);
+        let line = h.next_line("outcome");
+        assert!(line.starts_with("no-usable-backend"), "{bus:?}: {line}");
+        assert_eq!(h.exit_code(), 69);
+    }
+}
+
+/// Auto with no bus, or an unreachable one: the lock file alone enforces, and says so at warn.
+#[test]
+fn lock_file_alone_is_announced_at_warn() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let mut dead = DbusDaemon::start(BusConfig::Open);
+    dead.kill();
+    for (bus, expected) in [
+        (
+            None,
+            "no D-Bus bus is configured; the lock file alone enforces exclusion",
+        ),
+        (
+            Some(dead.address.as_str()),
+            "bus is unreachable; the lock file alone enforces exclusion",
+        ),
+    ] {
+        let name = unique_name("alone");
+        let mut h = holder(bus, lock_dir.path(), &[&name]);
+        let line = h.next_line("holder");
+        assert!(
+            line.starts_with("acquired") && line.contains("backends=[LockFile]"),
+            "{line}"
+        );
+        h.close_stdin();
+        assert_eq!(h.exit_code(), 0);
+        let stderr = h.stderr_until_closed();
+        assert!(
+            stderr
+                .iter()
+                .any(|l| l.contains("WARN") && l.contains(expected)),
+            "{bus:?}: no warn line {expected:?} in {stderr:?}"
+        );
+    }
+}

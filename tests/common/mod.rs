@@ -217,6 +217,20 @@ impl Proc {
         Some(line)
     }
 
+    /// Every stderr line, once the process has closed stderr (normally: exited).
+    pub fn stderr_until_closed(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            match self.stderr.recv_timeout(TIMEOUT) {
+                Ok(line) => lines.push(line),
+                Err(RecvTimeoutError::Disconnected) => return lines,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("stderr not closed within {TIMEOUT:?}: {lines:?}")
+                }
+            }
+        }
+    }
+
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.try_iter().collect()
     }
