@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! holder NAME [--backend auto|dbus|lockfile] [--scope auto|user|system] [--lock-file PATH]
-//!             [--wait forever|SECONDS] [--allow-replacement] [--recheck-ms N] [--blocking]
+//!             [--wait forever|SECONDS] [--allow-replacement] [--recheck-ms N]
+//!             [--blocking [--drop-in-runtime]]
 //!             [--go-on-stdin] [--critical FILE --hold-ms N]
 //! ```
 //!
@@ -28,6 +29,7 @@ struct Args {
     allow_replacement: bool,
     recheck: Option<Duration>,
     blocking: bool,
+    drop_in_runtime: bool,
     go_on_stdin: bool,
     critical: Option<PathBuf>,
     hold: Option<Duration>,
@@ -73,6 +75,7 @@ fn parse() -> Result<Args, String> {
                 ))
             }
             "--blocking" => args.blocking = true,
+            "--drop-in-runtime" => args.drop_in_runtime = true,
             "--go-on-stdin" => args.go_on_stdin = true,
             "--critical" => args.critical = Some(value()?.into()),
             "--hold-ms" => {
@@ -223,7 +226,24 @@ fn run_blocking(args: &Args) -> i32 {
         }
     }
     critical_leave(args);
-    let result = guard.release();
+    let result = if args.drop_in_runtime {
+        // Dropping a blocking guard inside another runtime's task must not panic.
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => {
+                rt.block_on(async move { drop(guard) });
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("holder: {e}");
+                return 70;
+            }
+        }
+    } else {
+        guard.release()
+    };
     // The guard is gone: the watcher sees the end of its losses and the reporter ends.
     let _ = reporter.join();
     match result {

@@ -295,7 +295,15 @@ impl InstanceGuard {
         let bus_result = match self.bus.take() {
             Some((kind, conn)) => {
                 if let Some(rt) = &self.runtime {
-                    rt.block_on(release_bus(kind, conn, self.name.as_str()))
+                    // Run it on the guard's own worker thread and wait on a plain channel:
+                    // `Runtime::block_on` would panic if this drop happens inside another
+                    // runtime's task.
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let name = self.name.to_string();
+                    rt.spawn(async move {
+                        let _ = tx.send(release_bus(kind, conn, &name).await);
+                    });
+                    rx.recv().unwrap_or(Ok(()))
                 } else {
                     match tokio::runtime::Handle::try_current() {
                         Ok(handle)

@@ -232,3 +232,38 @@ fn lock_file_alone_is_announced_at_warn() {
         );
     }
 }
+
+/// A guard from the blocking API, dropped inside another runtime's task: no panic, and both the
+/// name and the lock file are free afterwards.
+#[test]
+fn blocking_guard_dropped_inside_a_runtime_releases_cleanly() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("dropinrt");
+    let mut h = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--blocking", "--drop-in-runtime"],
+    );
+    let line = h.next_line("holder");
+    assert!(line.contains("backends=[LockFile, Dbus]"), "{line}");
+    h.close_stdin();
+    assert_eq!(h.line_starting("released"), "released");
+    assert_eq!(h.exit_code(), 0, "stderr: {:?}", h.stderr_until_closed());
+    assert_eq!(
+        std::fs::read_dir(lock_dir.path()).expect("ls").count(),
+        0,
+        "lock file removed"
+    );
+    for backend in ["dbus", "lockfile"] {
+        let mut next = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend],
+        );
+        assert!(
+            next.next_line("next").starts_with("acquired"),
+            "{backend} still held"
+        );
+    }
+}
