@@ -12,7 +12,7 @@
 use std::process::ExitCode;
 
 use tokio::signal::unix::{SignalKind, signal};
-use unique_instance::{Error, InstanceOptions};
+use unique_instance::InstanceOptions;
 
 struct Server {
     name: String,
@@ -51,7 +51,7 @@ async fn main() -> ExitCode {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("server: {e}");
-            return ExitCode::from(exit_code(&e));
+            return ExitCode::from(e.exit_code());
         }
     };
     tracing::info!(?guard, "serving");
@@ -84,14 +84,4 @@ async fn main() -> ExitCode {
         return ExitCode::from(70);
     }
     ExitCode::from(code)
-}
-
-fn exit_code(e: &Error) -> u8 {
-    match e {
-        Error::AlreadyRunning { .. } | Error::TimedOut { .. } => 75,
-        Error::InvalidName { .. } => 64,
-        Error::NotPermitted { .. } => 77,
-        Error::NoUsableBackend { .. } => 69,
-        _ => 70,
-    }
 }

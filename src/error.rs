@@ -171,6 +171,20 @@ impl Error {
         }
     }
 
+    /// The `sysexits(3)` status a program should exit with for this error, as the
+    /// `unique-instance` tool does: 75 (`EX_TEMPFAIL`) already running or timed out, 64
+    /// (`EX_USAGE`) invalid name, 77 (`EX_NOPERM`) not permitted, 69 (`EX_UNAVAILABLE`) no
+    /// usable backend, 70 (`EX_SOFTWARE`) anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::AlreadyRunning { .. } | Error::TimedOut { .. } => 75,
+            Error::InvalidName { .. } => 64,
+            Error::NotPermitted { .. } => 77,
+            Error::NoUsableBackend { .. } => 69,
+            _ => 70,
+        }
+    }
+
     pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             context,

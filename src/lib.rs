@@ -18,6 +18,7 @@
 //! this machine) and a D-Bus well-known name (when a bus is available), so copies started from a
 //! terminal, cron, a systemd unit or CI exclude each other whatever each can see. See
 //! [`InstanceOptions`] for scopes, backends, waiting and loss notification.
+#![forbid(unsafe_code)]
 #![doc = ""]
 #![doc = include_str!("../README.md")]
 

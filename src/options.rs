@@ -83,6 +83,9 @@ pub struct Plan {
     pub lock_file: Option<PathBuf>,
     /// The bus the name would be owned on, if any.
     pub bus: Option<BusKind>,
+    /// The scope in effect: [`Scope::Auto`] resolved to [`Scope::User`] or [`Scope::System`]
+    /// (the lock file's rule, or the bus's for the D-Bus backend alone).
+    pub scope: Scope,
     /// Why that bus (or none) was chosen.
     pub bus_reason: &'static str,
 }
@@ -178,10 +181,17 @@ impl InstanceOptions {
     /// D-Bus backend was asked for and no bus is configured.
     pub fn plan(&self) -> Result<Plan> {
         let (name, lock, bus) = self.resolve()?;
+        let scope = match (self.scope, &lock, &bus) {
+            (Scope::Auto, Some(lock), _) if lock.root_may_own => Scope::System,
+            (Scope::Auto, None, Some(bus)) if bus.kind == BusKind::System => Scope::System,
+            (Scope::Auto, _, _) => Scope::User,
+            (explicit, _, _) => explicit,
+        };
         Ok(Plan {
             name: name.to_string(),
             lock_file: lock.map(|l| l.path()),
             bus: bus.map(|b| b.kind),
+            scope,
             bus_reason: bus.map_or(
                 "no session bus is configured and this is not a system service",
                 |b| b.why,

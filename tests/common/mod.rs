@@ -150,6 +150,7 @@ pub struct Proc {
     pub stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     pub seen: Vec<String>,
+    seen_stderr: Vec<String>,
     stderr: Receiver<String>,
     status: Option<ExitStatus>,
 }
@@ -170,6 +171,7 @@ impl Proc {
             stdin,
             lines: line_channel(stdout),
             seen: Vec::new(),
+            seen_stderr: Vec::new(),
             stderr: line_channel(stderr),
             status: None,
         }
@@ -226,6 +228,35 @@ impl Proc {
                 Err(RecvTimeoutError::Disconnected) => return lines,
                 Err(RecvTimeoutError::Timeout) => {
                     panic!("stderr not closed within {TIMEOUT:?}: {lines:?}")
+                }
+            }
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`, skipping others.
+    pub fn stderr_line_containing(&mut self, needle: &str) -> String {
+        loop {
+            match self.stderr.recv_timeout(TIMEOUT) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => self.seen_stderr.push(line),
+                Err(e) => panic!(
+                    "no stderr line containing {needle:?} ({e:?}); stderr so far: {:?}; stdout: {:?}",
+                    self.seen_stderr, self.seen
+                ),
+            }
+        }
+    }
+
+    /// Waits until every holder of the stdout pipe has closed it (normally: all exited), and
+    /// returns the lines that were still unread.
+    pub fn stdout_until_closed(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            match self.lines.recv_timeout(TIMEOUT) {
+                Ok(line) => lines.push(line),
+                Err(RecvTimeoutError::Disconnected) => return lines,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("stdout still open after {TIMEOUT:?}; unread: {lines:?}")
                 }
             }
         }
@@ -330,8 +361,13 @@ pub fn example_path(name: &str) -> PathBuf {
         .and_then(|m| m.modified())
         .expect("mtime");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for dir in ["src", "examples"] {
-        if let Some(newer) = newest_source(&root.join(dir)).filter(|(t, _)| *t > built) {
+    let own_source = root.join("examples").join(format!("{name}.rs"));
+    let own = std::fs::metadata(&own_source)
+        .and_then(|m| m.modified())
+        .ok()
+        .map(|t| (t, own_source));
+    for newest in [newest_source(&root.join("src")), own] {
+        if let Some(newer) = newest.filter(|(t, _)| *t > built) {
             panic!(
                 "example `{name}` is older than {}: run plain `cargo test` (it builds examples) \
                  or `cargo build --examples` first",
@@ -346,6 +382,10 @@ fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
+        // The CLI's sources (src/bin) are not part of what examples link.
+        if path.ends_with("src/bin") {
+            continue;
+        }
         let candidate = if path.is_dir() {
             newest_source(&path)
         } else {
@@ -386,6 +426,22 @@ pub fn holder(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
     let mut cmd = clean_command(&example_path("holder"), bus, lock_dir);
     cmd.args(args);
     Proc::spawn(cmd)
+}
+
+/// The `unique-instance` binary with `args`, on `bus` (none: no session bus at all).
+pub fn cli(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
+    Proc::spawn(cli_command(bus, lock_dir, args))
+}
+
+/// The command line of [`cli`], to adjust before spawning.
+pub fn cli_command(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = clean_command(
+        Path::new(env!("CARGO_BIN_EXE_unique-instance")),
+        bus,
+        lock_dir,
+    );
+    cmd.args(args);
+    cmd
 }
 
 /// Parses `key=value` out of an event line.

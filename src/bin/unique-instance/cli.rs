@@ -1,0 +1,224 @@
+//! The command line, as clap sees it. Help texts double as the man page.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use unique_instance::{Backend, InstanceOptions, Scope};
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0-255  run: COMMAND's own status; 128+N when COMMAND died of signal N
+  0      status: the instance is running
+  3      status: the instance is not running
+  75     already running, or --wait timed out (-E changes it)
+  64     usage error or invalid NAME
+  77     not permitted (bus policy, file permissions)
+  69     no usable backend, or the instance was lost while COMMAND ran
+  70     internal error
+  126    COMMAND could not be executed; 127 COMMAND not found";
+
+const MAIN_EXAMPLES: &str = "\
+Examples:
+  # a cron job that must never overlap with itself
+  */5 * * * *  unique-instance run -q -E 0 org.acme.Backup -- /usr/local/bin/backup
+  # who is running it?
+  unique-instance status org.acme.Backup
+  # shell completions and the man page
+  unique-instance completions bash > /etc/bash_completion.d/unique-instance
+  unique-instance man --out-dir /usr/local/share/man/man1";
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  unique-instance run org.acme.Backup -- rsync -a /data /backup
+  unique-instance run --wait=60 org.acme.Backup -- ./backup.sh   # wait up to a minute
+  unique-instance run --wait org.acme.Backup -- ./backup.sh      # wait as long as it takes
+  unique-instance run -q -E 0 org.acme.Backup -- ./backup.sh     # a conflict is not a failure
+  unique-instance run --system --backend lockfile org.acme.Sync -- sync-tool
+
+The lock file and the bus connection are never inherited by COMMAND, and COMMAND is killed if
+the wrapper dies (even by SIGKILL), so COMMAND never runs unguarded. SIGTERM, SIGINT, SIGHUP,
+SIGQUIT, SIGUSR1 and SIGUSR2 sent to the wrapper are passed on to COMMAND (a terminal's Ctrl-C
+already reaches both, and is not sent twice). If the instance is lost while COMMAND runs (lock
+file removed or replaced, bus name taken over), COMMAND gets SIGTERM, then SIGKILL after
+--kill-after, and the wrapper exits 69 saying why; if only the bus connection is lost while the
+lock file is still held, COMMAND goes on and a warning is printed.";
+
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  unique-instance status org.acme.Backup
+  unique-instance status --json org.acme.Backup | jq .pid
+
+--json prints one object, with null for what is not known:
+  {\"name\": \"org.acme.Backup\", \"running\": true, \"pid\": 4242, \"uid\": 1000,
+   \"since\": \"2026-11-23T10:00:00Z\", \"scope\": \"user\", \"found_by\": \"dbus\",
+   \"bus\": \"session\", \"bus_unique_name\": \":1.42\", \"executable\": \"/usr/bin/backup\",
+   \"hostname\": \"host\", \"lock_file\": \"/run/user/1000/unique-instance/org.acme.Backup.lock\"}
+found_by is \"dbus\" or \"lock-file\"; scope is \"user\" or \"system\"; bus is \"session\",
+\"system\" or null.";
+
+/// Run a command as the only running copy of a name, or ask who is running it.
+///
+/// NAME is a D-Bus well-known name (org.acme.Backup). By default the instance is held through a
+/// lock file and, when a bus is available, the bus name as well, so copies started from a
+/// terminal, cron, systemd or CI exclude each other. Logging goes to stderr through RUST_LOG
+/// (e.g. RUST_LOG=unique_instance=debug); it is off by default.
+#[derive(Debug, Parser)]
+#[command(name = "unique-instance", version, after_long_help = format!("{EXIT_CODES}\n\n{MAIN_EXAMPLES}"))]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Acquire NAME, run COMMAND while holding it, release it when COMMAND ends.
+    #[command(after_long_help = format!("{RUN_EXAMPLES}\n\n{EXIT_CODES}"))]
+    Run(RunArgs),
+    /// Tell whether NAME is running, and who holds it; exit 0 if running, 3 if not.
+    #[command(after_long_help = format!("{STATUS_EXAMPLES}\n\n{EXIT_CODES}"))]
+    Status(StatusArgs),
+    /// Print the man page (roff), or write one page per command into a directory.
+    Man {
+        /// Write unique-instance.1, unique-instance-run.1, ... into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+    /// Print a shell completion script.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// How to find the instance: shared by `run` and `status`.
+#[derive(Debug, Args)]
+pub(crate) struct InstanceArgs {
+    /// One instance per user: the session bus, the user's runtime directory.
+    #[arg(long, conflicts_with = "system")]
+    pub(crate) user: bool,
+    /// One instance per machine: the system bus, /run/lock/unique-instance.
+    #[arg(long)]
+    pub(crate) system: bool,
+    /// What enforces exclusion: auto = the lock file, and the bus name when a bus is available.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub(crate) backend: BackendArg,
+    /// Use this lock file instead of the one derived from NAME.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) lock_file: Option<PathBuf>,
+    /// The instance name, a D-Bus well-known name such as org.acme.Backup.
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+}
+
+impl InstanceArgs {
+    pub(crate) fn options(&self) -> InstanceOptions {
+        let scope = match (self.user, self.system) {
+            (true, _) => Scope::User,
+            (_, true) => Scope::System,
+            _ => Scope::Auto,
+        };
+        let mut options =
+            InstanceOptions::new(&self.name)
+                .scope(scope)
+                .backend(match self.backend {
+                    BackendArg::Auto => Backend::Auto,
+                    BackendArg::Dbus => Backend::Dbus,
+                    BackendArg::Lockfile => Backend::LockFile,
+                });
+        if let Some(path) = &self.lock_file {
+            options = options.lock_file(path);
+        }
+        options
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BackendArg {
+    /// The lock file always, and the bus name when a bus is available.
+    Auto,
+    /// The bus name only.
+    Dbus,
+    /// The lock file only.
+    Lockfile,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    #[command(flatten)]
+    pub(crate) instance: InstanceArgs,
+    /// Wait for the running copy to exit: for SECONDS, or as long as it takes when no value is
+    /// given.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, require_equals = true,
+          default_missing_value = "forever", value_parser = parse_wait)]
+    pub(crate) wait: Option<WaitFor>,
+    /// Exit with N instead of 75 when the instance is already running or the wait timed out.
+    #[arg(short = 'E', long, value_name = "N", default_value_t = 75)]
+    pub(crate) conflict_exit_code: u8,
+    /// Say nothing when the instance is already running, nor about a lost bus connection.
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
+    /// After the instance is lost, how long COMMAND has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub(crate) kill_after: Duration,
+    /// How often to check that the lock file is still ours (removed or replaced: COMMAND is
+    /// stopped); 0 turns the check off.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub(crate) recheck: Duration,
+    /// The command to run, and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub(crate) command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    pub(crate) instance: InstanceArgs,
+    /// Print one JSON object (fields below) instead of a sentence.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// What `--wait` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitFor {
+    Forever,
+    Up(Duration),
+}
+
+fn parse_wait(s: &str) -> Result<WaitFor, String> {
+    if s == "forever" {
+        return Ok(WaitFor::Forever);
+    }
+    parse_seconds(s).map(WaitFor::Up)
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 5 or 0.5)"))?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{s:?} is not a usable number of seconds (0 or more)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_parse_and_refuse_nonsense() {
+        assert_eq!(parse_seconds("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+        assert_eq!(parse_wait("forever"), Ok(WaitFor::Forever));
+        assert_eq!(parse_wait("2"), Ok(WaitFor::Up(Duration::from_secs(2))));
+    }
+}

@@ -1,0 +1,66 @@
+//! `unique-instance`: run a command as the only running copy of a name, or ask who runs it.
+//!
+//! A thin layer over the library: parsing, messages and exit codes here; exclusion there.
+
+mod cli;
+mod logging;
+mod run;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+
+use cli::{Cli, Command};
+
+/// Usage errors (`EX_USAGE`), whatever clap would have used.
+const EXIT_USAGE: u8 = 64;
+/// Internal errors (`EX_SOFTWARE`).
+const EXIT_INTERNAL: u8 = 70;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; anything else is a usage error.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    logging::init();
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Status(args) => status::status(args),
+        Command::Man { out_dir } => print_man_page(out_dir),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "unique-instance",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn print_man_page(out_dir: Option<std::path::PathBuf>) -> ExitCode {
+    let written = match &out_dir {
+        // One page per command: unique-instance.1, unique-instance-run.1, ...
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout().lock()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(
+            EXIT_INTERNAL,
+            format_args!("cannot write the man page: {e}"),
+        ),
+    }
+}
+
+/// Prints `unique-instance: MESSAGE` on stderr and returns `code`.
+fn fail(code: u8, message: std::fmt::Arguments<'_>) -> ExitCode {
+    eprintln!("unique-instance: {message}");
+    ExitCode::from(code)
+}

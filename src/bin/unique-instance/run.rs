@@ -1,0 +1,250 @@
+//! `unique-instance run`: hold the instance while COMMAND runs, and never let COMMAND run
+//! unguarded.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitCode, ExitStatus};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rustix::process::{Pid, Signal};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::low_level::siginfo::{Cause, Origin};
+use signal_hook_tokio::SignalsInfo;
+use unique_instance::{Error, InstanceGuard, Loss, LossWatcher, Wait};
+
+use crate::cli::{BackendArg, RunArgs, WaitFor};
+use crate::{EXIT_INTERNAL, fail};
+
+/// The signals passed on to COMMAND.
+const FORWARDED: [i32; 6] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
+
+/// Exit status when the instance was lost while COMMAND ran, and COMMAND was stopped for it:
+/// exclusion could no longer be enforced (`EX_UNAVAILABLE`, as for "no usable backend").
+const EXIT_LOST: u8 = 69;
+/// COMMAND exists but could not be executed (as shells, `env` and `timeout` say).
+const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// COMMAND was not found.
+const EXIT_NOT_FOUND: u8 = 127;
+
+pub(crate) fn run(args: RunArgs) -> ExitCode {
+    // One thread: the guard's bus connection, the signal stream, the child's exit and the
+    // loss notifications are all served from here. It must be the main thread, because
+    // PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(EXIT_INTERNAL, format_args!("cannot start a runtime: {e}")),
+    };
+    let code = runtime.block_on(supervise(args));
+    // A thread still blocked in flock() (a wait we gave up on) must not hold up the exit.
+    runtime.shutdown_background();
+    code
+}
+
+async fn supervise(args: RunArgs) -> ExitCode {
+    // Caught from the start: while we wait for the instance a signal ends the wait (as it would
+    // have ended us); once COMMAND runs it is passed on.
+    let mut signals = match SignalsInfo::<WithOrigin>::new(FORWARDED) {
+        Ok(signals) => signals,
+        Err(e) => return fail(EXIT_INTERNAL, format_args!("cannot catch signals: {e}")),
+    };
+    let acquire = options(&args).acquire_async();
+    let guard = tokio::select! {
+        acquired = acquire => match acquired {
+            Ok(guard) => guard,
+            Err(e) => return refused(&args, &e),
+        },
+        Some(origin) = signals.next() => {
+            tracing::debug!(signal = origin.signal, "signalled while acquiring; giving up");
+            return ExitCode::from(signal_exit_code(origin.signal));
+        }
+    };
+    tracing::debug!(name = guard.name(), backends = ?guard.backends(), "acquired");
+    let child = match spawn_guarded(&args.command) {
+        Ok(child) => child,
+        Err(e) => {
+            let code = match e.kind() {
+                io::ErrorKind::NotFound => EXIT_NOT_FOUND,
+                _ => EXIT_CANNOT_EXECUTE,
+            };
+            release(guard).await;
+            return fail(
+                code,
+                format_args!("cannot run {}: {e}", args.command[0].to_string_lossy()),
+            );
+        }
+    };
+    let (status, lost) = watch_child(child, &mut signals, guard.loss_watcher(), &args).await;
+    release(guard).await;
+    match (status, lost) {
+        (_, Some(loss)) => fail(
+            EXIT_LOST,
+            format_args!(
+                "{}: COMMAND was stopped because the instance was lost: {}",
+                args.instance.name, loss.reason
+            ),
+        ),
+        (Ok(status), None) => ExitCode::from(exit_code_of(status)),
+        (Err(e), None) => fail(
+            EXIT_INTERNAL,
+            format_args!("lost track of COMMAND: {e}; it may still be running"),
+        ),
+    }
+}
+
+fn options(args: &RunArgs) -> unique_instance::InstanceOptions {
+    let mut options = args.instance.options().wait(match args.wait {
+        None => Wait::No,
+        Some(WaitFor::Forever) => Wait::Forever,
+        Some(WaitFor::Up(limit)) => Wait::Timeout(limit),
+    });
+    if !args.recheck.is_zero() && args.instance.backend != BackendArg::Dbus {
+        options = options.recheck_lock_file(args.recheck);
+    }
+    options
+}
+
+/// The answer when the instance could not be acquired.
+fn refused(args: &RunArgs, e: &Error) -> ExitCode {
+    match e {
+        Error::AlreadyRunning { .. } | Error::TimedOut { .. } => {
+            if !args.quiet {
+                eprintln!("unique-instance: {e}");
+            }
+            ExitCode::from(args.conflict_exit_code)
+        }
+        _ => fail(e.exit_code(), format_args!("{e}")),
+    }
+}
+
+/// Runs until COMMAND ends: passes signals on, and stops COMMAND if the instance is lost.
+/// Returns COMMAND's status and the loss that stopped it, if one did.
+async fn watch_child(
+    mut child: tokio::process::Child,
+    signals: &mut SignalsInfo<WithOrigin>,
+    mut losses: LossWatcher,
+    args: &RunArgs,
+) -> (io::Result<ExitStatus>, Option<Loss>) {
+    let child_pid = child.id().and_then(|id| Pid::from_raw(id as i32));
+    let mut stopped_for: Option<Loss> = None;
+    let kill_timer = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(kill_timer);
+    let mut killed = false;
+    loop {
+        tokio::select! {
+            status = child.wait() => return (status, stopped_for),
+            Some(origin) = signals.next() => forward(&origin, child_pid),
+            Some(loss) = losses.next(), if stopped_for.is_none() => {
+                if loss.still_exclusive {
+                    if !args.quiet {
+                        eprintln!(
+                            "unique-instance: warning: {}: {}; the lock file still keeps other \
+                             copies out, so COMMAND goes on",
+                            args.instance.name, loss.reason
+                        );
+                    }
+                    continue;
+                }
+                eprintln!(
+                    "unique-instance: {}: the instance was lost ({}); stopping COMMAND \
+                     (SIGTERM now, SIGKILL in {:?})",
+                    args.instance.name, loss.reason, args.kill_after
+                );
+                send(child_pid, Signal::TERM);
+                stopped_for = Some(loss);
+                if let Some(deadline) = tokio::time::Instant::now().checked_add(args.kill_after) {
+                    kill_timer.as_mut().reset(deadline);
+                }
+            }
+            () = &mut kill_timer, if stopped_for.is_some() && !killed => {
+                send(child_pid, Signal::KILL);
+                killed = true;
+            }
+        }
+    }
+}
+
+/// Passes a signal on to COMMAND, unless the kernel already delivered it to COMMAND too: a
+/// terminal's Ctrl-C, Ctrl-\ or hang-up goes to the whole foreground process group, and
+/// sending it again would make COMMAND see it twice.
+fn forward(origin: &Origin, child: Option<Pid>) {
+    let Some(child) = child else { return };
+    let same_group = rustix::process::getpgid(Some(child)).ok() == Some(rustix::process::getpgrp());
+    if origin.cause == Cause::Kernel && same_group {
+        tracing::debug!(
+            signal = origin.signal,
+            "sent to the process group: COMMAND has it"
+        );
+        return;
+    }
+    if let Some(signal) = Signal::from_named_raw(origin.signal) {
+        tracing::debug!(signal = origin.signal, "passing the signal on to COMMAND");
+        send(Some(child), signal);
+    }
+}
+
+fn send(child: Option<Pid>, signal: Signal) {
+    if let Some(pid) = child
+        && let Err(e) = rustix::process::kill_process(pid, signal)
+    {
+        // ESRCH: it has just exited; its status is on the way.
+        tracing::debug!(error = %e, "cannot signal COMMAND");
+    }
+}
+
+async fn release(guard: InstanceGuard) {
+    if let Err(e) = guard.release_async().await {
+        eprintln!("unique-instance: warning: releasing the instance: {e}");
+    }
+}
+
+fn exit_code_of(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        // Truncation is what a shell does with exit statuses too.
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => signal_exit_code(signal),
+        (None, None) => EXIT_INTERNAL,
+    }
+}
+
+fn signal_exit_code(signal: i32) -> u8 {
+    u8::try_from(128 + signal).unwrap_or(EXIT_INTERNAL)
+}
+
+/// Starts COMMAND so that it dies with us: `PR_SET_PDEATHSIG` = SIGKILL, set in the child
+/// between fork and exec. The lock file and bus socket are close-on-exec, so COMMAND inherits
+/// neither; its stdin, stdout and stderr are ours, untouched.
+#[allow(unsafe_code)]
+fn spawn_guarded(command: &[OsString]) -> io::Result<tokio::process::Child> {
+    let (program, program_args) = command
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no COMMAND given"))?;
+    let parent = rustix::process::getpid();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(program_args);
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // operations are allowed: it makes two raw system calls (prctl, getppid), allocates nothing
+    // and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            // We may have died between fork and prctl: then the signal will never come, and
+            // COMMAND must not start at all.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(io::Error::from_raw_os_error(libc_esrch()));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// `ESRCH`, without a libc dependency.
+fn libc_esrch() -> i32 {
+    rustix::io::Errno::SRCH.raw_os_error()
+}

@@ -1,0 +1,496 @@
+//! The `unique-instance` command-line tool, as cron jobs and scripts use it: real processes,
+//! a private `dbus-daemon`, and COMMANDs that are small shell scripts reporting what they see.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{BusConfig, DbusDaemon, Proc, TIMEOUT, cli, cli_command, unique_name};
+use rustix::process::Signal;
+
+/// A COMMAND that says it runs, then waits for its stdin (the wrapper's, untouched) to close.
+const HOLD: &str = "echo running $$; read _; echo done";
+
+/// `count` wrappers for the same name, started together: each is a shell that waits for "go"
+/// on stdin and then `exec`s the wrapper (same PID), which passes the rest of stdin to COMMAND.
+fn race(count: usize, bus: &DbusDaemon, extra: &[&str]) -> (Vec<Proc>, tempfile::TempDir) {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("cli_race");
+    let bin = env!("CARGO_BIN_EXE_unique-instance");
+    let mut script = format!("read go; exec {bin} run");
+    for arg in extra {
+        script.push_str(&format!(" {arg}"));
+    }
+    script.push_str(&format!(" {name} -- sh -c '{HOLD}'"));
+    let mut copies: Vec<Proc> = (0..count)
+        .map(|_| {
+            let mut cmd =
+                common::clean_command(Path::new("/bin/sh"), Some(&bus.address), lock_dir.path());
+            cmd.args(["-c", &script]);
+            Proc::spawn(cmd)
+        })
+        .collect();
+    for copy in &mut copies {
+        copy.send("go\n");
+    }
+    (copies, lock_dir)
+}
+
+/// Checks a race: exactly one ran COMMAND; every other exited `conflict_code` naming its PID.
+fn check_race(mut copies: Vec<Proc>, conflict_code: i32) {
+    let mut winner = None;
+    let mut losers = Vec::new();
+    for (i, copy) in copies.iter_mut().enumerate() {
+        // A loser's stdout closes without a line; the winner's COMMAND prints one.
+        match copy.try_line(TIMEOUT) {
+            Some(line) => {
+                assert!(
+                    line.starts_with("running "),
+                    "copy {i}: unexpected {line:?}"
+                );
+                assert!(
+                    winner.is_none(),
+                    "two copies ran COMMAND: {winner:?} and {i}"
+                );
+                winner = Some(i);
+            }
+            None => losers.push(i),
+        }
+    }
+    let winner = winner.expect("no copy ran COMMAND");
+    let winner_pid = copies[winner].pid();
+    for i in losers {
+        let code = copies[i].exit_code();
+        let stderr = copies[i].stderr_until_closed().join("\n");
+        assert_eq!(code, conflict_code, "copy {i}: stderr {stderr}");
+        assert!(
+            stderr.contains(&format!("is already running (pid {winner_pid},"))
+                && stderr.starts_with("unique-instance: "),
+            "copy {i} did not name the holder (pid {winner_pid}): {stderr}"
+        );
+    }
+    let copy = &mut copies[winner];
+    copy.close_stdin();
+    assert_eq!(copy.next_line("COMMAND's last line"), "done");
+    assert_eq!(copy.exit_code(), 0);
+}
+
+#[test]
+fn two_then_thirty_two_runs_one_command() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let (copies, _dir) = race(2, &bus, &[]);
+    check_race(copies, 75);
+    let (copies, _dir) = race(32, &bus, &[]);
+    check_race(copies, 75);
+}
+
+#[test]
+fn conflict_exit_code_is_configurable() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let (copies, _dir) = race(4, &bus, &["-E", "9"]);
+    check_race(copies, 9);
+}
+
+#[test]
+fn quiet_conflict_says_nothing() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("quiet");
+    let mut holder = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD],
+    );
+    holder.line_starting("running");
+    let mut second = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", "-q", &name, "--", "true"],
+    );
+    assert_eq!(second.exit_code(), 75);
+    assert_eq!(second.stderr_until_closed(), Vec::<String>::new());
+}
+
+#[test]
+fn exit_status_passes_through() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("status_through");
+    let run = |script: &str| {
+        cli(
+            None,
+            lock_dir.path(),
+            &["run", &name, "--", "sh", "-c", script],
+        )
+        .exit_code()
+    };
+    assert_eq!(run("exit 7"), 7);
+    assert_eq!(run("exit 0"), 0);
+    assert_eq!(run("kill -TERM $$"), 143, "death by SIGTERM is 128+15");
+    assert_eq!(run("kill -KILL $$"), 137, "death by SIGKILL is 128+9");
+    let mut missing = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "/nonexistent/command"],
+    );
+    assert_eq!(missing.exit_code(), 127);
+    let stderr = missing.stderr_until_closed().join("\n");
+    assert!(
+        stderr.contains("cannot run /nonexistent/command"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn signals_to_the_wrapper_reach_command() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("signals");
+    // COMMAND records every signal it gets; `wait` is interrupted by a trapped signal at once.
+    let script = "for s in HUP INT QUIT USR1 USR2; do trap \"echo got-$s\" $s; done; \
+                  trap 'echo got-TERM; kill $pid; exit 0' TERM; \
+                  sleep 60 & pid=$!; echo ready; \
+                  while :; do wait $pid; done";
+    let mut wrapper = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", script],
+    );
+    assert_eq!(wrapper.next_line("COMMAND ready"), "ready");
+    for (signal, word) in [
+        (Signal::HUP, "HUP"),
+        (Signal::INT, "INT"),
+        (Signal::QUIT, "QUIT"),
+        (Signal::USR1, "USR1"),
+        (Signal::USR2, "USR2"),
+    ] {
+        wrapper.signal(signal);
+        assert_eq!(wrapper.next_line(word), format!("got-{word}"));
+    }
+    wrapper.signal(Signal::TERM);
+    assert_eq!(wrapper.next_line("TERM"), "got-TERM");
+    assert_eq!(
+        wrapper.exit_code(),
+        0,
+        "COMMAND's own status, 0 after its trap"
+    );
+}
+
+#[test]
+fn sigkill_to_the_wrapper_takes_command_down() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("sigkill");
+    let mut wrapper = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[
+            "run",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo pid $$; exec sleep 600",
+        ],
+    );
+    let line = wrapper.next_line("COMMAND's pid");
+    let command_pid: u32 = line
+        .strip_prefix("pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bad line {line:?}"));
+    wrapper.sigkill();
+    // COMMAND holds the same stdout pipe: it closes only when COMMAND is dead too.
+    wrapper.stdout_until_closed();
+    let state = std::fs::read_to_string(format!("/proc/{command_pid}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z "),
+        "COMMAND (pid {command_pid}) still runs after the wrapper was killed: {state}"
+    );
+    let mut next = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "echo", "next"],
+    );
+    assert_eq!(next.next_line("the next run's COMMAND"), "next");
+    assert_eq!(next.exit_code(), 0);
+}
+
+#[test]
+fn command_inherits_neither_lock_file_nor_bus_socket() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("fds");
+    let script = "for f in /proc/$$/fd/*; do echo \"fd $f -> $(readlink $f)\"; done; echo end";
+    let mut cmd = cli_command(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", script],
+    );
+    cmd.env("RUST_LOG", "unique_instance=debug");
+    let mut wrapper = Proc::spawn(cmd);
+    let mut fds = Vec::new();
+    loop {
+        let line = wrapper.next_line("COMMAND's descriptors");
+        if line == "end" {
+            break;
+        }
+        fds.push(line);
+    }
+    assert_eq!(wrapper.exit_code(), 0);
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    // The wrapper did hold both while COMMAND ran (so the check below means something).
+    assert!(stderr.contains("backends=[LockFile, Dbus]"), "{stderr}");
+    assert!(fds.len() >= 3, "stdin, stdout and stderr at least: {fds:?}");
+    for fd in &fds {
+        assert!(
+            !fd.contains(".lock"),
+            "COMMAND inherited the lock file: {fd}"
+        );
+        assert!(!fd.contains("socket:"), "COMMAND inherited a socket: {fd}");
+    }
+}
+
+#[test]
+fn bounded_wait_times_out_and_unbounded_wait_takes_over() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("wait");
+    let mut holder = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD],
+    );
+    holder.line_starting("running");
+
+    let started = Instant::now();
+    let mut bounded = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", "--wait=1", &name, "--", "echo", "ran"],
+    );
+    assert_eq!(bounded.exit_code(), 75);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "gave up before its second"
+    );
+    let stderr = bounded.stderr_until_closed().join("\n");
+    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {}", holder.pid())),
+        "{stderr}"
+    );
+
+    let mut cmd = cli_command(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", "--wait", &name, "--", "echo", "ran"],
+    );
+    cmd.env("RUST_LOG", "unique_instance=info");
+    let mut waiter = Proc::spawn(cmd);
+    waiter.stderr_line_containing("waiting for the running copy to exit");
+    holder.close_stdin();
+    assert_eq!(holder.exit_code(), 0);
+    assert_eq!(waiter.next_line("the waiter's COMMAND"), "ran");
+    assert_eq!(waiter.exit_code(), 0);
+}
+
+#[test]
+fn invalid_name_is_a_usage_error_and_creates_nothing() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for name in [
+        "nodots",
+        "org..Empty",
+        "org.1digit.Start",
+        ":1.42",
+        "org.bad/char.X",
+    ] {
+        let mut run = cli(None, lock_dir.path(), &["run", name, "--", "touch", "ran"]);
+        assert_eq!(run.exit_code(), 64, "{name}");
+        let stderr = run.stderr_until_closed().join("\n");
+        assert!(stderr.contains("invalid instance name"), "{name}: {stderr}");
+    }
+    let mut usage = cli(None, lock_dir.path(), &["run", "org.example.NoCommand"]);
+    assert_eq!(usage.exit_code(), 64, "a missing COMMAND is a usage error");
+    let left: Vec<_> = std::fs::read_dir(lock_dir.path())
+        .expect("read_dir")
+        .collect();
+    assert!(left.is_empty(), "something was created: {left:?}");
+}
+
+#[test]
+fn system_bus_policy_denial_is_not_permitted() {
+    let bus = DbusDaemon::start(BusConfig::DenyOwn);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("policy");
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &["run", "--system", &name, "--", "echo", "ran"],
+    );
+    cmd.env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address);
+    let mut run = Proc::spawn(cmd);
+    assert_eq!(run.exit_code(), 77);
+    assert_eq!(
+        run.stdout_until_closed(),
+        Vec::<String>::new(),
+        "COMMAND ran"
+    );
+    let stderr = run.stderr_until_closed().join("\n");
+    assert!(stderr.contains("bus policy"), "{stderr}");
+    assert!(!stderr.contains("already running"), "{stderr}");
+}
+
+#[test]
+fn status_reports_the_holder_then_not_running() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("status");
+    let mut holder = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD],
+    );
+    holder.line_starting("running");
+    let pid = holder.pid();
+
+    let mut human = cli(Some(&bus.address), lock_dir.path(), &["status", &name]);
+    let line = human.next_line("status");
+    assert_eq!(human.exit_code(), 0);
+    assert!(line.contains(&format!("is running (pid {pid},")), "{line}");
+
+    let mut json = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["status", "--json", &name],
+    );
+    let line = json.next_line("status --json");
+    assert_eq!(json.exit_code(), 0);
+    let v: serde_json::Value = serde_json::from_str(&line).expect("status --json is JSON");
+    assert_eq!(v["name"], name.as_str());
+    assert_eq!(v["running"], true);
+    assert_eq!(v["pid"], pid);
+    assert_eq!(v["scope"], "system", "root's lock file is the system one");
+    assert_eq!(v["found_by"], "dbus");
+    assert_eq!(v["bus"], "session");
+    assert!(
+        v["bus_unique_name"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(":1.")),
+        "{v}"
+    );
+    assert!(v["since"].as_str().is_some_and(|s| s.ends_with('Z')), "{v}");
+    for field in ["uid", "executable", "hostname", "lock_file"] {
+        assert!(v.get(field).is_some(), "missing {field}: {v}");
+    }
+
+    holder.close_stdin();
+    assert_eq!(holder.exit_code(), 0);
+    let mut after = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["status", "--json", &name],
+    );
+    let line = after.next_line("status --json after");
+    assert_eq!(after.exit_code(), 3);
+    let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(v["running"], false);
+    assert_eq!(v["pid"], serde_json::Value::Null);
+}
+
+#[test]
+fn lock_file_removed_stops_command() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("removed");
+    let script =
+        "trap 'echo got-TERM; exit 0' TERM; echo ready; sleep 60 </dev/null >/dev/null 2>&1 & wait";
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &["run", "--recheck=0.1", &name, "--", "sh", "-c", script],
+    );
+    assert_eq!(wrapper.next_line("ready"), "ready");
+    std::fs::remove_file(lock_dir.path().join(format!("{name}.lock"))).expect("remove lock file");
+    assert_eq!(wrapper.next_line("COMMAND told to stop"), "got-TERM");
+    assert_eq!(wrapper.exit_code(), 69);
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    assert!(stderr.contains("the lock file was removed"), "{stderr}");
+}
+
+#[test]
+fn command_that_ignores_sigterm_is_killed_after_the_grace() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("kill_after");
+    let script = "trap 'echo ignored-TERM' TERM; echo ready; while :; do sleep 60 </dev/null >/dev/null 2>&1 & wait; done";
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--recheck=0.1",
+            "--kill-after=0.3",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(wrapper.next_line("ready"), "ready");
+    std::fs::remove_file(lock_dir.path().join(format!("{name}.lock"))).expect("remove lock file");
+    assert_eq!(wrapper.next_line("TERM ignored"), "ignored-TERM");
+    assert_eq!(
+        wrapper.exit_code(),
+        69,
+        "SIGKILL came, and the loss is reported"
+    );
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    assert!(
+        stderr.contains("stopped because the instance was lost"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bus_loss_with_lock_file_held_keeps_command_running() {
+    let mut bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("bus_gone");
+    let mut wrapper = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD],
+    );
+    wrapper.line_starting("running");
+    bus.kill();
+    wrapper.stderr_line_containing("COMMAND goes on");
+    // Still excluded through the lock file, even for a copy with no bus at all.
+    let mut second = cli(None, lock_dir.path(), &["run", &name, "--", "true"]);
+    assert_eq!(second.exit_code(), 75);
+    wrapper.close_stdin();
+    assert_eq!(wrapper.next_line("COMMAND finishing normally"), "done");
+    assert_eq!(wrapper.exit_code(), 0);
+}
+
+#[test]
+fn man_page_and_completions_are_generated() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let mut man = cli(None, lock_dir.path(), &["man"]);
+    let first = man.next_line("man page");
+    assert!(
+        first.starts_with(".ie") || first.starts_with(".TH"),
+        "{first}"
+    );
+    let rest = man.stdout_until_closed().join("\n");
+    assert!(
+        rest.contains("Exit status"),
+        "the man page documents exit codes"
+    );
+    assert_eq!(man.exit_code(), 0);
+    let mut bash = cli(None, lock_dir.path(), &["completions", "bash"]);
+    let script = bash.stdout_until_closed().join("\n");
+    assert_eq!(bash.exit_code(), 0);
+    assert!(
+        script.contains("complete -F") && script.contains("--conflict-exit-code"),
+        "{script}"
+    );
+}
