@@ -1,7 +1,7 @@
 //! The lock-file backend: an exclusive `flock` on a file that is opened safely, re-checked after
 //! locking, and removed only while still locked.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -340,7 +340,7 @@ pub(crate) fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
     matches!(retry_eintr(|| rustix::event::poll(&mut fds, Some(&ts))), Ok(n) if n > 0)
 }
 
-fn drain(fd: &OwnedFd) {
+pub(crate) fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 4096];
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
 }
@@ -472,6 +472,28 @@ pub(crate) struct WatchHandle {
 impl WatchHandle {
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// An inotify descriptor (non-blocking, close-on-exec) that becomes readable whenever an
+    /// entry of the lock directory is removed, renamed or created, or the directory itself goes:
+    /// every way the path can stop naming our file.
+    pub(crate) fn inotify(&self) -> std::io::Result<OwnedFd> {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
+        // Through our directory descriptor, not its path: the path may have been replaced.
+        let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
+        inotify::add_watch(
+            &fd,
+            dir.as_str(),
+            WatchFlags::DELETE
+                | WatchFlags::MOVED_FROM
+                | WatchFlags::MOVED_TO
+                | WatchFlags::CREATE
+                | WatchFlags::DELETE_SELF
+                | WatchFlags::MOVE_SELF
+                | WatchFlags::ONLYDIR,
+        )?;
+        Ok(fd)
     }
 
     /// Is the path still our file? `None` when it is.

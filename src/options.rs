@@ -52,6 +52,7 @@ pub struct InstanceOptions {
     wait: Wait,
     allow_replacement: bool,
     recheck: Option<Duration>,
+    watch_lock: bool,
     allow_network_filesystem: bool,
     exports: Vec<Export>,
 }
@@ -67,6 +68,7 @@ impl fmt::Debug for InstanceOptions {
             .field("wait", &self.wait)
             .field("allow_replacement", &self.allow_replacement)
             .field("recheck", &self.recheck)
+            .field("watch_lock", &self.watch_lock)
             .field("allow_network_filesystem", &self.allow_network_filesystem)
             .field("exports", &self.exports.len())
             .finish()
@@ -103,6 +105,7 @@ impl InstanceOptions {
             wait: Wait::No,
             allow_replacement: false,
             recheck: None,
+            watch_lock: false,
             allow_network_filesystem: false,
             exports: Vec::new(),
         }
@@ -151,6 +154,16 @@ impl InstanceOptions {
     /// does for `postmaster.pid`). Off by default: an idle holder then never wakes up.
     pub fn recheck_lock_file(mut self, interval: Duration) -> Self {
         self.recheck = Some(interval);
+        self
+    }
+
+    /// Watches the lock file's directory with inotify and reports
+    /// [`LossReason::LockFileRemoved`] / [`LossReason::LockFileReplaced`] as soon as someone
+    /// removes or replaces the file: no timer, so an idle holder still never wakes up (only a
+    /// change in the lock directory wakes it). If inotify cannot be set up (its limits reached),
+    /// a re-check every 10 seconds is used instead, with a `warn` line. Off by default.
+    pub fn watch_lock_file(mut self, watch: bool) -> Self {
+        self.watch_lock = watch;
         self
     }
 
@@ -273,7 +286,10 @@ impl InstanceOptions {
     }
 
     fn needs_runtime(&self) -> bool {
-        self.backend != Backend::LockFile || self.recheck.is_some() || self.wait != Wait::No
+        self.backend != Backend::LockFile
+            || self.recheck.is_some()
+            || self.watch_lock
+            || self.wait != Wait::No
     }
 
     /// Acquires the instance, blocking; for plain `fn main`. The guard carries a small runtime
@@ -408,6 +424,23 @@ impl InstanceOptions {
             )));
         }
 
+        if let (true, Some(held)) = (self.watch_lock, &lock) {
+            let handle = held.watch_handle();
+            match handle.inotify() {
+                Ok(inotify) => {
+                    tasks.push(tokio::spawn(watch_lock(handle, inotify, loss_tx.clone())));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %handle.path().display(), error = %e,
+                        "cannot watch the lock file with inotify; re-checking it every 10 s instead");
+                    tasks.push(tokio::spawn(recheck_lock(
+                        handle,
+                        WATCH_FALLBACK_INTERVAL,
+                        loss_tx.clone(),
+                    )));
+                }
+            }
+        }
         if let (Some(interval), Some(held)) = (self.recheck, &lock) {
             tasks.push(tokio::spawn(recheck_lock(
                 held.watch_handle(),
@@ -688,18 +721,57 @@ async fn recheck_lock(handle: lockfile::WatchHandle, interval: Duration, losses:
     loop {
         ticker.tick().await;
         if let Some(change) = handle.check_path() {
-            let reason = match change {
-                PathChange::Removed => LossReason::LockFileRemoved,
-                PathChange::Replaced => LossReason::LockFileReplaced,
-            };
-            tracing::warn!(path = %handle.path().display(), %reason, "lost the lock file");
-            losses.send_modify(|log| {
-                log.push(Loss {
-                    reason,
-                    still_exclusive: false,
-                })
-            });
-            return;
+            return report_lock_loss(&handle, change, &losses);
         }
     }
+}
+
+/// How often the lock file is re-checked when inotify is not available for
+/// [`InstanceOptions::watch_lock_file`].
+const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Re-checks the lock file whenever its directory changes, and only then.
+async fn watch_lock(handle: lockfile::WatchHandle, inotify: std::os::fd::OwnedFd, losses: LossLog) {
+    // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
+    // an `OwnedFd` moved in here cannot, and `register` (its replacement) is `unsafe`, which
+    // this crate forbids.
+    #[allow(deprecated)]
+    let events = match tokio::io::unix::AsyncFd::new(inotify) {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot poll inotify; re-checking the lock file every 10 s instead");
+            return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
+        }
+    };
+    loop {
+        // Checked after the watch exists (and after each batch of events), so a change made
+        // before the watch was in place is not missed.
+        if let Some(change) = handle.check_path() {
+            return report_lock_loss(&handle, change, &losses);
+        }
+        match events.readable().await {
+            Ok(mut ready) => {
+                lockfile::drain(ready.get_inner());
+                ready.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify failed; re-checking the lock file every 10 s instead");
+                return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
+            }
+        }
+    }
+}
+
+fn report_lock_loss(handle: &lockfile::WatchHandle, change: PathChange, losses: &LossLog) {
+    let reason = match change {
+        PathChange::Removed => LossReason::LockFileRemoved,
+        PathChange::Replaced => LossReason::LockFileReplaced,
+    };
+    tracing::warn!(path = %handle.path().display(), %reason, "lost the lock file");
+    losses.send_modify(|log| {
+        log.push(Loss {
+            reason,
+            still_exclusive: false,
+        })
+    });
 }

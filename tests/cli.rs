@@ -198,13 +198,23 @@ fn sigkill_to_the_wrapper_takes_command_down() {
         .strip_prefix("pid ")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("bad line {line:?}"));
+    // Watch COMMAND's exit through a pidfd (it is not our child, so no waitpid).
+    let pidfd = rustix::process::Pid::from_raw(command_pid as i32)
+        .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok())
+        .expect("COMMAND is running before the wrapper is killed");
     wrapper.sigkill();
-    // COMMAND holds the same stdout pipe: it closes only when COMMAND is dead too.
-    wrapper.stdout_until_closed();
-    let state = std::fs::read_to_string(format!("/proc/{command_pid}/stat")).unwrap_or_default();
-    assert!(
-        state.is_empty() || state.contains(") Z "),
-        "COMMAND (pid {command_pid}) still runs after the wrapper was killed: {state}"
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: TIMEOUT.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    let ready = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll");
+    assert_eq!(
+        ready, 1,
+        "COMMAND (pid {command_pid}) still runs {TIMEOUT:?} after the wrapper was killed"
     );
     let mut next = cli(
         Some(&bus.address),
@@ -398,22 +408,37 @@ fn status_reports_the_holder_then_not_running() {
 }
 
 #[test]
-fn lock_file_removed_stops_command() {
-    let lock_dir = tempfile::tempdir().expect("tempdir");
-    let name = unique_name("removed");
-    let script =
-        "trap 'echo got-TERM; exit 0' TERM; echo ready; sleep 60 </dev/null >/dev/null 2>&1 & wait";
-    let mut wrapper = cli(
-        None,
-        lock_dir.path(),
-        &["run", "--recheck=0.1", &name, "--", "sh", "-c", script],
-    );
-    assert_eq!(wrapper.next_line("ready"), "ready");
-    std::fs::remove_file(lock_dir.path().join(format!("{name}.lock"))).expect("remove lock file");
-    assert_eq!(wrapper.next_line("COMMAND told to stop"), "got-TERM");
-    assert_eq!(wrapper.exit_code(), 69);
-    let stderr = wrapper.stderr_until_closed().join("\n");
-    assert!(stderr.contains("the lock file was removed"), "{stderr}");
+fn lock_file_removed_or_replaced_stops_command() {
+    for replace in [false, true] {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("removed");
+        let script = "trap 'echo got-TERM; exit 0' TERM; echo ready; \
+                      sleep 60 </dev/null >/dev/null 2>&1 & wait";
+        let mut wrapper = cli(
+            None,
+            lock_dir.path(),
+            &["run", &name, "--", "sh", "-c", script],
+        );
+        assert_eq!(wrapper.next_line("ready"), "ready");
+        let lock_file = lock_dir.path().join(format!("{name}.lock"));
+        if replace {
+            let other = lock_dir.path().join("other");
+            std::fs::write(&other, "").expect("write");
+            std::fs::rename(&other, &lock_file).expect("rename over the lock file");
+        } else {
+            std::fs::remove_file(&lock_file).expect("remove lock file");
+        }
+        // No periodic re-check was asked for: the inotify watch sees it.
+        assert_eq!(wrapper.next_line("COMMAND told to stop"), "got-TERM");
+        assert_eq!(wrapper.exit_code(), 69);
+        let stderr = wrapper.stderr_until_closed().join("\n");
+        let expected = if replace {
+            "the lock file was replaced"
+        } else {
+            "the lock file was removed"
+        };
+        assert!(stderr.contains(expected), "{stderr}");
+    }
 }
 
 #[test]

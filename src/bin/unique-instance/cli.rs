@@ -163,9 +163,10 @@ pub(crate) struct RunArgs {
     /// After the instance is lost, how long COMMAND has between SIGTERM and SIGKILL.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
     pub(crate) kill_after: Duration,
-    /// How often to check that the lock file is still ours (removed or replaced: COMMAND is
-    /// stopped); 0 turns the check off.
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    /// Also re-check every SECONDS that the lock file is still ours. Removal or replacement is
+    /// already noticed at once through inotify; this is a belt for file systems where inotify
+    /// does not see every change. 0 (the default) means no timer.
+    #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = parse_seconds)]
     pub(crate) recheck: Duration,
     /// The command to run, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]

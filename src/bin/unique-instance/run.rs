@@ -103,8 +103,12 @@ fn options(args: &RunArgs) -> unique_instance::InstanceOptions {
         Some(WaitFor::Forever) => Wait::Forever,
         Some(WaitFor::Up(limit)) => Wait::Timeout(limit),
     });
-    if !args.recheck.is_zero() && args.instance.backend != BackendArg::Dbus {
-        options = options.recheck_lock_file(args.recheck);
+    if args.instance.backend != BackendArg::Dbus {
+        // A removed or replaced lock file is noticed at once (inotify), with no timer.
+        options = options.watch_lock_file(true);
+        if !args.recheck.is_zero() {
+            options = options.recheck_lock_file(args.recheck);
+        }
     }
     options
 }
