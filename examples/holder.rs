@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! holder NAME [--backend auto|dbus|lockfile] [--scope auto|user|system] [--lock-file PATH]
-//!             [--wait forever|SECONDS] [--allow-replacement] [--recheck-ms N]
+//!             [--wait forever|SECONDS] [--allow-replacement] [--recheck-ms N] [--watch]
 //!             [--blocking [--drop-in-runtime]]
 //!             [--go-on-stdin] [--critical FILE --hold-ms N]
 //! ```
@@ -28,6 +28,7 @@ struct Args {
     wait: Option<Wait>,
     allow_replacement: bool,
     recheck: Option<Duration>,
+    watch: bool,
     blocking: bool,
     drop_in_runtime: bool,
     go_on_stdin: bool,
@@ -74,6 +75,7 @@ fn parse() -> Result<Args, String> {
                     value()?.parse().map_err(|_| "bad --recheck-ms")?,
                 ))
             }
+            "--watch" => args.watch = true,
             "--blocking" => args.blocking = true,
             "--drop-in-runtime" => args.drop_in_runtime = true,
             "--go-on-stdin" => args.go_on_stdin = true,
@@ -107,7 +109,7 @@ fn options(args: &Args) -> InstanceOptions {
     if let Some(r) = args.recheck {
         o = o.recheck_lock_file(r);
     }
-    o
+    o.watch_lock_file(args.watch)
 }
 
 fn say(line: &str) {

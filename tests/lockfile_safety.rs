@@ -267,19 +267,31 @@ fn garbage_or_empty_record_still_excludes_and_reports_holder_unknown() {
 }
 
 #[test]
-fn periodic_recheck_reports_a_removed_or_replaced_lock_file() {
+fn recheck_and_watch_report_a_removed_or_replaced_lock_file() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let modes: [&[&str]; 4] = [
+        &["--recheck-ms", "20"],
+        &["--recheck-ms", "20", "--blocking"],
+        // The inotify watch has no timer at all: the change itself wakes it.
+        &["--watch"],
+        &["--watch", "--blocking"],
+    ];
     for (replace, expected) in [(false, "LockFileRemoved"), (true, "LockFileReplaced")] {
-        for mode in [&[][..], &["--blocking"][..]] {
+        for mode in modes {
             let name = unique_name("recheck");
             let path = dir.path().join(format!("{name}.lock"));
-            let mut args = vec![name.as_str(), "--backend", "lockfile", "--recheck-ms", "20"];
+            let mut args = vec![name.as_str(), "--backend", "lockfile"];
             args.extend_from_slice(mode);
             let mut h = holder(None, dir.path(), &args);
             assert!(h.next_line("holder").starts_with("acquired"));
-            std::fs::remove_file(&path).expect("unlink");
             if replace {
-                std::fs::write(&path, "").expect("replace");
+                // In one step (rename over it): a watch that is quick enough would otherwise
+                // see the removal before the new file, and rightly say "removed".
+                let other = dir.path().join(format!("{name}.other"));
+                std::fs::write(&other, "").expect("write");
+                std::fs::rename(&other, &path).expect("replace");
+            } else {
+                std::fs::remove_file(&path).expect("unlink");
             }
             assert_eq!(
                 h.line_starting("lost"),
