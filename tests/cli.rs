@@ -519,3 +519,42 @@ fn man_page_and_completions_are_generated() {
         "{script}"
     );
 }
+
+#[test]
+fn log_lines_are_plain_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("journal");
+    let mut first_words = Vec::new();
+    for journal in [false, true] {
+        // A file stands in for the journal's stream: JOURNAL_STREAM names its device and inode.
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let meta = log.as_file().metadata().expect("stat");
+        let mut cmd = cli_command(None, lock_dir.path(), &["run", &name, "--", "true"]);
+        cmd.env("RUST_LOG", "unique_instance=debug")
+            .stderr(log.reopen().expect("reopen"));
+        if journal {
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
+        let status = common::status_within_timeout(cmd);
+        assert!(status.success());
+        let text = std::fs::read_to_string(log.path()).expect("read log");
+        let first = text
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("no log lines: {text:?}"));
+        assert!(
+            !first.contains('\u{1b}'),
+            "colour escapes in a non-terminal log: {first}"
+        );
+        first_words.push(first.split_whitespace().next().unwrap_or("").to_owned());
+    }
+    assert!(
+        first_words[0].starts_with("20") && first_words[0].ends_with('Z'),
+        "a terminal or file log line starts with a timestamp: {first_words:?}"
+    );
+    assert!(
+        ["DEBUG", "INFO", "WARN"].contains(&first_words[1].as_str()),
+        "a journal line starts with its level, no timestamp: {first_words:?}"
+    );
+}

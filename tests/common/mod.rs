@@ -343,6 +343,28 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `cmd` to completion with its own stdio settings, killing it after [`TIMEOUT`].
+pub fn status_within_timeout(mut cmd: Command) -> ExitStatus {
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => panic!("waiting for {cmd:?}: {e}"),
+        Err(_) => {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            panic!("{cmd:?} did not finish within {TIMEOUT:?}")
+        }
+    }
+}
+
 /// Where cargo puts examples: next to this test's deps directory.
 pub fn example_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
