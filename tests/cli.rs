@@ -558,3 +558,39 @@ fn log_lines_are_plain_when_stderr_is_the_journal() {
         "a journal line starts with its level, no timestamp: {first_words:?}"
     );
 }
+
+#[test]
+fn processes_command_leaves_behind_are_stopped_before_release() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("leftovers");
+    // COMMAND exits at once, leaving a background job that ignores SIGTERM and has a child of
+    // its own: both are still the guarded work, and must be gone before the instance is free.
+    let script = "(trap '' TERM; sleep 600 </dev/null >/dev/null 2>&1 & echo grandchild $!; wait) \
+                  </dev/null 2>/dev/null & echo child $!; exit 5";
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &["run", "--kill-after=0.3", &name, "--", "sh", "-c", script],
+    );
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let line = wrapper.next_line("a leftover's pid");
+        let pid: i32 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        pids.push(pid);
+    }
+    assert_eq!(wrapper.exit_code(), 5, "COMMAND's own status");
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    assert!(stderr.contains("left 1 process(es) running"), "{stderr}");
+    for pid in pids {
+        let pid = rustix::process::Pid::from_raw(pid).expect("pid");
+        assert_eq!(
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).err(),
+            Some(rustix::io::Errno::SRCH),
+            "leftover {pid:?} outlived the wrapper"
+        );
+    }
+}

@@ -43,7 +43,9 @@ SIGQUIT, SIGUSR1 and SIGUSR2 sent to the wrapper are passed on to COMMAND (a ter
 already reaches both, and is not sent twice). If the instance is lost while COMMAND runs (lock
 file removed or replaced, bus name taken over), COMMAND gets SIGTERM, then SIGKILL after
 --kill-after, and the wrapper exits 69 saying why; if only the bus connection is lost while the
-lock file is still held, COMMAND goes on and a warning is printed.";
+lock file is still held, COMMAND goes on and a warning is printed. Processes COMMAND leaves
+running when it exits are stopped the same way (SIGTERM, then SIGKILL) before the instance is
+released, so do not wrap a command that daemonizes.";
 
 const STATUS_EXAMPLES: &str = "\
 Examples:

@@ -65,6 +65,11 @@ async fn supervise(args: RunArgs) -> ExitCode {
         }
     };
     tracing::debug!(name = guard.name(), backends = ?guard.backends(), "acquired");
+    // Processes COMMAND leaves behind are re-parented to us rather than to init, so they can
+    // be stopped before the instance is released (see `stop_leftovers`).
+    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+        tracing::warn!(error = %e, "cannot become a child subreaper");
+    }
     let child = match spawn_guarded(&args.command) {
         Ok(child) => child,
         Err(e) => {
@@ -80,6 +85,7 @@ async fn supervise(args: RunArgs) -> ExitCode {
         }
     };
     let (status, lost) = watch_child(child, &mut signals, guard.loss_watcher(), &args).await;
+    stop_leftovers(args.kill_after).await;
     release(guard).await;
     match (status, lost) {
         (_, Some(loss)) => fail(
@@ -199,6 +205,74 @@ fn send(child: Option<Pid>, signal: Signal) {
         // ESRCH: it has just exited; its status is on the way.
         tracing::debug!(error = %e, "cannot signal COMMAND");
     }
+}
+
+/// COMMAND has exited. Anything it started and left running was re-parented to us (we are a
+/// child subreaper) and is still part of the guarded work: it gets SIGTERM, then SIGKILL after
+/// `kill_after`, and the instance is released only once all of it is gone. Otherwise a
+/// background job of COMMAND would go on unguarded while a new copy starts.
+async fn stop_leftovers(kill_after: Duration) {
+    let leftovers = children();
+    if leftovers.is_empty() {
+        return;
+    }
+    eprintln!(
+        "unique-instance: COMMAND left {} process(es) running ({}); stopping them before \
+         releasing the instance",
+        leftovers.len(),
+        leftovers
+            .iter()
+            .map(|p| p.as_raw_nonzero().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Reap on a thread of its own (a blocking wait, no polling); each reaped process may have
+    // handed its own children over to us, so every reap is followed by a look at who is left.
+    let (reaped_tx, mut reaped) = tokio::sync::mpsc::unbounded_channel();
+    tokio::task::spawn_blocking(move || {
+        loop {
+            match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+                Ok(Some((pid, _))) => {
+                    let _ = reaped_tx.send(pid);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                // ECHILD: no child left, and so no descendant either.
+                _ => return,
+            }
+        }
+    });
+    let mut signal = Signal::TERM;
+    let mut signalled = std::collections::HashSet::new();
+    let grace = tokio::time::sleep(kill_after);
+    tokio::pin!(grace);
+    loop {
+        for pid in children() {
+            if signalled.insert((pid, signal.as_raw())) {
+                send(Some(pid), signal);
+            }
+        }
+        tokio::select! {
+            next = reaped.recv() => if next.is_none() { return },
+            () = &mut grace, if signal == Signal::TERM => signal = Signal::KILL,
+        }
+    }
+}
+
+/// Our children: after COMMAND has been reaped, exactly the processes it left behind.
+fn children() -> Vec<Pid> {
+    let mut pids = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return pids;
+    };
+    for task in tasks.flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        pids.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .filter_map(Pid::from_raw),
+        );
+    }
+    pids
 }
 
 async fn release(guard: InstanceGuard) {
