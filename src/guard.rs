@@ -151,7 +151,8 @@ impl InstanceGuard {
         self.name.as_str()
     }
 
-    /// The scope that was asked for.
+    /// The scope in effect: [`Scope::User`] or [`Scope::System`], never [`Scope::Auto`] (which
+    /// is resolved as [`crate::InstanceOptions::plan`] documents).
     pub fn scope(&self) -> Scope {
         self.scope
     }

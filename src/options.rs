@@ -194,12 +194,7 @@ impl InstanceOptions {
     /// D-Bus backend was asked for and no bus is configured.
     pub fn plan(&self) -> Result<Plan> {
         let (name, lock, bus) = self.resolve()?;
-        let scope = match (self.scope, &lock, &bus) {
-            (Scope::Auto, Some(lock), _) if lock.root_may_own => Scope::System,
-            (Scope::Auto, None, Some(bus)) if bus.kind == BusKind::System => Scope::System,
-            (Scope::Auto, _, _) => Scope::User,
-            (explicit, _, _) => explicit,
-        };
+        let scope = effective_scope(self.scope, lock.as_ref(), bus.as_ref());
         Ok(Plan {
             name: name.to_string(),
             lock_file: lock.map(|l| l.path()),
@@ -327,6 +322,7 @@ impl InstanceOptions {
     /// As [`InstanceOptions::acquire`].
     pub async fn acquire_async(self) -> Result<InstanceGuard> {
         let (name, lock_plan, bus_plan) = self.resolve()?;
+        let scope = effective_scope(self.scope, lock_plan.as_ref(), bus_plan.as_ref());
         let started = Instant::now();
         let deadline = match self.wait {
             Wait::Timeout(d) => Some(started + d),
@@ -334,7 +330,7 @@ impl InstanceOptions {
         };
         tracing::debug!(
             name = %name,
-            scope = ?self.scope,
+            scope = ?scope,
             backend = ?self.backend,
             lock_file = ?lock_plan.as_ref().map(LockPlan::path),
             bus = ?bus_plan,
@@ -457,7 +453,7 @@ impl InstanceOptions {
         );
         Ok(InstanceGuard {
             name,
-            scope: self.scope,
+            scope,
             lock,
             bus,
             losses: loss_rx,
@@ -469,9 +465,21 @@ impl InstanceOptions {
     }
 }
 
+/// The scope in effect: [`Scope::Auto`] resolved by the lock file's rule (who you are), or by
+/// the bus's for the D-Bus backend alone.
+fn effective_scope(asked: Scope, lock: Option<&LockPlan>, bus: Option<&BusPlan>) -> Scope {
+    match (asked, lock, bus) {
+        (Scope::Auto, Some(lock), _) if lock.root_may_own => Scope::System,
+        (Scope::Auto, None, Some(bus)) if bus.kind == BusKind::System => Scope::System,
+        (Scope::Auto, _, _) => Scope::User,
+        (explicit, _, _) => explicit,
+    }
+}
+
 fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     let (name, lock_plan, _) = options.resolve()?;
     let plan = lock_plan.expect("the lock-file backend always plans a lock file");
+    let scope = effective_scope(options.scope, Some(&plan), None);
     let dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
     let held = match lockfile::lock(&plan, &dir, false)? {
         Attempt::Acquired(held, _) => held,
@@ -485,7 +493,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     let (loss_tx, loss_rx) = watch::channel(Vec::new());
     Ok(InstanceGuard {
         name,
-        scope: options.scope,
+        scope,
         lock: Some(held),
         bus: None,
         losses: loss_rx,

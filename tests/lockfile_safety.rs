@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::{field, holder, unique_name};
-use unique_instance::{Backend, Error, InstanceOptions, UnsafeLockPath};
+use unique_instance::{Backend, Error, InstanceOptions, Scope, UnsafeLockPath};
 
 fn lock_only(name: &str, dir: &Path) -> InstanceOptions {
     InstanceOptions::new(name)
@@ -321,6 +321,13 @@ fn explicit_lock_file_path_is_used_as_given() {
         .acquire()
         .expect("acquire");
     assert_eq!(guard.lock_file(), Some(path.as_path()));
+    // Auto resolves by who we are: root's lock files follow the system rules.
+    let expected_scope = if rustix::process::geteuid().is_root() {
+        Scope::System
+    } else {
+        Scope::User
+    };
+    assert_eq!(guard.scope(), expected_scope);
     let second = InstanceOptions::new(&name)
         .backend(Backend::LockFile)
         .lock_file(&path)
