@@ -450,6 +450,37 @@ pub fn holder(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
     Proc::spawn(cmd)
 }
 
+/// The uid and gid of `nobody`, the unprivileged "other user" of the tests.
+pub const NOBODY: u32 = 65534;
+
+/// `cmd`, to be run as `uid`/`gid` with no supplementary groups (through `setpriv`, which
+/// keeps the environment `cmd` was given).
+pub fn as_user(uid: u32, gid: u32, cmd: &Command) -> Command {
+    let setpriv = require_program("setpriv", "util-linux");
+    let mut wrapped = Command::new(setpriv);
+    wrapped
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    wrapped.env_clear();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            wrapped.env(key, value);
+        }
+    }
+    wrapped
+}
+
+/// The `holder` example as `uid`, with the environment of [`holder`].
+pub fn holder_as(uid: u32, gid: u32, bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
+    let mut cmd = clean_command(&example_path("holder"), bus, lock_dir);
+    cmd.args(args);
+    Proc::spawn(as_user(uid, gid, &cmd))
+}
+
 /// The `unique-instance` binary with `args`, on `bus` (none: no session bus at all).
 pub fn cli(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
     Proc::spawn(cli_command(bus, lock_dir, args))

@@ -98,7 +98,8 @@ pub(crate) enum Command {
 /// How to find the instance: shared by `run` and `status`.
 #[derive(Debug, Args)]
 pub(crate) struct InstanceArgs {
-    /// One instance per user: the session bus, the user's runtime directory.
+    /// One instance per user: the session bus, the user's runtime directory. Without --user or
+    /// --system, the scope is UNIQUE_INSTANCE_SCOPE (user, system or auto), else auto.
     #[arg(long, conflicts_with = "system")]
     pub(crate) user: bool,
     /// One instance per machine: the system bus, /run/lock/unique-instance.
@@ -117,19 +118,18 @@ pub(crate) struct InstanceArgs {
 
 impl InstanceArgs {
     pub(crate) fn options(&self) -> InstanceOptions {
-        let scope = match (self.user, self.system) {
-            (true, _) => Scope::User,
-            (_, true) => Scope::System,
-            _ => Scope::Auto,
-        };
-        let mut options =
-            InstanceOptions::new(&self.name)
-                .scope(scope)
-                .backend(match self.backend {
-                    BackendArg::Auto => Backend::Auto,
-                    BackendArg::Dbus => Backend::Dbus,
-                    BackendArg::Lockfile => Backend::LockFile,
-                });
+        let mut options = InstanceOptions::new(&self.name).backend(match self.backend {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Dbus => Backend::Dbus,
+            BackendArg::Lockfile => Backend::LockFile,
+        });
+        // Without --user/--system the library reads UNIQUE_INSTANCE_SCOPE, else uses auto: the
+        // same rule a server built on the library follows, so the two always meet.
+        match (self.user, self.system) {
+            (true, _) => options = options.scope(Scope::User),
+            (_, true) => options = options.scope(Scope::System),
+            _ => {}
+        }
         if let Some(path) = &self.lock_file {
             options = options.lock_file(path);
         }
@@ -170,6 +170,12 @@ pub(crate) struct RunArgs {
     /// does not see every change. 0 (the default) means no timer.
     #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = parse_seconds)]
     pub(crate) recheck: Duration,
+    /// Under a Type=notify systemd unit, tell systemd the service is ready (READY=1 and a
+    /// STATUS= line naming the instance) once the instance is held and COMMAND has started;
+    /// COMMAND then does not see NOTIFY_SOCKET. Without it nothing is sent for COMMAND, which
+    /// may notify for itself if the unit says NotifyAccess=all (the wrapper is the main PID).
+    #[arg(long)]
+    pub(crate) notify: bool,
     /// The command to run, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub(crate) command: Vec<OsString>,
