@@ -647,7 +647,7 @@ mod tests {
         ] {
             assert!(system.lines().any(|l| l == line), "missing {line}");
         }
-        assert!(!system.contains("[Install]"));
+        assert!(!system.lines().any(|l| l.trim() == "[Install]"));
         let policy = text("dbus/org.example.Server.conf");
         assert!(
             policy.contains(
