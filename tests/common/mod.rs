@@ -85,6 +85,51 @@ impl DbusDaemon {
 "#,
             socket.display()
         );
+        Self::spawn(daemon, dir, &conf)
+    }
+
+    /// Starts one configured like a distribution's system bus: nobody may own a name or call a
+    /// method unless a policy says so, and `policy` (a generated `dbus/NAME.conf`) is included.
+    /// Its socket is reachable by every user, so tests can connect as other users.
+    pub fn start_system_like(policy: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let daemon = require_program("dbus-daemon", "dbus");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let socket = dir.path().join("system_bus_socket");
+        let conf = format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <include>{}</include>
+</busconfig>
+"#,
+            socket.display(),
+            policy.display()
+        );
+        Self::spawn(daemon, dir, &conf)
+    }
+
+    fn spawn(daemon: PathBuf, dir: tempfile::TempDir, conf: &str) -> Self {
         let conf_path = dir.path().join("bus.conf");
         std::fs::write(&conf_path, conf).expect("write bus config");
         let mut child = Command::new(daemon)
