@@ -250,8 +250,9 @@ After=dbus.socket
         );
         match self.readiness {
             Readiness::Dbus => s.push_str(
-                "# Ready (active) once it owns its bus name, which it requests only after taking its\n\
-                 # lock file: so \"active\" means \"the one instance\".\n",
+                "# Ready (active) once its bus name is owned; it requests the name only after taking\n\
+                 # its lock file. (systemd does not check who owns the name: should a copy started\n\
+                 # by hand own it, this one exits 75 at once. --type notify has no such gap.)\n",
             ),
             Readiness::Notify => s.push_str(
                 "# Ready (active) on READY=1, which unique-instance sends once both its lock file\n\
