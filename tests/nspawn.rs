@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use common::{Proc, example_path, require_program};
 
 const NAME: &str = "org.example.Server";
+/// The same server deployed with `generate --type notify`.
+const NOTIFY_NAME: &str = "org.example.Notified";
 const UNIT: &str = "org.example.Server.service";
 const SERVER: &str = "/usr/local/libexec/unique-instance/example-server";
 const CLI: &str = "/usr/local/bin/unique-instance";
@@ -192,6 +194,38 @@ impl Container {
         install(
             &repo().join(format!("dbus/services/{NAME}.service")),
             &local.join(format!("share/dbus-1/services/{NAME}.service")),
+        );
+        // And a Type=notify deployment of the same server under another name, as `generate`
+        // writes it (its checks run against a copy of the container's users).
+        let check_root = root.path().join("generate-root");
+        std::fs::create_dir_all(check_root.join("etc")).expect("mkdir");
+        std::fs::copy(etc.join("passwd"), check_root.join("etc/passwd")).expect("passwd");
+        let placeholder = check_root.join(SERVER.trim_start_matches('/'));
+        std::fs::create_dir_all(placeholder.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&placeholder, "").expect("write");
+        std::fs::set_permissions(&placeholder, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let notify_files = root.path().join("notify-files");
+        let mut generate = Proc::spawn({
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+            cmd.arg("generate")
+                .arg("--root")
+                .arg(&check_root)
+                .arg("--out-dir")
+                .arg(&notify_files)
+                .args(["--exec", SERVER, "--user", SERVICE_USER, "--type", "notify"])
+                .args([NOTIFY_NAME, "--", NOTIFY_NAME]);
+            cmd
+        });
+        assert_eq!(generate.exit_code(), 0, "{:?}", generate.stderr_lines());
+        let notify_unit = format!("{NOTIFY_NAME}.service");
+        install(
+            &notify_files.join("systemd").join(&notify_unit),
+            &etc.join("systemd/system").join(&notify_unit),
+        );
+        install(
+            &notify_files.join(format!("dbus/{NOTIFY_NAME}.conf")),
+            &etc.join(format!("dbus-1/system.d/{NOTIFY_NAME}.conf")),
         );
         // Mount points for the built binaries, bound in read-only.
         for target in [SERVER, CLI] {
@@ -703,5 +737,37 @@ fn shipped_units_on_a_booted_systemd() {
     assert_eq!(show(&c, true, UNIT, "MainPID"), activated);
     // The system service was never disturbed: system and user instances are separate scopes.
     assert_eq!(show(&c, false, UNIT, "MainPID"), activated_pid);
+
+    // 6. Type=notify: the unit is active once the library's READY=1 came from the main
+    // process, and its status line (STATUS=) names the instance.
+    let notify_unit = format!("{NOTIFY_NAME}.service");
+    c.ok(&["systemctl", "start", &notify_unit]);
+    assert_eq!(show(&c, false, &notify_unit, "Type"), "notify");
+    assert_eq!(show(&c, false, &notify_unit, "ActiveState"), "active");
+    let notify_pid = show(&c, false, &notify_unit, "MainPID");
+    let status_text = show(&c, false, &notify_unit, "StatusText");
+    assert!(
+        status_text.starts_with(&format!(
+            "{NOTIFY_NAME}: running as the single instance (pid {notify_pid},"
+        )),
+        "{status_text}"
+    );
+    let owner = c.ok(&[
+        "busctl",
+        "--system",
+        "call",
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "GetConnectionUnixProcessID",
+        "s",
+        NOTIFY_NAME,
+    ]);
+    assert_eq!(owner.trim(), format!("u {notify_pid}"));
+    assert_refused_naming(
+        &c.run(&[SERVER, NOTIFY_NAME]),
+        &notify_pid,
+        "root's copy of the notify service",
+    );
     eprintln!("all steps done {:?} after the start", started.elapsed());
 }
