@@ -45,7 +45,7 @@ type Export = Box<
 #[must_use = "options do nothing until acquire() or acquire_async() is called"]
 pub struct InstanceOptions {
     name: String,
-    /// `None`: not chosen in code, so [`SCOPE_ENV`] or else [`Scope::Auto`].
+    /// `None`: not chosen in code, so [`SCOPE_ENV`](crate::SCOPE_ENV) or else [`Scope::Auto`].
     scope: Option<Scope>,
     backend: Backend,
     lock_file: Option<PathBuf>,
@@ -96,7 +96,7 @@ pub struct Plan {
 }
 
 impl InstanceOptions {
-    /// Options for `name` with every default: the scope from [`SCOPE_ENV`] if set, else Auto;
+    /// Options for `name` with every default: the scope from [`SCOPE_ENV`](crate::SCOPE_ENV) if set, else Auto;
     /// Auto backend (lock file and bus); no waiting, no replacement, no periodic re-check;
     /// `READY=1` sent to systemd once acquired, when it asked for it.
     pub fn new(name: impl Into<String>) -> Self {
@@ -117,7 +117,7 @@ impl InstanceOptions {
     }
 
     /// Sets the scope. Without this call the scope comes from the environment variable
-    /// [`SCOPE_ENV`] (`user`, `system` or `auto`), or else is [`Scope::Auto`]; with it, the
+    /// [`SCOPE_ENV`](crate::SCOPE_ENV) (`user`, `system` or `auto`), or else is [`Scope::Auto`]; with it, the
     /// environment is not consulted.
     pub fn scope(mut self, scope: Scope) -> Self {
         self.scope = Some(scope);
@@ -211,7 +211,7 @@ impl InstanceOptions {
     /// # Errors
     ///
     /// [`Error::InvalidName`] for an invalid name; [`Error::InvalidEnvironment`] for a bad
-    /// [`SCOPE_ENV`]; [`Error::NoUsableBackend`] when the D-Bus backend was asked for and no
+    /// [`SCOPE_ENV`](crate::SCOPE_ENV); [`Error::NoUsableBackend`] when the D-Bus backend was asked for and no
     /// bus is configured.
     pub fn plan(&self) -> Result<Plan> {
         let (name, scope, lock, bus) = self.resolve()?;
