@@ -407,9 +407,24 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         if std::thread::panicking() && self.leader != 0 {
-            // What the container's journal says is what explains a failure in CI.
-            let journal = self.run_as(None, &[], &["journalctl", "--no-pager", "-n", "80"]);
-            eprintln!("container journal (last lines):\n{}", journal.stdout);
+            // What the container's journal says is what explains a failure in CI. (Bounded by
+            // timeout(1), and nothing here may panic: we are unwinding already.)
+            let journal = Command::new("timeout")
+                .args(["10", "nsenter", "-t", &self.leader.to_string(), "-a", "--"])
+                .args([
+                    "sh",
+                    "-c",
+                    "journalctl -b --no-pager -o short-monotonic | tail -n 100",
+                ])
+                .stdin(Stdio::null())
+                .output();
+            if let Ok(journal) = journal {
+                eprintln!(
+                    "container journal (last lines):\n{}",
+                    String::from_utf8_lossy(&journal.stdout)
+                );
+            }
+            eprintln!("{}", self.console());
         }
         // SIGTERM makes nspawn ask the container's systemd for an orderly power-off.
         if let Some(pid) = rustix::process::Pid::from_raw(self.nspawn.id() as i32) {
