@@ -1,7 +1,9 @@
 # Debian packages the demo and the tests need; sourced by scripts/demo, scripts/test and .ci/run.
 # dbus: dbus-daemon, dbus-run-session. systemd-container: systemd-nspawn for the deployment
-# tests. libsystemd-dev: the sd-bus C reference of the benchmarks. util-linux: flock(1), setpriv.
-UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux)
+# tests. libsystemd-dev: the sd-bus C reference of the benchmarks. util-linux: flock(1), setpriv,
+# nsenter. systemd: the booted container's init, systemctl, busctl, systemd-analyze,
+# systemd-tmpfiles. dbus-user-session: the session bus of the container's user manager.
+UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session)
 
 # Installs what is missing when we are root; otherwise says exactly what to run, and fails.
 ensure_packages() {

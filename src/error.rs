@@ -76,6 +76,18 @@ pub enum Error {
         fs_type: &'static str,
     },
 
+    /// A setting read from the environment (such as [`crate::SCOPE_ENV`]) has a value this
+    /// library does not understand; nothing was acquired rather than guess.
+    #[error("{variable}={value:?} is not valid: {expected}")]
+    InvalidEnvironment {
+        /// The environment variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+        /// What it may be.
+        expected: &'static str,
+    },
+
     /// Waiting for the instance gave up.
     #[error("{name}: timed out after {waited:?} waiting for the running copy to exit ({holder})")]
     TimedOut {
@@ -149,6 +161,12 @@ pub enum UnsafeLockPath {
         /// Its owner.
         owner: u32,
     },
+    /// The file has more than one name (a hard link): it may be another file in disguise.
+    #[error("it has {links} names (hard links); a lock file has exactly one")]
+    HardLinked {
+        /// How many names it has.
+        links: u64,
+    },
     /// A per-user fallback directory does not have mode 0700.
     #[error("per-user directory {} has mode {mode:o}, expected 700", dir.display())]
     DirectoryMode {
@@ -173,12 +191,12 @@ impl Error {
 
     /// The `sysexits(3)` status a program should exit with for this error, as the
     /// `unique-instance` tool does: 75 (`EX_TEMPFAIL`) already running or timed out, 64
-    /// (`EX_USAGE`) invalid name, 77 (`EX_NOPERM`) not permitted, 69 (`EX_UNAVAILABLE`) no
+    /// (`EX_USAGE`) invalid name or environment setting, 77 (`EX_NOPERM`) not permitted, 69 (`EX_UNAVAILABLE`) no
     /// usable backend, 70 (`EX_SOFTWARE`) anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::AlreadyRunning { .. } | Error::TimedOut { .. } => 75,
-            Error::InvalidName { .. } => 64,
+            Error::InvalidName { .. } | Error::InvalidEnvironment { .. } => 64,
             Error::NotPermitted { .. } => 77,
             Error::NoUsableBackend { .. } => 69,
             _ => 70,

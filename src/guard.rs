@@ -152,7 +152,8 @@ impl InstanceGuard {
     }
 
     /// The scope in effect: [`Scope::User`] or [`Scope::System`], never [`Scope::Auto`] (which
-    /// is resolved as [`crate::InstanceOptions::plan`] documents).
+    /// is resolved as [`crate::InstanceOptions::plan`] documents), whether it was chosen in code
+    /// or through [`crate::SCOPE_ENV`].
     pub fn scope(&self) -> Scope {
         self.scope
     }
@@ -189,6 +190,17 @@ impl InstanceGuard {
     /// The connection that owns the name: serve your own objects on it.
     pub fn connection(&self) -> Option<&zbus::Connection> {
         self.bus.as_ref().map(|(_, c)| c)
+    }
+
+    /// Tells systemd this service is ready: `READY=1` and a `STATUS=` line naming the instance,
+    /// when `NOTIFY_SOCKET` is set (a `Type=notify` unit); nothing otherwise. For programs that
+    /// turned [`crate::InstanceOptions::notify_ready`] off to finish their own setup first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the notification socket cannot be reached.
+    pub fn notify_ready(&self) -> Result<()> {
+        crate::notify::ready(self)
     }
 
     /// Every loss seen so far, oldest first.

@@ -28,6 +28,7 @@ mod guard;
 mod holder;
 mod lockfile;
 mod name;
+mod notify;
 mod options;
 mod scope;
 mod status;
@@ -38,7 +39,7 @@ pub use holder::{BackendKind, Holder, format_rfc3339};
 pub use lockfile::network_fs_name;
 pub use name::{InstanceName, MAX_NAME_LEN, NameRule};
 pub use options::{InstanceOptions, Plan, Wait};
-pub use scope::{Backend, BusKind, LOCK_DIR_ENV, SYSTEM_LOCK_DIR, Scope};
+pub use scope::{Backend, BusKind, LOCK_DIR_ENV, SCOPE_ENV, SYSTEM_LOCK_DIR, Scope};
 pub use status::{Status, status};
 
 /// Makes this process the only running copy of `name` in the default (Auto) scope, blocking.

@@ -48,7 +48,11 @@ pub(crate) enum PathChange {
 /// Opens (creating if needed) and checks the lock directory.
 pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<OwnedFd> {
     let euid = rustix::process::geteuid().as_raw();
-    if let Some(mode) = plan.create_dir_mode {
+    // The shared system directory must be root's: one made by another user would be that user's
+    // to empty (the owner of a sticky directory may remove anything in it), and every other copy
+    // would rightly refuse it. So only root creates it (or systemd-tmpfiles at boot).
+    let may_create = may_create_dir(plan, euid);
+    if let (Some(mode), true) = (plan.create_dir_mode, may_create) {
         match rustix::fs::mkdir(&plan.dir, Mode::from_raw_mode(0o700)) {
             Ok(()) => {
                 // mkdir's mode is masked by the umask; set the intended one exactly.
@@ -65,7 +69,22 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<OwnedF
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
+    .map_err(|e| {
+        if e == Errno::NOENT && !may_create {
+            not_permitted(
+                plan,
+                format!(
+                    "the system lock directory {} does not exist, and only root may create it: \
+                     install the tmpfiles.d file that `unique-instance generate` writes and run \
+                     `systemd-tmpfiles --create`, or run one copy as root",
+                    plan.dir.display()
+                ),
+                e,
+            )
+        } else {
+            dir_error(plan, "cannot open lock directory", e)
+        }
+    })?;
     let st = rustix::fs::fstat(&dir)
         .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
     check_dir(plan, &st, euid)?;
@@ -80,6 +99,11 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<OwnedF
         }
     }
     Ok(dir)
+}
+
+/// Whether this process may create the lock directory if it is missing.
+fn may_create_dir(plan: &LockPlan, euid: u32) -> bool {
+    plan.create_dir_mode.is_some() && !(plan.shared_system_dir && euid != 0)
 }
 
 fn dir_error(plan: &LockPlan, context: &'static str, e: Errno) -> Error {
@@ -136,12 +160,34 @@ fn check_dir(plan: &LockPlan, st: &Stat, euid: u32) -> Result<()> {
     Ok(())
 }
 
+/// How many times the file may vanish or appear between our own two system calls before we
+/// give up: only a process churning the directory on purpose gets anywhere near it.
+const MAX_OPEN_RACES: u32 = 1000;
+
 /// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
 pub(crate) fn lock(plan: &LockPlan, dir: &OwnedFd, block: bool) -> Result<Attempt> {
     let euid = rustix::process::geteuid().as_raw();
     let path = plan.path();
+    let dir_st = rustix::fs::fstat(dir)
+        .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
+    let mut races = 0;
     loop {
-        let file = open_lock_file(plan, dir, &path, euid)?;
+        races += 1;
+        if races > MAX_OPEN_RACES {
+            return Err(Error::io(
+                "the lock file keeps being removed and created under us at",
+                &path,
+                std::io::Error::from(std::io::ErrorKind::Interrupted),
+            ));
+        }
+        let opened = match open_lock_file(plan, dir, &path, euid, &dir_st)? {
+            Some(opened) => opened,
+            None => continue,
+        };
+        let (file, writable) = match opened {
+            Opened::Writable(file) => (file, true),
+            Opened::ReadOnly(file) => (file, false),
+        };
         let op = if block {
             FlockOperation::LockExclusive
         } else {
@@ -175,6 +221,21 @@ pub(crate) fn lock(plan: &LockPlan, dir: &OwnedFd, block: bool) -> Result<Attemp
             }
             Err(e) => return Err(Error::io("cannot stat", &path, e.into())),
         }
+        if !writable {
+            // Nobody holds it, but it is another user's file that we may only read: we cannot
+            // record ourselves in it nor remove it, so we cannot be the instance through it.
+            // (Dropping `file` lets go of the lock we took to find that out.)
+            return Err(not_permitted(
+                plan,
+                format!(
+                    "lock file {} belongs to uid {} and this user may not write it; no copy \
+                     holds it now: remove it (as its owner or root) or run as its owner",
+                    path.display(),
+                    st.st_uid
+                ),
+                Errno::ACCESS,
+            ));
+        }
         let previous = read_record(&file);
         // Clear a crashed holder's record at once, so nobody reports a dead PID while we set up.
         retry_eintr(|| rustix::fs::ftruncate(&file, 0))
@@ -198,27 +259,72 @@ pub(crate) fn lock(plan: &LockPlan, dir: &OwnedFd, block: bool) -> Result<Attemp
     }
 }
 
-fn open_lock_file(plan: &LockPlan, dir: &OwnedFd, path: &Path, euid: u32) -> Result<OwnedFd> {
+/// A lock file, opened.
+enum Opened {
+    /// Ours to lock and write.
+    Writable(OwnedFd),
+    /// Another user's file we may only read: enough to learn whether (and by whom) it is held,
+    /// since `flock` works on a read-only descriptor, but not to become the instance.
+    ReadOnly(OwnedFd),
+}
+
+fn not_permitted(plan: &LockPlan, reason: String, e: Errno) -> Error {
+    Error::NotPermitted {
+        name: plan.file_name.trim_end_matches(".lock").to_owned(),
+        reason,
+        source: Some(Box::new(std::io::Error::from(e))),
+    }
+}
+
+/// Opens the lock file, creating it if it does not exist. `None` when it vanished or appeared
+/// between two of our calls: try again.
+///
+/// An existing file is opened *without* `O_CREAT`, and a missing one is created with
+/// `O_CREAT | O_EXCL`. Under `fs.protected_regular` (which systemd turns on in every booted
+/// system) an `O_CREAT` open of another user's file in a sticky world-writable directory fails
+/// with `EACCES` even for root, so a copy started by root would otherwise be refused the file
+/// of a service running under its own user, instead of being told that service is running.
+fn open_lock_file(
+    plan: &LockPlan,
+    dir: &OwnedFd,
+    path: &Path,
+    euid: u32,
+    dir_st: &Stat,
+) -> Result<Option<Opened>> {
     let unsafe_path = |problem| Error::UnsafeLockPath {
         path: path.to_owned(),
         problem,
     };
     // NONBLOCK keeps a FIFO planted at the path from blocking the open; it is refused below.
-    let flags = OFlags::RDWR
-        | OFlags::CREATE
-        | OFlags::NOFOLLOW
-        | OFlags::CLOEXEC
-        | OFlags::NOCTTY
-        | OFlags::NONBLOCK;
-    let file = match retry_eintr(|| {
-        rustix::fs::openat(
-            dir,
-            plan.file_name.as_str(),
-            flags,
-            Mode::from_raw_mode(plan.file_mode),
-        )
-    }) {
-        Ok(file) => file,
+    let flags =
+        OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+    let open = |flags: OFlags| {
+        retry_eintr(|| {
+            rustix::fs::openat(
+                dir,
+                plan.file_name.as_str(),
+                flags,
+                Mode::from_raw_mode(plan.file_mode),
+            )
+        })
+    };
+    let opened = match open(flags) {
+        Err(Errno::NOENT) => match open(flags | OFlags::CREATE | OFlags::EXCL) {
+            Err(Errno::EXIST) => return Ok(None),
+            other => other.map(Opened::Writable),
+        },
+        Err(e) if e == Errno::ACCESS || e == Errno::PERM => {
+            match open((flags - OFlags::RDWR) | OFlags::RDONLY) {
+                Ok(file) => Ok(Opened::ReadOnly(file)),
+                Err(Errno::NOENT) => return Ok(None),
+                // Not even readable: report the first refusal.
+                Err(_) => Err(e),
+            }
+        }
+        other => other.map(Opened::Writable),
+    };
+    let opened = match opened {
+        Ok(opened) => opened,
         Err(Errno::LOOP) => return Err(unsafe_path(UnsafeLockPath::Symlink)),
         Err(Errno::ISDIR) => {
             return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
@@ -231,32 +337,57 @@ fn open_lock_file(plan: &LockPlan, dir: &OwnedFd, path: &Path, euid: u32) -> Res
             }));
         }
         Err(e) if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS => {
-            return Err(Error::NotPermitted {
-                name: plan.file_name.trim_end_matches(".lock").to_owned(),
-                reason: format!(
+            return Err(not_permitted(
+                plan,
+                format!(
                     "cannot open lock file {}: {}; run as its owner or choose another lock path",
                     path.display(),
                     std::io::Error::from(e)
                 ),
-                source: Some(Box::new(std::io::Error::from(e))),
-            });
+                e,
+            ));
         }
         Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
     };
-    let st = rustix::fs::fstat(&file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
+    let file = match &opened {
+        Opened::Writable(file) | Opened::ReadOnly(file) => file,
+    };
+    let st = rustix::fs::fstat(file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
     let file_type = FileType::from_raw_mode(st.st_mode);
     if file_type != FileType::RegularFile {
         return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
             kind: file_type_name(file_type),
         }));
     }
-    if st.st_uid != euid && !(plan.root_may_own && st.st_uid == 0) {
+    // A second name for the file means it may be someone else's file linked in here (say
+    // /etc/shadow, where protected_hardlinks is off), which we would truncate and write.
+    if st.st_nlink != 1 {
+        return Err(unsafe_path(UnsafeLockPath::HardLinked {
+            links: st.st_nlink as u64,
+        }));
+    }
+    if let Opened::Writable(_) = opened
+        && !owner_acceptable(plan, euid, st.st_uid, dir_st)
+    {
         return Err(unsafe_path(UnsafeLockPath::WrongOwner {
             owner: st.st_uid,
             expected: euid,
         }));
     }
-    Ok(file)
+    Ok(Some(opened))
+}
+
+/// Whose lock file we may lock and write: our own; in system scope, root's; and, for root in
+/// system scope, any user's file in a root-owned sticky world-writable directory (the shared
+/// system lock directory). That last case is the service running under its own `User=` whose
+/// lock file a copy started by root must meet: the sticky bit guarantees only that user and root
+/// can remove or rename the file, a single link guarantees it is not some other file in
+/// disguise, and the lock and the record are all root writes into it. Elsewhere a foreign file is
+/// refused, because its owner, not the directory's, decides what it is.
+fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, dir_st: &Stat) -> bool {
+    let shared_sticky_dir =
+        dir_st.st_uid == 0 && dir_st.st_mode & 0o1000 != 0 && dir_st.st_mode & 0o002 != 0;
+    owner == euid || (plan.root_may_own && (owner == 0 || (euid == 0 && shared_sticky_dir)))
 }
 
 fn file_type_name(t: FileType) -> &'static str {
@@ -575,6 +706,7 @@ mod tests {
             dir: dir.to_owned(),
             file_name: "org.example.Test.lock".into(),
             root_may_own: false,
+            shared_system_dir: false,
             create_dir_mode: Some(0o700),
             private_dir: true,
             file_mode: 0o600,
@@ -620,6 +752,29 @@ mod tests {
                 })
             ));
         }
+    }
+
+    #[test]
+    fn only_root_creates_the_shared_system_directory() {
+        let shared = LockPlan {
+            dir: PathBuf::from(crate::SYSTEM_LOCK_DIR),
+            file_name: "org.example.Test.lock".into(),
+            root_may_own: true,
+            shared_system_dir: true,
+            create_dir_mode: Some(0o1777),
+            private_dir: false,
+            file_mode: 0o644,
+        };
+        assert!(may_create_dir(&shared, 0));
+        assert!(!may_create_dir(&shared, 1000));
+        // Directories of one's own (per-user, or given explicitly) are anyone's to create.
+        let own = private_plan(Path::new("/tmp/x"));
+        assert!(may_create_dir(&own, 1000));
+        let given = LockPlan {
+            shared_system_dir: false,
+            ..shared
+        };
+        assert!(may_create_dir(&given, 1000));
     }
 
     #[test]

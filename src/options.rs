@@ -45,7 +45,8 @@ type Export = Box<
 #[must_use = "options do nothing until acquire() or acquire_async() is called"]
 pub struct InstanceOptions {
     name: String,
-    scope: Scope,
+    /// `None`: not chosen in code, so [`SCOPE_ENV`](crate::SCOPE_ENV) or else [`Scope::Auto`].
+    scope: Option<Scope>,
     backend: Backend,
     lock_file: Option<PathBuf>,
     lock_dir: Option<PathBuf>,
@@ -54,6 +55,7 @@ pub struct InstanceOptions {
     recheck: Option<Duration>,
     watch_lock: bool,
     allow_network_filesystem: bool,
+    notify_ready: bool,
     exports: Vec<Export>,
 }
 
@@ -70,6 +72,7 @@ impl fmt::Debug for InstanceOptions {
             .field("recheck", &self.recheck)
             .field("watch_lock", &self.watch_lock)
             .field("allow_network_filesystem", &self.allow_network_filesystem)
+            .field("notify_ready", &self.notify_ready)
             .field("exports", &self.exports.len())
             .finish()
     }
@@ -93,12 +96,13 @@ pub struct Plan {
 }
 
 impl InstanceOptions {
-    /// Options for `name` with every default: Auto scope, Auto backend (lock file and bus), no
-    /// waiting, no replacement, no periodic re-check.
+    /// Options for `name` with every default: the scope from [`SCOPE_ENV`](crate::SCOPE_ENV) if set, else Auto;
+    /// Auto backend (lock file and bus); no waiting, no replacement, no periodic re-check;
+    /// `READY=1` sent to systemd once acquired, when it asked for it.
     pub fn new(name: impl Into<String>) -> Self {
         InstanceOptions {
             name: name.into(),
-            scope: Scope::Auto,
+            scope: None,
             backend: Backend::Auto,
             lock_file: None,
             lock_dir: None,
@@ -107,13 +111,16 @@ impl InstanceOptions {
             recheck: None,
             watch_lock: false,
             allow_network_filesystem: false,
+            notify_ready: true,
             exports: Vec::new(),
         }
     }
 
-    /// Sets the scope.
+    /// Sets the scope. Without this call the scope comes from the environment variable
+    /// [`SCOPE_ENV`](crate::SCOPE_ENV) (`user`, `system` or `auto`), or else is [`Scope::Auto`]; with it, the
+    /// environment is not consulted.
     pub fn scope(mut self, scope: Scope) -> Self {
-        self.scope = scope;
+        self.scope = Some(scope);
         self
     }
 
@@ -174,6 +181,19 @@ impl InstanceOptions {
         self
     }
 
+    /// Under a `Type=notify` systemd unit (`NOTIFY_SOCKET` is set), tells systemd the service is
+    /// ready — `READY=1` and a `STATUS=` line naming the instance — as soon as the instance is
+    /// acquired; a refused or waiting copy sends a `STATUS=` line saying who runs. On by default.
+    ///
+    /// Turn it off when the program has more to set up after acquiring, and call
+    /// [`InstanceGuard::notify_ready`] once it really is ready. The environment is never
+    /// changed, so child processes still see `NOTIFY_SOCKET`; systemd ignores what they send
+    /// unless the unit says `NotifyAccess=all`.
+    pub fn notify_ready(mut self, notify: bool) -> Self {
+        self.notify_ready = notify;
+        self
+    }
+
     /// Serves `iface` at `path` on the bus connection *before* the name is requested, so that
     /// anyone who sees the name can call it at once.
     pub fn serve_at<I>(mut self, path: &'static str, iface: I) -> Self
@@ -190,11 +210,12 @@ impl InstanceOptions {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidName`] for an invalid name; [`Error::NoUsableBackend`] when the
-    /// D-Bus backend was asked for and no bus is configured.
+    /// [`Error::InvalidName`] for an invalid name; [`Error::InvalidEnvironment`] for a bad
+    /// [`SCOPE_ENV`](crate::SCOPE_ENV); [`Error::NoUsableBackend`] when the D-Bus backend was asked for and no
+    /// bus is configured.
     pub fn plan(&self) -> Result<Plan> {
-        let (name, lock, bus) = self.resolve()?;
-        let scope = effective_scope(self.scope, lock.as_ref(), bus.as_ref());
+        let (name, scope, lock, bus) = self.resolve()?;
+        let scope = effective_scope(scope, lock.as_ref(), bus.as_ref());
         Ok(Plan {
             name: name.to_string(),
             lock_file: lock.map(|l| l.path()),
@@ -207,15 +228,21 @@ impl InstanceOptions {
         })
     }
 
-    fn resolve(&self) -> Result<(InstanceName, Option<LockPlan>, Option<BusPlan>)> {
+    /// The name, the scope in effect (as asked, not yet resolved from Auto), the lock file and
+    /// the bus.
+    fn resolve(&self) -> Result<(InstanceName, Scope, Option<LockPlan>, Option<BusPlan>)> {
         let name = InstanceName::new(&self.name).map_err(|rule| Error::InvalidName {
             name: self.name.clone(),
             rule,
         })?;
         let env = |k: &str| std::env::var(k).ok();
+        let scope = match self.scope {
+            Some(scope) => scope,
+            None => scope::scope_from_env(&env)?.unwrap_or(Scope::Auto),
+        };
         let bus = match self.backend {
             Backend::LockFile => None,
-            Backend::Auto | Backend::Dbus => scope::choose_bus(self.scope, &env),
+            Backend::Auto | Backend::Dbus => scope::choose_bus(scope, &env),
         };
         if self.backend == Backend::Dbus && bus.is_none() {
             return Err(Error::NoUsableBackend {
@@ -230,14 +257,19 @@ impl InstanceOptions {
         let lock = if self.backend == Backend::Dbus {
             None
         } else {
-            Some(self.lock_plan(&name, &env))
+            Some(self.lock_plan(&name, scope, &env))
         };
-        Ok((name, lock, bus))
+        Ok((name, scope, lock, bus))
     }
 
-    fn lock_plan(&self, name: &InstanceName, env: &dyn Fn(&str) -> Option<String>) -> LockPlan {
+    fn lock_plan(
+        &self,
+        name: &InstanceName,
+        scope: Scope,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> LockPlan {
         let euid = rustix::process::geteuid().as_raw();
-        let system = scope::lock_is_system(self.scope, euid);
+        let system = scope::lock_is_system(scope, euid);
         let file_mode = if system { 0o644 } else { 0o600 };
         if let Some(path) = &self.lock_file {
             let dir = path
@@ -252,6 +284,7 @@ impl InstanceOptions {
                 dir,
                 file_name,
                 root_may_own: system,
+                shared_system_dir: false,
                 create_dir_mode: None,
                 private_dir: false,
                 file_mode,
@@ -262,6 +295,7 @@ impl InstanceOptions {
                 .filter(|d| !d.is_empty())
                 .map(PathBuf::from)
         });
+        let shared_system_dir = explicit_dir.is_none() && system;
         let (dir, create_dir_mode, private_dir) = match explicit_dir {
             Some(dir) => (dir, Some(0o755), false),
             None if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
@@ -274,6 +308,7 @@ impl InstanceOptions {
             dir,
             file_name: name.lock_file_name(),
             root_may_own: system,
+            shared_system_dir,
             create_dir_mode,
             private_dir,
             file_mode,
@@ -302,7 +337,8 @@ impl InstanceOptions {
     pub fn acquire(self) -> Result<InstanceGuard> {
         if !self.needs_runtime() {
             // A lock file alone, no waiting, nothing to watch: no runtime, no threads.
-            return acquire_lock_only(self);
+            let notify = self.notify_ready;
+            return tell_service_manager(notify, acquire_lock_only(self));
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -321,8 +357,13 @@ impl InstanceOptions {
     ///
     /// As [`InstanceOptions::acquire`].
     pub async fn acquire_async(self) -> Result<InstanceGuard> {
-        let (name, lock_plan, bus_plan) = self.resolve()?;
-        let scope = effective_scope(self.scope, lock_plan.as_ref(), bus_plan.as_ref());
+        let notify = self.notify_ready;
+        tell_service_manager(notify, self.acquire_core().await)
+    }
+
+    async fn acquire_core(self) -> Result<InstanceGuard> {
+        let (name, scope, lock_plan, bus_plan) = self.resolve()?;
+        let scope = effective_scope(scope, lock_plan.as_ref(), bus_plan.as_ref());
         let started = Instant::now();
         let deadline = match self.wait {
             Wait::Timeout(d) => Some(started + d),
@@ -476,10 +517,32 @@ fn effective_scope(asked: Scope, lock: Option<&LockPlan>, bus: Option<&BusPlan>)
     }
 }
 
+/// Tells systemd, when it asked (`NOTIFY_SOCKET`) and the program did not opt out, how the
+/// attempt went: `READY=1` with a status line once acquired, a status line naming the running
+/// copy when refused. The outcome itself is returned unchanged: a service manager that cannot be
+/// told is logged, not a reason to give the instance up (systemd would time the start out).
+fn tell_service_manager(notify: bool, outcome: Result<InstanceGuard>) -> Result<InstanceGuard> {
+    if !notify {
+        return outcome;
+    }
+    match &outcome {
+        Ok(guard) => {
+            if let Err(e) = crate::notify::ready(guard) {
+                tracing::warn!(error = %e, "cannot notify the service manager");
+            }
+        }
+        Err(e @ (Error::AlreadyRunning { .. } | Error::TimedOut { .. })) => {
+            crate::notify::status(&e.to_string());
+        }
+        Err(_) => {}
+    }
+    outcome
+}
+
 fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
-    let (name, lock_plan, _) = options.resolve()?;
+    let (name, scope, lock_plan, _) = options.resolve()?;
     let plan = lock_plan.expect("the lock-file backend always plans a lock file");
-    let scope = effective_scope(options.scope, Some(&plan), None);
+    let scope = effective_scope(scope, Some(&plan), None);
     let dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
     let held = match lockfile::lock(&plan, &dir, false)? {
         Attempt::Acquired(held, _) => held,
@@ -529,6 +592,11 @@ async fn take_lock(
         return Err(already_running(name, holder));
     }
     tracing::info!(name = %name, holder = %holder, "waiting for the running copy to exit");
+    if options.notify_ready {
+        crate::notify::status(&format!(
+            "{name}: waiting for the running copy to exit ({holder})"
+        ));
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let thread_plan = plan.clone();
     std::thread::Builder::new()

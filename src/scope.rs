@@ -58,6 +58,35 @@ impl fmt::Display for BusKind {
 /// Every copy that should exclude the others must see the same value.
 pub const LOCK_DIR_ENV: &str = "UNIQUE_INSTANCE_LOCK_DIR";
 
+/// The environment variable that sets the scope of a program that did not choose one in code
+/// ([`crate::InstanceOptions::scope`]): `user`, `system` or `auto`.
+///
+/// It is how a deployment tells a server that calls [`crate::ensure_single_instance`] what it
+/// is: the system unit that `unique-instance generate` writes sets `UNIQUE_INSTANCE_SCOPE=system`,
+/// so a service running under its own `User=` (with no runtime directory) takes its lock file in
+/// the shared system directory, where a copy started by hand meets it. Any other value is an
+/// error ([`crate::Error::InvalidEnvironment`]), never a guess.
+pub const SCOPE_ENV: &str = "UNIQUE_INSTANCE_SCOPE";
+
+/// Reads [`SCOPE_ENV`]; `None` when it is unset or empty.
+pub(crate) fn scope_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Scope>, crate::Error> {
+    let Some(value) = env(SCOPE_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match value.as_str() {
+        "user" => Ok(Some(Scope::User)),
+        "system" => Ok(Some(Scope::System)),
+        "auto" => Ok(Some(Scope::Auto)),
+        _ => Err(crate::Error::InvalidEnvironment {
+            variable: SCOPE_ENV,
+            value,
+            expected: "one of user, system, auto",
+        }),
+    }
+}
+
 /// The system-scope lock directory.
 pub const SYSTEM_LOCK_DIR: &str = "/run/lock/unique-instance";
 
@@ -68,6 +97,8 @@ pub(crate) struct LockPlan {
     pub(crate) file_name: String,
     /// Root may own the file and directory (system scope).
     pub(crate) root_may_own: bool,
+    /// The directory is the shared [`SYSTEM_LOCK_DIR`], which only root may create.
+    pub(crate) shared_system_dir: bool,
     /// The directory is created if missing, with this mode.
     pub(crate) create_dir_mode: Option<u32>,
     /// The directory must be exactly 0700 and ours (a per-user fallback in a shared place).
@@ -217,6 +248,32 @@ mod tests {
         assert!(!lock_is_system(Scope::Auto, 1000));
         assert!(lock_is_system(Scope::System, 1000));
         assert!(!lock_is_system(Scope::User, 0));
+    }
+
+    #[test]
+    fn scope_from_the_environment_is_exact() {
+        assert_eq!(scope_from_env(&env_of(&[])).ok(), Some(None));
+        assert_eq!(scope_from_env(&env_of(&[(SCOPE_ENV, "")])).ok(), Some(None));
+        for (value, scope) in [
+            ("user", Scope::User),
+            ("system", Scope::System),
+            ("auto", Scope::Auto),
+        ] {
+            assert_eq!(
+                scope_from_env(&env_of(&[(SCOPE_ENV, value)])).ok(),
+                Some(Some(scope))
+            );
+        }
+        for bad in ["System", "machine", " system"] {
+            match scope_from_env(&env_of(&[(SCOPE_ENV, bad)])) {
+                Err(crate::Error::InvalidEnvironment {
+                    variable, value, ..
+                }) => {
+                    assert_eq!((variable, value.as_str()), (SCOPE_ENV, bad));
+                }
+                other => panic!("{bad:?} was accepted: {other:?}"),
+            }
+        }
     }
 
     #[test]

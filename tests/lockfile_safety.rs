@@ -5,7 +5,7 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use common::{field, holder, unique_name};
+use common::{NOBODY, field, holder, holder_as, unique_name};
 use unique_instance::{Backend, Error, InstanceOptions, Scope, UnsafeLockPath};
 
 fn lock_only(name: &str, dir: &Path) -> InstanceOptions {
@@ -340,4 +340,163 @@ fn explicit_lock_file_path_is_used_as_given() {
     }
     drop(guard);
     assert!(!path.exists());
+}
+
+/// A directory like /run/lock/unique-instance: root's, world-writable, sticky.
+fn shared_sticky_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    dir
+}
+
+#[test]
+fn root_meets_a_service_users_lock_file_in_the_shared_sticky_directory() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs a copy as another user and must run as root (CI does)"
+    );
+    let dir = shared_sticky_dir();
+    let name = unique_name("service_user");
+    // The service, running under its own user, holds the instance in system scope.
+    let mut service = holder_as(
+        NOBODY,
+        NOBODY,
+        None,
+        dir.path(),
+        &[&name, "--scope", "system", "--backend", "lockfile"],
+    );
+    let acquired = service.line_starting("acquired");
+    let service_pid = field(&acquired, "pid").expect("pid").to_owned();
+    let lock_file = dir.path().join(format!("{name}.lock"));
+    assert_eq!(
+        std::fs::metadata(&lock_file).expect("meta").uid(),
+        NOBODY,
+        "the service created its own lock file"
+    );
+    // A copy started by root is told the service runs, with its PID: not "unsafe lock path".
+    match lock_only(&name, dir.path()).acquire() {
+        Err(Error::AlreadyRunning { holder, .. }) => {
+            assert_eq!(holder.pid.map(|p| p.to_string()), Some(service_pid));
+        }
+        other => panic!("root's copy should be refused naming the service: {other:?}"),
+    }
+    // Once the service is gone, root's copy may take the instance.
+    service.close_stdin();
+    assert_eq!(service.exit_code(), 0);
+    let guard = lock_only(&name, dir.path())
+        .acquire()
+        .expect("free after the service stopped");
+    guard.release().expect("release");
+
+    // A file another user left behind (not held) is root's to lock there, and to remove.
+    std::fs::write(&lock_file, "").expect("write");
+    std::os::unix::fs::chown(&lock_file, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let guard = lock_only(&name, dir.path())
+        .acquire()
+        .expect("root may lock a service user's file in the shared sticky directory");
+    guard.release().expect("release");
+    assert!(!lock_file.exists(), "removed on release");
+}
+
+#[test]
+fn other_users_copy_is_told_who_runs_and_cannot_take_a_file_it_may_not_write() {
+    let dir = shared_sticky_dir();
+    let name = unique_name("other_user");
+    let lock_file = dir.path().join(format!("{name}.lock"));
+    // Root holds the instance; its lock file is root's, mode 0644.
+    let guard = lock_only(&name, dir.path())
+        .acquire()
+        .expect("root acquires");
+    let mut other = holder_as(
+        NOBODY,
+        NOBODY,
+        None,
+        dir.path(),
+        &[&name, "--scope", "system", "--backend", "lockfile"],
+    );
+    let refused = other.line_starting("already-running");
+    assert_eq!(
+        field(&refused, "holder_pid"),
+        Some(std::process::id().to_string().as_str()),
+        "{refused}"
+    );
+    assert_eq!(other.exit_code(), 75);
+    guard.release().expect("release");
+
+    // A root-owned file nobody holds: the other user cannot become the instance through it,
+    // and says so (not "already running"), leaving it as it was.
+    std::fs::write(&lock_file, "").expect("write");
+    let mut other = holder_as(
+        NOBODY,
+        NOBODY,
+        None,
+        dir.path(),
+        &[&name, "--scope", "system", "--backend", "lockfile"],
+    );
+    let refused = other.line_starting("not-permitted");
+    assert!(refused.contains("belongs to uid 0"), "{refused}");
+    assert_eq!(other.exit_code(), 77);
+    assert_eq!(std::fs::metadata(&lock_file).expect("meta").uid(), 0);
+}
+
+#[test]
+fn a_hard_linked_lock_file_is_refused_and_its_other_name_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("hardlink");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").expect("write");
+    std::fs::hard_link(&victim, dir.path().join(format!("{name}.lock"))).expect("link");
+    assert_eq!(
+        unsafe_problem(lock_only(&name, dir.path()).acquire()),
+        UnsafeLockPath::HardLinked { links: 2 }
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("read"),
+        "precious\n"
+    );
+}
+
+#[test]
+fn scope_comes_from_the_environment_unless_the_program_chose_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("scope_env");
+    // As another user, Auto is the user scope (mode 0600); UNIQUE_INSTANCE_SCOPE=system makes it
+    // the system scope (mode 0644), as a systemd unit sets it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    for (value, mode) in [("", 0o600), ("user", 0o600), ("system", 0o644)] {
+        // Held until stdin closes, so the file's mode can be seen: it says which scope's rules
+        // made it.
+        let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
+        cmd.args([name.as_str(), "--backend", "lockfile"])
+            .env("UNIQUE_INSTANCE_SCOPE", value);
+        let mut copy = common::Proc::spawn(common::as_user(NOBODY, NOBODY, &cmd));
+        copy.line_starting("acquired");
+        let meta = std::fs::metadata(dir.path().join(format!("{name}.lock"))).expect("meta");
+        assert_eq!(meta.mode() & 0o777, mode, "UNIQUE_INSTANCE_SCOPE={value:?}");
+        copy.close_stdin();
+        assert_eq!(copy.exit_code(), 0);
+    }
+    // The program's own choice wins over the environment.
+    let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
+    cmd.args([name.as_str(), "--backend", "lockfile", "--scope", "user"])
+        .env("UNIQUE_INSTANCE_SCOPE", "system");
+    let mut copy = common::Proc::spawn(common::as_user(NOBODY, NOBODY, &cmd));
+    copy.line_starting("acquired");
+    let meta = std::fs::metadata(dir.path().join(format!("{name}.lock"))).expect("meta");
+    assert_eq!(
+        meta.mode() & 0o777,
+        0o600,
+        "--scope user beats the environment"
+    );
+    copy.close_stdin();
+    assert_eq!(copy.exit_code(), 0);
+    // A value it does not understand is refused, not guessed at.
+    let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
+    cmd.args([name.as_str(), "--backend", "lockfile"])
+        .env("UNIQUE_INSTANCE_SCOPE", "machine");
+    let mut copy = common::Proc::spawn(cmd);
+    let refused = copy.line_starting("invalid-environment");
+    assert!(refused.contains("UNIQUE_INSTANCE_SCOPE"), "{refused}");
+    assert_eq!(copy.exit_code(), 64);
+    assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
 }

@@ -85,6 +85,51 @@ impl DbusDaemon {
 "#,
             socket.display()
         );
+        Self::spawn(daemon, dir, &conf)
+    }
+
+    /// Starts one configured like a distribution's system bus: nobody may own a name or call a
+    /// method unless a policy says so, and `policy` (a generated `dbus/NAME.conf`) is included.
+    /// Its socket is reachable by every user, so tests can connect as other users.
+    pub fn start_system_like(policy: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let daemon = require_program("dbus-daemon", "dbus");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let socket = dir.path().join("system_bus_socket");
+        let conf = format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <include>{}</include>
+</busconfig>
+"#,
+            socket.display(),
+            policy.display()
+        );
+        Self::spawn(daemon, dir, &conf)
+    }
+
+    fn spawn(daemon: PathBuf, dir: tempfile::TempDir, conf: &str) -> Self {
         let conf_path = dir.path().join("bus.conf");
         std::fs::write(&conf_path, conf).expect("write bus config");
         let mut child = Command::new(daemon)
@@ -448,6 +493,37 @@ pub fn holder(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
     let mut cmd = clean_command(&example_path("holder"), bus, lock_dir);
     cmd.args(args);
     Proc::spawn(cmd)
+}
+
+/// The uid and gid of `nobody`, the unprivileged "other user" of the tests.
+pub const NOBODY: u32 = 65534;
+
+/// `cmd`, to be run as `uid`/`gid` with no supplementary groups (through `setpriv`, which
+/// keeps the environment `cmd` was given).
+pub fn as_user(uid: u32, gid: u32, cmd: &Command) -> Command {
+    let setpriv = require_program("setpriv", "util-linux");
+    let mut wrapped = Command::new(setpriv);
+    wrapped
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    wrapped.env_clear();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            wrapped.env(key, value);
+        }
+    }
+    wrapped
+}
+
+/// The `holder` example as `uid`, with the environment of [`holder`].
+pub fn holder_as(uid: u32, gid: u32, bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
+    let mut cmd = clean_command(&example_path("holder"), bus, lock_dir);
+    cmd.args(args);
+    Proc::spawn(as_user(uid, gid, &cmd))
 }
 
 /// The `unique-instance` binary with `args`, on `bus` (none: no session bus at all).

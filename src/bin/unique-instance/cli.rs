@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::deploy::{Callers, Readiness};
 use unique_instance::{Backend, InstanceOptions, Scope};
 
 const EXIT_CODES: &str = "\
@@ -60,6 +62,25 @@ Examples:
 found_by is \"dbus\" or \"lock-file\"; scope is \"user\" or \"system\"; bus is \"session\",
 \"system\" or null.";
 
+const GENERATE_HELP: &str = "\
+Files written (relative to --out-dir), and where they are installed:
+  systemd/UNIT.service                  /etc/systemd/system/        the system service
+  systemd/user/UNIT.service             /etc/systemd/user/          the per-user service
+  systemd/tmpfiles.d/unique-instance.conf  /etc/tmpfiles.d/         the shared lock directory
+  dbus/NAME.conf                        /etc/dbus-1/system.d/       who may own and call NAME
+  dbus/system-services/NAME.service     /usr/local/share/dbus-1/system-services/
+  dbus/services/NAME.service            /usr/local/share/dbus-1/services/
+(A package installs them under /usr/lib/systemd/..., /usr/lib/tmpfiles.d/ and
+/usr/share/dbus-1/... instead.) Each file is written whole or not at all; a file that exists
+with other contents is never replaced without --force, and then nothing is written.
+
+Exit status: 0 written (or already identical); 64 invalid NAME, executable, user or other
+input; 73 a file exists with other contents; 74 a file could not be read or written.
+
+Example (the files shipped for unique-instance's example server):
+  unique-instance generate --exec /usr/local/libexec/unique-instance/example-server \\
+      --user example-server org.example.Server -- org.example.Server";
+
 /// Run a command as the only running copy of a name, or ask who is running it.
 ///
 /// NAME is a D-Bus well-known name (org.acme.Backup). By default the instance is held through a
@@ -81,6 +102,10 @@ pub(crate) enum Command {
     /// Tell whether NAME is running, and who holds it; exit 0 if running, 3 if not.
     #[command(after_long_help = format!("{STATUS_EXAMPLES}\n\n{EXIT_CODES}"))]
     Status(StatusArgs),
+    /// Write the systemd units, system-bus policy, D-Bus activation files and tmpfiles.d line
+    /// that deploy a server built on unique-instance, for NAME.
+    #[command(after_long_help = GENERATE_HELP)]
+    Generate(GenerateArgs),
     /// Print the man page (roff), or write one page per command into a directory.
     Man {
         /// Write unique-instance.1, unique-instance-run.1, ... into this directory.
@@ -98,7 +123,8 @@ pub(crate) enum Command {
 /// How to find the instance: shared by `run` and `status`.
 #[derive(Debug, Args)]
 pub(crate) struct InstanceArgs {
-    /// One instance per user: the session bus, the user's runtime directory.
+    /// One instance per user: the session bus, the user's runtime directory. Without --user or
+    /// --system, the scope is UNIQUE_INSTANCE_SCOPE (user, system or auto), else auto.
     #[arg(long, conflicts_with = "system")]
     pub(crate) user: bool,
     /// One instance per machine: the system bus, /run/lock/unique-instance.
@@ -117,19 +143,18 @@ pub(crate) struct InstanceArgs {
 
 impl InstanceArgs {
     pub(crate) fn options(&self) -> InstanceOptions {
-        let scope = match (self.user, self.system) {
-            (true, _) => Scope::User,
-            (_, true) => Scope::System,
-            _ => Scope::Auto,
-        };
-        let mut options =
-            InstanceOptions::new(&self.name)
-                .scope(scope)
-                .backend(match self.backend {
-                    BackendArg::Auto => Backend::Auto,
-                    BackendArg::Dbus => Backend::Dbus,
-                    BackendArg::Lockfile => Backend::LockFile,
-                });
+        let mut options = InstanceOptions::new(&self.name).backend(match self.backend {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Dbus => Backend::Dbus,
+            BackendArg::Lockfile => Backend::LockFile,
+        });
+        // Without --user/--system the library reads UNIQUE_INSTANCE_SCOPE, else uses auto: the
+        // same rule a server built on the library follows, so the two always meet.
+        match (self.user, self.system) {
+            (true, _) => options = options.scope(Scope::User),
+            (_, true) => options = options.scope(Scope::System),
+            _ => {}
+        }
         if let Some(path) = &self.lock_file {
             options = options.lock_file(path);
         }
@@ -170,6 +195,12 @@ pub(crate) struct RunArgs {
     /// does not see every change. 0 (the default) means no timer.
     #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = parse_seconds)]
     pub(crate) recheck: Duration,
+    /// Under a Type=notify systemd unit, tell systemd the service is ready (READY=1 and a
+    /// STATUS= line naming the instance) once the instance is held and COMMAND has started;
+    /// COMMAND then does not see NOTIFY_SOCKET. Without it nothing is sent for COMMAND, which
+    /// may notify for itself if the unit says NotifyAccess=all (the wrapper is the main PID).
+    #[arg(long)]
+    pub(crate) notify: bool,
     /// The command to run, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub(crate) command: Vec<OsString>,
@@ -182,6 +213,47 @@ pub(crate) struct StatusArgs {
     /// Print one JSON object (fields below) instead of a sentence.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GenerateArgs {
+    /// The server's executable: an absolute path to an installed program (inside --root, if
+    /// given).
+    #[arg(long = "exec", value_name = "PATH")]
+    pub(crate) executable: PathBuf,
+    /// The existing system user the system service runs as: the only one the bus policy lets
+    /// own NAME.
+    #[arg(long, value_name = "USER")]
+    pub(crate) user: String,
+    /// How systemd learns the service is ready: dbus (once NAME is owned) or notify (READY=1,
+    /// sent by the library once the instance is held).
+    #[arg(long = "type", value_enum, value_name = "TYPE", default_value_t = Readiness::Dbus)]
+    pub(crate) readiness: Readiness,
+    /// The systemd unit's name, without .service (default: NAME).
+    #[arg(long, value_name = "UNIT")]
+    pub(crate) unit: Option<String>,
+    /// The units' Description= (default: "NAME, a single instance").
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) description: Option<String>,
+    /// Who may call NAME on the system bus: everyone, root, or group:GROUP.
+    #[arg(long, value_name = "WHO", default_value = "everyone")]
+    pub(crate) callers: Callers,
+    /// Where to write the files (systemd/... and dbus/... below it).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub(crate) out_dir: PathBuf,
+    /// Check the executable, the user and the group inside this root directory (an image or a
+    /// package being built) instead of on this machine.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) root: Option<PathBuf>,
+    /// Replace files that exist with other contents (without it, nothing is written then).
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// The instance name, a D-Bus well-known name such as org.acme.Server.
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+    /// Arguments the server is started with.
+    #[arg(last = true, value_name = "ARGS")]
+    pub(crate) args: Vec<String>,
 }
 
 /// What `--wait` asked for.

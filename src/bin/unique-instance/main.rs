@@ -3,6 +3,8 @@
 //! A thin layer over the library: parsing, messages and exit codes here; exclusion there.
 
 mod cli;
+mod deploy;
+mod generate;
 mod logging;
 mod run;
 mod status;
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::status(args),
+        Command::Generate(args) => generate::generate(args),
         Command::Man { out_dir } => print_man_page(out_dir),
         Command::Completions { shell } => {
             clap_complete::generate(

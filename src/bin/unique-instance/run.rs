@@ -70,7 +70,7 @@ async fn supervise(args: RunArgs) -> ExitCode {
     if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         tracing::warn!(error = %e, "cannot become a child subreaper");
     }
-    let child = match spawn_guarded(&args.command) {
+    let child = match spawn_guarded(&args.command, args.notify) {
         Ok(child) => child,
         Err(e) => {
             let code = match e.kind() {
@@ -84,6 +84,11 @@ async fn supervise(args: RunArgs) -> ExitCode {
             );
         }
     };
+    if args.notify
+        && let Err(e) = guard.notify_ready()
+    {
+        eprintln!("unique-instance: warning: {e}");
+    }
     let (status, lost) = watch_child(child, &mut signals, guard.loss_watcher(), &args).await;
     stop_leftovers(args.kill_after).await;
     release(guard).await;
@@ -104,11 +109,17 @@ async fn supervise(args: RunArgs) -> ExitCode {
 }
 
 fn options(args: &RunArgs) -> unique_instance::InstanceOptions {
-    let mut options = args.instance.options().wait(match args.wait {
-        None => Wait::No,
-        Some(WaitFor::Forever) => Wait::Forever,
-        Some(WaitFor::Up(limit)) => Wait::Timeout(limit),
-    });
+    // Never READY=1 on acquiring: COMMAND has not even started then. With --notify it is sent
+    // once COMMAND has been started (see `supervise`); without, COMMAND may speak for itself.
+    let mut options = args
+        .instance
+        .options()
+        .notify_ready(false)
+        .wait(match args.wait {
+            None => Wait::No,
+            Some(WaitFor::Forever) => Wait::Forever,
+            Some(WaitFor::Up(limit)) => Wait::Timeout(limit),
+        });
     if args.instance.backend != BackendArg::Dbus {
         // A removed or replaced lock file is noticed at once (inotify), with no timer.
         options = options.watch_lock_file(true);
@@ -296,15 +307,20 @@ fn signal_exit_code(signal: i32) -> u8 {
 
 /// Starts COMMAND so that it dies with us: `PR_SET_PDEATHSIG` = SIGKILL, set in the child
 /// between fork and exec. The lock file and bus socket are close-on-exec, so COMMAND inherits
-/// neither; its stdin, stdout and stderr are ours, untouched.
+/// neither; its stdin, stdout and stderr are ours, untouched. With `notify` (we speak to systemd
+/// for COMMAND) COMMAND does not see `NOTIFY_SOCKET`; otherwise its environment is ours.
 #[allow(unsafe_code)]
-fn spawn_guarded(command: &[OsString]) -> io::Result<tokio::process::Child> {
+fn spawn_guarded(command: &[OsString], notify: bool) -> io::Result<tokio::process::Child> {
     let (program, program_args) = command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no COMMAND given"))?;
     let parent = rustix::process::getpid();
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(program_args);
+    if notify {
+        // Only COMMAND's environment: ours is left alone.
+        cmd.env_remove("NOTIFY_SOCKET");
+    }
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
     // operations are allowed: it makes two raw system calls (prctl, getppid), allocates nothing
     // and takes no locks.

@@ -1,0 +1,676 @@
+//! The deployment files of a server built on unique-instance: systemd units, the system-bus
+//! policy, D-Bus activation files and the lock directory's tmpfiles.d line. Pure functions of
+//! validated input, so the files are right by construction for any name.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use unique_instance::{InstanceName, SCOPE_ENV, SYSTEM_LOCK_DIR};
+
+/// How systemd learns the service is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Readiness {
+    /// `Type=dbus`: ready once the bus name is owned.
+    Dbus,
+    /// `Type=notify`: ready on `READY=1`, which the library sends once the instance is held.
+    Notify,
+}
+
+/// Who may call the service on the system bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Callers {
+    /// Any local user (the service checks what is sensitive itself).
+    Everyone,
+    /// Root only.
+    Root,
+    /// Members of this group.
+    Group(String),
+}
+
+impl std::str::FromStr for Callers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "everyone" => Ok(Callers::Everyone),
+            "root" => Ok(Callers::Root),
+            _ => match s.strip_prefix("group:") {
+                Some(group) if valid_account_name(group) => Ok(Callers::Group(group.to_owned())),
+                Some(group) => Err(format!("{group:?} is not a valid group name")),
+                None => Err(format!("{s:?}: expected everyone, root or group:GROUP")),
+            },
+        }
+    }
+}
+
+/// Everything the files are made from, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct Deployment {
+    pub(crate) name: InstanceName,
+    /// The unit's name, without `.service`.
+    pub(crate) unit: String,
+    pub(crate) description: String,
+    pub(crate) executable: PathBuf,
+    pub(crate) args: Vec<String>,
+    pub(crate) user: String,
+    pub(crate) readiness: Readiness,
+    pub(crate) callers: Callers,
+}
+
+/// One file to write: where, relative to the output directory; where it is installed; what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GeneratedFile {
+    pub(crate) path: PathBuf,
+    pub(crate) install_as: PathBuf,
+    pub(crate) contents: String,
+}
+
+/// Where systemd's `UNIT_NAME_MAX` (256, with the terminating NUL) leaves room for the name.
+const UNIT_NAME_MAX: usize = 255;
+
+/// Checks a unit name (without `.service`): systemd's characters, no template `@`, and short
+/// enough for the suffix.
+pub(crate) fn check_unit_name(unit: &str) -> Result<(), String> {
+    let full = format!("{unit}.service");
+    if unit.is_empty() {
+        return Err("the unit name is empty".into());
+    }
+    if full.len() > UNIT_NAME_MAX {
+        return Err(format!(
+            "unit name {full:?} is {} characters long; systemd allows {UNIT_NAME_MAX}: pass a \
+             shorter --unit",
+            full.len()
+        ));
+    }
+    if let Some(c) = unit
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "unit name {unit:?} contains {c:?}; systemd unit names use A-Z a-z 0-9 : _ . - \
+             (and @ only for templates, which this is not)"
+        ));
+    }
+    Ok(())
+}
+
+/// A user or group name safe to put in a unit and in XML: the portable POSIX set that
+/// `useradd` and systemd both accept.
+pub(crate) fn valid_account_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
+        && name.len() <= 31
+}
+
+/// Refuses text that cannot be put on one line of a unit or key file.
+pub(crate) fn check_one_line(what: &str, text: &str) -> Result<(), String> {
+    match text.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!(
+            "{what} {text:?} contains the control character {c:?}, which cannot be written \
+             into a unit file"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Escapes `%` specifiers, which systemd expands in most settings.
+fn unit_text(text: &str) -> String {
+    text.replace('%', "%%")
+}
+
+/// One word of a systemd command line: specifiers and variables escaped, quoted when needed.
+fn unit_word(word: &str) -> String {
+    let escaped = word.replace('%', "%%").replace('$', "$$");
+    if !escaped.is_empty()
+        && escaped
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:=@+,%$".contains(c))
+    {
+        return escaped;
+    }
+    let mut quoted = String::from("\"");
+    for c in escaped.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            _ => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// One word of a D-Bus activation file's `Exec=` (parsed like a shell's words).
+fn dbus_word(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:=@+,%".contains(c))
+    {
+        return word.to_owned();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+fn xml(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+impl Deployment {
+    fn unit_file_name(&self) -> String {
+        format!("{}.service", self.unit)
+    }
+
+    fn exec_start(&self) -> String {
+        std::iter::once(self.executable.to_string_lossy().into_owned())
+            .chain(self.args.iter().cloned())
+            .map(|w| unit_word(&w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn dbus_exec(&self) -> String {
+        std::iter::once(self.executable.to_string_lossy().into_owned())
+            .chain(self.args.iter().cloned())
+            .map(|w| dbus_word(&w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The command that writes these files again, for their headers.
+    pub(crate) fn command_line(&self) -> String {
+        let mut words = vec![
+            "unique-instance".to_owned(),
+            "generate".to_owned(),
+            "--exec".to_owned(),
+            self.executable.to_string_lossy().into_owned(),
+            "--user".to_owned(),
+            self.user.clone(),
+        ];
+        if self.readiness == Readiness::Notify {
+            words.extend(["--type".to_owned(), "notify".to_owned()]);
+        }
+        if self.unit != self.name.as_str() {
+            words.extend(["--unit".to_owned(), self.unit.clone()]);
+        }
+        if self.description != default_description(&self.name) {
+            words.extend(["--description".to_owned(), self.description.clone()]);
+        }
+        match &self.callers {
+            Callers::Everyone => {}
+            Callers::Root => words.extend(["--callers".to_owned(), "root".to_owned()]),
+            Callers::Group(g) => words.extend(["--callers".to_owned(), format!("group:{g}")]),
+        }
+        words.push(self.name.to_string());
+        if !self.args.is_empty() {
+            words.push("--".to_owned());
+            words.extend(self.args.iter().cloned());
+        }
+        words
+            .iter()
+            .map(|w| dbus_word(w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn service_type(&self) -> &'static str {
+        match self.readiness {
+            Readiness::Dbus => "dbus",
+            Readiness::Notify => "notify",
+        }
+    }
+
+    /// The system unit.
+    fn system_unit(&self) -> String {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "\
+# The system service {name}: one instance per machine, on the system bus.
+# Written by: {command}
+#
+# Started by `systemctl start {unit}`, or by the first D-Bus call to {name} (its activation
+# file names this unit). No [Install] section: a bus-activated service needs none; to start it
+# at boot as well, run `systemctl add-wants multi-user.target {unit}`.
+
+[Unit]
+Description={description}
+Requires=dbus.socket
+After=dbus.socket
+
+[Service]
+",
+            name = self.name,
+            command = unit_text(&self.command_line()),
+            unit = self.unit_file_name(),
+            description = unit_text(&self.description),
+        );
+        match self.readiness {
+            Readiness::Dbus => s.push_str(
+                "# Ready (active) once its bus name is owned; it requests the name only after taking\n\
+                 # its lock file. (systemd does not check who owns the name: should a copy started\n\
+                 # by hand own it, this one exits 75 at once. --type notify has no such gap.)\n",
+            ),
+            Readiness::Notify => s.push_str(
+                "# Ready (active) on READY=1, which unique-instance sends once both its lock file\n\
+                 # and its bus name are held. BusName= still tells systemd which name it provides.\n",
+            ),
+        }
+        let _ = write!(
+            s,
+            "\
+Type={ty}
+BusName={name}
+ExecStart={exec}
+# A dedicated, static user: the bus policy names it, and dbus-daemon resolves the users of
+# its policy when it loads it, so a DynamicUser= (which exists only while the service runs)
+# could never be allowed to own the name.
+User={user}
+# The lock file goes in the shared system directory, {lock_dir}, where a copy
+# started by hand (as root, or with --system) meets it: without this a service user, who
+# has no runtime directory, would fall back to a /tmp directory that PrivateTmp= hides.
+Environment={scope_env}=system
+Restart=on-failure
+# 75 already running (a copy started by hand holds the instance), 77 not permitted (policy
+# or permissions), 64 bad configuration: restarting would not help.
+RestartPreventExitStatus=64 75 77
+
+# Hardening. The lock directory is the one place it writes ('-': if it is missing the
+# service starts and says how to create it, instead of failing with a namespace error).
+ReadWritePaths=-{lock_dir}
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectKernelLogs=yes
+ProtectKernelModules=yes
+ProtectKernelTunables=yes
+ProtectControlGroups=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+",
+            ty = self.service_type(),
+            name = self.name,
+            exec = self.exec_start(),
+            user = self.user,
+            lock_dir = SYSTEM_LOCK_DIR,
+            scope_env = SCOPE_ENV,
+        );
+        s
+    }
+
+    /// The user unit, for the session-bus variant.
+    fn user_unit(&self) -> String {
+        format!(
+            "\
+# The user service {name}: one instance per user, on that user's session bus.
+# Written by: {command}
+#
+# Run by each user's systemd (`systemctl --user start {unit}`), or by the first call to
+# {name} on the session bus (its activation file names this unit).
+
+[Unit]
+Description={description} (per user)
+Requires=dbus.socket
+After=dbus.socket
+
+[Service]
+Type={ty}
+BusName={name}
+ExecStart={exec}
+# The user's own lock directory ($XDG_RUNTIME_DIR/unique-instance), even for root's
+# user manager, where Auto would choose the system one.
+Environment={scope_env}=user
+Restart=on-failure
+RestartPreventExitStatus=64 75 77
+
+# What a user manager can enforce without user namespaces.
+NoNewPrivileges=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+",
+            name = self.name,
+            command = unit_text(&self.command_line()),
+            unit = self.unit_file_name(),
+            description = unit_text(&self.description),
+            ty = self.service_type(),
+            exec = self.exec_start(),
+            scope_env = SCOPE_ENV,
+        )
+    }
+
+    /// The system-bus policy.
+    fn bus_policy(&self) -> String {
+        let name = xml(self.name.as_str());
+        let user = xml(&self.user);
+        let callers = match &self.callers {
+            Callers::Everyone => format!(
+                "  <!-- Who may call it: every local user. The service must check anything
+       sensitive itself (the caller's uid comes with GetConnectionCredentials). -->
+  <policy context=\"default\">
+    <allow send_destination=\"{name}\"/>
+  </policy>
+"
+            ),
+            Callers::Root => format!(
+                "  <!-- Who may call it: root only (and so only root can start it through D-Bus
+       activation). -->
+  <policy user=\"root\">
+    <allow send_destination=\"{name}\"/>
+  </policy>
+"
+            ),
+            Callers::Group(group) => {
+                let group = xml(group);
+                format!(
+                    "  <!-- Who may call it: the members of group {group} (and so only they can start
+       it through D-Bus activation). -->
+  <policy group=\"{group}\">
+    <allow send_destination=\"{name}\"/>
+  </policy>
+"
+                )
+            }
+        };
+        format!(
+            "\
+<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"
+ \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">
+<!-- System-bus policy of {name}, written by `unique-instance generate` (the
+     command is in the header of the unit {unit}). -->
+<busconfig>
+  <!-- Only the service's user may own {name}. Anyone else, root included, is
+       refused by the bus (AccessDenied), which unique-instance reports as \"not permitted\"
+       (exit 77), never as \"already running\". -->
+  <policy user=\"{user}\">
+    <allow own=\"{name}\"/>
+  </policy>
+{callers}</busconfig>
+",
+            unit = xml(&self.unit_file_name()),
+        )
+    }
+
+    /// The system bus's activation file.
+    fn system_activation(&self) -> String {
+        format!(
+            "\
+# D-Bus activation of {name} on the system bus: the first call to the name starts
+# {unit} through systemd. Exec= is never used under systemd; it is /bin/false so that
+# the service never runs outside its unit's sandbox and user.
+# Written by: {command}
+[D-BUS Service]
+Name={name}
+Exec=/bin/false
+User={user}
+SystemdService={unit}
+",
+            name = self.name,
+            unit = self.unit_file_name(),
+            command = self.command_line(),
+            user = self.user,
+        )
+    }
+
+    /// The session bus's activation file.
+    fn session_activation(&self) -> String {
+        format!(
+            "\
+# D-Bus activation of {name} on a session bus: the first call to the name starts the
+# user unit {unit} through the user's systemd; a session bus without systemd runs Exec=.
+# Written by: {command}
+[D-BUS Service]
+Name={name}
+Exec={exec}
+SystemdService={unit}
+",
+            name = self.name,
+            unit = self.unit_file_name(),
+            command = self.command_line(),
+            exec = self.dbus_exec(),
+        )
+    }
+
+    /// Every file, in the order they are written and listed.
+    pub(crate) fn files(&self) -> Vec<GeneratedFile> {
+        let unit = self.unit_file_name();
+        let bus_file = format!("{}.service", self.name);
+        let file = |path: String, install_as: String, contents: String| GeneratedFile {
+            path: PathBuf::from(path),
+            install_as: PathBuf::from(install_as),
+            contents,
+        };
+        vec![
+            file(
+                format!("systemd/{unit}"),
+                format!("/etc/systemd/system/{unit}"),
+                self.system_unit(),
+            ),
+            file(
+                format!("systemd/user/{unit}"),
+                format!("/etc/systemd/user/{unit}"),
+                self.user_unit(),
+            ),
+            file(
+                "systemd/tmpfiles.d/unique-instance.conf".into(),
+                "/etc/tmpfiles.d/unique-instance.conf".into(),
+                tmpfiles(),
+            ),
+            file(
+                format!("dbus/{}.conf", self.name),
+                format!("/etc/dbus-1/system.d/{}.conf", self.name),
+                self.bus_policy(),
+            ),
+            file(
+                format!("dbus/system-services/{bus_file}"),
+                format!("/usr/local/share/dbus-1/system-services/{bus_file}"),
+                self.system_activation(),
+            ),
+            file(
+                format!("dbus/services/{bus_file}"),
+                format!("/usr/local/share/dbus-1/services/{bus_file}"),
+                self.session_activation(),
+            ),
+        ]
+    }
+}
+
+/// The default description of a unit.
+pub(crate) fn default_description(name: &InstanceName) -> String {
+    format!("{name}, a single instance")
+}
+
+/// The shared system lock directory, made by systemd-tmpfiles at boot. The same for every
+/// service, so writing it twice changes nothing.
+fn tmpfiles() -> String {
+    format!(
+        "\
+# The shared lock directory of unique-instance's system scope: root's, world-writable and
+# sticky like /run/lock itself, so each service's user can create its own lock file there and
+# nobody but that user and root can remove it. Created at boot; after installing this file,
+# run `systemd-tmpfiles --create unique-instance.conf` once.
+d {SYSTEM_LOCK_DIR} 1777 root root -
+"
+    )
+}
+
+/// A user's or group's existence, looked up in this machine's user database (NSS), or in the
+/// `etc/passwd` / `etc/group` of another root directory (an image being built).
+pub(crate) fn account_exists(root: Option<&Path>, file: &str, name: &str) -> Result<bool, String> {
+    match root {
+        Some(root) => {
+            let path = root.join("etc").join(file);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            Ok(text
+                .lines()
+                .any(|line| line.split(':').next() == Some(name)))
+        }
+        None if file == "passwd" => nix::unistd::User::from_name(name)
+            .map(|u| u.is_some())
+            .map_err(|e| format!("cannot look user {name:?} up: {e}")),
+        None => nix::unistd::Group::from_name(name)
+            .map(|g| g.is_some())
+            .map_err(|e| format!("cannot look group {name:?} up: {e}")),
+    }
+}
+
+/// Checks that `executable` is an absolute path to an executable regular file (inside `root`,
+/// when given).
+pub(crate) fn check_executable(root: Option<&Path>, executable: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !executable.is_absolute() {
+        return Err(format!(
+            "the executable {} is not an absolute path; systemd and D-Bus need one",
+            executable.display()
+        ));
+    }
+    check_one_line("the executable path", &executable.to_string_lossy())?;
+    let on_disk = match root {
+        Some(root) => root.join(executable.strip_prefix("/").unwrap_or(executable)),
+        None => executable.to_owned(),
+    };
+    let meta = std::fs::metadata(&on_disk).map_err(|e| {
+        format!(
+            "the executable {} cannot be used: {e}; install it first (or pass --root for an \
+             image being built)",
+            on_disk.display()
+        )
+    })?;
+    if !meta.is_file() {
+        return Err(format!(
+            "the executable {} is not a regular file",
+            on_disk.display()
+        ));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!(
+            "{} is not executable (mode {:o})",
+            on_disk.display(),
+            meta.permissions().mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> Deployment {
+        let name = InstanceName::new("org.example.Server").expect("valid");
+        Deployment {
+            unit: name.to_string(),
+            description: default_description(&name),
+            name,
+            executable: PathBuf::from("/usr/local/libexec/unique-instance/example-server"),
+            args: vec!["org.example.Server".into()],
+            user: "example-server".into(),
+            readiness: Readiness::Dbus,
+            callers: Callers::Everyone,
+        }
+    }
+
+    #[test]
+    fn command_words_are_escaped_for_systemd_and_dbus() {
+        assert_eq!(unit_word("/usr/bin/x"), "/usr/bin/x");
+        assert_eq!(unit_word("50%"), "50%%");
+        assert_eq!(unit_word("$HOME"), "$$HOME");
+        assert_eq!(unit_word("a b"), "\"a b\"");
+        assert_eq!(unit_word("say \"hi\"\\"), "\"say \\\"hi\\\"\\\\\"");
+        assert_eq!(unit_word(""), "\"\"");
+        assert_eq!(dbus_word("a b"), "'a b'");
+        assert_eq!(dbus_word("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn unit_names_follow_systemd_rules() {
+        assert!(check_unit_name("org.example.Server").is_ok());
+        assert!(check_unit_name("example-server").is_ok());
+        assert!(check_unit_name("a@b").is_err());
+        assert!(check_unit_name("a b").is_err());
+        assert!(check_unit_name("").is_err());
+        assert!(check_unit_name(&"a".repeat(247)).is_ok());
+        let err = check_unit_name(&"a".repeat(248)).expect_err("too long with .service");
+        assert!(err.contains("255"), "{err}");
+    }
+
+    #[test]
+    fn account_names_are_portable() {
+        for ok in ["example-server", "_svc", "a1"] {
+            assert!(valid_account_name(ok), "{ok}");
+        }
+        for bad in ["", "Root", "1abc", "a b", "a\"b", "<x>", &"a".repeat(32)] {
+            assert!(!valid_account_name(bad), "{bad}");
+        }
+        assert_eq!("group:wheel".parse(), Ok(Callers::Group("wheel".into())));
+        assert!("group:Bad Name".parse::<Callers>().is_err());
+        assert!("anyone".parse::<Callers>().is_err());
+    }
+
+    #[test]
+    fn the_files_say_what_the_deployment_needs() {
+        let d = example();
+        let files = d.files();
+        let text = |suffix: &str| {
+            &files
+                .iter()
+                .find(|f| f.path.to_string_lossy().ends_with(suffix))
+                .unwrap_or_else(|| panic!("no {suffix}"))
+                .contents
+        };
+        let system = text("systemd/org.example.Server.service");
+        for line in [
+            "Type=dbus",
+            "BusName=org.example.Server",
+            "User=example-server",
+            "Environment=UNIQUE_INSTANCE_SCOPE=system",
+            "ReadWritePaths=-/run/lock/unique-instance",
+            "ProtectSystem=strict",
+            "Restart=on-failure",
+        ] {
+            assert!(system.lines().any(|l| l == line), "missing {line}");
+        }
+        assert!(!system.lines().any(|l| l.trim() == "[Install]"));
+        let policy = text("dbus/org.example.Server.conf");
+        assert!(
+            policy.contains(
+                "<policy user=\"example-server\">\n    <allow own=\"org.example.Server\"/>"
+            )
+        );
+        assert!(!policy.contains("own=\"*\""));
+        // An XML comment may not contain "--", and the command line has some.
+        let comments: Vec<&str> = policy.split("<!--").skip(1).collect();
+        for c in comments {
+            let body = c.split("-->").next().expect("closed");
+            assert!(!body.contains("--"), "{body}");
+        }
+        let system_bus = text("system-services/org.example.Server.service");
+        assert!(
+            system_bus.contains("User=example-server\nSystemdService=org.example.Server.service")
+        );
+        let notify = Deployment {
+            readiness: Readiness::Notify,
+            ..example()
+        };
+        assert!(notify.system_unit().lines().any(|l| l == "Type=notify"));
+        assert!(notify.command_line().contains("--type notify"));
+    }
+}
