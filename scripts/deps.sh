@@ -2,6 +2,8 @@
 # dbus: dbus-daemon, dbus-run-session. systemd-container: systemd-nspawn for the deployment
 # tests. libsystemd-dev: the sd-bus C reference of the benchmarks. util-linux: flock(1), setpriv.
 UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux)
+# The benchmarks also compile their C references (gcc, pkg-config) and strip copies (binutils).
+UNIQUE_INSTANCE_BENCH_PACKAGES=(dbus libsystemd-dev util-linux gcc pkg-config binutils)
 
 # Installs what is missing when we are root; otherwise says exactly what to run, and fails.
 ensure_packages() {
