@@ -341,11 +341,15 @@ impl InstanceOptions {
             "acquiring instance"
         );
 
-        // 1. The lock file: cheap, local, and the ground truth on this machine.
-        let (lock, previous) = match &lock_plan {
+        // 1. The lock file: cheap, local, and the ground truth on this machine. The record is
+        // written at once, so that copies refused meanwhile can name us without waiting for our
+        // bus connection; it is completed with the bus below.
+        let (mut lock, previous) = match &lock_plan {
             Some(plan) => {
-                let (held, previous) = take_lock(&name, plan, &self, deadline).await?;
-                (Some(held), previous)
+                let (mut held, previous) = take_lock(&name, plan, &self, deadline).await?;
+                let record = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+                held.write_record(&record)?;
+                (Some((held, record)), previous)
             }
             None => (None, None),
         };
@@ -377,21 +381,13 @@ impl InstanceOptions {
             );
         }
 
-        if let Some(held) = &lock {
-            let mut backends = vec![BackendKind::LockFile];
-            if bus.is_some() {
-                backends.push(BackendKind::Dbus);
-            }
-            let record = LockRecord::for_self(
-                backends,
-                bus.as_ref().map(|(k, _)| *k),
-                bus.as_ref()
-                    .and_then(|(_, c): &(BusKind, zbus::Connection)| {
-                        c.unique_name().map(|n| n.to_string())
-                    }),
-            );
-            held.write_record(&record)?;
+        if let (Some((held, record)), Some((kind, conn))) = (&mut lock, &bus) {
+            record.backend.push(BackendKind::Dbus);
+            record.bus = Some(*kind);
+            record.bus_unique_name = conn.unique_name().map(|n| n.to_string());
+            held.write_record(record)?;
         }
+        let mut lock = lock.map(|(held, _)| held);
 
         let (loss_tx, loss_rx) = watch::channel(Vec::new());
         let mut tasks = Vec::new();
@@ -424,10 +420,11 @@ impl InstanceOptions {
             )));
         }
 
-        if let (true, Some(held)) = (self.watch_lock, &lock) {
+        if let (true, Some(held)) = (self.watch_lock, &mut lock) {
             let handle = held.watch_handle();
             match handle.inotify() {
                 Ok(inotify) => {
+                    held.move_above(&inotify)?;
                     tasks.push(tokio::spawn(watch_lock(handle, inotify, loss_tx.clone())));
                 }
                 Err(e) => {
@@ -473,7 +470,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     let (name, lock_plan, _) = options.resolve()?;
     let plan = lock_plan.expect("the lock-file backend always plans a lock file");
     let dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
-    let held = match lockfile::lock(&plan, &dir, false)? {
+    let mut held = match lockfile::lock(&plan, &dir, false)? {
         Attempt::Acquired(held, _) => held,
         Attempt::Busy(holder) => return Err(already_running(&name, holder)),
     };
