@@ -341,6 +341,10 @@ impl InstanceOptions {
             "acquiring instance"
         );
 
+        // Made before the lock and the bus socket so that a killed holder releases both before
+        // it (see `HeldLock::move_above`).
+        let inotify = (self.watch_lock && lock_plan.is_some()).then(lockfile::new_inotify);
+
         // 1. The lock file: cheap, local, and the ground truth on this machine. The record is
         // written at once, so that copies refused meanwhile can name us without waiting for our
         // bus connection; it is completed with the bus below.
@@ -420,9 +424,9 @@ impl InstanceOptions {
             )));
         }
 
-        if let (true, Some(held)) = (self.watch_lock, &mut lock) {
+        if let (Some(inotify), Some(held)) = (inotify, &mut lock) {
             let handle = held.watch_handle();
-            match handle.inotify() {
+            match handle.inotify(inotify) {
                 Ok(inotify) => {
                     held.move_above(&inotify)?;
                     tasks.push(tokio::spawn(watch_lock(handle, inotify, loss_tx.clone())));
