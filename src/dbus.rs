@@ -22,11 +22,62 @@ pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(25);
 /// Connects (authenticates and says `Hello`) to `bus`, honouring `DBUS_SESSION_BUS_ADDRESS` /
 /// `DBUS_SYSTEM_BUS_ADDRESS`.
 pub(crate) async fn connect(bus: BusKind) -> zbus::Result<Connection> {
-    let builder = match bus {
-        BusKind::Session => zbus::connection::Builder::session(),
-        BusKind::System => zbus::connection::Builder::system(),
+    let address = match bus {
+        BusKind::Session => zbus::Address::session()?,
+        BusKind::System => zbus::Address::system()?,
     };
-    builder.method_timeout(CALL_TIMEOUT).build().await
+    // A Unix socket is connected here (a local connect completes at once, or fails with EAGAIN
+    // when the bus's backlog is full: then zbus connects as usual) and handed over connected:
+    // zbus's own connect waits for the socket to become writable and registers it with the
+    // reactor twice, a trip through the event loop (and, on a multi-thread runtime, a wake-up of
+    // another thread) before the handshake can start.
+    let builder = match unix_connect(&address) {
+        Some(Ok(stream)) => zbus::connection::Builder::unix_stream(stream),
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => return Err(e.into()),
+        _ => zbus::connection::Builder::address(address.clone()),
+    };
+    let conn = builder.method_timeout(CALL_TIMEOUT).build().await?;
+    // zbus checks the bus's GUID against the address's only when it connects by address.
+    if let Some(expected) = address.guid()
+        && conn.server_guid().as_str() != expected.as_str()
+    {
+        return Err(zbus::Error::Handshake(format!(
+            "server GUID mismatch: expected {expected}, got {}",
+            conn.server_guid()
+        )));
+    }
+    Ok(conn)
+}
+
+/// Connects, without blocking, to `address` when it names a Unix socket (a path or an abstract
+/// name); `None` for any other transport, which zbus then handles itself.
+fn unix_connect(
+    address: &zbus::Address,
+) -> Option<std::io::Result<std::os::unix::net::UnixStream>> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    use zbus::address::transport::{Transport, UnixSocket};
+    let Transport::Unix(unix) = address.transport() else {
+        return None;
+    };
+    let target = match unix.path() {
+        UnixSocket::File(path) => SocketAddrUnix::new(path.as_path()),
+        #[cfg(target_os = "linux")]
+        UnixSocket::Abstract(name) => {
+            use std::os::unix::ffi::OsStrExt;
+            SocketAddrUnix::new_abstract_name(name.as_bytes())
+        }
+        _ => return None,
+    };
+    Some((|| {
+        let socket = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        rustix::net::connect(&socket, &target?)?;
+        Ok(std::os::unix::net::UnixStream::from(socket))
+    })())
 }
 
 /// A stream of everything the connection receives, opened before `RequestName` so that no
