@@ -106,10 +106,10 @@ impl Config {
         common::require_program("sleep", "coreutils");
         common::require_program("strip", "binutils");
         Ok(Config {
-            acquire_rounds: if quick { 2 } else { 40 },
+            acquire_rounds: if quick { 2 } else { 100 },
             acquire_batch: if quick { 5 } else { 25 },
-            takeover_trials: if quick { 5 } else { 200 },
-            storm_rounds: if quick { 2 } else { 15 },
+            takeover_trials: if quick { 5 } else { 250 },
+            storm_rounds: if quick { 2 } else { 30 },
             storm_copies: 64,
             idle: Duration::from_secs(if quick { 2 } else { 30 }),
             cli,
