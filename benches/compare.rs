@@ -49,7 +49,12 @@ fn main() -> Result<()> {
 /// Starts a private bus and lock directory, and runs this program again inside them.
 fn run_outer() -> Result<()> {
     let bus = common::DbusDaemon::start(common::BusConfig::Open);
-    let lock_dir = tempfile::tempdir()?;
+    // Lock directories live on tmpfs in real deployments (/run/user/UID, /run/lock). On a disk
+    // file system, creating and removing the lock file waits for the journal whenever something
+    // else writes to the disk (a build next door made acquisition 10x slower and noisy).
+    let lock_dir = tempfile::Builder::new()
+        .prefix("unique-instance-bench")
+        .tempdir_in(tmpfs_dir())?;
     let status = Command::new(std::env::current_exe()?)
         .args(std::env::args_os().skip(1))
         .env(INNER_ENV, "1")
@@ -60,6 +65,28 @@ fn run_outer() -> Result<()> {
         .context("cannot run the benchmark under the private bus")?;
     ensure!(status.success(), "the benchmark failed ({status})");
     Ok(())
+}
+
+/// `/dev/shm` when it is a tmpfs, else the usual temporary directory.
+fn tmpfs_dir() -> PathBuf {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let shm = Path::new("/dev/shm");
+    match rustix::fs::statfs(shm) {
+        Ok(fs) if fs.f_type as i64 == TMPFS_MAGIC => shm.to_owned(),
+        _ => std::env::temp_dir(),
+    }
+}
+
+/// The file system type of `path`, for the report.
+fn fs_name(path: &Path) -> &'static str {
+    match rustix::fs::statfs(path).map(|fs| fs.f_type as i64) {
+        Ok(0x0102_1994) => "tmpfs",
+        Ok(0xEF53) => "ext2/3/4",
+        Ok(0x5846_5342) => "xfs",
+        Ok(0x9123_683E) => "btrfs",
+        Ok(0x794C_7630) => "overlayfs",
+        _ => "another file system",
+    }
 }
 
 /// Iteration counts, the programs under test and the references.
@@ -117,7 +144,9 @@ impl Config {
             sdbus_ref,
             flock_ref,
             flock,
-            work: tempfile::tempdir()?,
+            work: tempfile::Builder::new()
+                .prefix("unique-instance-bench")
+                .tempdir_in(tmpfs_dir())?,
         })
     }
 }
@@ -295,13 +324,14 @@ impl Report {
                 "@SETTINGS@",
                 &format!(
                     "{} rounds × {} in-process acquisitions per kind, {} take-over trials per \
-                     series, {} storms of {} copies per tool, {} s idle",
+                     series, {} storms of {} copies per tool, {} s idle; lock files on {}",
                     config.acquire_rounds,
                     config.acquire_batch,
                     config.takeover_trials,
                     config.storm_rounds,
                     config.storm_copies,
-                    config.idle.as_secs()
+                    config.idle.as_secs(),
+                    fs_name(config.work.path()),
                 ),
             )
             .replace("@TABLE@", &self.table());
