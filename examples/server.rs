@@ -44,6 +44,16 @@ async fn main() -> ExitCode {
         .nth(1)
         .unwrap_or_else(|| "org.example.Server".to_owned());
 
+    // Caught from the start: a SIGTERM that comes as soon as the name is visible still ends the
+    // server cleanly (releasing the name and the lock file).
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("server: cannot install signal handlers");
+        return ExitCode::from(70);
+    };
+
     // Export the object before the name is requested, so a caller who sees the name can use it.
     let options =
         InstanceOptions::new(&name).serve_at("/org/example/Server", Server { name: name.clone() });
@@ -57,13 +67,6 @@ async fn main() -> ExitCode {
     tracing::info!(?guard, "serving");
     println!("ready: {name} pid {}", std::process::id());
 
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("server: cannot install signal handlers");
-        return ExitCode::from(70);
-    };
     let code = loop {
         tokio::select! {
             _ = term.recv() => break 0,

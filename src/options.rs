@@ -1,9 +1,7 @@
 //! Options, and the one async core that acquires an instance.
 
 use std::fmt;
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -36,10 +34,6 @@ pub enum Wait {
 /// by the lock's previous holder, which has died but whose disconnect the bus has not yet seen.
 const DEAD_OWNER_GRACE: Duration = Duration::from_secs(5);
 
-type Export = Box<
-    dyn FnOnce(zbus::Connection) -> Pin<Box<dyn Future<Output = zbus::Result<()>> + Send>> + Send,
->;
-
 /// Everything that can be chosen about acquiring an instance; [`crate::ensure_single_instance`]
 /// is this with the defaults.
 #[must_use = "options do nothing until acquire() or acquire_async() is called"]
@@ -54,7 +48,7 @@ pub struct InstanceOptions {
     recheck: Option<Duration>,
     watch_lock: bool,
     allow_network_filesystem: bool,
-    exports: Vec<Export>,
+    exports: Vec<dbus::Export>,
 }
 
 impl fmt::Debug for InstanceOptions {
@@ -180,9 +174,9 @@ impl InstanceOptions {
     where
         I: zbus::object_server::Interface,
     {
-        self.exports.push(Box::new(move |conn: zbus::Connection| {
-            Box::pin(async move { conn.object_server().at(path, iface).await.map(drop) })
-        }));
+        self.exports.push(Box::new(
+            move |builder: zbus::connection::Builder<'static>| builder.serve_at(path, iface),
+        ));
         self
     }
 
@@ -337,7 +331,7 @@ impl InstanceOptions {
     /// # Errors
     ///
     /// As [`InstanceOptions::acquire`].
-    pub async fn acquire_async(self) -> Result<InstanceGuard> {
+    pub async fn acquire_async(mut self) -> Result<InstanceGuard> {
         let (name, lock_plan, bus_plan) = self.resolve()?;
         let started = Instant::now();
         let deadline = match self.wait {
@@ -373,8 +367,19 @@ impl InstanceOptions {
         // 2. The bus name.
         let mut bus = None;
         if let Some(plan) = bus_plan {
-            match dbus::connect(plan.kind).await {
-                Ok(conn) => bus = Some((plan.kind, conn)),
+            let flags = request_flags(self.wait, self.allow_replacement);
+            let exports = std::mem::take(&mut self.exports);
+            match dbus::connect(plan.kind, exports, Some((name.as_str(), flags))).await {
+                Ok(connected) => bus = Some((plan.kind, connected)),
+                // Only what we asked it to serve can fail this way (an invalid object path, an
+                // interface given twice): a mistake to report, not an unreachable bus.
+                Err(e @ (zbus::Error::InterfaceExists(..) | zbus::Error::InvalidObjectPath)) => {
+                    return Err(Error::Bus {
+                        context: "cannot export an object",
+                        bus: plan.kind,
+                        source: e,
+                    });
+                }
                 Err(e) if lock.is_none() => {
                     return Err(Error::NoUsableBackend {
                         name: name.to_string(),
@@ -397,44 +402,46 @@ impl InstanceOptions {
             );
         }
 
-        if let (Some((held, record)), Some((kind, conn))) = (&mut lock, &bus) {
+        if let (Some((held, record)), Some((kind, connected))) = (&mut lock, &bus) {
             record.backend.push(BackendKind::Dbus);
             record.bus = Some(*kind);
-            record.bus_unique_name = conn.unique_name().map(|n| n.to_string());
+            record.bus_unique_name = connected.conn.unique_name().map(|n| n.to_string());
             held.write_record(record)?;
         }
         let mut lock = lock.map(|(held, _)| held);
 
         let (loss_tx, loss_rx) = watch::channel(Vec::new());
         let mut tasks = Vec::new();
-        if let Some((kind, conn)) = &bus {
-            for export in self.exports {
-                export(conn.clone()).await.map_err(|source| Error::Bus {
-                    context: "cannot export an object",
-                    bus: *kind,
-                    source,
-                })?;
+        let bus = match bus {
+            Some((kind, connected)) => {
+                let dbus::Connected {
+                    conn,
+                    stream,
+                    pending_request,
+                } = connected;
+                let stream = own_name(
+                    &name,
+                    kind,
+                    &conn,
+                    stream,
+                    pending_request,
+                    self.wait,
+                    deadline,
+                    self.allow_replacement,
+                    previous.as_ref(),
+                    lock.is_some(),
+                )
+                .await?;
+                tasks.push(tokio::spawn(watch_bus(
+                    stream,
+                    name.to_string(),
+                    loss_tx.clone(),
+                    lock.is_some(),
+                )));
+                Some((kind, conn))
             }
-            let stream = dbus::signal_stream(conn);
-            let stream = own_name(
-                &name,
-                *kind,
-                conn,
-                stream,
-                self.wait,
-                deadline,
-                self.allow_replacement,
-                previous.as_ref(),
-                lock.is_some(),
-            )
-            .await?;
-            tasks.push(tokio::spawn(watch_bus(
-                stream,
-                name.to_string(),
-                loss_tx.clone(),
-                lock.is_some(),
-            )));
-        }
+            None => None,
+        };
 
         if let (Some(inotify), Some(held)) = (inotify, &mut lock) {
             let handle = held.watch_handle();
@@ -583,19 +590,14 @@ async fn own_name(
     kind: BusKind,
     conn: &zbus::Connection,
     mut stream: zbus::MessageStream,
+    pending_request: Option<std::num::NonZeroU32>,
     wait: Wait,
     deadline: Option<Instant>,
     allow_replacement: bool,
     previous: Option<&LockRecord>,
     holding_lock: bool,
 ) -> Result<zbus::MessageStream> {
-    let mut flags = RequestNameFlags::empty();
-    if wait == Wait::No {
-        flags |= RequestNameFlags::DO_NOT_QUEUE;
-    }
-    if allow_replacement {
-        flags |= RequestNameFlags::ALLOW_REPLACEMENT;
-    }
+    let flags = request_flags(wait, allow_replacement);
     let bus_error = |context, source| Error::Bus {
         context,
         bus: kind,
@@ -609,7 +611,13 @@ async fn own_name(
         ),
         source: Some(Box::new(source)),
     };
-    let reply = match dbus::request_name(conn, name.as_str(), flags).await {
+    // Sent with the handshake when the transport allowed it (see `dbus::connect`): then only
+    // its reply is awaited.
+    let reply = match pending_request {
+        Some(serial) => dbus::request_name_reply(&mut stream, serial).await,
+        None => dbus::request_name(conn, name.as_str(), flags).await,
+    };
+    let reply = match reply {
         Ok(reply) => reply,
         Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
         Err(e) => return Err(bus_error("cannot request the name", e)),
@@ -687,6 +695,19 @@ async fn own_name(
             }
         }
     }
+}
+
+/// `RequestName`'s flags, always explicit: `DO_NOT_QUEUE` unless waiting, `ALLOW_REPLACEMENT`
+/// only when asked (zbus's defaults would let a second copy steal the name).
+fn request_flags(wait: Wait, allow_replacement: bool) -> RequestNameFlags {
+    let mut flags = RequestNameFlags::empty();
+    if wait == Wait::No {
+        flags |= RequestNameFlags::DO_NOT_QUEUE;
+    }
+    if allow_replacement {
+        flags |= RequestNameFlags::ALLOW_REPLACEMENT;
+    }
+    flags
 }
 
 /// Watches the connection: `NameLost` for our name means replaced; the stream ending (zbus sends
