@@ -71,22 +71,28 @@ fn run_outer() -> Result<()> {
 fn tmpfs_dir() -> PathBuf {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     let shm = Path::new("/dev/shm");
-    match rustix::fs::statfs(shm) {
-        Ok(fs) if fs.f_type as i64 == TMPFS_MAGIC => shm.to_owned(),
+    match fs_type(shm) {
+        Some(TMPFS_MAGIC) => shm.to_owned(),
         _ => std::env::temp_dir(),
     }
 }
 
 /// The file system type of `path`, for the report.
 fn fs_name(path: &Path) -> &'static str {
-    match rustix::fs::statfs(path).map(|fs| fs.f_type as i64) {
-        Ok(0x0102_1994) => "tmpfs",
-        Ok(0xEF53) => "ext2/3/4",
-        Ok(0x5846_5342) => "xfs",
-        Ok(0x9123_683E) => "btrfs",
-        Ok(0x794C_7630) => "overlayfs",
+    match fs_type(path) {
+        Some(0x0102_1994) => "tmpfs",
+        Some(0xEF53) => "ext2/3/4",
+        Some(0x5846_5342) => "xfs",
+        Some(0x9123_683E) => "btrfs",
+        Some(0x794C_7630) => "overlayfs",
         _ => "another file system",
     }
+}
+
+// `f_type` is i64 here and narrower on other architectures.
+#[allow(clippy::unnecessary_cast)]
+fn fs_type(path: &Path) -> Option<i64> {
+    rustix::fs::statfs(path).ok().map(|fs| fs.f_type as i64)
 }
 
 /// Iteration counts, the programs under test and the references.
