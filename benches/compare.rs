@@ -108,6 +108,9 @@ struct Config {
     server: PathBuf,
     sdbus_ref: PathBuf,
     flock_ref: PathBuf,
+    flock_checked_ref: PathBuf,
+    /// A static-pie build of the CLI (see scripts/bench), measured in the storm when given.
+    static_cli: Option<PathBuf>,
     flock: PathBuf,
     work: tempfile::TempDir,
 }
@@ -134,6 +137,12 @@ impl Config {
             &out.join("flock_acquire"),
             false,
         )?;
+        let flock_checked_ref = build_c(
+            &refs.join("flock_checked.c"),
+            &out.join("flock_checked"),
+            false,
+        )?;
+        let static_cli = std::env::var_os("UNIQUE_INSTANCE_BENCH_STATIC_CLI").map(PathBuf::from);
         let flock = common::require_program("flock", "util-linux");
         common::require_program("sh", "dash");
         common::require_program("sleep", "coreutils");
@@ -149,6 +158,8 @@ impl Config {
             server,
             sdbus_ref,
             flock_ref,
+            flock_checked_ref,
+            static_cli,
             flock,
             work: tempfile::Builder::new()
                 .prefix("unique-instance-bench")
@@ -438,10 +449,12 @@ fn acquire(config: &Config, report: &mut Report) -> Result<()> {
     let mut auto_async = Samples::default();
     let mut auto_blocking = Samples::default();
     let mut c_flock = Samples::default();
+    let mut c_checked = Samples::default();
     let mut lock_blocking = Samples::default();
     let n = config.acquire_batch;
     let c_lock_path = config.work.path().join("c-reference.lock");
     let c_lock_path = c_lock_path.to_str().context("non-UTF-8 temp path")?;
+    let c_lock_dir = config.work.path().to_str().context("non-UTF-8 temp path")?;
     // Untimed warm-up of every path, so that first-use costs (page faults, the dynamic
     // loader's lazy binding) are not charged to whichever kind runs first.
     for round in 0..=config.acquire_rounds {
@@ -478,6 +491,13 @@ fn acquire(config: &Config, report: &mut Report) -> Result<()> {
         sink(
             &mut lock_blocking,
             in_process(&rt, n, &format!("{prefix}.lb"), Backend::LockFile, true)?,
+        );
+        sink(
+            &mut c_checked,
+            run_reference(
+                &config.flock_checked_ref,
+                &[&n.to_string(), c_lock_dir, "c-checked.lock"],
+            )?,
         );
     }
     let sd = "sd-bus (C): sd_bus_open_user + sd_bus_request_name";
@@ -518,6 +538,16 @@ fn acquire(config: &Config, report: &mut Report) -> Result<()> {
         what: "acquire() (no runtime is started for it)".into(),
         reference: Some(("C: open + flock + close".into(), c_flock)),
         goal: Some(("median ≤ 3× C and < 25 µs".into(), goal_lock)),
+        ours: lock_blocking.clone(),
+    });
+    report.rows.push(Row {
+        section: "3. acquire, lock file",
+        what: "acquire(), against the same checks and record in C".into(),
+        reference: Some((
+            "C: the same system calls (flock_checked.c)".into(),
+            c_checked,
+        )),
+        goal: None,
         ours: lock_blocking,
     });
     Ok(())
@@ -782,18 +812,26 @@ fn storm(config: &Config, report: &mut Report) -> Result<()> {
     let mut auto = Samples::default();
     let mut lockfile = Samples::default();
     let mut flock = Samples::default();
+    let mut static_auto = Samples::default();
     for round in 0..config.storm_rounds {
-        flock.push(storm_once(config, None, round)?);
-        auto.push(storm_once(config, Some("auto"), round)?);
-        lockfile.push(storm_once(config, Some("lockfile"), round)?);
+        flock.push(storm_once(config, &config.cli, None, round)?);
+        auto.push(storm_once(config, &config.cli, Some("auto"), round)?);
+        lockfile.push(storm_once(config, &config.cli, Some("lockfile"), round)?);
+        if let Some(static_cli) = &config.static_cli {
+            static_auto.push(storm_once(config, static_cli, Some("static"), round)?);
+        }
     }
     let reference = format!("{} × flock -n FILE CMD", config.storm_copies);
-    for (what, ours) in [("auto", auto), ("lockfile", lockfile)] {
+    let mut kinds = vec![("--backend auto", auto), ("--backend lockfile", lockfile)];
+    if config.static_cli.is_some() {
+        kinds.push(("(static-pie build) --backend auto", static_auto));
+    }
+    for (what, ours) in kinds {
         let holds = ours.median() <= 1.5 * flock.median();
         report.rows.push(Row {
             section: "5. storm",
             what: format!(
-                "{} × unique-instance run --backend {what} NAME CMD: until all decided",
+                "{} × unique-instance run {what} NAME CMD: until all decided",
                 config.storm_copies
             ),
             reference: Some((reference.clone(), flock.clone())),
@@ -806,8 +844,10 @@ fn storm(config: &Config, report: &mut Report) -> Result<()> {
 
 /// Launches the copies at once; returns the time until every loser has exited and the winner's
 /// command has started. Checks that exactly one ran and every other was refused.
-fn storm_once(config: &Config, backend: Option<&str>, round: usize) -> Result<Duration> {
-    let name = format!("org.uibench.Storm.{}.r{round}", backend.unwrap_or("flock"));
+fn storm_once(config: &Config, cli: &Path, kind: Option<&str>, round: usize) -> Result<Duration> {
+    let name = format!("org.uibench.Storm.{}.r{round}", kind.unwrap_or("flock"));
+    // "static" is the static build with the default backends.
+    let backend = kind.map(|k| if k == "static" { "auto" } else { k });
     let flock_file = config.work.path().join(format!("{name}.flock"));
     // The winner's command says so, then holds until we close its stdin: every copy is refused
     // for as long as the storm lasts, so "exactly one ran" is a real check.
@@ -820,7 +860,7 @@ fn storm_once(config: &Config, backend: Option<&str>, round: usize) -> Result<Du
     for _ in 0..config.storm_copies {
         let mut cmd = match backend {
             Some(b) => {
-                let mut c = Command::new(&config.cli);
+                let mut c = Command::new(cli);
                 c.args(["run", "-q", "--backend", b, &name, "--"]);
                 c
             }
@@ -1029,6 +1069,14 @@ fn idle_and_memory(config: &Config, report: &mut Report) -> Result<()> {
         reference: format!("flock(1): {}", mib(flock_size)),
         goal: None,
     });
+    if let Some(static_cli) = &config.static_cli {
+        report.facts.push(Fact {
+            what: "7. stripped size: unique-instance, static-pie build".into(),
+            value: mib(stripped_size(static_cli, work)?),
+            reference: format!("flock(1): {} (+ libc, shared)", mib(flock_size)),
+            goal: None,
+        });
+    }
     report.facts.push(Fact {
         what: "7. stripped size: example server".into(),
         value: mib(server_size),

@@ -100,6 +100,12 @@ impl WriteHalf for Writer {
 
 impl Writer {
     async fn send_some(&self, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+        // Tried at once: a fresh socket has room, but tokio learns that only from the event
+        // loop, and waiting for it would cost the handshake a turn of the loop.
+        match send(self.stream.as_fd(), buf, fds) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => return other,
+        }
         loop {
             self.stream.writable().await?;
             match self
