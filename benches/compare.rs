@@ -1092,7 +1092,7 @@ fn idle_and_memory(config: &Config, report: &mut Report) -> Result<()> {
 /// An SVG of the take-over latency distributions: one empirical CDF per series, log time axis.
 fn plot_takeover(series: &[(String, Samples)]) -> String {
     let (w, h) = (820.0, 460.0);
-    let (left, right, top, bottom) = (70.0, 20.0, 40.0, 150.0);
+    let (left, right, top, bottom) = (70.0, 40.0, 40.0, 150.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let all: Vec<f64> = series
         .iter()
@@ -1100,7 +1100,8 @@ fn plot_takeover(series: &[(String, Samples)]) -> String {
         .collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
     let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
-    let (llo, lhi) = (lo.log10().floor(), hi.log10().ceil());
+    // A little room either side of the data, in log space.
+    let (llo, lhi) = ((lo * 0.8).log10(), (hi * 1.25).log10());
     let x = |ns: f64| left + (ns.max(1.0).log10() - llo) / (lhi - llo) * pw;
     let y = |p: f64| top + (1.0 - p) * ph;
     let colours = ["#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
@@ -1116,11 +1117,11 @@ fn plot_takeover(series: &[(String, Samples)]) -> String {
         w / 2.0
     );
     // Axes and grid: one line per decade and at 2× and 5×.
-    let mut decade = llo;
+    let mut decade = llo.floor();
     while decade <= lhi {
         for m in [1.0, 2.0, 5.0] {
             let ns = 10f64.powf(decade) * m;
-            if ns.log10() > lhi + 1e-9 {
+            if ns.log10() > lhi || ns.log10() < llo {
                 continue;
             }
             let xp = x(ns);
@@ -1138,7 +1139,7 @@ fn plot_takeover(series: &[(String, Samples)]) -> String {
         }
         decade += 1.0;
     }
-    for p in [0.0, 0.25, 0.5, 0.75, 0.99, 1.0] {
+    for p in [0.0, 0.25, 0.5, 0.75, 1.0] {
         let yp = y(p);
         let _ = writeln!(
             s,
