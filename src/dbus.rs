@@ -68,9 +68,7 @@ pub(crate) async fn connect(
     let mut builder = match unix_connect(&address) {
         Some(Ok(stream)) => {
             let stream = tokio::net::UnixStream::from_std(stream)?;
-            let append = request
-                .as_ref()
-                .map_or_else(Vec::new, |m| m.data().to_vec());
+            let append = request.as_ref().map(|m| m.data().to_vec());
             Builder::socket(socket::halves(stream, append, Arc::clone(&appended)))
         }
         Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => return Err(e.into()),

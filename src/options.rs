@@ -168,8 +168,11 @@ impl InstanceOptions {
         self
     }
 
-    /// Serves `iface` at `path` on the bus connection *before* the name is requested, so that
-    /// anyone who sees the name can call it at once.
+    /// Serves `iface` at `path` on the bus connection from its start, before it reads its first
+    /// message, so that anyone who sees the name can call it at once.
+    ///
+    /// An invalid `path`, or the same interface twice at one path, fails the acquisition with
+    /// [`Error::Bus`] ("cannot export an object").
     pub fn serve_at<I>(mut self, path: &'static str, iface: I) -> Self
     where
         I: zbus::object_server::Interface,

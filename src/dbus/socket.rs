@@ -27,16 +27,20 @@ use zbus::connection::socket::{BoxedSplit, ReadHalf, Split, WriteHalf};
 /// The most descriptors one message may carry (as zbus allows).
 const MAX_FDS: usize = 1024;
 
-/// Splits `stream` into the halves zbus drives. `append` is sent right after the first write
-/// that ends the handshake with `BEGIN` and a whole message (the `Hello` call); `appended` tells
-/// whether that happened.
-pub(super) fn halves(stream: UnixStream, append: Vec<u8>, appended: Arc<AtomicBool>) -> BoxedSplit {
+/// Splits `stream` into the halves zbus drives. `append`, if any, is sent right after the first
+/// write that ends the handshake with `BEGIN` and a whole message (the `Hello` call); `appended`
+/// tells whether that happened.
+pub(super) fn halves(
+    stream: UnixStream,
+    append: Option<Vec<u8>>,
+    appended: Arc<AtomicBool>,
+) -> BoxedSplit {
     let stream = Arc::new(stream);
     Split::new(
         Box::new(Reader(Arc::clone(&stream))),
         Box::new(Writer {
             stream,
-            append: Some(append),
+            append,
             appended,
         }),
     )
