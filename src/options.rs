@@ -357,9 +357,31 @@ impl InstanceOptions {
         // 1. The lock file: cheap, local, and the ground truth on this machine. The record is
         // written at once, so that copies refused meanwhile can name us without waiting for our
         // bus connection; it is completed with the bus below.
+        let mut early_bus = None;
         let (mut lock, previous) = match &lock_plan {
             Some(plan) => {
-                let (mut held, previous) = take_lock(&name, plan, &self, deadline).await?;
+                let (mut held, previous) = match try_lock(plan, &self)? {
+                    (Attempt::Acquired(held, previous), _) => (held, previous),
+                    (Attempt::Busy(holder), _) if self.wait == Wait::No => {
+                        return Err(already_running(&name, holder));
+                    }
+                    (Attempt::Busy(holder), dir) => {
+                        let waited = wait_lock(&name, plan, dir, holder, &self, deadline);
+                        match &bus_plan {
+                            // Connected meanwhile (the name is asked for only once the lock file
+                            // is ours), so that a take-over is one round trip from the bus name.
+                            // Not with objects to serve: they can go to one connection only, and
+                            // this one may have to be replaced if the bus restarts meanwhile.
+                            Some(bus) if self.exports.is_empty() => {
+                                let connect = dbus::connect(bus.kind, Vec::new(), None);
+                                let (waited, connected) = tokio::join!(waited, connect);
+                                early_bus = connected.ok();
+                                waited?
+                            }
+                            _ => waited.await?,
+                        }
+                    }
+                };
                 let record = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
                 held.write_record(&record)?;
                 (Some((held, record)), previous)
@@ -371,8 +393,15 @@ impl InstanceOptions {
         let mut bus = None;
         if let Some(plan) = bus_plan {
             let flags = request_flags(self.wait, self.allow_replacement);
-            let exports = std::mem::take(&mut self.exports);
-            match dbus::connect(plan.kind, exports, Some((name.as_str(), flags))).await {
+            let connected = match early_bus {
+                // A connection made while waiting, unless the bus dropped it meanwhile.
+                Some(connected) if !connected.conn.is_closed() => Ok(connected),
+                _ => {
+                    let exports = std::mem::take(&mut self.exports);
+                    dbus::connect(plan.kind, exports, Some((name.as_str(), flags))).await
+                }
+            };
+            match connected {
                 Ok(connected) => bus = Some((plan.kind, connected)),
                 // Only what we asked it to serve can fail this way (an invalid object path, an
                 // interface given twice): a mistake to report, not an unreachable bus.
@@ -526,23 +555,25 @@ fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error {
     }
 }
 
-/// Takes the lock file, waiting as asked. A blocking `flock` cannot be cancelled, so a bounded
-/// wait runs it on its own thread; if we stop waiting, the thread's lock, once it comes, is
-/// dropped (and so released) unused.
-async fn take_lock(
+/// Tries the lock file once; gives back the directory too, to wait with.
+fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, LockDir)> {
+    let dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
+    Ok((lockfile::lock(plan, &dir, false)?, dir))
+}
+
+type LockDir = std::sync::Arc<std::os::fd::OwnedFd>;
+
+/// Waits for the lock file held by `holder`. A blocking `flock` cannot be cancelled, so it runs
+/// on a thread of its own; if we stop waiting, the thread's lock, once it comes, is dropped (and
+/// so released) unused.
+async fn wait_lock(
     name: &InstanceName,
     plan: &LockPlan,
+    dir: LockDir,
+    holder: Box<Holder>,
     options: &InstanceOptions,
     deadline: Option<Instant>,
 ) -> Result<(HeldLock, Option<LockRecord>)> {
-    let dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
-    let holder = match lockfile::lock(plan, &dir, false)? {
-        Attempt::Acquired(held, previous) => return Ok((held, previous)),
-        Attempt::Busy(holder) => holder,
-    };
-    if options.wait == Wait::No {
-        return Err(already_running(name, holder));
-    }
     tracing::info!(name = %name, holder = %holder, "waiting for the running copy to exit");
     let (tx, rx) = tokio::sync::oneshot::channel();
     let thread_plan = plan.clone();
