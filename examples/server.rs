@@ -61,6 +61,16 @@ async fn main() -> ExitCode {
     }
     let name = name.unwrap_or_else(|| "org.example.Server".to_owned());
 
+    // Caught from the start: a SIGTERM that comes as soon as the name is visible still ends the
+    // server cleanly (releasing the name and the lock file).
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("server: cannot install signal handlers");
+        return ExitCode::from(70);
+    };
+
     // Export the object before the name is requested, so a caller who sees the name can use it.
     let options = InstanceOptions::new(&name)
         .wait(wait)
@@ -75,13 +85,6 @@ async fn main() -> ExitCode {
     tracing::info!(?guard, "serving");
     println!("ready: {name} pid {}", std::process::id());
 
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("server: cannot install signal handlers");
-        return ExitCode::from(70);
-    };
     let code = loop {
         tokio::select! {
             _ = term.recv() => break 0,

@@ -4,6 +4,8 @@
 # nsenter. systemd: the booted container's init, systemctl, busctl, systemd-analyze,
 # systemd-tmpfiles. dbus-user-session: the session bus of the container's user manager.
 UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session)
+# The benchmarks also compile their C references (gcc, pkg-config) and strip copies (binutils).
+UNIQUE_INSTANCE_BENCH_PACKAGES=(dbus libsystemd-dev util-linux gcc pkg-config binutils)
 
 # Installs what is missing when we are root; otherwise says exactly what to run, and fails.
 ensure_packages() {

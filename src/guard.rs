@@ -129,7 +129,7 @@ pub struct InstanceGuard {
     pub(crate) seen_losses: usize,
     pub(crate) tasks: Vec<JoinHandle<()>>,
     /// The runtime that services the connection when the guard came from the blocking API.
-    pub(crate) runtime: Option<tokio::runtime::Runtime>,
+    pub(crate) runtime: Option<ServiceThread>,
 }
 
 impl fmt::Debug for InstanceGuard {
@@ -291,9 +291,8 @@ impl InstanceGuard {
             None => Ok(()),
         };
         let lock_result = self.lock.take().map_or(Ok(()), HeldLock::release);
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        // Ends the service thread, if any, and with it the connection's tasks.
+        self.runtime.take();
         bus_result.and(lock_result)
     }
 
@@ -307,7 +306,7 @@ impl InstanceGuard {
         self.stop_tasks();
         let bus_result = match self.bus.take() {
             Some((kind, conn)) => {
-                if let Some(rt) = &self.runtime {
+                if let Some(rt) = self.runtime.as_ref().map(ServiceThread::handle) {
                     // Run it on the guard's own worker thread and wait on a plain channel:
                     // `Runtime::block_on` would panic if this drop happens inside another
                     // runtime's task.
@@ -351,10 +350,56 @@ impl InstanceGuard {
             None => Ok(()),
         };
         let lock_result = self.lock.take().map_or(Ok(()), HeldLock::release);
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        // Ends the service thread, if any, and with it the connection's tasks.
+        self.runtime.take();
         bus_result.and(lock_result)
+    }
+}
+
+/// A current-thread runtime driven by a thread of its own: it services the bus connection of a
+/// guard from the blocking API. Dropping it ends the thread and the runtime's tasks.
+pub(crate) struct ServiceThread {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ServiceThread {
+    /// Hands `rt` to a new thread; gives it back if the thread cannot be started.
+    pub(crate) fn start(
+        rt: tokio::runtime::Runtime,
+    ) -> std::result::Result<Self, (tokio::runtime::Runtime, std::io::Error)> {
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // The runtime comes back through this slot if the spawn fails.
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(rt)));
+        let thread_slot = std::sync::Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
+            .name("unique-instance".into())
+            .spawn(move || {
+                let rt = thread_slot.lock().ok().and_then(|mut s| s.take());
+                if let Some(rt) = rt {
+                    // Ends when the guard drops its sender.
+                    let _ = rt.block_on(stopped);
+                    rt.shutdown_background();
+                }
+            });
+        match spawned {
+            Ok(_) => Ok(ServiceThread {
+                handle,
+                _stop: stop,
+            }),
+            Err(e) => {
+                let rt = slot.lock().ok().and_then(|mut s| s.take());
+                match rt {
+                    Some(rt) => Err((rt, e)),
+                    None => unreachable!("the runtime is taken only by a thread that started"),
+                }
+            }
+        }
+    }
+
+    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
     }
 }
 

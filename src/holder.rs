@@ -168,22 +168,51 @@ impl LockRecord {
     }
 }
 
-/// When process `pid` started, from `/proc/PID/stat` and the boot time in `/proc/stat`.
+/// When process `pid` started: its start time in `/proc/PID/stat` (clock ticks since boot) plus
+/// the boot time, taken as `CLOCK_REALTIME - CLOCK_BOOTTIME` (as the kernel derives `btime`),
+/// which spares reading `/proc/stat`: that file lists every interrupt and is slow to generate.
 pub(crate) fn process_start_time(pid: u32) -> Option<SystemTime> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read_small_file(&format!("/proc/{pid}/stat"))?;
+    let stat = std::str::from_utf8(&stat).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let after_comm = &stat[stat.rfind(')')? + 2..];
     // starttime is field 22 overall, the 20th after "pid (comm)".
     let ticks: u64 = after_comm.split_whitespace().nth(19)?.parse().ok()?;
-    let boot_time: u64 = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|line| line.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
     let hz = rustix::param::clock_ticks_per_second().max(1);
-    Some(UNIX_EPOCH + Duration::from_secs(boot_time) + Duration::from_millis(ticks * 1000 / hz))
+    let since_boot = Duration::from_millis(ticks * 1000 / hz);
+    let as_duration = |t: rustix::time::Timespec| {
+        Duration::new(
+            u64::try_from(t.tv_sec).ok()?,
+            u32::try_from(t.tv_nsec).ok()?,
+        )
+        .into()
+    };
+    let now = as_duration(rustix::time::clock_gettime(rustix::time::ClockId::Realtime))?;
+    let up: Option<Duration> =
+        as_duration(rustix::time::clock_gettime(rustix::time::ClockId::Boottime));
+    let boot = now.checked_sub(up?)?;
+    Some(UNIX_EPOCH + boot + since_boot)
+}
+
+/// Reads a small file (a `/proc` entry) with one `open`, as few `read`s as it takes, one `close`.
+fn read_small_file(path: &str) -> Option<Vec<u8>> {
+    use rustix::fs::{Mode, OFlags};
+    let file = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let mut buf = vec![0u8; 1024];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match rustix::io::read(&file, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return None,
+        }
+    }
+    buf.truncate(len);
+    Some(buf)
 }
 
 /// The executable of process `pid`, where `/proc` lets us see it.

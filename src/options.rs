@@ -1,9 +1,7 @@
 //! Options, and the one async core that acquires an instance.
 
 use std::fmt;
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -11,7 +9,7 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::dbus;
 use crate::error::{Error, Result};
-use crate::guard::{InstanceGuard, Loss, LossLog, LossReason};
+use crate::guard::{InstanceGuard, Loss, LossLog, LossReason, ServiceThread};
 use crate::holder::{BackendKind, Holder, LockRecord};
 use crate::lockfile::{self, Attempt, HeldLock, PathChange};
 use crate::name::InstanceName;
@@ -36,10 +34,6 @@ pub enum Wait {
 /// by the lock's previous holder, which has died but whose disconnect the bus has not yet seen.
 const DEAD_OWNER_GRACE: Duration = Duration::from_secs(5);
 
-type Export = Box<
-    dyn FnOnce(zbus::Connection) -> Pin<Box<dyn Future<Output = zbus::Result<()>> + Send>> + Send,
->;
-
 /// Everything that can be chosen about acquiring an instance; [`crate::ensure_single_instance`]
 /// is this with the defaults.
 #[must_use = "options do nothing until acquire() or acquire_async() is called"]
@@ -56,7 +50,7 @@ pub struct InstanceOptions {
     watch_lock: bool,
     allow_network_filesystem: bool,
     notify_ready: bool,
-    exports: Vec<Export>,
+    exports: Vec<dbus::Export>,
 }
 
 impl fmt::Debug for InstanceOptions {
@@ -194,15 +188,18 @@ impl InstanceOptions {
         self
     }
 
-    /// Serves `iface` at `path` on the bus connection *before* the name is requested, so that
-    /// anyone who sees the name can call it at once.
+    /// Serves `iface` at `path` on the bus connection from its start, before it reads its first
+    /// message, so that anyone who sees the name can call it at once.
+    ///
+    /// An invalid `path`, or the same interface twice at one path, fails the acquisition with
+    /// [`Error::Bus`] ("cannot export an object").
     pub fn serve_at<I>(mut self, path: &'static str, iface: I) -> Self
     where
         I: zbus::object_server::Interface,
     {
-        self.exports.push(Box::new(move |conn: zbus::Connection| {
-            Box::pin(async move { conn.object_server().at(path, iface).await.map(drop) })
-        }));
+        self.exports.push(Box::new(
+            move |builder: zbus::connection::Builder<'static>| builder.serve_at(path, iface),
+        ));
         self
     }
 
@@ -340,15 +337,27 @@ impl InstanceOptions {
             let notify = self.notify_ready;
             return tell_service_manager(notify, acquire_lock_only(self));
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("unique-instance")
+        // Acquired on this thread, with a current-thread runtime: every reply is read here, with
+        // no wake-ups of another thread (a multi-thread runtime made acquire() ~2x slower,
+        // benchmark 1). Then a thread of its own drives that runtime for as long as the guard
+        // lives, so the connection stays serviced.
+        let name = PathBuf::from(&self.name);
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| Error::io("cannot start the runtime for", PathBuf::from(&self.name), e))?;
+            .map_err(|e| Error::io("cannot start the runtime for", name.clone(), e))?;
         let mut guard = rt.block_on(self.acquire_async())?;
-        guard.runtime = Some(rt);
-        Ok(guard)
+        match ServiceThread::start(rt) {
+            Ok(service) => {
+                guard.runtime = Some(service);
+                Ok(guard)
+            }
+            Err((rt, e)) => {
+                // Released while this thread can still drive the connection.
+                let _ = rt.block_on(guard.release_async());
+                Err(Error::io("cannot start the thread that services", name, e))
+            }
+        }
     }
 
     /// Acquires the instance inside a tokio runtime.
@@ -361,7 +370,7 @@ impl InstanceOptions {
         tell_service_manager(notify, self.acquire_core().await)
     }
 
-    async fn acquire_core(self) -> Result<InstanceGuard> {
+    async fn acquire_core(mut self) -> Result<InstanceGuard> {
         let (name, scope, lock_plan, bus_plan) = self.resolve()?;
         let scope = effective_scope(scope, lock_plan.as_ref(), bus_plan.as_ref());
         let started = Instant::now();
@@ -378,11 +387,41 @@ impl InstanceOptions {
             "acquiring instance"
         );
 
-        // 1. The lock file: cheap, local, and the ground truth on this machine.
-        let (lock, previous) = match &lock_plan {
+        // Made before the lock and the bus socket so that a killed holder releases both before
+        // it (see `HeldLock::move_above`).
+        let inotify = (self.watch_lock && lock_plan.is_some()).then(lockfile::new_inotify);
+
+        // 1. The lock file: cheap, local, and the ground truth on this machine. The record is
+        // written at once, so that copies refused meanwhile can name us without waiting for our
+        // bus connection; it is completed with the bus below.
+        let mut early_bus = None;
+        let (mut lock, previous) = match &lock_plan {
             Some(plan) => {
-                let (held, previous) = take_lock(&name, plan, &self, deadline).await?;
-                (Some(held), previous)
+                let (mut held, previous) = match try_lock(plan, &self)? {
+                    (Attempt::Acquired(held, previous), _) => (held, previous),
+                    (Attempt::Busy(holder), _) if self.wait == Wait::No => {
+                        return Err(already_running(&name, holder));
+                    }
+                    (Attempt::Busy(holder), dir) => {
+                        let waited = wait_lock(&name, plan, dir, holder, &self, deadline);
+                        match &bus_plan {
+                            // Connected meanwhile (the name is asked for only once the lock file
+                            // is ours), so that a take-over is one round trip from the bus name.
+                            // Not with objects to serve: they can go to one connection only, and
+                            // this one may have to be replaced if the bus restarts meanwhile.
+                            Some(bus) if self.exports.is_empty() => {
+                                let connect = dbus::connect(bus.kind, Vec::new(), None);
+                                let (waited, connected) = tokio::join!(waited, connect);
+                                early_bus = connected.ok();
+                                waited?
+                            }
+                            _ => waited.await?,
+                        }
+                    }
+                };
+                let record = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+                held.write_record(&record)?;
+                (Some((held, record)), previous)
             }
             None => (None, None),
         };
@@ -390,8 +429,26 @@ impl InstanceOptions {
         // 2. The bus name.
         let mut bus = None;
         if let Some(plan) = bus_plan {
-            match dbus::connect(plan.kind).await {
-                Ok(conn) => bus = Some((plan.kind, conn)),
+            let flags = request_flags(self.wait, self.allow_replacement);
+            let connected = match early_bus {
+                // A connection made while waiting, unless the bus dropped it meanwhile.
+                Some(connected) if !connected.conn.is_closed() => Ok(connected),
+                _ => {
+                    let exports = std::mem::take(&mut self.exports);
+                    dbus::connect(plan.kind, exports, Some((name.as_str(), flags))).await
+                }
+            };
+            match connected {
+                Ok(connected) => bus = Some((plan.kind, connected)),
+                // Only what we asked it to serve can fail this way (an invalid object path, an
+                // interface given twice): a mistake to report, not an unreachable bus.
+                Err(e @ (zbus::Error::InterfaceExists(..) | zbus::Error::InvalidObjectPath)) => {
+                    return Err(Error::Bus {
+                        context: "cannot export an object",
+                        bus: plan.kind,
+                        source: e,
+                    });
+                }
                 Err(e) if lock.is_none() => {
                     return Err(Error::NoUsableBackend {
                         name: name.to_string(),
@@ -414,57 +471,52 @@ impl InstanceOptions {
             );
         }
 
-        if let Some(held) = &lock {
-            let mut backends = vec![BackendKind::LockFile];
-            if bus.is_some() {
-                backends.push(BackendKind::Dbus);
-            }
-            let record = LockRecord::for_self(
-                backends,
-                bus.as_ref().map(|(k, _)| *k),
-                bus.as_ref()
-                    .and_then(|(_, c): &(BusKind, zbus::Connection)| {
-                        c.unique_name().map(|n| n.to_string())
-                    }),
-            );
-            held.write_record(&record)?;
+        if let (Some((held, record)), Some((kind, connected))) = (&mut lock, &bus) {
+            record.backend.push(BackendKind::Dbus);
+            record.bus = Some(*kind);
+            record.bus_unique_name = connected.conn.unique_name().map(|n| n.to_string());
+            held.write_record(record)?;
         }
+        let mut lock = lock.map(|(held, _)| held);
 
         let (loss_tx, loss_rx) = watch::channel(Vec::new());
         let mut tasks = Vec::new();
-        if let Some((kind, conn)) = &bus {
-            for export in self.exports {
-                export(conn.clone()).await.map_err(|source| Error::Bus {
-                    context: "cannot export an object",
-                    bus: *kind,
-                    source,
-                })?;
+        let bus = match bus {
+            Some((kind, connected)) => {
+                let dbus::Connected {
+                    conn,
+                    stream,
+                    pending_request,
+                } = connected;
+                let stream = own_name(
+                    &name,
+                    kind,
+                    &conn,
+                    stream,
+                    pending_request,
+                    self.wait,
+                    deadline,
+                    self.allow_replacement,
+                    previous.as_ref(),
+                    lock.is_some(),
+                )
+                .await?;
+                tasks.push(tokio::spawn(watch_bus(
+                    stream,
+                    name.to_string(),
+                    loss_tx.clone(),
+                    lock.is_some(),
+                )));
+                Some((kind, conn))
             }
-            let stream = dbus::signal_stream(conn);
-            let stream = own_name(
-                &name,
-                *kind,
-                conn,
-                stream,
-                self.wait,
-                deadline,
-                self.allow_replacement,
-                previous.as_ref(),
-                lock.is_some(),
-            )
-            .await?;
-            tasks.push(tokio::spawn(watch_bus(
-                stream,
-                name.to_string(),
-                loss_tx.clone(),
-                lock.is_some(),
-            )));
-        }
+            None => None,
+        };
 
-        if let (true, Some(held)) = (self.watch_lock, &lock) {
+        if let (Some(inotify), Some(held)) = (inotify, &mut lock) {
             let handle = held.watch_handle();
-            match handle.inotify() {
+            match handle.inotify(inotify) {
                 Ok(inotify) => {
+                    held.move_above(&inotify)?;
                     tasks.push(tokio::spawn(watch_lock(handle, inotify, loss_tx.clone())));
                 }
                 Err(e) => {
@@ -544,7 +596,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     let plan = lock_plan.expect("the lock-file backend always plans a lock file");
     let scope = effective_scope(scope, Some(&plan), None);
     let dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
-    let held = match lockfile::lock(&plan, &dir, false)? {
+    let mut held = match lockfile::lock(&plan, &dir, false)? {
         Attempt::Acquired(held, _) => held,
         Attempt::Busy(holder) => return Err(already_running(&name, holder)),
     };
@@ -574,23 +626,25 @@ fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error {
     }
 }
 
-/// Takes the lock file, waiting as asked. A blocking `flock` cannot be cancelled, so a bounded
-/// wait runs it on its own thread; if we stop waiting, the thread's lock, once it comes, is
-/// dropped (and so released) unused.
-async fn take_lock(
+/// Tries the lock file once; gives back the directory too, to wait with.
+fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, LockDir)> {
+    let dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
+    Ok((lockfile::lock(plan, &dir, false)?, dir))
+}
+
+type LockDir = std::sync::Arc<std::os::fd::OwnedFd>;
+
+/// Waits for the lock file held by `holder`. A blocking `flock` cannot be cancelled, so it runs
+/// on a thread of its own; if we stop waiting, the thread's lock, once it comes, is dropped (and
+/// so released) unused.
+async fn wait_lock(
     name: &InstanceName,
     plan: &LockPlan,
+    dir: LockDir,
+    holder: Box<Holder>,
     options: &InstanceOptions,
     deadline: Option<Instant>,
 ) -> Result<(HeldLock, Option<LockRecord>)> {
-    let dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
-    let holder = match lockfile::lock(plan, &dir, false)? {
-        Attempt::Acquired(held, previous) => return Ok((held, previous)),
-        Attempt::Busy(holder) => holder,
-    };
-    if options.wait == Wait::No {
-        return Err(already_running(name, holder));
-    }
     tracing::info!(name = %name, holder = %holder, "waiting for the running copy to exit");
     if options.notify_ready {
         crate::notify::status(&format!(
@@ -646,19 +700,14 @@ async fn own_name(
     kind: BusKind,
     conn: &zbus::Connection,
     mut stream: zbus::MessageStream,
+    pending_request: Option<std::num::NonZeroU32>,
     wait: Wait,
     deadline: Option<Instant>,
     allow_replacement: bool,
     previous: Option<&LockRecord>,
     holding_lock: bool,
 ) -> Result<zbus::MessageStream> {
-    let mut flags = RequestNameFlags::empty();
-    if wait == Wait::No {
-        flags |= RequestNameFlags::DO_NOT_QUEUE;
-    }
-    if allow_replacement {
-        flags |= RequestNameFlags::ALLOW_REPLACEMENT;
-    }
+    let flags = request_flags(wait, allow_replacement);
     let bus_error = |context, source| Error::Bus {
         context,
         bus: kind,
@@ -672,7 +721,13 @@ async fn own_name(
         ),
         source: Some(Box::new(source)),
     };
-    let reply = match dbus::request_name(conn, name.as_str(), flags).await {
+    // Sent with the handshake when the transport allowed it (see `dbus::connect`): then only
+    // its reply is awaited.
+    let reply = match pending_request {
+        Some(serial) => dbus::request_name_reply(&mut stream, serial).await,
+        None => dbus::request_name(conn, name.as_str(), flags).await,
+    };
+    let reply = match reply {
         Ok(reply) => reply,
         Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
         Err(e) => return Err(bus_error("cannot request the name", e)),
@@ -750,6 +805,19 @@ async fn own_name(
             }
         }
     }
+}
+
+/// `RequestName`'s flags, always explicit: `DO_NOT_QUEUE` unless waiting, `ALLOW_REPLACEMENT`
+/// only when asked (zbus's defaults would let a second copy steal the name).
+fn request_flags(wait: Wait, allow_replacement: bool) -> RequestNameFlags {
+    let mut flags = RequestNameFlags::empty();
+    if wait == Wait::No {
+        flags |= RequestNameFlags::DO_NOT_QUEUE;
+    }
+    if allow_replacement {
+        flags |= RequestNameFlags::ALLOW_REPLACEMENT;
+    }
+    flags
 }
 
 /// Watches the connection: `NameLost` for our name means replaced; the stream ending (zbus sends

@@ -49,8 +49,8 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
     }
     let mut bus_asked = None;
     if let Some(kind) = plan.bus {
-        match dbus::connect(kind).await {
-            Ok(conn) => {
+        match dbus::connect(kind, Vec::new(), None).await {
+            Ok(dbus::Connected { conn, .. }) => {
                 bus_asked = Some(kind);
                 let owner = dbus::owner_of(&conn, &plan.name, kind).await;
                 if owner.bus_unique_name.is_some() {

@@ -60,9 +60,22 @@ impl DbusDaemon {
 
     /// Starts one with extra `<policy>`/`<includedir>` XML appended to the configuration.
     pub fn start_with(config: BusConfig, extra_xml: &str) -> Self {
+        Self::start_listening(config, extra_xml, None, "<auth>EXTERNAL</auth>")
+    }
+
+    /// Starts one listening on `listen` (a D-Bus server address; default: a socket file in a
+    /// temporary directory), with the `<auth>`/`<allow_anonymous/>` elements in `auth`.
+    pub fn start_listening(
+        config: BusConfig,
+        extra_xml: &str,
+        listen: Option<&str>,
+        auth: &str,
+    ) -> Self {
         let daemon = require_program("dbus-daemon", "dbus");
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("bus");
+        let listen =
+            listen.map_or_else(|| format!("unix:path={}", socket.display()), str::to_owned);
         let own = match config {
             BusConfig::Open => r#"<allow own="*"/>"#,
             BusConfig::DenyOwn => r#"<deny own="*"/>"#,
@@ -72,8 +85,8 @@ impl DbusDaemon {
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
+  <listen>{listen}</listen>
+  {auth}
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
@@ -82,8 +95,7 @@ impl DbusDaemon {
   </policy>
   {extra_xml}
 </busconfig>
-"#,
-            socket.display()
+"#
         );
         Self::spawn(daemon, dir, &conf)
     }

@@ -8,6 +8,11 @@ use tracing_subscriber::EnvFilter;
 /// Installs the subscriber. Quiet by default: the wrapper's own messages (conflicts, losses,
 /// errors) are printed directly; `RUST_LOG` adds the library's reasoning.
 pub(crate) fn init() {
+    // Nothing asked for: no subscriber at all. Building one costs more than the rest of a
+    // refused copy's work (callgrind), and a start-up storm is made of refused copies.
+    if std::env::var_os("RUST_LOG").is_none_or(|v| v.is_empty()) {
+        return;
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -137,7 +137,10 @@ fn refused(args: &RunArgs, e: &Error) -> ExitCode {
             if !args.quiet {
                 eprintln!("unique-instance: {e}");
             }
-            ExitCode::from(args.conflict_exit_code)
+            // A refused copy holds nothing and has started nothing: it exits here, without
+            // tearing down its runtime and signal handlers one by one (a start-up storm is
+            // made of refused copies).
+            std::process::exit(i32::from(args.conflict_exit_code))
         }
         _ => fail(e.exit_code(), format_args!("{e}")),
     }

@@ -1,0 +1,228 @@
+//! The bus socket as zbus sees it, so that `RequestName` can go out in the same write as the
+//! handshake and `Hello`.
+//!
+//! zbus already sends its whole client handshake (`AUTH`, `NEGOTIATE_UNIX_FD`, `BEGIN`) and the
+//! `Hello` call in one write. Our write half appends the `RequestName` call to that write, so a
+//! fresh instance needs one round trip to the bus instead of two; the bus handles messages in
+//! order, so `RequestName` is handled right after `Hello`, as if we had waited. The reply is read
+//! from a message stream set up before zbus starts reading (`build_message_stream`).
+//!
+//! Otherwise the halves are a plain Unix socket driven by tokio: bytes and file descriptors
+//! (`SCM_RIGHTS`) in and out, as zbus's own socket does.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, Shutdown,
+};
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use zbus::connection::socket::{BoxedSplit, ReadHalf, Split, WriteHalf};
+
+/// The most descriptors one message may carry (as zbus allows).
+const MAX_FDS: usize = 1024;
+
+/// Splits `stream` into the halves zbus drives. `append`, if any, is sent right after the first
+/// write that ends the handshake with `BEGIN` and a whole message (the `Hello` call); `appended`
+/// tells whether that happened.
+pub(super) fn halves(
+    stream: UnixStream,
+    append: Option<Vec<u8>>,
+    appended: Arc<AtomicBool>,
+) -> BoxedSplit {
+    let stream = Arc::new(stream);
+    Split::new(
+        Box::new(Reader(Arc::clone(&stream))),
+        Box::new(Writer {
+            stream,
+            append,
+            appended,
+        }),
+    )
+}
+
+#[derive(Debug)]
+struct Reader(Arc<UnixStream>);
+
+#[derive(Debug)]
+struct Writer {
+    stream: Arc<UnixStream>,
+    append: Option<Vec<u8>>,
+    appended: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl ReadHalf for Reader {
+    async fn recvmsg(&mut self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+        loop {
+            self.0.readable().await?;
+            match self
+                .0
+                .try_io(Interest::READABLE, || receive(self.0.as_fd(), buf))
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn can_pass_unix_fd(&self) -> bool {
+        true
+    }
+}
+
+#[async_trait::async_trait]
+impl WriteHalf for Writer {
+    async fn sendmsg(&mut self, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+        if self.append.is_some() && ends_handshake(buf) {
+            let mut all = buf.to_vec();
+            all.extend(self.append.take().unwrap_or_default());
+            self.send_all(&all, fds).await?;
+            self.appended.store(true, Ordering::Release);
+            return Ok(buf.len());
+        }
+        self.send_some(buf, fds).await
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        match rustix::net::shutdown(self.stream.as_fd(), Shutdown::Both) {
+            // Already gone: nothing left to close.
+            Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn can_pass_unix_fd(&self) -> bool {
+        true
+    }
+}
+
+impl Writer {
+    async fn send_some(&self, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+        // Tried at once: a fresh socket has room, but tokio learns that only from the event
+        // loop, and waiting for it would cost the handshake a turn of the loop.
+        match send(self.stream.as_fd(), buf, fds) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => return other,
+        }
+        loop {
+            self.stream.writable().await?;
+            match self
+                .stream
+                .try_io(Interest::WRITABLE, || send(self.stream.as_fd(), buf, fds))
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn send_all(&self, mut buf: &[u8], mut fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.send_some(buf, fds).await?;
+            buf = &buf[n..];
+            // Descriptors travel with the first byte they were sent with.
+            fds = &[];
+        }
+        Ok(())
+    }
+}
+
+/// Does `buf` end the client handshake: `BEGIN\r\n` followed by exactly one whole message?
+fn ends_handshake(buf: &[u8]) -> bool {
+    const BEGIN: &[u8] = b"BEGIN\r\n";
+    let Some(at) = buf.windows(BEGIN.len()).position(|w| w == BEGIN) else {
+        return false;
+    };
+    message_len(&buf[at + BEGIN.len()..]).is_some_and(|len| len == buf.len() - at - BEGIN.len())
+}
+
+/// The length of the D-Bus message at the start of `bytes`, from its fixed header: 16 bytes,
+/// then the header fields (their length at offset 12) padded to 8, then the body (its length at
+/// offset 4).
+pub(super) fn message_len(bytes: &[u8]) -> Option<usize> {
+    let word = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        match bytes.first()? {
+            b'l' => Some(u32::from_le_bytes(b)),
+            b'B' => Some(u32::from_be_bytes(b)),
+            _ => None,
+        }
+    };
+    let body = word(4)? as usize;
+    let fields = word(12)? as usize;
+    Some((16 + fields).next_multiple_of(8) + body)
+}
+
+fn receive(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        fd,
+        &mut [IoSliceMut::new(buf)],
+        &mut ancillary,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if received.bytes == 0 && !buf.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the bus closed the connection",
+        ));
+    }
+    let mut fds = Vec::new();
+    for message in ancillary.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    Ok((received.bytes, fds))
+}
+
+fn send(fd: BorrowedFd<'_>, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    if fds.is_empty() {
+        return Ok(rustix::net::send(fd, buf, SendFlags::NOSIGNAL)?);
+    }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut ancillary = SendAncillaryBuffer::new(&mut space);
+    if !ancillary.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many file descriptors for one message",
+        ));
+    }
+    Ok(rustix::net::sendmsg(
+        fd,
+        &[IoSlice::new(buf)],
+        &mut ancillary,
+        SendFlags::NOSIGNAL,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handshake_ends_with_begin_and_one_whole_message() {
+        let hello = zbus::Message::method_call("/org/freedesktop/DBus", "Hello")
+            .destination("org.freedesktop.DBus")
+            .build(&())
+            .expect("message");
+        let mut buf = b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n".to_vec();
+        assert!(!ends_handshake(&buf), "no message yet");
+        buf.extend_from_slice(hello.data());
+        assert_eq!(message_len(hello.data()), Some(hello.data().len()));
+        assert!(ends_handshake(&buf));
+        buf.push(0);
+        assert!(
+            !ends_handshake(&buf),
+            "a trailing byte is not one whole message"
+        );
+        assert!(!ends_handshake(hello.data()), "no BEGIN");
+    }
+}
