@@ -686,20 +686,30 @@ impl BusProbe {
     }
 }
 
-/// The flock syscall number, to see from /proc that a process waits in flock().
+/// The system calls a waiter blocks in, as `/proc/PID/syscall` shows them: `flock` (flock(1))
+/// and `fcntl(fd, F_OFD_SETLKW, ...)` (unique-instance; F_OFD_SETLKW is 38).
 #[cfg(target_arch = "x86_64")]
 const SYS_FLOCK: &str = "73";
+#[cfg(target_arch = "x86_64")]
+const SYS_FCNTL: &str = "72";
 #[cfg(target_arch = "aarch64")]
 const SYS_FLOCK: &str = "32";
+#[cfg(target_arch = "aarch64")]
+const SYS_FCNTL: &str = "25";
 
-/// Is any thread of `pid` blocked in flock()?
-fn blocked_in_flock(pid: u32) -> bool {
+/// Is any thread of `pid` blocked waiting for a file lock?
+fn blocked_on_lock(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
     tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("syscall"))
-            .is_ok_and(|s| s.split_whitespace().next() == Some(SYS_FLOCK))
+        let call = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+        let mut fields = call.split_whitespace();
+        match (fields.next(), fields.nth(1)) {
+            (Some(SYS_FLOCK), _) => true,
+            (Some(SYS_FCNTL), Some(cmd)) => cmd == "0x26",
+            _ => false,
+        }
     })
 }
 
@@ -787,7 +797,7 @@ fn takeover_once(
                 Series::Dbus => {
                     wait_until("the waiter is queued on the bus", || bus.queued(&name) >= 2)?
                 }
-                _ => wait_until("the waiter blocks in flock()", || blocked_in_flock(pid))?,
+                _ => wait_until("the waiter blocks on the lock", || blocked_on_lock(pid))?,
             }
             let start = Instant::now();
             holder.kill()?;

@@ -63,7 +63,7 @@ pub enum Error {
         problem: UnsafeLockPath,
     },
 
-    /// The lock directory is on a network file system, where `flock` cannot be trusted.
+    /// The lock directory is on a network file system, where file locks cannot be trusted.
     #[error(
         "lock directory {} is on a network file system ({fs_type}), where file locks may not exclude other hosts or may hang; \
          choose a local directory, or allow network file systems explicitly",

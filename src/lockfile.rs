@@ -1,12 +1,22 @@
-//! The lock-file backend: an exclusive `flock` on a file that is opened safely, re-checked after
-//! locking, and removed only while still locked.
+//! The lock-file backend: an exclusive open-file-description lock on a file that is opened
+//! safely, re-checked after locking, and removed only while still locked.
+//!
+//! Open-file-description (OFD) locks (`F_OFD_SETLK`), not `flock`: both belong to the open file,
+//! not to the process (so closing some other descriptor of the file never drops them, as it does
+//! classic `fcntl` locks), but only an OFD lock can be *tested* without being taken
+//! (`F_OFD_GETLK`). So `status`, and a user who may only read another user's lock file, learn
+//! whether it is held without ever holding it, even for an instant, which would make a copy
+//! starting at that moment believe the instance is running. And an exclusive OFD lock needs a
+//! descriptor open for writing, so a user who may only read the file cannot squat it.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
+use nix::fcntl::{FcntlArg, fcntl};
+use nix::libc;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result, UnsafeLockPath};
@@ -197,30 +207,56 @@ pub(crate) fn lock(plan: &LockPlan, dir: &Arc<OwnedFd>, block: bool) -> Result<A
             Some(opened) => opened,
             None => continue,
         };
-        let (file, writable, st) = match opened {
-            (Opened::Writable(file), st) => (file, true, st),
-            (Opened::ReadOnly(file), st) => (file, false, st),
+        let no_locks = || Error::NoUsableBackend {
+            name: plan.file_name.trim_end_matches(".lock").to_owned(),
+            reason: format!(
+                "the file system of {} does not support locks",
+                path.display()
+            ),
+            source: Some(Box::new(std::io::Error::from(Errno::NOLCK))),
         };
-        let op = if block {
-            FlockOperation::LockExclusive
-        } else {
-            FlockOperation::NonBlockingLockExclusive
+        let (file, st) = match opened {
+            (Opened::Writable(file), st) => (file, st),
+            (Opened::ReadOnly(file), st) => {
+                // Another user's file that we may only read: we can tell who holds it, but we
+                // can never be the instance through it (we could neither lock it for writing,
+                // nor record ourselves in it, nor remove it).
+                match is_held(&file) {
+                    Ok(true) if !block => {
+                        return Ok(Attempt::Busy(Box::new(read_holder(&file, &path))));
+                    }
+                    Ok(true) => {
+                        // Its holder removes it when it lets go; then we can make our own. So
+                        // wait for that with a shared lock, dropped (with `file`) at once.
+                        match wait_unlocked(&file) {
+                            Ok(()) => continue,
+                            Err(Errno::NOLCK) => return Err(no_locks()),
+                            Err(e) => return Err(Error::io("cannot wait for", &path, e.into())),
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(Errno::NOLCK) => return Err(no_locks()),
+                    Err(e) => return Err(Error::io("cannot test the lock on", &path, e.into())),
+                }
+                return Err(not_permitted(
+                    plan,
+                    format!(
+                        "lock file {} belongs to uid {} and this user may not write it, so this \
+                         user cannot hold the instance through it (no copy holds it now): run \
+                         as its owner (or root), or have them remove it",
+                        path.display(),
+                        st.st_uid
+                    ),
+                    Errno::ACCESS,
+                ));
+            }
         };
-        match retry_eintr(|| rustix::fs::flock(&file, op)) {
+        match lock_exclusive(&file, block) {
             Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => {
+            Err(Errno::AGAIN | Errno::ACCESS) => {
                 return Ok(Attempt::Busy(Box::new(read_holder(&file, &path))));
             }
-            Err(Errno::NOLCK) => {
-                return Err(Error::NoUsableBackend {
-                    name: plan.file_name.trim_end_matches(".lock").to_owned(),
-                    reason: format!(
-                        "the file system of {} does not support locks",
-                        path.display()
-                    ),
-                    source: Some(Box::new(std::io::Error::from(Errno::NOLCK))),
-                });
-            }
+            Err(Errno::NOLCK) => return Err(no_locks()),
             Err(e) => return Err(Error::io("cannot lock", &path, e.into())),
         }
         // `st` is the open file's, from before the lock: the descriptor still names that inode.
@@ -233,21 +269,6 @@ pub(crate) fn lock(plan: &LockPlan, dir: &Arc<OwnedFd>, block: bool) -> Result<A
                 continue;
             }
             Err(e) => return Err(Error::io("cannot stat", &path, e.into())),
-        }
-        if !writable {
-            // Nobody holds it, but it is another user's file that we may only read: we cannot
-            // record ourselves in it nor remove it, so we cannot be the instance through it.
-            // (Dropping `file` lets go of the lock we took to find that out.)
-            return Err(not_permitted(
-                plan,
-                format!(
-                    "lock file {} belongs to uid {} and this user may not write it; no copy \
-                     holds it now: remove it (as its owner or root) or run as its owner",
-                    path.display(),
-                    st.st_uid
-                ),
-                Errno::ACCESS,
-            ));
         }
         let content = read_content(&file);
         let previous = LockRecord::parse(&content);
@@ -279,7 +300,7 @@ enum Opened {
     /// Ours to lock and write.
     Writable(OwnedFd),
     /// Another user's file we may only read: enough to learn whether (and by whom) it is held,
-    /// since `flock` works on a read-only descriptor, but not to become the instance.
+    /// tested without being taken (`F_OFD_GETLK`), but not to become the instance.
     ReadOnly(OwnedFd),
 }
 
@@ -513,8 +534,9 @@ pub(crate) fn peek_holder(path: &Path) -> Option<Holder> {
     })
 }
 
-/// Whether `path` is locked by someone, tested with a shared non-blocking lock on a read-only
-/// descriptor (never created, never written). `None` when there is no such file.
+/// Whether `path` is locked by someone, tested (`F_OFD_GETLK`) on a read-only descriptor: never
+/// created, never written, never locked, so a copy starting at the same moment is not disturbed.
+/// `None` when there is no such file.
 pub(crate) fn is_locked(path: &Path) -> Result<Option<bool>> {
     let file = match rustix::fs::open(
         path,
@@ -531,11 +553,57 @@ pub(crate) fn is_locked(path: &Path) -> Result<Option<bool>> {
         }
         Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
     };
-    match retry_eintr(|| rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared)) {
-        Ok(()) => Ok(Some(false)),
-        Err(Errno::WOULDBLOCK) => Ok(Some(true)),
-        Err(e) => Err(Error::io("cannot test lock on", path, e.into())),
+    is_held(&file)
+        .map(Some)
+        .map_err(|e| Error::io("cannot test the lock on", path, e.into()))
+}
+
+/// A write lock on the whole file, as `F_OFD_SETLK(W)` takes and `F_OFD_GETLK` tests it.
+fn whole_file(lock_type: libc::c_int) -> libc::flock {
+    libc::flock {
+        l_type: lock_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0, // to the end of the file, however long it grows
+        l_pid: 0, // required by OFD locks
     }
+}
+
+/// Takes the exclusive OFD lock on `file` (open for writing), waiting for it with `block`.
+/// Without `block`, `EAGAIN` or `EACCES` means someone else holds it. `EINTR` is retried.
+fn lock_exclusive(file: &OwnedFd, block: bool) -> rustix::io::Result<()> {
+    let lock = whole_file(libc::F_WRLCK);
+    let arg = || {
+        if block {
+            FcntlArg::F_OFD_SETLKW(&lock)
+        } else {
+            FcntlArg::F_OFD_SETLK(&lock)
+        }
+    };
+    retry_eintr(|| fcntl(file, arg()).map(drop).map_err(nix_errno))
+}
+
+/// Waits until nobody holds `file` exclusively, on a descriptor open only for reading, by taking
+/// a shared lock; the caller drops it (closing `file`) at once. `EINTR` is retried.
+fn wait_unlocked(file: &OwnedFd) -> rustix::io::Result<()> {
+    let lock = whole_file(libc::F_RDLCK);
+    retry_eintr(|| {
+        fcntl(file, FcntlArg::F_OFD_SETLKW(&lock))
+            .map(drop)
+            .map_err(nix_errno)
+    })
+}
+
+/// Does anyone hold a lock on `file` that would keep us from locking it exclusively? Asked
+/// with `F_OFD_GETLK`, which takes nothing.
+fn is_held(file: &OwnedFd) -> rustix::io::Result<bool> {
+    let mut probe = whole_file(libc::F_WRLCK);
+    retry_eintr(|| fcntl(file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(nix_errno))?;
+    Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+fn nix_errno(e: nix::errno::Errno) -> Errno {
+    Errno::from_raw_os_error(e as i32)
 }
 
 impl HeldLock {
@@ -621,7 +689,7 @@ impl HeldLock {
                 }
             }
         }
-        // Closing `file` (when self drops) releases the flock: waiters on this inode wake, see
+        // Closing `file` (when self drops) releases the lock: waiters on this inode wake, see
         // that the path no longer names it, and retry on a fresh file.
         Ok(())
     }

@@ -634,7 +634,7 @@ fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, Lock
 
 type LockDir = std::sync::Arc<std::os::fd::OwnedFd>;
 
-/// Waits for the lock file held by `holder`. A blocking `flock` cannot be cancelled, so it runs
+/// Waits for the lock file held by `holder`. A blocking lock wait cannot be cancelled, so it runs
 /// on a thread of its own; if we stop waiting, the thread's lock, once it comes, is dropped (and
 /// so released) unused.
 async fn wait_lock(

@@ -41,7 +41,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(EXIT_INTERNAL, format_args!("cannot start a runtime: {e}")),
     };
     let code = runtime.block_on(supervise(args));
-    // A thread still blocked in flock() (a wait we gave up on) must not hold up the exit.
+    // A thread still blocked waiting for the lock (a wait we gave up on) must not hold up the exit.
     runtime.shutdown_background();
     code
 }
