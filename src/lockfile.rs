@@ -534,10 +534,11 @@ pub(crate) fn peek_holder(path: &Path) -> Option<Holder> {
     })
 }
 
-/// Whether `path` is locked by someone, tested (`F_OFD_GETLK`) on a read-only descriptor: never
+/// Who holds the lock file at `path`, tested (`F_OFD_GETLK`) on a read-only descriptor: never
 /// created, never written, never locked, so a copy starting at the same moment is not disturbed.
-/// `None` when there is no such file.
-pub(crate) fn is_locked(path: &Path) -> Result<Option<bool>> {
+/// `None` when nobody holds it, or there is no such file. A holder whose record is not written
+/// yet gets the short grace [`read_holder`] gives it.
+pub(crate) fn holder_of(path: &Path) -> Result<Option<Holder>> {
     let file = match rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
@@ -553,9 +554,21 @@ pub(crate) fn is_locked(path: &Path) -> Result<Option<bool>> {
         }
         Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
     };
-    is_held(&file)
-        .map(Some)
-        .map_err(|e| Error::io("cannot test the lock on", path, e.into()))
+    let st = rustix::fs::fstat(&file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
+    let file_type = FileType::from_raw_mode(st.st_mode);
+    if file_type != FileType::RegularFile {
+        return Err(Error::UnsafeLockPath {
+            path: path.to_owned(),
+            problem: UnsafeLockPath::NotRegularFile {
+                kind: file_type_name(file_type),
+            },
+        });
+    }
+    match is_held(&file) {
+        Ok(true) => Ok(Some(read_holder(&file, path))),
+        Ok(false) => Ok(None),
+        Err(e) => Err(Error::io("cannot test the lock on", path, e.into())),
+    }
 }
 
 /// A write lock on the whole file, as `F_OFD_SETLK(W)` takes and `F_OFD_GETLK` tests it.

@@ -203,6 +203,25 @@ impl InstanceOptions {
         self
     }
 
+    /// Who holds this instance's lock file right now, if anyone: asked without taking,
+    /// creating or writing anything, and without starting a runtime or touching the bus. A
+    /// program that would rather not start at all than wait can decide with it before it sets
+    /// anything up (the command-line tool does, so that a refused copy costs little); the
+    /// answer is only ever a snapshot, and [`InstanceOptions::acquire`] still decides.
+    ///
+    /// `None` when nobody holds it, or when the D-Bus backend alone was chosen (ask [`crate::status`]).
+    ///
+    /// # Errors
+    ///
+    /// The planning errors of [`InstanceOptions::plan`]; [`Error::UnsafeLockPath`] when the lock
+    /// path is a symlink; [`Error::Io`] when the lock file cannot be examined.
+    pub fn lock_file_holder(&self) -> Result<Option<Holder>> {
+        match self.plan()?.lock_file {
+            Some(path) => lockfile::holder_of(&path),
+            None => Ok(None),
+        }
+    }
+
     /// Decides the lock file and bus from the options and the environment, touching nothing.
     ///
     /// # Errors

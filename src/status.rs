@@ -31,8 +31,8 @@ impl Status {
 }
 
 /// Reports who holds the instance `options` describe, creating and locking nothing: the lock
-/// file is tested with a shared non-blocking lock on a read-only descriptor, and the bus is
-/// asked for the name's owner.
+/// file's lock is tested without being taken, on a read-only descriptor, and the bus is asked
+/// for the name's owner.
 ///
 /// # Errors
 ///
@@ -42,10 +42,8 @@ impl Status {
 pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let plan = options.plan()?;
     let mut holder = None;
-    if let Some(path) = &plan.lock_file
-        && lockfile::is_locked(path)? == Some(true)
-    {
-        holder = lockfile::peek_holder(path);
+    if let Some(path) = &plan.lock_file {
+        holder = lockfile::holder_of(path)?;
     }
     let mut bus_asked = None;
     if let Some(kind) = plan.bus {

@@ -529,7 +529,17 @@ fn status_never_makes_a_starting_copy_see_the_instance_as_running() {
             }
         })
     };
-    for round in 0..300 {
+    // Enough rounds and enough probes alongside them, however the two threads get scheduled.
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let mut round = 0;
+    while round < 300 || probes.load(Ordering::Relaxed) < 2000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prober made only {} probes in {:?}",
+            probes.load(Ordering::Relaxed),
+            common::TIMEOUT
+        );
+        round += 1;
         // What a SIGKILLed holder leaves behind: its file, unlocked.
         std::fs::write(&path, b"").expect("leave a crashed holder's file");
         let acquired = lock_only(&name, dir.path()).acquire();
@@ -541,8 +551,33 @@ fn status_never_makes_a_starting_copy_see_the_instance_as_running() {
     }
     stop.store(true, Ordering::Relaxed);
     prober.join().expect("prober");
-    assert!(
-        probes.load(Ordering::Relaxed) > 100,
-        "the prober barely ran, so this proved little"
+}
+
+/// `lock_file_holder` answers who holds the lock file, from another process, without taking
+/// anything: the holder's PID while it runs, nobody once it is gone (even SIGKILLed, its file
+/// left behind), and the next copy then acquires.
+#[test]
+fn lock_file_holder_names_the_running_copy_and_takes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("holder_query");
+    let options = lock_only(&name, dir.path());
+    assert_eq!(
+        options.lock_file_holder().expect("query"),
+        None,
+        "no file yet"
     );
+    let mut h = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    assert!(h.next_line("holder").starts_with("acquired"));
+    for _ in 0..3 {
+        let found = options.lock_file_holder().expect("query");
+        assert_eq!(found.and_then(|f| f.pid), Some(h.pid()));
+    }
+    h.sigkill();
+    assert!(
+        dir.path().join(format!("{name}.lock")).exists(),
+        "a killed holder leaves its file"
+    );
+    assert_eq!(options.lock_file_holder().expect("query"), None);
+    let guard = options.acquire().expect("free after the holder died");
+    drop(guard);
 }

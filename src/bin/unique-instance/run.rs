@@ -30,6 +30,9 @@ const EXIT_CANNOT_EXECUTE: u8 = 126;
 const EXIT_NOT_FOUND: u8 = 127;
 
 pub(crate) fn run(args: RunArgs) -> ExitCode {
+    if let Some(refusal) = refuse_early(&args) {
+        return refusal;
+    }
     // One thread: the guard's bus connection, the signal stream, the child's exit and the
     // loss notifications are all served from here. It must be the main thread, because
     // PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
@@ -128,6 +131,25 @@ fn options(args: &RunArgs) -> unique_instance::InstanceOptions {
         }
     }
     options
+}
+
+/// A copy that will not wait, finding the lock file held, is refused before any runtime,
+/// signal handler or bus connection is set up: in a storm of copies started at once (cron, CI)
+/// nearly all of them are refused, and this is most of what each one costs. Only a refusal is
+/// decided here: anything else (free, or an error) goes the normal way, where
+/// `acquire_async` decides for real and reports errors.
+fn refuse_early(args: &RunArgs) -> Option<ExitCode> {
+    if args.wait.is_some() || args.instance.backend == BackendArg::Dbus {
+        return None;
+    }
+    let holder = options(args).lock_file_holder().ok()??;
+    Some(refused(
+        args,
+        &Error::AlreadyRunning {
+            name: args.instance.name.clone(),
+            holder: Box::new(holder),
+        },
+    ))
 }
 
 /// The answer when the instance could not be acquired.
