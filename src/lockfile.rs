@@ -61,8 +61,16 @@ pub(crate) enum PathChange {
     Replaced,
 }
 
+/// An open lock directory that passed [`open_dir`]'s checks.
+#[derive(Debug, Clone)]
+pub(crate) struct LockDir {
+    fd: Arc<OwnedFd>,
+    /// Root's, sticky and writable by all, like `/run/lock`: see `owner_acceptable`.
+    shared_sticky: bool,
+}
+
 /// Opens (creating if needed) and checks the lock directory.
-pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<Arc<OwnedFd>> {
+pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
     let euid = rustix::process::geteuid().as_raw();
     // The shared system directory must be root's: one made by another user would be that user's
     // to empty (the owner of a sticky directory may remove anything in it), and every other copy
@@ -121,7 +129,10 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<Arc<Ow
             });
         }
     }
-    Ok(Arc::new(dir))
+    Ok(LockDir {
+        fd: Arc::new(dir),
+        shared_sticky: st.st_uid == 0 && st.st_mode & 0o1000 != 0 && st.st_mode & 0o002 != 0,
+    })
 }
 
 /// Whether this process may create the lock directory if it is missing.
@@ -188,11 +199,10 @@ fn check_dir(plan: &LockPlan, st: &Stat, euid: u32) -> Result<()> {
 const MAX_OPEN_RACES: u32 = 1000;
 
 /// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
-pub(crate) fn lock(plan: &LockPlan, dir: &Arc<OwnedFd>, block: bool) -> Result<Attempt> {
+pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Attempt> {
     let euid = rustix::process::geteuid().as_raw();
     let path = plan.path();
-    let dir_st = rustix::fs::fstat(dir)
-        .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
+    let dir = &lock_dir.fd;
     let mut races = 0;
     loop {
         races += 1;
@@ -203,7 +213,7 @@ pub(crate) fn lock(plan: &LockPlan, dir: &Arc<OwnedFd>, block: bool) -> Result<A
                 std::io::Error::from(std::io::ErrorKind::Interrupted),
             ));
         }
-        let opened = match open_lock_file(plan, dir, &path, euid, &dir_st)? {
+        let opened = match open_lock_file(plan, dir, &path, euid, lock_dir.shared_sticky)? {
             Some(opened) => opened,
             None => continue,
         };
@@ -325,7 +335,7 @@ fn open_lock_file(
     dir: &OwnedFd,
     path: &Path,
     euid: u32,
-    dir_st: &Stat,
+    shared_sticky_dir: bool,
 ) -> Result<Option<(Opened, Stat)>> {
     let unsafe_path = |problem| Error::UnsafeLockPath {
         path: path.to_owned(),
@@ -344,19 +354,22 @@ fn open_lock_file(
             )
         })
     };
-    let opened = match open(flags) {
-        Err(Errno::NOENT) => match open(flags | OFlags::CREATE | OFlags::EXCL) {
-            Err(Errno::EXIST) => return Ok(None),
+    // Created first: a released lock file is removed, so a missing file is the usual case and
+    // costs one call. `O_EXCL` fails on anything already there (a symlink included) before any
+    // other check, and that is then opened as it is.
+    let opened = match open(flags | OFlags::CREATE | OFlags::EXCL) {
+        Err(Errno::EXIST) => match open(flags) {
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) if e == Errno::ACCESS || e == Errno::PERM => {
+                match open((flags - OFlags::RDWR) | OFlags::RDONLY) {
+                    Ok(file) => Ok(Opened::ReadOnly(file)),
+                    Err(Errno::NOENT) => return Ok(None),
+                    // Not even readable: report the first refusal.
+                    Err(_) => Err(e),
+                }
+            }
             other => other.map(Opened::Writable),
         },
-        Err(e) if e == Errno::ACCESS || e == Errno::PERM => {
-            match open((flags - OFlags::RDWR) | OFlags::RDONLY) {
-                Ok(file) => Ok(Opened::ReadOnly(file)),
-                Err(Errno::NOENT) => return Ok(None),
-                // Not even readable: report the first refusal.
-                Err(_) => Err(e),
-            }
-        }
         other => other.map(Opened::Writable),
     };
     let opened = match opened {
@@ -403,7 +416,7 @@ fn open_lock_file(
         }));
     }
     if let Opened::Writable(_) = opened
-        && !owner_acceptable(plan, euid, st.st_uid, dir_st)
+        && !owner_acceptable(plan, euid, st.st_uid, shared_sticky_dir)
     {
         return Err(unsafe_path(UnsafeLockPath::WrongOwner {
             owner: st.st_uid,
@@ -420,9 +433,7 @@ fn open_lock_file(
 /// can remove or rename the file, a single link guarantees it is not some other file in
 /// disguise, and the lock and the record are all root writes into it. Elsewhere a foreign file is
 /// refused, because its owner, not the directory's, decides what it is.
-fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, dir_st: &Stat) -> bool {
-    let shared_sticky_dir =
-        dir_st.st_uid == 0 && dir_st.st_mode & 0o1000 != 0 && dir_st.st_mode & 0o002 != 0;
+fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, shared_sticky_dir: bool) -> bool {
     owner == euid || (plan.root_may_own && (owner == 0 || (euid == 0 && shared_sticky_dir)))
 }
 

@@ -11,7 +11,7 @@ use crate::dbus;
 use crate::error::{Error, Result};
 use crate::guard::{InstanceGuard, Loss, LossLog, LossReason, ServiceThread};
 use crate::holder::{BackendKind, Holder, LockRecord};
-use crate::lockfile::{self, Attempt, HeldLock, PathChange};
+use crate::lockfile::{self, Attempt, HeldLock, LockDir, PathChange};
 use crate::name::InstanceName;
 use crate::scope::{
     self, Backend, BusKind, BusPlan, LOCK_DIR_ENV, LockPlan, SYSTEM_LOCK_DIR, Scope,
@@ -650,8 +650,6 @@ fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, Lock
     let dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
     Ok((lockfile::lock(plan, &dir, false)?, dir))
 }
-
-type LockDir = std::sync::Arc<std::os::fd::OwnedFd>;
 
 /// Waits for the lock file held by `holder`. A blocking lock wait cannot be cancelled, so it runs
 /// on a thread of its own; if we stop waiting, the thread's lock, once it comes, is dropped (and
