@@ -1,8 +1,10 @@
 /* The floor of unique-instance's lock-file design, in C: the same system calls it makes to take
  * a lock file safely and say who holds it, with no Rust, no serde, no error types. Open the
- * directory and check it (owner and mode: fstat; not a network file system: fstatfs); open the
- * file without following links and check it (fstat); lock it; check that the path still names
- * the locked file (fstatat); read what a previous holder left (pread); write the holder record
+ * directory and check it (owner and mode: fstat; not a network file system: fstatfs); create the
+ * file without following links (O_CREAT|O_EXCL: a released lock file is removed, so it is
+ * missing in the usual case) and check it (fstat); take the open-file-description lock
+ * (F_OFD_SETLK, as unique-instance does: it can be tested without being taken); check that the
+ * path still names the locked file (fstatat); read what a previous holder left (pread); write the holder record
  * (pid, uid, start time from /proc/self/stat and the boot time, executable, host name) with one
  * pwrite. Prints one line per iteration: nanoseconds for all of that. The release (unlink while
  * locked, close) is not timed, as for unique-instance.
@@ -61,14 +63,16 @@ int main(int argc, char **argv) {
             return 1;
         }
         if (dst.st_uid != geteuid() || fs.f_type == 0x6969 /* NFS */) return 1;
-        int fd = openat(dir, name, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK,
+        int fd = openat(dir, name,
+                        O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK,
                         0600);
         if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != geteuid()) {
             perror(name);
             return 1;
         }
-        if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-            perror("flock");
+        struct flock whole = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+        if (fcntl(fd, F_OFD_SETLK, &whole) != 0) {
+            perror("F_OFD_SETLK");
             return 1;
         }
         if (fstatat(dir, name, &now, AT_SYMLINK_NOFOLLOW) != 0 || now.st_dev != st.st_dev ||
