@@ -565,12 +565,29 @@ fn processes_command_leaves_behind_are_stopped_before_release() {
     let name = unique_name("leftovers");
     // COMMAND exits at once, leaving a background job that ignores SIGTERM and has a child of
     // its own: both are still the guarded work, and must be gone before the instance is free.
-    let script = "(trap '' TERM; sleep 600 </dev/null >/dev/null 2>&1 & echo grandchild $!; wait) \
-                  </dev/null 2>/dev/null & echo child $!; exit 5";
+    // COMMAND exits only once the job has set its trap and started its child (it says so
+    // through a FIFO), or a loaded machine could see COMMAND's exit first.
+    let fifo_dir = tempfile::tempdir().expect("tempdir");
+    let fifo = fifo_dir.path().join("ready");
+    let script = "mkfifo \"$1\"; \
+                  (trap '' TERM; sleep 600 </dev/null >/dev/null 2>&1 & echo grandchild $!; \
+                   echo ready > \"$1\"; wait) </dev/null 2>/dev/null & \
+                  echo child $!; read _ < \"$1\"; exit 5";
+    let fifo_arg = fifo.to_str().expect("utf-8 path");
     let mut wrapper = cli(
         None,
         lock_dir.path(),
-        &["run", "--kill-after=0.3", &name, "--", "sh", "-c", script],
+        &[
+            "run",
+            "--kill-after=0.3",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            fifo_arg,
+        ],
     );
     let mut pids = Vec::new();
     for _ in 0..2 {
