@@ -125,6 +125,7 @@ fn report_error(e: &Error) -> i32 {
         Error::TimedOut { .. } => ("timed-out", 75),
         Error::InvalidName { .. } => ("invalid-name", 64),
         Error::InvalidEnvironment { .. } => ("invalid-environment", 64),
+        Error::InvalidOption { .. } => ("invalid-option", 64),
         Error::NotPermitted { .. } => ("not-permitted", 77),
         Error::NoUsableBackend { .. } => ("no-usable-backend", 69),
         Error::UnsafeLockPath { .. } => ("unsafe-lock-path", 70),

@@ -88,6 +88,18 @@ pub enum Error {
         expected: &'static str,
     },
 
+    /// An explicit option (or the environment variable standing for one) has a value that would
+    /// not name the same lock for every copy, or no lock file at all; nothing was touched.
+    #[error("{option} {value:?} is refused: {reason}")]
+    InvalidOption {
+        /// The option: `lock_file`, `lock_dir` or [`crate::LOCK_DIR_ENV`].
+        option: &'static str,
+        /// Its value, exactly as given (it need not be UTF-8).
+        value: PathBuf,
+        /// What is wrong with it and what to give instead.
+        reason: String,
+    },
+
     /// Waiting for the instance gave up.
     #[error("{name}: timed out after {waited:?} waiting for the running copy to exit ({holder})")]
     TimedOut {
@@ -191,12 +203,14 @@ impl Error {
 
     /// The `sysexits(3)` status a program should exit with for this error, as the
     /// `unique-instance` tool does: 75 (`EX_TEMPFAIL`) already running or timed out, 64
-    /// (`EX_USAGE`) invalid name or environment setting, 77 (`EX_NOPERM`) not permitted, 69 (`EX_UNAVAILABLE`) no
+    /// (`EX_USAGE`) invalid name, option or environment setting, 77 (`EX_NOPERM`) not permitted, 69 (`EX_UNAVAILABLE`) no
     /// usable backend, 70 (`EX_SOFTWARE`) anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::AlreadyRunning { .. } | Error::TimedOut { .. } => 75,
-            Error::InvalidName { .. } | Error::InvalidEnvironment { .. } => 64,
+            Error::InvalidName { .. }
+            | Error::InvalidEnvironment { .. }
+            | Error::InvalidOption { .. } => 64,
             Error::NotPermitted { .. } => 77,
             Error::NoUsableBackend { .. } => 69,
             _ => 70,

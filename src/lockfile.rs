@@ -9,6 +9,7 @@
 //! starting at that moment believe the instance is running. And an exclusive OFD lock needs a
 //! descriptor open for writing, so a user who may only read the file cannot squat it.
 
+use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ const RECORD_GRACE: Duration = Duration::from_secs(2);
 pub(crate) struct HeldLock {
     file: OwnedFd,
     dir: Arc<OwnedFd>,
-    file_name: String,
+    file_name: OsString,
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -76,27 +77,37 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
     // to empty (the owner of a sticky directory may remove anything in it), and every other copy
     // would rightly refuse it. So only root creates it (or systemd-tmpfiles at boot).
     let may_create = may_create_dir(plan, euid);
+    // A per-user directory in a shared place must be a real directory of ours, never a symlink
+    // someone planted there.
+    let nofollow = if plan.private_dir {
+        OFlags::NOFOLLOW
+    } else {
+        OFlags::empty()
+    };
     let open = || {
         rustix::fs::open(
             &plan.dir,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | nofollow,
             Mode::empty(),
         )
     };
     // Opened first and created only if missing: the usual case costs no `mkdir`.
     let dir = match (open(), plan.create_dir_mode) {
         (Err(Errno::NOENT), Some(mode)) if may_create => {
-            match rustix::fs::mkdir(&plan.dir, Mode::from_raw_mode(0o700)) {
-                Ok(()) => {
-                    // mkdir's mode is masked by the umask; set the intended one exactly.
-                    rustix::fs::chmod(&plan.dir, Mode::from_raw_mode(mode)).map_err(|e| {
-                        Error::io("cannot set the mode of lock directory", &plan.dir, e.into())
-                    })?;
-                }
-                Err(Errno::EXIST) => {}
+            let created = match rustix::fs::mkdir(&plan.dir, Mode::from_raw_mode(0o700)) {
+                Ok(()) => true,
+                Err(Errno::EXIST) => false,
                 Err(e) => return Err(dir_error(plan, "cannot create lock directory", e)),
+            };
+            let dir = open();
+            if created && let Ok(dir) = &dir {
+                // mkdir's mode is masked by the umask; set the intended one exactly, on the
+                // directory we opened (the path could have been swapped in between).
+                rustix::fs::fchmod(dir, Mode::from_raw_mode(mode)).map_err(|e| {
+                    Error::io("cannot set the mode of lock directory", &plan.dir, e.into())
+                })?;
             }
-            open()
+            dir
         }
         (opened, _) => opened,
     }
@@ -112,6 +123,13 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
                 ),
                 e,
             )
+        } else if (e == Errno::LOOP || e == Errno::NOTDIR)
+            && std::fs::symlink_metadata(&plan.dir).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            Error::UnsafeLockPath {
+                path: plan.dir.clone(),
+                problem: UnsafeLockPath::Symlink,
+            }
         } else {
             dir_error(plan, "cannot open lock directory", e)
         }
@@ -143,7 +161,7 @@ fn may_create_dir(plan: &LockPlan, euid: u32) -> bool {
 fn dir_error(plan: &LockPlan, context: &'static str, e: Errno) -> Error {
     if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS {
         Error::NotPermitted {
-            name: plan.file_name.trim_end_matches(".lock").to_owned(),
+            name: plan.instance.clone(),
             reason: format!(
                 "{context} {}: {}; run with the right user or choose another lock directory",
                 plan.dir.display(),
@@ -218,7 +236,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
             None => continue,
         };
         let no_locks = || Error::NoUsableBackend {
-            name: plan.file_name.trim_end_matches(".lock").to_owned(),
+            name: plan.instance.clone(),
             reason: format!(
                 "the file system of {} does not support locks",
                 path.display()
@@ -272,7 +290,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
         // `st` is the open file's, from before the lock: the descriptor still names that inode.
         // The holder before us may have removed the file while we waited on the old inode, or
         // someone replaced it: then the lock we hold protects nothing. Start again.
-        match rustix::fs::statat(dir, plan.file_name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        match rustix::fs::statat(dir, plan.file_name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
             Ok(_) | Err(Errno::NOENT) => {
                 tracing::debug!(path = %path.display(), "lock file was replaced while we locked it; retrying");
@@ -316,7 +334,7 @@ enum Opened {
 
 fn not_permitted(plan: &LockPlan, reason: String, e: Errno) -> Error {
     Error::NotPermitted {
-        name: plan.file_name.trim_end_matches(".lock").to_owned(),
+        name: plan.instance.clone(),
         reason,
         source: Some(Box::new(std::io::Error::from(e))),
     }
@@ -348,7 +366,7 @@ fn open_lock_file(
         retry_eintr(|| {
             rustix::fs::openat(
                 dir,
-                plan.file_name.as_str(),
+                plan.file_name.as_os_str(),
                 flags,
                 Mode::from_raw_mode(plan.file_mode),
             )
@@ -706,7 +724,7 @@ impl HeldLock {
         }
         self.released = true;
         if self.check_path().is_none() {
-            match rustix::fs::unlinkat(&*self.dir, self.file_name.as_str(), AtFlags::empty()) {
+            match rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(e) => {
                     return Err(Error::io("cannot remove lock file", &self.path, e.into()));
@@ -737,7 +755,7 @@ pub(crate) fn new_inotify() -> std::io::Result<OwnedFd> {
 #[derive(Debug, Clone)]
 pub(crate) struct WatchHandle {
     dir: Arc<OwnedFd>,
-    file_name: String,
+    file_name: OsString,
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -775,7 +793,7 @@ impl WatchHandle {
     pub(crate) fn check_path(&self) -> Option<PathChange> {
         match rustix::fs::statat(
             &*self.dir,
-            self.file_name.as_str(),
+            self.file_name.as_os_str(),
             AtFlags::SYMLINK_NOFOLLOW,
         ) {
             Ok(st) if st.st_dev == self.dev && st.st_ino == self.ino => None,
@@ -847,6 +865,7 @@ mod tests {
 
     fn private_plan(dir: &Path) -> LockPlan {
         LockPlan {
+            instance: "org.example.Test".into(),
             dir: dir.to_owned(),
             file_name: "org.example.Test.lock".into(),
             root_may_own: false,
@@ -901,6 +920,7 @@ mod tests {
     #[test]
     fn only_root_creates_the_shared_system_directory() {
         let shared = LockPlan {
+            instance: "org.example.Test".into(),
             dir: PathBuf::from(crate::SYSTEM_LOCK_DIR),
             file_name: "org.example.Test.lock".into(),
             root_may_own: true,

@@ -1,7 +1,8 @@
 //! Options, and the one async core that acquires an instance.
 
+use std::ffi::OsString;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -252,9 +253,12 @@ impl InstanceOptions {
             rule,
         })?;
         let env = |k: &str| std::env::var(k).ok();
+        // Settings that name files are read as they are, bytes and all: a value that is not
+        // UTF-8 is either used exactly or refused, never taken for "unset".
+        let env_os = |k: &str| std::env::var_os(k);
         let scope = match self.scope {
             Some(scope) => scope,
-            None => scope::scope_from_env(&env)?.unwrap_or(Scope::Auto),
+            None => scope::scope_from_env(&env_os)?.unwrap_or(Scope::Auto),
         };
         let bus = match self.backend {
             Backend::LockFile => None,
@@ -273,7 +277,7 @@ impl InstanceOptions {
         let lock = if self.backend == Backend::Dbus {
             None
         } else {
-            Some(self.lock_plan(&name, scope, &env))
+            Some(self.lock_plan(&name, scope, &env_os)?)
         };
         Ok((name, scope, lock, bus))
     }
@@ -282,21 +286,16 @@ impl InstanceOptions {
         &self,
         name: &InstanceName,
         scope: Scope,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> LockPlan {
+        env: &dyn Fn(&str) -> Option<OsString>,
+    ) -> Result<LockPlan> {
         let euid = rustix::process::geteuid().as_raw();
         let system = scope::lock_is_system(scope, euid);
         let file_mode = if system { 0o644 } else { 0o600 };
+        let instance = name.to_string();
         if let Some(path) = &self.lock_file {
-            let dir = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .map_or_else(|| PathBuf::from("."), PathBuf::from);
-            let file_name = path.file_name().map_or_else(
-                || name.lock_file_name(),
-                |f| f.to_string_lossy().into_owned(),
-            );
-            return LockPlan {
+            let (dir, file_name) = split_lock_file(path)?;
+            return Ok(LockPlan {
+                instance,
                 dir,
                 file_name,
                 root_may_own: system,
@@ -304,31 +303,31 @@ impl InstanceOptions {
                 create_dir_mode: None,
                 private_dir: false,
                 file_mode,
-            };
+            });
         }
-        let explicit_dir = self.lock_dir.clone().or_else(|| {
-            env(LOCK_DIR_ENV)
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        });
+        let explicit_dir = match &self.lock_dir {
+            Some(dir) => Some(absolute("lock_dir", dir.clone())?),
+            None => match env(LOCK_DIR_ENV).filter(|d| !d.is_empty()) {
+                Some(dir) => Some(absolute(LOCK_DIR_ENV, PathBuf::from(dir))?),
+                None => None,
+            },
+        };
         let shared_system_dir = explicit_dir.is_none() && system;
         let (dir, create_dir_mode, private_dir) = match explicit_dir {
             Some(dir) => (dir, Some(0o755), false),
             None if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
-            None => {
-                let (dir, private) = scope::user_lock_dir(euid, env);
-                (dir, Some(0o700), private)
-            }
+            None => (scope::user_lock_dir(euid), Some(0o700), true),
         };
-        LockPlan {
+        Ok(LockPlan {
+            instance,
             dir,
-            file_name: name.lock_file_name(),
+            file_name: name.lock_file_name().into(),
             root_may_own: system,
             shared_system_dir,
             create_dir_mode,
             private_dir,
             file_mode,
-        }
+        })
     }
 
     fn needs_runtime(&self) -> bool {
@@ -574,6 +573,40 @@ impl InstanceOptions {
             tasks,
             runtime: None,
         })
+    }
+}
+
+/// `path` when it is absolute; a relative one would name a different file from each working
+/// directory, so two copies would not meet.
+fn absolute(option: &'static str, path: PathBuf) -> Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(Error::InvalidOption {
+            option,
+            value: path,
+            reason: "a relative path names a different file from each working directory, so two \
+                     copies would not meet; give an absolute path"
+                .into(),
+        })
+    }
+}
+
+/// The directory and the file name of an explicit lock file, byte-exact. Refused: a relative
+/// path, and one that names no file (`/`, or ending in `/`, `.` or `..`).
+fn split_lock_file(path: &Path) -> Result<(PathBuf, OsString)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = absolute("lock_file", path.to_owned())?;
+    let bytes = path.as_os_str().as_bytes();
+    // `Path` ignores a trailing `/` or `/.`, which say "a directory": not a file to lock.
+    let names_dir = bytes.ends_with(b"/") || bytes.ends_with(b"/.");
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(file)) if !names_dir => Ok((dir.to_owned(), file.to_owned())),
+        _ => Err(Error::InvalidOption {
+            option: "lock_file",
+            value: path,
+            reason: "it names a directory, not a file; give the path of a file to lock".into(),
+        }),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Scopes, and the deterministic rules that turn one into a lock directory and a bus.
 
+use std::ffi::OsString;
 use std::fmt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -9,7 +11,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Scope {
-    /// One instance per user: the session bus and the user's runtime directory.
+    /// One instance per user: the session bus, and a lock directory chosen from the UID alone
+    /// (`/run/lock/unique-instance-UID/`, else `/tmp/unique-instance-UID/`; mode 0700, verified).
     User,
     /// One instance per machine: the system bus and `/run/lock/unique-instance/`.
     System,
@@ -68,20 +71,21 @@ pub const LOCK_DIR_ENV: &str = "UNIQUE_INSTANCE_LOCK_DIR";
 /// error ([`crate::Error::InvalidEnvironment`]), never a guess.
 pub const SCOPE_ENV: &str = "UNIQUE_INSTANCE_SCOPE";
 
-/// Reads [`SCOPE_ENV`]; `None` when it is unset or empty.
+/// Reads [`SCOPE_ENV`]; `None` when it is unset or empty. A value that is not UTF-8 is an
+/// error like any other unknown value, never taken for "unset".
 pub(crate) fn scope_from_env(
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &dyn Fn(&str) -> Option<OsString>,
 ) -> Result<Option<Scope>, crate::Error> {
     let Some(value) = env(SCOPE_ENV).filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
-    match value.as_str() {
-        "user" => Ok(Some(Scope::User)),
-        "system" => Ok(Some(Scope::System)),
-        "auto" => Ok(Some(Scope::Auto)),
+    match value.to_str() {
+        Some("user") => Ok(Some(Scope::User)),
+        Some("system") => Ok(Some(Scope::System)),
+        Some("auto") => Ok(Some(Scope::Auto)),
         _ => Err(crate::Error::InvalidEnvironment {
             variable: SCOPE_ENV,
-            value,
+            value: value.to_string_lossy().into_owned(),
             expected: "one of user, system, auto",
         }),
     }
@@ -93,8 +97,11 @@ pub const SYSTEM_LOCK_DIR: &str = "/run/lock/unique-instance";
 /// Where the lock file lives and who may own it.
 #[derive(Debug, Clone)]
 pub(crate) struct LockPlan {
+    /// The instance name, for errors (the file name may be anything `lock_file` was given).
+    pub(crate) instance: String,
     pub(crate) dir: PathBuf,
-    pub(crate) file_name: String,
+    /// Byte-exact: a non-UTF-8 `lock_file` is locked under its own name, not a lossy one.
+    pub(crate) file_name: OsString,
     /// Root may own the file and directory (system scope).
     pub(crate) root_may_own: bool,
     /// The directory is the shared [`SYSTEM_LOCK_DIR`], which only root may create.
@@ -172,33 +179,43 @@ pub(crate) fn choose_bus(scope: Scope, env: &dyn Fn(&str) -> Option<String>) -> 
     }
 }
 
-/// The per-user lock directory: the runtime directory, else a verified fallback.
-pub(crate) fn user_lock_dir(euid: u32, env: &dyn Fn(&str) -> Option<String>) -> (PathBuf, bool) {
-    use std::os::unix::fs::MetadataExt;
-    let ours = |dir: &Path| {
-        std::fs::metadata(dir)
-            .map(|m| m.is_dir() && m.uid() == euid)
-            .unwrap_or(false)
-    };
-    if let Some(dir) = env("XDG_RUNTIME_DIR").map(PathBuf::from)
-        && dir.is_absolute()
-        && ours(&dir)
-    {
-        return (dir.join("unique-instance"), false);
-    }
-    let run_user = PathBuf::from(format!("/run/user/{euid}"));
-    if ours(&run_user) {
-        return (run_user.join("unique-instance"), false);
-    }
-    // No runtime directory: a per-user directory in /tmp, whose owner and 0700 mode are
-    // verified before use so another user cannot pre-create it.
-    (PathBuf::from(format!("/tmp/unique-instance-{euid}")), true)
+/// Where per-user lock directories go when it is fit for them (see [`user_lock_dir`]).
+pub(crate) const USER_LOCK_BASE: &str = "/run/lock";
+/// Where they go otherwise.
+pub(crate) const USER_LOCK_FALLBACK_BASE: &str = "/tmp";
+
+/// The per-user lock directory, from the UID alone: `/run/lock/unique-instance-UID` when
+/// `/run/lock` is a root-owned sticky directory writable by all (Debian, Ubuntu), else
+/// `/tmp/unique-instance-UID`. Never `XDG_RUNTIME_DIR` or `/run/user/UID`: they depend on the
+/// environment and on a login session, so two copies of one user would meet at different files
+/// (cron, ssh, `sudo -u`, after logout). The directory is made 0700 and verified (ours, 0700,
+/// not a symlink) before use, since another user may pre-create the name: that is refused.
+pub(crate) fn user_lock_dir(euid: u32) -> PathBuf {
+    user_lock_dir_in(
+        Path::new(USER_LOCK_BASE),
+        Path::new(USER_LOCK_FALLBACK_BASE),
+        euid,
+    )
+}
+
+/// [`user_lock_dir`] with other bases, for tests.
+pub(crate) fn user_lock_dir_in(run_lock: &Path, fallback: &Path, euid: u32) -> PathBuf {
+    // Machine state, not environment: every copy on this machine sees the same answer.
+    let shared_sticky = std::fs::symlink_metadata(run_lock)
+        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o1002 == 0o1002);
+    let base = if shared_sticky { run_lock } else { fallback };
+    base.join(format!("unique-instance-{euid}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn os_env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let env = env_of(pairs);
+        move |k: &str| env(k).map(OsString::from)
+    }
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
@@ -252,20 +269,23 @@ mod tests {
 
     #[test]
     fn scope_from_the_environment_is_exact() {
-        assert_eq!(scope_from_env(&env_of(&[])).ok(), Some(None));
-        assert_eq!(scope_from_env(&env_of(&[(SCOPE_ENV, "")])).ok(), Some(None));
+        assert_eq!(scope_from_env(&os_env_of(&[])).ok(), Some(None));
+        assert_eq!(
+            scope_from_env(&os_env_of(&[(SCOPE_ENV, "")])).ok(),
+            Some(None)
+        );
         for (value, scope) in [
             ("user", Scope::User),
             ("system", Scope::System),
             ("auto", Scope::Auto),
         ] {
             assert_eq!(
-                scope_from_env(&env_of(&[(SCOPE_ENV, value)])).ok(),
+                scope_from_env(&os_env_of(&[(SCOPE_ENV, value)])).ok(),
                 Some(Some(scope))
             );
         }
         for bad in ["System", "machine", " system"] {
-            match scope_from_env(&env_of(&[(SCOPE_ENV, bad)])) {
+            match scope_from_env(&os_env_of(&[(SCOPE_ENV, bad)])) {
                 Err(crate::Error::InvalidEnvironment {
                     variable, value, ..
                 }) => {
@@ -274,13 +294,50 @@ mod tests {
                 other => panic!("{bad:?} was accepted: {other:?}"),
             }
         }
+        // Not UTF-8: an error, not "unset" (which would silently mean Auto).
+        use std::os::unix::ffi::OsStringExt;
+        let bytes = |k: &str| (k == SCOPE_ENV).then(|| OsString::from_vec(b"syst\xffem".to_vec()));
+        assert!(matches!(
+            scope_from_env(&bytes),
+            Err(crate::Error::InvalidEnvironment {
+                variable: SCOPE_ENV,
+                ..
+            })
+        ));
     }
 
     #[test]
-    fn user_dir_falls_back_to_a_private_tmp_dir() {
-        let (dir, private) =
-            user_lock_dir(4_000_000, &env_of(&[("XDG_RUNTIME_DIR", "/nonexistent")]));
-        assert_eq!(dir, PathBuf::from("/tmp/unique-instance-4000000"));
-        assert!(private);
+    fn user_dir_depends_on_the_uid_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().expect("tempdir");
+        let run_lock = base.path().join("run-lock");
+        let fallback = base.path().join("tmp");
+        // Missing /run/lock: the fallback.
+        assert_eq!(
+            user_lock_dir_in(&run_lock, &fallback, 4_000_000),
+            fallback.join("unique-instance-4000000")
+        );
+        // Not sticky and world-writable: the fallback.
+        std::fs::create_dir(&run_lock).expect("mkdir");
+        std::fs::set_permissions(&run_lock, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(
+            user_lock_dir_in(&run_lock, &fallback, 1000),
+            fallback.join("unique-instance-1000")
+        );
+        std::fs::set_permissions(&run_lock, std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod");
+        let root_owned = rustix::process::geteuid().is_root();
+        let expected = if root_owned { &run_lock } else { &fallback };
+        assert_eq!(
+            user_lock_dir_in(&run_lock, &fallback, 1000),
+            expected.join("unique-instance-1000")
+        );
+        // Nothing from the environment is consulted: the function takes none. On this machine:
+        let here = user_lock_dir(1000);
+        assert!(
+            here == Path::new("/run/lock/unique-instance-1000")
+                || here == Path::new("/tmp/unique-instance-1000"),
+            "{here:?}"
+        );
     }
 }

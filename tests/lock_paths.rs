@@ -1,0 +1,291 @@
+//! Where the lock file is, and which explicit paths are refused: the same identity always meets
+//! at the same lock file, whatever its environment says. These tests use the *default* lock
+//! directories (no `UNIQUE_INSTANCE_LOCK_DIR`), with names of their own.
+
+mod common;
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{NOBODY, Proc, as_user, example_path, field, unique_name};
+use unique_instance::{Backend, Error, InstanceOptions, Scope};
+
+/// The `holder` example with exactly this environment (plus PATH and RUST_LOG): unlike
+/// `common::holder`, no lock directory is imposed.
+fn bare_holder(env: &[(&str, &OsStr)], args: &[&str]) -> Command {
+    let mut cmd = Command::new(example_path("holder"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .args(args);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    cmd
+}
+
+/// A directory owned by `uid`, mode 0700, standing for that user's `XDG_RUNTIME_DIR`.
+fn runtime_dir_of(uid: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).expect("chown");
+    dir
+}
+
+fn expect_refused(mut copy: Proc, holder_pid: u32, what: &str) {
+    let line = copy.line_starting("");
+    assert!(
+        line.starts_with("already-running"),
+        "{what}: a second copy of the same user did not meet the first: {line}; stderr: {:?}",
+        copy.stderr_lines()
+    );
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(holder_pid.to_string().as_str()),
+        "{what}: {line}"
+    );
+    assert_eq!(copy.exit_code(), 75, "{what}");
+}
+
+#[test]
+fn one_user_meets_at_one_lock_file_whatever_xdg_runtime_dir_says() {
+    // As another user (Auto resolves to the user scope) and as root in the user scope.
+    for (uid, scope) in [(NOBODY, "auto"), (0, "user")] {
+        let name = unique_name("same_user");
+        let runtime = runtime_dir_of(uid);
+        let other_runtime = runtime_dir_of(uid);
+        let args = [name.as_str(), "--scope", scope, "--backend", "lockfile"];
+        let spawn = |env: &[(&str, &OsStr)]| {
+            let cmd = bare_holder(env, &args);
+            Proc::spawn(if uid == 0 {
+                cmd
+            } else {
+                as_user(uid, uid, &cmd)
+            })
+        };
+        // The first copy is started from a "login session".
+        let mut first = spawn(&[("XDG_RUNTIME_DIR", runtime.path().as_os_str())]);
+        let acquired = first.line_starting("acquired");
+        let pid: u32 = field(&acquired, "pid")
+            .and_then(|p| p.parse().ok())
+            .expect("pid");
+        // cron, ssh, `sudo -u`: no XDG_RUNTIME_DIR at all.
+        expect_refused(spawn(&[]), pid, "XDG_RUNTIME_DIR unset");
+        // Another session's (or a stale) runtime directory.
+        expect_refused(
+            spawn(&[("XDG_RUNTIME_DIR", other_runtime.path().as_os_str())]),
+            pid,
+            "another XDG_RUNTIME_DIR",
+        );
+        // Nonsense in it.
+        expect_refused(
+            spawn(&[("XDG_RUNTIME_DIR", OsStr::new("relative/dir"))]),
+            pid,
+            "a relative XDG_RUNTIME_DIR",
+        );
+        // And the lock file is in neither runtime directory.
+        assert_eq!(
+            std::fs::read_dir(runtime.path()).expect("read_dir").count(),
+            0,
+            "the lock file went into XDG_RUNTIME_DIR"
+        );
+        first.close_stdin();
+        assert_eq!(first.line_starting("released"), "released");
+        assert_eq!(first.exit_code(), 0);
+    }
+}
+
+#[test]
+fn the_user_scope_directory_comes_from_the_uid_and_is_private() {
+    let name = unique_name("user_dir");
+    let plan = InstanceOptions::new(&name)
+        .scope(Scope::User)
+        .backend(Backend::LockFile)
+        .plan()
+        .expect("plan");
+    let uid = rustix::process::geteuid().as_raw();
+    let file = plan.lock_file.expect("a lock file");
+    let dir = file.parent().expect("dir").to_owned();
+    // /run/lock on Debian and Ubuntu (root's, sticky, writable by all); else /tmp.
+    let run_lock_fit = std::fs::symlink_metadata("/run/lock").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.is_dir() && m.uid() == 0 && m.mode() & 0o1002 == 0o1002
+    });
+    let base = if run_lock_fit { "/run/lock" } else { "/tmp" };
+    assert_eq!(dir, Path::new(base).join(format!("unique-instance-{uid}")));
+    // Taking it makes (or finds) the directory ours and 0700.
+    let guard = InstanceOptions::new(&name)
+        .scope(Scope::User)
+        .backend(Backend::LockFile)
+        .acquire()
+        .expect("acquire");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(&dir).expect("meta");
+    assert!(meta.is_dir());
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (uid, 0o700));
+    assert_eq!(guard.lock_file(), Some(file.as_path()));
+    guard.release().expect("release");
+    assert!(!file.exists());
+}
+
+fn invalid_option(
+    result: unique_instance::Result<unique_instance::Plan>,
+) -> (&'static str, PathBuf) {
+    match result {
+        Err(e @ Error::InvalidOption { .. }) => {
+            assert_eq!(e.exit_code(), 64, "{e}");
+            let Error::InvalidOption { option, value, .. } = e else {
+                unreachable!()
+            };
+            (option, value)
+        }
+        other => panic!("expected an invalid option error, got {other:?}"),
+    }
+}
+
+#[test]
+fn relative_overrides_and_paths_naming_no_file_are_refused() {
+    let name = unique_name("relative");
+    let opts = || InstanceOptions::new(&name).backend(Backend::LockFile);
+    assert_eq!(
+        invalid_option(opts().lock_dir("locks").plan()),
+        ("lock_dir", PathBuf::from("locks"))
+    );
+    assert_eq!(
+        invalid_option(opts().lock_dir("./locks").plan()),
+        ("lock_dir", PathBuf::from("./locks"))
+    );
+    assert_eq!(
+        invalid_option(opts().lock_file("data.lock").plan()),
+        ("lock_file", PathBuf::from("data.lock"))
+    );
+    for no_file in ["/", "/tmp/", "/tmp/.", "/tmp/..", "/tmp/x/"] {
+        assert_eq!(
+            invalid_option(opts().lock_file(no_file).plan()),
+            ("lock_file", PathBuf::from(no_file)),
+            "{no_file}"
+        );
+    }
+    // Absolute ones are fine, and are planned exactly.
+    let plan = opts()
+        .lock_file("/srv/data/server.pid")
+        .plan()
+        .expect("plan");
+    assert_eq!(plan.lock_file, Some(PathBuf::from("/srv/data/server.pid")));
+
+    // The environment variable, in a real process (it must not be set in this one), and the
+    // CLI's --lock-file: both exit 64 and say why, touching nothing.
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let mut copy = Proc::spawn({
+        let mut cmd = bare_holder(
+            &[("UNIQUE_INSTANCE_LOCK_DIR", OsStr::new("locks"))],
+            &[&name, "--backend", "lockfile"],
+        );
+        cmd.current_dir(cwd.path());
+        cmd
+    });
+    let line = copy.line_starting("");
+    assert!(line.starts_with("invalid-option"), "{line}");
+    assert!(line.contains("UNIQUE_INSTANCE_LOCK_DIR"), "{line}");
+    assert!(line.contains("absolute"), "{line}");
+    assert_eq!(copy.exit_code(), 64);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    cmd.args(["run", "--lock-file", "data.lock", &name, "--", "true"])
+        .current_dir(cwd.path());
+    let output = cmd.output().expect("run the CLI");
+    assert_eq!(
+        output.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("relative"));
+    assert_eq!(std::fs::read_dir(cwd.path()).expect("read_dir").count(), 0);
+}
+
+#[test]
+fn a_non_utf8_lock_file_is_locked_under_its_own_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file_name = OsString::from_vec(b"data-\xff\xfe.lock".to_vec());
+    let path = dir.path().join(&file_name);
+    let name = unique_name("non_utf8");
+    let guard = InstanceOptions::new(&name)
+        .backend(Backend::LockFile)
+        .lock_file(&path)
+        .acquire()
+        .expect("acquire");
+    assert_eq!(guard.lock_file(), Some(path.as_path()));
+    let names: Vec<OsString> = std::fs::read_dir(dir.path())
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, vec![file_name.clone()], "not the byte-exact name");
+    // Another copy meets it there.
+    match InstanceOptions::new(&name)
+        .backend(Backend::LockFile)
+        .lock_file(&path)
+        .acquire()
+    {
+        Err(Error::AlreadyRunning { holder, .. }) => {
+            assert_eq!(holder.pid, Some(std::process::id()))
+        }
+        other => panic!("expected already running, got {other:?}"),
+    }
+    guard.release().expect("release");
+    assert!(!path.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).expect("read_dir").count(), 0);
+}
+
+#[test]
+fn a_non_utf8_scope_variable_is_an_error_not_unset() {
+    let name = unique_name("scope_bytes");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let value = OsString::from_vec(b"system\xff".to_vec());
+    let mut copy = Proc::spawn(bare_holder(
+        &[
+            ("UNIQUE_INSTANCE_SCOPE", value.as_os_str()),
+            ("UNIQUE_INSTANCE_LOCK_DIR", lock_dir.path().as_os_str()),
+        ],
+        &[&name, "--backend", "lockfile"],
+    ));
+    let line = copy.line_starting("");
+    assert!(line.starts_with("invalid-environment"), "{line}");
+    assert!(line.contains("UNIQUE_INSTANCE_SCOPE"), "{line}");
+    assert_eq!(copy.exit_code(), 64);
+    assert_eq!(
+        std::fs::read_dir(lock_dir.path())
+            .expect("read_dir")
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn errors_about_an_explicit_lock_file_name_the_instance() {
+    // A directory another user may not write: creating the lock file there is refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let name = unique_name("names_instance");
+    let lock_file = dir.path().join("data.db.lock");
+    let cmd = bare_holder(
+        &[],
+        &[
+            &name,
+            "--backend",
+            "lockfile",
+            "--lock-file",
+            lock_file.to_str().expect("utf-8"),
+        ],
+    );
+    let mut copy = Proc::spawn(as_user(NOBODY, NOBODY, &cmd));
+    let line = copy.line_starting("");
+    assert!(line.starts_with("not-permitted"), "{line}");
+    assert!(
+        line.contains(&format!("msg={name}: not permitted")),
+        "the error does not name the instance: {line}"
+    );
+    assert_eq!(copy.exit_code(), 77);
+}
