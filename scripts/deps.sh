@@ -3,7 +3,8 @@
 # tests. libsystemd-dev: the sd-bus C reference of the benchmarks. util-linux: flock(1), setpriv,
 # nsenter. systemd: the booted container's init, systemctl, busctl, systemd-analyze,
 # systemd-tmpfiles. dbus-user-session: the session bus of the container's user manager.
-UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session)
+# dbus-broker: the second pass of the bus tests (scripts/test).
+UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session dbus-broker)
 # The benchmarks also compile their C references (gcc, pkg-config) and strip copies (binutils).
 UNIQUE_INSTANCE_BENCH_PACKAGES=(dbus libsystemd-dev util-linux gcc pkg-config binutils)
 

@@ -1,5 +1,9 @@
-//! Test harness: private `dbus-daemon`s, spawned processes, and lines read with timeouts.
+//! Test harness: private `dbus-daemon`s (or `dbus-broker`s, with
+//! `UNIQUE_INSTANCE_TEST_BUS=dbus-broker`), spawned processes, and lines read with timeouts.
 #![allow(dead_code, unreachable_pub)]
+
+mod broker;
+pub use broker::{BusImplementation, bus_implementation};
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -46,10 +50,13 @@ pub enum BusConfig {
     DenyOwn,
 }
 
-/// A private `dbus-daemon`, killed when dropped.
+/// A private bus, killed when dropped: a `dbus-daemon`, or a `dbus-broker` when
+/// `UNIQUE_INSTANCE_TEST_BUS=dbus-broker` (see [`bus_implementation`]).
 pub struct DbusDaemon {
     child: Child,
     pub address: String,
+    /// Set for a broker: its launcher's log, for failure messages, and its process group.
+    broker: Option<broker::Broker>,
     _dir: tempfile::TempDir,
 }
 
@@ -71,7 +78,6 @@ impl DbusDaemon {
         listen: Option<&str>,
         auth: &str,
     ) -> Self {
-        let daemon = require_program("dbus-daemon", "dbus");
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("bus");
         let listen =
@@ -97,7 +103,7 @@ impl DbusDaemon {
 </busconfig>
 "#
         );
-        Self::spawn(daemon, dir, &conf)
+        Self::spawn(dir, &conf, &listen, auth, false)
     }
 
     /// Starts one configured like a distribution's system bus: nobody may own a name or call a
@@ -105,7 +111,6 @@ impl DbusDaemon {
     /// Its socket is reachable by every user, so tests can connect as other users.
     pub fn start_system_like(policy: &Path) -> Self {
         use std::os::unix::fs::PermissionsExt;
-        let daemon = require_program("dbus-daemon", "dbus");
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
@@ -138,10 +143,16 @@ impl DbusDaemon {
             socket.display(),
             policy.display()
         );
-        Self::spawn(daemon, dir, &conf)
+        let listen = format!("unix:path={}", socket.display());
+        Self::spawn(dir, &conf, &listen, "<auth>EXTERNAL</auth>", true)
     }
 
-    fn spawn(daemon: PathBuf, dir: tempfile::TempDir, conf: &str) -> Self {
+    /// Starts the bus implementation the environment chose, listening on `listen`.
+    fn spawn(dir: tempfile::TempDir, conf: &str, listen: &str, auth: &str, system: bool) -> Self {
+        if bus_implementation() == BusImplementation::DbusBroker {
+            return broker::start(dir, conf, listen, auth, system);
+        }
+        let daemon = require_program("dbus-daemon", "dbus");
         let conf_path = dir.path().join("bus.conf");
         std::fs::write(&conf_path, conf).expect("write bus config");
         let mut child = Command::new(daemon)
@@ -166,16 +177,23 @@ impl DbusDaemon {
         DbusDaemon {
             child,
             address,
+            broker: None,
             _dir: dir,
         }
     }
 
+    /// The bus's process: the `dbus-daemon`, or the broker's launcher.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    /// SIGKILLs the daemon and reaps it.
+    /// SIGKILLs the daemon (a broker: its launcher and the broker together) and reaps it.
     pub fn kill(&mut self) {
+        if self.broker.is_some() {
+            // The launcher and its broker share a process group of their own: one signal for
+            // both, so the bus is gone for everyone at once, not when the orphan notices.
+            broker::kill_group(self.child.id());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
