@@ -155,9 +155,11 @@ impl LockRecord {
         Holder {
             pid: Some(self.pid),
             uid: Some(self.uid),
+            // The record is anyone's to plant: a time past what `SystemTime` holds is unknown,
+            // not a panic.
             since: self
                 .start_time
-                .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
+                .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
             found_by: Some(BackendKind::LockFile),
             bus: self.bus,
             bus_unique_name: self.bus_unique_name,
@@ -175,11 +177,11 @@ pub(crate) fn process_start_time(pid: u32) -> Option<SystemTime> {
     let stat = read_small_file(&format!("/proc/{pid}/stat"))?;
     let stat = std::str::from_utf8(&stat).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let after_comm = &stat[stat.rfind(')')? + 2..];
+    let after_comm = stat.get(stat.rfind(')')? + 1..)?;
     // starttime is field 22 overall, the 20th after "pid (comm)".
     let ticks: u64 = after_comm.split_whitespace().nth(19)?.parse().ok()?;
     let hz = rustix::param::clock_ticks_per_second().max(1);
-    let since_boot = Duration::from_millis(ticks * 1000 / hz);
+    let since_boot = Duration::from_millis(ticks.checked_mul(1000)? / hz);
     let as_duration = |t: rustix::time::Timespec| {
         Duration::new(
             u64::try_from(t.tv_sec).ok()?,
@@ -191,7 +193,7 @@ pub(crate) fn process_start_time(pid: u32) -> Option<SystemTime> {
     let up: Option<Duration> =
         as_duration(rustix::time::clock_gettime(rustix::time::ClockId::Boottime));
     let boot = now.checked_sub(up?)?;
-    Some(UNIX_EPOCH + boot + since_boot)
+    UNIX_EPOCH.checked_add(boot.checked_add(since_boot)?)
 }
 
 /// Reads a small file (a `/proc` entry) with one `open`, as few `read`s as it takes, one `close`.
@@ -272,6 +274,19 @@ mod tests {
         assert_eq!(LockRecord::parse(&line), Some(record));
         assert_eq!(LockRecord::parse(b""), None);
         assert_eq!(LockRecord::parse(b"\0\0garbage{"), None);
+    }
+
+    #[test]
+    fn out_of_range_start_time_is_unknown_not_a_panic() {
+        for secs in [u64::MAX, i64::MAX as u64, i64::MAX as u64 + 1] {
+            let record = LockRecord {
+                start_time: Some(secs),
+                ..LockRecord::for_self(vec![BackendKind::LockFile], None, None)
+            };
+            // Whatever fits is formatted; whatever does not is left out.
+            let holder = record.into_holder("/run/x.lock".into());
+            let _ = holder.to_string();
+        }
     }
 
     #[test]

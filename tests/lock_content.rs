@@ -1,0 +1,134 @@
+//! What is inside a lock file, and who may change it: planted records never crash a copy, and
+//! files unique-instance did not create are never written or removed.
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use common::{cli, holder, unique_name};
+use nix::fcntl::{FcntlArg, fcntl};
+use nix::libc;
+
+/// Takes an exclusive OFD lock on `path` through an open file description of this test process,
+/// as a hostile holder (any user who can create the file in a shared sticky directory) would.
+/// The lock lasts as long as the returned file is open.
+fn hold_ofd_lock(path: &Path) -> File {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .expect("open the planted file");
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).expect("lock the planted file");
+    file
+}
+
+/// A record in the holder's own format with the given numbers (written as they are, in range or not).
+fn record(pid: &str, start_time: &str) -> Vec<u8> {
+    format!(
+        "{{\"pid\":{pid},\"uid\":0,\"start_time\":{start_time},\"backend\":[\"lock-file\"],\
+         \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n"
+    )
+    .into_bytes()
+}
+
+/// Records any user can plant in a shared sticky directory and hold, each of which once crashed
+/// (or could crash) every copy that read it. Each must give a plain "already running".
+fn nasty_records() -> Vec<(&'static str, Vec<u8>)> {
+    let mut deep = vec![b'['; 100_000];
+    deep.push(b'\n');
+    let mut long_line = br#"{"pid":1,"uid":0,"start_time":1,"hostname":""#.to_vec();
+    long_line.extend(std::iter::repeat_n(b'a', 20_000));
+    long_line.extend_from_slice(b"\"}\n");
+    vec![
+        ("start_time u64::MAX", record("4242", "18446744073709551615")),
+        ("start_time i64::MAX", record("4242", "9223372036854775807")),
+        ("start_time past i64", record("4242", "9223372036854775808")),
+        ("start_time negative", record("4242", "-1")),
+        ("start_time float", record("4242", "1e300")),
+        ("pid past u32", record("4294967296", "1")),
+        ("pid zero", record("0", "0")),
+        (
+            "NUL and escapes in strings",
+            br#"{"pid":7,"uid":0,"start_time":1,"backend":["lock-file"],"bus":null,"bus_unique_name":":1.\u0000","executable":"\u0000/bin/\u001b[31mred","hostname":"\n\r\u0000"}
+"#
+            .to_vec(),
+        ),
+        ("invalid UTF-8", b"{\"pid\":1,\"uid\":0,\"hostname\":\"\xff\xfe\"}\n".to_vec()),
+        ("NUL bytes", b"\0\0\0\0{\"pid\":1}\0\n".to_vec()),
+        ("deep nesting", deep),
+        ("first line longer than a read", long_line),
+    ]
+}
+
+/// A planted record (any bytes, any numbers) in a held lock file: `run` and the library answer
+/// "already running" (75), `status` "running" (0); none of them panics (101).
+#[test]
+fn planted_records_never_crash_a_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // In parallel: a garbled record costs each copy the grace it gives a holder to write one.
+    std::thread::scope(|threads| {
+        for (case, content) in nasty_records() {
+            let dir = dir.path();
+            threads.spawn(move || planted_record_case(dir, case, &content));
+        }
+    });
+}
+
+fn planted_record_case(dir: &Path, case: &str, content: &[u8]) {
+    let name = unique_name("planted");
+    let path = dir.join(format!("{name}.lock"));
+    std::fs::write(&path, content).expect("plant the record");
+    let _held = hold_ofd_lock(&path);
+    for backend in ["lockfile", "auto"] {
+        let mut copy = holder(None, dir, &[&name, "--backend", backend]);
+        let line = copy.next_line("the library's answer");
+        assert!(line.starts_with("already-running"), "{case}: {line}");
+        assert_eq!(copy.exit_code(), 75, "{case} ({backend}): {:?}", copy.seen);
+    }
+    let mut run = cli(None, dir, &["run", &name, "--", "true"]);
+    assert_eq!(
+        run.exit_code(),
+        75,
+        "{case}: run: {:?}",
+        run.stderr_until_closed()
+    );
+    for args in [&["status", &name][..], &["status", "--json", &name][..]] {
+        let mut status = cli(None, dir, args);
+        assert_eq!(
+            status.exit_code(),
+            0,
+            "{case}: {args:?}: {:?} {:?}",
+            status.seen,
+            status.stderr_until_closed()
+        );
+    }
+    assert_eq!(std::fs::read(&path).expect("read"), content, "{case}");
+}
+
+/// A huge (sparse) lock file is read no further than its first block, and still excludes.
+#[test]
+fn a_huge_held_lock_file_is_not_read_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("huge");
+    let path = dir.path().join(format!("{name}.lock"));
+    let file = File::create(&path).expect("create");
+    file.set_len(1 << 40).expect("a sparse 1 TiB file");
+    drop(file);
+    let _held = hold_ofd_lock(&path);
+    let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = copy.next_line("the library's answer");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(copy.exit_code(), 75);
+    let mut status = cli(None, dir.path(), &["status", &name]);
+    assert_eq!(status.exit_code(), 0, "{:?}", status.stderr_until_closed());
+}
