@@ -426,6 +426,11 @@ fn open_lock_file(
             kind: file_type_name(file_type),
         }));
     }
+    // No name at all: its holder removed it between our open and this check (it does so on
+    // every release). A race to retry, not an attack: the path names a fresh file, or nothing.
+    if st.st_nlink == 0 {
+        return Ok(None);
+    }
     // A second name for the file means it may be someone else's file linked in here (say
     // /etc/shadow, where protected_hardlinks is off), which we would truncate and write.
     if st.st_nlink != 1 {
