@@ -116,6 +116,19 @@ impl LossWatcher {
 /// Dropping it releases the instance: the bus name first, then the lock file, which is removed
 /// while still locked. [`InstanceGuard::release`] does the same and reports failures, which
 /// `Drop` can only log.
+///
+/// # Daemonising after acquiring
+///
+/// Acquire *after* forking: the process that keeps the instance should be the one that
+/// acquired it. A child made by `fork` shares the lock file's open file description, and with
+/// it the lock, so the instance stays held for as long as either process keeps it open. Only
+/// the acquiring process removes the lock file: a guard dropped (or released) in a forked child
+/// closes the child's descriptor and leaves the file and the lock alone. The reverse is the
+/// hazard: a parent that forks the process which keeps the instance must not let its own
+/// guard's destructor run (leave with [`std::process::exit`], or [`std::mem::forget`] the
+/// guard), because the parent is the acquiring process and would remove the lock file that its
+/// child still holds through the shared open file description; a new copy would then create a
+/// new file and run beside the child.
 #[must_use = "the instance is released as soon as the guard is dropped"]
 pub struct InstanceGuard {
     pub(crate) name: InstanceName,

@@ -42,6 +42,9 @@ pub(crate) struct HeldLock {
     released: bool,
     /// The length of the record last written, so that a shorter one can cut the file to size.
     record_len: usize,
+    /// The process that took the lock. After a `fork` the child shares our open file
+    /// description, and with it the lock: only this process may remove the file.
+    pid: u32,
 }
 
 /// The outcome of one attempt.
@@ -317,6 +320,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
                 ino: st.st_ino,
                 released: false,
                 record_len: 0,
+                pid: std::process::id(),
             },
             previous,
         ));
@@ -719,6 +723,10 @@ impl HeldLock {
 
     /// Removes the file while still holding the lock (only if the path is still our file), then
     /// unlocks by closing.
+    ///
+    /// In any process other than the one that took the lock (a child after `fork`) it only
+    /// closes this process's descriptor: the open file description, and the lock with it, is
+    /// shared with the process that took it, which still holds it and may still need the file.
     pub(crate) fn release(mut self) -> Result<()> {
         self.release_in_place()
     }
@@ -728,6 +736,11 @@ impl HeldLock {
             return Ok(());
         }
         self.released = true;
+        if std::process::id() != self.pid {
+            tracing::debug!(path = %self.path.display(), acquired_by = self.pid,
+                "lock released in a forked process: its file and lock are left to the process that took them");
+            return Ok(());
+        }
         if self.check_path().is_none() {
             match rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => {}

@@ -132,3 +132,45 @@ fn a_huge_held_lock_file_is_not_read_whole() {
     let mut status = cli(None, dir.path(), &["status", &name]);
     assert_eq!(status.exit_code(), 0, "{:?}", status.stderr_until_closed());
 }
+
+/// A guard dropped in a child after `fork` leaves the file and the lock to the process that
+/// acquired: the parent still holds, a second copy is refused and names the parent, and the
+/// file is there until the parent releases it.
+#[test]
+fn a_guard_dropped_in_a_forked_child_leaves_the_parent_holding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("fork");
+    let path = dir.path().join(format!("{name}.lock"));
+    let mut parent = common::Proc::spawn({
+        let mut cmd =
+            common::clean_command(&common::example_path("fork_release"), None, dir.path());
+        cmd.arg(&name);
+        cmd
+    });
+    let acquired = parent.next_line("acquired");
+    assert!(acquired.starts_with("acquired"), "{acquired}");
+    let dropped = parent.next_line("the child's drop");
+    assert_eq!(dropped, "child-dropped status=0");
+    assert!(
+        path.exists(),
+        "the child's drop removed the parent's lock file"
+    );
+    let mut second = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = second.next_line("the second copy");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(
+        common::field(&line, "holder_pid"),
+        Some(parent.pid().to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(second.exit_code(), 75);
+    parent.close_stdin();
+    assert_eq!(parent.next_line("release"), "released");
+    assert_eq!(parent.exit_code(), 0);
+    assert!(
+        !path.exists(),
+        "the acquiring process removes its file on release"
+    );
+    let mut third = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    assert!(third.next_line("the third copy").starts_with("acquired"));
+}
