@@ -300,6 +300,8 @@ fn generator_refuses_bad_input_naming_the_problem_and_writes_nothing() {
     let not_executable = root.path().join("usr/local/bin/data");
     std::fs::create_dir_all(not_executable.parent().expect("parent")).expect("mkdir");
     std::fs::write(&not_executable, "").expect("write");
+    // A valid name (255 characters at most) too long for its activation file's name.
+    let too_long = format!("a.{}", "b".repeat(246));
     let cases: &[(&[&str], &str)] = &[
         (
             &["--exec", EXAMPLE_EXEC, "--user", EXAMPLE_USER, "org..x"],
@@ -380,6 +382,44 @@ fn generator_refuses_bad_input_naming_the_problem_and_writes_nothing() {
                 "a.b",
             ],
             "control character",
+        ),
+        (
+            &[
+                "--exec",
+                EXAMPLE_EXEC,
+                "--user",
+                EXAMPLE_USER,
+                "--description",
+                "swallows the next line\\",
+                "a.b",
+            ],
+            "line continuation",
+        ),
+        (
+            &[
+                "--exec",
+                EXAMPLE_EXEC,
+                "--user",
+                EXAMPLE_USER,
+                "--description",
+                " stripped",
+                "a.b",
+            ],
+            "systemd strips",
+        ),
+        (
+            &["--exec", EXAMPLE_EXEC, "--user", EXAMPLE_USER, &too_long],
+            "at most 247",
+        ),
+        (
+            &[
+                "--exec",
+                "/usr/local/bin/it's",
+                "--user",
+                EXAMPLE_USER,
+                "a.b",
+            ],
+            "systemd does not accept",
         ),
     ];
     for (case, expected) in cases {
@@ -485,4 +525,451 @@ fn generator_never_replaces_a_different_file_without_force() {
         "{stdout}"
     );
     assert_eq!(tree(out.path()), before);
+}
+
+/// An executable at an awkward path that records how it was started: its argv, NUL-separated,
+/// into `PATH.argv` (a FIFO the test reads: its end is the signal that the program ran).
+fn install_recorder(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(
+        path,
+        "#!/bin/sh\nprintf '%s\\0' \"$0\" \"$@\" > \"$0.argv\"\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// A FIFO at `exec`'s `PATH.argv`, read on a thread that sends what the recorder wrote into
+/// it (`Ok`) on `tx`.
+fn read_recording(exec: &Path, tx: std::sync::mpsc::Sender<Result<Vec<u8>, String>>) -> PathBuf {
+    let fifo = PathBuf::from(format!("{}.argv", exec.display()));
+    let _ = std::fs::remove_file(&fifo);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        // Opening blocks until the recorder opens it to write; the end of it is its exit.
+        let _ = tx.send(std::fs::read(&path).map_err(|e| format!("reading the FIFO: {e}")));
+    });
+    fifo
+}
+
+/// Whether a real dbus-daemon loads `policy`: a bus whose configuration includes it must start
+/// (with `<include>` a policy it cannot parse stops it; in a system bus's `<includedir>` the
+/// file would be skipped with a warning, and the service refused the name: exit 77).
+fn assert_policy_loads(policy: &Path) {
+    let daemon = require_program("dbus-daemon", "dbus");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("bus.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default"><deny own="*"/></policy>
+  <include>{}</include>
+</busconfig>
+"#,
+            dir.path().join("bus").display(),
+            policy.display()
+        ),
+    )
+    .expect("write");
+    let mut cmd = Command::new(daemon);
+    cmd.arg(format!("--config-file={}", conf.display()))
+        .args(["--nofork", "--print-address=1"]);
+    let mut bus = Proc::spawn(cmd);
+    // It prints its address once it has loaded its configuration and listens; a policy it
+    // refuses makes it exit first, saying why on stderr.
+    let address = bus.try_line(common::TIMEOUT);
+    bus.sigkill();
+    assert!(
+        address.is_some_and(|a| a.starts_with("unix:")),
+        "dbus-daemon refused {}: {:?}\n{}",
+        policy.display(),
+        bus.stderr_until_closed(),
+        std::fs::read_to_string(policy).expect("read")
+    );
+}
+
+/// What systemd itself reads from `unit` (a file named like the unit): its description and
+/// its main command line (argv, as the service would be started: `$$` is `$`). From the dump
+/// of a user manager's `--test` mode, which loads units as the real manager does and runs
+/// nothing; a user manager refuses to run as root, so as nobody then.
+fn systemd_reads(unit: &Path) -> (String, Vec<String>) {
+    use std::os::unix::fs::PermissionsExt;
+    let systemd = Path::new("/usr/lib/systemd/systemd");
+    assert!(
+        systemd.is_file(),
+        "{} is missing: install it with `apt-get install -y systemd` (the test does not skip)",
+        systemd.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let units = dir.path().join("units");
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&units).expect("mkdir");
+    std::fs::create_dir(&runtime).expect("mkdir");
+    let unit_name = unit
+        .file_name()
+        .expect("file name")
+        .to_str()
+        .expect("utf-8");
+    std::fs::copy(unit, units.join(unit_name)).expect("copy");
+    let mut cmd = Command::new(systemd);
+    cmd.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &runtime)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        // Ours first, then the usual user unit directories (for basic.target and the like).
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", units.display()))
+        .args(["--test", "--user", "--no-pager"])
+        .arg(format!("--unit={unit_name}"));
+    let mut dump = if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(&runtime, Some(common::NOBODY), Some(common::NOBODY))
+            .expect("chown");
+        Proc::spawn(common::as_user(common::NOBODY, common::NOBODY, &cmd))
+    } else {
+        Proc::spawn(cmd)
+    };
+    let lines = dump.stdout_until_closed();
+    assert_eq!(dump.exit_code(), 0, "{:?}", dump.stderr_until_closed());
+    let block: Vec<&str> = lines
+        .iter()
+        .skip_while(|l| l.trim() != format!("-> Unit {unit_name}:"))
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with("-> Unit "))
+        .map(String::as_str)
+        .collect();
+    let value = |key: &str| {
+        block
+            .iter()
+            .find_map(|l| l.trim_start().strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} for {unit_name} in: {block:?}"))
+            .to_owned()
+    };
+    let description = value("Description: ");
+    let exec_start = block
+        .iter()
+        .skip_while(|l| l.trim() != "-> ExecStart:")
+        .find_map(|l| l.trim_start().strip_prefix("Command Line: "))
+        .unwrap_or_else(|| panic!("no ExecStart for {unit_name}: {block:?}"));
+    (description, dumped_command_line(exec_start))
+}
+
+/// Splits a command line as systemd dumps it: words separated by spaces, a word that needs it
+/// in double quotes with `\` before `"`, `\`, `` ` `` and `$`. Then `$$` becomes `$`, as when
+/// the command is started.
+fn dumped_command_line(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' => continue,
+            '"' => {
+                let mut word = String::new();
+                loop {
+                    match chars.next().expect("closing quote") {
+                        '"' => break,
+                        '\\' => word.push(chars.next().expect("escaped character")),
+                        c => word.push(c),
+                    }
+                }
+                words.push(word);
+            }
+            c => {
+                let mut word = String::from(c);
+                while let Some(&c) = chars.peek().filter(|c| **c != ' ') {
+                    word.push(c);
+                    chars.next();
+                }
+                words.push(word);
+            }
+        }
+    }
+    words.into_iter().map(|w| w.replace("$$", "$")).collect()
+}
+
+/// How dbus-daemon starts `name` from the session activation file in `services` when no
+/// systemd is there: its `Exec=`, parsed by the daemon and run. The recorder at `exec` writes
+/// its argv down and exits (so the activation itself never completes, which does not matter).
+fn dbus_daemon_starts(services: &Path, name: &str, exec: &Path) -> Vec<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bus = common::DbusDaemon::start_with(
+        common::BusConfig::Open,
+        &format!("<servicedir>{}</servicedir>", services.display()),
+    );
+    // Whichever comes first: the recording, or the end of the call (then it says why).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fifo = read_recording(exec, tx.clone());
+    let mut call = Command::new(require_program("busctl", "systemd"));
+    call.arg(format!("--address={}", bus.address))
+        .args(["call", name, "/", "org.example.Probe", "Probe"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let call = call.spawn().expect("spawn busctl");
+    // (The call waits for a name the recorder never takes; it ends when the bus is dropped.)
+    std::thread::spawn(move || {
+        let said = call.wait_with_output().map_or_else(
+            |e| e.to_string(),
+            |o| String::from_utf8_lossy(&o.stderr).into_owned(),
+        );
+        let _ = tx.send(Err(format!("busctl ended first: {said}")));
+    });
+    let recorded = rx
+        .recv_timeout(common::TIMEOUT)
+        .map_err(|_| format!("nothing within {:?}", common::TIMEOUT))
+        .and_then(|r| r);
+    let recorded = recorded.unwrap_or_else(|why| {
+        // Unblock the reader (a writer may open a FIFO someone reads without waiting).
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(&fifo);
+        panic!(
+            "dbus-daemon did not start {}: {why}; the file:\n{}",
+            exec.display(),
+            std::fs::read_to_string(services.join(format!("{name}.service"))).expect("read")
+        )
+    });
+    drop(bus);
+    let mut argv: Vec<String> = recorded
+        .split(|b| *b == 0)
+        .map(|w| String::from_utf8(w.to_vec()).expect("utf-8"))
+        .collect();
+    assert_eq!(argv.pop().as_deref(), Some(""), "NUL-terminated");
+    argv
+}
+
+#[test]
+fn generated_files_load_as_written_for_awkward_but_valid_input() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Every character the files' syntaxes treat specially, in the executable's path too (but
+    // quotes, backslashes and `$`, which systemd does not take there: refused, see below).
+    let exec = base
+        .path()
+        .join("dir with space/50%h;/ü--x #1/<!-- &amp; -->/(a)*?`~{b}/server");
+    install_recorder(&exec);
+    let exec_arg = exec.to_str().expect("utf-8");
+    let args = [
+        "two words",
+        "50%",
+        "%h",
+        "$HOME",
+        "${X}",
+        "q\"b\\s",
+        "it's",
+        ";",
+        "\\;",
+        "--",
+        "-x",
+        "",
+        " lead",
+        "trail\\",
+        "ü €",
+        "#hash",
+        "a=b",
+        "<!-- -->",
+        "&amp;",
+    ];
+    let long_name = format!("a--b.{}-", "c".repeat(241));
+    assert_eq!(long_name.len(), 247, "the longest deployable name");
+    let description = "100% \"q\" it's $HOME \\n \\ -- <!-- --> & ü";
+    let cases: Vec<(Vec<&str>, &str, String)> = vec![
+        (
+            vec!["--unit", "x--y-", "--description", description],
+            "a--b.c-",
+            description.to_owned(),
+        ),
+        (
+            vec!["--type", "notify", "--callers", "root"],
+            &long_name,
+            format!("{long_name}, a single instance"),
+        ),
+    ];
+    let runtime_dir = tempfile::tempdir().expect("tempdir");
+    for (extra, name, expected_description) in &cases {
+        let out = tempfile::tempdir().expect("tempdir");
+        let mut cli_args = vec![
+            "generate",
+            "--out-dir",
+            out.path().to_str().expect("utf-8"),
+            "--exec",
+            exec_arg,
+            "--user",
+            "daemon",
+        ];
+        cli_args.extend(extra);
+        cli_args.push(name);
+        cli_args.push("--");
+        cli_args.extend(args);
+        let (code, _, stderr) = cli(&cli_args);
+        assert_eq!(code, 0, "{extra:?} {name}: {stderr}");
+        let unit = extra
+            .iter()
+            .position(|a| *a == "--unit")
+            .map_or(*name, |i| extra[i + 1]);
+        let expected_argv: Vec<String> = std::iter::once(exec_arg)
+            .chain(args)
+            .map(str::to_owned)
+            .collect();
+
+        // The policy: a real dbus-daemon loads it.
+        assert_policy_loads(&out.path().join(format!("dbus/{name}.conf")));
+
+        // The units: systemd-analyze has nothing to say, and systemd reads what was given.
+        let system = out.path().join(format!("systemd/{unit}.service"));
+        let user = out.path().join(format!("systemd/user/{unit}.service"));
+        assert_verifies(&["verify", system.to_str().expect("utf-8")], &[]);
+        assert_verifies(
+            &["--user", "verify", user.to_str().expect("utf-8")],
+            &[("XDG_RUNTIME_DIR", runtime_dir.path())],
+        );
+        let (read_description, argv) = systemd_reads(&system);
+        assert_eq!(&read_description, expected_description, "{unit}");
+        assert_eq!(argv, expected_argv, "{unit}: ExecStart");
+        let (read_description, argv) = systemd_reads(&user);
+        assert_eq!(
+            read_description,
+            format!("{expected_description} (per user)")
+        );
+        assert_eq!(argv, expected_argv, "{unit}: the user unit's ExecStart");
+
+        // The session activation file: dbus-daemon runs exactly that command.
+        assert_eq!(
+            dbus_daemon_starts(&out.path().join("dbus/services"), name, &exec),
+            expected_argv
+        );
+    }
+}
+
+#[test]
+fn policy_for_a_group_with_dashes_loads() {
+    // `--callers group:GROUP`, for a group only an image has (checked in its etc/group).
+    let root = example_root();
+    append_line(&root.path().join("etc/group"), "x--y-:x:4000:\n");
+    let out = tempfile::tempdir().expect("tempdir");
+    let (code, _, stderr) = cli(&[
+        "generate",
+        "--root",
+        root.path().to_str().expect("utf-8"),
+        "--out-dir",
+        out.path().to_str().expect("utf-8"),
+        "--exec",
+        EXAMPLE_EXEC,
+        "--user",
+        EXAMPLE_USER,
+        "--callers",
+        "group:x--y-",
+        "--unit",
+        "u--v-",
+        "p--q.r-",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let policy = out.path().join("dbus/p--q.r-.conf");
+    assert!(
+        std::fs::read_to_string(&policy)
+            .expect("read")
+            .contains("<policy group=\"x--y-\">")
+    );
+    assert_policy_loads(&policy);
+}
+
+fn append_line(path: &Path, text: &str) {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .expect("open")
+        .write_all(text.as_bytes())
+        .expect("append");
+}
+
+#[test]
+fn an_executable_path_that_is_not_utf8_is_refused_not_mangled() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exec = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9-server"));
+    install_executable(&exec);
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    cmd.arg("generate")
+        .arg("--out-dir")
+        .arg(out.path())
+        .arg("--exec")
+        .arg(&exec)
+        .args(["--user", "daemon", "org.example.Latin1"]);
+    let mut generate = Proc::spawn(cmd);
+    let code = generate.exit_code();
+    let stderr = generate.stderr_until_closed().join("\n");
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("not valid UTF-8") && stderr.contains("\\xE9"),
+        "{stderr}"
+    );
+    assert!(tree(out.path()).is_empty(), "wrote something");
+}
+
+#[test]
+fn a_failure_midway_writes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    // The third file's directory cannot be written to (as an ordinary user: root may write
+    // anywhere), so the first two could be written before the third fails.
+    let root = example_root();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = tempfile::tempdir().expect("tempdir");
+    let as_root = rustix::process::geteuid().is_root();
+    let blocked = out.path().join("systemd/tmpfiles.d");
+    std::fs::create_dir_all(&blocked).expect("mkdir");
+    if as_root {
+        for dir in [out.path(), &out.path().join("systemd"), &blocked] {
+            std::os::unix::fs::chown(dir, Some(common::NOBODY), Some(common::NOBODY))
+                .expect("chown");
+        }
+    }
+    std::fs::set_permissions(&blocked, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    cmd.arg("generate")
+        .arg("--root")
+        .arg(root.path())
+        .arg("--out-dir")
+        .arg(out.path())
+        .args(["--exec", EXAMPLE_EXEC, "--user", EXAMPLE_USER, EXAMPLE_NAME]);
+    let mut generate = if as_root {
+        Proc::spawn(common::as_user(common::NOBODY, common::NOBODY, &cmd))
+    } else {
+        Proc::spawn(cmd)
+    };
+    let code = generate.exit_code();
+    let stderr = generate.stderr_until_closed().join("\n");
+    assert_eq!(code, 74, "{stderr}");
+    assert!(
+        stderr.contains("tmpfiles.d") && stderr.contains("nothing was written"),
+        "{stderr}"
+    );
+    assert!(
+        tree(out.path()).is_empty(),
+        "files were written: {:?}",
+        tree(out.path()).keys().collect::<Vec<_>>()
+    );
+    // Nor the directories it made on the way.
+    for made in ["systemd/user", "dbus"] {
+        assert!(!out.path().join(made).exists(), "{made} left behind");
+    }
 }

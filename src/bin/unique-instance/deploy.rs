@@ -1,6 +1,12 @@
 //! The deployment files of a server built on unique-instance: systemd units, the system-bus
 //! policy, D-Bus activation files and the lock directory's tmpfiles.d line. Pure functions of
 //! validated input, so the files are right by construction for any name.
+//!
+//! Every value goes into its file in that file's own syntax, or is refused before anything is
+//! written: XML attributes are escaped and XML comments carry no value at all (a comment cannot
+//! escape `--`); unit values escape `%` specifiers, `$` variables and quotes, and a value
+//! systemd would read differently (a final `\` continues the line, end spaces are stripped) is
+//! refused; paths that are not UTF-8 are refused (unit and D-Bus files are UTF-8 text).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -49,7 +55,9 @@ pub(crate) struct Deployment {
     /// The unit's name, without `.service`.
     pub(crate) unit: String,
     pub(crate) description: String,
-    pub(crate) executable: PathBuf,
+    /// The executable's absolute path, as text: the files are UTF-8, so a path that is not was
+    /// refused (see [`executable_text`]).
+    pub(crate) executable: String,
     pub(crate) args: Vec<String>,
     pub(crate) user: String,
     pub(crate) readiness: Readiness,
@@ -66,6 +74,78 @@ pub(crate) struct GeneratedFile {
 
 /// Where systemd's `UNIT_NAME_MAX` (256, with the terminating NUL) leaves room for the name.
 const UNIT_NAME_MAX: usize = 255;
+
+/// A file name's limit (`NAME_MAX`), in bytes.
+const FILE_NAME_MAX: usize = 255;
+
+/// The longest instance name that can be deployed: D-Bus activation files must be named
+/// `NAME.service`, and that must fit in a file name.
+pub(crate) const DEPLOYABLE_NAME_MAX: usize = FILE_NAME_MAX - ".service".len();
+
+/// Checks that `name` fits in the names of the files made from it.
+pub(crate) fn check_deployable_name(name: &InstanceName) -> Result<(), String> {
+    let len = name.as_str().len();
+    if len > DEPLOYABLE_NAME_MAX {
+        return Err(format!(
+            "the instance name is {len} characters long: a valid name, but its D-Bus \
+             activation file must be named NAME.service, and a file name has at most \
+             {FILE_NAME_MAX} bytes, so a deployed name can have at most {DEPLOYABLE_NAME_MAX} \
+             characters; choose a shorter name"
+        ));
+    }
+    Ok(())
+}
+
+/// The executable's path as text, or why it cannot be written into a unit or D-Bus file.
+pub(crate) fn executable_text(executable: &Path) -> Result<String, String> {
+    let text = executable.to_str().ok_or_else(|| {
+        format!(
+            "the executable path {executable:?} is not valid UTF-8: systemd units and D-Bus \
+             service files are UTF-8 text, so it could not be written as it is; rename the \
+             file (or make a link to it) with a UTF-8 name"
+        )
+    })?;
+    check_one_line("the executable path", text)?;
+    // systemd refuses quotes and backslashes in an executable's path ("contains special
+    // characters"), and does not expand `$` in it (while it does in the argv[0] made from the
+    // same word): no spelling of these reaches the program as written.
+    if let Some(c) = text.chars().find(|c| matches!(c, '"' | '\'' | '\\' | '$')) {
+        return Err(format!(
+            "the executable path {text:?} contains {c:?}, which systemd does not accept in the \
+             path of the program a unit starts; install it (or make a link to it) at a path \
+             without quotes, backslashes or dollar signs"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// Checks a unit's description: systemd keeps a value's text as written except that it strips
+/// spaces at either end, and reads a final backslash as "continued on the next line" (which
+/// would swallow the next setting).
+pub(crate) fn check_description(text: &str) -> Result<(), String> {
+    check_one_line("the description", text)?;
+    if text.is_empty() {
+        return Err(
+            "the description is empty; systemd would show the unit's name instead: leave \
+             --description out for the default one"
+                .into(),
+        );
+    }
+    if text.starts_with(' ') || text.ends_with(' ') {
+        return Err(format!(
+            "the description {text:?} starts or ends with a space, which systemd strips: \
+             remove it"
+        ));
+    }
+    if text.ends_with('\\') {
+        return Err(format!(
+            "the description {text:?} ends in a backslash, which systemd reads as a line \
+             continuation (it would swallow the unit's next line): remove it, or put a \
+             character after it"
+        ));
+    }
+    Ok(())
+}
 
 /// Checks a unit name (without `.service`): systemd's characters, no template `@`, and short
 /// enough for the suffix.
@@ -165,19 +245,23 @@ impl Deployment {
     }
 
     fn exec_start(&self) -> String {
-        std::iter::once(self.executable.to_string_lossy().into_owned())
-            .chain(self.args.iter().cloned())
-            .map(|w| unit_word(&w))
+        std::iter::once(&self.executable)
+            .chain(&self.args)
+            .map(|w| unit_word(w))
             .collect::<Vec<_>>()
             .join(" ")
     }
 
+    /// `Exec=` of a D-Bus activation file: shell-like words, then written as a key file's
+    /// value, where dbus-daemon first reads a backslash as an escape (`\s` is a space, `\n` a
+    /// newline, and an unknown escape makes it ignore the whole file): so each is doubled.
     fn dbus_exec(&self) -> String {
-        std::iter::once(self.executable.to_string_lossy().into_owned())
-            .chain(self.args.iter().cloned())
-            .map(|w| dbus_word(&w))
+        std::iter::once(&self.executable)
+            .chain(&self.args)
+            .map(|w| dbus_word(w))
             .collect::<Vec<_>>()
             .join(" ")
+            .replace('\\', "\\\\")
     }
 
     /// The command that writes these files again, for their headers.
@@ -186,7 +270,7 @@ impl Deployment {
             "unique-instance".to_owned(),
             "generate".to_owned(),
             "--exec".to_owned(),
-            self.executable.to_string_lossy().into_owned(),
+            self.executable.clone(),
             "--user".to_owned(),
             self.user.clone(),
         ];
@@ -244,7 +328,8 @@ After=dbus.socket
 [Service]
 ",
             name = self.name,
-            command = unit_text(&self.command_line()),
+            // A comment is not expanded: the command is shown as it is typed.
+            command = self.command_line(),
             unit = self.unit_file_name(),
             description = unit_text(&self.description),
         );
@@ -347,7 +432,7 @@ MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
 ",
             name = self.name,
-            command = unit_text(&self.command_line()),
+            command = self.command_line(),
             unit = self.unit_file_name(),
             description = unit_text(&self.description),
             ty = self.service_type(),
@@ -356,7 +441,9 @@ SystemCallArchitectures=native
         )
     }
 
-    /// The system-bus policy.
+    /// The system-bus policy. Its comments name nothing given on the command line: an XML
+    /// comment may not contain `--` (nor end in `-`), and has no way to escape it, while names,
+    /// units and groups may; the values are in the escaped attributes below each comment.
     fn bus_policy(&self) -> String {
         let name = xml(self.name.as_str());
         let user = xml(&self.user);
@@ -380,7 +467,7 @@ SystemCallArchitectures=native
             Callers::Group(group) => {
                 let group = xml(group);
                 format!(
-                    "  <!-- Who may call it: the members of group {group} (and so only they can start
+                    "  <!-- Who may call it: the members of this group (and so only they can start
        it through D-Bus activation). -->
   <policy group=\"{group}\">
     <allow send_destination=\"{name}\"/>
@@ -393,18 +480,17 @@ SystemCallArchitectures=native
             "\
 <!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"
  \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">
-<!-- System-bus policy of {name}, written by `unique-instance generate` (the
-     command is in the header of the unit {unit}). -->
+<!-- The system-bus policy of a service, written by `unique-instance generate` (the command
+     is in the header of the service's systemd unit). -->
 <busconfig>
-  <!-- Only the service's user may own {name}. Anyone else, root included, is
-       refused by the bus (AccessDenied), which unique-instance reports as \"not permitted\"
+  <!-- Only the service's user may own its name. Anyone else, root included, is refused
+       by the bus (AccessDenied), which unique-instance reports as \"not permitted\"
        (exit 77), never as \"already running\". -->
   <policy user=\"{user}\">
     <allow own=\"{name}\"/>
   </policy>
 {callers}</busconfig>
 ",
-            unit = xml(&self.unit_file_name()),
         )
     }
 
@@ -542,7 +628,6 @@ pub(crate) fn check_executable(root: Option<&Path>, executable: &Path) -> Result
             executable.display()
         ));
     }
-    check_one_line("the executable path", &executable.to_string_lossy())?;
     let on_disk = match root {
         Some(root) => root.join(executable.strip_prefix("/").unwrap_or(executable)),
         None => executable.to_owned(),
@@ -580,7 +665,7 @@ mod tests {
             unit: name.to_string(),
             description: default_description(&name),
             name,
-            executable: PathBuf::from("/usr/local/libexec/unique-instance/example-server"),
+            executable: "/usr/local/libexec/unique-instance/example-server".into(),
             args: vec!["org.example.Server".into()],
             user: "example-server".into(),
             readiness: Readiness::Dbus,
@@ -598,6 +683,95 @@ mod tests {
         assert_eq!(unit_word(""), "\"\"");
         assert_eq!(dbus_word("a b"), "'a b'");
         assert_eq!(dbus_word("it's"), r"'it'\''s'");
+    }
+
+    /// The text of every XML comment in `xml`.
+    fn xml_comments(xml: &str) -> Vec<&str> {
+        xml.split("<!--")
+            .skip(1)
+            .map(|c| c.split("-->").next().expect("closed"))
+            .collect()
+    }
+
+    #[test]
+    fn policy_comments_stay_valid_xml_whatever_the_names() {
+        // XML forbids "--" in a comment and a comment ending in "-"; names, units and groups
+        // may contain both.
+        let name = InstanceName::new("a--b.c-").expect("valid");
+        let d = Deployment {
+            unit: "x--y-".into(),
+            callers: Callers::Group("g--h-".into()),
+            name,
+            ..example()
+        };
+        let policy = d.bus_policy();
+        for comment in xml_comments(&policy) {
+            assert!(
+                !comment.contains("--") && !comment.ends_with('-'),
+                "{comment:?}"
+            );
+        }
+        assert!(policy.contains("<allow own=\"a--b.c-\"/>"), "{policy}");
+        assert!(policy.contains("<policy group=\"g--h-\">"), "{policy}");
+    }
+
+    #[test]
+    fn descriptions_systemd_would_read_differently_are_refused() {
+        for ok in [
+            "100% \"quoted\" it's",
+            "a \\ b",
+            "x\\y",
+            "ünïcode €",
+            "a--b",
+        ] {
+            assert_eq!(check_description(ok), Ok(()), "{ok:?}");
+        }
+        for (bad, why) in [
+            ("ends\\", "continuation"),
+            ("", "empty"),
+            (" lead", "space"),
+            ("trail ", "space"),
+            ("two\nlines", "control"),
+        ] {
+            let err = check_description(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_too_long_for_their_files_are_refused() {
+        let longest = format!("a.{}", "b".repeat(DEPLOYABLE_NAME_MAX - 2));
+        let name = InstanceName::new(&longest).expect("valid");
+        assert_eq!(check_deployable_name(&name), Ok(()));
+        let d = Deployment {
+            unit: longest.clone(),
+            name,
+            ..example()
+        };
+        for f in d.files() {
+            let len = f.path.file_name().expect("file name").len();
+            assert!(len <= FILE_NAME_MAX, "{}: {len}", f.path.display());
+        }
+        let too_long = InstanceName::new(&format!("{longest}b")).expect("valid");
+        let err = check_deployable_name(&too_long).expect_err("too long");
+        assert!(err.contains("at most 247"), "{err}");
+    }
+
+    #[test]
+    fn paths_that_are_not_utf8_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let path = Path::new(std::ffi::OsStr::from_bytes(b"/usr/bin/caf\xe9"));
+        let err = executable_text(path).expect_err("not UTF-8");
+        assert!(
+            err.contains("not valid UTF-8") && err.contains("\\xE9"),
+            "{err}"
+        );
+        assert_eq!(executable_text(Path::new("/a b/c%")), Ok("/a b/c%".into()));
+        for c in ['"', '\'', '\\', '$'] {
+            let path = format!("/usr/bin/a{c}b");
+            let err = executable_text(Path::new(&path)).expect_err(&path);
+            assert!(err.contains("systemd does not accept"), "{err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use unique_instance::InstanceName;
 
 use crate::cli::GenerateArgs;
-use crate::deploy::{self, Callers, Deployment};
+use crate::deploy::{self, Callers, Deployment, GeneratedFile};
 use crate::{EXIT_USAGE, fail};
 
 /// An output file exists with other contents, and --force was not given (`EX_CANTCREAT`).
@@ -27,22 +27,27 @@ pub(crate) fn generate(args: GenerateArgs) -> ExitCode {
     let mut conflicts = Vec::new();
     for file in &files {
         let target = args.out_dir.join(&file.path);
-        let state = match std::fs::read(&target) {
-            Ok(existing) if existing == file.contents.as_bytes() => "unchanged",
-            Ok(_) if args.force => "replaced",
+        let (state, previous) = match std::fs::read(&target) {
+            Ok(existing) if existing == file.contents.as_bytes() => (State::Unchanged, None),
+            Ok(existing) if args.force => (State::Replaced, Some(existing)),
             Ok(_) => {
                 conflicts.push(target);
                 continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "wrote",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::Wrote, None),
             Err(e) => {
                 return fail(
                     EXIT_IO,
-                    format_args!("cannot read {}: {e}", target.display()),
+                    format_args!("cannot read {}: {e}; nothing was written", target.display()),
                 );
             }
         };
-        writes.push((file, target, state));
+        writes.push(Planned {
+            file,
+            target,
+            state,
+            previous,
+        });
     }
     if !conflicts.is_empty() {
         return fail(
@@ -58,27 +63,228 @@ pub(crate) fn generate(args: GenerateArgs) -> ExitCode {
             ),
         );
     }
-    for (file, target, state) in writes {
-        if state != "unchanged"
-            && let Err(e) = write_atomically(&target, file.contents.as_bytes())
-        {
-            return fail(
-                EXIT_IO,
-                format_args!("cannot write {}: {e}", target.display()),
-            );
-        }
+    if let Err((code, message)) = write_all_or_nothing(&writes) {
+        return fail(code, format_args!("{message}"));
+    }
+    for planned in &writes {
         println!(
-            "{state:<9} {}  (install as {})",
-            target.display(),
-            file.install_as.display()
+            "{:<9} {}  (install as {})",
+            planned.state.as_str(),
+            planned.target.display(),
+            planned.file.install_as.display()
         );
     }
     ExitCode::SUCCESS
 }
 
+/// What happens to one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// It exists with these contents: left alone.
+    Unchanged,
+    /// It exists with other contents, and --force replaces it.
+    Replaced,
+    /// It does not exist yet.
+    Wrote,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Unchanged => "unchanged",
+            State::Replaced => "replaced",
+            State::Wrote => "wrote",
+        }
+    }
+}
+
+/// One file to put in place, with what was there before (to put back if another file fails).
+struct Planned<'a> {
+    file: &'a GeneratedFile,
+    target: PathBuf,
+    state: State,
+    previous: Option<Vec<u8>>,
+}
+
+/// What a failed write undoes: the temporary files, the files already renamed into place (new
+/// ones removed, replaced ones given their old contents back) and the directories it created.
+#[derive(Default)]
+struct Undo {
+    temps: Vec<PathBuf>,
+    created_dirs: Vec<PathBuf>,
+}
+
+impl Undo {
+    fn roll_back(self, placed: &[&Planned<'_>]) {
+        for planned in placed.iter().rev() {
+            match &planned.previous {
+                Some(previous) => {
+                    let _ = write_atomically(&planned.target, previous);
+                }
+                None => {
+                    let _ = std::fs::remove_file(&planned.target);
+                }
+            }
+        }
+        for temp in &self.temps {
+            let _ = std::fs::remove_file(temp);
+        }
+        for dir in self.created_dirs.iter().rev() {
+            // Only if still empty: never anything someone else put there meanwhile.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Writes every file or none. Each is written to a temporary file in its own directory and
+/// flushed; only once all of them are, are they renamed into place (a reader sees each file
+/// whole, old or new). Any failure undoes everything done so far, so the output directory is
+/// left as it was, and the message says what failed.
+fn write_all_or_nothing(writes: &[Planned<'_>]) -> Result<(), (u8, String)> {
+    let to_write: Vec<&Planned<'_>> = writes
+        .iter()
+        .filter(|p| p.state != State::Unchanged)
+        .collect();
+    let mut undo = Undo::default();
+    let mut temps = Vec::new();
+    for (index, planned) in to_write.iter().enumerate() {
+        match write_temp(
+            &planned.target,
+            index,
+            planned.file.contents.as_bytes(),
+            &mut undo,
+        ) {
+            Ok(temp) => temps.push(temp),
+            Err(e) => {
+                undo.roll_back(&[]);
+                return Err((
+                    EXIT_IO,
+                    format!(
+                        "cannot write {}: {e}; nothing was written",
+                        planned.target.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let mut placed = Vec::new();
+    for (planned, temp) in to_write.iter().zip(&temps) {
+        let renamed = if planned.state == State::Wrote {
+            rename_no_replace(temp, &planned.target)
+        } else {
+            std::fs::rename(temp, &planned.target)
+        };
+        if let Err(e) = renamed {
+            let code = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                EXIT_CONFLICT
+            } else {
+                EXIT_IO
+            };
+            undo.roll_back(&placed);
+            return Err((
+                code,
+                format!(
+                    "cannot put {} in place: {e}; the files already put in place were taken \
+                     back, so nothing was written",
+                    planned.target.display()
+                ),
+            ));
+        }
+        placed.push(planned);
+    }
+    // Durable: each directory's new entries reach the disk.
+    let mut dirs: Vec<&Path> = to_write.iter().filter_map(|p| p.target.parent()).collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| {
+                (
+                    EXIT_IO,
+                    format!(
+                        "every file was written, but {} could not be flushed to disk: {e}",
+                        dir.display()
+                    ),
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` and the missing directories above it (mode 0755 whatever the umask: the bus
+/// daemon reads its files as an unprivileged user), recording each one it made.
+fn create_dirs(dir: &Path, undo: &mut Undo) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mut missing = Vec::new();
+    let mut current = Some(dir);
+    while let Some(d) = current.filter(|d| !d.as_os_str().is_empty()) {
+        match std::fs::symlink_metadata(d) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(d),
+            Err(e) => return Err(e),
+        }
+        current = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        std::fs::DirBuilder::new().mode(0o755).create(d)?;
+        undo.created_dirs.push(d.to_owned());
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+/// Writes `contents` to a new temporary file in `target`'s directory, flushed to disk, mode
+/// 0644 whatever the umask, and returns its path. Its name is short and fixed (not derived from
+/// `target`'s, which may already be as long as a file name can be).
+fn write_temp(
+    target: &Path,
+    index: usize,
+    contents: &[u8],
+    undo: &mut Undo,
+) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_dirs(dir, undo)?;
+    let temp = dir.join(format!(
+        ".unique-instance-generate.{}.{index}.tmp",
+        std::process::id()
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&temp)?;
+    undo.temps.push(temp.clone());
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    Ok(temp)
+}
+
+/// Renames `from` to `to` unless `to` exists (it appeared since it was checked): then
+/// `AlreadyExists`, and nothing is replaced. Where the file system cannot rename that way, a
+/// plain rename.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => std::fs::rename(from, to),
+        other => other.map_err(std::io::Error::from),
+    }
+}
+
 fn validate(args: &GenerateArgs) -> Result<Deployment, String> {
     let name = InstanceName::new(&args.name)
         .map_err(|rule| format!("invalid instance name {:?}: {rule}", args.name))?;
+    deploy::check_deployable_name(&name)?;
     let unit = match &args.unit {
         Some(unit) => unit.strip_suffix(".service").unwrap_or(unit).to_owned(),
         None => name.to_string(),
@@ -88,8 +294,9 @@ fn validate(args: &GenerateArgs) -> Result<Deployment, String> {
         .description
         .clone()
         .unwrap_or_else(|| deploy::default_description(&name));
-    deploy::check_one_line("the description", &description)?;
+    deploy::check_description(&description)?;
     let root = args.root.as_deref();
+    let executable = deploy::executable_text(&args.executable)?;
     deploy::check_executable(root, &args.executable)?;
     for arg in &args.args {
         deploy::check_one_line("the argument", arg)?;
@@ -126,7 +333,7 @@ fn validate(args: &GenerateArgs) -> Result<Deployment, String> {
         name,
         unit,
         description,
-        executable: args.executable.clone(),
+        executable,
         args: args.args.clone(),
         user: args.user.clone(),
         readiness: args.readiness,
@@ -134,33 +341,16 @@ fn validate(args: &GenerateArgs) -> Result<Deployment, String> {
     })
 }
 
-/// Writes `contents` to a new file beside `target`, flushes it to disk, then renames it over
-/// `target`: a reader sees the old file or the new one, never half of one.
+/// Writes `contents` to a new file beside `target`, flushes it, then renames it over `target`:
+/// a reader sees the old file or the new one, never half of one. (Puts a replaced file back.)
 fn write_atomically(target: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("."), Path::to_owned);
-    std::fs::create_dir_all(&dir)?;
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("no file name"))?
-        .to_string_lossy();
-    let temp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&temp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, target)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })();
+    let mut undo = Undo::default();
+    let written = write_temp(target, usize::MAX, contents, &mut undo)
+        .and_then(|temp| std::fs::rename(&temp, target));
     if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
+        for temp in &undo.temps {
+            let _ = std::fs::remove_file(temp);
+        }
     }
     written
 }
