@@ -1,6 +1,7 @@
 //! The one guard type: proof that this process is the running instance.
 
 use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -186,6 +187,30 @@ impl InstanceGuard {
     /// The lock file held, if any.
     pub fn lock_file(&self) -> Option<&Path> {
         self.lock.as_ref().map(HeldLock::path)
+    }
+
+    /// The descriptor of the lock file held, if any: whoever holds a duplicate of it holds the
+    /// instance too.
+    ///
+    /// The lock is an open-file-description lock, so it belongs to the open file, not to this
+    /// process: a duplicate (`dup`, `fcntl(F_DUPFD)`, or inherited across `fork` and `exec`)
+    /// shares it, and the kernel releases the lock only when the last descriptor of that open
+    /// file is closed. `unique-instance run` hands one duplicate to COMMAND on purpose, so that a
+    /// COMMAND which outlives the wrapper (a privilege-dropping launcher clears
+    /// `PR_SET_PDEATHSIG`) keeps other copies out until it is gone.
+    ///
+    /// The descriptor is close-on-exec; leave it so, and make any duplicate deliberately.
+    ///
+    /// # Caveats
+    ///
+    /// A duplicate that outlives the guard keeps the lock held after [`InstanceGuard::release`]
+    /// or `Drop`, which remove the lock file first: a new copy then creates and locks a new file
+    /// at the same path, while the old one is still held by whoever kept the duplicate. Give a
+    /// duplicate only to processes that end before the guard is released (`run` stops every
+    /// process COMMAND left behind before it releases). Whoever holds a duplicate may also write
+    /// the holder record.
+    pub fn lock_file_descriptor(&self) -> Option<BorrowedFd<'_>> {
+        self.lock.as_ref().map(AsFd::as_fd)
     }
 
     /// The bus the name is owned on, if any.

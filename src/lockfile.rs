@@ -823,6 +823,14 @@ impl WatchHandle {
     }
 }
 
+/// The lock's descriptor, for [`crate::InstanceGuard::lock_file_descriptor`]: a duplicate of it
+/// shares the open file description, and with it the lock.
+impl AsFd for HeldLock {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl Drop for HeldLock {
     fn drop(&mut self) {
         if let Err(e) = self.release_in_place() {

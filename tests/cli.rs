@@ -226,37 +226,165 @@ fn sigkill_to_the_wrapper_takes_command_down() {
 }
 
 #[test]
-fn command_inherits_neither_lock_file_nor_bus_socket() {
+fn command_inherits_one_lock_descriptor_and_no_bus_socket() {
     let bus = DbusDaemon::start(BusConfig::Open);
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("fds");
-    let script = "for f in /proc/$$/fd/*; do echo \"fd $f -> $(readlink $f)\"; done; echo end";
-    let mut cmd = cli_command(
-        Some(&bus.address),
-        lock_dir.path(),
-        &["run", &name, "--", "sh", "-c", script],
-    );
-    cmd.env("RUST_LOG", "unique_instance=debug");
-    let mut wrapper = Proc::spawn(cmd);
-    let mut fds = Vec::new();
-    loop {
-        let line = wrapper.next_line("COMMAND's descriptors");
-        if line == "end" {
-            break;
-        }
-        fds.push(line);
-    }
-    assert_eq!(wrapper.exit_code(), 0);
-    let stderr = wrapper.stderr_until_closed().join("\n");
-    // The wrapper did hold both while COMMAND ran (so the check below means something).
-    assert!(stderr.contains("backends=[LockFile, Dbus]"), "{stderr}");
-    assert!(fds.len() >= 3, "stdin, stdout and stderr at least: {fds:?}");
-    for fd in &fds {
-        assert!(
-            !fd.contains(".lock"),
-            "COMMAND inherited the lock file: {fd}"
+    let script = "echo \"env ${UNIQUE_INSTANCE_LOCK_FD-unset}\"; \
+                  for f in /proc/$$/fd/*; do echo \"fd $f -> $(readlink $f)\"; done; echo end";
+    // Each case: the backend, and whether COMMAND gets the lock's descriptor. A stale
+    // UNIQUE_INSTANCE_LOCK_FD in the wrapper's environment (an outer `run`) never reaches it.
+    for (backend, has_lock) in [("auto", true), ("dbus", false)] {
+        let mut cmd = cli_command(
+            Some(&bus.address),
+            lock_dir.path(),
+            &["run", "--backend", backend, &name, "--", "sh", "-c", script],
         );
-        assert!(!fd.contains("socket:"), "COMMAND inherited a socket: {fd}");
+        cmd.env("RUST_LOG", "unique_instance=debug")
+            .env("UNIQUE_INSTANCE_LOCK_FD", "99999");
+        let mut wrapper = Proc::spawn(cmd);
+        let env = wrapper.next_line("COMMAND's UNIQUE_INSTANCE_LOCK_FD");
+        let mut fds = Vec::new();
+        loop {
+            let line = wrapper.next_line("COMMAND's descriptors");
+            if line == "end" {
+                break;
+            }
+            fds.push(line);
+        }
+        assert_eq!(wrapper.exit_code(), 0);
+        let stderr = wrapper.stderr_until_closed().join("\n");
+        // The wrapper did hold what it says while COMMAND ran (so the checks below mean
+        // something).
+        let backends = if has_lock {
+            "[LockFile, Dbus]"
+        } else {
+            "[Dbus]"
+        };
+        assert!(stderr.contains(&format!("backends={backends}")), "{stderr}");
+        assert!(fds.len() >= 3, "stdin, stdout and stderr at least: {fds:?}");
+        for fd in &fds {
+            assert!(!fd.contains("socket:"), "COMMAND inherited a socket: {fd}");
+        }
+        let locks: Vec<&String> = fds.iter().filter(|fd| fd.contains(".lock")).collect();
+        if has_lock {
+            let number = env.strip_prefix("env ").expect("env line");
+            assert!(
+                number.parse::<u32>().is_ok_and(|n| n >= 3) && number != "99999",
+                "UNIQUE_INSTANCE_LOCK_FD names COMMAND's descriptor: {env:?}"
+            );
+            assert_eq!(
+                locks.len(),
+                1,
+                "exactly one descriptor of the lock: {fds:?}"
+            );
+            assert!(
+                locks[0].starts_with("fd /proc/")
+                    && locks[0].contains(&format!("/fd/{number} -> ")),
+                "the lock's descriptor is the announced one ({number}): {locks:?}"
+            );
+        } else {
+            assert_eq!(env, "env unset", "no lock file, nothing announced");
+            assert!(locks.is_empty(), "COMMAND inherited a lock file: {locks:?}");
+        }
+    }
+}
+
+/// A COMMAND's PID from its `pid N` line, as a pidfd to watch it by (it is not our child).
+fn command_pidfd(wrapper: &mut Proc) -> (u32, rustix::fd::OwnedFd) {
+    let line = wrapper.line_starting("pid ");
+    let pid: u32 = line
+        .strip_prefix("pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bad line {line:?}"));
+    let pidfd = rustix::process::Pid::from_raw(pid as i32)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+        .unwrap_or_else(|| panic!("process {pid} is not running"));
+    (pid, pidfd)
+}
+
+/// Waits (poll, with [`TIMEOUT`]) until the process behind `pidfd` has exited.
+fn wait_pidfd(pid: u32, pidfd: &rustix::fd::OwnedFd) {
+    let mut fds = [rustix::event::PollFd::new(
+        pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: TIMEOUT.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    let ready = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll");
+    assert_eq!(ready, 1, "process {pid} still runs after {TIMEOUT:?}");
+}
+
+/// SIGKILLs, through its pidfd (never a reused PID), a process that is not our child when
+/// dropped, so a failing test leaves none behind.
+struct KillOnDrop<'a>(&'a rustix::fd::OwnedFd);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::process::pidfd_send_signal(self.0, Signal::KILL);
+    }
+}
+
+#[test]
+fn command_that_outlives_a_killed_wrapper_keeps_the_instance_held() {
+    common::require_program("setpriv", "util-linux");
+    common::require_program("setsid", "util-linux");
+    let bus = DbusDaemon::start(BusConfig::Open);
+    // Both escape PR_SET_PDEATHSIG: the kernel clears it when COMMAND changes its credentials,
+    // and a process COMMAND forks (here in a session of its own) never had it.
+    let cases = [
+        (
+            "setpriv",
+            "setpriv --reuid=65534 --regid=65534 --clear-groups -- \
+             sh -c 'echo pid $$; exec sleep 600'",
+        ),
+        (
+            "setsid",
+            "setsid sh -c 'echo pid $$; exec sleep 600' </dev/null & wait",
+        ),
+    ];
+    for (case, script) in cases {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name(case);
+        let mut wrapper = cli(
+            Some(&bus.address),
+            lock_dir.path(),
+            &["run", &name, "--", "sh", "-c", script],
+        );
+        let (pid, pidfd) = command_pidfd(&mut wrapper);
+        let _command = KillOnDrop(&pidfd);
+        wrapper.sigkill();
+        // COMMAND lives on, and so the instance must stay held: a second copy is refused.
+        let mut second = cli(
+            Some(&bus.address),
+            lock_dir.path(),
+            &["run", &name, "--", "echo", "second copy ran"],
+        );
+        let stdout = second.stdout_until_closed();
+        assert_eq!(
+            second.exit_code(),
+            75,
+            "{case}: a copy started while COMMAND (pid {pid}) outlives the killed wrapper must \
+             be refused; its stdout: {stdout:?}"
+        );
+        let stderr = second.stderr_until_closed().join("\n");
+        assert!(stderr.contains("is already running"), "{case}: {stderr}");
+        // Once COMMAND is gone the instance is free.
+        rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+        wait_pidfd(pid, &pidfd);
+        let mut third = cli(
+            Some(&bus.address),
+            lock_dir.path(),
+            &["run", &name, "--", "echo", "third"],
+        );
+        assert_eq!(
+            third.next_line("the third copy's COMMAND"),
+            "third",
+            "{case}"
+        );
+        assert_eq!(third.exit_code(), 0, "{case}");
     }
 }
 

@@ -39,8 +39,14 @@ Examples:
   unique-instance run -q -E 0 org.acme.Backup -- ./backup.sh     # a conflict is not a failure
   unique-instance run --system --backend lockfile org.acme.Sync -- sync-tool
 
-The lock file and the bus connection are never inherited by COMMAND, and COMMAND is killed if
-the wrapper dies (even by SIGKILL), so COMMAND never runs unguarded. SIGTERM, SIGINT, SIGHUP,
+COMMAND never runs unguarded. It is killed if the wrapper dies (even by SIGKILL), through
+PR_SET_PDEATHSIG. The kernel clears that when COMMAND changes its credentials (setpriv, runuser,
+a setuid program), and COMMAND's own children never have it: so COMMAND also inherits one
+descriptor of the lock file, announced as UNIQUE_INSTANCE_LOCK_FD=N, and the instance stays held
+until every process holding it is gone, even after the wrapper died. Leave that descriptor open
+(closing it gives this up); the bus connection and every other descriptor of the wrapper are not
+inherited. With --backend dbus there is no lock file to hand down: a COMMAND that outlives the
+wrapper then runs unguarded, so use the default backend for such commands. SIGTERM, SIGINT, SIGHUP,
 SIGQUIT, SIGUSR1 and SIGUSR2 sent to the wrapper are passed on to COMMAND (a terminal's Ctrl-C
 already reaches both, and is not sent twice). If the instance is lost while COMMAND runs (lock
 file removed or replaced, bus name taken over), COMMAND gets SIGTERM, then SIGKILL after

@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
@@ -73,7 +74,7 @@ async fn supervise(args: RunArgs) -> ExitCode {
     if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         tracing::warn!(error = %e, "cannot become a child subreaper");
     }
-    let child = match spawn_guarded(&args.command, args.notify) {
+    let child = match spawn_guarded(&args.command, args.notify, guard.lock_file_descriptor()) {
         Ok(child) => child,
         Err(e) => {
             let code = match e.kind() {
@@ -330,12 +331,32 @@ fn signal_exit_code(signal: i32) -> u8 {
     u8::try_from(128 + signal).unwrap_or(EXIT_INTERNAL)
 }
 
+/// The variable that tells COMMAND which of its descriptors holds the instance's lock.
+pub(crate) const LOCK_FD_ENV: &str = "UNIQUE_INSTANCE_LOCK_FD";
+
+/// The lowest number COMMAND's descriptor of the lock may get: above those programs use by
+/// convention (stdio; systemd's `LISTEN_FDS` from 3; a script's `exec 3>file`), so that COMMAND
+/// does not close it by accident.
+const LOCK_FD_MIN: i32 = 100;
+
 /// Starts COMMAND so that it dies with us: `PR_SET_PDEATHSIG` = SIGKILL, set in the child
-/// between fork and exec. The lock file and bus socket are close-on-exec, so COMMAND inherits
-/// neither; its stdin, stdout and stderr are ours, untouched. With `notify` (we speak to systemd
-/// for COMMAND) COMMAND does not see `NOTIFY_SOCKET`; otherwise its environment is ours.
+/// between fork and exec. Its stdin, stdout and stderr are ours, untouched. With `notify` (we
+/// speak to systemd for COMMAND) COMMAND does not see `NOTIFY_SOCKET`; otherwise its environment
+/// is ours, plus [`LOCK_FD_ENV`].
+///
+/// The kernel clears `PR_SET_PDEATHSIG` when COMMAND's credentials change (`setpriv`,
+/// `runuser`, a daemon calling `setuid`, a setuid or file-capability executable), and COMMAND's
+/// own children never had it. So COMMAND inherits one descriptor of the lock file (`lock`, the
+/// guard's): the lock belongs to the open file description, so it stays held until the wrapper,
+/// COMMAND and everything that inherited it are gone, and a copy started after the wrapper died
+/// is refused while any of them lives. That one descriptor is made inheritable in the child
+/// only; the bus socket and every other descriptor of ours stay close-on-exec.
 #[allow(unsafe_code)]
-fn spawn_guarded(command: &[OsString], notify: bool) -> io::Result<tokio::process::Child> {
+fn spawn_guarded(
+    command: &[OsString],
+    notify: bool,
+    lock: Option<BorrowedFd<'_>>,
+) -> io::Result<tokio::process::Child> {
     let (program, program_args) = command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no COMMAND given"))?;
@@ -346,9 +367,20 @@ fn spawn_guarded(command: &[OsString], notify: bool) -> io::Result<tokio::proces
         // Only COMMAND's environment: ours is left alone.
         cmd.env_remove("NOTIFY_SOCKET");
     }
+    // Ours may come from an outer `run`: COMMAND must never be told of a descriptor it does
+    // not have.
+    cmd.env_remove(LOCK_FD_ENV);
+    // Close-on-exec in this process (it is closed when `cmd` is dropped, below); the child
+    // clears the flag on its own copy.
+    let lock_dup = lock.map(duplicate_high).transpose()?;
+    let lock_raw = lock_dup.as_ref().map(AsRawFd::as_raw_fd);
+    if let Some(fd) = lock_raw {
+        cmd.env(LOCK_FD_ENV, fd.to_string());
+    }
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // operations are allowed: it makes two raw system calls (prctl, getppid), allocates nothing
-    // and takes no locks.
+    // operations are allowed: it makes raw system calls (prctl, getppid, fcntl), allocates
+    // nothing and takes no locks. `lock_raw` names `lock_dup`, which this process keeps open
+    // until `spawn` has returned, so the child's copy of that number is the lock's descriptor.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
@@ -357,10 +389,24 @@ fn spawn_guarded(command: &[OsString], notify: bool) -> io::Result<tokio::proces
             if rustix::process::getppid() != Some(parent) {
                 return Err(io::Error::from_raw_os_error(libc_esrch()));
             }
+            if let Some(fd) = lock_raw {
+                rustix::io::fcntl_setfd(BorrowedFd::borrow_raw(fd), rustix::io::FdFlags::empty())?;
+            }
             Ok(())
         });
     }
-    cmd.spawn()
+    let child = cmd.spawn();
+    drop(lock_dup);
+    child
+}
+
+/// A close-on-exec duplicate of `fd` numbered [`LOCK_FD_MIN`] or above, or, under an
+/// open-file limit lower than that, the lowest free number above stdio.
+fn duplicate_high(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    match rustix::io::fcntl_dupfd_cloexec(fd, LOCK_FD_MIN) {
+        Err(rustix::io::Errno::INVAL) => Ok(rustix::io::fcntl_dupfd_cloexec(fd, 3)?),
+        dup => Ok(dup?),
+    }
 }
 
 /// `ESRCH`, without a libc dependency.
