@@ -739,3 +739,63 @@ fn processes_command_leaves_behind_are_stopped_before_release() {
         );
     }
 }
+
+#[test]
+fn out_of_range_inputs_are_clear_errors_not_panics() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("inputs");
+    // Each: the arguments before NAME, and what the message must say. COMMAND never runs.
+    let cases: [(&[&str], &str); 4] = [
+        (&["--wait=1e19"], "too many seconds"),
+        (&["--kill-after", "1e19"], "too many seconds"),
+        (&["--recheck", "1e-9"], "too short an interval"),
+        (&["--recheck", "inf"], "too many seconds"),
+    ];
+    for (options, says) in cases {
+        let mut args = vec!["run"];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&[&name, "--", "echo", "COMMAND ran"]);
+        let mut run = cli(None, lock_dir.path(), &args);
+        assert_eq!(run.exit_code(), 64, "{options:?} is a usage error");
+        assert_eq!(
+            run.stdout_until_closed(),
+            Vec::<String>::new(),
+            "{options:?}"
+        );
+        let stderr = run.stderr_until_closed().join("\n");
+        let option = options[0].split('=').next().expect("option");
+        assert!(
+            stderr.contains(says) && stderr.contains(option),
+            "{options:?}: the message names the option and the problem: {stderr}"
+        );
+    }
+    // An open-file limit too low for the runtime's signal pipe once made tokio panic.
+    let prlimit = common::require_program("prlimit", "util-linux");
+    for nofile in [6, 7, 8] {
+        for command in [
+            &["run", &name, "--", "echo", "COMMAND ran"][..],
+            &["status", &name],
+        ] {
+            let mut cmd = cli_command(None, lock_dir.path(), command);
+            let program = cmd.get_program().to_owned();
+            let mut limited = std::process::Command::new(&prlimit);
+            limited
+                .arg(format!("--nofile={nofile}"))
+                .arg("--")
+                .arg(program)
+                .args(cmd.get_args())
+                .env_clear()
+                .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));
+            cmd = limited;
+            let mut run = Proc::spawn(cmd);
+            let code = run.exit_code();
+            let stderr = run.stderr_until_closed().join("\n");
+            assert_eq!(code, 70, "nofile={nofile} {command:?}: {stderr}");
+            assert!(
+                stderr.contains("RLIMIT_NOFILE") && !stderr.contains("panicked"),
+                "nofile={nofile} {command:?}: {stderr}"
+            );
+            assert_eq!(run.stdout_until_closed(), Vec::<String>::new());
+        }
+    }
+}

@@ -182,8 +182,8 @@ pub(crate) enum BackendArg {
 pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) instance: InstanceArgs,
-    /// Wait for the running copy to exit: for SECONDS, or as long as it takes when no value is
-    /// given.
+    /// Wait for the running copy to exit: for SECONDS (at most 1e9), or as long as it takes
+    /// when no value is given.
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, require_equals = true,
           default_missing_value = "forever", value_parser = parse_wait)]
     pub(crate) wait: Option<WaitFor>,
@@ -193,13 +193,14 @@ pub(crate) struct RunArgs {
     /// Say nothing when the instance is already running, nor about a lost bus connection.
     #[arg(short, long)]
     pub(crate) quiet: bool,
-    /// After the instance is lost, how long COMMAND has between SIGTERM and SIGKILL.
+    /// After the instance is lost, how long COMMAND has between SIGTERM and SIGKILL (0: SIGKILL
+    /// at once; at most 1e9).
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
     pub(crate) kill_after: Duration,
     /// Also re-check every SECONDS that the lock file is still ours. Removal or replacement is
     /// already noticed at once through inotify; this is a belt for file systems where inotify
-    /// does not see every change. 0 (the default) means no timer.
-    #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = parse_seconds)]
+    /// does not see every change. 0 (the default) means no timer; otherwise at least 0.01.
+    #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = parse_recheck)]
     pub(crate) recheck: Duration,
     /// Under a Type=notify systemd unit, tell systemd the service is ready (READY=1 and a
     /// STATUS= line naming the instance) once the instance is held and COMMAND has started;
@@ -269,17 +270,43 @@ pub(crate) enum WaitFor {
     Up(Duration),
 }
 
+/// The longest duration any option takes: about 31 years, far below where adding it to the clock
+/// could overflow (a panic, once), and far beyond any real wait or grace.
+const MAX_SECONDS: f64 = 1e9;
+
+/// The shortest `--recheck` interval: a shorter timer would keep a CPU busy re-checking.
+const MIN_RECHECK: Duration = Duration::from_millis(10);
+
 fn parse_wait(s: &str) -> Result<WaitFor, String> {
     if s == "forever" {
         return Ok(WaitFor::Forever);
     }
-    parse_seconds(s).map(WaitFor::Up)
+    parse_seconds(s)
+        .map(WaitFor::Up)
+        .map_err(|e| format!("{e}; --wait without a value waits as long as it takes"))
+}
+
+fn parse_recheck(s: &str) -> Result<Duration, String> {
+    let interval = parse_seconds(s)?;
+    if !interval.is_zero() && interval < MIN_RECHECK {
+        return Err(format!(
+            "{s:?} is too short an interval: 0 (no timer) or at least {} seconds",
+            MIN_RECHECK.as_secs_f64()
+        ));
+    }
+    Ok(interval)
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
+        .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 5 or 0.5)"))?;
+    if secs > MAX_SECONDS {
+        return Err(format!(
+            "{s:?} is too many seconds (at most {MAX_SECONDS:e}, about 31 years)"
+        ));
+    }
     Duration::try_from_secs_f64(secs)
         .map_err(|_| format!("{s:?} is not a usable number of seconds (0 or more)"))
 }
@@ -301,5 +328,22 @@ mod tests {
         assert!(parse_seconds("soon").is_err());
         assert_eq!(parse_wait("forever"), Ok(WaitFor::Forever));
         assert_eq!(parse_wait("2"), Ok(WaitFor::Up(Duration::from_secs(2))));
+    }
+
+    #[test]
+    fn seconds_too_large_or_too_short_are_refused_saying_why() {
+        for huge in ["1e19", "1e300", "inf", "1000000001"] {
+            let e = parse_seconds(huge).expect_err(huge);
+            assert!(
+                e.contains("too many seconds") || e.contains("not a usable"),
+                "{e}"
+            );
+        }
+        assert!(parse_wait("1e19").is_err_and(|e| e.contains("as long as it takes")));
+        assert!(parse_seconds("nan").is_err());
+        assert_eq!(parse_seconds("1e9"), Ok(Duration::from_secs(1_000_000_000)));
+        assert!(parse_recheck("1e-9").is_err_and(|e| e.contains("too short")));
+        assert_eq!(parse_recheck("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_recheck("0.01"), Ok(Duration::from_millis(10)));
     }
 }

@@ -30,6 +30,11 @@ fn main() -> ExitCode {
         }
     };
     logging::init();
+    if matches!(cli.command, Command::Run(_) | Command::Status(_))
+        && let Err(message) = enough_descriptors()
+    {
+        return fail(EXIT_INTERNAL, format_args!("{message}"));
+    }
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::status(args),
@@ -60,6 +65,35 @@ fn print_man_page(out_dir: Option<std::path::PathBuf>) -> ExitCode {
             format_args!("cannot write the man page: {e}"),
         ),
     }
+}
+
+/// Descriptors `run` and `status` may need at once: the runtime (epoll, its waker, the signal
+/// pipes), the lock directory and file, inotify, the bus socket, the signal stream, COMMAND's
+/// pipes while it starts, with room to spare. (About 16 were measured.)
+const DESCRIPTORS_NEEDED: u64 = 24;
+
+/// Refuses to start, saying why, when the open-file limit (`ulimit -n`) leaves fewer than
+/// [`DESCRIPTORS_NEEDED`] descriptors free. Running out midway is reported too, but tokio
+/// panics when it cannot make its signal pipe, and an unclear error or a panic is no answer.
+fn enough_descriptors() -> Result<(), String> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    // Listing /proc/self/fd itself takes a descriptor, counted among the entries.
+    let open = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries.count() as u64,
+        // No /proc: the limit alone is checked.
+        Err(e) if e.raw_os_error() != Some(rustix::io::Errno::MFILE.raw_os_error()) => 0,
+        Err(_) => limit,
+    };
+    if limit.saturating_sub(open) < DESCRIPTORS_NEEDED {
+        return Err(format!(
+            "too few file descriptors: the open-file limit (RLIMIT_NOFILE, `ulimit -n`) is \
+             {limit} and {open} are open, but {DESCRIPTORS_NEEDED} free ones are needed; raise \
+             the limit (e.g. `ulimit -n 1024`)"
+        ));
+    }
+    Ok(())
 }
 
 /// Prints `unique-instance: MESSAGE` on stderr and returns `code`.
