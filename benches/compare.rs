@@ -687,7 +687,7 @@ impl BusProbe {
 }
 
 /// The system calls a waiter blocks in, as `/proc/PID/syscall` shows them: `flock` (flock(1))
-/// and `fcntl(fd, F_OFD_SETLKW, ...)` (unique-instance; F_OFD_SETLKW is 38).
+/// and `fcntl(fd, F_OFD_SETLKW, ...)` (F_OFD_SETLKW is 38).
 #[cfg(target_arch = "x86_64")]
 const SYS_FLOCK: &str = "73";
 #[cfg(target_arch = "x86_64")]
@@ -710,6 +710,26 @@ fn blocked_on_lock(pid: u32) -> bool {
             (Some(SYS_FCNTL), Some(cmd)) => cmd == "0x26",
             _ => false,
         }
+    })
+}
+
+/// Does `pid` have an inotify watch on `file` (a unique-instance waiter: it sleeps until inotify
+/// reports the lock's release, see `wait_for_release`)? Read from `/proc/PID/fdinfo`, where each
+/// watch is a line `inotify wd:N ino:HEX sdev:HEX ...`.
+fn watches_file(pid: u32, file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ino) = std::fs::metadata(file).map(|m| m.ino()) else {
+        return false;
+    };
+    let needle = format!(" ino:{ino:x} ");
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_to_string(fd.path()).is_ok_and(|info| {
+            info.lines()
+                .any(|l| l.starts_with("inotify") && l.contains(&needle))
+        })
     })
 }
 
@@ -797,7 +817,19 @@ fn takeover_once(
                 Series::Dbus => {
                     wait_until("the waiter is queued on the bus", || bus.queued(&name) >= 2)?
                 }
-                _ => wait_until("the waiter blocks on the lock", || blocked_on_lock(pid))?,
+                Series::Flock => {
+                    wait_until("the waiter blocks on the lock", || blocked_on_lock(pid))?
+                }
+                _ => {
+                    let lock_file = InstanceOptions::new(&name)
+                        .backend(Backend::LockFile)
+                        .plan()?
+                        .lock_file
+                        .context("no lock file planned")?;
+                    wait_until("the waiter watches the lock file", || {
+                        watches_file(pid, &lock_file)
+                    })?
+                }
             }
             let start = Instant::now();
             holder.kill()?;

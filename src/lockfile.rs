@@ -550,6 +550,16 @@ pub(crate) fn drain(fd: &OwnedFd) {
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
 }
 
+/// Reads everything queued on `fd` (an inotify instance); true when there was anything.
+pub(crate) fn drain_any(fd: &OwnedFd) -> bool {
+    let mut buf = [0u8; 4096];
+    let mut any = false;
+    while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {
+        any = true;
+    }
+    any
+}
+
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
 pub(crate) fn peek_holder(path: &Path) -> Option<Holder> {
     let file = rustix::fs::open(
@@ -767,6 +777,56 @@ impl HeldLock {
 pub(crate) fn new_inotify() -> std::io::Result<OwnedFd> {
     use rustix::fs::inotify::{self, CreateFlags};
     Ok(inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?)
+}
+
+/// An inotify instance (non-blocking, close-on-exec) for a copy waiting for the lock file of
+/// `lock_dir`: readable when an entry of the directory is created, removed or renamed, or the
+/// directory itself goes. [`may_be_free`] adds the file itself before each check.
+///
+/// A lock wait built on it can be abandoned at any moment (dropping the descriptor ends it),
+/// unlike a thread blocked in `F_OFD_SETLKW`, which nothing can cancel and which would take the
+/// lock long after its waiter gave up.
+pub(crate) fn release_watch(lock_dir: &LockDir) -> std::io::Result<OwnedFd> {
+    use rustix::fs::inotify::{self, WatchFlags};
+    let fd = new_inotify()?;
+    let dir = format!("/proc/self/fd/{}", lock_dir.fd.as_raw_fd());
+    inotify::add_watch(
+        &fd,
+        dir.as_str(),
+        WatchFlags::DELETE
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::MOVED_TO
+            | WatchFlags::CREATE
+            | WatchFlags::DELETE_SELF
+            | WatchFlags::MOVE_SELF
+            | WatchFlags::ONLYDIR,
+    )?;
+    Ok(fd)
+}
+
+/// Could the lock file of `plan` be taken now? Arms `watch` (a [`release_watch`]) on the file
+/// the path names first, so that a release after this check wakes the waiter: an OFD lock is
+/// released when the last descriptor of its open file description closes, which inotify reports
+/// as `IN_CLOSE_WRITE` (the holder exiting, even killed, or a holder that removed the file,
+/// which the directory watch reports). Tested with `F_OFD_GETLK` on a descriptor opened only for
+/// reading, whose close wakes nobody; any doubt (no file, an error) says "try": the attempt
+/// itself then decides, and reports what is wrong.
+pub(crate) fn may_be_free(watch: &OwnedFd, plan: &LockPlan, lock_dir: &LockDir) -> bool {
+    use rustix::fs::inotify::{self, WatchFlags};
+    let Ok(file) = rustix::fs::openat(
+        &*lock_dir.fd,
+        plan.file_name.as_os_str(),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) else {
+        return true;
+    };
+    // Through the descriptor, so the watch is on the very file tested below.
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    if inotify::add_watch(watch, path.as_str(), WatchFlags::CLOSE_WRITE).is_err() {
+        return true;
+    }
+    !matches!(is_held(&file), Ok(true))
 }
 
 /// Identifies a held lock file's path and inode, for re-checks from another task.

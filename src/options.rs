@@ -684,9 +684,10 @@ fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, Lock
     Ok((lockfile::lock(plan, &dir, false)?, dir))
 }
 
-/// Waits for the lock file held by `holder`. A blocking lock wait cannot be cancelled, so it runs
-/// on a thread of its own; if we stop waiting, the thread's lock, once it comes, is dropped (and
-/// so released) unused.
+/// Waits for the lock file held by `holder`, without a thread and without blocking: each
+/// attempt is a non-blocking one, made again whenever inotify reports that the lock may have
+/// been released (see [`lockfile::may_be_free`]). Dropping the future (a timeout, a `select!`)
+/// ends the wait at once, with nothing left behind that could take the lock later.
 async fn wait_lock(
     name: &InstanceName,
     plan: &LockPlan,
@@ -701,37 +702,94 @@ async fn wait_lock(
             "{name}: waiting for the running copy to exit ({holder})"
         ));
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let thread_plan = plan.clone();
-    std::thread::Builder::new()
-        .name("unique-instance-wait".into())
-        .spawn(move || {
-            // If the receiver is gone the lock comes back in the error and is dropped: released.
-            let _ = tx.send(lockfile::lock(&thread_plan, &dir, true));
-        })
-        .map_err(|e| Error::io("cannot start a thread to wait for", plan.path(), e))?;
-    let outcome = match deadline {
-        Some(deadline) => match tokio::time::timeout_at(deadline.into(), rx).await {
+    let waited = wait_for_release(plan, &dir);
+    match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline.into(), waited).await {
             Ok(outcome) => outcome,
-            Err(_) => {
-                return Err(Error::TimedOut {
-                    name: name.to_string(),
-                    waited: options_wait(options),
-                    holder: Box::new(lockfile::peek_holder(&plan.path()).unwrap_or(*holder)),
-                });
-            }
+            Err(_) => Err(Error::TimedOut {
+                name: name.to_string(),
+                waited: options_wait(options),
+                holder: Box::new(lockfile::peek_holder(&plan.path()).unwrap_or(*holder)),
+            }),
         },
-        None => rx.await,
+        None => waited.await,
+    }
+}
+
+/// How long after a wake-up that found the lock still held it is checked again, doubling up to
+/// [`RECHECK_LAST`]. The kernel queues a closing holder's `IN_CLOSE_WRITE` just *before* it
+/// releases the lock (`__fput`: `fsnotify_close`, then `locks_remove_file`), so a waiter that
+/// runs at once can still find it held, and no later event would come: a few re-checks over
+/// about a second close that window. Without an event, nothing wakes up: an idle wait costs
+/// nothing.
+const RECHECK_FIRST: Duration = Duration::from_millis(1);
+const RECHECK_LAST: Duration = Duration::from_millis(512);
+/// The re-check interval when inotify cannot be used at all (its limits reached).
+const RECHECK_WITHOUT_INOTIFY: Duration = Duration::from_millis(100);
+
+async fn wait_for_release(
+    plan: &LockPlan,
+    dir: &LockDir,
+) -> Result<(HeldLock, Option<LockRecord>)> {
+    // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
+    // an `OwnedFd` moved in here cannot (see `watch_lock`).
+    #[allow(deprecated)]
+    let watch = match lockfile::release_watch(dir).and_then(tokio::io::unix::AsyncFd::new) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(path = %plan.path().display(), error = %e,
+                "cannot watch the lock file with inotify; trying it every 100 ms instead");
+            None
+        }
     };
-    match outcome {
-        Ok(Ok(Attempt::Acquired(held, previous))) => Ok((held, previous)),
-        Ok(Ok(Attempt::Busy(holder))) => Err(already_running(name, holder)),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(Error::io(
-            "the waiting thread ended without an answer for",
-            plan.path(),
-            std::io::Error::other("lock wait thread died"),
-        )),
+    let mut recheck = None;
+    loop {
+        let free = match &watch {
+            Some(watch) => {
+                // Events up to here are answered by the check below.
+                lockfile::drain(watch.get_ref());
+                lockfile::may_be_free(watch.get_ref(), plan, dir)
+            }
+            None => true,
+        };
+        if free {
+            match lockfile::lock(plan, dir, false)? {
+                Attempt::Acquired(held, previous) => return Ok((held, previous)),
+                // Another copy was quicker: wait for it in turn.
+                Attempt::Busy(_) => {}
+            }
+        }
+        let Some(watch) = &watch else {
+            tokio::time::sleep(RECHECK_WITHOUT_INOTIFY).await;
+            continue;
+        };
+        let event = async {
+            loop {
+                let Ok(mut ready) = watch.readable().await else {
+                    // Cannot happen with a registered descriptor; re-check rather than spin.
+                    return std::future::pending::<()>().await;
+                };
+                let got = lockfile::drain_any(ready.get_inner());
+                ready.clear_ready();
+                if got {
+                    return;
+                }
+            }
+        };
+        match recheck {
+            Some(after) => {
+                tokio::select! {
+                    () = event => recheck = Some(RECHECK_FIRST),
+                    () = tokio::time::sleep(after) => {
+                        recheck = Some(after * 2).filter(|d| *d <= RECHECK_LAST);
+                    }
+                }
+            }
+            None => {
+                event.await;
+                recheck = Some(RECHECK_FIRST);
+            }
+        }
     }
 }
 

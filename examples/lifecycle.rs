@@ -1,0 +1,249 @@
+//! Acquisition lifecycles that tests must watch from outside the process: waits that end,
+//! cancellations, the blocking API inside runtimes, and the order of release.
+//!
+//! ```text
+//! lifecycle SCENARIO NAME [--backend auto|dbus|lockfile] [--flavor current|multi]
+//!           [--in block-on|task] [--async] [--wait-ms N]
+//! ```
+//!
+//! Scenarios (each prints one line per step on stdout, and exits 0 when every step behaved):
+//! - `timed-out-wait`: counts this process's threads and descriptors, waits up to `--wait-ms`
+//!   for NAME (held by another process) and times out, counts again (`counts ...`), prints
+//!   `parked` and stays alive, touching nothing, until stdin closes.
+//! - `blocking-in-runtime`: inside a runtime of `--flavor`, in `--in` (its `block_on`, or a
+//!   spawned task), calls `acquire()`, `LossWatcher::next_blocking`,
+//!   `InstanceGuard::wait_next_loss` and `release()`, printing each outcome.
+//! - `cancel-queued`: on a current-thread runtime, starts `acquire_async()` with
+//!   `Wait::Forever` and cancels it after `--wait-ms` (a timeout), prints `cancelled`, then leaves
+//!   the runtime idle until stdin closes.
+//! - `release-order`: acquires (`--async`: with `acquire_async` on a runtime of `--flavor`),
+//!   prints `acquired`, waits for a line on stdin, releases as `--in` says (`drop-in-runtime`:
+//!   dropped inside the runtime's `block_on`; `drop-outside`: dropped outside it after it went
+//!   idle; `release`: `release()`), prints `released ok` or `released err ...`, and waits for
+//!   stdin to close.
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use unique_instance::{Backend, InstanceGuard, InstanceOptions, Wait};
+
+struct Args {
+    scenario: String,
+    name: String,
+    backend: Backend,
+    multi: bool,
+    in_task: bool,
+    how: String,
+    use_async: bool,
+    wait: Duration,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let scenario = it.next().ok_or("no scenario")?;
+    let name = it.next().ok_or("no name")?;
+    let mut args = Args {
+        scenario,
+        name,
+        backend: Backend::Auto,
+        multi: false,
+        in_task: false,
+        how: String::new(),
+        use_async: false,
+        wait: Duration::from_millis(300),
+    };
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--backend" => {
+                args.backend = match value()?.as_str() {
+                    "auto" => Backend::Auto,
+                    "dbus" => Backend::Dbus,
+                    "lockfile" => Backend::LockFile,
+                    other => return Err(format!("unknown backend {other}")),
+                }
+            }
+            "--flavor" => args.multi = value()? == "multi",
+            "--in" => {
+                args.how = value()?;
+                args.in_task = args.how == "task";
+            }
+            "--async" => args.use_async = true,
+            "--wait-ms" => {
+                args.wait = Duration::from_millis(value()?.parse().map_err(|_| "bad --wait-ms")?)
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn one_line(e: &unique_instance::Error) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map_or(0, Iterator::count)
+}
+
+fn runtime(multi: bool) -> tokio::runtime::Runtime {
+    let mut builder = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().expect("runtime")
+}
+
+fn wait_for_stdin_to_close() {
+    let _ = std::io::stdin().lock().lines().count();
+}
+
+fn options(args: &Args) -> InstanceOptions {
+    InstanceOptions::new(&args.name).backend(args.backend)
+}
+
+fn timed_out_wait(args: &Args) {
+    let options = options(args).wait(Wait::Timeout(args.wait));
+    // Built before the first count: its own threads are not the wait's.
+    let rt = args.use_async.then(|| runtime(args.multi));
+    // tokio makes a process-wide signal pipe with the first runtime: made before counting.
+    drop(runtime(false));
+    let (threads, fds) = (count("/proc/self/task"), count("/proc/self/fd"));
+    let outcome = match &rt {
+        Some(rt) => rt.block_on(options.acquire_async()),
+        None => options.acquire(),
+    };
+    match outcome {
+        Err(unique_instance::Error::TimedOut { .. }) => {}
+        Err(e) => return say(&format!("unexpected {}", one_line(&e))),
+        Ok(_) => return say("unexpected acquired"),
+    }
+    say(&format!(
+        "counts threads_before={threads} threads_after={} fds_before={fds} fds_after={}",
+        count("/proc/self/task"),
+        count("/proc/self/fd")
+    ));
+    say("parked");
+    wait_for_stdin_to_close();
+    drop(rt);
+}
+
+/// Every blocking call of the API, made from wherever this thread is.
+fn blocking_calls(args: &Args) {
+    let mut guard = match options(args).acquire() {
+        Ok(guard) => guard,
+        Err(e) => return say(&format!("acquire err {}", one_line(&e))),
+    };
+    say("acquire ok");
+    let mut watcher = guard.loss_watcher();
+    say(&format!(
+        "next_blocking {:?}",
+        watcher.next_blocking(Some(Duration::from_millis(10)))
+    ));
+    say(&format!(
+        "wait_next_loss {:?}",
+        guard.wait_next_loss(Some(Duration::from_millis(10)))
+    ));
+    match guard.release() {
+        Ok(()) => say("release ok"),
+        Err(e) => say(&format!("release err {}", one_line(&e))),
+    }
+}
+
+fn blocking_in_runtime(args: &Args) {
+    let rt = runtime(args.multi);
+    if args.in_task {
+        let task_args = Args {
+            scenario: args.scenario.clone(),
+            name: args.name.clone(),
+            how: args.how.clone(),
+            ..*args
+        };
+        let task = rt.spawn(async move { blocking_calls(&task_args) });
+        if let Err(e) = rt.block_on(task) {
+            say(&format!("task failed {e}"));
+        }
+    } else {
+        rt.block_on(async { blocking_calls(args) });
+    }
+    say("done");
+}
+
+fn cancel_queued(args: &Args) {
+    let rt = runtime(false);
+    let options = options(args).wait(Wait::Forever);
+    let outcome =
+        rt.block_on(async { tokio::time::timeout(args.wait, options.acquire_async()).await });
+    match outcome {
+        Err(_) => say("cancelled"),
+        Ok(Ok(_)) => say("unexpected acquired"),
+        Ok(Err(e)) => say(&format!("unexpected {}", one_line(&e))),
+    }
+    // The runtime is kept, idle: nothing it owns runs again.
+    wait_for_stdin_to_close();
+    drop(rt);
+}
+
+fn release_order(args: &Args) {
+    let rt = args.use_async.then(|| runtime(args.multi));
+    let guard: InstanceGuard = match &rt {
+        Some(rt) => rt.block_on(options(args).acquire_async()),
+        None => options(args).acquire(),
+    }
+    .expect("acquire");
+    say("acquired");
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    let result = match (args.how.as_str(), &rt) {
+        ("drop-in-runtime", Some(rt)) => {
+            rt.block_on(async move { drop(guard) });
+            Ok(())
+        }
+        ("release-in-runtime", Some(rt)) => rt.block_on(async move { guard.release() }),
+        ("release", _) => guard.release(),
+        _ => {
+            drop(guard);
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => say("released ok"),
+        Err(e) => say(&format!("released err {}", one_line(&e))),
+    }
+    wait_for_stdin_to_close();
+    drop(rt);
+}
+
+fn main() {
+    let args = match parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("lifecycle: {e}");
+            std::process::exit(64);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match args.scenario.as_str() {
+        "timed-out-wait" => timed_out_wait(&args),
+        "blocking-in-runtime" => blocking_in_runtime(&args),
+        "cancel-queued" => cancel_queued(&args),
+        "release-order" => release_order(&args),
+        other => {
+            eprintln!("lifecycle: unknown scenario {other}");
+            std::process::exit(64);
+        }
+    }
+}
