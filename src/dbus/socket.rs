@@ -23,6 +23,7 @@ use rustix::net::{
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use zbus::connection::socket::{BoxedSplit, ReadHalf, Split, WriteHalf};
+use zbus::fdo::ConnectionCredentials;
 
 /// The most descriptors one message may carry (as zbus allows).
 const MAX_FDS: usize = 1024;
@@ -74,6 +75,10 @@ impl ReadHalf for Reader {
     fn can_pass_unix_fd(&self) -> bool {
         true
     }
+
+    async fn peer_credentials(&mut self) -> io::Result<ConnectionCredentials> {
+        peer_credentials(self.0.as_fd())
+    }
 }
 
 #[async_trait::async_trait]
@@ -100,6 +105,21 @@ impl WriteHalf for Writer {
     fn can_pass_unix_fd(&self) -> bool {
         true
     }
+
+    async fn peer_credentials(&mut self) -> io::Result<ConnectionCredentials> {
+        peer_credentials(self.stream.as_fd())
+    }
+}
+
+/// The bus's credentials, from the kernel (`SO_PEERCRED`), as zbus's own Unix socket reports
+/// them (`Connection::peer_credentials`).
+fn peer_credentials(fd: BorrowedFd<'_>) -> io::Result<ConnectionCredentials> {
+    // As zbus's own Unix socket reads them.
+    let cred = rustix::net::sockopt::socket_peercred(fd)?;
+    Ok(ConnectionCredentials::default()
+        .set_process_id(cred.pid.as_raw_nonzero().get().unsigned_abs())
+        .set_unix_user_id(cred.uid.as_raw())
+        .add_unix_group_id(cred.gid.as_raw()))
 }
 
 impl Writer {
@@ -161,13 +181,30 @@ pub(super) fn message_len(bytes: &[u8]) -> Option<usize> {
 
 fn receive(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+    receive_with(fd, buf, &mut space)
+}
+
+/// [`receive`], with `space` for the control data.
+fn receive_with(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    space: &mut [MaybeUninit<u8>],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut ancillary = RecvAncillaryBuffer::new(space);
     let received = rustix::net::recvmsg(
         fd,
         &mut [IoSliceMut::new(buf)],
         &mut ancillary,
         RecvFlags::CMSG_CLOEXEC,
     )?;
+    if received.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        // Descriptors were sent that did not fit (the kernel closed them): the message they came
+        // with would be read without them. Never pass that on as if whole.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the bus sent more file descriptors than one message may carry",
+        ));
+    }
     if received.bytes == 0 && !buf.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::BrokenPipe,
@@ -206,6 +243,25 @@ fn send(fd: BorrowedFd<'_>, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_that_do_not_fit_are_an_error_not_a_message_without_them() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let (r, w) = std::io::pipe().expect("pipe");
+        let many = [r.as_fd(), w.as_fd(), a.as_fd()].repeat(6);
+        let n = send(a.as_fd(), b"x", &many).expect("send");
+        assert_eq!(n, 1);
+        // Room for one descriptor (a few, with rustix's padding): the kernel truncates the
+        // control data (MSG_CTRUNC).
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut buf = [0u8; 16];
+        let err = receive_with(b.as_fd(), &mut buf, &mut space).expect_err("truncated");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        // With room, the same exchange is whole.
+        send(a.as_fd(), b"y", &many).expect("send");
+        let (n, fds) = receive(b.as_fd(), &mut buf).expect("receive");
+        assert_eq!((n, fds.len()), (1, many.len()));
+    }
 
     #[test]
     fn a_handshake_ends_with_begin_and_one_whole_message() {
