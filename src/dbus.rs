@@ -37,6 +37,84 @@ pub(crate) struct Connected {
     /// The serial of the `RequestName` call sent with the handshake, whose reply is to be read
     /// from `stream` (see [`request_name_reply`]); `None` when it was not sent.
     pub(crate) pending_request: Option<NonZeroU32>,
+    /// Ends the connection on drop, unless disarmed; `None` on transports zbus connected itself.
+    pub(crate) disconnect: Option<Disconnect>,
+}
+
+/// A duplicate of the bus socket's descriptor, to end the connection without zbus.
+///
+/// zbus closes a connection's socket from its own tasks, on the runtime that made it: a
+/// connection dropped while that runtime is idle, or blocked in the drop, stays open, and with
+/// it every name it owns and every queue it waits in. Shutting the socket down through this
+/// duplicate makes the bus drop the connection, its names and its queue entries at once,
+/// whatever runtime runs or does not. Until [`Disconnect::disarm`], dropping it does that: so
+/// an acquisition that is cancelled, or fails, keeps nothing on the bus.
+#[derive(Debug)]
+pub(crate) struct Disconnect {
+    socket: Option<std::os::fd::OwnedFd>,
+}
+
+impl Disconnect {
+    /// Keeps the connection when dropped (its socket closes with zbus's tasks, as usual).
+    pub(crate) fn disarm(mut self) {
+        self.socket = None;
+    }
+
+    /// Ends the connection and waits until the bus has closed its side, at most `timeout`: the
+    /// bus then processed our disconnection, so it released our names (and answers anyone who
+    /// asks after that accordingly). Needs no runtime.
+    pub(crate) fn wait(mut self, timeout: Duration) -> std::io::Result<()> {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        use rustix::io::Errno;
+        let Some(socket) = self.socket.take() else {
+            return Ok(());
+        };
+        // Our side first: the bus reads end-of-file and drops us. Not reading any more, this
+        // connection's remaining messages are discarded below.
+        match rustix::net::shutdown(&socket, rustix::net::Shutdown::Write) {
+            Ok(()) | Err(Errno::NOTCONN) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let deadline = std::time::Instant::now().checked_add(timeout);
+        let mut buf = [0u8; 4096];
+        loop {
+            match rustix::net::recv(&socket, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((0, _)) | Err(Errno::CONNRESET | Errno::NOTCONN) => break,
+                Ok(_) | Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let left = deadline.map_or(timeout, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+            });
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the bus did not close the connection within {timeout:?}"),
+                ));
+            }
+            let ts = Timespec {
+                tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            let mut fds = [PollFd::new(&socket, PollFlags::IN)];
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Whatever zbus's tasks still hold of the socket, the connection is over.
+        let _ = rustix::net::shutdown(&socket, rustix::net::Shutdown::Both);
+        Ok(())
+    }
+}
+
+impl Drop for Disconnect {
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            let _ = rustix::net::shutdown(&socket, rustix::net::Shutdown::Both);
+        }
+    }
 }
 
 /// Connects (authenticates and says `Hello`) to `bus`, honouring `DBUS_SESSION_BUS_ADDRESS` /
@@ -52,6 +130,15 @@ pub(crate) async fn connect(
         BusKind::Session => zbus::Address::session()?,
         BusKind::System => zbus::Address::system()?,
     };
+    connect_to(address, exports, request).await
+}
+
+/// [`connect`] to `address`.
+async fn connect_to(
+    address: zbus::Address,
+    exports: Vec<Export>,
+    request: Option<(&str, RequestNameFlags)>,
+) -> zbus::Result<Connected> {
     let request = request
         .map(|(name, flags)| {
             Message::method_call(DBUS_PATH, "RequestName")
@@ -65,8 +152,15 @@ pub(crate) async fn connect(
     // when the bus's backlog is full: then zbus connects as usual) and driven through our
     // socket halves, which append `RequestName` to the handshake. zbus's own connect would also
     // wait a turn of the event loop for the socket to become writable.
+    let mut disconnect = None;
     let mut builder = match unix_connect(&address) {
         Some(Ok(stream)) => {
+            // One system call; see `Disconnect` for what it buys.
+            disconnect = Some(Disconnect {
+                socket: Some(
+                    rustix::io::fcntl_dupfd_cloexec(&stream, 0).map_err(std::io::Error::from)?,
+                ),
+            });
             let stream = tokio::net::UnixStream::from_std(stream)?;
             let append = request.as_ref().map(|m| m.data().to_vec());
             Builder::socket(socket::halves(stream, append, Arc::clone(&appended)))
@@ -98,6 +192,7 @@ pub(crate) async fn connect(
         conn,
         stream,
         pending_request,
+        disconnect,
     })
 }
 
@@ -274,4 +369,129 @@ pub(crate) async fn next_name_signal(stream: &mut MessageStream, name: &str) -> 
 pub(crate) fn is_access_denied(e: &zbus::Error) -> bool {
     matches!(e, zbus::Error::FDO(fdo) if matches!(**fdo, zbus::fdo::Error::AccessDenied(_)))
         || matches!(e, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied")
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A private `dbus-daemon` for unit tests, killed on drop.
+    pub(crate) struct PrivateBus {
+        child: std::process::Child,
+        pub(crate) address: zbus::Address,
+        _dir: std::path::PathBuf,
+    }
+
+    impl PrivateBus {
+        pub(crate) fn start() -> Self {
+            use std::io::BufRead;
+            static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "unique-instance-unit-bus-{}-{}",
+                std::process::id(),
+                COUNT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::create_dir_all(&dir);
+            let mut child = std::process::Command::new("dbus-daemon")
+                .args(["--session", "--nofork", "--print-address=1"])
+                .arg(format!("--address=unix:dir={}", dir.display()))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("`dbus-daemon` is needed: apt-get install -y dbus");
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("address");
+            let address = line.trim().parse().expect("bus address");
+            PrivateBus {
+                child,
+                address,
+                _dir: dir,
+            }
+        }
+
+        pub(crate) fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// Connects, owning `name` when given.
+        pub(crate) async fn connect(&self, name: Option<&str>) -> Connected {
+            let mut connected = connect_to(
+                self.address.clone(),
+                Vec::new(),
+                name.map(|n| (n, RequestNameFlags::DO_NOT_QUEUE)),
+            )
+            .await
+            .expect("connect");
+            if let Some(serial) = connected.pending_request {
+                let reply = request_name_reply(&mut connected.stream, serial)
+                    .await
+                    .expect("RequestName");
+                assert_eq!(reply, RequestNameReply::PrimaryOwner);
+            }
+            connected
+        }
+
+        pub(crate) async fn has_owner(&self, name: &str) -> bool {
+            let other = self.connect(None).await;
+            other
+                .conn
+                .call_method(
+                    Some(DBUS_NAME),
+                    DBUS_PATH,
+                    Some(DBUS_NAME),
+                    "NameHasOwner",
+                    &(name,),
+                )
+                .await
+                .expect("NameHasOwner")
+                .body()
+                .deserialize::<bool>()
+                .expect("reply")
+        }
+    }
+
+    impl Drop for PrivateBus {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self._dir);
+        }
+    }
+
+    /// Our own socket halves report the bus's credentials from the kernel, as zbus's do.
+    #[tokio::test]
+    async fn our_socket_knows_the_bus_credentials() {
+        let bus = PrivateBus::start();
+        let connected = bus.connect(None).await;
+        assert!(connected.disconnect.is_some(), "not our own socket");
+        let creds = connected.conn.peer_creds().await.expect("peer_creds");
+        assert_eq!(creds.process_id(), Some(bus.pid()));
+        assert_eq!(
+            creds.unix_user_id(),
+            Some(rustix::process::getuid().as_raw())
+        );
+    }
+
+    /// `Disconnect::wait` returns once the bus dropped us: the name is free by then, while
+    /// the runtime that owns the connection does not run.
+    #[test]
+    fn a_disconnect_frees_the_name_without_the_runtime() {
+        let bus = PrivateBus::start();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let name = "org.uniqueinstance.Unit.Disconnect";
+        let connected = rt.block_on(bus.connect(Some(name)));
+        let disconnect = connected.disconnect.expect("our own socket");
+        disconnect.wait(Duration::from_secs(5)).expect("disconnect");
+        let checker = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        assert!(!checker.block_on(bus.has_owner(name)));
+        drop(connected.conn);
+    }
 }

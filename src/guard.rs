@@ -94,21 +94,58 @@ impl LossWatcher {
     }
 
     /// Blocking form of [`LossWatcher::next`], giving up after `timeout` (`None`: no limit).
+    /// It needs no runtime and works anywhere, inside a runtime too.
     ///
     /// # Caveats
     ///
-    /// Call it from plain threads, not from inside an async task.
+    /// It blocks the calling thread: called from a task of a current-thread runtime, it also
+    /// stops the tasks that would report a loss of a guard acquired with
+    /// [`crate::InstanceOptions::acquire_async`] on that runtime (a guard from the blocking
+    /// [`crate::InstanceOptions::acquire`] has a thread of its own). Prefer
+    /// [`LossWatcher::next`] in async code.
     pub fn next_blocking(&mut self, timeout: Option<Duration>) -> Option<Loss> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .ok()?;
-        rt.block_on(async {
-            match timeout {
-                Some(t) => tokio::time::timeout(t, self.next()).await.ok().flatten(),
-                None => self.next().await,
+        block_here(self.next(), timeout).flatten()
+    }
+}
+
+/// Runs `fut` on this thread until it completes or `timeout` passes (`None`: no limit), with no
+/// runtime: a blocking call made inside a runtime must not start one (tokio panics), and
+/// waiting on a channel needs none.
+pub(crate) fn block_here<F: std::future::Future>(
+    fut: F,
+    timeout: Option<Duration>,
+) -> Option<F::Output> {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    // Unconstrained: inside a task whose cooperative budget is spent, tokio's primitives would
+    // answer "pending" for ever, and this loop never returns to the scheduler to refill it.
+    let mut fut = std::pin::pin!(tokio::task::unconstrained(fut));
+    // A timeout too large to add is no limit.
+    let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+    loop {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        match deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                std::thread::park_timeout(left);
             }
-        })
+            None => std::thread::park(),
+        }
     }
 }
 
@@ -144,6 +181,10 @@ pub struct InstanceGuard {
     pub(crate) tasks: Vec<JoinHandle<()>>,
     /// The runtime that services the connection when the guard came from the blocking API.
     pub(crate) runtime: Option<ServiceThread>,
+    /// Ends the bus connection without its runtime (see [`dbus::Disconnect`]), so that a release
+    /// frees the name before the lock file wherever it runs. `None` with no bus, or on a
+    /// transport zbus connected itself.
+    pub(crate) disconnect: Option<dbus::Disconnect>,
 }
 
 impl fmt::Debug for InstanceGuard {
@@ -282,23 +323,14 @@ impl InstanceGuard {
         }
     }
 
-    /// Blocking form of [`InstanceGuard::next_loss`], giving up after `timeout`.
+    /// Blocking form of [`InstanceGuard::next_loss`], giving up after `timeout`. It needs no
+    /// runtime and works anywhere, inside a runtime too.
     ///
     /// # Caveats
     ///
-    /// Call it from plain threads, not from inside an async task.
+    /// As [`LossWatcher::next_blocking`]: it blocks the calling thread.
     pub fn wait_next_loss(&mut self, timeout: Option<Duration>) -> Option<Loss> {
-        let fut = async {
-            match timeout {
-                Some(t) => tokio::time::timeout(t, self.next_loss()).await.ok(),
-                None => Some(self.next_loss().await),
-            }
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .ok()?;
-        rt.block_on(fut)
+        block_here(self.next_loss(), timeout)
     }
 
     /// Releases the instance and reports any failure (the bus name first, then the lock file).
@@ -325,7 +357,24 @@ impl InstanceGuard {
     pub async fn release_async(mut self) -> Result<()> {
         self.stop_tasks();
         let bus_result = match self.bus.take() {
-            Some((kind, conn)) => release_bus(kind, conn, self.name.as_str()).await,
+            Some((kind, conn)) => {
+                let released = release_bus(kind, conn, self.name.as_str()).await;
+                match (released, self.disconnect.take()) {
+                    (Ok(()), disconnect) => {
+                        if let Some(disconnect) = disconnect {
+                            disconnect.disarm();
+                        }
+                        Ok(())
+                    }
+                    // Not answered (a connection whose runtime does not run, a bus that
+                    // stalls): end the connection, so the name is free before the lock file.
+                    (Err(e), Some(disconnect)) => {
+                        let _ = disconnect.wait(RELEASE_TIMEOUT);
+                        Err(e)
+                    }
+                    (Err(e), None) => Err(e),
+                }
+            }
             None => Ok(()),
         };
         let lock_result = self.lock.take().map_or(Ok(()), HeldLock::release);
@@ -340,49 +389,71 @@ impl InstanceGuard {
         }
     }
 
+    /// Releases without awaiting anything, from any thread, inside a runtime or not: the bus
+    /// name first (through the guard's service thread when it has one, else by ending the
+    /// connection and waiting until the bus closed it), then the lock file.
     fn release_blocking(&mut self) -> Result<()> {
         self.stop_tasks();
         let bus_result = match self.bus.take() {
             Some((kind, conn)) => {
-                if let Some(rt) = self.runtime.as_ref().map(ServiceThread::handle) {
-                    // Run it on the guard's own worker thread and wait on a plain channel:
-                    // `Runtime::block_on` would panic if this drop happens inside another
-                    // runtime's task.
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    let name = self.name.to_string();
-                    rt.spawn(async move {
-                        let _ = tx.send(release_bus(kind, conn, &name).await);
-                    });
-                    rx.recv().unwrap_or(Ok(()))
-                } else {
-                    match tokio::runtime::Handle::try_current() {
-                        Ok(handle)
-                            if handle.runtime_flavor()
-                                == tokio::runtime::RuntimeFlavor::MultiThread =>
-                        {
-                            tokio::task::block_in_place(|| {
-                                handle.block_on(release_bus(kind, conn, self.name.as_str()))
-                            })
-                        }
-                        Ok(_) => {
-                            // Cannot wait here: closing the connection makes the bus release
-                            // the name as soon as it notices.
-                            drop(conn);
-                            Ok(())
-                        }
-                        Err(_) => {
-                            match tokio::runtime::Builder::new_current_thread()
-                                .enable_all()
-                                .build()
-                            {
-                                Ok(rt) => rt.block_on(release_bus(kind, conn, self.name.as_str())),
-                                Err(_) => {
-                                    drop(conn);
-                                    Ok(())
+                let disconnect = self.disconnect.take();
+                let service = self
+                    .runtime
+                    .as_ref()
+                    .filter(|s| !s.is_current_thread())
+                    .map(ServiceThread::handle);
+                match (service, disconnect) {
+                    (Some(rt), disconnect) => {
+                        // Run it on the guard's own thread and wait on a plain channel:
+                        // `Runtime::block_on` would panic if this drop happens inside another
+                        // runtime.
+                        let (tx, rx) = std::sync::mpsc::channel();
+                        let name = self.name.to_string();
+                        rt.spawn(async move {
+                            let _ = tx.send(release_bus(kind, conn, &name).await);
+                        });
+                        match rx.recv() {
+                            Ok(Ok(())) => {
+                                if let Some(disconnect) = disconnect {
+                                    disconnect.disarm();
                                 }
+                                Ok(())
+                            }
+                            Ok(Err(e)) => {
+                                if let Some(disconnect) = disconnect {
+                                    let _ = disconnect.wait(RELEASE_TIMEOUT);
+                                }
+                                Err(e)
+                            }
+                            // The service thread is gone (it panicked): its runtime, and with it
+                            // the connection, went down with it; make sure, and say so.
+                            Err(_) => {
+                                if let Some(disconnect) = disconnect {
+                                    let _ = disconnect.wait(RELEASE_TIMEOUT);
+                                }
+                                Err(Error::Bus {
+                                    context: "cannot release the name",
+                                    bus: kind,
+                                    source: zbus::Error::Failure(
+                                        "the thread that services the bus connection has ended"
+                                            .into(),
+                                    ),
+                                })
                             }
                         }
                     }
+                    (None, Some(disconnect)) => {
+                        // The connection's runtime may be idle, or blocked in this very call:
+                        // end the connection ourselves, and wait until the bus has seen it.
+                        let result = disconnect.wait(RELEASE_TIMEOUT).map_err(|e| Error::Bus {
+                            context: "cannot release the name",
+                            bus: kind,
+                            source: zbus::Error::InputOutput(std::sync::Arc::new(e)),
+                        });
+                        drop(conn);
+                        result
+                    }
+                    (None, None) => release_without_socket(kind, conn, self.name.as_str()),
                 }
             }
             None => Ok(()),
@@ -394,11 +465,43 @@ impl InstanceGuard {
     }
 }
 
+/// How long a release waits for the bus.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Releases the name of a connection whose socket zbus made itself (a transport other than a
+/// Unix socket), as well as the runtime we are in allows.
+fn release_without_socket(kind: BusKind, conn: zbus::Connection, name: &str) -> Result<()> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| handle.block_on(release_bus(kind, conn, name)))
+        }
+        Ok(_) => {
+            // Cannot wait here: closing the connection makes the bus release the name as soon
+            // as it notices.
+            drop(conn);
+            Ok(())
+        }
+        Err(_) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(release_bus(kind, conn, name)),
+            Err(_) => {
+                drop(conn);
+                Ok(())
+            }
+        },
+    }
+}
+
 /// A current-thread runtime driven by a thread of its own: it services the bus connection of a
 /// guard from the blocking API. Dropping it ends the thread and the runtime's tasks.
 pub(crate) struct ServiceThread {
     handle: tokio::runtime::Handle,
     _stop: tokio::sync::oneshot::Sender<()>,
+    /// The thread: a release made on it (from a method of an object it serves) must not wait
+    /// for it.
+    thread: std::thread::ThreadId,
 }
 
 impl ServiceThread {
@@ -422,9 +525,10 @@ impl ServiceThread {
                 }
             });
         match spawned {
-            Ok(_) => Ok(ServiceThread {
+            Ok(thread) => Ok(ServiceThread {
                 handle,
                 _stop: stop,
+                thread: thread.thread().id(),
             }),
             Err(e) => {
                 let rt = slot.lock().ok().and_then(|mut s| s.take());
@@ -434,6 +538,24 @@ impl ServiceThread {
                 }
             }
         }
+    }
+
+    /// A service thread already running `handle`'s runtime until `stop` is dropped.
+    pub(crate) fn from_parts(
+        handle: tokio::runtime::Handle,
+        stop: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::ThreadId,
+    ) -> Self {
+        ServiceThread {
+            handle,
+            _stop: stop,
+            thread,
+        }
+    }
+
+    /// Is this the service thread itself?
+    fn is_current_thread(&self) -> bool {
+        std::thread::current().id() == self.thread
     }
 
     pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
@@ -467,5 +589,55 @@ impl Drop for InstanceGuard {
         if let Err(e) = self.release_blocking() {
             tracing::warn!(name = %self.name, error = %e, "releasing the instance failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dbus::tests::PrivateBus;
+
+    /// A guard whose service thread died (its runtime is gone) does not report its release as a
+    /// success, and still frees the name.
+    #[test]
+    fn release_reports_a_dead_service_thread() {
+        let bus = PrivateBus::start();
+        let name = "org.uniqueinstance.Unit.DeadServiceThread";
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let connected = rt.block_on(bus.connect(Some(name)));
+        let handle = rt.handle().clone();
+        let (stop, _stopped) = tokio::sync::oneshot::channel();
+        // What a panic on the service thread leaves: a handle to a runtime that is gone.
+        drop(rt);
+        let (loss_tx, loss_rx) = watch::channel(Vec::new());
+        let guard = InstanceGuard {
+            name: InstanceName::new(name).expect("name"),
+            scope: Scope::User,
+            lock: None,
+            bus: Some((BusKind::Session, connected.conn)),
+            losses: loss_rx,
+            _loss_log: loss_tx,
+            seen_losses: 0,
+            tasks: Vec::new(),
+            runtime: Some(ServiceThread::from_parts(
+                handle,
+                stop,
+                std::thread::spawn(|| ()).thread().id(),
+            )),
+            disconnect: connected.disconnect,
+        };
+        let result = guard.release();
+        assert!(
+            matches!(result, Err(Error::Bus { .. })),
+            "a dead service thread reported as a release: {result:?}"
+        );
+        let checker = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        assert!(!checker.block_on(bus.has_owner(name)));
     }
 }

@@ -340,6 +340,10 @@ impl InstanceOptions {
     /// Acquires the instance, blocking; for plain `fn main`. The guard carries a small runtime
     /// that keeps its bus connection serviced, so loss of the name is noticed.
     ///
+    /// It works inside a tokio runtime too (in `block_on` or in a task, of either flavor): the
+    /// acquisition then runs on the guard's own thread while this one waits, because a runtime
+    /// cannot be started on a thread that is already running one.
+    ///
     /// # Errors
     ///
     /// [`Error::AlreadyRunning`] when another copy holds it; [`Error::TimedOut`] when a bounded
@@ -348,12 +352,16 @@ impl InstanceOptions {
     ///
     /// # Caveats
     ///
-    /// Do not call it from inside an async runtime: use [`InstanceOptions::acquire_async`].
+    /// Inside a runtime it blocks the calling thread until it is decided (with a wait, that may
+    /// be long): in async code prefer [`InstanceOptions::acquire_async`].
     pub fn acquire(self) -> Result<InstanceGuard> {
         if !self.needs_runtime() {
             // A lock file alone, no waiting, nothing to watch: no runtime, no threads.
             let notify = self.notify_ready;
             return tell_service_manager(notify, acquire_lock_only(self));
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return self.acquire_on_service_thread();
         }
         // Acquired on this thread, with a current-thread runtime: every reply is read here, with
         // no wake-ups of another thread (a multi-thread runtime made acquire() ~2x slower,
@@ -375,6 +383,58 @@ impl InstanceOptions {
                 let _ = rt.block_on(guard.release_async());
                 Err(Error::io("cannot start the thread that services", name, e))
             }
+        }
+    }
+
+    /// [`InstanceOptions::acquire`] from a thread that runs a runtime already: the guard's own
+    /// thread starts the runtime, acquires on it and then services the connection, while this
+    /// thread waits for the outcome on a plain channel.
+    fn acquire_on_service_thread(self) -> Result<InstanceGuard> {
+        let name = PathBuf::from(&self.name);
+        let (outcome_tx, outcome_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread_name = name.clone();
+        let thread = std::thread::Builder::new()
+            .name("unique-instance".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = outcome_tx.send(Err(Error::io(
+                            "cannot start the runtime for",
+                            thread_name,
+                            e,
+                        )));
+                        return;
+                    }
+                };
+                let outcome = rt
+                    .block_on(self.acquire_async())
+                    .map(|guard| (guard, rt.handle().clone()));
+                let acquired = outcome.is_ok();
+                // If the caller is gone, the guard comes back here and is dropped: released.
+                if outcome_tx.send(outcome).is_ok() && acquired {
+                    // Serviced until the guard drops its sender.
+                    let _ = rt.block_on(stopped);
+                }
+                rt.shutdown_background();
+            })
+            .map_err(|e| Error::io("cannot start the thread that acquires", name.clone(), e))?;
+        match outcome_rx.recv() {
+            Ok(Ok((mut guard, handle))) => {
+                let thread = thread.thread().id();
+                guard.runtime = Some(ServiceThread::from_parts(handle, stop, thread));
+                Ok(guard)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::io(
+                "the thread that acquires ended without an answer for",
+                name,
+                std::io::Error::other("the acquiring thread panicked"),
+            )),
         }
     }
 
@@ -501,10 +561,13 @@ impl InstanceOptions {
         let mut tasks = Vec::new();
         let bus = match bus {
             Some((kind, connected)) => {
+                // Dropped with this future if it is cancelled, or on an error below: the bus then
+                // drops the name or our place in its queue at once, whatever runs the runtime.
                 let dbus::Connected {
                     conn,
                     stream,
                     pending_request,
+                    disconnect,
                 } = connected;
                 let stream = own_name(
                     &name,
@@ -525,9 +588,13 @@ impl InstanceOptions {
                     loss_tx.clone(),
                     lock.is_some(),
                 )));
-                Some((kind, conn))
+                Some((kind, conn, disconnect))
             }
             None => None,
+        };
+        let (bus, disconnect) = match bus {
+            Some((kind, conn, disconnect)) => (Some((kind, conn)), disconnect),
+            None => (None, None),
         };
 
         if let (Some(inotify), Some(held)) = (inotify, &mut lock) {
@@ -572,6 +639,7 @@ impl InstanceOptions {
             seen_losses: 0,
             tasks,
             runtime: None,
+            disconnect,
         })
     }
 }
@@ -668,6 +736,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         seen_losses: 0,
         tasks: Vec::new(),
         runtime: None,
+        disconnect: None,
     })
 }
 

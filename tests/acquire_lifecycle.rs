@@ -91,3 +91,173 @@ fn a_timed_out_wait_leaves_nothing_behind() {
         assert_eq!(w.exit_code(), 0, "{what}");
     }
 }
+
+/// `acquire()`, `LossWatcher::next_blocking`, `InstanceGuard::wait_next_loss` and `release()`
+/// work inside any tokio runtime, in its `block_on` or in a task, on every backend: no panic
+/// ("Cannot start a runtime from within a runtime"), and the instance is really released.
+#[test]
+fn the_blocking_api_works_inside_any_runtime() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for backend in ["lockfile", "auto", "dbus"] {
+        for flavor in ["current", "multi"] {
+            for place in ["block-on", "task"] {
+                let what = format!("{backend} {flavor} {place}");
+                let name = unique_name("blocking_in_runtime");
+                let args = ["--backend", backend, "--flavor", flavor, "--in", place];
+                let mut p = lifecycle(
+                    Some(&bus.address),
+                    lock_dir.path(),
+                    "blocking-in-runtime",
+                    &name,
+                    &args,
+                );
+                assert_eq!(p.next_line("acquire"), "acquire ok", "{what}");
+                assert_eq!(p.next_line("next_blocking"), "next_blocking None", "{what}");
+                assert_eq!(
+                    p.next_line("wait_next_loss"),
+                    "wait_next_loss None",
+                    "{what}"
+                );
+                assert_eq!(p.next_line("release"), "release ok", "{what}");
+                assert_eq!(p.next_line("done"), "done", "{what}");
+                assert_eq!(p.exit_code(), 0, "{what}");
+                // Released for real: a fresh copy gets it at once.
+                let mut fresh = holder(
+                    Some(&bus.address),
+                    lock_dir.path(),
+                    &[&name, "--backend", backend],
+                );
+                let line = fresh.next_line("fresh copy");
+                assert!(line.starts_with("acquired"), "{what}: {line}");
+            }
+        }
+    }
+}
+
+/// Does anyone own `name` on the bus at `address`?
+fn name_has_owner(address: &str, name: &str) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(address)
+            .build()
+            .await
+            .expect("connect");
+        conn.call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "NameHasOwner",
+            &(name,),
+        )
+        .await
+        .expect("NameHasOwner")
+        .body()
+        .deserialize::<bool>()
+        .expect("reply")
+    })
+}
+
+/// A cancelled acquisition (its future dropped by a timeout) leaves nothing owned, queued or
+/// locked, even when its runtime never runs again: once the holder leaves, a third copy gets
+/// the instance, not the process that gave up.
+#[test]
+fn a_cancelled_acquisition_keeps_nothing() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    // dbus: cancelled while queued on the bus; auto: while waiting for the lock file (with a
+    // bus connection made meanwhile).
+    for backend in ["dbus", "auto"] {
+        let name = unique_name("cancelled");
+        let mut h = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend],
+        );
+        assert!(h.next_line("holder").starts_with("acquired"), "{backend}");
+        let args = ["--backend", backend, "--wait-ms", "300"];
+        let mut c = lifecycle(
+            Some(&bus.address),
+            lock_dir.path(),
+            "cancel-queued",
+            &name,
+            &args,
+        );
+        assert_eq!(c.next_line("cancelled"), "cancelled", "{backend}");
+        h.close_stdin();
+        assert_eq!(h.line_starting("released"), "released", "{backend}");
+        // The cancelled copy is alive, its runtime idle: it must not be handed the name.
+        let mut third = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", backend],
+        );
+        let line = third.next_line("third copy");
+        assert!(
+            line.starts_with("acquired"),
+            "{backend}: the cancelled acquisition kept the instance: {line}"
+        );
+        third.close_stdin();
+        assert_eq!(third.exit_code(), 0, "{backend}");
+        c.close_stdin();
+        assert_eq!(c.exit_code(), 0, "{backend}");
+    }
+}
+
+/// Releasing frees the bus name and then the lock file before it returns, whatever runtime it
+/// runs in, and reports success for a name it did release.
+#[test]
+fn release_frees_name_and_lock_file_before_it_returns() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let cases: &[&[&str]] = &[
+        // acquire_async on a current-thread runtime, released inside it (which it owns and
+        // which is blocked in the drop), or outside it once it went idle.
+        &["--async", "--flavor", "current", "--in", "drop-in-runtime"],
+        &[
+            "--async",
+            "--flavor",
+            "current",
+            "--in",
+            "release-in-runtime",
+        ],
+        &["--async", "--flavor", "current", "--in", "drop"],
+        &["--async", "--flavor", "current", "--in", "release"],
+        &["--async", "--flavor", "multi", "--in", "drop-in-runtime"],
+        &["--async", "--flavor", "multi", "--in", "release-in-runtime"],
+        &["--async", "--flavor", "multi", "--in", "drop"],
+        // The blocking API.
+        &["--in", "drop"],
+        &["--in", "release"],
+    ];
+    for args in cases {
+        let what = args.join(" ");
+        let name = unique_name("release_order");
+        let mut p = lifecycle(
+            Some(&bus.address),
+            lock_dir.path(),
+            "release-order",
+            &name,
+            args,
+        );
+        assert_eq!(p.next_line("acquired"), "acquired", "{what}");
+        assert!(name_has_owner(&bus.address, &name), "{what}");
+        p.send("go\n");
+        assert_eq!(p.next_line("released"), "released ok", "{what}");
+        // Right after release returned (the process is still alive): both are free.
+        assert!(
+            !name_has_owner(&bus.address, &name),
+            "{what}: the name is still owned after release returned"
+        );
+        let lock_holder = unique_instance::InstanceOptions::new(&name)
+            .lock_dir(lock_dir.path())
+            .lock_file_holder()
+            .expect("lock_file_holder");
+        assert_eq!(lock_holder, None, "{what}: the lock file is still held");
+        p.close_stdin();
+        assert_eq!(p.exit_code(), 0, "{what}");
+    }
+}
