@@ -15,18 +15,38 @@ use crate::scope::BusKind;
 pub struct Status {
     /// The instance name.
     pub name: String,
-    /// What is known of the running copy; `None` when nothing holds the instance.
+    /// What is known of the running copy; `None` when nothing holds the instance. When the bus
+    /// name and the lock file are held by the same process, what both say of it; when by two
+    /// different processes (see [`Status::holders_differ`]), the bus name's owner, and
+    /// [`Status::lock_file_holder`] tells who holds the lock file.
     pub holder: Option<Holder>,
     /// The lock file that was examined, if any.
     pub lock_file: Option<PathBuf>,
     /// The bus that was asked, if one was reachable.
     pub bus: Option<BusKind>,
+    /// Who holds the lock file, from its record; `None` when it is not held (or was not
+    /// examined).
+    pub lock_file_holder: Option<Holder>,
+    /// Who owns the bus name; `None` when it is not owned (or no bus was asked).
+    pub bus_owner: Option<Holder>,
 }
 
 impl Status {
     /// True when a copy holds the instance through any backend.
     pub fn is_running(&self) -> bool {
         self.holder.is_some()
+    }
+
+    /// True when the bus name and the lock file are both held, by two processes known to be
+    /// different (by the bus's answer and the lock file's record). Something other than one
+    /// copy of this instance holds one of them: a program using the name with another lock
+    /// file, or with the bus alone. When the record names no process, neither this nor the
+    /// contrary is known, and [`Status::holder`] is the bus name's owner alone.
+    pub fn holders_differ(&self) -> bool {
+        match (&self.lock_file_holder, &self.bus_owner) {
+            (Some(lock), Some(bus)) => !lock.is_unknown() && !same_process(lock, bus),
+            _ => false,
+        }
     }
 }
 
@@ -41,10 +61,11 @@ impl Status {
 /// the lock file cannot be examined.
 pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let plan = options.plan()?;
-    let mut holder = None;
+    let mut lock_file_holder = None;
     if let Some(path) = &plan.lock_file {
-        holder = lockfile::holder_of(path)?;
+        lock_file_holder = lockfile::holder_of(path)?;
     }
+    let mut bus_owner = None;
     let mut bus_asked = None;
     if let Some(kind) = plan.bus {
         match dbus::connect(kind, Vec::new(), None).await {
@@ -52,7 +73,7 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
                 bus_asked = Some(kind);
                 let owner = dbus::owner_of(&conn, &plan.name, kind).await;
                 if owner.bus_unique_name.is_some() {
-                    holder = Some(merge(holder, owner));
+                    bus_owner = Some(owner);
                 }
             }
             Err(e) => {
@@ -60,19 +81,39 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
             }
         }
     }
+    let holder = match (&lock_file_holder, &bus_owner) {
+        (Some(lock), Some(bus)) if same_process(lock, bus) => {
+            Some(merge(lock.clone(), bus.clone()))
+        }
+        (_, Some(bus)) => Some(bus.clone()),
+        (lock, None) => lock.clone(),
+    };
     Ok(Status {
         name: plan.name,
         holder,
         lock_file: plan.lock_file,
         bus: bus_asked,
+        lock_file_holder,
+        bus_owner,
     })
 }
 
-/// The lock file's record and the bus's answer, combined; the bus wins where both speak.
-fn merge(from_lock: Option<Holder>, from_bus: Holder) -> Holder {
-    let Some(lock) = from_lock else {
-        return from_bus;
-    };
+/// Whether the lock file's record and the bus's answer name one process: the same unique name
+/// on the same bus (the record has it once its holder connected), else the same PID. Nothing in
+/// common is not taken for the same process: merging them would name one process as the holder
+/// of what another holds.
+fn same_process(lock: &Holder, bus: &Holder) -> bool {
+    if let (Some(recorded), Some(owner)) = (&lock.bus_unique_name, &bus.bus_unique_name)
+        && lock.bus == bus.bus
+    {
+        return recorded == owner;
+    }
+    matches!((lock.pid, bus.pid), (Some(a), Some(b)) if a == b)
+}
+
+/// The lock file's record and the bus's answer about one process, combined; the bus wins where
+/// both speak.
+fn merge(lock: Holder, from_bus: Holder) -> Holder {
     Holder {
         pid: from_bus.pid.or(lock.pid),
         uid: from_bus.uid.or(lock.uid),

@@ -536,6 +536,93 @@ fn status_reports_the_holder_then_not_running() {
 }
 
 #[test]
+fn status_reports_the_bus_owner_and_a_different_lock_holder_apart() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("status_apart");
+    // One process owns the name on the bus and holds no lock file; another holds the lock file
+    // and never asks the bus.
+    let mut owner = common::holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus"],
+    );
+    owner.line_starting("acquired");
+    let mut locker = common::holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "lockfile"],
+    );
+    locker.line_starting("acquired");
+    let (owner_pid, locker_pid) = (owner.pid(), locker.pid());
+
+    let mut human = cli(Some(&bus.address), lock_dir.path(), &["status", &name]);
+    let lines = human.stdout_until_closed();
+    assert_eq!(human.exit_code(), 0, "{lines:?}");
+    let owner_line = lines
+        .iter()
+        .find(|l| l.contains(&format!("pid {owner_pid},")))
+        .unwrap_or_else(|| panic!("the bus name's owner {owner_pid} is named: {lines:?}"));
+    assert!(
+        !owner_line.contains("lock file"),
+        "the bus name's owner {owner_pid} is not said to hold the lock file: {lines:?}"
+    );
+    let locker_line = lines
+        .iter()
+        .find(|l| l.contains(&format!("pid {locker_pid},")))
+        .unwrap_or_else(|| panic!("the lock file's holder {locker_pid} is named: {lines:?}"));
+    assert!(
+        locker_line.contains("lock file") && locker_line.contains("different process"),
+        "{lines:?}"
+    );
+
+    let mut json = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["status", "--json", &name],
+    );
+    let line = json.next_line("status --json");
+    assert_eq!(json.exit_code(), 0);
+    let v: serde_json::Value = serde_json::from_str(&line).expect("status --json is JSON");
+    // The fields of before: the bus name's owner, found through the bus.
+    assert_eq!(v["running"], true, "{v}");
+    assert_eq!(v["pid"], owner_pid, "{v}");
+    assert_eq!(v["found_by"], "dbus", "{v}");
+    assert_eq!(
+        v["hostname"],
+        serde_json::Value::Null,
+        "not the lock file's: {v}"
+    );
+    // And each backend's holder on its own.
+    assert_eq!(v["holders_differ"], true, "{v}");
+    assert_eq!(v["bus_owner"]["pid"], owner_pid, "{v}");
+    assert_eq!(v["lock_file_holder"]["pid"], locker_pid, "{v}");
+    assert!(v["lock_file_holder"]["lock_file"].is_string(), "{v}");
+
+    // One process holding both is one holder, as before. (Released, not killed: the bus has
+    // let the name go once the owner has exited.)
+    for mut holder in [owner, locker] {
+        holder.close_stdin();
+        assert_eq!(holder.exit_code(), 0);
+    }
+    let mut both = common::holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    both.line_starting("acquired");
+    let mut json = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["status", "--json", &name],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&json.next_line("status --json")).expect("JSON");
+    assert_eq!(json.exit_code(), 0);
+    assert_eq!(v["holders_differ"], false, "{v}");
+    assert_eq!(v["pid"], both.pid(), "{v}");
+    assert_eq!(v["lock_file_holder"]["pid"], both.pid(), "{v}");
+    assert_eq!(v["bus_owner"]["pid"], both.pid(), "{v}");
+    assert!(v["hostname"].is_string(), "merged with the record: {v}");
+}
+
+#[test]
 fn lock_file_removed_or_replaced_stops_command() {
     for replace in [false, true] {
         let lock_dir = tempfile::tempdir().expect("tempdir");

@@ -66,7 +66,9 @@ Examples:
    \"bus\": \"session\", \"bus_unique_name\": \":1.42\", \"executable\": \"/usr/bin/backup\",
    \"hostname\": \"host\", \"lock_file\": \"/run/user/1000/unique-instance/org.acme.Backup.lock\"}
 found_by is \"dbus\" or \"lock-file\"; scope is \"user\" or \"system\"; bus is \"session\",
-\"system\" or null.";
+\"system\" or null. bus_owner and lock_file_holder give each backend's holder on its own (the same
+fields, or null), and holders_differ is true when two different processes hold them: the
+top-level fields then describe the bus name's owner only.";
 
 const GENERATE_HELP: &str = "\
 Files written (relative to --out-dir), and where they are installed:

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use serde_json::json;
-use unique_instance::{Scope, format_rfc3339};
+use unique_instance::{Holder, Scope, format_rfc3339};
 
 use crate::cli::StatusArgs;
 use crate::{EXIT_INTERNAL, fail};
@@ -50,6 +50,11 @@ pub(crate) fn status(args: StatusArgs) -> ExitCode {
                 .and_then(|h| h.lock_file.as_ref())
                 .or(status.lock_file.as_ref())
                 .map(|p| p.display().to_string()),
+            // Each backend's holder on its own: two different processes when the fields above
+            // describe the bus name's owner but someone else holds the lock file.
+            "lock_file_holder": status.lock_file_holder.as_ref().map(holder_json),
+            "bus_owner": status.bus_owner.as_ref().map(holder_json),
+            "holders_differ": status.holders_differ(),
         });
         println!("{object}");
     } else {
@@ -69,10 +74,47 @@ pub(crate) fn status(args: StatusArgs) -> ExitCode {
             Some(holder) => println!("{} is running ({holder}; {scope} scope)", status.name),
             None => println!("{} is not running ({checked}; {scope} scope)", status.name),
         }
+        // The line above names the bus name's owner; the lock file's holder is another process
+        // (or one its record does not name), and is reported on its own.
+        if let (Some(lock), Some(_)) = (&status.lock_file_holder, &status.bus_owner)
+            && (status.holders_differ() || lock.is_unknown())
+        {
+            let path = lock
+                .lock_file
+                .as_ref()
+                .or(status.lock_file.as_ref())
+                .map_or_else(
+                    || "the lock file".to_owned(),
+                    |p| format!("lock file {}", p.display()),
+                );
+            let who = if status.holders_differ() {
+                "a different process"
+            } else {
+                "a process its record does not name"
+            };
+            let mut lock = lock.clone();
+            // Already said at the start of the line.
+            lock.lock_file = None;
+            println!("{}: {path} is held by {who} ({lock})", status.name);
+        }
     }
     if status.is_running() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_NOT_RUNNING)
     }
+}
+
+/// One backend's holder, in `--json`: the same fields as the top level's.
+fn holder_json(holder: &Holder) -> serde_json::Value {
+    json!({
+        "pid": holder.pid,
+        "uid": holder.uid,
+        "since": holder.since.map(format_rfc3339),
+        "bus": holder.bus.map(|b| b.to_string()),
+        "bus_unique_name": holder.bus_unique_name,
+        "executable": holder.executable.as_ref().map(|p| p.display().to_string()),
+        "hostname": holder.hostname,
+        "lock_file": holder.lock_file.as_ref().map(|p| p.display().to_string()),
+    })
 }
