@@ -886,3 +886,81 @@ fn out_of_range_inputs_are_clear_errors_not_panics() {
         }
     }
 }
+
+#[test]
+fn signals_during_the_clean_up_reach_what_command_left() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("cleanup_signals");
+    // COMMAND exits, leaving a job that reports each SIGTERM: the first is the wrapper's
+    // clean-up; the second is ours, sent to the wrapper during the clean-up (a grace of 600 s
+    // keeps it there), and must be passed on like any signal while COMMAND ran. COMMAND exits
+    // only once the job's trap is set (it says so through a FIFO).
+    let fifo_dir = tempfile::tempdir().expect("tempdir");
+    let fifo = fifo_dir.path().join("ready");
+    let script = "mkfifo \"$1\"; \
+                  (trap 'if [ -n \"$t\" ]; then echo term-again; exit 0; fi; t=1; echo term' TERM; \
+                   sleep 600 </dev/null >/dev/null 2>&1 & echo ready > \"$1\"; \
+                   while :; do wait $!; done) </dev/null 2>/dev/null & \
+                  read _ < \"$1\"; exit 4";
+    let fifo_arg = fifo.to_str().expect("utf-8 path");
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            fifo_arg,
+        ],
+    );
+    assert_eq!(wrapper.next_line("the clean-up's SIGTERM"), "term");
+    wrapper.signal(Signal::TERM);
+    assert_eq!(
+        wrapper.next_line("our SIGTERM, passed on during the clean-up"),
+        "term-again"
+    );
+    assert_eq!(wrapper.exit_code(), 4, "COMMAND's own status");
+}
+
+#[test]
+fn a_signal_between_acquiring_and_starting_command_ends_the_wrapper() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("signal_before_spawn");
+    // A debug build stops itself (SIGSTOP) right after acquiring, before COMMAND starts, when
+    // this variable is set: the moment a signal used to be lost.
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "echo", "COMMAND ran"],
+    );
+    cmd.env("UNIQUE_INSTANCE_TEST_STOP_BEFORE_SPAWN", "1");
+    let wrapper = Proc::spawn(cmd);
+    let pid = rustix::process::Pid::from_raw(wrapper.pid() as i32).expect("pid");
+    let stopped = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::UNTRACED)
+        .expect("waitpid")
+        .expect("a status");
+    assert!(
+        stopped.1.stopped(),
+        "the wrapper stopped before COMMAND: {stopped:?}"
+    );
+    let mut wrapper = wrapper;
+    wrapper.signal(Signal::INT);
+    wrapper.signal(Signal::CONT);
+    assert_eq!(wrapper.exit_code(), 130, "128 + SIGINT");
+    assert_eq!(
+        wrapper.stdout_until_closed(),
+        Vec::<String>::new(),
+        "COMMAND was not started"
+    );
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    assert!(stderr.contains("COMMAND was not started"), "{stderr}");
+    // And the instance was released.
+    let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
+    assert_eq!(next.next_line("the next run's COMMAND"), "next");
+    assert_eq!(next.exit_code(), 0);
+}

@@ -5,10 +5,11 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use rustix::process::{Pid, Signal};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::exfiltrator::WithOrigin;
@@ -74,6 +75,22 @@ async fn supervise(args: RunArgs) -> ExitCode {
     if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         tracing::warn!(error = %e, "cannot become a child subreaper");
     }
+    // A signal that came after the acquisition won the race above but before COMMAND exists
+    // would be lost once COMMAND runs: a terminal's Ctrl-C is not passed on (see `forward`),
+    // since it is taken to have reached COMMAND too. It ends us here, as it would have ended
+    // the wait, and COMMAND is never started.
+    #[cfg(debug_assertions)]
+    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_SPAWN");
+    if let Some(origin) = pending_signal(&mut signals).await {
+        release(guard).await;
+        return fail(
+            signal_exit_code(origin.signal),
+            format_args!(
+                "signal {} came before COMMAND started; COMMAND was not started",
+                origin.signal
+            ),
+        );
+    }
     let child = match spawn_guarded(&args.command, args.notify, guard.lock_file_descriptor()) {
         Ok(child) => child,
         Err(e) => {
@@ -94,7 +111,7 @@ async fn supervise(args: RunArgs) -> ExitCode {
         eprintln!("unique-instance: warning: {e}");
     }
     let (status, lost) = watch_child(child, &mut signals, guard.loss_watcher(), &args).await;
-    stop_leftovers(args.kill_after).await;
+    stop_leftovers(args.kill_after, &mut signals).await;
     release(guard).await;
     match (status, lost) {
         (_, Some(loss)) => fail(
@@ -248,7 +265,7 @@ fn send(child: Option<Pid>, signal: Signal) {
 /// child subreaper) and is still part of the guarded work: it gets SIGTERM, then SIGKILL after
 /// `kill_after`, and the instance is released only once all of it is gone. Otherwise a
 /// background job of COMMAND would go on unguarded while a new copy starts.
-async fn stop_leftovers(kill_after: Duration) {
+async fn stop_leftovers(kill_after: Duration, signals: &mut SignalsInfo<WithOrigin>) {
     let leftovers = children();
     if leftovers.is_empty() {
         return;
@@ -291,25 +308,106 @@ async fn stop_leftovers(kill_after: Duration) {
         tokio::select! {
             next = reaped.recv() => if next.is_none() { return },
             () = &mut grace, if signal == Signal::TERM => signal = Signal::KILL,
+            // Still the guarded work: what would have been passed on to COMMAND is passed on to
+            // what it left (a `systemctl stop` or a Ctrl-C is not ignored while they end).
+            Some(origin) = signals.next() => {
+                for pid in children() {
+                    forward(&origin, Some(pid));
+                }
+            }
         }
     }
 }
 
 /// Our children: after COMMAND has been reaped, exactly the processes it left behind.
 fn children() -> Vec<Pid> {
+    children_in(Path::new("/proc"), rustix::process::getpid())
+}
+
+/// The children of `me` (this process), from the `/proc` mounted at `proc`: each thread's
+/// `task/TID/children` list, or, on kernels built without `CONFIG_PROC_CHILDREN` (no such
+/// file), every process whose parent is `me`, from `/proc/PID/stat`. Without the fallback,
+/// leftovers would silently not be found there, and would outlive the instance.
+fn children_in(proc: &Path, me: Pid) -> Vec<Pid> {
+    let tasks = proc.join(me.as_raw_nonzero().to_string()).join("task");
+    children_from_lists(&tasks).unwrap_or_else(|| {
+        tracing::debug!("no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN); scanning /proc");
+        children_by_scan(proc, me)
+    })
+}
+
+/// The children listed in each thread's `TID/children` under `tasks`; `None` when there is
+/// no such list.
+fn children_from_lists(tasks: &Path) -> Option<Vec<Pid>> {
     let mut pids = Vec::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return pids;
-    };
-    for task in tasks.flatten() {
-        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+    let mut lists = 0;
+    for task in std::fs::read_dir(tasks).ok()?.flatten() {
+        let Ok(list) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        lists += 1;
         pids.extend(
             list.split_whitespace()
                 .filter_map(|p| p.parse().ok())
                 .filter_map(Pid::from_raw),
         );
     }
+    (lists > 0).then_some(pids)
+}
+
+/// Every process under `proc` whose parent, by its `stat`, is `me`.
+fn children_by_scan(proc: &Path, me: Pid) -> Vec<Pid> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir(proc) else {
+        eprintln!(
+            "unique-instance: warning: cannot list {}: processes COMMAND left behind cannot be \
+             found",
+            proc.display()
+        );
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse().ok())
+            .and_then(Pid::from_raw)
+        else {
+            continue;
+        };
+        // Gone since the listing: not a child any more.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if parent_in_stat(&stat) == Some(me.as_raw_nonzero().get()) {
+            pids.push(pid);
+        }
+    }
     pids
+}
+
+/// The parent PID in a `/proc/PID/stat` line: `PID (COMM) STATE PPID ...`, where COMM may
+/// hold spaces and parentheses, so the fields are counted from the last `)`.
+fn parent_in_stat(stat: &str) -> Option<i32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Waits for the stream to take in what the signal handlers wrote, then returns a signal
+/// that came and was not handled yet, if any, without waiting for one.
+async fn pending_signal(signals: &mut SignalsInfo<WithOrigin>) -> Option<Origin> {
+    // A yield lets the runtime poll its I/O driver, which marks the signal pipe readable.
+    tokio::task::yield_now().await;
+    signals.next().now_or_never().flatten()
+}
+
+/// Test hook (debug builds only): when the variable `var` is set, stops this process
+/// (SIGSTOP) right there, so that a test can act at a moment it could not otherwise reach.
+#[cfg(debug_assertions)]
+fn stop_for_test(var: &str) {
+    if std::env::var_os(var).is_some() {
+        let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::STOP);
+    }
 }
 
 async fn release(guard: InstanceGuard) {
@@ -412,4 +510,76 @@ fn duplicate_high(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 /// `ESRCH`, without a libc dependency.
 fn libc_esrch() -> i32 {
     rustix::io::Errno::SRCH.raw_os_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_is_read_after_the_last_parenthesis() {
+        assert_eq!(parent_in_stat("42 (sleep) S 7 42 42 0 -1"), Some(7));
+        // A command name may hold spaces and parentheses.
+        assert_eq!(parent_in_stat("42 (a) b (c)) S 9 1 1"), Some(9));
+        assert_eq!(parent_in_stat("42 (x)"), None);
+        assert_eq!(parent_in_stat("garbage"), None);
+        assert_eq!(parent_in_stat(""), None);
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+
+    #[test]
+    fn children_are_found_without_children_lists_too() {
+        let proc = tempfile::tempdir().expect("tempdir");
+        let me = Pid::from_raw(100).expect("pid");
+        // A kernel without CONFIG_PROC_CHILDREN: tasks, but no `children` in them.
+        std::fs::create_dir_all(proc.path().join("100/task/100")).expect("mkdir");
+        write(
+            &proc.path().join("100/stat"),
+            "100 (unique-instance) S 1 100 100",
+        );
+        write(&proc.path().join("201/stat"), "201 (sleep) S 100 201 201");
+        write(
+            &proc.path().join("202/stat"),
+            "202 (odd ) name) S 100 202 202",
+        );
+        write(&proc.path().join("300/stat"), "300 (other) S 1 300 300");
+        write(
+            &proc.path().join("self/stat"),
+            "100 (unique-instance) S 1 100 100",
+        );
+        std::fs::create_dir_all(proc.path().join("400")).expect("a process gone mid-scan");
+        let mut found: Vec<i32> = children_in(proc.path(), me)
+            .into_iter()
+            .map(|p| p.as_raw_nonzero().get())
+            .collect();
+        found.sort_unstable();
+        assert_eq!(found, [201, 202]);
+
+        // With the lists, they are the answer.
+        write(&proc.path().join("100/task/100/children"), "555 556 ");
+        let found: Vec<i32> = children_in(proc.path(), me)
+            .into_iter()
+            .map(|p| p.as_raw_nonzero().get())
+            .collect();
+        assert_eq!(found, [555, 556]);
+    }
+
+    #[test]
+    fn a_real_child_is_found_by_the_scan() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = Pid::from_raw(child.id() as i32).expect("pid");
+        // The scan alone, on the real /proc, as a kernel without children lists makes it.
+        let me = rustix::process::getpid();
+        let found = children_by_scan(Path::new("/proc"), me);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found.contains(&pid), "{pid:?} not among {found:?}");
+    }
 }
