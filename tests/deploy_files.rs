@@ -278,19 +278,30 @@ fn generated_command_lines_quote_as_systemd_service_5_says() {
 }
 
 #[test]
-fn tmpfiles_line_makes_the_shared_lock_directory() {
+fn tmpfiles_lines_make_the_services_own_lock_directory_and_the_shared_one() {
+    use std::os::unix::fs::MetadataExt;
     let tmpfiles = require_program("systemd-tmpfiles", "systemd");
-    let root = tempfile::tempdir().expect("tempdir");
+    // An image with the service's user (systemd-tmpfiles resolves users inside --root).
+    let root = example_root();
     let mut cmd = Command::new(tmpfiles);
     cmd.arg("--create")
         .arg(format!("--root={}", root.path().display()))
-        .arg(repo().join("systemd/tmpfiles.d/unique-instance.conf"));
+        .arg(repo().join(format!("systemd/tmpfiles.d/{EXAMPLE_NAME}.conf")))
+        .stdin(Stdio::null());
     assert!(status_within_timeout(cmd).success());
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(root.path().join("run/lock/unique-instance")).expect("created");
-    assert!(meta.is_dir());
-    assert_eq!(meta.mode() & 0o7777, 0o1777);
-    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    let dir = |path: &str| {
+        let meta = std::fs::symlink_metadata(root.path().join(path)).expect(path);
+        assert!(meta.is_dir(), "{path}");
+        (meta.mode() & 0o7777, meta.uid(), meta.gid())
+    };
+    // Only root can make a directory in /run/unique-instance, and only the service's user and
+    // root can write in the service's: no other user can create its lock file first.
+    assert_eq!(dir("run/unique-instance"), (0o755, 0, 0));
+    assert_eq!(
+        dir(&format!("run/unique-instance/{EXAMPLE_NAME}")),
+        (0o755, 999, 999)
+    );
+    assert_eq!(dir("run/lock/unique-instance"), (0o1777, 0, 0));
 }
 
 #[test]
@@ -848,6 +859,35 @@ fn generated_files_load_as_written_for_awkward_but_valid_input() {
             format!("{expected_description} (per user)")
         );
         assert_eq!(argv, expected_argv, "{unit}: the user unit's ExecStart");
+
+        // The tmpfiles.d file: systemd-tmpfiles makes the service's lock directory, silently.
+        let image = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(image.path().join("etc")).expect("mkdir");
+        std::fs::write(
+            image.path().join("etc/passwd"),
+            "daemon:x:1:1::/:/bin/false\n",
+        )
+        .expect("passwd");
+        std::fs::write(image.path().join("etc/group"), "daemon:x:1:\n").expect("group");
+        let mut tmpfiles = Command::new(require_program("systemd-tmpfiles", "systemd"));
+        tmpfiles
+            .arg("--create")
+            .arg(format!("--root={}", image.path().display()))
+            .arg(out.path().join(format!("systemd/tmpfiles.d/{name}.conf")));
+        let mut tmpfiles = Proc::spawn(tmpfiles);
+        assert_eq!(
+            tmpfiles.exit_code(),
+            0,
+            "{:?}",
+            tmpfiles.stderr_until_closed()
+        );
+        assert_eq!(tmpfiles.stderr_until_closed(), Vec::<String>::new());
+        assert!(
+            image
+                .path()
+                .join(format!("run/unique-instance/{name}"))
+                .is_dir()
+        );
 
         // The session activation file: dbus-daemon runs exactly that command.
         assert_eq!(

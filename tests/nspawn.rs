@@ -178,8 +178,8 @@ impl Container {
             &etc.join("systemd/user").join(UNIT),
         );
         install(
-            &repo().join("systemd/tmpfiles.d/unique-instance.conf"),
-            &etc.join("tmpfiles.d/unique-instance.conf"),
+            &repo().join(format!("systemd/tmpfiles.d/{NAME}.conf")),
+            &etc.join(format!("tmpfiles.d/{NAME}.conf")),
         );
         install(
             &repo().join(format!("dbus/{NAME}.conf")),
@@ -200,6 +200,7 @@ impl Container {
         let check_root = root.path().join("generate-root");
         std::fs::create_dir_all(check_root.join("etc")).expect("mkdir");
         std::fs::copy(etc.join("passwd"), check_root.join("etc/passwd")).expect("passwd");
+        std::fs::copy(etc.join("group"), check_root.join("etc/group")).expect("group");
         let placeholder = check_root.join(SERVER.trim_start_matches('/'));
         std::fs::create_dir_all(placeholder.parent().expect("parent")).expect("mkdir");
         std::fs::write(&placeholder, "").expect("write");
@@ -226,6 +227,10 @@ impl Container {
         install(
             &notify_files.join(format!("dbus/{NOTIFY_NAME}.conf")),
             &etc.join(format!("dbus-1/system.d/{NOTIFY_NAME}.conf")),
+        );
+        install(
+            &notify_files.join(format!("systemd/tmpfiles.d/{NOTIFY_NAME}.conf")),
+            &etc.join(format!("tmpfiles.d/{NOTIFY_NAME}.conf")),
         );
         // Mount points for the built binaries, bound in read-only.
         for target in [SERVER, CLI] {
@@ -543,7 +548,23 @@ fn shipped_units_on_a_booted_systemd() {
         verify.code == 0 && verify.stdout.is_empty() && verify.stderr.is_empty(),
         "{verify:?}"
     );
-    // The tmpfiles.d line made the shared lock directory at boot.
+    // The tmpfiles.d lines made the lock directories at boot: the service's own (only root
+    // and the service's user can write there) and the shared one.
+    assert_eq!(
+        c.ok(&["stat", "-c", "%a %U %G", "/run/unique-instance"])
+            .trim(),
+        "755 root root"
+    );
+    assert_eq!(
+        c.ok(&[
+            "stat",
+            "-c",
+            "%a %U %G",
+            &format!("/run/unique-instance/{NAME}")
+        ])
+        .trim(),
+        format!("755 {SERVICE_USER} {SERVICE_USER}")
+    );
     assert_eq!(
         c.ok(&["stat", "-c", "%a %U %G", "/run/lock/unique-instance"])
             .trim(),

@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 
 use unique_instance::{InstanceName, SCOPE_ENV, SYSTEM_LOCK_DIR};
 
+/// Where deployed services' own lock directories are, one per name: what unique-instance
+/// looks for in the system scope before the shared directory.
+const SERVICE_LOCK_ROOT: &str = "/run/unique-instance";
+
 /// How systemd learns the service is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Readiness {
@@ -60,6 +64,8 @@ pub(crate) struct Deployment {
     pub(crate) executable: String,
     pub(crate) args: Vec<String>,
     pub(crate) user: String,
+    /// The user's primary group (a name, or a number when it has none), for its lock directory.
+    pub(crate) group: String,
     pub(crate) readiness: Readiness,
     pub(crate) callers: Callers,
 }
@@ -354,18 +360,21 @@ ExecStart={exec}
 # its policy when it loads it, so a DynamicUser= (which exists only while the service runs)
 # could never be allowed to own the name.
 User={user}
-# The lock file goes in the shared system directory, {lock_dir}, where a copy
-# started by hand (as root, or with --system) meets it: without this a service user, who
-# has no runtime directory, would fall back to a /tmp directory that PrivateTmp= hides.
+# The system scope: the lock file goes in the service's own lock directory,
+#   {service_dir}
+# (made by its tmpfiles.d file: only root and the service's user can write in it, so no
+# other user can take the lock file first), where a copy started by hand (as root, or with
+# --system) meets it. Without this a service user would lock in a user directory.
 Environment={scope_env}=system
 Restart=on-failure
 # 75 already running (a copy started by hand holds the instance), 77 not permitted (policy
 # or permissions), 64 bad configuration: restarting would not help.
 RestartPreventExitStatus=64 75 77
 
-# Hardening. The lock directory is the one place it writes ('-': if it is missing the
-# service starts and says how to create it, instead of failing with a namespace error).
-ReadWritePaths=-{lock_dir}
+# Hardening. The lock directory is the one place it writes: its own, or the shared one
+# where unique-instance locks while the service's own does not exist (its tmpfiles.d file
+# not applied yet). ('-': a missing one is no namespace error.)
+ReadWritePaths=-{service_dir} -{lock_dir}
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
@@ -393,9 +402,48 @@ SystemCallErrorNumber=EPERM
             exec = self.exec_start(),
             user = self.user,
             lock_dir = SYSTEM_LOCK_DIR,
+            service_dir = self.service_lock_dir(),
             scope_env = SCOPE_ENV,
         );
         s
+    }
+
+    /// The service's own lock directory, which unique-instance uses for this name in the
+    /// system scope when it exists (and is root's or the service user's, writable by no one
+    /// else): so no other local user can create and hold the lock file first.
+    fn service_lock_dir(&self) -> String {
+        format!("{SERVICE_LOCK_ROOT}/{}", self.name)
+    }
+
+    /// The tmpfiles.d file that makes the lock directories at boot.
+    fn tmpfiles(&self) -> String {
+        format!(
+            "\
+# The lock directories of the system service {name}, made at boot by systemd-tmpfiles.
+# Written by: {command}
+#
+# After installing this file, run `systemd-tmpfiles --create {file}` once.
+#
+# The service's own: only root and {user} can write in it, so no other local user can
+# create (and hold) its lock file first; root's copies and those of other users (with
+# --system) lock the same file there.
+d {SERVICE_LOCK_ROOT} 0755 root root -
+d {service_dir} 0755 {user} {group} -
+# The shared one (root's, sticky and world-writable like /run/lock), for names without a
+# directory of their own; the same line for every service.
+d {SYSTEM_LOCK_DIR} 1777 root root -
+",
+            name = self.name,
+            command = self.command_line(),
+            file = self.tmpfiles_file_name(),
+            user = self.user,
+            group = self.group,
+            service_dir = self.service_lock_dir(),
+        )
+    }
+
+    fn tmpfiles_file_name(&self) -> String {
+        format!("{}.conf", self.name)
     }
 
     /// The user unit, for the session-bus variant.
@@ -555,9 +603,9 @@ SystemdService={unit}
                 self.user_unit(),
             ),
             file(
-                "systemd/tmpfiles.d/unique-instance.conf".into(),
-                "/etc/tmpfiles.d/unique-instance.conf".into(),
-                tmpfiles(),
+                format!("systemd/tmpfiles.d/{}", self.tmpfiles_file_name()),
+                format!("/etc/tmpfiles.d/{}", self.tmpfiles_file_name()),
+                self.tmpfiles(),
             ),
             file(
                 format!("dbus/{}.conf", self.name),
@@ -583,18 +631,46 @@ pub(crate) fn default_description(name: &InstanceName) -> String {
     format!("{name}, a single instance")
 }
 
-/// The shared system lock directory, made by systemd-tmpfiles at boot. The same for every
-/// service, so writing it twice changes nothing.
-fn tmpfiles() -> String {
-    format!(
-        "\
-# The shared lock directory of unique-instance's system scope: root's, world-writable and
-# sticky like /run/lock itself, so each service's user can create its own lock file there and
-# nobody but that user and root can remove it. Created at boot; after installing this file,
-# run `systemd-tmpfiles --create unique-instance.conf` once.
-d {SYSTEM_LOCK_DIR} 1777 root root -
-"
-    )
+/// The name of `user`'s primary group (its number when no group has a name for it), from this
+/// machine's user database (NSS) or the `etc/passwd` / `etc/group` of another root directory.
+pub(crate) fn primary_group(root: Option<&Path>, user: &str) -> Result<String, String> {
+    match root {
+        Some(root) => {
+            let read = |file: &str| {
+                let path = root.join("etc").join(file);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            };
+            let passwd = read("passwd")?;
+            let gid = passwd
+                .lines()
+                .map(|line| line.split(':').collect::<Vec<_>>())
+                .find(|fields| fields.first() == Some(&user))
+                .and_then(|fields| fields.get(3).map(|gid| (*gid).to_owned()))
+                .ok_or_else(|| format!("user {user:?} has no group in the passwd file"))?;
+            // Without a group file, the number: systemd-tmpfiles takes either.
+            let groups = read("group").unwrap_or_default();
+            Ok(groups
+                .lines()
+                .map(|line| line.split(':').collect::<Vec<_>>())
+                .find(|fields| fields.get(2) == Some(&gid.as_str()))
+                .and_then(|fields| fields.first().map(|name| (*name).to_owned()))
+                .filter(|name| valid_account_name(name))
+                .unwrap_or(gid))
+        }
+        None => {
+            let gid = nix::unistd::User::from_name(user)
+                .map_err(|e| format!("cannot look user {user:?} up: {e}"))?
+                .ok_or_else(|| format!("user {user:?} does not exist"))?
+                .gid;
+            Ok(nix::unistd::Group::from_gid(gid)
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+                .filter(|name| valid_account_name(name))
+                .unwrap_or_else(|| gid.to_string()))
+        }
+    }
 }
 
 /// A user's or group's existence, looked up in this machine's user database (NSS), or in the
@@ -668,6 +744,7 @@ mod tests {
             executable: "/usr/local/libexec/unique-instance/example-server".into(),
             args: vec!["org.example.Server".into()],
             user: "example-server".into(),
+            group: "example-server".into(),
             readiness: Readiness::Dbus,
             callers: Callers::Everyone,
         }
@@ -816,7 +893,7 @@ mod tests {
             "BusName=org.example.Server",
             "User=example-server",
             "Environment=UNIQUE_INSTANCE_SCOPE=system",
-            "ReadWritePaths=-/run/lock/unique-instance",
+            "ReadWritePaths=-/run/unique-instance/org.example.Server -/run/lock/unique-instance",
             "ProtectSystem=strict",
             "Restart=on-failure",
         ] {
@@ -835,6 +912,14 @@ mod tests {
         for c in comments {
             let body = c.split("-->").next().expect("closed");
             assert!(!body.contains("--"), "{body}");
+        }
+        let tmpfiles = text("tmpfiles.d/org.example.Server.conf");
+        for line in [
+            "d /run/unique-instance 0755 root root -",
+            "d /run/unique-instance/org.example.Server 0755 example-server example-server -",
+            "d /run/lock/unique-instance 1777 root root -",
+        ] {
+            assert!(tmpfiles.lines().any(|l| l == line), "missing {line}");
         }
         let system_bus = text("system-services/org.example.Server.service");
         assert!(

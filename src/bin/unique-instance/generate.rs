@@ -322,6 +322,7 @@ fn validate(args: &GenerateArgs) -> Result<Deployment, String> {
             args.user, args.user
         ));
     }
+    let group = deploy::primary_group(root, &args.user)?;
     if let Callers::Group(group) = &args.callers
         && !deploy::account_exists(root, "group", group)?
     {
@@ -336,6 +337,7 @@ fn validate(args: &GenerateArgs) -> Result<Deployment, String> {
         executable,
         args: args.args.clone(),
         user: args.user.clone(),
+        group,
         readiness: args.readiness,
         callers: args.callers.clone(),
     })
