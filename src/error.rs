@@ -165,6 +165,14 @@ pub enum UnsafeLockPath {
         /// Its permission bits.
         mode: u32,
     },
+    /// A symbolic link on the way belongs to another user, who could point it elsewhere.
+    #[error("symbolic link {} on the way belongs to uid {owner}, not to this user or root", link.display())]
+    ForeignSymlink {
+        /// The symbolic link.
+        link: PathBuf,
+        /// Its owner.
+        owner: u32,
+    },
     /// A directory on the way belongs to another user.
     #[error("directory {} is owned by uid {owner}, not by this user or root", dir.display())]
     ForeignDirectory {

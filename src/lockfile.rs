@@ -71,52 +71,56 @@ pub(crate) struct LockDir {
     fd: Arc<OwnedFd>,
     /// Root's, sticky and writable by all, like `/run/lock`: see `owner_acceptable`.
     shared_sticky: bool,
+    /// A per-service directory's owner (the service's user): see `owner_acceptable`.
+    service_owner: Option<u32>,
 }
 
-/// Opens (creating if needed) and checks the lock directory.
+/// Opens (creating if needed) and checks the lock directory, and every directory and symlink on
+/// the way to it (see [`walk_dir`]).
 pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
     let euid = rustix::process::geteuid().as_raw();
     // The shared system directory must be root's: one made by another user would be that user's
     // to empty (the owner of a sticky directory may remove anything in it), and every other copy
     // would rightly refuse it. So only root creates it (or systemd-tmpfiles at boot).
     let may_create = may_create_dir(plan, euid);
-    // A per-user directory in a shared place must be a real directory of ours, never a symlink
-    // someone planted there.
-    let nofollow = if plan.private_dir {
-        OFlags::NOFOLLOW
-    } else {
-        OFlags::empty()
-    };
-    let open = || {
-        rustix::fs::open(
-            &plan.dir,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | nofollow,
-            Mode::empty(),
-        )
-    };
-    // Opened first and created only if missing: the usual case costs no `mkdir`.
-    let dir = match (open(), plan.create_dir_mode) {
-        (Err(Errno::NOENT), Some(mode)) if may_create => {
-            let created = match rustix::fs::mkdir(&plan.dir, Mode::from_raw_mode(0o700)) {
+    // Walked, not opened by path: the usual case costs no `mkdir`, and nothing on the way is
+    // followed before it is checked.
+    let (dir, st) = match walk_dir(plan, euid)? {
+        Walked::Found(dir, st) => (dir, st),
+        Walked::Missing(parent, name) if may_create => {
+            let created = match rustix::fs::mkdirat(&parent, &name, Mode::from_raw_mode(0o700)) {
                 Ok(()) => true,
                 Err(Errno::EXIST) => false,
                 Err(e) => return Err(dir_error(plan, "cannot create lock directory", e)),
             };
-            let dir = open();
-            if created && let Ok(dir) = &dir {
+            let dir = rustix::fs::openat(
+                &parent,
+                &name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| match e {
+                // Someone put a symlink there since our mkdir failed with EEXIST.
+                Errno::LOOP | Errno::NOTDIR => Error::UnsafeLockPath {
+                    path: plan.dir.clone(),
+                    problem: UnsafeLockPath::Symlink,
+                },
+                e => dir_error(plan, "cannot open lock directory", e),
+            })?;
+            if created && let Some(mode) = plan.create_dir_mode {
                 // mkdir's mode is masked by the umask; set the intended one exactly, on the
                 // directory we opened (the path could have been swapped in between).
-                rustix::fs::fchmod(dir, Mode::from_raw_mode(mode)).map_err(|e| {
+                rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)).map_err(|e| {
                     Error::io("cannot set the mode of lock directory", &plan.dir, e.into())
                 })?;
             }
-            dir
+            let st = rustix::fs::fstat(&dir)
+                .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
+            check_on_the_way(plan, &plan.dir, &st, euid, true)?;
+            (dir, st)
         }
-        (opened, _) => opened,
-    }
-    .map_err(|e| {
-        if e == Errno::NOENT && !may_create {
-            not_permitted(
+        Walked::Missing(..) if plan.create_dir_mode.is_some() => {
+            return Err(not_permitted(
                 plan,
                 format!(
                     "the system lock directory {} does not exist, and only root may create it: \
@@ -124,21 +128,13 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
                      `systemd-tmpfiles --create`, or run one copy as root",
                     plan.dir.display()
                 ),
-                e,
-            )
-        } else if (e == Errno::LOOP || e == Errno::NOTDIR)
-            && std::fs::symlink_metadata(&plan.dir).is_ok_and(|m| m.file_type().is_symlink())
-        {
-            Error::UnsafeLockPath {
-                path: plan.dir.clone(),
-                problem: UnsafeLockPath::Symlink,
-            }
-        } else {
-            dir_error(plan, "cannot open lock directory", e)
+                Errno::NOENT,
+            ));
         }
-    })?;
-    let st = rustix::fs::fstat(&dir)
-        .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
+        Walked::Missing(..) => {
+            return Err(dir_error(plan, "cannot open lock directory", Errno::NOENT));
+        }
+    };
     check_dir(plan, &st, euid)?;
     if !allow_network_fs {
         let fs = rustix::fs::fstatfs(&dir)
@@ -153,7 +149,181 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
     Ok(LockDir {
         fd: Arc::new(dir),
         shared_sticky: st.st_uid == 0 && st.st_mode & 0o1000 != 0 && st.st_mode & 0o002 != 0,
+        service_owner: plan.service_dir.then_some(st.st_uid),
     })
+}
+
+/// How many symlinks a lock directory's path may go through, as the kernel allows (`ELOOP`).
+const MAX_SYMLINKS: u32 = 40;
+
+/// The end of [`walk_dir`].
+enum Walked {
+    /// The directory, open, and its `fstat`.
+    Found(OwnedFd, Stat),
+    /// Only the path's own last component is missing: the directory above it, and the name.
+    Missing(OwnedFd, OsString),
+}
+
+/// Resolves the lock directory's path one component at a time from `/`, the way the kernel
+/// would, but checking everything before it is used: every directory on the way must belong to
+/// root or to this user and may be writable by others only with the sticky bit; every symlink
+/// on the way must belong to root or to this user (its owner decides where it points, and the
+/// owner of the directory holding it may replace it). Otherwise another user could make the
+/// path lead somewhere else while a copy holds its lock, and a second copy would lock another
+/// file.
+///
+/// Cheap on the usual path: one `lstat` per ancestor, then the directory itself is opened
+/// (`O_NOFOLLOW`) and `fstat`ed as before. Checking by path is sound here because each checked
+/// entry belongs to root or to us and sits in a directory that nobody else may rename entries
+/// of, so nobody else can swap it between the check and the use.
+fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    // Each component with whether it is the path's own last one (not one from a link's target).
+    let components = |path: &Path, last_is_own: bool| -> Vec<(OsString, bool)> {
+        let parts: Vec<OsString> = path
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_owned()),
+                Component::ParentDir => Some(OsString::from("..")),
+                _ => None,
+            })
+            .collect();
+        let n = parts.len();
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (p, last_is_own && i + 1 == n))
+            .collect()
+    };
+    let io = |context, e: Errno| Error::io(context, &plan.dir, e.into());
+    if !plan.dir.is_absolute() {
+        return Err(io("lock directory is not absolute", Errno::INVAL));
+    }
+    let root = Path::new("/");
+    let st = rustix::fs::lstat(root).map_err(|e| io("cannot stat / on the way to", e))?;
+    check_on_the_way(plan, root, &st, euid, false)?;
+    // Always a real directory path, free of symlinks and `..`, every part of it checked.
+    let mut resolved = PathBuf::from("/");
+    let mut queue: VecDeque<(OsString, bool)> = components(&plan.dir, true).into();
+    let mut links = 0;
+    while let Some((name, own_last)) = queue.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let here = resolved.join(&name);
+        let st = if queue.is_empty() {
+            // The directory itself: opened, and checked on its descriptor.
+            match rustix::fs::open(
+                &here,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(dir) => {
+                    let st =
+                        rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
+                    check_on_the_way(plan, &here, &st, euid, own_last)?;
+                    return Ok(Walked::Found(dir, st));
+                }
+                Err(Errno::NOENT) if own_last => {
+                    let parent = rustix::fs::open(
+                        &resolved,
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
+                    return Ok(Walked::Missing(parent, name));
+                }
+                // Maybe a symlink: looked at below.
+                Err(Errno::LOOP | Errno::NOTDIR) => rustix::fs::lstat(&here)
+                    .map_err(|e| dir_error(plan, "cannot open lock directory", e))?,
+                Err(e) => return Err(dir_error(plan, "cannot open lock directory", e)),
+            }
+        } else {
+            rustix::fs::lstat(&here)
+                .map_err(|e| dir_error(plan, "cannot open lock directory", e))?
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                check_on_the_way(plan, &here, &st, euid, false)?;
+                resolved = here;
+            }
+            FileType::Symlink => {
+                // The per-user and per-service directories themselves are never symlinks.
+                if own_last && (plan.private_dir || plan.service_dir) {
+                    return Err(Error::UnsafeLockPath {
+                        path: plan.dir.clone(),
+                        problem: UnsafeLockPath::Symlink,
+                    });
+                }
+                if st.st_uid != 0 && st.st_uid != euid {
+                    return Err(Error::UnsafeLockPath {
+                        path: plan.dir.clone(),
+                        problem: UnsafeLockPath::ForeignSymlink {
+                            link: here,
+                            owner: st.st_uid,
+                        },
+                    });
+                }
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return Err(io("too many symbolic links on the way to", Errno::LOOP));
+                }
+                let target = std::fs::read_link(&here)
+                    .map_err(|e| Error::io("cannot read symbolic link", &here, e))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                for part in components(&target, false).into_iter().rev() {
+                    queue.push_front(part);
+                }
+            }
+            _ => return Err(io("cannot open lock directory", Errno::NOTDIR)),
+        }
+    }
+    // The path was `/` itself, or ended in `..`: open what it resolved to.
+    let dir = rustix::fs::open(
+        &resolved,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
+    let st = rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
+    check_on_the_way(plan, &resolved, &st, euid, false)?;
+    Ok(Walked::Found(dir, st))
+}
+
+/// The rule for each directory on the way to the lock directory (see [`walk_dir`]). A
+/// per-service directory itself may belong to the service's user (root made it so: only root
+/// can write the directory above it).
+fn check_on_the_way(
+    plan: &LockPlan,
+    dir: &Path,
+    st: &Stat,
+    euid: u32,
+    own_last: bool,
+) -> Result<()> {
+    let owner = st.st_uid;
+    let mode = st.st_mode & 0o7777;
+    let unsafe_dir = |problem| Error::UnsafeLockPath {
+        path: plan.dir.clone(),
+        problem,
+    };
+    if owner != euid && owner != 0 && !(own_last && plan.service_dir) {
+        return Err(unsafe_dir(UnsafeLockPath::ForeignDirectory {
+            dir: dir.to_owned(),
+            owner,
+        }));
+    }
+    // Anyone who can write it without the sticky bit can rename what is below it.
+    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(UnsafeLockPath::InsecureDirectory {
+            dir: dir.to_owned(),
+            mode,
+        }));
+    }
+    Ok(())
 }
 
 /// Whether this process may create the lock directory if it is missing.
@@ -199,6 +369,16 @@ fn check_dir(plan: &LockPlan, st: &Stat, euid: u32) -> Result<()> {
         }
         return Ok(());
     }
+    if plan.service_dir {
+        // Only root and the service's user may write it: nobody else can squat its lock file.
+        if mode & 0o022 != 0 {
+            return Err(unsafe_dir(UnsafeLockPath::InsecureDirectory {
+                dir: plan.dir.clone(),
+                mode,
+            }));
+        }
+        return Ok(());
+    }
     if owner != euid && owner != 0 {
         return Err(unsafe_dir(UnsafeLockPath::ForeignDirectory {
             dir: plan.dir.clone(),
@@ -234,7 +414,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
                 std::io::Error::from(std::io::ErrorKind::Interrupted),
             ));
         }
-        let opened = match open_lock_file(plan, dir, &path, euid, lock_dir.shared_sticky)? {
+        let opened = match open_lock_file(plan, dir, &path, euid, lock_dir)? {
             Some(opened) => opened,
             None => continue,
         };
@@ -357,7 +537,7 @@ fn open_lock_file(
     dir: &OwnedFd,
     path: &Path,
     euid: u32,
-    shared_sticky_dir: bool,
+    lock_dir: &LockDir,
 ) -> Result<Option<(Opened, Stat)>> {
     let unsafe_path = |problem| Error::UnsafeLockPath {
         path: path.to_owned(),
@@ -379,6 +559,7 @@ fn open_lock_file(
     // Created first: a released lock file is removed, so a missing file is the usual case and
     // costs one call. `O_EXCL` fails on anything already there (a symlink included) before any
     // other check, and that is then opened as it is.
+    let mut created = false;
     let opened = match open(flags | OFlags::CREATE | OFlags::EXCL) {
         Err(Errno::EXIST) => match open(flags) {
             Err(Errno::NOENT) => return Ok(None),
@@ -392,7 +573,10 @@ fn open_lock_file(
             }
             other => other.map(Opened::Writable),
         },
-        other => other.map(Opened::Writable),
+        other => {
+            created = other.is_ok();
+            other.map(Opened::Writable)
+        }
     };
     let opened = match opened {
         Ok(opened) => opened,
@@ -423,7 +607,10 @@ fn open_lock_file(
     let file = match &opened {
         Opened::Writable(file) | Opened::ReadOnly(file) => file,
     };
-    let st = rustix::fs::fstat(file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
+    let mut st = rustix::fs::fstat(file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
+    if created {
+        set_new_file_owner_and_mode(plan, file, path, &mut st, euid, lock_dir)?;
+    }
     let file_type = FileType::from_raw_mode(st.st_mode);
     if file_type != FileType::RegularFile {
         return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
@@ -443,7 +630,7 @@ fn open_lock_file(
         }));
     }
     if let Opened::Writable(_) = opened
-        && !owner_acceptable(plan, euid, st.st_uid, shared_sticky_dir)
+        && !owner_acceptable(plan, euid, st.st_uid, lock_dir)
     {
         return Err(unsafe_path(UnsafeLockPath::WrongOwner {
             owner: st.st_uid,
@@ -453,15 +640,57 @@ fn open_lock_file(
     Ok(Some((opened, st)))
 }
 
+/// Gives a lock file we just created its intended mode, whatever the umask (under `umask 077`
+/// a system lock file would be 0600, and other users could no longer see who runs), and, when
+/// root creates it in a service's own directory, the service's user as owner, so that the
+/// service can still take it if root's copy dies without removing it. Costs nothing when the
+/// umask left the mode as asked (the `fstat` is made anyway).
+fn set_new_file_owner_and_mode(
+    plan: &LockPlan,
+    file: &OwnedFd,
+    path: &Path,
+    st: &mut Stat,
+    euid: u32,
+    lock_dir: &LockDir,
+) -> Result<()> {
+    if let Some(owner) = lock_dir.service_owner.filter(|&o| euid == 0 && o != 0) {
+        rustix::fs::fchown(
+            file,
+            Some(rustix::fs::Uid::from_raw(owner)),
+            Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        )
+        .map_err(|e| {
+            Error::io(
+                "cannot give the lock file to the service's user",
+                path,
+                e.into(),
+            )
+        })?;
+        st.st_uid = owner;
+    }
+    if st.st_mode & 0o7777 != plan.file_mode {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(plan.file_mode))
+            .map_err(|e| Error::io("cannot set the mode of lock file", path, e.into()))?;
+        st.st_mode = (st.st_mode & !0o7777) | plan.file_mode;
+    }
+    Ok(())
+}
+
 /// Whose lock file we may lock and write: our own; in system scope, root's; and, for root in
 /// system scope, any user's file in a root-owned sticky world-writable directory (the shared
 /// system lock directory). That last case is the service running under its own `User=` whose
 /// lock file a copy started by root must meet: the sticky bit guarantees only that user and root
 /// can remove or rename the file, a single link guarantees it is not some other file in
-/// disguise, and the lock and the record are all root writes into it. Elsewhere a foreign file is
-/// refused, because its owner, not the directory's, decides what it is.
-fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, shared_sticky_dir: bool) -> bool {
-    owner == euid || (plan.root_may_own && (owner == 0 || (euid == 0 && shared_sticky_dir)))
+/// disguise, and the lock and the record are all root writes into it. Likewise, for root, the
+/// file of a per-service directory's owner (the service's user): only they and root can write
+/// that directory. Elsewhere a foreign file is refused, because its owner, not the directory's,
+/// decides what it is.
+fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, lock_dir: &LockDir) -> bool {
+    owner == euid
+        || (plan.root_may_own
+            && (owner == 0
+                || (euid == 0
+                    && (lock_dir.shared_sticky || lock_dir.service_owner == Some(owner)))))
 }
 
 fn file_type_name(t: FileType) -> &'static str {
@@ -715,9 +944,11 @@ impl HeldLock {
         Ok(())
     }
 
-    /// Is the path still our file? `None` when it is.
+    /// Does the name in our directory still name our file? `None` when it does. (Release asks
+    /// only this: our file is removed from its directory even if a symlink on the path now
+    /// leads elsewhere.)
     pub(crate) fn check_path(&self) -> Option<PathChange> {
-        self.watch_handle().check_path()
+        self.watch_handle().check_in_dir()
     }
 
     /// What a periodic re-check needs, without the lock itself.
@@ -851,32 +1082,46 @@ impl WatchHandle {
     pub(crate) fn inotify(&self, fd: std::io::Result<OwnedFd>) -> std::io::Result<OwnedFd> {
         use rustix::fs::inotify::{self, WatchFlags};
         let fd = fd?;
+        let flags = WatchFlags::DELETE
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::MOVED_TO
+            | WatchFlags::CREATE
+            | WatchFlags::DELETE_SELF
+            | WatchFlags::MOVE_SELF
+            | WatchFlags::ONLYDIR;
         // Through our directory descriptor, not its path: the path may have been replaced.
         let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
-        inotify::add_watch(
-            &fd,
-            dir.as_str(),
-            WatchFlags::DELETE
-                | WatchFlags::MOVED_FROM
-                | WatchFlags::MOVED_TO
-                | WatchFlags::CREATE
-                | WatchFlags::DELETE_SELF
-                | WatchFlags::MOVE_SELF
-                | WatchFlags::ONLYDIR,
-        )?;
+        inotify::add_watch(&fd, dir.as_str(), flags)?;
+        // And every directory holding a symlink on the way, so that a flipped
+        // `current -> releases/vN` wakes us too (its path then leads to another file).
+        for parent in symlink_parents(&self.path) {
+            inotify::add_watch(&fd, parent.as_path(), flags)?;
+        }
         Ok(fd)
     }
 
-    /// Is the path still our file? `None` when it is.
+    /// Is the path still our file? `None` when it is. Asked twice: of the name in the directory
+    /// we opened, and of the whole path as given, re-resolved (its symlinks followed as they are
+    /// now): a retargeted symlink on the way leads other copies to another file.
     pub(crate) fn check_path(&self) -> Option<PathChange> {
-        match rustix::fs::statat(
+        self.check_in_dir()
+            .or_else(|| self.ours(rustix::fs::lstat(&self.path)))
+    }
+
+    /// Does the name in the directory we opened still name our file? `None` when it does.
+    fn check_in_dir(&self) -> Option<PathChange> {
+        self.ours(rustix::fs::statat(
             &*self.dir,
             self.file_name.as_os_str(),
             AtFlags::SYMLINK_NOFOLLOW,
-        ) {
+        ))
+    }
+
+    fn ours(&self, st: rustix::io::Result<Stat>) -> Option<PathChange> {
+        match st {
             Ok(st) if st.st_dev == self.dev && st.st_ino == self.ino => None,
             Ok(_) => Some(PathChange::Replaced),
-            Err(Errno::NOENT) => Some(PathChange::Removed),
+            Err(Errno::NOENT | Errno::NOTDIR) => Some(PathChange::Removed),
             // Cannot tell (e.g. EACCES after a permission change): not evidence of a loss.
             Err(_) => None,
         }
@@ -889,6 +1134,35 @@ impl AsFd for HeldLock {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// The directories that hold a symlink on the way to `path`'s directory, as the path is
+/// resolved now (a symlink's target may hold more). Best effort: it only adds wake-ups, and
+/// [`WatchHandle::check_path`] decides.
+fn symlink_parents(path: &Path) -> Vec<PathBuf> {
+    let mut parents = Vec::new();
+    let mut pending: Vec<PathBuf> = path.parent().map(Path::to_owned).into_iter().collect();
+    let mut links = 0;
+    while let Some(dir) = pending.pop() {
+        let mut prefix = PathBuf::new();
+        for component in dir.components() {
+            prefix.push(component);
+            let Ok(target) = std::fs::read_link(&prefix) else {
+                continue;
+            };
+            links += 1;
+            if links > MAX_SYMLINKS {
+                return parents;
+            }
+            let parent = prefix.parent().unwrap_or(Path::new("/")).to_owned();
+            // The rest of the path goes on from where the link points.
+            let rest: PathBuf = dir.components().skip(prefix.components().count()).collect();
+            pending.push(parent.join(target).join(rest));
+            parents.push(parent);
+            break;
+        }
+    }
+    parents
 }
 
 impl Drop for HeldLock {
@@ -958,6 +1232,7 @@ mod tests {
             shared_system_dir: false,
             create_dir_mode: Some(0o700),
             private_dir: true,
+            service_dir: false,
             file_mode: 0o600,
         }
     }
@@ -1013,6 +1288,7 @@ mod tests {
             shared_system_dir: true,
             create_dir_mode: Some(0o1777),
             private_dir: false,
+            service_dir: false,
             file_mode: 0o644,
         };
         assert!(may_create_dir(&shared, 0));

@@ -288,6 +288,18 @@ impl InstanceOptions {
         scope: Scope,
         env: &dyn Fn(&str) -> Option<OsString>,
     ) -> Result<LockPlan> {
+        self.lock_plan_in(name, scope, env, Path::new(scope::SERVICE_LOCK_BASE))
+    }
+
+    /// [`InstanceOptions::lock_plan`] with the per-service directories under `service_base`
+    /// (another base only in tests: a public way to move it would be a way to split copies).
+    fn lock_plan_in(
+        &self,
+        name: &InstanceName,
+        scope: Scope,
+        env: &dyn Fn(&str) -> Option<OsString>,
+        service_base: &Path,
+    ) -> Result<LockPlan> {
         let euid = rustix::process::geteuid().as_raw();
         let system = scope::lock_is_system(scope, euid);
         let file_mode = if system { 0o644 } else { 0o600 };
@@ -302,6 +314,7 @@ impl InstanceOptions {
                 shared_system_dir: false,
                 create_dir_mode: None,
                 private_dir: false,
+                service_dir: false,
                 file_mode,
             });
         }
@@ -312,11 +325,18 @@ impl InstanceOptions {
                 None => None,
             },
         };
-        let shared_system_dir = explicit_dir.is_none() && system;
-        let (dir, create_dir_mode, private_dir) = match explicit_dir {
-            Some(dir) => (dir, Some(0o755), false),
-            None if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
-            None => (scope::user_lock_dir(euid), Some(0o700), true),
+        // A deployed service's own directory, when its deployment made one: only root and the
+        // service's user can write it, so no local user can squat the lock file.
+        let service_dir = match &explicit_dir {
+            None if system => scope::service_lock_dir(service_base, name.as_str())?,
+            _ => None,
+        };
+        let shared_system_dir = explicit_dir.is_none() && service_dir.is_none() && system;
+        let (dir, create_dir_mode, private_dir) = match (explicit_dir, &service_dir) {
+            (Some(dir), _) => (dir, Some(0o755), false),
+            (None, Some(dir)) => (dir.clone(), None, false),
+            (None, None) if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
+            (None, None) => (scope::user_lock_dir(euid), Some(0o700), true),
         };
         Ok(LockPlan {
             instance,
@@ -326,6 +346,7 @@ impl InstanceOptions {
             shared_system_dir,
             create_dir_mode,
             private_dir,
+            service_dir: service_dir.is_some(),
             file_mode,
         })
     }
@@ -1095,4 +1116,65 @@ fn report_lock_loss(handle: &lockfile::WatchHandle, change: PathChange, losses: 
             still_exclusive: false,
         })
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn plan_in(options: &InstanceOptions, scope: Scope, base: &Path) -> Result<LockPlan> {
+        let name = InstanceName::new(&options.name).expect("valid name");
+        options.lock_plan_in(&name, scope, &|_| None, base)
+    }
+
+    #[test]
+    fn system_scope_uses_a_services_own_directory_only_when_it_is_safe() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let services = base.path().join("unique-instance");
+        let name = "org.example.Deployed";
+        let options = InstanceOptions::new(name);
+        // No per-service directory: the shared one.
+        let plan = plan_in(&options, Scope::System, &services).expect("plan");
+        assert_eq!(plan.dir, PathBuf::from(SYSTEM_LOCK_DIR));
+        assert!(plan.shared_system_dir && !plan.service_dir);
+        std::fs::create_dir(&services).expect("mkdir");
+        std::fs::set_permissions(&services, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let plan = plan_in(&options, Scope::System, &services).expect("plan");
+        assert_eq!(plan.dir, PathBuf::from(SYSTEM_LOCK_DIR));
+        // Made by the deployment: used, and never created by us.
+        let own = services.join(name);
+        std::fs::create_dir(&own).expect("mkdir");
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let plan = plan_in(&options, Scope::System, &services).expect("plan");
+        assert_eq!(plan.path(), own.join(format!("{name}.lock")));
+        assert!(plan.service_dir && !plan.shared_system_dir && plan.root_may_own);
+        assert_eq!(plan.create_dir_mode, None);
+        // Not for the user scope, nor over an explicit directory.
+        let plan = plan_in(&options, Scope::User, &services).expect("plan");
+        assert!(!plan.service_dir && plan.private_dir);
+        let explicit = InstanceOptions::new(name).lock_dir("/somewhere");
+        let plan = plan_in(&explicit, Scope::System, &services).expect("plan");
+        assert_eq!(plan.dir, PathBuf::from("/somewhere"));
+        // Writable by others than root and its owner: refused, not silently replaced.
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+        assert!(matches!(
+            plan_in(&options, Scope::System, &services),
+            Err(Error::UnsafeLockPath { .. })
+        ));
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(&services, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        assert!(matches!(
+            plan_in(&options, Scope::System, &services),
+            Err(Error::UnsafeLockPath { .. })
+        ));
+        // A symlink instead of the directory: refused.
+        std::fs::set_permissions(&services, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::remove_dir(&own).expect("rmdir");
+        std::os::unix::fs::symlink(base.path(), &own).expect("symlink");
+        assert!(matches!(
+            plan_in(&options, Scope::System, &services),
+            Err(Error::UnsafeLockPath { .. })
+        ));
+    }
 }

@@ -110,6 +110,9 @@ pub(crate) struct LockPlan {
     pub(crate) create_dir_mode: Option<u32>,
     /// The directory must be exactly 0700 and ours (a per-user fallback in a shared place).
     pub(crate) private_dir: bool,
+    /// The directory is a deployed service's own (`/run/unique-instance/NAME`): made by root,
+    /// owned by root or the service's user, writable by no one else.
+    pub(crate) service_dir: bool,
     pub(crate) file_mode: u32,
 }
 
@@ -177,6 +180,51 @@ pub(crate) fn choose_bus(scope: Scope, env: &dyn Fn(&str) -> Option<String>) -> 
             }
         }
     }
+}
+
+/// Where deployed services' own lock directories are (`generate` writes the tmpfiles line).
+pub(crate) const SERVICE_LOCK_BASE: &str = "/run/unique-instance";
+
+/// The per-service lock directory `BASE/NAME` when it exists: `Ok(None)` when it (or `BASE`)
+/// does not; an error when it exists but anyone but root (and, for `NAME`, its owner) could
+/// write it, or either is not a plain directory. A deployment that made it meant it to be used,
+/// so a broken one is refused rather than silently replaced by the shared directory.
+pub(crate) fn service_lock_dir(base: &Path, name: &str) -> Result<Option<PathBuf>, crate::Error> {
+    use crate::error::UnsafeLockPath;
+    let dir = base.join(name);
+    for (path, root_only) in [(base, true), (dir.as_path(), false)] {
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(crate::Error::io("cannot examine", path, e)),
+        };
+        let problem = if meta.file_type().is_symlink() {
+            Some(UnsafeLockPath::Symlink)
+        } else if !meta.is_dir() {
+            Some(UnsafeLockPath::NotRegularFile {
+                kind: "non-directory",
+            })
+        } else if root_only && meta.uid() != 0 {
+            Some(UnsafeLockPath::ForeignDirectory {
+                dir: path.to_owned(),
+                owner: meta.uid(),
+            })
+        } else if meta.mode() & 0o022 != 0 {
+            Some(UnsafeLockPath::InsecureDirectory {
+                dir: path.to_owned(),
+                mode: meta.mode() & 0o7777,
+            })
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(crate::Error::UnsafeLockPath {
+                path: path.to_owned(),
+                problem,
+            });
+        }
+    }
+    Ok(Some(dir))
 }
 
 /// Where per-user lock directories go when it is fit for them (see [`user_lock_dir`]).

@@ -289,3 +289,305 @@ fn errors_about_an_explicit_lock_file_name_the_instance() {
     );
     assert_eq!(copy.exit_code(), 77);
 }
+
+/// `/run/unique-instance/NAME`, made for one test as `generate`'s tmpfiles line would make it,
+/// removed (with whatever is left in it) when dropped.
+struct ServiceDir(PathBuf);
+
+impl ServiceDir {
+    fn new(name: &str, owner: u32) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let base = Path::new("/run/unique-instance");
+        match std::fs::create_dir(base) {
+            Ok(()) => std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod"),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => panic!(
+                "cannot create {}: {e} (these tests run as root)",
+                base.display()
+            ),
+        }
+        let meta = std::fs::symlink_metadata(base).expect("meta");
+        assert!(
+            meta.is_dir() && meta.uid() == 0 && meta.mode() & 0o022 == 0,
+            "{} is not root's and private: {meta:?}",
+            base.display()
+        );
+        let dir = base.join(name);
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::os::unix::fs::chown(&dir, Some(owner), Some(owner)).expect("chown");
+        ServiceDir(dir)
+    }
+}
+
+impl Drop for ServiceDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn system_holder(uid: u32, name: &str) -> Proc {
+    let cmd = bare_holder(&[], &[name, "--scope", "system", "--backend", "lockfile"]);
+    Proc::spawn(if uid == 0 {
+        cmd
+    } else {
+        as_user(uid, uid, &cmd)
+    })
+}
+
+fn acquired_pid(copy: &mut Proc) -> u32 {
+    let line = copy.line_starting("");
+    assert!(
+        line.starts_with("acquired"),
+        "{line}; stderr: {:?}",
+        copy.stderr_lines()
+    );
+    field(&line, "pid")
+        .and_then(|p| p.parse().ok())
+        .expect("pid")
+}
+
+fn release(mut copy: Proc) {
+    copy.close_stdin();
+    assert_eq!(copy.line_starting("released"), "released");
+    assert_eq!(copy.exit_code(), 0);
+}
+
+#[test]
+fn a_deployed_service_gets_its_own_lock_directory_that_no_one_else_can_squat() {
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes /run/unique-instance/NAME)"
+    );
+    const SERVICE: u32 = NOBODY;
+    const OTHER: u32 = 4_000_123;
+    let name = unique_name("service_dir");
+    let dir = ServiceDir::new(&name, SERVICE);
+    let lock_file = dir.0.join(format!("{name}.lock"));
+    let plan = InstanceOptions::new(&name)
+        .scope(Scope::System)
+        .backend(Backend::LockFile)
+        .plan()
+        .expect("plan");
+    assert_eq!(plan.lock_file.as_deref(), Some(lock_file.as_path()));
+
+    // Root's copy started by hand: the service's user and anyone else are told it runs.
+    let mut root = system_holder(0, &name);
+    let root_pid = acquired_pid(&mut root);
+    // Given to the service's user, so the service can take it even if root's copy crashed.
+    assert_eq!(std::fs::metadata(&lock_file).expect("meta").uid(), SERVICE);
+    expect_refused(
+        system_holder(SERVICE, &name),
+        root_pid,
+        "the service's user",
+    );
+    expect_refused(system_holder(OTHER, &name), root_pid, "another user");
+    release(root);
+    assert!(!lock_file.exists());
+
+    // The service runs: root's hand-started copy and another user meet it.
+    let mut service = system_holder(SERVICE, &name);
+    let service_pid = acquired_pid(&mut service);
+    assert_eq!(std::fs::metadata(&lock_file).expect("meta").uid(), SERVICE);
+    expect_refused(system_holder(0, &name), service_pid, "root");
+    expect_refused(system_holder(OTHER, &name), service_pid, "another user");
+    release(service);
+
+    // Nobody runs: another user cannot take (squat) it, and says why.
+    let mut squatter = system_holder(OTHER, &name);
+    let line = squatter.line_starting("");
+    assert!(line.starts_with("not-permitted"), "{line}");
+    assert_eq!(squatter.exit_code(), 77);
+    assert!(!lock_file.exists());
+    // Without the directory, the shared one as before.
+    drop(dir);
+    let plan = InstanceOptions::new(&name)
+        .scope(Scope::System)
+        .backend(Backend::LockFile)
+        .plan()
+        .expect("plan");
+    assert_eq!(
+        plan.lock_file,
+        Some(Path::new(unique_instance::SYSTEM_LOCK_DIR).join(format!("{name}.lock")))
+    );
+}
+
+#[test]
+fn a_retargeted_symlink_on_the_lock_path_is_a_loss_for_the_holder() {
+    let base = tempfile::tempdir().expect("tempdir");
+    for v in ["releases/v1", "releases/v2"] {
+        std::fs::create_dir_all(base.path().join(v)).expect("mkdir");
+    }
+    let current = base.path().join("current");
+    std::os::unix::fs::symlink("releases/v1", &current).expect("symlink");
+    let name = unique_name("flip");
+    let env = [("UNIQUE_INSTANCE_LOCK_DIR", current.as_os_str())];
+    let mut first = Proc::spawn(bare_holder(
+        &env,
+        &[&name, "--backend", "lockfile", "--watch"],
+    ));
+    let first_pid = acquired_pid(&mut first);
+    assert!(
+        base.path()
+            .join(format!("releases/v1/{name}.lock"))
+            .exists()
+    );
+    // A deploy flips the symlink, atomically, as `ln -sfn` through a rename does.
+    let next = base.path().join("current.next");
+    std::os::unix::fs::symlink("releases/v2", &next).expect("symlink");
+    std::fs::rename(&next, &current).expect("rename");
+    // The path now leads to another file: the holder must know it no longer excludes.
+    let lost = first.line_starting("lost");
+    assert!(lost.contains("reason=LockFileRemoved"), "{lost}");
+    assert!(lost.contains("still_exclusive=false"), "{lost}");
+    // (A new copy indeed takes the path's new file.)
+    let mut second = Proc::spawn(bare_holder(&env, &[&name, "--backend", "lockfile"]));
+    assert_ne!(acquired_pid(&mut second), first_pid);
+    release(second);
+    release(first);
+    // The first removed its own file from its own directory on release.
+    assert!(
+        !base
+            .path()
+            .join(format!("releases/v1/{name}.lock"))
+            .exists()
+    );
+}
+
+#[test]
+fn a_foreign_symlink_or_directory_anywhere_on_the_path_is_refused() {
+    use unique_instance::UnsafeLockPath;
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes files of another user)"
+    );
+    let base = tempfile::tempdir().expect("tempdir");
+    let real = base.path().join("real");
+    std::fs::create_dir(&real).expect("mkdir");
+    // A symlink of another user's to a perfectly safe directory of ours.
+    let link = base.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        &link,
+        Some(rustix::fs::Uid::from_raw(NOBODY)),
+        Some(rustix::fs::Gid::from_raw(NOBODY)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .expect("lchown");
+    let name = unique_name("foreign_link");
+    let attempt = |dir: &Path| {
+        InstanceOptions::new(&name)
+            .backend(Backend::LockFile)
+            .lock_dir(dir)
+            .acquire()
+    };
+    match attempt(&link) {
+        Err(Error::UnsafeLockPath {
+            problem: UnsafeLockPath::ForeignSymlink { link: l, owner },
+            ..
+        }) => assert_eq!((l, owner), (link.clone(), NOBODY)),
+        other => panic!("a foreign symlink on the way was accepted: {other:?}"),
+    }
+    // Deeper: the link is an ancestor of the lock directory.
+    std::fs::create_dir(real.join("sub")).expect("mkdir");
+    assert!(matches!(
+        attempt(&link.join("sub")),
+        Err(Error::UnsafeLockPath {
+            problem: UnsafeLockPath::ForeignSymlink { .. },
+            ..
+        })
+    ));
+    // A directory of another user's above a directory of ours.
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    std::fs::create_dir(theirs.join("ours")).expect("mkdir");
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).expect("chown");
+    match attempt(&theirs.join("ours")) {
+        Err(Error::UnsafeLockPath {
+            problem: UnsafeLockPath::ForeignDirectory { dir, owner },
+            ..
+        }) => assert_eq!((dir, owner), (theirs.clone(), NOBODY)),
+        other => panic!("a foreign directory on the way was accepted: {other:?}"),
+    }
+    // A world-writable directory without the sticky bit above ours.
+    let open = base.path().join("open");
+    std::fs::create_dir_all(open.join("ours")).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    assert!(matches!(
+        attempt(&open.join("ours")),
+        Err(Error::UnsafeLockPath {
+            problem: UnsafeLockPath::InsecureDirectory { .. },
+            ..
+        })
+    ));
+    // Our own symlink to our own directory is fine, and nothing was created anywhere above.
+    let ours = base.path().join("ours-link");
+    std::os::unix::fs::symlink(&real, &ours).expect("symlink");
+    let guard = attempt(&ours).expect("our own symlink is followed");
+    assert!(real.join(format!("{name}.lock")).exists());
+    guard.release().expect("release");
+}
+
+#[test]
+fn the_umask_does_not_decide_who_can_see_the_instance() {
+    use std::os::unix::fs::MetadataExt;
+    // Like /run/lock/unique-instance: root's, sticky, writable by all.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let name = unique_name("umask");
+    let mut holder_cmd = Command::new("sh");
+    holder_cmd
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNIQUE_INSTANCE_LOCK_DIR", dir.path())
+        .arg("-c")
+        .arg("umask 077; exec \"$0\" \"$@\"")
+        .arg(example_path("holder"))
+        .args([name.as_str(), "--scope", "system", "--backend", "lockfile"]);
+    let mut root = Proc::spawn(holder_cmd);
+    let root_pid = acquired_pid(&mut root);
+    let lock_file = dir.path().join(format!("{name}.lock"));
+    assert_eq!(
+        std::fs::metadata(&lock_file).expect("meta").mode() & 0o7777,
+        0o644,
+        "the umask decided the lock file's mode"
+    );
+    let cli_as_nobody = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNIQUE_INSTANCE_LOCK_DIR", dir.path())
+            .args(args);
+        let mut cmd = as_user(NOBODY, NOBODY, &cmd);
+        cmd.stdin(std::process::Stdio::null());
+        cmd.output().expect("run the CLI")
+    };
+    let status = cli_as_nobody(&["status", "--system", "--backend", "lockfile", &name]);
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "status as another user: {stdout} {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(stdout.contains(&root_pid.to_string()), "{stdout}");
+    let run = cli_as_nobody(&[
+        "run",
+        "--system",
+        "--backend",
+        "lockfile",
+        &name,
+        "--",
+        "true",
+    ]);
+    assert_eq!(
+        run.status.code(),
+        Some(75),
+        "run as another user: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    release(root);
+}
