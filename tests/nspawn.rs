@@ -704,11 +704,11 @@ fn shipped_units_on(bus: Broker) {
             "stat",
             "-c",
             "%U %a",
-            "/run/lock/unique-instance/org.example.Server.lock"
+            "/run/unique-instance/org.example.Server/org.example.Server.lock"
         ])
         .trim(),
         "example-server 644",
-        "the service's lock file, in the shared directory"
+        "the service's lock file, in the service's own directory"
     );
 
     // 2. Copies started by hand are refused, naming the service's PID: as root (Auto scope is
