@@ -130,6 +130,7 @@ fn report_error(e: &Error) -> i32 {
         Error::NoUsableBackend { .. } => ("no-usable-backend", 69),
         Error::UnsafeLockPath { .. } => ("unsafe-lock-path", 70),
         Error::NetworkFilesystem { .. } => ("network-filesystem", 70),
+        Error::NotALockFile { .. } => ("not-a-lock-file", 64),
         _ => ("error", 70),
     };
     let pid = e

@@ -63,6 +63,24 @@ pub enum Error {
         problem: UnsafeLockPath,
     },
 
+    /// A file at the lock path is neither empty nor a holder record: it is not a lock file
+    /// unique-instance made (a data file or a script given as the lock path), so it is left
+    /// exactly as it is — never opened for writing, truncated, written or removed — and the
+    /// instance is not acquired.
+    #[error(
+        "{name}: {} is not a lock file (it is not empty and holds no unique-instance record); \
+         unique-instance never writes into or removes a file it did not create: use a path of \
+         its own, e.g. {}.lock",
+        path.display(),
+        path.display()
+    )]
+    NotALockFile {
+        /// The instance name.
+        name: String,
+        /// The file that was left alone.
+        path: PathBuf,
+    },
+
     /// The lock directory is on a network file system, where file locks cannot be trusted.
     #[error(
         "lock directory {} is on a network file system ({fs_type}), where file locks may not exclude other hosts or may hang; \
@@ -211,14 +229,16 @@ impl Error {
 
     /// The `sysexits(3)` status a program should exit with for this error, as the
     /// `unique-instance` tool does: 75 (`EX_TEMPFAIL`) already running or timed out, 64
-    /// (`EX_USAGE`) invalid name, option or environment setting, 77 (`EX_NOPERM`) not permitted, 69 (`EX_UNAVAILABLE`) no
+    /// (`EX_USAGE`) invalid name, option or environment setting, or a lock path naming a file
+    /// that is not a lock file, 77 (`EX_NOPERM`) not permitted, 69 (`EX_UNAVAILABLE`) no
     /// usable backend, 70 (`EX_SOFTWARE`) anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::AlreadyRunning { .. } | Error::TimedOut { .. } => 75,
             Error::InvalidName { .. }
             | Error::InvalidEnvironment { .. }
-            | Error::InvalidOption { .. } => 64,
+            | Error::InvalidOption { .. }
+            | Error::NotALockFile { .. } => 64,
             Error::NotPermitted { .. } => 77,
             Error::NoUsableBackend { .. } => 69,
             _ => 70,

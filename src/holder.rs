@@ -98,6 +98,10 @@ impl fmt::Display for Holder {
     }
 }
 
+/// How much of a lock file is ever read: a record is written shorter than this (see
+/// [`LockRecord::to_line`]), and a file's size is chosen by whoever made it.
+pub(crate) const MAX_RECORD_LEN: usize = 4096;
+
 /// The one-line JSON record a holder writes into its lock file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct LockRecord {
@@ -138,9 +142,42 @@ impl LockRecord {
         }
     }
 
-    /// One line, newline-terminated, for a single `write`.
+    /// One line, newline-terminated, for a single `write`: always a record that
+    /// [`LockRecord::parse`] reads back from the first [`MAX_RECORD_LEN`] bytes, because a lock
+    /// file holding anything else is taken for someone else's file. So an executable path that
+    /// is not UTF-8 (JSON cannot hold it) or too long is left out, and so, if still too long,
+    /// are the other strings.
     pub(crate) fn to_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        let fits = |record: &LockRecord| {
+            serde_json::to_vec(record)
+                .ok()
+                .filter(|line| line.len() < MAX_RECORD_LEN)
+        };
+        let mut line = fits(self)
+            .or_else(|| {
+                fits(&LockRecord {
+                    executable: None,
+                    ..self.clone()
+                })
+            })
+            .or_else(|| {
+                fits(&LockRecord {
+                    executable: None,
+                    hostname: None,
+                    bus_unique_name: None,
+                    ..self.clone()
+                })
+            })
+            // Numbers and enums alone: always serialisable, and far shorter than the limit.
+            .unwrap_or_else(|| {
+                serde_json::to_vec(&LockRecord {
+                    executable: None,
+                    hostname: None,
+                    bus_unique_name: None,
+                    ..self.clone()
+                })
+                .unwrap_or_default()
+            });
         line.push(b'\n');
         line
     }
@@ -274,6 +311,26 @@ mod tests {
         assert_eq!(LockRecord::parse(&line), Some(record));
         assert_eq!(LockRecord::parse(b""), None);
         assert_eq!(LockRecord::parse(b"\0\0garbage{"), None);
+    }
+
+    #[test]
+    fn every_record_written_reads_back_within_the_limit() {
+        use std::os::unix::ffi::OsStringExt;
+        let own = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+        for executable in [
+            PathBuf::from(std::ffi::OsString::from_vec(b"/opt/\xff\xfe/app".to_vec())),
+            PathBuf::from(format!("/{}", "\u{1}".repeat(3000))),
+        ] {
+            let record = LockRecord {
+                executable: Some(executable),
+                hostname: Some("\u{1}".repeat(3000)),
+                ..own.clone()
+            };
+            let line = record.to_line();
+            assert!(line.len() <= MAX_RECORD_LEN, "{}", line.len());
+            let back = LockRecord::parse(&line).expect("reads back");
+            assert_eq!(back.pid, own.pid);
+        }
     }
 
     #[test]

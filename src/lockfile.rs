@@ -21,7 +21,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result, UnsafeLockPath};
-use crate::holder::{Holder, LockRecord};
+use crate::holder::{Holder, LockRecord, MAX_RECORD_LEN};
 use crate::scope::LockPlan;
 
 /// How long a refused copy waits for a just-started holder to write its record before it
@@ -414,7 +414,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
                 std::io::Error::from(std::io::ErrorKind::Interrupted),
             ));
         }
-        let opened = match open_lock_file(plan, dir, &path, euid, lock_dir)? {
+        let opened = match open_lock_file(plan, dir, &path, euid, lock_dir, block)? {
             Some(opened) => opened,
             None => continue,
         };
@@ -428,11 +428,16 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
         };
         let (file, st) = match opened {
             (Opened::Writable(file), st) => (file, st),
-            (Opened::ReadOnly(file), st) => {
-                // Another user's file that we may only read: we can tell who holds it, but we
-                // can never be the instance through it (we could neither lock it for writing,
-                // nor record ourselves in it, nor remove it).
-                match is_held(&file) {
+            (Opened::ReadOnly(file, why), st) => {
+                // A file we may only read (another user's), or must only read (not a lock file
+                // of ours): we can tell who holds it, but we can never be the instance through
+                // it (we could neither lock it for writing, nor record ourselves in it, nor
+                // remove it).
+                let held = match why {
+                    ReadOnlyBecause::Held => Ok(true),
+                    _ => is_held(&file),
+                };
+                match held {
                     Ok(true) if !block => {
                         return Ok(Attempt::Busy(Box::new(read_holder(&file, &path))));
                     }
@@ -449,17 +454,20 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
                     Err(Errno::NOLCK) => return Err(no_locks()),
                     Err(e) => return Err(Error::io("cannot test the lock on", &path, e.into())),
                 }
-                return Err(not_permitted(
-                    plan,
-                    format!(
-                        "lock file {} belongs to uid {} and this user may not write it, so this \
-                         user cannot hold the instance through it (no copy holds it now): run \
-                         as its owner (or root), or have them remove it",
-                        path.display(),
-                        st.st_uid
+                return Err(match why {
+                    ReadOnlyBecause::NotOurs => not_a_lock_file(plan, &path),
+                    ReadOnlyBecause::NoWritePermission | ReadOnlyBecause::Held => not_permitted(
+                        plan,
+                        format!(
+                            "lock file {} belongs to uid {} and this user may not write it, so \
+                             this user cannot hold the instance through it (no copy holds it \
+                             now): run as its owner (or root), or have them remove it",
+                            path.display(),
+                            st.st_uid
+                        ),
+                        Errno::ACCESS,
                     ),
-                    Errno::ACCESS,
-                ));
+                });
             }
         };
         match lock_exclusive(&file, block) {
@@ -481,7 +489,14 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
             }
             Err(e) => return Err(Error::io("cannot stat", &path, e.into())),
         }
-        let content = read_content(&file);
+        let content = read_content(&file)
+            .map_err(|e| Error::io("cannot read the lock file", &path, e.into()))?;
+        // Checked before it was opened for writing, and again now that nobody else can be
+        // writing a record into it: data written in meanwhile is not ours to truncate. (`file`
+        // is dropped unused: unlocked, never removed.)
+        if !is_ours(&content) {
+            return Err(not_a_lock_file(plan, &path));
+        }
         let previous = LockRecord::parse(&content);
         // Clear a crashed holder's record at once, so nobody reports a dead PID while we set up.
         // (An empty file, the usual case, needs no truncation: one system call less.)
@@ -511,9 +526,34 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
 enum Opened {
     /// Ours to lock and write.
     Writable(OwnedFd),
-    /// Another user's file we may only read: enough to learn whether (and by whom) it is held,
-    /// tested without being taken (`F_OFD_GETLK`), but not to become the instance.
-    ReadOnly(OwnedFd),
+    /// A file opened only for reading: enough to learn whether (and by whom) it is held, tested
+    /// without being taken (`F_OFD_GETLK`), but not to become the instance.
+    ReadOnly(OwnedFd, ReadOnlyBecause),
+}
+
+/// Why a lock file was opened only for reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadOnlyBecause {
+    /// Another user's file that this user may not write.
+    NoWritePermission,
+    /// Neither empty nor a holder record: someone else's data, never ours to write or remove.
+    NotOurs,
+    /// Found held (tested, not taken) by a copy that will not wait: already running.
+    Held,
+}
+
+/// Whether `content` (the start of a file at the lock path) is a lock file's: empty (just
+/// created, or by a holder that had not written yet) or a holder record (a crashed holder's).
+/// Anything else is someone's data, which unique-instance never writes into or removes.
+fn is_ours(content: &[u8]) -> bool {
+    content.is_empty() || LockRecord::parse(content).is_some()
+}
+
+fn not_a_lock_file(plan: &LockPlan, path: &Path) -> Error {
+    Error::NotALockFile {
+        name: plan.instance.clone(),
+        path: path.to_owned(),
+    }
 }
 
 fn not_permitted(plan: &LockPlan, reason: String, e: Errno) -> Error {
@@ -527,25 +567,30 @@ fn not_permitted(plan: &LockPlan, reason: String, e: Errno) -> Error {
 /// Opens the lock file, creating it if it does not exist. `None` when it vanished or appeared
 /// between two of our calls: try again.
 ///
-/// An existing file is opened *without* `O_CREAT`, and a missing one is created with
-/// `O_CREAT | O_EXCL`. Under `fs.protected_regular` (which systemd turns on in every booted
-/// system) an `O_CREAT` open of another user's file in a sticky world-writable directory fails
-/// with `EACCES` even for root, so a copy started by root would otherwise be refused the file
-/// of a service running under its own user, instead of being told that service is running.
+/// A missing file is created with `O_CREAT | O_EXCL`: then it is ours. An existing one is opened
+/// *without* `O_CREAT`, and first only for reading: it is opened for writing only once it is
+/// known to be a regular file with one name holding nothing but a lock file's content (see
+/// [`is_ours`]). So a data file or a script given as the lock path is never truncated, written
+/// or removed, and a running executable is never opened for writing (which would fail with
+/// `ETXTBSY`, and take it from whoever runs it next). Under `fs.protected_regular` (which
+/// systemd turns on in every booted system) an `O_CREAT` open of another user's file in a sticky
+/// world-writable directory fails with `EACCES` even for root, so a copy started by root would
+/// otherwise be refused the file of a service running under its own user, instead of being
+/// told that service is running.
 fn open_lock_file(
     plan: &LockPlan,
     dir: &OwnedFd,
     path: &Path,
     euid: u32,
     lock_dir: &LockDir,
+    block: bool,
 ) -> Result<Option<(Opened, Stat)>> {
     let unsafe_path = |problem| Error::UnsafeLockPath {
         path: path.to_owned(),
         problem,
     };
     // NONBLOCK keeps a FIFO planted at the path from blocking the open; it is refused below.
-    let flags =
-        OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+    let flags = OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
     let open = |flags: OFlags| {
         retry_eintr(|| {
             rustix::fs::openat(
@@ -556,88 +601,105 @@ fn open_lock_file(
             )
         })
     };
+    let refused = |e: Errno| match e {
+        Errno::LOOP => unsafe_path(UnsafeLockPath::Symlink),
+        Errno::ISDIR => unsafe_path(UnsafeLockPath::NotRegularFile { kind: "directory" }),
+        Errno::NXIO => unsafe_path(UnsafeLockPath::NotRegularFile { kind: "socket" }),
+        e if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS => not_permitted(
+            plan,
+            format!(
+                "cannot open lock file {}: {}; run as its owner or choose another lock path",
+                path.display(),
+                std::io::Error::from(e)
+            ),
+            e,
+        ),
+        e => Error::io("cannot open lock file", path, e.into()),
+    };
+    let fstat = |file: &OwnedFd| {
+        rustix::fs::fstat(file).map_err(|e| Error::io("cannot stat", path, e.into()))
+    };
+    // What every file at the path must be; `false`: it has no name any more (retry).
+    let check = |st: &Stat| -> Result<bool> {
+        let file_type = FileType::from_raw_mode(st.st_mode);
+        if file_type != FileType::RegularFile {
+            return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
+                kind: file_type_name(file_type),
+            }));
+        }
+        // No name at all: its holder removed it between our open and this check (it does so
+        // on every release). A race to retry, not an attack: the path names a fresh file, or
+        // nothing.
+        if st.st_nlink == 0 {
+            return Ok(false);
+        }
+        // A second name for the file means it may be someone else's file linked in here (say
+        // /etc/shadow, where protected_hardlinks is off), which we would truncate and write.
+        if st.st_nlink != 1 {
+            #[allow(clippy::unnecessary_cast)] // `st_nlink` is narrower on some architectures
+            let links = st.st_nlink as u64;
+            return Err(unsafe_path(UnsafeLockPath::HardLinked { links }));
+        }
+        Ok(true)
+    };
+    let writable = |file: OwnedFd, st: Stat| -> Result<Option<(Opened, Stat)>> {
+        if !check(&st)? {
+            return Ok(None);
+        }
+        if !owner_acceptable(plan, euid, st.st_uid, lock_dir) {
+            return Err(unsafe_path(UnsafeLockPath::WrongOwner {
+                owner: st.st_uid,
+                expected: euid,
+            }));
+        }
+        Ok(Some((Opened::Writable(file), st)))
+    };
     // Created first: a released lock file is removed, so a missing file is the usual case and
     // costs one call. `O_EXCL` fails on anything already there (a symlink included) before any
     // other check, and that is then opened as it is.
-    let mut created = false;
-    let opened = match open(flags | OFlags::CREATE | OFlags::EXCL) {
-        Err(Errno::EXIST) => match open(flags) {
-            Err(Errno::NOENT) => return Ok(None),
-            Err(e) if e == Errno::ACCESS || e == Errno::PERM => {
-                match open((flags - OFlags::RDWR) | OFlags::RDONLY) {
-                    Ok(file) => Ok(Opened::ReadOnly(file)),
-                    Err(Errno::NOENT) => return Ok(None),
-                    // Not even readable: report the first refusal.
-                    Err(_) => Err(e),
-                }
-            }
-            other => other.map(Opened::Writable),
-        },
-        other => {
-            created = other.is_ok();
-            other.map(Opened::Writable)
+    match open(flags | OFlags::RDWR | OFlags::CREATE | OFlags::EXCL) {
+        Ok(file) => {
+            let mut st = fstat(&file)?;
+            set_new_file_owner_and_mode(plan, &file, path, &mut st, euid, lock_dir)?;
+            return writable(file, st);
         }
-    };
-    let opened = match opened {
-        Ok(opened) => opened,
-        Err(Errno::LOOP) => return Err(unsafe_path(UnsafeLockPath::Symlink)),
-        Err(Errno::ISDIR) => {
-            return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
-                kind: "directory",
-            }));
-        }
-        Err(Errno::NXIO) => {
-            return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
-                kind: "socket",
-            }));
-        }
-        Err(e) if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS => {
-            return Err(not_permitted(
-                plan,
-                format!(
-                    "cannot open lock file {}: {}; run as its owner or choose another lock path",
-                    path.display(),
-                    std::io::Error::from(e)
-                ),
-                e,
-            ));
-        }
-        Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
-    };
-    let file = match &opened {
-        Opened::Writable(file) | Opened::ReadOnly(file) => file,
-    };
-    let mut st = rustix::fs::fstat(file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
-    if created {
-        set_new_file_owner_and_mode(plan, file, path, &mut st, euid, lock_dir)?;
+        Err(Errno::EXIST) => {}
+        Err(e) => return Err(refused(e)),
     }
-    let file_type = FileType::from_raw_mode(st.st_mode);
-    if file_type != FileType::RegularFile {
-        return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
-            kind: file_type_name(file_type),
-        }));
-    }
-    // No name at all: its holder removed it between our open and this check (it does so on
-    // every release). A race to retry, not an attack: the path names a fresh file, or nothing.
-    if st.st_nlink == 0 {
+    let file = match open(flags | OFlags::RDONLY) {
+        Ok(file) => file,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(refused(e)),
+    };
+    let st = fstat(&file)?;
+    if !check(&st)? {
         return Ok(None);
     }
-    // A second name for the file means it may be someone else's file linked in here (say
-    // /etc/shadow, where protected_hardlinks is off), which we would truncate and write.
-    if st.st_nlink != 1 {
-        return Err(unsafe_path(UnsafeLockPath::HardLinked {
-            links: st.st_nlink as u64,
-        }));
+    let content =
+        read_content(&file).map_err(|e| Error::io("cannot read the lock file", path, e.into()))?;
+    if !is_ours(&content) {
+        return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::NotOurs), st)));
     }
-    if let Opened::Writable(_) = opened
-        && !owner_acceptable(plan, euid, st.st_uid, lock_dir)
-    {
-        return Err(unsafe_path(UnsafeLockPath::WrongOwner {
-            owner: st.st_uid,
-            expected: euid,
-        }));
+    // Held, and we will not wait: already running, learnt without opening it for writing.
+    if !block && is_held(&file) == Ok(true) {
+        return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::Held), st)));
     }
-    Ok(Some((opened, st)))
+    match open(flags | OFlags::RDWR) {
+        Ok(rw) => {
+            let now = fstat(&rw)?;
+            // Another file took the name between our two opens: its content is unchecked.
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+                return Ok(None);
+            }
+            writable(rw, now)
+        }
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) if e == Errno::ACCESS || e == Errno::PERM => Ok(Some((
+            Opened::ReadOnly(file, ReadOnlyBecause::NoWritePermission),
+            st,
+        ))),
+        Err(e) => Err(refused(e)),
+    }
 }
 
 /// Gives a lock file we just created its intended mode, whatever the umask (under `umask 077`
@@ -715,18 +777,16 @@ fn retry_eintr<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::R
 }
 
 fn read_record(file: &OwnedFd) -> Option<LockRecord> {
-    LockRecord::parse(&read_content(file))
+    LockRecord::parse(&read_content(file).ok()?)
 }
 
-fn read_content(file: &OwnedFd) -> Vec<u8> {
-    let mut buf = vec![0u8; 4096];
-    match retry_eintr(|| rustix::io::pread(file, &mut buf, 0)) {
-        Ok(n) => {
-            buf.truncate(n);
-            buf
-        }
-        Err(_) => Vec::new(),
-    }
+/// The start of the file: at most [`MAX_RECORD_LEN`] bytes, however large the file is (anyone
+/// who can create a file at the path chooses its size).
+fn read_content(file: &OwnedFd) -> rustix::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_RECORD_LEN];
+    let n = retry_eintr(|| rustix::io::pread(file, &mut buf, 0))?;
+    buf.truncate(n);
+    Ok(buf)
 }
 
 /// Reads the holder's record. A holder writes it just after locking, so an empty file is given a

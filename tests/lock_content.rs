@@ -10,6 +10,7 @@ use std::path::Path;
 use common::{cli, holder, unique_name};
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
+use unique_instance::{Backend, Error, InstanceOptions};
 
 /// Takes an exclusive OFD lock on `path` through an open file description of this test process,
 /// as a hostile holder (any user who can create the file in a shared sticky directory) would.
@@ -173,4 +174,137 @@ fn a_guard_dropped_in_a_forked_child_leaves_the_parent_holding() {
     );
     let mut third = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
     assert!(third.next_line("the third copy").starts_with("acquired"));
+}
+
+/// The inode, size, mode, modification time and bytes of `path`: what must not change.
+fn fingerprint(path: &Path) -> (u64, u64, u32, i64, i64, Vec<u8>) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("the file is still there");
+    (
+        m.ino(),
+        m.size(),
+        m.mode(),
+        m.mtime(),
+        m.mtime_nsec(),
+        std::fs::read(path).expect("read"),
+    )
+}
+
+fn refused_as_not_a_lock_file(mut run: common::Proc, what: &str) {
+    let stderr = run.stderr_until_closed().join("\n");
+    assert_eq!(run.exit_code(), 64, "{what}: {stderr}");
+    assert!(
+        stderr.contains("is not a lock file")
+            && stderr.contains("never writes into or removes a file it did not create"),
+        "{what}: {stderr}"
+    );
+}
+
+/// `run --lock-file ./data.db` and `--lock-file ./backup.sh … -- ./backup.sh` (as people coming
+/// from `flock(1)` write them) refuse with exit 64 and leave the file byte-for-byte as it was:
+/// a data file, a script about to run, and a script that is running.
+#[test]
+fn a_file_unique_instance_did_not_create_is_never_written_or_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data.db");
+    std::fs::write(&data, b"SQLite format 3\0\x10\x00\x01\x01 precious rows\n").expect("data");
+    let script = dir.path().join("backup.sh");
+    std::fs::write(&script, "#!/bin/sh\necho started\nread line\necho ran\n").expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let (data_before, script_before) = (fingerprint(&data), fingerprint(&script));
+    let data_arg = data.to_str().expect("utf-8 path");
+    let script_arg = script.to_str().expect("utf-8 path");
+    let name = unique_name("notours");
+
+    let run = cli(
+        None,
+        lock_dir.path(),
+        &["run", "--lock-file", data_arg, &name, "--", "true"],
+    );
+    refused_as_not_a_lock_file(run, "data file");
+    let run = cli(
+        None,
+        lock_dir.path(),
+        &["run", "--lock-file", script_arg, &name, "--", script_arg],
+    );
+    refused_as_not_a_lock_file(run, "script as its own lock");
+    let run = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--wait=1",
+            "--lock-file",
+            data_arg,
+            &name,
+            "--",
+            "true",
+        ],
+    );
+    refused_as_not_a_lock_file(run, "data file, waiting");
+
+    // The script, running: it must not be opened for writing (ETXTBSY) nor touched.
+    let mut running = common::Proc::spawn(std::process::Command::new(&script));
+    assert_eq!(running.next_line("the script's start"), "started");
+    let run = cli(
+        None,
+        lock_dir.path(),
+        &["run", "--lock-file", script_arg, &name, "--", "true"],
+    );
+    refused_as_not_a_lock_file(run, "running script");
+    running.send("go\n");
+    assert_eq!(running.next_line("the script's end"), "ran");
+    assert_eq!(running.exit_code(), 0);
+
+    // The library says the same, and `status` only reads.
+    match InstanceOptions::new(&name)
+        .backend(Backend::LockFile)
+        .lock_file(&data)
+        .acquire()
+    {
+        Err(e @ Error::NotALockFile { .. }) => assert_eq!(e.exit_code(), 64),
+        other => panic!("expected NotALockFile, got {other:?}"),
+    }
+    let mut status = cli(
+        None,
+        lock_dir.path(),
+        &["status", "--lock-file", data_arg, &name],
+    );
+    assert_eq!(status.exit_code(), 3, "{:?}", status.stderr_until_closed());
+
+    assert_eq!(fingerprint(&data), data_before, "the data file changed");
+    assert_eq!(fingerprint(&script), script_before, "the script changed");
+}
+
+/// What is ours stays usable: an empty file, and a crashed holder's record, at an explicit
+/// path are taken (and removed on release, as any lock file of ours).
+#[test]
+fn an_empty_file_or_a_crashed_holders_record_is_still_a_lock_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (case, content) in [
+        ("empty", Vec::new()),
+        ("crashed holder's record", record("999999", "1")),
+    ] {
+        let name = unique_name("ours");
+        let path = dir.path().join(format!("{name}.lock"));
+        std::fs::write(&path, &content).expect("write");
+        let path_arg = path.to_str().expect("utf-8 path");
+        let mut run = cli(
+            None,
+            dir.path(),
+            &["run", "--lock-file", path_arg, &name, "--", "true"],
+        );
+        assert_eq!(
+            run.exit_code(),
+            0,
+            "{case}: {:?}",
+            run.stderr_until_closed()
+        );
+        assert!(
+            !path.exists(),
+            "{case}: a lock file of ours is removed on release"
+        );
+    }
 }
