@@ -400,7 +400,36 @@ fn check_dir(plan: &LockPlan, st: &Stat, euid: u32) -> Result<()> {
 const MAX_OPEN_RACES: u32 = 1000;
 
 /// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
+///
+/// Refused, it reads the holder's record with [`read_holder`]'s grace, which blocks for up to
+/// [`RECORD_GRACE`]: from async code use [`lock_async`].
 pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Attempt> {
+    Ok(match lock_step(plan, lock_dir, block)? {
+        Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
+        Step::Busy(file) => Attempt::Busy(Box::new(read_holder(&file, &plan.path()))),
+    })
+}
+
+/// Tries once to lock the file of `plan` in `dir`, without blocking the executor: every system
+/// call it makes returns at once, and the grace a just-started holder gets to write its record
+/// is awaited ([`read_holder_async`]).
+pub(crate) async fn lock_async(plan: &LockPlan, lock_dir: &LockDir) -> Result<Attempt> {
+    Ok(match lock_step(plan, lock_dir, false)? {
+        Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
+        Step::Busy(file) => Attempt::Busy(Box::new(read_holder_async(&file, &plan.path()).await)),
+    })
+}
+
+/// An attempt, before the holder's record is read.
+// Returned once per attempt and taken apart at once, as `Attempt` is.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Acquired(HeldLock, Option<LockRecord>),
+    /// Held by someone else: the file, to read the holder's record from.
+    Busy(OwnedFd),
+}
+
+fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
     let euid = rustix::process::geteuid().as_raw();
     let path = plan.path();
     let dir = &lock_dir.fd;
@@ -439,7 +468,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
                 };
                 match held {
                     Ok(true) if !block => {
-                        return Ok(Attempt::Busy(Box::new(read_holder(&file, &path))));
+                        return Ok(Step::Busy(file));
                     }
                     Ok(true) => {
                         // Its holder removes it when it lets go; then we can make our own. So
@@ -473,7 +502,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
         match lock_exclusive(&file, block) {
             Ok(()) => {}
             Err(Errno::AGAIN | Errno::ACCESS) => {
-                return Ok(Attempt::Busy(Box::new(read_holder(&file, &path))));
+                return Ok(Step::Busy(file));
             }
             Err(Errno::NOLCK) => return Err(no_locks()),
             Err(e) => return Err(Error::io("cannot lock", &path, e.into())),
@@ -505,7 +534,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
                 .map_err(|e| Error::io("cannot truncate", &path, e.into()))?;
         }
         let dir = Arc::clone(dir);
-        return Ok(Attempt::Acquired(
+        return Ok(Step::Acquired(
             HeldLock {
                 file,
                 dir,
@@ -776,10 +805,6 @@ fn retry_eintr<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::R
     }
 }
 
-fn read_record(file: &OwnedFd) -> Option<LockRecord> {
-    LockRecord::parse(&read_content(file).ok()?)
-}
-
 /// The start of the file: at most [`MAX_RECORD_LEN`] bytes, however large the file is (anyone
 /// who can create a file at the path chooses its size).
 fn read_content(file: &OwnedFd) -> rustix::io::Result<Vec<u8>> {
@@ -789,49 +814,138 @@ fn read_content(file: &OwnedFd) -> rustix::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Reads the holder's record. A holder writes it just after locking, so an empty file is given a
-/// short, event-driven grace (inotify, no polling) before the holder is reported as unknown.
-fn read_holder(file: &OwnedFd, path: &Path) -> Holder {
-    let unknown = || Holder {
+/// A holder of `path` of whom nothing is known.
+fn unknown_holder(path: &Path) -> Holder {
+    Holder {
         found_by: Some(crate::holder::BackendKind::LockFile),
         lock_file: Some(path.to_owned()),
         ..Holder::default()
-    };
-    if let Some(record) = read_record(file) {
-        return record.into_holder(path.to_owned());
-    }
-    let Ok(inotify) = rustix::fs::inotify::init(
-        rustix::fs::inotify::CreateFlags::CLOEXEC | rustix::fs::inotify::CreateFlags::NONBLOCK,
-    ) else {
-        return unknown();
-    };
-    let watch =
-        rustix::fs::inotify::WatchFlags::MODIFY | rustix::fs::inotify::WatchFlags::CLOSE_WRITE;
-    if rustix::fs::inotify::add_watch(&inotify, path, watch).is_err() {
-        return unknown();
-    }
-    let deadline = Instant::now() + RECORD_GRACE;
-    loop {
-        // Re-read after the watch is in place, so a write between the two is not missed.
-        if let Some(record) = read_record(file) {
-            return record.into_holder(path.to_owned());
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !wait_readable(&inotify, left) {
-            return unknown();
-        }
-        drain(&inotify);
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes; true when readable.
-pub(crate) fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
-    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-    let ts = rustix::event::Timespec {
-        tv_sec: timeout.as_secs() as i64,
-        tv_nsec: i64::from(timeout.subsec_nanos()),
+/// One look at a held file's record: `Some` when that is the answer (the record, or a holder
+/// unknown because the file cannot be read), `None` when there is no record (yet).
+///
+/// A read error is not an empty record: it is logged, and the holder is unknown at once (no
+/// grace: waiting cannot make the file readable). Either way the file stays held: the kernel
+/// lock decides, never what could be read of it.
+fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
+    match read_content(file) {
+        Ok(content) => LockRecord::parse(&content).map(|r| r.into_holder(path.to_owned())),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %std::io::Error::from(e),
+                "cannot read the holder record of a held lock file; the holder is unknown");
+            Some(unknown_holder(path))
+        }
+    }
+}
+
+/// An inotify instance (non-blocking) that becomes readable when `path` is written, for the
+/// grace a holder gets to write its record. `None` when one cannot be had.
+fn record_watch(path: &Path) -> Option<OwnedFd> {
+    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+    let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok()?;
+    inotify::add_watch(&inotify, path, WatchFlags::MODIFY | WatchFlags::CLOSE_WRITE).ok()?;
+    Some(inotify)
+}
+
+/// Reads the holder's record. A holder writes it just after locking, so an empty file is given a
+/// short, event-driven grace (inotify, no polling) before the holder is reported as unknown.
+///
+/// This blocks for up to [`RECORD_GRACE`]: from async code use [`read_holder_async`].
+fn read_holder(file: &OwnedFd, path: &Path) -> Holder {
+    if let Some(holder) = look_at_record(file, path) {
+        return holder;
+    }
+    match record_watch(path) {
+        Some(inotify) => await_record(file, path, &inotify, None, Instant::now() + RECORD_GRACE),
+        None => unknown_holder(path),
+    }
+}
+
+/// [`read_holder`] for async code, in any runtime (no I/O or time driver needed): the grace is
+/// waited out on a thread of its own while the executor runs other tasks, and dropping the
+/// future ends that thread at once (through `cancel`). The usual answer, a record already
+/// there, costs no thread.
+async fn read_holder_async(file: &OwnedFd, path: &Path) -> Holder {
+    /// Wakes the waiting thread when the future is done or dropped.
+    struct CancelOnDrop(Arc<OwnedFd>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+        }
+    }
+    if let Some(holder) = look_at_record(file, path) {
+        return holder;
+    }
+    let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+    let (Some(inotify), Ok(cancel), Ok(file)) = (
+        record_watch(path),
+        rustix::event::eventfd(0, flags),
+        file.try_clone(),
+    ) else {
+        return unknown_holder(path);
     };
-    matches!(retry_eintr(|| rustix::event::poll(&mut fds, Some(&ts))), Ok(n) if n > 0)
+    let cancel = Arc::new(cancel);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (thread_cancel, thread_path) = (Arc::clone(&cancel), path.to_owned());
+    let deadline = Instant::now() + RECORD_GRACE;
+    let spawned = std::thread::Builder::new()
+        .name("unique-instance-record".into())
+        .spawn(move || {
+            let holder = await_record(
+                &file,
+                &thread_path,
+                &inotify,
+                Some(&thread_cancel),
+                deadline,
+            );
+            let _ = tx.send(holder);
+        });
+    if spawned.is_err() {
+        return unknown_holder(path);
+    }
+    let _cancel = CancelOnDrop(cancel);
+    rx.await.unwrap_or_else(|_| unknown_holder(path))
+}
+
+/// Waits for the holder's record to be written (`inotify`, a [`record_watch`] on `path`) until
+/// `deadline`, or until `cancel` becomes readable; reads it again after every event.
+fn await_record(
+    file: &OwnedFd,
+    path: &Path,
+    inotify: &OwnedFd,
+    cancel: Option<&OwnedFd>,
+    deadline: Instant,
+) -> Holder {
+    use rustix::event::{PollFd, PollFlags};
+    loop {
+        // Re-read after the watch is in place, so a write between the two is not missed.
+        if let Some(holder) = look_at_record(file, path) {
+            return holder;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return unknown_holder(path);
+        }
+        let mut fds = vec![PollFd::new(inotify, PollFlags::IN)];
+        if let Some(cancel) = cancel {
+            fds.push(PollFd::new(cancel, PollFlags::IN));
+        }
+        let ts = rustix::event::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        match retry_eintr(|| rustix::event::poll(&mut fds, Some(&ts))) {
+            Ok(n) if n > 0 => {
+                if fds.get(1).is_some_and(|c| !c.revents().is_empty()) {
+                    return unknown_holder(path);
+                }
+                drain(inotify);
+            }
+            _ => return unknown_holder(path),
+        }
+    }
 }
 
 pub(crate) fn drain(fd: &OwnedFd) {
@@ -861,21 +975,29 @@ pub(crate) fn peek_holder(path: &Path) -> Option<Holder> {
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return None;
     }
-    Some(match read_record(&file) {
-        Some(record) => record.into_holder(path.to_owned()),
-        None => Holder {
-            found_by: Some(crate::holder::BackendKind::LockFile),
-            lock_file: Some(path.to_owned()),
-            ..Holder::default()
-        },
-    })
+    Some(look_at_record(&file, path).unwrap_or_else(|| unknown_holder(path)))
 }
 
 /// Who holds the lock file at `path`, tested (`F_OFD_GETLK`) on a read-only descriptor: never
 /// created, never written, never locked, so a copy starting at the same moment is not disturbed.
 /// `None` when nobody holds it, or there is no such file. A holder whose record is not written
 /// yet gets the short grace [`read_holder`] gives it.
+///
+/// This blocks for up to [`RECORD_GRACE`]: from async code use [`holder_of_async`].
 pub(crate) fn holder_of(path: &Path) -> Result<Option<Holder>> {
+    Ok(held_file(path)?.map(|file| read_holder(&file, path)))
+}
+
+/// [`holder_of`] for async code: the grace is awaited, not blocked on.
+pub(crate) async fn holder_of_async(path: &Path) -> Result<Option<Holder>> {
+    Ok(match held_file(path)? {
+        Some(file) => Some(read_holder_async(&file, path).await),
+        None => None,
+    })
+}
+
+/// The file at `path`, opened read-only, when someone holds its lock.
+fn held_file(path: &Path) -> Result<Option<OwnedFd>> {
     let file = match rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
@@ -902,7 +1024,7 @@ pub(crate) fn holder_of(path: &Path) -> Result<Option<Holder>> {
         });
     }
     match is_held(&file) {
-        Ok(true) => Ok(Some(read_holder(&file, path))),
+        Ok(true) => Ok(Some(file)),
         Ok(false) => Ok(None),
         Err(e) => Err(Error::io("cannot test the lock on", path, e.into())),
     }

@@ -496,7 +496,7 @@ impl InstanceOptions {
         let mut early_bus = None;
         let (mut lock, previous) = match &lock_plan {
             Some(plan) => {
-                let (mut held, previous) = match try_lock(plan, &self)? {
+                let (mut held, previous) = match try_lock(plan, &self).await? {
                     (Attempt::Acquired(held, previous), _) => (held, previous),
                     (Attempt::Busy(holder), _) if self.wait == Wait::No => {
                         return Err(already_running(&name, holder));
@@ -769,9 +769,9 @@ fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error {
 }
 
 /// Tries the lock file once; gives back the directory too, to wait with.
-fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, LockDir)> {
+async fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, LockDir)> {
     let dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
-    Ok((lockfile::lock(plan, &dir, false)?, dir))
+    Ok((lockfile::lock_async(plan, &dir).await?, dir))
 }
 
 /// Waits for the lock file held by `holder`, without a thread and without blocking: each
@@ -843,7 +843,7 @@ async fn wait_for_release(
             None => true,
         };
         if free {
-            match lockfile::lock(plan, dir, false)? {
+            match lockfile::lock_async(plan, dir).await? {
                 Attempt::Acquired(held, previous) => return Ok((held, previous)),
                 // Another copy was quicker: wait for it in turn.
                 Attempt::Busy(_) => {}

@@ -63,7 +63,7 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let plan = options.plan()?;
     let mut lock_file_holder = None;
     if let Some(path) = &plan.lock_file {
-        lock_file_holder = lockfile::holder_of(path)?;
+        lock_file_holder = lockfile::holder_of_async(path).await?;
     }
     let mut bus_owner = None;
     let mut bus_asked = None;

@@ -308,3 +308,60 @@ fn an_empty_file_or_a_crashed_holders_record_is_still_a_lock_file() {
         );
     }
 }
+
+/// A held lock file whose record cannot be read (`pread` fails: here `/proc/PID/mem`, a regular
+/// file that fails every read at offset 0 with `EIO`) is still running, holder unknown, and the
+/// read error is logged, not taken for an empty record.
+#[test]
+fn a_record_that_cannot_be_read_is_logged_and_still_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = format!("/proc/{}/mem", std::process::id());
+    let _held = hold_ofd_lock(Path::new(&mem));
+    let name = unique_name("unreadable");
+    let mut status = cli(None, dir.path(), &["status", "--lock-file", &mem, &name]);
+    let stdout = status.stdout_until_closed().join("\n");
+    let stderr = status.stderr_until_closed().join("\n");
+    assert_eq!(status.exit_code(), 0, "{stdout} {stderr}");
+    assert!(stdout.contains("holder unknown"), "{stdout}");
+    assert!(
+        stderr.contains("cannot read the holder record"),
+        "the read error is not logged: {stderr}"
+    );
+}
+
+/// Refused by a holder that has not written its record yet, an async acquisition waits for the
+/// record without blocking its executor: another task on the same current-thread runtime runs
+/// meanwhile (here: it writes the record, which the acquisition then reports). Blocking, the
+/// acquisition would give up after its grace first, and report the holder as unknown.
+#[test]
+fn waiting_for_a_holders_record_does_not_block_the_executor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("grace");
+    let path = dir.path().join(format!("{name}.lock"));
+    std::fs::write(&path, b"").expect("an empty lock file");
+    let _held = hold_ofd_lock(&path);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let outcome = rt.block_on(async {
+        let acquire = InstanceOptions::new(&name)
+            .backend(Backend::LockFile)
+            .lock_dir(dir.path())
+            .watch_lock_file(false)
+            .notify_ready(false)
+            .acquire_async();
+        // Polled only once the acquisition has yielded to the executor.
+        let write_record = async {
+            std::fs::write(&path, record("4242", "1")).expect("write the record");
+        };
+        let (outcome, ()) = tokio::join!(acquire, write_record);
+        outcome
+    });
+    match outcome {
+        Err(Error::AlreadyRunning { holder, .. }) => assert_eq!(holder.pid, Some(4242)),
+        other => panic!("expected already running, pid 4242: {other:?}"),
+    }
+    let mut status = cli(None, dir.path(), &["status", &name]);
+    assert_eq!(status.exit_code(), 0);
+}
