@@ -25,6 +25,8 @@ const CLI: &str = "/usr/local/bin/unique-instance";
 const PATH: &str = "PATH=/usr/local/bin:/usr/sbin:/usr/bin";
 /// The service user of the shipped files, and a user whose manager runs the user unit.
 const SERVICE_USER: &str = "example-server";
+/// The service's lock file, in its own lock directory (made by its tmpfiles.d file).
+const SERVICE_LOCK_FILE: &str = "/run/unique-instance/org.example.Server/org.example.Server.lock";
 const NOBODY: u32 = 65534;
 /// How long the container has to power off before it is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(20);
@@ -700,15 +702,9 @@ fn shipped_units_on(bus: Broker) {
         "owner is the main PID"
     );
     assert_eq!(
-        c.ok(&[
-            "stat",
-            "-c",
-            "%U %a",
-            "/run/unique-instance/org.example.Server/org.example.Server.lock"
-        ])
-        .trim(),
+        c.ok(&["stat", "-c", "%U %a", SERVICE_LOCK_FILE]).trim(),
         "example-server 644",
-        "the service's lock file, in the service's own directory"
+        "the service's lock file, in its own directory"
     );
 
     // 2. Copies started by hand are refused, naming the service's PID: as root (Auto scope is
@@ -733,6 +729,28 @@ fn shipped_units_on(bus: Broker) {
         &main_pid,
         "nobody's run --system",
     );
+    // They meet the service's lock file, not only its bus name: with the lock file alone.
+    let run_lock_file = [
+        CLI,
+        "run",
+        "--system",
+        "--backend",
+        "lockfile",
+        NAME,
+        "--",
+        "true",
+    ];
+    for (who, uid) in [
+        ("root", None),
+        ("the service user", service_uid),
+        ("nobody", Some(NOBODY)),
+    ] {
+        assert_refused_naming(
+            &c.run_as(uid, &[], &run_lock_file),
+            &main_pid,
+            &format!("{who}'s run --system --backend lockfile"),
+        );
+    }
     let status = c.ok(&[CLI, "status", "--system", "--json", NAME]);
     assert!(status.contains(&format!("\"pid\":{main_pid},")), "{status}");
 
@@ -875,5 +893,64 @@ fn shipped_units_on(bus: Broker) {
         &notify_pid,
         "root's copy of the notify service",
     );
+    // 8. No local user can squat the service's lock file. Only root and the service's user
+    // can write in its directory (and only root in /run/unique-instance); a user who takes
+    // the lock file where every service's used to be, in the shared /run/lock/unique-instance,
+    // first, does not stop the service from starting.
+    c.ok(&["systemctl", "stop", UNIT]);
+    for path in [
+        "/run/unique-instance/org.example.Other".to_owned(),
+        SERVICE_LOCK_FILE.to_owned(),
+    ] {
+        let touch = c.run_as(Some(NOBODY), &[], &["touch", &path]);
+        assert_ne!(touch.code, 0, "nobody created {path}: {touch:?}");
+    }
+    let refused = c.run_as(
+        Some(NOBODY),
+        &[],
+        &[
+            CLI,
+            "run",
+            "--system",
+            "--backend",
+            "lockfile",
+            NAME,
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(
+        refused.code, 77,
+        "nobody took the service's lock file: {refused:?}"
+    );
+    let mut squatter = Proc::spawn(c.command(
+        Some(NOBODY),
+        &[],
+        &[
+            CLI,
+            "run",
+            "--system",
+            "--backend",
+            "lockfile",
+            "--lock-file",
+            &format!("/run/lock/unique-instance/{NAME}.lock"),
+            NAME,
+            "--",
+            "sh",
+            "-c",
+            "echo held; exec cat",
+        ],
+    ));
+    assert_eq!(squatter.next_line("the squatter's COMMAND"), "held");
+    c.ok(&["systemctl", "start", UNIT]);
+    let unsquatted_pid = show(&c, false, UNIT, "MainPID");
+    assert_eq!(show(&c, false, UNIT, "ActiveState"), "active");
+    assert_eq!(bus_owner(&c, false), Some(unsquatted_pid));
+    assert_eq!(
+        c.ok(&["stat", "-c", "%U", SERVICE_LOCK_FILE]).trim(),
+        SERVICE_USER
+    );
+    squatter.close_stdin();
+    assert_eq!(squatter.exit_code(), 0);
     eprintln!("all steps done {:?} after the start", started.elapsed());
 }
