@@ -14,7 +14,8 @@ pub enum Scope {
     /// One instance per user: the session bus, and a lock directory chosen from the UID alone
     /// (`/run/lock/unique-instance-UID/`, else `/tmp/unique-instance-UID/`; mode 0700, verified).
     User,
-    /// One instance per machine: the system bus and `/run/lock/unique-instance/`.
+    /// One instance per machine: the system bus, and `/run/unique-instance/NAME/` when a
+    /// deployment made that directory, else the shared `/run/lock/unique-instance/`.
     System,
     /// The lock file follows who you are (System for root, User otherwise); the bus follows the
     /// environment (session bus if configured, else the system bus under systemd or system bus
@@ -66,8 +67,9 @@ pub const LOCK_DIR_ENV: &str = "UNIQUE_INSTANCE_LOCK_DIR";
 ///
 /// It is how a deployment tells a server that calls [`crate::ensure_single_instance`] what it
 /// is: the system unit that `unique-instance generate` writes sets `UNIQUE_INSTANCE_SCOPE=system`,
-/// so a service running under its own `User=` (with no runtime directory) takes its lock file in
-/// the shared system directory, where a copy started by hand meets it. Any other value is an
+/// so a service running under its own `User=` takes its lock file in the system scope's
+/// directory (its own `/run/unique-instance/NAME/`, else the shared one), where a copy started by
+/// hand meets it. Any other value is an
 /// error ([`crate::Error::InvalidEnvironment`]), never a guess.
 pub const SCOPE_ENV: &str = "UNIQUE_INSTANCE_SCOPE";
 
@@ -91,7 +93,8 @@ pub(crate) fn scope_from_env(
     }
 }
 
-/// The system-scope lock directory.
+/// The system scope's shared lock directory, for names whose deployment made them no directory
+/// of their own under `/run/unique-instance/`.
 pub const SYSTEM_LOCK_DIR: &str = "/run/lock/unique-instance";
 
 /// Where the lock file lives and who may own it.

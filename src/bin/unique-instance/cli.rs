@@ -64,7 +64,7 @@ Examples:
   {\"name\": \"org.acme.Backup\", \"running\": true, \"pid\": 4242, \"uid\": 1000,
    \"since\": \"2026-11-23T10:00:00Z\", \"scope\": \"user\", \"found_by\": \"dbus\",
    \"bus\": \"session\", \"bus_unique_name\": \":1.42\", \"executable\": \"/usr/bin/backup\",
-   \"hostname\": \"host\", \"lock_file\": \"/run/user/1000/unique-instance/org.acme.Backup.lock\"}
+   \"hostname\": \"host\", \"lock_file\": \"/run/lock/unique-instance-1000/org.acme.Backup.lock\"}
 found_by is \"dbus\" or \"lock-file\"; scope is \"user\" or \"system\"; bus is \"session\",
 \"system\" or null. bus_owner and lock_file_holder give each backend's holder on its own (the same
 fields, or null), and holders_differ is true when two different processes hold them: the
@@ -131,11 +131,12 @@ pub(crate) enum Command {
 /// How to find the instance: shared by `run` and `status`.
 #[derive(Debug, Args)]
 pub(crate) struct InstanceArgs {
-    /// One instance per user: the session bus, the user's runtime directory. Without --user or
+    /// One instance per user: the session bus, the user's own lock directory. Without --user or
     /// --system, the scope is UNIQUE_INSTANCE_SCOPE (user, system or auto), else auto.
     #[arg(long, conflicts_with = "system")]
     pub(crate) user: bool,
-    /// One instance per machine: the system bus, /run/lock/unique-instance.
+    /// One instance per machine: the system bus, /run/unique-instance/NAME if a deployment
+    /// made it, else /run/lock/unique-instance.
     #[arg(long)]
     pub(crate) system: bool,
     /// What enforces exclusion: auto = the lock file, and the bus name when a bus is available.

@@ -465,7 +465,7 @@ After=dbus.socket
 Type={ty}
 BusName={name}
 ExecStart={exec}
-# The user's own lock directory ($XDG_RUNTIME_DIR/unique-instance), even for root's
+# The user's own lock directory (/run/lock/unique-instance-UID), even for root's
 # user manager, where Auto would choose the system one.
 Environment={scope_env}=user
 Restart=on-failure
