@@ -365,3 +365,22 @@ fn waiting_for_a_holders_record_does_not_block_the_executor() {
     let mut status = cli(None, dir.path(), &["status", &name]);
     assert_eq!(status.exit_code(), 0);
 }
+
+/// A device at the lock path (here `/dev/null`, which only root could plant, but a user can
+/// name with `--lock-file`) is refused as not a regular file, by `run` and `status` alike:
+/// a clear error, never a panic, and nothing written to it.
+#[test]
+fn a_device_at_the_lock_path_is_refused_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("device");
+    for args in [
+        &["run", "--lock-file", "/dev/null", &name, "--", "true"][..],
+        &["status", "--lock-file", "/dev/null", &name][..],
+    ] {
+        let mut copy = cli(None, dir.path(), args);
+        let stderr = copy.stderr_until_closed().join("\n");
+        let code = copy.exit_code();
+        assert_eq!(code, 70, "{args:?}: {stderr}");
+        assert!(stderr.contains("not a regular file"), "{args:?}: {stderr}");
+    }
+}
