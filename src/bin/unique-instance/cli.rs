@@ -74,13 +74,15 @@ const GENERATE_HELP: &str = "\
 Files written (relative to --out-dir), and where they are installed:
   systemd/UNIT.service                  /etc/systemd/system/        the system service
   systemd/user/UNIT.service             /etc/systemd/user/          the per-user service
-  systemd/tmpfiles.d/unique-instance.conf  /etc/tmpfiles.d/         the shared lock directory
+  systemd/tmpfiles.d/NAME.conf          /etc/tmpfiles.d/            the service's lock directory
   dbus/NAME.conf                        /etc/dbus-1/system.d/       who may own and call NAME
   dbus/system-services/NAME.service     /usr/local/share/dbus-1/system-services/
   dbus/services/NAME.service            /usr/local/share/dbus-1/services/
 (A package installs them under /usr/lib/systemd/..., /usr/lib/tmpfiles.d/ and
-/usr/share/dbus-1/... instead.) Each file is written whole or not at all; a file that exists
-with other contents is never replaced without --force, and then nothing is written.
+/usr/share/dbus-1/... instead.) All the files are written, or none: a failure midway takes
+back what was done. A file that exists with other contents is never replaced without --force,
+and then nothing is written. A value that systemd or dbus-daemon would not read back as given
+(a description ending in a backslash, an executable path that is not UTF-8, ...) is refused.
 
 Exit status: 0 written (or already identical); 64 invalid NAME, executable, user or other
 input; 73 a file exists with other contents; 74 a file could not be read or written.
