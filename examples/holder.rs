@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! holder NAME [--backend auto|dbus|lockfile] [--scope auto|user|system] [--lock-file PATH]
-//!             [--wait forever|SECONDS] [--allow-replacement] [--recheck-ms N] [--watch]
+//!             [--wait forever|SECONDS] [--allow-replacement] [--recheck-ms N]
+//!             [--watch | --no-watch]
 //!             [--blocking [--drop-in-runtime]]
 //!             [--go-on-stdin] [--critical FILE --hold-ms N]
 //! ```
@@ -28,7 +29,8 @@ struct Args {
     wait: Option<Wait>,
     allow_replacement: bool,
     recheck: Option<Duration>,
-    watch: bool,
+    /// `None`: the library's default (watched).
+    watch: Option<bool>,
     blocking: bool,
     drop_in_runtime: bool,
     go_on_stdin: bool,
@@ -75,7 +77,8 @@ fn parse() -> Result<Args, String> {
                     value()?.parse().map_err(|_| "bad --recheck-ms")?,
                 ))
             }
-            "--watch" => args.watch = true,
+            "--watch" => args.watch = Some(true),
+            "--no-watch" => args.watch = Some(false),
             "--blocking" => args.blocking = true,
             "--drop-in-runtime" => args.drop_in_runtime = true,
             "--go-on-stdin" => args.go_on_stdin = true,
@@ -109,7 +112,10 @@ fn options(args: &Args) -> InstanceOptions {
     if let Some(r) = args.recheck {
         o = o.recheck_lock_file(r);
     }
-    o.watch_lock_file(args.watch)
+    if let Some(w) = args.watch {
+        o = o.watch_lock_file(w);
+    }
+    o
 }
 
 fn say(line: &str) {

@@ -23,10 +23,14 @@ pub enum LossReason {
     Replaced,
     /// The bus connection closed (the bus daemon died or dropped us).
     BusConnectionClosed,
-    /// The lock file was removed by someone else (seen by the periodic re-check).
+    /// The lock file was removed by someone else (seen by the watch or the periodic re-check).
     LockFileRemoved,
-    /// The lock file was replaced by another file (seen by the periodic re-check).
+    /// The lock file was replaced by another file (seen by the watch or the periodic re-check).
     LockFileReplaced,
+    /// The lock file's directory (or a directory above it) was removed, moved or replaced, or a
+    /// symlink on the way was retargeted: our file is still in the directory we opened, but the
+    /// lock path no longer leads to it, so a copy started now would lock another one.
+    LockDirectoryRemoved,
 }
 
 impl fmt::Display for LossReason {
@@ -36,6 +40,9 @@ impl fmt::Display for LossReason {
             LossReason::BusConnectionClosed => "the bus connection closed",
             LossReason::LockFileRemoved => "the lock file was removed by someone else",
             LossReason::LockFileReplaced => "the lock file was replaced by someone else",
+            LossReason::LockDirectoryRemoved => {
+                "the lock file's directory was removed, moved or replaced by someone else"
+            }
         })
     }
 }
@@ -46,9 +53,23 @@ impl fmt::Display for LossReason {
 pub struct Loss {
     /// What happened.
     pub reason: LossReason,
-    /// True when exclusion still holds through another backend (the bus went away but the
-    /// lock file is still ours): the program may keep running. False means another copy may
-    /// now start: stop the guarded work.
+    /// True only when another backend was *re-verified at the moment of this loss* to still
+    /// exclude every other copy: the program may keep running. False means another copy may
+    /// now start, or that nothing could be verified: stop the guarded work.
+    ///
+    /// The rule, backend by backend:
+    /// - The bus connection closed: true only if the lock file was checked right then and is
+    ///   still ours — the path (through our directory, and walked afresh from `/`) names our
+    ///   file, a fresh open of it finds it locked, with our (dev, ino) — and no earlier loss
+    ///   took it or the name. Not remembered from acquisition: a lock file removed unnoticed
+    ///   (the watch turned off) is found gone here.
+    /// - The lock file (or its directory) was lost: always false, even while the bus name is
+    ///   still ours. The name excludes only copies that reach the same bus; every copy takes the
+    ///   lock file first, so a copy with no bus, or another bus, would now start.
+    /// - The name was taken over ([`LossReason::Replaced`]): false.
+    ///
+    /// A later loss is judged afresh, so once a loss says false, so does every later one; and
+    /// [`InstanceGuard::is_exclusive`] is false once any loss said false.
     pub still_exclusive: bool,
 }
 
@@ -185,6 +206,8 @@ pub struct InstanceGuard {
     /// frees the name before the lock file wherever it runs. `None` with no bus, or on a
     /// transport zbus connected itself.
     pub(crate) disconnect: Option<dbus::Disconnect>,
+    /// The lock-file watch of a guard that has no runtime (the lock file alone, blocking API).
+    pub(crate) lock_watch: Option<crate::options::LockWatchThread>,
 }
 
 impl fmt::Debug for InstanceGuard {
@@ -304,7 +327,8 @@ impl InstanceGuard {
 
     /// Waits for the next loss event not yet returned by this method.
     ///
-    /// Never resolves when nothing can be lost: a lock file alone with no re-check configured.
+    /// Never resolves when nothing can be lost: a lock file alone, with its watch turned off
+    /// ([`crate::InstanceOptions::watch_lock_file`]) and no re-check configured.
     pub async fn next_loss(&mut self) -> Loss {
         let seen = self.seen_losses;
         let log = self
@@ -387,6 +411,9 @@ impl InstanceGuard {
         for task in self.tasks.drain(..) {
             task.abort();
         }
+        // Stopped before the lock file is removed, so that our own removal is not
+        // reported as a loss.
+        self.lock_watch.take();
     }
 
     /// Releases without awaiting anything, from any thread, inside a runtime or not: the bus
@@ -628,6 +655,7 @@ mod tests {
                 std::thread::spawn(|| ()).thread().id(),
             )),
             disconnect: connected.disconnect,
+            lock_watch: None,
         };
         let result = guard.release();
         assert!(

@@ -1291,7 +1291,7 @@ impl WatchHandle {
     }
 
     /// Does the name in the directory we opened still name our file? `None` when it does.
-    fn check_in_dir(&self) -> Option<PathChange> {
+    pub(crate) fn check_in_dir(&self) -> Option<PathChange> {
         self.ours(rustix::fs::statat(
             &*self.dir,
             self.file_name.as_os_str(),
@@ -1345,6 +1345,39 @@ fn symlink_parents(path: &Path) -> Vec<PathBuf> {
         }
     }
     parents
+}
+
+// What a loss report needs beyond `check_path`: whether our lock is still what the kernel sees.
+impl WatchHandle {
+    /// Re-verifies, right now, that the lock still excludes other copies: the path (from our
+    /// directory, and resolved afresh) names our file, and a fresh open of it shows it locked
+    /// (`F_OFD_GETLK` on a new open file description sees our lock as a conflicting one) with
+    /// the same (dev, ino). Anything that cannot be checked counts as not verified.
+    pub(crate) fn verify_held(&self) -> bool {
+        if self.check_path().is_some() {
+            return false;
+        }
+        let file = if self.path.is_absolute() {
+            rustix::fs::open(&self.path, probe_flags(), Mode::empty())
+        } else {
+            rustix::fs::openat(
+                &*self.dir,
+                self.file_name.as_os_str(),
+                probe_flags(),
+                Mode::empty(),
+            )
+        };
+        let Ok(file) = file else { return false };
+        let same =
+            rustix::fs::fstat(&file).is_ok_and(|st| st.st_dev == self.dev && st.st_ino == self.ino);
+        same && is_held(&file).unwrap_or(false)
+    }
+}
+
+/// Opening a lock file only to look at it: never following a symlink, never blocking on a FIFO,
+/// never becoming a controlling terminal.
+fn probe_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK
 }
 
 impl Drop for HeldLock {

@@ -92,8 +92,9 @@ pub struct Plan {
 
 impl InstanceOptions {
     /// Options for `name` with every default: the scope from [`SCOPE_ENV`](crate::SCOPE_ENV) if set, else Auto;
-    /// Auto backend (lock file and bus); no waiting, no replacement, no periodic re-check;
-    /// `READY=1` sent to systemd once acquired, when it asked for it.
+    /// Auto backend (lock file and bus); no waiting, no replacement; the lock file watched with
+    /// inotify, no periodic re-check; `READY=1` sent to systemd once acquired, when it asked
+    /// for it.
     pub fn new(name: impl Into<String>) -> Self {
         InstanceOptions {
             name: name.into(),
@@ -104,7 +105,9 @@ impl InstanceOptions {
             wait: Wait::No,
             allow_replacement: false,
             recheck: None,
-            watch_lock: false,
+            // On by default: a holder must hear of its lock file going (logout removing the
+            // runtime directory, an admin cleaning /run/lock), and the watch costs nothing idle.
+            watch_lock: true,
             allow_network_filesystem: false,
             notify_ready: true,
             exports: Vec::new(),
@@ -160,10 +163,21 @@ impl InstanceOptions {
     }
 
     /// Watches the lock file's directory with inotify and reports
-    /// [`LossReason::LockFileRemoved`] / [`LossReason::LockFileReplaced`] as soon as someone
-    /// removes or replaces the file: no timer, so an idle holder still never wakes up (only a
-    /// change in the lock directory wakes it). If inotify cannot be set up (its limits reached),
-    /// a re-check every 10 seconds is used instead, with a `warn` line. Off by default.
+    /// [`LossReason::LockFileRemoved`] / [`LossReason::LockFileReplaced`] /
+    /// [`LossReason::LockDirectoryRemoved`] as soon as someone removes or replaces the file or
+    /// its directory: no timer, so an idle holder still never wakes up (only a change in the
+    /// lock directory wakes it). If inotify cannot be set up (its limits reached), a re-check
+    /// every 10 seconds is used instead, with a `warn` line. **On by default**; `false` turns
+    /// it off (the lock file is then still re-checked when the bus connection closes, before a
+    /// loss claims it still excludes).
+    ///
+    /// A guard with a lock file alone, from the blocking [`InstanceOptions::acquire`] and with
+    /// no wait, has no runtime: its watch is a small thread asleep in `poll`, started with the
+    /// guard and stopped before the guard removes its lock file.
+    ///
+    /// Directories above the lock directory are not watched (inotify cannot): a change there
+    /// is seen when the directory itself changes, when the bus connection closes, or by
+    /// [`InstanceOptions::recheck_lock_file`].
     pub fn watch_lock_file(mut self, watch: bool) -> Self {
         self.watch_lock = watch;
         self
@@ -351,11 +365,10 @@ impl InstanceOptions {
         })
     }
 
+    /// A lock file alone with no wait and no timer needs no runtime; its watch, if any, is a
+    /// plain thread (see `LockWatchThread`).
     fn needs_runtime(&self) -> bool {
-        self.backend != Backend::LockFile
-            || self.recheck.is_some()
-            || self.watch_lock
-            || self.wait != Wait::No
+        self.backend != Backend::LockFile || self.recheck.is_some() || self.wait != Wait::No
     }
 
     /// Acquires the instance, blocking; for plain `fn main`. The guard carries a small runtime
@@ -377,7 +390,8 @@ impl InstanceOptions {
     /// be long): in async code prefer [`InstanceOptions::acquire_async`].
     pub fn acquire(self) -> Result<InstanceGuard> {
         if !self.needs_runtime() {
-            // A lock file alone, no waiting, nothing to watch: no runtime, no threads.
+            // A lock file alone, no waiting, no timer: no runtime (the watch, on by default, is
+            // a thread asleep in `poll`).
             let notify = self.notify_ready;
             return tell_service_manager(notify, acquire_lock_only(self));
         }
@@ -607,7 +621,7 @@ impl InstanceOptions {
                     stream,
                     name.to_string(),
                     loss_tx.clone(),
-                    lock.is_some(),
+                    lock.as_ref().map(HeldLock::watch_handle),
                 )));
                 Some((kind, conn, disconnect))
             }
@@ -623,6 +637,7 @@ impl InstanceOptions {
             match handle.inotify(inotify) {
                 Ok(inotify) => {
                     held.move_above(&inotify)?;
+                    let inotify = CloseAside(inotify);
                     tasks.push(tokio::spawn(watch_lock(handle, inotify, loss_tx.clone())));
                 }
                 Err(e) => {
@@ -661,6 +676,7 @@ impl InstanceOptions {
             tasks,
             runtime: None,
             disconnect,
+            lock_watch: None,
         })
     }
 }
@@ -736,6 +752,8 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     let (name, scope, lock_plan, _) = options.resolve()?;
     let plan = lock_plan.expect("the lock-file backend always plans a lock file");
     let scope = effective_scope(scope, Some(&plan), None);
+    // Made before the lock: see `HeldLock::move_above`.
+    let inotify = options.watch_lock.then(lockfile::new_inotify);
     let dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
     let mut held = match lockfile::lock(&plan, &dir, false)? {
         Attempt::Acquired(held, _) => held,
@@ -747,6 +765,10 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         None,
     ))?;
     let (loss_tx, loss_rx) = watch::channel(Vec::new());
+    let lock_watch = match inotify {
+        Some(inotify) => Some(LockWatchThread::start(&mut held, inotify, loss_tx.clone())?),
+        None => None,
+    };
     Ok(InstanceGuard {
         name,
         scope,
@@ -758,6 +780,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         tasks: Vec::new(),
         runtime: None,
         disconnect: None,
+        lock_watch,
     })
 }
 
@@ -1021,11 +1044,14 @@ fn request_flags(wait: Wait, allow_replacement: bool) -> RequestNameFlags {
 /// Watches the connection: `NameLost` for our name means replaced; the stream ending (zbus sends
 /// no `NameLost` when the bus dies) means the connection closed. Draining the stream also keeps
 /// zbus's reader from stalling on a full queue.
+///
+/// When the connection closes, exclusion is claimed only if the lock file is re-verified right
+/// then (`lock`, when one is held): see [`Loss::still_exclusive`].
 async fn watch_bus(
     mut stream: zbus::MessageStream,
     name: String,
     losses: LossLog,
-    holding_lock: bool,
+    lock: Option<lockfile::WatchHandle>,
 ) {
     loop {
         match dbus::next_name_signal(&mut stream, &name).await {
@@ -1040,15 +1066,18 @@ async fn watch_bus(
             }
             Some(dbus::NameSignal::Acquired) => {}
             None => {
-                let replaced = losses
-                    .borrow()
-                    .iter()
-                    .any(|l| l.reason == LossReason::Replaced);
-                tracing::warn!(name = %name, "the bus connection closed");
+                // Not what held at acquisition, but what holds now: the lock file may have gone
+                // unnoticed (the watch turned off, or a directory above it moved).
+                let lock_verified = lock
+                    .as_ref()
+                    .is_some_and(lockfile::WatchHandle::verify_held);
+                tracing::warn!(name = %name, lock_verified, "the bus connection closed");
                 losses.send_modify(|log| {
+                    // Judged inside the update, so a loss logged meanwhile counts.
+                    let earlier_loss = log.iter().any(|l| !l.still_exclusive);
                     log.push(Loss {
                         reason: LossReason::BusConnectionClosed,
-                        still_exclusive: holding_lock && !replaced,
+                        still_exclusive: lock_verified && !earlier_loss,
                     })
                 });
                 return;
@@ -1057,13 +1086,26 @@ async fn watch_bus(
     }
 }
 
+/// Has the lock path stopped leading to our file, and how? `None` while it still does (or
+/// cannot be told, which is not evidence of a loss).
+fn lock_change(handle: &lockfile::WatchHandle) -> Option<LossReason> {
+    handle.check_path()?;
+    Some(match handle.check_in_dir() {
+        Some(PathChange::Removed) => LossReason::LockFileRemoved,
+        Some(PathChange::Replaced) => LossReason::LockFileReplaced,
+        // Our directory still has our file, but the path no longer leads there: the directory,
+        // or one on the way, was moved, removed or replaced (or a symlink retargeted).
+        None => LossReason::LockDirectoryRemoved,
+    })
+}
+
 async fn recheck_lock(handle: lockfile::WatchHandle, interval: Duration, losses: LossLog) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if let Some(change) = handle.check_path() {
-            return report_lock_loss(&handle, change, &losses);
+        if let Some(reason) = lock_change(&handle) {
+            return report_lock_loss(&handle, reason, &losses);
         }
     }
 }
@@ -1072,11 +1114,12 @@ async fn recheck_lock(handle: lockfile::WatchHandle, interval: Duration, losses:
 /// [`InstanceOptions::watch_lock_file`].
 const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Re-checks the lock file whenever its directory changes, and only then.
-async fn watch_lock(handle: lockfile::WatchHandle, inotify: std::os::fd::OwnedFd, losses: LossLog) {
+/// Re-checks the lock file whenever its directory changes (or is itself removed or moved), and
+/// only then.
+async fn watch_lock(handle: lockfile::WatchHandle, inotify: CloseAside, losses: LossLog) {
     // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
-    // an `OwnedFd` moved in here cannot, and `register` (its replacement) is `unsafe`, which
-    // this crate forbids.
+    // an `OwnedFd` moved in here (in its `CloseAside`) cannot, and `register` (its replacement)
+    // is `unsafe`, which this crate forbids.
     #[allow(deprecated)]
     let events = match tokio::io::unix::AsyncFd::new(inotify) {
         Ok(events) => events,
@@ -1088,12 +1131,12 @@ async fn watch_lock(handle: lockfile::WatchHandle, inotify: std::os::fd::OwnedFd
     loop {
         // Checked after the watch exists (and after each batch of events), so a change made
         // before the watch was in place is not missed.
-        if let Some(change) = handle.check_path() {
-            return report_lock_loss(&handle, change, &losses);
+        if let Some(reason) = lock_change(&handle) {
+            return report_lock_loss(&handle, reason, &losses);
         }
         match events.readable().await {
             Ok(mut ready) => {
-                lockfile::drain(ready.get_inner());
+                lockfile::drain(&ready.get_inner().0);
                 ready.clear_ready();
             }
             Err(e) => {
@@ -1104,18 +1147,175 @@ async fn watch_lock(handle: lockfile::WatchHandle, inotify: std::os::fd::OwnedFd
     }
 }
 
-fn report_lock_loss(handle: &lockfile::WatchHandle, change: PathChange, losses: &LossLog) {
-    let reason = match change {
-        PathChange::Removed => LossReason::LockFileRemoved,
-        PathChange::Replaced => LossReason::LockFileReplaced,
-    };
-    tracing::warn!(path = %handle.path().display(), %reason, "lost the lock file");
-    losses.send_modify(|log| {
+/// An inotify instance that is closed for good on a thread of its own: the last close of one
+/// waits for an RCU grace period (milliseconds, more on a busy machine), which would stall
+/// whoever drops the watch — the guard's release, or the runtime that drops the aborted task.
+/// Only a duplicate goes to that thread; if it cannot be made or started, the close is here.
+struct CloseAside(std::os::fd::OwnedFd);
+
+impl std::os::fd::AsRawFd for CloseAside {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Drop for CloseAside {
+    fn drop(&mut self) {
+        if let Ok(last) = self.0.try_clone() {
+            let _ = std::thread::Builder::new()
+                .name("unique-instance-close".into())
+                .spawn(move || drop(last));
+        }
+    }
+}
+
+/// Logs the loss of the lock file, once: the watch and a periodic re-check may both see it.
+fn report_lock_loss(handle: &lockfile::WatchHandle, reason: LossReason, losses: &LossLog) {
+    losses.send_if_modified(|log| {
+        let reported = log.iter().any(|l| {
+            matches!(
+                l.reason,
+                LossReason::LockFileRemoved
+                    | LossReason::LockFileReplaced
+                    | LossReason::LockDirectoryRemoved
+            )
+        });
+        if reported {
+            return false;
+        }
+        tracing::warn!(path = %handle.path().display(), %reason, "lost the lock file");
+        // Never "still exclusive", even with the bus name still ours: the name keeps out only
+        // copies that reach the same bus, and every copy takes the lock file first.
         log.push(Loss {
             reason,
             still_exclusive: false,
-        })
+        });
+        true
     });
+}
+
+/// The lock-file watch of a guard without a runtime (the lock file alone, from the blocking
+/// API, with no wait): a thread asleep in `poll` on the inotify instance and on an eventfd that
+/// ends it. It costs a thread start at acquisition and nothing while idle; a runtime and its
+/// service thread would cost several times more on the fastest acquisition path.
+pub(crate) struct LockWatchThread {
+    stop: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Disconnected once the thread has stopped checking. Waited for instead of joining the
+    /// thread: its exit closes the inotify instance, which waits for an RCU grace period
+    /// (milliseconds), and the guard's release need not wait for that.
+    stopped: std::sync::mpsc::Receiver<()>,
+    /// The process that started the thread: after `fork` it does not exist in the child.
+    pid: u32,
+}
+
+impl LockWatchThread {
+    /// Starts the watch of `held` on `inotify` (a [`lockfile::new_inotify`] instance, or the
+    /// error making it: then a re-check every 10 seconds).
+    fn start(
+        held: &mut HeldLock,
+        inotify: std::io::Result<std::os::fd::OwnedFd>,
+        losses: LossLog,
+    ) -> Result<Self> {
+        let handle = held.watch_handle();
+        let inotify = match handle.inotify(inotify) {
+            Ok(inotify) => {
+                held.move_above(&inotify)?;
+                Some(inotify)
+            }
+            Err(e) => {
+                tracing::warn!(path = %handle.path().display(), error = %e,
+                    "cannot watch the lock file with inotify; re-checking it every 10 s instead");
+                None
+            }
+        };
+        let cannot = |e| Error::io("cannot start the thread that watches", handle.path(), e);
+        let stop = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| cannot(e.into()))?;
+        let stop = std::sync::Arc::new(stop);
+        let thread_stop = std::sync::Arc::clone(&stop);
+        let thread_handle = handle.clone();
+        let (checking, stopped) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("unique-instance-watch".into())
+            .spawn(move || {
+                watch_lock_blocking(&thread_handle, inotify.as_ref(), &thread_stop, &losses);
+                // Tells the guard that no more checks are made, before the inotify instance is
+                // closed (slowly) on the way out.
+                drop(checking);
+                drop(inotify);
+            })
+            .map_err(cannot)?;
+        Ok(LockWatchThread {
+            stop,
+            stopped,
+            pid: std::process::id(),
+        })
+    }
+}
+
+impl Drop for LockWatchThread {
+    fn drop(&mut self) {
+        // In a forked child the thread does not exist (a join would wait forever), and the
+        // eventfd is shared with the parent, whose watch must go on: leave both alone.
+        if std::process::id() != self.pid {
+            return;
+        }
+        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
+        // Returns (disconnected) once the thread checks no more: our own removal of the lock
+        // file, which follows, is then never reported as a loss.
+        let _ = self.stopped.recv();
+    }
+}
+
+/// The body of [`LockWatchThread`]: [`watch_lock`] without a runtime. Returns when told to
+/// stop, or once it has reported the lock file lost.
+fn watch_lock_blocking(
+    handle: &lockfile::WatchHandle,
+    mut inotify: Option<&std::os::fd::OwnedFd>,
+    stop: &std::os::fd::OwnedFd,
+    losses: &LossLog,
+) {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let fallback = Timespec {
+        tv_sec: WATCH_FALLBACK_INTERVAL.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    loop {
+        // Checked once the watch exists and after each batch of events, as in `watch_lock`.
+        if let Some(reason) = lock_change(handle) {
+            return report_lock_loss(handle, reason, losses);
+        }
+        let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
+        if let Some(events) = inotify {
+            fds.push(PollFd::new(events, PollFlags::IN));
+        }
+        let timeout = inotify.is_none().then_some(&fallback);
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) if inotify.is_some() => {
+                tracing::warn!(error = %e, "inotify failed; re-checking the lock file every 10 s instead");
+                inotify = None;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(path = %handle.path().display(), error = %e,
+                    "cannot wait any more; the lock file is no longer watched");
+                return;
+            }
+        }
+        if !fds[0].revents().is_empty() {
+            return;
+        }
+        let changed = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
+        drop(fds);
+        if changed && let Some(events) = inotify {
+            lockfile::drain(events);
+        }
+    }
 }
 
 #[cfg(test)]

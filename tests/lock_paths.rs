@@ -440,7 +440,8 @@ fn a_retargeted_symlink_on_the_lock_path_is_a_loss_for_the_holder() {
     std::fs::rename(&next, &current).expect("rename");
     // The path now leads to another file: the holder must know it no longer excludes.
     let lost = first.line_starting("lost");
-    assert!(lost.contains("reason=LockFileRemoved"), "{lost}");
+    // Our file is still in its own directory: it is the path that no longer leads there.
+    assert!(lost.contains("reason=LockDirectoryRemoved"), "{lost}");
     assert!(lost.contains("still_exclusive=false"), "{lost}");
     // (A new copy indeed takes the path's new file.)
     let mut second = Proc::spawn(bare_holder(&env, &[&name, "--backend", "lockfile"]));

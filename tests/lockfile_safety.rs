@@ -270,8 +270,9 @@ fn garbage_or_empty_record_still_excludes_and_reports_holder_unknown() {
 fn recheck_and_watch_report_a_removed_or_replaced_lock_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let modes: [&[&str]; 4] = [
-        &["--recheck-ms", "20"],
-        &["--recheck-ms", "20", "--blocking"],
+        // The periodic re-check alone (the watch is on by default).
+        &["--recheck-ms", "20", "--no-watch"],
+        &["--recheck-ms", "20", "--no-watch", "--blocking"],
         // The inotify watch has no timer at all: the change itself wakes it.
         &["--watch"],
         &["--watch", "--blocking"],
