@@ -1,0 +1,1558 @@
+//! A fault-injection soak in the spirit of Jepsen, on one machine.
+//!
+//! A driver starts copies of one instance — the library (`examples/soak_holder.rs`) and the CLI
+//! (`unique-instance run NAME -- soak_holder --command`) — each with a randomly drawn
+//! environment (scope by option, by `UNIQUE_INSTANCE_SCOPE` or not at all; backend auto or lock
+//! file; a session bus that is live, dead or unset; a system bus live or dead; `XDG_RUNTIME_DIR`
+//! unset, empty, or with a `bus` socket; `INVOCATION_ID` or not). A nemesis meanwhile SIGKILLs
+//! holders and waiters, SIGSTOPs and SIGCONTs them, kills and restarts the private bus, deletes
+//! the lock file or its whole directory, and floods the name with short-lived copies.
+//!
+//! Every copy appends what it believes (`acquired`, `lost`, `releasing`) with a
+//! `CLOCK_MONOTONIC` time — one clock for every process — to one log, one line per `write` on an
+//! `O_APPEND` file; the driver appends what it did (spawned, signalled, deleted, saw exit) to the
+//! same log. The checker then reads the log and demands:
+//!
+//! 1. **Never two believers at once.** A belief runs from a copy's `acquired` line to its
+//!    `releasing` line, its `lost … still_exclusive=false` line, or its death, whichever comes
+//!    first; for a SIGKILLed copy the death is taken at the moment the driver sent the signal (a
+//!    lower bound), for `run`'s COMMAND the moment its wrapper was SIGKILLed (COMMAND dies of
+//!    `PR_SET_PDEATHSIG` after that, never before). A SIGSTOPped copy believes on while stopped —
+//!    its kernel lock and bus name still exclude. Two beliefs that overlap are a violation,
+//!    unless the overlap is one the library cannot prevent and only reports: the nemesis
+//!    deleted the *first* copy's lock file (or its directory) after that copy began trying (for
+//!    `run`, after its wrapper started), and the two did not both hold the name on the same
+//!    live bus. Whose lock a deletion took is known from the record in the deleted file (read
+//!    through a descriptor checked to be the path's file): the first copy's (or its wrapper's),
+//!    none yet, or a dead holder's all count as the first copy's; a live *other* holder's does
+//!    not — then the copy that claimed a lock file already deleted under it is at fault. Those
+//!    explained overlaps are counted and shown, not hidden.
+//! 2. **Every refused copy named a holder that was alive**: the PID it named belongs to a copy
+//!    the driver had started and not yet seen exit at some moment between the refused copy's
+//!    attempt and its refusal ("holder unknown" is counted, not failed).
+//! 3. **No copy crashed**: no panic (exit 101), no death by a signal the driver did not send.
+//!
+//! The schedule is a pure function of the seed (`UNIQUE_INSTANCE_SOAK_SEED`, printed on
+//! failure): each step acts on a numbered slot or on the bus or lock directory, so a failing
+//! seed replays the same schedule (the interleavings the kernel picks still vary, which is the
+//! point of running it long). Bounded by `UNIQUE_INSTANCE_SOAK_STEPS` and
+//! `UNIQUE_INSTANCE_SOAK_SECS`; `UNIQUE_INSTANCE_SOAK_LOG` keeps the log at a given path. The
+//! pauses between steps are part of the drawn schedule (its pace), not synchronisation: nothing
+//! waits for an outcome by sleeping.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{BusConfig, DbusDaemon, example_path, unique_name};
+use rustix::process::{Pid, Signal};
+
+/// Steps and seconds of the run `cargo test` does (CI): well under a minute of schedule.
+const DEFAULT_STEPS: u64 = 1500;
+const DEFAULT_SECS: u64 = 30;
+/// Numbered places for long-lived copies; the nemesis acts on them by number.
+const SLOTS: usize = 6;
+/// At most this many short-lived churn copies at once.
+const MAX_CHURN: usize = 24;
+
+// ---------------------------------------------------------------------------------------------
+// Time, randomness, the log.
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process on the machine.
+fn now_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// splitmix64: small, seedable, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// The shared log, as the driver writes it: the same format as `soak_holder`'s lines.
+#[derive(Clone)]
+struct Log(Arc<File>);
+
+impl Log {
+    fn create(path: &Path) -> Log {
+        // A log given by path starts empty: a replay must not read an earlier run's lines.
+        let _ = std::fs::remove_file(path);
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap_or_else(|e| panic!("cannot create the soak log {}: {e}", path.display()));
+        Log(Arc::new(file))
+    }
+
+    /// One line, one `write`, with the time given (taken by the caller at the right moment).
+    fn at(&self, t: u64, event: &str) {
+        let line = format!(
+            "{}.{:09} {} {}\n",
+            t / 1_000_000_000,
+            t % 1_000_000_000,
+            std::process::id(),
+            event
+        );
+        let n = rustix::io::write(&*self.0, line.as_bytes()).expect("write the soak log");
+        assert_eq!(n, line.len(), "short write to the soak log");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schedule: a pure function of the seed.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BusChoice {
+    Unset,
+    Live,
+    Dead,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RuntimeDir {
+    Unset,
+    Empty,
+    WithBus,
+}
+
+/// One copy's environment and options.
+#[derive(Clone, Copy, Debug)]
+struct Env {
+    /// Scope given as an option (`--scope`, `--user`/`--system`).
+    scope_option: Option<&'static str>,
+    /// Scope given through `UNIQUE_INSTANCE_SCOPE`.
+    scope_env: Option<&'static str>,
+    backend: &'static str,
+    session: BusChoice,
+    /// Never unset: the machine's own system bus must stay out of the soak.
+    system_live: bool,
+    runtime_dir: RuntimeDir,
+    invocation_id: bool,
+}
+
+impl Env {
+    fn draw(rng: &mut Rng) -> Env {
+        let scope_option = rng.pick(&[None, Some("user"), Some("system"), Some("auto")]);
+        let scope_env = rng.pick(&[None, None, Some("user"), Some("system"), Some("auto")]);
+        Env {
+            scope_option,
+            scope_env,
+            backend: rng.pick(&["auto", "auto", "lockfile"]),
+            session: rng.pick(&[
+                BusChoice::Unset,
+                BusChoice::Live,
+                BusChoice::Live,
+                BusChoice::Dead,
+            ]),
+            system_live: rng.below(2) == 0,
+            runtime_dir: rng.pick(&[RuntimeDir::Unset, RuntimeDir::Empty, RuntimeDir::WithBus]),
+            invocation_id: rng.below(4) == 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Wait {
+    No,
+    Forever,
+    Ms(u64),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// A library copy in a slot (no-op when the slot's copy is still alive).
+    Library {
+        slot: usize,
+        env: Env,
+        wait: Wait,
+        hold_ms: Option<u64>,
+        blocking: bool,
+    },
+    /// `unique-instance run` in a slot.
+    Cli {
+        slot: usize,
+        env: Env,
+        wait: Wait,
+    },
+    /// Close the slot's stdin: its copy releases (a waiter, once it holds).
+    Release {
+        slot: usize,
+    },
+    Kill {
+        slot: usize,
+    },
+    Stop {
+        slot: usize,
+    },
+    Cont {
+        slot: usize,
+    },
+    BusKill,
+    BusRestart,
+    RemoveLockFile,
+    RemoveLockDir,
+    Churn {
+        envs: [Env; 4],
+        count: usize,
+        hold_ms: u64,
+    },
+    Nothing,
+}
+
+impl Action {
+    fn draw(rng: &mut Rng) -> Action {
+        let slot = rng.below(SLOTS as u64) as usize;
+        let wait = match rng.below(6) {
+            0 | 1 => Wait::Forever,
+            2 => Wait::Ms(rng.below(300)),
+            _ => Wait::No,
+        };
+        match rng.below(100) {
+            0..=21 => Action::Library {
+                slot,
+                env: Env::draw(rng),
+                wait,
+                hold_ms: (rng.below(2) == 0).then(|| rng.below(200)),
+                blocking: rng.below(3) == 0,
+            },
+            22..=33 => Action::Cli {
+                slot,
+                env: Env::draw(rng),
+                wait,
+            },
+            34..=43 => Action::Release { slot },
+            44..=51 => Action::Kill { slot },
+            52..=56 => Action::Stop { slot },
+            57..=63 => Action::Cont { slot },
+            64..=65 => Action::BusKill,
+            66..=68 => Action::BusRestart,
+            69..=70 => Action::RemoveLockFile,
+            71 => Action::RemoveLockDir,
+            72..=75 => Action::Churn {
+                envs: [
+                    Env::draw(rng),
+                    Env::draw(rng),
+                    Env::draw(rng),
+                    Env::draw(rng),
+                ],
+                count: 2 + rng.below(5) as usize,
+                hold_ms: rng.below(4),
+            },
+            _ => Action::Nothing,
+        }
+    }
+}
+
+/// The pause after a step: mostly short, sometimes long enough for things to settle.
+fn draw_pause(rng: &mut Rng) -> Duration {
+    match rng.below(20) {
+        0 => Duration::from_millis(20 + rng.below(60)),
+        _ => Duration::from_millis(rng.below(8)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver.
+
+/// One process the driver started.
+struct Spawned {
+    pid: u32,
+    pidfd: OwnedFd,
+    stdin: Option<ChildStdin>,
+    exited: Arc<AtomicBool>,
+    stopped: bool,
+}
+
+impl Spawned {
+    fn alive(&self) -> bool {
+        !self.exited.load(Ordering::SeqCst)
+    }
+}
+
+/// A private bus of the soak, and the runtime directory whose `bus` leads to it.
+struct Bus {
+    id: usize,
+    daemon: DbusDaemon,
+    socket: PathBuf,
+    runtime_dir: PathBuf,
+}
+
+struct Driver {
+    name: String,
+    dir: PathBuf,
+    lock_dir: PathBuf,
+    log_path: PathBuf,
+    log: Log,
+    holder: PathBuf,
+    cli: PathBuf,
+    bus: Option<Bus>,
+    buses_started: usize,
+    empty_runtime_dir: PathBuf,
+    slots: Vec<Option<Spawned>>,
+    churn: Vec<Spawned>,
+    reapers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// A bus address that nothing serves.
+fn dead_address(dir: &Path) -> String {
+    format!("unix:path={}", dir.join("no-bus-here").display())
+}
+
+impl Driver {
+    fn new(dir: &Path, log_path: &Path) -> Driver {
+        let lock_dir = dir.join("locks");
+        let empty_runtime_dir = dir.join("runtime-empty");
+        std::fs::create_dir(&empty_runtime_dir).expect("mkdir");
+        Driver {
+            name: unique_name("soak"),
+            dir: dir.to_owned(),
+            lock_dir,
+            log_path: log_path.to_owned(),
+            log: Log::create(log_path),
+            holder: example_path("soak_holder"),
+            cli: PathBuf::from(env!("CARGO_BIN_EXE_unique-instance")),
+            bus: None,
+            buses_started: 0,
+            empty_runtime_dir,
+            slots: (0..SLOTS).map(|_| None).collect(),
+            churn: Vec::new(),
+            reapers: Vec::new(),
+        }
+    }
+
+    fn start_bus(&mut self) {
+        let t = now_ns();
+        let daemon = DbusDaemon::start(BusConfig::Open);
+        let socket = PathBuf::from(
+            daemon
+                .address
+                .strip_prefix("unix:path=")
+                .and_then(|rest| rest.split(',').next())
+                .expect("a unix:path= bus address"),
+        );
+        let id = self.buses_started;
+        self.buses_started += 1;
+        let runtime_dir = self.dir.join(format!("runtime-{id}"));
+        std::fs::create_dir(&runtime_dir).expect("mkdir");
+        std::os::unix::fs::symlink(&socket, runtime_dir.join("bus")).expect("symlink");
+        self.log
+            .at(t, &format!("bus-start bus={id} pid={}", daemon.pid()));
+        self.bus = Some(Bus {
+            id,
+            daemon,
+            socket,
+            runtime_dir,
+        });
+    }
+
+    fn kill_bus(&mut self) {
+        if let Some(mut bus) = self.bus.take() {
+            self.log.at(now_ns(), &format!("bus-kill bus={}", bus.id));
+            bus.daemon.kill();
+            let _ = std::fs::remove_file(&bus.socket);
+        }
+    }
+
+    /// The command line and environment for `env`, and the bus its copy will try (for the
+    /// checker: `-` when none), following the library's documented choice.
+    fn environment(&self, cmd: &mut Command, env: &Env) -> String {
+        let live = self.bus.as_ref();
+        let dead = dead_address(&self.dir);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNIQUE_INSTANCE_LOCK_DIR", &self.lock_dir)
+            .env("RUST_LOG", "warn");
+        let address = |choice_live: bool| match (choice_live, live) {
+            (true, Some(bus)) => (bus.daemon.address.clone(), Some(bus.id)),
+            _ => (dead.clone(), None),
+        };
+        let session = match env.session {
+            BusChoice::Unset => None,
+            BusChoice::Live => Some(address(true)),
+            BusChoice::Dead => Some(address(false)),
+        };
+        if let Some((a, _)) = &session {
+            cmd.env("DBUS_SESSION_BUS_ADDRESS", a);
+        }
+        let system = address(env.system_live);
+        cmd.env("DBUS_SYSTEM_BUS_ADDRESS", &system.0);
+        let runtime_bus = match (env.runtime_dir, live) {
+            (RuntimeDir::Unset, _) => None,
+            (RuntimeDir::WithBus, Some(bus)) => {
+                cmd.env("XDG_RUNTIME_DIR", &bus.runtime_dir);
+                Some(Some(bus.id))
+            }
+            (RuntimeDir::Empty | RuntimeDir::WithBus, _) => {
+                cmd.env("XDG_RUNTIME_DIR", &self.empty_runtime_dir);
+                None
+            }
+        };
+        if let Some(scope) = env.scope_env {
+            cmd.env("UNIQUE_INSTANCE_SCOPE", scope);
+        }
+        if env.invocation_id {
+            cmd.env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
+        }
+        // Which bus the library will choose (README, "Scopes and backends"): by bus number,
+        // `dead` for an address nothing serves, `-` for none.
+        let scope = env.scope_option.or(env.scope_env).unwrap_or("auto");
+        let session_bus = match &session {
+            Some((_, id)) => Some(*id),
+            None => runtime_bus,
+        };
+        let chosen = if env.backend == "lockfile" {
+            None
+        } else {
+            match scope {
+                "user" => session_bus,
+                "system" => Some(system.1),
+                _ => session_bus.or(env.invocation_id.then_some(system.1)),
+            }
+        };
+        match chosen {
+            None => "-".into(),
+            Some(None) => "dead".into(),
+            Some(Some(id)) => id.to_string(),
+        }
+    }
+
+    fn library_command(
+        &self,
+        env: &Env,
+        wait: Wait,
+        hold_ms: Option<u64>,
+        blocking: bool,
+    ) -> (Command, String) {
+        let mut cmd = Command::new(&self.holder);
+        let bus = self.environment(&mut cmd, env);
+        cmd.arg(&self.name).arg("--log").arg(&self.log_path);
+        cmd.args(["--backend", env.backend]);
+        if let Some(scope) = env.scope_option {
+            cmd.args(["--scope", scope]);
+        }
+        match wait {
+            Wait::No => {}
+            Wait::Forever => {
+                cmd.args(["--wait", "forever"]);
+            }
+            Wait::Ms(ms) => {
+                cmd.args(["--wait", &ms.to_string()]);
+            }
+        }
+        if let Some(ms) = hold_ms {
+            cmd.args(["--hold-ms", &ms.to_string()]);
+        }
+        if blocking {
+            cmd.arg("--blocking");
+        }
+        let what = format!(
+            "kind=lib bus={bus} backend={} scope={:?}/{:?} wait={wait:?} hold={hold_ms:?} blocking={blocking} env={env:?}",
+            env.backend, env.scope_option, env.scope_env
+        );
+        (cmd, what)
+    }
+
+    fn cli_command(&self, env: &Env, wait: Wait) -> (Command, String) {
+        let mut cmd = Command::new(&self.cli);
+        let bus = self.environment(&mut cmd, env);
+        cmd.arg("run").args(["--backend", env.backend]);
+        match env.scope_option {
+            Some("user") => {
+                cmd.arg("--user");
+            }
+            Some("system") => {
+                cmd.arg("--system");
+            }
+            _ => {}
+        }
+        match wait {
+            Wait::No => {}
+            Wait::Forever => {
+                cmd.arg("--wait");
+            }
+            Wait::Ms(ms) => {
+                cmd.arg(format!("--wait={}", ms as f64 / 1000.0));
+            }
+        }
+        cmd.arg(&self.name)
+            .arg("--")
+            .arg(&self.holder)
+            .arg("--command")
+            .arg("--log")
+            .arg(&self.log_path);
+        let what = format!(
+            "kind=cli bus={bus} backend={} scope={:?}/{:?} wait={wait:?} env={env:?}",
+            env.backend, env.scope_option, env.scope_env
+        );
+        (cmd, what)
+    }
+
+    /// Starts `cmd`, logs it, and leaves a thread to log its exit (before reaping it, so its
+    /// PID cannot be reused before the line is written).
+    fn spawn(&mut self, mut cmd: Command, what: &str) -> Spawned {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let t = now_ns();
+        let mut child: Child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        let pid = child.id();
+        let pidfd = rustix::process::pidfd_open(
+            Pid::from_raw(pid as i32).expect("pid"),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .expect("pidfd_open (Linux >= 5.3)");
+        self.log.at(t, &format!("spawn pid={pid} {what}"));
+        let stdin = child.stdin.take();
+        let mut stderr = child.stderr.take().expect("stderr");
+        let exited = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&exited);
+        let log = self.log.clone();
+        self.reapers.push(std::thread::spawn(move || {
+            let status = loop {
+                match rustix::process::waitid(
+                    rustix::process::WaitId::Pid(Pid::from_raw(pid as i32).expect("pid")),
+                    rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+                ) {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) => {}
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(_) => break None,
+                }
+            };
+            let t = now_ns();
+            let how = match status {
+                Some(s) if s.exited() => format!("code={}", s.exit_status().unwrap_or(-1)),
+                Some(s) => format!("signal={}", s.terminating_signal().unwrap_or(-1)),
+                None => "unknown".into(),
+            };
+            log.at(t, &format!("exit pid={pid} {how}"));
+            flag.store(true, Ordering::SeqCst);
+            let _ = child.wait();
+            // Whatever it said (a refusal naming the holder, an error, a panic), after its exit;
+            // COMMAND may hold the pipe a little longer.
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            let text = text.trim();
+            if !text.is_empty() {
+                log.at(
+                    now_ns(),
+                    &format!("stderr pid={pid} text={}", text.replace('\n', " | ")),
+                );
+            }
+        }));
+        Spawned {
+            pid,
+            pidfd,
+            stdin,
+            exited,
+            stopped: false,
+        }
+    }
+
+    /// Removes the files in the lock directory, and says whose record each held (the PID, or
+    /// `?` for none or an unreadable one): the checker needs to know whose lock went away.
+    fn remove_lock_files(&self) -> Vec<String> {
+        let mut holders = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.lock_dir) else {
+            return holders;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            // The record read is the one of the file unlinked: read through a descriptor
+            // checked to be the path's file just before the unlink.
+            let mut record = String::new();
+            let same = File::open(&path).ok().and_then(|mut f| {
+                let _ = f.read_to_string(&mut record);
+                let opened = rustix::fs::fstat(&f).ok()?;
+                let now = rustix::fs::stat(&path).ok()?;
+                Some((opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino))
+            });
+            if std::fs::remove_file(&path).is_ok() {
+                let pid = record
+                    .split_once("\"pid\":")
+                    .map(|(_, rest)| {
+                        rest.chars()
+                            .take_while(char::is_ascii_digit)
+                            .collect::<String>()
+                    })
+                    .filter(|p| !p.is_empty() && same == Some(true));
+                holders.push(pid.unwrap_or_else(|| "?".into()));
+            }
+        }
+        holders
+    }
+
+    fn signal(&self, copy: &Spawned, sig: Signal, word: &str) {
+        let t = now_ns();
+        // A pidfd: never a reused PID, even if the copy exited a moment ago.
+        if rustix::process::pidfd_send_signal(copy.pidfd.as_fd(), sig).is_ok() {
+            self.log.at(t, &format!("{word} pid={}", copy.pid));
+        }
+    }
+
+    fn slot_alive(&self, slot: usize) -> bool {
+        self.slots[slot].as_ref().is_some_and(Spawned::alive)
+    }
+
+    fn step(&mut self, action: Action) {
+        match action {
+            Action::Library {
+                slot,
+                env,
+                wait,
+                hold_ms,
+                blocking,
+            } => {
+                if !self.slot_alive(slot) {
+                    let (cmd, what) = self.library_command(&env, wait, hold_ms, blocking);
+                    let copy = self.spawn(cmd, &format!("slot={slot} {what}"));
+                    self.slots[slot] = Some(copy);
+                }
+            }
+            Action::Cli { slot, env, wait } => {
+                if !self.slot_alive(slot) {
+                    let (cmd, what) = self.cli_command(&env, wait);
+                    let copy = self.spawn(cmd, &format!("slot={slot} {what}"));
+                    self.slots[slot] = Some(copy);
+                }
+            }
+            Action::Release { slot } => {
+                if let Some(copy) = self.slots[slot].as_mut()
+                    && copy.stdin.take().is_some()
+                {
+                    self.log.at(now_ns(), &format!("release pid={}", copy.pid));
+                }
+            }
+            Action::Kill { slot } => {
+                if let Some(copy) = &self.slots[slot]
+                    && copy.alive()
+                {
+                    self.signal(copy, Signal::KILL, "kill");
+                }
+            }
+            Action::Stop { slot } => {
+                if let Some(copy) = &self.slots[slot]
+                    && copy.alive()
+                    && !copy.stopped
+                {
+                    self.signal(copy, Signal::STOP, "stop");
+                    self.slots[slot].as_mut().expect("slot").stopped = true;
+                }
+            }
+            Action::Cont { slot } => {
+                if let Some(copy) = &self.slots[slot]
+                    && copy.stopped
+                {
+                    self.signal(copy, Signal::CONT, "cont");
+                    self.slots[slot].as_mut().expect("slot").stopped = false;
+                }
+            }
+            Action::BusKill => self.kill_bus(),
+            Action::BusRestart => {
+                self.kill_bus();
+                self.start_bus();
+            }
+            Action::RemoveLockFile => {
+                let t = now_ns();
+                let holders = self.remove_lock_files();
+                self.log
+                    .at(t, &format!("rm-lock holders={}", holders.join(",")));
+            }
+            Action::RemoveLockDir => {
+                let t = now_ns();
+                let holders = self.remove_lock_files();
+                let removed = std::fs::remove_dir_all(&self.lock_dir).is_ok();
+                self.log.at(
+                    t,
+                    &format!("rm-dir removed={removed} holders={}", holders.join(",")),
+                );
+            }
+            Action::Churn {
+                envs,
+                count,
+                hold_ms,
+            } => {
+                self.churn.retain(Spawned::alive);
+                for i in 0..count {
+                    if self.churn.len() >= MAX_CHURN {
+                        break;
+                    }
+                    let (cmd, what) =
+                        self.library_command(&envs[i % envs.len()], Wait::No, Some(hold_ms), false);
+                    let copy = self.spawn(cmd, &format!("churn {what}"));
+                    self.churn.push(copy);
+                }
+            }
+            Action::Nothing => {}
+        }
+    }
+
+    /// Lets everything finish: continue the stopped, release the holders, wait for every exit
+    /// (SIGKILL, logged, for any that does not within the bound), stop the bus.
+    fn finish(&mut self) -> Vec<String> {
+        let mut stuck = Vec::new();
+        let copies: Vec<Spawned> = self
+            .slots
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(self.churn.drain(..))
+            .collect();
+        for copy in &copies {
+            if copy.stopped {
+                self.signal(copy, Signal::CONT, "cont");
+            }
+        }
+        let t = now_ns();
+        let mut copies = copies;
+        for copy in &mut copies {
+            if copy.stdin.take().is_some() && copy.alive() {
+                self.log.at(t, &format!("release pid={}", copy.pid));
+            }
+        }
+        let deadline = Instant::now() + common::TIMEOUT;
+        for copy in &copies {
+            // The reaper threads tell: poll the pidfd (readable once the process exited).
+            let mut fds = [rustix::event::PollFd::new(
+                &copy.pidfd,
+                rustix::event::PollFlags::IN,
+            )];
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = rustix::time::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            let ready = rustix::event::poll(&mut fds, Some(&timeout)).unwrap_or(0);
+            if ready == 0 {
+                stuck.push(format!(
+                    "pid {} did not exit within {:?} of being released",
+                    copy.pid,
+                    common::TIMEOUT
+                ));
+                self.signal(copy, Signal::KILL, "kill");
+            }
+        }
+        for reaper in self.reapers.drain(..) {
+            let _ = reaper.join();
+        }
+        self.kill_bus();
+        stuck
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checker.
+
+#[derive(Clone, Debug)]
+struct Line {
+    t: u64,
+    pid: u32,
+    event: String,
+    rest: String,
+    raw: String,
+}
+
+fn parse_log(text: &str) -> (Vec<Line>, Vec<String>) {
+    let mut lines = Vec::new();
+    let mut bad = Vec::new();
+    for raw in text.lines() {
+        let mut parts = raw.splitn(4, ' ');
+        let parsed = (|| {
+            let t = parts.next()?;
+            let (s, ns) = t.split_once('.')?;
+            let t = s.parse::<u64>().ok()? * 1_000_000_000 + ns.parse::<u64>().ok()?;
+            let pid = parts.next()?.parse().ok()?;
+            let event = parts.next()?.to_owned();
+            let rest = parts.next().unwrap_or("").to_owned();
+            Some(Line {
+                t,
+                pid,
+                event,
+                rest,
+                raw: raw.to_owned(),
+            })
+        })();
+        match parsed {
+            Some(line) => lines.push(line),
+            None => bad.push(raw.to_owned()),
+        }
+    }
+    // Stable: lines of one time keep the order they were written in.
+    lines.sort_by_key(|l| l.t);
+    (lines, bad)
+}
+
+fn field<'a>(rest: &'a str, key: &str) -> Option<&'a str> {
+    rest.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Library,
+    Cli,
+    Command,
+}
+
+/// One life of one PID.
+#[derive(Debug)]
+struct Incarnation {
+    pid: u32,
+    kind: Kind,
+    /// Spawned (driver-started) or first line (COMMAND).
+    born: u64,
+    /// The driver saw it exit (driver-started only).
+    exit: Option<u64>,
+    exit_how: Option<String>,
+    /// When the driver SIGKILLed it.
+    killed: Option<u64>,
+    /// SIGSTOP/SIGCONT times.
+    stops: Vec<(u64, &'static str)>,
+    /// The bus it tries: a bus number, `dead`, or `-`.
+    bus: String,
+    /// For COMMAND: its wrapper's incarnation.
+    wrapper: Option<usize>,
+    attempt: Option<u64>,
+    acquired: Option<u64>,
+    holds_name: bool,
+    belief_end: Option<(u64, String)>,
+    refused: Option<(u64, String)>,
+    stderr: Option<String>,
+    lines: Vec<String>,
+}
+
+struct Belief {
+    who: usize,
+    start: u64,
+    end: u64,
+    /// From when a deletion of its lock file can explain an overlap: its attempt (for COMMAND,
+    /// its wrapper's start), since when it locked is not logged.
+    since: u64,
+    /// When its copy began trying: the start of what a failure message shows.
+    attempt: u64,
+    /// The live bus it holds the name on, if any.
+    bus: Option<usize>,
+}
+
+#[derive(Default)]
+struct Report {
+    violations: Vec<String>,
+    /// Overlaps the nemesis's deletions explain: (first, second, overlap ns, first reported a loss).
+    explained: Vec<(usize, usize, u64, bool)>,
+    stats: BTreeMap<String, u64>,
+    incarnations: Vec<Incarnation>,
+}
+
+fn fmt_t(t: u64) -> String {
+    format!("{}.{:09}", t / 1_000_000_000, t % 1_000_000_000)
+}
+
+/// Reads the log and checks the three properties (module docs).
+fn check(text: &str, driver_pid: u32) -> Report {
+    let (lines, bad) = parse_log(text);
+    let mut report = Report::default();
+    for b in bad {
+        report
+            .violations
+            .push(format!("unreadable log line (torn write?): {b:?}"));
+    }
+    let mut incs: Vec<Incarnation> = Vec::new();
+    let mut current: HashMap<u32, usize> = HashMap::new();
+    // When the nemesis deleted lock files, and the PIDs their records named (None: no record).
+    let mut deletions: Vec<(u64, Vec<Option<u32>>)> = Vec::new();
+    // bus number -> when it was killed
+    let mut bus_killed: HashMap<usize, u64> = HashMap::new();
+    let new_inc = |pid, kind, born, bus: String, wrapper| Incarnation {
+        pid,
+        kind,
+        born,
+        exit: None,
+        exit_how: None,
+        killed: None,
+        stops: Vec::new(),
+        bus,
+        wrapper,
+        attempt: None,
+        acquired: None,
+        holds_name: false,
+        belief_end: None,
+        refused: None,
+        stderr: None,
+        lines: Vec::new(),
+    };
+    let bump = |report: &mut Report, key: String| *report.stats.entry(key).or_default() += 1;
+
+    for line in &lines {
+        if line.pid == driver_pid {
+            let target = field(&line.rest, "pid").and_then(|p| p.parse::<u32>().ok());
+            match line.event.as_str() {
+                "spawn" => {
+                    let pid = target.expect("spawn pid");
+                    let kind = if field(&line.rest, "kind") == Some("cli") {
+                        Kind::Cli
+                    } else {
+                        Kind::Library
+                    };
+                    let bus = field(&line.rest, "bus").unwrap_or("-").to_owned();
+                    incs.push(new_inc(pid, kind, line.t, bus, None));
+                    current.insert(pid, incs.len() - 1);
+                    bump(&mut report, format!("spawned {kind:?}"));
+                }
+                "rm-lock" | "rm-dir" => {
+                    let holders = field(&line.rest, "holders").unwrap_or("");
+                    let holders: Vec<Option<u32>> = holders
+                        .split(',')
+                        .filter(|h| !h.is_empty())
+                        .map(|h| h.parse().ok())
+                        .collect();
+                    deletions.push((line.t, holders));
+                    bump(&mut report, format!("nemesis {}", line.event));
+                }
+                "bus-kill" => {
+                    if let Some(id) = field(&line.rest, "bus").and_then(|b| b.parse().ok()) {
+                        bus_killed.insert(id, line.t);
+                    }
+                    bump(&mut report, "nemesis bus-kill".into());
+                }
+                "bus-start" => {}
+                other => {
+                    let Some(&i) = target.and_then(|p| current.get(&p)) else {
+                        continue;
+                    };
+                    let inc = &mut incs[i];
+                    inc.lines.push(line.raw.clone());
+                    match other {
+                        "exit" => {
+                            inc.exit = Some(line.t);
+                            // `pid=N code=C` or `pid=N signal=S`: keep the second word.
+                            inc.exit_how = line.rest.split_whitespace().nth(1).map(str::to_owned);
+                        }
+                        "kill" => {
+                            inc.killed.get_or_insert(line.t);
+                            bump(&mut report, "nemesis kill".into());
+                        }
+                        "stop" => inc.stops.push((line.t, "stop")),
+                        "cont" => inc.stops.push((line.t, "cont")),
+                        "stderr" => inc.stderr = Some(line.rest.clone()),
+                        _ => {}
+                    }
+                }
+            }
+            continue;
+        }
+        // A copy's own line.
+        let i = if line.event == "acquired" && field(&line.rest, "via") == Some("run") {
+            let wrapper = field(&line.rest, "wrapper")
+                .and_then(|w| w.parse::<u32>().ok())
+                .and_then(|w| current.get(&w).copied());
+            let bus = wrapper.map_or("-".to_owned(), |w| incs[w].bus.clone());
+            let born = wrapper.map_or(line.t, |w| incs[w].born);
+            incs.push(new_inc(line.pid, Kind::Command, born, bus, wrapper));
+            current.insert(line.pid, incs.len() - 1);
+            incs.len() - 1
+        } else if let Some(&i) = current.get(&line.pid) {
+            i
+        } else {
+            report.violations.push(format!(
+                "a line from a process the soak did not start: {:?}",
+                line.raw
+            ));
+            continue;
+        };
+        let inc = &mut incs[i];
+        inc.lines.push(line.raw.clone());
+        match line.event.as_str() {
+            "attempt" => inc.attempt = Some(line.t),
+            "acquired" => {
+                if inc.acquired.is_some() {
+                    report.violations.push(format!(
+                        "pid {} logged `acquired` twice: {:?}",
+                        line.pid, inc.lines
+                    ));
+                }
+                inc.acquired = Some(line.t);
+                inc.holds_name = match inc.kind {
+                    Kind::Library => line.rest.contains("Dbus"),
+                    // `run` does not say; it holds the name when its bus was up when it started.
+                    _ => inc.bus.parse::<usize>().is_ok(),
+                };
+                bump(&mut report, format!("acquired {:?}", inc.kind));
+            }
+            "lost" => {
+                bump(
+                    &mut report,
+                    format!(
+                        "lost {} still_exclusive={}",
+                        field(&line.rest, "reason").unwrap_or("?"),
+                        field(&line.rest, "still_exclusive").unwrap_or("?")
+                    ),
+                );
+                if field(&line.rest, "still_exclusive") == Some("false") && inc.belief_end.is_none()
+                {
+                    inc.belief_end = Some((line.t, "lost".into()));
+                }
+            }
+            "releasing" if inc.belief_end.is_none() => {
+                inc.belief_end = Some((line.t, "releasing".into()));
+            }
+            "refused" => {
+                inc.refused = Some((
+                    line.t,
+                    field(&line.rest, "holder").unwrap_or("unknown").to_owned(),
+                ));
+                bump(&mut report, "refused".into());
+            }
+            "timed-out" => bump(&mut report, "timed out".into()),
+            "error" | "release-error" => bump(
+                &mut report,
+                format!(
+                    "{} exit={} {}",
+                    line.event,
+                    field(&line.rest, "exit").unwrap_or("?"),
+                    field(&line.rest, "kind")
+                        .map(|k| k.split(['{', ' ']).next().unwrap_or(k))
+                        .unwrap_or("")
+                ),
+            ),
+            _ => {}
+        }
+    }
+
+    // COMMAND's PR_SET_PDEATHSIG: it dies no earlier than its wrapper was SIGKILLed.
+    for i in 0..incs.len() {
+        if incs[i].kind == Kind::Command
+            && let Some(w) = incs[i].wrapper
+        {
+            let wrapper_killed = incs[w].killed;
+            let wrapper_exit = incs[w].exit;
+            let inc = &mut incs[i];
+            inc.killed = inc.killed.or(wrapper_killed);
+            inc.exit = inc.exit.or(wrapper_exit);
+        }
+    }
+
+    let lives: HashMap<u32, Vec<(u64, u64)>> = incs.iter().fold(HashMap::new(), |mut m, inc| {
+        let end = inc.exit.unwrap_or(u64::MAX);
+        m.entry(inc.pid).or_default().push((inc.born, end));
+        m
+    });
+    // The beliefs.
+    let mut beliefs = Vec::new();
+    for (i, inc) in incs.iter().enumerate() {
+        let Some(start) = inc.acquired else { continue };
+        let mut end = u64::MAX;
+        for c in [inc.belief_end.as_ref().map(|b| b.0), inc.killed, inc.exit]
+            .into_iter()
+            .flatten()
+        {
+            end = end.min(c);
+        }
+        // SIGKILL sent a moment before the copy logged `acquired`: it believed for an instant.
+        let end = end.max(start);
+        if end == u64::MAX {
+            report.violations.push(format!(
+                "pid {} ({:?}) acquired and never ended, exited or was killed: {:?}",
+                inc.pid, inc.kind, inc.lines
+            ));
+            continue;
+        }
+        let bus = inc
+            .bus
+            .parse::<usize>()
+            .ok()
+            .filter(|_| inc.holds_name)
+            .filter(|id| bus_killed.get(id).is_none_or(|&k| k > start));
+        beliefs.push(Belief {
+            who: i,
+            start,
+            end,
+            since: inc.attempt.unwrap_or(inc.born),
+            attempt: inc.attempt.unwrap_or(inc.born),
+            bus,
+        });
+    }
+    beliefs.sort_by_key(|b| b.start);
+    for (n, a) in beliefs.iter().enumerate() {
+        for b in &beliefs[n + 1..] {
+            if b.start >= a.end {
+                continue;
+            }
+            // b began believing while a still did.
+            // A deletion explains it when it took the first one's lock, after that one began
+            // trying: its record named the first copy (or `run`'s wrapper), or nobody alive (none
+            // yet, a dead holder's). Or, when the second is `run`'s COMMAND, the second's: its
+            // wrapper acquired before COMMAND could log it, so a deletion in between is a loss
+            // the wrapper must act on, not a claim on a deleted file.
+            let alive_at = |pid: u32, t: u64| {
+                lives
+                    .get(&pid)
+                    .is_some_and(|ls| ls.iter().any(|&(b, e)| b <= t && t <= e))
+            };
+            let took = |who: &Belief| {
+                let inc = &incs[who.who];
+                let pids = [Some(inc.pid), inc.wrapper.map(|w| incs[w].pid)];
+                deletions.iter().any(|(d, holders)| {
+                    *d >= who.since
+                        && *d <= b.start
+                        && (holders.is_empty()
+                            || holders.iter().any(|h| match h {
+                                None => true,
+                                Some(pid) => pids.contains(&Some(*pid)) || !alive_at(*pid, *d),
+                            }))
+                })
+            };
+            let deleted = took(a) || (incs[b.who].kind == Kind::Command && took(b));
+            let same_live_bus = a.bus.is_some()
+                && a.bus == b.bus
+                && a.bus
+                    .and_then(|id| bus_killed.get(&id))
+                    .is_none_or(|&k| k > b.start);
+            let overlap = a.end.min(b.end).saturating_sub(b.start);
+            if deleted && !same_live_bus {
+                let reported = incs[a.who].lines.iter().any(|l| l.contains(" lost "));
+                report.explained.push((a.who, b.who, overlap, reported));
+                continue;
+            }
+            let (ia, ib) = (&incs[a.who], &incs[b.who]);
+            let mut v = format!(
+                "TWO HOLDERS AT ONCE for {:.3} ms: pid {} ({:?}, bus {}) believed from {} to {}, and \
+                 pid {} ({:?}, bus {}) acquired at {}{}.\n",
+                overlap as f64 / 1e6,
+                ia.pid,
+                ia.kind,
+                ia.bus,
+                fmt_t(a.start),
+                fmt_t(a.end),
+                ib.pid,
+                ib.kind,
+                ib.bus,
+                fmt_t(b.start),
+                if same_live_bus {
+                    " — both on the same live bus"
+                } else {
+                    " — no deletion of the first one's lock file after it began trying (a copy \
+                     that claims a lock file deleted before its claim should have seen it)"
+                }
+            );
+            let _ = writeln!(v, "    first:  {}", ia.lines.join("\n            "));
+            let _ = writeln!(v, "    second: {}", ib.lines.join("\n            "));
+            let between: Vec<&str> = lines
+                .iter()
+                .filter(|l| {
+                    l.pid == driver_pid && l.t >= a.attempt.min(b.attempt) && l.t <= b.start
+                })
+                .filter(|l| !matches!(l.event.as_str(), "spawn" | "exit" | "stderr" | "release"))
+                .map(|l| l.raw.as_str())
+                .collect();
+            let _ = write!(v, "    nemesis in between: {between:?}");
+            report.violations.push(v);
+        }
+    }
+
+    // Refusals name a live holder.
+    for inc in &incs {
+        let refusal = match inc.kind {
+            Kind::Library => inc
+                .refused
+                .as_ref()
+                .map(|(t, h)| (inc.attempt.unwrap_or(inc.born), *t, h.clone())),
+            Kind::Cli => {
+                let code75 = inc.exit_how.as_deref() == Some("code=75");
+                let named = inc.stderr.as_deref().and_then(|s| {
+                    let at = s.find("already running (pid ")? + "already running (pid ".len();
+                    let digits: String = s[at..].chars().take_while(char::is_ascii_digit).collect();
+                    Some(digits)
+                });
+                match (code75, named, inc.stderr.as_deref()) {
+                    (true, Some(pid), _) => Some((inc.born, inc.exit.unwrap_or(u64::MAX), pid)),
+                    (true, None, Some(s)) if s.contains("already running") => {
+                        Some((inc.born, inc.exit.unwrap_or(u64::MAX), "unknown".into()))
+                    }
+                    _ => None,
+                }
+            }
+            Kind::Command => None,
+        };
+        let Some((from, to, named)) = refusal else {
+            continue;
+        };
+        let Ok(named_pid) = named.parse::<u32>() else {
+            bump(&mut report, "refused naming no holder (unknown)".into());
+            continue;
+        };
+        let alive = lives
+            .get(&named_pid)
+            .is_some_and(|ls| ls.iter().any(|&(b, e)| b <= to && e >= from));
+        if !alive {
+            report.violations.push(format!(
+                "REFUSED NAMING A HOLDER THAT WAS NOT ALIVE: pid {} ({:?}) was refused between {} and {} \
+                 naming pid {named_pid}, which {}: {:?}",
+                inc.pid,
+                inc.kind,
+                fmt_t(from),
+                fmt_t(to),
+                if lives.contains_key(&named_pid) {
+                    "was not alive then"
+                } else {
+                    "the soak never started"
+                },
+                inc.lines
+            ));
+        }
+    }
+
+    // No crash.
+    for inc in &incs {
+        let how = inc.exit_how.as_deref().unwrap_or("");
+        let crashed = how == "code=101" || (how.starts_with("signal=") && inc.killed.is_none());
+        if crashed {
+            report.violations.push(format!(
+                "CRASHED: pid {} ({:?}) exited with {how} (no SIGKILL from the soak): {:?}",
+                inc.pid, inc.kind, inc.lines
+            ));
+        }
+        if let Some(how) = &inc.exit_how {
+            bump(&mut report, format!("exit {:?} {how}", inc.kind));
+        }
+    }
+    report.incarnations = incs;
+    report
+}
+
+impl Report {
+    fn summary(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in &self.stats {
+            let _ = writeln!(s, "  {k}: {v}");
+        }
+        let max = self.explained.iter().map(|e| e.2).max().unwrap_or(0);
+        let unreported = self.explained.iter().filter(|e| !e.3).count();
+        let _ = writeln!(
+            s,
+            "  overlaps explained by a deleted lock file: {} (longest {:.3} ms; {unreported} whose \
+             first holder ended its belief without having reported a loss)",
+            self.explained.len(),
+            max as f64 / 1e6
+        );
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+fn env_u64(key: &str) -> Option<u64> {
+    let v = std::env::var(key).ok()?;
+    Some(
+        v.parse()
+            .unwrap_or_else(|_| panic!("{key}={v:?} is not a number")),
+    )
+}
+
+/// The soak itself: `UNIQUE_INSTANCE_SOAK_SEED`, `_STEPS`, `_SECS`, `_LOG` (see module docs).
+#[test]
+fn soak_never_two_holders_and_refusals_name_live_holders() {
+    let seed = env_u64("UNIQUE_INSTANCE_SOAK_SEED").unwrap_or_else(|| {
+        // A fresh seed each run explores more; it is printed, so any run can be replayed.
+        now_ns() ^ u64::from(std::process::id()).rotate_left(32)
+    });
+    let steps = env_u64("UNIQUE_INSTANCE_SOAK_STEPS").unwrap_or(DEFAULT_STEPS);
+    let secs = env_u64("UNIQUE_INSTANCE_SOAK_SECS").unwrap_or(DEFAULT_SECS);
+    let dir = tempfile::Builder::new()
+        .prefix("unique-instance-soak-")
+        .tempdir()
+        .expect("tempdir");
+    let log_path = std::env::var_os("UNIQUE_INSTANCE_SOAK_LOG")
+        .map_or_else(|| dir.path().join("soak.log"), PathBuf::from);
+    let replay = format!(
+        "UNIQUE_INSTANCE_SOAK_SEED={seed} UNIQUE_INSTANCE_SOAK_STEPS={steps} \
+         UNIQUE_INSTANCE_SOAK_SECS={secs} ./scripts/test --test soak -- --nocapture"
+    );
+    eprintln!(
+        "soak: seed {seed}, up to {steps} steps / {secs} s; log {}",
+        log_path.display()
+    );
+
+    let mut driver = Driver::new(dir.path(), &log_path);
+    driver.start_bus();
+    let mut rng = Rng(seed);
+    let started = Instant::now();
+    let mut done = 0u64;
+    while done < steps && started.elapsed() < Duration::from_secs(secs) {
+        let action = Action::draw(&mut rng);
+        let pause = draw_pause(&mut rng);
+        driver.step(action);
+        done += 1;
+        if done.is_multiple_of(10_000) {
+            eprintln!("soak: {done} steps, {:?}", started.elapsed());
+        }
+        std::thread::sleep(pause);
+    }
+    let stuck = driver.finish();
+    let text = std::fs::read_to_string(&log_path).expect("read the soak log");
+    let report = check(&text, std::process::id());
+    eprintln!(
+        "soak: seed {seed}: {done} steps in {:?}\n{}",
+        started.elapsed(),
+        report.summary()
+    );
+    // Without any action the soak proves nothing: it must have exercised the instance.
+    assert!(
+        report.stats.get("acquired Library").copied().unwrap_or(0) > 0
+            && report.stats.get("refused").copied().unwrap_or(0) > 0,
+        "the soak did not exercise the instance (seed {seed}):\n{}",
+        report.summary()
+    );
+    if !report.violations.is_empty() || !stuck.is_empty() {
+        let kept = dir.keep();
+        panic!(
+            "soak found {} violation(s) with seed {seed} after {done} steps.\nReplay: {replay}\n\
+             Log: {} (kept in {})\n\n{}\n{}\n\nSummary:\n{}",
+            report.violations.len() + stuck.len(),
+            log_path.display(),
+            kept.display(),
+            report.violations.join("\n\n"),
+            stuck.join("\n"),
+            report.summary()
+        );
+    }
+}
+
+/// The checker is not blind: two real copies locking *different* files (a lock directory each,
+/// no bus) both believe at once, and the checker says so. Against the same directory it finds
+/// nothing.
+#[test]
+fn checker_catches_two_real_holders_of_different_lock_files() {
+    for separate in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_path = dir.path().join("soak.log");
+        let mut driver = Driver::new(dir.path(), &log_path);
+        let env = Env {
+            scope_option: Some("user"),
+            scope_env: None,
+            backend: "lockfile",
+            session: BusChoice::Unset,
+            system_live: false,
+            runtime_dir: RuntimeDir::Unset,
+            invocation_id: false,
+        };
+        for i in 0..2 {
+            let (mut cmd, what) = driver.library_command(&env, Wait::No, None, false);
+            if separate {
+                cmd.env(
+                    "UNIQUE_INSTANCE_LOCK_DIR",
+                    dir.path().join(format!("locks-{i}")),
+                );
+            }
+            let copy = driver.spawn(cmd, &what);
+            driver.slots[i] = Some(copy);
+            // The first holds before the second starts: wait for its line in the log.
+            wait_for_lines(&log_path, i + 1, &["acquired", "refused"]);
+        }
+        let _ = driver.finish();
+        let report = check(
+            &std::fs::read_to_string(&log_path).expect("log"),
+            std::process::id(),
+        );
+        if separate {
+            assert_eq!(report.violations.len(), 1, "{:#?}", report.violations);
+            assert!(
+                report.violations[0].starts_with("TWO HOLDERS AT ONCE"),
+                "{}",
+                report.violations[0]
+            );
+        } else {
+            assert!(report.violations.is_empty(), "{:#?}", report.violations);
+            assert_eq!(
+                report.stats.get("refused"),
+                Some(&1),
+                "{}",
+                report.summary()
+            );
+        }
+    }
+}
+
+/// Waits (inotify on the log, no sleeping) until `count` lines with one of `events` are in it.
+fn wait_for_lines(log: &Path, count: usize, events: &[&str]) {
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::CLOEXEC).expect("inotify");
+    inotify::add_watch(&fd, log, inotify::WatchFlags::MODIFY).expect("watch the log");
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let seen = text
+            .lines()
+            .filter(|l| l.split(' ').nth(2).is_some_and(|e| events.contains(&e)))
+            .count();
+        if seen >= count {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no {count} of {events:?} in the log within {:?}:\n{text}",
+            common::TIMEOUT
+        );
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let timeout = rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let _ = rustix::event::poll(&mut fds, Some(&timeout));
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = inotify::Reader::new(&fd, &mut buf);
+        let _ = reader.next();
+    }
+}
+
+/// The checker's rules on hand-written logs: an overlap with no deletion is reported with both
+/// histories; one after a deletion, with no shared live bus, is explained; a refusal naming a
+/// PID that had exited is reported; a panic is reported.
+#[test]
+fn checker_rules_on_written_logs() {
+    let d = 1;
+    let log = |lines: &[&str]| lines.join("\n") + "\n";
+    let two = log(&[
+        "1.000000000 1 spawn pid=10 kind=lib bus=-",
+        "1.100000000 10 attempt",
+        "1.200000000 10 acquired backends=[LockFile] bus=None",
+        "1.300000000 1 spawn pid=11 kind=lib bus=-",
+        "1.400000000 11 attempt",
+        "1.500000000 11 acquired backends=[LockFile] bus=None",
+        "1.600000000 10 releasing why=done",
+        "1.700000000 11 releasing why=done",
+        "1.800000000 1 exit pid=10 code=0",
+        "1.900000000 1 exit pid=11 code=0",
+    ]);
+    let r = check(&two, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("TWO HOLDERS AT ONCE for 100.000 ms"),
+        "{}",
+        r.violations[0]
+    );
+    assert!(r.violations[0].contains("pid 10") && r.violations[0].contains("pid 11"));
+
+    let deleted = two.replace(
+        "1.300000000 1 spawn",
+        "1.250000000 1 rm-lock holders=10\n1.300000000 1 spawn",
+    );
+    let r = check(&deleted, d);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    assert_eq!(r.explained.len(), 1);
+
+    // A record naming nobody, or a dead copy, leaves it to the first one too.
+    for holders in ["?", "", "99"] {
+        let r = check(
+            &deleted.replace("holders=10", &format!("holders={holders}")),
+            d,
+        );
+        assert!(r.violations.is_empty(), "{holders}: {:#?}", r.violations);
+    }
+    // The deleted file was a live third copy's: the first one's lock was not taken, so the
+    // second claimed a lock it should not have.
+    let third = deleted.replace("holders=10", "holders=12").replace(
+        "1.100000000 10 attempt",
+        "1.050000000 1 spawn pid=12 kind=lib bus=-\n1.100000000 10 attempt",
+    ) + "1.950000000 1 exit pid=12 code=0\n";
+    let r = check(&third, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("TWO HOLDERS AT ONCE"),
+        "{}",
+        r.violations[0]
+    );
+
+    // Both on bus 0, which lived on: the bus should have refused one of them.
+    let same_bus = deleted
+        .replace("bus=-", "bus=0")
+        .replace("backends=[LockFile]", "backends=[LockFile, Dbus]");
+    let r = check(&same_bus, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("same live bus"),
+        "{}",
+        r.violations[0]
+    );
+
+    // SIGKILLed: the belief ends when the signal was sent, not at the exit.
+    let killed = two.replace(
+        "1.300000000 1 spawn",
+        "1.250000000 1 kill pid=10\n1.300000000 1 spawn",
+    );
+    let r = check(&killed, d);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+
+    // A COMMAND of `run` believes until its wrapper is killed.
+    let command = log(&[
+        "1.000000000 1 spawn pid=20 kind=cli bus=-",
+        "1.100000000 21 acquired via=run wrapper=20 lock_fd=none",
+        "1.200000000 1 spawn pid=30 kind=lib bus=-",
+        "1.300000000 30 attempt",
+        "1.400000000 30 acquired backends=[LockFile] bus=None",
+        "1.500000000 1 kill pid=20",
+        "1.600000000 1 exit pid=20 signal=9",
+        "1.700000000 30 releasing why=done",
+        "1.800000000 1 exit pid=30 code=0",
+    ]);
+    let r = check(&command, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("pid 21 (Command"),
+        "{}",
+        r.violations[0]
+    );
+
+    let stale = log(&[
+        "1.000000000 1 spawn pid=10 kind=lib bus=-",
+        "1.100000000 1 exit pid=10 code=0",
+        "1.200000000 1 spawn pid=11 kind=lib bus=-",
+        "1.300000000 11 attempt",
+        "1.400000000 11 refused holder=10",
+        "1.500000000 1 exit pid=11 code=75",
+    ]);
+    let r = check(&stale, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(r.violations[0].contains("NOT ALIVE"), "{}", r.violations[0]);
+
+    let panicked = log(&[
+        "1.000000000 1 spawn pid=10 kind=lib bus=-",
+        "1.100000000 1 exit pid=10 code=101",
+    ]);
+    let r = check(&panicked, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(r.violations[0].contains("CRASHED"), "{}", r.violations[0]);
+}
