@@ -20,13 +20,13 @@
 //!    `PR_SET_PDEATHSIG` after that, never before). A SIGSTOPped copy believes on while stopped —
 //!    its kernel lock and bus name still exclude. Two beliefs that overlap are a violation,
 //!    unless the overlap is one the library cannot prevent and only reports: the nemesis
-//!    deleted the *first* copy's lock file (or its directory) after that copy began trying (for
+//!    deleted the lock file (or its directory) of one of the two after it began trying (for
 //!    `run`, after its wrapper started), and the two did not both hold the name on the same
 //!    live bus. Whose lock a deletion took is known from the record in the deleted file (read
-//!    through a descriptor checked to be the path's file): the first copy's (or its wrapper's),
-//!    none yet, or a dead holder's all count as the first copy's; a live *other* holder's does
-//!    not — then the copy that claimed a lock file already deleted under it is at fault. Those
-//!    explained overlaps are counted and shown, not hidden.
+//!    through a descriptor checked to be the path's file, or after the directory was renamed
+//!    away): that copy's (or its wrapper's), none yet, or a dead holder's count as that copy's;
+//!    a live *other* holder's does not — then a copy claimed a lock file already deleted under
+//!    its holder. Those explained overlaps are counted and shown, not hidden.
 //! 2. **Every refused copy named a holder that was alive**: the PID it named belongs to a copy
 //!    the driver had started and not yet seen exit at some moment between the refused copy's
 //!    attempt and its refusal ("holder unknown" is counted, not failed).
@@ -271,6 +271,25 @@ impl Action {
     }
 }
 
+/// The nemesis's faults, by name: all of them unless `UNIQUE_INSTANCE_SOAK_FAULTS` lists some
+/// (`kill,stop,bus,rm-lock,rm-dir,churn`), to tell which fault a violation needs. A disabled
+/// fault's steps do nothing, so the rest of the schedule stays the seed's.
+fn fault_enabled(action: Action) -> bool {
+    let name = match action {
+        Action::Kill { .. } => "kill",
+        Action::Stop { .. } | Action::Cont { .. } => "stop",
+        Action::BusKill | Action::BusRestart => "bus",
+        Action::RemoveLockFile => "rm-lock",
+        Action::RemoveLockDir => "rm-dir",
+        Action::Churn { .. } => "churn",
+        _ => return true,
+    };
+    match std::env::var("UNIQUE_INSTANCE_SOAK_FAULTS") {
+        Ok(list) => list.split(',').any(|f| f.trim() == name),
+        Err(_) => true,
+    }
+}
+
 /// The pause after a step: mostly short, sometimes long enough for things to settle.
 fn draw_pause(rng: &mut Rng) -> Duration {
     match rng.below(20) {
@@ -319,6 +338,13 @@ struct Driver {
     slots: Vec<Option<Spawned>>,
     churn: Vec<Spawned>,
     reapers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The `"pid":N` of a lock file's record.
+fn record_pid(record: &str) -> Option<String> {
+    let (_, rest) = record.split_once("\"pid\":")?;
+    let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (!pid.is_empty()).then_some(pid)
 }
 
 /// A bus address that nothing serves.
@@ -598,14 +624,7 @@ impl Driver {
                 Some((opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino))
             });
             if std::fs::remove_file(&path).is_ok() {
-                let pid = record
-                    .split_once("\"pid\":")
-                    .map(|(_, rest)| {
-                        rest.chars()
-                            .take_while(char::is_ascii_digit)
-                            .collect::<String>()
-                    })
-                    .filter(|p| !p.is_empty() && same == Some(true));
+                let pid = record_pid(&record).filter(|_| same == Some(true));
                 holders.push(pid.unwrap_or_else(|| "?".into()));
             }
         }
@@ -625,6 +644,23 @@ impl Driver {
     }
 
     fn step(&mut self, action: Action) {
+        // Finished reapers are joined as we go: a long run starts tens of thousands of them.
+        if self
+            .reapers
+            .iter()
+            .any(std::thread::JoinHandle::is_finished)
+        {
+            let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reapers)
+                .into_iter()
+                .partition(std::thread::JoinHandle::is_finished);
+            self.reapers = running;
+            for reaper in done {
+                let _ = reaper.join();
+            }
+        }
+        if !fault_enabled(action) {
+            return;
+        }
         match action {
             Action::Library {
                 slot,
@@ -689,9 +725,19 @@ impl Driver {
                     .at(t, &format!("rm-lock holders={}", holders.join(",")));
             }
             Action::RemoveLockDir => {
+                // Renamed away in one step, so the files read afterwards are exactly the ones
+                // that were in it (a file a copy creates at the old path later is not).
+                let trash = self.dir.join(format!("trash-{}", now_ns()));
                 let t = now_ns();
-                let holders = self.remove_lock_files();
-                let removed = std::fs::remove_dir_all(&self.lock_dir).is_ok();
+                let removed = std::fs::rename(&self.lock_dir, &trash).is_ok();
+                let mut holders = Vec::new();
+                if removed {
+                    for entry in std::fs::read_dir(&trash).into_iter().flatten().flatten() {
+                        let record = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                        holders.push(record_pid(&record).unwrap_or_else(|| "?".into()));
+                    }
+                    let _ = std::fs::remove_dir_all(&trash);
+                }
                 self.log.at(
                     t,
                     &format!("rm-dir removed={removed} holders={}", holders.join(",")),
@@ -1107,11 +1153,14 @@ fn check(text: &str, driver_pid: u32) -> Report {
                 continue;
             }
             // b began believing while a still did.
-            // A deletion explains it when it took the first one's lock, after that one began
-            // trying: its record named the first copy (or `run`'s wrapper), or nobody alive (none
-            // yet, a dead holder's). Or, when the second is `run`'s COMMAND, the second's: its
-            // wrapper acquired before COMMAND could log it, so a deletion in between is a loss
-            // the wrapper must act on, not a claim on a deleted file.
+            // A deletion explains it when it took the lock of one of the two, after that one
+            // began trying: the deleted file's record named it (or `run`'s wrapper), or nobody
+            // alive (no record yet: a copy between locking and recording, which may be either;
+            // a dead holder's). The second one's counts too: it may have locked before the
+            // deletion and logged after (for COMMAND, its wrapper acquired before COMMAND could
+            // say so) — a loss to report, not a claim on a file already gone. What is left is a
+            // copy claiming a lock file whose deletion took a live *other* holder's lock, or no
+            // deletion at all.
             let alive_at = |pid: u32, t: u64| {
                 lives
                     .get(&pid)
@@ -1130,7 +1179,7 @@ fn check(text: &str, driver_pid: u32) -> Report {
                             }))
                 })
             };
-            let deleted = took(a) || (incs[b.who].kind == Kind::Command && took(b));
+            let deleted = took(a) || took(b);
             let same_live_bus = a.bus.is_some()
                 && a.bus == b.bus
                 && a.bus
@@ -1159,8 +1208,8 @@ fn check(text: &str, driver_pid: u32) -> Report {
                 if same_live_bus {
                     " — both on the same live bus"
                 } else {
-                    " — no deletion of the first one's lock file after it began trying (a copy \
-                     that claims a lock file deleted before its claim should have seen it)"
+                    " — no deletion took either one's lock file after it began trying: one of them \
+                     claimed a lock file that was already gone (its holder was someone else)"
                 }
             );
             let _ = writeln!(v, "    first:  {}", ia.lines.join("\n            "));
@@ -1293,8 +1342,11 @@ fn soak_never_two_holders_and_refusals_name_live_holders() {
         .expect("tempdir");
     let log_path = std::env::var_os("UNIQUE_INSTANCE_SOAK_LOG")
         .map_or_else(|| dir.path().join("soak.log"), PathBuf::from);
+    let faults = std::env::var("UNIQUE_INSTANCE_SOAK_FAULTS")
+        .map(|f| format!("UNIQUE_INSTANCE_SOAK_FAULTS={f} "))
+        .unwrap_or_default();
     let replay = format!(
-        "UNIQUE_INSTANCE_SOAK_SEED={seed} UNIQUE_INSTANCE_SOAK_STEPS={steps} \
+        "{faults}UNIQUE_INSTANCE_SOAK_SEED={seed} UNIQUE_INSTANCE_SOAK_STEPS={steps} \
          UNIQUE_INSTANCE_SOAK_SECS={secs} ./scripts/test --test soak -- --nocapture"
     );
     eprintln!(
@@ -1495,6 +1547,18 @@ fn checker_rules_on_written_logs() {
         "{}",
         r.violations[0]
     );
+
+    // The second one's own lock, taken before it logged `acquired`: a loss, not a claim.
+    let seconds = deleted.replace("holders=10", "holders=11").replace(
+        "1.250000000 1 rm-lock holders=11\n1.300000000 1 spawn pid=11 kind=lib bus=-\n1.400000000 11 attempt",
+        "1.300000000 1 spawn pid=11 kind=lib bus=-\n1.400000000 11 attempt\n1.450000000 1 rm-lock holders=11",
+    );
+    assert!(
+        seconds.contains("1.450000000 1 rm-lock holders=11"),
+        "{seconds}"
+    );
+    let r = check(&seconds, d);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
 
     // Both on bus 0, which lived on: the bus should have refused one of them.
     let same_bus = deleted
