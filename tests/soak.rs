@@ -219,6 +219,9 @@ enum Action {
     BusRestart,
     RemoveLockFile,
     RemoveLockDir,
+    /// Renames the lock directory away, then deletes it: not in the default set (see
+    /// [`fault_enabled`]).
+    MoveLockDir,
     Churn {
         envs: [Env; 4],
         count: usize,
@@ -256,6 +259,7 @@ impl Action {
             66..=68 => Action::BusRestart,
             69..=70 => Action::RemoveLockFile,
             71 => Action::RemoveLockDir,
+            76 => Action::MoveLockDir,
             72..=75 => Action::Churn {
                 envs: [
                     Env::draw(rng),
@@ -271,9 +275,11 @@ impl Action {
     }
 }
 
-/// The nemesis's faults, by name: all of them unless `UNIQUE_INSTANCE_SOAK_FAULTS` lists some
-/// (`kill,stop,bus,rm-lock,rm-dir,churn`), to tell which fault a violation needs. A disabled
-/// fault's steps do nothing, so the rest of the schedule stays the seed's.
+/// The nemesis's faults, by name: `kill,stop,bus,rm-lock,rm-dir,churn` unless
+/// `UNIQUE_INSTANCE_SOAK_FAULTS` lists others, to tell which fault a violation needs. A disabled
+/// fault's steps do nothing, so the rest of the schedule stays the seed's. `mv-dir` (the lock
+/// directory renamed away, as `mv` or a deploy would, then deleted) is opt-in: it goes beyond
+/// "the lock file or its directory deleted".
 fn fault_enabled(action: Action) -> bool {
     let name = match action {
         Action::Kill { .. } => "kill",
@@ -281,12 +287,13 @@ fn fault_enabled(action: Action) -> bool {
         Action::BusKill | Action::BusRestart => "bus",
         Action::RemoveLockFile => "rm-lock",
         Action::RemoveLockDir => "rm-dir",
+        Action::MoveLockDir => "mv-dir",
         Action::Churn { .. } => "churn",
         _ => return true,
     };
     match std::env::var("UNIQUE_INSTANCE_SOAK_FAULTS") {
         Ok(list) => list.split(',').any(|f| f.trim() == name),
-        Err(_) => true,
+        Err(_) => name != "mv-dir",
     }
 }
 
@@ -725,8 +732,30 @@ impl Driver {
                     .at(t, &format!("rm-lock holders={}", holders.join(",")));
             }
             Action::RemoveLockDir => {
-                // Renamed away in one step, so the files read afterwards are exactly the ones
-                // that were in it (a file a copy creates at the old path later is not).
+                // `rm -rf`: each file (its record read first), then the directory; a file a copy
+                // created meanwhile is removed (and recorded) on the next round.
+                let t = now_ns();
+                let mut holders = Vec::new();
+                let mut removed = false;
+                for _ in 0..100 {
+                    holders.extend(self.remove_lock_files());
+                    match rustix::fs::rmdir(&self.lock_dir) {
+                        Ok(()) => {
+                            removed = true;
+                            break;
+                        }
+                        Err(rustix::io::Errno::NOTEMPTY) => {}
+                        Err(_) => break,
+                    }
+                }
+                self.log.at(
+                    t,
+                    &format!("rm-dir removed={removed} holders={}", holders.join(",")),
+                );
+            }
+            Action::MoveLockDir => {
+                // Renamed away in one step (then deleted), so the files read afterwards are
+                // exactly the ones that were in it.
                 let trash = self.dir.join(format!("trash-{}", now_ns()));
                 let t = now_ns();
                 let removed = std::fs::rename(&self.lock_dir, &trash).is_ok();
@@ -740,7 +769,7 @@ impl Driver {
                 }
                 self.log.at(
                     t,
-                    &format!("rm-dir removed={removed} holders={}", holders.join(",")),
+                    &format!("mv-dir removed={removed} holders={}", holders.join(",")),
                 );
             }
             Action::Churn {
@@ -973,7 +1002,7 @@ fn check(text: &str, driver_pid: u32) -> Report {
                     current.insert(pid, incs.len() - 1);
                     bump(&mut report, format!("spawned {kind:?}"));
                 }
-                "rm-lock" | "rm-dir" => {
+                "rm-lock" | "rm-dir" | "mv-dir" => {
                     let holders = field(&line.rest, "holders").unwrap_or("");
                     let holders: Vec<Option<u32>> = holders
                         .split(',')
