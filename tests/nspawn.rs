@@ -954,3 +954,61 @@ fn shipped_units_on(bus: Broker) {
     assert_eq!(squatter.exit_code(), 0);
     eprintln!("all steps done {:?} after the start", started.elapsed());
 }
+
+/// `systemctl stop` of a unit that runs `unique-instance run`: COMMAND gets the stop signal
+/// exactly once, whether systemd signals the whole cgroup (`KillMode=control-group`, the
+/// default: the wrapper must not pass it on again) or the main process alone (`mixed`: the
+/// wrapper must pass it on).
+#[test]
+fn command_under_systemctl_stop_gets_one_sigterm() {
+    let c = Container::boot();
+    for (i, kill_mode) in ["control-group", "mixed"].into_iter().enumerate() {
+        let unit = format!("cli-stop-{i}.service");
+        let log = format!("/run/cli-stop-{i}.log");
+        let ready = format!("{log}.ready");
+        let name = format!("org.example.CliStop{i}");
+        // COMMAND writes a line per SIGTERM and waits on (perl: Essential in Debian). It never
+        // exits by itself: TimeoutStopSec ends the stop, after any second SIGTERM came.
+        let command = format!(
+            "$SIG{{TERM}} = sub {{ open my $f, '>>', '{log}'; print $f qq(TERM\\n); close $f }}; \
+             open my $r, '>', '{ready}'; close $r; sleep while 1"
+        );
+        c.ok(&[
+            "systemd-run",
+            &format!("--unit={unit}"),
+            &format!("--property=KillMode={kill_mode}"),
+            "--property=TimeoutStopSec=3",
+            "--setenv=RUST_LOG=unique_instance=debug",
+            CLI,
+            "run",
+            "--backend",
+            "lockfile",
+            &name,
+            "--",
+            "perl",
+            "-e",
+            // systemd expands $VAR in a command line; $$ is a plain $.
+            &command.replace('$', "$$"),
+        ]);
+        wait_until("COMMAND has set its SIGTERM handler", || {
+            (c.run(&["test", "-e", &ready]).code == 0).then(String::new)
+        });
+        c.ok(&["systemctl", "stop", &unit]);
+        let terms = c.ok(&["cat", &log]);
+        let journal = c.run(&["journalctl", "--no-pager", "-u", &unit]).stdout;
+        assert_eq!(
+            terms.lines().count(),
+            1,
+            "KillMode={kill_mode}: COMMAND got SIGTERM {} times: {terms:?}; journal: {journal}",
+            terms.lines().count(),
+        );
+        // Two SIGTERMs close together may reach COMMAND's handler as one, so the wrapper's
+        // decision (its debug log) is what proves it did not send a second one.
+        let passed_on = journal.contains("passing the signal on to COMMAND signal=15");
+        assert_eq!(
+            passed_on,
+            kill_mode == "mixed",
+            "KillMode={kill_mode}: the wrapper passed SIGTERM on: {passed_on}; journal: {journal}"
+        );
+    }
+}

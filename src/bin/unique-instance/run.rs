@@ -202,7 +202,11 @@ async fn watch_child(
     loop {
         tokio::select! {
             status = child.wait() => return (status, stopped_for),
-            Some(origin) = signals.next() => forward(&origin, child_pid),
+            Some(origin) = signals.next() => {
+                if !manager_signals_command_too(&origin, child_pid).await {
+                    forward(&origin, child_pid);
+                }
+            }
             Some(loss) = losses.next(), if stopped_for.is_none() => {
                 if loss.still_exclusive {
                     if !args.quiet {
@@ -250,6 +254,89 @@ fn forward(origin: &Origin, child: Option<Pid>) {
         tracing::debug!(signal = origin.signal, "passing the signal on to COMMAND");
         send(Some(child), signal);
     }
+}
+
+/// Whether `origin` is systemd stopping our unit with `KillMode=control-group`: it then sends
+/// the same signal to every process of the unit's cgroup, `child` (COMMAND, or what it left)
+/// included, and passing it on would make it see the signal twice. Only then, verified: the
+/// sender is our service manager (PID 1, or the user manager named by `MANAGERPID`), we run in a
+/// unit (`INVOCATION_ID`), `child` is in our cgroup, and the manager itself says the unit is
+/// deactivating with that kill mode. With `KillMode=mixed` or `process`, with `systemctl kill`,
+/// or when anything cannot be verified, the signal is passed on: twice is better than never.
+async fn manager_signals_command_too(origin: &Origin, child: Option<Pid>) -> bool {
+    let (Cause::Sent(_), Some(sender), Some(child)) = (origin.cause, origin.process, child) else {
+        return false;
+    };
+    if std::env::var_os("INVOCATION_ID").is_none() {
+        return false;
+    }
+    let user_manager = std::env::var("MANAGERPID")
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok());
+    let system = match sender.pid {
+        1 => true,
+        pid if user_manager == Some(pid) => false,
+        _ => return false,
+    };
+    let cgroup = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+    let ours = cgroup("self");
+    if ours.is_none() || ours != cgroup(&child.as_raw_nonzero().to_string()) {
+        return false;
+    }
+    let asked = tokio::time::timeout(Duration::from_secs(2), unit_kills_whole_cgroup(system)).await;
+    let verdict = matches!(asked, Ok(Ok(true)));
+    tracing::debug!(
+        signal = origin.signal,
+        sender = sender.pid,
+        ?asked,
+        "signal from the service manager; COMMAND gets it from the manager too: {verdict}"
+    );
+    verdict
+}
+
+/// Asks systemd (on the system bus, or the session bus for a user manager) whether the unit we
+/// run in is being stopped with `KillMode=control-group`.
+async fn unit_kills_whole_cgroup(system: bool) -> zbus::Result<bool> {
+    const SYSTEMD: &str = "org.freedesktop.systemd1";
+    let conn = if system {
+        zbus::Connection::system().await?
+    } else {
+        zbus::Connection::session().await?
+    };
+    let unit: zbus::OwnedObjectPath = conn
+        .call_method(
+            Some(SYSTEMD),
+            "/org/freedesktop/systemd1",
+            Some("org.freedesktop.systemd1.Manager"),
+            "GetUnitByPID",
+            &(std::process::id(),),
+        )
+        .await?
+        .body()
+        .deserialize()?;
+    let property = async |interface: &str, name: &str| -> zbus::Result<String> {
+        let value: zbus::OwnedVariant = conn
+            .call_method(
+                Some(SYSTEMD),
+                &unit,
+                Some("org.freedesktop.DBus.Properties"),
+                "Get",
+                &(interface, name),
+            )
+            .await?
+            .body()
+            .deserialize()?;
+        String::try_from(value)
+    };
+    if property("org.freedesktop.systemd1.Unit", "ActiveState").await? != "deactivating" {
+        return Ok(false);
+    }
+    // A service, or a scope (`systemd-run --scope`).
+    let kill_mode = match property("org.freedesktop.systemd1.Service", "KillMode").await {
+        Ok(mode) => mode,
+        Err(_) => property("org.freedesktop.systemd1.Scope", "KillMode").await?,
+    };
+    Ok(kill_mode == "control-group")
 }
 
 fn send(child: Option<Pid>, signal: Signal) {
@@ -312,7 +399,9 @@ async fn stop_leftovers(kill_after: Duration, signals: &mut SignalsInfo<WithOrig
             // what it left (a `systemctl stop` or a Ctrl-C is not ignored while they end).
             Some(origin) = signals.next() => {
                 for pid in children() {
-                    forward(&origin, Some(pid));
+                    if !manager_signals_command_too(&origin, Some(pid)).await {
+                        forward(&origin, Some(pid));
+                    }
                 }
             }
         }
