@@ -961,7 +961,7 @@ fn shipped_units_on(bus: Broker) {
 /// wrapper must pass it on).
 #[test]
 fn command_under_systemctl_stop_gets_one_sigterm() {
-    let c = Container::boot();
+    let c = Container::boot(Broker::DbusDaemon);
     for (i, kill_mode) in ["control-group", "mixed"].into_iter().enumerate() {
         let unit = format!("cli-stop-{i}.service");
         let log = format!("/run/cli-stop-{i}.log");
