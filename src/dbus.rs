@@ -26,8 +26,9 @@ const DBUS_PATH: &str = "/org/freedesktop/DBus";
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Something to serve on the connection, registered with the builder so that it is in place
-/// before the connection reads its first message.
-pub(crate) type Export = Box<dyn FnOnce(Builder<'static>) -> Builder<'static> + Send>;
+/// before the connection reads its first message. `Sync` too (zbus interfaces are), so that
+/// `&InstanceOptions` may be held across an await in a `Send` future.
+pub(crate) type Export = Box<dyn FnOnce(Builder<'static>) -> Builder<'static> + Send + Sync>;
 
 /// A connection to the bus, with the stream of everything it receives (set up before zbus read
 /// anything, so no `NameAcquired`/`NameLost` or reply can slip past).
