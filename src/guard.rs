@@ -290,6 +290,16 @@ impl InstanceGuard {
     }
 
     /// The connection that owns the name: serve your own objects on it.
+    ///
+    /// # Caveats
+    ///
+    /// The connection belongs to the instance: a blocking release (`drop`, [`release`]) ends
+    /// it, clones included, so that the bus has dropped the name before the lock file is
+    /// freed, whatever runtime the release runs in. [`release_async`] leaves it to close with
+    /// its last handle after `ReleaseName` was answered.
+    ///
+    /// [`release`]: InstanceGuard::release
+    /// [`release_async`]: InstanceGuard::release_async
     pub fn connection(&self) -> Option<&zbus::Connection> {
         self.bus.as_ref().map(|(_, c)| c)
     }
