@@ -208,6 +208,10 @@ pub struct InstanceGuard {
     pub(crate) disconnect: Option<dbus::Disconnect>,
     /// The lock-file watch of a guard that has no runtime (the lock file alone, blocking API).
     pub(crate) lock_watch: Option<crate::options::LockWatchThread>,
+    /// The inotify instance a wait for the lock file used, with no watches left: closed with the
+    /// guard, after the lock, because closing one takes milliseconds (see
+    /// `lockfile::ReleaseWatch::into_quiet`).
+    pub(crate) _wait_watch: Option<std::os::fd::OwnedFd>,
 }
 
 impl fmt::Debug for InstanceGuard {
@@ -666,6 +670,7 @@ mod tests {
             )),
             disconnect: connected.disconnect,
             lock_watch: None,
+            _wait_watch: None,
         };
         let result = guard.release();
         assert!(

@@ -508,6 +508,7 @@ impl InstanceOptions {
         // written at once, so that copies refused meanwhile can name us without waiting for our
         // bus connection; it is completed with the bus below.
         let mut early_bus = None;
+        let mut wait_watch = None;
         let (mut lock, previous) = match &lock_plan {
             Some(plan) => {
                 let (mut held, previous) = match try_lock(plan, &self).await? {
@@ -517,7 +518,7 @@ impl InstanceOptions {
                     }
                     (Attempt::Busy(holder), dir) => {
                         let waited = wait_lock(&name, plan, dir, holder, &self, deadline);
-                        match &bus_plan {
+                        let waited = match &bus_plan {
                             // Connected meanwhile (the name is asked for only once the lock file
                             // is ours), so that a take-over is one round trip from the bus name.
                             // Not with objects to serve: they can go to one connection only, and
@@ -529,7 +530,10 @@ impl InstanceOptions {
                                 waited?
                             }
                             _ => waited.await?,
-                        }
+                        };
+                        let (held, previous, watch) = waited;
+                        wait_watch = watch;
+                        (held, previous)
                     }
                 };
                 let record = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
@@ -677,6 +681,7 @@ impl InstanceOptions {
             runtime: None,
             disconnect,
             lock_watch: None,
+            _wait_watch: wait_watch,
         })
     }
 }
@@ -781,6 +786,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         runtime: None,
         disconnect: None,
         lock_watch,
+        _wait_watch: None,
     })
 }
 
@@ -808,7 +814,7 @@ async fn wait_lock(
     holder: Box<Holder>,
     options: &InstanceOptions,
     deadline: Option<Instant>,
-) -> Result<(HeldLock, Option<LockRecord>)> {
+) -> Result<Waited> {
     tracing::info!(name = %name, holder = %holder, "waiting for the running copy to exit");
     if options.notify_ready {
         crate::notify::status(&format!(
@@ -836,18 +842,22 @@ async fn wait_lock(
 /// about a second close that window. Without an event, nothing wakes up: an idle wait costs
 /// nothing.
 const RECHECK_FIRST: Duration = Duration::from_millis(1);
+/// Before those, a few re-checks at once, yielding in between: the window is usually
+/// microseconds, shorter than a timer's millisecond (the take-over benchmark gains it).
+const QUICK_RECHECKS: u32 = 20;
 const RECHECK_LAST: Duration = Duration::from_millis(512);
 /// The re-check interval when inotify cannot be used at all (its limits reached).
 const RECHECK_WITHOUT_INOTIFY: Duration = Duration::from_millis(100);
 
-async fn wait_for_release(
-    plan: &LockPlan,
-    dir: &LockDir,
-) -> Result<(HeldLock, Option<LockRecord>)> {
+/// What a wait gives: the lock, its previous holder's record, and the wait's inotify instance,
+/// quiet, to be kept (see [`lockfile::ReleaseWatch::into_quiet`]).
+type Waited = (HeldLock, Option<LockRecord>, Option<std::os::fd::OwnedFd>);
+
+async fn wait_for_release(plan: &LockPlan, dir: &LockDir) -> Result<Waited> {
     // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
-    // an `OwnedFd` moved in here cannot (see `watch_lock`).
+    // a `ReleaseWatch` moved in here cannot (see `watch_lock`).
     #[allow(deprecated)]
-    let watch = match lockfile::release_watch(dir).and_then(tokio::io::unix::AsyncFd::new) {
+    let mut watch = match lockfile::release_watch(dir).and_then(tokio::io::unix::AsyncFd::new) {
         Ok(watch) => Some(watch),
         Err(e) => {
             tracing::warn!(path = %plan.path().display(), error = %e,
@@ -856,18 +866,27 @@ async fn wait_for_release(
         }
     };
     let mut recheck = None;
+    let mut quick = 0;
     loop {
-        let free = match &watch {
+        let free = match &mut watch {
             Some(watch) => {
                 // Events up to here are answered by the check below.
-                lockfile::drain(watch.get_ref());
-                lockfile::may_be_free(watch.get_ref(), plan, dir)
+                lockfile::drain(watch.get_ref().fd());
+                lockfile::may_be_free(watch.get_mut(), plan, dir)
             }
             None => true,
         };
         if free {
             match lockfile::lock_async(plan, dir).await? {
-                Attempt::Acquired(held, previous) => return Ok((held, previous)),
+                Attempt::Acquired(mut held, previous) => {
+                    let quiet = watch.map(|w| w.into_inner().into_quiet());
+                    if let Some(quiet) = &quiet {
+                        // Released after the lock when this process dies, as with the watch of
+                        // `watch_lock_file` (see `HeldLock::move_above`).
+                        held.move_above(quiet)?;
+                    }
+                    return Ok((held, previous, quiet));
+                }
                 // Another copy was quicker: wait for it in turn.
                 Attempt::Busy(_) => {}
             }
@@ -876,13 +895,18 @@ async fn wait_for_release(
             tokio::time::sleep(RECHECK_WITHOUT_INOTIFY).await;
             continue;
         };
+        if quick > 0 {
+            quick -= 1;
+            tokio::task::yield_now().await;
+            continue;
+        }
         let event = async {
             loop {
                 let Ok(mut ready) = watch.readable().await else {
                     // Cannot happen with a registered descriptor; re-check rather than spin.
                     return std::future::pending::<()>().await;
                 };
-                let got = lockfile::drain_any(ready.get_inner());
+                let got = lockfile::drain_any(ready.get_inner().fd());
                 ready.clear_ready();
                 if got {
                     return;
@@ -892,7 +916,10 @@ async fn wait_for_release(
         match recheck {
             Some(after) => {
                 tokio::select! {
-                    () = event => recheck = Some(RECHECK_FIRST),
+                    () = event => {
+                        recheck = Some(RECHECK_FIRST);
+                        quick = QUICK_RECHECKS;
+                    }
                     () = tokio::time::sleep(after) => {
                         recheck = Some(after * 2).filter(|d| *d <= RECHECK_LAST);
                     }
@@ -901,6 +928,7 @@ async fn wait_for_release(
             None => {
                 event.await;
                 recheck = Some(RECHECK_FIRST);
+                quick = QUICK_RECHECKS;
             }
         }
     }

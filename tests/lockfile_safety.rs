@@ -173,11 +173,15 @@ fn unlinked_and_recreated_file_never_yields_two_holders() {
             dir.path(),
             &[&name, "--backend", "lockfile", "--wait", "forever"],
         );
-        // The waiter is blocked once it exists and has not acquired; unlink + recreate now.
+        // The waiter is waiting once it exists and has not acquired; unlink + recreate now, in
+        // one step (a new file renamed over the path): a waiter sees the path change at once
+        // (inotify) and may take the new file while the holder still holds the orphan, and
+        // a plain write after an unlink would then truncate the record of the waiter's own file.
         assert_eq!(w.try_line(std::time::Duration::from_millis(100)), None);
-        std::fs::remove_file(&path).expect("unlink");
-        std::fs::write(&path, "").expect("recreate");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let new_file = dir.path().join(format!("{name}.new"));
+        std::fs::write(&new_file, "").expect("create");
+        std::fs::set_permissions(&new_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        std::fs::rename(&new_file, &path).expect("recreate");
         h.close_stdin();
         assert_eq!(h.line_starting("released"), "released");
         let got = w.next_line("waiter");
