@@ -175,9 +175,11 @@ impl InstanceOptions {
     /// no wait, has no runtime: its watch is a small thread asleep in `poll`, started with the
     /// guard and stopped before the guard removes its lock file.
     ///
-    /// Directories above the lock directory are not watched (inotify cannot): a change there
-    /// is seen when the directory itself changes, when the bus connection closes, or by
-    /// [`InstanceOptions::recheck_lock_file`].
+    /// The mount table is watched too (`POLLPRI` on `/proc/self/mountinfo`): a file system
+    /// mounted over the lock directory, or over one above it, is seen at once. Other changes to
+    /// directories above it (a rename of a plain directory) are not watched (inotify cannot):
+    /// they are seen when the lock directory itself changes, when the bus connection closes, or
+    /// by [`InstanceOptions::recheck_lock_file`].
     pub fn watch_lock_file(mut self, watch: bool) -> Self {
         self.watch_lock = watch;
         self
@@ -1156,23 +1158,54 @@ async fn watch_lock(handle: lockfile::WatchHandle, inotify: CloseAside, losses: 
             return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
         }
     };
+    #[allow(deprecated)]
+    let mounts = mount_table().and_then(|fd| {
+        tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::PRIORITY).ok()
+    });
     loop {
         // Checked after the watch exists (and after each batch of events), so a change made
         // before the watch was in place is not missed.
         if let Some(reason) = lock_change(&handle) {
             return report_lock_loss(&handle, reason, &losses);
         }
-        match events.readable().await {
-            Ok(mut ready) => {
-                lockfile::drain(&ready.get_inner().0);
-                ready.clear_ready();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "inotify failed; re-checking the lock file every 10 s instead");
-                return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
-            }
+        tokio::select! {
+            ready = events.readable() => match ready {
+                Ok(mut ready) => {
+                    lockfile::drain(&ready.get_inner().0);
+                    ready.clear_ready();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "inotify failed; re-checking the lock file every 10 s instead");
+                    return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
+                }
+            },
+            () = mount_table_changed(mounts.as_ref()) => {}
         }
     }
+}
+
+/// The mount table of our mount namespace, to be polled for `POLLPRI`, which it reports
+/// whenever something is mounted or unmounted: a file system mounted over the lock directory
+/// (or one above it) makes the path lead elsewhere, and inotify on the covered directory sees
+/// nothing. `None` without `/proc`: then only the directory's own events wake the watch.
+fn mount_table() -> Option<std::os::fd::OwnedFd> {
+    rustix::fs::open(
+        "/proc/self/mountinfo",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NONBLOCK,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()
+}
+
+/// Resolves when the mount table changed; never, without one (or once polling it failed).
+async fn mount_table_changed(mounts: Option<&tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>) {
+    if let Some(mounts) = mounts
+        && let Ok(mut ready) = mounts.ready(tokio::io::Interest::PRIORITY).await
+    {
+        ready.clear_ready();
+        return;
+    }
+    std::future::pending().await
 }
 
 /// An inotify instance that is closed for good on a thread of its own: the last close of one
@@ -1311,12 +1344,17 @@ fn watch_lock_blocking(
         tv_sec: WATCH_FALLBACK_INTERVAL.as_secs() as i64,
         tv_nsec: 0,
     };
+    // Polled for POLLPRI: see `mount_table`.
+    let mounts = mount_table();
     loop {
         // Checked once the watch exists and after each batch of events, as in `watch_lock`.
         if let Some(reason) = lock_change(handle) {
             return report_lock_loss(handle, reason, losses);
         }
         let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
+        if let Some(mounts) = &mounts {
+            fds.push(PollFd::new(mounts, PollFlags::PRI));
+        }
         if let Some(events) = inotify {
             fds.push(PollFd::new(events, PollFlags::IN));
         }
@@ -1338,7 +1376,8 @@ fn watch_lock_blocking(
         if !fds[0].revents().is_empty() {
             return;
         }
-        let changed = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
+        // The mount table needs nothing done: a poll re-arms it. Inotify's events are drained.
+        let changed = inotify.is_some() && fds.last().is_some_and(|fd| !fd.revents().is_empty());
         drop(fds);
         if changed && let Some(events) = inotify {
             lockfile::drain(events);

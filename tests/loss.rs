@@ -230,3 +230,51 @@ fn run_stops_command_when_the_second_backend_goes_too() {
         );
     }
 }
+
+/// Unmounts what it names when dropped, so a failing test leaves no mount behind.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let umount = common::require_program("umount", "mount");
+        let _ = common::status_within_timeout({
+            let mut cmd = std::process::Command::new(umount);
+            cmd.arg(&self.0);
+            cmd
+        });
+    }
+}
+
+/// A file system mounted over the lock directory: the path leads into another, empty directory
+/// (a copy started now acquires there), and inotify on the covered directory sees nothing. The
+/// mount table is watched too.
+#[test]
+fn a_mount_over_the_lock_directory_is_a_loss() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it mounts a tmpfs over a lock directory)"
+    );
+    let mount = common::require_program("mount", "mount");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let lock_dir = base.path().join("locks");
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        let name = unique_name("mounted");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        let mut cmd = std::process::Command::new(&mount);
+        cmd.args(["-t", "tmpfs", "tmpfs"]).arg(&lock_dir);
+        assert!(common::status_within_timeout(cmd).success(), "mount");
+        let mounted = Mounted(lock_dir.clone());
+        assert_eq!(
+            h.line_starting("lost"),
+            "lost reason=LockDirectoryRemoved still_exclusive=false",
+            "{mode:?}"
+        );
+        h.close_stdin();
+        assert_eq!(h.exit_code(), 0);
+        drop(mounted);
+    }
+}
