@@ -24,6 +24,10 @@
 
 mod dbus;
 mod error;
+// For the fuzz targets in fuzz/ and the tests that replay their inputs; see src/fuzzing.rs.
+#[cfg(any(fuzzing, test))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod guard;
 mod holder;
 mod lockfile;
