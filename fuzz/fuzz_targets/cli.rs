@@ -1,0 +1,101 @@
+//! The command line: any argument vector (any bytes, not only UTF-8) is parsed by the binary's
+//! own clap definition without a panic, and every value it accepts is one the run can use: the
+//! durations fit on a deadline, and the options plan without a panic.
+//!
+//! Input: the arguments after the program name, separated by NUL bytes. An input whose first
+//! byte is 1 to 7 is instead one value, put into a command line that is valid around it (see
+//! [`TEMPLATES`]): byte-level mutations of whole command lines rarely keep them valid while they
+//! turn a number into an edge case such as `1e19`.
+#![no_main]
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use libfuzzer_sys::fuzz_target;
+
+// The binary's own parser, not a copy of it; deploy.rs comes along for `generate`'s values. A
+// new `use` in either file may need its crate added to fuzz/Cargo.toml.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../src/bin/unique-instance/cli.rs"]
+mod cli;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../src/bin/unique-instance/deploy.rs"]
+mod deploy;
+
+use cli::{Cli, Command, InstanceArgs, WaitFor};
+
+/// Where the value goes in a template: the whole argument, or its end.
+const VALUE: &str = "{}";
+
+/// Command lines with one value to fill in, chosen by the input's first byte (1 = the first).
+const TEMPLATES: [&[&str]; 7] = [
+    &["run", "--wait={}", "org.acme.Backup", "--", "true"],
+    &["run", "--kill-after", "{}", "org.acme.Backup", "--", "true"],
+    &["run", "--recheck", "{}", "org.acme.Backup", "--", "true"],
+    &["run", "-E", "{}", "org.acme.Backup", "--", "true"],
+    &["status", "--lock-file", "{}", "org.acme.Backup"],
+    &["status", "--json", "{}"],
+    &[
+        "generate",
+        "--exec",
+        "/usr/bin/srv",
+        "--user",
+        "srv",
+        "--callers",
+        "{}",
+        "org.acme.Srv",
+    ],
+];
+
+fuzz_target!(|data: &[u8]| {
+    let args: Vec<OsString> = match data.split_first() {
+        Some((&template @ 1..=7, value)) => TEMPLATES[usize::from(template - 1)]
+            .iter()
+            .map(|arg| match arg.strip_suffix(VALUE) {
+                Some(prefix) => OsStr::from_bytes(&[prefix.as_bytes(), value].concat()).to_owned(),
+                None => OsString::from(arg),
+            })
+            .collect(),
+        _ => data
+            .split(|&b| b == 0)
+            .map(|arg| OsStr::from_bytes(arg).to_owned())
+            .collect(),
+    };
+    let cli =
+        match Cli::try_parse_from(std::iter::once(OsString::from("unique-instance")).chain(args)) {
+            Ok(cli) => cli,
+            Err(e) => {
+                // What main prints: the usage error, or --help / --version.
+                let _ = e.render().to_string();
+                return;
+            }
+        };
+    match cli.command {
+        Command::Run(args) => {
+            if let Some(WaitFor::Up(limit)) = args.wait {
+                usable("--wait", limit);
+            }
+            usable("--kill-after", args.kill_after);
+            usable("--recheck", args.recheck);
+            plan(&args.instance);
+        }
+        Command::Status(args) => plan(&args.instance),
+        Command::Generate(_) | Command::Man { .. } | Command::Completions { .. } => {}
+    }
+});
+
+/// The library and the wrapper add durations to the current time (a wait's deadline, the grace
+/// before SIGKILL): a value the parser accepts must not overflow there.
+fn usable(option: &str, value: Duration) {
+    assert!(
+        Instant::now().checked_add(value).is_some(),
+        "{option} accepted {value:?}, which overflows a deadline"
+    );
+}
+
+/// What `run` and `status` do first with the options: decide the lock file and the bus.
+fn plan(instance: &InstanceArgs) {
+    let _ = instance.options().plan();
+}
