@@ -12,7 +12,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use libfuzzer_sys::fuzz_target;
 
 // The binary's own parser, not a copy of it; deploy.rs comes along for `generate`'s values. A
@@ -49,6 +49,10 @@ const TEMPLATES: [&[&str]; 7] = [
     ],
 ];
 
+thread_local! {
+    static COMMAND: std::cell::RefCell<clap::Command> = std::cell::RefCell::new(Cli::command());
+}
+
 fuzz_target!(|data: &[u8]| {
     let args: Vec<OsString> = match data.split_first() {
         Some((&template @ 1..=7, value)) => TEMPLATES[usize::from(template - 1)]
@@ -63,15 +67,21 @@ fuzz_target!(|data: &[u8]| {
             .map(|arg| OsStr::from_bytes(arg).to_owned())
             .collect(),
     };
-    let cli =
-        match Cli::try_parse_from(std::iter::once(OsString::from("unique-instance")).chain(args)) {
-            Ok(cli) => cli,
-            Err(e) => {
-                // What main prints: the usage error, or --help / --version.
-                let _ = e.render().to_string();
-                return;
-            }
-        };
+    let args = std::iter::once(OsString::from("unique-instance")).chain(args);
+    // `Cli::try_parse_from` is exactly this with a newly built command each time; building it
+    // (every argument and help text) took most of each execution.
+    let parsed = COMMAND.with_borrow_mut(|command| {
+        let mut matches = command.try_get_matches_from_mut(args)?;
+        Cli::from_arg_matches_mut(&mut matches)
+    });
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            // What main prints: the usage error, or --help / --version.
+            let _ = e.render().to_string();
+            return;
+        }
+    };
     match cli.command {
         Command::Run(args) => {
             if let Some(WaitFor::Up(limit)) = args.wait {
