@@ -8,15 +8,20 @@ use std::path::Path;
 use crate::Holder;
 use crate::holder::LockRecord;
 
-/// What a reader makes of a lock file's `content`: the record parsed, then turned into the
-/// [`Holder`] that `status` and "already running" report; `None` for "holder unknown".
+/// How much of a lock file a reader reads: the record must fit in it.
+pub const MAX_RECORD_LEN: usize = crate::holder::MAX_RECORD_LEN;
+
+/// What a reader makes of a lock file holding `content`: its first [`MAX_RECORD_LEN`] bytes
+/// (all a reader reads) parsed, then turned into the [`Holder`] that `status` and "already
+/// running" report; `None` for "holder unknown".
 pub fn holder_from_record(content: &[u8], lock_file: &Path) -> Option<Holder> {
-    LockRecord::parse(content).map(|record| record.into_holder(lock_file.to_owned()))
+    LockRecord::parse(&content[..content.len().min(MAX_RECORD_LEN)])
+        .map(|record| record.into_holder(lock_file.to_owned()))
 }
 
-/// The line a holder would write for the record parsed from `content`, if it parses.
+/// The line a holder would write for the record a reader finds in `content`, if it finds one.
 pub fn record_line(content: &[u8]) -> Option<Vec<u8>> {
-    LockRecord::parse(content).map(|record| record.to_line())
+    LockRecord::parse(&content[..content.len().min(MAX_RECORD_LEN)]).map(|record| record.to_line())
 }
 
 #[cfg(test)]
