@@ -63,12 +63,12 @@ pub enum Error {
         problem: UnsafeLockPath,
     },
 
-    /// A file at the lock path is neither empty nor a holder record: it is not a lock file
+    /// A file at the lock path is neither empty nor a holder record alone: it is not a lock file
     /// unique-instance made (a data file or a script given as the lock path), so it is left
     /// exactly as it is — never opened for writing, truncated, written or removed — and the
     /// instance is not acquired.
     #[error(
-        "{name}: {} is not a lock file (it is not empty and holds no unique-instance record); \
+        "{name}: {} is not a lock file (it is neither empty nor a unique-instance record alone); \
          unique-instance never writes into or removes a file it did not create: use a path of \
          its own, e.g. {}.lock",
         path.display(),

@@ -103,7 +103,11 @@ impl fmt::Display for Holder {
 pub(crate) const MAX_RECORD_LEN: usize = 4096;
 
 /// The one-line JSON record a holder writes into its lock file.
+///
+/// Unknown keys are refused: whether a file at the lock path is a crashed holder's (ours to
+/// take over and remove) is decided by its content alone, so only what a holder writes counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct LockRecord {
     pub(crate) pid: u32,
     pub(crate) uid: u32,
@@ -185,6 +189,23 @@ impl LockRecord {
     /// Parses a record; `None` for empty or garbage content ("holder unknown", never "stale").
     pub(crate) fn parse(content: &[u8]) -> Option<Self> {
         let line = content.split(|&b| b == b'\n').next()?;
+        serde_json::from_slice(line).ok()
+    }
+
+    /// Parses the whole content of a lock file (read with room for more than
+    /// [`MAX_RECORD_LEN`] bytes) that is a record and nothing else: exactly one line, ended by
+    /// its newline, at most [`MAX_RECORD_LEN`] bytes, as a holder leaves it (the spaces a
+    /// shorter re-write is padded with before the newline are JSON whitespace). Only such a
+    /// file, a crashed holder's, may be taken over and removed: a record followed by anything
+    /// is someone's data that merely starts like one.
+    pub(crate) fn parse_whole(content: &[u8]) -> Option<Self> {
+        if content.len() > MAX_RECORD_LEN {
+            return None;
+        }
+        let line = content.strip_suffix(b"\n")?;
+        if line.contains(&b'\n') {
+            return None;
+        }
         serde_json::from_slice(line).ok()
     }
 
@@ -314,6 +335,40 @@ mod tests {
     }
 
     #[test]
+    fn only_a_record_and_nothing_else_is_a_whole_record() {
+        let record = LockRecord::for_self(vec![BackendKind::LockFile], None, Some(":1.7".into()));
+        let line = record.to_line();
+        assert_eq!(LockRecord::parse_whole(&line), Some(record.clone()));
+        // Padded with spaces before its newline, as a shorter re-write leaves it.
+        let mut padded = line[..line.len() - 1].to_vec();
+        padded.extend_from_slice(b"     \n");
+        assert_eq!(LockRecord::parse_whole(&padded), Some(record));
+        let mut followed = line.clone();
+        followed.extend_from_slice(b"DATA\n");
+        let mut long = line[..line.len() - 1].to_vec();
+        long.resize(MAX_RECORD_LEN, b' ');
+        long.push(b'\n');
+        for (what, content) in [
+            ("no newline", &line[..line.len() - 1]),
+            ("followed by data", &followed[..]),
+            ("two newlines", &[&line[..], b"\n"].concat()[..]),
+            ("longer than a record", &long[..]),
+            (
+                "unknown key",
+                b"{\"pid\":1,\"uid\":0,\"backend\":[],\"x\":1}\n",
+            ),
+            ("empty", b""),
+            ("newline only", b"\n"),
+        ] {
+            assert_eq!(LockRecord::parse_whole(content), None, "{what}");
+        }
+        assert_eq!(
+            LockRecord::parse(b"{\"pid\":1,\"uid\":0,\"backend\":[],\"x\":1}"),
+            None
+        );
+    }
+
+    #[test]
     fn every_record_written_reads_back_within_the_limit() {
         use std::os::unix::ffi::OsStringExt;
         let own = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
@@ -330,6 +385,7 @@ mod tests {
             assert!(line.len() <= MAX_RECORD_LEN, "{}", line.len());
             let back = LockRecord::parse(&line).expect("reads back");
             assert_eq!(back.pid, own.pid);
+            assert_eq!(LockRecord::parse_whole(&line), Some(back));
         }
     }
 

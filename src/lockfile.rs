@@ -29,8 +29,9 @@ use crate::scope::LockPlan;
 /// the bus, so the wait is normally a few system calls long.
 const RECORD_GRACE: Duration = Duration::from_secs(2);
 
-/// A lock file this process holds. Dropping it removes the file (if it is still ours) while the
-/// lock is held, then unlocks.
+/// A lock file this process holds. Dropping it removes the file (if it is still ours, and this
+/// acquisition created it or took it over from a crashed holder) while the lock is held, then
+/// unlocks.
 #[derive(Debug)]
 pub(crate) struct HeldLock {
     file: OwnedFd,
@@ -40,8 +41,11 @@ pub(crate) struct HeldLock {
     dev: u64,
     ino: u64,
     released: bool,
-    /// The length of the record last written, so that a shorter one can cut the file to size.
+    /// The length of the longest record written, which a shorter one is padded to.
     record_len: usize,
+    /// The file was there, empty, before we took it: someone else's (or a holder's that died
+    /// before writing its record), so it is never removed, only emptied again on release.
+    keep_file: bool,
     /// The process that took the lock. After a `fork` the child shares our open file
     /// description, and with it the lock: only this process may remove the file.
     pid: u32,
@@ -455,8 +459,8 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
             ),
             source: Some(Box::new(std::io::Error::from(Errno::NOLCK))),
         };
-        let (file, st) = match opened {
-            (Opened::Writable(file), st) => (file, st),
+        let (file, st, created) = match opened {
+            (Opened::Writable(file, created), st) => (file, st, created),
             (Opened::ReadOnly(file, why), st) => {
                 // A file we may only read (another user's), or must only read (not a lock file
                 // of ours): we can tell who holds it, but we can never be the instance through
@@ -526,7 +530,7 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
         if !is_ours(&content) {
             return Err(not_a_lock_file(plan, &path));
         }
-        let previous = LockRecord::parse(&content);
+        let previous = LockRecord::parse_whole(&content);
         // Clear a crashed holder's record at once, so nobody reports a dead PID while we set up.
         // (An empty file, the usual case, needs no truncation: one system call less.)
         if !content.is_empty() {
@@ -544,6 +548,8 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
                 ino: st.st_ino,
                 released: false,
                 record_len: 0,
+                // Created by us, or a crashed holder's: ours to remove. Found empty: kept.
+                keep_file: !created && content.is_empty(),
                 pid: std::process::id(),
             },
             previous,
@@ -553,8 +559,8 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
 
 /// A lock file, opened.
 enum Opened {
-    /// Ours to lock and write.
-    Writable(OwnedFd),
+    /// Ours to lock and write; `true` when this call created it (`O_CREAT | O_EXCL`).
+    Writable(OwnedFd, bool),
     /// A file opened only for reading: enough to learn whether (and by whom) it is held, tested
     /// without being taken (`F_OFD_GETLK`), but not to become the instance.
     ReadOnly(OwnedFd, ReadOnlyBecause),
@@ -565,17 +571,20 @@ enum Opened {
 enum ReadOnlyBecause {
     /// Another user's file that this user may not write.
     NoWritePermission,
-    /// Neither empty nor a holder record: someone else's data, never ours to write or remove.
+    /// Neither empty nor a whole holder record: someone else's data, never ours to write or
+    /// remove.
     NotOurs,
     /// Found held (tested, not taken) by a copy that will not wait: already running.
     Held,
 }
 
-/// Whether `content` (the start of a file at the lock path) is a lock file's: empty (just
-/// created, or by a holder that had not written yet) or a holder record (a crashed holder's).
-/// Anything else is someone's data, which unique-instance never writes into or removes.
+/// Whether `content` (the start of a file at the lock path, see [`read_content`]) may be used as
+/// a lock file: empty (just created, or by a holder that died before writing its record; used,
+/// but never removed) or one holder record and nothing else (a crashed holder's, see
+/// [`LockRecord::parse_whole`]). Anything else is someone's data, which unique-instance never
+/// writes into or removes.
 fn is_ours(content: &[u8]) -> bool {
-    content.is_empty() || LockRecord::parse(content).is_some()
+    content.is_empty() || LockRecord::parse_whole(content).is_some()
 }
 
 fn not_a_lock_file(plan: &LockPlan, path: &Path) -> Error {
@@ -671,7 +680,7 @@ fn open_lock_file(
         }
         Ok(true)
     };
-    let writable = |file: OwnedFd, st: Stat| -> Result<Option<(Opened, Stat)>> {
+    let writable = |file: OwnedFd, st: Stat, created: bool| -> Result<Option<(Opened, Stat)>> {
         if !check(&st)? {
             return Ok(None);
         }
@@ -681,7 +690,7 @@ fn open_lock_file(
                 expected: euid,
             }));
         }
-        Ok(Some((Opened::Writable(file), st)))
+        Ok(Some((Opened::Writable(file, created), st)))
     };
     // Created first: a released lock file is removed, so a missing file is the usual case and
     // costs one call. `O_EXCL` fails on anything already there (a symlink included) before any
@@ -690,7 +699,7 @@ fn open_lock_file(
         Ok(file) => {
             let mut st = fstat(&file)?;
             set_new_file_owner_and_mode(plan, &file, path, &mut st, euid, lock_dir)?;
-            return writable(file, st);
+            return writable(file, st, true);
         }
         Err(Errno::EXIST) => {}
         Err(e) => return Err(refused(e)),
@@ -720,7 +729,7 @@ fn open_lock_file(
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
                 return Ok(None);
             }
-            writable(rw, now)
+            writable(rw, now, false)
         }
         Err(Errno::NOENT) => Ok(None),
         Err(e) if e == Errno::ACCESS || e == Errno::PERM => Ok(Some((
@@ -805,10 +814,11 @@ fn retry_eintr<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::R
     }
 }
 
-/// The start of the file: at most [`MAX_RECORD_LEN`] bytes, however large the file is (anyone
-/// who can create a file at the path chooses its size).
+/// The start of the file: at most [`MAX_RECORD_LEN`] bytes and one more, however large the file
+/// is (anyone who can create a file at the path chooses its size).
 fn read_content(file: &OwnedFd) -> rustix::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; MAX_RECORD_LEN];
+    // One byte more than a record: to tell a whole record from one followed by more.
+    let mut buf = vec![0u8; MAX_RECORD_LEN + 1];
     let n = retry_eintr(|| rustix::io::pread(file, &mut buf, 0))?;
     buf.truncate(n);
     Ok(buf)
@@ -1085,12 +1095,20 @@ impl HeldLock {
 
     /// Writes the holder record with one `pwrite` at offset 0 (the file was emptied when
     /// locked). It may be written again, completed (the bus's unique name, once connected): a
-    /// reader sees the old line, the new one, or, while a shorter line replaces a longer one,
-    /// the new line followed by the old one's tail, which [`LockRecord::parse`] ignores because
-    /// it reads the first line only. A torn read fails to parse and is read again (see
-    /// `read_holder`), never taken for a record.
+    /// reader sees the old line or the new one. A line shorter than one written before is
+    /// padded with spaces before its newline to the old length rather than followed by a
+    /// truncation, so that the file is one whole record at every moment (see
+    /// [`LockRecord::parse_whole`]): a holder killed between a write and a truncation would
+    /// otherwise leave a file that the next copy must refuse as not a lock file. A torn read
+    /// fails to parse and is read again (see `read_holder`), never taken for a record.
     pub(crate) fn write_record(&mut self, record: &LockRecord) -> Result<()> {
-        let line = record.to_line();
+        let mut line = record.to_line();
+        if line.len() < self.record_len {
+            // `to_line` ends with the newline; JSON allows the spaces before it.
+            line.pop();
+            line.resize(self.record_len - 1, b' ');
+            line.push(b'\n');
+        }
         let n = retry_eintr(|| rustix::io::pwrite(&self.file, &line, 0))
             .map_err(|e| Error::io("cannot write holder record to", &self.path, e.into()))?;
         if n != line.len() {
@@ -1099,10 +1117,6 @@ impl HeldLock {
                 &self.path,
                 std::io::Error::from(std::io::ErrorKind::WriteZero),
             ));
-        }
-        if line.len() < self.record_len {
-            retry_eintr(|| rustix::fs::ftruncate(&self.file, line.len() as u64))
-                .map_err(|e| Error::io("cannot truncate", &self.path, e.into()))?;
         }
         self.record_len = line.len();
         Ok(())
@@ -1145,7 +1159,8 @@ impl HeldLock {
     }
 
     /// Removes the file while still holding the lock (only if the path is still our file), then
-    /// unlocks by closing.
+    /// unlocks by closing. A file that was there, empty, before we took it is not ours to
+    /// remove: it is emptied again instead (our record out of it) and left where it was.
     ///
     /// In any process other than the one that took the lock (a child after `fork`) it only
     /// closes this process's descriptor: the open file description, and the lock with it, is
@@ -1164,7 +1179,10 @@ impl HeldLock {
                 "lock released in a forked process: its file and lock are left to the process that took them");
             return Ok(());
         }
-        if self.check_path().is_none() {
+        if self.keep_file {
+            retry_eintr(|| rustix::fs::ftruncate(&self.file, 0))
+                .map_err(|e| Error::io("cannot empty lock file", &self.path, e.into()))?;
+        } else if self.check_path().is_none() {
             match rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(e) => {
@@ -1528,6 +1546,37 @@ mod tests {
                 })
             ));
         }
+    }
+
+    /// A shorter re-write (here: the bus name dropped) never leaves the file anything but one
+    /// whole record, even for a moment: it is padded, not followed by a truncation, so a holder
+    /// killed in between leaves a file the next copy takes over.
+    #[test]
+    fn a_shorter_record_rewrite_leaves_one_whole_record() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let plan = private_plan(&base.path().join("locks"));
+        let dir = open_dir(&plan, false).expect("dir");
+        let Attempt::Acquired(mut held, None) = lock(&plan, &dir, false).expect("lock") else {
+            panic!("a fresh file is acquired, with no previous record");
+        };
+        let long = LockRecord::for_self(
+            vec![crate::holder::BackendKind::LockFile],
+            None,
+            Some(format!(":1.{}", "9".repeat(200))),
+        );
+        let short = LockRecord {
+            bus_unique_name: None,
+            ..long.clone()
+        };
+        let path = plan.dir.join(&plan.file_name);
+        for record in [&long, &short] {
+            held.write_record(record).expect("write");
+            let content = std::fs::read(&path).expect("read");
+            assert_eq!(LockRecord::parse_whole(&content).as_ref(), Some(record));
+            assert_eq!(content.len(), long.to_line().len());
+        }
+        held.release().expect("release");
+        assert!(!path.exists(), "a file we created is removed");
     }
 
     #[test]

@@ -278,34 +278,144 @@ fn a_file_unique_instance_did_not_create_is_never_written_or_removed() {
     assert_eq!(fingerprint(&script), script_before, "the script changed");
 }
 
-/// What is ours stays usable: an empty file, and a crashed holder's record, at an explicit
-/// path are taken (and removed on release, as any lock file of ours).
+/// A crashed holder's file (one whole record, nothing else) at an explicit path is taken over
+/// and removed on release, as any lock file of ours.
 #[test]
-fn an_empty_file_or_a_crashed_holders_record_is_still_a_lock_file() {
+fn a_crashed_holders_record_is_taken_over_and_removed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (case, content) in [
-        ("empty", Vec::new()),
-        ("crashed holder's record", record("999999", "1")),
-    ] {
-        let name = unique_name("ours");
-        let path = dir.path().join(format!("{name}.lock"));
-        std::fs::write(&path, &content).expect("write");
+    let name = unique_name("crashed");
+    let path = dir.path().join(format!("{name}.lock"));
+    std::fs::write(&path, record("999999", "1")).expect("write");
+    let path_arg = path.to_str().expect("utf-8 path");
+    let mut run = cli(
+        None,
+        dir.path(),
+        &["run", "--lock-file", path_arg, &name, "--", "true"],
+    );
+    assert_eq!(run.exit_code(), 0, "{:?}", run.stderr_until_closed());
+    assert!(
+        !path.exists(),
+        "a crashed holder's lock file is removed on release"
+    );
+}
+
+/// A file that was there, empty, before we took it may be someone's flag file (`touch
+/// keep.flag`) or another user's: it is used as the lock (a holder killed before writing its
+/// record leaves one, which must not block restarts), but never removed: released, it is empty
+/// again, the same file, with its owner and mode. Before: removed on release, even another
+/// user's file by root.
+#[test]
+fn a_pre_existing_empty_file_is_used_but_never_removed() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let mut files = vec![(dir.path().join("keep.flag"), None)];
+    if rustix::process::geteuid().is_root() {
+        // Root in a sticky world-writable directory, on a file of `nobody`'s.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+        )
+        .expect("chmod");
+        files.push((dir.path().join("nobody-empty"), Some(common::NOBODY)));
+    }
+    for (path, owner) in files {
         let path_arg = path.to_str().expect("utf-8 path");
+        if let Some(uid) = owner {
+            let mut touch = std::process::Command::new("touch");
+            touch.arg(&path);
+            assert!(
+                common::status_within_timeout(common::as_user(uid, uid, &touch)).success(),
+                "touch as {uid}"
+            );
+        } else {
+            std::fs::write(&path, b"").expect("touch");
+        }
+        let before = std::fs::metadata(&path).expect("meta");
+        let name = unique_name("emptyflag");
+        // COMMAND sees our record in it while it runs: the file was the lock.
         let mut run = cli(
             None,
-            dir.path(),
-            &["run", "--lock-file", path_arg, &name, "--", "true"],
+            lock_dir.path(),
+            &["run", "--lock-file", path_arg, &name, "--", "cat", path_arg],
         );
+        let stdout = run.stdout_until_closed().join("\n");
         assert_eq!(
             run.exit_code(),
             0,
-            "{case}: {:?}",
+            "{path_arg}: {:?}",
             run.stderr_until_closed()
         );
         assert!(
-            !path.exists(),
-            "{case}: a lock file of ours is removed on release"
+            stdout.contains("\"pid\":"),
+            "{path_arg}: not the lock: {stdout}"
         );
+        let after = std::fs::metadata(&path).expect("the file is still there");
+        assert_eq!(
+            (
+                after.ino(),
+                after.uid(),
+                after.gid(),
+                after.mode(),
+                after.len()
+            ),
+            (before.ino(), before.uid(), before.gid(), before.mode(), 0),
+            "{path_arg}"
+        );
+        assert_eq!(std::fs::read(&path).expect("read"), b"", "{path_arg}");
+        // And it is still a lock file: taken again.
+        let mut again = cli(
+            None,
+            lock_dir.path(),
+            &["run", "--lock-file", path_arg, &name, "--", "true"],
+        );
+        assert_eq!(again.exit_code(), 0, "{:?}", again.stderr_until_closed());
+        assert_eq!(
+            std::fs::read(&path).expect("still there"),
+            b"",
+            "{path_arg}"
+        );
+    }
+}
+
+/// A file that merely starts like a record is someone's data: a record line followed by more
+/// lines, a record with a key no holder writes, a record with no newline. Refused with exit 64
+/// before being opened for writing, and left byte-for-byte. Before: taken, truncated, removed.
+#[test]
+fn a_record_followed_by_anything_is_not_a_lock_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let mut with_tail = record("999999", "1");
+    with_tail.extend_from_slice(b"DATA\n");
+    for (case, content) in [
+        (
+            "short record, then data",
+            b"{\"pid\":1,\"uid\":0,\"backend\":[]}\nDATA\n".to_vec(),
+        ),
+        ("full record, then data", with_tail),
+        (
+            "unknown key",
+            b"{\"pid\":1,\"uid\":0,\"backend\":[],\"rows\":3}\n".to_vec(),
+        ),
+        (
+            "no newline",
+            b"{\"pid\":1,\"uid\":0,\"backend\":[]}".to_vec(),
+        ),
+    ] {
+        let path = dir
+            .path()
+            .join(format!("jl-{}", case.replace([' ', ','], "-")));
+        std::fs::write(&path, &content).expect("write");
+        let before = fingerprint(&path);
+        let path_arg = path.to_str().expect("utf-8 path");
+        let name = unique_name("jl");
+        let run = cli(
+            None,
+            lock_dir.path(),
+            &["run", "--lock-file", path_arg, &name, "--", "true"],
+        );
+        refused_as_not_a_lock_file(run, case);
+        assert_eq!(fingerprint(&path), before, "{case}: the file changed");
     }
 }
 

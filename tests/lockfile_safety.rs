@@ -393,14 +393,35 @@ fn root_meets_a_service_users_lock_file_in_the_shared_sticky_directory() {
         .expect("free after the service stopped");
     guard.release().expect("release");
 
-    // A file another user left behind (not held) is root's to lock there, and to remove.
+    // A file another user left behind empty (not held) is root's to lock there, but not to
+    // remove (it did not create it): emptied again and left, still the other user's.
     std::fs::write(&lock_file, "").expect("write");
     std::os::unix::fs::chown(&lock_file, Some(NOBODY), Some(NOBODY)).expect("chown");
     let guard = lock_only(&name, dir.path())
         .acquire()
         .expect("root may lock a service user's file in the shared sticky directory");
     guard.release().expect("release");
-    assert!(!lock_file.exists(), "removed on release");
+    let kept = std::fs::metadata(&lock_file).expect("an empty file found is kept");
+    assert_eq!(
+        (kept.uid(), kept.len()),
+        (NOBODY, 0),
+        "kept, empty, nobody's"
+    );
+    // A crashed service's record there is root's to take over, and to remove.
+    std::fs::write(
+        &lock_file,
+        "{\"pid\":999999,\"uid\":65534,\"start_time\":1,\"backend\":[\"lock-file\"],\
+         \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}\n",
+    )
+    .expect("write");
+    let guard = lock_only(&name, dir.path())
+        .acquire()
+        .expect("root takes over a crashed service's lock file");
+    guard.release().expect("release");
+    assert!(
+        !lock_file.exists(),
+        "a crashed holder's file is removed on release"
+    );
 }
 
 #[test]
