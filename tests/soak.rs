@@ -29,7 +29,9 @@
 //!    its holder. Those explained overlaps are counted and shown, not hidden.
 //! 2. **Every refused copy named a holder that was alive**: the PID it named belongs to a copy
 //!    the driver had started and not yet seen exit at some moment between the refused copy's
-//!    attempt and its refusal ("holder unknown" is counted, not failed).
+//!    attempt and its refusal ("holder unknown" is counted, not failed). A `run` wrapper counts
+//!    as alive until its stderr closes: its COMMAND holds a duplicate of the lock, and dies of
+//!    `PR_SET_PDEATHSIG` a moment after a SIGKILLed wrapper.
 //! 3. **No copy crashed**: no panic (exit 101), no death by a signal the driver did not send.
 //!
 //! The schedule is a pure function of the seed (`UNIQUE_INSTANCE_SOAK_SEED`, printed on
@@ -595,6 +597,10 @@ impl Driver {
             // COMMAND may hold the pipe a little longer.
             let mut text = String::new();
             let _ = stderr.read_to_string(&mut text);
+            // Every process that shared its stderr is gone now: for `run`, its COMMAND too, which
+            // holds the lock as long as it lives (it dies of PR_SET_PDEATHSIG after a SIGKILLed
+            // wrapper, a moment later).
+            log.at(now_ns(), &format!("eof pid={pid}"));
             let text = text.trim();
             if !text.is_empty() {
                 log.at(
@@ -908,6 +914,8 @@ struct Incarnation {
     /// The driver saw it exit (driver-started only).
     exit: Option<u64>,
     exit_how: Option<String>,
+    /// When its stderr closed: every process sharing it (for `run`, COMMAND) had exited.
+    eof: Option<u64>,
     /// When the driver SIGKILLed it.
     killed: Option<u64>,
     /// SIGSTOP/SIGCONT times.
@@ -972,6 +980,7 @@ fn check(text: &str, driver_pid: u32) -> Report {
         born,
         exit: None,
         exit_how: None,
+        eof: None,
         killed: None,
         stops: Vec::new(),
         bus,
@@ -1038,6 +1047,7 @@ fn check(text: &str, driver_pid: u32) -> Report {
                         "stop" => inc.stops.push((line.t, "stop")),
                         "cont" => inc.stops.push((line.t, "cont")),
                         "stderr" => inc.stderr = Some(line.rest.clone()),
+                        "eof" => inc.eof = Some(line.t),
                         _ => {}
                     }
                 }
@@ -1135,8 +1145,13 @@ fn check(text: &str, driver_pid: u32) -> Report {
         }
     }
 
+    // A copy is alive from its spawn to its exit; the holder a record names lives on in `run`'s
+    // COMMAND, which holds a duplicate of the lock, until the wrapper's stderr closes.
     let lives: HashMap<u32, Vec<(u64, u64)>> = incs.iter().fold(HashMap::new(), |mut m, inc| {
-        let end = inc.exit.unwrap_or(u64::MAX);
+        let end = match (inc.exit, inc.eof) {
+            (Some(exit), Some(eof)) if inc.kind == Kind::Cli => exit.max(eof),
+            (exit, _) => exit.unwrap_or(u64::MAX),
+        };
         m.entry(inc.pid).or_default().push((inc.born, end));
         m
     });
@@ -1216,7 +1231,11 @@ fn check(text: &str, driver_pid: u32) -> Report {
                     .is_none_or(|&k| k > b.start);
             let overlap = a.end.min(b.end).saturating_sub(b.start);
             if deleted && !same_live_bus {
-                let reported = incs[a.who].lines.iter().any(|l| l.contains(" lost "));
+                // A loss reported: by the library, or by `run` stopping its COMMAND.
+                let reported = incs[a.who]
+                    .lines
+                    .iter()
+                    .any(|l| l.contains(" lost ") || l.contains("why=SIGTERM"));
                 report.explained.push((a.who, b.who, overlap, reported));
                 continue;
             }
@@ -1359,6 +1378,26 @@ fn env_u64(key: &str) -> Option<u64> {
 /// The soak itself: `UNIQUE_INSTANCE_SOAK_SEED`, `_STEPS`, `_SECS`, `_LOG` (see module docs).
 #[test]
 fn soak_never_two_holders_and_refusals_name_live_holders() {
+    // `UNIQUE_INSTANCE_SOAK_CHECK=LOG`: check a kept log again (a newer checker, an old run).
+    if let Some(kept) = std::env::var_os("UNIQUE_INSTANCE_SOAK_CHECK") {
+        let text = std::fs::read_to_string(&kept).expect("read the log to check");
+        let driver = parse_log(&text)
+            .0
+            .iter()
+            .find(|l| l.event == "spawn")
+            .map(|l| l.pid)
+            .expect("a soak log: no `spawn` line");
+        let report = check(&text, driver);
+        eprintln!("soak: {}\n{}", Path::new(&kept).display(), report.summary());
+        assert!(
+            report.violations.is_empty(),
+            "{} violation(s) in {}:\n\n{}",
+            report.violations.len(),
+            Path::new(&kept).display(),
+            report.violations.join("\n\n")
+        );
+        return;
+    }
     let seed = env_u64("UNIQUE_INSTANCE_SOAK_SEED").unwrap_or_else(|| {
         // A fresh seed each run explores more; it is printed, so any run can be replayed.
         now_ns() ^ u64::from(std::process::id()).rotate_left(32)
@@ -1640,6 +1679,27 @@ fn checker_rules_on_written_logs() {
     let r = check(&stale, d);
     assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
     assert!(r.violations[0].contains("NOT ALIVE"), "{}", r.violations[0]);
+
+    // A SIGKILLed wrapper's record names it while its COMMAND, holding a duplicate of the lock,
+    // is still dying: the holder named lives on until the wrapper's stderr closes.
+    let wrapper_gone = log(&[
+        "1.000000000 1 spawn pid=20 kind=cli bus=-",
+        "1.100000000 21 acquired via=run wrapper=20 lock_fd=3",
+        "1.200000000 1 kill pid=20",
+        "1.300000000 1 exit pid=20 signal=9",
+        "1.310000000 1 spawn pid=30 kind=lib bus=-",
+        "1.350000000 30 attempt",
+        "1.360000000 30 refused holder=20",
+        "1.400000000 1 eof pid=20",
+        "1.500000000 1 exit pid=30 code=75",
+    ]);
+    let r = check(&wrapper_gone, d);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    let r = check(
+        &wrapper_gone.replace("1.400000000 1 eof", "1.340000000 1 eof"),
+        d,
+    );
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
 
     let panicked = log(&[
         "1.000000000 1 spawn pid=10 kind=lib bus=-",
