@@ -98,9 +98,33 @@ impl InstanceName {
     }
 
     /// The file name of this instance's lock file: `NAME.lock`.
+    ///
+    /// A file name holds at most 255 bytes, so a name of 251 to 255 characters (valid, but too
+    /// long for `NAME.lock`) gets its first 233 characters, `~`, a 64-bit hash of the whole name
+    /// in hex and `.lock`, as systemd shortens long unit names. `~` is never in a valid name, so
+    /// such a file name is never another name's `NAME.lock`. Every copy, of any version, must
+    /// derive the same file: never change this.
     pub fn lock_file_name(&self) -> String {
-        format!("{}.lock", self.0)
+        const SUFFIX: &str = ".lock";
+        if self.0.len() + SUFFIX.len() <= FILE_NAME_MAX {
+            return format!("{}{SUFFIX}", self.0);
+        }
+        // 233 + "~" + 16 hex digits + ".lock" = 255. Valid names are ASCII: any byte is a char
+        // boundary.
+        let prefix = &self.0[..FILE_NAME_MAX - 1 - 16 - SUFFIX.len()];
+        format!("{prefix}~{:016x}{SUFFIX}", fnv1a_64(self.0.as_bytes()))
     }
+}
+
+/// The longest file name Linux file systems take (`NAME_MAX`).
+const FILE_NAME_MAX: usize = 255;
+
+/// FNV-1a, 64 bits: small, and stable across Rust versions and platforms (unlike std's
+/// `DefaultHasher`), which a file name that every copy must agree on needs.
+fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn validate(name: &str) -> Result<(), NameRule> {
@@ -226,5 +250,33 @@ mod tests {
     fn lock_file_name_is_a_plain_file_name() {
         let name = InstanceName::new("org.example.Server").expect("valid");
         assert_eq!(name.lock_file_name(), "org.example.Server.lock");
+    }
+
+    /// Found by the `name` fuzz target: valid names of 251 to 255 characters derived a lock
+    /// file name longer than a file name may be, and `run`/`status` exited 70.
+    #[test]
+    fn every_valid_name_derives_a_usable_lock_file_name_of_its_own() {
+        let mut seen = std::collections::HashSet::new();
+        for len in 245..=MAX_NAME_LEN {
+            for last in ['a', 'b'] {
+                let name = format!("org.example.{}{last}", "S".repeat(len - 13));
+                let file = InstanceName::new(&name).expect("valid").lock_file_name();
+                assert!(file.len() <= FILE_NAME_MAX, "{len}: {} bytes", file.len());
+                assert!(file.ends_with(".lock") && !file.contains('/'), "{file}");
+                if len <= 250 {
+                    // What every earlier version derived: copies of both meet.
+                    assert_eq!(file, format!("{name}.lock"));
+                }
+                assert!(seen.insert(file), "{name}: a lock file name shared");
+            }
+        }
+        // Pinned: a copy of any version must derive the same file for the same name.
+        let longest = format!("org.example.{}", "S".repeat(243));
+        assert_eq!(
+            InstanceName::new(&longest).expect("valid").lock_file_name(),
+            format!("{}~da88253751260058.lock", &longest[..233])
+        );
+        assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use unique_instance::{Error, InstanceOptions, NameRule};
+use unique_instance::{Backend, Error, InstanceOptions, NameRule};
 
 #[test]
 fn invalid_names_are_rejected_with_the_rule_and_nothing_is_created() {
@@ -73,4 +73,46 @@ fn invalid_name_exits_64_from_a_process() {
     assert!(line.contains("at least two"), "{line}");
     assert_eq!(h.exit_code(), 64);
     assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+}
+
+/// Found by the `name` fuzz target: a valid name of 251 to 255 characters made a lock file name
+/// longer than a file name may be, so the library failed with "File name too long" and `run`
+/// exited 70. Two such names sharing their first 233 characters still get a file each.
+#[test]
+fn the_longest_valid_names_work_each_with_a_lock_file_of_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let longest = |last: char| format!("org.example.{}{last}", "S".repeat(242));
+    let (a, b, c) = (longest('A'), longest('B'), longest('C'));
+    assert_eq!(a.len(), unique_instance::MAX_NAME_LEN);
+    let options = |name: &str| {
+        InstanceOptions::new(name)
+            .backend(Backend::LockFile)
+            .lock_dir(dir.path())
+    };
+    let guard_a = options(&a).acquire().expect("the longest name acquires");
+    let guard_b = options(&b)
+        .acquire()
+        .expect("a second long name has a file of its own");
+    match options(&a).acquire() {
+        Err(Error::AlreadyRunning { name, .. }) => assert_eq!(name, a),
+        other => panic!("a second copy of {a} must be refused, got {other:?}"),
+    }
+    let mut refused = common::cli(
+        None,
+        dir.path(),
+        &["run", "--backend", "lockfile", &a, "--", "true"],
+    );
+    assert_eq!(refused.exit_code(), 75, "run must see {a} held");
+    let mut ran = common::cli(
+        None,
+        dir.path(),
+        &["run", "--backend", "lockfile", &c, "--", "true"],
+    );
+    assert_eq!(
+        ran.exit_code(),
+        0,
+        "run with a free 255-character name runs COMMAND"
+    );
+    guard_b.release().expect("release");
+    guard_a.release().expect("release");
 }
