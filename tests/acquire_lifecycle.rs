@@ -261,3 +261,49 @@ fn release_frees_name_and_lock_file_before_it_returns() {
         assert_eq!(p.exit_code(), 0, "{what}");
     }
 }
+
+/// A refused copy gives a just-started holder a moment to write its record, and in async code
+/// that moment does not block the runtime: here the record comes back only if another task of
+/// the same current-thread runtime runs meanwhile, and the refusal must name the holder.
+#[test]
+fn the_record_grace_does_not_block_the_runtime() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("record_grace");
+    let mut h = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    let acquired = h.next_line("holder");
+    let pid: u32 = field(&acquired, "pid")
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let record = std::fs::read(&path).expect("record");
+    // As if the holder had locked and not yet written (same inode, lock untouched).
+    std::fs::write(&path, b"").expect("empty");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let options = || {
+        unique_instance::InstanceOptions::new(&name)
+            .backend(unique_instance::Backend::LockFile)
+            .lock_dir(lock_dir.path())
+    };
+    let write_record = || async {
+        tokio::task::yield_now().await;
+        std::fs::write(&path, &record).expect("write record");
+    };
+    let outcome = rt.block_on(async { tokio::join!(options().acquire_async(), write_record()).0 });
+    match outcome {
+        Err(unique_instance::Error::AlreadyRunning { holder, .. }) => {
+            assert_eq!(holder.pid, Some(pid), "acquire_async: {holder}")
+        }
+        other => panic!("expected already running, got {other:?}"),
+    }
+    // The same for `status`, another async reader of the lock file.
+    std::fs::write(&path, b"").expect("empty");
+    let status = rt.block_on(async {
+        let options = options();
+        tokio::join!(unique_instance::status(&options), write_record()).0
+    });
+    let holder = status.expect("status").holder.expect("a holder");
+    assert_eq!(holder.pid, Some(pid), "status: {holder}");
+}
