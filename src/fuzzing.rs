@@ -19,6 +19,13 @@ pub fn holder_from_record(content: &[u8], lock_file: &Path) -> Option<Holder> {
         .map(|record| record.into_holder(lock_file.to_owned()))
 }
 
+/// Whether `content`, as a whole file, is one holder record and nothing else: what a copy
+/// requires of a file it finds at the lock path before taking it over (and removing it on
+/// release). Every line a holder writes must pass.
+pub fn is_whole_record(content: &[u8]) -> bool {
+    LockRecord::parse_whole(content).is_some()
+}
+
 /// The line a holder would write for the record a reader finds in `content`, if it finds one.
 pub fn record_line(content: &[u8]) -> Option<Vec<u8>> {
     LockRecord::parse(&content[..content.len().min(MAX_RECORD_LEN)]).map(|record| record.to_line())
@@ -62,6 +69,12 @@ mod tests {
         let seeds = inputs("seeds");
         assert!(!seeds.is_empty());
         let parsed = seeds.iter().filter(|(_, s)| report(s).is_some()).count();
+        // What a holder writes for each is a whole record: a crashed holder's file is taken over.
+        for (path, seed) in &seeds {
+            if let Some(line) = record_line(seed) {
+                assert!(is_whole_record(&line), "{}", path.display());
+            }
+        }
         // The seeds are mostly real records: a parser that rejects them all is broken.
         assert!(
             parsed * 2 > seeds.len(),

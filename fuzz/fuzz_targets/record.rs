@@ -7,7 +7,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use unique_instance::Error;
-use unique_instance::fuzzing::{MAX_RECORD_LEN, holder_from_record, record_line};
+use unique_instance::fuzzing::{MAX_RECORD_LEN, holder_from_record, is_whole_record, record_line};
 
 fuzz_target!(|content: &[u8]| {
     let lock_file = Path::new("/run/lock/unique-instance/org.example.Server.lock");
@@ -31,6 +31,8 @@ fuzz_target!(|content: &[u8]| {
     assert!(line.len() <= MAX_RECORD_LEN, "{} bytes", line.len());
     assert_eq!(line.last(), Some(&b'\n'));
     assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+    // And nothing but one whole record: a copy finding it after a crash takes it over.
+    assert!(is_whole_record(&line), "not a whole record");
     let again = holder_from_record(&line, lock_file)
         .unwrap_or_else(|| panic!("unreadable: {:?}", String::from_utf8_lossy(&line)));
     let dropped_or_same = |a: Option<&str>, b: Option<&str>| a.is_none() || a == b;
