@@ -25,6 +25,12 @@ const DBUS_PATH: &str = "/org/freedesktop/DBus";
 /// How long a method call to the bus daemon may take before we give up on it.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(25);
 
+/// How long connecting (authentication and `Hello`) may take before the bus is taken for
+/// unreachable. A local bus answers in a millisecond; a bus that has not answered in this long
+/// is stopped or stuck, and the lock file alone enforces exclusion meanwhile (or, with the D-Bus
+/// backend alone, there is no usable backend).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Something to serve on the connection, registered with the builder so that it is in place
 /// before the connection reads its first message. `Sync` too (zbus interfaces are), so that
 /// `&InstanceOptions` may be held across an await in a `Send` future.
@@ -131,7 +137,16 @@ pub(crate) async fn connect(
         BusKind::Session => zbus::Address::session()?,
         BusKind::System => zbus::Address::system()?,
     };
-    connect_to(address, exports, request).await
+    // zbus puts no bound on the handshake (its method timeout covers calls only), so a bus that
+    // accepts the connection but never answers (stopped, frozen, deadlocked) would hang every
+    // copy. Dropping the unfinished connection shuts its socket down (see `Disconnect`).
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_to(address, exports, request)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(zbus::Error::InputOutput(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the {bus} bus did not complete the connection within {CONNECT_TIMEOUT:?}"),
+        )))),
+    }
 }
 
 /// [`connect`] to `address`.

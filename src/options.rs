@@ -526,10 +526,26 @@ impl InstanceOptions {
                             // Not with objects to serve: they can go to one connection only, and
                             // this one may have to be replaced if the bus restarts meanwhile.
                             Some(bus) if self.exports.is_empty() => {
-                                let connect = dbus::connect(bus.kind, Vec::new(), None);
-                                let (waited, connected) = tokio::join!(waited, connect);
-                                early_bus = connected.ok();
-                                waited?
+                                let mut connect =
+                                    std::pin::pin!(dbus::connect(bus.kind, Vec::new(), None));
+                                let mut waited = std::pin::pin!(waited);
+                                let mut connected = None;
+                                // The wait decides: once it ends (acquired, timed out, failed),
+                                // a connection still on its way is not waited for unless the
+                                // lock file is ours (a slow bus must not stretch a timeout).
+                                let waited = loop {
+                                    tokio::select! {
+                                        waited = &mut waited => break waited?,
+                                        c = &mut connect, if connected.is_none() => {
+                                            connected = Some(c);
+                                        }
+                                    }
+                                };
+                                early_bus = match connected {
+                                    Some(connected) => connected.ok(),
+                                    None => connect.await.ok(),
+                                };
+                                waited
                             }
                             _ => waited.await?,
                         };

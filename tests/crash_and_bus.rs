@@ -267,3 +267,63 @@ fn blocking_guard_dropped_inside_a_runtime_releases_cleanly() {
         );
     }
 }
+
+/// A bus that accepts connections but answers nothing (stopped, deadlocked): a copy must not
+/// hang on it. The connection is given up after a bound, and the lock file alone enforces
+/// exclusion (with the D-Bus backend alone: no usable backend). A bounded wait for a running
+/// copy ends at its own deadline, not when the frozen bus would have answered.
+#[test]
+fn a_frozen_bus_delays_but_never_hangs_a_copy() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("frozen");
+    bus.freeze(true);
+    let thaw = Thaw(&bus);
+
+    let mut first = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let line = first.next_line("holder beside a frozen bus");
+    assert!(line.starts_with("acquired"), "{line}");
+    assert!(
+        line.contains("LockFile") && !line.contains("Dbus"),
+        "the frozen bus cannot be part of it: {line}"
+    );
+
+    // Waiting up to a second for the running copy: refused as timed out, although the frozen
+    // bus never completes the connection made meanwhile.
+    let mut waiter = holder(Some(&bus.address), lock_dir.path(), &[&name, "--wait", "1"]);
+    let line = waiter.next_line("bounded waiter");
+    assert!(
+        line.starts_with("timed-out") || line.starts_with("already-running"),
+        "{line}"
+    );
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(first.pid().to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(waiter.exit_code(), 75);
+
+    // The D-Bus backend alone has nothing left: a clear "no usable backend".
+    let mut dbus_only = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&unique_name("frozen_dbus"), "--backend", "dbus"],
+    );
+    let line = dbus_only.next_line("dbus-only copy");
+    assert!(line.starts_with("no-usable-backend"), "{line}");
+    assert_eq!(dbus_only.exit_code(), 69);
+
+    drop(thaw);
+    first.close_stdin();
+    assert_eq!(first.line_starting("released"), "released");
+    assert_eq!(first.exit_code(), 0);
+}
+
+/// Resumes a frozen bus however the test ends, so its drop can kill it.
+struct Thaw<'a>(&'a DbusDaemon);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0.freeze(false);
+    }
+}

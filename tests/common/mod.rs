@@ -187,6 +187,20 @@ impl DbusDaemon {
         self.child.id()
     }
 
+    /// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the bus: it keeps its sockets but answers
+    /// nothing, as a frozen or deadlocked bus does. A broker: its launcher and broker together.
+    #[allow(dead_code)]
+    pub fn freeze(&self, frozen: bool) {
+        use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+        let signal = if frozen { Signal::STOP } else { Signal::CONT };
+        let pid = Pid::from_raw(self.child.id() as i32).expect("a live bus has a pid");
+        if self.broker.is_some() {
+            kill_process_group(pid, signal).expect("signal the broker's group");
+        } else {
+            kill_process(pid, signal).expect("signal dbus-daemon");
+        }
+    }
+
     /// SIGKILLs the daemon (a broker: its launcher and the broker together) and reaps it.
     pub fn kill(&mut self) {
         if self.broker.is_some() {
