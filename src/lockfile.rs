@@ -242,6 +242,16 @@ fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                 // Maybe a symlink: looked at below.
                 Err(Errno::LOOP | Errno::NOTDIR) => rustix::fs::lstat(&here)
                     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?,
+                Err(e @ (Errno::ACCESS | Errno::PERM)) => {
+                    // Most often another user made it first (a 0700 directory of theirs): say
+                    // whose it is, rather than only "permission denied".
+                    if let Ok(st) = rustix::fs::lstat(&here)
+                        && FileType::from_raw_mode(st.st_mode) == FileType::Directory
+                    {
+                        check_on_the_way(plan, &here, &st, euid, own_last)?;
+                    }
+                    return Err(dir_error(plan, "cannot open lock directory", e));
+                }
                 Err(e) => return Err(dir_error(plan, "cannot open lock directory", e)),
             }
         } else {

@@ -592,3 +592,46 @@ fn the_umask_does_not_decide_who_can_see_the_instance() {
     );
     release(root);
 }
+
+/// Another user who made this user's lock directory first (a 0700 directory of theirs, which
+/// this user cannot even open) blocks this user's instances: that must be said plainly, naming
+/// the directory and its owner, not as a bare "permission denied".
+#[test]
+fn a_user_directory_squatted_by_another_user_is_named_with_its_owner() {
+    // A user with no other use on this machine, so no real instance is disturbed.
+    let uid = 420_000 + std::process::id() % 10_000;
+    // The base (/run/lock or /tmp) is the same for every user: take it from our own plan.
+    let plan = InstanceOptions::new("org.example.Unused")
+        .scope(Scope::User)
+        .backend(Backend::LockFile)
+        .plan()
+        .expect("plan");
+    let mine = plan.lock_file.expect("lock file");
+    let base = mine.parent().and_then(Path::parent).expect("base");
+    let squatted = base.join(format!("unique-instance-{uid}"));
+    let _ = std::fs::remove_dir(&squatted);
+    std::fs::create_dir(&squatted).expect("mkdir");
+    std::fs::set_permissions(&squatted, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::os::unix::fs::chown(&squatted, Some(1), Some(1)).expect("chown");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args([
+            "run",
+            "--user",
+            "--backend",
+            "lockfile",
+            &unique_name("squatted"),
+            "--",
+            "true",
+        ]);
+    let mut copy = Proc::spawn(as_user(uid, uid, &cmd));
+    let code = copy.exit_code();
+    let stderr = copy.stderr_lines().join("\n");
+    std::fs::remove_dir(&squatted).expect("rmdir");
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&squatted.display().to_string()) && stderr.contains("uid 1"),
+        "the error must name the directory and its owner: {stderr}"
+    );
+}
