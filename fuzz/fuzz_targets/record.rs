@@ -1,6 +1,7 @@
 //! Lock-file records: any bytes a planted or torn lock file holds are parsed, turned into a
 //! holder and reported (the sentence, the "already running" error, the JSON of `status`) without
-//! a panic, and what a holder writes for it reads back the same.
+//! a panic; only what readers read is taken for a crashed holder's whole file; and what a holder
+//! writes for it is such a file and reads back the same.
 #![no_main]
 
 use std::path::Path;
@@ -11,8 +12,11 @@ use unique_instance::fuzzing::{MAX_RECORD_LEN, holder_from_record, is_whole_reco
 
 fuzz_target!(|content: &[u8]| {
     let lock_file = Path::new("/run/lock/unique-instance/org.example.Server.lock");
+    let whole = is_whole_record(content);
     let Some(holder) = holder_from_record(content, lock_file) else {
         assert!(record_line(content).is_none());
+        // A file taken for a crashed holder's (to take over and remove) is one a reader reads.
+        assert!(!whole, "a whole record that readers cannot read");
         return;
     };
     let sentence = holder.to_string();
@@ -31,8 +35,12 @@ fuzz_target!(|content: &[u8]| {
     assert!(line.len() <= MAX_RECORD_LEN, "{} bytes", line.len());
     assert_eq!(line.last(), Some(&b'\n'));
     assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
-    // And nothing but one whole record: a copy finding it after a crash takes it over.
-    assert!(is_whole_record(&line), "not a whole record");
+    // A holder's own file is recognised as one, so a crashed holder's file is taken over.
+    assert!(
+        is_whole_record(&line),
+        "not a whole record: {:?}",
+        String::from_utf8_lossy(&line)
+    );
     let again = holder_from_record(&line, lock_file)
         .unwrap_or_else(|| panic!("unreadable: {:?}", String::from_utf8_lossy(&line)));
     let dropped_or_same = |a: Option<&str>, b: Option<&str>| a.is_none() || a == b;
