@@ -7,6 +7,8 @@
 UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session dbus-broker)
 # The benchmarks also compile their C references (gcc, pkg-config) and strip copies (binutils).
 UNIQUE_INSTANCE_BENCH_PACKAGES=(dbus libsystemd-dev util-linux gcc pkg-config binutils)
+# The fuzz targets (scripts/fuzz) link libFuzzer, which libfuzzer-sys compiles from C++.
+UNIQUE_INSTANCE_FUZZ_PACKAGES=(g++)
 
 # Installs what is missing when we are root; otherwise says exactly what to run, and fails.
 ensure_packages() {
