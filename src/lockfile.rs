@@ -1344,6 +1344,23 @@ impl WatchHandle {
         for parent in symlink_parents(&self.path) {
             inotify::add_watch(&fd, parent.as_path(), flags)?;
         }
+        // And every directory above ours, for itself only: renaming or removing any of them
+        // (`mv app app.old && mv app.new app`, the usual deploy) leads the path elsewhere
+        // without touching our directory. Self events come only when that directory itself
+        // moves or goes, so they cost an idle holder nothing. `MASK_ADD`: a directory already
+        // watched above keeps its events too.
+        let above = self.path.parent().into_iter().flat_map(Path::ancestors).skip(1);
+        for ancestor in above.filter(|a| a.parent().is_some()) {
+            // Best effort, like the symlink parents: the re-check decides.
+            let _ = inotify::add_watch(
+                &fd,
+                ancestor,
+                WatchFlags::MOVE_SELF
+                    | WatchFlags::DELETE_SELF
+                    | WatchFlags::ONLYDIR
+                    | WatchFlags::MASK_ADD,
+            );
+        }
         Ok(fd)
     }
 

@@ -278,3 +278,45 @@ fn a_mount_over_the_lock_directory_is_a_loss() {
         drop(mounted);
     }
 }
+
+/// Renaming a directory *above* the lock directory (`mv app app.old && mv app.new app`, the
+/// usual deploy) leads the path to another file without touching the lock directory itself:
+/// the watching holder must notice, because a copy started now acquires beside it.
+#[test]
+fn an_ancestor_directory_moved_away_is_a_loss() {
+    let base = tempfile::tempdir().expect("tempdir");
+    for (i, blocking) in [false, true].into_iter().enumerate() {
+        let app = base.path().join(format!("app{i}"));
+        let lock_dir = app.join("data");
+        std::fs::create_dir_all(&lock_dir).expect("mkdir");
+        let name = unique_name("ancestor");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        if blocking {
+            args.push("--blocking");
+        }
+        // In a mount namespace of its own, so that nothing mounted elsewhere on this machine
+        // meanwhile (which wakes the watch's mount-table check) can make up for a missed event.
+        let inner = common::clean_command(&common::example_path("holder"), None, &lock_dir);
+        let mut cmd = std::process::Command::new(common::require_program("unshare", "util-linux"));
+        cmd.args(["--mount", "--propagation", "private", "--"])
+            .arg(inner.get_program())
+            .args(&args)
+            .env_clear();
+        for (key, value) in inner.get_envs() {
+            if let Some(value) = value {
+                cmd.env(key, value);
+            }
+        }
+        let mut h = common::Proc::spawn(cmd);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        std::fs::rename(&app, base.path().join(format!("app{i}.old"))).expect("mv app");
+        std::fs::create_dir_all(&lock_dir).expect("a new app/data");
+        assert_eq!(
+            h.line_starting("lost"),
+            "lost reason=LockDirectoryRemoved still_exclusive=false",
+            "blocking={blocking}"
+        );
+        h.close_stdin();
+        assert_eq!(h.exit_code(), 0);
+    }
+}
