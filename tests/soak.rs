@@ -417,8 +417,9 @@ impl Driver {
     }
 
     /// The command line and environment for `env`, and the bus its copy will try (for the
-    /// checker: `-` when none), following the library's documented choice.
-    fn environment(&self, cmd: &mut Command, env: &Env) -> String {
+    /// checker: `-` when none), following the library's documented choice; `scope_option` is the
+    /// scope the copy is given as an option, if its command line can say it.
+    fn environment(&self, cmd: &mut Command, env: &Env, scope_option: Option<&str>) -> String {
         let live = self.bus.as_ref();
         let dead = dead_address(&self.dir);
         cmd.env_clear()
@@ -458,7 +459,7 @@ impl Driver {
         }
         // Which bus the library will choose (README, "Scopes and backends"): by bus number,
         // `dead` for an address nothing serves, `-` for none.
-        let scope = env.scope_option.or(env.scope_env).unwrap_or("auto");
+        let scope = scope_option.or(env.scope_env).unwrap_or("auto");
         let session_bus = match &session {
             Some((_, id)) => Some(*id),
             None => runtime_bus,
@@ -487,7 +488,7 @@ impl Driver {
         blocking: bool,
     ) -> (Command, String) {
         let mut cmd = Command::new(&self.holder);
-        let bus = self.environment(&mut cmd, env);
+        let bus = self.environment(&mut cmd, env, env.scope_option);
         cmd.arg(&self.name).arg("--log").arg(&self.log_path);
         cmd.args(["--backend", env.backend]);
         if let Some(scope) = env.scope_option {
@@ -517,7 +518,8 @@ impl Driver {
 
     fn cli_command(&self, env: &Env, wait: Wait) -> (Command, String) {
         let mut cmd = Command::new(&self.cli);
-        let bus = self.environment(&mut cmd, env);
+        // `run` has no option for auto: then UNIQUE_INSTANCE_SCOPE decides.
+        let bus = self.environment(&mut cmd, env, env.scope_option.filter(|s| *s != "auto"));
         cmd.arg("run").args(["--backend", env.backend]);
         match env.scope_option {
             Some("user") => {
