@@ -1349,7 +1349,12 @@ impl WatchHandle {
         // without touching our directory. Self events come only when that directory itself
         // moves or goes, so they cost an idle holder nothing. `MASK_ADD`: a directory already
         // watched above keeps its events too.
-        let above = self.path.parent().into_iter().flat_map(Path::ancestors).skip(1);
+        let above = self
+            .path
+            .parent()
+            .into_iter()
+            .flat_map(Path::ancestors)
+            .skip(1);
         for ancestor in above.filter(|a| a.parent().is_some()) {
             // Best effort, like the symlink parents: the re-check decides.
             let _ = inotify::add_watch(
