@@ -892,7 +892,7 @@ fn signals_during_the_clean_up_reach_what_command_left() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("cleanup_signals");
     // COMMAND exits, leaving a job that reports each SIGTERM: the first is the wrapper's
-    // clean-up; the second is ours, sent to the wrapper during the clean-up (a grace of 600 s
+    // clean-up; the second is ours, sent to the wrapper during the clean-up (a grace of 20 s
     // keeps it there), and must be passed on like any signal while COMMAND ran. COMMAND exits
     // only once the job's trap is set (it says so through a FIFO).
     let fifo_dir = tempfile::tempdir().expect("tempdir");
@@ -908,7 +908,10 @@ fn signals_during_the_clean_up_reach_what_command_left() {
         lock_dir.path(),
         &[
             "run",
-            "--kill-after=600",
+            // Long enough that our SIGTERM comes within it; short enough that the test still
+            // ends if the `sleep` the job leaves was not stopped by a signal of ours (then the
+            // grace's SIGKILL ends it; "term-again" can only come from our SIGTERM).
+            "--kill-after=20",
             &name,
             "--",
             "sh",
