@@ -851,13 +851,33 @@ fn unknown_holder(path: &Path) -> Holder {
 /// lock decides, never what could be read of it.
 fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
     match read_content(file) {
-        Ok(content) => LockRecord::parse(&content).map(|r| r.into_holder(path.to_owned())),
+        Ok(content) => LockRecord::parse(&content)
+            .filter(|record| !names_a_process_gone_from_here(record))
+            .map(|record| record.into_holder(path.to_owned())),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %std::io::Error::from(e),
                 "cannot read the holder record of a held lock file; the holder is unknown");
             Some(unknown_holder(path))
         }
     }
+}
+
+/// Does `record` name a process of this host that no longer exists? Then it is the record of a
+/// holder that died, which the copy now holding the lock has not cleared yet (it does so right
+/// after locking): it is treated like an empty file, given the same grace, and the holder is
+/// reported as unknown if it stays, never as the dead process. (Also the case of a `run`
+/// wrapper killed while its COMMAND keeps the lock.) Only for reporting: the kernel lock
+/// decides who holds the instance. A holder in another PID namespace with our host name looks
+/// gone too: it is then reported as unknown, after the grace.
+fn names_a_process_gone_from_here(record: &LockRecord) -> bool {
+    let here = rustix::system::uname();
+    if record.hostname.as_deref().map(str::as_bytes) != Some(here.nodename().to_bytes()) {
+        return false;
+    }
+    i32::try_from(record.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid) == Err(Errno::SRCH))
 }
 
 /// An inotify instance (non-blocking) that becomes readable when `path` is written, for the

@@ -494,3 +494,46 @@ fn a_device_at_the_lock_path_is_refused_not_a_panic() {
         assert!(stderr.contains("not a regular file"), "{args:?}: {stderr}");
     }
 }
+
+/// A record naming a process of this host that is gone is a dead holder's, not yet cleared by
+/// whoever holds the lock now (or a killed `run` wrapper's whose COMMAND keeps the lock): a
+/// refused copy must not name that dead process as the one running. It says "holder unknown"
+/// (after the grace a holder gets to write its record), and still refuses.
+#[test]
+fn a_refusal_never_names_a_process_that_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut gone = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead_pid = gone.id();
+    gone.wait().expect("reap true");
+    let hostname = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let name = unique_name("dead_pid");
+    let path = dir.path().join(format!("{name}.lock"));
+    let content = format!(
+        "{{\"pid\":{dead_pid},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\
+         \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":\"{hostname}\"}}\n"
+    );
+    std::fs::write(&path, &content).expect("plant the record");
+    let _held = hold_ofd_lock(&path);
+    let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = copy.next_line("the library's answer");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(
+        common::field(&line, "holder_pid"),
+        Some("unknown"),
+        "a refusal named the dead process {dead_pid}: {line}"
+    );
+    assert_eq!(copy.exit_code(), 75);
+    let mut status = cli(None, dir.path(), &["status", "--json", &name]);
+    let out = status.stdout_until_closed().join("\n");
+    assert_eq!(status.exit_code(), 0, "{out}");
+    assert!(
+        !out.contains(&format!("\"pid\":{dead_pid}"))
+            && !out.contains(&format!("\"pid\": {dead_pid}")),
+        "status named the dead process {dead_pid}: {out}"
+    );
+}
