@@ -12,163 +12,10 @@ use crate::dbus;
 use crate::error::{Error, Result};
 use crate::holder::BackendKind;
 use crate::lockfile::HeldLock;
+use crate::loss::{Loss, LossLog, LossWatcher};
 use crate::name::InstanceName;
+use crate::runtime::{ServiceThread, block_here};
 use crate::scope::{BusKind, Scope};
-
-/// Why (part of) the instance was lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LossReason {
-    /// Another copy took the bus name (only possible when replacement was allowed).
-    Replaced,
-    /// The bus connection closed (the bus daemon died or dropped us).
-    BusConnectionClosed,
-    /// The lock file was removed by someone else (seen by the watch or the periodic re-check).
-    LockFileRemoved,
-    /// The lock file was replaced by another file (seen by the watch or the periodic re-check).
-    LockFileReplaced,
-    /// The lock file's directory (or a directory above it) was removed, moved or replaced, or a
-    /// symlink on the way was retargeted: our file is still in the directory we opened, but the
-    /// lock path no longer leads to it, so a copy started now would lock another one.
-    LockDirectoryRemoved,
-}
-
-impl fmt::Display for LossReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LossReason::Replaced => "replaced by another instance on the bus",
-            LossReason::BusConnectionClosed => "the bus connection closed",
-            LossReason::LockFileRemoved => "the lock file was removed by someone else",
-            LossReason::LockFileReplaced => "the lock file was replaced by someone else",
-            LossReason::LockDirectoryRemoved => {
-                "the lock file's directory was removed, moved or replaced by someone else"
-            }
-        })
-    }
-}
-
-/// One loss event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Loss {
-    /// What happened.
-    pub reason: LossReason,
-    /// True only when another backend was *re-verified at the moment of this loss* to still
-    /// exclude every other copy: the program may keep running. False means another copy may
-    /// now start, or that nothing could be verified: stop the guarded work.
-    ///
-    /// The rule, backend by backend:
-    /// - The bus connection closed: true only if the lock file was checked right then and is
-    ///   still ours — the path (through our directory, and walked afresh from `/`) names our
-    ///   file, a fresh open of it finds it locked, with our (dev, ino) — and no earlier loss
-    ///   took it or the name. Not remembered from acquisition: a lock file removed unnoticed
-    ///   (the watch turned off) is found gone here.
-    /// - The lock file (or its directory) was lost: always false, even while the bus name is
-    ///   still ours. The name excludes only copies that reach the same bus; every copy takes the
-    ///   lock file first, so a copy with no bus, or another bus, would now start.
-    /// - The name was taken over ([`LossReason::Replaced`]): false.
-    ///
-    /// A later loss is judged afresh, so once a loss says false, so does every later one; and
-    /// [`InstanceGuard::is_exclusive`] is false once any loss said false.
-    pub still_exclusive: bool,
-}
-
-impl fmt::Display for Loss {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.still_exclusive {
-            write!(
-                f,
-                "{} (the lock file still excludes other copies)",
-                self.reason
-            )
-        } else {
-            write!(f, "{}; this copy is no longer the instance", self.reason)
-        }
-    }
-}
-
-pub(crate) type LossLog = watch::Sender<Vec<Loss>>;
-
-/// Follows an instance's losses independently of its guard; see [`InstanceGuard::loss_watcher`].
-#[derive(Debug, Clone)]
-pub struct LossWatcher {
-    losses: watch::Receiver<Vec<Loss>>,
-    seen: usize,
-}
-
-impl LossWatcher {
-    /// Waits for the next loss this watcher has not returned yet.
-    ///
-    /// Returns `None` once the guard is gone (released or dropped) and every loss was returned.
-    pub async fn next(&mut self) -> Option<Loss> {
-        let seen = self.seen;
-        let loss = self
-            .losses
-            .wait_for(|log| log.len() > seen)
-            .await
-            .ok()
-            .map(|log| log[seen]);
-        if loss.is_some() {
-            self.seen += 1;
-        }
-        loss
-    }
-
-    /// Blocking form of [`LossWatcher::next`], giving up after `timeout` (`None`: no limit).
-    /// It needs no runtime and works anywhere, inside a runtime too.
-    ///
-    /// # Caveats
-    ///
-    /// It blocks the calling thread: called from a task of a current-thread runtime, it also
-    /// stops the tasks that would report a loss of a guard acquired with
-    /// [`crate::InstanceOptions::acquire_async`] on that runtime (a guard from the blocking
-    /// [`crate::InstanceOptions::acquire`] has a thread of its own). Prefer
-    /// [`LossWatcher::next`] in async code.
-    pub fn next_blocking(&mut self, timeout: Option<Duration>) -> Option<Loss> {
-        block_here(self.next(), timeout).flatten()
-    }
-}
-
-/// Runs `fut` on this thread until it completes or `timeout` passes (`None`: no limit), with no
-/// runtime: a blocking call made inside a runtime must not start one (tokio panics), and
-/// waiting on a channel needs none.
-pub(crate) fn block_here<F: std::future::Future>(
-    fut: F,
-    timeout: Option<Duration>,
-) -> Option<F::Output> {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: std::sync::Arc<Self>) {
-            self.0.unpark();
-        }
-        fn wake_by_ref(self: &std::sync::Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    // Unconstrained: inside a task whose cooperative budget is spent, tokio's primitives would
-    // answer "pending" for ever, and this loop never returns to the scheduler to refill it.
-    let mut fut = std::pin::pin!(tokio::task::unconstrained(fut));
-    // A timeout too large to add is no limit.
-    let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
-    loop {
-        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return Some(out);
-        }
-        match deadline {
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return None;
-                }
-                std::thread::park_timeout(left);
-            }
-            None => std::thread::park(),
-        }
-    }
-}
 
 /// Proof that this process is the one running instance of a name.
 ///
@@ -333,10 +180,7 @@ impl InstanceGuard {
     /// part of a program waits for losses while another holds the guard. It starts before the
     /// first loss not yet returned by [`InstanceGuard::next_loss`].
     pub fn loss_watcher(&self) -> LossWatcher {
-        LossWatcher {
-            losses: self.losses.clone(),
-            seen: self.seen_losses,
-        }
+        LossWatcher::new(self.losses.clone(), self.seen_losses)
     }
 
     /// Waits for the next loss event not yet returned by this method.
@@ -532,75 +376,6 @@ fn release_without_socket(kind: BusKind, conn: zbus::Connection, name: &str) -> 
                 Ok(())
             }
         },
-    }
-}
-
-/// A current-thread runtime driven by a thread of its own: it services the bus connection of a
-/// guard from the blocking API. Dropping it ends the thread and the runtime's tasks.
-pub(crate) struct ServiceThread {
-    handle: tokio::runtime::Handle,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    /// The thread: a release made on it (from a method of an object it serves) must not wait
-    /// for it.
-    thread: std::thread::ThreadId,
-}
-
-impl ServiceThread {
-    /// Hands `rt` to a new thread; gives it back if the thread cannot be started.
-    pub(crate) fn start(
-        rt: tokio::runtime::Runtime,
-    ) -> std::result::Result<Self, (tokio::runtime::Runtime, std::io::Error)> {
-        let handle = rt.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        // The runtime comes back through this slot if the spawn fails.
-        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(rt)));
-        let thread_slot = std::sync::Arc::clone(&slot);
-        let spawned = std::thread::Builder::new()
-            .name("unique-instance".into())
-            .spawn(move || {
-                let rt = thread_slot.lock().ok().and_then(|mut s| s.take());
-                if let Some(rt) = rt {
-                    // Ends when the guard drops its sender.
-                    let _ = rt.block_on(stopped);
-                    rt.shutdown_background();
-                }
-            });
-        match spawned {
-            Ok(thread) => Ok(ServiceThread {
-                handle,
-                _stop: stop,
-                thread: thread.thread().id(),
-            }),
-            Err(e) => {
-                let rt = slot.lock().ok().and_then(|mut s| s.take());
-                match rt {
-                    Some(rt) => Err((rt, e)),
-                    None => unreachable!("the runtime is taken only by a thread that started"),
-                }
-            }
-        }
-    }
-
-    /// A service thread already running `handle`'s runtime until `stop` is dropped.
-    pub(crate) fn from_parts(
-        handle: tokio::runtime::Handle,
-        stop: tokio::sync::oneshot::Sender<()>,
-        thread: std::thread::ThreadId,
-    ) -> Self {
-        ServiceThread {
-            handle,
-            _stop: stop,
-            thread,
-        }
-    }
-
-    /// Is this the service thread itself?
-    fn is_current_thread(&self) -> bool {
-        std::thread::current().id() == self.thread
-    }
-
-    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
-        &self.handle
     }
 }
 

@@ -10,10 +10,12 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::dbus;
 use crate::error::{Error, Result};
-use crate::guard::{InstanceGuard, Loss, LossLog, LossReason, ServiceThread};
+use crate::guard::InstanceGuard;
 use crate::holder::{BackendKind, Holder, LockRecord};
 use crate::lockfile::{self, Attempt, HeldLock, LockDir, PathChange};
+use crate::loss::{Loss, LossLog, LossReason};
 use crate::name::InstanceName;
+use crate::runtime::ServiceThread;
 use crate::scope::{
     self, Backend, BusKind, BusPlan, LOCK_DIR_ENV, LockPlan, SYSTEM_LOCK_DIR, Scope,
 };

@@ -1,0 +1,128 @@
+//! Losing the instance: why, and how the program hears of it.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::runtime::block_here;
+
+/// Why (part of) the instance was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LossReason {
+    /// Another copy took the bus name (only possible when replacement was allowed).
+    Replaced,
+    /// The bus connection closed (the bus daemon died or dropped us).
+    BusConnectionClosed,
+    /// The lock file was removed by someone else (seen by the watch or the periodic re-check).
+    LockFileRemoved,
+    /// The lock file was replaced by another file (seen by the watch or the periodic re-check).
+    LockFileReplaced,
+    /// The lock file's directory (or a directory above it) was removed, moved or replaced, or a
+    /// symlink on the way was retargeted: our file is still in the directory we opened, but the
+    /// lock path no longer leads to it, so a copy started now would lock another one.
+    LockDirectoryRemoved,
+}
+
+impl fmt::Display for LossReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LossReason::Replaced => "replaced by another instance on the bus",
+            LossReason::BusConnectionClosed => "the bus connection closed",
+            LossReason::LockFileRemoved => "the lock file was removed by someone else",
+            LossReason::LockFileReplaced => "the lock file was replaced by someone else",
+            LossReason::LockDirectoryRemoved => {
+                "the lock file's directory was removed, moved or replaced by someone else"
+            }
+        })
+    }
+}
+
+/// One loss event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Loss {
+    /// What happened.
+    pub reason: LossReason,
+    /// True only when another backend was *re-verified at the moment of this loss* to still
+    /// exclude every other copy: the program may keep running. False means another copy may
+    /// now start, or that nothing could be verified: stop the guarded work.
+    ///
+    /// The rule, backend by backend:
+    /// - The bus connection closed: true only if the lock file was checked right then and is
+    ///   still ours — the path (through our directory, and walked afresh from `/`) names our
+    ///   file, a fresh open of it finds it locked, with our (dev, ino) — and no earlier loss
+    ///   took it or the name. Not remembered from acquisition: a lock file removed unnoticed
+    ///   (the watch turned off) is found gone here.
+    /// - The lock file (or its directory) was lost: always false, even while the bus name is
+    ///   still ours. The name excludes only copies that reach the same bus; every copy takes the
+    ///   lock file first, so a copy with no bus, or another bus, would now start.
+    /// - The name was taken over ([`LossReason::Replaced`]): false.
+    ///
+    /// A later loss is judged afresh, so once a loss says false, so does every later one; and
+    /// [`crate::InstanceGuard::is_exclusive`] is false once any loss said false.
+    pub still_exclusive: bool,
+}
+
+impl fmt::Display for Loss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.still_exclusive {
+            write!(
+                f,
+                "{} (the lock file still excludes other copies)",
+                self.reason
+            )
+        } else {
+            write!(f, "{}; this copy is no longer the instance", self.reason)
+        }
+    }
+}
+
+pub(crate) type LossLog = watch::Sender<Vec<Loss>>;
+
+/// Follows an instance's losses independently of its guard; see
+/// [`crate::InstanceGuard::loss_watcher`].
+#[derive(Debug, Clone)]
+pub struct LossWatcher {
+    losses: watch::Receiver<Vec<Loss>>,
+    seen: usize,
+}
+
+impl LossWatcher {
+    /// A watcher of `losses` that starts after the first `seen` of them.
+    pub(crate) fn new(losses: watch::Receiver<Vec<Loss>>, seen: usize) -> Self {
+        LossWatcher { losses, seen }
+    }
+
+    /// Waits for the next loss this watcher has not returned yet.
+    ///
+    /// Returns `None` once the guard is gone (released or dropped) and every loss was returned.
+    pub async fn next(&mut self) -> Option<Loss> {
+        let seen = self.seen;
+        let loss = self
+            .losses
+            .wait_for(|log| log.len() > seen)
+            .await
+            .ok()
+            .map(|log| log[seen]);
+        if loss.is_some() {
+            self.seen += 1;
+        }
+        loss
+    }
+
+    /// Blocking form of [`LossWatcher::next`], giving up after `timeout` (`None`: no limit).
+    /// It needs no runtime and works anywhere, inside a runtime too.
+    ///
+    /// # Caveats
+    ///
+    /// It blocks the calling thread: called from a task of a current-thread runtime, it also
+    /// stops the tasks that would report a loss of a guard acquired with
+    /// [`crate::InstanceOptions::acquire_async`] on that runtime (a guard from the blocking
+    /// [`crate::InstanceOptions::acquire`] has a thread of its own). Prefer
+    /// [`LossWatcher::next`] in async code.
+    pub fn next_blocking(&mut self, timeout: Option<Duration>) -> Option<Loss> {
+        block_here(self.next(), timeout).flatten()
+    }
+}
