@@ -37,28 +37,29 @@ use crate::scope::{BusKind, Scope};
 /// new file and run beside the child.
 #[must_use = "the instance is released as soon as the guard is dropped"]
 pub struct InstanceGuard {
-    pub(crate) name: InstanceName,
-    pub(crate) scope: Scope,
-    pub(crate) lock: Option<HeldLock>,
-    pub(crate) bus: Option<(BusKind, zbus::Connection)>,
-    pub(crate) losses: watch::Receiver<Vec<Loss>>,
+    name: InstanceName,
+    scope: Scope,
+    lock: Option<HeldLock>,
+    bus: Option<(BusKind, zbus::Connection)>,
+    losses: watch::Receiver<Vec<Loss>>,
     /// Keeps the loss channel open for as long as the guard lives, even with no task feeding it,
     /// so that watchers see its end only when the guard is gone.
-    pub(crate) _loss_log: LossLog,
-    pub(crate) seen_losses: usize,
-    pub(crate) tasks: Vec<JoinHandle<()>>,
-    /// The runtime that services the connection when the guard came from the blocking API.
+    _loss_log: LossLog,
+    seen_losses: usize,
+    tasks: Vec<JoinHandle<()>>,
+    /// The runtime that services the connection when the guard came from the blocking API (set
+    /// by it once acquired: the only field set outside `InstanceGuard::new`).
     pub(crate) runtime: Option<ServiceThread>,
     /// Ends the bus connection without its runtime (see [`dbus::Disconnect`]), so that a release
     /// frees the name before the lock file wherever it runs. `None` with no bus, or on a
     /// transport zbus connected itself.
-    pub(crate) disconnect: Option<dbus::Disconnect>,
+    disconnect: Option<dbus::Disconnect>,
     /// The lock-file watch of a guard that has no runtime (the lock file alone, blocking API).
-    pub(crate) lock_watch: Option<crate::options::LockWatchThread>,
+    lock_watch: Option<crate::options::LockWatchThread>,
     /// The inotify instance a wait for the lock file used, with no watches left: closed with the
     /// guard, after the lock, because closing one takes milliseconds (see
     /// `lockfile::ReleaseWatch::into_quiet`).
-    pub(crate) _wait_watch: Option<std::os::fd::OwnedFd>,
+    _wait_watch: Option<std::os::fd::OwnedFd>,
 }
 
 impl fmt::Debug for InstanceGuard {
@@ -74,7 +75,58 @@ impl fmt::Debug for InstanceGuard {
     }
 }
 
+/// What an acquisition holds, handed to [`InstanceGuard::new`].
+pub(crate) struct GuardParts {
+    pub(crate) name: InstanceName,
+    /// The scope in effect (never [`Scope::Auto`]).
+    pub(crate) scope: Scope,
+    pub(crate) lock: Option<HeldLock>,
+    pub(crate) bus: Option<(BusKind, zbus::Connection)>,
+    /// Ends the connection without its runtime (see the guard's field).
+    pub(crate) disconnect: Option<dbus::Disconnect>,
+    /// The loss channel: the log its watchers feed, and the guard's end of it.
+    pub(crate) loss_log: LossLog,
+    pub(crate) losses: watch::Receiver<Vec<Loss>>,
+    /// The tasks that watch for losses, aborted on release.
+    pub(crate) tasks: Vec<JoinHandle<()>>,
+    /// The lock-file watch thread of a guard with no runtime.
+    pub(crate) lock_watch: Option<crate::options::LockWatchThread>,
+    /// The emptied inotify instance of a wait, closed after the lock.
+    pub(crate) wait_watch: Option<std::os::fd::OwnedFd>,
+}
+
 impl InstanceGuard {
+    /// The guard over what was acquired; it has no service thread yet (the blocking API gives
+    /// it one).
+    pub(crate) fn new(parts: GuardParts) -> Self {
+        let GuardParts {
+            name,
+            scope,
+            lock,
+            bus,
+            disconnect,
+            loss_log,
+            losses,
+            tasks,
+            lock_watch,
+            wait_watch,
+        } = parts;
+        InstanceGuard {
+            name,
+            scope,
+            lock,
+            bus,
+            losses,
+            _loss_log: loss_log,
+            seen_losses: 0,
+            tasks,
+            runtime: None,
+            disconnect,
+            lock_watch,
+            _wait_watch: wait_watch,
+        }
+    }
+
     /// The instance name.
     pub fn name(&self) -> &str {
         self.name.as_str()
@@ -429,24 +481,23 @@ mod tests {
         // What a panic on the service thread leaves: a handle to a runtime that is gone.
         drop(rt);
         let (loss_tx, loss_rx) = watch::channel(Vec::new());
-        let guard = InstanceGuard {
+        let mut guard = InstanceGuard::new(GuardParts {
             name: InstanceName::new(name).expect("name"),
             scope: Scope::User,
             lock: None,
             bus: Some((BusKind::Session, connected.conn)),
-            losses: loss_rx,
-            _loss_log: loss_tx,
-            seen_losses: 0,
-            tasks: Vec::new(),
-            runtime: Some(ServiceThread::from_parts(
-                handle,
-                stop,
-                std::thread::spawn(|| ()).thread().id(),
-            )),
             disconnect: connected.disconnect,
+            loss_log: loss_tx,
+            losses: loss_rx,
+            tasks: Vec::new(),
             lock_watch: None,
-            _wait_watch: None,
-        };
+            wait_watch: None,
+        });
+        guard.runtime = Some(ServiceThread::from_parts(
+            handle,
+            stop,
+            std::thread::spawn(|| ()).thread().id(),
+        ));
         let result = guard.release();
         assert!(
             matches!(result, Err(Error::Bus { .. })),

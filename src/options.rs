@@ -10,7 +10,7 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::dbus;
 use crate::error::{Error, Result};
-use crate::guard::InstanceGuard;
+use crate::guard::{GuardParts, InstanceGuard};
 use crate::holder::{BackendKind, Holder, LockRecord};
 use crate::lockfile::{self, Attempt, HeldLock, LockDir, PathChange};
 use crate::loss::{Loss, LossLog, LossReason};
@@ -689,20 +689,18 @@ impl InstanceOptions {
             bus = ?bus.as_ref().map(|(k, _)| *k),
             "acquired instance"
         );
-        Ok(InstanceGuard {
+        Ok(InstanceGuard::new(GuardParts {
             name,
             scope,
             lock,
             bus,
-            losses: loss_rx,
-            _loss_log: loss_tx,
-            seen_losses: 0,
-            tasks,
-            runtime: None,
             disconnect,
+            loss_log: loss_tx,
+            losses: loss_rx,
+            tasks,
             lock_watch: None,
-            _wait_watch: wait_watch,
-        })
+            wait_watch,
+        }))
     }
 }
 
@@ -794,20 +792,18 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         Some(inotify) => Some(LockWatchThread::start(&mut held, inotify, loss_tx.clone())?),
         None => None,
     };
-    Ok(InstanceGuard {
+    Ok(InstanceGuard::new(GuardParts {
         name,
         scope,
         lock: Some(held),
         bus: None,
-        losses: loss_rx,
-        _loss_log: loss_tx,
-        seen_losses: 0,
-        tasks: Vec::new(),
-        runtime: None,
         disconnect: None,
+        loss_log: loss_tx,
+        losses: loss_rx,
+        tasks: Vec::new(),
         lock_watch,
-        _wait_watch: None,
-    })
+        wait_watch: None,
+    }))
 }
 
 fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error {
