@@ -215,7 +215,16 @@ impl InstanceGuard {
     ///
     /// [`Error::Io`] when the notification socket cannot be reached.
     pub fn notify_ready(&self) -> Result<()> {
-        crate::notify::ready(self)
+        crate::notify::ready(&self.acquired())
+    }
+
+    /// What systemd's status line says of this instance.
+    pub(crate) fn acquired(&self) -> crate::notify::Acquired<'_> {
+        crate::notify::Acquired {
+            name: self.name(),
+            lock_file: self.lock_file(),
+            bus: self.bus_kind(),
+        }
     }
 
     /// Every loss seen so far, oldest first.

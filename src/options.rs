@@ -749,24 +749,11 @@ fn effective_scope(asked: Scope, lock: Option<&LockPlan>, bus: Option<&BusPlan>)
     }
 }
 
-/// Tells systemd, when it asked (`NOTIFY_SOCKET`) and the program did not opt out, how the
-/// attempt went: `READY=1` with a status line once acquired, a status line naming the running
-/// copy when refused. The outcome itself is returned unchanged: a service manager that cannot be
-/// told is logged, not a reason to give the instance up (systemd would time the start out).
+/// Tells systemd how the attempt went (see [`crate::notify::outcome`]) unless the program opted
+/// out, and returns the outcome unchanged.
 fn tell_service_manager(notify: bool, outcome: Result<InstanceGuard>) -> Result<InstanceGuard> {
-    if !notify {
-        return outcome;
-    }
-    match &outcome {
-        Ok(guard) => {
-            if let Err(e) = crate::notify::ready(guard) {
-                tracing::warn!(error = %e, "cannot notify the service manager");
-            }
-        }
-        Err(e @ (Error::AlreadyRunning { .. } | Error::TimedOut { .. })) => {
-            crate::notify::status(&e.to_string());
-        }
-        Err(_) => {}
+    if notify {
+        crate::notify::outcome(outcome.as_ref().map(InstanceGuard::acquired));
     }
     outcome
 }
