@@ -129,13 +129,27 @@ pub enum Error {
         holder: Box<Holder>,
     },
 
-    /// A file system operation failed.
+    /// A file system operation failed (on a file, a directory or a socket).
     #[error("{context} {}: {source}", path.display())]
     Io {
         /// What was being done.
         context: &'static str,
-        /// The path involved.
+        /// The path involved: always a path, never an instance name.
         path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// This process could not start what holding the instance needs (the async runtime, or the
+    /// thread that services the bus connection of a guard from the blocking API); nothing was
+    /// acquired, or what was has been released.
+    #[error("{context} {name}: {source}")]
+    Runtime {
+        /// What was being done.
+        context: &'static str,
+        /// The instance name, as given.
+        name: String,
         /// The underlying error.
         #[source]
         source: io::Error,
@@ -251,5 +265,42 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    pub(crate) fn runtime(context: &'static str, name: &str, source: io::Error) -> Self {
+        Error::Runtime {
+            context,
+            name: name.to_owned(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runtime that could not start reads as it did when it was an `Io` error with the name
+    /// in the path field, and still exits 70.
+    #[test]
+    fn runtime_errors_name_the_instance_as_before() {
+        let source = || io::Error::other("out of threads");
+        let now = Error::runtime(
+            "cannot start the runtime for",
+            "org.example.Server",
+            source(),
+        );
+        let before = Error::io(
+            "cannot start the runtime for",
+            "org.example.Server",
+            source(),
+        );
+        assert_eq!(now.to_string(), before.to_string());
+        assert_eq!(
+            now.to_string(),
+            "cannot start the runtime for org.example.Server: out of threads"
+        );
+        assert_eq!(now.exit_code(), 70);
+        assert!(std::error::Error::source(&now).is_some());
     }
 }

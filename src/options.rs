@@ -386,7 +386,8 @@ impl InstanceOptions {
     ///
     /// [`Error::AlreadyRunning`] when another copy holds it; [`Error::TimedOut`] when a bounded
     /// wait ran out; [`Error::InvalidName`], [`Error::NotPermitted`], [`Error::NoUsableBackend`],
-    /// [`Error::UnsafeLockPath`], [`Error::NetworkFilesystem`], [`Error::Io`], [`Error::Bus`].
+    /// [`Error::UnsafeLockPath`], [`Error::NetworkFilesystem`], [`Error::Io`], [`Error::Bus`],
+    /// [`Error::Runtime`].
     ///
     /// # Caveats
     ///
@@ -406,11 +407,11 @@ impl InstanceOptions {
         // no wake-ups of another thread (a multi-thread runtime made acquire() ~2x slower,
         // benchmark 1). Then a thread of its own drives that runtime for as long as the guard
         // lives, so the connection stays serviced.
-        let name = PathBuf::from(&self.name);
+        let name = self.name.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| Error::io("cannot start the runtime for", name.clone(), e))?;
+            .map_err(|e| Error::runtime("cannot start the runtime for", &name, e))?;
         let mut guard = rt.block_on(self.acquire_async())?;
         match ServiceThread::start(rt) {
             Ok(service) => {
@@ -420,7 +421,11 @@ impl InstanceOptions {
             Err((rt, e)) => {
                 // Released while this thread can still drive the connection.
                 let _ = rt.block_on(guard.release_async());
-                Err(Error::io("cannot start the thread that services", name, e))
+                Err(Error::runtime(
+                    "cannot start the thread that services",
+                    &name,
+                    e,
+                ))
             }
         }
     }
@@ -429,7 +434,7 @@ impl InstanceOptions {
     /// thread starts the runtime, acquires on it and then services the connection, while this
     /// thread waits for the outcome on a plain channel.
     fn acquire_on_service_thread(self) -> Result<InstanceGuard> {
-        let name = PathBuf::from(&self.name);
+        let name = self.name.clone();
         let (outcome_tx, outcome_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread_name = name.clone();
@@ -442,9 +447,9 @@ impl InstanceOptions {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = outcome_tx.send(Err(Error::io(
+                        let _ = outcome_tx.send(Err(Error::runtime(
                             "cannot start the runtime for",
-                            thread_name,
+                            &thread_name,
                             e,
                         )));
                         return;
@@ -461,7 +466,7 @@ impl InstanceOptions {
                 }
                 rt.shutdown_background();
             })
-            .map_err(|e| Error::io("cannot start the thread that acquires", name.clone(), e))?;
+            .map_err(|e| Error::runtime("cannot start the thread that acquires", &name, e))?;
         match outcome_rx.recv() {
             Ok(Ok((mut guard, handle))) => {
                 let thread = thread.thread().id();
@@ -469,9 +474,9 @@ impl InstanceOptions {
                 Ok(guard)
             }
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::io(
+            Err(_) => Err(Error::runtime(
                 "the thread that acquires ended without an answer for",
-                name,
+                &name,
                 std::io::Error::other("the acquiring thread panicked"),
             )),
         }
