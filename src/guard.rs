@@ -1,4 +1,7 @@
 //! The one guard type: proof that this process is the running instance.
+//!
+//! Over 400 lines: the guard's accessors and its two release paths (blocking and async), which
+//! must release in the same order (the bus name, then the lock file), are kept side by side.
 
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
