@@ -117,8 +117,21 @@ struct Config {
 
 impl Config {
     fn new(quick: bool) -> Result<Self> {
-        let cli = PathBuf::from(env!("CARGO_BIN_EXE_unique-instance"));
-        let server = cli.with_file_name("examples").join("server");
+        // The CLI is another package's binary (cli/), built into the same target directory:
+        // `target/<profile>/`, above this benchmark's `deps/`.
+        let profile_dir = std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("the benchmark runs outside target/<profile>/deps")?
+            .to_path_buf();
+        let cli = profile_dir.join("unique-instance");
+        ensure!(
+            cli.is_file(),
+            "{} is missing: build it first, in this profile, with `cargo build -p unique-instance-cli` \
+             (./scripts/bench does)",
+            cli.display()
+        );
+        let server = profile_dir.join("examples").join("server");
         ensure!(
             server.is_file(),
             "{} is missing: build it first with `cargo build --release --example server` \

@@ -19,7 +19,7 @@ const SERVICE_USER: &str = "daemon";
 /// Generates the deployment of the example server for `name` and returns its policy file.
 fn generated_policy(out: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let exec = example_path("server");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    let mut cmd = Command::new(common::cli_path());
     cmd.arg("generate")
         .arg("--out-dir")
         .arg(out)
@@ -51,11 +51,7 @@ fn on_system_bus(mut cmd: Command, bus: &DbusDaemon, uid: u32) -> Proc {
 }
 
 fn run_cli(bus: &DbusDaemon, lock_dir: &Path, uid: u32, name: &str) -> Proc {
-    let mut cmd = clean_command(
-        Path::new(env!("CARGO_BIN_EXE_unique-instance")),
-        None,
-        lock_dir,
-    );
+    let mut cmd = clean_command(&common::cli_path(), None, lock_dir);
     cmd.args(["run", "--system", name, "--", "echo", "ran"]);
     on_system_bus(cmd, bus, uid)
 }

@@ -17,7 +17,8 @@ const HOLD: &str = "echo running $$; read _; echo done";
 fn race(count: usize, bus: &DbusDaemon, extra: &[&str]) -> (Vec<Proc>, tempfile::TempDir) {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("cli_race");
-    let bin = env!("CARGO_BIN_EXE_unique-instance");
+    let bin = common::cli_path();
+    let bin = bin.display();
     let mut script = format!("read go; exec {bin} run");
     for arg in extra {
         script.push_str(&format!(" {arg}"));

@@ -21,7 +21,7 @@ fn repo() -> &'static Path {
 
 /// `unique-instance ARGS`, run to completion: (exit code, stdout, stderr).
 fn cli(args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    let mut cmd = Command::new(common::cli_path());
     cmd.args(args).env_remove("UNIQUE_INSTANCE_SCOPE");
     let mut proc = Proc::spawn(cmd);
     let code = proc.exit_code();
@@ -948,7 +948,7 @@ fn an_executable_path_that_is_not_utf8_is_refused_not_mangled() {
         .join(std::ffi::OsStr::from_bytes(b"caf\xe9-server"));
     install_executable(&exec);
     let out = tempfile::tempdir().expect("tempdir");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    let mut cmd = Command::new(common::cli_path());
     cmd.arg("generate")
         .arg("--out-dir")
         .arg(out.path())
@@ -984,7 +984,7 @@ fn a_failure_midway_writes_nothing() {
         }
     }
     std::fs::set_permissions(&blocked, std::fs::Permissions::from_mode(0o555)).expect("chmod");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    let mut cmd = Command::new(common::cli_path());
     cmd.arg("generate")
         .arg("--root")
         .arg(root.path())

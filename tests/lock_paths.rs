@@ -192,7 +192,7 @@ fn relative_overrides_and_paths_naming_no_file_are_refused() {
     assert!(line.contains("UNIQUE_INSTANCE_LOCK_DIR"), "{line}");
     assert!(line.contains("absolute"), "{line}");
     assert_eq!(copy.exit_code(), 64);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    let mut cmd = Command::new(common::cli_path());
     cmd.args(["run", "--lock-file", "data.lock", &name, "--", "true"])
         .current_dir(cwd.path());
     let output = cmd.output().expect("run the CLI");
@@ -410,7 +410,7 @@ fn a_deployed_service_gets_its_own_lock_directory_that_no_one_else_can_squat() {
         .expect("plan");
     assert_eq!(
         plan.lock_file,
-        Some(Path::new(unique_instance::SYSTEM_LOCK_DIR).join(format!("{name}.lock")))
+        Some(Path::new("/run/lock/unique-instance").join(format!("{name}.lock")))
     );
 }
 
@@ -557,7 +557,7 @@ fn the_umask_does_not_decide_who_can_see_the_instance() {
         "the umask decided the lock file's mode"
     );
     let cli_as_nobody = |args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+        let mut cmd = Command::new(common::cli_path());
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("UNIQUE_INSTANCE_LOCK_DIR", dir.path())
@@ -613,7 +613,7 @@ fn a_user_directory_squatted_by_another_user_is_named_with_its_owner() {
     std::fs::create_dir(&squatted).expect("mkdir");
     std::fs::set_permissions(&squatted, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     std::os::unix::fs::chown(&squatted, Some(1), Some(1)).expect("chown");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+    let mut cmd = Command::new(common::cli_path());
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .args([

@@ -232,7 +232,7 @@ impl Container {
             .expect("chmod");
         let notify_files = root.path().join("notify-files");
         let mut generate = Proc::spawn({
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_unique-instance"));
+            let mut cmd = Command::new(common::cli_path());
             cmd.arg("generate")
                 .arg("--root")
                 .arg(&check_root)
@@ -293,10 +293,7 @@ impl Container {
                 "--bind-ro={}:{SERVER}",
                 example_path("server").display()
             ))
-            .arg(format!(
-                "--bind-ro={}:{CLI}",
-                env!("CARGO_BIN_EXE_unique-instance")
-            ))
+            .arg(format!("--bind-ro={}:{CLI}", common::cli_path().display()))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("log"))
             .stderr(std::fs::File::create(log.with_extension("err")).expect("log"));

@@ -373,7 +373,7 @@ impl Driver {
             log_path: log_path.to_owned(),
             log: Log::create(log_path),
             holder: example_path("soak_holder"),
-            cli: PathBuf::from(env!("CARGO_BIN_EXE_unique-instance")),
+            cli: common::cli_path(),
             bus: None,
             buses_started: 0,
             empty_runtime_dir,

@@ -18,10 +18,10 @@ use libfuzzer_sys::fuzz_target;
 // The binary's own parser, not a copy of it; deploy.rs comes along for `generate`'s values. A
 // new `use` in either file may need its crate added to fuzz/Cargo.toml.
 #[allow(dead_code, unreachable_pub)]
-#[path = "../../src/bin/unique-instance/cli.rs"]
+#[path = "../../cli/src/cli.rs"]
 mod cli;
 #[allow(dead_code, unreachable_pub)]
-#[path = "../../src/bin/unique-instance/deploy.rs"]
+#[path = "../../cli/src/deploy.rs"]
 mod deploy;
 
 use cli::{Cli, Command, InstanceArgs, WaitFor};

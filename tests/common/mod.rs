@@ -456,47 +456,81 @@ pub fn status_within_timeout(mut cmd: Command) -> ExitStatus {
 
 /// Where cargo puts examples: next to this test's deps directory.
 pub fn example_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let path = profile_dir.join("examples").join(name);
+    let path = profile_dir().join("examples").join(name);
     assert!(
         path.is_file(),
         "example `{name}` is not built at {}; `cargo test` builds examples, or run `cargo build --examples`",
         path.display()
     );
     // `cargo test --test X` does not rebuild examples: refuse to test a stale binary.
-    let built = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .expect("mtime");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let own_source = root.join("examples").join(format!("{name}.rs"));
-    let own = std::fs::metadata(&own_source)
-        .and_then(|m| m.modified())
-        .ok()
-        .map(|t| (t, own_source));
-    for newest in [newest_source(&root.join("src")), own] {
-        if let Some(newer) = newest.filter(|(t, _)| *t > built) {
-            panic!(
-                "example `{name}` is older than {}: run plain `cargo test` (it builds examples) \
-                 or `cargo build --examples` first",
-                newer.1.display()
-            );
-        }
+    let own = root.join("examples").join(format!("{name}.rs"));
+    if let Some(newer) = newer_source(&path, &[root.join("src"), own]) {
+        panic!(
+            "example `{name}` is older than {}: run plain `cargo test` (it builds examples) \
+             or `cargo build --examples` first",
+            newer.display()
+        );
     }
     path
+}
+
+/// The `unique-instance` binary, built by the CLI's own package (cli/) into the same target
+/// directory. Cargo only tells a package's tests of that package's binaries, so it is found
+/// next to this test's deps directory, and refused when missing or older than its sources.
+pub fn cli_path() -> PathBuf {
+    let path = profile_dir().join("unique-instance");
+    assert!(
+        path.is_file(),
+        "the CLI is not built at {}; ./scripts/test builds it, or run \
+         `cargo build --workspace --bins --examples` first",
+        path.display()
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if let Some(newer) = newer_source(&path, &[root.join("src"), root.join("cli/src")]) {
+        panic!(
+            "the CLI at {} is older than {}: run ./scripts/test (it builds it) or \
+             `cargo build --workspace --bins --examples` first",
+            path.display(),
+            newer.display()
+        );
+    }
+    path
+}
+
+/// `target/<profile>`: this test runs as `target/<profile>/deps/NAME-HASH`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The newest of `sources` (files, or directories searched whole) when it is newer than `built`.
+fn newer_source(built: &Path, sources: &[PathBuf]) -> Option<PathBuf> {
+    let built = std::fs::metadata(built)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    sources
+        .iter()
+        .filter_map(|source| {
+            if source.is_dir() {
+                newest_source(source)
+            } else {
+                let t = std::fs::metadata(source).and_then(|m| m.modified()).ok()?;
+                Some((t, source.clone()))
+            }
+        })
+        .filter(|(t, _)| *t > built)
+        .max_by_key(|(t, _)| *t)
+        .map(|(_, path)| path)
 }
 
 fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
-        // The CLI's sources (src/bin) are not part of what examples link.
-        if path.ends_with("src/bin") {
-            continue;
-        }
         let candidate = if path.is_dir() {
             newest_source(&path)
         } else {
@@ -577,11 +611,7 @@ pub fn cli(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
 
 /// The command line of [`cli`], to adjust before spawning.
 pub fn cli_command(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = clean_command(
-        Path::new(env!("CARGO_BIN_EXE_unique-instance")),
-        bus,
-        lock_dir,
-    );
+    let mut cmd = clean_command(&cli_path(), bus, lock_dir);
     cmd.args(args);
     cmd
 }
