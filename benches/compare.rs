@@ -344,7 +344,7 @@ impl Report {
         let template = std::fs::read_to_string(root.join("benches/BENCHMARKS.md.in"))?;
         let machine = machine_description();
         let text = template
-            .replace("@DATE@", &unique_instance::format_rfc3339(self.started))
+            .replace("@DATE@", &rfc3339(self.started))
             .replace("@MACHINE@", &machine)
             .replace(
                 "@DURATION@",
@@ -377,6 +377,13 @@ fn goal_cell(goal: &Option<(String, bool)>) -> String {
         Some((text, false)) => format!("{text}: **not met**"),
         None => "-".into(),
     }
+}
+
+/// `2026-11-23T10:00:00Z`: the run's date as the library writes a holder's start time.
+fn rfc3339(time: std::time::SystemTime) -> String {
+    let mut holder = unique_instance::Holder::default();
+    holder.since = Some(time);
+    holder.since_rfc3339().unwrap_or_default()
 }
 
 fn machine_description() -> String {

@@ -69,6 +69,12 @@ impl Holder {
     pub fn is_unknown(&self) -> bool {
         self.pid.is_none() && self.bus_unique_name.is_none()
     }
+
+    /// [`Holder::since`] in RFC 3339, whole seconds, UTC (`2026-11-23T10:00:00Z`): as the
+    /// holder's message and its JSON (`serde`) give it.
+    pub fn since_rfc3339(&self) -> Option<String> {
+        self.since.map(format_rfc3339)
+    }
 }
 
 impl fmt::Display for Holder {
@@ -281,7 +287,7 @@ pub(crate) fn process_executable(pid: u32) -> Option<PathBuf> {
 }
 
 /// `2026-11-23T10:00:00Z`: whole seconds, UTC.
-pub fn format_rfc3339(time: SystemTime) -> String {
+pub(crate) fn format_rfc3339(time: SystemTime) -> String {
     let secs = match time.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs(),
         Err(_) => 0,
@@ -322,6 +328,18 @@ mod tests {
         assert_eq!(format_rfc3339(t), "2026-11-23T10:00:00Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(format_rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn a_holders_start_time_reads_as_in_its_message_and_json() {
+        let mut holder = Holder::default();
+        assert_eq!(holder.since_rfc3339(), None);
+        holder.since = Some(UNIX_EPOCH + Duration::from_secs(1_795_428_000));
+        let since = holder.since_rfc3339().expect("a start time");
+        assert_eq!(since, "2026-11-23T10:00:00Z");
+        assert!(holder.to_string().contains(&format!("since {since}")));
+        let json = serde_json::to_value(&holder).expect("json");
+        assert_eq!(json["since"], since.as_str());
     }
 
     #[test]

@@ -41,13 +41,29 @@ mod status;
 
 pub use error::{Error, Result, UnsafeLockPath};
 pub use guard::InstanceGuard;
-pub use holder::{BackendKind, Holder, format_rfc3339};
-pub use lockfile::network_fs_name;
+pub use holder::{BackendKind, Holder};
 pub use loss::{Loss, LossReason, LossWatcher};
-pub use name::{InstanceName, MAX_NAME_LEN, NameRule};
+pub use name::{InstanceName, NameRule};
 pub use options::{InstanceOptions, Plan, Wait};
-pub use scope::{Backend, BusKind, LOCK_DIR_ENV, SCOPE_ENV, SYSTEM_LOCK_DIR, Scope};
+pub use scope::{Backend, BusKind, LOCK_DIR_ENV, SCOPE_ENV, Scope};
 pub use status::{Status, status};
+/// The D-Bus crate this one is built on, at the version its API uses:
+/// [`InstanceGuard::connection`], [`InstanceOptions::serve_at`] and [`Error::Bus`] speak its
+/// types, so a program serving its objects needs no second, possibly different, zbus.
+///
+/// ```no_run
+/// use unique_instance::zbus;
+///
+/// let guard = unique_instance::ensure_single_instance("org.example.Server")?;
+/// let connection: Option<&zbus::Connection> = guard.connection();
+/// # drop(connection);
+/// # Ok::<(), unique_instance::Error>(())
+/// ```
+pub use zbus;
+
+// Where src/lockfile.rs's tests name it.
+#[cfg(test)]
+pub(crate) use scope::SYSTEM_LOCK_DIR;
 
 /// Makes this process the only running copy of `name` in the default (Auto) scope, blocking.
 ///

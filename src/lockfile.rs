@@ -1496,7 +1496,7 @@ impl Drop for HeldLock {
 }
 
 /// Names file systems whose locks cannot be trusted to exclude (or may hang), by `statfs` magic.
-pub fn network_fs_name(f_type: i64) -> Option<&'static str> {
+pub(crate) fn network_fs_name(f_type: i64) -> Option<&'static str> {
     // Magic numbers from linux/magic.h and the file systems' own headers.
     Some(match f_type as u32 {
         0x6969 => "nfs",

@@ -3,12 +3,13 @@
 use std::fmt;
 
 /// The longest well-known name the D-Bus specification allows.
-pub const MAX_NAME_LEN: usize = 255;
+pub(crate) const MAX_NAME_LEN: usize = 255;
 
 /// A validated D-Bus well-known name, such as `org.example.Server`.
 ///
 /// Holding one proves every rule of the D-Bus specification was checked, so it is also safe to
-/// use as a file name (no `/`, no leading `.`, nothing but `[A-Za-z0-9_.-]`).
+/// use as a file name (no `/`, no leading `.`, nothing but `[A-Za-z0-9_.-]`). It is given to
+/// [`InstanceOptions::new`](crate::InstanceOptions::new) as it is, like a `&str`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct InstanceName(String);
 
@@ -18,7 +19,7 @@ pub struct InstanceName(String);
 pub enum NameRule {
     /// The name is empty.
     Empty,
-    /// Longer than [`MAX_NAME_LEN`] characters.
+    /// Longer than 255 characters (the D-Bus limit).
     TooLong {
         /// The length that was given.
         len: usize,
@@ -180,6 +181,20 @@ impl fmt::Debug for InstanceName {
 impl AsRef<str> for InstanceName {
     fn as_ref(&self) -> &str {
         &self.0
+    }
+}
+
+// What lets `InstanceOptions::new` (`impl Into<String>`) take a validated name as well as a
+// `&str` or `String`, with no second constructor.
+impl From<InstanceName> for String {
+    fn from(name: InstanceName) -> String {
+        name.0
+    }
+}
+
+impl From<&InstanceName> for String {
+    fn from(name: &InstanceName) -> String {
+        name.0.clone()
     }
 }
 

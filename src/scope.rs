@@ -95,7 +95,7 @@ pub(crate) fn scope_from_env(
 
 /// The system scope's shared lock directory, for names whose deployment made them no directory
 /// of their own under `/run/unique-instance/`.
-pub const SYSTEM_LOCK_DIR: &str = "/run/lock/unique-instance";
+pub(crate) const SYSTEM_LOCK_DIR: &str = "/run/lock/unique-instance";
 
 /// Where the lock file lives and who may own it.
 #[derive(Debug, Clone)]

@@ -227,7 +227,7 @@ fn two_live_holders_never_for_one_identity_whatever_the_environment() {
     );
     // The shared system directory, as systemd-tmpfiles makes it at boot, so that the other
     // user's system-scope copies can run first.
-    let system_dir = Path::new(unique_instance::SYSTEM_LOCK_DIR);
+    let system_dir = Path::new("/run/lock/unique-instance");
     if !system_dir.exists() {
         std::fs::create_dir_all(system_dir).expect("mkdir");
         std::fs::set_permissions(system_dir, std::fs::Permissions::from_mode(0o1777))

@@ -2,7 +2,7 @@
 
 mod common;
 
-use unique_instance::{Backend, Error, InstanceOptions, NameRule};
+use unique_instance::{Backend, Error, InstanceName, InstanceOptions, NameRule};
 
 #[test]
 fn invalid_names_are_rejected_with_the_rule_and_nothing_is_created() {
@@ -83,7 +83,8 @@ fn the_longest_valid_names_work_each_with_a_lock_file_of_its_own() {
     let dir = tempfile::tempdir().expect("tempdir");
     let longest = |last: char| format!("org.example.{}{last}", "S".repeat(242));
     let (a, b, c) = (longest('A'), longest('B'), longest('C'));
-    assert_eq!(a.len(), unique_instance::MAX_NAME_LEN);
+    // The D-Bus limit.
+    assert_eq!(a.len(), 255);
     let options = |name: &str| {
         InstanceOptions::new(name)
             .backend(Backend::LockFile)
@@ -115,4 +116,29 @@ fn the_longest_valid_names_work_each_with_a_lock_file_of_its_own() {
     );
     guard_b.release().expect("release");
     guard_a.release().expect("release");
+}
+
+/// A name validated once (`InstanceName`) is given to the options as it is, by value or by
+/// reference, and plans exactly as the same name given as a string.
+#[test]
+fn a_validated_name_is_given_to_the_options_as_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = "org.example.Validated";
+    let name = InstanceName::new(text).expect("a valid name");
+    let plan = |options: InstanceOptions| {
+        options
+            .backend(Backend::LockFile)
+            .lock_dir(dir.path())
+            .plan()
+            .expect("plan")
+    };
+    let from_str = plan(InstanceOptions::new(text));
+    assert_eq!(from_str.name, text);
+    assert_eq!(
+        from_str.lock_file,
+        Some(dir.path().join("org.example.Validated.lock"))
+    );
+    assert_eq!(plan(InstanceOptions::new(text.to_owned())), from_str);
+    assert_eq!(plan(InstanceOptions::new(&name)), from_str);
+    assert_eq!(plan(InstanceOptions::new(name)), from_str);
 }

@@ -11,11 +11,15 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use unique_instance::{InstanceName, SCOPE_ENV, SYSTEM_LOCK_DIR};
+use unique_instance::{InstanceName, SCOPE_ENV};
 
 /// Where deployed services' own lock directories are, one per name: what unique-instance
 /// looks for in the system scope before the shared directory.
 const SERVICE_LOCK_ROOT: &str = "/run/unique-instance";
+
+/// The system scope's shared lock directory, which the tmpfiles file makes: the one the library
+/// locks in for a name with no directory of its own (a test below holds the two together).
+const SYSTEM_LOCK_DIR: &str = "/run/lock/unique-instance";
 
 /// How systemd learns the service is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -748,6 +752,29 @@ mod tests {
             readiness: Readiness::Dbus,
             callers: Callers::Everyone,
         }
+    }
+
+    /// The generator's copy of the shared directory is where the library locks, in the system
+    /// scope, a name whose deployment made it no directory of its own.
+    #[test]
+    fn the_shared_system_lock_dir_is_the_one_the_library_locks_in() {
+        use unique_instance::{Backend, InstanceOptions, LOCK_DIR_ENV, Scope};
+        assert!(
+            std::env::var_os(LOCK_DIR_ENV).is_none(),
+            "unset {LOCK_DIR_ENV} to run this test: it moves the library's lock directory"
+        );
+        // No deployment made this name a directory under SERVICE_LOCK_ROOT.
+        let name = "org.example.GeneratorSharedDirCheck";
+        assert!(!Path::new(SERVICE_LOCK_ROOT).join(name).exists());
+        let plan = InstanceOptions::new(name)
+            .scope(Scope::System)
+            .backend(Backend::LockFile)
+            .plan()
+            .expect("plan");
+        assert_eq!(
+            plan.lock_file,
+            Some(Path::new(SYSTEM_LOCK_DIR).join(format!("{name}.lock")))
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use serde_json::json;
-use unique_instance::{Holder, Scope, format_rfc3339};
+use unique_instance::{Holder, Scope};
 
 use crate::cli::StatusArgs;
 use crate::{EXIT_INTERNAL, fail};
@@ -39,7 +39,7 @@ pub(crate) fn status(args: StatusArgs) -> ExitCode {
             "running": status.is_running(),
             "pid": holder.and_then(|h| h.pid),
             "uid": holder.and_then(|h| h.uid),
-            "since": holder.and_then(|h| h.since).map(format_rfc3339),
+            "since": holder.and_then(Holder::since_rfc3339),
             "scope": scope,
             "found_by": holder.and_then(|h| h.found_by).map(|b| b.to_string()),
             "bus": holder.and_then(|h| h.bus).map(|b| b.to_string()),
@@ -110,7 +110,7 @@ fn holder_json(holder: &Holder) -> serde_json::Value {
     json!({
         "pid": holder.pid,
         "uid": holder.uid,
-        "since": holder.since.map(format_rfc3339),
+        "since": holder.since_rfc3339(),
         "bus": holder.bus.map(|b| b.to_string()),
         "bus_unique_name": holder.bus_unique_name,
         "executable": holder.executable.as_ref().map(|p| p.display().to_string()),

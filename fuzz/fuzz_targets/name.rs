@@ -87,7 +87,8 @@ fn check_rule(s: &str, rule: &NameRule) {
     let elements: Vec<&str> = s.split('.').collect();
     let holds = match rule {
         NameRule::Empty => s.is_empty(),
-        NameRule::TooLong { len } => *len == s.len() && s.len() > unique_instance::MAX_NAME_LEN,
+        // 255: the D-Bus limit.
+        NameRule::TooLong { len } => *len == s.len() && s.len() > 255,
         NameRule::UniqueNamePrefix => s.starts_with(':'),
         NameRule::LeadingDot => s.starts_with('.'),
         NameRule::TooFewElements => elements.len() < 2,
