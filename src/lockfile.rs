@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, fcntl};
@@ -443,7 +444,23 @@ enum Step {
     Busy(OwnedFd),
 }
 
+/// Test hook (debug builds only): when the variable `var` is set, stops this process (`SIGSTOP`)
+/// right there, the first time it gets there (`stopped` remembers), so that a test can act at a
+/// moment it could not otherwise reach, then let it go on with `SIGCONT`. Release builds never
+/// look at the variable.
+pub(crate) fn stop_for_test(var: &str, stopped: &AtomicBool) {
+    if cfg!(debug_assertions)
+        && std::env::var_os(var).is_some()
+        && !stopped.swap(true, Ordering::Relaxed)
+    {
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+    }
+}
+
 fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
+    static STOPPED: AtomicBool = AtomicBool::new(false);
+    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE", &STOPPED);
     let euid = rustix::process::geteuid().as_raw();
     let path = plan.path();
     let dir = &lock_dir.fd;

@@ -580,7 +580,11 @@ impl InstanceOptions {
                 Some(connected) if !connected.conn.is_closed() => Ok(connected),
                 _ => {
                     let exports = std::mem::take(&mut self.exports);
-                    dbus::connect(plan.kind, exports, Some((name.as_str(), flags))).await
+                    // Sent with the handshake, unless a test is to stop us before it is sent.
+                    let request = (!cfg!(debug_assertions)
+                        || std::env::var_os(STOP_BEFORE_REQUEST_NAME).is_none())
+                    .then_some((name.as_str(), flags));
+                    dbus::connect(plan.kind, exports, request).await
                 }
             };
             match connected {
@@ -924,6 +928,8 @@ async fn wait_for_release(plan: &LockPlan, dir: &LockDir) -> Result<Waited> {
                 }
             }
         };
+        static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        lockfile::stop_for_test("UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT", &STOPPED);
         match recheck {
             Some(after) => {
                 tokio::select! {
@@ -951,6 +957,10 @@ fn options_wait(options: &InstanceOptions) -> Duration {
         _ => Duration::ZERO,
     }
 }
+
+/// Test hook (debug builds only, see [`lockfile::stop_for_test`]): a copy stops just before it
+/// sends `RequestName`, which it then sends after the handshake rather than with it.
+const STOP_BEFORE_REQUEST_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME";
 
 /// Requests the name with explicit flags and, when asked or when the previous lock holder's
 /// connection is still being torn down, waits in the bus queue for it.
@@ -985,7 +995,12 @@ async fn own_name(
     // its reply is awaited.
     let reply = match pending_request {
         Some(serial) => dbus::request_name_reply(&mut stream, serial).await,
-        None => dbus::request_name(conn, name.as_str(), flags).await,
+        None => {
+            static STOPPED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            lockfile::stop_for_test(STOP_BEFORE_REQUEST_NAME, &STOPPED);
+            dbus::request_name(conn, name.as_str(), flags).await
+        }
     };
     let reply = match reply {
         Ok(reply) => reply,

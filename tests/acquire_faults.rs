@@ -1,0 +1,320 @@
+//! Faults at the worst moment of an acquisition, each reached exactly through a test hook of
+//! debug builds (the copy stops itself with `SIGSTOP` there; the test acts, then lets it go on
+//! with `SIGCONT`): the lock directory removed or replaced as a copy opens its file or waits,
+//! the bus killed as a copy asks it for the name, and a lock let go without any event that
+//! would wake a waiter. Each answer must be "acquired" or "already running" (or, with the bus
+//! alone, a clear "no usable backend"): never a false error.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::Command;
+
+use common::{
+    BusConfig, DbusDaemon, Proc, clean_command, cli_command, example_path, field, holder,
+    unique_name,
+};
+
+/// Stops a copy just before it opens its lock file (`lockfile::settle`).
+const STOP_BEFORE_LOCK_FILE: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE";
+/// Stops a copy just before it sends `RequestName` (`own_name`).
+const STOP_BEFORE_REQUEST_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME";
+/// Stops a waiting copy just before it waits for an event (`wait_for_release`).
+const STOP_IN_LOCK_WAIT: &str = "UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT";
+
+/// Waits (a blocking `waitpid` with `WUNTRACED`, on a thread, bounded) until `copy` has stopped
+/// itself at its test hook.
+fn wait_stopped(copy: &mut Proc, hook: &str) {
+    let pid = rustix::process::Pid::from_raw(copy.pid() as i32).expect("pid");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(rustix::process::waitpid(
+            Some(pid),
+            rustix::process::WaitOptions::UNTRACED,
+        ));
+    });
+    match rx.recv_timeout(common::TIMEOUT) {
+        Ok(Ok(Some((_, status)))) if status.stopped() => {}
+        Ok(other) => panic!(
+            "the copy did not stop at {hook}: {other:?}; stdout: {:?}; stderr: {:?}",
+            copy.seen,
+            copy.stderr_lines()
+        ),
+        Err(_) => {
+            copy.sigkill();
+            panic!(
+                "the copy did not stop at {hook} within {:?}",
+                common::TIMEOUT
+            )
+        }
+    }
+}
+
+/// The `holder` example with `args`, stopping itself at `hook`.
+fn holder_stopping_at(hook: &str, bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
+    let mut cmd = clean_command(&example_path("holder"), bus, lock_dir);
+    cmd.args(args).env(hook, "1");
+    Proc::spawn(cmd)
+}
+
+/// A copy that would be refused while `holder` holds the instance: it must name `holder`.
+fn assert_refused_naming(lock_dir: &Path, name: &str, holder_pid: u32, what: &str) {
+    let mut newcomer = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
+    let line = newcomer.next_line("a newcomer");
+    assert!(
+        line.starts_with("already-running"),
+        "{what}: a newcomer was not refused: {line}"
+    );
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(holder_pid.to_string().as_str()),
+        "{what}: {line}"
+    );
+    assert_eq!(newcomer.exit_code(), 75, "{what}");
+}
+
+/// The lock directory removed, or renamed away and replaced by another, after a copy opened it
+/// and before it opened its lock file: the copy makes the directory again (or uses the new
+/// one) and acquires there, never failing with "cannot open lock file: No such file or
+/// directory", and never holding a lock in a directory nobody else will find. Through the
+/// blocking API (no runtime), the async one (`--wait`), and the CLI.
+#[test]
+fn a_lock_directory_removed_or_replaced_as_a_copy_opens_its_file_is_opened_again() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let lock_dir = base.path().join("locks");
+    for replace in [false, true] {
+        for how in ["blocking", "async", "cli"] {
+            let what = format!(
+                "{how}, directory {}",
+                if replace { "replaced" } else { "removed" }
+            );
+            let name = unique_name("dir_removed");
+            let mut copy = match how {
+                "cli" => {
+                    let mut cmd = cli_command(None, &lock_dir, &["run", &name, "--", "cat"]);
+                    cmd.env(STOP_BEFORE_LOCK_FILE, "1");
+                    Proc::spawn(cmd)
+                }
+                _ => holder_stopping_at(
+                    STOP_BEFORE_LOCK_FILE,
+                    None,
+                    &lock_dir,
+                    &[
+                        &name,
+                        "--backend",
+                        "lockfile",
+                        if how == "async" {
+                            "--wait"
+                        } else {
+                            "--blocking"
+                        },
+                        if how == "async" { "forever" } else { "--watch" },
+                    ],
+                ),
+            };
+            wait_stopped(&mut copy, STOP_BEFORE_LOCK_FILE);
+            assert!(lock_dir.is_dir(), "{what}: the copy made its directory");
+            if replace {
+                let away = base.path().join(format!("away-{name}"));
+                std::fs::rename(&lock_dir, &away).expect("rename the lock directory away");
+                std::fs::create_dir(&lock_dir).expect("make another");
+            } else {
+                std::fs::remove_dir_all(&lock_dir).expect("remove the lock directory");
+            }
+            copy.signal(rustix::process::Signal::CONT);
+            if how == "cli" {
+                // COMMAND (`cat`) ran: the instance was acquired. Its echo is the proof.
+                copy.send("running\n");
+                assert_eq!(copy.next_line("COMMAND's echo"), "running", "{what}");
+            } else {
+                let line = copy.next_line("the copy");
+                assert!(line.starts_with("acquired"), "{what}: {line}");
+            }
+            assert!(
+                lock_dir.join(format!("{name}.lock")).is_file(),
+                "{what}: the lock file is where the path leads now"
+            );
+            assert_refused_naming(&lock_dir, &name, copy.pid(), &what);
+            copy.close_stdin();
+            assert_eq!(copy.exit_code(), 0, "{what}: {:?}", copy.seen);
+        }
+    }
+}
+
+/// A copy waiting for the lock file while the directory is removed, and made again by another
+/// copy that takes the instance there: the waiter goes on waiting, in the new directory, for
+/// the new holder, and takes over when that one leaves. (`--critical` makes two holders at once
+/// fail the one that enters second, with exit 99.)
+#[test]
+fn a_waiting_copy_survives_its_lock_directory_being_removed_and_made_again() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let lock_dir = base.path().join("locks");
+    let marks = tempfile::tempdir().expect("tempdir");
+    for blocking in [false, true] {
+        let what = if blocking { "blocking" } else { "async" };
+        let name = unique_name("dir_wait");
+        let critical = marks.path().join(&name);
+        let critical = critical.to_str().expect("utf-8");
+        let mut first = holder(None, &lock_dir, &[&name, "--backend", "lockfile"]);
+        let line = first.next_line("the first holder");
+        assert!(line.starts_with("acquired"), "{what}: {line}");
+        let mut args = vec![
+            name.as_str(),
+            "--backend",
+            "lockfile",
+            "--wait",
+            "forever",
+            "--critical",
+            critical,
+        ];
+        if blocking {
+            args.push("--blocking");
+        }
+        // Stopped once it waits: the first holder was seen, the watch is on the old directory.
+        let mut waiter = holder_stopping_at(STOP_IN_LOCK_WAIT, None, &lock_dir, &args);
+        wait_stopped(&mut waiter, STOP_IN_LOCK_WAIT);
+
+        std::fs::remove_dir_all(&lock_dir).expect("remove the lock directory");
+        let mut second = holder(
+            None,
+            &lock_dir,
+            &[&name, "--backend", "lockfile", "--critical", critical],
+        );
+        let line = second.next_line("a copy in the directory made again");
+        assert!(line.starts_with("acquired"), "{what}: {line}");
+
+        waiter.signal(rustix::process::Signal::CONT);
+        // Whatever the waiter does now, it cannot acquire while the second holds: a newcomer
+        // meets the second.
+        assert_refused_naming(&lock_dir, &name, second.pid(), what);
+        second.close_stdin();
+        assert_eq!(second.line_starting("released"), "released", "{what}");
+        let line = waiter.next_line("the waiter, after the second left");
+        assert!(line.starts_with("acquired"), "{what}: {line}");
+        assert_refused_naming(&lock_dir, &name, waiter.pid(), what);
+        waiter.close_stdin();
+        assert_eq!(waiter.exit_code(), 0, "{what}: {:?}", waiter.seen);
+        first.sigkill();
+    }
+}
+
+/// Takes the exclusive OFD lock on `file`, as a holder does; `F_UNLCK` lets it go.
+fn ofd_lock(file: &std::fs::File, lock_type: i32) {
+    use nix::fcntl::{FcntlArg, fcntl};
+    let lock = nix::libc::flock {
+        l_type: lock_type as nix::libc::c_short,
+        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&lock)).expect("F_OFD_SETLK");
+}
+
+/// A lock let go without anything inotify reports: `F_UNLCK` by a holder that keeps its
+/// descriptor open (no close, no unlink). A waiter parked on its events must still find the
+/// lock free, by its periodic re-check, and acquire; through the async and the blocking API.
+#[test]
+fn a_wait_acquires_a_lock_let_go_without_any_event() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for blocking in [false, true] {
+        let what = if blocking { "blocking" } else { "async" };
+        let name = unique_name("no_event");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .expect("create the lock file");
+        ofd_lock(&file, nix::libc::F_WRLCK);
+        let mut args = vec![name.as_str(), "--backend", "lockfile", "--wait", "forever"];
+        if blocking {
+            args.push("--blocking");
+        }
+        let mut waiter = holder_stopping_at(STOP_IN_LOCK_WAIT, None, lock_dir.path(), &args);
+        wait_stopped(&mut waiter, STOP_IN_LOCK_WAIT);
+        // Let go while the waiter cannot look; it then waits for an event that never comes.
+        ofd_lock(&file, nix::libc::F_UNLCK);
+        waiter.signal(rustix::process::Signal::CONT);
+        let line = waiter.next_line("the waiter, after the lock was let go");
+        assert!(line.starts_with("acquired"), "{what}: {line}");
+        waiter.close_stdin();
+        assert_eq!(waiter.exit_code(), 0, "{what}: {:?}", waiter.seen);
+        drop(file);
+    }
+}
+
+/// The bus killed while a copy is about to ask it for the name (after its connection was made,
+/// before `RequestName` went out): with the lock file held (backend auto), the lock file alone
+/// decides, exactly as when no bus is reachable at all, and the copy acquires with the lock
+/// file alone (and excludes others with it). With the bus alone, a clear "no usable backend"
+/// naming the bus, never a bare bus error. Through the library and the CLI.
+#[test]
+fn a_bus_killed_during_request_name_is_a_bus_that_is_not_there() {
+    for how in ["library", "cli", "dbus-only"] {
+        let mut bus = DbusDaemon::start(BusConfig::Open);
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("bus_dies");
+        let mut copy = match how {
+            "cli" => {
+                let mut cmd: Command = cli_command(
+                    Some(&bus.address),
+                    lock_dir.path(),
+                    &["run", &name, "--", "cat"],
+                );
+                cmd.env(STOP_BEFORE_REQUEST_NAME, "1");
+                Proc::spawn(cmd)
+            }
+            "dbus-only" => holder_stopping_at(
+                STOP_BEFORE_REQUEST_NAME,
+                Some(&bus.address),
+                lock_dir.path(),
+                &[&name, "--backend", "dbus"],
+            ),
+            _ => holder_stopping_at(
+                STOP_BEFORE_REQUEST_NAME,
+                Some(&bus.address),
+                lock_dir.path(),
+                &[&name],
+            ),
+        };
+        wait_stopped(&mut copy, STOP_BEFORE_REQUEST_NAME);
+        bus.kill();
+        copy.signal(rustix::process::Signal::CONT);
+        match how {
+            "library" => {
+                let line = copy.next_line("the copy");
+                assert!(line.starts_with("acquired"), "{how}: {line}");
+                assert!(
+                    line.contains("LockFile") && !line.contains("Dbus"),
+                    "{how}: the lock file alone: {line}"
+                );
+                let record = std::fs::read_to_string(lock_dir.path().join(format!("{name}.lock")))
+                    .expect("the lock file");
+                assert!(
+                    !record.contains("\"bus\":\"") && !record.contains("dbus"),
+                    "{how}: the record names no bus: {record}"
+                );
+            }
+            "cli" => {
+                copy.send("running\n");
+                assert_eq!(copy.next_line("COMMAND's echo"), "running", "{how}");
+            }
+            _ => {
+                let line = copy.next_line("the copy");
+                assert!(line.starts_with("no-usable-backend"), "{how}: {line}");
+                assert!(
+                    line.contains("session bus went away"),
+                    "{how}: names the bus and what happened: {line}"
+                );
+                assert_eq!(copy.exit_code(), 69, "{how}");
+                continue;
+            }
+        }
+        assert_refused_naming(lock_dir.path(), &name, copy.pid(), how);
+        copy.close_stdin();
+        assert_eq!(copy.exit_code(), 0, "{how}: {:?}", copy.seen);
+    }
+}
