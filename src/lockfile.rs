@@ -78,11 +78,70 @@ pub(crate) struct LockDir {
     shared_sticky: bool,
     /// A per-service directory's owner (the service's user): see `owner_acceptable`.
     service_owner: Option<u32>,
+    /// Where the walk found it (no symlinks, no `..`), and what was there: an attempt that
+    /// finds another directory there now, or none, starts over (see [`LockDir::is_current`]).
+    resolved: PathBuf,
+    dev: u64,
+    ino: u64,
+    /// As [`open_dir`] was asked, for opening it again.
+    allow_network_fs: bool,
 }
 
+impl LockDir {
+    /// The directory's identity (device, inode): another value after [`lock`] opened it again.
+    pub(crate) fn id(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
+    /// Does the path still lead to this directory? Not when it was removed (`rm -r`, a logout
+    /// emptying `/run/user/UID`) or replaced (renamed away, another made in its place) since
+    /// it was opened: a lock taken in it then excludes nobody who opens the path now. One
+    /// `stat`. An error other than "gone" says yes: the attempt itself then reports it.
+    fn is_current(&self) -> bool {
+        match rustix::fs::stat(&self.resolved) {
+            Ok(st) => (st.st_dev, st.st_ino) == (self.dev, self.ino),
+            Err(Errno::NOENT | Errno::NOTDIR) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// Has the directory lost its last name (removed, with everything in it)? Asked only when
+    /// a file could not be created or vanished: one `fstat`.
+    fn removed(&self) -> bool {
+        rustix::fs::fstat(&*self.fd).is_ok_and(|st| st.st_nlink == 0)
+    }
+
+    /// Opens the lock directory again, made again as [`open_dir`] makes it, after it was
+    /// removed or replaced under an attempt.
+    fn reopen(&mut self, plan: &LockPlan) -> Result<()> {
+        tracing::debug!(dir = %plan.dir.display(), "the lock directory was removed or replaced; opening it again");
+        *self = open_dir(plan, self.allow_network_fs)?;
+        Ok(())
+    }
+}
+
+/// How many times the lock directory may be removed or replaced under one acquisition before
+/// it gives up: only a process removing it on purpose, in a loop, gets anywhere near it.
+const MAX_DIR_RACES: u32 = 1000;
+
 /// Opens (creating if needed) and checks the lock directory, and every directory and symlink on
-/// the way to it (see [`walk_dir`]).
+/// the way to it (see [`walk_dir`]). A directory removed between our `mkdir` and our `open` is
+/// walked to again (and made again), a bounded number of times.
 pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
+    for _ in 0..MAX_DIR_RACES {
+        if let Some(dir) = open_dir_once(plan, allow_network_fs)? {
+            return Ok(dir);
+        }
+    }
+    Err(dir_error(
+        plan,
+        "the lock directory keeps being removed as it is made:",
+        Errno::NOENT,
+    ))
+}
+
+/// [`open_dir`], once; `None` when the directory vanished between two of our calls.
+fn open_dir_once(plan: &LockPlan, allow_network_fs: bool) -> Result<Option<LockDir>> {
     let euid = rustix::process::geteuid().as_raw();
     // The shared system directory must be root's: one made by another user would be that user's
     // to empty (the owner of a sticky directory may remove anything in it), and every other copy
@@ -90,9 +149,9 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
     let may_create = may_create_dir(plan, euid);
     // Walked, not opened by path: the usual case costs no `mkdir`, and nothing on the way is
     // followed before it is checked.
-    let (dir, st) = match walk_dir(plan, euid)? {
-        Walked::Found(dir, st) => (dir, st),
-        Walked::Missing(parent, name) if may_create => {
+    let (dir, st, resolved) = match walk_dir(plan, euid)? {
+        Walked::Found(dir, st, resolved) => (dir, st, resolved),
+        Walked::Missing(parent, name, above) if may_create => {
             let created = match rustix::fs::mkdirat(&parent, &name, Mode::from_raw_mode(0o700)) {
                 Ok(()) => true,
                 Err(Errno::EXIST) => false,
@@ -103,15 +162,20 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
                 &name,
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
-            )
-            .map_err(|e| match e {
+            );
+            let dir = match dir {
+                Ok(dir) => dir,
+                // Removed again since our mkdir (or since the one of whoever made it): again.
+                Err(Errno::NOENT) => return Ok(None),
                 // Someone put a symlink there since our mkdir failed with EEXIST.
-                Errno::LOOP | Errno::NOTDIR => Error::UnsafeLockPath {
-                    path: plan.dir.clone(),
-                    problem: UnsafeLockPath::Symlink,
-                },
-                e => dir_error(plan, "cannot open lock directory", e),
-            })?;
+                Err(Errno::LOOP | Errno::NOTDIR) => {
+                    return Err(Error::UnsafeLockPath {
+                        path: plan.dir.clone(),
+                        problem: UnsafeLockPath::Symlink,
+                    });
+                }
+                Err(e) => return Err(dir_error(plan, "cannot open lock directory", e)),
+            };
             if created && let Some(mode) = plan.create_dir_mode {
                 // mkdir's mode is masked by the umask; set the intended one exactly, on the
                 // directory we opened (the path could have been swapped in between).
@@ -122,7 +186,7 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
             let st = rustix::fs::fstat(&dir)
                 .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
             check_on_the_way(plan, &plan.dir, &st, euid, true)?;
-            (dir, st)
+            (dir, st, above.join(&name))
         }
         Walked::Missing(..) if plan.create_dir_mode.is_some() => {
             return Err(not_permitted(
@@ -151,11 +215,15 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
             });
         }
     }
-    Ok(LockDir {
+    Ok(Some(LockDir {
         fd: Arc::new(dir),
         shared_sticky: st.st_uid == 0 && st.st_mode & 0o1000 != 0 && st.st_mode & 0o002 != 0,
         service_owner: plan.service_dir.then_some(st.st_uid),
-    })
+        resolved,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        allow_network_fs,
+    }))
 }
 
 /// How many symlinks a lock directory's path may go through, as the kernel allows (`ELOOP`).
@@ -163,10 +231,11 @@ const MAX_SYMLINKS: u32 = 40;
 
 /// The end of [`walk_dir`].
 enum Walked {
-    /// The directory, open, and its `fstat`.
-    Found(OwnedFd, Stat),
-    /// Only the path's own last component is missing: the directory above it, and the name.
-    Missing(OwnedFd, OsString),
+    /// The directory, open, its `fstat`, and the path it was found at.
+    Found(OwnedFd, Stat, PathBuf),
+    /// Only the path's own last component is missing: the directory above it, the name, and
+    /// the path of the directory above.
+    Missing(OwnedFd, OsString, PathBuf),
 }
 
 /// Resolves the lock directory's path one component at a time from `/`, the way the kernel
@@ -229,7 +298,7 @@ fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                     let st =
                         rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
                     check_on_the_way(plan, &here, &st, euid, own_last)?;
-                    return Ok(Walked::Found(dir, st));
+                    return Ok(Walked::Found(dir, st, here));
                 }
                 Err(Errno::NOENT) if own_last => {
                     let parent = rustix::fs::open(
@@ -238,7 +307,7 @@ fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                         Mode::empty(),
                     )
                     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
-                    return Ok(Walked::Missing(parent, name));
+                    return Ok(Walked::Missing(parent, name, resolved));
                 }
                 // Maybe a symlink: looked at below.
                 Err(Errno::LOOP | Errno::NOTDIR) => rustix::fs::lstat(&here)
@@ -306,7 +375,7 @@ fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
     let st = rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
     check_on_the_way(plan, &resolved, &st, euid, false)?;
-    Ok(Walked::Found(dir, st))
+    Ok(Walked::Found(dir, st, resolved))
 }
 
 /// The rule for each directory on the way to the lock directory (see [`walk_dir`]). A
@@ -418,8 +487,11 @@ const MAX_OPEN_RACES: u32 = 1000;
 ///
 /// Refused, it reads the holder's record with [`read_holder`]'s grace, which blocks for up to
 /// [`RECORD_GRACE`]: from async code use [`lock_async`].
-pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Attempt> {
-    Ok(match lock_step(plan, lock_dir, block)? {
+///
+/// A lock directory removed or replaced under the attempt is opened (made) again, and
+/// `lock_dir` then is the new one: see [`settle`].
+pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Attempt> {
+    Ok(match settle(plan, lock_dir, block)? {
         Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
         Step::Busy(file) => Attempt::Busy(Box::new(read_holder(&file, &plan.path()))),
     })
@@ -427,23 +499,37 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<A
 
 /// Tries once to lock the file of `plan` in `dir`, without blocking the executor: every system
 /// call it makes returns at once, and the grace a just-started holder gets to write its record
-/// is awaited ([`read_holder_async`]).
-pub(crate) async fn lock_async(plan: &LockPlan, lock_dir: &LockDir) -> Result<Attempt> {
-    Ok(match lock_step(plan, lock_dir, false)? {
+/// is awaited ([`read_holder_async`]). As [`lock`], it may replace `lock_dir`.
+pub(crate) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Result<Attempt> {
+    Ok(match settle(plan, lock_dir, false)? {
         Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
         Step::Busy(file) => Attempt::Busy(Box::new(read_holder_async(&file, &plan.path()).await)),
     })
 }
 
-/// An attempt, before the holder's record is read.
-// Returned once per attempt and taken apart at once, as `Attempt` is.
-#[allow(clippy::large_enum_variant)]
-enum Step {
-    Acquired(HeldLock, Option<LockRecord>),
-    /// Held by someone else: the file, to read the holder's record from.
-    Busy(OwnedFd),
+/// One attempt ([`lock_step`]) that ends in the lock directory the path leads to *now*: when
+/// the directory was removed (its files with it) or replaced while we opened, locked or were
+/// refused the file, the lock taken or the holder seen belongs to a directory nobody else will
+/// find any more, so it starts over from the directory, made again under the same rules (see
+/// [`open_dir`]), a bounded number of times.
+fn settle(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Step> {
+    static STOPPED: AtomicBool = AtomicBool::new(false);
+    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE", &STOPPED);
+    for _ in 0..MAX_DIR_RACES {
+        match lock_step(plan, lock_dir, block)? {
+            // Held or refused in a directory that is still the path's: the answer.
+            Some(step) if lock_dir.is_current() => return Ok(step),
+            // Dropped unused: a lock taken in a removed directory releases nothing anyone
+            // needs (a file we made in a directory renamed away is removed by the drop).
+            _ => lock_dir.reopen(plan)?,
+        }
+    }
+    Err(dir_error(
+        plan,
+        "the lock directory keeps being removed or replaced under us:",
+        Errno::NOENT,
+    ))
 }
-
 /// Test hook (debug builds only): when the variable `var` is set, stops this process (`SIGSTOP`)
 /// right there, the first time it gets there (`stopped` remembers), so that a test can act at a
 /// moment it could not otherwise reach, then let it go on with `SIGCONT`. Release builds never
@@ -458,9 +544,17 @@ pub(crate) fn stop_for_test(var: &str, stopped: &AtomicBool) {
     }
 }
 
-fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
-    static STOPPED: AtomicBool = AtomicBool::new(false);
-    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE", &STOPPED);
+/// An attempt, before the holder's record is read.
+// Returned once per attempt and taken apart at once, as `Attempt` is.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Acquired(HeldLock, Option<LockRecord>),
+    /// Held by someone else: the file, to read the holder's record from.
+    Busy(OwnedFd),
+}
+
+/// One attempt in `lock_dir`; `None` when the directory was removed under it.
+fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<Step>> {
     let euid = rustix::process::geteuid().as_raw();
     let path = plan.path();
     let dir = &lock_dir.fd;
@@ -474,9 +568,13 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
                 std::io::Error::from(std::io::ErrorKind::Interrupted),
             ));
         }
-        let opened = match open_lock_file(plan, dir, &path, euid, lock_dir, block)? {
-            Some(opened) => opened,
-            None => continue,
+        let opened = match open_lock_file(plan, dir, &path, euid, lock_dir, block) {
+            Ok(Some(opened)) => opened,
+            // The file vanished or appeared between two of our calls (retry), or the whole
+            // directory went: nothing can be created in a removed directory (`ENOENT`).
+            Ok(None) | Err(_) if lock_dir.removed() => return Ok(None),
+            Ok(None) => continue,
+            Err(e) => return Err(e),
         };
         let no_locks = || Error::NoUsableBackend {
             name: plan.instance.clone(),
@@ -499,7 +597,7 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
                 };
                 match held {
                     Ok(true) if !block => {
-                        return Ok(Step::Busy(file));
+                        return Ok(Some(Step::Busy(file)));
                     }
                     Ok(true) => {
                         // Its holder removes it when it lets go; then we can make our own. So
@@ -533,7 +631,7 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
         match lock_exclusive(&file, block) {
             Ok(()) => {}
             Err(Errno::AGAIN | Errno::ACCESS) => {
-                return Ok(Step::Busy(file));
+                return Ok(Some(Step::Busy(file)));
             }
             Err(Errno::NOLCK) => return Err(no_locks()),
             Err(e) => return Err(Error::io("cannot lock", &path, e.into())),
@@ -565,7 +663,7 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
                 .map_err(|e| Error::io("cannot truncate", &path, e.into()))?;
         }
         let dir = Arc::clone(dir);
-        return Ok(Step::Acquired(
+        return Ok(Some(Step::Acquired(
             HeldLock {
                 file,
                 dir,
@@ -580,7 +678,7 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Step> {
                 pid: std::process::id(),
             },
             previous,
-        ));
+        )));
     }
 }
 
@@ -729,6 +827,8 @@ fn open_lock_file(
             return writable(file, st, true);
         }
         Err(Errno::EXIST) => {}
+        // The directory was removed (nothing can be created in it): see `lock_step`.
+        Err(Errno::NOENT) => return Ok(None),
         Err(e) => return Err(refused(e)),
     }
     let file = match open(flags | OFlags::RDONLY) {
@@ -1326,6 +1426,11 @@ impl ReleaseWatch {
 /// itself then decides, and reports what is wrong.
 pub(crate) fn may_be_free(watch: &mut ReleaseWatch, plan: &LockPlan, lock_dir: &LockDir) -> bool {
     use rustix::fs::inotify::{self, WatchFlags};
+    // Removed or replaced, the directory's file is no longer the one to wait for: try, and the
+    // attempt opens (makes) the directory the path leads to now.
+    if !lock_dir.is_current() {
+        return true;
+    }
     let Ok(file) = rustix::fs::openat(
         &*lock_dir.fd,
         plan.file_name.as_os_str(),
@@ -1624,8 +1729,8 @@ mod tests {
     fn a_shorter_record_rewrite_leaves_one_whole_record() {
         let base = tempfile::tempdir().expect("tempdir");
         let plan = private_plan(&base.path().join("locks"));
-        let dir = open_dir(&plan, false).expect("dir");
-        let Attempt::Acquired(mut held, None) = lock(&plan, &dir, false).expect("lock") else {
+        let mut dir = open_dir(&plan, false).expect("dir");
+        let Attempt::Acquired(mut held, None) = lock(&plan, &mut dir, false).expect("lock") else {
             panic!("a fresh file is acquired, with no previous record");
         };
         let long = LockRecord::for_self(

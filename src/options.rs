@@ -776,8 +776,8 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     let scope = effective_scope(scope, Some(&plan), None);
     // Made before the lock: see `HeldLock::move_above`.
     let inotify = options.watch_lock.then(lockfile::new_inotify);
-    let dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
-    let mut held = match lockfile::lock(&plan, &dir, false)? {
+    let mut dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
+    let mut held = match lockfile::lock(&plan, &mut dir, false)? {
         Attempt::Acquired(held, _) => held,
         Attempt::Busy(holder) => return Err(already_running(&name, holder)),
     };
@@ -814,18 +814,19 @@ fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error {
 
 /// Tries the lock file once; gives back the directory too, to wait with.
 async fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, LockDir)> {
-    let dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
-    Ok((lockfile::lock_async(plan, &dir).await?, dir))
+    let mut dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
+    Ok((lockfile::lock_async(plan, &mut dir).await?, dir))
 }
 
 /// Waits for the lock file held by `holder`, without a thread and without blocking: each
 /// attempt is a non-blocking one, made again whenever inotify reports that the lock may have
-/// been released (see [`lockfile::may_be_free`]). Dropping the future (a timeout, a `select!`)
-/// ends the wait at once, with nothing left behind that could take the lock later.
+/// been released (see [`lockfile::may_be_free`]), and at least every [`RECHECK_EVERY`].
+/// Dropping the future (a timeout, a `select!`) ends the wait at once, with nothing left
+/// behind that could take the lock later.
 async fn wait_lock(
     name: &InstanceName,
     plan: &LockPlan,
-    dir: LockDir,
+    mut dir: LockDir,
     holder: Box<Holder>,
     options: &InstanceOptions,
     deadline: Option<Instant>,
@@ -836,7 +837,7 @@ async fn wait_lock(
             "{name}: waiting for the running copy to exit ({holder})"
         ));
     }
-    let waited = wait_for_release(plan, &dir);
+    let waited = wait_for_release(plan, &mut dir);
     match deadline {
         Some(deadline) => match tokio::time::timeout_at(deadline.into(), waited).await {
             Ok(outcome) => outcome,
@@ -851,16 +852,20 @@ async fn wait_lock(
 }
 
 /// How long after a wake-up that found the lock still held it is checked again, doubling up to
-/// [`RECHECK_LAST`]. The kernel queues a closing holder's `IN_CLOSE_WRITE` just *before* it
+/// [`RECHECK_EVERY`]. The kernel queues a closing holder's `IN_CLOSE_WRITE` just *before* it
 /// releases the lock (`__fput`: `fsnotify_close`, then `locks_remove_file`), so a waiter that
-/// runs at once can still find it held, and no later event would come: a few re-checks over
-/// about a second close that window. Without an event, nothing wakes up: an idle wait costs
-/// nothing.
+/// runs at once can still find it held, and no later event would come: a few quick re-checks
+/// close that window.
 const RECHECK_FIRST: Duration = Duration::from_millis(1);
 /// Before those, a few re-checks at once, yielding in between: the window is usually
 /// microseconds, shorter than a timer's millisecond (the take-over benchmark gains it).
 const QUICK_RECHECKS: u32 = 20;
-const RECHECK_LAST: Duration = Duration::from_millis(512);
+/// The safety net under the events: however the lock is let go, a waiter tries again at least
+/// this often. Some releases send no event at all: a lock dropped with `F_UNLCK` by a holder
+/// that keeps its descriptor open, a shared lock held through a descriptor open only for
+/// reading (whose close is `IN_CLOSE_NOWRITE`), a file system that does not report closes. A
+/// re-check is a few system calls (`stat`, `open`, `F_OFD_GETLK`): nothing, once a second.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
 /// The re-check interval when inotify cannot be used at all (its limits reached).
 const RECHECK_WITHOUT_INOTIFY: Duration = Duration::from_millis(100);
 
@@ -868,19 +873,32 @@ const RECHECK_WITHOUT_INOTIFY: Duration = Duration::from_millis(100);
 /// quiet, to be kept (see [`lockfile::ReleaseWatch::into_quiet`]).
 type Waited = (HeldLock, Option<LockRecord>, Option<std::os::fd::OwnedFd>);
 
-async fn wait_for_release(plan: &LockPlan, dir: &LockDir) -> Result<Waited> {
+/// A [`lockfile::release_watch`] on `dir`, registered with the runtime; `None` (logged) when
+/// inotify cannot be used.
+fn watch_release(
+    plan: &LockPlan,
+    dir: &LockDir,
+) -> Option<tokio::io::unix::AsyncFd<lockfile::ReleaseWatch>> {
     // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
     // a `ReleaseWatch` moved in here cannot (see `watch_lock`).
     #[allow(deprecated)]
-    let mut watch = match lockfile::release_watch(dir).and_then(tokio::io::unix::AsyncFd::new) {
+    match lockfile::release_watch(dir).and_then(tokio::io::unix::AsyncFd::new) {
         Ok(watch) => Some(watch),
         Err(e) => {
             tracing::warn!(path = %plan.path().display(), error = %e,
                 "cannot watch the lock file with inotify; trying it every 100 ms instead");
             None
         }
-    };
-    let mut recheck = None;
+    }
+}
+
+/// Waits in `dir` for the lock file of `plan`; when the directory is removed or replaced
+/// meanwhile, goes on waiting in the one the path leads to then (the attempt opens or makes it
+/// and replaces `dir`, and the watch follows).
+async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> {
+    let mut watch = watch_release(plan, dir);
+    let mut watched = dir.id();
+    let mut recheck = RECHECK_EVERY;
     let mut quick = 0;
     loop {
         let free = match &mut watch {
@@ -906,6 +924,14 @@ async fn wait_for_release(plan: &LockPlan, dir: &LockDir) -> Result<Waited> {
                 Attempt::Busy(_) => {}
             }
         }
+        if dir.id() != watched {
+            // The attempt found the directory removed or replaced and opened the new one: the
+            // old watch would wait on a directory nobody uses any more.
+            watch = watch_release(plan, dir);
+            watched = dir.id();
+            recheck = RECHECK_FIRST;
+            continue;
+        }
         let Some(watch) = &watch else {
             tokio::time::sleep(RECHECK_WITHOUT_INOTIFY).await;
             continue;
@@ -930,22 +956,13 @@ async fn wait_for_release(plan: &LockPlan, dir: &LockDir) -> Result<Waited> {
         };
         static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         lockfile::stop_for_test("UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT", &STOPPED);
-        match recheck {
-            Some(after) => {
-                tokio::select! {
-                    () = event => {
-                        recheck = Some(RECHECK_FIRST);
-                        quick = QUICK_RECHECKS;
-                    }
-                    () = tokio::time::sleep(after) => {
-                        recheck = Some(after * 2).filter(|d| *d <= RECHECK_LAST);
-                    }
-                }
-            }
-            None => {
-                event.await;
-                recheck = Some(RECHECK_FIRST);
+        tokio::select! {
+            () = event => {
+                recheck = RECHECK_FIRST;
                 quick = QUICK_RECHECKS;
+            }
+            () = tokio::time::sleep(recheck) => {
+                recheck = (recheck * 2).min(RECHECK_EVERY);
             }
         }
     }
