@@ -640,7 +640,7 @@ impl InstanceOptions {
                     pending_request,
                     disconnect,
                 } = connected;
-                let stream = own_name(
+                let owned = own_name(
                     &name,
                     kind,
                     &conn,
@@ -653,13 +653,38 @@ impl InstanceOptions {
                     lock.is_some(),
                 )
                 .await?;
-                tasks.push(tokio::spawn(watch_bus(
-                    stream,
-                    name.to_string(),
-                    loss_tx.clone(),
-                    lock.as_ref().map(HeldLock::watch_handle),
-                )));
-                Some((kind, conn, disconnect))
+                match (owned, &mut lock) {
+                    (Some(stream), _) => {
+                        tasks.push(tokio::spawn(watch_bus(
+                            stream,
+                            name.to_string(),
+                            loss_tx.clone(),
+                            lock.as_ref().map(HeldLock::watch_handle),
+                        )));
+                        Some((kind, conn, disconnect))
+                    }
+                    // The bus went away before granting the name: the lock file alone holds the
+                    // instance, as when no bus was reachable, and the record says so again.
+                    // (Ending the connection here leaves nothing of ours on a bus that comes
+                    // back.)
+                    (None, Some(held)) => {
+                        drop((conn, disconnect));
+                        held.write_record(&LockRecord::for_self(
+                            vec![BackendKind::LockFile],
+                            None,
+                            None,
+                        ))?;
+                        None
+                    }
+                    // Without the lock file `own_name` reports the bus's loss as an error.
+                    (None, None) => {
+                        return Err(Error::NoUsableBackend {
+                            name: name.to_string(),
+                            reason: format!("the {kind} bus went away before it granted the name"),
+                            source: None,
+                        });
+                    }
+                }
             }
             None => None,
         };
@@ -980,7 +1005,8 @@ fn options_wait(options: &InstanceOptions) -> Duration {
 const STOP_BEFORE_REQUEST_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME";
 
 /// Requests the name with explicit flags and, when asked or when the previous lock holder's
-/// connection is still being torn down, waits in the bus queue for it.
+/// connection is still being torn down, waits in the bus queue for it. `None` when the bus went
+/// away before it granted the name while we hold the lock file (which then alone decides).
 #[allow(clippy::too_many_arguments)]
 async fn own_name(
     name: &InstanceName,
@@ -993,7 +1019,7 @@ async fn own_name(
     allow_replacement: bool,
     previous: Option<&LockRecord>,
     holding_lock: bool,
-) -> Result<zbus::MessageStream> {
+) -> Result<Option<zbus::MessageStream>> {
     let flags = request_flags(wait, allow_replacement);
     let bus_error = |context, source| Error::Bus {
         context,
@@ -1007,6 +1033,28 @@ async fn own_name(
              file that allows it (see dbus/ in unique-instance)"
         ),
         source: Some(Box::new(source)),
+    };
+    // The bus went away before it granted the name (killed, restarting, or no answer within
+    // the call timeout): that is a bus that is not there, as when it could not be reached at
+    // connect time. With the lock file held, the lock file alone decides; without one, no
+    // backend is left. Nothing of ours stays on the bus: the connection went with it (and the
+    // caller drops it, which ends it, whatever the bus still had queued from us).
+    let gone = |e: &zbus::Error| conn.is_closed() || matches!(e, zbus::Error::InputOutput(_));
+    let bus_gone = |e: zbus::Error| -> Result<Option<zbus::MessageStream>> {
+        if holding_lock {
+            tracing::warn!(name = %name, bus = %kind, error = %e,
+                "the {kind} bus went away before it granted the name; the lock file alone enforces exclusion");
+            return Ok(None);
+        }
+        Err(Error::NoUsableBackend {
+            name: name.to_string(),
+            reason: format!(
+                "the {kind} bus went away before it granted the name (it stopped, restarted or \
+                 did not answer): try again once the {kind} bus runs, or use a backend with the \
+                 lock file (auto or lockfile), which does not need the bus"
+            ),
+            source: Some(Box::new(e)),
+        })
     };
     // Sent with the handshake when the transport allowed it (see `dbus::connect`): then only
     // its reply is awaited.
@@ -1022,11 +1070,12 @@ async fn own_name(
     let reply = match reply {
         Ok(reply) => reply,
         Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
+        Err(e) if gone(&e) => return bus_gone(e),
         Err(e) => return Err(bus_error("cannot request the name", e)),
     };
     let mut queue_deadline = deadline;
     match reply {
-        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => return Ok(stream),
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => return Ok(Some(stream)),
         RequestNameReply::InQueue => {}
         RequestNameReply::Exists => {
             let owner = dbus::owner_of(conn, name.as_str(), kind).await;
@@ -1043,11 +1092,12 @@ async fn own_name(
             let retry_flags = flags & !RequestNameFlags::DO_NOT_QUEUE;
             match dbus::request_name(conn, name.as_str(), retry_flags).await {
                 Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {
-                    return Ok(stream);
+                    return Ok(Some(stream));
                 }
                 Ok(RequestNameReply::InQueue) => {}
                 Ok(RequestNameReply::Exists) => return Err(already_running(name, Box::new(owner))),
                 Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
+                Err(e) if gone(&e) => return bus_gone(e),
                 Err(e) => return Err(bus_error("cannot request the name", e)),
             }
             let grace = Instant::now() + DEAD_OWNER_GRACE;
@@ -1072,13 +1122,14 @@ async fn own_name(
         None => Some(acquired.await),
     };
     match outcome {
-        Some(true) => Ok(stream),
-        Some(false) => Err(bus_error(
-            "the connection closed while waiting for the name",
-            zbus::Error::InputOutput(std::sync::Arc::new(std::io::Error::from(
+        Some(true) => Ok(Some(stream)),
+        // The bus went away while we were in its queue.
+        Some(false) => bus_gone(zbus::Error::InputOutput(std::sync::Arc::new(
+            std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
-            ))),
-        )),
+                "the connection closed while waiting for the name",
+            ),
+        ))),
         None => {
             // Leave the queue, so that we are not handed the name after giving up.
             let _ = dbus::release_name(conn, name.as_str()).await;
