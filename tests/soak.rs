@@ -33,6 +33,9 @@
 //!    as alive until its stderr closes: its COMMAND holds a duplicate of the lock, and dies of
 //!    `PR_SET_PDEATHSIG` a moment after a SIGKILLed wrapper.
 //! 3. **No copy crashed**: no panic (exit 101), no death by a signal the driver did not send.
+//! 4. **No false error**: no copy exits 70 (an I/O or bus error). Under any of these faults the
+//!    only right answers are "acquired" or "already running" (or, after a loss, stopping); each
+//!    one is counted by cause (a lock-file error, a bus error, another) and fails the run.
 //!
 //! The schedule is a pure function of the seed (`UNIQUE_INSTANCE_SOAK_SEED`, printed on
 //! failure): each step acts on a numbered slot or on the bus or lock directory, so a failing
@@ -1342,6 +1345,31 @@ fn check(text: &str, driver_pid: u32) -> Report {
         if let Some(how) = &inc.exit_how {
             bump(&mut report, format!("exit {:?} {how}", inc.kind));
         }
+        // No false error under churn: exit 70 (an I/O or bus error) is never a right answer
+        // here, where every copy may only acquire or be refused (or stop after a loss, 69).
+        if how == "code=70" {
+            let said = format!(
+                "{} {}",
+                inc.lines.join(" "),
+                inc.stderr.as_deref().unwrap_or("")
+            );
+            let cause = if said.contains("bus") {
+                "a bus error"
+            } else if said.contains("lock file") || said.contains("lock directory") {
+                "a lock-file error"
+            } else {
+                "another error"
+            };
+            bump(&mut report, format!("false error (exit 70): {cause}"));
+            report.violations.push(format!(
+                "FALSE ERROR: pid {} ({:?}) exited 70 ({cause}), where the only right answers \
+                 are acquired or already running: {:?}; stderr: {}",
+                inc.pid,
+                inc.kind,
+                inc.lines,
+                inc.stderr.as_deref().unwrap_or("")
+            ));
+        }
     }
     report.incarnations = incs;
     report
@@ -1353,6 +1381,13 @@ impl Report {
         for (k, v) in &self.stats {
             let _ = writeln!(s, "  {k}: {v}");
         }
+        let false_errors: u64 = self
+            .stats
+            .iter()
+            .filter(|(k, _)| k.starts_with("false error"))
+            .map(|(_, v)| v)
+            .sum();
+        let _ = writeln!(s, "  false errors (exit 70), all causes: {false_errors}");
         let max = self.explained.iter().map(|e| e.2).max().unwrap_or(0);
         let unreported = self.explained.iter().filter(|e| !e.3).count();
         let _ = writeln!(
@@ -1710,4 +1745,25 @@ fn checker_rules_on_written_logs() {
     let r = check(&panicked, d);
     assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
     assert!(r.violations[0].contains("CRASHED"), "{}", r.violations[0]);
+
+    // An error where only "acquired" or "already running" is right: counted, and a failure.
+    let false_error = log(&[
+        "1.000000000 1 spawn pid=10 kind=lib bus=-",
+        "1.100000000 10 attempt",
+        "1.200000000 10 error exit=70 kind=Io msg=cannot open lock file /x/y.lock: No such file",
+        "1.300000000 1 exit pid=10 code=70",
+    ]);
+    let r = check(&false_error, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("FALSE ERROR"),
+        "{}",
+        r.violations[0]
+    );
+    assert_eq!(
+        r.stats.get("false error (exit 70): a lock-file error"),
+        Some(&1),
+        "{}",
+        r.summary()
+    );
 }
