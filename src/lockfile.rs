@@ -133,10 +133,10 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
             return Ok(dir);
         }
     }
-    Err(dir_error(
-        plan,
-        "the lock directory keeps being removed as it is made:",
-        Errno::NOENT,
+    Err(Error::io(
+        "the lock directory keeps being removed as it is made at",
+        &plan.dir,
+        std::io::Error::from(std::io::ErrorKind::Interrupted),
     ))
 }
 
@@ -524,10 +524,10 @@ fn settle(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Step> 
             _ => lock_dir.reopen(plan)?,
         }
     }
-    Err(dir_error(
-        plan,
-        "the lock directory keeps being removed or replaced under us:",
-        Errno::NOENT,
+    Err(Error::io(
+        "the lock directory keeps being removed or replaced under us at",
+        &plan.dir,
+        std::io::Error::from(std::io::ErrorKind::Interrupted),
     ))
 }
 /// Test hook (debug builds only): when the variable `var` is set, stops this process (`SIGSTOP`)
@@ -1422,8 +1422,10 @@ impl ReleaseWatch {
 /// released when the last descriptor of its open file description closes, which inotify reports
 /// as `IN_CLOSE_WRITE` (the holder exiting, even killed, or a holder that removed the file,
 /// which the directory watch reports). Tested with `F_OFD_GETLK` on a descriptor opened only for
-/// reading, whose close wakes nobody; any doubt (no file, an error) says "try": the attempt
-/// itself then decides, and reports what is wrong.
+/// reading, whose close wakes nobody; any doubt (no file, an error, a lock directory removed
+/// or replaced) says "try": the attempt itself then decides, and reports what is wrong. Not
+/// every release sends an event (see `RECHECK_EVERY` in options.rs): waiters also call this
+/// periodically.
 pub(crate) fn may_be_free(watch: &mut ReleaseWatch, plan: &LockPlan, lock_dir: &LockDir) -> bool {
     use rustix::fs::inotify::{self, WatchFlags};
     // Removed or replaced, the directory's file is no longer the one to wait for: try, and the
