@@ -444,6 +444,9 @@ fn release_without_socket(kind: BusKind, conn: zbus::Connection, name: &str) -> 
 }
 
 async fn release_bus(kind: BusKind, conn: zbus::Connection, name: &str) -> Result<()> {
+    // Test hook (debug builds only): stop here, so that a test can kill the bus at this moment.
+    static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    crate::lockfile::stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE_NAME", &STOPPED);
     if conn.is_closed() {
         return Ok(());
     }

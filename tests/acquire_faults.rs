@@ -22,6 +22,8 @@ const STOP_BEFORE_LOCK_FILE: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE"
 const STOP_BEFORE_REQUEST_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME";
 /// Stops a waiting copy just before it waits for an event (`wait_for_release`).
 const STOP_IN_LOCK_WAIT: &str = "UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT";
+/// Stops a holder just before it sends `ReleaseName` (`release_bus`).
+const STOP_BEFORE_RELEASE_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE_NAME";
 
 /// Waits (a blocking `waitpid` with `WUNTRACED`, on a thread, bounded) until `copy` has stopped
 /// itself at its test hook.
@@ -317,4 +319,41 @@ fn a_bus_killed_during_request_name_is_a_bus_that_is_not_there() {
         copy.close_stdin();
         assert_eq!(copy.exit_code(), 0, "{how}: {:?}", copy.seen);
     }
+}
+
+/// The bus killed just as a holder releases the name (before `ReleaseName` went out, before the
+/// holder noticed the bus was gone): the name went with the connection, so the release is
+/// complete, not an error. The soak's checker found copies exiting 70 with "cannot release the
+/// name: Broken pipe" there.
+#[test]
+fn a_bus_killed_as_the_name_is_released_is_a_release() {
+    let mut bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("bus_dies_on_release");
+    let mut copy = holder_stopping_at(
+        STOP_BEFORE_RELEASE_NAME,
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--blocking"],
+    );
+    let line = copy.next_line("the holder");
+    assert!(
+        line.starts_with("acquired") && line.contains("Dbus"),
+        "{line}"
+    );
+    copy.close_stdin();
+    wait_stopped(&mut copy, STOP_BEFORE_RELEASE_NAME);
+    bus.kill();
+    copy.signal(rustix::process::Signal::CONT);
+    assert_eq!(
+        copy.line_starting("released"),
+        "released",
+        "{:?}",
+        copy.seen
+    );
+    assert_eq!(copy.exit_code(), 0, "{:?}", copy.seen);
+    assert!(
+        !lock_dir.path().join(format!("{name}.lock")).exists(),
+        "the lock file was released too"
+    );
 }
