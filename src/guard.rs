@@ -454,6 +454,22 @@ async fn release_bus(kind: BusKind, conn: zbus::Connection, name: &str) -> Resul
         tokio::time::timeout(Duration::from_secs(5), dbus::release_name(&conn, name)).await;
     match result {
         Ok(Ok(())) => Ok(()),
+        // The connection broke under the call (the bus died or dropped us): a name never
+        // outlives its connection, so it is released as asked. (A bus that does not answer is
+        // not this: that is the timeout below.)
+        Ok(Err(zbus::Error::InputOutput(e)))
+            if conn.is_closed()
+                || matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::NotConnected
+                ) =>
+        {
+            tracing::debug!(name, error = %e, "the bus connection ended as the name was released");
+            Ok(())
+        }
         Ok(Err(source)) => Err(Error::Bus {
             context: "cannot release the name",
             bus: kind,
