@@ -334,16 +334,18 @@ fn command_that_outlives_a_killed_wrapper_keeps_the_instance_held() {
     common::require_program("setsid", "util-linux");
     let bus = DbusDaemon::start(BusConfig::Open);
     // Both escape PR_SET_PDEATHSIG: the kernel clears it when COMMAND changes its credentials,
-    // and a process COMMAND forks (here in a session of its own) never had it.
+    // and a process COMMAND forks (here in a session of its own) never had it. When the wrapper
+    // is killed, COMMAND's keeper stops them (SIGTERM, SIGKILL after --kill-after): they ignore
+    // SIGTERM, and the grace is long, so that they outlive the wrapper for the test's length.
     let cases = [
         (
             "setpriv",
             "setpriv --reuid=65534 --regid=65534 --clear-groups -- \
-             sh -c 'echo pid $$; exec sleep 600'",
+             sh -c 'trap \"\" TERM; echo pid $$; exec sleep 600'",
         ),
         (
             "setsid",
-            "setsid sh -c 'echo pid $$; exec sleep 600' </dev/null & wait",
+            "setsid sh -c 'trap \"\" TERM; echo pid $$; exec sleep 600' </dev/null & wait",
         ),
     ];
     for (case, script) in cases {
@@ -352,7 +354,7 @@ fn command_that_outlives_a_killed_wrapper_keeps_the_instance_held() {
         let mut wrapper = cli(
             Some(&bus.address),
             lock_dir.path(),
-            &["run", &name, "--", "sh", "-c", script],
+            &["run", "--kill-after=600", &name, "--", "sh", "-c", script],
         );
         let (pid, pidfd) = command_pidfd(&mut wrapper);
         let _command = KillOnDrop(&pidfd);
@@ -372,13 +374,14 @@ fn command_that_outlives_a_killed_wrapper_keeps_the_instance_held() {
         );
         let stderr = second.stderr_until_closed().join("\n");
         assert!(stderr.contains("is already running"), "{case}: {stderr}");
-        // Once COMMAND is gone the instance is free.
+        // Once COMMAND is gone the instance is free (the keeper sees it end, and exits: a wait
+        // bounded by the test's timeout covers the moment between the two).
         rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
         wait_pidfd(pid, &pidfd);
         let mut third = cli(
             Some(&bus.address),
             lock_dir.path(),
-            &["run", &name, "--", "echo", "third"],
+            &["run", "--wait=30", &name, "--", "echo", "third"],
         );
         assert_eq!(
             third.next_line("the third copy's COMMAND"),
@@ -967,4 +970,190 @@ fn a_signal_between_acquiring_and_starting_command_ends_the_wrapper() {
     let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
     assert_eq!(next.next_line("the next run's COMMAND"), "next");
     assert_eq!(next.exit_code(), 0);
+}
+
+/// A COMMAND whose descendants close the lock descriptor they inherited (Python's `subprocess`
+/// does by default; daemons call `closefrom`) and leave its session: when the wrapper is
+/// SIGKILLed they hold nothing, never had `PR_SET_PDEATHSIG`, and used to run on under init
+/// while a new copy started beside them. Now COMMAND's keeper process holds the instance until
+/// the last of them is gone, and stops them itself: one that ends at SIGTERM is gone, one that
+/// ignores it keeps the instance held (with a long `--kill-after`) until it is gone.
+#[test]
+fn descendants_that_closed_the_lock_keep_the_instance_held_after_the_wrapper_is_killed() {
+    common::require_program("setsid", "util-linux");
+    // dash cannot name a descriptor above 9 in a redirection; bash can.
+    common::require_program("bash", "bash");
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("closed_lock_fd");
+    // Two grandchildren, each in a session of its own with the lock's descriptor closed: the
+    // first ends at SIGTERM, the second ignores it. Each says `stops N` or `stays N` once it
+    // runs (in either order).
+    let grandchild = |ignore_term: bool| {
+        if ignore_term {
+            "setsid sh -c 'trap \"\" TERM; echo stays $$; exec sleep 600' </dev/null & "
+        } else {
+            "setsid sh -c 'echo stops $$; exec sleep 600' </dev/null & "
+        }
+    };
+    let script = format!(
+        "eval \"exec $UNIQUE_INSTANCE_LOCK_FD>&-\"; {}{}wait",
+        grandchild(false),
+        grandchild(true)
+    );
+    let mut wrapper = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "bash",
+            "-c",
+            &script,
+        ],
+    );
+    let mut grandchildren = Vec::new();
+    for _ in 0..2 {
+        let line = wrapper.next_line("a grandchild's pid");
+        let (word, pid) = line
+            .split_once(' ')
+            .and_then(|(w, p)| Some((w.to_owned(), p.parse::<u32>().ok()?)))
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let pidfd = rustix::process::Pid::from_raw(pid as i32)
+            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+            .unwrap_or_else(|| panic!("process {pid} is not running"));
+        grandchildren.push((word, pid, pidfd));
+    }
+    // The one that ends at SIGTERM first.
+    grandchildren.sort_by(|a, b| a.0.cmp(&b.0).reverse());
+    assert_eq!(
+        grandchildren
+            .iter()
+            .map(|g| g.0.as_str())
+            .collect::<Vec<_>>(),
+        ["stops", "stays"]
+    );
+    let _kill = grandchildren
+        .iter()
+        .map(|(_, _, pidfd)| KillOnDrop(pidfd))
+        .collect::<Vec<_>>();
+    for (_, pid, _) in &grandchildren {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the grandchild's fds");
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            assert!(
+                !target.to_string_lossy().contains(".lock"),
+                "grandchild {pid} still has the lock open: {target:?}"
+            );
+        }
+    }
+    wrapper.sigkill();
+    // The second lives on (it ignores SIGTERM, and SIGKILL comes only after --kill-after): the
+    // instance must stay held.
+    let (_, survivor, survivor_fd) = &grandchildren[1];
+    let mut second = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "echo", "second copy ran"],
+    );
+    let stdout = second.stdout_until_closed();
+    assert_eq!(
+        second.exit_code(),
+        75,
+        "a copy started while a grandchild (pid {survivor}) that closed the lock descriptor \
+         outlives the killed wrapper must be refused; its stdout: {stdout:?}"
+    );
+    let stderr = second.stderr_until_closed().join("\n");
+    assert!(stderr.contains("is already running"), "{stderr}");
+    // The first, which ends at SIGTERM, was stopped, although the wrapper is gone.
+    let (_, stopped, stopped_fd) = &grandchildren[0];
+    wait_pidfd(*stopped, stopped_fd);
+    // Once the second is gone, the instance is free (the keeper sees it end, and exits: a wait bounded
+    // by the test's timeout covers the moment between the two).
+    rustix::process::pidfd_send_signal(survivor_fd, Signal::KILL).expect("kill the grandchild");
+    wait_pidfd(*survivor, survivor_fd);
+    let mut third = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", "--wait=30", &name, "--", "echo", "third"],
+    );
+    assert_eq!(third.next_line("the third copy's COMMAND"), "third");
+    assert_eq!(third.exit_code(), 0);
+}
+
+/// The keeper is an internal entry point: hidden from the help, and refusing to start by hand.
+#[test]
+fn the_keeper_entry_point_is_hidden_and_refuses_to_run_by_hand() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let mut help = cli(None, lock_dir.path(), &["--help"]);
+    let text = help.stdout_until_closed().join("\n");
+    assert_eq!(help.exit_code(), 0);
+    assert!(text.contains("run") && !text.contains("keeper"), "{text}");
+    let mut completions = cli(None, lock_dir.path(), &["completions", "bash"]);
+    let script = completions.stdout_until_closed().join("\n");
+    assert_eq!(completions.exit_code(), 0);
+    assert!(script.contains("status") && !script.contains("keeper"));
+    let mut by_hand = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "internal-keeper",
+            "--control-fd",
+            "7",
+            "--kill-after",
+            "1",
+            "--",
+            "echo",
+            "COMMAND ran",
+        ],
+    );
+    assert_eq!(by_hand.exit_code(), 64);
+    assert_eq!(by_hand.stdout_until_closed(), Vec::<String>::new());
+    let stderr = by_hand.stderr_until_closed().join("\n");
+    assert!(
+        stderr.contains("started by `unique-instance run` only"),
+        "{stderr}"
+    );
+}
+
+/// The keeper ignores the signals the wrapper passes on: a terminal's Ctrl-C or systemd's
+/// SIGTERM to the whole cgroup reaches it too, and it must neither die of them (COMMAND would
+/// die with it) nor pass them on (the wrapper decides what COMMAND gets).
+#[test]
+fn the_keeper_survives_the_signals_the_wrapper_passes_on() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("keeper_signals");
+    let script = "for s in TERM INT HUP QUIT USR1 USR2; do trap \"echo got-$s\" $s; done; \
+                  echo running; read _; echo done";
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", script],
+    );
+    assert_eq!(wrapper.next_line("COMMAND running"), "running");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", wrapper.pid()))
+        .expect("the wrapper's children");
+    let keeper: Vec<i32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(keeper.len(), 1, "the keeper is the wrapper's only child");
+    let keeper = rustix::process::Pid::from_raw(keeper[0]).expect("pid");
+    for signal in [
+        Signal::TERM,
+        Signal::INT,
+        Signal::HUP,
+        Signal::QUIT,
+        Signal::USR1,
+        Signal::USR2,
+    ] {
+        rustix::process::kill_process(keeper, signal).expect("signal the keeper");
+    }
+    // COMMAND still runs (had the keeper died, it would have been killed with it), and got
+    // nothing: its next line is the one it prints when its stdin closes.
+    wrapper.close_stdin();
+    assert_eq!(wrapper.next_line("COMMAND finishing normally"), "done");
+    assert_eq!(wrapper.exit_code(), 0);
 }
