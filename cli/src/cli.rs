@@ -39,14 +39,18 @@ Examples:
   unique-instance run -q -E 0 org.acme.Backup -- ./backup.sh     # a conflict is not a failure
   unique-instance run --system --backend lockfile org.acme.Sync -- sync-tool
 
-COMMAND never runs unguarded. It is killed if the wrapper dies (even by SIGKILL), through
-PR_SET_PDEATHSIG. The kernel clears that when COMMAND changes its credentials (setpriv, runuser,
-a setuid program), and COMMAND's own children never have it: so COMMAND also inherits one
-descriptor of the lock file, announced as UNIQUE_INSTANCE_LOCK_FD=N, and the instance stays held
-until every process holding it is gone, even after the wrapper died. Leave that descriptor open
-(closing it gives this up); the bus connection and every other descriptor of the wrapper are not
-inherited. With --backend dbus there is no lock file to hand down: a COMMAND that outlives the
-wrapper then runs unguarded, so use the default backend for such commands. SIGTERM, SIGINT, SIGHUP,
+COMMAND never runs unguarded. The wrapper starts a small keeper process (this program again,
+`unique-instance internal-keeper` in ps), which starts COMMAND and holds the lock file until
+COMMAND and every process it started are gone: they are re-parented to the keeper (a child
+subreaper) whatever they do to their descriptors, credentials, process group or session. If the
+wrapper dies, even by SIGKILL, the keeper stops them all (SIGTERM, then SIGKILL after
+--kill-after) and the instance stays held until the last one is gone. COMMAND also inherits one
+descriptor of the lock file, announced as UNIQUE_INSTANCE_LOCK_FD=N, and is killed if the keeper
+dies (PR_SET_PDEATHSIG): should the keeper itself be killed by SIGKILL, the processes still
+holding that descriptor keep the instance held, but one that closed it runs on unguarded. The bus
+connection and every other descriptor of the wrapper are not inherited. With --backend dbus there
+is no lock file: the name is free as soon as the wrapper dies, while the keeper is still stopping
+COMMAND, so use the default backend for commands that must never overlap. SIGTERM, SIGINT, SIGHUP,
 SIGQUIT, SIGUSR1 and SIGUSR2 sent to the wrapper are passed on to COMMAND (a terminal's Ctrl-C
 already reaches both, and is not sent twice). If the instance is lost while COMMAND runs (lock
 file removed or replaced, bus name taken over), COMMAND gets SIGTERM, then SIGKILL after
@@ -128,6 +132,28 @@ pub(crate) enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+// What `run` tells its keeper process (see keeper.rs), which it starts as
+// `unique-instance internal-keeper ...`: not a subcommand of `Cli`, so that no help, man page or
+// completion offers it. It refuses to start without the descriptors `run` hands it.
+/// Internal to `unique-instance run`, which starts it between itself and COMMAND: not for use
+/// by hand.
+#[derive(Debug, Parser)]
+#[command(name = "unique-instance internal-keeper")]
+pub(crate) struct KeeperArgs {
+    /// The descriptor of the keeper's end of its control socket.
+    #[arg(long, value_name = "FD")]
+    pub(crate) control_fd: i32,
+    /// The descriptor of the instance's lock, inherited (none with --backend dbus).
+    #[arg(long, value_name = "FD")]
+    pub(crate) lock_fd: Option<i32>,
+    /// How long COMMAND and what it left have between SIGTERM and SIGKILL when the wrapper dies.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub(crate) kill_after: Duration,
+    /// The command to run, and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub(crate) command: Vec<OsString>,
 }
 
 /// How to find the instance: shared by `run` and `status`.

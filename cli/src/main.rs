@@ -5,6 +5,7 @@
 mod cli;
 mod deploy;
 mod generate;
+mod keeper;
 mod logging;
 mod run;
 mod status;
@@ -21,6 +22,18 @@ const EXIT_USAGE: u8 = 64;
 const EXIT_INTERNAL: u8 = 70;
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(keeper::SUBCOMMAND)) {
+        return match cli::KeeperArgs::try_parse_from(std::env::args_os().skip(1)) {
+            Ok(args) => {
+                logging::init();
+                keeper::keeper(args)
+            }
+            Err(e) => {
+                let _ = e.print();
+                ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 })
+            }
+        };
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

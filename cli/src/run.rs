@@ -1,10 +1,15 @@
 //! `unique-instance run`: hold the instance while COMMAND runs, and never let COMMAND run
 //! unguarded.
+//!
+//! COMMAND is started by a keeper process (keeper.rs) that this wrapper starts first: the keeper
+//! holds the lock until every process COMMAND started is gone, even after the wrapper was
+//! killed. This file decides (signals, the loss of the instance, the clean-up, exit statuses);
+//! the keeper carries out what concerns COMMAND's processes.
 
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
@@ -18,10 +23,10 @@ use signal_hook_tokio::SignalsInfo;
 use unique_instance::{Error, InstanceGuard, Loss, LossWatcher, Wait};
 
 use crate::cli::{BackendArg, RunArgs, WaitFor};
-use crate::{EXIT_INTERNAL, fail};
+use crate::{EXIT_INTERNAL, fail, keeper};
 
 /// The signals passed on to COMMAND.
-const FORWARDED: [i32; 6] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
+pub(crate) const FORWARDED: [i32; 6] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
 
 /// Exit status when the instance was lost while COMMAND ran, and COMMAND was stopped for it:
 /// exclusion could no longer be enforced (`EX_UNAVAILABLE`, as for "no usable backend").
@@ -91,9 +96,16 @@ async fn supervise(args: RunArgs) -> ExitCode {
             ),
         );
     }
-    let child = match spawn_guarded(&args.command, args.notify, guard.lock_file_descriptor()) {
-        Ok(child) => child,
-        Err(e) => {
+    let started = keeper::start(
+        &args.command,
+        args.notify,
+        guard.lock_file_descriptor(),
+        args.kill_after,
+    )
+    .await;
+    let (mut keeper, command) = match started {
+        Ok(started) => started,
+        Err(keeper::StartError::Command(e)) => {
             let code = match e.kind() {
                 io::ErrorKind::NotFound => EXIT_NOT_FOUND,
                 _ => EXIT_CANNOT_EXECUTE,
@@ -104,14 +116,38 @@ async fn supervise(args: RunArgs) -> ExitCode {
                 format_args!("cannot run {}: {e}", args.command[0].to_string_lossy()),
             );
         }
+        Err(keeper::StartError::Keeper(message)) => {
+            stop_own_children().await;
+            release(guard).await;
+            return fail(
+                EXIT_INTERNAL,
+                format_args!("cannot start COMMAND's keeper process: {message}"),
+            );
+        }
     };
     if args.notify
         && let Err(e) = guard.notify_ready()
     {
         eprintln!("unique-instance: warning: {e}");
     }
-    let (status, lost) = watch_child(child, &mut signals, guard.loss_watcher(), &args).await;
-    stop_leftovers(args.kill_after, &mut signals).await;
+    let (status, lost) = watch_child(
+        &mut keeper,
+        command,
+        &mut signals,
+        guard.loss_watcher(),
+        &args,
+    )
+    .await;
+    if status.is_ok() {
+        stop_leftovers(args.kill_after, &mut signals, &mut keeper).await;
+    }
+    // The keeper holds a duplicate of the lock: it must be gone before the instance is released.
+    let keeper_status = keeper.finish().await;
+    if status.is_err() {
+        tracing::debug!(?keeper_status, "the keeper ended before COMMAND did");
+        // What it kept was re-parented to us (we are a child subreaper too).
+        stop_own_children().await;
+    }
     release(guard).await;
     match (status, lost) {
         (_, Some(loss)) => fail(
@@ -189,22 +225,30 @@ fn refused(args: &RunArgs, e: &Error) -> ExitCode {
 /// Runs until COMMAND ends: passes signals on, and stops COMMAND if the instance is lost.
 /// Returns COMMAND's status and the loss that stopped it, if one did.
 async fn watch_child(
-    mut child: tokio::process::Child,
+    keeper: &mut keeper::Handle,
+    command: Pid,
     signals: &mut SignalsInfo<WithOrigin>,
     mut losses: LossWatcher,
     args: &RunArgs,
 ) -> (io::Result<ExitStatus>, Option<Loss>) {
-    let child_pid = child.id().and_then(|id| Pid::from_raw(id as i32));
+    let child_pid = Some(command);
     let mut stopped_for: Option<Loss> = None;
     let kill_timer = tokio::time::sleep(Duration::MAX);
     tokio::pin!(kill_timer);
     let mut killed = false;
     loop {
         tokio::select! {
-            status = child.wait() => return (status, stopped_for),
+            event = keeper.next_event() => match event {
+                keeper::Event::Exited(status) => return (Ok(status), stopped_for),
+                keeper::Event::Reaped => {}
+                keeper::Event::Gone => {
+                    let e = io::Error::other("its keeper process ended before it did");
+                    return (Err(e), stopped_for);
+                }
+            },
             Some(origin) = signals.next() => {
                 if !manager_signals_command_too(&origin, child_pid).await {
-                    forward(&origin, child_pid);
+                    forward(&origin, child_pid, keeper).await;
                 }
             }
             Some(loss) = losses.next(), if stopped_for.is_none() => {
@@ -223,14 +267,14 @@ async fn watch_child(
                      (SIGTERM now, SIGKILL in {:?})",
                     args.instance.name, loss.reason, args.kill_after
                 );
-                send(child_pid, Signal::TERM);
+                send(keeper, child_pid, Signal::TERM).await;
                 stopped_for = Some(loss);
                 if let Some(deadline) = tokio::time::Instant::now().checked_add(args.kill_after) {
                     kill_timer.as_mut().reset(deadline);
                 }
             }
             () = &mut kill_timer, if stopped_for.is_some() && !killed => {
-                send(child_pid, Signal::KILL);
+                send(keeper, child_pid, Signal::KILL).await;
                 killed = true;
             }
         }
@@ -240,7 +284,7 @@ async fn watch_child(
 /// Passes a signal on to COMMAND, unless the kernel already delivered it to COMMAND too: a
 /// terminal's Ctrl-C, Ctrl-\ or hang-up goes to the whole foreground process group, and
 /// sending it again would make COMMAND see it twice.
-fn forward(origin: &Origin, child: Option<Pid>) {
+async fn forward(origin: &Origin, child: Option<Pid>, keeper: &mut keeper::Handle) {
     let Some(child) = child else { return };
     let same_group = rustix::process::getpgid(Some(child)).ok() == Some(rustix::process::getpgrp());
     if origin.cause == Cause::Kernel && same_group {
@@ -252,7 +296,7 @@ fn forward(origin: &Origin, child: Option<Pid>) {
     }
     if let Some(signal) = Signal::from_named_raw(origin.signal) {
         tracing::debug!(signal = origin.signal, "passing the signal on to COMMAND");
-        send(Some(child), signal);
+        send(keeper, Some(child), signal).await;
     }
 }
 
@@ -339,73 +383,85 @@ async fn unit_kills_whole_cgroup(system: bool) -> zbus::Result<bool> {
     Ok(kill_mode == "control-group")
 }
 
-fn send(child: Option<Pid>, signal: Signal) {
-    if let Some(pid) = child
-        && let Err(e) = rustix::process::kill_process(pid, signal)
-    {
-        // ESRCH: it has just exited; its status is on the way.
-        tracing::debug!(error = %e, "cannot signal COMMAND");
+/// Has the keeper signal `child`, its child (it tells us when that child has exited).
+async fn send(keeper: &mut keeper::Handle, child: Option<Pid>, signal: Signal) {
+    if let Some(pid) = child {
+        keeper.signal(pid, signal).await;
     }
 }
 
-/// COMMAND has exited. Anything it started and left running was re-parented to us (we are a
+/// COMMAND has exited. Anything it started and left running was re-parented to the keeper (a
 /// child subreaper) and is still part of the guarded work: it gets SIGTERM, then SIGKILL after
-/// `kill_after`, and the instance is released only once all of it is gone. Otherwise a
-/// background job of COMMAND would go on unguarded while a new copy starts.
-async fn stop_leftovers(kill_after: Duration, signals: &mut SignalsInfo<WithOrigin>) {
-    let leftovers = children();
-    if leftovers.is_empty() {
-        return;
-    }
-    eprintln!(
-        "unique-instance: COMMAND left {} process(es) running ({}); stopping them before \
-         releasing the instance",
-        leftovers.len(),
-        leftovers
-            .iter()
-            .map(|p| p.as_raw_nonzero().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    // Reap on a thread of its own (a blocking wait, no polling); each reaped process may have
-    // handed its own children over to us, so every reap is followed by a look at who is left.
-    let (reaped_tx, mut reaped) = tokio::sync::mpsc::unbounded_channel();
-    tokio::task::spawn_blocking(move || {
-        loop {
-            match rustix::process::wait(rustix::process::WaitOptions::empty()) {
-                Ok(Some((pid, _))) => {
-                    let _ = reaped_tx.send(pid);
-                }
-                Err(rustix::io::Errno::INTR) => {}
-                // ECHILD: no child left, and so no descendant either.
-                _ => return,
-            }
-        }
-    });
+/// `kill_after`, and the instance is released only once all of it is gone (the keeper says so,
+/// and exits). Otherwise a background job of COMMAND would go on unguarded while a new copy
+/// starts.
+async fn stop_leftovers(
+    kill_after: Duration,
+    signals: &mut SignalsInfo<WithOrigin>,
+    keeper: &mut keeper::Handle,
+) {
+    let mut told = false;
     let mut signal = Signal::TERM;
     let mut signalled = std::collections::HashSet::new();
     let grace = tokio::time::sleep(kill_after);
     tokio::pin!(grace);
     loop {
-        for pid in children() {
+        // Each process that ends may have handed its own children over to the keeper, so
+        // every event is followed by a look at who is left.
+        let leftovers = keeper.children();
+        if !told && !leftovers.is_empty() {
+            told = true;
+            eprintln!(
+                "unique-instance: COMMAND left {} process(es) running ({}); stopping them before \
+                 releasing the instance",
+                leftovers.len(),
+                leftovers
+                    .iter()
+                    .map(|p| p.as_raw_nonzero().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        for pid in leftovers {
             if signalled.insert((pid, signal.as_raw())) {
-                send(Some(pid), signal);
+                send(keeper, Some(pid), signal).await;
             }
         }
         tokio::select! {
-            next = reaped.recv() => if next.is_none() { return },
+            // Gone: no child of the keeper left, and so no descendant either.
+            event = keeper.next_event() => if matches!(event, keeper::Event::Gone) { return },
             () = &mut grace, if signal == Signal::TERM => signal = Signal::KILL,
             // Still the guarded work: what would have been passed on to COMMAND is passed on to
             // what it left (a `systemctl stop` or a Ctrl-C is not ignored while they end).
             Some(origin) = signals.next() => {
-                for pid in children() {
+                for pid in keeper.children() {
                     if !manager_signals_command_too(&origin, Some(pid)).await {
-                        forward(&origin, Some(pid));
+                        forward(&origin, Some(pid), keeper).await;
                     }
                 }
             }
         }
     }
+}
+
+/// The keeper ended before COMMAND did (something killed it): COMMAND died with it (SIGKILL,
+/// through `PR_SET_PDEATHSIG`) unless it changed its credentials, and what the keeper kept was
+/// re-parented to us. All of it gets SIGKILL at once (this is already a failure) and is reaped
+/// before the instance is released. Returns when we have no child left.
+async fn stop_own_children() {
+    let stopped = tokio::task::spawn_blocking(|| {
+        loop {
+            for pid in children() {
+                let _ = rustix::process::kill_process(pid, Signal::KILL);
+            }
+            match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                // ECHILD: no child left, and so no descendant either.
+                Err(_) => return,
+            }
+        }
+    });
+    let _ = stopped.await;
 }
 
 /// Our children: after COMMAND has been reaped, exactly the processes it left behind.
@@ -417,7 +473,7 @@ fn children() -> Vec<Pid> {
 /// `task/TID/children` list, or, on kernels built without `CONFIG_PROC_CHILDREN` (no such
 /// file), every process whose parent is `me`, from `/proc/PID/stat`. Without the fallback,
 /// leftovers would silently not be found there, and would outlive the instance.
-fn children_in(proc: &Path, me: Pid) -> Vec<Pid> {
+pub(crate) fn children_in(proc: &Path, me: Pid) -> Vec<Pid> {
     let tasks = proc.join(me.as_raw_nonzero().to_string()).join("task");
     children_from_lists(&tasks).unwrap_or_else(|| {
         tracing::debug!("no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN); scanning /proc");
@@ -477,7 +533,7 @@ fn children_by_scan(proc: &Path, me: Pid) -> Vec<Pid> {
 
 /// The parent PID in a `/proc/PID/stat` line: `PID (COMM) STATE PPID ...`, where COMM may
 /// hold spaces and parentheses, so the fields are counted from the last `)`.
-fn parent_in_stat(stat: &str) -> Option<i32> {
+pub(crate) fn parent_in_stat(stat: &str) -> Option<i32> {
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(1)?.parse().ok()
 }
@@ -526,34 +582,32 @@ pub(crate) const LOCK_FD_ENV: &str = "UNIQUE_INSTANCE_LOCK_FD";
 /// does not close it by accident.
 const LOCK_FD_MIN: i32 = 100;
 
-/// Starts COMMAND so that it dies with us: `PR_SET_PDEATHSIG` = SIGKILL, set in the child
-/// between fork and exec. Its stdin, stdout and stderr are ours, untouched. With `notify` (we
-/// speak to systemd for COMMAND) COMMAND does not see `NOTIFY_SOCKET`; otherwise its environment
-/// is ours, plus [`LOCK_FD_ENV`].
+/// Starts COMMAND (in the keeper, see keeper.rs) so that it dies with the keeper:
+/// `PR_SET_PDEATHSIG` = SIGKILL, set in the child between fork and exec. Its stdin, stdout and
+/// stderr are the keeper's (the wrapper's), untouched; its environment is the keeper's (the
+/// wrapper's, without `NOTIFY_SOCKET` when the wrapper speaks to systemd for COMMAND), plus
+/// [`LOCK_FD_ENV`]. The signals the wrapper passes on, which the keeper ignores, get their
+/// default action back, as they had when the wrapper started COMMAND itself.
 ///
 /// The kernel clears `PR_SET_PDEATHSIG` when COMMAND's credentials change (`setpriv`,
 /// `runuser`, a daemon calling `setuid`, a setuid or file-capability executable), and COMMAND's
 /// own children never had it. So COMMAND inherits one descriptor of the lock file (`lock`, the
 /// guard's): the lock belongs to the open file description, so it stays held until the wrapper,
-/// COMMAND and everything that inherited it are gone, and a copy started after the wrapper died
-/// is refused while any of them lives. That one descriptor is made inheritable in the child
-/// only; the bus socket and every other descriptor of ours stay close-on-exec.
+/// the keeper, COMMAND and everything that inherited it are gone. (The keeper, a child
+/// subreaper, holds it until the last of COMMAND's descendants is gone, even those that closed
+/// it.) That one descriptor is made inheritable in the child only; every other descriptor of
+/// the keeper stays close-on-exec.
 #[allow(unsafe_code)]
-fn spawn_guarded(
+pub(crate) fn spawn_guarded(
     command: &[OsString],
-    notify: bool,
     lock: Option<BorrowedFd<'_>>,
-) -> io::Result<tokio::process::Child> {
+) -> io::Result<std::process::Child> {
     let (program, program_args) = command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no COMMAND given"))?;
     let parent = rustix::process::getpid();
-    let mut cmd = tokio::process::Command::new(program);
+    let mut cmd = std::process::Command::new(program);
     cmd.args(program_args);
-    if notify {
-        // Only COMMAND's environment: ours is left alone.
-        cmd.env_remove("NOTIFY_SOCKET");
-    }
     // Ours may come from an outer `run`: COMMAND must never be told of a descriptor it does
     // not have.
     cmd.env_remove(LOCK_FD_ENV);
@@ -565,8 +619,8 @@ fn spawn_guarded(
         cmd.env(LOCK_FD_ENV, fd.to_string());
     }
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // operations are allowed: it makes raw system calls (prctl, getppid, fcntl), allocates
-    // nothing and takes no locks. `lock_raw` names `lock_dup`, which this process keeps open
+    // operations are allowed: it makes raw system calls (prctl, getppid, fcntl, sigaction),
+    // allocates nothing and takes no locks. `lock_raw` names `lock_dup`, which this process keeps open
     // until `spawn` has returned, so the child's copy of that number is the lock's descriptor.
     unsafe {
         cmd.pre_exec(move || {
@@ -579,6 +633,10 @@ fn spawn_guarded(
             if let Some(fd) = lock_raw {
                 rustix::io::fcntl_setfd(BorrowedFd::borrow_raw(fd), rustix::io::FdFlags::empty())?;
             }
+            for signal in FORWARDED {
+                let signal = nix::sys::signal::Signal::try_from(signal)?;
+                nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl)?;
+            }
             Ok(())
         });
     }
@@ -589,7 +647,7 @@ fn spawn_guarded(
 
 /// A close-on-exec duplicate of `fd` numbered [`LOCK_FD_MIN`] or above, or, under an
 /// open-file limit lower than that, the lowest free number above stdio.
-fn duplicate_high(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+pub(crate) fn duplicate_high(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     match rustix::io::fcntl_dupfd_cloexec(fd, LOCK_FD_MIN) {
         Err(rustix::io::Errno::INVAL) => Ok(rustix::io::fcntl_dupfd_cloexec(fd, 3)?),
         dup => Ok(dup?),
