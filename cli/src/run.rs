@@ -143,9 +143,10 @@ async fn supervise(args: RunArgs) -> ExitCode {
     }
     // The keeper holds a duplicate of the lock: it must be gone before the instance is released.
     let keeper_status = keeper.finish().await;
-    if status.is_err() {
-        tracing::debug!(?keeper_status, "the keeper ended before COMMAND did");
-        // What it kept was re-parented to us (we are a child subreaper too).
+    tracing::debug!(?keeper_status, "the keeper has exited");
+    // Had it ended before what it kept (something killed it), that was re-parented to us: we
+    // are a child subreaper too.
+    if !children().is_empty() {
         stop_own_children().await;
     }
     release(guard).await;
@@ -444,9 +445,9 @@ async fn stop_leftovers(
     }
 }
 
-/// The keeper ended before COMMAND did (something killed it): COMMAND died with it (SIGKILL,
-/// through `PR_SET_PDEATHSIG`) unless it changed its credentials, and what the keeper kept was
-/// re-parented to us. All of it gets SIGKILL at once (this is already a failure) and is reaped
+/// The keeper ended before what it kept did (something killed it): COMMAND died with it
+/// (SIGKILL, through `PR_SET_PDEATHSIG`) unless it changed its credentials, and what the keeper
+/// kept was re-parented to us. All of it gets SIGKILL at once (this is already a failure) and is reaped
 /// before the instance is released. Returns when we have no child left.
 async fn stop_own_children() {
     let stopped = tokio::task::spawn_blocking(|| {
@@ -469,12 +470,16 @@ fn children() -> Vec<Pid> {
     children_in(Path::new("/proc"), rustix::process::getpid())
 }
 
-/// The children of `me` (this process), from the `/proc` mounted at `proc`: each thread's
-/// `task/TID/children` list, or, on kernels built without `CONFIG_PROC_CHILDREN` (no such
-/// file), every process whose parent is `me`, from `/proc/PID/stat`. Without the fallback,
-/// leftovers would silently not be found there, and would outlive the instance.
+/// The children of `me` (this process, or the keeper), from the `/proc` mounted at `proc`: each
+/// thread's `task/TID/children` list, or, on kernels built without `CONFIG_PROC_CHILDREN` (no
+/// such file), every process whose parent is `me`, from `/proc/PID/stat`. Without the fallback,
+/// leftovers would silently not be found there, and would outlive the instance. A process that
+/// is gone (reaped) has none.
 pub(crate) fn children_in(proc: &Path, me: Pid) -> Vec<Pid> {
     let tasks = proc.join(me.as_raw_nonzero().to_string()).join("task");
+    if !tasks.is_dir() && proc.join("self").is_dir() {
+        return Vec::new();
+    }
     children_from_lists(&tasks).unwrap_or_else(|| {
         tracing::debug!("no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN); scanning /proc");
         children_by_scan(proc, me)
