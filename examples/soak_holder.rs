@@ -173,7 +173,7 @@ async fn as_command(log: &Log) -> i32 {
     };
     log.event(&format!(
         "acquired via=run wrapper={} lock_fd={}",
-        rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()),
+        wrapper_pid(),
         std::env::var("UNIQUE_INSTANCE_LOCK_FD").unwrap_or_else(|_| "none".into())
     ));
     let stdin_closed = tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().count());
@@ -182,6 +182,24 @@ async fn as_command(log: &Log) -> i32 {
         _ = stdin_closed => log.event("releasing why=stdin"),
     }
     0
+}
+
+/// The `run` wrapper's PID: our parent is its keeper (`unique-instance internal-keeper`), whose
+/// parent is the wrapper; 0 when that cannot be read (the wrapper is already gone).
+fn wrapper_pid() -> i32 {
+    let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap_or_default();
+    if cmdline.split(|&b| b == 0).nth(1) != Some(b"internal-keeper".as_slice()) {
+        return parent;
+    }
+    // `PID (COMM) STATE PPID ...`: the fields are counted from the last `)`.
+    std::fs::read_to_string(format!("/proc/{parent}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 fn options(args: &Args) -> InstanceOptions {

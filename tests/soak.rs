@@ -16,8 +16,8 @@
 //! 1. **Never two believers at once.** A belief runs from a copy's `acquired` line to its
 //!    `releasing` line, its `lost … still_exclusive=false` line, or its death, whichever comes
 //!    first; for a SIGKILLed copy the death is taken at the moment the driver sent the signal (a
-//!    lower bound), for `run`'s COMMAND the moment its wrapper was SIGKILLed (COMMAND dies of
-//!    `PR_SET_PDEATHSIG` after that, never before). A SIGSTOPped copy believes on while stopped —
+//!    lower bound), for `run`'s COMMAND the moment its wrapper was SIGKILLed (COMMAND's keeper
+//!    stops it after that, never before). A SIGSTOPped copy believes on while stopped —
 //!    its kernel lock and bus name still exclude. Two beliefs that overlap are a violation,
 //!    unless the overlap is one the library cannot prevent and only reports: the nemesis
 //!    deleted the lock file (or its directory) of one of the two after it began trying (for
@@ -30,8 +30,8 @@
 //! 2. **Every refused copy named a holder that was alive**: the PID it named belongs to a copy
 //!    the driver had started and not yet seen exit at some moment between the refused copy's
 //!    attempt and its refusal ("holder unknown" is counted, not failed). A `run` wrapper counts
-//!    as alive until its stderr closes: its COMMAND holds a duplicate of the lock, and dies of
-//!    `PR_SET_PDEATHSIG` a moment after a SIGKILLed wrapper.
+//!    as alive until its stderr closes: its keeper and COMMAND hold a duplicate of the lock, and
+//!    end a moment after a SIGKILLed wrapper (the keeper stops COMMAND, then exits).
 //! 3. **No copy crashed**: no panic (exit 101), no death by a signal the driver did not send.
 //! 4. **No false error**: no copy exits 70 (an I/O or bus error). Under any of these faults the
 //!    only right answers are "acquired" or "already running" (or, after a loss, stopping); each
@@ -1137,7 +1137,8 @@ fn check(text: &str, driver_pid: u32) -> Report {
         }
     }
 
-    // COMMAND's PR_SET_PDEATHSIG: it dies no earlier than its wrapper was SIGKILLed.
+    // COMMAND's keeper stops it when the wrapper is gone: it dies no earlier than its wrapper
+    // was SIGKILLed.
     for i in 0..incs.len() {
         if incs[i].kind == Kind::Command
             && let Some(w) = incs[i].wrapper
