@@ -353,8 +353,11 @@ impl Keeper {
                 signal = Signal::KILL;
             }
             for (pid, parent) in descendants(Path::new("/proc"), me) {
-                if signalled.insert((pid, signal.as_raw())) {
-                    signal_descendant(pid, parent, me, signal);
+                // One not signalled now (it changed parents since the walk) is found again.
+                if !signalled.contains(&(pid, signal.as_raw()))
+                    && signal_descendant(pid, parent, me, signal)
+                {
+                    signalled.insert((pid, signal.as_raw()));
                 }
             }
             let wait = match left {
@@ -392,29 +395,37 @@ fn descendants(proc: &Path, me: Pid) -> Vec<(Pid, Pid)> {
     found
 }
 
-/// Sends `signal` to `pid`, a descendant found as a child of `parent`. Our own children cannot
-/// change identity before we reap them; any other is pinned by a pidfd and signalled only if its
-/// parent is still `parent` — a process that took a reused PID since the walk is then either not
+/// Sends `signal` to `pid`, a descendant found as a child of `parent`; false when it was not
+/// signalled because its parent changed since the walk. Our own children cannot change identity
+/// before we reap them; any other is pinned by a pidfd and signalled only if its parent is still
+/// `parent`, or is us (its parent died and it was re-parented to us: the parent may be one we
+/// have just signalled) — a process that took a reused PID since the walk is then either not
 /// signalled or, having the same parent, a descendant too.
-fn signal_descendant(pid: Pid, parent: Pid, me: Pid, signal: Signal) {
+fn signal_descendant(pid: Pid, parent: Pid, me: Pid, signal: Signal) -> bool {
     if parent == me {
         let _ = rustix::process::kill_process(pid, signal);
-        return;
+        return true;
     }
     match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
         Ok(pidfd) => {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()));
-            if stat.ok().as_deref().and_then(parent_in_stat) == Some(parent.as_raw_nonzero().get())
+            let now = stat.ok().as_deref().and_then(parent_in_stat);
+            if now == Some(parent.as_raw_nonzero().get()) || now == Some(me.as_raw_nonzero().get())
             {
                 let _ = rustix::process::pidfd_send_signal(&pidfd, signal);
+                return true;
             }
+            // Exited (not even a zombie any more) counts as done; another parent is looked at
+            // again on the next walk.
+            now.is_none()
         }
         // A kernel without pidfds (before 5.3): the plain signal.
         Err(rustix::io::Errno::NOSYS) => {
             let _ = rustix::process::kill_process(pid, signal);
+            true
         }
         // Gone already.
-        Err(_) => {}
+        Err(_) => true,
     }
 }
 
