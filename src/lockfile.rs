@@ -12,8 +12,8 @@
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, fcntl};
@@ -35,21 +35,99 @@ const RECORD_GRACE: Duration = Duration::from_secs(2);
 /// unlocks.
 #[derive(Debug)]
 pub(crate) struct HeldLock {
-    file: OwnedFd,
+    /// The descriptors of the lock, owned here alone (see [`Files`]).
+    files: Arc<Files>,
     dir: Arc<OwnedFd>,
     file_name: OsString,
     path: PathBuf,
-    dev: u64,
-    ino: u64,
     released: bool,
     /// The length of the longest record written, which a shorter one is padded to.
     record_len: usize,
-    /// The file was there, empty, before we took it: someone else's (or a holder's that died
-    /// before writing its record), so it is never removed, only emptied again on release.
-    keep_file: bool,
     /// The process that took the lock. After a `fork` the child shares our open file
     /// description, and with it the lock: only this process may remove the file.
     pid: u32,
+    /// What the lock's watches share with it: which file the lock is on now.
+    shared: Arc<Shared>,
+}
+
+/// How many times a holder re-creates its lock file after someone removed it (see
+/// [`WatchHandle::recover`]) before it takes a removal for a loss: each re-created file's
+/// descriptor is kept until the lock is released, and a process removing it in a loop is not
+/// a tmp cleaner.
+const MAX_RECREATIONS: usize = 64;
+
+/// The descriptors of a held lock, newest last: the file as locked, its duplicate above the
+/// watch's inotify instance ([`HeldLock::move_above`]), and files re-created since
+/// ([`WatchHandle::recover`]). Only added to, never closed before the lock is dropped:
+/// [`HeldLock::as_fd`] lends the newest for as long as the lock lives (a descriptor closed under
+/// a borrower could be reused for another file), and `run`'s COMMAND holds a duplicate of an
+/// older one anyway. Owned by the [`HeldLock`] alone (its watches hold a [`Weak`] reference,
+/// used only under [`Shared::now`] and never after release), so that dropping the lock closes
+/// them all, and frees the lock, before release returns.
+#[derive(Debug)]
+struct Files {
+    first: OwnedFd,
+    more: [OnceLock<OwnedFd>; MAX_RECREATIONS + 1],
+}
+
+impl Files {
+    /// The descriptor of the file the lock is on now.
+    fn newest(&self) -> &OwnedFd {
+        self.more
+            .iter()
+            .rev()
+            .find_map(OnceLock::get)
+            .unwrap_or(&self.first)
+    }
+
+    /// Adds `fd` as the newest; gives it back when there is no room. Called only with
+    /// [`Shared::now`] locked, so that two callers never race for a slot.
+    fn push(&self, fd: OwnedFd) -> std::result::Result<(), OwnedFd> {
+        match self.more.iter().find(|slot| slot.get().is_none()) {
+            Some(slot) => slot.set(fd),
+            None => Err(fd),
+        }
+    }
+}
+
+/// The part of a held lock that its watches share with it: a watch that finds the lock file
+/// unlinked re-creates it ([`WatchHandle::recover`]), and from then on the lock is on the new
+/// file — the one release removes, and the one the watches compare the path with.
+#[derive(Debug)]
+struct Shared {
+    now: Mutex<Now>,
+    files: std::sync::Weak<Files>,
+    /// What re-creating the file needs: the checks of the directory and of a new file.
+    plan: LockPlan,
+    lock_dir: LockDir,
+}
+
+/// Which file the lock is on, and what a re-creation must know.
+#[derive(Debug)]
+struct Now {
+    dev: u64,
+    ino: u64,
+    /// How many times the file was re-created.
+    recreated: usize,
+    /// The file was there, empty, before we took it: someone else's (or a holder's that died
+    /// before writing its record), so it is never removed, only emptied again on release. A
+    /// re-created file is ours.
+    keep_file: bool,
+    /// The last record written, for a re-created file.
+    record: Vec<u8>,
+    /// Released (or being released): nothing is re-created any more.
+    released: bool,
+    /// A loss was found: nothing is re-created any more (a loss is never taken back).
+    lost: bool,
+}
+
+impl Shared {
+    fn now(&self) -> MutexGuard<'_, Now> {
+        // A panic elsewhere while it was held leaves nothing half-done that matters here.
+        self.now
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// The outcome of one attempt.
@@ -662,20 +740,35 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
             retry_eintr(|| rustix::fs::ftruncate(&file, 0))
                 .map_err(|e| Error::io("cannot truncate", &path, e.into()))?;
         }
-        let dir = Arc::clone(dir);
-        return Ok(Some(Step::Acquired(
-            HeldLock {
-                file,
-                dir,
-                file_name: plan.file_name.clone(),
-                path,
+        let files = Arc::new(Files {
+            first: file,
+            more: [const { OnceLock::new() }; MAX_RECREATIONS + 1],
+        });
+        let shared = Arc::new(Shared {
+            now: Mutex::new(Now {
                 dev: st.st_dev,
                 ino: st.st_ino,
-                released: false,
-                record_len: 0,
+                recreated: 0,
                 // Created by us, or a crashed holder's: ours to remove. Found empty: kept.
                 keep_file: !created && content.is_empty(),
+                record: Vec::new(),
+                released: false,
+                lost: false,
+            }),
+            files: Arc::downgrade(&files),
+            plan: plan.clone(),
+            lock_dir: lock_dir.clone(),
+        });
+        return Ok(Some(Step::Acquired(
+            HeldLock {
+                files,
+                dir: Arc::clone(dir),
+                file_name: plan.file_name.clone(),
+                path,
+                released: false,
+                record_len: 0,
                 pid: std::process::id(),
+                shared,
             },
             previous,
         )));
@@ -939,6 +1032,15 @@ fn retry_eintr<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::R
             other => return other,
         }
     }
+}
+
+/// Writes `line` at offset 0 of `file` with one `pwrite` (see [`HeldLock::write_record`]).
+fn write_whole(file: &OwnedFd, line: &[u8]) -> std::io::Result<()> {
+    let n = retry_eintr(|| rustix::io::pwrite(file, line, 0))?;
+    if n != line.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+    }
+    Ok(())
 }
 
 /// The start of the file: at most [`MAX_RECORD_LEN`] bytes and one more, however large the file
@@ -1256,16 +1358,11 @@ impl HeldLock {
             line.resize(self.record_len - 1, b' ');
             line.push(b'\n');
         }
-        let n = retry_eintr(|| rustix::io::pwrite(&self.file, &line, 0))
-            .map_err(|e| Error::io("cannot write holder record to", &self.path, e.into()))?;
-        if n != line.len() {
-            return Err(Error::io(
-                "short write of holder record to",
-                &self.path,
-                std::io::Error::from(std::io::ErrorKind::WriteZero),
-            ));
-        }
+        let mut now = self.shared.now();
+        write_whole(self.files.newest(), &line)
+            .map_err(|e| Error::io("cannot write holder record to", &self.path, e))?;
         self.record_len = line.len();
+        now.record = line;
         Ok(())
     }
 
@@ -1279,19 +1376,19 @@ impl HeldLock {
     /// to the open file description, which the new descriptor keeps. (The bus connection's
     /// socket, which zbus opens, gets the same order by the inotify instance being made first.)
     pub(crate) fn move_above(&mut self, other: &OwnedFd) -> Result<()> {
-        if self.file.as_raw_fd() > other.as_raw_fd() {
+        let _now = self.shared.now();
+        let newest = self.files.newest();
+        if newest.as_raw_fd() > other.as_raw_fd() {
             return Ok(());
         }
-        self.file = rustix::io::fcntl_dupfd_cloexec(&self.file, other.as_raw_fd() + 1)
+        let above = rustix::io::fcntl_dupfd_cloexec(newest, other.as_raw_fd() + 1)
             .map_err(|e| Error::io("cannot duplicate the descriptor of", &self.path, e.into()))?;
+        // The one below stays open (see `Files`): the lock is released with the open file
+        // description's last descriptor, this one, which is still the highest.
+        if self.files.push(above).is_err() {
+            tracing::debug!(path = %self.path.display(), "no room to move the lock's descriptor");
+        }
         Ok(())
-    }
-
-    /// Does the name in our directory still name our file? `None` when it does. (Release asks
-    /// only this: our file is removed from its directory even if a symlink on the path now
-    /// leads elsewhere.)
-    pub(crate) fn check_path(&self) -> Option<PathChange> {
-        self.watch_handle().check_in_dir()
     }
 
     /// What a periodic re-check needs, without the lock itself.
@@ -1300,8 +1397,7 @@ impl HeldLock {
             dir: Arc::clone(&self.dir),
             file_name: self.file_name.clone(),
             path: self.path.clone(),
-            dev: self.dev,
-            ino: self.ino,
+            shared: Arc::clone(&self.shared),
         }
     }
 
@@ -1326,10 +1422,13 @@ impl HeldLock {
                 "lock released in a forked process: its file and lock are left to the process that took them");
             return Ok(());
         }
-        if self.keep_file {
-            retry_eintr(|| rustix::fs::ftruncate(&self.file, 0))
+        // Held until the file is gone: a watch re-creates nothing once it sees `released`.
+        let mut now = self.shared.now();
+        now.released = true;
+        if now.keep_file {
+            retry_eintr(|| rustix::fs::ftruncate(self.files.newest(), 0))
                 .map_err(|e| Error::io("cannot empty lock file", &self.path, e.into()))?;
-        } else if self.check_path().is_none() {
+        } else if self.watch_handle().in_dir_as(now.dev, now.ino).is_none() {
             match rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(e) => {
@@ -1345,7 +1444,7 @@ impl HeldLock {
     /// The descriptor (for tests that check it is not inherited).
     #[allow(dead_code)]
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.file.as_fd()
+        self.as_fd()
     }
 }
 
@@ -1457,8 +1556,7 @@ pub(crate) struct WatchHandle {
     dir: Arc<OwnedFd>,
     file_name: OsString,
     path: PathBuf,
-    dev: u64,
-    ino: u64,
+    shared: Arc<Shared>,
 }
 
 impl WatchHandle {
@@ -1517,27 +1615,50 @@ impl WatchHandle {
     /// we opened, and of the whole path as given, re-resolved (its symlinks followed as they are
     /// now): a retargeted symlink on the way leads other copies to another file.
     pub(crate) fn check_path(&self) -> Option<PathChange> {
-        self.check_in_dir()
-            .or_else(|| self.ours(rustix::fs::lstat(&self.path)))
+        let (dev, ino) = self.identity();
+        self.path_as(dev, ino)
     }
 
     /// Does the name in the directory we opened still name our file? `None` when it does.
     pub(crate) fn check_in_dir(&self) -> Option<PathChange> {
-        self.ours(rustix::fs::statat(
-            &*self.dir,
-            self.file_name.as_os_str(),
-            AtFlags::SYMLINK_NOFOLLOW,
-        ))
+        let (dev, ino) = self.identity();
+        self.in_dir_as(dev, ino)
     }
 
-    fn ours(&self, st: rustix::io::Result<Stat>) -> Option<PathChange> {
-        match st {
-            Ok(st) if st.st_dev == self.dev && st.st_ino == self.ino => None,
-            Ok(_) => Some(PathChange::Replaced),
-            Err(Errno::NOENT | Errno::NOTDIR) => Some(PathChange::Removed),
-            // Cannot tell (e.g. EACCES after a permission change): not evidence of a loss.
-            Err(_) => None,
-        }
+    /// The (dev, ino) of the file the lock is on now.
+    fn identity(&self) -> (u64, u64) {
+        let now = self.shared.now();
+        (now.dev, now.ino)
+    }
+
+    /// [`WatchHandle::check_path`] for the file (dev, ino).
+    fn path_as(&self, dev: u64, ino: u64) -> Option<PathChange> {
+        self.in_dir_as(dev, ino)
+            .or_else(|| ours(rustix::fs::lstat(&self.path), dev, ino))
+    }
+
+    /// [`WatchHandle::check_in_dir`] for the file (dev, ino).
+    fn in_dir_as(&self, dev: u64, ino: u64) -> Option<PathChange> {
+        ours(
+            rustix::fs::statat(
+                &*self.dir,
+                self.file_name.as_os_str(),
+                AtFlags::SYMLINK_NOFOLLOW,
+            ),
+            dev,
+            ino,
+        )
+    }
+}
+
+/// Is `st` (of the path, or an error getting it) the file (dev, ino)? `None` when it is.
+fn ours(st: rustix::io::Result<Stat>, dev: u64, ino: u64) -> Option<PathChange> {
+    match st {
+        Ok(st) if st.st_dev == dev && st.st_ino == ino => None,
+        Ok(_) => Some(PathChange::Replaced),
+        Err(Errno::NOENT | Errno::NOTDIR) => Some(PathChange::Removed),
+        // Cannot tell (e.g. EACCES after a permission change): not evidence of a loss.
+        Err(_) => None,
     }
 }
 
@@ -1545,7 +1666,8 @@ impl WatchHandle {
 /// shares the open file description, and with it the lock.
 impl AsFd for HeldLock {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.file.as_fd()
+        // The file the lock is on now: the newest (see `Files`).
+        self.files.newest().as_fd()
     }
 }
 
@@ -1585,7 +1707,13 @@ impl WatchHandle {
     /// (`F_OFD_GETLK` on a new open file description sees our lock as a conflicting one) with
     /// the same (dev, ino). Anything that cannot be checked counts as not verified.
     pub(crate) fn verify_held(&self) -> bool {
-        if self.check_path().is_some() {
+        let (dev, ino) = self.identity();
+        self.verify_held_as(dev, ino)
+    }
+
+    /// [`WatchHandle::verify_held`] for the file (dev, ino).
+    fn verify_held_as(&self, dev: u64, ino: u64) -> bool {
+        if self.path_as(dev, ino).is_some() {
             return false;
         }
         let file = if self.path.is_absolute() {
@@ -1599,9 +1727,161 @@ impl WatchHandle {
             )
         };
         let Ok(file) = file else { return false };
-        let same =
-            rustix::fs::fstat(&file).is_ok_and(|st| st.st_dev == self.dev && st.st_ino == self.ino);
+        let same = rustix::fs::fstat(&file).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino);
         same && is_held(&file).unwrap_or(false)
+    }
+}
+
+/// What [`WatchHandle::recover`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recovery {
+    /// The path leads to the file the lock is on: nothing is lost.
+    Held,
+    /// Our lock file was removed, and we made and locked a new one at the same path.
+    Recreated,
+    /// The lock was released meanwhile: there is nothing to watch any more.
+    Released,
+    /// The lock no longer excludes other copies: a loss.
+    Lost,
+}
+
+impl WatchHandle {
+    /// Called when [`WatchHandle::check_path`] found a change: restores exclusion if the only
+    /// change is that someone removed our lock file (an administrator cleaning `/run/lock`, a
+    /// tmp cleaner). Then the file we hold has no name at all (`st_nlink == 0`) while our
+    /// directory is still the one its path leads to, with every check of the way to it that
+    /// an acquisition makes; nobody else can have locked a file at the path without creating
+    /// it, so we create it (`O_CREAT | O_EXCL`, its mode set as on acquisition), lock it without
+    /// waiting, write our record and verify that the path leads to it and that it is held.
+    /// Any failure is a loss, exactly as before: another copy made the file first (`EEXIST`)
+    /// or locked it, a file renamed over ours (our file unlinked *and* another one at the path),
+    /// our file renamed away (it still has a name), the directory moved, removed, replaced or
+    /// mounted over, a symlink on the way retargeted.
+    ///
+    /// `above` is the watch's inotify instance: a re-created file's descriptor is put above it,
+    /// as [`HeldLock::move_above`] does on acquisition. Serialised with the other watches and
+    /// with release; once a loss is found, nothing is re-created any more.
+    pub(crate) fn recover(&self, above: Option<std::os::fd::RawFd>) -> Recovery {
+        let mut now = self.shared.now();
+        if now.released {
+            return Recovery::Released;
+        }
+        if now.lost {
+            return Recovery::Lost;
+        }
+        if self.path_as(now.dev, now.ino).is_none() {
+            // Another watch re-created it already, or the change went away.
+            return Recovery::Held;
+        }
+        match self.recreate(&mut now, above) {
+            Ok(()) => {
+                tracing::warn!(path = %self.path.display(),
+                    "the lock file was removed; re-created it, and the instance is still held");
+                Recovery::Recreated
+            }
+            Err(why) => {
+                tracing::debug!(path = %self.path.display(), why, "the lock file cannot be re-created");
+                now.lost = true;
+                Recovery::Lost
+            }
+        }
+    }
+
+    /// The body of [`WatchHandle::recover`], with the shared state locked; `Err` says why not.
+    fn recreate(
+        &self,
+        now: &mut Now,
+        above: Option<std::os::fd::RawFd>,
+    ) -> std::result::Result<(), &'static str> {
+        let shared = &*self.shared;
+        let (plan, lock_dir) = (&shared.plan, &shared.lock_dir);
+        if now.recreated >= MAX_RECREATIONS {
+            return Err("re-created too many times already");
+        }
+        // Held only here, under the lock of `now`, and never after release (see `Files`).
+        let Some(files) = shared.files.upgrade() else {
+            return Err("released");
+        };
+        // Unlinked, not renamed away or linked elsewhere: it has no name left.
+        match rustix::fs::fstat(files.newest()) {
+            Ok(st) if st.st_nlink == 0 => {}
+            Ok(_) => return Err("our file still has a name elsewhere"),
+            Err(_) => return Err("cannot stat our file"),
+        }
+        // Our directory is still the one the path leads to, checked all the way as an
+        // acquisition checks it.
+        let euid = rustix::process::geteuid().as_raw();
+        let Ok(dir_st) = rustix::fs::fstat(&*self.dir) else {
+            return Err("cannot stat our directory");
+        };
+        match walk_dir(plan, euid) {
+            Ok(Walked::Found(_, st, _))
+                if (st.st_dev, st.st_ino) == (dir_st.st_dev, dir_st.st_ino)
+                    && check_dir(plan, &st, euid).is_ok() => {}
+            Ok(_) => return Err("the path leads to another directory"),
+            Err(_) => return Err("the way to the directory fails its checks"),
+        }
+        let flags = OFlags::RDWR
+            | OFlags::CREATE
+            | OFlags::EXCL
+            | OFlags::NOFOLLOW
+            | OFlags::CLOEXEC
+            | OFlags::NOCTTY
+            | OFlags::NONBLOCK;
+        let file = match retry_eintr(|| {
+            rustix::fs::openat(
+                &*self.dir,
+                self.file_name.as_os_str(),
+                flags,
+                Mode::from_raw_mode(plan.file_mode),
+            )
+        }) {
+            Ok(file) => file,
+            Err(Errno::EXIST) => return Err("another file is at the path (another copy's)"),
+            Err(_) => return Err("cannot create the file"),
+        };
+        let file = match above {
+            Some(above) if file.as_raw_fd() <= above => {
+                rustix::io::fcntl_dupfd_cloexec(&file, above + 1).unwrap_or(file)
+            }
+            _ => file,
+        };
+        // Locked before anything else: until then another copy may open and lock it (it is
+        // empty, a lock file like any other), and then it is theirs, never ours to remove.
+        if lock_exclusive(&file, false).is_err() {
+            return Err("another copy locked the new file first");
+        }
+        let Ok(mut st) = rustix::fs::fstat(&file) else {
+            return Err("cannot stat the new file");
+        };
+        // Ours, locked: removed again (while still locked) if anything below fails.
+        let (dev, ino) = (st.st_dev, st.st_ino);
+        let abandon = |why| {
+            if self.in_dir_as(dev, ino).is_none() {
+                let _ =
+                    rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty());
+            }
+            Err(why)
+        };
+        if set_new_file_owner_and_mode(plan, &file, &self.path, &mut st, euid, lock_dir).is_err() {
+            return abandon("cannot set the new file's owner and mode");
+        }
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
+            return abandon("the new file is not a regular file with one name");
+        }
+        if write_whole(&file, &now.record).is_err() {
+            return abandon("cannot write our record");
+        }
+        if !self.verify_held_as(dev, ino) {
+            return abandon("the path does not lead to the new file, held");
+        }
+        if let Err(_file) = files.push(file) {
+            // Cannot happen: there is a slot for each re-creation, and one for `move_above`.
+            return abandon("no room for the new file's descriptor");
+        }
+        now.recreated += 1;
+        (now.dev, now.ino, now.keep_file) = (dev, ino, false);
+        Ok(())
     }
 }
 

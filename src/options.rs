@@ -1190,9 +1190,12 @@ async fn watch_bus(
             None => {
                 // Not what held at acquisition, but what holds now: the lock file may have gone
                 // unnoticed (the watch turned off, or a directory above it moved).
-                let lock_verified = lock
-                    .as_ref()
-                    .is_some_and(lockfile::WatchHandle::verify_held);
+                // A lock file merely removed is re-created first (see `WatchHandle::recover`).
+                let lock_verified = lock.as_ref().is_some_and(|lock| {
+                    lock.check_path()
+                        .is_none_or(|_| lock.recover(None) != lockfile::Recovery::Lost)
+                        && lock.verify_held()
+                });
                 tracing::warn!(name = %name, lock_verified, "the bus connection closed");
                 losses.send_modify(|log| {
                     // Judged inside the update, so a loss logged meanwhile counts.
@@ -1221,13 +1224,33 @@ fn lock_change(handle: &lockfile::WatchHandle) -> Option<LossReason> {
     })
 }
 
+/// What a watch does about a change it found (`reason`): re-create a lock file that was only
+/// removed, or report the loss. `false` when the watch is over (lost, or released meanwhile).
+fn lock_changed(
+    handle: &lockfile::WatchHandle,
+    reason: LossReason,
+    above: Option<std::os::fd::RawFd>,
+    losses: &LossLog,
+) -> bool {
+    match handle.recover(above) {
+        lockfile::Recovery::Held | lockfile::Recovery::Recreated => true,
+        lockfile::Recovery::Released => false,
+        lockfile::Recovery::Lost => {
+            report_lock_loss(handle, reason, losses);
+            false
+        }
+    }
+}
+
 async fn recheck_lock(handle: lockfile::WatchHandle, interval: Duration, losses: LossLog) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if let Some(reason) = lock_change(&handle) {
-            return report_lock_loss(&handle, reason, &losses);
+        if let Some(reason) = lock_change(&handle)
+            && !lock_changed(&handle, reason, None, &losses)
+        {
+            return;
         }
     }
 }
@@ -1257,8 +1280,15 @@ async fn watch_lock(handle: lockfile::WatchHandle, inotify: CloseAside, losses: 
     loop {
         // Checked after the watch exists (and after each batch of events), so a change made
         // before the watch was in place is not missed.
-        if let Some(reason) = lock_change(&handle) {
-            return report_lock_loss(&handle, reason, &losses);
+        if let Some(reason) = lock_change(&handle)
+            && !lock_changed(
+                &handle,
+                reason,
+                Some(std::os::fd::AsRawFd::as_raw_fd(events.get_ref())),
+                &losses,
+            )
+        {
+            return;
         }
         tokio::select! {
             ready = events.readable() => match ready {
@@ -1440,8 +1470,15 @@ fn watch_lock_blocking(
     let mounts = mount_table();
     loop {
         // Checked once the watch exists and after each batch of events, as in `watch_lock`.
-        if let Some(reason) = lock_change(handle) {
-            return report_lock_loss(handle, reason, losses);
+        if let Some(reason) = lock_change(handle)
+            && !lock_changed(
+                handle,
+                reason,
+                inotify.map(std::os::fd::AsRawFd::as_raw_fd),
+                losses,
+            )
+        {
+            return;
         }
         let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
         if let Some(mounts) = &mounts {

@@ -645,7 +645,13 @@ fn lock_file_removed_or_replaced_stops_command() {
             std::fs::write(&other, "").expect("write");
             std::fs::rename(&other, &lock_file).expect("rename over the lock file");
         } else {
+            // Removed with its directory (a file removed alone is re-created: see
+            // tests/loss.rs), while the wrapper is stopped, so that it cannot re-create the file
+            // between the two.
+            wrapper.stop();
             std::fs::remove_file(&lock_file).expect("remove lock file");
+            std::fs::remove_dir(lock_dir.path()).expect("remove the lock directory");
+            wrapper.signal(rustix::process::Signal::CONT);
         }
         // No periodic re-check was asked for: the inotify watch sees it.
         assert_eq!(wrapper.next_line("COMMAND told to stop"), "got-TERM");
@@ -680,7 +686,11 @@ fn command_that_ignores_sigterm_is_killed_after_the_grace() {
         ],
     );
     assert_eq!(wrapper.next_line("ready"), "ready");
-    std::fs::remove_file(lock_dir.path().join(format!("{name}.lock"))).expect("remove lock file");
+    // Replaced (a file removed alone would be re-created, and nothing lost).
+    let other = lock_dir.path().join("other");
+    std::fs::write(&other, "").expect("write");
+    std::fs::rename(&other, lock_dir.path().join(format!("{name}.lock")))
+        .expect("rename over the lock file");
     assert_eq!(wrapper.next_line("TERM ignored"), "ignored-TERM");
     assert_eq!(
         wrapper.exit_code(),

@@ -270,9 +270,12 @@ fn garbage_or_empty_record_still_excludes_and_reports_holder_unknown() {
     }
 }
 
+/// A lock file lost, seen by each way of watching it: replaced (another file renamed over it),
+/// or removed with its directory. (A lock file removed alone is re-created by its holder: see
+/// `tests/loss.rs`.)
 #[test]
 fn recheck_and_watch_report_a_removed_or_replaced_lock_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let base = tempfile::tempdir().expect("tempdir");
     let modes: [&[&str]; 4] = [
         // The periodic re-check alone (the watch is on by default).
         &["--recheck-ms", "20", "--no-watch"],
@@ -284,6 +287,7 @@ fn recheck_and_watch_report_a_removed_or_replaced_lock_file() {
     for (replace, expected) in [(false, "LockFileRemoved"), (true, "LockFileReplaced")] {
         for mode in modes {
             let name = unique_name("recheck");
+            let dir = tempfile::tempdir_in(base.path()).expect("tempdir");
             let path = dir.path().join(format!("{name}.lock"));
             let mut args = vec![name.as_str(), "--backend", "lockfile"];
             args.extend_from_slice(mode);
@@ -296,7 +300,11 @@ fn recheck_and_watch_report_a_removed_or_replaced_lock_file() {
                 std::fs::write(&other, "").expect("write");
                 std::fs::rename(&other, &path).expect("replace");
             } else {
+                // Stopped meanwhile, so that it cannot re-create the file between the two.
+                h.stop();
                 std::fs::remove_file(&path).expect("unlink");
+                std::fs::remove_dir(dir.path()).expect("rmdir");
+                h.signal(rustix::process::Signal::CONT);
             }
             assert_eq!(
                 h.line_starting("lost"),

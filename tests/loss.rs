@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use common::{BusConfig, DbusDaemon, Proc, cli, field, holder, unique_name};
@@ -33,7 +34,10 @@ fn remove_or_replace(path: &Path, replace: bool) {
 
 /// The logout case (logind removes the runtime directory, then the session bus dies), with
 /// default options: the holder must not say it is still exclusive, because it is not — a copy
-/// started now acquires.
+/// started now acquires. The lock file is lost either to a file renamed over it, or to a
+/// removal that another copy followed at once by making and locking its own file at the path
+/// (the holder is stopped meanwhile, so that it cannot re-create the file first: the test is
+/// then deterministic).
 #[test]
 fn bus_death_after_the_lock_file_was_lost_is_not_exclusive() {
     for replace in [false, true] {
@@ -46,8 +50,23 @@ fn bus_death_after_the_lock_file_was_lost_is_not_exclusive() {
             let mut h = holder(Some(&bus.address), lock_dir.path(), &args);
             let acquired = h.next_line("holder");
             assert!(acquired.contains("LockFile, Dbus"), "{acquired}");
-            remove_or_replace(&lock_dir.path().join(format!("{name}.lock")), replace);
+            let path = lock_dir.path().join(format!("{name}.lock"));
+            let mut other = None;
+            if replace {
+                remove_or_replace(&path, true);
+            } else {
+                h.stop();
+                remove_or_replace(&path, false);
+                // A copy (here one without a bus) makes a new file at the path and holds it.
+                let mut copy = holder(None, lock_dir.path(), &[&name]);
+                let line = copy.next_line("second copy");
+                assert!(line.starts_with("acquired"), "{mode:?}: {line}");
+                other = Some(copy);
+            }
             bus.kill();
+            if !replace {
+                h.signal(rustix::process::Signal::CONT);
+            }
             let lines = losses_until(&mut h, "BusConnectionClosed");
             for line in &lines {
                 assert_eq!(
@@ -57,9 +76,11 @@ fn bus_death_after_the_lock_file_was_lost_is_not_exclusive() {
                 );
             }
             // And that is the truth: a copy (here one without a bus) acquires beside it.
-            let mut other = holder(None, lock_dir.path(), &[&name]);
-            let line = other.next_line("second copy");
-            assert!(line.starts_with("acquired"), "{line}");
+            let mut other = other.unwrap_or_else(|| holder(None, lock_dir.path(), &[&name]));
+            if replace {
+                let line = other.next_line("second copy");
+                assert!(line.starts_with("acquired"), "{line}");
+            }
             other.close_stdin();
             assert_eq!(other.exit_code(), 0);
             h.close_stdin();
@@ -69,7 +90,8 @@ fn bus_death_after_the_lock_file_was_lost_is_not_exclusive() {
 }
 
 /// With the watch turned off, nothing sees the lock file go; when the bus dies, the lock file is
-/// re-checked right then, and found lost.
+/// re-checked right then, and found lost: replaced, or removed and then made and held by another
+/// copy (which nothing stopped: the holder was not watching).
 #[test]
 fn without_the_watch_bus_death_rechecks_the_lock_file_at_that_moment() {
     for replace in [false, true] {
@@ -82,15 +104,188 @@ fn without_the_watch_bus_death_rechecks_the_lock_file_at_that_moment() {
             let mut h = holder(Some(&bus.address), lock_dir.path(), &args);
             assert!(h.next_line("holder").starts_with("acquired"));
             remove_or_replace(&lock_dir.path().join(format!("{name}.lock")), replace);
+            let mut other = None;
+            if !replace {
+                let mut copy = holder(None, lock_dir.path(), &[&name]);
+                let line = copy.next_line("second copy");
+                assert!(line.starts_with("acquired"), "{mode:?}: {line}");
+                other = Some(copy);
+            }
             bus.kill();
             assert_eq!(
                 h.line_starting("lost"),
                 "lost reason=BusConnectionClosed still_exclusive=false",
                 "replace={replace} {mode:?}"
             );
+            if let Some(mut other) = other {
+                other.close_stdin();
+                assert_eq!(other.exit_code(), 0);
+            }
             h.close_stdin();
             assert_eq!(h.exit_code(), 0);
         }
+    }
+}
+
+/// With the watch turned off, a lock file that was only removed (nobody took the path since) is
+/// re-created when the bus dies: exclusion still holds, verified at that moment, and a copy
+/// started now is refused, naming the holder.
+#[test]
+fn without_the_watch_bus_death_recreates_a_removed_lock_file() {
+    for mode in [&["--no-watch"][..], &["--no-watch", "--blocking"][..]] {
+        let mut bus = DbusDaemon::start(BusConfig::Open);
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("nowatch_recreate");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut args = vec![name.as_str()];
+        args.extend_from_slice(mode);
+        let mut h = holder(Some(&bus.address), lock_dir.path(), &args);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        std::fs::remove_file(&path).expect("remove the lock file");
+        bus.kill();
+        assert_eq!(
+            h.line_starting("lost"),
+            "lost reason=BusConnectionClosed still_exclusive=true",
+            "{mode:?}"
+        );
+        assert_refused_naming(&name, lock_dir.path(), &["--backend", "lockfile"], h.pid());
+        h.close_stdin();
+        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}");
+        assert_eq!(h.exit_code(), 0);
+        assert!(
+            !path.exists(),
+            "{mode:?}: release removes the re-created file"
+        );
+    }
+}
+
+/// A copy of `name` started now (with `extra` arguments, no bus) is refused, naming `pid`.
+fn assert_refused_naming(name: &str, lock_dir: &Path, extra: &[&str], pid: u32) {
+    let mut args = vec![name];
+    args.extend_from_slice(extra);
+    let mut other = holder(None, lock_dir, &args);
+    let line = other.next_line("second copy");
+    assert!(line.starts_with("already-running"), "two holders: {line}");
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(pid.to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(other.exit_code(), 75);
+}
+
+/// Someone removes the lock file (an administrator cleaning `/run/lock`, a tmp cleaner) while
+/// its directory stays: the holder re-creates it at once (a new file at the same path, locked,
+/// with its record), reports no loss, and a copy started afterwards is refused, naming it. Every
+/// way of watching re-creates it: inotify (async and blocking), and the periodic re-check alone.
+/// Twice per holder, and release removes the re-created file.
+#[test]
+fn a_removed_lock_file_is_recreated_and_still_excludes() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let modes: [(bool, &[&str]); 6] = [
+        (false, &["--backend", "lockfile"]),
+        (false, &["--backend", "lockfile", "--blocking"]),
+        (true, &[]),
+        (true, &["--blocking"]),
+        (
+            false,
+            &["--backend", "lockfile", "--no-watch", "--recheck-ms", "20"],
+        ),
+        (
+            false,
+            &[
+                "--backend",
+                "lockfile",
+                "--no-watch",
+                "--recheck-ms",
+                "20",
+                "--blocking",
+            ],
+        ),
+    ];
+    for (with_bus, mode) in modes {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("recreated");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut args = vec![name.as_str()];
+        args.extend_from_slice(mode);
+        let mut h = holder(
+            with_bus.then_some(bus.address.as_str()),
+            lock_dir.path(),
+            &args,
+        );
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        let first = std::fs::metadata(&path).expect("the lock file");
+        for round in 0..2 {
+            let before = std::fs::metadata(&path).expect("the lock file");
+            std::fs::remove_file(&path).expect("remove the lock file");
+            let warning = h.stderr_line_containing("re-created");
+            assert!(warning.contains("removed"), "{mode:?}: {warning}");
+            let after = std::fs::symlink_metadata(&path).expect("re-created");
+            assert!(after.is_file(), "{mode:?} round {round}");
+            assert_ne!(
+                after.ino(),
+                before.ino(),
+                "{mode:?} round {round}: a new file"
+            );
+            assert_eq!(
+                after.mode(),
+                first.mode(),
+                "{mode:?}: made as on acquisition"
+            );
+            assert_eq!(after.uid(), first.uid(), "{mode:?}");
+            assert_refused_naming(&name, lock_dir.path(), &["--backend", "lockfile"], h.pid());
+        }
+        h.close_stdin();
+        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}: no loss");
+        assert_eq!(h.exit_code(), 0);
+        assert!(
+            !path.exists(),
+            "{mode:?}: release removes the re-created file"
+        );
+    }
+}
+
+/// `run`: a removed lock file is re-created by the wrapper; COMMAND keeps running (it answers
+/// on stdin afterwards), a second `run` is refused naming the wrapper, and the wrapper exits
+/// with COMMAND's status, not as a loss.
+#[test]
+fn run_keeps_command_when_its_lock_file_is_only_removed() {
+    let script = "echo ready; read line; echo still-$line";
+    for with_bus in [false, true] {
+        let bus = with_bus.then(|| DbusDaemon::start(BusConfig::Open));
+        let address = bus.as_ref().map(|b| b.address.as_str());
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("run_recreated");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut wrapper = cli(
+            address,
+            lock_dir.path(),
+            &["run", &name, "--", "sh", "-c", script],
+        );
+        assert_eq!(wrapper.next_line("ready"), "ready");
+        std::fs::remove_file(&path).expect("remove the lock file");
+        wrapper.stderr_line_containing("re-created");
+        let mut second = cli(address, lock_dir.path(), &["run", &name, "--", "true"]);
+        assert_eq!(second.exit_code(), 75, "bus={with_bus}");
+        let refusal = second.stderr_until_closed().join("\n");
+        assert!(
+            refusal.contains(&format!("pid {}", wrapper.pid())),
+            "bus={with_bus}: {refusal}"
+        );
+        wrapper.send("alive\n");
+        assert_eq!(
+            wrapper.next_line("COMMAND"),
+            "still-alive",
+            "bus={with_bus}"
+        );
+        assert_eq!(wrapper.exit_code(), 0, "bus={with_bus}");
+        let stderr = wrapper.stderr_until_closed().join("\n");
+        assert!(!stderr.contains("lost"), "bus={with_bus}: {stderr}");
+        assert!(
+            !path.exists(),
+            "bus={with_bus}: release removes the re-created file"
+        );
     }
 }
 
@@ -192,8 +387,9 @@ fn release_is_not_reported_as_a_loss() {
     }
 }
 
-/// `run`: the bus dies (tolerated: the lock file still excludes), then the lock file or its
-/// directory goes: nothing holds the instance any more, so COMMAND is stopped (exit 69).
+/// `run`: the bus dies (tolerated: the lock file still excludes), then the lock file is replaced
+/// (another file renamed over it) or its directory goes: nothing holds the instance any more, so
+/// COMMAND is stopped (exit 69).
 #[test]
 fn run_stops_command_when_the_second_backend_goes_too() {
     let script = "trap 'echo got-TERM; exit 0' TERM; echo ready; \
@@ -213,8 +409,8 @@ fn run_stops_command_when_the_second_backend_goes_too() {
         bus.kill();
         wrapper.stderr_line_containing("COMMAND goes on");
         match what {
-            "file" => std::fs::remove_file(lock_dir.join(format!("{name}.lock")))
-                .expect("remove the lock file"),
+            // Removed only, the file would be re-created: replaced, it is lost.
+            "file" => remove_or_replace(&lock_dir.join(format!("{name}.lock")), true),
             _ => std::fs::rename(&lock_dir, base.path().join("moved")).expect("move"),
         }
         assert_eq!(

@@ -416,6 +416,23 @@ impl Proc {
         }
     }
 
+    /// SIGSTOPs the process and returns once it has stopped (all its threads), as `waitpid`
+    /// reports it to us, its parent: from then on it runs no code until SIGCONT.
+    pub fn stop(&self) {
+        use rustix::process::{Pid, Signal, WaitOptions, waitpid};
+        self.signal(Signal::STOP);
+        let pid = Pid::from_raw(self.child.id() as i32).expect("pid");
+        let (tx, rx) = channel();
+        // Waited for on a thread, so that a process that never stops fails the test, not hangs it.
+        std::thread::spawn(move || {
+            let _ = tx.send(waitpid(Some(pid), WaitOptions::UNTRACED));
+        });
+        match rx.recv_timeout(TIMEOUT) {
+            Ok(Ok(Some((_, status)))) if status.stopped() => {}
+            other => panic!("the process did not stop: {other:?}"),
+        }
+    }
+
     pub fn signal(&self, sig: rustix::process::Signal) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
         rustix::process::kill_process(pid, sig).expect("kill");
