@@ -956,6 +956,11 @@ struct Report {
     violations: Vec<String>,
     /// Overlaps the nemesis's deletions explain: (first, second, overlap ns, first reported a loss).
     explained: Vec<(usize, usize, u64, bool)>,
+    /// How many of those each fault explains (the latest that does: rm-lock, rm-dir, mv-dir),
+    /// apart when the holder it took the lock of was SIGSTOPped then. A lock file removed alone
+    /// is re-created by its holder, so rm-lock explains only the overlaps where the holder was
+    /// stopped, or another copy made the new file first.
+    explained_by: BTreeMap<String, u64>,
     stats: BTreeMap<String, u64>,
     incarnations: Vec<Incarnation>,
 }
@@ -975,8 +980,9 @@ fn check(text: &str, driver_pid: u32) -> Report {
     }
     let mut incs: Vec<Incarnation> = Vec::new();
     let mut current: HashMap<u32, usize> = HashMap::new();
-    // When the nemesis deleted lock files, and the PIDs their records named (None: no record).
-    let mut deletions: Vec<(u64, Vec<Option<u32>>)> = Vec::new();
+    // When the nemesis deleted lock files, the PIDs their records named (None: no record), and
+    // which fault it was (rm-lock, rm-dir, mv-dir).
+    let mut deletions: Vec<(u64, Vec<Option<u32>>, &str)> = Vec::new();
     // bus number -> when it was killed
     let mut bus_killed: HashMap<usize, u64> = HashMap::new();
     let new_inc = |pid, kind, born, bus: String, wrapper| Incarnation {
@@ -1023,7 +1029,7 @@ fn check(text: &str, driver_pid: u32) -> Report {
                         .filter(|h| !h.is_empty())
                         .map(|h| h.parse().ok())
                         .collect();
-                    deletions.push((line.t, holders));
+                    deletions.push((line.t, holders, line.event.as_str()));
                     bump(&mut report, format!("nemesis {}", line.event));
                 }
                 "bus-kill" => {
@@ -1219,7 +1225,7 @@ fn check(text: &str, driver_pid: u32) -> Report {
             let took = |who: &Belief| {
                 let inc = &incs[who.who];
                 let pids = [Some(inc.pid), inc.wrapper.map(|w| incs[w].pid)];
-                deletions.iter().any(|(d, holders)| {
+                deletions.iter().rfind(|(d, holders, _)| {
                     *d >= who.since
                         && *d <= b.start
                         && (holders.is_empty()
@@ -1229,20 +1235,39 @@ fn check(text: &str, driver_pid: u32) -> Report {
                             }))
                 })
             };
-            let deleted = took(a) || took(b);
+            // The deletion, and whether the copy whose lock it took (its `run` wrapper, which
+            // watches the file) was SIGSTOPped then: a stopped holder cannot re-create its file.
+            let stopped_at = |who: &Belief, t: u64| {
+                let inc = &incs[who.who];
+                let watcher = inc.wrapper.map_or(inc, |w| &incs[w]);
+                watcher
+                    .stops
+                    .iter()
+                    .rfind(|(at, _)| *at <= t)
+                    .is_some_and(|(_, what)| *what == "stop")
+            };
+            let deleted = took(a)
+                .map(|(d, _, kind)| (*kind, stopped_at(a, *d)))
+                .or_else(|| took(b).map(|(d, _, kind)| (*kind, stopped_at(b, *d))));
             let same_live_bus = a.bus.is_some()
                 && a.bus == b.bus
                 && a.bus
                     .and_then(|id| bus_killed.get(&id))
                     .is_none_or(|&k| k > b.start);
             let overlap = a.end.min(b.end).saturating_sub(b.start);
-            if deleted && !same_live_bus {
+            if let Some((kind, stopped)) = deleted.filter(|_| !same_live_bus) {
                 // A loss reported: by the library, or by `run` stopping its COMMAND.
                 let reported = incs[a.who]
                     .lines
                     .iter()
                     .any(|l| l.contains(" lost ") || l.contains("why=SIGTERM"));
                 report.explained.push((a.who, b.who, overlap, reported));
+                let key = if stopped {
+                    format!("{kind}, its holder stopped")
+                } else {
+                    kind.to_owned()
+                };
+                *report.explained_by.entry(key).or_default() += 1;
                 continue;
             }
             let (ia, ib) = (&incs[a.who], &incs[b.who]);
@@ -1398,6 +1423,9 @@ impl Report {
             self.explained.len(),
             max as f64 / 1e6
         );
+        for (kind, n) in &self.explained_by {
+            let _ = writeln!(s, "    of which after {kind}: {n}");
+        }
         s
     }
 }
