@@ -179,6 +179,11 @@ impl InstanceGuard {
     /// duplicate only to processes that end before the guard is released (`run` stops every
     /// process COMMAND left behind before it releases). Whoever holds a duplicate may also write
     /// the holder record.
+    ///
+    /// A lock file that someone removed is re-created by the guard (see
+    /// [`crate::LossReason::LockFileRemoved`]): from then on this gives the new file's
+    /// descriptor, and a duplicate made before keeps only the removed file, which no longer keeps
+    /// other copies out.
     pub fn lock_file_descriptor(&self) -> Option<BorrowedFd<'_>> {
         self.lock.as_ref().map(AsFd::as_fd)
     }

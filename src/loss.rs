@@ -15,7 +15,11 @@ pub enum LossReason {
     Replaced,
     /// The bus connection closed (the bus daemon died or dropped us).
     BusConnectionClosed,
-    /// The lock file was removed by someone else (seen by the watch or the periodic re-check).
+    /// The lock file was removed by someone else (seen by the watch or the periodic re-check),
+    /// and could not be re-created. A file that is only removed while its directory stays is
+    /// re-created by the holder at once, locked, and nothing is lost (a warning is logged);
+    /// this is reported when that fails: another copy made or locked the new file first, the
+    /// directory went too, or the file was removed too many times (64).
     LockFileRemoved,
     /// The lock file was replaced by another file (seen by the watch or the periodic re-check).
     LockFileReplaced,
