@@ -168,16 +168,19 @@ fn unlinked_and_recreated_file_never_yields_two_holders() {
         let path = dir.path().join(format!("{name}.lock"));
         let mut h = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
         assert!(h.next_line("holder").starts_with("acquired"));
-        let mut w = holder(
-            None,
-            dir.path(),
-            &[&name, "--backend", "lockfile", "--wait", "forever"],
-        );
-        // The waiter is waiting once it exists and has not acquired; unlink + recreate now, in
-        // one step (a new file renamed over the path): a waiter sees the path change at once
-        // (inotify) and may take the new file while the holder still holds the orphan, and
-        // a plain write after an unlink would then truncate the record of the waiter's own file.
-        assert_eq!(w.try_line(std::time::Duration::from_millis(100)), None);
+        // It says (at `info`) when it was refused and starts waiting: then, not after a guessed
+        // delay, the path changes under it, so every round tests a waiter that is waiting.
+        let mut w = {
+            let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
+            cmd.args([&name, "--backend", "lockfile", "--wait", "forever"])
+                .env("RUST_LOG", "unique_instance=info");
+            common::Proc::spawn(cmd)
+        };
+        w.stderr_line_containing("waiting for the running copy to exit");
+        // Unlink + recreate now, in one step (a new file renamed over the path): a waiter sees
+        // the path change at once (inotify) and may take the new file while the holder still
+        // holds the orphan, and a plain write after an unlink would then truncate the record of
+        // the waiter's own file.
         let new_file = dir.path().join(format!("{name}.new"));
         std::fs::write(&new_file, "").expect("create");
         std::fs::set_permissions(&new_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
