@@ -177,6 +177,9 @@ fn a_waiting_copy_survives_its_lock_directory_being_removed_and_made_again() {
         let mut waiter = holder_stopping_at(STOP_IN_LOCK_WAIT, None, &lock_dir, &args);
         wait_stopped(&mut waiter, STOP_IN_LOCK_WAIT);
 
+        // The first holder is stopped too: it would re-create its removed lock file (see
+        // tests/loss.rs), and `rm -r` would then find the directory not empty.
+        first.stop();
         std::fs::remove_dir_all(&lock_dir).expect("remove the lock directory");
         let mut second = holder(
             None,
