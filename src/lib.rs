@@ -35,6 +35,7 @@ mod loss;
 mod name;
 mod notify;
 mod options;
+mod plan;
 mod runtime;
 mod scope;
 mod status;
@@ -44,7 +45,8 @@ pub use guard::InstanceGuard;
 pub use holder::{BackendKind, Holder};
 pub use loss::{Loss, LossReason, LossWatcher};
 pub use name::{InstanceName, NameRule};
-pub use options::{InstanceOptions, Plan, Wait};
+pub use options::{InstanceOptions, Wait};
+pub use plan::Plan;
 pub use scope::{Backend, BusKind, LOCK_DIR_ENV, SCOPE_ENV, Scope};
 pub use status::{Status, status};
 /// The D-Bus crate this one is built on, at the version its API uses:
@@ -63,7 +65,7 @@ pub use zbus;
 
 // Where src/lockfile.rs's tests name it.
 #[cfg(test)]
-pub(crate) use scope::SYSTEM_LOCK_DIR;
+pub(crate) use plan::SYSTEM_LOCK_DIR;
 
 /// Makes this process the only running copy of `name` in the default (Auto) scope, blocking.
 ///

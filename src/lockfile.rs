@@ -23,7 +23,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result, UnsafeLockPath};
 use crate::holder::{Holder, LockRecord, MAX_RECORD_LEN};
-use crate::scope::LockPlan;
+use crate::plan::LockPlan;
 
 /// How long a refused copy waits for a just-started holder to write its record before it
 /// reports the holder as unknown. The holder writes it right after locking, before it connects to

@@ -3,9 +3,8 @@
 //! Over 400 lines for now: issue 11's next round moves the plan, the acquisition and the loss
 //! watchers out of it, once the lock-file fixes that change them have landed.
 
-use std::ffi::OsString;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -18,10 +17,9 @@ use crate::holder::{BackendKind, Holder, LockRecord};
 use crate::lockfile::{self, Attempt, HeldLock, LockDir, PathChange};
 use crate::loss::{Loss, LossLog, LossReason};
 use crate::name::InstanceName;
+use crate::plan::{LockPlan, effective_scope};
 use crate::runtime::ServiceThread;
-use crate::scope::{
-    self, Backend, BusKind, BusPlan, LOCK_DIR_ENV, LockPlan, SYSTEM_LOCK_DIR, Scope,
-};
+use crate::scope::{Backend, BusKind, Scope};
 
 /// How long to wait when the instance is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,19 +42,19 @@ const DEAD_OWNER_GRACE: Duration = Duration::from_secs(5);
 /// is this with the defaults.
 #[must_use = "options do nothing until acquire() or acquire_async() is called"]
 pub struct InstanceOptions {
-    name: String,
+    pub(crate) name: String,
     /// `None`: not chosen in code, so [`SCOPE_ENV`](crate::SCOPE_ENV) or else [`Scope::Auto`].
-    scope: Option<Scope>,
-    backend: Backend,
-    lock_file: Option<PathBuf>,
-    lock_dir: Option<PathBuf>,
-    wait: Wait,
-    allow_replacement: bool,
-    recheck: Option<Duration>,
-    watch_lock: bool,
-    allow_network_filesystem: bool,
-    notify_ready: bool,
-    exports: Vec<dbus::Export>,
+    pub(crate) scope: Option<Scope>,
+    pub(crate) backend: Backend,
+    pub(crate) lock_file: Option<PathBuf>,
+    pub(crate) lock_dir: Option<PathBuf>,
+    pub(crate) wait: Wait,
+    pub(crate) allow_replacement: bool,
+    pub(crate) recheck: Option<Duration>,
+    pub(crate) watch_lock: bool,
+    pub(crate) allow_network_filesystem: bool,
+    pub(crate) notify_ready: bool,
+    pub(crate) exports: Vec<dbus::Export>,
 }
 
 impl fmt::Debug for InstanceOptions {
@@ -76,23 +74,6 @@ impl fmt::Debug for InstanceOptions {
             .field("exports", &self.exports.len())
             .finish()
     }
-}
-
-/// What [`InstanceOptions::plan`] decided, before anything is touched.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Plan {
-    /// The validated name.
-    pub name: String,
-    /// The lock file that would be taken, if any.
-    pub lock_file: Option<PathBuf>,
-    /// The bus the name would be owned on, if any.
-    pub bus: Option<BusKind>,
-    /// The scope in effect: [`Scope::Auto`] resolved to [`Scope::User`] or [`Scope::System`]
-    /// (the lock file's rule, or the bus's for the D-Bus backend alone).
-    pub scope: Scope,
-    /// Why that bus (or none) was chosen.
-    pub bus_reason: &'static str,
 }
 
 impl InstanceOptions {
@@ -140,7 +121,7 @@ impl InstanceOptions {
     }
 
     /// Puts the lock file in this directory instead of the scope's. The environment variable
-    /// [`LOCK_DIR_ENV`] does the same when this is not called.
+    /// [`LOCK_DIR_ENV`](crate::LOCK_DIR_ENV) does the same when this is not called.
     pub fn lock_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.lock_dir = Some(dir.into());
         self
@@ -242,134 +223,6 @@ impl InstanceOptions {
             Some(path) => lockfile::holder_of(&path),
             None => Ok(None),
         }
-    }
-
-    /// Decides the lock file and bus from the options and the environment, touching nothing.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidName`] for an invalid name; [`Error::InvalidEnvironment`] for a bad
-    /// [`SCOPE_ENV`](crate::SCOPE_ENV); [`Error::NoUsableBackend`] when the D-Bus backend was asked for and no
-    /// bus is configured.
-    pub fn plan(&self) -> Result<Plan> {
-        let (name, scope, lock, bus) = self.resolve()?;
-        let scope = effective_scope(scope, lock.as_ref(), bus.as_ref());
-        Ok(Plan {
-            name: name.to_string(),
-            lock_file: lock.map(|l| l.path()),
-            bus: bus.map(|b| b.kind),
-            scope,
-            bus_reason: bus.map_or(
-                "no session bus is configured and this is not a system service",
-                |b| b.why,
-            ),
-        })
-    }
-
-    /// The name, the scope in effect (as asked, not yet resolved from Auto), the lock file and
-    /// the bus.
-    fn resolve(&self) -> Result<(InstanceName, Scope, Option<LockPlan>, Option<BusPlan>)> {
-        let name = InstanceName::new(&self.name).map_err(|rule| Error::InvalidName {
-            name: self.name.clone(),
-            rule,
-        })?;
-        let env = |k: &str| std::env::var(k).ok();
-        // Settings that name files are read as they are, bytes and all: a value that is not
-        // UTF-8 is either used exactly or refused, never taken for "unset".
-        let env_os = |k: &str| std::env::var_os(k);
-        let scope = match self.scope {
-            Some(scope) => scope,
-            None => scope::scope_from_env(&env_os)?.unwrap_or(Scope::Auto),
-        };
-        let bus = match self.backend {
-            Backend::LockFile => None,
-            Backend::Auto | Backend::Dbus => scope::choose_bus(scope, &env),
-        };
-        if self.backend == Backend::Dbus && bus.is_none() {
-            return Err(Error::NoUsableBackend {
-                name: name.to_string(),
-                reason: "the D-Bus backend was asked for, but no session bus is configured \
-                         (DBUS_SESSION_BUS_ADDRESS is unset and there is no $XDG_RUNTIME_DIR/bus); \
-                         run inside a session, use --system, or use the lock-file backend"
-                    .into(),
-                source: None,
-            });
-        }
-        let lock = if self.backend == Backend::Dbus {
-            None
-        } else {
-            Some(self.lock_plan(&name, scope, &env_os)?)
-        };
-        Ok((name, scope, lock, bus))
-    }
-
-    fn lock_plan(
-        &self,
-        name: &InstanceName,
-        scope: Scope,
-        env: &dyn Fn(&str) -> Option<OsString>,
-    ) -> Result<LockPlan> {
-        self.lock_plan_in(name, scope, env, Path::new(scope::SERVICE_LOCK_BASE))
-    }
-
-    /// [`InstanceOptions::lock_plan`] with the per-service directories under `service_base`
-    /// (another base only in tests: a public way to move it would be a way to split copies).
-    fn lock_plan_in(
-        &self,
-        name: &InstanceName,
-        scope: Scope,
-        env: &dyn Fn(&str) -> Option<OsString>,
-        service_base: &Path,
-    ) -> Result<LockPlan> {
-        let euid = rustix::process::geteuid().as_raw();
-        let system = scope::lock_is_system(scope, euid);
-        let file_mode = if system { 0o644 } else { 0o600 };
-        let instance = name.to_string();
-        if let Some(path) = &self.lock_file {
-            let (dir, file_name) = split_lock_file(path)?;
-            return Ok(LockPlan {
-                instance,
-                dir,
-                file_name,
-                root_may_own: system,
-                shared_system_dir: false,
-                create_dir_mode: None,
-                private_dir: false,
-                service_dir: false,
-                file_mode,
-            });
-        }
-        let explicit_dir = match &self.lock_dir {
-            Some(dir) => Some(absolute("lock_dir", dir.clone())?),
-            None => match env(LOCK_DIR_ENV).filter(|d| !d.is_empty()) {
-                Some(dir) => Some(absolute(LOCK_DIR_ENV, PathBuf::from(dir))?),
-                None => None,
-            },
-        };
-        // A deployed service's own directory, when its deployment made one: only root and the
-        // service's user can write it, so no local user can squat the lock file.
-        let service_dir = match &explicit_dir {
-            None if system => scope::service_lock_dir(service_base, name.as_str())?,
-            _ => None,
-        };
-        let shared_system_dir = explicit_dir.is_none() && service_dir.is_none() && system;
-        let (dir, create_dir_mode, private_dir) = match (explicit_dir, &service_dir) {
-            (Some(dir), _) => (dir, Some(0o755), false),
-            (None, Some(dir)) => (dir.clone(), None, false),
-            (None, None) if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
-            (None, None) => (scope::user_lock_dir(euid), Some(0o700), true),
-        };
-        Ok(LockPlan {
-            instance,
-            dir,
-            file_name: name.lock_file_name().into(),
-            root_may_own: system,
-            shared_system_dir,
-            create_dir_mode,
-            private_dir,
-            service_dir: service_dir.is_some(),
-            file_mode,
-        })
     }
 
     /// A lock file alone with no wait and no timer needs no runtime; its watch, if any, is a
@@ -738,51 +591,6 @@ impl InstanceOptions {
             lock_watch: None,
             wait_watch,
         }))
-    }
-}
-
-/// `path` when it is absolute; a relative one would name a different file from each working
-/// directory, so two copies would not meet.
-fn absolute(option: &'static str, path: PathBuf) -> Result<PathBuf> {
-    if path.is_absolute() {
-        Ok(path)
-    } else {
-        Err(Error::InvalidOption {
-            option,
-            value: path,
-            reason: "a relative path names a different file from each working directory, so two \
-                     copies would not meet; give an absolute path"
-                .into(),
-        })
-    }
-}
-
-/// The directory and the file name of an explicit lock file, byte-exact. Refused: a relative
-/// path, and one that names no file (`/`, or ending in `/`, `.` or `..`).
-fn split_lock_file(path: &Path) -> Result<(PathBuf, OsString)> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = absolute("lock_file", path.to_owned())?;
-    let bytes = path.as_os_str().as_bytes();
-    // `Path` ignores a trailing `/` or `/.`, which say "a directory": not a file to lock.
-    let names_dir = bytes.ends_with(b"/") || bytes.ends_with(b"/.");
-    match (path.parent(), path.file_name()) {
-        (Some(dir), Some(file)) if !names_dir => Ok((dir.to_owned(), file.to_owned())),
-        _ => Err(Error::InvalidOption {
-            option: "lock_file",
-            value: path,
-            reason: "it names a directory, not a file; give the path of a file to lock".into(),
-        }),
-    }
-}
-
-/// The scope in effect: [`Scope::Auto`] resolved by the lock file's rule (who you are), or by
-/// the bus's for the D-Bus backend alone.
-fn effective_scope(asked: Scope, lock: Option<&LockPlan>, bus: Option<&BusPlan>) -> Scope {
-    match (asked, lock, bus) {
-        (Scope::Auto, Some(lock), _) if lock.root_may_own => Scope::System,
-        (Scope::Auto, None, Some(bus)) if bus.kind == BusKind::System => Scope::System,
-        (Scope::Auto, _, _) => Scope::User,
-        (explicit, _, _) => explicit,
     }
 }
 
@@ -1511,66 +1319,5 @@ fn watch_lock_blocking(
         if changed && let Some(events) = inotify {
             lockfile::drain(events);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn plan_in(options: &InstanceOptions, scope: Scope, base: &Path) -> Result<LockPlan> {
-        let name = InstanceName::new(&options.name).expect("valid name");
-        options.lock_plan_in(&name, scope, &|_| None, base)
-    }
-
-    #[test]
-    fn system_scope_uses_a_services_own_directory_only_when_it_is_safe() {
-        let base = tempfile::tempdir().expect("tempdir");
-        let services = base.path().join("unique-instance");
-        let name = "org.example.Deployed";
-        let options = InstanceOptions::new(name);
-        // No per-service directory: the shared one.
-        let plan = plan_in(&options, Scope::System, &services).expect("plan");
-        assert_eq!(plan.dir, PathBuf::from(SYSTEM_LOCK_DIR));
-        assert!(plan.shared_system_dir && !plan.service_dir);
-        std::fs::create_dir(&services).expect("mkdir");
-        std::fs::set_permissions(&services, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let plan = plan_in(&options, Scope::System, &services).expect("plan");
-        assert_eq!(plan.dir, PathBuf::from(SYSTEM_LOCK_DIR));
-        // Made by the deployment: used, and never created by us.
-        let own = services.join(name);
-        std::fs::create_dir(&own).expect("mkdir");
-        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let plan = plan_in(&options, Scope::System, &services).expect("plan");
-        assert_eq!(plan.path(), own.join(format!("{name}.lock")));
-        assert!(plan.service_dir && !plan.shared_system_dir && plan.root_may_own);
-        assert_eq!(plan.create_dir_mode, None);
-        // Not for the user scope, nor over an explicit directory.
-        let plan = plan_in(&options, Scope::User, &services).expect("plan");
-        assert!(!plan.service_dir && plan.private_dir);
-        let explicit = InstanceOptions::new(name).lock_dir("/somewhere");
-        let plan = plan_in(&explicit, Scope::System, &services).expect("plan");
-        assert_eq!(plan.dir, PathBuf::from("/somewhere"));
-        // Writable by others than root and its owner: refused, not silently replaced.
-        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o775)).expect("chmod");
-        assert!(matches!(
-            plan_in(&options, Scope::System, &services),
-            Err(Error::UnsafeLockPath { .. })
-        ));
-        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::set_permissions(&services, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        assert!(matches!(
-            plan_in(&options, Scope::System, &services),
-            Err(Error::UnsafeLockPath { .. })
-        ));
-        // A symlink instead of the directory: refused.
-        std::fs::set_permissions(&services, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::remove_dir(&own).expect("rmdir");
-        std::os::unix::fs::symlink(base.path(), &own).expect("symlink");
-        assert!(matches!(
-            plan_in(&options, Scope::System, &services),
-            Err(Error::UnsafeLockPath { .. })
-        ));
     }
 }
