@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::holder::Holder;
+use crate::name::InstanceName;
 use crate::name::NameRule;
 use crate::scope::BusKind;
 
@@ -273,6 +274,13 @@ impl Error {
             name: name.to_owned(),
             source,
         }
+    }
+}
+
+pub(crate) fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error {
+    Error::AlreadyRunning {
+        name: name.to_string(),
+        holder,
     }
 }
 

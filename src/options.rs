@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
-use crate::dbus;
-use crate::error::{Error, Result};
+use crate::dbus::{self, STOP_BEFORE_REQUEST_NAME, own_name, request_flags, watch_bus};
+use crate::error::{Error, Result, already_running};
 use crate::guard::{GuardParts, InstanceGuard};
 use crate::holder::{BackendKind, Holder, LockRecord};
 use crate::lockfile::{self, Attempt, HeldLock, LockDir, PathChange};
@@ -19,7 +18,7 @@ use crate::loss::{Loss, LossLog, LossReason};
 use crate::name::InstanceName;
 use crate::plan::{LockPlan, effective_scope};
 use crate::runtime::ServiceThread;
-use crate::scope::{Backend, BusKind, Scope};
+use crate::scope::{Backend, Scope};
 
 /// How long to wait when the instance is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,10 +32,6 @@ pub enum Wait {
     /// Wait up to this long, then fail with [`Error::TimedOut`].
     Timeout(Duration),
 }
-
-/// How long an instance that holds the lock file waits for the bus to drop a name still owned
-/// by the lock's previous holder, which has died but whose disconnect the bus has not yet seen.
-const DEAD_OWNER_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything that can be chosen about acquiring an instance; [`crate::ensure_single_instance`]
 /// is this with the defaults.
@@ -638,13 +633,6 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     }))
 }
 
-fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error {
-    Error::AlreadyRunning {
-        name: name.to_string(),
-        holder,
-    }
-}
-
 /// Tries the lock file once; gives back the directory too, to wait with.
 async fn try_lock(plan: &LockPlan, options: &InstanceOptions) -> Result<(Attempt, LockDir)> {
     let mut dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
@@ -805,217 +793,6 @@ fn options_wait(options: &InstanceOptions) -> Duration {
     match options.wait {
         Wait::Timeout(d) => d,
         _ => Duration::ZERO,
-    }
-}
-
-/// Test hook (debug builds only, see [`lockfile::stop_for_test`]): a copy stops just before it
-/// sends `RequestName`, which it then sends after the handshake rather than with it.
-const STOP_BEFORE_REQUEST_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME";
-
-/// Requests the name with explicit flags and, when asked or when the previous lock holder's
-/// connection is still being torn down, waits in the bus queue for it. `None` when the bus went
-/// away before it granted the name while we hold the lock file (which then alone decides).
-#[allow(clippy::too_many_arguments)]
-async fn own_name(
-    name: &InstanceName,
-    kind: BusKind,
-    conn: &zbus::Connection,
-    mut stream: zbus::MessageStream,
-    pending_request: Option<std::num::NonZeroU32>,
-    wait: Wait,
-    deadline: Option<Instant>,
-    allow_replacement: bool,
-    previous: Option<&LockRecord>,
-    holding_lock: bool,
-) -> Result<Option<zbus::MessageStream>> {
-    let flags = request_flags(wait, allow_replacement);
-    let bus_error = |context, source| Error::Bus {
-        context,
-        bus: kind,
-        source,
-    };
-    let not_permitted = |source: zbus::Error| Error::NotPermitted {
-        name: name.to_string(),
-        reason: format!(
-            "the {kind} bus policy does not allow this user to own {name}; install a D-Bus policy \
-             file that allows it (see dbus/ in unique-instance)"
-        ),
-        source: Some(Box::new(source)),
-    };
-    // The bus went away before it granted the name (killed, restarting, or no answer within
-    // the call timeout): that is a bus that is not there, as when it could not be reached at
-    // connect time. With the lock file held, the lock file alone decides; without one, no
-    // backend is left. Nothing of ours stays on the bus: the connection went with it (and the
-    // caller drops it, which ends it, whatever the bus still had queued from us).
-    let gone = |e: &zbus::Error| conn.is_closed() || matches!(e, zbus::Error::InputOutput(_));
-    let bus_gone = |e: zbus::Error| -> Result<Option<zbus::MessageStream>> {
-        if holding_lock {
-            tracing::warn!(name = %name, bus = %kind, error = %e,
-                "the {kind} bus went away before it granted the name; the lock file alone enforces exclusion");
-            return Ok(None);
-        }
-        Err(Error::NoUsableBackend {
-            name: name.to_string(),
-            reason: format!(
-                "the {kind} bus went away before it granted the name (it stopped, restarted or \
-                 did not answer): try again once the {kind} bus runs, or use a backend with the \
-                 lock file (auto or lockfile), which does not need the bus"
-            ),
-            source: Some(Box::new(e)),
-        })
-    };
-    // Sent with the handshake when the transport allowed it (see `dbus::connect`): then only
-    // its reply is awaited.
-    let reply = match pending_request {
-        Some(serial) => dbus::request_name_reply(&mut stream, serial).await,
-        None => {
-            static STOPPED: std::sync::atomic::AtomicBool =
-                std::sync::atomic::AtomicBool::new(false);
-            lockfile::stop_for_test(STOP_BEFORE_REQUEST_NAME, &STOPPED);
-            dbus::request_name(conn, name.as_str(), flags).await
-        }
-    };
-    let reply = match reply {
-        Ok(reply) => reply,
-        Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
-        Err(e) if gone(&e) => return bus_gone(e),
-        Err(e) => return Err(bus_error("cannot request the name", e)),
-    };
-    let mut queue_deadline = deadline;
-    match reply {
-        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => return Ok(Some(stream)),
-        RequestNameReply::InQueue => {}
-        RequestNameReply::Exists => {
-            let owner = dbus::owner_of(conn, name.as_str(), kind).await;
-            // We hold the lock file, yet the bus still lists the process that held it before
-            // us: that process is dead (the kernel released its lock) and the bus has not yet
-            // processed its disconnect. Queue for the name, briefly, rather than refuse.
-            let dead_previous = holding_lock
-                && owner.pid.is_some()
-                && previous.is_some_and(|p| Some(p.pid) == owner.pid);
-            if !dead_previous {
-                return Err(already_running(name, Box::new(owner)));
-            }
-            tracing::debug!(name = %name, owner = %owner, "waiting for the bus to drop a dead holder");
-            let retry_flags = flags & !RequestNameFlags::DO_NOT_QUEUE;
-            match dbus::request_name(conn, name.as_str(), retry_flags).await {
-                Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {
-                    return Ok(Some(stream));
-                }
-                Ok(RequestNameReply::InQueue) => {}
-                Ok(RequestNameReply::Exists) => return Err(already_running(name, Box::new(owner))),
-                Err(e) if dbus::is_access_denied(&e) => return Err(not_permitted(e)),
-                Err(e) if gone(&e) => return bus_gone(e),
-                Err(e) => return Err(bus_error("cannot request the name", e)),
-            }
-            let grace = Instant::now() + DEAD_OWNER_GRACE;
-            queue_deadline = Some(queue_deadline.map_or(grace, |d| d.min(grace)));
-            if wait == Wait::No {
-                queue_deadline = Some(grace);
-            }
-        }
-    }
-    // In the queue: the bus sends NameAcquired the moment the holder lets go.
-    let acquired = async {
-        loop {
-            match dbus::next_name_signal(&mut stream, name.as_str()).await {
-                Some(dbus::NameSignal::Acquired) => return true,
-                Some(dbus::NameSignal::Lost) => continue,
-                None => return false,
-            }
-        }
-    };
-    let outcome = match queue_deadline {
-        Some(d) => tokio::time::timeout_at(d.into(), acquired).await.ok(),
-        None => Some(acquired.await),
-    };
-    match outcome {
-        Some(true) => Ok(Some(stream)),
-        // The bus went away while we were in its queue.
-        Some(false) => bus_gone(zbus::Error::InputOutput(std::sync::Arc::new(
-            std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "the connection closed while waiting for the name",
-            ),
-        ))),
-        None => {
-            // Leave the queue, so that we are not handed the name after giving up.
-            let _ = dbus::release_name(conn, name.as_str()).await;
-            let holder = Box::new(dbus::owner_of(conn, name.as_str(), kind).await);
-            if wait == Wait::No {
-                Err(already_running(name, holder))
-            } else {
-                Err(Error::TimedOut {
-                    name: name.to_string(),
-                    waited: match wait {
-                        Wait::Timeout(d) => d,
-                        _ => Duration::ZERO,
-                    },
-                    holder,
-                })
-            }
-        }
-    }
-}
-
-/// `RequestName`'s flags, always explicit: `DO_NOT_QUEUE` unless waiting, `ALLOW_REPLACEMENT`
-/// only when asked (zbus's defaults would let a second copy steal the name).
-fn request_flags(wait: Wait, allow_replacement: bool) -> RequestNameFlags {
-    let mut flags = RequestNameFlags::empty();
-    if wait == Wait::No {
-        flags |= RequestNameFlags::DO_NOT_QUEUE;
-    }
-    if allow_replacement {
-        flags |= RequestNameFlags::ALLOW_REPLACEMENT;
-    }
-    flags
-}
-
-/// Watches the connection: `NameLost` for our name means replaced; the stream ending (zbus sends
-/// no `NameLost` when the bus dies) means the connection closed. Draining the stream also keeps
-/// zbus's reader from stalling on a full queue.
-///
-/// When the connection closes, exclusion is claimed only if the lock file is re-verified right
-/// then (`lock`, when one is held): see [`Loss::still_exclusive`].
-async fn watch_bus(
-    mut stream: zbus::MessageStream,
-    name: String,
-    losses: LossLog,
-    lock: Option<lockfile::WatchHandle>,
-) {
-    loop {
-        match dbus::next_name_signal(&mut stream, &name).await {
-            Some(dbus::NameSignal::Lost) => {
-                tracing::warn!(name = %name, "the bus name was taken over by another instance");
-                losses.send_modify(|log| {
-                    log.push(Loss {
-                        reason: LossReason::Replaced,
-                        still_exclusive: false,
-                    })
-                });
-            }
-            Some(dbus::NameSignal::Acquired) => {}
-            None => {
-                // Not what held at acquisition, but what holds now: the lock file may have gone
-                // unnoticed (the watch turned off, or a directory above it moved).
-                // A lock file merely removed is re-created first (see `WatchHandle::recover`).
-                let lock_verified = lock.as_ref().is_some_and(|lock| {
-                    lock.check_path()
-                        .is_none_or(|_| lock.recover(None) != lockfile::Recovery::Lost)
-                        && lock.verify_held()
-                });
-                tracing::warn!(name = %name, lock_verified, "the bus connection closed");
-                losses.send_modify(|log| {
-                    // Judged inside the update, so a loss logged meanwhile counts.
-                    let earlier_loss = log.iter().any(|l| !l.still_exclusive);
-                    log.push(Loss {
-                        reason: LossReason::BusConnectionClosed,
-                        still_exclusive: lock_verified && !earlier_loss,
-                    })
-                });
-                return;
-            }
-        }
     }
 }
 

@@ -1,0 +1,234 @@
+//! Connecting to the bus: the handshake (with `RequestName` in the same write where the
+//! transport allows it, see `socket`), the objects served from the start, and the descriptor
+//! that ends the connection without zbus.
+//! It must not decide anything about the name (that is `name`).
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use zbus::connection::Builder;
+use zbus::fdo::RequestNameFlags;
+use zbus::{Connection, Message, MessageStream};
+
+use super::{CALL_TIMEOUT, DBUS_NAME, DBUS_PATH, socket};
+use crate::scope::BusKind;
+
+/// How long connecting (authentication and `Hello`) may take before the bus is taken for
+/// unreachable. A local bus answers in a millisecond; a bus that has not answered in this long
+/// is stopped or stuck, and the lock file alone enforces exclusion meanwhile (or, with the D-Bus
+/// backend alone, there is no usable backend).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Something to serve on the connection, registered with the builder so that it is in place
+/// before the connection reads its first message. `Sync` too (zbus interfaces are), so that
+/// `&InstanceOptions` may be held across an await in a `Send` future.
+pub(crate) type Export = Box<dyn FnOnce(Builder<'static>) -> Builder<'static> + Send + Sync>;
+
+/// A connection to the bus, with the stream of everything it receives (set up before zbus read
+/// anything, so no `NameAcquired`/`NameLost` or reply can slip past).
+pub(crate) struct Connected {
+    pub(crate) conn: Connection,
+    pub(crate) stream: MessageStream,
+    /// The serial of the `RequestName` call sent with the handshake, whose reply is to be read
+    /// from `stream` (see [`request_name_reply`]); `None` when it was not sent.
+    pub(crate) pending_request: Option<NonZeroU32>,
+    /// Ends the connection on drop, unless disarmed; `None` on transports zbus connected itself.
+    pub(crate) disconnect: Option<Disconnect>,
+}
+
+/// A duplicate of the bus socket's descriptor, to end the connection without zbus.
+///
+/// zbus closes a connection's socket from its own tasks, on the runtime that made it: a
+/// connection dropped while that runtime is idle, or blocked in the drop, stays open, and with
+/// it every name it owns and every queue it waits in. Shutting the socket down through this
+/// duplicate makes the bus drop the connection, its names and its queue entries at once,
+/// whatever runtime runs or does not. Until [`Disconnect::disarm`], dropping it does that: so
+/// an acquisition that is cancelled, or fails, keeps nothing on the bus.
+#[derive(Debug)]
+pub(crate) struct Disconnect {
+    socket: Option<std::os::fd::OwnedFd>,
+}
+
+impl Disconnect {
+    /// Keeps the connection when dropped (its socket closes with zbus's tasks, as usual).
+    pub(crate) fn disarm(mut self) {
+        self.socket = None;
+    }
+
+    /// Ends the connection and waits until the bus has closed its side, at most `timeout`: the
+    /// bus then processed our disconnection, so it released our names (and answers anyone who
+    /// asks after that accordingly). Needs no runtime.
+    pub(crate) fn wait(mut self, timeout: Duration) -> std::io::Result<()> {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        use rustix::io::Errno;
+        let Some(socket) = self.socket.take() else {
+            return Ok(());
+        };
+        // Our side first: the bus reads end-of-file and drops us. Not reading any more, this
+        // connection's remaining messages are discarded below.
+        match rustix::net::shutdown(&socket, rustix::net::Shutdown::Write) {
+            Ok(()) | Err(Errno::NOTCONN) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let deadline = std::time::Instant::now().checked_add(timeout);
+        let mut buf = [0u8; 4096];
+        loop {
+            match rustix::net::recv(&socket, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((0, _)) | Err(Errno::CONNRESET | Errno::NOTCONN) => break,
+                Ok(_) | Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let left = deadline.map_or(timeout, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+            });
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the bus did not close the connection within {timeout:?}"),
+                ));
+            }
+            let ts = Timespec {
+                tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            let mut fds = [PollFd::new(&socket, PollFlags::IN)];
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Whatever zbus's tasks still hold of the socket, the connection is over.
+        let _ = rustix::net::shutdown(&socket, rustix::net::Shutdown::Both);
+        Ok(())
+    }
+}
+
+impl Drop for Disconnect {
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            let _ = rustix::net::shutdown(&socket, rustix::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Connects (authenticates and says `Hello`) to `bus`, honouring `DBUS_SESSION_BUS_ADDRESS` /
+/// `DBUS_SYSTEM_BUS_ADDRESS`, with `exports` served from the start. With `request`, the
+/// `RequestName` call goes out in the same write as the handshake where the transport allows it
+/// (a Unix socket): one round trip to the bus instead of two.
+pub(crate) async fn connect(
+    bus: BusKind,
+    exports: Vec<Export>,
+    request: Option<(&str, RequestNameFlags)>,
+) -> zbus::Result<Connected> {
+    let address = match bus {
+        BusKind::Session => zbus::Address::session()?,
+        BusKind::System => zbus::Address::system()?,
+    };
+    // zbus puts no bound on the handshake (its method timeout covers calls only), so a bus that
+    // accepts the connection but never answers (stopped, frozen, deadlocked) would hang every
+    // copy. Dropping the unfinished connection shuts its socket down (see `Disconnect`).
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_to(address, exports, request)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(zbus::Error::InputOutput(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the {bus} bus did not complete the connection within {CONNECT_TIMEOUT:?}"),
+        )))),
+    }
+}
+
+/// [`connect`] to `address`.
+pub(super) async fn connect_to(
+    address: zbus::Address,
+    exports: Vec<Export>,
+    request: Option<(&str, RequestNameFlags)>,
+) -> zbus::Result<Connected> {
+    let request = request
+        .map(|(name, flags)| {
+            Message::method_call(DBUS_PATH, "RequestName")
+                .destination(DBUS_NAME)
+                .interface(DBUS_NAME)
+                .build(&(name, flags))
+        })
+        .transpose()?;
+    let appended = Arc::new(AtomicBool::new(false));
+    // A Unix socket is connected here (a local connect completes at once, or fails with EAGAIN
+    // when the bus's backlog is full: then zbus connects as usual) and driven through our
+    // socket halves, which append `RequestName` to the handshake. zbus's own connect would also
+    // wait a turn of the event loop for the socket to become writable.
+    let mut disconnect = None;
+    let mut builder = match unix_connect(&address) {
+        Some(Ok(stream)) => {
+            // One system call; see `Disconnect` for what it buys.
+            disconnect = Some(Disconnect {
+                socket: Some(
+                    rustix::io::fcntl_dupfd_cloexec(&stream, 0).map_err(std::io::Error::from)?,
+                ),
+            });
+            let stream = tokio::net::UnixStream::from_std(stream)?;
+            let append = request.as_ref().map(|m| m.data().to_vec());
+            Builder::socket(socket::halves(stream, append, Arc::clone(&appended)))
+        }
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => return Err(e.into()),
+        _ => Builder::address(address.clone()),
+    };
+    for export in exports {
+        builder = export(builder);
+    }
+    let stream = builder
+        .method_timeout(CALL_TIMEOUT)
+        .build_message_stream()
+        .await?;
+    let conn = Connection::from(&stream);
+    // zbus checks the bus's GUID against the address's only when it connects by address.
+    if let Some(expected) = address.guid()
+        && conn.server_guid().as_str() != expected.as_str()
+    {
+        return Err(zbus::Error::Handshake(format!(
+            "server GUID mismatch: expected {expected}, got {}",
+            conn.server_guid()
+        )));
+    }
+    let pending_request = request
+        .filter(|_| appended.load(Ordering::Acquire))
+        .map(|m| m.primary_header().serial_num());
+    Ok(Connected {
+        conn,
+        stream,
+        pending_request,
+        disconnect,
+    })
+}
+
+/// Connects, without blocking, to `address` when it names a Unix socket (a path or an abstract
+/// name); `None` for any other transport, which zbus then handles itself.
+fn unix_connect(
+    address: &zbus::Address,
+) -> Option<std::io::Result<std::os::unix::net::UnixStream>> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    use zbus::address::transport::{Transport, UnixSocket};
+    let Transport::Unix(unix) = address.transport() else {
+        return None;
+    };
+    let target = match unix.path() {
+        UnixSocket::File(path) => SocketAddrUnix::new(path.as_path()),
+        #[cfg(target_os = "linux")]
+        UnixSocket::Abstract(name) => {
+            use std::os::unix::ffi::OsStrExt;
+            SocketAddrUnix::new_abstract_name(name.as_bytes())
+        }
+        _ => return None,
+    };
+    Some((|| {
+        let socket = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        rustix::net::connect(&socket, &target?)?;
+        Ok(std::os::unix::net::UnixStream::from(socket))
+    })())
+}

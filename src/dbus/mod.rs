@@ -1,0 +1,25 @@
+//! The D-Bus backend, its whole protocol: connect (`connect`, on our own socket halves in
+//! `socket`), own the well-known name with explicit flags and name its owner (`name`), and watch
+//! it once owned (`watch`), with as few round trips as the protocol allows.
+//! It must not plan (`plan`) nor order the backends (`acquire`).
+
+mod connect;
+mod name;
+mod socket;
+#[cfg(test)]
+pub(crate) mod tests;
+mod watch;
+
+use std::time::Duration;
+
+pub(crate) use connect::{Connected, Disconnect, Export, connect};
+#[cfg(test)]
+use name::request_name_reply;
+pub(crate) use name::{STOP_BEFORE_REQUEST_NAME, own_name, owner_of, release_name, request_flags};
+pub(crate) use watch::watch_bus;
+
+const DBUS_NAME: &str = "org.freedesktop.DBus";
+const DBUS_PATH: &str = "/org/freedesktop/DBus";
+
+/// How long a method call to the bus daemon may take before we give up on it.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(25);

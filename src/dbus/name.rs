@@ -1,0 +1,302 @@
+//! The well-known name: requesting it with explicit flags, waiting in the bus's queue, and
+//! naming its owner when it is taken.
+//! It must not connect (that is `connect`) nor watch the name once owned (that is `watch`).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use zbus::OwnedVariant;
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+use zbus::message::Type as MessageType;
+use zbus::{Connection, MessageStream};
+
+use super::watch::{NameSignal, next_name_signal};
+use super::{CALL_TIMEOUT, DBUS_NAME, DBUS_PATH};
+use crate::error::{Error, Result, already_running};
+use crate::holder::{BackendKind, Holder, LockRecord, process_executable, process_start_time};
+use crate::lockfile;
+use crate::name::InstanceName;
+use crate::options::Wait;
+use crate::scope::BusKind;
+
+/// How long an instance that holds the lock file waits for the bus to drop a name still owned
+/// by the lock's previous holder, which has died but whose disconnect the bus has not yet seen.
+const DEAD_OWNER_GRACE: Duration = Duration::from_secs(5);
+
+/// Test hook (debug builds only, see [`lockfile::stop_for_test`]): a copy stops just before it
+/// sends `RequestName`, which it then sends after the handshake rather than with it.
+pub(crate) const STOP_BEFORE_REQUEST_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME";
+
+/// Requests the name with explicit flags and, when asked or when the previous lock holder's
+/// connection is still being torn down, waits in the bus queue for it. `None` when the bus went
+/// away before it granted the name while we hold the lock file (which then alone decides).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn own_name(
+    name: &InstanceName,
+    kind: BusKind,
+    conn: &zbus::Connection,
+    mut stream: zbus::MessageStream,
+    pending_request: Option<std::num::NonZeroU32>,
+    wait: Wait,
+    deadline: Option<Instant>,
+    allow_replacement: bool,
+    previous: Option<&LockRecord>,
+    holding_lock: bool,
+) -> Result<Option<zbus::MessageStream>> {
+    let flags = request_flags(wait, allow_replacement);
+    let bus_error = |context, source| Error::Bus {
+        context,
+        bus: kind,
+        source,
+    };
+    let not_permitted = |source: zbus::Error| Error::NotPermitted {
+        name: name.to_string(),
+        reason: format!(
+            "the {kind} bus policy does not allow this user to own {name}; install a D-Bus policy \
+             file that allows it (see dbus/ in unique-instance)"
+        ),
+        source: Some(Box::new(source)),
+    };
+    // The bus went away before it granted the name (killed, restarting, or no answer within
+    // the call timeout): that is a bus that is not there, as when it could not be reached at
+    // connect time. With the lock file held, the lock file alone decides; without one, no
+    // backend is left. Nothing of ours stays on the bus: the connection went with it (and the
+    // caller drops it, which ends it, whatever the bus still had queued from us).
+    let gone = |e: &zbus::Error| conn.is_closed() || matches!(e, zbus::Error::InputOutput(_));
+    let bus_gone = |e: zbus::Error| -> Result<Option<zbus::MessageStream>> {
+        if holding_lock {
+            tracing::warn!(name = %name, bus = %kind, error = %e,
+                "the {kind} bus went away before it granted the name; the lock file alone enforces exclusion");
+            return Ok(None);
+        }
+        Err(Error::NoUsableBackend {
+            name: name.to_string(),
+            reason: format!(
+                "the {kind} bus went away before it granted the name (it stopped, restarted or \
+                 did not answer): try again once the {kind} bus runs, or use a backend with the \
+                 lock file (auto or lockfile), which does not need the bus"
+            ),
+            source: Some(Box::new(e)),
+        })
+    };
+    // Sent with the handshake when the transport allowed it (see `connect`): then only
+    // its reply is awaited.
+    let reply = match pending_request {
+        Some(serial) => request_name_reply(&mut stream, serial).await,
+        None => {
+            static STOPPED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            lockfile::stop_for_test(STOP_BEFORE_REQUEST_NAME, &STOPPED);
+            request_name(conn, name.as_str(), flags).await
+        }
+    };
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) if is_access_denied(&e) => return Err(not_permitted(e)),
+        Err(e) if gone(&e) => return bus_gone(e),
+        Err(e) => return Err(bus_error("cannot request the name", e)),
+    };
+    let mut queue_deadline = deadline;
+    match reply {
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => return Ok(Some(stream)),
+        RequestNameReply::InQueue => {}
+        RequestNameReply::Exists => {
+            let owner = owner_of(conn, name.as_str(), kind).await;
+            // We hold the lock file, yet the bus still lists the process that held it before
+            // us: that process is dead (the kernel released its lock) and the bus has not yet
+            // processed its disconnect. Queue for the name, briefly, rather than refuse.
+            let dead_previous = holding_lock
+                && owner.pid.is_some()
+                && previous.is_some_and(|p| Some(p.pid) == owner.pid);
+            if !dead_previous {
+                return Err(already_running(name, Box::new(owner)));
+            }
+            tracing::debug!(name = %name, owner = %owner, "waiting for the bus to drop a dead holder");
+            let retry_flags = flags & !RequestNameFlags::DO_NOT_QUEUE;
+            match request_name(conn, name.as_str(), retry_flags).await {
+                Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {
+                    return Ok(Some(stream));
+                }
+                Ok(RequestNameReply::InQueue) => {}
+                Ok(RequestNameReply::Exists) => return Err(already_running(name, Box::new(owner))),
+                Err(e) if is_access_denied(&e) => return Err(not_permitted(e)),
+                Err(e) if gone(&e) => return bus_gone(e),
+                Err(e) => return Err(bus_error("cannot request the name", e)),
+            }
+            let grace = Instant::now() + DEAD_OWNER_GRACE;
+            queue_deadline = Some(queue_deadline.map_or(grace, |d| d.min(grace)));
+            if wait == Wait::No {
+                queue_deadline = Some(grace);
+            }
+        }
+    }
+    // In the queue: the bus sends NameAcquired the moment the holder lets go.
+    let acquired = async {
+        loop {
+            match next_name_signal(&mut stream, name.as_str()).await {
+                Some(NameSignal::Acquired) => return true,
+                Some(NameSignal::Lost) => continue,
+                None => return false,
+            }
+        }
+    };
+    let outcome = match queue_deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), acquired).await.ok(),
+        None => Some(acquired.await),
+    };
+    match outcome {
+        Some(true) => Ok(Some(stream)),
+        // The bus went away while we were in its queue.
+        Some(false) => bus_gone(zbus::Error::InputOutput(std::sync::Arc::new(
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the connection closed while waiting for the name",
+            ),
+        ))),
+        None => {
+            // Leave the queue, so that we are not handed the name after giving up.
+            let _ = release_name(conn, name.as_str()).await;
+            let holder = Box::new(owner_of(conn, name.as_str(), kind).await);
+            if wait == Wait::No {
+                Err(already_running(name, holder))
+            } else {
+                Err(Error::TimedOut {
+                    name: name.to_string(),
+                    waited: match wait {
+                        Wait::Timeout(d) => d,
+                        _ => Duration::ZERO,
+                    },
+                    holder,
+                })
+            }
+        }
+    }
+}
+
+/// `RequestName`'s flags, always explicit: `DO_NOT_QUEUE` unless waiting, `ALLOW_REPLACEMENT`
+/// only when asked (zbus's defaults would let a second copy steal the name).
+pub(crate) fn request_flags(wait: Wait, allow_replacement: bool) -> RequestNameFlags {
+    let mut flags = RequestNameFlags::empty();
+    if wait == Wait::No {
+        flags |= RequestNameFlags::DO_NOT_QUEUE;
+    }
+    if allow_replacement {
+        flags |= RequestNameFlags::ALLOW_REPLACEMENT;
+    }
+    flags
+}
+
+/// Reads the reply to the `RequestName` call with `serial` from `stream`. Other messages read
+/// meanwhile are only our own `NameAcquired` signals, which the reply makes redundant (the bus
+/// sends them just before it).
+pub(crate) async fn request_name_reply(
+    stream: &mut MessageStream,
+    serial: NonZeroU32,
+) -> zbus::Result<RequestNameReply> {
+    let reply = async {
+        while let Some(item) = stream.next().await {
+            let Ok(msg) = item else { continue };
+            if msg.header().reply_serial() != Some(serial) {
+                continue;
+            }
+            return match msg.message_type() {
+                MessageType::MethodReturn => msg.body().deserialize::<RequestNameReply>(),
+                MessageType::Error => Err(zbus::Error::from(msg)),
+                _ => continue,
+            };
+        }
+        Err(zbus::Error::InputOutput(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the bus connection closed before RequestName was answered",
+        ))))
+    };
+    match tokio::time::timeout(CALL_TIMEOUT, reply).await {
+        Ok(result) => result,
+        Err(_) => Err(zbus::Error::InputOutput(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the bus did not answer RequestName within {CALL_TIMEOUT:?}"),
+        )))),
+    }
+}
+
+/// Sends `RequestName` with exactly `flags` (never zbus's defaults, which allow a second copy
+/// to steal the name).
+pub(crate) async fn request_name(
+    conn: &Connection,
+    name: &str,
+    flags: RequestNameFlags,
+) -> zbus::Result<RequestNameReply> {
+    conn.call_method(
+        Some(DBUS_NAME),
+        DBUS_PATH,
+        Some(DBUS_NAME),
+        "RequestName",
+        &(name, flags),
+    )
+    .await?
+    .body()
+    .deserialize::<RequestNameReply>()
+}
+
+/// Sends `ReleaseName`, which also leaves the queue when we were only waiting.
+pub(crate) async fn release_name(conn: &Connection, name: &str) -> zbus::Result<()> {
+    conn.call_method(
+        Some(DBUS_NAME),
+        DBUS_PATH,
+        Some(DBUS_NAME),
+        "ReleaseName",
+        &(name,),
+    )
+    .await
+    .map(drop)
+}
+
+/// What the bus knows of the owner of `name`: PID and UID from `GetConnectionCredentials`, the
+/// unique name from `GetNameOwner`, asked together; start time and executable from `/proc`.
+pub(crate) async fn owner_of(conn: &Connection, name: &str, bus: BusKind) -> Holder {
+    let args = (name,);
+    let creds = conn.call_method(
+        Some(DBUS_NAME),
+        DBUS_PATH,
+        Some(DBUS_NAME),
+        "GetConnectionCredentials",
+        &args,
+    );
+    let owner = conn.call_method(
+        Some(DBUS_NAME),
+        DBUS_PATH,
+        Some(DBUS_NAME),
+        "GetNameOwner",
+        &args,
+    );
+    let (creds, owner) = tokio::join!(creds, owner);
+    let creds: HashMap<String, OwnedVariant> = creds
+        .ok()
+        .and_then(|m| m.body().deserialize().ok())
+        .unwrap_or_default();
+    let number = |key: &str| creds.get(key).and_then(|v| u32::try_from(v).ok());
+    // A bus that cannot tell (a TCP connection) may say 0, which is never a process.
+    let pid = number("ProcessID").filter(|&pid| pid != 0);
+    Holder {
+        pid,
+        uid: number("UnixUserID"),
+        since: pid.and_then(process_start_time),
+        found_by: Some(BackendKind::Dbus),
+        bus: Some(bus),
+        bus_unique_name: owner
+            .ok()
+            .and_then(|m| m.body().deserialize::<String>().ok()),
+        executable: pid.and_then(process_executable),
+        hostname: None,
+        lock_file: None,
+    }
+}
+
+/// Is this the bus refusing us by policy (as opposed to the name being taken)?
+pub(crate) fn is_access_denied(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::FDO(fdo) if matches!(**fdo, zbus::fdo::Error::AccessDenied(_)))
+        || matches!(e, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied")
+}

@@ -1,0 +1,91 @@
+//! Watching the name once owned: `NameLost` means replaced, the connection ending means the bus
+//! is gone; each is logged as a loss.
+//! It must not request the name (that is `name`).
+
+use futures_util::StreamExt;
+use zbus::MessageStream;
+use zbus::message::Type as MessageType;
+
+use super::DBUS_NAME;
+use crate::lockfile;
+use crate::loss::{Loss, LossLog, LossReason};
+
+/// A name-ownership signal about our name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NameSignal {
+    Acquired,
+    Lost,
+}
+
+/// Reads the next `NameAcquired`/`NameLost` for `name`; `None` when the connection closed.
+pub(crate) async fn next_name_signal(stream: &mut MessageStream, name: &str) -> Option<NameSignal> {
+    while let Some(item) = stream.next().await {
+        let Ok(msg) = item else { continue };
+        if msg.message_type() != MessageType::Signal {
+            continue;
+        }
+        let header = msg.header();
+        if header.sender().map(|s| s.as_str()) != Some(DBUS_NAME)
+            || header.interface().map(|i| i.as_str()) != Some(DBUS_NAME)
+        {
+            continue;
+        }
+        let signal = match header.member().map(|m| m.as_str()) {
+            Some("NameAcquired") => NameSignal::Acquired,
+            Some("NameLost") => NameSignal::Lost,
+            _ => continue,
+        };
+        if msg.body().deserialize::<&str>().ok() == Some(name) {
+            return Some(signal);
+        }
+    }
+    None
+}
+
+/// Watches the connection: `NameLost` for our name means replaced; the stream ending (zbus sends
+/// no `NameLost` when the bus dies) means the connection closed. Draining the stream also keeps
+/// zbus's reader from stalling on a full queue.
+///
+/// When the connection closes, exclusion is claimed only if the lock file is re-verified right
+/// then (`lock`, when one is held): see [`Loss::still_exclusive`].
+pub(crate) async fn watch_bus(
+    mut stream: zbus::MessageStream,
+    name: String,
+    losses: LossLog,
+    lock: Option<lockfile::WatchHandle>,
+) {
+    loop {
+        match next_name_signal(&mut stream, &name).await {
+            Some(NameSignal::Lost) => {
+                tracing::warn!(name = %name, "the bus name was taken over by another instance");
+                losses.send_modify(|log| {
+                    log.push(Loss {
+                        reason: LossReason::Replaced,
+                        still_exclusive: false,
+                    })
+                });
+            }
+            Some(NameSignal::Acquired) => {}
+            None => {
+                // Not what held at acquisition, but what holds now: the lock file may have gone
+                // unnoticed (the watch turned off, or a directory above it moved).
+                // A lock file merely removed is re-created first (see `WatchHandle::recover`).
+                let lock_verified = lock.as_ref().is_some_and(|lock| {
+                    lock.check_path()
+                        .is_none_or(|_| lock.recover(None) != lockfile::Recovery::Lost)
+                        && lock.verify_held()
+                });
+                tracing::warn!(name = %name, lock_verified, "the bus connection closed");
+                losses.send_modify(|log| {
+                    // Judged inside the update, so a loss logged meanwhile counts.
+                    let earlier_loss = log.iter().any(|l| !l.still_exclusive);
+                    log.push(Loss {
+                        reason: LossReason::BusConnectionClosed,
+                        still_exclusive: lock_verified && !earlier_loss,
+                    })
+                });
+                return;
+            }
+        }
+    }
+}
