@@ -22,6 +22,7 @@
 #![doc = ""]
 #![doc = include_str!("../README.md")]
 
+mod acquire;
 mod dbus;
 mod error;
 // For the fuzz targets in fuzz/ and the tests that replay their inputs; see src/fuzzing.rs.
