@@ -11,6 +11,8 @@ use crate::name::InstanceName;
 use crate::options::InstanceOptions;
 use crate::scope::{LOCK_DIR_ENV, Scope};
 
+use super::Env;
+
 /// The system scope's shared lock directory, for names whose deployment made them no directory
 /// of their own under `/run/unique-instance/`.
 pub(crate) const SYSTEM_LOCK_DIR: &str = "/run/lock/unique-instance";
@@ -43,75 +45,63 @@ impl LockPlan {
     }
 }
 
-impl InstanceOptions {
-    pub(super) fn lock_plan(
-        &self,
-        name: &InstanceName,
-        scope: Scope,
-        env: &dyn Fn(&str) -> Option<OsString>,
-    ) -> Result<LockPlan> {
-        self.lock_plan_in(name, scope, env, Path::new(SERVICE_LOCK_BASE))
-    }
-
-    /// [`InstanceOptions::lock_plan`] with the per-service directories under `service_base`
-    /// (another base only in tests: a public way to move it would be a way to split copies).
-    pub(super) fn lock_plan_in(
-        &self,
-        name: &InstanceName,
-        scope: Scope,
-        env: &dyn Fn(&str) -> Option<OsString>,
-        service_base: &Path,
-    ) -> Result<LockPlan> {
-        let euid = rustix::process::geteuid().as_raw();
-        let system = lock_is_system(scope, euid);
-        let file_mode = if system { 0o644 } else { 0o600 };
-        let instance = name.to_string();
-        if let Some(path) = &self.lock_file {
-            let (dir, file_name) = split_lock_file(path)?;
-            return Ok(LockPlan {
-                instance,
-                dir,
-                file_name,
-                root_may_own: system,
-                shared_system_dir: false,
-                create_dir_mode: None,
-                private_dir: false,
-                service_dir: false,
-                file_mode,
-            });
-        }
-        let explicit_dir = match &self.lock_dir {
-            Some(dir) => Some(absolute("lock_dir", dir.clone())?),
-            None => match env(LOCK_DIR_ENV).filter(|d| !d.is_empty()) {
-                Some(dir) => Some(absolute(LOCK_DIR_ENV, PathBuf::from(dir))?),
-                None => None,
-            },
-        };
-        // A deployed service's own directory, when its deployment made one: only root and the
-        // service's user can write it, so no local user can squat the lock file.
-        let service_dir = match &explicit_dir {
-            None if system => service_lock_dir(service_base, name.as_str())?,
-            _ => None,
-        };
-        let shared_system_dir = explicit_dir.is_none() && service_dir.is_none() && system;
-        let (dir, create_dir_mode, private_dir) = match (explicit_dir, &service_dir) {
-            (Some(dir), _) => (dir, Some(0o755), false),
-            (None, Some(dir)) => (dir.clone(), None, false),
-            (None, None) if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
-            (None, None) => (user_lock_dir(euid), Some(0o700), true),
-        };
-        Ok(LockPlan {
+/// The lock file of `name` in `scope`, for `options` in `env`: the file given, else in the
+/// directory given (in code, else by [`LOCK_DIR_ENV`]), else in the scope's own directory.
+pub(super) fn lock_plan(
+    options: &InstanceOptions,
+    name: &InstanceName,
+    scope: Scope,
+    env: &Env,
+) -> Result<LockPlan> {
+    let euid = (env.euid)();
+    let system = lock_is_system(scope, euid);
+    let file_mode = if system { 0o644 } else { 0o600 };
+    let instance = name.to_string();
+    if let Some(path) = &options.lock_file {
+        let (dir, file_name) = split_lock_file(path)?;
+        return Ok(LockPlan {
             instance,
             dir,
-            file_name: name.lock_file_name().into(),
+            file_name,
             root_may_own: system,
-            shared_system_dir,
-            create_dir_mode,
-            private_dir,
-            service_dir: service_dir.is_some(),
+            shared_system_dir: false,
+            create_dir_mode: None,
+            private_dir: false,
+            service_dir: false,
             file_mode,
-        })
+        });
     }
+    let explicit_dir = match &options.lock_dir {
+        Some(dir) => Some(absolute("lock_dir", dir.clone())?),
+        None => match (env.var)(LOCK_DIR_ENV).filter(|d| !d.is_empty()) {
+            Some(dir) => Some(absolute(LOCK_DIR_ENV, PathBuf::from(dir))?),
+            None => None,
+        },
+    };
+    // A deployed service's own directory, when its deployment made one: only root and the
+    // service's user can write it, so no local user can squat the lock file.
+    let service_dir = match &explicit_dir {
+        None if system => service_lock_dir(env.service_base, name.as_str())?,
+        _ => None,
+    };
+    let shared_system_dir = explicit_dir.is_none() && service_dir.is_none() && system;
+    let (dir, create_dir_mode, private_dir) = match (explicit_dir, &service_dir) {
+        (Some(dir), _) => (dir, Some(0o755), false),
+        (None, Some(dir)) => (dir.clone(), None, false),
+        (None, None) if system => (PathBuf::from(SYSTEM_LOCK_DIR), Some(0o1777), false),
+        (None, None) => (user_lock_dir(euid), Some(0o700), true),
+    };
+    Ok(LockPlan {
+        instance,
+        dir,
+        file_name: name.lock_file_name().into(),
+        root_may_own: system,
+        shared_system_dir,
+        create_dir_mode,
+        private_dir,
+        service_dir: service_dir.is_some(),
+        file_mode,
+    })
 }
 
 /// `path` when it is absolute; a relative one would name a different file from each working
@@ -237,7 +227,12 @@ mod tests {
 
     fn plan_in(options: &InstanceOptions, scope: Scope, base: &Path) -> Result<LockPlan> {
         let name = InstanceName::new(&options.name).expect("valid name");
-        options.lock_plan_in(&name, scope, &|_| None, base)
+        let env = Env {
+            var: &|_| None,
+            euid: &|| rustix::process::geteuid().as_raw(),
+            service_base: base,
+        };
+        lock_plan(options, &name, scope, &env)
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! What the options and the environment resolve to, before anything is touched: the name, the
 //! scope in effect, the lock file's plan (see `lock`) and the bus's.
-//! It must not open, lock or create anything, nor connect to a bus.
+//! It must not open, lock or create anything, nor connect to a bus; it reads the environment
+//! and the UID only through [`Env`], so unit tests give it theirs (what it looks at on the
+//! machine is metadata: `$XDG_RUNTIME_DIR/bus`, `/run/lock`, a service's own directory).
 
 mod lock;
 
@@ -12,9 +14,9 @@ use crate::name::InstanceName;
 use crate::options::InstanceOptions;
 use crate::scope::{Backend, BusKind, SCOPE_ENV, Scope};
 
-pub(crate) use lock::LockPlan;
 #[cfg(test)]
 pub(crate) use lock::SYSTEM_LOCK_DIR;
+pub(crate) use lock::{LockPlan, SERVICE_LOCK_BASE};
 
 /// What [`InstanceOptions::plan`] decided, before anything is touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +42,40 @@ pub(crate) struct BusPlan {
     pub(crate) why: &'static str,
 }
 
+/// What planning reads besides the options: the environment, who we are, and where deployed
+/// services' own lock directories are. [`Env::process`] is this process's; unit tests make
+/// their own.
+pub(crate) struct Env<'a> {
+    /// An environment variable, bytes and all.
+    pub(crate) var: &'a dyn Fn(&str) -> Option<OsString>,
+    /// The effective UID; asked only when a lock file is planned.
+    pub(crate) euid: &'a dyn Fn() -> u32,
+    /// [`SERVICE_LOCK_BASE`], or another base in tests (a public way to move it would be a way
+    /// to split copies).
+    pub(crate) service_base: &'a Path,
+}
+
+impl Env<'static> {
+    /// This process's environment and effective UID, and the real [`SERVICE_LOCK_BASE`].
+    pub(crate) fn process() -> Self {
+        fn var(k: &str) -> Option<OsString> {
+            std::env::var_os(k)
+        }
+        fn euid() -> u32 {
+            rustix::process::geteuid().as_raw()
+        }
+        Env {
+            var: &var,
+            euid: &euid,
+            service_base: Path::new(SERVICE_LOCK_BASE),
+        }
+    }
+}
+
+/// What [`resolve`] decides: the name, the scope as asked (not yet resolved from Auto), the
+/// lock file and the bus.
+pub(crate) type Resolved = (InstanceName, Scope, Option<LockPlan>, Option<BusPlan>);
+
 impl InstanceOptions {
     /// Decides the lock file and bus from the options and the environment, touching nothing.
     ///
@@ -49,58 +85,66 @@ impl InstanceOptions {
     /// [`SCOPE_ENV`](crate::SCOPE_ENV); [`Error::NoUsableBackend`] when the D-Bus backend was asked for and no
     /// bus is configured.
     pub fn plan(&self) -> Result<Plan> {
-        let (name, scope, lock, bus) = self.resolve()?;
-        let scope = effective_scope(scope, lock.as_ref(), bus.as_ref());
-        Ok(Plan {
-            name: name.to_string(),
-            lock_file: lock.map(|l| l.path()),
-            bus: bus.map(|b| b.kind),
-            scope,
-            bus_reason: bus.map_or(
-                "no session bus is configured and this is not a system service",
-                |b| b.why,
-            ),
-        })
+        plan(self, &Env::process())
     }
 
-    /// The name, the scope in effect (as asked, not yet resolved from Auto), the lock file and
-    /// the bus.
-    pub(crate) fn resolve(
-        &self,
-    ) -> Result<(InstanceName, Scope, Option<LockPlan>, Option<BusPlan>)> {
-        let name = InstanceName::new(&self.name).map_err(|rule| Error::InvalidName {
-            name: self.name.clone(),
-            rule,
-        })?;
-        let env = |k: &str| std::env::var(k).ok();
-        // Settings that name files are read as they are, bytes and all: a value that is not
-        // UTF-8 is either used exactly or refused, never taken for "unset".
-        let env_os = |k: &str| std::env::var_os(k);
-        let scope = match self.scope {
-            Some(scope) => scope,
-            None => scope_from_env(&env_os)?.unwrap_or(Scope::Auto),
-        };
-        let bus = match self.backend {
-            Backend::LockFile => None,
-            Backend::Auto | Backend::Dbus => choose_bus(scope, &env),
-        };
-        if self.backend == Backend::Dbus && bus.is_none() {
-            return Err(Error::NoUsableBackend {
-                name: name.to_string(),
-                reason: "the D-Bus backend was asked for, but no session bus is configured \
-                         (DBUS_SESSION_BUS_ADDRESS is unset and there is no $XDG_RUNTIME_DIR/bus); \
-                         run inside a session, use --system, or use the lock-file backend"
-                    .into(),
-                source: None,
-            });
-        }
-        let lock = if self.backend == Backend::Dbus {
-            None
-        } else {
-            Some(self.lock_plan(&name, scope, &env_os)?)
-        };
-        Ok((name, scope, lock, bus))
+    /// [`resolve`] in this process's environment.
+    pub(crate) fn resolve(&self) -> Result<Resolved> {
+        resolve(self, &Env::process())
     }
+}
+
+/// [`InstanceOptions::plan`] in `env`.
+pub(crate) fn plan(options: &InstanceOptions, env: &Env) -> Result<Plan> {
+    let (name, scope, lock, bus) = resolve(options, env)?;
+    let scope = effective_scope(scope, lock.as_ref(), bus.as_ref());
+    Ok(Plan {
+        name: name.to_string(),
+        lock_file: lock.map(|l| l.path()),
+        bus: bus.map(|b| b.kind),
+        scope,
+        bus_reason: bus.map_or(
+            "no session bus is configured and this is not a system service",
+            |b| b.why,
+        ),
+    })
+}
+
+/// The name, the scope as asked (not yet resolved from Auto), the lock file and the bus, for
+/// `options` in `env`.
+pub(crate) fn resolve(options: &InstanceOptions, env: &Env) -> Result<Resolved> {
+    let name = InstanceName::new(&options.name).map_err(|rule| Error::InvalidName {
+        name: options.name.clone(),
+        rule,
+    })?;
+    // Settings that name files are read as they are, bytes and all: a value that is not
+    // UTF-8 is either used exactly or refused, never taken for "unset". The bus's are
+    // taken for unset unless they are UTF-8.
+    let env_str = |k: &str| (env.var)(k).and_then(|v| v.into_string().ok());
+    let scope = match options.scope {
+        Some(scope) => scope,
+        None => scope_from_env(env.var)?.unwrap_or(Scope::Auto),
+    };
+    let bus = match options.backend {
+        Backend::LockFile => None,
+        Backend::Auto | Backend::Dbus => choose_bus(scope, &env_str),
+    };
+    if options.backend == Backend::Dbus && bus.is_none() {
+        return Err(Error::NoUsableBackend {
+            name: name.to_string(),
+            reason: "the D-Bus backend was asked for, but no session bus is configured \
+                     (DBUS_SESSION_BUS_ADDRESS is unset and there is no $XDG_RUNTIME_DIR/bus); \
+                     run inside a session, use --system, or use the lock-file backend"
+                .into(),
+            source: None,
+        });
+    }
+    let lock = if options.backend == Backend::Dbus {
+        None
+    } else {
+        Some(lock::lock_plan(options, &name, scope, env)?)
+    };
+    Ok((name, scope, lock, bus))
 }
 
 /// The scope in effect: [`Scope::Auto`] resolved by the lock file's rule (who you are), or by
@@ -271,5 +315,83 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Planning reads only the environment it is given: the same options plan differently in
+    /// different environments, and the real one is not consulted.
+    fn plan_for(options: &InstanceOptions, pairs: &[(&str, &str)], euid: u32) -> Result<Plan> {
+        let var = os_env_of(pairs);
+        let none = std::path::PathBuf::from("/nonexistent/unique-instance-unit");
+        let who = move || euid;
+        plan(
+            options,
+            &Env {
+                var: &var,
+                euid: &who,
+                service_base: &none,
+            },
+        )
+    }
+
+    #[test]
+    fn the_scope_and_the_lock_dir_come_from_the_environment_given() {
+        let options = InstanceOptions::new("org.example.Planned");
+        let env = [(SCOPE_ENV, "system"), (crate::LOCK_DIR_ENV, "/somewhere")];
+        let planned = plan_for(&options, &env, 1000).expect("plan");
+        assert_eq!(planned.scope, Scope::System);
+        assert_eq!(planned.bus, Some(BusKind::System));
+        assert_eq!(
+            planned.lock_file,
+            Some(PathBuf::from("/somewhere/org.example.Planned.lock"))
+        );
+        // A scope chosen in code wins over the environment's.
+        let user = InstanceOptions::new("org.example.Planned").scope(Scope::User);
+        let planned = plan_for(&user, &env, 1000).expect("plan");
+        assert_eq!((planned.scope, planned.bus), (Scope::User, None));
+        // Nothing set: Auto follows who we are, and no bus is configured.
+        let planned = plan_for(&options, &[], 1000).expect("plan");
+        assert_eq!((planned.scope, planned.bus), (Scope::User, None));
+        assert_eq!(
+            planned.lock_file,
+            Some(lock::user_lock_dir(1000).join("org.example.Planned.lock"))
+        );
+        let planned = plan_for(&options, &[], 0).expect("plan");
+        assert_eq!(planned.scope, Scope::System);
+        assert_eq!(
+            planned.lock_file,
+            Some(Path::new(SYSTEM_LOCK_DIR).join("org.example.Planned.lock"))
+        );
+    }
+
+    #[test]
+    fn a_relative_lock_dir_in_the_environment_is_refused() {
+        let options = InstanceOptions::new("org.example.Planned");
+        match plan_for(&options, &[(crate::LOCK_DIR_ENV, "locks")], 1000) {
+            Err(Error::InvalidOption { option, .. }) => assert_eq!(option, crate::LOCK_DIR_ENV),
+            other => panic!("a relative directory was accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_dbus_backend_alone_needs_a_configured_bus() {
+        let options = InstanceOptions::new("org.example.Planned")
+            .scope(Scope::User)
+            .backend(Backend::Dbus);
+        assert!(matches!(
+            plan_for(&options, &[], 1000),
+            Err(Error::NoUsableBackend { .. })
+        ));
+        let session = [("DBUS_SESSION_BUS_ADDRESS", "unix:path=/x")];
+        let planned = plan_for(&options, &session, 1000).expect("plan");
+        assert_eq!(planned.bus, Some(BusKind::Session));
+        assert_eq!(planned.lock_file, None);
+        // Auto resolved by the bus's rule when there is no lock file.
+        let auto = InstanceOptions::new("org.example.Planned").backend(Backend::Dbus);
+        let activated = [("DBUS_STARTER_BUS_TYPE", "system")];
+        let planned = plan_for(&auto, &activated, 1000).expect("plan");
+        assert_eq!(
+            (planned.scope, planned.bus),
+            (Scope::System, Some(BusKind::System))
+        );
     }
 }
