@@ -299,7 +299,7 @@ impl InstanceOptions {
                     self.wait,
                     deadline,
                     self.allow_replacement,
-                    previous.as_ref(),
+                    previous.as_ref().map(|p| p.pid),
                     lock.is_some(),
                 )
                 .await?;
@@ -309,7 +309,9 @@ impl InstanceOptions {
                             stream,
                             name.to_string(),
                             loss_tx.clone(),
-                            lock.as_ref().map(HeldLock::watch_handle),
+                            lock.as_ref()
+                                .map(HeldLock::watch_handle)
+                                .map(|lock| move || lock_still_held(&lock)),
                         )));
                         Some((kind, conn, disconnect))
                     }
@@ -433,4 +435,14 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         lock_watch,
         wait_watch: None,
     }))
+}
+
+/// Whether the lock file is ours right now, for the bus's watch when the connection closes:
+/// not what held at acquisition, but what holds now, since the lock file may have gone
+/// unnoticed (the watch turned off, or a directory above it moved). A lock file merely removed
+/// is re-created first (see `WatchHandle::recover`).
+fn lock_still_held(lock: &lockfile::WatchHandle) -> bool {
+    lock.check_path()
+        .is_none_or(|_| lock.recover(None) != lockfile::Recovery::Lost)
+        && lock.verify_held()
 }

@@ -16,7 +16,7 @@ use zbus::{Connection, MessageStream};
 use super::watch::{NameSignal, next_name_signal};
 use super::{CALL_TIMEOUT, DBUS_NAME, DBUS_PATH};
 use crate::error::{Error, Result, already_running};
-use crate::holder::{BackendKind, Holder, LockRecord, process_executable, process_start_time};
+use crate::holder::{BackendKind, Holder, process_executable, process_start_time};
 use crate::lockfile;
 use crate::name::InstanceName;
 use crate::options::Wait;
@@ -33,6 +33,7 @@ pub(crate) const STOP_BEFORE_REQUEST_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEF
 /// Requests the name with explicit flags and, when asked or when the previous lock holder's
 /// connection is still being torn down, waits in the bus queue for it. `None` when the bus went
 /// away before it granted the name while we hold the lock file (which then alone decides).
+/// `previous_pid`: the process that held the lock file before us, by its record.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn own_name(
     name: &InstanceName,
@@ -43,7 +44,7 @@ pub(crate) async fn own_name(
     wait: Wait,
     deadline: Option<Instant>,
     allow_replacement: bool,
-    previous: Option<&LockRecord>,
+    previous_pid: Option<u32>,
     holding_lock: bool,
 ) -> Result<Option<zbus::MessageStream>> {
     let flags = request_flags(wait, allow_replacement);
@@ -110,7 +111,7 @@ pub(crate) async fn own_name(
             // processed its disconnect. Queue for the name, briefly, rather than refuse.
             let dead_previous = holding_lock
                 && owner.pid.is_some()
-                && previous.is_some_and(|p| Some(p.pid) == owner.pid);
+                && previous_pid.is_some_and(|pid| Some(pid) == owner.pid);
             if !dead_previous {
                 return Err(already_running(name, Box::new(owner)));
             }

@@ -7,7 +7,6 @@ use zbus::MessageStream;
 use zbus::message::Type as MessageType;
 
 use super::DBUS_NAME;
-use crate::lockfile;
 use crate::loss::{Loss, LossLog, LossReason};
 
 /// A name-ownership signal about our name.
@@ -47,12 +46,12 @@ pub(crate) async fn next_name_signal(stream: &mut MessageStream, name: &str) -> 
 /// zbus's reader from stalling on a full queue.
 ///
 /// When the connection closes, exclusion is claimed only if the lock file is re-verified right
-/// then (`lock`, when one is held): see [`Loss::still_exclusive`].
+/// then (`lock_still_held`, when one is held): see [`Loss::still_exclusive`].
 pub(crate) async fn watch_bus(
     mut stream: zbus::MessageStream,
     name: String,
     losses: LossLog,
-    lock: Option<lockfile::WatchHandle>,
+    lock_still_held: Option<impl FnOnce() -> bool>,
 ) {
     loop {
         match next_name_signal(&mut stream, &name).await {
@@ -67,14 +66,8 @@ pub(crate) async fn watch_bus(
             }
             Some(NameSignal::Acquired) => {}
             None => {
-                // Not what held at acquisition, but what holds now: the lock file may have gone
-                // unnoticed (the watch turned off, or a directory above it moved).
-                // A lock file merely removed is re-created first (see `WatchHandle::recover`).
-                let lock_verified = lock.as_ref().is_some_and(|lock| {
-                    lock.check_path()
-                        .is_none_or(|_| lock.recover(None) != lockfile::Recovery::Lost)
-                        && lock.verify_held()
-                });
+                // Not what held at acquisition, but what holds now.
+                let lock_verified = lock_still_held.is_some_and(|still_held| still_held());
                 tracing::warn!(name = %name, lock_verified, "the bus connection closed");
                 losses.send_modify(|log| {
                     // Judged inside the update, so a loss logged meanwhile counts.
