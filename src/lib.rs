@@ -64,7 +64,7 @@ pub use status::{Status, status};
 /// ```
 pub use zbus;
 
-// Where src/lockfile.rs's tests name it.
+// Where src/lockfile/dir.rs's tests name it.
 #[cfg(test)]
 pub(crate) use plan::SYSTEM_LOCK_DIR;
 

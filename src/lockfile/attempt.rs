@@ -1,0 +1,250 @@
+//! One attempt at the lock: open the file, lock it, check that the path still names it and that
+//! its directory is still the path's, and hand back the held lock or the holder.
+//! Must not: wait for a holder to go (that is `wait.rs`), nor watch a held lock (`watch.rs`).
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rustix::fs::AtFlags;
+use rustix::io::Errno;
+
+use crate::error::{Error, Result};
+use crate::holder::{Holder, LockRecord};
+use crate::plan::LockPlan;
+
+use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
+use super::held::{Files, HeldLock, MAX_RECREATIONS, Now, Shared};
+use super::ofd::{is_held, lock_exclusive, retry_eintr, wait_unlocked};
+use super::open::{Opened, ReadOnlyBecause, is_ours, not_a_lock_file, open_lock_file};
+use super::record::{read_content, read_holder, read_holder_async};
+
+/// The outcome of one attempt.
+// Returned once per attempt and taken apart at once: boxing the large variant would only add an
+// allocation to the acquire path.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Attempt {
+    /// Locked; carries the previous holder's record, if the file had one (a crashed holder's).
+    Acquired(HeldLock, Option<LockRecord>),
+    /// Someone else holds it.
+    Busy(Box<Holder>),
+}
+
+/// How many times the file may vanish or appear between our own two system calls before we
+/// give up: only a process churning the directory on purpose gets anywhere near it.
+const MAX_OPEN_RACES: u32 = 1000;
+
+/// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
+///
+/// Refused, it reads the holder's record with [`read_holder`]'s grace, which blocks for up to
+/// [`RECORD_GRACE`](super::record::RECORD_GRACE): from async code use [`lock_async`].
+///
+/// A lock directory removed or replaced under the attempt is opened (made) again, and
+/// `lock_dir` then is the new one: see [`settle`].
+pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Attempt> {
+    Ok(match settle(plan, lock_dir, block)? {
+        Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
+        Step::Busy(file) => Attempt::Busy(Box::new(read_holder(&file, &plan.path()))),
+    })
+}
+
+/// Tries once to lock the file of `plan` in `dir`, without blocking the executor: every system
+/// call it makes returns at once, and the grace a just-started holder gets to write its record
+/// is awaited ([`read_holder_async`]). As [`lock`], it may replace `lock_dir`.
+pub(crate) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Result<Attempt> {
+    Ok(match settle(plan, lock_dir, false)? {
+        Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
+        Step::Busy(file) => Attempt::Busy(Box::new(read_holder_async(&file, &plan.path()).await)),
+    })
+}
+
+/// One attempt ([`lock_step`]) that ends in the lock directory the path leads to *now*: when
+/// the directory was removed (its files with it) or replaced while we opened, locked or were
+/// refused the file, the lock taken or the holder seen belongs to a directory nobody else will
+/// find any more, so it starts over from the directory, made again under the same rules (see
+/// [`open_dir`](super::dir::open_dir)), a bounded number of times.
+fn settle(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Step> {
+    static STOPPED: AtomicBool = AtomicBool::new(false);
+    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE", &STOPPED);
+    for _ in 0..MAX_DIR_RACES {
+        match lock_step(plan, lock_dir, block)? {
+            // Held or refused in a directory that is still the path's: the answer.
+            Some(step) if lock_dir.is_current() => return Ok(step),
+            // Dropped unused: a lock taken in a removed directory releases nothing anyone
+            // needs (a file we made in a directory renamed away is removed by the drop).
+            _ => lock_dir.reopen(plan)?,
+        }
+    }
+    Err(Error::io(
+        "the lock directory keeps being removed or replaced under us at",
+        &plan.dir,
+        std::io::Error::from(std::io::ErrorKind::Interrupted),
+    ))
+}
+
+/// Test hook (debug builds only): when the variable `var` is set, stops this process (`SIGSTOP`)
+/// right there, the first time it gets there (`stopped` remembers), so that a test can act at a
+/// moment it could not otherwise reach, then let it go on with `SIGCONT`. Release builds never
+/// look at the variable.
+pub(crate) fn stop_for_test(var: &str, stopped: &AtomicBool) {
+    if cfg!(debug_assertions)
+        && std::env::var_os(var).is_some()
+        && !stopped.swap(true, Ordering::Relaxed)
+    {
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+    }
+}
+
+/// An attempt, before the holder's record is read.
+// Returned once per attempt and taken apart at once, as `Attempt` is.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Acquired(HeldLock, Option<LockRecord>),
+    /// Held by someone else: the file, to read the holder's record from.
+    Busy(OwnedFd),
+}
+
+/// One attempt in `lock_dir`; `None` when the directory was removed under it.
+fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<Step>> {
+    let euid = rustix::process::geteuid().as_raw();
+    let path = plan.path();
+    let dir = &lock_dir.fd;
+    let mut races = 0;
+    loop {
+        races += 1;
+        if races > MAX_OPEN_RACES {
+            return Err(Error::io(
+                "the lock file keeps being removed and created under us at",
+                &path,
+                std::io::Error::from(std::io::ErrorKind::Interrupted),
+            ));
+        }
+        let opened = match open_lock_file(plan, dir, &path, euid, lock_dir, block) {
+            Ok(Some(opened)) => opened,
+            // The file vanished or appeared between two of our calls (retry), or the whole
+            // directory went: nothing can be created in a removed directory (`ENOENT`).
+            Ok(None) | Err(_) if lock_dir.removed() => return Ok(None),
+            Ok(None) => continue,
+            Err(e) => return Err(e),
+        };
+        let no_locks = || Error::NoUsableBackend {
+            name: plan.instance.clone(),
+            reason: format!(
+                "the file system of {} does not support locks",
+                path.display()
+            ),
+            source: Some(Box::new(std::io::Error::from(Errno::NOLCK))),
+        };
+        let (file, st, created) = match opened {
+            (Opened::Writable(file, created), st) => (file, st, created),
+            (Opened::ReadOnly(file, why), st) => {
+                // A file we may only read (another user's), or must only read (not a lock file
+                // of ours): we can tell who holds it, but we can never be the instance through
+                // it (we could neither lock it for writing, nor record ourselves in it, nor
+                // remove it).
+                let held = match why {
+                    ReadOnlyBecause::Held => Ok(true),
+                    _ => is_held(&file),
+                };
+                match held {
+                    Ok(true) if !block => {
+                        return Ok(Some(Step::Busy(file)));
+                    }
+                    Ok(true) => {
+                        // Its holder removes it when it lets go; then we can make our own. So
+                        // wait for that with a shared lock, dropped (with `file`) at once.
+                        match wait_unlocked(&file) {
+                            Ok(()) => continue,
+                            Err(Errno::NOLCK) => return Err(no_locks()),
+                            Err(e) => return Err(Error::io("cannot wait for", &path, e.into())),
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(Errno::NOLCK) => return Err(no_locks()),
+                    Err(e) => return Err(Error::io("cannot test the lock on", &path, e.into())),
+                }
+                return Err(match why {
+                    ReadOnlyBecause::NotOurs => not_a_lock_file(plan, &path),
+                    ReadOnlyBecause::NoWritePermission | ReadOnlyBecause::Held => not_permitted(
+                        plan,
+                        format!(
+                            "lock file {} belongs to uid {} and this user may not write it, so \
+                             this user cannot hold the instance through it (no copy holds it \
+                             now): run as its owner (or root), or have them remove it",
+                            path.display(),
+                            st.st_uid
+                        ),
+                        Errno::ACCESS,
+                    ),
+                });
+            }
+        };
+        match lock_exclusive(&file, block) {
+            Ok(()) => {}
+            Err(Errno::AGAIN | Errno::ACCESS) => {
+                return Ok(Some(Step::Busy(file)));
+            }
+            Err(Errno::NOLCK) => return Err(no_locks()),
+            Err(e) => return Err(Error::io("cannot lock", &path, e.into())),
+        }
+        // `st` is the open file's, from before the lock: the descriptor still names that inode.
+        // The holder before us may have removed the file while we waited on the old inode, or
+        // someone replaced it: then the lock we hold protects nothing. Start again.
+        match rustix::fs::statat(dir, plan.file_name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
+            Ok(_) | Err(Errno::NOENT) => {
+                tracing::debug!(path = %path.display(), "lock file was replaced while we locked it; retrying");
+                continue;
+            }
+            Err(e) => return Err(Error::io("cannot stat", &path, e.into())),
+        }
+        let content = read_content(&file)
+            .map_err(|e| Error::io("cannot read the lock file", &path, e.into()))?;
+        // Checked before it was opened for writing, and again now that nobody else can be
+        // writing a record into it: data written in meanwhile is not ours to truncate. (`file`
+        // is dropped unused: unlocked, never removed.)
+        if !is_ours(&content) {
+            return Err(not_a_lock_file(plan, &path));
+        }
+        let previous = LockRecord::parse_whole(&content);
+        // Clear a crashed holder's record at once, so nobody reports a dead PID while we set up.
+        // (An empty file, the usual case, needs no truncation: one system call less.)
+        if !content.is_empty() {
+            retry_eintr(|| rustix::fs::ftruncate(&file, 0))
+                .map_err(|e| Error::io("cannot truncate", &path, e.into()))?;
+        }
+        let files = Arc::new(Files {
+            first: file,
+            more: [const { OnceLock::new() }; MAX_RECREATIONS + 1],
+        });
+        let shared = Arc::new(Shared {
+            now: Mutex::new(Now {
+                dev: st.st_dev,
+                ino: st.st_ino,
+                recreated: 0,
+                // Created by us, or a crashed holder's: ours to remove. Found empty: kept.
+                keep_file: !created && content.is_empty(),
+                record: Vec::new(),
+                released: false,
+                lost: false,
+            }),
+            files: Arc::downgrade(&files),
+            plan: plan.clone(),
+            lock_dir: lock_dir.clone(),
+        });
+        return Ok(Some(Step::Acquired(
+            HeldLock {
+                files,
+                dir: Arc::clone(dir),
+                file_name: plan.file_name.clone(),
+                path,
+                released: false,
+                record_len: 0,
+                pid: std::process::id(),
+                shared,
+            },
+            previous,
+        )));
+    }
+}

@@ -1,0 +1,335 @@
+//! The lock directory: opened (made if this process may make it), checked, and re-opened when it
+//! is removed or replaced under an attempt.
+//! Must not: open or lock the lock file itself (`open.rs`, `attempt.rs`).
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustix::fs::{Mode, OFlags, Stat};
+use rustix::io::Errno;
+
+use crate::error::{Error, Result, UnsafeLockPath};
+use crate::plan::LockPlan;
+
+use super::netfs::network_fs_name;
+use super::walk::{Walked, check_on_the_way, walk_dir};
+
+/// An open lock directory that passed [`open_dir`]'s checks.
+#[derive(Debug, Clone)]
+pub(crate) struct LockDir {
+    pub(super) fd: Arc<OwnedFd>,
+    /// Root's, sticky and writable by all, like `/run/lock`: see `owner_acceptable`.
+    pub(super) shared_sticky: bool,
+    /// A per-service directory's owner (the service's user): see `owner_acceptable`.
+    pub(super) service_owner: Option<u32>,
+    /// Where the walk found it (no symlinks, no `..`), and what was there: an attempt that
+    /// finds another directory there now, or none, starts over (see [`LockDir::is_current`]).
+    resolved: PathBuf,
+    dev: u64,
+    ino: u64,
+    /// As [`open_dir`] was asked, for opening it again.
+    allow_network_fs: bool,
+}
+
+impl LockDir {
+    /// The directory's identity (device, inode): another value after [`lock`](super::attempt::lock) opened it again.
+    pub(crate) fn id(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
+    /// Does the path still lead to this directory? Not when it was removed (`rm -r`, a logout
+    /// emptying `/run/user/UID`) or replaced (renamed away, another made in its place) since
+    /// it was opened: a lock taken in it then excludes nobody who opens the path now. One
+    /// `stat`. An error other than "gone" says yes: the attempt itself then reports it.
+    pub(super) fn is_current(&self) -> bool {
+        match rustix::fs::stat(&self.resolved) {
+            Ok(st) => (st.st_dev, st.st_ino) == (self.dev, self.ino),
+            Err(Errno::NOENT | Errno::NOTDIR) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// Has the directory lost its last name (removed, with everything in it)? Asked only when
+    /// a file could not be created or vanished: one `fstat`.
+    pub(super) fn removed(&self) -> bool {
+        rustix::fs::fstat(&*self.fd).is_ok_and(|st| st.st_nlink == 0)
+    }
+
+    /// Opens the lock directory again, made again as [`open_dir`] makes it, after it was
+    /// removed or replaced under an attempt.
+    pub(super) fn reopen(&mut self, plan: &LockPlan) -> Result<()> {
+        tracing::debug!(dir = %plan.dir.display(), "the lock directory was removed or replaced; opening it again");
+        *self = open_dir(plan, self.allow_network_fs)?;
+        Ok(())
+    }
+}
+
+/// How many times the lock directory may be removed or replaced under one acquisition before
+/// it gives up: only a process removing it on purpose, in a loop, gets anywhere near it.
+pub(super) const MAX_DIR_RACES: u32 = 1000;
+
+/// Opens (creating if needed) and checks the lock directory, and every directory and symlink on
+/// the way to it (see [`walk_dir`]). A directory removed between our `mkdir` and our `open` is
+/// walked to again (and made again), a bounded number of times.
+pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
+    for _ in 0..MAX_DIR_RACES {
+        if let Some(dir) = open_dir_once(plan, allow_network_fs)? {
+            return Ok(dir);
+        }
+    }
+    Err(Error::io(
+        "the lock directory keeps being removed as it is made at",
+        &plan.dir,
+        std::io::Error::from(std::io::ErrorKind::Interrupted),
+    ))
+}
+
+/// [`open_dir`], once; `None` when the directory vanished between two of our calls.
+fn open_dir_once(plan: &LockPlan, allow_network_fs: bool) -> Result<Option<LockDir>> {
+    let euid = rustix::process::geteuid().as_raw();
+    // The shared system directory must be root's: one made by another user would be that user's
+    // to empty (the owner of a sticky directory may remove anything in it), and every other copy
+    // would rightly refuse it. So only root creates it (or systemd-tmpfiles at boot).
+    let may_create = may_create_dir(plan, euid);
+    // Walked, not opened by path: the usual case costs no `mkdir`, and nothing on the way is
+    // followed before it is checked.
+    let (dir, st, resolved) = match walk_dir(plan, euid)? {
+        Walked::Found(dir, st, resolved) => (dir, st, resolved),
+        Walked::Missing(parent, name, above) if may_create => {
+            let created = match rustix::fs::mkdirat(&parent, &name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => true,
+                Err(Errno::EXIST) => false,
+                Err(e) => return Err(dir_error(plan, "cannot create lock directory", e)),
+            };
+            let dir = rustix::fs::openat(
+                &parent,
+                &name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            );
+            let dir = match dir {
+                Ok(dir) => dir,
+                // Removed again since our mkdir (or since the one of whoever made it): again.
+                Err(Errno::NOENT) => return Ok(None),
+                // Someone put a symlink there since our mkdir failed with EEXIST.
+                Err(Errno::LOOP | Errno::NOTDIR) => {
+                    return Err(Error::UnsafeLockPath {
+                        path: plan.dir.clone(),
+                        problem: UnsafeLockPath::Symlink,
+                    });
+                }
+                Err(e) => return Err(dir_error(plan, "cannot open lock directory", e)),
+            };
+            if created && let Some(mode) = plan.create_dir_mode {
+                // mkdir's mode is masked by the umask; set the intended one exactly, on the
+                // directory we opened (the path could have been swapped in between).
+                rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)).map_err(|e| {
+                    Error::io("cannot set the mode of lock directory", &plan.dir, e.into())
+                })?;
+            }
+            let st = rustix::fs::fstat(&dir)
+                .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
+            check_on_the_way(plan, &plan.dir, &st, euid, true)?;
+            (dir, st, above.join(&name))
+        }
+        Walked::Missing(..) if plan.create_dir_mode.is_some() => {
+            return Err(not_permitted(
+                plan,
+                format!(
+                    "the system lock directory {} does not exist, and only root may create it: \
+                     install the tmpfiles.d file that `unique-instance generate` writes and run \
+                     `systemd-tmpfiles --create`, or run one copy as root",
+                    plan.dir.display()
+                ),
+                Errno::NOENT,
+            ));
+        }
+        Walked::Missing(..) => {
+            return Err(dir_error(plan, "cannot open lock directory", Errno::NOENT));
+        }
+    };
+    check_dir(plan, &st, euid)?;
+    if !allow_network_fs {
+        let fs = rustix::fs::fstatfs(&dir)
+            .map_err(|e| Error::io("cannot statfs lock directory", &plan.dir, e.into()))?;
+        if let Some(fs_type) = network_fs_name(fs.f_type as i64) {
+            return Err(Error::NetworkFilesystem {
+                path: plan.dir.clone(),
+                fs_type,
+            });
+        }
+    }
+    Ok(Some(LockDir {
+        fd: Arc::new(dir),
+        shared_sticky: st.st_uid == 0 && st.st_mode & 0o1000 != 0 && st.st_mode & 0o002 != 0,
+        service_owner: plan.service_dir.then_some(st.st_uid),
+        resolved,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        allow_network_fs,
+    }))
+}
+
+/// Whether this process may create the lock directory if it is missing.
+fn may_create_dir(plan: &LockPlan, euid: u32) -> bool {
+    plan.create_dir_mode.is_some() && !(plan.shared_system_dir && euid != 0)
+}
+
+pub(super) fn dir_error(plan: &LockPlan, context: &'static str, e: Errno) -> Error {
+    if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS {
+        Error::NotPermitted {
+            name: plan.instance.clone(),
+            reason: format!(
+                "{context} {}: {}; run with the right user or choose another lock directory",
+                plan.dir.display(),
+                std::io::Error::from(e)
+            ),
+            source: Some(Box::new(std::io::Error::from(e))),
+        }
+    } else {
+        Error::io(context, &plan.dir, e.into())
+    }
+}
+
+pub(super) fn check_dir(plan: &LockPlan, st: &Stat, euid: u32) -> Result<()> {
+    let unsafe_dir = |problem| Error::UnsafeLockPath {
+        path: plan.dir.clone(),
+        problem,
+    };
+    let owner = st.st_uid;
+    let mode = st.st_mode & 0o7777;
+    if plan.private_dir {
+        if owner != euid {
+            return Err(unsafe_dir(UnsafeLockPath::ForeignDirectory {
+                dir: plan.dir.clone(),
+                owner,
+            }));
+        }
+        if mode & 0o777 != 0o700 {
+            return Err(unsafe_dir(UnsafeLockPath::DirectoryMode {
+                dir: plan.dir.clone(),
+                mode,
+            }));
+        }
+        return Ok(());
+    }
+    if plan.service_dir {
+        // Only root and the service's user may write it: nobody else can squat its lock file.
+        if mode & 0o022 != 0 {
+            return Err(unsafe_dir(UnsafeLockPath::InsecureDirectory {
+                dir: plan.dir.clone(),
+                mode,
+            }));
+        }
+        return Ok(());
+    }
+    if owner != euid && owner != 0 {
+        return Err(unsafe_dir(UnsafeLockPath::ForeignDirectory {
+            dir: plan.dir.clone(),
+            owner,
+        }));
+    }
+    // Anyone who can write the directory without the sticky bit can remove our file.
+    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(UnsafeLockPath::InsecureDirectory {
+            dir: plan.dir.clone(),
+            mode,
+        }));
+    }
+    Ok(())
+}
+
+pub(super) fn not_permitted(plan: &LockPlan, reason: String, e: Errno) -> Error {
+    Error::NotPermitted {
+        name: plan.instance.clone(),
+        reason,
+        source: Some(Box::new(std::io::Error::from(e))),
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    pub(in crate::lockfile) fn private_plan(dir: &Path) -> LockPlan {
+        LockPlan {
+            instance: "org.example.Test".into(),
+            dir: dir.to_owned(),
+            file_name: "org.example.Test.lock".into(),
+            root_may_own: false,
+            shared_system_dir: false,
+            create_dir_mode: Some(0o700),
+            private_dir: true,
+            service_dir: false,
+            file_mode: 0o600,
+        }
+    }
+
+    #[test]
+    fn per_user_fallback_directory_must_be_ours_and_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().expect("tempdir");
+        // Created by us: made 0700 whatever the umask, and accepted.
+        let fresh = base.path().join("fresh");
+        open_dir(&private_plan(&fresh), false).expect("a fresh private directory is accepted");
+        let mode = std::fs::metadata(&fresh)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o700);
+        // Pre-created by someone with a looser mode: refused, not "fixed".
+        let loose = base.path().join("loose");
+        std::fs::create_dir(&loose).expect("mkdir");
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert!(matches!(
+            open_dir(&private_plan(&loose), false),
+            Err(Error::UnsafeLockPath {
+                problem: UnsafeLockPath::DirectoryMode { mode: 0o755, .. },
+                ..
+            })
+        ));
+        // Pre-created by another user: refused.
+        if rustix::process::geteuid().is_root() {
+            let foreign = base.path().join("foreign");
+            std::fs::create_dir(&foreign).expect("mkdir");
+            std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod");
+            std::os::unix::fs::chown(&foreign, Some(65534), None).expect("chown");
+            assert!(matches!(
+                open_dir(&private_plan(&foreign), false),
+                Err(Error::UnsafeLockPath {
+                    problem: UnsafeLockPath::ForeignDirectory { owner: 65534, .. },
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn only_root_creates_the_shared_system_directory() {
+        let shared = LockPlan {
+            instance: "org.example.Test".into(),
+            dir: PathBuf::from(crate::SYSTEM_LOCK_DIR),
+            file_name: "org.example.Test.lock".into(),
+            root_may_own: true,
+            shared_system_dir: true,
+            create_dir_mode: Some(0o1777),
+            private_dir: false,
+            service_dir: false,
+            file_mode: 0o644,
+        };
+        assert!(may_create_dir(&shared, 0));
+        assert!(!may_create_dir(&shared, 1000));
+        // Directories of one's own (per-user, or given explicitly) are anyone's to create.
+        let own = private_plan(Path::new("/tmp/x"));
+        assert!(may_create_dir(&own, 1000));
+        let given = LockPlan {
+            shared_system_dir: false,
+            ..shared
+        };
+        assert!(may_create_dir(&given, 1000));
+    }
+}

@@ -1,0 +1,35 @@
+//! The lock-file backend: an exclusive open-file-description lock on a file that is opened
+//! safely, re-checked after locking, and removed only while still locked.
+//!
+//! Open-file-description (OFD) locks (`F_OFD_SETLK`), not `flock`: both belong to the open file,
+//! not to the process (so closing some other descriptor of the file never drops them, as it does
+//! classic `fcntl` locks), but only an OFD lock can be *tested* without being taken
+//! (`F_OFD_GETLK`). So `status`, and a user who may only read another user's lock file, learn
+//! whether it is held without ever holding it, even for an instant, which would make a copy
+//! starting at that moment believe the instance is running. And an exclusive OFD lock needs a
+//! descriptor open for writing, so a user who may only read the file cannot squat it.
+//!
+//! This file is the backend's surface for the acquisition code, and nothing else: each concept
+//! is a file of its own below. Must not: know about the bus, or about the options beyond the
+//! [`LockPlan`](crate::plan::LockPlan) it is given.
+
+mod attempt;
+mod dir;
+mod held;
+mod netfs;
+mod ofd;
+mod open;
+mod probe;
+mod record;
+mod recover;
+mod wait;
+mod walk;
+mod watch;
+
+pub(crate) use attempt::{Attempt, lock, lock_async, stop_for_test};
+pub(crate) use dir::{LockDir, open_dir};
+pub(crate) use held::HeldLock;
+pub(crate) use probe::{holder_of, holder_of_async, peek_holder};
+pub(crate) use recover::Recovery;
+pub(crate) use wait::{ReleaseWatch, may_be_free, release_watch};
+pub(crate) use watch::{PathChange, WatchHandle, drain, drain_any, new_inotify};

@@ -1,0 +1,68 @@
+//! The open-file-description lock primitives (`F_OFD_SETLK[W]`, `F_OFD_GETLK`) and the `EINTR`
+//! retry every system call here goes through.
+//! Must not: know about paths, records or policy: descriptors in, kernel answers out.
+
+use std::os::fd::OwnedFd;
+
+use nix::fcntl::{FcntlArg, fcntl};
+use nix::libc;
+use rustix::io::Errno;
+
+pub(super) fn retry_eintr<T>(
+    mut f: impl FnMut() -> rustix::io::Result<T>,
+) -> rustix::io::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::INTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// A write lock on the whole file, as `F_OFD_SETLK(W)` takes and `F_OFD_GETLK` tests it.
+fn whole_file(lock_type: libc::c_int) -> libc::flock {
+    libc::flock {
+        l_type: lock_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0, // to the end of the file, however long it grows
+        l_pid: 0, // required by OFD locks
+    }
+}
+
+/// Takes the exclusive OFD lock on `file` (open for writing), waiting for it with `block`.
+/// Without `block`, `EAGAIN` or `EACCES` means someone else holds it. `EINTR` is retried.
+pub(super) fn lock_exclusive(file: &OwnedFd, block: bool) -> rustix::io::Result<()> {
+    let lock = whole_file(libc::F_WRLCK);
+    let arg = || {
+        if block {
+            FcntlArg::F_OFD_SETLKW(&lock)
+        } else {
+            FcntlArg::F_OFD_SETLK(&lock)
+        }
+    };
+    retry_eintr(|| fcntl(file, arg()).map(drop).map_err(nix_errno))
+}
+
+/// Waits until nobody holds `file` exclusively, on a descriptor open only for reading, by taking
+/// a shared lock; the caller drops it (closing `file`) at once. `EINTR` is retried.
+pub(super) fn wait_unlocked(file: &OwnedFd) -> rustix::io::Result<()> {
+    let lock = whole_file(libc::F_RDLCK);
+    retry_eintr(|| {
+        fcntl(file, FcntlArg::F_OFD_SETLKW(&lock))
+            .map(drop)
+            .map_err(nix_errno)
+    })
+}
+
+/// Does anyone hold a lock on `file` that would keep us from locking it exclusively? Asked
+/// with `F_OFD_GETLK`, which takes nothing.
+pub(super) fn is_held(file: &OwnedFd) -> rustix::io::Result<bool> {
+    let mut probe = whole_file(libc::F_WRLCK);
+    retry_eintr(|| fcntl(file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(nix_errno))?;
+    Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+fn nix_errno(e: nix::errno::Errno) -> Errno {
+    Errno::from_raw_os_error(e as i32)
+}

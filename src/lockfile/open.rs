@@ -1,0 +1,260 @@
+//! Opening the lock file: created with `O_EXCL` or opened as it is, first only for reading, and
+//! written only when it is a lock file of ours (a regular file, one name, an acceptable owner,
+//! empty or one holder record).
+//! Must not: lock the file (`attempt.rs`), nor ever write or remove a file that is not ours.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use rustix::fs::{FileType, Mode, OFlags, Stat};
+use rustix::io::Errno;
+
+use crate::error::{Error, Result, UnsafeLockPath};
+use crate::holder::LockRecord;
+use crate::plan::LockPlan;
+
+use super::dir::{LockDir, not_permitted};
+use super::ofd::{is_held, retry_eintr};
+use super::record::read_content;
+
+/// A lock file, opened.
+pub(super) enum Opened {
+    /// Ours to lock and write; `true` when this call created it (`O_CREAT | O_EXCL`).
+    Writable(OwnedFd, bool),
+    /// A file opened only for reading: enough to learn whether (and by whom) it is held, tested
+    /// without being taken (`F_OFD_GETLK`), but not to become the instance.
+    ReadOnly(OwnedFd, ReadOnlyBecause),
+}
+
+/// Why a lock file was opened only for reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReadOnlyBecause {
+    /// Another user's file that this user may not write.
+    NoWritePermission,
+    /// Neither empty nor a whole holder record: someone else's data, never ours to write or
+    /// remove.
+    NotOurs,
+    /// Found held (tested, not taken) by a copy that will not wait: already running.
+    Held,
+}
+
+/// Whether `content` (the start of a file at the lock path, see [`read_content`]) may be used as
+/// a lock file: empty (just created, or by a holder that died before writing its record; used,
+/// but never removed) or one holder record and nothing else (a crashed holder's, see
+/// [`LockRecord::parse_whole`]). Anything else is someone's data, which unique-instance never
+/// writes into or removes.
+pub(super) fn is_ours(content: &[u8]) -> bool {
+    content.is_empty() || LockRecord::parse_whole(content).is_some()
+}
+
+pub(super) fn not_a_lock_file(plan: &LockPlan, path: &Path) -> Error {
+    Error::NotALockFile {
+        name: plan.instance.clone(),
+        path: path.to_owned(),
+    }
+}
+
+/// Opens the lock file, creating it if it does not exist. `None` when it vanished or appeared
+/// between two of our calls: try again.
+///
+/// A missing file is created with `O_CREAT | O_EXCL`: then it is ours. An existing one is opened
+/// *without* `O_CREAT`, and first only for reading: it is opened for writing only once it is
+/// known to be a regular file with one name holding nothing but a lock file's content (see
+/// [`is_ours`]). So a data file or a script given as the lock path is never truncated, written
+/// or removed, and a running executable is never opened for writing (which would fail with
+/// `ETXTBSY`, and take it from whoever runs it next). Under `fs.protected_regular` (which
+/// systemd turns on in every booted system) an `O_CREAT` open of another user's file in a sticky
+/// world-writable directory fails with `EACCES` even for root, so a copy started by root would
+/// otherwise be refused the file of a service running under its own user, instead of being
+/// told that service is running.
+pub(super) fn open_lock_file(
+    plan: &LockPlan,
+    dir: &OwnedFd,
+    path: &Path,
+    euid: u32,
+    lock_dir: &LockDir,
+    block: bool,
+) -> Result<Option<(Opened, Stat)>> {
+    let unsafe_path = |problem| Error::UnsafeLockPath {
+        path: path.to_owned(),
+        problem,
+    };
+    // NONBLOCK keeps a FIFO planted at the path from blocking the open; it is refused below.
+    let flags = OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+    let open = |flags: OFlags| {
+        retry_eintr(|| {
+            rustix::fs::openat(
+                dir,
+                plan.file_name.as_os_str(),
+                flags,
+                Mode::from_raw_mode(plan.file_mode),
+            )
+        })
+    };
+    let refused = |e: Errno| match e {
+        Errno::LOOP => unsafe_path(UnsafeLockPath::Symlink),
+        Errno::ISDIR => unsafe_path(UnsafeLockPath::NotRegularFile { kind: "directory" }),
+        Errno::NXIO => unsafe_path(UnsafeLockPath::NotRegularFile { kind: "socket" }),
+        e if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS => not_permitted(
+            plan,
+            format!(
+                "cannot open lock file {}: {}; run as its owner or choose another lock path",
+                path.display(),
+                std::io::Error::from(e)
+            ),
+            e,
+        ),
+        e => Error::io("cannot open lock file", path, e.into()),
+    };
+    let fstat = |file: &OwnedFd| {
+        rustix::fs::fstat(file).map_err(|e| Error::io("cannot stat", path, e.into()))
+    };
+    // What every file at the path must be; `false`: it has no name any more (retry).
+    let check = |st: &Stat| -> Result<bool> {
+        let file_type = FileType::from_raw_mode(st.st_mode);
+        if file_type != FileType::RegularFile {
+            return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
+                kind: file_type_name(file_type),
+            }));
+        }
+        // No name at all: its holder removed it between our open and this check (it does so
+        // on every release). A race to retry, not an attack: the path names a fresh file, or
+        // nothing.
+        if st.st_nlink == 0 {
+            return Ok(false);
+        }
+        // A second name for the file means it may be someone else's file linked in here (say
+        // /etc/shadow, where protected_hardlinks is off), which we would truncate and write.
+        if st.st_nlink != 1 {
+            #[allow(clippy::unnecessary_cast)] // `st_nlink` is narrower on some architectures
+            let links = st.st_nlink as u64;
+            return Err(unsafe_path(UnsafeLockPath::HardLinked { links }));
+        }
+        Ok(true)
+    };
+    let writable = |file: OwnedFd, st: Stat, created: bool| -> Result<Option<(Opened, Stat)>> {
+        if !check(&st)? {
+            return Ok(None);
+        }
+        if !owner_acceptable(plan, euid, st.st_uid, lock_dir) {
+            return Err(unsafe_path(UnsafeLockPath::WrongOwner {
+                owner: st.st_uid,
+                expected: euid,
+            }));
+        }
+        Ok(Some((Opened::Writable(file, created), st)))
+    };
+    // Created first: a released lock file is removed, so a missing file is the usual case and
+    // costs one call. `O_EXCL` fails on anything already there (a symlink included) before any
+    // other check, and that is then opened as it is.
+    match open(flags | OFlags::RDWR | OFlags::CREATE | OFlags::EXCL) {
+        Ok(file) => {
+            let mut st = fstat(&file)?;
+            set_new_file_owner_and_mode(plan, &file, path, &mut st, euid, lock_dir)?;
+            return writable(file, st, true);
+        }
+        Err(Errno::EXIST) => {}
+        // The directory was removed (nothing can be created in it): see `lock_step`.
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(refused(e)),
+    }
+    let file = match open(flags | OFlags::RDONLY) {
+        Ok(file) => file,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(refused(e)),
+    };
+    let st = fstat(&file)?;
+    if !check(&st)? {
+        return Ok(None);
+    }
+    let content =
+        read_content(&file).map_err(|e| Error::io("cannot read the lock file", path, e.into()))?;
+    if !is_ours(&content) {
+        return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::NotOurs), st)));
+    }
+    // Held, and we will not wait: already running, learnt without opening it for writing.
+    if !block && is_held(&file) == Ok(true) {
+        return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::Held), st)));
+    }
+    match open(flags | OFlags::RDWR) {
+        Ok(rw) => {
+            let now = fstat(&rw)?;
+            // Another file took the name between our two opens: its content is unchecked.
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+                return Ok(None);
+            }
+            writable(rw, now, false)
+        }
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) if e == Errno::ACCESS || e == Errno::PERM => Ok(Some((
+            Opened::ReadOnly(file, ReadOnlyBecause::NoWritePermission),
+            st,
+        ))),
+        Err(e) => Err(refused(e)),
+    }
+}
+
+/// Gives a lock file we just created its intended mode, whatever the umask (under `umask 077`
+/// a system lock file would be 0600, and other users could no longer see who runs), and, when
+/// root creates it in a service's own directory, the service's user as owner, so that the
+/// service can still take it if root's copy dies without removing it. Costs nothing when the
+/// umask left the mode as asked (the `fstat` is made anyway).
+pub(super) fn set_new_file_owner_and_mode(
+    plan: &LockPlan,
+    file: &OwnedFd,
+    path: &Path,
+    st: &mut Stat,
+    euid: u32,
+    lock_dir: &LockDir,
+) -> Result<()> {
+    if let Some(owner) = lock_dir.service_owner.filter(|&o| euid == 0 && o != 0) {
+        rustix::fs::fchown(
+            file,
+            Some(rustix::fs::Uid::from_raw(owner)),
+            Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        )
+        .map_err(|e| {
+            Error::io(
+                "cannot give the lock file to the service's user",
+                path,
+                e.into(),
+            )
+        })?;
+        st.st_uid = owner;
+    }
+    if st.st_mode & 0o7777 != plan.file_mode {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(plan.file_mode))
+            .map_err(|e| Error::io("cannot set the mode of lock file", path, e.into()))?;
+        st.st_mode = (st.st_mode & !0o7777) | plan.file_mode;
+    }
+    Ok(())
+}
+
+/// Whose lock file we may lock and write: our own; in system scope, root's; and, for root in
+/// system scope, any user's file in a root-owned sticky world-writable directory (the shared
+/// system lock directory). That last case is the service running under its own `User=` whose
+/// lock file a copy started by root must meet: the sticky bit guarantees only that user and root
+/// can remove or rename the file, a single link guarantees it is not some other file in
+/// disguise, and the lock and the record are all root writes into it. Likewise, for root, the
+/// file of a per-service directory's owner (the service's user): only they and root can write
+/// that directory. Elsewhere a foreign file is refused, because its owner, not the directory's,
+/// decides what it is.
+fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, lock_dir: &LockDir) -> bool {
+    owner == euid
+        || (plan.root_may_own
+            && (owner == 0
+                || (euid == 0
+                    && (lock_dir.shared_sticky || lock_dir.service_owner == Some(owner)))))
+}
+
+pub(super) fn file_type_name(t: FileType) -> &'static str {
+    match t {
+        FileType::Directory => "directory",
+        FileType::Fifo => "FIFO",
+        FileType::Socket => "socket",
+        FileType::CharacterDevice => "character device",
+        FileType::BlockDevice => "block device",
+        FileType::Symlink => "symbolic link",
+        _ => "special file",
+    }
+}

@@ -1,0 +1,83 @@
+//! Probes for `status` and timeouts: who holds the lock file at a path, tested without ever
+//! locking, creating or writing it.
+//! Must not: take the lock, even for an instant (a copy starting then would believe it held).
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use rustix::fs::{FileType, Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::error::{Error, Result, UnsafeLockPath};
+use crate::holder::Holder;
+
+use super::ofd::is_held;
+use super::open::file_type_name;
+use super::record::{look_at_record, read_holder, read_holder_async, unknown_holder};
+
+/// Reads the current holder of `path` without locking anything (for `status` and timeouts).
+pub(crate) fn peek_holder(path: &Path) -> Option<Holder> {
+    let file = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&file).ok()?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return None;
+    }
+    Some(look_at_record(&file, path).unwrap_or_else(|| unknown_holder(path)))
+}
+
+/// Who holds the lock file at `path`, tested (`F_OFD_GETLK`) on a read-only descriptor: never
+/// created, never written, never locked, so a copy starting at the same moment is not disturbed.
+/// `None` when nobody holds it, or there is no such file. A holder whose record is not written
+/// yet gets the short grace [`read_holder`] gives it.
+///
+/// This blocks for up to [`RECORD_GRACE`](super::record::RECORD_GRACE): from async code use [`holder_of_async`].
+pub(crate) fn holder_of(path: &Path) -> Result<Option<Holder>> {
+    Ok(held_file(path)?.map(|file| read_holder(&file, path)))
+}
+
+/// [`holder_of`] for async code: the grace is awaited, not blocked on.
+pub(crate) async fn holder_of_async(path: &Path) -> Result<Option<Holder>> {
+    Ok(match held_file(path)? {
+        Some(file) => Some(read_holder_async(&file, path).await),
+        None => None,
+    })
+}
+
+/// The file at `path`, opened read-only, when someone holds its lock.
+fn held_file(path: &Path) -> Result<Option<OwnedFd>> {
+    let file = match rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) {
+        Ok(f) => f,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(Errno::LOOP) => {
+            return Err(Error::UnsafeLockPath {
+                path: path.to_owned(),
+                problem: UnsafeLockPath::Symlink,
+            });
+        }
+        Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
+    };
+    let st = rustix::fs::fstat(&file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
+    let file_type = FileType::from_raw_mode(st.st_mode);
+    if file_type != FileType::RegularFile {
+        return Err(Error::UnsafeLockPath {
+            path: path.to_owned(),
+            problem: UnsafeLockPath::NotRegularFile {
+                kind: file_type_name(file_type),
+            },
+        });
+    }
+    match is_held(&file) {
+        Ok(true) => Ok(Some(file)),
+        Ok(false) => Ok(None),
+        Err(e) => Err(Error::io("cannot test the lock on", path, e.into())),
+    }
+}
