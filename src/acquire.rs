@@ -14,8 +14,8 @@ use crate::guard::{GuardParts, InstanceGuard};
 use crate::holder::{BackendKind, LockRecord};
 use crate::lockfile::{self, Attempt, HeldLock};
 use crate::options::{
-    CloseAside, InstanceOptions, LockWatchThread, WATCH_FALLBACK_INTERVAL, Wait, recheck_lock,
-    try_lock, wait_lock, watch_lock,
+    CloseAside, InstanceOptions, LockWatchThread, WATCH_FALLBACK_INTERVAL, Wait, options_wait,
+    recheck_lock, try_lock, wait_lock, watch_lock,
 };
 use crate::plan::{LockPlan, effective_scope};
 use crate::runtime::ServiceThread;
@@ -173,13 +173,15 @@ impl InstanceOptions {
         let mut wait_watch = None;
         let (mut lock, previous) = match &lock_plan {
             Some(plan) => {
-                let (mut held, previous) = match try_lock(plan, &self).await? {
+                let allow_network_fs = self.allow_network_filesystem;
+                let (mut held, previous) = match try_lock(plan, allow_network_fs).await? {
                     (Attempt::Acquired(held, previous), _) => (held, previous),
                     (Attempt::Busy(holder), _) if self.wait == Wait::No => {
                         return Err(already_running(&name, holder));
                     }
                     (Attempt::Busy(holder), dir) => {
-                        let waited = wait_lock(&name, plan, dir, holder, &self, deadline);
+                        let (notify, timeout) = (self.notify_ready, options_wait(&self));
+                        let waited = wait_lock(&name, plan, dir, holder, notify, deadline, timeout);
                         let waited = match &bus_plan {
                             // Connected meanwhile (the name is asked for only once the lock file
                             // is ours), so that a take-over is one round trip from the bus name.

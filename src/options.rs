@@ -221,9 +221,9 @@ impl InstanceOptions {
 /// Tries the lock file once; gives back the directory too, to wait with.
 pub(crate) async fn try_lock(
     plan: &LockPlan,
-    options: &InstanceOptions,
+    allow_network_fs: bool,
 ) -> Result<(Attempt, LockDir)> {
-    let mut dir = lockfile::open_dir(plan, options.allow_network_filesystem)?;
+    let mut dir = lockfile::open_dir(plan, allow_network_fs)?;
     Ok((lockfile::lock_async(plan, &mut dir).await?, dir))
 }
 
@@ -231,17 +231,19 @@ pub(crate) async fn try_lock(
 /// attempt is a non-blocking one, made again whenever inotify reports that the lock may have
 /// been released (see [`lockfile::may_be_free`]), and at least every [`RECHECK_EVERY`].
 /// Dropping the future (a timeout, a `select!`) ends the wait at once, with nothing left
-/// behind that could take the lock later.
+/// behind that could take the lock later. `timeout` is the wait asked for, which `deadline`
+/// ends: the [`Error::TimedOut`] says how long that was.
 pub(crate) async fn wait_lock(
     name: &InstanceName,
     plan: &LockPlan,
     mut dir: LockDir,
     holder: Box<Holder>,
-    options: &InstanceOptions,
+    notify_ready: bool,
     deadline: Option<Instant>,
+    timeout: Duration,
 ) -> Result<Waited> {
     tracing::info!(name = %name, holder = %holder, "waiting for the running copy to exit");
-    if options.notify_ready {
+    if notify_ready {
         crate::notify::status(&format!(
             "{name}: waiting for the running copy to exit ({holder})"
         ));
@@ -252,7 +254,7 @@ pub(crate) async fn wait_lock(
             Ok(outcome) => outcome,
             Err(_) => Err(Error::TimedOut {
                 name: name.to_string(),
-                waited: options_wait(options),
+                waited: timeout,
                 holder: Box::new(lockfile::peek_holder(&plan.path()).unwrap_or(*holder)),
             }),
         },
@@ -377,7 +379,7 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
     }
 }
 
-fn options_wait(options: &InstanceOptions) -> Duration {
+pub(crate) fn options_wait(options: &InstanceOptions) -> Duration {
     match options.wait {
         Wait::Timeout(d) => d,
         _ => Duration::ZERO,
