@@ -12,11 +12,11 @@ use crate::dbus::{self, STOP_BEFORE_REQUEST_NAME, own_name, request_flags, watch
 use crate::error::{Error, Result, already_running};
 use crate::guard::{GuardParts, InstanceGuard};
 use crate::holder::{BackendKind, LockRecord};
-use crate::lockfile::{self, Attempt, HeldLock};
-use crate::options::{
-    CloseAside, InstanceOptions, LockWatchThread, WATCH_FALLBACK_INTERVAL, Wait, options_wait,
-    recheck_lock, try_lock, wait_lock, watch_lock,
+use crate::lockfile::{
+    self, Attempt, CloseAside, HeldLock, LockWatchThread, WATCH_FALLBACK_INTERVAL, recheck_lock,
+    try_lock, wait_lock, watch_lock,
 };
+use crate::options::{InstanceOptions, Wait, options_wait};
 use crate::plan::{LockPlan, effective_scope};
 use crate::runtime::ServiceThread;
 use crate::scope::Backend;

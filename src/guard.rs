@@ -58,7 +58,7 @@ pub struct InstanceGuard {
     /// transport zbus connected itself.
     disconnect: Option<dbus::Disconnect>,
     /// The lock-file watch of a guard that has no runtime (the lock file alone, blocking API).
-    lock_watch: Option<crate::options::LockWatchThread>,
+    lock_watch: Option<crate::lockfile::LockWatchThread>,
     /// The inotify instance a wait for the lock file used, with no watches left: closed with the
     /// guard, after the lock, because closing one takes milliseconds (see
     /// `lockfile::ReleaseWatch::into_quiet`).
@@ -93,7 +93,7 @@ pub(crate) struct GuardParts {
     /// The tasks that watch for losses, aborted on release.
     pub(crate) tasks: Vec<JoinHandle<()>>,
     /// The lock-file watch thread of a guard with no runtime.
-    pub(crate) lock_watch: Option<crate::options::LockWatchThread>,
+    pub(crate) lock_watch: Option<crate::lockfile::LockWatchThread>,
     /// The emptied inotify instance of a wait, closed after the lock.
     pub(crate) wait_watch: Option<std::os::fd::OwnedFd>,
 }

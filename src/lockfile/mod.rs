@@ -25,11 +25,15 @@ mod recover;
 mod wait;
 mod walk;
 mod watch;
+mod watcher;
 
-pub(crate) use attempt::{Attempt, lock, lock_async, stop_for_test};
-pub(crate) use dir::{LockDir, open_dir};
+pub(crate) use attempt::{Attempt, lock, stop_for_test};
+pub(crate) use dir::open_dir;
 pub(crate) use held::HeldLock;
-pub(crate) use probe::{holder_of, holder_of_async, peek_holder};
+pub(crate) use probe::{holder_of, holder_of_async};
 pub(crate) use recover::Recovery;
-pub(crate) use wait::{ReleaseWatch, may_be_free, release_watch};
-pub(crate) use watch::{PathChange, WatchHandle, drain, drain_any, new_inotify};
+pub(crate) use wait::{try_lock, wait_lock};
+pub(crate) use watch::{WatchHandle, new_inotify};
+pub(crate) use watcher::{
+    CloseAside, LockWatchThread, WATCH_FALLBACK_INTERVAL, recheck_lock, watch_lock,
+};

@@ -1,16 +1,24 @@
-//! Waiting for a holder to let go: an inotify watch on the lock directory and on the file, and
-//! the check that the lock may be free now.
+//! Waiting for a holder to let go: the first attempt, then an inotify watch on the lock
+//! directory and on the file, the check that the lock may be free now, and the async wait loop
+//! built on them (with its re-check intervals and the timeout).
 //! Must not: block in `F_OFD_SETLKW` (nothing could cancel it); every wait can be dropped.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
 
+use crate::error::{Error, Result};
+use crate::holder::{Holder, LockRecord};
+use crate::name::InstanceName;
 use crate::plan::LockPlan;
 
-use super::dir::LockDir;
+use super::attempt::{Attempt, lock_async, stop_for_test};
+use super::dir::{LockDir, open_dir};
+use super::held::HeldLock;
 use super::ofd::is_held;
-use super::watch::{drain, new_inotify};
+use super::probe::peek_holder;
+use super::watch::{drain, drain_any, new_inotify};
 
 /// An inotify instance (non-blocking, close-on-exec) for a copy waiting for the lock file of
 /// `lock_dir`: readable when an entry of the directory is created, removed or renamed, or the
@@ -104,4 +112,162 @@ pub(crate) fn may_be_free(watch: &mut ReleaseWatch, plan: &LockPlan, lock_dir: &
         Err(_) => return true,
     }
     !matches!(is_held(&file), Ok(true))
+}
+
+/// Tries the lock file once; gives back the directory too, to wait with.
+pub(crate) async fn try_lock(
+    plan: &LockPlan,
+    allow_network_fs: bool,
+) -> Result<(Attempt, LockDir)> {
+    let mut dir = open_dir(plan, allow_network_fs)?;
+    Ok((lock_async(plan, &mut dir).await?, dir))
+}
+
+/// Waits for the lock file held by `holder`, without a thread and without blocking: each
+/// attempt is a non-blocking one, made again whenever inotify reports that the lock may have
+/// been released (see [`may_be_free`]), and at least every [`RECHECK_EVERY`].
+/// Dropping the future (a timeout, a `select!`) ends the wait at once, with nothing left
+/// behind that could take the lock later. `timeout` is the wait asked for, which `deadline`
+/// ends: the [`Error::TimedOut`] says how long that was.
+pub(crate) async fn wait_lock(
+    name: &InstanceName,
+    plan: &LockPlan,
+    mut dir: LockDir,
+    holder: Box<Holder>,
+    notify_ready: bool,
+    deadline: Option<Instant>,
+    timeout: Duration,
+) -> Result<Waited> {
+    tracing::info!(name = %name, holder = %holder, "waiting for the running copy to exit");
+    if notify_ready {
+        crate::notify::status(&format!(
+            "{name}: waiting for the running copy to exit ({holder})"
+        ));
+    }
+    let waited = wait_for_release(plan, &mut dir);
+    match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline.into(), waited).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Error::TimedOut {
+                name: name.to_string(),
+                waited: timeout,
+                holder: Box::new(peek_holder(&plan.path()).unwrap_or(*holder)),
+            }),
+        },
+        None => waited.await,
+    }
+}
+
+/// How long after a wake-up that found the lock still held it is checked again, doubling up to
+/// [`RECHECK_EVERY`]. The kernel queues a closing holder's `IN_CLOSE_WRITE` just *before* it
+/// releases the lock (`__fput`: `fsnotify_close`, then `locks_remove_file`), so a waiter that
+/// runs at once can still find it held, and no later event would come: a few quick re-checks
+/// close that window.
+const RECHECK_FIRST: Duration = Duration::from_millis(1);
+/// Before those, a few re-checks at once, yielding in between: the window is usually
+/// microseconds, shorter than a timer's millisecond (the take-over benchmark gains it).
+const QUICK_RECHECKS: u32 = 20;
+/// The safety net under the events: however the lock is let go, a waiter tries again at least
+/// this often. Some releases send no event at all: a lock dropped with `F_UNLCK` by a holder
+/// that keeps its descriptor open, a shared lock held through a descriptor open only for
+/// reading (whose close is `IN_CLOSE_NOWRITE`), a file system that does not report closes. A
+/// re-check is a few system calls (`stat`, `open`, `F_OFD_GETLK`): nothing, once a second.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+/// The re-check interval when inotify cannot be used at all (its limits reached).
+const RECHECK_WITHOUT_INOTIFY: Duration = Duration::from_millis(100);
+
+/// What a wait gives: the lock, its previous holder's record, and the wait's inotify instance,
+/// quiet, to be kept (see [`ReleaseWatch::into_quiet`]).
+type Waited = (HeldLock, Option<LockRecord>, Option<std::os::fd::OwnedFd>);
+
+/// A [`release_watch`] on `dir`, registered with the runtime; `None` (logged) when
+/// inotify cannot be used.
+fn watch_release(plan: &LockPlan, dir: &LockDir) -> Option<tokio::io::unix::AsyncFd<ReleaseWatch>> {
+    // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
+    // a `ReleaseWatch` moved in here cannot (see `watch_lock`).
+    #[allow(deprecated)]
+    match release_watch(dir).and_then(tokio::io::unix::AsyncFd::new) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(path = %plan.path().display(), error = %e,
+                "cannot watch the lock file with inotify; trying it every 100 ms instead");
+            None
+        }
+    }
+}
+
+/// Waits in `dir` for the lock file of `plan`; when the directory is removed or replaced
+/// meanwhile, goes on waiting in the one the path leads to then (the attempt opens or makes it
+/// and replaces `dir`, and the watch follows).
+async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> {
+    let mut watch = watch_release(plan, dir);
+    let mut watched = dir.id();
+    let mut recheck = RECHECK_EVERY;
+    let mut quick = 0;
+    loop {
+        let free = match &mut watch {
+            Some(watch) => {
+                // Events up to here are answered by the check below.
+                drain(watch.get_ref().fd());
+                may_be_free(watch.get_mut(), plan, dir)
+            }
+            None => true,
+        };
+        if free {
+            match lock_async(plan, dir).await? {
+                Attempt::Acquired(mut held, previous) => {
+                    let quiet = watch.map(|w| w.into_inner().into_quiet());
+                    if let Some(quiet) = &quiet {
+                        // Released after the lock when this process dies, as with the watch of
+                        // `watch_lock_file` (see `HeldLock::move_above`).
+                        held.move_above(quiet)?;
+                    }
+                    return Ok((held, previous, quiet));
+                }
+                // Another copy was quicker: wait for it in turn.
+                Attempt::Busy(_) => {}
+            }
+        }
+        if dir.id() != watched {
+            // The attempt found the directory removed or replaced and opened the new one: the
+            // old watch would wait on a directory nobody uses any more.
+            watch = watch_release(plan, dir);
+            watched = dir.id();
+            recheck = RECHECK_FIRST;
+            continue;
+        }
+        let Some(watch) = &watch else {
+            tokio::time::sleep(RECHECK_WITHOUT_INOTIFY).await;
+            continue;
+        };
+        if quick > 0 {
+            quick -= 1;
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let event = async {
+            loop {
+                let Ok(mut ready) = watch.readable().await else {
+                    // Cannot happen with a registered descriptor; re-check rather than spin.
+                    return std::future::pending::<()>().await;
+                };
+                let got = drain_any(ready.get_inner().fd());
+                ready.clear_ready();
+                if got {
+                    return;
+                }
+            }
+        };
+        static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        stop_for_test("UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT", &STOPPED);
+        tokio::select! {
+            () = event => {
+                recheck = RECHECK_FIRST;
+                quick = QUICK_RECHECKS;
+            }
+            () = tokio::time::sleep(recheck) => {
+                recheck = (recheck * 2).min(RECHECK_EVERY);
+            }
+        }
+    }
 }
