@@ -233,14 +233,19 @@ fn command_inherits_one_lock_descriptor_and_no_bus_socket() {
     let name = unique_name("fds");
     let script = "echo \"env ${UNIQUE_INSTANCE_LOCK_FD-unset}\"; \
                   for f in /proc/$$/fd/*; do echo \"fd $f -> $(readlink $f)\"; done; echo end";
-    // Each case: the backend, and whether COMMAND gets the lock's descriptor. A stale
-    // UNIQUE_INSTANCE_LOCK_FD in the wrapper's environment (an outer `run`) never reaches it.
-    for (backend, has_lock) in [("auto", true), ("dbus", false)] {
-        let mut cmd = cli_command(
-            Some(&bus.address),
-            lock_dir.path(),
-            &["run", "--backend", backend, &name, "--", "sh", "-c", script],
-        );
+    // Each case: the backend, whether COMMAND gets the lock's descriptor, and whether the copy
+    // would wait (its keeper is then started before acquiring, and handed the lock over its
+    // socket). A stale UNIQUE_INSTANCE_LOCK_FD in the wrapper's environment (an outer `run`)
+    // never reaches it.
+    let cases = [("auto", true), ("dbus", false)]
+        .into_iter()
+        .flat_map(|(backend, has_lock)| [(backend, has_lock, false), (backend, has_lock, true)]);
+    for (backend, has_lock, waits) in cases {
+        let mut args = vec!["run", "--backend", backend, &name, "--", "sh", "-c", script];
+        if waits {
+            args.insert(1, "--wait");
+        }
+        let mut cmd = cli_command(Some(&bus.address), lock_dir.path(), &args);
         cmd.env("RUST_LOG", "unique_instance=debug")
             .env("UNIQUE_INSTANCE_LOCK_FD", "99999");
         let mut wrapper = Proc::spawn(cmd);
@@ -253,7 +258,7 @@ fn command_inherits_one_lock_descriptor_and_no_bus_socket() {
             }
             fds.push(line);
         }
-        assert_eq!(wrapper.exit_code(), 0);
+        assert_eq!(wrapper.exit_code(), 0, "{backend}, waits: {waits}");
         let stderr = wrapper.stderr_until_closed().join("\n");
         // The wrapper did hold what it says while COMMAND ran (so the checks below mean
         // something).
@@ -263,6 +268,12 @@ fn command_inherits_one_lock_descriptor_and_no_bus_socket() {
             "[Dbus]"
         };
         assert!(stderr.contains(&format!("backends={backends}")), "{stderr}");
+        // The copy that would wait started its keeper before acquiring; the other did not.
+        assert_eq!(
+            stderr.contains("keeper started before waiting"),
+            waits,
+            "{backend}: {stderr}"
+        );
         assert!(fds.len() >= 3, "stdin, stdout and stderr at least: {fds:?}");
         for fd in &fds {
             assert!(!fd.contains("socket:"), "COMMAND inherited a socket: {fd}");
@@ -277,7 +288,7 @@ fn command_inherits_one_lock_descriptor_and_no_bus_socket() {
             assert_eq!(
                 locks.len(),
                 1,
-                "exactly one descriptor of the lock: {fds:?}"
+                "{backend}, waits: {waits}: exactly one descriptor of the lock: {fds:?}"
             );
             assert!(
                 locks[0].starts_with("fd /proc/")
@@ -286,7 +297,10 @@ fn command_inherits_one_lock_descriptor_and_no_bus_socket() {
             );
         } else {
             assert_eq!(env, "env unset", "no lock file, nothing announced");
-            assert!(locks.is_empty(), "COMMAND inherited a lock file: {locks:?}");
+            assert!(
+                locks.is_empty(),
+                "waits: {waits}: COMMAND inherited a lock file: {locks:?}"
+            );
         }
     }
 }
@@ -987,13 +1001,21 @@ fn a_signal_between_acquiring_and_starting_command_ends_the_wrapper() {
 /// SIGKILLed they hold nothing, never had `PR_SET_PDEATHSIG`, and used to run on under init
 /// while a new copy started beside them. Now COMMAND's keeper process holds the instance until
 /// the last of them is gone, and stops them itself: one that ends at SIGTERM is gone, one that
-/// ignores it keeps the instance held (with a long `--kill-after`) until it is gone.
+/// ignores it keeps the instance held (with a long `--kill-after`) until it is gone. The same
+/// for a copy that first waited for the instance (`--wait`): its keeper, started before the
+/// wait, is the one that runs COMMAND.
 #[test]
 fn descendants_that_closed_the_lock_keep_the_instance_held_after_the_wrapper_is_killed() {
     common::require_program("setsid", "util-linux");
     // dash cannot name a descriptor above 9 in a redirection; bash can.
     common::require_program("bash", "bash");
     let bus = DbusDaemon::start(BusConfig::Open);
+    for waits in [false, true] {
+        closed_lock_case(&bus, waits);
+    }
+}
+
+fn closed_lock_case(bus: &DbusDaemon, waits: bool) {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("closed_lock_fd");
     // Two grandchildren, each in a session of its own with the lock's descriptor closed: the
@@ -1011,19 +1033,37 @@ fn descendants_that_closed_the_lock_keep_the_instance_held_after_the_wrapper_is_
         grandchild(false),
         grandchild(true)
     );
-    let mut wrapper = cli(
-        Some(&bus.address),
-        lock_dir.path(),
-        &[
-            "run",
-            "--kill-after=600",
-            &name,
-            "--",
-            "bash",
-            "-c",
-            &script,
-        ],
-    );
+    // NAME is bash's $0: it marks this case's keeper.
+    let mut args = vec![
+        "run",
+        "--kill-after=600",
+        &name,
+        "--",
+        "bash",
+        "-c",
+        &script,
+        &name,
+    ];
+    let mut prestarted = None;
+    let mut wrapper = if waits {
+        let mut holder = cli(
+            Some(&bus.address),
+            lock_dir.path(),
+            &["run", &name, "--", "sh", "-c", HOLD],
+        );
+        holder.line_starting("running");
+        args.insert(1, "--wait");
+        let mut cmd = cli_command(Some(&bus.address), lock_dir.path(), &args);
+        cmd.env("RUST_LOG", "unique_instance=info");
+        let mut wrapper = Proc::spawn(cmd);
+        wrapper.stderr_line_containing("waiting for the running copy to exit");
+        prestarted = Some(the_keeper(&wrapper, &name));
+        holder.close_stdin();
+        assert_eq!(holder.exit_code(), 0);
+        wrapper
+    } else {
+        cli(Some(&bus.address), lock_dir.path(), &args)
+    };
     let mut grandchildren = Vec::new();
     for _ in 0..2 {
         let line = wrapper.next_line("a grandchild's pid");
@@ -1035,6 +1075,14 @@ fn descendants_that_closed_the_lock_keep_the_instance_held_after_the_wrapper_is_
             .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
             .unwrap_or_else(|| panic!("process {pid} is not running"));
         grandchildren.push((word, pid, pidfd));
+    }
+    // COMMAND runs under the keeper; when the copy waited, under the one started before.
+    let keeper = the_keeper(&wrapper, &name);
+    if let Some(prestarted) = prestarted {
+        assert_eq!(
+            keeper, prestarted,
+            "COMMAND runs under the keeper started before the wait"
+        );
     }
     // The one that ends at SIGTERM first.
     grandchildren.sort_by(|a, b| a.0.cmp(&b.0).reverse());
@@ -1072,8 +1120,8 @@ fn descendants_that_closed_the_lock_keep_the_instance_held_after_the_wrapper_is_
     assert_eq!(
         second.exit_code(),
         75,
-        "a copy started while a grandchild (pid {survivor}) that closed the lock descriptor \
-         outlives the killed wrapper must be refused; its stdout: {stdout:?}"
+        "waits: {waits}: a copy started while a grandchild (pid {survivor}) that closed the lock \
+         descriptor outlives the killed wrapper must be refused; its stdout: {stdout:?}"
     );
     let stderr = second.stderr_until_closed().join("\n");
     assert!(stderr.contains("is already running"), "{stderr}");
@@ -1166,4 +1214,180 @@ fn the_keeper_survives_the_signals_the_wrapper_passes_on() {
     wrapper.close_stdin();
     assert_eq!(wrapper.next_line("COMMAND finishing normally"), "done");
     assert_eq!(wrapper.exit_code(), 0);
+}
+
+/// The keepers (`unique-instance internal-keeper ... -- COMMAND`) whose COMMAND has the argument
+/// `marker`, each with its parent: every one on the machine, whoever's child it is.
+fn keepers_with(marker: &str) -> Vec<(u32, u32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Gone since the listing: not there.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.get(1) == Some(&b"internal-keeper".as_slice()) && args.contains(&marker.as_bytes())
+        {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or(0);
+            found.push((pid, parent));
+        }
+    }
+    found
+}
+
+/// The children of `pid`, zombies included (every thread's `children` list).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's tasks")
+        .flatten()
+    {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    children
+}
+
+/// The wrapper's one child, which must be its keeper for a COMMAND with the argument `marker`.
+fn the_keeper(wrapper: &Proc, marker: &str) -> u32 {
+    let children = children_of(wrapper.pid());
+    let keepers = keepers_with(marker);
+    assert!(
+        children.len() == 1 && keepers == [(children[0], wrapper.pid())],
+        "the wrapper's only child is its keeper: children {children:?}, keepers {keepers:?}"
+    );
+    children[0]
+}
+
+/// Waits (with [`TIMEOUT`]) until the wrapper, our child, has stopped itself (a test hook).
+fn wait_stopped(wrapper: &Proc, why: &str) {
+    let pid = rustix::process::Pid::from_raw(wrapper.pid() as i32).expect("pid");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(rustix::process::waitpid(
+            Some(pid),
+            rustix::process::WaitOptions::UNTRACED,
+        ));
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(Ok(Some((_, status)))) if status.stopped() => {}
+        other => panic!("the wrapper did not stop {why}: {other:?}"),
+    }
+}
+
+/// A copy that will wait starts its keeper before waiting (so that the keeper's start-up
+/// overlaps the wait); when the wait ends without the instance — timed out, refused, or ended
+/// by a signal — that keeper is gone before the wrapper exits: the wrapper has no child left,
+/// not even a zombie, and no process with the keeper's arguments is left anywhere. A debug build
+/// stops itself (SIGSTOP) right after ending that keeper when UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON
+/// is set, so that the test can look at that moment; it exits normally once continued.
+#[test]
+fn a_wait_that_ends_without_the_instance_leaves_no_keeper_behind() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("prestart_leak");
+    let mut holder = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD],
+    );
+    holder.line_starting("running");
+    for case in ["timed out", "signalled", "refused"] {
+        let marker = format!("{}-{}", name, case.replace(' ', "-"));
+        let wait: &[&str] = match case {
+            "timed out" => &["--wait=1"],
+            "signalled" => &["--wait"],
+            // No bus at all, for the bus alone: an error before any wait.
+            _ => &["--wait", "--backend", "dbus"],
+        };
+        let bus_address = (case != "refused").then_some(bus.address.as_str());
+        let mut args = vec!["run"];
+        args.extend_from_slice(wait);
+        args.extend_from_slice(&[&name, "--", "echo", "COMMAND ran", &marker]);
+        let mut cmd = cli_command(bus_address, lock_dir.path(), &args);
+        cmd.env("RUST_LOG", "unique_instance=debug")
+            .env("UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON", "1");
+        let mut waiter = Proc::spawn(cmd);
+        let keeper = if case == "refused" {
+            let line = waiter.stderr_line_containing("keeper started before waiting");
+            line.rsplit_once("pid=Pid(")
+                .and_then(|(_, p)| p.trim_end_matches(')').parse::<u32>().ok())
+                .unwrap_or_else(|| panic!("{case}: no pid in {line:?}"))
+        } else {
+            waiter.stderr_line_containing("waiting for the running copy to exit");
+            // Stopped, so that a bounded wait cannot end while we look.
+            waiter.stop();
+            let keeper = the_keeper(&waiter, &marker);
+            if case == "signalled" {
+                waiter.signal(Signal::TERM);
+            }
+            waiter.signal(Signal::CONT);
+            keeper
+        };
+        wait_stopped(&waiter, &format!("after ending its keeper ({case})"));
+        assert_eq!(
+            children_of(waiter.pid()),
+            Vec::<u32>::new(),
+            "{case}: the wrapper still has a child (its keeper was {keeper})"
+        );
+        assert_eq!(keepers_with(&marker), [], "{case}: a keeper is left");
+        waiter.signal(Signal::CONT);
+        let code = waiter.exit_code();
+        assert_eq!(waiter.stdout_until_closed(), Vec::<String>::new(), "{case}");
+        let stderr = waiter.stderr_until_closed().join("\n");
+        assert!(!stderr.contains("COMMAND ran"), "{case}: {stderr}");
+        match case {
+            "timed out" => {
+                assert_eq!(code, 75, "{stderr}");
+                assert!(stderr.contains("timed out"), "{stderr}");
+            }
+            "signalled" => assert_eq!(code, 128 + 15, "{stderr}"),
+            _ => {
+                // As a copy that does not wait says it (it never starts a keeper).
+                let mut plain = cli(
+                    None,
+                    lock_dir.path(),
+                    &[
+                        "run",
+                        "--backend",
+                        "dbus",
+                        &name,
+                        "--",
+                        "echo",
+                        "COMMAND ran",
+                    ],
+                );
+                let plain_code = plain.exit_code();
+                let plain_stderr = plain.stderr_until_closed();
+                assert_ne!(plain_code, 0, "{plain_stderr:?}");
+                assert_eq!(code, plain_code, "{stderr}");
+                let said = |lines: &[String]| -> Vec<String> {
+                    lines
+                        .iter()
+                        .filter(|l| l.starts_with("unique-instance: "))
+                        .cloned()
+                        .collect()
+                };
+                let lines: Vec<String> = stderr.lines().map(str::to_owned).collect();
+                assert_eq!(said(&lines), said(&plain_stderr), "{case}");
+            }
+        }
+        assert_eq!(keepers_with(&marker), [], "{case}: a keeper is left");
+    }
+    holder.close_stdin();
+    assert_eq!(holder.exit_code(), 0);
 }

@@ -145,9 +145,6 @@ pub(crate) struct KeeperArgs {
     /// The descriptor of the keeper's end of its control socket.
     #[arg(long, value_name = "FD")]
     pub(crate) control_fd: i32,
-    /// The descriptor of the instance's lock, inherited (none with --backend dbus).
-    #[arg(long, value_name = "FD")]
-    pub(crate) lock_fd: Option<i32>,
     /// How long COMMAND and what it left have between SIGTERM and SIGKILL when the wrapper dies.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub(crate) kill_after: Duration,

@@ -2,8 +2,14 @@
 //! started outlives the instance, even when the wrapper is killed by SIGKILL.
 //!
 //! The wrapper (`run`) re-executes its own binary (`/proc/self/exe internal-keeper ...`, an
-//! entry point that no help, man page or completion shows) as the keeper, handing it a duplicate of the lock's open file description
-//! and one end of a control socket. The keeper is a child subreaper and starts COMMAND
+//! entry point that no help, man page or completion shows) as the keeper, handing it one end of
+//! a control socket, and over that socket, once the wrapper holds the instance, a duplicate of
+//! the lock's open file description. A copy that will wait (`--wait`) starts its keeper before
+//! waiting, so that the keeper's start-up (an exec, the dynamic loader, parsing) overlaps the
+//! wait instead of following the take-over; one that will not wait starts it once it holds the
+//! instance, so that a refused copy never pays for one. Either way the keeper starts nothing
+//! before the wrapper's `go`: COMMAND starts only once the instance is held. The keeper is a
+//! child subreaper and starts COMMAND
 //! ([`crate::run::spawn_guarded`]): every process COMMAND starts and leaves orphaned is
 //! re-parented to the keeper, so the keeper has a child until the whole tree is gone, and it
 //! holds the lock until then — whatever the processes did to their descriptors, credentials,
@@ -12,6 +18,12 @@
 //! While the wrapper lives it decides everything (which signals COMMAND gets, the loss of the
 //! instance, `--kill-after`, the exit status) and the keeper carries it out. The protocol, one
 //! text line per message on the socket:
+//! - wrapper to keeper, first and once: `go` (start COMMAND, with no lock: `--backend dbus`) or
+//!   `go lock DEV INO`, sent with the lock's descriptor attached (`SCM_RIGHTS`); the keeper
+//!   checks that it got exactly that one descriptor, of a regular file with that device and
+//!   inode. End of file before `go` (the wait ended without the instance, or the wrapper died):
+//!   the keeper exits at once, having started nothing and said nothing (the wrapper also kills
+//!   it and reaps it, so that nothing of it is left);
 //! - wrapper to keeper: `kill PID SIGNAL` — sent only while PID is the keeper's own child, not
 //!   yet reaped (so never to a reused PID);
 //! - keeper to wrapper: `started PID` (COMMAND runs), `failed ERRNO MESSAGE` (COMMAND could not
@@ -46,7 +58,7 @@ use std::time::{Duration, Instant};
 use rustix::process::{Pid, Signal};
 
 use crate::cli::KeeperArgs;
-use crate::run::{FORWARDED, LOCK_FD_ENV, children_in, duplicate_high, parent_in_stat};
+use crate::run::{FORWARDED, LOCK_FD_ENV, children_in, parent_in_stat};
 use crate::{EXIT_INTERNAL, EXIT_USAGE, fail};
 
 /// The first argument that makes the binary the keeper (see `main`).
@@ -61,8 +73,8 @@ const RESCAN: Duration = Duration::from_millis(200);
 
 /// The keeper's entry point (`unique-instance internal-keeper ...`).
 pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
-    let (control, lock) = match adopt_descriptors(&args) {
-        Ok(fds) => fds,
+    let control = match adopt(args.control_fd, rustix::fs::FileType::Socket) {
+        Ok(fd) => UnixStream::from(fd),
         Err(message) => {
             return fail(
                 EXIT_USAGE,
@@ -71,6 +83,15 @@ pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
                      {message}"
                 ),
             );
+        }
+    };
+    let lock = match await_go(&control) {
+        Ok(Go::Start(lock)) => lock,
+        // Nothing was started, and nobody is there to be told.
+        Ok(Go::Abandoned) => return ExitCode::SUCCESS,
+        Err(message) => {
+            let _ = (&control).write_all(format!("error {message}\n").as_bytes());
+            return ExitCode::from(EXIT_INTERNAL);
         }
     };
     let mut keeper = match Keeper::new(control, args.kill_after) {
@@ -85,16 +106,89 @@ pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
     keeper.run(&args.command, lock)
 }
 
-/// Takes over the descriptors `run` handed down, after checking they are what it hands down: the
-/// control socket and the lock file (a regular file). Both become close-on-exec here, so that
-/// COMMAND inherits only the one duplicate of the lock `spawn_guarded` makes for it.
-fn adopt_descriptors(args: &KeeperArgs) -> Result<(UnixStream, Option<OwnedFd>), String> {
-    let control = adopt(args.control_fd, rustix::fs::FileType::Socket)?;
-    let lock = args
-        .lock_fd
-        .map(|fd| adopt(fd, rustix::fs::FileType::RegularFile))
-        .transpose()?;
-    Ok((UnixStream::from(control), lock))
+/// What the wrapper said first.
+enum Go {
+    /// Start COMMAND, holding this duplicate of the lock (none with `--backend dbus`).
+    Start(Option<OwnedFd>),
+    /// End of file: the wrapper gave up (or died) before it held the instance.
+    Abandoned,
+}
+
+/// The longest first line the wrapper sends (`go lock DEV INO`).
+const GO_MAX: usize = 128;
+
+/// Waits (blocking: the keeper has nothing else to do yet) for the wrapper's `go`, and takes the
+/// lock's descriptor that comes with it, after checking it is the one announced. Received
+/// close-on-exec, so that COMMAND inherits only the one duplicate `spawn_guarded` makes for it.
+fn await_go(control: &UnixStream) -> Result<Go, String> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut line = Vec::new();
+    let mut received: Vec<OwnedFd> = Vec::new();
+    loop {
+        let mut buf = [0u8; GO_MAX];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+        let message = match rustix::net::recvmsg(
+            control,
+            &mut [io::IoSliceMut::new(&mut buf)],
+            &mut ancillary,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(message) => message,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(format!("cannot read its control socket: {e}")),
+        };
+        for part in ancillary.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = part {
+                received.extend(fds);
+            }
+        }
+        // The kernel closed what did not fit: more than the one descriptor the wrapper sends.
+        if message.flags.contains(ReturnFlags::CTRUNC) {
+            return Err("more descriptors than the lock's came with its order".into());
+        }
+        if message.bytes == 0 {
+            if line.is_empty() && received.is_empty() {
+                return Ok(Go::Abandoned);
+            }
+            return Err("its control socket closed in the middle of an order".into());
+        }
+        line.extend_from_slice(&buf[..message.bytes]);
+        match line.iter().position(|&b| b == b'\n') {
+            // The wrapper sends nothing more before the keeper has answered.
+            Some(end) if end + 1 == line.len() => break,
+            Some(_) => return Err("more than one order before COMMAND started".into()),
+            None if line.len() > GO_MAX => return Err("an order too long".into()),
+            None => {}
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    let words: Vec<&str> = line.trim_end().split(' ').collect();
+    match (words.as_slice(), received.len()) {
+        (["go"], 0) => Ok(Go::Start(None)),
+        (["go", "lock", dev, ino], 1) => {
+            let lock = received.pop().ok_or("no descriptor")?;
+            let stat =
+                rustix::fs::fstat(&lock).map_err(|e| format!("the lock's descriptor: {e}"))?;
+            let is_file = rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                == rustix::fs::FileType::RegularFile;
+            if !is_file
+                || dev.parse().ok() != Some(stat.st_dev)
+                || ino.parse().ok() != Some(stat.st_ino)
+            {
+                return Err(format!(
+                    "the descriptor that came with `{}` is not that lock file",
+                    line.trim_end()
+                ));
+            }
+            Ok(Go::Start(Some(lock)))
+        }
+        _ => Err(format!(
+            "an order it does not know before COMMAND started: {:?} with {} descriptor(s)",
+            line.trim_end(),
+            received.len()
+        )),
+    }
 }
 
 /// Takes ownership of the inherited descriptor `fd`, if it is open and of type `kind`.
@@ -459,25 +553,39 @@ pub(crate) struct Handle {
     closed: bool,
 }
 
+/// A keeper started and waiting for the wrapper's `go`: it has started nothing and holds
+/// nothing.
+pub(crate) struct Pending {
+    process: tokio::process::Child,
+    pid: Pid,
+    control: tokio::net::UnixStream,
+}
+
 /// Starts the keeper, which starts COMMAND; returns once COMMAND runs, with its PID.
-#[allow(unsafe_code)]
 pub(crate) async fn start(
     command: &[OsString],
     notify: bool,
     lock: Option<BorrowedFd<'_>>,
     kill_after: Duration,
 ) -> Result<(Handle, Pid), StartError> {
-    let keeper_error = |what: &str, e: io::Error| StartError::Keeper(format!("{what}: {e}"));
-    let (ours, theirs) = UnixStream::pair().map_err(|e| keeper_error("socketpair", e))?;
+    spawn(command, notify, kill_after)
+        .map_err(StartError::Keeper)?
+        .go(lock)
+        .await
+}
+
+/// Starts the keeper, which then waits for [`Pending::go`] (or its end, [`Pending::abandon`]).
+/// Returns once it runs (`exec` succeeded).
+#[allow(unsafe_code)]
+pub(crate) fn spawn(
+    command: &[OsString],
+    notify: bool,
+    kill_after: Duration,
+) -> Result<Pending, String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     ours.set_nonblocking(true)
-        .map_err(|e| keeper_error("socket", e))?;
-    let control = tokio::net::UnixStream::from_std(ours).map_err(|e| keeper_error("socket", e))?;
-    // Close-on-exec in this process; the keeper's copy is made inheritable in its child only.
-    let lock_dup = lock
-        .map(duplicate_high)
-        .transpose()
-        .map_err(|e| keeper_error("duplicating the lock's descriptor", e))?;
-    let lock_raw = lock_dup.as_ref().map(AsRawFd::as_raw_fd);
+        .map_err(|e| format!("socket: {e}"))?;
+    let control = tokio::net::UnixStream::from_std(ours).map_err(|e| format!("socket: {e}"))?;
     let theirs_raw = theirs.as_raw_fd();
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg0("unique-instance")
@@ -486,9 +594,6 @@ pub(crate) async fn start(
         .arg(theirs_raw.to_string())
         .arg("--kill-after")
         .arg(kill_after.as_secs_f64().to_string());
-    if let Some(fd) = lock_raw {
-        cmd.arg("--lock-fd").arg(fd.to_string());
-    }
     cmd.arg("--").args(command);
     if notify {
         // Only COMMAND's environment (the keeper passes its own on): ours is left alone.
@@ -498,8 +603,8 @@ pub(crate) async fn start(
     cmd.env_remove(LOCK_FD_ENV);
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
     // operations are allowed: it makes raw system calls (sigaction, fcntl), allocates nothing and
-    // takes no locks. `theirs_raw` and `lock_raw` name `theirs` and `lock_dup`, which this process
-    // keeps open until `spawn` has returned.
+    // takes no locks. `theirs_raw` names `theirs`, which this process keeps open until `spawn`
+    // has returned.
     unsafe {
         cmd.pre_exec(move || {
             // Ignored across exec: the keeper never dies of a signal meant for COMMAND, not even
@@ -509,59 +614,146 @@ pub(crate) async fn start(
                 let signal = nix::sys::signal::Signal::try_from(signal)?;
                 nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn)?;
             }
-            for fd in std::iter::once(theirs_raw).chain(lock_raw) {
-                rustix::io::fcntl_setfd(BorrowedFd::borrow_raw(fd), rustix::io::FdFlags::empty())?;
-            }
+            rustix::io::fcntl_setfd(
+                BorrowedFd::borrow_raw(theirs_raw),
+                rustix::io::FdFlags::empty(),
+            )?;
             Ok(())
         });
     }
     let process = tokio::process::Command::from(cmd)
         .spawn()
-        .map_err(|e| keeper_error("cannot execute /proc/self/exe", e))?;
+        .map_err(|e| format!("cannot execute /proc/self/exe: {e}"))?;
     drop(theirs);
-    drop(lock_dup);
     let pid = process
         .id()
         .and_then(|id| Pid::from_raw(id as i32))
-        .ok_or_else(|| StartError::Keeper("it has no process id".into()))?;
-    let mut handle = Handle {
+        .ok_or("it has no process id")?;
+    Ok(Pending {
         process,
         pid,
         control,
-        inbox: Vec::new(),
-        closed: false,
-    };
-    let first = handle.next_line().await;
-    let started = first
-        .as_deref()
-        .and_then(|l| l.strip_prefix("started "))
-        .and_then(|p| p.parse().ok())
-        .and_then(Pid::from_raw);
-    if let Some(command_pid) = started {
-        return Ok((handle, command_pid));
-    }
-    // It ends after any other first word: wait for that, so that it no longer holds the lock.
-    let status = handle.finish().await;
-    Err(match first.as_deref().map(|l| l.split_once(' ')) {
-        Some(Some(("failed", rest))) => {
-            let (errno, message) = rest.split_once(' ').unwrap_or((rest, ""));
-            match errno.parse::<i32>() {
-                Ok(errno) if errno > 0 => StartError::Command(io::Error::from_raw_os_error(errno)),
-                _ => StartError::Command(io::Error::other(message.to_owned())),
-            }
-        }
-        Some(Some(("error", message))) => StartError::Keeper(message.to_owned()),
-        _ => StartError::Keeper(format!(
-            "it ended before COMMAND started ({})",
-            match status {
-                Ok(status) => status.to_string(),
-                Err(e) => e.to_string(),
-            }
-        )),
     })
 }
 
+impl Pending {
+    /// The keeper's PID.
+    pub(crate) fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Has the keeper ended already (killed while it waited)? It was then never given the lock
+    /// and started nothing.
+    pub(crate) fn has_ended(&mut self) -> bool {
+        !matches!(self.process.try_wait(), Ok(None))
+    }
+
+    /// Hands the keeper the lock's duplicate (`lock`, none with `--backend dbus`) and has it start
+    /// COMMAND; returns once COMMAND runs, with its PID.
+    pub(crate) async fn go(
+        self,
+        lock: Option<BorrowedFd<'_>>,
+    ) -> Result<(Handle, Pid), StartError> {
+        let mut handle = Handle {
+            process: self.process,
+            pid: self.pid,
+            control: self.control,
+            inbox: Vec::new(),
+            closed: false,
+        };
+        if let Err(e) = handle.send_go(lock).await {
+            // It ended (its status tells why, below), or cannot be told: without its whole `go`
+            // it starts nothing, and would wait for ever.
+            tracing::debug!(error = %e, "cannot send the keeper its go");
+            let _ = handle.process.start_kill();
+        }
+        let first = handle.next_line().await;
+        let started = first
+            .as_deref()
+            .and_then(|l| l.strip_prefix("started "))
+            .and_then(|p| p.parse().ok())
+            .and_then(Pid::from_raw);
+        if let Some(command_pid) = started {
+            return Ok((handle, command_pid));
+        }
+        // It ends after any other first word: wait for that, so that it no longer holds the
+        // lock.
+        let status = handle.finish().await;
+        Err(match first.as_deref().map(|l| l.split_once(' ')) {
+            Some(Some(("failed", rest))) => {
+                let (errno, message) = rest.split_once(' ').unwrap_or((rest, ""));
+                match errno.parse::<i32>() {
+                    Ok(errno) if errno > 0 => {
+                        StartError::Command(io::Error::from_raw_os_error(errno))
+                    }
+                    _ => StartError::Command(io::Error::other(message.to_owned())),
+                }
+            }
+            Some(Some(("error", message))) => StartError::Keeper(message.to_owned()),
+            _ => StartError::Keeper(format!(
+                "it ended before COMMAND started ({})",
+                match status {
+                    Ok(status) => status.to_string(),
+                    Err(e) => e.to_string(),
+                }
+            )),
+        })
+    }
+
+    /// The wait ended without the instance: ends the keeper (it holds nothing and has started
+    /// nothing) and reaps it, so that nothing of it is left, not even a zombie.
+    pub(crate) async fn abandon(mut self) {
+        // Its end of file would end it too, but only once it has finished starting up.
+        let _ = self.process.start_kill();
+        if let Err(e) = self.process.wait().await {
+            tracing::debug!(error = %e, "cannot reap the keeper started for the wait");
+        }
+    }
+}
+
 impl Handle {
+    /// Sends the keeper its `go`, with the lock's descriptor (see the protocol at the top).
+    async fn send_go(&mut self, lock: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        let line = match lock {
+            Some(lock) => {
+                let stat = rustix::fs::fstat(lock)?;
+                format!("go lock {} {}\n", stat.st_dev, stat.st_ino)
+            }
+            None => "go\n".to_owned(),
+        };
+        let fds: Vec<BorrowedFd<'_>> = lock.into_iter().collect();
+        let mut rest = line.as_bytes();
+        // The descriptor goes with the first byte sent; a short send (never seen on an empty
+        // socket) sends the rest without it.
+        let mut attached = false;
+        while !rest.is_empty() {
+            self.control.writable().await?;
+            let sent = self.control.try_io(tokio::io::Interest::WRITABLE, || {
+                let mut space =
+                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
+                if !attached && !fds.is_empty() {
+                    ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+                }
+                Ok(rustix::net::sendmsg(
+                    &self.control,
+                    &[io::IoSlice::new(rest)],
+                    &mut ancillary,
+                    rustix::net::SendFlags::NOSIGNAL,
+                )?)
+            });
+            match sent {
+                Ok(n) => {
+                    attached = true;
+                    rest = &rest[n..];
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// The next event; [`Event::Gone`] too when the keeper ended without saying so.
     pub(crate) async fn next_event(&mut self) -> Event {
         loop {
@@ -642,5 +834,97 @@ impl Handle {
     /// Waits for the keeper to exit (after [`Event::Gone`], at once) and returns its status.
     pub(crate) async fn finish(&mut self) -> io::Result<ExitStatus> {
         self.process.wait().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `text` with `fds` attached, as the wrapper sends its `go`.
+    fn send(socket: &UnixStream, text: &str, fds: &[BorrowedFd<'_>]) {
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() {
+            assert!(ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(fds)));
+        }
+        let sent = rustix::net::sendmsg(
+            socket,
+            &[io::IoSlice::new(text.as_bytes())],
+            &mut ancillary,
+            rustix::net::SendFlags::NOSIGNAL,
+        )
+        .expect("sendmsg");
+        assert_eq!(sent, text.len());
+    }
+
+    fn go_line(file: &std::fs::File) -> String {
+        let stat = rustix::fs::fstat(file).expect("fstat");
+        format!("go lock {} {}\n", stat.st_dev, stat.st_ino)
+    }
+
+    #[test]
+    fn the_lock_that_comes_with_go_is_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lock = std::fs::File::create(dir.path().join("a.lock")).expect("lock file");
+        let other = std::fs::File::create(dir.path().join("b.lock")).expect("another file");
+        let (pipe, _writer) = std::io::pipe().expect("pipe");
+        let go = go_line(&lock);
+        let cases: [(&str, &str, Vec<BorrowedFd<'_>>); 7] = [
+            ("announced, and sent", &go, vec![lock.as_fd()]),
+            ("no lock, none sent", "go\n", vec![]),
+            ("announced, none sent", &go, vec![]),
+            ("another file than announced", &go, vec![other.as_fd()]),
+            ("not a file", &go, vec![pipe.as_fd()]),
+            (
+                "one more than announced",
+                &go,
+                vec![lock.as_fd(), other.as_fd()],
+            ),
+            ("none announced, one sent", "go\n", vec![lock.as_fd()]),
+        ];
+        for (i, (case, text, fds)) in cases.into_iter().enumerate() {
+            let (wrapper, keeper) = UnixStream::pair().expect("socketpair");
+            send(&wrapper, text, &fds);
+            let got = await_go(&keeper);
+            match (i, got) {
+                (0, Ok(Go::Start(Some(fd)))) => {
+                    let stat = rustix::fs::fstat(&fd).expect("fstat");
+                    let want = rustix::fs::fstat(&lock).expect("fstat");
+                    assert_eq!((stat.st_dev, stat.st_ino), (want.st_dev, want.st_ino));
+                    // COMMAND must not inherit the keeper's own copy.
+                    let flags = rustix::io::fcntl_getfd(&fd).expect("getfd");
+                    assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "{case}");
+                }
+                (1, Ok(Go::Start(None))) => {}
+                (2.., Err(message)) => assert!(!message.is_empty(), "{case}"),
+                (_, Ok(_)) => panic!("{case}: accepted"),
+                (_, Err(message)) => panic!("{case}: refused: {message}"),
+            }
+        }
+    }
+
+    #[test]
+    fn end_of_file_before_go_is_an_abandoned_keeper_and_anything_else_an_error() {
+        let (wrapper, keeper) = UnixStream::pair().expect("socketpair");
+        drop(wrapper);
+        assert!(matches!(await_go(&keeper), Ok(Go::Abandoned)));
+
+        let (wrapper, keeper) = UnixStream::pair().expect("socketpair");
+        send(&wrapper, "go", &[]);
+        drop(wrapper);
+        assert!(await_go(&keeper).is_err(), "half an order");
+
+        for text in [
+            "kill 1 9\n",
+            "go\nkill 1 9\n",
+            "go lock x y\n",
+            &"g".repeat(GO_MAX + 1),
+        ] {
+            let (wrapper, keeper) = UnixStream::pair().expect("socketpair");
+            send(&wrapper, text, &[]);
+            drop(wrapper);
+            assert!(await_go(&keeper).is_err(), "{text:?}");
+        }
     }
 }

@@ -63,14 +63,37 @@ async fn supervise(args: RunArgs) -> ExitCode {
         Ok(signals) => signals,
         Err(e) => return fail(EXIT_INTERNAL, format_args!("cannot catch signals: {e}")),
     };
+    // A copy that will wait starts its keeper now, so that the keeper's start-up overlaps the
+    // wait rather than following the take-over; it starts nothing before it is told `go`, once
+    // the instance is held. One that will not wait starts it only once it holds the instance:
+    // a refused copy (most of a start-up storm) never pays for one.
+    let mut prestarted = if args.wait.is_some() {
+        match keeper::spawn(&args.command, args.notify, args.kill_after) {
+            Ok(keeper) => {
+                tracing::debug!(pid = ?keeper.pid(), "keeper started before waiting");
+                Some(keeper)
+            }
+            Err(e) => {
+                // Tried again, the usual way, once the instance is held.
+                tracing::debug!(error = %e, "cannot start the keeper before waiting");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let acquire = options(&args).acquire_async();
     let guard = tokio::select! {
         acquired = acquire => match acquired {
             Ok(guard) => guard,
-            Err(e) => return refused(&args, &e),
+            Err(e) => {
+                abandon(prestarted).await;
+                return refused(&args, &e);
+            }
         },
         Some(origin) = signals.next() => {
             tracing::debug!(signal = origin.signal, "signalled while acquiring; giving up");
+            abandon(prestarted).await;
             return ExitCode::from(signal_exit_code(origin.signal));
         }
     };
@@ -87,6 +110,7 @@ async fn supervise(args: RunArgs) -> ExitCode {
     #[cfg(debug_assertions)]
     stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_SPAWN");
     if let Some(origin) = pending_signal(&mut signals).await {
+        abandon(prestarted).await;
         release(guard).await;
         return fail(
             signal_exit_code(origin.signal),
@@ -96,13 +120,23 @@ async fn supervise(args: RunArgs) -> ExitCode {
             ),
         );
     }
-    let started = keeper::start(
-        &args.command,
-        args.notify,
-        guard.lock_file_descriptor(),
-        args.kill_after,
-    )
-    .await;
+    if prestarted.as_mut().is_some_and(keeper::Pending::has_ended) {
+        // Killed while it waited: it never had the lock, and started nothing.
+        tracing::debug!("the keeper started before waiting has ended; starting another");
+        abandon(prestarted.take()).await;
+    }
+    let started = match prestarted {
+        Some(keeper) => keeper.go(guard.lock_file_descriptor()).await,
+        None => {
+            keeper::start(
+                &args.command,
+                args.notify,
+                guard.lock_file_descriptor(),
+                args.kill_after,
+            )
+            .await
+        }
+    };
     let (mut keeper, command) = match started {
         Ok(started) => started,
         Err(keeper::StartError::Command(e)) => {
@@ -382,6 +416,18 @@ async fn unit_kills_whole_cgroup(system: bool) -> zbus::Result<bool> {
         Err(_) => property("org.freedesktop.systemd1.Scope", "KillMode").await?,
     };
     Ok(kill_mode == "control-group")
+}
+
+/// Ends the keeper started before waiting, if there is one: the wait ended without the
+/// instance (or COMMAND is not to be started), and nothing of it may be left.
+async fn abandon(prestarted: Option<keeper::Pending>) {
+    let Some(keeper) = prestarted else { return };
+    let pid = keeper.pid();
+    keeper.abandon().await;
+    tracing::debug!(?pid, "the keeper started before waiting is gone");
+    // Here the wrapper has no child left: a test looks at that moment.
+    #[cfg(debug_assertions)]
+    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON");
 }
 
 /// Has the keeper signal `child`, its child (it tells us when that child has exited).
