@@ -1391,3 +1391,102 @@ fn a_wait_that_ends_without_the_instance_leaves_no_keeper_behind() {
     holder.close_stdin();
     assert_eq!(holder.exit_code(), 0);
 }
+
+/// Kills a process group when dropped: what a test's COMMAND left behind is gone even when the
+/// test fails (a hung wrapper and keeper would not stop it).
+struct KillGroup(Option<rustix::process::Pid>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            let _ = rustix::process::kill_process_group(group, Signal::KILL);
+        }
+    }
+}
+
+/// COMMAND leaves thousands of processes behind: the wrapper has one `kill` order per process to
+/// send the keeper, and the keeper a notice for each one that ends. Both used to block writing
+/// to the control socket while neither read it: the instance stayed held for good, and the
+/// wrapper no longer answered SIGTERM. Now a SIGTERM during the clean-up ends the wrapper, the
+/// keeper and every leftover, with COMMAND's own status, and the instance is free again.
+#[test]
+fn thousands_of_leftovers_do_not_hang_the_clean_up() {
+    common::require_program("setsid", "util-linux");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("many_leftovers");
+    // COMMAND runs in a session (and process group) of its own, which the leftovers inherit:
+    // the test can kill them all whatever happens to the wrapper and the keeper.
+    let script = "echo group $$; i=0; \
+                  while [ $i -lt 2000 ]; do sleep 600 </dev/null >/dev/null 2>&1 & i=$((i+1)); done; \
+                  echo spawned; exit 7";
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "setsid",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let group = wrapper.next_line("COMMAND's process group");
+    let group: i32 = group
+        .strip_prefix("group ")
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("bad line {group:?}"));
+    let group = rustix::process::Pid::from_raw(group).expect("pgid");
+    let mut leftovers = KillGroup(Some(group));
+    assert_eq!(wrapper.next_line("COMMAND done spawning"), "spawned");
+    wrapper.stderr_line_containing("left 2000 process(es) running");
+    wrapper.signal(Signal::TERM);
+    assert_eq!(wrapper.exit_code(), 7, "COMMAND's own status");
+    // The wrapper waits for the keeper, which reaps every leftover: none of the group is left.
+    assert_eq!(
+        rustix::process::test_kill_process_group(group).err(),
+        Some(rustix::io::Errno::SRCH),
+        "leftovers outlived the wrapper"
+    );
+    // Gone: its number may be reused from here on.
+    leftovers.0 = None;
+    let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
+    assert_eq!(next.next_line("the next run's COMMAND"), "next");
+    assert_eq!(next.exit_code(), 0);
+}
+
+/// The keeper alone killed by SIGKILL: COMMAND dies with it (`PR_SET_PDEATHSIG`), and whatever
+/// was left is re-parented to the wrapper, which stops it. The wrapper fails (70, internal
+/// error) and says what happened, not that COMMAND "may still be running".
+#[test]
+fn a_killed_keeper_is_reported_truthfully() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("killed_keeper");
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", "echo running; read _"],
+    );
+    assert_eq!(wrapper.next_line("COMMAND running"), "running");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", wrapper.pid()))
+        .expect("the wrapper's children");
+    let keeper: Vec<i32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(keeper.len(), 1, "the keeper is the wrapper's only child");
+    let keeper = rustix::process::Pid::from_raw(keeper[0]).expect("pid");
+    rustix::process::kill_process(keeper, Signal::KILL).expect("kill the keeper");
+    assert_eq!(wrapper.exit_code(), 70, "an internal error");
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    assert!(
+        stderr.contains("keeper") && stderr.contains("were stopped"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("may still be running"), "{stderr}");
+    let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
+    assert_eq!(next.next_line("the next run's COMMAND"), "next");
+    assert_eq!(next.exit_code(), 0);
+}
