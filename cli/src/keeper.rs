@@ -25,11 +25,20 @@
 //!   the keeper exits at once, having started nothing and said nothing (the wrapper also kills
 //!   it and reaps it, so that nothing of it is left);
 //! - wrapper to keeper: `kill PID SIGNAL` — sent only while PID is the keeper's own child, not
-//!   yet reaped (so never to a reused PID);
+//!   yet reaped (so never to a reused PID); the keeper checks that it is, and that PID and
+//!   SIGNAL are numbers it could mean. Any other line is a protocol error: the keeper drops the
+//!   socket and acts as when the wrapper is gone (fail closed);
 //! - keeper to wrapper: `started PID` (COMMAND runs), `failed ERRNO MESSAGE` (COMMAND could not
 //!   be started), `error MESSAGE` (the keeper cannot do its job), `exited STATUS` (COMMAND's raw
-//!   wait status), `reaped PID` (another child of the keeper ended), `gone` (no child is left;
-//!   the keeper exits).
+//!   wait status), `reaped` (one or more other children of the keeper ended since the last
+//!   `reaped`: the wrapper looks again at who is left), `gone` (no child is left; the keeper
+//!   exits).
+//!
+//! Neither side ever blocks on a write while it does not read: with thousands of processes
+//! left behind, the wrapper's `kill` orders and the keeper's notices fill both directions of
+//! the socket, and two writers waiting for each other would hold the instance for good. Each
+//! side queues what it sends and writes it when the socket has room, in the same wait that
+//! reads. The keeper's queue stays small: `reaped` notices are merged into one.
 //!
 //! When the wrapper dies (end of file on the socket) the keeper stops the tree itself: SIGTERM
 //! to every descendant, SIGKILL after `--kill-after`, and exits once none is left. A descendant
@@ -220,6 +229,10 @@ struct Keeper {
     control: Option<UnixStream>,
     /// Bytes read from the wrapper that do not make a whole line yet.
     inbox: Vec<u8>,
+    /// What is still to be sent to the wrapper: whole lines, a handful at most (see `tell`).
+    outbox: Vec<u8>,
+    /// A child other than COMMAND was reaped since the last `reaped` notice was queued.
+    reaped_due: bool,
     /// Readable when a SIGCHLD came (signal-hook writes to the other end).
     sigchld: UnixStream,
     /// COMMAND, until it has been reaped.
@@ -237,6 +250,8 @@ impl Keeper {
         Ok(Keeper {
             control: Some(control),
             inbox: Vec::new(),
+            outbox: Vec::new(),
+            reaped_due: false,
             sigchld,
             command: None,
             kill_after,
@@ -247,6 +262,7 @@ impl Keeper {
         if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
             // Without it, what COMMAND leaves would go to init, unguarded: fail closed.
             self.tell(&format!("error cannot become a child subreaper: {e}"));
+            self.deliver();
             return ExitCode::from(EXIT_INTERNAL);
         }
         // The wrapper may have died since it started us: then COMMAND must not start at all.
@@ -262,6 +278,7 @@ impl Keeper {
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(0);
                 self.tell(&format!("failed {errno} {e}"));
+                self.deliver();
                 return ExitCode::from(EXIT_INTERNAL);
             }
         }
@@ -270,6 +287,7 @@ impl Keeper {
         loop {
             if self.reap() {
                 self.tell("gone");
+                self.deliver();
                 return ExitCode::SUCCESS;
             }
             let Some(control) = &self.control else {
@@ -277,7 +295,7 @@ impl Keeper {
                 return ExitCode::SUCCESS;
             };
             let mut fds = [
-                rustix::event::PollFd::new(control, rustix::event::PollFlags::IN),
+                rustix::event::PollFd::new(control, self.control_interest()),
                 rustix::event::PollFd::new(&self.sigchld, rustix::event::PollFlags::IN),
             ];
             match rustix::event::poll(&mut fds, None) {
@@ -292,6 +310,39 @@ impl Keeper {
             }
             self.drain_sigchld();
             self.read_control();
+            self.flush();
+        }
+    }
+
+    /// What to wait for on the control socket: always what the wrapper sends (it must never
+    /// wait for room while we wait for it to read), and room when something is to be sent.
+    fn control_interest(&self) -> rustix::event::PollFlags {
+        if self.outbox.is_empty() && !self.reaped_due {
+            rustix::event::PollFlags::IN
+        } else {
+            rustix::event::PollFlags::IN | rustix::event::PollFlags::OUT
+        }
+    }
+
+    /// Before exiting: sends what is queued, reading (and carrying out) what the wrapper sends
+    /// meanwhile, until all of it is sent or the wrapper is gone. No child is left to signal
+    /// by then, so the wrapper's last orders change nothing.
+    fn deliver(&mut self) {
+        self.flush();
+        while let Some(control) = &self.control {
+            if self.outbox.is_empty() && !self.reaped_due {
+                return;
+            }
+            let mut fds = [rustix::event::PollFd::new(control, self.control_interest())];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    let _ = writeln!(io::stderr(), "unique-instance: keeper: poll: {e}");
+                    return;
+                }
+            }
+            self.read_control();
+            self.flush();
         }
     }
 
@@ -304,7 +355,9 @@ impl Keeper {
                         self.command = None;
                         self.tell(&format!("exited {}", status.as_raw()));
                     } else {
-                        self.tell(&format!("reaped {}", pid.as_raw_nonzero()));
+                        // One notice for many: the wrapper only looks again at who is left.
+                        self.reaped_due = true;
+                        self.flush();
                     }
                 }
                 Ok(None) => return false,
@@ -341,51 +394,82 @@ impl Keeper {
     }
 
     /// Reads what the wrapper sent and does it; at end of file, notes that the wrapper is gone.
+    /// Reads at most a bounded batch, so that reaping and sending are not held up by a wrapper
+    /// that sends without end.
     fn read_control(&mut self) {
         let Some(control) = &self.control else {
             return;
         };
-        let mut buf = [0u8; 512];
-        loop {
+        let mut buf = [0u8; 4096];
+        let mut gone = false;
+        for _ in 0..64 {
             match (&*control).read(&mut buf) {
                 Ok(0) => {
-                    self.control = None;
+                    gone = true;
                     break;
                 }
                 Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
-                    self.control = None;
+                    gone = true;
                     break;
                 }
             }
         }
-        while let Some(end) = self.inbox.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.inbox.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            self.obey(line.trim_end());
+        // Our children, listed once for a batch of orders (nothing is reaped meanwhile: we are
+        // the only one who reaps), and again only for a PID not among them.
+        let mut children = None;
+        let mut start = 0;
+        while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&self.inbox[start..start + end]).into_owned();
+            start += end + 1;
+            match parse_order(&line) {
+                Ok(order) => self.obey(order, &mut children),
+                Err(problem) => return self.protocol_error(&problem, &line),
+            }
+        }
+        self.inbox.drain(..start);
+        if self.inbox.len() > MAX_ORDER {
+            let line = String::from_utf8_lossy(&self.inbox[..MAX_ORDER]).into_owned();
+            return self.protocol_error("a line too long", &line);
+        }
+        if gone {
+            self.control = None;
         }
     }
 
-    /// Carries out one order of the wrapper.
-    fn obey(&mut self, line: &str) {
-        let mut words = line.split(' ');
-        let order = (
-            words.next(),
-            words.next().and_then(|p| p.parse::<i32>().ok()),
-            words.next().and_then(|s| s.parse::<i32>().ok()),
+    /// The wrapper sent something it never sends: it cannot be trusted to decide any more. As
+    /// when it is gone, the socket is dropped and the keeper stops the tree itself, holding the
+    /// instance until the last process is gone (the wrapper sees the end of file).
+    fn protocol_error(&mut self, problem: &str, line: &str) {
+        let shown: String = line.chars().take(80).collect();
+        let _ = writeln!(
+            io::stderr(),
+            "unique-instance: keeper: protocol error on the control socket ({problem}: \
+             {shown:?}); stopping COMMAND and everything it started, as when the wrapper is gone"
         );
-        let (Some("kill"), Some(pid), Some(signal)) = order else {
-            tracing::debug!(line, "keeper: an order it does not know; ignored");
-            return;
+        self.control = None;
+        self.inbox.clear();
+        self.outbox.clear();
+        self.reaped_due = false;
+    }
+
+    /// Carries out one order of the wrapper. `children` caches our children for a batch.
+    fn obey(&mut self, order: Order, children: &mut Option<std::collections::HashSet<Pid>>) {
+        let Order::Kill { pid, signal } = order;
+        // Only our own child, not reaped yet: its PID cannot have been reused. A child
+        // re-parented to us since the list was made is found by listing again.
+        let list = || -> std::collections::HashSet<Pid> {
+            children_in(Path::new("/proc"), rustix::process::getpid())
+                .into_iter()
+                .collect()
         };
-        let (Some(pid), Some(signal)) = (Pid::from_raw(pid), Signal::from_named_raw(signal)) else {
-            return;
-        };
-        // Only our own child, not reaped yet: its PID cannot have been reused.
-        let ours = Some(pid) == self.command
-            || children_in(Path::new("/proc"), rustix::process::getpid()).contains(&pid);
+        let mut ours =
+            Some(pid) == self.command || children.get_or_insert_with(list).contains(&pid);
+        if !ours {
+            ours = children.insert(list()).contains(&pid);
+        }
         if !ours {
             tracing::debug!(
                 ?pid,
@@ -398,30 +482,49 @@ impl Keeper {
         }
     }
 
-    /// Sends one line to the wrapper, if it is still there.
+    /// Queues one line for the wrapper, if it is still there, and sends what the socket takes
+    /// now; the rest goes when the main loop finds room. Only the few lines that happen once
+    /// (`started`, `failed`, `error`, `exited`, `gone`) are queued like this, so the queue stays
+    /// small whatever the wrapper does.
     fn tell(&mut self, line: &str) {
+        if self.control.is_none() {
+            return;
+        }
+        self.outbox.extend_from_slice(line.as_bytes());
+        self.outbox.push(b'\n');
+        self.flush();
+    }
+
+    /// Writes what is queued for the wrapper, as much as the socket takes without blocking.
+    fn flush(&mut self) {
         let Some(control) = &self.control else {
             return;
         };
-        let mut message = Vec::with_capacity(line.len() + 1);
-        message.extend_from_slice(line.as_bytes());
-        message.push(b'\n');
-        let mut rest = &message[..];
-        while !rest.is_empty() {
-            match (&*control).write(rest) {
-                Ok(n) => rest = &rest[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // The wrapper reads all the time; wait until it has room.
-                    let mut fds = [rustix::event::PollFd::new(
-                        control,
-                        rustix::event::PollFlags::OUT,
-                    )];
-                    let _ = rustix::event::poll(&mut fds, None);
+        let mut gone = false;
+        loop {
+            if self.outbox.is_empty() {
+                if !self.reaped_due {
+                    break;
                 }
-                // Gone: it will never read it.
-                Err(_) => return,
+                self.reaped_due = false;
+                self.outbox.extend_from_slice(b"reaped\n");
             }
+            match (&*control).write(&self.outbox) {
+                Ok(n) => {
+                    self.outbox.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // Gone: it will never read it.
+                Err(_) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        if gone {
+            self.control = None;
+            self.outbox.clear();
         }
     }
 
@@ -470,6 +573,41 @@ impl Keeper {
             self.drain_sigchld();
         }
     }
+}
+
+/// The longest line the wrapper sends (`kill PID SIGNAL`), with plenty of room.
+const MAX_ORDER: usize = 64;
+
+/// An order of the wrapper.
+#[derive(Debug, PartialEq, Eq)]
+enum Order {
+    /// Send `signal` to `pid`, if it is still our child.
+    Kill { pid: Pid, signal: Signal },
+}
+
+/// Parses one line of the wrapper (without its newline); the error says what is wrong with it.
+fn parse_order(line: &str) -> Result<Order, String> {
+    let mut words = line.split(' ');
+    let (Some("kill"), Some(pid), Some(signal), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return Err("not an order of the form `kill PID SIGNAL`".into());
+    };
+    // Checked before `Pid::from_raw`, which takes no negative number.
+    let pid = pid
+        .parse::<i32>()
+        .ok()
+        .filter(|&p| p > 0)
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| format!("not a process id: {pid:?}"))?;
+    // Only the signals the wrapper sends: those it passes on, and SIGKILL after the grace.
+    let signal = signal
+        .parse::<i32>()
+        .ok()
+        .filter(|s| FORWARDED.contains(s) || *s == Signal::KILL.as_raw())
+        .and_then(Signal::from_named_raw)
+        .ok_or_else(|| format!("not a signal the wrapper sends: {signal:?}"))?;
+    Ok(Order::Kill { pid, signal })
 }
 
 /// Every descendant of `me`, each with its parent, found through the `/proc` mounted at `proc`.
@@ -550,6 +688,9 @@ pub(crate) struct Handle {
     pid: Pid,
     control: tokio::net::UnixStream,
     inbox: Vec<u8>,
+    /// Orders not sent yet: they are written while waiting for the keeper's next line (see
+    /// [`Handle::next_event`]), never in a wait of their own.
+    outbox: Vec<u8>,
     closed: bool,
 }
 
@@ -659,6 +800,7 @@ impl Pending {
             pid: self.pid,
             control: self.control,
             inbox: Vec::new(),
+            outbox: Vec::new(),
             closed: false,
         };
         if let Err(e) = handle.send_go(lock).await {
@@ -754,7 +896,8 @@ impl Handle {
         Ok(())
     }
 
-    /// The next event; [`Event::Gone`] too when the keeper ended without saying so.
+    /// The next event; [`Event::Gone`] too when the keeper ended without saying so. Orders
+    /// queued by [`Handle::signal`] are sent meanwhile.
     pub(crate) async fn next_event(&mut self) -> Event {
         loop {
             let Some(line) = self.next_line().await else {
@@ -775,8 +918,9 @@ impl Handle {
         }
     }
 
-    /// The next whole line from the keeper, `None` at end of file. Cancel-safe: what was read
-    /// stays in the inbox.
+    /// The next whole line from the keeper, `None` at end of file; queued orders are sent
+    /// while waiting for it, so that we never wait to write while the keeper waits for us to
+    /// read. Cancel-safe: what was read stays in the inbox, what was not sent in the outbox.
     async fn next_line(&mut self) -> Option<String> {
         loop {
             if let Some(end) = self.inbox.iter().position(|&b| b == b'\n') {
@@ -786,12 +930,26 @@ impl Handle {
             if self.closed {
                 return None;
             }
-            if let Err(e) = self.control.readable().await {
-                tracing::debug!(error = %e, "the keeper's socket");
-                self.closed = true;
+            let interest = if self.outbox.is_empty() {
+                tokio::io::Interest::READABLE
+            } else {
+                tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE
+            };
+            let ready = match self.control.ready(interest).await {
+                Ok(ready) => ready,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the keeper's socket");
+                    self.closed = true;
+                    continue;
+                }
+            };
+            if ready.is_writable() {
+                self.flush();
+            }
+            if !ready.is_readable() {
                 continue;
             }
-            let mut buf = [0u8; 512];
+            let mut buf = [0u8; 4096];
             match self.control.try_read(&mut buf) {
                 Ok(0) => self.closed = true,
                 Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
@@ -805,21 +963,30 @@ impl Handle {
     }
 
     /// Has the keeper send `signal` to `pid`, which must be the keeper's child (COMMAND, or a
-    /// process COMMAND left behind).
-    pub(crate) async fn signal(&mut self, pid: Pid, signal: Signal) {
+    /// process COMMAND left behind). The order is sent now if the socket has room, else while
+    /// waiting for the next event: it never blocks, so signals and the keeper's lines are still
+    /// handled however many orders there are.
+    pub(crate) fn signal(&mut self, pid: Pid, signal: Signal) {
+        if self.closed {
+            return;
+        }
         let line = format!("kill {} {}\n", pid.as_raw_nonzero(), signal.as_raw());
-        let mut rest = line.as_bytes();
-        while !rest.is_empty() {
-            if let Err(e) = self.control.writable().await {
-                tracing::debug!(error = %e, "cannot tell the keeper to signal");
-                return;
-            }
-            match self.control.try_write(rest) {
-                Ok(n) => rest = &rest[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        self.outbox.extend_from_slice(line.as_bytes());
+        self.flush();
+    }
+
+    /// Writes what is queued, as much as the socket takes without blocking.
+    fn flush(&mut self) {
+        while !self.outbox.is_empty() {
+            match self.control.try_write(&self.outbox) {
+                Ok(n) => {
+                    self.outbox.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     // Gone: its end of file says so to the caller.
                     tracing::debug!(error = %e, "cannot tell the keeper to signal");
+                    self.outbox.clear();
                     return;
                 }
             }
@@ -925,6 +1092,76 @@ mod tests {
             send(&wrapper, text, &[]);
             drop(wrapper);
             assert!(await_go(&keeper).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn orders_are_parsed() {
+        assert_eq!(
+            parse_order("kill 42 15"),
+            Ok(Order::Kill {
+                pid: Pid::from_raw(42).expect("pid"),
+                signal: Signal::TERM
+            })
+        );
+        assert_eq!(
+            parse_order("kill 7 9"),
+            Ok(Order::Kill {
+                pid: Pid::from_raw(7).expect("pid"),
+                signal: Signal::KILL
+            })
+        );
+    }
+
+    /// The keeper fails closed on a bad order: it drops the socket (the wrapper sees the end
+    /// of file) and from then on acts as when the wrapper is gone.
+    #[test]
+    fn a_bad_order_on_the_socket_drops_the_wrapper() {
+        for garbage in ["kill -1 9\n", "hello\n", "kill 1 15 15\n"] {
+            let (ours, theirs) = UnixStream::pair().expect("socketpair");
+            let mut keeper = Keeper::new(theirs, Duration::from_secs(1)).expect("keeper");
+            (&ours).write_all(garbage.as_bytes()).expect("write");
+            keeper.read_control();
+            assert!(keeper.control.is_none(), "{garbage:?}");
+            let mut rest = Vec::new();
+            (&ours).read_to_end(&mut rest).expect("end of file");
+            assert!(rest.is_empty(), "{garbage:?}: {rest:?}");
+        }
+        // Nor does an endless line grow without bound.
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let mut keeper = Keeper::new(theirs, Duration::from_secs(1)).expect("keeper");
+        (&ours).write_all(&[b'7'; 4096]).expect("write");
+        keeper.read_control();
+        assert!(keeper.control.is_none());
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error_not_a_panic() {
+        for line in [
+            // Once a debug assertion in `Pid::from_raw`: a negative PID (and -1 is "every
+            // process we may signal").
+            "kill -1 9",
+            "kill -42 15",
+            "kill 0 15",
+            "kill 2147483648 15",
+            "kill 42 0",
+            "kill 42 -9",
+            // A real signal, but not one the wrapper sends.
+            "kill 42 11",
+            "kill 42 64",
+            "kill 42",
+            "kill 42 15 extra",
+            "kill  42 15",
+            "kill 42 15 ",
+            "kill x 15",
+            "kill 42 TERM",
+            "KILL 42 15",
+            "reaped 42",
+            "",
+            "\u{fffd}",
+        ] {
+            let problem = parse_order(line).expect_err(line);
+            assert!(!problem.is_empty(), "{line:?}");
         }
     }
 }

@@ -283,7 +283,7 @@ async fn watch_child(
             },
             Some(origin) = signals.next() => {
                 if !manager_signals_command_too(&origin, child_pid).await {
-                    forward(&origin, child_pid, keeper).await;
+                    forward(&origin, child_pid, keeper);
                 }
             }
             Some(loss) = losses.next(), if stopped_for.is_none() => {
@@ -302,14 +302,14 @@ async fn watch_child(
                      (SIGTERM now, SIGKILL in {:?})",
                     args.instance.name, loss.reason, args.kill_after
                 );
-                send(keeper, child_pid, Signal::TERM).await;
+                send(keeper, child_pid, Signal::TERM);
                 stopped_for = Some(loss);
                 if let Some(deadline) = tokio::time::Instant::now().checked_add(args.kill_after) {
                     kill_timer.as_mut().reset(deadline);
                 }
             }
             () = &mut kill_timer, if stopped_for.is_some() && !killed => {
-                send(keeper, child_pid, Signal::KILL).await;
+                send(keeper, child_pid, Signal::KILL);
                 killed = true;
             }
         }
@@ -319,7 +319,7 @@ async fn watch_child(
 /// Passes a signal on to COMMAND, unless the kernel already delivered it to COMMAND too: a
 /// terminal's Ctrl-C, Ctrl-\ or hang-up goes to the whole foreground process group, and
 /// sending it again would make COMMAND see it twice.
-async fn forward(origin: &Origin, child: Option<Pid>, keeper: &mut keeper::Handle) {
+fn forward(origin: &Origin, child: Option<Pid>, keeper: &mut keeper::Handle) {
     let Some(child) = child else { return };
     let same_group = rustix::process::getpgid(Some(child)).ok() == Some(rustix::process::getpgrp());
     if origin.cause == Cause::Kernel && same_group {
@@ -331,7 +331,7 @@ async fn forward(origin: &Origin, child: Option<Pid>, keeper: &mut keeper::Handl
     }
     if let Some(signal) = Signal::from_named_raw(origin.signal) {
         tracing::debug!(signal = origin.signal, "passing the signal on to COMMAND");
-        send(keeper, Some(child), signal).await;
+        send(keeper, Some(child), signal);
     }
 }
 
@@ -431,9 +431,9 @@ async fn abandon(prestarted: Option<keeper::Pending>) {
 }
 
 /// Has the keeper signal `child`, its child (it tells us when that child has exited).
-async fn send(keeper: &mut keeper::Handle, child: Option<Pid>, signal: Signal) {
+fn send(keeper: &mut keeper::Handle, child: Option<Pid>, signal: Signal) {
     if let Some(pid) = child {
-        keeper.signal(pid, signal).await;
+        keeper.signal(pid, signal);
     }
 }
 
@@ -471,7 +471,7 @@ async fn stop_leftovers(
         }
         for pid in leftovers {
             if signalled.insert((pid, signal.as_raw())) {
-                send(keeper, Some(pid), signal).await;
+                send(keeper, Some(pid), signal);
             }
         }
         tokio::select! {
@@ -483,7 +483,7 @@ async fn stop_leftovers(
             Some(origin) = signals.next() => {
                 for pid in keeper.children() {
                     if !manager_signals_command_too(&origin, Some(pid)).await {
-                        forward(&origin, Some(pid), keeper).await;
+                        forward(&origin, Some(pid), keeper);
                     }
                 }
             }
