@@ -100,7 +100,8 @@ async fn supervise(args: RunArgs) -> ExitCode {
     tracing::debug!(name = guard.name(), backends = ?guard.backends(), "acquired");
     // Processes COMMAND leaves behind are re-parented to us rather than to init, so they can
     // be stopped before the instance is released (see `stop_leftovers`).
-    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+    let subreaper = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
+    if let Err(e) = subreaper {
         tracing::warn!(error = %e, "cannot become a child subreaper");
     }
     // A signal that came after the acquisition won the race above but before COMMAND exists
@@ -193,6 +194,20 @@ async fn supervise(args: RunArgs) -> ExitCode {
             ),
         ),
         (Ok(status), None) => ExitCode::from(exit_code_of(status)),
+        // As a child subreaper we got all the keeper left behind, and `stop_own_children`
+        // stopped and reaped it: none of it runs on. Still a failure (COMMAND did not end by
+        // itself, and its status is unknown).
+        (Err(e), None) if subreaper.is_ok() => fail(
+            EXIT_INTERNAL,
+            format_args!(
+                "lost track of COMMAND: {e} (the keeper: {}); COMMAND and everything it started \
+                 were stopped",
+                match &keeper_status {
+                    Ok(status) => status.to_string(),
+                    Err(e) => e.to_string(),
+                }
+            ),
+        ),
         (Err(e), None) => fail(
             EXIT_INTERNAL,
             format_args!("lost track of COMMAND: {e}; it may still be running"),
