@@ -1467,9 +1467,20 @@ fn a_killed_keeper_is_reported_truthfully() {
     let mut wrapper = cli(
         None,
         lock_dir.path(),
-        &["run", &name, "--", "sh", "-c", "echo running; read _"],
+        &[
+            "run",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-usr1' USR1; echo running; while :; do sleep 600 & wait $!; done",
+        ],
     );
     assert_eq!(wrapper.next_line("COMMAND running"), "running");
+    // The wrapper passes signals on only once it knows COMMAND runs: after this, the keeper's
+    // death is one while COMMAND runs, not one while it starts.
+    wrapper.signal(Signal::USR1);
+    assert_eq!(wrapper.next_line("COMMAND got SIGUSR1"), "got-usr1");
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", wrapper.pid()))
         .expect("the wrapper's children");
     let keeper: Vec<i32> = children
