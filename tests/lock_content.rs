@@ -537,3 +537,42 @@ fn a_refusal_never_names_a_process_that_is_gone() {
         "status named the dead process {dead_pid}: {out}"
     );
 }
+
+/// A record whose PID now belongs to another process (the holder died and the PID was reused)
+/// must not make that unrelated process "the one running": the record's start time says which
+/// process it names, and a live process that started at another time is not it. The refusal
+/// says "holder unknown", and still refuses.
+#[test]
+fn a_refusal_never_names_a_process_that_reused_the_holders_pid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Alive for the whole test, and started long after the start time the record gives.
+    let mut impostor = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("spawn sleep");
+    let reused_pid = impostor.id();
+    let hostname = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let name = unique_name("reused_pid");
+    let path = dir.path().join(format!("{name}.lock"));
+    // One hour after the epoch: no process of this boot started then.
+    let content = format!(
+        "{{\"pid\":{reused_pid},\"uid\":0,\"start_time\":3600,\"backend\":[\"lock-file\"],\
+         \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":\"{hostname}\"}}\n"
+    );
+    std::fs::write(&path, &content).expect("plant the record");
+    let _held = hold_ofd_lock(&path);
+    let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = copy.next_line("the library's answer");
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(
+        common::field(&line, "holder_pid"),
+        Some("unknown"),
+        "a refusal named process {reused_pid}, which only reused the holder's PID: {line}"
+    );
+    assert_eq!(copy.exit_code(), 75);
+}
