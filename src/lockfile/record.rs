@@ -73,15 +73,45 @@ pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
 /// wrapper killed while its COMMAND keeps the lock.) Only for reporting: the kernel lock
 /// decides who holds the instance. A holder in another PID namespace with our host name looks
 /// gone too: it is then reported as unknown, after the grace.
+///
+/// A process that is alive under the record's PID but started at another time than the record
+/// says is not the holder either: the holder died and its PID was reused.
 fn names_a_process_gone_from_here(record: &LockRecord) -> bool {
     let here = rustix::system::uname();
     if record.hostname.as_deref().map(str::as_bytes) != Some(here.nodename().to_bytes()) {
         return false;
     }
-    i32::try_from(record.pid)
+    let Some(pid) = i32::try_from(record.pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
-        .is_some_and(|pid| rustix::process::test_kill_process(pid) == Err(Errno::SRCH))
+    else {
+        return false;
+    };
+    if rustix::process::test_kill_process(pid) == Err(Errno::SRCH) {
+        return true;
+    }
+    started_elsewhen(record)
+}
+
+/// How far apart two readings of one process's start time may be. Both are the boot time plus
+/// the process's ticks since boot, and the boot time is derived from the wall clock, so a step
+/// of the clock between the two readings (an NTP step at boot) moves it; slewing does not.
+/// A step larger than this makes a live holder "unknown" (never a wrong name); a process
+/// that reused the PID within this margin of the holder's start would still be named.
+const START_TIME_TOLERANCE_SECS: u64 = 5;
+
+/// Did the process now under the record's PID start at another time than the record says?
+/// `false` when either time is unknown: then nothing says it is another process.
+fn started_elsewhen(record: &LockRecord) -> bool {
+    let Some(recorded) = record.start_time else {
+        return false;
+    };
+    let Some(now) = crate::holder::process_start_time(record.pid)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+    else {
+        return false;
+    };
+    now.as_secs().abs_diff(recorded) > START_TIME_TOLERANCE_SECS
 }
 
 /// An inotify instance (non-blocking) that becomes readable when `path` is written, for the
