@@ -1,10 +1,11 @@
 //! The D-Bus backend, its whole protocol: connect (`connect`, on our own socket halves in
-//! `socket`), own the well-known name with explicit flags and name its owner (`name`), and watch
-//! it once owned (`watch`), with as few round trips as the protocol allows.
+//! `socket`), own the well-known name with explicit flags and name its owner (`name`), watch it
+//! once owned (`watch`) and give it back (`release`), with as few round trips as the protocol allows.
 //! It must not plan (`plan`) nor order the backends (`acquire`).
 
 mod connect;
 mod name;
+mod release;
 mod socket;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -16,6 +17,7 @@ pub(crate) use connect::{Connected, Disconnect, Export, connect};
 #[cfg(test)]
 use name::request_name_reply;
 pub(crate) use name::{STOP_BEFORE_REQUEST_NAME, own_name, owner_of, release_name, request_flags};
+pub(crate) use release::{release_bus, release_without_socket};
 pub(crate) use watch::watch_bus;
 
 const DBUS_NAME: &str = "org.freedesktop.DBus";
