@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::dbus::{self, STOP_BEFORE_REQUEST_NAME, own_name, request_flags, watch_bus};
+use crate::dbus::{self, HeldName, STOP_BEFORE_REQUEST_NAME, own_name, request_flags, watch_bus};
 use crate::error::{Error, Result, already_running};
 use crate::guard::{GuardParts, InstanceGuard};
 use crate::holder::{BackendKind, LockRecord};
@@ -315,7 +315,7 @@ impl InstanceOptions {
                                 .map(HeldLock::watch_handle)
                                 .map(|lock| move || lock_still_held(&lock)),
                         )));
-                        Some((kind, conn, disconnect))
+                        Some(HeldName::new(kind, conn, disconnect))
                     }
                     // The bus went away before granting the name: the lock file alone holds the
                     // instance, as when no bus was reachable, and the record says so again.
@@ -341,10 +341,6 @@ impl InstanceOptions {
                 }
             }
             None => None,
-        };
-        let (bus, disconnect) = match bus {
-            Some((kind, conn, disconnect)) => (Some((kind, conn)), disconnect),
-            None => (None, None),
         };
 
         if let (Some(inotify), Some(held)) = (inotify, &mut lock) {
@@ -377,7 +373,7 @@ impl InstanceOptions {
         tracing::info!(
             name = %name,
             lock_file = ?lock.as_ref().map(HeldLock::path),
-            bus = ?bus.as_ref().map(|(k, _)| *k),
+            bus = ?bus.as_ref().map(HeldName::kind),
             "acquired instance"
         );
         Ok(InstanceGuard::new(GuardParts {
@@ -385,7 +381,6 @@ impl InstanceOptions {
             scope,
             lock,
             bus,
-            disconnect,
             loss_log: loss_tx,
             losses: loss_rx,
             tasks,
@@ -430,7 +425,6 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         scope,
         lock: Some(held),
         bus: None,
-        disconnect: None,
         loss_log: loss_tx,
         losses: loss_rx,
         tasks: Vec::new(),

@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::dbus::{self, release_bus, release_without_socket};
-use crate::error::{Error, Result};
+use crate::dbus::HeldName;
+use crate::error::Result;
 use crate::holder::BackendKind;
 use crate::lockfile::HeldLock;
 use crate::loss::{Loss, LossLog, LossWatcher};
@@ -43,7 +43,7 @@ pub struct InstanceGuard {
     name: InstanceName,
     scope: Scope,
     lock: Option<HeldLock>,
-    bus: Option<(BusKind, zbus::Connection)>,
+    bus: Option<HeldName>,
     losses: watch::Receiver<Vec<Loss>>,
     /// Keeps the loss channel open for as long as the guard lives, even with no task feeding it,
     /// so that watchers see its end only when the guard is gone.
@@ -53,10 +53,6 @@ pub struct InstanceGuard {
     /// The runtime that services the connection when the guard came from the blocking API (set
     /// by it once acquired: the only field set outside `InstanceGuard::new`).
     pub(crate) runtime: Option<ServiceThread>,
-    /// Ends the bus connection without its runtime (see [`dbus::Disconnect`]), so that a release
-    /// frees the name before the lock file wherever it runs. `None` with no bus, or on a
-    /// transport zbus connected itself.
-    disconnect: Option<dbus::Disconnect>,
     /// The lock-file watch of a guard that has no runtime (the lock file alone, blocking API).
     lock_watch: Option<crate::lockfile::LockWatchThread>,
     /// The inotify instance a wait for the lock file used, with no watches left: closed with the
@@ -84,9 +80,7 @@ pub(crate) struct GuardParts {
     /// The scope in effect (never [`Scope::Auto`]).
     pub(crate) scope: Scope,
     pub(crate) lock: Option<HeldLock>,
-    pub(crate) bus: Option<(BusKind, zbus::Connection)>,
-    /// Ends the connection without its runtime (see the guard's field).
-    pub(crate) disconnect: Option<dbus::Disconnect>,
+    pub(crate) bus: Option<HeldName>,
     /// The loss channel: the log its watchers feed, and the guard's end of it.
     pub(crate) loss_log: LossLog,
     pub(crate) losses: watch::Receiver<Vec<Loss>>,
@@ -107,7 +101,6 @@ impl InstanceGuard {
             scope,
             lock,
             bus,
-            disconnect,
             loss_log,
             losses,
             tasks,
@@ -124,7 +117,6 @@ impl InstanceGuard {
             seen_losses: 0,
             tasks,
             runtime: None,
-            disconnect,
             lock_watch,
             _wait_watch: wait_watch,
         }
@@ -190,14 +182,14 @@ impl InstanceGuard {
 
     /// The bus the name is owned on, if any.
     pub fn bus_kind(&self) -> Option<BusKind> {
-        self.bus.as_ref().map(|(kind, _)| *kind)
+        self.bus.as_ref().map(HeldName::kind)
     }
 
     /// Our unique name on the bus (`:1.42`), if the name is owned on a bus.
     pub fn bus_unique_name(&self) -> Option<String> {
         self.bus
             .as_ref()
-            .and_then(|(_, c)| c.unique_name().map(|n| n.to_string()))
+            .and_then(|b| b.connection().unique_name().map(|n| n.to_string()))
     }
 
     /// The connection that owns the name: serve your own objects on it.
@@ -212,7 +204,7 @@ impl InstanceGuard {
     /// [`release`]: InstanceGuard::release
     /// [`release_async`]: InstanceGuard::release_async
     pub fn connection(&self) -> Option<&zbus::Connection> {
-        self.bus.as_ref().map(|(_, c)| c)
+        self.bus.as_ref().map(HeldName::connection)
     }
 
     /// Tells systemd this service is ready: `READY=1` and a `STATUS=` line naming the instance,
@@ -221,7 +213,7 @@ impl InstanceGuard {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] when the notification socket cannot be reached.
+    /// [`Error::Io`](crate::Error::Io) when the notification socket cannot be reached.
     pub fn notify_ready(&self) -> Result<()> {
         crate::notify::ready(&self.acquired())
     }
@@ -288,8 +280,9 @@ impl InstanceGuard {
     ///
     /// # Errors
     ///
-    /// [`Error::Bus`] if `ReleaseName` failed, [`Error::Io`] if the lock file could not be
-    /// removed. The instance is released in any case: closing our descriptors releases it.
+    /// [`Error::Bus`](crate::Error::Bus) if `ReleaseName` failed, [`Error::Io`](crate::Error::Io)
+    /// if the lock file could not be removed. The instance is released in any case: closing our
+    /// descriptors releases it.
     ///
     /// # Caveats
     ///
@@ -308,24 +301,7 @@ impl InstanceGuard {
     pub async fn release_async(mut self) -> Result<()> {
         self.stop_tasks();
         let bus_result = match self.bus.take() {
-            Some((kind, conn)) => {
-                let released = release_bus(kind, conn, self.name.as_str()).await;
-                match (released, self.disconnect.take()) {
-                    (Ok(()), disconnect) => {
-                        if let Some(disconnect) = disconnect {
-                            disconnect.disarm();
-                        }
-                        Ok(())
-                    }
-                    // Not answered (a connection whose runtime does not run, a bus that
-                    // stalls): end the connection, so the name is free before the lock file.
-                    (Err(e), Some(disconnect)) => {
-                        let _ = disconnect.wait(RELEASE_TIMEOUT);
-                        Err(e)
-                    }
-                    (Err(e), None) => Err(e),
-                }
-            }
+            Some(bus) => bus.release(self.name.as_str()).await,
             None => Ok(()),
         };
         let lock_result = self.lock.take().map_or(Ok(()), HeldLock::release);
@@ -349,66 +325,13 @@ impl InstanceGuard {
     fn release_blocking(&mut self) -> Result<()> {
         self.stop_tasks();
         let bus_result = match self.bus.take() {
-            Some((kind, conn)) => {
-                let disconnect = self.disconnect.take();
+            Some(bus) => {
                 let service = self
                     .runtime
                     .as_ref()
                     .filter(|s| !s.is_current_thread())
                     .map(ServiceThread::handle);
-                match (service, disconnect) {
-                    (Some(rt), disconnect) => {
-                        // Run it on the guard's own thread and wait on a plain channel:
-                        // `Runtime::block_on` would panic if this drop happens inside another
-                        // runtime.
-                        let (tx, rx) = std::sync::mpsc::channel();
-                        let name = self.name.to_string();
-                        rt.spawn(async move {
-                            let _ = tx.send(release_bus(kind, conn, &name).await);
-                        });
-                        match rx.recv() {
-                            Ok(Ok(())) => {
-                                if let Some(disconnect) = disconnect {
-                                    disconnect.disarm();
-                                }
-                                Ok(())
-                            }
-                            Ok(Err(e)) => {
-                                if let Some(disconnect) = disconnect {
-                                    let _ = disconnect.wait(RELEASE_TIMEOUT);
-                                }
-                                Err(e)
-                            }
-                            // The service thread is gone (it panicked): its runtime, and with it
-                            // the connection, went down with it; make sure, and say so.
-                            Err(_) => {
-                                if let Some(disconnect) = disconnect {
-                                    let _ = disconnect.wait(RELEASE_TIMEOUT);
-                                }
-                                Err(Error::Bus {
-                                    context: "cannot release the name",
-                                    bus: kind,
-                                    source: zbus::Error::Failure(
-                                        "the thread that services the bus connection has ended"
-                                            .into(),
-                                    ),
-                                })
-                            }
-                        }
-                    }
-                    (None, Some(disconnect)) => {
-                        // The connection's runtime may be idle, or blocked in this very call:
-                        // end the connection ourselves, and wait until the bus has seen it.
-                        let result = disconnect.wait(RELEASE_TIMEOUT).map_err(|e| Error::Bus {
-                            context: "cannot release the name",
-                            bus: kind,
-                            source: zbus::Error::InputOutput(std::sync::Arc::new(e)),
-                        });
-                        drop(conn);
-                        result
-                    }
-                    (None, None) => release_without_socket(kind, conn, self.name.as_str()),
-                }
+                bus.release_blocking(service, self.name.as_str())
             }
             None => Ok(()),
         };
@@ -418,9 +341,6 @@ impl InstanceGuard {
         bus_result.and(lock_result)
     }
 }
-
-/// How long a release waits for the bus.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Drop for InstanceGuard {
     fn drop(&mut self) {
@@ -434,6 +354,7 @@ impl Drop for InstanceGuard {
 mod tests {
     use super::*;
     use crate::dbus::tests::PrivateBus;
+    use crate::error::Error;
 
     /// A guard whose service thread died (its runtime is gone) does not report its release as a
     /// success, and still frees the name.
@@ -455,8 +376,11 @@ mod tests {
             name: InstanceName::new(name).expect("name"),
             scope: Scope::User,
             lock: None,
-            bus: Some((BusKind::Session, connected.conn)),
-            disconnect: connected.disconnect,
+            bus: Some(HeldName::new(
+                BusKind::Session,
+                connected.conn,
+                connected.disconnect,
+            )),
             loss_log: loss_tx,
             losses: loss_rx,
             tasks: Vec::new(),

@@ -1,13 +1,135 @@
-//! Giving the name back: `ReleaseName`, as well as the runtime the release runs in allows.
+//! The name once owned ([`HeldName`]: its bus, the connection, and the handle that ends that
+//! connection without zbus) and giving it back: `ReleaseName`, as well as the runtime the
+//! release runs in allows, else by ending the connection, so the name is free when it returns.
 //! It must not release anything but the name (the guard orders the backends' releases).
 
 use std::time::Duration;
 
 use zbus::Connection;
 
-use super::release_name;
+use super::{Disconnect, release_name};
 use crate::error::{Error, Result};
 use crate::scope::BusKind;
+
+/// How long a release waits for the bus.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bus name an instance owns.
+pub(crate) struct HeldName {
+    kind: BusKind,
+    conn: Connection,
+    /// Ends the bus connection without its runtime (see [`Disconnect`]), so that a release
+    /// frees the name before the lock file wherever it runs. `None` on a transport zbus
+    /// connected itself.
+    disconnect: Option<Disconnect>,
+}
+
+impl HeldName {
+    pub(crate) fn new(kind: BusKind, conn: Connection, disconnect: Option<Disconnect>) -> Self {
+        HeldName {
+            kind,
+            conn,
+            disconnect,
+        }
+    }
+
+    /// The bus the name is owned on.
+    pub(crate) fn kind(&self) -> BusKind {
+        self.kind
+    }
+
+    /// The connection that owns the name.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Releases the name from async code.
+    pub(crate) async fn release(self, name: &str) -> Result<()> {
+        let released = release_bus(self.kind, self.conn, name).await;
+        match (released, self.disconnect) {
+            (Ok(()), disconnect) => {
+                if let Some(disconnect) = disconnect {
+                    disconnect.disarm();
+                }
+                Ok(())
+            }
+            // Not answered (a connection whose runtime does not run, a bus that
+            // stalls): end the connection, so the name is free before the lock file.
+            (Err(e), Some(disconnect)) => {
+                let _ = disconnect.wait(RELEASE_TIMEOUT);
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Releases the name without awaiting anything, from any thread, inside a runtime or not:
+    /// through `service` (the runtime of the guard's service thread, when it has one and this is
+    /// not that thread), else by ending the connection and waiting until the bus closed it.
+    pub(crate) fn release_blocking(
+        self,
+        service: Option<&tokio::runtime::Handle>,
+        name: &str,
+    ) -> Result<()> {
+        let HeldName {
+            kind,
+            conn,
+            disconnect,
+        } = self;
+        match (service, disconnect) {
+            (Some(rt), disconnect) => {
+                // Run it on the guard's own thread and wait on a plain channel:
+                // `Runtime::block_on` would panic if this drop happens inside another
+                // runtime.
+                let (tx, rx) = std::sync::mpsc::channel();
+                let name = name.to_string();
+                rt.spawn(async move {
+                    let _ = tx.send(release_bus(kind, conn, &name).await);
+                });
+                match rx.recv() {
+                    Ok(Ok(())) => {
+                        if let Some(disconnect) = disconnect {
+                            disconnect.disarm();
+                        }
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        if let Some(disconnect) = disconnect {
+                            let _ = disconnect.wait(RELEASE_TIMEOUT);
+                        }
+                        Err(e)
+                    }
+                    // The service thread is gone (it panicked): its runtime, and with it
+                    // the connection, went down with it; make sure, and say so.
+                    Err(_) => {
+                        if let Some(disconnect) = disconnect {
+                            let _ = disconnect.wait(RELEASE_TIMEOUT);
+                        }
+                        Err(Error::Bus {
+                            context: "cannot release the name",
+                            bus: kind,
+                            source: zbus::Error::Failure(
+                                "the thread that services the bus connection has ended".into(),
+                            ),
+                        })
+                    }
+                }
+            }
+            (None, Some(disconnect)) => {
+                // The connection's runtime may be idle, or blocked in this very call:
+                // end the connection ourselves, and wait until the bus has seen it.
+                let result = disconnect.wait(RELEASE_TIMEOUT).map_err(|e| Error::Bus {
+                    context: "cannot release the name",
+                    bus: kind,
+                    source: zbus::Error::InputOutput(std::sync::Arc::new(e)),
+                });
+                drop(conn);
+                result
+            }
+            (None, None) => release_without_socket(kind, conn, name),
+        }
+    }
+}
 
 /// Releases the name of a connection whose socket zbus made itself (a transport other than a
 /// Unix socket), as well as the runtime we are in allows.
