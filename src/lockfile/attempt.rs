@@ -51,7 +51,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Resu
 /// Tries once to lock the file of `plan` in `dir`, without blocking the executor: every system
 /// call it makes returns at once, and the grace a just-started holder gets to write its record
 /// is awaited ([`read_holder_async`]). As [`lock`], it may replace `lock_dir`.
-pub(crate) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Result<Attempt> {
+pub(super) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Result<Attempt> {
     Ok(match settle(plan, lock_dir, false)? {
         Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
         Step::Busy(file) => Attempt::Busy(Box::new(read_holder_async(&file, &plan.path()).await)),

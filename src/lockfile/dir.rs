@@ -34,7 +34,7 @@ pub(crate) struct LockDir {
 
 impl LockDir {
     /// The directory's identity (device, inode): another value after [`lock`](super::attempt::lock) opened it again.
-    pub(crate) fn id(&self) -> (u64, u64) {
+    pub(super) fn id(&self) -> (u64, u64) {
         (self.dev, self.ino)
     }
 

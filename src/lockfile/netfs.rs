@@ -2,7 +2,7 @@
 //! Must not: decide what to do about them (`dir.rs` refuses them unless allowed).
 
 /// Names file systems whose locks cannot be trusted to exclude (or may hang), by `statfs` magic.
-pub(crate) fn network_fs_name(f_type: i64) -> Option<&'static str> {
+pub(super) fn network_fs_name(f_type: i64) -> Option<&'static str> {
     // Magic numbers from linux/magic.h and the file systems' own headers.
     Some(match f_type as u32 {
         0x6969 => "nfs",

@@ -16,7 +16,7 @@ use super::open::file_type_name;
 use super::record::{look_at_record, read_holder, read_holder_async, unknown_holder};
 
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
-pub(crate) fn peek_holder(path: &Path) -> Option<Holder> {
+pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
     let file = rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,

@@ -27,7 +27,7 @@ use super::watch::{drain, drain_any, new_inotify};
 /// A lock wait built on it can be abandoned at any moment (dropping the descriptor ends it),
 /// unlike a thread blocked in `F_OFD_SETLKW`, which nothing can cancel and which would take the
 /// lock long after its waiter gave up.
-pub(crate) fn release_watch(lock_dir: &LockDir) -> std::io::Result<ReleaseWatch> {
+fn release_watch(lock_dir: &LockDir) -> std::io::Result<ReleaseWatch> {
     use rustix::fs::inotify::{self, WatchFlags};
     let fd = new_inotify()?;
     let dir = format!("/proc/self/fd/{}", lock_dir.fd.as_raw_fd());
@@ -50,7 +50,7 @@ pub(crate) fn release_watch(lock_dir: &LockDir) -> std::io::Result<ReleaseWatch>
 
 /// A [`release_watch`]: the inotify instance and its watches.
 #[derive(Debug)]
-pub(crate) struct ReleaseWatch {
+struct ReleaseWatch {
     fd: OwnedFd,
     watches: Vec<i32>,
 }
@@ -62,7 +62,7 @@ impl AsRawFd for ReleaseWatch {
 }
 
 impl ReleaseWatch {
-    pub(crate) fn fd(&self) -> &OwnedFd {
+    fn fd(&self) -> &OwnedFd {
         &self.fd
     }
 
@@ -70,7 +70,7 @@ impl ReleaseWatch {
     /// instance waits for an RCU grace period (about 15 ms measured, benchmark 4), which a copy
     /// that has just taken the lock over should not spend before it starts. Kept by the guard,
     /// it is closed after the lock is released.
-    pub(crate) fn into_quiet(self) -> OwnedFd {
+    fn into_quiet(self) -> OwnedFd {
         for wd in &self.watches {
             // Removing a watch defers the freeing work, unlike closing the instance.
             let _ = rustix::fs::inotify::remove_watch(&self.fd, *wd);
@@ -89,7 +89,7 @@ impl ReleaseWatch {
 /// or replaced) says "try": the attempt itself then decides, and reports what is wrong. Not
 /// every release sends an event (see `RECHECK_EVERY` in options.rs): waiters also call this
 /// periodically.
-pub(crate) fn may_be_free(watch: &mut ReleaseWatch, plan: &LockPlan, lock_dir: &LockDir) -> bool {
+fn may_be_free(watch: &mut ReleaseWatch, plan: &LockPlan, lock_dir: &LockDir) -> bool {
     use rustix::fs::inotify::{self, WatchFlags};
     // Removed or replaced, the directory's file is no longer the one to wait for: try, and the
     // attempt opens (makes) the directory the path leads to now.

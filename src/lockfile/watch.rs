@@ -22,13 +22,13 @@ pub(crate) enum PathChange {
     Replaced,
 }
 
-pub(crate) fn drain(fd: &OwnedFd) {
+pub(super) fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 4096];
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
 }
 
 /// Reads everything queued on `fd` (an inotify instance); true when there was anything.
-pub(crate) fn drain_any(fd: &OwnedFd) -> bool {
+pub(super) fn drain_any(fd: &OwnedFd) -> bool {
     let mut buf = [0u8; 4096];
     let mut any = false;
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {
@@ -115,7 +115,7 @@ impl WatchHandle {
     }
 
     /// Does the name in the directory we opened still name our file? `None` when it does.
-    pub(crate) fn check_in_dir(&self) -> Option<PathChange> {
+    pub(super) fn check_in_dir(&self) -> Option<PathChange> {
         let (dev, ino) = self.identity();
         self.in_dir_as(dev, ino)
     }
