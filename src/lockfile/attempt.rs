@@ -4,7 +4,6 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
 
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
@@ -14,7 +13,7 @@ use crate::holder::{Holder, LockRecord};
 use crate::plan::LockPlan;
 
 use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
-use super::held::{Files, HeldLock, MAX_RECREATIONS, Now, Shared};
+use super::held::HeldLock;
 use super::ofd::{is_held, lock_exclusive, retry_eintr, wait_unlocked};
 use super::open::{Opened, ReadOnlyBecause, is_ours, not_a_lock_file, open_lock_file};
 use super::record::{read_content, read_holder, read_holder_async};
@@ -214,37 +213,9 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
             retry_eintr(|| rustix::fs::ftruncate(&file, 0))
                 .map_err(|e| Error::io("cannot truncate", &path, e.into()))?;
         }
-        let files = Arc::new(Files {
-            first: file,
-            more: [const { OnceLock::new() }; MAX_RECREATIONS + 1],
-        });
-        let shared = Arc::new(Shared {
-            now: Mutex::new(Now {
-                dev: st.st_dev,
-                ino: st.st_ino,
-                recreated: 0,
-                // Created by us, or a crashed holder's: ours to remove. Found empty: kept.
-                keep_file: !created && content.is_empty(),
-                record: Vec::new(),
-                released: false,
-                lost: false,
-            }),
-            files: Arc::downgrade(&files),
-            plan: plan.clone(),
-            lock_dir: lock_dir.clone(),
-        });
-        return Ok(Some(Step::Acquired(
-            HeldLock {
-                files,
-                dir: Arc::clone(dir),
-                file_name: plan.file_name.clone(),
-                path,
-                released: false,
-                record_len: 0,
-                pid: std::process::id(),
-                shared,
-            },
-            previous,
-        )));
+        // Created by us, or a crashed holder's: ours to remove. Found empty: kept.
+        let keep_file = !created && content.is_empty();
+        let held = HeldLock::new(file, &st, keep_file, plan, lock_dir, path);
+        return Ok(Some(Step::Acquired(held, previous)));
     }
 }

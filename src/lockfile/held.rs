@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use rustix::fs::AtFlags;
+use rustix::fs::{AtFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
@@ -25,18 +25,18 @@ use super::watch::WatchHandle;
 #[derive(Debug)]
 pub(crate) struct HeldLock {
     /// The descriptors of the lock, owned here alone (see [`Files`]).
-    pub(super) files: Arc<Files>,
-    pub(super) dir: Arc<OwnedFd>,
-    pub(super) file_name: OsString,
-    pub(super) path: PathBuf,
-    pub(super) released: bool,
+    files: Arc<Files>,
+    dir: Arc<OwnedFd>,
+    file_name: OsString,
+    path: PathBuf,
+    released: bool,
     /// The length of the longest record written, which a shorter one is padded to.
-    pub(super) record_len: usize,
+    record_len: usize,
     /// The process that took the lock. After a `fork` the child shares our open file
     /// description, and with it the lock: only this process may remove the file.
-    pub(super) pid: u32,
+    pid: u32,
     /// What the lock's watches share with it: which file the lock is on now.
-    pub(super) shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 /// How many times a holder re-creates its lock file after someone removed it (see
@@ -55,8 +55,8 @@ pub(super) const MAX_RECREATIONS: usize = 64;
 /// them all, and frees the lock, before release returns.
 #[derive(Debug)]
 pub(super) struct Files {
-    pub(super) first: OwnedFd,
-    pub(super) more: [OnceLock<OwnedFd>; MAX_RECREATIONS + 1],
+    first: OwnedFd,
+    more: [OnceLock<OwnedFd>; MAX_RECREATIONS + 1],
 }
 
 impl Files {
@@ -84,7 +84,7 @@ impl Files {
 /// file — the one release removes, and the one the watches compare the path with.
 #[derive(Debug)]
 pub(super) struct Shared {
-    pub(super) now: Mutex<Now>,
+    now: Mutex<Now>,
     pub(super) files: std::sync::Weak<Files>,
     /// What re-creating the file needs: the checks of the directory and of a new file.
     pub(super) plan: LockPlan,
@@ -120,6 +120,46 @@ impl Shared {
 }
 
 impl HeldLock {
+    /// The lock just taken on `file` (`st` is its `fstat`), in `lock_dir`, at `path`;
+    /// `keep_file`: see [`Now::keep_file`].
+    pub(super) fn new(
+        file: OwnedFd,
+        st: &Stat,
+        keep_file: bool,
+        plan: &LockPlan,
+        lock_dir: &LockDir,
+        path: PathBuf,
+    ) -> HeldLock {
+        let files = Arc::new(Files {
+            first: file,
+            more: [const { OnceLock::new() }; MAX_RECREATIONS + 1],
+        });
+        let shared = Arc::new(Shared {
+            now: Mutex::new(Now {
+                dev: st.st_dev,
+                ino: st.st_ino,
+                recreated: 0,
+                keep_file,
+                record: Vec::new(),
+                released: false,
+                lost: false,
+            }),
+            files: Arc::downgrade(&files),
+            plan: plan.clone(),
+            lock_dir: lock_dir.clone(),
+        });
+        HeldLock {
+            files,
+            dir: Arc::clone(&lock_dir.fd),
+            file_name: plan.file_name.clone(),
+            path,
+            released: false,
+            record_len: 0,
+            pid: std::process::id(),
+            shared,
+        }
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
