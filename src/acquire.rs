@@ -11,10 +11,10 @@ use tokio::sync::watch;
 use crate::dbus::{self, HeldName, STOP_BEFORE_REQUEST_NAME, own_name, request_flags, watch_bus};
 use crate::error::{Error, Result, already_running};
 use crate::guard::{GuardParts, InstanceGuard};
-use crate::holder::{BackendKind, LockRecord};
+use crate::holder::BackendKind;
 use crate::lockfile::{
-    self, Attempt, CloseAside, HeldLock, LockWatchThread, WATCH_FALLBACK_INTERVAL, recheck_lock,
-    try_lock, wait_lock, watch_lock,
+    self, Attempt, CloseAside, HeldLock, LockRecord, LockWatchThread, WATCH_FALLBACK_INTERVAL,
+    recheck_lock, try_lock, wait_lock, watch_lock,
 };
 use crate::options::{InstanceOptions, Wait, options_wait};
 use crate::plan::{LockPlan, effective_scope};

@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use crate::Holder;
-use crate::holder::LockRecord;
+use crate::lockfile::LockRecord;
 
 /// How much of a lock file a reader reads: the record must fit in it.
-pub const MAX_RECORD_LEN: usize = crate::holder::MAX_RECORD_LEN;
+pub const MAX_RECORD_LEN: usize = crate::lockfile::MAX_RECORD_LEN;
 
 /// What a reader makes of a lock file holding `content`: its first [`MAX_RECORD_LEN`] bytes
 /// (all a reader reads) parsed, then turned into the [`Holder`] that `status` and "already

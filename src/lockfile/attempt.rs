@@ -9,14 +9,15 @@ use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::holder::{Holder, LockRecord};
+use crate::holder::Holder;
 use crate::plan::LockPlan;
 
 use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
 use super::held::HeldLock;
 use super::ofd::{is_held, lock_exclusive, retry_eintr, wait_unlocked};
 use super::open::{Opened, ReadOnlyBecause, is_ours, not_a_lock_file, open_lock_file};
-use super::record::{read_content, read_holder, read_holder_async};
+use super::reader::{read_holder, read_holder_async};
+use super::record::{LockRecord, read_content};
 
 /// The outcome of one attempt.
 // Returned once per attempt and taken apart at once: boxing the large variant would only add an
@@ -36,7 +37,7 @@ const MAX_OPEN_RACES: u32 = 1000;
 /// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
 ///
 /// Refused, it reads the holder's record with [`read_holder`]'s grace, which blocks for up to
-/// [`RECORD_GRACE`](super::record::RECORD_GRACE): from async code use [`lock_async`].
+/// [`RECORD_GRACE`](super::reader::RECORD_GRACE): from async code use [`lock_async`].
 ///
 /// A lock directory removed or replaced under the attempt is opened (made) again, and
 /// `lock_dir` then is the new one: see [`settle`].

@@ -11,12 +11,11 @@ use rustix::fs::{AtFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::holder::LockRecord;
 use crate::plan::LockPlan;
 
 use super::dir::LockDir;
 use super::ofd::retry_eintr;
-use super::record::write_whole;
+use super::record::{LockRecord, write_whole};
 use super::watch::WatchHandle;
 
 /// A lock file this process holds. Dropping it removes the file (if it is still ours, and this

@@ -20,6 +20,7 @@ mod netfs;
 mod ofd;
 mod open;
 mod probe;
+mod reader;
 mod record;
 mod recover;
 mod wait;
@@ -31,6 +32,10 @@ pub(crate) use attempt::{Attempt, lock, stop_for_test};
 pub(crate) use dir::open_dir;
 pub(crate) use held::HeldLock;
 pub(crate) use probe::{holder_of, holder_of_async};
+pub(crate) use record::LockRecord;
+// For the fuzz targets' entry points (src/fuzzing.rs).
+#[cfg(any(fuzzing, test))]
+pub(crate) use record::MAX_RECORD_LEN;
 pub(crate) use recover::Recovery;
 pub(crate) use wait::{try_lock, wait_lock};
 pub(crate) use watch::{WatchHandle, new_inotify};

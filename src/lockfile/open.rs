@@ -10,12 +10,11 @@ use rustix::fs::{FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result, UnsafeLockPath};
-use crate::holder::LockRecord;
 use crate::plan::LockPlan;
 
 use super::dir::{LockDir, not_permitted};
 use super::ofd::{is_held, retry_eintr};
-use super::record::read_content;
+use super::record::{LockRecord, read_content};
 
 /// A lock file, opened.
 pub(super) enum Opened {

@@ -13,7 +13,7 @@ use crate::holder::Holder;
 
 use super::ofd::is_held;
 use super::open::file_type_name;
-use super::record::{look_at_record, read_holder, read_holder_async, unknown_holder};
+use super::reader::{look_at_record, read_holder, read_holder_async, unknown_holder};
 
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
 pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
@@ -35,7 +35,7 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
 /// `None` when nobody holds it, or there is no such file. A holder whose record is not written
 /// yet gets the short grace [`read_holder`] gives it.
 ///
-/// This blocks for up to [`RECORD_GRACE`](super::record::RECORD_GRACE): from async code use [`holder_of_async`].
+/// This blocks for up to [`RECORD_GRACE`](super::reader::RECORD_GRACE): from async code use [`holder_of_async`].
 pub(crate) fn holder_of(path: &Path) -> Result<Option<Holder>> {
     Ok(held_file(path)?.map(|file| read_holder(&file, path)))
 }

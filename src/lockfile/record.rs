@@ -1,23 +1,147 @@
-//! The holder record in a lock file: written whole, read back (at most `MAX_RECORD_LEN` bytes),
-//! and the short, event-driven grace a just-started holder gets to write it.
-//! Must not: decide who holds the lock; the kernel lock decides, never the record.
+//! The lock file's record: the one-line JSON a holder writes into its lock file
+//! ([`LockRecord`]), and its whole-file write and bounded read.
+//! Must not: decide who holds the lock (the kernel lock decides), nor wait for a record.
 
 use std::os::fd::OwnedFd;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
 
-use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
 
-use crate::holder::{Holder, LockRecord, MAX_RECORD_LEN};
+use crate::holder::{BackendKind, Holder, process_start_time};
+use crate::scope::BusKind;
 
 use super::ofd::retry_eintr;
-use super::watch::drain;
 
-/// How long a refused copy waits for a just-started holder to write its record before it
-/// reports the holder as unknown. The holder writes it right after locking, before it connects to
-/// the bus, so the wait is normally a few system calls long.
-pub(super) const RECORD_GRACE: Duration = Duration::from_secs(2);
+/// How much of a lock file is ever read: a record is written shorter than this (see
+/// [`LockRecord::to_line`]), and a file's size is chosen by whoever made it.
+pub(crate) const MAX_RECORD_LEN: usize = 4096;
+
+/// The one-line JSON record a holder writes into its lock file.
+///
+/// Unknown keys are refused: whether a file at the lock path is a crashed holder's (ours to
+/// take over and remove) is decided by its content alone, so only what a holder writes counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LockRecord {
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+    /// Process start time, seconds since the Unix epoch.
+    pub(crate) start_time: Option<u64>,
+    pub(crate) backend: Vec<BackendKind>,
+    pub(crate) bus: Option<BusKind>,
+    pub(crate) bus_unique_name: Option<String>,
+    pub(crate) executable: Option<PathBuf>,
+    pub(crate) hostname: Option<String>,
+}
+
+impl LockRecord {
+    /// The record for this process.
+    pub(crate) fn for_self(
+        backend: Vec<BackendKind>,
+        bus: Option<BusKind>,
+        bus_unique_name: Option<String>,
+    ) -> Self {
+        let pid = std::process::id();
+        LockRecord {
+            pid,
+            uid: rustix::process::geteuid().as_raw(),
+            start_time: process_start_time(pid)
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())),
+            backend,
+            bus,
+            bus_unique_name,
+            executable: std::env::current_exe().ok(),
+            hostname: Some(
+                rustix::system::uname()
+                    .nodename()
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+        }
+    }
+
+    /// One line, newline-terminated, for a single `write`: always a record that
+    /// [`LockRecord::parse`] reads back from the first [`MAX_RECORD_LEN`] bytes, because a lock
+    /// file holding anything else is taken for someone else's file. So an executable path that
+    /// is not UTF-8 (JSON cannot hold it) or too long is left out, and so, if still too long,
+    /// are the other strings.
+    pub(crate) fn to_line(&self) -> Vec<u8> {
+        let fits = |record: &LockRecord| {
+            serde_json::to_vec(record)
+                .ok()
+                .filter(|line| line.len() < MAX_RECORD_LEN)
+        };
+        let mut line = fits(self)
+            .or_else(|| {
+                fits(&LockRecord {
+                    executable: None,
+                    ..self.clone()
+                })
+            })
+            .or_else(|| {
+                fits(&LockRecord {
+                    executable: None,
+                    hostname: None,
+                    bus_unique_name: None,
+                    ..self.clone()
+                })
+            })
+            // Numbers and enums alone: always serialisable, and far shorter than the limit.
+            .unwrap_or_else(|| {
+                serde_json::to_vec(&LockRecord {
+                    executable: None,
+                    hostname: None,
+                    bus_unique_name: None,
+                    ..self.clone()
+                })
+                .unwrap_or_default()
+            });
+        line.push(b'\n');
+        line
+    }
+
+    /// Parses a record; `None` for empty or garbage content ("holder unknown", never "stale").
+    pub(crate) fn parse(content: &[u8]) -> Option<Self> {
+        let line = content.split(|&b| b == b'\n').next()?;
+        serde_json::from_slice(line).ok()
+    }
+
+    /// Parses the whole content of a lock file (read with room for more than
+    /// [`MAX_RECORD_LEN`] bytes) that is a record and nothing else: exactly one line, ended by
+    /// its newline, at most [`MAX_RECORD_LEN`] bytes, as a holder leaves it (the spaces a
+    /// shorter re-write is padded with before the newline are JSON whitespace). Only such a
+    /// file, a crashed holder's, may be taken over and removed: a record followed by anything
+    /// is someone's data that merely starts like one.
+    pub(crate) fn parse_whole(content: &[u8]) -> Option<Self> {
+        if content.len() > MAX_RECORD_LEN {
+            return None;
+        }
+        let line = content.strip_suffix(b"\n")?;
+        if line.contains(&b'\n') {
+            return None;
+        }
+        serde_json::from_slice(line).ok()
+    }
+
+    pub(crate) fn into_holder(self, lock_file: PathBuf) -> Holder {
+        Holder {
+            pid: Some(self.pid),
+            uid: Some(self.uid),
+            // The record is anyone's to plant: a time past what `SystemTime` holds is unknown,
+            // not a panic.
+            since: self
+                .start_time
+                .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
+            found_by: Some(BackendKind::LockFile),
+            bus: self.bus,
+            bus_unique_name: self.bus_unique_name,
+            executable: self.executable,
+            hostname: self.hostname,
+            lock_file: Some(lock_file),
+        }
+    }
+}
 
 /// Writes `line` at offset 0 of `file` with one `pwrite` (see [`HeldLock::write_record`](super::held::HeldLock::write_record)).
 pub(super) fn write_whole(file: &OwnedFd, line: &[u8]) -> std::io::Result<()> {
@@ -38,186 +162,85 @@ pub(super) fn read_content(file: &OwnedFd) -> rustix::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// A holder of `path` of whom nothing is known.
-pub(super) fn unknown_holder(path: &Path) -> Holder {
-    Holder {
-        found_by: Some(crate::holder::BackendKind::LockFile),
-        lock_file: Some(path.to_owned()),
-        ..Holder::default()
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// One look at a held file's record: `Some` when that is the answer (the record, or a holder
-/// unknown because the file cannot be read), `None` when there is no record (yet).
-///
-/// A read error is not an empty record: it is logged, and the holder is unknown at once (no
-/// grace: waiting cannot make the file readable). Either way the file stays held: the kernel
-/// lock decides, never what could be read of it.
-pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
-    match read_content(file) {
-        Ok(content) => LockRecord::parse(&content)
-            .filter(|record| !names_a_process_gone_from_here(record))
-            .map(|record| record.into_holder(path.to_owned())),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %std::io::Error::from(e),
-                "cannot read the holder record of a held lock file; the holder is unknown");
-            Some(unknown_holder(path))
+    #[test]
+    fn record_round_trips_and_garbage_is_unknown() {
+        let record = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+        let line = record.to_line();
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(LockRecord::parse(&line), Some(record));
+        assert_eq!(LockRecord::parse(b""), None);
+        assert_eq!(LockRecord::parse(b"\0\0garbage{"), None);
+    }
+
+    #[test]
+    fn only_a_record_and_nothing_else_is_a_whole_record() {
+        let record = LockRecord::for_self(vec![BackendKind::LockFile], None, Some(":1.7".into()));
+        let line = record.to_line();
+        assert_eq!(LockRecord::parse_whole(&line), Some(record.clone()));
+        // Padded with spaces before its newline, as a shorter re-write leaves it.
+        let mut padded = line[..line.len() - 1].to_vec();
+        padded.extend_from_slice(b"     \n");
+        assert_eq!(LockRecord::parse_whole(&padded), Some(record));
+        let mut followed = line.clone();
+        followed.extend_from_slice(b"DATA\n");
+        let mut long = line[..line.len() - 1].to_vec();
+        long.resize(MAX_RECORD_LEN, b' ');
+        long.push(b'\n');
+        for (what, content) in [
+            ("no newline", &line[..line.len() - 1]),
+            ("followed by data", &followed[..]),
+            ("two newlines", &[&line[..], b"\n"].concat()[..]),
+            ("longer than a record", &long[..]),
+            (
+                "unknown key",
+                b"{\"pid\":1,\"uid\":0,\"backend\":[],\"x\":1}\n",
+            ),
+            ("empty", b""),
+            ("newline only", b"\n"),
+        ] {
+            assert_eq!(LockRecord::parse_whole(content), None, "{what}");
+        }
+        assert_eq!(
+            LockRecord::parse(b"{\"pid\":1,\"uid\":0,\"backend\":[],\"x\":1}"),
+            None
+        );
+    }
+
+    #[test]
+    fn every_record_written_reads_back_within_the_limit() {
+        use std::os::unix::ffi::OsStringExt;
+        let own = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+        for executable in [
+            PathBuf::from(std::ffi::OsString::from_vec(b"/opt/\xff\xfe/app".to_vec())),
+            PathBuf::from(format!("/{}", "\u{1}".repeat(3000))),
+        ] {
+            let record = LockRecord {
+                executable: Some(executable),
+                hostname: Some("\u{1}".repeat(3000)),
+                ..own.clone()
+            };
+            let line = record.to_line();
+            assert!(line.len() <= MAX_RECORD_LEN, "{}", line.len());
+            let back = LockRecord::parse(&line).expect("reads back");
+            assert_eq!(back.pid, own.pid);
+            assert_eq!(LockRecord::parse_whole(&line), Some(back));
         }
     }
-}
 
-/// Does `record` name a process of this host that no longer exists? Then it is the record of a
-/// holder that died, which the copy now holding the lock has not cleared yet (it does so right
-/// after locking): it is treated like an empty file, given the same grace, and the holder is
-/// reported as unknown if it stays, never as the dead process. (Also the case of a `run`
-/// wrapper killed while its COMMAND keeps the lock.) Only for reporting: the kernel lock
-/// decides who holds the instance. A holder in another PID namespace with our host name looks
-/// gone too: it is then reported as unknown, after the grace.
-///
-/// A process that is alive under the record's PID but started at another time than the record
-/// says is not the holder either: the holder died and its PID was reused.
-fn names_a_process_gone_from_here(record: &LockRecord) -> bool {
-    let here = rustix::system::uname();
-    if record.hostname.as_deref().map(str::as_bytes) != Some(here.nodename().to_bytes()) {
-        return false;
-    }
-    let Some(pid) = i32::try_from(record.pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return false;
-    };
-    if rustix::process::test_kill_process(pid) == Err(Errno::SRCH) {
-        return true;
-    }
-    started_elsewhen(record)
-}
-
-/// How far apart two readings of one process's start time may be. Both are the boot time plus
-/// the process's ticks since boot, and the boot time is derived from the wall clock, so a step
-/// of the clock between the two readings (an NTP step at boot) moves it; slewing does not.
-/// A step larger than this makes a live holder "unknown" (never a wrong name); a process
-/// that reused the PID within this margin of the holder's start would still be named.
-const START_TIME_TOLERANCE_SECS: u64 = 5;
-
-/// Did the process now under the record's PID start at another time than the record says?
-/// `false` when either time is unknown: then nothing says it is another process.
-fn started_elsewhen(record: &LockRecord) -> bool {
-    let Some(recorded) = record.start_time else {
-        return false;
-    };
-    let Some(now) = crate::holder::process_start_time(record.pid)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-    else {
-        return false;
-    };
-    now.as_secs().abs_diff(recorded) > START_TIME_TOLERANCE_SECS
-}
-
-/// An inotify instance (non-blocking) that becomes readable when `path` is written, for the
-/// grace a holder gets to write its record. `None` when one cannot be had.
-fn record_watch(path: &Path) -> Option<OwnedFd> {
-    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
-    let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok()?;
-    inotify::add_watch(&inotify, path, WatchFlags::MODIFY | WatchFlags::CLOSE_WRITE).ok()?;
-    Some(inotify)
-}
-
-/// Reads the holder's record. A holder writes it just after locking, so an empty file is given a
-/// short, event-driven grace (inotify, no polling) before the holder is reported as unknown.
-///
-/// This blocks for up to [`RECORD_GRACE`]: from async code use [`read_holder_async`].
-pub(super) fn read_holder(file: &OwnedFd, path: &Path) -> Holder {
-    if let Some(holder) = look_at_record(file, path) {
-        return holder;
-    }
-    match record_watch(path) {
-        Some(inotify) => await_record(file, path, &inotify, None, Instant::now() + RECORD_GRACE),
-        None => unknown_holder(path),
-    }
-}
-
-/// [`read_holder`] for async code, in any runtime (no I/O or time driver needed): the grace is
-/// waited out on a thread of its own while the executor runs other tasks, and dropping the
-/// future ends that thread at once (through `cancel`). The usual answer, a record already
-/// there, costs no thread.
-pub(super) async fn read_holder_async(file: &OwnedFd, path: &Path) -> Holder {
-    /// Wakes the waiting thread when the future is done or dropped.
-    struct CancelOnDrop(Arc<OwnedFd>);
-    impl Drop for CancelOnDrop {
-        fn drop(&mut self) {
-            let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
-        }
-    }
-    if let Some(holder) = look_at_record(file, path) {
-        return holder;
-    }
-    let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
-    let (Some(inotify), Ok(cancel), Ok(file)) = (
-        record_watch(path),
-        rustix::event::eventfd(0, flags),
-        file.try_clone(),
-    ) else {
-        return unknown_holder(path);
-    };
-    let cancel = Arc::new(cancel);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (thread_cancel, thread_path) = (Arc::clone(&cancel), path.to_owned());
-    let deadline = Instant::now() + RECORD_GRACE;
-    let spawned = std::thread::Builder::new()
-        .name("unique-instance-record".into())
-        .spawn(move || {
-            let holder = await_record(
-                &file,
-                &thread_path,
-                &inotify,
-                Some(&thread_cancel),
-                deadline,
-            );
-            let _ = tx.send(holder);
-        });
-    if spawned.is_err() {
-        return unknown_holder(path);
-    }
-    let _cancel = CancelOnDrop(cancel);
-    rx.await.unwrap_or_else(|_| unknown_holder(path))
-}
-
-/// Waits for the holder's record to be written (`inotify`, a [`record_watch`] on `path`) until
-/// `deadline`, or until `cancel` becomes readable; reads it again after every event.
-fn await_record(
-    file: &OwnedFd,
-    path: &Path,
-    inotify: &OwnedFd,
-    cancel: Option<&OwnedFd>,
-    deadline: Instant,
-) -> Holder {
-    use rustix::event::{PollFd, PollFlags};
-    loop {
-        // Re-read after the watch is in place, so a write between the two is not missed.
-        if let Some(holder) = look_at_record(file, path) {
-            return holder;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return unknown_holder(path);
-        }
-        let mut fds = vec![PollFd::new(inotify, PollFlags::IN)];
-        if let Some(cancel) = cancel {
-            fds.push(PollFd::new(cancel, PollFlags::IN));
-        }
-        let ts = rustix::event::Timespec {
-            tv_sec: left.as_secs() as i64,
-            tv_nsec: i64::from(left.subsec_nanos()),
-        };
-        match retry_eintr(|| rustix::event::poll(&mut fds, Some(&ts))) {
-            Ok(n) if n > 0 => {
-                if fds.get(1).is_some_and(|c| !c.revents().is_empty()) {
-                    return unknown_holder(path);
-                }
-                drain(inotify);
-            }
-            _ => return unknown_holder(path),
+    #[test]
+    fn out_of_range_start_time_is_unknown_not_a_panic() {
+        for secs in [u64::MAX, i64::MAX as u64, i64::MAX as u64 + 1] {
+            let record = LockRecord {
+                start_time: Some(secs),
+                ..LockRecord::for_self(vec![BackendKind::LockFile], None, None)
+            };
+            // Whatever fits is formatted; whatever does not is left out.
+            let holder = record.into_holder("/run/x.lock".into());
+            let _ = holder.to_string();
         }
     }
 }

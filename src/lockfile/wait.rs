@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::{Mode, OFlags};
 
 use crate::error::{Error, Result};
-use crate::holder::{Holder, LockRecord};
+use crate::holder::Holder;
 use crate::name::InstanceName;
 use crate::plan::LockPlan;
 
@@ -18,6 +18,7 @@ use super::dir::{LockDir, open_dir};
 use super::held::HeldLock;
 use super::ofd::is_held;
 use super::probe::peek_holder;
+use super::record::LockRecord;
 use super::watch::{drain, drain_any, new_inotify};
 
 /// An inotify instance (non-blocking, close-on-exec) for a copy waiting for the lock file of

@@ -1,0 +1,205 @@
+//! Naming the holder of a held lock file from its record, and the short, event-driven grace a
+//! just-started holder gets to write it.
+//! Must not: decide who holds the lock; the kernel lock decides, never the record.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::io::Errno;
+
+use crate::holder::Holder;
+
+use super::ofd::retry_eintr;
+use super::record::{LockRecord, read_content};
+use super::watch::drain;
+
+/// How long a refused copy waits for a just-started holder to write its record before it
+/// reports the holder as unknown. The holder writes it right after locking, before it connects to
+/// the bus, so the wait is normally a few system calls long.
+pub(super) const RECORD_GRACE: Duration = Duration::from_secs(2);
+
+/// A holder of `path` of whom nothing is known.
+pub(super) fn unknown_holder(path: &Path) -> Holder {
+    Holder {
+        found_by: Some(crate::holder::BackendKind::LockFile),
+        lock_file: Some(path.to_owned()),
+        ..Holder::default()
+    }
+}
+
+/// One look at a held file's record: `Some` when that is the answer (the record, or a holder
+/// unknown because the file cannot be read), `None` when there is no record (yet).
+///
+/// A read error is not an empty record: it is logged, and the holder is unknown at once (no
+/// grace: waiting cannot make the file readable). Either way the file stays held: the kernel
+/// lock decides, never what could be read of it.
+pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
+    match read_content(file) {
+        Ok(content) => LockRecord::parse(&content)
+            .filter(|record| !names_a_process_gone_from_here(record))
+            .map(|record| record.into_holder(path.to_owned())),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %std::io::Error::from(e),
+                "cannot read the holder record of a held lock file; the holder is unknown");
+            Some(unknown_holder(path))
+        }
+    }
+}
+
+/// Does `record` name a process of this host that no longer exists? Then it is the record of a
+/// holder that died, which the copy now holding the lock has not cleared yet (it does so right
+/// after locking): it is treated like an empty file, given the same grace, and the holder is
+/// reported as unknown if it stays, never as the dead process. (Also the case of a `run`
+/// wrapper killed while its COMMAND keeps the lock.) Only for reporting: the kernel lock
+/// decides who holds the instance. A holder in another PID namespace with our host name looks
+/// gone too: it is then reported as unknown, after the grace.
+///
+/// A process that is alive under the record's PID but started at another time than the record
+/// says is not the holder either: the holder died and its PID was reused.
+fn names_a_process_gone_from_here(record: &LockRecord) -> bool {
+    let here = rustix::system::uname();
+    if record.hostname.as_deref().map(str::as_bytes) != Some(here.nodename().to_bytes()) {
+        return false;
+    }
+    let Some(pid) = i32::try_from(record.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    if rustix::process::test_kill_process(pid) == Err(Errno::SRCH) {
+        return true;
+    }
+    started_elsewhen(record)
+}
+
+/// How far apart two readings of one process's start time may be. Both are the boot time plus
+/// the process's ticks since boot, and the boot time is derived from the wall clock, so a step
+/// of the clock between the two readings (an NTP step at boot) moves it; slewing does not.
+/// A step larger than this makes a live holder "unknown" (never a wrong name); a process
+/// that reused the PID within this margin of the holder's start would still be named.
+const START_TIME_TOLERANCE_SECS: u64 = 5;
+
+/// Did the process now under the record's PID start at another time than the record says?
+/// `false` when either time is unknown: then nothing says it is another process.
+fn started_elsewhen(record: &LockRecord) -> bool {
+    let Some(recorded) = record.start_time else {
+        return false;
+    };
+    let Some(now) = crate::holder::process_start_time(record.pid)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+    else {
+        return false;
+    };
+    now.as_secs().abs_diff(recorded) > START_TIME_TOLERANCE_SECS
+}
+
+/// An inotify instance (non-blocking) that becomes readable when `path` is written, for the
+/// grace a holder gets to write its record. `None` when one cannot be had.
+fn record_watch(path: &Path) -> Option<OwnedFd> {
+    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+    let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok()?;
+    inotify::add_watch(&inotify, path, WatchFlags::MODIFY | WatchFlags::CLOSE_WRITE).ok()?;
+    Some(inotify)
+}
+
+/// Reads the holder's record. A holder writes it just after locking, so an empty file is given a
+/// short, event-driven grace (inotify, no polling) before the holder is reported as unknown.
+///
+/// This blocks for up to [`RECORD_GRACE`]: from async code use [`read_holder_async`].
+pub(super) fn read_holder(file: &OwnedFd, path: &Path) -> Holder {
+    if let Some(holder) = look_at_record(file, path) {
+        return holder;
+    }
+    match record_watch(path) {
+        Some(inotify) => await_record(file, path, &inotify, None, Instant::now() + RECORD_GRACE),
+        None => unknown_holder(path),
+    }
+}
+
+/// [`read_holder`] for async code, in any runtime (no I/O or time driver needed): the grace is
+/// waited out on a thread of its own while the executor runs other tasks, and dropping the
+/// future ends that thread at once (through `cancel`). The usual answer, a record already
+/// there, costs no thread.
+pub(super) async fn read_holder_async(file: &OwnedFd, path: &Path) -> Holder {
+    /// Wakes the waiting thread when the future is done or dropped.
+    struct CancelOnDrop(Arc<OwnedFd>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+        }
+    }
+    if let Some(holder) = look_at_record(file, path) {
+        return holder;
+    }
+    let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+    let (Some(inotify), Ok(cancel), Ok(file)) = (
+        record_watch(path),
+        rustix::event::eventfd(0, flags),
+        file.try_clone(),
+    ) else {
+        return unknown_holder(path);
+    };
+    let cancel = Arc::new(cancel);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (thread_cancel, thread_path) = (Arc::clone(&cancel), path.to_owned());
+    let deadline = Instant::now() + RECORD_GRACE;
+    let spawned = std::thread::Builder::new()
+        .name("unique-instance-record".into())
+        .spawn(move || {
+            let holder = await_record(
+                &file,
+                &thread_path,
+                &inotify,
+                Some(&thread_cancel),
+                deadline,
+            );
+            let _ = tx.send(holder);
+        });
+    if spawned.is_err() {
+        return unknown_holder(path);
+    }
+    let _cancel = CancelOnDrop(cancel);
+    rx.await.unwrap_or_else(|_| unknown_holder(path))
+}
+
+/// Waits for the holder's record to be written (`inotify`, a [`record_watch`] on `path`) until
+/// `deadline`, or until `cancel` becomes readable; reads it again after every event.
+fn await_record(
+    file: &OwnedFd,
+    path: &Path,
+    inotify: &OwnedFd,
+    cancel: Option<&OwnedFd>,
+    deadline: Instant,
+) -> Holder {
+    use rustix::event::{PollFd, PollFlags};
+    loop {
+        // Re-read after the watch is in place, so a write between the two is not missed.
+        if let Some(holder) = look_at_record(file, path) {
+            return holder;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return unknown_holder(path);
+        }
+        let mut fds = vec![PollFd::new(inotify, PollFlags::IN)];
+        if let Some(cancel) = cancel {
+            fds.push(PollFd::new(cancel, PollFlags::IN));
+        }
+        let ts = rustix::event::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        match retry_eintr(|| rustix::event::poll(&mut fds, Some(&ts))) {
+            Ok(n) if n > 0 => {
+                if fds.get(1).is_some_and(|c| !c.revents().is_empty()) {
+                    return unknown_holder(path);
+                }
+                drain(inotify);
+            }
+            _ => return unknown_holder(path),
+        }
+    }
+}
