@@ -177,6 +177,62 @@ fn signals_to_the_wrapper_reach_command() {
     );
 }
 
+/// With the bus name alone (`--backend dbus`) nothing holds the instance once the wrapper is
+/// gone: its connection, and with it the name, goes with it. So the keeper must not give
+/// COMMAND the `--kill-after` grace it gives when it still holds the lock file: a COMMAND that
+/// ignores SIGTERM would run for that long beside the next copy. It is SIGKILLed at once.
+#[test]
+fn with_the_bus_alone_command_is_killed_at_once_when_the_wrapper_dies() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("dbus_sigkill");
+    let mut wrapper = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[
+            "run",
+            "--backend",
+            "dbus",
+            "--kill-after",
+            "600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo pid $$; while :; do sleep 1; done",
+        ],
+    );
+    let line = wrapper.next_line("COMMAND's pid");
+    let command_pid: u32 = line
+        .strip_prefix("pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bad line {line:?}"));
+    let pidfd = rustix::process::Pid::from_raw(command_pid as i32)
+        .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok())
+        .expect("COMMAND is running before the wrapper is killed");
+    wrapper.sigkill();
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: TIMEOUT.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    let ready = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll");
+    if ready != 1 {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(command_pid as i32).expect("pid"),
+            rustix::process::Signal::KILL,
+        );
+    }
+    assert_eq!(
+        ready, 1,
+        "COMMAND (pid {command_pid}), which ignores SIGTERM, still runs {TIMEOUT:?} after the \
+         wrapper of a bus-only instance was killed: it ran unguarded beside any new copy"
+    );
+}
+
 #[test]
 fn sigkill_to_the_wrapper_takes_command_down() {
     let bus = DbusDaemon::start(BusConfig::Open);
