@@ -41,7 +41,8 @@
 //! reads. The keeper's queue stays small: `reaped` notices are merged into one.
 //!
 //! When the wrapper dies (end of file on the socket) the keeper stops the tree itself: SIGTERM
-//! to every descendant, SIGKILL after `--kill-after`, and exits once none is left. A descendant
+//! to every descendant, SIGKILL after `--kill-after`, and exits once none is left (holding no
+//! lock, with `--backend dbus`, nothing excludes a new copy then: SIGKILL at once). A descendant
 //! it cannot signal (another user's, when the keeper is not root) is waited for: exclusion holds
 //! until it is gone. The keeper ignores the signals the wrapper passes on (the wrapper starts it
 //! with them ignored, and COMMAND gets their defaults back): a terminal's Ctrl-C or systemd's
@@ -283,7 +284,7 @@ impl Keeper {
             }
         }
         // Held until the last descendant is gone: this is the point of the keeper.
-        let _lock = lock;
+        let held_lock = lock;
         loop {
             if self.reap() {
                 self.tell("gone");
@@ -291,7 +292,7 @@ impl Keeper {
                 return ExitCode::SUCCESS;
             }
             let Some(control) = &self.control else {
-                self.stop_everything();
+                self.stop_everything(held_lock.is_some());
                 return ExitCode::SUCCESS;
             };
             let mut fds = [
@@ -528,17 +529,28 @@ impl Keeper {
         }
     }
 
-    /// The wrapper is gone: stops COMMAND and every descendant (SIGTERM, then SIGKILL after
-    /// `--kill-after`), and returns once none is left.
-    fn stop_everything(&mut self) {
-        let _ = writeln!(
-            io::stderr(),
-            "unique-instance: the wrapper is gone; stopping COMMAND and everything it started \
-             (SIGTERM now, SIGKILL in {:?})",
-            self.kill_after
-        );
-        let deadline = Instant::now().checked_add(self.kill_after);
-        let mut signal = Signal::TERM;
+    /// The wrapper is gone: stops COMMAND and every descendant, and returns once none is left.
+    /// While the keeper holds the lock file (`holding`), the instance is still held, so they get
+    /// SIGTERM and then SIGKILL after `--kill-after`. With the bus name alone (`--backend
+    /// dbus`) the name went with the wrapper's connection and nothing excludes a new copy any
+    /// more: SIGKILL at once, as `PR_SET_PDEATHSIG` did before there was a keeper.
+    fn stop_everything(&mut self, holding: bool) {
+        let (deadline, mut signal) = if holding {
+            let _ = writeln!(
+                io::stderr(),
+                "unique-instance: the wrapper is gone; stopping COMMAND and everything it \
+                 started (SIGTERM now, SIGKILL in {:?})",
+                self.kill_after
+            );
+            (Instant::now().checked_add(self.kill_after), Signal::TERM)
+        } else {
+            let _ = writeln!(
+                io::stderr(),
+                "unique-instance: the wrapper is gone, and with it the bus name; nothing holds \
+                 the instance, so COMMAND and everything it started are killed (SIGKILL)"
+            );
+            (Some(Instant::now()), Signal::KILL)
+        };
         let mut signalled = std::collections::HashSet::new();
         let me = rustix::process::getpid();
         loop {
