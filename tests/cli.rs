@@ -202,32 +202,14 @@ fn with_the_bus_alone_command_is_killed_at_once_when_the_wrapper_dies() {
             "trap '' TERM; echo pid $$; while :; do sleep 1; done",
         ],
     );
-    let line = wrapper.next_line("COMMAND's pid");
-    let command_pid: u32 = line
-        .strip_prefix("pid ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("bad line {line:?}"));
-    let pidfd = rustix::process::Pid::from_raw(command_pid as i32)
-        .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok())
-        .expect("COMMAND is running before the wrapper is killed");
+    let (command_pid, pidfd) = command_pidfd(&mut wrapper);
     wrapper.sigkill();
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: TIMEOUT.as_secs() as i64,
-        tv_nsec: 0,
-    };
-    let ready = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll");
-    if ready != 1 {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(command_pid as i32).expect("pid"),
-            rustix::process::Signal::KILL,
-        );
+    let exited = exits_within_timeout(&pidfd);
+    if !exited {
+        let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
     }
-    assert_eq!(
-        ready, 1,
+    assert!(
+        exited,
         "COMMAND (pid {command_pid}), which ignores SIGTERM, still runs {TIMEOUT:?} after the \
          wrapper of a bus-only instance was killed: it ran unguarded beside any new copy"
     );
@@ -250,27 +232,11 @@ fn sigkill_to_the_wrapper_takes_command_down() {
             "echo pid $$; exec sleep 600",
         ],
     );
-    let line = wrapper.next_line("COMMAND's pid");
-    let command_pid: u32 = line
-        .strip_prefix("pid ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("bad line {line:?}"));
     // Watch COMMAND's exit through a pidfd (it is not our child, so no waitpid).
-    let pidfd = rustix::process::Pid::from_raw(command_pid as i32)
-        .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok())
-        .expect("COMMAND is running before the wrapper is killed");
+    let (command_pid, pidfd) = command_pidfd(&mut wrapper);
     wrapper.sigkill();
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: TIMEOUT.as_secs() as i64,
-        tv_nsec: 0,
-    };
-    let ready = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll");
-    assert_eq!(
-        ready, 1,
+    assert!(
+        exits_within_timeout(&pidfd),
         "COMMAND (pid {command_pid}) still runs {TIMEOUT:?} after the wrapper was killed"
     );
     let mut next = cli(
@@ -376,6 +342,14 @@ fn command_pidfd(wrapper: &mut Proc) -> (u32, rustix::fd::OwnedFd) {
 
 /// Waits (poll, with [`TIMEOUT`]) until the process behind `pidfd` has exited.
 fn wait_pidfd(pid: u32, pidfd: &rustix::fd::OwnedFd) {
+    assert!(
+        exits_within_timeout(pidfd),
+        "process {pid} still runs after {TIMEOUT:?}"
+    );
+}
+
+/// Has the process behind `pidfd` exited within [`TIMEOUT`]? (poll on the pidfd)
+fn exits_within_timeout(pidfd: &rustix::fd::OwnedFd) -> bool {
     let mut fds = [rustix::event::PollFd::new(
         pidfd,
         rustix::event::PollFlags::IN,
@@ -384,8 +358,7 @@ fn wait_pidfd(pid: u32, pidfd: &rustix::fd::OwnedFd) {
         tv_sec: TIMEOUT.as_secs() as i64,
         tv_nsec: 0,
     };
-    let ready = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll");
-    assert_eq!(ready, 1, "process {pid} still runs after {TIMEOUT:?}");
+    rustix::event::poll(&mut fds, Some(&timeout)).expect("poll") == 1
 }
 
 /// SIGKILLs, through its pidfd (never a reused PID), a process that is not our child when
