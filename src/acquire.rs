@@ -8,18 +8,16 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::dbus::{self, HeldName, STOP_BEFORE_REQUEST_NAME, own_name, request_flags, watch_bus};
+use crate::dbus::{self, HeldName, own_name, request_flags, watch_bus};
 use crate::error::{Error, Result, already_running};
 use crate::guard::{GuardParts, InstanceGuard};
 use crate::holder::BackendKind;
-use crate::lockfile::{
-    self, Attempt, CloseAside, HeldLock, LockRecord, LockWatchThread, WATCH_FALLBACK_INTERVAL,
-    recheck_lock, try_lock, wait_lock, watch_lock,
-};
+use crate::lockfile::{self, Attempt, HeldLock, LockRecord, LockWatchThread, try_lock, wait_lock};
 use crate::options::{InstanceOptions, Wait, options_wait};
 use crate::plan::{LockPlan, effective_scope};
 use crate::runtime::ServiceThread;
 use crate::scope::Backend;
+use crate::test_hooks::Hook;
 
 impl InstanceOptions {
     /// A lock file alone with no wait and no timer needs no runtime; its watch, if any, is a
@@ -233,9 +231,8 @@ impl InstanceOptions {
                 _ => {
                     let exports = std::mem::take(&mut self.exports);
                     // Sent with the handshake, unless a test is to stop us before it is sent.
-                    let request = (!cfg!(debug_assertions)
-                        || std::env::var_os(STOP_BEFORE_REQUEST_NAME).is_none())
-                    .then_some((name.as_str(), flags));
+                    let request =
+                        (!Hook::BeforeRequestName.armed()).then_some((name.as_str(), flags));
                     dbus::connect(plan.kind, exports, request).await
                 }
             };
@@ -343,33 +340,14 @@ impl InstanceOptions {
             None => None,
         };
 
-        if let (Some(inotify), Some(held)) = (inotify, &mut lock) {
-            let handle = held.watch_handle();
-            match handle.inotify(inotify) {
-                Ok(inotify) => {
-                    held.move_above(&inotify)?;
-                    let inotify = CloseAside(inotify);
-                    tasks.push(tokio::spawn(watch_lock(handle, inotify, loss_tx.clone())));
-                }
-                Err(e) => {
-                    tracing::warn!(path = %handle.path().display(), error = %e,
-                        "cannot watch the lock file with inotify; re-checking it every 10 s instead");
-                    tasks.push(tokio::spawn(recheck_lock(
-                        handle,
-                        WATCH_FALLBACK_INTERVAL,
-                        loss_tx.clone(),
-                    )));
-                }
-            }
+        if let Some(held) = &mut lock {
+            tasks.extend(lockfile::start_watch(
+                held,
+                inotify,
+                self.recheck,
+                &loss_tx,
+            )?);
         }
-        if let (Some(interval), Some(held)) = (self.recheck, &lock) {
-            tasks.push(tokio::spawn(recheck_lock(
-                held.watch_handle(),
-                interval,
-                loss_tx.clone(),
-            )));
-        }
-
         tracing::info!(
             name = %name,
             lock_file = ?lock.as_ref().map(HeldLock::path),

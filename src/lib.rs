@@ -40,6 +40,7 @@ mod plan;
 mod runtime;
 mod scope;
 mod status;
+mod test_hooks;
 
 pub use error::{Error, Result, UnsafeLockPath};
 pub use guard::InstanceGuard;

@@ -17,18 +17,14 @@ use super::watch::{NameSignal, next_name_signal};
 use super::{CALL_TIMEOUT, DBUS_NAME, DBUS_PATH};
 use crate::error::{Error, Result, already_running};
 use crate::holder::{BackendKind, Holder, process_executable, process_start_time};
-use crate::lockfile;
 use crate::name::InstanceName;
 use crate::options::Wait;
 use crate::scope::BusKind;
+use crate::test_hooks::{self, Hook};
 
 /// How long an instance that holds the lock file waits for the bus to drop a name still owned
 /// by the lock's previous holder, which has died but whose disconnect the bus has not yet seen.
 const DEAD_OWNER_GRACE: Duration = Duration::from_secs(5);
-
-/// Test hook (debug builds only, see [`lockfile::stop_for_test`]): a copy stops just before it
-/// sends `RequestName`, which it then sends after the handshake rather than with it.
-pub(crate) const STOP_BEFORE_REQUEST_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME";
 
 /// Requests the name with explicit flags and, when asked or when the previous lock holder's
 /// connection is still being torn down, waits in the bus queue for it. `None` when the bus went
@@ -88,9 +84,7 @@ pub(crate) async fn own_name(
     let reply = match pending_request {
         Some(serial) => request_name_reply(&mut stream, serial).await,
         None => {
-            static STOPPED: std::sync::atomic::AtomicBool =
-                std::sync::atomic::AtomicBool::new(false);
-            lockfile::stop_for_test(STOP_BEFORE_REQUEST_NAME, &STOPPED);
+            test_hooks::stop_at(Hook::BeforeRequestName);
             request_name(conn, name.as_str(), flags).await
         }
     };

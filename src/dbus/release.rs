@@ -158,9 +158,8 @@ pub(crate) fn release_without_socket(kind: BusKind, conn: Connection, name: &str
 }
 
 pub(crate) async fn release_bus(kind: BusKind, conn: Connection, name: &str) -> Result<()> {
-    // Test hook (debug builds only): stop here, so that a test can kill the bus at this moment.
-    static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    crate::lockfile::stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE_NAME", &STOPPED);
+    // So that a test can kill the bus at this moment.
+    crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeReleaseName);
     if conn.is_closed() {
         return Ok(());
     }

@@ -3,7 +3,6 @@
 //! Must not: wait for a holder to go (that is `wait.rs`), nor watch a held lock (`watch.rs`).
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
@@ -11,6 +10,7 @@ use rustix::io::Errno;
 use crate::error::{Error, Result};
 use crate::holder::Holder;
 use crate::plan::LockPlan;
+use crate::test_hooks::{self, Hook};
 
 use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
 use super::held::HeldLock;
@@ -64,8 +64,7 @@ pub(super) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Resul
 /// find any more, so it starts over from the directory, made again under the same rules (see
 /// [`open_dir`](super::dir::open_dir)), a bounded number of times.
 fn settle(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Step> {
-    static STOPPED: AtomicBool = AtomicBool::new(false);
-    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE", &STOPPED);
+    test_hooks::stop_at(Hook::BeforeLockFile);
     for _ in 0..MAX_DIR_RACES {
         match lock_step(plan, lock_dir, block)? {
             // Held or refused in a directory that is still the path's: the answer.
@@ -80,20 +79,6 @@ fn settle(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Step> 
         &plan.dir,
         std::io::Error::from(std::io::ErrorKind::Interrupted),
     ))
-}
-
-/// Test hook (debug builds only): when the variable `var` is set, stops this process (`SIGSTOP`)
-/// right there, the first time it gets there (`stopped` remembers), so that a test can act at a
-/// moment it could not otherwise reach, then let it go on with `SIGCONT`. Release builds never
-/// look at the variable.
-pub(crate) fn stop_for_test(var: &str, stopped: &AtomicBool) {
-    if cfg!(debug_assertions)
-        && std::env::var_os(var).is_some()
-        && !stopped.swap(true, Ordering::Relaxed)
-    {
-        let _ =
-            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
-    }
 }
 
 /// An attempt, before the holder's record is read.

@@ -28,7 +28,7 @@ mod walk;
 mod watch;
 mod watcher;
 
-pub(crate) use attempt::{Attempt, lock, stop_for_test};
+pub(crate) use attempt::{Attempt, lock};
 pub(crate) use dir::open_dir;
 pub(crate) use held::HeldLock;
 pub(crate) use probe::{holder_of, holder_of_async};
@@ -39,6 +39,4 @@ pub(crate) use record::MAX_RECORD_LEN;
 pub(crate) use recover::Recovery;
 pub(crate) use wait::{try_lock, wait_lock};
 pub(crate) use watch::{WatchHandle, new_inotify};
-pub(crate) use watcher::{
-    CloseAside, LockWatchThread, WATCH_FALLBACK_INTERVAL, recheck_lock, watch_lock,
-};
+pub(crate) use watcher::{LockWatchThread, start_watch};

@@ -12,8 +12,9 @@ use crate::error::{Error, Result};
 use crate::holder::Holder;
 use crate::name::InstanceName;
 use crate::plan::LockPlan;
+use crate::test_hooks::{self, Hook};
 
-use super::attempt::{Attempt, lock_async, stop_for_test};
+use super::attempt::{Attempt, lock_async};
 use super::dir::{LockDir, open_dir};
 use super::held::HeldLock;
 use super::ofd::is_held;
@@ -259,8 +260,7 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
                 }
             }
         };
-        static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        stop_for_test("UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT", &STOPPED);
+        test_hooks::stop_at(Hook::InLockWait);
         tokio::select! {
             () = event => {
                 recheck = RECHECK_FIRST;

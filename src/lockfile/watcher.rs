@@ -43,7 +43,7 @@ fn lock_changed(
     }
 }
 
-pub(crate) async fn recheck_lock(handle: WatchHandle, interval: Duration, losses: LossLog) {
+async fn recheck_lock(handle: WatchHandle, interval: Duration, losses: LossLog) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -58,11 +58,11 @@ pub(crate) async fn recheck_lock(handle: WatchHandle, interval: Duration, losses
 
 /// How often the lock file is re-checked when inotify is not available for
 /// [`InstanceOptions::watch_lock_file`](crate::InstanceOptions::watch_lock_file).
-pub(crate) const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
+const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Re-checks the lock file whenever its directory changes (or is itself removed or moved), and
 /// only then.
-pub(crate) async fn watch_lock(handle: WatchHandle, inotify: CloseAside, losses: LossLog) {
+async fn watch_lock(handle: WatchHandle, inotify: CloseAside, losses: LossLog) {
     // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
     // an `OwnedFd` moved in here (in its `CloseAside`) cannot, and `register` (its replacement)
     // is `unsafe`, which this crate forbids.
@@ -131,11 +131,52 @@ async fn mount_table_changed(mounts: Option<&tokio::io::unix::AsyncFd<std::os::f
     std::future::pending().await
 }
 
+/// Starts the watches of `held` for as long as the instance runs, as tasks on the current
+/// runtime: its directory watched with `inotify` (a [`new_inotify`](super::watch::new_inotify)
+/// instance made before the lock, see [`HeldLock::move_above`]; when it could not be made or
+/// set up, a re-check every 10 seconds instead), and a re-check every `recheck`, if asked.
+/// `inotify` is `None` when the watch was turned off.
+pub(crate) fn start_watch(
+    held: &mut HeldLock,
+    inotify: Option<std::io::Result<std::os::fd::OwnedFd>>,
+    recheck: Option<Duration>,
+    losses: &LossLog,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    if let Some(inotify) = inotify {
+        let handle = held.watch_handle();
+        match handle.inotify(inotify) {
+            Ok(inotify) => {
+                held.move_above(&inotify)?;
+                let inotify = CloseAside(inotify);
+                tasks.push(tokio::spawn(watch_lock(handle, inotify, losses.clone())));
+            }
+            Err(e) => {
+                tracing::warn!(path = %handle.path().display(), error = %e,
+                    "cannot watch the lock file with inotify; re-checking it every 10 s instead");
+                tasks.push(tokio::spawn(recheck_lock(
+                    handle,
+                    WATCH_FALLBACK_INTERVAL,
+                    losses.clone(),
+                )));
+            }
+        }
+    }
+    if let Some(interval) = recheck {
+        tasks.push(tokio::spawn(recheck_lock(
+            held.watch_handle(),
+            interval,
+            losses.clone(),
+        )));
+    }
+    Ok(tasks)
+}
+
 /// An inotify instance that is closed for good on a thread of its own: the last close of one
 /// waits for an RCU grace period (milliseconds, more on a busy machine), which would stall
 /// whoever drops the watch — the guard's release, or the runtime that drops the aborted task.
 /// Only a duplicate goes to that thread; if it cannot be made or started, the close is here.
-pub(crate) struct CloseAside(pub(crate) std::os::fd::OwnedFd);
+struct CloseAside(std::os::fd::OwnedFd);
 
 impl std::os::fd::AsRawFd for CloseAside {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {

@@ -1,0 +1,48 @@
+//! Test hooks (debug builds only): a copy stops itself (`SIGSTOP`) at a named moment of an
+//! acquisition or a release, so that a test (tests/acquire_faults.rs) can act at a moment it
+//! could not otherwise reach, then let it go on with `SIGCONT`. Each stops a process once, the
+//! first time it gets there, when the hook's environment variable is set. Release builds never
+//! look at the variables.
+//! A leaf: called from the backends and from `acquire`, it knows none of them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A moment a test can stop a copy at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Hook {
+    /// Just before a copy opens its lock file (`lockfile::attempt::settle`).
+    BeforeLockFile,
+    /// Just before a waiting copy waits for an event (`lockfile::wait`).
+    InLockWait,
+    /// Just before a copy sends `RequestName` (`dbus::name::own_name`); with it set,
+    /// `RequestName` is not sent with the handshake.
+    BeforeRequestName,
+    /// Just before a holder sends `ReleaseName` (`dbus::release`).
+    BeforeReleaseName,
+}
+
+impl Hook {
+    /// The environment variable that asks for a stop at this hook.
+    fn var(self) -> &'static str {
+        match self {
+            Hook::BeforeLockFile => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE",
+            Hook::InLockWait => "UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT",
+            Hook::BeforeRequestName => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME",
+            Hook::BeforeReleaseName => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE_NAME",
+        }
+    }
+
+    /// Whether a test asked for a stop at this hook.
+    pub(crate) fn armed(self) -> bool {
+        cfg!(debug_assertions) && std::env::var_os(self.var()).is_some()
+    }
+}
+
+/// Stops this process at `hook` if a test asked for it, the first time it gets there.
+pub(crate) fn stop_at(hook: Hook) {
+    static STOPPED: [AtomicBool; 4] = [const { AtomicBool::new(false) }; 4];
+    if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+    }
+}
