@@ -6,13 +6,16 @@
 //!             [--watch | --no-watch]
 //!             [--blocking [--drop-in-runtime]]
 //!             [--go-on-stdin] [--critical FILE --hold-ms N]
+//! holder --version
 //! ```
 //!
 //! Prints one line per event on stdout (`acquired ...`, `already-running ...`, `lost ...`,
 //! `released`), holds the instance until stdin closes (or, with `--hold-ms`, for that long), and
 //! exits 0, or 75 (already running / timed out), 64, 77, 69, 70 as the CLI does. With
 //! `--critical FILE` it creates FILE exclusively while it holds the instance and exits 99 if
-//! FILE already exists: two holders at once are caught, not assumed away.
+//! FILE already exists: two holders at once are caught, not assumed away. `--version` says
+//! whether the library was built with its test hooks (the `test-hooks` feature), which the
+//! tests check before they rely on them.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -44,6 +47,15 @@ fn parse() -> Result<Args, String> {
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
+            "--version" => {
+                let hooks = if cfg!(feature = "test-hooks") {
+                    " (with test hooks)"
+                } else {
+                    ""
+                };
+                say(&format!("holder {}{hooks}", env!("CARGO_PKG_VERSION")));
+                std::process::exit(0);
+            }
             "--backend" => {
                 args.backend = Some(match value()?.as_str() {
                     "auto" => Backend::Auto,

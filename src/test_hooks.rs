@@ -1,11 +1,12 @@
-//! Test hooks (debug builds only): a copy stops itself (`SIGSTOP`) at a named moment of an
-//! acquisition or a release, so that a test (tests/acquire_faults.rs) can act at a moment it
-//! could not otherwise reach, then let it go on with `SIGCONT`. Each stops a process once, the
-//! first time it gets there, when the hook's environment variable is set. Release builds never
-//! look at the variables.
+//! Test hooks: a copy stops itself (`SIGSTOP`) at a named moment of an acquisition or a
+//! release, so that a test (tests/acquire_faults.rs) can act at a moment it could not otherwise
+//! reach, then let it go on with `SIGCONT`. Each stops a process once, the first time it gets
+//! there, when the hook's environment variable is set.
+//!
+//! Compiled in only with the `test-hooks` cargo feature, which this crate's own test runs turn
+//! on (`./scripts/test`); without it (any program that uses the library) the variables are
+//! never looked at, and each call here is nothing.
 //! A leaf: called from the backends and from `acquire`, it knows none of them.
-
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A moment a test can stop a copy at.
 #[derive(Debug, Clone, Copy)]
@@ -22,9 +23,32 @@ pub(crate) enum Hook {
 }
 
 impl Hook {
-    /// The environment variable that asks for a stop at this hook.
-    fn var(self) -> &'static str {
-        match self {
+    /// Whether a test asked for a stop at this hook.
+    pub(crate) fn armed(self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return std::env::var_os(imp::var(self)).is_some();
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
+}
+
+/// Stops this process at `hook` if a test asked for it, the first time it gets there.
+pub(crate) fn stop_at(hook: Hook) {
+    #[cfg(feature = "test-hooks")]
+    imp::stop_at(hook);
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = hook;
+}
+
+#[cfg(feature = "test-hooks")]
+mod imp {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::Hook;
+
+    /// The environment variable that asks for a stop at `hook`.
+    pub(super) fn var(hook: Hook) -> &'static str {
+        match hook {
             Hook::BeforeLockFile => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE",
             Hook::InLockWait => "UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT",
             Hook::BeforeRequestName => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME",
@@ -32,17 +56,13 @@ impl Hook {
         }
     }
 
-    /// Whether a test asked for a stop at this hook.
-    pub(crate) fn armed(self) -> bool {
-        cfg!(debug_assertions) && std::env::var_os(self.var()).is_some()
-    }
-}
-
-/// Stops this process at `hook` if a test asked for it, the first time it gets there.
-pub(crate) fn stop_at(hook: Hook) {
-    static STOPPED: [AtomicBool; 4] = [const { AtomicBool::new(false) }; 4];
-    if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
-        let _ =
-            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+    pub(super) fn stop_at(hook: Hook) {
+        static STOPPED: [AtomicBool; 4] = [const { AtomicBool::new(false) }; 4];
+        if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::STOP,
+            );
+        }
     }
 }

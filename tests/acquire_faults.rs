@@ -1,9 +1,12 @@
-//! Faults at the worst moment of an acquisition, each reached exactly through a test hook of
-//! debug builds (the copy stops itself with `SIGSTOP` there; the test acts, then lets it go on
-//! with `SIGCONT`): the lock directory removed or replaced as a copy opens its file or waits,
+//! Faults at the worst moment of an acquisition, each reached exactly through a test hook (the
+//! copy stops itself with `SIGSTOP` there; the test acts, then lets it go on with `SIGCONT`):
+//! the lock directory removed or replaced as a copy opens its file or waits,
 //! the bus killed as a copy asks it for the name, and a lock let go without any event that
 //! would wake a waiter. Each answer must be "acquired" or "already running" (or, with the bus
 //! alone, a clear "no usable backend"): never a false error.
+//!
+//! The hooks are the library's `test-hooks` cargo feature, which ./scripts/test turns on: a copy
+//! built without them makes these tests fail, never pass unseen (`common::arm_test_hook`).
 
 mod common;
 
@@ -12,8 +15,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    BusConfig, DbusDaemon, Proc, clean_command, cli_command, example_path, field, holder,
-    unique_name,
+    BusConfig, DbusDaemon, Proc, arm_test_hook, clean_command, cli_command, example_path, field,
+    holder, unique_name,
 };
 
 /// Stops a copy just before it opens its lock file (`lockfile::settle`).
@@ -56,7 +59,8 @@ fn wait_stopped(copy: &mut Proc, hook: &str) {
 /// The `holder` example with `args`, stopping itself at `hook`.
 fn holder_stopping_at(hook: &str, bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
     let mut cmd = clean_command(&example_path("holder"), bus, lock_dir);
-    cmd.args(args).env(hook, "1");
+    cmd.args(args);
+    arm_test_hook(&mut cmd, hook);
     Proc::spawn(cmd)
 }
 
@@ -95,7 +99,7 @@ fn a_lock_directory_removed_or_replaced_as_a_copy_opens_its_file_is_opened_again
             let mut copy = match how {
                 "cli" => {
                     let mut cmd = cli_command(None, &lock_dir, &["run", &name, "--", "cat"]);
-                    cmd.env(STOP_BEFORE_LOCK_FILE, "1");
+                    arm_test_hook(&mut cmd, STOP_BEFORE_LOCK_FILE);
                     Proc::spawn(cmd)
                 }
                 _ => holder_stopping_at(
@@ -269,7 +273,7 @@ fn a_bus_killed_during_request_name_is_a_bus_that_is_not_there() {
                     lock_dir.path(),
                     &["run", &name, "--", "cat"],
                 );
-                cmd.env(STOP_BEFORE_REQUEST_NAME, "1");
+                arm_test_hook(&mut cmd, STOP_BEFORE_REQUEST_NAME);
                 Proc::spawn(cmd)
             }
             "dbus-only" => holder_stopping_at(

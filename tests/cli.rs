@@ -991,14 +991,14 @@ fn signals_during_the_clean_up_reach_what_command_left() {
 fn a_signal_between_acquiring_and_starting_command_ends_the_wrapper() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("signal_before_spawn");
-    // A debug build stops itself (SIGSTOP) right after acquiring, before COMMAND starts, when
+    // A build with the test hooks stops itself (SIGSTOP) right after acquiring, before COMMAND starts, when
     // this variable is set: the moment a signal used to be lost.
     let mut cmd = cli_command(
         None,
         lock_dir.path(),
         &["run", &name, "--", "echo", "COMMAND ran"],
     );
-    cmd.env("UNIQUE_INSTANCE_TEST_STOP_BEFORE_SPAWN", "1");
+    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_SPAWN");
     let wrapper = Proc::spawn(cmd);
     let pid = rustix::process::Pid::from_raw(wrapper.pid() as i32).expect("pid");
     let stopped = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::UNTRACED)
@@ -1321,9 +1321,10 @@ fn wait_stopped(wrapper: &Proc, why: &str) {
 /// A copy that will wait starts its keeper before waiting (so that the keeper's start-up
 /// overlaps the wait); when the wait ends without the instance — timed out, refused, or ended
 /// by a signal — that keeper is gone before the wrapper exits: the wrapper has no child left,
-/// not even a zombie, and no process with the keeper's arguments is left anywhere. A debug build
-/// stops itself (SIGSTOP) right after ending that keeper when UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON
-/// is set, so that the test can look at that moment; it exits normally once continued.
+/// not even a zombie, and no process with the keeper's arguments is left anywhere. A build with
+/// the test hooks stops itself (SIGSTOP) right after ending that keeper when
+/// UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON is set, so that the test can look at that moment; it
+/// exits normally once continued.
 #[test]
 fn a_wait_that_ends_without_the_instance_leaves_no_keeper_behind() {
     let bus = DbusDaemon::start(BusConfig::Open);
@@ -1348,8 +1349,8 @@ fn a_wait_that_ends_without_the_instance_leaves_no_keeper_behind() {
         args.extend_from_slice(wait);
         args.extend_from_slice(&[&name, "--", "echo", "COMMAND ran", &marker]);
         let mut cmd = cli_command(bus_address, lock_dir.path(), &args);
-        cmd.env("RUST_LOG", "unique_instance=debug")
-            .env("UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON", "1");
+        cmd.env("RUST_LOG", "unique_instance=debug");
+        common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON");
         let mut waiter = Proc::spawn(cmd);
         let keeper = if case == "refused" {
             let line = waiter.stderr_line_containing("keeper started before waiting");

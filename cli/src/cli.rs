@@ -95,6 +95,13 @@ Example (the files shipped for unique-instance's example server):
   unique-instance generate --exec /usr/local/libexec/unique-instance/example-server \\
       --user example-server org.example.Server -- org.example.Server";
 
+/// `--version`'s answer; a build for the test suite says so (the tests check it before they rely
+/// on the test hooks).
+#[cfg(not(feature = "test-hooks"))]
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+#[cfg(feature = "test-hooks")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with test hooks)");
+
 /// Run a command as the only running copy of a name, or ask who is running it.
 ///
 /// NAME is a D-Bus well-known name (org.acme.Backup). By default the instance is held through a
@@ -102,7 +109,7 @@ Example (the files shipped for unique-instance's example server):
 /// terminal, cron, systemd or CI exclude each other. Logging goes to stderr through RUST_LOG
 /// (e.g. RUST_LOG=unique_instance=debug); it is off by default.
 #[derive(Debug, Parser)]
-#[command(name = "unique-instance", version, after_long_help = format!("{EXIT_CODES}\n\n{MAIN_EXAMPLES}"))]
+#[command(name = "unique-instance", version = VERSION, after_long_help = format!("{EXIT_CODES}\n\n{MAIN_EXAMPLES}"))]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,

@@ -108,7 +108,7 @@ async fn supervise(args: RunArgs) -> ExitCode {
     // would be lost once COMMAND runs: a terminal's Ctrl-C is not passed on (see `forward`),
     // since it is taken to have reached COMMAND too. It ends us here, as it would have ended
     // the wait, and COMMAND is never started.
-    #[cfg(debug_assertions)]
+    #[cfg(feature = "test-hooks")]
     stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_SPAWN");
     if let Some(origin) = pending_signal(&mut signals).await {
         abandon(prestarted).await;
@@ -441,7 +441,7 @@ async fn abandon(prestarted: Option<keeper::Pending>) {
     keeper.abandon().await;
     tracing::debug!(?pid, "the keeper started before waiting is gone");
     // Here the wrapper has no child left: a test looks at that moment.
-    #[cfg(debug_assertions)]
+    #[cfg(feature = "test-hooks")]
     stop_for_test("UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON");
 }
 
@@ -612,9 +612,10 @@ async fn pending_signal(signals: &mut SignalsInfo<WithOrigin>) -> Option<Origin>
     signals.next().now_or_never().flatten()
 }
 
-/// Test hook (debug builds only): when the variable `var` is set, stops this process
-/// (SIGSTOP) right there, so that a test can act at a moment it could not otherwise reach.
-#[cfg(debug_assertions)]
+/// Test hook (the `test-hooks` feature, for the test suite only): when the variable `var` is
+/// set, stops this process (SIGSTOP) right there, so that a test can act at a moment it could
+/// not otherwise reach.
+#[cfg(feature = "test-hooks")]
 fn stop_for_test(var: &str) {
     if std::env::var_os(var).is_some() {
         let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::STOP);

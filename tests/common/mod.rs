@@ -449,6 +449,35 @@ impl Drop for Proc {
     }
 }
 
+/// What `./scripts/test` passes to cargo so that the binaries the tests spawn have the test
+/// hooks; said by [`arm_test_hook`] when they do not.
+pub const TEST_HOOKS_BUILD: &str = "run ./scripts/test (it builds them with the feature), or \
+     `cargo build --workspace --bins --examples --features \
+     unique-instance/test-hooks,unique-instance-cli/test-hooks` and then \
+     `cargo test -p unique-instance --features test-hooks --test ...`";
+
+/// Sets the test hook `var` on `cmd` (its program stops itself there), after making sure the
+/// program has the test hooks at all (the `test-hooks` cargo feature, which its `--version`
+/// names): without them it would ignore `var`, and the test would prove nothing, so it fails
+/// here, saying how to build them.
+pub fn arm_test_hook(cmd: &mut Command, var: &str) {
+    let program = cmd.get_program().to_owned();
+    let mut version = Command::new(&program);
+    version.arg("--version").stdin(Stdio::null());
+    let output = version
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} --version: {e}", program.display()));
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && said.contains("(with test hooks)"),
+        "{} was built without its test hooks (the `test-hooks` cargo feature; its --version \
+         says {:?}), so it would ignore {var} and this test would prove nothing: {TEST_HOOKS_BUILD}",
+        Path::new(&program).display(),
+        said.trim(),
+    );
+    cmd.env(var, "1");
+}
+
 /// Runs `cmd` to completion with its own stdio settings, killing it after [`TIMEOUT`].
 pub fn status_within_timeout(mut cmd: Command) -> ExitStatus {
     let mut child = cmd
