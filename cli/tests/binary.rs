@@ -40,8 +40,14 @@ fn the_binary_is_where_the_librarys_tests_look_for_it_and_runs() {
         .expect("`unique-instance --version` did not finish within 60 s")
         .expect("run unique-instance --version");
     assert!(out.status.success(), "{out:?}");
+    // A build for the test suite (the `test-hooks` feature) says so, and only such a build.
+    let hooks = if cfg!(feature = "test-hooks") {
+        " (with test hooks)"
+    } else {
+        ""
+    };
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("unique-instance {}", env!("CARGO_PKG_VERSION"))
+        format!("unique-instance {}{hooks}", env!("CARGO_PKG_VERSION"))
     );
 }
