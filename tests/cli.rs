@@ -1170,6 +1170,112 @@ fn closed_lock_case(bus: &DbusDaemon, waits: bool) {
     assert_eq!(third.exit_code(), 0);
 }
 
+/// A lock file removed while `run` holds it (an administrator cleaning `/run/lock`, a tmp
+/// cleaner) is re-created by the wrapper, and the keeper must hold the new file too: it held a
+/// duplicate of the removed one only, so once the wrapper was SIGKILLed nothing held the new
+/// file, and a second copy ran while the keeper was still stopping COMMAND (which ignores
+/// SIGTERM here, with a long `--kill-after`). The wrapper now hands each re-created file to its
+/// keeper, and the second copy is refused for as long as the tree lives. With the lock file
+/// alone, and with the bus name too.
+#[test]
+fn a_recreated_lock_file_is_handed_to_the_keeper() {
+    use std::os::unix::fs::MetadataExt;
+    let bus = DbusDaemon::start(BusConfig::Open);
+    for with_bus in [false, true] {
+        let address = with_bus.then_some(bus.address.as_str());
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("recreated_keeper");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        // NAME is sh's $0: it marks this case's keeper.
+        let script = "trap '' TERM; echo pid $$; exec sleep 600";
+        let mut wrapper = cli(
+            address,
+            lock_dir.path(),
+            &[
+                "run",
+                "--kill-after=600",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                script,
+                &name,
+            ],
+        );
+        let (pid, pidfd) = command_pidfd(&mut wrapper);
+        let _command = KillOnDrop(&pidfd);
+        let keeper = the_keeper(&wrapper, &name);
+        let old = std::fs::metadata(&path).expect("the lock file");
+        std::fs::remove_file(&path).expect("remove the lock file");
+        wrapper.stderr_line_containing("re-created");
+        let new = std::fs::metadata(&path).expect("re-created");
+        assert_ne!(new.ino(), old.ino(), "bus={with_bus}: a new file");
+        // The wrapper hands the new file over once it re-created it: an external change, looked
+        // for until it shows (bounded by the test's timeout).
+        let handed = holds_file(keeper, new.dev(), new.ino());
+        wrapper.sigkill();
+        let mut second = cli(
+            address,
+            lock_dir.path(),
+            &["run", &name, "--", "echo", "second copy ran"],
+        );
+        let stdout = second.stdout_until_closed();
+        assert_eq!(
+            second.exit_code(),
+            75,
+            "bus={with_bus}: a copy started while COMMAND (pid {pid}) outlives the killed \
+             wrapper must be refused (the keeper {} the re-created lock file); its stdout: \
+             {stdout:?}",
+            if handed { "held" } else { "never got" }
+        );
+        let mut fds = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        assert_eq!(
+            rustix::event::poll(&mut fds, Some(&zero)).expect("poll"),
+            0,
+            "bus={with_bus}: COMMAND still runs"
+        );
+        assert!(
+            handed,
+            "bus={with_bus}: the keeper holds the re-created file"
+        );
+        // Once COMMAND is gone the keeper exits, and the instance is free.
+        rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+        wait_pidfd(pid, &pidfd);
+        let mut third = cli(
+            address,
+            lock_dir.path(),
+            &["run", "--wait=30", &name, "--", "echo", "third"],
+        );
+        assert_eq!(third.next_line("the third copy's COMMAND"), "third");
+        assert_eq!(third.exit_code(), 0, "bus={with_bus}");
+    }
+}
+
+/// Does process `pid` hold a descriptor of the file (`dev`, `ino`)? Looked for until it does,
+/// up to [`TIMEOUT`].
+fn holds_file(pid: u32, dev: u64, ino: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the process's fds");
+        let holds = fds.flatten().any(|fd| {
+            std::fs::metadata(fd.path()).is_ok_and(|st| st.dev() == dev && st.ino() == ino)
+        });
+        if holds {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 /// The keeper is an internal entry point: hidden from the help, and refusing to start by hand.
 #[test]
 fn the_keeper_entry_point_is_hidden_and_refuses_to_run_by_hand() {

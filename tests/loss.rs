@@ -5,6 +5,9 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use common::{BusConfig, DbusDaemon, Proc, cli, field, holder, unique_name};
 
@@ -286,6 +289,108 @@ fn run_keeps_command_when_its_lock_file_is_only_removed() {
             !path.exists(),
             "bus={with_bus}: release removes the re-created file"
         );
+    }
+}
+
+/// The lock file's descriptors held by process `pid`: those of its files named like the lock
+/// file of `name` (the removed ones too, which `/proc` shows as "(deleted)").
+fn lock_fds(pid: u32, name: &str) -> usize {
+    let needle = format!("{name}.lock");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the holder's descriptors")
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy().contains(&needle))
+        })
+        .count()
+}
+
+/// Re-creation is limited by rate, not counted over the holder's life: removals spread out
+/// (here 70, each made once the holder said it re-created the last, and 100 ms later, far below
+/// the limit) are all survived, where the 65th used to be a loss. And the holder keeps no more
+/// descriptors than it had: each new file takes the place of the last one.
+#[test]
+fn removals_spread_out_are_all_survived() {
+    let modes: [&[&str]; 2] = [
+        &["--backend", "lockfile"],
+        &["--backend", "lockfile", "--blocking"],
+    ];
+    for mode in modes {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("spread_removals");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut args = vec![name.as_str()];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, lock_dir.path(), &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        let fds = lock_fds(h.pid(), &name);
+        for round in 0..70 {
+            let before = std::fs::metadata(&path).expect("the lock file").ino();
+            std::fs::remove_file(&path).expect("remove the lock file");
+            h.stderr_line_containing("re-created");
+            let after = std::fs::metadata(&path).expect("re-created").ino();
+            assert_ne!(after, before, "{mode:?} round {round}: a new file");
+            // Spaced out, so that the removals stay below the rate limit: a pause, not a
+            // synchronisation (the line above is one); a slower machine spaces them more.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            lock_fds(h.pid(), &name) <= fds,
+            "{mode:?}: {} descriptors of lock files, {fds} before the removals",
+            lock_fds(h.pid(), &name)
+        );
+        assert_refused_naming(&name, lock_dir.path(), &["--backend", "lockfile"], h.pid());
+        h.close_stdin();
+        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}: no loss");
+        assert_eq!(h.exit_code(), 0);
+        assert!(!path.exists(), "{mode:?}: release removes the last file");
+    }
+}
+
+/// A process removing the lock file in a tight loop is not a tmp cleaner: the holder reports
+/// the loss (`LockFileRemoved`) rather than re-creating without end, and holds no more
+/// descriptors than before (it used to keep one per re-creation, 64 of them).
+#[test]
+fn a_tight_removal_loop_is_a_loss_not_a_descriptor_leak() {
+    let modes: [&[&str]; 2] = [
+        &["--backend", "lockfile"],
+        &["--backend", "lockfile", "--blocking"],
+    ];
+    for mode in modes {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("removal_loop");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut args = vec![name.as_str()];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, lock_dir.path(), &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        let fds = lock_fds(h.pid(), &name);
+        let stop = Arc::new(AtomicBool::new(false));
+        let remover = {
+            let (stop, path) = (Arc::clone(&stop), path.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = std::fs::remove_file(&path);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let lost = h.line_starting("lost");
+        stop.store(true, Ordering::Relaxed);
+        remover.join().expect("the remover");
+        assert_eq!(
+            lost, "lost reason=LockFileRemoved still_exclusive=false",
+            "{mode:?}"
+        );
+        assert!(
+            lock_fds(h.pid(), &name) <= fds,
+            "{mode:?}: {} descriptors of lock files, {fds} before the removals",
+            lock_fds(h.pid(), &name)
+        );
+        h.close_stdin();
+        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}");
+        assert_eq!(h.exit_code(), 0);
     }
 }
 
