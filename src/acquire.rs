@@ -417,6 +417,6 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
 /// is re-created first (see `WatchHandle::recover`).
 fn lock_still_held(lock: &lockfile::WatchHandle) -> bool {
     lock.check_path()
-        .is_none_or(|_| lock.recover(None) != lockfile::Recovery::Lost)
+        .is_none_or(|_| lock.recover() != lockfile::Recovery::Lost)
         && lock.verify_held()
 }

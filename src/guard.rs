@@ -17,6 +17,7 @@ use crate::holder::BackendKind;
 use crate::lockfile::HeldLock;
 use crate::loss::{Loss, LossLog, LossWatcher};
 use crate::name::InstanceName;
+use crate::recreation::LockFileRecreations;
 use crate::runtime::{ServiceThread, block_here};
 use crate::scope::{BusKind, Scope};
 
@@ -173,11 +174,28 @@ impl InstanceGuard {
     /// the holder record.
     ///
     /// A lock file that someone removed is re-created by the guard (see
-    /// [`crate::LossReason::LockFileRemoved`]): from then on this gives the new file's
-    /// descriptor, and a duplicate made before keeps only the removed file, which no longer keeps
-    /// other copies out.
+    /// [`crate::LossReason::LockFileRemoved`]): from then on this descriptor — the same number,
+    /// never closed while the guard lives — refers to the new file, and a duplicate made before
+    /// keeps only the removed file, which no longer keeps other copies out.
+    /// [`InstanceGuard::lock_file_recreations`] says when to make a new one. Since the file
+    /// behind the descriptor may change at any moment, duplicate it first and look only at the
+    /// duplicate (`fstat` it, send it): two calls on the descriptor itself may see two files.
     pub fn lock_file_descriptor(&self) -> Option<BorrowedFd<'_>> {
         self.lock.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Tells each time, from now on, that the lock file was re-created after someone removed it
+    /// (see [`LockFileRecreations`]), so that a program which gave a duplicate of
+    /// [`InstanceGuard::lock_file_descriptor`] to another process can hand it one of the new
+    /// file: `unique-instance run` does so for the process that outlives it to stop COMMAND's
+    /// tree. Its end (`None`) comes once the lock file is released; at once for a guard that
+    /// holds none.
+    pub fn lock_file_recreations(&self) -> LockFileRecreations {
+        self.lock
+            .as_ref()
+            .map_or_else(LockFileRecreations::none, |lock| {
+                LockFileRecreations::new(lock.recreations())
+            })
     }
 
     /// The bus the name is owned on, if any.

@@ -18,7 +18,8 @@
 //! this machine) and a D-Bus well-known name (when a bus is available), so copies started from a
 //! terminal, cron, a systemd unit or CI exclude each other whatever each can see. See
 //! [`InstanceOptions`] for scopes, backends, waiting and loss notification.
-#![forbid(unsafe_code)]
+// Denied (Cargo.toml's lints) but not forbidden: one function, `lockfile/held.rs`'s `refer_to`
+// (`dup3` onto a descriptor the lock lends out), allows it.
 #![doc = ""]
 #![doc = include_str!("../README.md")]
 
@@ -37,6 +38,7 @@ mod name;
 mod notify;
 mod options;
 mod plan;
+mod recreation;
 mod runtime;
 mod scope;
 mod status;
@@ -49,6 +51,7 @@ pub use loss::{Loss, LossReason, LossWatcher};
 pub use name::{InstanceName, NameRule};
 pub use options::{InstanceOptions, Wait};
 pub use plan::Plan;
+pub use recreation::LockFileRecreations;
 pub use scope::{Backend, BusKind, LOCK_DIR_ENV, SCOPE_ENV, Scope};
 pub use status::{Status, status};
 /// The D-Bus crate this one is built on, at the version its API uses:

@@ -2,13 +2,16 @@
 //! release, and the release itself (removed while still locked, then unlocked), also on `Drop`.
 //! Must not: decide whether a lock may be taken; that is the attempt's (`attempt.rs`).
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use rustix::fs::{AtFlags, Stat};
 use rustix::io::Errno;
+use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::plan::LockPlan;
@@ -38,44 +41,77 @@ pub(crate) struct HeldLock {
     shared: Arc<Shared>,
 }
 
-/// How many times a holder re-creates its lock file after someone removed it (see
-/// [`WatchHandle::recover`]) before it takes a removal for a loss: each re-created file's
-/// descriptor is kept until the lock is released, and a process removing it in a loop is not
-/// a tmp cleaner.
-pub(super) const MAX_RECREATIONS: usize = 64;
+/// How many times [`HeldLock::move_above`] may move the lock's descriptor: once above a wait's
+/// inotify instance, once above the watch's.
+const MAX_MOVES: usize = 2;
 
-/// The descriptors of a held lock, newest last: the file as locked, its duplicate above the
-/// watch's inotify instance ([`HeldLock::move_above`]), and files re-created since
-/// ([`WatchHandle::recover`]). Only added to, never closed before the lock is dropped:
-/// [`HeldLock::as_fd`] lends the newest for as long as the lock lives (a descriptor closed under
-/// a borrower could be reused for another file), and `run`'s COMMAND holds a duplicate of an
-/// older one anyway. Owned by the [`HeldLock`] alone (its watches hold a [`Weak`] reference,
-/// used only under [`Shared::now`] and never after release), so that dropping the lock closes
-/// them all, and frees the lock, before release returns.
+/// The descriptors of a held lock: the file as locked, and its duplicates above the inotify
+/// instances that watch it ([`HeldLock::move_above`]), the highest last. The highest is the one
+/// [`HeldLock::as_fd`] lends; it no longer changes once the guard exists. They all refer to the
+/// file the lock is on now: a re-created file ([`WatchHandle::recover`]) takes the place of the
+/// removed one in each ([`Files::replace`]), so that a borrower of the lent descriptor sees the
+/// new file, never the number closed or reused for another file (`run`'s COMMAND holds its own
+/// duplicate of the file it was given), and nothing accumulates however often the file is
+/// re-created. Owned by the [`HeldLock`] alone (its watches hold a [`Weak`] reference, used only
+/// under [`Shared::now`] and never after release), so that dropping the lock closes them all,
+/// and frees the lock, before release returns.
+///
+/// [`Weak`]: std::sync::Weak
 #[derive(Debug)]
 pub(super) struct Files {
     first: OwnedFd,
-    more: [OnceLock<OwnedFd>; MAX_RECREATIONS + 1],
+    moved: [OnceLock<OwnedFd>; MAX_MOVES],
 }
 
 impl Files {
-    /// The descriptor of the file the lock is on now.
-    pub(super) fn newest(&self) -> &OwnedFd {
-        self.more
+    /// The descriptor of the file the lock is on now: the highest.
+    pub(super) fn lent(&self) -> &OwnedFd {
+        self.moved
             .iter()
             .rev()
             .find_map(OnceLock::get)
             .unwrap_or(&self.first)
     }
 
-    /// Adds `fd` as the newest; gives it back when there is no room. Called only with
-    /// [`Shared::now`] locked, so that two callers never race for a slot.
-    pub(super) fn push(&self, fd: OwnedFd) -> std::result::Result<(), OwnedFd> {
-        match self.more.iter().find(|slot| slot.get().is_none()) {
+    /// Adds `fd`, a duplicate numbered above the others, as the one lent; gives it back when
+    /// there is no room. Called only with [`Shared::now`] locked, and only before the guard
+    /// exists (the lent number is stable from then on).
+    fn push(&self, fd: OwnedFd) -> std::result::Result<(), OwnedFd> {
+        match self.moved.iter().find(|slot| slot.get().is_none()) {
             Some(slot) => slot.set(fd),
             None => Err(fd),
         }
     }
+
+    /// Makes every descriptor of the lock refer to `file` (a re-created lock file, locked), the
+    /// lent one first: the removed file is closed here, the numbers stay. Called only with
+    /// [`Shared::now`] locked. An error on the lent one leaves it on the removed file; one on
+    /// another (never seen: each number is open and ours) leaves that one there, harmlessly.
+    pub(super) fn replace(&self, file: &OwnedFd) -> rustix::io::Result<()> {
+        let lent = self.lent();
+        refer_to(lent, file)?;
+        let others =
+            std::iter::once(&self.first).chain(self.moved.iter().filter_map(OnceLock::get));
+        for fd in others.filter(|fd| fd.as_raw_fd() != lent.as_raw_fd()) {
+            if let Err(e) = refer_to(fd, file) {
+                tracing::debug!(error = %e, "cannot put the re-created lock file in place of an older descriptor");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes the descriptor `fd` refer to `file` from now on, in one step (`dup3`, close-on-exec as
+/// every descriptor of the lock): whoever borrowed `fd` sees the new file, and never a moment
+/// when the number is closed (and could be reused for another file).
+#[allow(unsafe_code)]
+fn refer_to(fd: &OwnedFd, file: &OwnedFd) -> rustix::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `number` names `fd`'s descriptor, open and owned by `fd` for longer than this
+    // call, and is never closed (`ManuallyDrop`): `fd` stays its only owner. `dup3` only changes
+    // which open file the number refers to, atomically; it never leaves it closed.
+    let mut number = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(fd.as_raw_fd()) });
+    rustix::io::dup3(file, &mut number, rustix::io::DupFlags::CLOEXEC)
 }
 
 /// The part of a held lock that its watches share with it: a watch that finds the lock file
@@ -95,8 +131,14 @@ pub(super) struct Shared {
 pub(super) struct Now {
     pub(super) dev: u64,
     pub(super) ino: u64,
-    /// How many times the file was re-created.
-    pub(super) recreated: usize,
+    /// How many times the file was re-created in all.
+    pub(super) recreated: u64,
+    /// When the latest re-creations were made, oldest first: at most
+    /// [`MAX_RECREATIONS`](super::recover::MAX_RECREATIONS), for the rate limit.
+    pub(super) recent: VecDeque<Instant>,
+    /// Tells [`LockFileRecreations`](crate::LockFileRecreations) of each re-creation: made by
+    /// the first of them ([`HeldLock::recreations`]), and dropped on release, which ends them.
+    pub(super) recreations: Option<watch::Sender<u64>>,
     /// The file was there, empty, before we took it: someone else's (or a holder's that died
     /// before writing its record), so it is never removed, only emptied again on release. A
     /// re-created file is ours.
@@ -131,13 +173,15 @@ impl HeldLock {
     ) -> HeldLock {
         let files = Arc::new(Files {
             first: file,
-            more: [const { OnceLock::new() }; MAX_RECREATIONS + 1],
+            moved: [const { OnceLock::new() }; MAX_MOVES],
         });
         let shared = Arc::new(Shared {
             now: Mutex::new(Now {
                 dev: st.st_dev,
                 ino: st.st_ino,
                 recreated: 0,
+                recent: VecDeque::new(),
+                recreations: None,
                 keep_file,
                 record: Vec::new(),
                 released: false,
@@ -180,7 +224,7 @@ impl HeldLock {
             line.push(b'\n');
         }
         let mut now = self.shared.now();
-        write_whole(self.files.newest(), &line)
+        write_whole(self.files.lent(), &line)
             .map_err(|e| Error::io("cannot write holder record to", &self.path, e))?;
         self.record_len = line.len();
         now.record = line;
@@ -198,18 +242,28 @@ impl HeldLock {
     /// socket, which zbus opens, gets the same order by the inotify instance being made first.)
     pub(crate) fn move_above(&mut self, other: &OwnedFd) -> Result<()> {
         let _now = self.shared.now();
-        let newest = self.files.newest();
-        if newest.as_raw_fd() > other.as_raw_fd() {
+        let lent = self.files.lent();
+        if lent.as_raw_fd() > other.as_raw_fd() {
             return Ok(());
         }
-        let above = rustix::io::fcntl_dupfd_cloexec(newest, other.as_raw_fd() + 1)
+        let above = rustix::io::fcntl_dupfd_cloexec(lent, other.as_raw_fd() + 1)
             .map_err(|e| Error::io("cannot duplicate the descriptor of", &self.path, e.into()))?;
-        // The one below stays open (see `Files`): the lock is released with the open file
-        // description's last descriptor, this one, which is still the highest.
+        // The one below stays open, on the same file (see `Files`): the lock is
+        // released with the open file description's last descriptor, this one, the highest.
         if self.files.push(above).is_err() {
             tracing::debug!(path = %self.path.display(), "no room to move the lock's descriptor");
         }
         Ok(())
+    }
+
+    /// A receiver told the count of re-creations after each (see [`WatchHandle::recover`]),
+    /// closed once the lock is released.
+    pub(crate) fn recreations(&self) -> watch::Receiver<u64> {
+        let mut now = self.shared.now();
+        let count = now.recreated;
+        now.recreations
+            .get_or_insert_with(|| watch::channel(count).0)
+            .subscribe()
     }
 
     /// What a periodic re-check needs, without the lock itself.
@@ -246,8 +300,10 @@ impl HeldLock {
         // Held until the file is gone: a watch re-creates nothing once it sees `released`.
         let mut now = self.shared.now();
         now.released = true;
+        // Ends the watchers of re-creations: there will be none.
+        now.recreations = None;
         if now.keep_file {
-            retry_eintr(|| rustix::fs::ftruncate(self.files.newest(), 0))
+            retry_eintr(|| rustix::fs::ftruncate(self.files.lent(), 0))
                 .map_err(|e| Error::io("cannot empty lock file", &self.path, e.into()))?;
         } else if self.watch_handle().in_dir_as(now.dev, now.ino).is_none() {
             match rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty()) {
@@ -273,8 +329,8 @@ impl HeldLock {
 /// shares the open file description, and with it the lock.
 impl AsFd for HeldLock {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        // The file the lock is on now: the newest (see `Files`).
-        self.files.newest().as_fd()
+        // The file the lock is on now (see `Files`): the number stays, the file may change.
+        self.files.lent().as_fd()
     }
 }
 

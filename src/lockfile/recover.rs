@@ -2,18 +2,39 @@
 //! verified under the same checks as an acquisition, or found lost.
 //! Must not: re-create anything after a release or a loss, nor report the loss itself.
 
-use std::os::fd::AsRawFd;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::dir::check_dir;
-use super::held::{MAX_RECREATIONS, Now};
+use super::held::Now;
 use super::ofd::{lock_exclusive, retry_eintr};
 use super::open::set_new_file_owner_and_mode;
 use super::record::write_whole;
 use super::walk::{Walked, walk_dir};
 use super::watch::WatchHandle;
+
+/// The rate limit of re-creation: a removal that would make more than `MAX_RECREATIONS`
+/// re-creations within [`RECREATION_WINDOW`] is a loss. An administrator or a tmp cleaner removes
+/// the file once; logout removes its directory too (a loss in any case); a process that removes
+/// it 17 times in a second is fighting the holder, and each round costs the holder a wake-up,
+/// a walk of the path and a dozen system calls, and gives a copy started then a chance to make
+/// the file first. Nothing is kept per re-creation but its time (the lock's descriptors stay
+/// the same, see `Files`), so the limit is on the rate alone, never on the holder's life.
+pub(super) const MAX_RECREATIONS: usize = 16;
+/// See [`MAX_RECREATIONS`].
+pub(super) const RECREATION_WINDOW: Duration = Duration::from_secs(1);
+
+/// Would one more re-creation at `now` make more than [`MAX_RECREATIONS`] within
+/// [`RECREATION_WINDOW`], given the times of the latest ones (`recent`, oldest first)?
+fn too_often(recent: &VecDeque<Instant>, now: Instant) -> bool {
+    recent.len() >= MAX_RECREATIONS
+        && recent
+            .get(recent.len() - MAX_RECREATIONS)
+            .is_some_and(|&oldest| now.saturating_duration_since(oldest) < RECREATION_WINDOW)
+}
 
 /// What [`WatchHandle::recover`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,12 +60,14 @@ impl WatchHandle {
     /// Any failure is a loss, exactly as before: another copy made the file first (`EEXIST`)
     /// or locked it, a file renamed over ours (our file unlinked *and* another one at the path),
     /// our file renamed away (it still has a name), the directory moved, removed, replaced or
-    /// mounted over, a symlink on the way retargeted.
+    /// mounted over, a symlink on the way retargeted; and a removal that comes too often (see
+    /// [`MAX_RECREATIONS`]).
     ///
-    /// `above` is the watch's inotify instance: a re-created file's descriptor is put above it,
-    /// as [`HeldLock::move_above`](super::held::HeldLock::move_above) does on acquisition. Serialised with the other watches and
-    /// with release; once a loss is found, nothing is re-created any more.
-    pub(crate) fn recover(&self, above: Option<std::os::fd::RawFd>) -> Recovery {
+    /// The new file takes the removed one's place in the lock's descriptors (see `Files`), and
+    /// whoever follows [`LockFileRecreations`](crate::LockFileRecreations) is told. Serialised
+    /// with the other watches and with release; once a loss is found, nothing is re-created any
+    /// more.
+    pub(crate) fn recover(&self) -> Recovery {
         let mut now = self.shared.now();
         if now.released {
             return Recovery::Released;
@@ -56,7 +79,7 @@ impl WatchHandle {
             // Another watch re-created it already, or the change went away.
             return Recovery::Held;
         }
-        match self.recreate(&mut now, above) {
+        match self.recreate(&mut now) {
             Ok(()) => {
                 tracing::warn!(path = %self.path.display(),
                     "the lock file was removed; re-created it, and the instance is still held");
@@ -71,22 +94,19 @@ impl WatchHandle {
     }
 
     /// The body of [`WatchHandle::recover`], with the shared state locked; `Err` says why not.
-    fn recreate(
-        &self,
-        now: &mut Now,
-        above: Option<std::os::fd::RawFd>,
-    ) -> std::result::Result<(), &'static str> {
+    fn recreate(&self, now: &mut Now) -> std::result::Result<(), &'static str> {
         let shared = &*self.shared;
         let (plan, lock_dir) = (&shared.plan, &shared.lock_dir);
-        if now.recreated >= MAX_RECREATIONS {
-            return Err("re-created too many times already");
+        let started = Instant::now();
+        if too_often(&now.recent, started) {
+            return Err("removed too often (more than MAX_RECREATIONS within RECREATION_WINDOW)");
         }
         // Held only here, under the lock of `now`, and never after release (see `Files`).
         let Some(files) = shared.files.upgrade() else {
             return Err("released");
         };
         // Unlinked, not renamed away or linked elsewhere: it has no name left.
-        match rustix::fs::fstat(files.newest()) {
+        match rustix::fs::fstat(files.lent()) {
             Ok(st) if st.st_nlink == 0 => {}
             Ok(_) => return Err("our file still has a name elsewhere"),
             Err(_) => return Err("cannot stat our file"),
@@ -123,12 +143,6 @@ impl WatchHandle {
             Err(Errno::EXIST) => return Err("another file is at the path (another copy's)"),
             Err(_) => return Err("cannot create the file"),
         };
-        let file = match above {
-            Some(above) if file.as_raw_fd() <= above => {
-                rustix::io::fcntl_dupfd_cloexec(&file, above + 1).unwrap_or(file)
-            }
-            _ => file,
-        };
         // Locked before anything else: until then another copy may open and lock it (it is
         // empty, a lock file like any other), and then it is theirs, never ours to remove.
         if lock_exclusive(&file, false).is_err() {
@@ -158,12 +172,83 @@ impl WatchHandle {
         if !self.verify_held_as(dev, ino) {
             return abandon("the path does not lead to the new file, held");
         }
-        if let Err(_file) = files.push(file) {
-            // Cannot happen: there is a slot for each re-creation, and one for `move_above`.
-            return abandon("no room for the new file's descriptor");
+        if files.replace(&file).is_err() {
+            return abandon("cannot put the new file in place of the removed one");
         }
+        // Its own descriptor closes here: the lock's descriptors refer to it now.
+        drop(file);
         now.recreated += 1;
+        if now.recent.len() >= MAX_RECREATIONS {
+            now.recent.pop_front();
+        }
+        now.recent.push_back(started);
+        if let Some(recreations) = &now.recreations {
+            recreations.send_replace(now.recreated);
+        }
         (now.dev, now.ino, now.keep_file) = (dev, ino, false);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    use super::*;
+    use crate::lockfile::attempt::{Attempt, lock};
+    use crate::lockfile::dir::{open_dir, tests::private_plan};
+
+    /// The 17th re-creation within a second is refused; one a second later than the 16th
+    /// before it is not, however many came before.
+    #[test]
+    fn the_rate_limit_counts_the_latest_re_creations_only() {
+        let start = Instant::now();
+        let at = |ms: u64| {
+            start
+                .checked_add(Duration::from_millis(ms))
+                .expect("an instant")
+        };
+        let mut recent = VecDeque::new();
+        for i in 0..MAX_RECREATIONS as u64 {
+            assert!(!too_often(&recent, at(i)), "re-creation {i}");
+            recent.push_back(at(i));
+        }
+        assert!(too_often(&recent, at(MAX_RECREATIONS as u64)));
+        assert!(too_often(&recent, at(999)));
+        assert!(!too_often(&recent, at(1000)));
+        // An instant before the oldest (never: the clock is monotonic) is not a panic.
+        if let Some(before) = start.checked_sub(Duration::from_millis(1)) {
+            assert!(too_often(&recent, before));
+        }
+    }
+
+    /// A re-created file takes the removed one's place in the lent descriptor (same number),
+    /// the count goes up, and a follower of re-creations is told.
+    #[test]
+    fn a_re_created_file_takes_the_lent_descriptors_place() {
+        use std::os::unix::fs::MetadataExt;
+        let base = tempfile::tempdir().expect("tempdir");
+        let plan = private_plan(&base.path().join("locks"));
+        let mut dir = open_dir(&plan, false).expect("dir");
+        let Attempt::Acquired(held, None) = lock(&plan, &mut dir, false).expect("lock") else {
+            panic!("a fresh file is acquired");
+        };
+        let path = plan.dir.join(&plan.file_name);
+        let number = held.as_fd().as_raw_fd();
+        let mut recreations = held.recreations();
+        let handle = held.watch_handle();
+        for round in 1..=3u64 {
+            std::fs::remove_file(&path).expect("remove");
+            assert_eq!(handle.recover(), Recovery::Recreated, "round {round}");
+            assert_eq!(held.as_fd().as_raw_fd(), number, "the same number");
+            let lent = rustix::fs::fstat(held.as_fd()).expect("fstat");
+            let at_path = std::fs::metadata(&path).expect("re-created");
+            assert_eq!((lent.st_dev, lent.st_ino), (at_path.dev(), at_path.ino()));
+            assert!(recreations.has_changed().expect("open"));
+            assert_eq!(*recreations.borrow_and_update(), round);
+        }
+        held.release().expect("release");
+        assert!(recreations.has_changed().is_err(), "ended by the release");
+        assert!(!path.exists());
     }
 }

@@ -27,13 +27,8 @@ fn lock_change(handle: &WatchHandle) -> Option<LossReason> {
 
 /// What a watch does about a change it found (`reason`): re-create a lock file that was only
 /// removed, or report the loss. `false` when the watch is over (lost, or released meanwhile).
-fn lock_changed(
-    handle: &WatchHandle,
-    reason: LossReason,
-    above: Option<std::os::fd::RawFd>,
-    losses: &LossLog,
-) -> bool {
-    match handle.recover(above) {
+fn lock_changed(handle: &WatchHandle, reason: LossReason, losses: &LossLog) -> bool {
+    match handle.recover() {
         Recovery::Held | Recovery::Recreated => true,
         Recovery::Released => false,
         Recovery::Lost => {
@@ -49,7 +44,7 @@ async fn recheck_lock(handle: WatchHandle, interval: Duration, losses: LossLog) 
     loop {
         ticker.tick().await;
         if let Some(reason) = lock_change(&handle)
-            && !lock_changed(&handle, reason, None, &losses)
+            && !lock_changed(&handle, reason, &losses)
         {
             return;
         }
@@ -65,7 +60,7 @@ const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 async fn watch_lock(handle: WatchHandle, inotify: CloseAside, losses: LossLog) {
     // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
     // an `OwnedFd` moved in here (in its `CloseAside`) cannot, and `register` (its replacement)
-    // is `unsafe`, which this crate forbids.
+    // is `unsafe`, which this crate denies.
     #[allow(deprecated)]
     let events = match tokio::io::unix::AsyncFd::new(inotify) {
         Ok(events) => events,
@@ -82,12 +77,7 @@ async fn watch_lock(handle: WatchHandle, inotify: CloseAside, losses: LossLog) {
         // Checked after the watch exists (and after each batch of events), so a change made
         // before the watch was in place is not missed.
         if let Some(reason) = lock_change(&handle)
-            && !lock_changed(
-                &handle,
-                reason,
-                Some(std::os::fd::AsRawFd::as_raw_fd(events.get_ref())),
-                &losses,
-            )
+            && !lock_changed(&handle, reason, &losses)
         {
             return;
         }
@@ -313,12 +303,7 @@ fn watch_lock_blocking(
     loop {
         // Checked once the watch exists and after each batch of events, as in `watch_lock`.
         if let Some(reason) = lock_change(handle)
-            && !lock_changed(
-                handle,
-                reason,
-                inotify.map(std::os::fd::AsRawFd::as_raw_fd),
-                losses,
-            )
+            && !lock_changed(handle, reason, losses)
         {
             return;
         }

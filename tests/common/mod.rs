@@ -324,12 +324,18 @@ impl Proc {
 
     /// Waits for a stderr line containing `needle`, skipping others.
     pub fn stderr_line_containing(&mut self, needle: &str) -> String {
+        self.stderr_line_containing_any(&[needle])
+    }
+
+    /// Waits for a stderr line containing any of `needles`, skipping others.
+    pub fn stderr_line_containing_any(&mut self, needles: &[&str]) -> String {
         loop {
             match self.stderr.recv_timeout(TIMEOUT) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if needles.iter().any(|n| line.contains(n)) => return line,
                 Ok(line) => self.seen_stderr.push(line),
                 Err(e) => panic!(
-                    "no stderr line containing {needle:?} ({e:?}); stderr so far: {:?}; stdout: {:?}",
+                    "no stderr line containing any of {needles:?} ({e:?}); stderr so far: {:?}; \
+                     stdout: {:?}",
                     self.seen_stderr, self.seen
                 ),
             }
