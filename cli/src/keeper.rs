@@ -24,6 +24,14 @@
 //!   inode. End of file before `go` (the wait ended without the instance, or the wrapper died):
 //!   the keeper exits at once, having started nothing and said nothing (the wrapper also kills
 //!   it and reaps it, so that nothing of it is left);
+//! - wrapper to keeper, after `go lock`, each time the wrapper's lock file was removed and
+//!   re-created (the library's `lock_file_recreations`): `lock DEV INO`, sent with the new
+//!   file's descriptor attached, and checked as `go lock`'s is. From then on the keeper holds the
+//!   new file (and closes the removed one, which keeps no copy out any more): without it, a
+//!   wrapper killed after a re-creation would leave the new file unlocked while the keeper still
+//!   stops COMMAND's tree (one killed between the re-creation and this line still does). A
+//!   descriptor with no `lock` line, more than one with it, or a `lock` line with none (or after
+//!   a `go` with no lock), is a protocol error;
 //! - wrapper to keeper: `kill PID SIGNAL` — sent only while PID is the keeper's own child, not
 //!   yet reaped (so never to a reused PID); the keeper checks that it is, and that PID and
 //!   SIGNAL are numbers it could mean. Any other line is a protocol error: the keeper drops the
@@ -178,20 +186,9 @@ fn await_go(control: &UnixStream) -> Result<Go, String> {
         (["go"], 0) => Ok(Go::Start(None)),
         (["go", "lock", dev, ino], 1) => {
             let lock = received.pop().ok_or("no descriptor")?;
-            let stat =
-                rustix::fs::fstat(&lock).map_err(|e| format!("the lock's descriptor: {e}"))?;
-            let is_file = rustix::fs::FileType::from_raw_mode(stat.st_mode)
-                == rustix::fs::FileType::RegularFile;
-            if !is_file
-                || dev.parse().ok() != Some(stat.st_dev)
-                || ino.parse().ok() != Some(stat.st_ino)
-            {
-                return Err(format!(
-                    "the descriptor that came with `{}` is not that lock file",
-                    line.trim_end()
-                ));
-            }
-            Ok(Go::Start(Some(lock)))
+            let (dev, ino) = lock_id(dev, ino)
+                .ok_or_else(|| format!("not a device and inode: {:?}", line.trim_end()))?;
+            check_lock(lock, dev, ino).map(|lock| Go::Start(Some(lock)))
         }
         _ => Err(format!(
             "an order it does not know before COMMAND started: {:?} with {} descriptor(s)",
@@ -199,6 +196,30 @@ fn await_go(control: &UnixStream) -> Result<Go, String> {
             received.len()
         )),
     }
+}
+
+/// The device and inode numbers of `go lock DEV INO` and `lock DEV INO`: decimal digits only.
+fn lock_id(dev: &str, ino: &str) -> Option<(u64, u64)> {
+    let number = |word: &str| {
+        (!word.is_empty() && word.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| word.parse().ok())
+            .flatten()
+    };
+    Some((number(dev)?, number(ino)?))
+}
+
+/// `lock`, a descriptor received with `go lock DEV INO` or `lock DEV INO`, if it is of a regular
+/// file with that device and inode.
+fn check_lock(lock: OwnedFd, dev: u64, ino: u64) -> Result<OwnedFd, String> {
+    let stat = rustix::fs::fstat(&lock).map_err(|e| format!("the lock's descriptor: {e}"))?;
+    let is_file =
+        rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile;
+    if !is_file || (stat.st_dev, stat.st_ino) != (dev, ino) {
+        return Err(format!(
+            "the descriptor that came with the lock file {dev} {ino} is not that file"
+        ));
+    }
+    Ok(lock)
 }
 
 /// Takes ownership of the inherited descriptor `fd`, if it is open and of type `kind`.
@@ -239,6 +260,11 @@ struct Keeper {
     /// COMMAND, until it has been reaped.
     command: Option<Pid>,
     kill_after: Duration,
+    /// The lock file held until the last descendant is gone: the one `go lock` gave, or the
+    /// latest that `lock` gave since (see the protocol at the top). `None` with `--backend dbus`.
+    lock: Option<OwnedFd>,
+    /// Descriptors received from the wrapper and not yet claimed by their `lock` line.
+    received: std::collections::VecDeque<OwnedFd>,
 }
 
 impl Keeper {
@@ -256,6 +282,8 @@ impl Keeper {
             sigchld,
             command: None,
             kill_after,
+            lock: None,
+            received: std::collections::VecDeque::new(),
         })
     }
 
@@ -270,7 +298,8 @@ impl Keeper {
         if self.wrapper_gone() {
             return ExitCode::from(EXIT_INTERNAL);
         }
-        match crate::run::spawn_guarded(command, lock.as_ref().map(AsFd::as_fd)) {
+        self.lock = lock;
+        match crate::run::spawn_guarded(command, self.lock.as_ref().map(AsFd::as_fd)) {
             Ok(child) => {
                 let pid = Pid::from_raw(child.id() as i32);
                 self.command = pid;
@@ -283,8 +312,7 @@ impl Keeper {
                 return ExitCode::from(EXIT_INTERNAL);
             }
         }
-        // Held until the last descendant is gone: this is the point of the keeper.
-        let held_lock = lock;
+        // `self.lock` is held until the last descendant is gone: this is the point of the keeper.
         loop {
             if self.reap() {
                 self.tell("gone");
@@ -292,7 +320,7 @@ impl Keeper {
                 return ExitCode::SUCCESS;
             }
             let Some(control) = &self.control else {
-                self.stop_everything(held_lock.is_some());
+                self.stop_everything(self.lock.is_some());
                 return ExitCode::SUCCESS;
             };
             let mut fds = [
@@ -401,22 +429,50 @@ impl Keeper {
         let Some(control) = &self.control else {
             return;
         };
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
         let mut buf = [0u8; 4096];
         let mut gone = false;
+        let mut truncated = false;
         for _ in 0..64 {
-            match (&*control).read(&mut buf) {
-                Ok(0) => {
+            // The one descriptor a `lock` line brings comes with a message of its own, and a
+            // read stops after it: more in one read (or more than fit) is a protocol error.
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+            let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+            let message = rustix::net::recvmsg(
+                control,
+                &mut [io::IoSliceMut::new(&mut buf)],
+                &mut ancillary,
+                RecvFlags::CMSG_CLOEXEC,
+            );
+            let before = self.received.len();
+            for part in ancillary.drain() {
+                if let RecvAncillaryMessage::ScmRights(fds) = part {
+                    self.received.extend(fds);
+                }
+            }
+            match message {
+                Ok(message)
+                    if message.flags.contains(ReturnFlags::CTRUNC)
+                        || self.received.len() > before + 1 =>
+                {
+                    truncated = true;
+                    break;
+                }
+                Ok(message) if message.bytes == 0 => {
                     gone = true;
                     break;
                 }
-                Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Ok(message) => self.inbox.extend_from_slice(&buf[..message.bytes]),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => break,
                 Err(_) => {
                     gone = true;
                     break;
                 }
             }
+        }
+        if truncated {
+            return self.protocol_error("more descriptors than a `lock` order brings", "");
         }
         // Our children, listed once for a batch of orders (nothing is reaped meanwhile: we are
         // the only one who reaps), and again only for a PID not among them.
@@ -425,15 +481,20 @@ impl Keeper {
         while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
             let line = String::from_utf8_lossy(&self.inbox[start..start + end]).into_owned();
             start += end + 1;
-            match parse_order(&line) {
-                Ok(order) => self.obey(order, &mut children),
-                Err(problem) => return self.protocol_error(&problem, &line),
+            if let Err(problem) = parse_order(&line).and_then(|o| self.obey(o, &mut children)) {
+                return self.protocol_error(&problem, &line);
             }
         }
         self.inbox.drain(..start);
         if self.inbox.len() > MAX_ORDER {
             let line = String::from_utf8_lossy(&self.inbox[..MAX_ORDER]).into_owned();
             return self.protocol_error("a line too long", &line);
+        }
+        // A descriptor comes with the first byte of its `lock` line: one may wait for the rest
+        // of its line, no other may wait at all.
+        if self.received.len() > usize::from(!self.inbox.is_empty()) {
+            let line = String::from_utf8_lossy(&self.inbox).into_owned();
+            return self.protocol_error("a descriptor with no `lock` order", &line);
         }
         if gone {
             self.control = None;
@@ -453,12 +514,21 @@ impl Keeper {
         self.control = None;
         self.inbox.clear();
         self.outbox.clear();
+        self.received.clear();
         self.reaped_due = false;
     }
 
-    /// Carries out one order of the wrapper. `children` caches our children for a batch.
-    fn obey(&mut self, order: Order, children: &mut Option<std::collections::HashSet<Pid>>) {
-        let Order::Kill { pid, signal } = order;
+    /// Carries out one order of the wrapper. `children` caches our children for a batch. An
+    /// error is a protocol error.
+    fn obey(
+        &mut self,
+        order: Order,
+        children: &mut Option<std::collections::HashSet<Pid>>,
+    ) -> Result<(), String> {
+        let (pid, signal) = match order {
+            Order::Kill { pid, signal } => (pid, signal),
+            Order::Lock { dev, ino } => return self.take_lock(dev, ino),
+        };
         // Only our own child, not reaped yet: its PID cannot have been reused. A child
         // re-parented to us since the list was made is found by listing again.
         let list = || -> std::collections::HashSet<Pid> {
@@ -476,11 +546,26 @@ impl Keeper {
                 ?pid,
                 "keeper: not a child of ours (any more); not signalled"
             );
-            return;
+            return Ok(());
         }
         if let Err(e) = rustix::process::kill_process(pid, signal) {
             tracing::debug!(?pid, error = %e, "keeper: cannot signal");
         }
+        Ok(())
+    }
+
+    /// `lock DEV INO`: holds the descriptor that came with it, once checked, instead of the
+    /// lock file held until now (removed: it keeps no copy out any more).
+    fn take_lock(&mut self, dev: u64, ino: u64) -> Result<(), String> {
+        if self.lock.is_none() {
+            return Err("a lock file, though `go` gave none".into());
+        }
+        let fd = self
+            .received
+            .pop_front()
+            .ok_or("no descriptor came with it")?;
+        self.lock = Some(check_lock(fd, dev, ino)?);
+        Ok(())
     }
 
     /// Queues one line for the wrapper, if it is still there, and sends what the socket takes
@@ -587,7 +672,7 @@ impl Keeper {
     }
 }
 
-/// The longest line the wrapper sends (`kill PID SIGNAL`), with plenty of room.
+/// The longest line the wrapper sends (`kill PID SIGNAL`, `lock DEV INO`), with room.
 const MAX_ORDER: usize = 64;
 
 /// An order of the wrapper.
@@ -595,16 +680,23 @@ const MAX_ORDER: usize = 64;
 enum Order {
     /// Send `signal` to `pid`, if it is still our child.
     Kill { pid: Pid, signal: Signal },
+    /// Hold the lock file (`dev`, `ino`) whose descriptor came with the line.
+    Lock { dev: u64, ino: u64 },
 }
 
 /// Parses one line of the wrapper (without its newline); the error says what is wrong with it.
 fn parse_order(line: &str) -> Result<Order, String> {
     let mut words = line.split(' ');
-    let (Some("kill"), Some(pid), Some(signal), None) =
+    let (Some(word @ ("kill" | "lock")), Some(pid), Some(signal), None) =
         (words.next(), words.next(), words.next(), words.next())
     else {
-        return Err("not an order of the form `kill PID SIGNAL`".into());
+        return Err("not an order of the form `kill PID SIGNAL` or `lock DEV INO`".into());
     };
+    if word == "lock" {
+        let (dev, ino) =
+            lock_id(pid, signal).ok_or_else(|| format!("not a device and inode: {line:?}"))?;
+        return Ok(Order::Lock { dev, ino });
+    }
     // Checked before `Pid::from_raw`, which takes no negative number.
     let pid = pid
         .parse::<i32>()
@@ -703,6 +795,9 @@ pub(crate) struct Handle {
     /// Orders not sent yet: they are written while waiting for the keeper's next line (see
     /// [`Handle::next_event`]), never in a wait of their own.
     outbox: Vec<u8>,
+    /// The descriptors that go with lines of the outbox, each with the offset of its line's
+    /// first byte there: sent with that byte, and alone (see [`Handle::try_flush`]).
+    attached: std::collections::VecDeque<(usize, OwnedFd)>,
     closed: bool,
 }
 
@@ -813,6 +908,7 @@ impl Pending {
             control: self.control,
             inbox: Vec::new(),
             outbox: Vec::new(),
+            attached: std::collections::VecDeque::new(),
             closed: false,
         };
         if let Err(e) = handle.send_go(lock).await {
@@ -868,43 +964,42 @@ impl Pending {
 impl Handle {
     /// Sends the keeper its `go`, with the lock's descriptor (see the protocol at the top).
     async fn send_go(&mut self, lock: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        let line = match lock {
-            Some(lock) => {
-                let stat = rustix::fs::fstat(lock)?;
-                format!("go lock {} {}\n", stat.st_dev, stat.st_ino)
-            }
-            None => "go\n".to_owned(),
-        };
-        let fds: Vec<BorrowedFd<'_>> = lock.into_iter().collect();
-        let mut rest = line.as_bytes();
-        // The descriptor goes with the first byte sent; a short send (never seen on an empty
-        // socket) sends the rest without it.
-        let mut attached = false;
-        while !rest.is_empty() {
-            self.control.writable().await?;
-            let sent = self.control.try_io(tokio::io::Interest::WRITABLE, || {
-                let mut space =
-                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-                let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
-                if !attached && !fds.is_empty() {
-                    ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
-                }
-                Ok(rustix::net::sendmsg(
-                    &self.control,
-                    &[io::IoSlice::new(rest)],
-                    &mut ancillary,
-                    rustix::net::SendFlags::NOSIGNAL,
-                )?)
-            });
-            match sent {
-                Ok(n) => {
-                    attached = true;
-                    rest = &rest[n..];
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
+        match lock {
+            Some(lock) => self.queue_lock("go lock", lock)?,
+            None => self.outbox.extend_from_slice(b"go\n"),
         }
+        while !self.outbox.is_empty() {
+            self.control.writable().await?;
+            self.try_flush()?;
+        }
+        Ok(())
+    }
+
+    /// Queues `WORDS DEV INO` with a duplicate of `lock` attached. The duplicate is made first
+    /// and is what is looked at and sent: the guard's descriptor may be given another file (a
+    /// re-created one) at any moment.
+    fn queue_lock(&mut self, words: &str, lock: BorrowedFd<'_>) -> io::Result<()> {
+        let lock = lock.try_clone_to_owned()?;
+        let stat = rustix::fs::fstat(&lock)?;
+        self.attached.push_back((self.outbox.len(), lock));
+        let line = format!("{words} {} {}\n", stat.st_dev, stat.st_ino);
+        self.outbox.extend_from_slice(line.as_bytes());
+        Ok(())
+    }
+
+    /// Hands the keeper `lock`, the lock file re-created after someone removed it, to hold from
+    /// now on instead of the removed one (`lock DEV INO`, see the protocol at the top). Sent now
+    /// if the socket has room, else while waiting for the next event, as orders are.
+    ///
+    /// # Errors
+    ///
+    /// When the descriptor cannot be duplicated: the keeper holds the removed file only.
+    pub(crate) fn hand_lock(&mut self, lock: BorrowedFd<'_>) -> io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.queue_lock("lock", lock)?;
+        self.flush();
         Ok(())
     }
 
@@ -989,20 +1084,61 @@ impl Handle {
 
     /// Writes what is queued, as much as the socket takes without blocking.
     fn flush(&mut self) {
+        if let Err(e) = self.try_flush() {
+            // Gone: its end of file says so to the caller.
+            tracing::debug!(error = %e, "cannot send the keeper its orders");
+            self.outbox.clear();
+            self.attached.clear();
+        }
+    }
+
+    /// [`Handle::flush`], or the error that ended it. A descriptor goes with the first byte of
+    /// its line, and never with another's (the keeper takes one for each `lock` line).
+    fn try_flush(&mut self) -> io::Result<()> {
         while !self.outbox.is_empty() {
-            match self.control.try_write(&self.outbox) {
+            let fd = match self.attached.front() {
+                Some((0, fd)) => Some(fd.as_fd()),
+                _ => None,
+            };
+            let end = self
+                .attached
+                .iter()
+                .map(|&(at, _)| at)
+                .find(|&at| at > 0)
+                .unwrap_or(self.outbox.len());
+            let sent = self.control.try_io(tokio::io::Interest::WRITABLE, || {
+                let mut space =
+                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
+                let one: [BorrowedFd<'_>; 1];
+                if let Some(fd) = fd {
+                    one = [fd];
+                    ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(&one));
+                }
+                Ok(rustix::net::sendmsg(
+                    &self.control,
+                    &[io::IoSlice::new(&self.outbox[..end])],
+                    &mut ancillary,
+                    rustix::net::SendFlags::NOSIGNAL,
+                )?)
+            });
+            let with_fd = fd.is_some();
+            match sent {
                 Ok(n) => {
+                    if with_fd {
+                        // Sent with the first byte; the rest of its line follows without it.
+                        self.attached.pop_front();
+                    }
                     self.outbox.drain(..n);
+                    for (at, _) in &mut self.attached {
+                        *at -= n;
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    // Gone: its end of file says so to the caller.
-                    tracing::debug!(error = %e, "cannot tell the keeper to signal");
-                    self.outbox.clear();
-                    return;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
             }
         }
+        Ok(())
     }
 
     /// The keeper's children: once COMMAND has been reaped, what it left behind.
@@ -1123,6 +1259,66 @@ mod tests {
                 signal: Signal::KILL
             })
         );
+        assert_eq!(
+            parse_order("lock 2049 18446744073709551615"),
+            Ok(Order::Lock {
+                dev: 2049,
+                ino: u64::MAX
+            })
+        );
+    }
+
+    /// `lock DEV INO` with the new lock file's descriptor: the keeper holds that file from then
+    /// on. Anything else about it is a protocol error (the socket is dropped, as when the
+    /// wrapper is gone), and the keeper keeps the file it held.
+    #[test]
+    fn a_re_created_lock_file_is_taken_only_as_announced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = std::fs::File::create(dir.path().join("old.lock")).expect("lock file");
+        let new = std::fs::File::create(dir.path().join("new.lock")).expect("new lock file");
+        let other = std::fs::File::create(dir.path().join("other")).expect("another file");
+        let (pipe, _writer) = std::io::pipe().expect("pipe");
+        let id = |file: &dyn AsFd| {
+            let stat = rustix::fs::fstat(file).expect("fstat");
+            (stat.st_dev, stat.st_ino)
+        };
+        let line = format!("lock {} {}\n", id(&new).0, id(&new).1);
+        let kill = "kill 4242 15\n".to_owned();
+        let cases: [(&str, bool, &str, Vec<BorrowedFd<'_>>); 7] = [
+            ("announced, and sent", true, &line, vec![new.as_fd()]),
+            ("announced, none sent", true, &line, vec![]),
+            (
+                "another file than announced",
+                true,
+                &line,
+                vec![other.as_fd()],
+            ),
+            ("not a file", true, &line, vec![pipe.as_fd()]),
+            ("two sent", true, &line, vec![new.as_fd(), other.as_fd()]),
+            ("sent with another order", true, &kill, vec![new.as_fd()]),
+            ("no lock given at `go`", false, &line, vec![new.as_fd()]),
+        ];
+        for (i, (case, holding, text, fds)) in cases.into_iter().enumerate() {
+            let (ours, theirs) = UnixStream::pair().expect("socketpair");
+            let mut keeper = Keeper::new(theirs, Duration::from_secs(1)).expect("keeper");
+            keeper.lock = holding.then(|| old.as_fd().try_clone_to_owned().expect("dup"));
+            send(&ours, text, &fds);
+            keeper.read_control();
+            let held = keeper.lock.as_ref().map(|fd| id(fd));
+            if i == 0 {
+                assert!(
+                    keeper.control.is_some(),
+                    "{case}: still obeying the wrapper"
+                );
+                assert_eq!(held, Some(id(&new)), "{case}");
+                let flags = rustix::io::fcntl_getfd(keeper.lock.as_ref().expect("lock"));
+                assert!(flags.expect("getfd").contains(rustix::io::FdFlags::CLOEXEC));
+            } else {
+                assert!(keeper.control.is_none(), "{case}: a protocol error");
+                assert_eq!(held, holding.then(|| id(&old)), "{case}: the old one kept");
+                assert!(keeper.received.is_empty(), "{case}");
+            }
+        }
     }
 
     /// The keeper fails closed on a bad order: it drops the socket (the wrapper sees the end
@@ -1169,6 +1365,16 @@ mod tests {
             "kill 42 TERM",
             "KILL 42 15",
             "reaped 42",
+            "lock",
+            "lock 1",
+            "lock 1 2 3",
+            "lock +1 2",
+            "lock 1 -2",
+            "lock 1 x",
+            "lock 1 0x2",
+            "lock 1 18446744073709551616",
+            "lock  1 2",
+            "LOCK 1 2",
             "",
             "\u{fffd}",
         ] {

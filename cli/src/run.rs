@@ -20,7 +20,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::{Cause, Origin};
 use signal_hook_tokio::SignalsInfo;
-use unique_instance::{Error, InstanceGuard, Loss, LossWatcher, Wait};
+use unique_instance::{Error, InstanceGuard, LockFileRecreations, Loss, LossWatcher, Wait};
 
 use crate::cli::{BackendArg, RunArgs, WaitFor};
 use crate::{EXIT_INTERNAL, fail, keeper};
@@ -121,6 +121,9 @@ async fn supervise(args: RunArgs) -> ExitCode {
             ),
         );
     }
+    // Made before the keeper gets its `go`: a re-creation from now on is handed to it (once
+    // more if `go` already had the new file: harmless).
+    let recreations = guard.lock_file_recreations();
     if prestarted.as_mut().is_some_and(keeper::Pending::has_ended) {
         // Killed while it waited: it never had the lock, and started nothing.
         tracing::debug!("the keeper started before waiting has ended; starting another");
@@ -165,16 +168,21 @@ async fn supervise(args: RunArgs) -> ExitCode {
     {
         eprintln!("unique-instance: warning: {e}");
     }
+    let mut lock = Relock {
+        lock: guard.lock_file_descriptor(),
+        recreations,
+    };
     let (status, lost) = watch_child(
         &mut keeper,
         command,
         &mut signals,
         guard.loss_watcher(),
+        &mut lock,
         &args,
     )
     .await;
     if status.is_ok() {
-        stop_leftovers(args.kill_after, &mut signals, &mut keeper).await;
+        stop_leftovers(args.kill_after, &mut signals, &mut keeper, &mut lock).await;
     }
     // The keeper holds a duplicate of the lock: it must be gone before the instance is released.
     let keeper_status = keeper.finish().await;
@@ -272,13 +280,45 @@ fn refused(args: &RunArgs, e: &Error) -> ExitCode {
     }
 }
 
-/// Runs until COMMAND ends: passes signals on, and stops COMMAND if the instance is lost.
-/// Returns COMMAND's status and the loss that stopped it, if one did.
+/// The lock file, for as long as the keeper holds a duplicate of it: each file re-created after
+/// someone removed it is handed to the keeper too, or a wrapper killed afterwards would leave
+/// the new file unlocked while the keeper still stops COMMAND's tree.
+struct Relock<'a> {
+    /// The guard's descriptor of the lock file (`None` with `--backend dbus`).
+    lock: Option<BorrowedFd<'a>>,
+    recreations: LockFileRecreations,
+}
+
+impl Relock<'_> {
+    /// Resolves when the lock file was re-created (never without one, or once it is released).
+    async fn recreated(&mut self) {
+        if self.lock.is_none() || self.recreations.next().await.is_none() {
+            std::future::pending().await
+        }
+    }
+
+    /// Hands the re-created file to the keeper.
+    fn hand_over(&self, keeper: &mut keeper::Handle) {
+        let Some(lock) = self.lock else { return };
+        if let Err(e) = keeper.hand_lock(lock) {
+            eprintln!(
+                "unique-instance: warning: cannot hand the re-created lock file to COMMAND's \
+                 keeper ({e}); if this wrapper is killed, a new copy may start while COMMAND is \
+                 being stopped"
+            );
+        }
+    }
+}
+
+/// Runs until COMMAND ends: passes signals on, hands a re-created lock file to the keeper, and
+/// stops COMMAND if the instance is lost. Returns COMMAND's status and the loss that stopped
+/// it, if one did.
 async fn watch_child(
     keeper: &mut keeper::Handle,
     command: Pid,
     signals: &mut SignalsInfo<WithOrigin>,
     mut losses: LossWatcher,
+    lock: &mut Relock<'_>,
     args: &RunArgs,
 ) -> (io::Result<ExitStatus>, Option<Loss>) {
     let child_pid = Some(command);
@@ -301,6 +341,7 @@ async fn watch_child(
                     forward(&origin, child_pid, keeper);
                 }
             }
+            () = lock.recreated() => lock.hand_over(keeper),
             Some(loss) = losses.next(), if stopped_for.is_none() => {
                 if loss.still_exclusive {
                     if !args.quiet {
@@ -461,6 +502,7 @@ async fn stop_leftovers(
     kill_after: Duration,
     signals: &mut SignalsInfo<WithOrigin>,
     keeper: &mut keeper::Handle,
+    lock: &mut Relock<'_>,
 ) {
     let mut told = false;
     let mut signal = Signal::TERM;
@@ -493,6 +535,8 @@ async fn stop_leftovers(
             // Gone: no child of the keeper left, and so no descendant either.
             event = keeper.next_event() => if matches!(event, keeper::Event::Gone) { return },
             () = &mut grace, if signal == Signal::TERM => signal = Signal::KILL,
+            // The keeper holds the instance until what COMMAND left is gone.
+            () = lock.recreated() => lock.hand_over(keeper),
             // Still the guarded work: what would have been passed on to COMMAND is passed on to
             // what it left (a `systemctl stop` or a Ctrl-C is not ignored while they end).
             Some(origin) = signals.next() => {
