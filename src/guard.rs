@@ -190,6 +190,24 @@ impl InstanceGuard {
     /// file: `unique-instance run` does so for the process that outlives it to stop COMMAND's
     /// tree. Its end (`None`) comes once the lock file is released; at once for a guard that
     /// holds none.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let guard = unique_instance::InstanceOptions::new("org.example.Server")
+    ///     .acquire_async()
+    ///     .await?;
+    /// let mut recreations = guard.lock_file_recreations();
+    /// while recreations.next().await.is_some() {
+    ///     if let Some(lock) = guard.lock_file_descriptor() {
+    ///         // Duplicated first: what is sent is what was looked at.
+    ///         let new_file = lock.try_clone_to_owned()?;
+    ///         // ... hand `new_file` to the process that holds a duplicate of the old one ...
+    ///         # drop(new_file);
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn lock_file_recreations(&self) -> LockFileRecreations {
         self.lock
             .as_ref()
