@@ -137,7 +137,7 @@ pub(super) struct Now {
     /// [`MAX_RECREATIONS`](super::recover::MAX_RECREATIONS), for the rate limit.
     pub(super) recent: VecDeque<Instant>,
     /// Tells [`LockFileRecreations`](crate::LockFileRecreations) of each re-creation: made by
-    /// the first of them ([`HeldLock::recreations`]), and dropped on release, which ends them.
+    /// the first call of [`HeldLock::recreations`], and dropped on release, which ends them.
     pub(super) recreations: Option<watch::Sender<u64>>,
     /// The file was there, empty, before we took it: someone else's (or a holder's that died
     /// before writing its record), so it is never removed, only emptied again on release. A
