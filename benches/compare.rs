@@ -490,19 +490,19 @@ fn acquire(config: &Config, report: &mut Report) -> Result<()> {
         );
         sink(
             &mut dbus_async,
-            in_process(&rt, n, &format!("{prefix}.da"), Backend::Dbus, false)?,
+            in_process(&rt, n, &format!("{prefix}.da"), Some(Backend::Dbus), false)?,
         );
         sink(
             &mut auto_async,
-            in_process(&rt, n, &format!("{prefix}.aa"), Backend::Auto, false)?,
+            in_process(&rt, n, &format!("{prefix}.aa"), None, false)?,
         );
         sink(
             &mut dbus_blocking,
-            in_process(&rt, n, &format!("{prefix}.db"), Backend::Dbus, true)?,
+            in_process(&rt, n, &format!("{prefix}.db"), Some(Backend::Dbus), true)?,
         );
         sink(
             &mut auto_blocking,
-            in_process(&rt, n, &format!("{prefix}.ab"), Backend::Auto, true)?,
+            in_process(&rt, n, &format!("{prefix}.ab"), None, true)?,
         );
         sink(
             &mut c_flock,
@@ -510,7 +510,13 @@ fn acquire(config: &Config, report: &mut Report) -> Result<()> {
         );
         sink(
             &mut lock_blocking,
-            in_process(&rt, n, &format!("{prefix}.lb"), Backend::LockFile, true)?,
+            in_process(
+                &rt,
+                n,
+                &format!("{prefix}.lb"),
+                Some(Backend::LockFile),
+                true,
+            )?,
         );
         sink(
             &mut c_checked,
@@ -578,12 +584,16 @@ fn in_process(
     rt: &tokio::runtime::Runtime,
     n: usize,
     prefix: &str,
-    backend: Backend,
+    // `None`: every backend that applies (the default).
+    backend: Option<Backend>,
     blocking: bool,
 ) -> Result<Samples> {
     let mut samples = Samples::default();
     for i in 0..n {
-        let options = InstanceOptions::new(format!("{prefix}.i{i}")).backend(backend);
+        let mut options = InstanceOptions::new(format!("{prefix}.i{i}"));
+        if let Some(backend) = backend {
+            options = options.backend(backend);
+        }
         if blocking {
             let start = Instant::now();
             let guard = options.acquire()?;
@@ -604,8 +614,8 @@ fn in_process(
     Ok(samples)
 }
 
-fn expected_backends(backend: Backend) -> usize {
-    if backend == Backend::Auto { 2 } else { 1 }
+fn expected_backends(backend: Option<Backend>) -> usize {
+    if backend.is_none() { 2 } else { 1 }
 }
 
 // ---------------------------------------------------------------------------------------------

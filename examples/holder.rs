@@ -26,6 +26,7 @@ use unique_instance::{Backend, Error, InstanceGuard, InstanceOptions, Scope, Wai
 #[derive(Default)]
 struct Args {
     name: String,
+    /// `None`: every backend that applies (the default).
     backend: Option<Backend>,
     scope: Option<Scope>,
     lock_file: Option<PathBuf>,
@@ -57,12 +58,12 @@ fn parse() -> Result<Args, String> {
                 std::process::exit(0);
             }
             "--backend" => {
-                args.backend = Some(match value()?.as_str() {
-                    "auto" => Backend::Auto,
-                    "dbus" => Backend::Dbus,
-                    "lockfile" => Backend::LockFile,
+                args.backend = match value()?.as_str() {
+                    "auto" => None,
+                    "dbus" => Some(Backend::Dbus),
+                    "lockfile" => Some(Backend::LockFile),
                     other => return Err(format!("unknown backend {other}")),
-                })
+                }
             }
             "--scope" => {
                 args.scope = Some(match value()?.as_str() {

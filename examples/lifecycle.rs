@@ -30,7 +30,8 @@ use unique_instance::{Backend, InstanceGuard, InstanceOptions, Wait};
 struct Args {
     scenario: String,
     name: String,
-    backend: Backend,
+    /// `None`: every backend that applies (the default).
+    backend: Option<Backend>,
     multi: bool,
     in_task: bool,
     how: String,
@@ -45,7 +46,7 @@ fn parse() -> Result<Args, String> {
     let mut args = Args {
         scenario,
         name,
-        backend: Backend::Auto,
+        backend: None,
         multi: false,
         in_task: false,
         how: String::new(),
@@ -57,9 +58,9 @@ fn parse() -> Result<Args, String> {
         match arg.as_str() {
             "--backend" => {
                 args.backend = match value()?.as_str() {
-                    "auto" => Backend::Auto,
-                    "dbus" => Backend::Dbus,
-                    "lockfile" => Backend::LockFile,
+                    "auto" => None,
+                    "dbus" => Some(Backend::Dbus),
+                    "lockfile" => Some(Backend::LockFile),
                     other => return Err(format!("unknown backend {other}")),
                 }
             }
@@ -106,7 +107,11 @@ fn wait_for_stdin_to_close() {
 }
 
 fn options(args: &Args) -> InstanceOptions {
-    InstanceOptions::new(&args.name).backend(args.backend)
+    let options = InstanceOptions::new(&args.name);
+    match args.backend {
+        Some(backend) => options.backend(backend),
+        None => options,
+    }
 }
 
 fn timed_out_wait(args: &Args) {

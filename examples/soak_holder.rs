@@ -31,6 +31,7 @@ struct Args {
     name: String,
     log: PathBuf,
     command: bool,
+    /// `None`: every backend that applies (the default).
     backend: Option<Backend>,
     scope: Option<Scope>,
     wait: Option<Wait>,
@@ -47,12 +48,12 @@ fn parse() -> Result<Args, String> {
             "--log" => args.log = value()?.into(),
             "--command" => args.command = true,
             "--backend" => {
-                args.backend = Some(match value()?.as_str() {
-                    "auto" => Backend::Auto,
-                    "lockfile" => Backend::LockFile,
-                    "dbus" => Backend::Dbus,
+                args.backend = match value()?.as_str() {
+                    "auto" => None,
+                    "lockfile" => Some(Backend::LockFile),
+                    "dbus" => Some(Backend::Dbus),
                     other => return Err(format!("unknown backend {other}")),
-                })
+                }
             }
             "--scope" => {
                 args.scope = Some(match value()?.as_str() {

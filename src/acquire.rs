@@ -11,19 +11,20 @@ use tokio::sync::watch;
 use crate::dbus::{self, HeldName, own_name, request_flags, watch_bus};
 use crate::error::{Error, Result, already_running};
 use crate::guard::{GuardParts, InstanceGuard};
-use crate::holder::BackendKind;
 use crate::lockfile::{self, Attempt, HeldLock, LockRecord, LockWatchThread, try_lock, wait_lock};
 use crate::options::{InstanceOptions, Wait, options_wait};
 use crate::plan::{LockPlan, effective_scope};
 use crate::runtime::ServiceThread;
-use crate::scope::Backend;
+use crate::scope::{Backend, BackendSelection};
 use crate::test_hooks::Hook;
 
 impl InstanceOptions {
     /// A lock file alone with no wait and no timer needs no runtime; its watch, if any, is a
     /// plain thread (see `LockWatchThread`).
     fn needs_runtime(&self) -> bool {
-        self.backend != Backend::LockFile || self.recheck.is_some() || self.wait != Wait::No
+        self.backends != BackendSelection::Only(Backend::LockFile)
+            || self.recheck.is_some()
+            || self.wait != Wait::No
     }
 
     /// Acquires the instance, blocking; for plain `fn main`. The guard carries a small runtime
@@ -154,7 +155,7 @@ impl InstanceOptions {
         tracing::debug!(
             name = %name,
             scope = ?scope,
-            backend = ?self.backend,
+            backends = ?self.backends,
             lock_file = ?lock_plan.as_ref().map(LockPlan::path),
             bus = ?bus_plan,
             "acquiring instance"
@@ -214,7 +215,7 @@ impl InstanceOptions {
                         (held, previous)
                     }
                 };
-                let record = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+                let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
                 held.write_record(&record)?;
                 (Some((held, record)), previous)
             }
@@ -262,7 +263,7 @@ impl InstanceOptions {
                     plan.kind
                 ),
             }
-        } else if lock.is_some() && self.backend == Backend::Auto {
+        } else if lock.is_some() && self.backends == BackendSelection::Auto {
             tracing::warn!(
                 name = %name,
                 "no D-Bus bus is configured; the lock file alone enforces exclusion"
@@ -270,7 +271,7 @@ impl InstanceOptions {
         }
 
         if let (Some((held, record)), Some((kind, connected))) = (&mut lock, &bus) {
-            record.backend.push(BackendKind::Dbus);
+            record.backend.push(Backend::Dbus);
             record.bus = Some(*kind);
             record.bus_unique_name = connected.conn.unique_name().map(|n| n.to_string());
             held.write_record(record)?;
@@ -321,7 +322,7 @@ impl InstanceOptions {
                     (None, Some(held)) => {
                         drop((conn, disconnect));
                         held.write_record(&LockRecord::for_self(
-                            vec![BackendKind::LockFile],
+                            vec![Backend::LockFile],
                             None,
                             None,
                         ))?;
@@ -388,11 +389,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         Attempt::Acquired(held, _) => held,
         Attempt::Busy(holder) => return Err(already_running(&name, holder)),
     };
-    held.write_record(&LockRecord::for_self(
-        vec![BackendKind::LockFile],
-        None,
-        None,
-    ))?;
+    held.write_record(&LockRecord::for_self(vec![Backend::LockFile], None, None))?;
     let (loss_tx, loss_rx) = watch::channel(Vec::new());
     let lock_watch = match inotify {
         Some(inotify) => Some(LockWatchThread::start(&mut held, inotify, loss_tx.clone())?),

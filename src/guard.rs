@@ -13,13 +13,12 @@ use tokio::task::JoinHandle;
 
 use crate::dbus::HeldName;
 use crate::error::Result;
-use crate::holder::BackendKind;
 use crate::lockfile::HeldLock;
 use crate::loss::{Loss, LossLog, LossWatcher};
 use crate::name::InstanceName;
 use crate::recreation::LockFileRecreations;
 use crate::runtime::{ServiceThread, block_here};
-use crate::scope::{BusKind, Scope};
+use crate::scope::{Backend, BusKind, Scope};
 
 /// Proof that this process is the one running instance of a name.
 ///
@@ -136,13 +135,13 @@ impl InstanceGuard {
     }
 
     /// The backends that hold the instance, lock file first.
-    pub fn backends(&self) -> Vec<BackendKind> {
+    pub fn backends(&self) -> Vec<Backend> {
         let mut v = Vec::new();
         if self.lock.is_some() {
-            v.push(BackendKind::LockFile);
+            v.push(Backend::LockFile);
         }
         if self.bus.is_some() {
-            v.push(BackendKind::Dbus);
+            v.push(Backend::Dbus);
         }
         v
     }

@@ -6,29 +6,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::scope::BusKind;
-
-/// The backend through which a holder was found, or which an instance holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum BackendKind {
-    /// A D-Bus well-known name.
-    Dbus,
-    /// A lock file.
-    LockFile,
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BackendKind::Dbus => "dbus",
-            BackendKind::LockFile => "lock-file",
-        })
-    }
-}
+use crate::scope::{Backend, BusKind};
 
 /// What is known of the process that holds an instance.
 ///
@@ -46,7 +26,7 @@ pub struct Holder {
     #[serde(serialize_with = "serialize_time")]
     pub since: Option<SystemTime>,
     /// The backend through which this holder was found.
-    pub found_by: Option<BackendKind>,
+    pub found_by: Option<Backend>,
     /// The bus the holder owns the name on, if known.
     pub bus: Option<BusKind>,
     /// The holder's unique bus name (`:1.42`), if known.
@@ -98,7 +78,7 @@ impl fmt::Display for Holder {
             parts.push(format!("lock file {}", path.display()));
         }
         if let Some(name) = &self.bus_unique_name
-            && self.found_by == Some(BackendKind::Dbus)
+            && self.found_by == Some(Backend::Dbus)
         {
             parts.push(format!("as {name}"));
         }
@@ -225,7 +205,7 @@ mod tests {
         let holder = Holder {
             pid: Some(4242),
             since: Some(UNIX_EPOCH + Duration::from_secs(1_795_428_000)),
-            found_by: Some(BackendKind::Dbus),
+            found_by: Some(Backend::Dbus),
             bus: Some(BusKind::Session),
             ..Holder::default()
         };
@@ -234,7 +214,7 @@ mod tests {
             "pid 4242, since 2026-11-23T10:00:00Z, on the session bus"
         );
         let unknown = Holder {
-            found_by: Some(BackendKind::LockFile),
+            found_by: Some(Backend::LockFile),
             lock_file: Some("/run/x.lock".into()),
             ..Holder::default()
         };

@@ -46,7 +46,7 @@ mod test_hooks;
 
 pub use error::{Error, Result, UnsafeLockPath};
 pub use guard::InstanceGuard;
-pub use holder::{BackendKind, Holder};
+pub use holder::Holder;
 pub use loss::{Loss, LossReason, LossWatcher};
 pub use name::{InstanceName, NameRule};
 pub use options::{InstanceOptions, Wait};

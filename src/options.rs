@@ -9,7 +9,7 @@ use crate::dbus;
 use crate::error::Result;
 use crate::holder::Holder;
 use crate::lockfile;
-use crate::scope::{Backend, Scope};
+use crate::scope::{Backend, BackendSelection, Scope};
 
 // For the doc links: the code itself no longer needs them here.
 #[cfg(doc)]
@@ -35,7 +35,7 @@ pub struct InstanceOptions {
     pub(crate) name: String,
     /// `None`: not chosen in code, so [`SCOPE_ENV`](crate::SCOPE_ENV) or else [`Scope::Auto`].
     pub(crate) scope: Option<Scope>,
-    pub(crate) backend: Backend,
+    pub(crate) backends: BackendSelection,
     pub(crate) lock_file: Option<PathBuf>,
     pub(crate) lock_dir: Option<PathBuf>,
     pub(crate) wait: Wait,
@@ -52,7 +52,7 @@ impl fmt::Debug for InstanceOptions {
         f.debug_struct("InstanceOptions")
             .field("name", &self.name)
             .field("scope", &self.scope)
-            .field("backend", &self.backend)
+            .field("backends", &self.backends)
             .field("lock_file", &self.lock_file)
             .field("lock_dir", &self.lock_dir)
             .field("wait", &self.wait)
@@ -68,14 +68,14 @@ impl fmt::Debug for InstanceOptions {
 
 impl InstanceOptions {
     /// Options for `name` with every default: the scope from [`SCOPE_ENV`](crate::SCOPE_ENV) if set, else Auto;
-    /// Auto backend (lock file and bus); no waiting, no replacement; the lock file watched with
+    /// every backend that applies (the lock file, and the bus name when a bus is available); no waiting, no replacement; the lock file watched with
     /// inotify, no periodic re-check; `READY=1` sent to systemd once acquired, when it asked
     /// for it.
     pub fn new(name: impl Into<String>) -> Self {
         InstanceOptions {
             name: name.into(),
             scope: None,
-            backend: Backend::Auto,
+            backends: BackendSelection::Auto,
             lock_file: None,
             lock_dir: None,
             wait: Wait::No,
@@ -98,9 +98,13 @@ impl InstanceOptions {
         self
     }
 
-    /// Sets which backends enforce exclusion.
+    /// Uses `backend` alone to enforce exclusion, instead of every backend that applies (the
+    /// lock file always, then the bus name when a bus is available), which is the default.
+    ///
+    /// With [`Backend::Dbus`] alone, an acquisition fails with [`Error::NoUsableBackend`] when
+    /// no bus is configured or reachable.
     pub fn backend(mut self, backend: Backend) -> Self {
-        self.backend = backend;
+        self.backends = BackendSelection::Only(backend);
         self
     }
 

@@ -22,17 +22,49 @@ pub enum Scope {
     Auto,
 }
 
-/// Which mechanisms enforce exclusion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A mechanism that enforces exclusion: what an instance holds
+/// ([`InstanceGuard::backends`](crate::InstanceGuard::backends)), what a holder was found
+/// through ([`Holder::found_by`](crate::Holder::found_by)), and what
+/// [`InstanceOptions::backend`](crate::InstanceOptions::backend) restricts an acquisition to.
+/// By default an acquisition uses every backend that applies: the lock file always, then the
+/// bus name when a bus is available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Backend {
-    /// Both: the lock file always, then the bus name when a bus is available.
-    #[default]
-    Auto,
-    /// The D-Bus name only. Fails when no bus is reachable.
+    /// A D-Bus well-known name. Alone, an acquisition fails when no bus is reachable.
     Dbus,
-    /// The lock file only.
+    /// A lock file.
     LockFile,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Dbus => "dbus",
+            Backend::LockFile => "lock-file",
+        })
+    }
+}
+
+/// Which backends an acquisition uses: every one that applies (the default), or only the one
+/// [`InstanceOptions::backend`](crate::InstanceOptions::backend) chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BackendSelection {
+    /// The lock file always, then the bus name when a bus is available.
+    Auto,
+    /// This backend alone.
+    Only(Backend),
+}
+
+impl BackendSelection {
+    /// Whether `backend` is part of the selection.
+    pub(crate) fn uses(self, backend: Backend) -> bool {
+        match self {
+            BackendSelection::Auto => true,
+            BackendSelection::Only(only) => only == backend,
+        }
+    }
 }
 
 /// Which message bus.

@@ -184,11 +184,13 @@ pub(crate) struct InstanceArgs {
 
 impl InstanceArgs {
     pub(crate) fn options(&self) -> InstanceOptions {
-        let mut options = InstanceOptions::new(&self.name).backend(match self.backend {
-            BackendArg::Auto => Backend::Auto,
-            BackendArg::Dbus => Backend::Dbus,
-            BackendArg::Lockfile => Backend::LockFile,
-        });
+        let mut options = InstanceOptions::new(&self.name);
+        match self.backend {
+            // The library's default: every backend that applies.
+            BackendArg::Auto => {}
+            BackendArg::Dbus => options = options.backend(Backend::Dbus),
+            BackendArg::Lockfile => options = options.backend(Backend::LockFile),
+        }
         // Without --user/--system the library reads UNIQUE_INSTANCE_SCOPE, else uses auto: the
         // same rule a server built on the library follows, so the two always meet.
         match (self.user, self.system) {

@@ -16,10 +16,10 @@ use zbus::{Connection, MessageStream};
 use super::watch::{NameSignal, next_name_signal};
 use super::{CALL_TIMEOUT, DBUS_NAME, DBUS_PATH};
 use crate::error::{Error, Result, already_running};
-use crate::holder::{BackendKind, Holder, process_executable, process_start_time};
+use crate::holder::{Holder, process_executable, process_start_time};
 use crate::name::InstanceName;
 use crate::options::Wait;
-use crate::scope::BusKind;
+use crate::scope::{Backend, BusKind};
 use crate::test_hooks::{self, Hook};
 
 /// How long an instance that holds the lock file waits for the bus to drop a name still owned
@@ -279,7 +279,7 @@ pub(crate) async fn owner_of(conn: &Connection, name: &str, bus: BusKind) -> Hol
         pid,
         uid: number("UnixUserID"),
         since: pid.and_then(process_start_time),
-        found_by: Some(BackendKind::Dbus),
+        found_by: Some(Backend::Dbus),
         bus: Some(bus),
         bus_unique_name: owner
             .ok()

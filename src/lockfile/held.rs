@@ -360,7 +360,7 @@ mod tests {
             panic!("a fresh file is acquired, with no previous record");
         };
         let long = LockRecord::for_self(
-            vec![crate::holder::BackendKind::LockFile],
+            vec![crate::scope::Backend::LockFile],
             None,
             Some(format!(":1.{}", "9".repeat(200))),
         );

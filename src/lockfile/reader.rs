@@ -23,7 +23,7 @@ pub(super) const RECORD_GRACE: Duration = Duration::from_secs(2);
 /// A holder of `path` of whom nothing is known.
 pub(super) fn unknown_holder(path: &Path) -> Holder {
     Holder {
-        found_by: Some(crate::holder::BackendKind::LockFile),
+        found_by: Some(crate::scope::Backend::LockFile),
         lock_file: Some(path.to_owned()),
         ..Holder::default()
     }

@@ -8,7 +8,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::holder::{BackendKind, Holder, process_start_time};
+use crate::holder::{Holder, process_start_time};
+use crate::scope::Backend;
 use crate::scope::BusKind;
 
 use super::ofd::retry_eintr;
@@ -28,7 +29,7 @@ pub(crate) struct LockRecord {
     pub(crate) uid: u32,
     /// Process start time, seconds since the Unix epoch.
     pub(crate) start_time: Option<u64>,
-    pub(crate) backend: Vec<BackendKind>,
+    pub(crate) backend: Vec<Backend>,
     pub(crate) bus: Option<BusKind>,
     pub(crate) bus_unique_name: Option<String>,
     pub(crate) executable: Option<PathBuf>,
@@ -38,7 +39,7 @@ pub(crate) struct LockRecord {
 impl LockRecord {
     /// The record for this process.
     pub(crate) fn for_self(
-        backend: Vec<BackendKind>,
+        backend: Vec<Backend>,
         bus: Option<BusKind>,
         bus_unique_name: Option<String>,
     ) -> Self {
@@ -133,7 +134,7 @@ impl LockRecord {
             since: self
                 .start_time
                 .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
-            found_by: Some(BackendKind::LockFile),
+            found_by: Some(Backend::LockFile),
             bus: self.bus,
             bus_unique_name: self.bus_unique_name,
             executable: self.executable,
@@ -168,7 +169,7 @@ mod tests {
 
     #[test]
     fn record_round_trips_and_garbage_is_unknown() {
-        let record = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+        let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
         let line = record.to_line();
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         assert_eq!(LockRecord::parse(&line), Some(record));
@@ -178,7 +179,7 @@ mod tests {
 
     #[test]
     fn only_a_record_and_nothing_else_is_a_whole_record() {
-        let record = LockRecord::for_self(vec![BackendKind::LockFile], None, Some(":1.7".into()));
+        let record = LockRecord::for_self(vec![Backend::LockFile], None, Some(":1.7".into()));
         let line = record.to_line();
         assert_eq!(LockRecord::parse_whole(&line), Some(record.clone()));
         // Padded with spaces before its newline, as a shorter re-write leaves it.
@@ -213,7 +214,7 @@ mod tests {
     #[test]
     fn every_record_written_reads_back_within_the_limit() {
         use std::os::unix::ffi::OsStringExt;
-        let own = LockRecord::for_self(vec![BackendKind::LockFile], None, None);
+        let own = LockRecord::for_self(vec![Backend::LockFile], None, None);
         for executable in [
             PathBuf::from(std::ffi::OsString::from_vec(b"/opt/\xff\xfe/app".to_vec())),
             PathBuf::from(format!("/{}", "\u{1}".repeat(3000))),
@@ -236,7 +237,7 @@ mod tests {
         for secs in [u64::MAX, i64::MAX as u64, i64::MAX as u64 + 1] {
             let record = LockRecord {
                 start_time: Some(secs),
-                ..LockRecord::for_self(vec![BackendKind::LockFile], None, None)
+                ..LockRecord::for_self(vec![Backend::LockFile], None, None)
             };
             // Whatever fits is formatted; whatever does not is left out.
             let holder = record.into_holder("/run/x.lock".into());

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::name::InstanceName;
 use crate::options::InstanceOptions;
-use crate::scope::{Backend, BusKind, SCOPE_ENV, Scope};
+use crate::scope::{Backend, BackendSelection, BusKind, SCOPE_ENV, Scope};
 
 #[cfg(test)]
 pub(crate) use lock::SYSTEM_LOCK_DIR;
@@ -125,11 +125,13 @@ pub(crate) fn resolve(options: &InstanceOptions, env: &Env) -> Result<Resolved> 
         Some(scope) => scope,
         None => scope_from_env(env.var)?.unwrap_or(Scope::Auto),
     };
-    let bus = match options.backend {
-        Backend::LockFile => None,
-        Backend::Auto | Backend::Dbus => choose_bus(scope, &env_str),
+    let only_bus = options.backends == BackendSelection::Only(Backend::Dbus);
+    let bus = if options.backends.uses(Backend::Dbus) {
+        choose_bus(scope, &env_str)
+    } else {
+        None
     };
-    if options.backend == Backend::Dbus && bus.is_none() {
+    if only_bus && bus.is_none() {
         return Err(Error::NoUsableBackend {
             name: name.to_string(),
             reason: "the D-Bus backend was asked for, but no session bus is configured \
@@ -139,10 +141,10 @@ pub(crate) fn resolve(options: &InstanceOptions, env: &Env) -> Result<Resolved> 
             source: None,
         });
     }
-    let lock = if options.backend == Backend::Dbus {
-        None
-    } else {
+    let lock = if options.backends.uses(Backend::LockFile) {
         Some(lock::lock_plan(options, &name, scope, env)?)
+    } else {
+        None
     };
     Ok((name, scope, lock, bus))
 }
