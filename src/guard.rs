@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::dbus::HeldName;
 use crate::error::Result;
-use crate::lockfile::HeldLock;
+use crate::held::{Held, Holding};
 use crate::loss::{Loss, LossLog, LossWatcher};
 use crate::name::InstanceName;
 use crate::recreation::LockFileRecreations;
@@ -42,8 +42,8 @@ use crate::scope::{Backend, BusKind, Scope};
 pub struct InstanceGuard {
     name: InstanceName,
     scope: Scope,
-    lock: Option<HeldLock>,
-    bus: Option<HeldName>,
+    /// What is held, backend by backend, in the order of acquisition.
+    held: Holding,
     losses: watch::Receiver<Vec<Loss>>,
     /// Keeps the loss channel open for as long as the guard lives, even with no task feeding it,
     /// so that watchers see its end only when the guard is gone.
@@ -53,12 +53,6 @@ pub struct InstanceGuard {
     /// The runtime that services the connection when the guard came from the blocking API (set
     /// by it once acquired: the only field set outside `InstanceGuard::new`).
     pub(crate) runtime: Option<ServiceThread>,
-    /// The lock-file watch of a guard that has no runtime (the lock file alone, blocking API).
-    lock_watch: Option<crate::lockfile::LockWatchThread>,
-    /// The inotify instance a wait for the lock file used, with no watches left: closed with the
-    /// guard, after the lock, because closing one takes milliseconds (see
-    /// `lockfile::ReleaseWatch::into_quiet`).
-    _wait_watch: Option<std::os::fd::OwnedFd>,
 }
 
 impl fmt::Debug for InstanceGuard {
@@ -79,17 +73,13 @@ pub(crate) struct GuardParts {
     pub(crate) name: InstanceName,
     /// The scope in effect (never [`Scope::Auto`]).
     pub(crate) scope: Scope,
-    pub(crate) lock: Option<HeldLock>,
-    pub(crate) bus: Option<HeldName>,
+    /// What is held, in the order of acquisition.
+    pub(crate) held: Holding,
     /// The loss channel: the log its watchers feed, and the guard's end of it.
     pub(crate) loss_log: LossLog,
     pub(crate) losses: watch::Receiver<Vec<Loss>>,
     /// The tasks that watch for losses, aborted on release.
     pub(crate) tasks: Vec<JoinHandle<()>>,
-    /// The lock-file watch thread of a guard with no runtime.
-    pub(crate) lock_watch: Option<crate::lockfile::LockWatchThread>,
-    /// The emptied inotify instance of a wait, closed after the lock.
-    pub(crate) wait_watch: Option<std::os::fd::OwnedFd>,
 }
 
 impl InstanceGuard {
@@ -99,26 +89,20 @@ impl InstanceGuard {
         let GuardParts {
             name,
             scope,
-            lock,
-            bus,
+            held,
             loss_log,
             losses,
             tasks,
-            lock_watch,
-            wait_watch,
         } = parts;
         InstanceGuard {
             name,
             scope,
-            lock,
-            bus,
+            held,
             losses,
             _loss_log: loss_log,
             seen_losses: 0,
             tasks,
             runtime: None,
-            lock_watch,
-            _wait_watch: wait_watch,
         }
     }
 
@@ -134,21 +118,15 @@ impl InstanceGuard {
         self.scope
     }
 
-    /// The backends that hold the instance, lock file first.
+    /// The backends that hold the instance, in the order they were acquired (the lock file
+    /// first).
     pub fn backends(&self) -> Vec<Backend> {
-        let mut v = Vec::new();
-        if self.lock.is_some() {
-            v.push(Backend::LockFile);
-        }
-        if self.bus.is_some() {
-            v.push(Backend::Dbus);
-        }
-        v
+        self.held.iter().map(Held::backend).collect()
     }
 
     /// The lock file held, if any.
     pub fn lock_file(&self) -> Option<&Path> {
-        self.lock.as_ref().map(HeldLock::path)
+        self.held.lock_file().map(|file| file.lock().path())
     }
 
     /// The descriptor of the lock file held, if any: whoever holds a duplicate of it holds the
@@ -180,7 +158,7 @@ impl InstanceGuard {
     /// behind the descriptor may change at any moment, duplicate it first and look only at the
     /// duplicate (`fstat` it, send it): two calls on the descriptor itself may see two files.
     pub fn lock_file_descriptor(&self) -> Option<BorrowedFd<'_>> {
-        self.lock.as_ref().map(AsFd::as_fd)
+        self.held.lock_file().map(|file| file.lock().as_fd())
     }
 
     /// Tells each time, from now on, that the lock file was re-created after someone removed it
@@ -208,22 +186,22 @@ impl InstanceGuard {
     /// # }
     /// ```
     pub fn lock_file_recreations(&self) -> LockFileRecreations {
-        self.lock
-            .as_ref()
-            .map_or_else(LockFileRecreations::none, |lock| {
-                LockFileRecreations::new(lock.recreations())
+        self.held
+            .lock_file()
+            .map_or_else(LockFileRecreations::none, |file| {
+                LockFileRecreations::new(file.lock().recreations())
             })
     }
 
     /// The bus the name is owned on, if any.
     pub fn bus_kind(&self) -> Option<BusKind> {
-        self.bus.as_ref().map(HeldName::kind)
+        self.held.name().map(HeldName::kind)
     }
 
     /// Our unique name on the bus (`:1.42`), if the name is owned on a bus.
     pub fn bus_unique_name(&self) -> Option<String> {
-        self.bus
-            .as_ref()
+        self.held
+            .name()
             .and_then(|b| b.connection().unique_name().map(|n| n.to_string()))
     }
 
@@ -239,7 +217,7 @@ impl InstanceGuard {
     /// [`release`]: InstanceGuard::release
     /// [`release_async`]: InstanceGuard::release_async
     pub fn connection(&self) -> Option<&zbus::Connection> {
-        self.bus.as_ref().map(HeldName::connection)
+        self.held.name().map(HeldName::connection)
     }
 
     /// Tells systemd this service is ready: `READY=1` and a `STATUS=` line naming the instance,
@@ -335,23 +313,18 @@ impl InstanceGuard {
     /// As [`InstanceGuard::release`].
     pub async fn release_async(mut self) -> Result<()> {
         self.stop_tasks();
-        let bus_result = match self.bus.take() {
-            Some(bus) => bus.release(self.name.as_str()).await,
-            None => Ok(()),
-        };
-        let lock_result = self.lock.take().map_or(Ok(()), HeldLock::release);
+        let result = self.held.release(self.name.as_str()).await;
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
-        bus_result.and(lock_result)
+        result
     }
 
     fn stop_tasks(&mut self) {
+        // Stopped before anything is released, so that our own release is not reported as a
+        // loss (the lock file's watch thread, if any, stops with its part: see `HeldFile`).
         for task in self.tasks.drain(..) {
             task.abort();
         }
-        // Stopped before the lock file is removed, so that our own removal is not
-        // reported as a loss.
-        self.lock_watch.take();
     }
 
     /// Releases without awaiting anything, from any thread, inside a runtime or not: the bus
@@ -359,21 +332,15 @@ impl InstanceGuard {
     /// connection and waiting until the bus closed it), then the lock file.
     fn release_blocking(&mut self) -> Result<()> {
         self.stop_tasks();
-        let bus_result = match self.bus.take() {
-            Some(bus) => {
-                let service = self
-                    .runtime
-                    .as_ref()
-                    .filter(|s| !s.is_current_thread())
-                    .map(ServiceThread::handle);
-                bus.release_blocking(service, self.name.as_str())
-            }
-            None => Ok(()),
-        };
-        let lock_result = self.lock.take().map_or(Ok(()), HeldLock::release);
+        let service = self
+            .runtime
+            .as_ref()
+            .filter(|s| !s.is_current_thread())
+            .map(ServiceThread::handle);
+        let result = self.held.release_blocking(service, self.name.as_str());
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
-        bus_result.and(lock_result)
+        result
     }
 }
 
@@ -410,17 +377,18 @@ mod tests {
         let mut guard = InstanceGuard::new(GuardParts {
             name: InstanceName::new(name).expect("name"),
             scope: Scope::User,
-            lock: None,
-            bus: Some(HeldName::new(
-                BusKind::Session,
-                connected.conn,
-                connected.disconnect,
-            )),
+            held: {
+                let mut held = Holding::default();
+                held.push(Held::Name(HeldName::new(
+                    BusKind::Session,
+                    connected.conn,
+                    connected.disconnect,
+                )));
+                held
+            },
             loss_log: loss_tx,
             losses: loss_rx,
             tasks: Vec::new(),
-            lock_watch: None,
-            wait_watch: None,
         });
         guard.runtime = Some(ServiceThread::from_parts(
             handle,

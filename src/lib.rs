@@ -31,6 +31,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod guard;
+mod held;
 mod holder;
 mod lockfile;
 mod loss;

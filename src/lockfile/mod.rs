@@ -19,6 +19,7 @@ mod held;
 mod netfs;
 mod ofd;
 mod open;
+mod part;
 mod probe;
 mod reader;
 mod record;
@@ -30,13 +31,10 @@ mod watcher;
 
 pub(crate) use attempt::{Attempt, lock};
 pub(crate) use dir::open_dir;
-pub(crate) use held::HeldLock;
+pub(crate) use part::HeldFile;
 pub(crate) use probe::{holder_of, holder_of_async};
-pub(crate) use record::LockRecord;
 // For the fuzz targets' entry points (src/fuzzing.rs).
 #[cfg(any(fuzzing, test))]
-pub(crate) use record::MAX_RECORD_LEN;
-pub(crate) use recover::Recovery;
+pub(crate) use record::{LockRecord, MAX_RECORD_LEN};
 pub(crate) use wait::{try_lock, wait_lock};
-pub(crate) use watch::{WatchHandle, new_inotify};
-pub(crate) use watcher::{LockWatchThread, start_watch};
+pub(crate) use watch::new_inotify;

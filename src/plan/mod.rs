@@ -42,6 +42,23 @@ pub(crate) struct BusPlan {
     pub(crate) why: &'static str,
 }
 
+/// One backend to acquire, as planned: the acquisition walks them in order (see [`steps`]).
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// The lock file.
+    LockFile(LockPlan),
+    /// The bus name.
+    Bus(BusPlan),
+}
+
+/// The steps of an acquisition, in order: the lock file first (cheap, local, and the ground
+/// truth on this machine), then the bus name. The release goes the other way.
+pub(crate) fn steps(lock: Option<LockPlan>, bus: Option<BusPlan>) -> Vec<Step> {
+    let lock = lock.map(Step::LockFile);
+    let bus = bus.map(Step::Bus);
+    lock.into_iter().chain(bus).collect()
+}
+
 /// What planning reads besides the options: the environment, who we are, and where deployed
 /// services' own lock directories are. [`Env::process`] is this process's; unit tests make
 /// their own.

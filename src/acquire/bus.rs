@@ -1,0 +1,118 @@
+//! The bus step of an acquisition: connect (or take the connection a wait made), complete the
+//! lock file's record, own the name with explicit flags, and watch it; when a local backend is
+//! held, a bus that cannot be reached leaves that backend to enforce exclusion alone.
+//! Must not: speak the bus's protocol (that is `dbus`).
+
+use crate::dbus::{self, HeldName, own_name, request_flags, watch_bus};
+use crate::error::{Error, Result};
+use crate::held::Held;
+use crate::lockfile::HeldFile;
+use crate::plan::BusPlan;
+use crate::scope::Backend;
+use crate::test_hooks::Hook;
+
+use super::steps::Context;
+
+/// Owns the name on the bus of `plan`.
+pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
+    let name = ctx.name.clone();
+    let flags = request_flags(ctx.wait, ctx.allow_replacement);
+    let connected = match ctx.early_bus.take() {
+        // A connection made while waiting, unless the bus dropped it meanwhile.
+        Some(connected) if !connected.conn.is_closed() => Ok(connected),
+        _ => {
+            let exports = std::mem::take(&mut ctx.exports);
+            // Sent with the handshake, unless a test is to stop us before it is sent.
+            let request = (!Hook::BeforeRequestName.armed()).then_some((name.as_str(), flags));
+            dbus::connect(plan.kind, exports, request).await
+        }
+    };
+    let held_locally = ctx.held_locally();
+    let connected = match connected {
+        Ok(connected) => connected,
+        // Only what we asked it to serve can fail this way (an invalid object path, an
+        // interface given twice): a mistake to report, not an unreachable bus.
+        Err(e @ (zbus::Error::InterfaceExists(..) | zbus::Error::InvalidObjectPath)) => {
+            return Err(Error::Bus {
+                context: "cannot export an object",
+                bus: plan.kind,
+                source: e,
+            });
+        }
+        Err(e) if !held_locally => {
+            return Err(Error::NoUsableBackend {
+                name: name.to_string(),
+                reason: format!("cannot reach the {} bus ({})", plan.kind, plan.why),
+                source: Some(Box::new(e)),
+            });
+        }
+        Err(e) => {
+            tracing::warn!(
+                name = %name,
+                bus = %plan.kind,
+                error = %e,
+                "the {} bus is unreachable; the lock file alone enforces exclusion",
+                plan.kind
+            );
+            return Ok(());
+        }
+    };
+
+    if let Some(file) = ctx.held.lock_file_mut() {
+        let unique_name = connected.conn.unique_name().map(|n| n.to_string());
+        file.record_also(Backend::Dbus, Some(plan.kind), unique_name)?;
+    }
+
+    // Dropped with this future if it is cancelled, or on an error below: the bus then drops
+    // the name or our place in its queue at once, whatever runs the runtime.
+    let dbus::Connected {
+        conn,
+        stream,
+        pending_request,
+        disconnect,
+    } = connected;
+    let owned = own_name(
+        &name,
+        plan.kind,
+        &conn,
+        stream,
+        pending_request,
+        ctx.wait,
+        ctx.deadline,
+        ctx.allow_replacement,
+        ctx.previous_pid,
+        held_locally,
+    )
+    .await?;
+    match owned {
+        Some(stream) => {
+            let lock_still_held = ctx.held.lock_file().map(HeldFile::still_held_check);
+            ctx.tasks.push(tokio::spawn(watch_bus(
+                stream,
+                name.to_string(),
+                ctx.losses.clone(),
+                lock_still_held,
+            )));
+            ctx.held
+                .push(Held::Name(HeldName::new(plan.kind, conn, disconnect)));
+        }
+        // The bus went away before granting the name: the lock file alone holds the instance,
+        // as when no bus was reachable, and the record says so again. (Ending the connection
+        // here leaves nothing of ours on a bus that comes back.)
+        None if held_locally => {
+            drop((conn, disconnect));
+            if let Some(file) = ctx.held.lock_file_mut() {
+                file.record_alone()?;
+            }
+        }
+        // Without the lock file `own_name` reports the bus's loss as an error.
+        None => {
+            return Err(Error::NoUsableBackend {
+                name: name.to_string(),
+                reason: format!("the {} bus went away before it granted the name", plan.kind),
+                source: None,
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The lock-file step of an acquisition: take the lock file (or wait for it, connecting to the
+//! bus meanwhile when a bus step follows), write the record at once, and hold it.
+//! Must not: speak the lock file's protocol (that is `lockfile`).
+
+use crate::error::{Result, already_running};
+use crate::held::Held;
+use crate::lockfile::{self, Attempt, HeldFile, try_lock, wait_lock};
+use crate::options::Wait;
+use crate::plan::LockPlan;
+
+use super::steps::Context;
+
+/// Takes the lock file of `plan`, waiting for it if the options say so. The record is written
+/// at once, so that copies refused meanwhile can name us without waiting for the other
+/// backends; later steps complete it.
+pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
+    // Made before the lock and the bus socket so that a killed holder releases both before it
+    // (see `HeldLock::move_above`).
+    let inotify = ctx.watch_lock.then(lockfile::new_inotify);
+    let (held, previous, wait_watch) = match try_lock(plan, ctx.allow_network_filesystem).await? {
+        (Attempt::Acquired(held, previous), _) => (held, previous, None),
+        (Attempt::Busy(holder), _) if ctx.wait == Wait::No => {
+            return Err(already_running(&ctx.name, holder));
+        }
+        (Attempt::Busy(holder), dir) => {
+            let waited = wait_lock(
+                &ctx.name,
+                plan,
+                dir,
+                holder,
+                ctx.notify_ready,
+                ctx.deadline,
+                ctx.timeout,
+            );
+            let waited = match ctx.bus_ahead {
+                // Connected meanwhile (the name is asked for only once the lock file is ours),
+                // so that a take-over is one round trip from the bus name.
+                Some(bus) => {
+                    let mut connect = std::pin::pin!(crate::dbus::connect(bus, Vec::new(), None));
+                    let mut waited = std::pin::pin!(waited);
+                    let mut connected = None;
+                    // The wait decides: once it ends (acquired, timed out, failed), a
+                    // connection still on its way is not waited for unless the lock file is
+                    // ours (a slow bus must not stretch a timeout).
+                    let waited = loop {
+                        tokio::select! {
+                            waited = &mut waited => break waited?,
+                            c = &mut connect, if connected.is_none() => {
+                                connected = Some(c);
+                            }
+                        }
+                    };
+                    ctx.early_bus = match connected {
+                        Some(connected) => connected.ok(),
+                        None => connect.await.ok(),
+                    };
+                    waited
+                }
+                None => waited.await?,
+            };
+            let (held, previous, watch) = waited;
+            (held, previous, watch)
+        }
+    };
+    ctx.previous_pid = previous.as_ref().map(|p| p.pid);
+    let file = HeldFile::new(held, inotify, wait_watch)?;
+    ctx.held.push(Held::LockFile(file));
+    Ok(())
+}

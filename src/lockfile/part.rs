@@ -1,0 +1,132 @@
+//! The lock file as one held part of an instance ([`HeldFile`]): the held lock, the record
+//! written in it, and what watches it, released together, in that order.
+//! Must not: know the other backends beyond what the record says of them.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::error::Result;
+use crate::loss::LossLog;
+use crate::scope::{Backend, BusKind};
+
+use super::held::HeldLock;
+use super::record::LockRecord;
+use super::recover::Recovery;
+use super::watcher::{LockWatchThread, start_watch};
+
+/// The lock file an instance holds. Its fields drop in order: the watch stops before the lock
+/// file is removed (so that our own removal is not reported as a loss), and the inotify
+/// instance a wait used is closed after the lock (closing one takes milliseconds: see
+/// `ReleaseWatch::into_quiet`).
+pub(crate) struct HeldFile {
+    /// The lock-file watch of a guard that has no runtime (the lock file alone, blocking API).
+    watch: Option<LockWatchThread>,
+    lock: HeldLock,
+    /// The inotify instance a wait for the lock file used, with no watches left.
+    wait_watch: Option<OwnedFd>,
+    /// What the file says of us, completed as other backends are held.
+    record: LockRecord,
+    /// The inotify instance for the watch, made before the lock (see
+    /// [`HeldLock::move_above`]); taken when the watch starts. `None` when the watch is off.
+    inotify: Option<std::io::Result<OwnedFd>>,
+}
+
+impl HeldFile {
+    /// The lock file just taken: its record is written at once (the lock file alone), so that
+    /// copies refused meanwhile can name us without waiting for the other backends.
+    pub(crate) fn new(
+        mut lock: HeldLock,
+        inotify: Option<std::io::Result<OwnedFd>>,
+        wait_watch: Option<OwnedFd>,
+    ) -> Result<Self> {
+        let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
+        lock.write_record(&record)?;
+        Ok(HeldFile {
+            watch: None,
+            lock,
+            wait_watch,
+            record,
+            inotify,
+        })
+    }
+
+    /// The held lock.
+    pub(crate) fn lock(&self) -> &HeldLock {
+        &self.lock
+    }
+
+    /// Completes the record with another backend taken (its bus and our unique name on it,
+    /// for the bus's), so that refused copies can name us through it.
+    pub(crate) fn record_also(
+        &mut self,
+        backend: Backend,
+        bus: Option<BusKind>,
+        unique_name: Option<String>,
+    ) -> Result<()> {
+        self.record.backend.push(backend);
+        self.record.bus = bus.or(self.record.bus);
+        self.record.bus_unique_name = unique_name.or(self.record.bus_unique_name.take());
+        self.lock.write_record(&self.record)
+    }
+
+    /// Says again that the lock file alone holds the instance (another backend was not
+    /// granted after all: the bus went away before it granted the name).
+    pub(crate) fn record_alone(&mut self) -> Result<()> {
+        self.record = LockRecord::for_self(vec![Backend::LockFile], None, None);
+        self.lock.write_record(&self.record)
+    }
+
+    /// Starts the watches, as tasks on the current runtime (see [`start_watch`]), with a
+    /// re-check every `recheck` if asked.
+    pub(crate) fn start_watch(
+        &mut self,
+        recheck: Option<Duration>,
+        losses: &LossLog,
+    ) -> Result<Vec<JoinHandle<()>>> {
+        start_watch(&mut self.lock, self.inotify.take(), recheck, losses)
+    }
+
+    /// Starts the watch as a thread of its own, for a guard without a runtime (see
+    /// [`LockWatchThread`]).
+    pub(crate) fn start_watch_thread(&mut self, losses: &LossLog) -> Result<()> {
+        if let Some(inotify) = self.inotify.take() {
+            self.watch = Some(LockWatchThread::start(
+                &mut self.lock,
+                inotify,
+                losses.clone(),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Whether the lock file is ours at the moment it is called, for another backend's watch
+    /// (the bus's, when its connection closes): not what held at acquisition, but what holds
+    /// then, since the lock file may have gone unnoticed (the watch turned off, or a directory
+    /// above it moved). A lock file merely removed is re-created first (see
+    /// `WatchHandle::recover`).
+    pub(crate) fn still_held_check(&self) -> impl FnOnce() -> bool + Send + 'static {
+        let lock = self.lock.watch_handle();
+        move || {
+            lock.check_path()
+                .is_none_or(|_| lock.recover() != Recovery::Lost)
+                && lock.verify_held()
+        }
+    }
+
+    /// Stops the watch, then removes the file while still holding the lock (see
+    /// [`HeldLock::release`]).
+    pub(crate) fn release(self) -> Result<()> {
+        let HeldFile {
+            watch,
+            lock,
+            wait_watch,
+            ..
+        } = self;
+        drop(watch);
+        let released = lock.release();
+        drop(wait_watch);
+        released
+    }
+}
