@@ -9,6 +9,9 @@ use crate::lockfile::HeldFile;
 use crate::scope::Backend;
 
 /// One backend's hold on the instance.
+// One of each at most, made once per acquisition and kept in place: boxing would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Held {
     /// The lock file, locked, with its record and its watch.
     LockFile(HeldFile),
