@@ -28,34 +28,6 @@ const STOP_IN_LOCK_WAIT: &str = "UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT";
 /// Stops a holder just before it sends `ReleaseName` (`release_bus`).
 const STOP_BEFORE_RELEASE_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE_NAME";
 
-/// Waits (a blocking `waitpid` with `WUNTRACED`, on a thread, bounded) until `copy` has stopped
-/// itself at its test hook.
-fn wait_stopped(copy: &mut Proc, hook: &str) {
-    let pid = rustix::process::Pid::from_raw(copy.pid() as i32).expect("pid");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(rustix::process::waitpid(
-            Some(pid),
-            rustix::process::WaitOptions::UNTRACED,
-        ));
-    });
-    match rx.recv_timeout(common::TIMEOUT) {
-        Ok(Ok(Some((_, status)))) if status.stopped() => {}
-        Ok(other) => panic!(
-            "the copy did not stop at {hook}: {other:?}; stdout: {:?}; stderr: {:?}",
-            copy.seen,
-            copy.stderr_lines()
-        ),
-        Err(_) => {
-            copy.sigkill();
-            panic!(
-                "the copy did not stop at {hook} within {:?}",
-                common::TIMEOUT
-            )
-        }
-    }
-}
-
 /// The `holder` example with `args`, stopping itself at `hook`.
 fn holder_stopping_at(hook: &str, bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
     let mut cmd = clean_command(&example_path("holder"), bus, lock_dir);
@@ -119,7 +91,7 @@ fn a_lock_directory_removed_or_replaced_as_a_copy_opens_its_file_is_opened_again
                     ],
                 ),
             };
-            wait_stopped(&mut copy, STOP_BEFORE_LOCK_FILE);
+            copy.stopped_at(STOP_BEFORE_LOCK_FILE);
             assert!(lock_dir.is_dir(), "{what}: the copy made its directory");
             if replace {
                 let away = base.path().join(format!("away-{name}"));
@@ -179,7 +151,7 @@ fn a_waiting_copy_survives_its_lock_directory_being_removed_and_made_again() {
         }
         // Stopped once it waits: the first holder was seen, the watch is on the old directory.
         let mut waiter = holder_stopping_at(STOP_IN_LOCK_WAIT, None, &lock_dir, &args);
-        wait_stopped(&mut waiter, STOP_IN_LOCK_WAIT);
+        waiter.stopped_at(STOP_IN_LOCK_WAIT);
 
         // The first holder is stopped too: it would re-create its removed lock file (see
         // tests/loss.rs), and `rm -r` would then find the directory not empty.
@@ -243,7 +215,7 @@ fn a_wait_acquires_a_lock_let_go_without_any_event() {
             args.push("--blocking");
         }
         let mut waiter = holder_stopping_at(STOP_IN_LOCK_WAIT, None, lock_dir.path(), &args);
-        wait_stopped(&mut waiter, STOP_IN_LOCK_WAIT);
+        waiter.stopped_at(STOP_IN_LOCK_WAIT);
         // Let go while the waiter cannot look; it then waits for an event that never comes.
         ofd_lock(&file, nix::libc::F_UNLCK);
         waiter.signal(rustix::process::Signal::CONT);
@@ -289,7 +261,7 @@ fn a_bus_killed_during_request_name_is_a_bus_that_is_not_there() {
                 &[&name],
             ),
         };
-        wait_stopped(&mut copy, STOP_BEFORE_REQUEST_NAME);
+        copy.stopped_at(STOP_BEFORE_REQUEST_NAME);
         bus.kill();
         copy.signal(rustix::process::Signal::CONT);
         match how {
@@ -349,7 +321,7 @@ fn a_bus_killed_as_the_name_is_released_is_a_release() {
         "{line}"
     );
     copy.close_stdin();
-    wait_stopped(&mut copy, STOP_BEFORE_RELEASE_NAME);
+    copy.stopped_at(STOP_BEFORE_RELEASE_NAME);
     bus.kill();
     copy.signal(rustix::process::Signal::CONT);
     assert_eq!(

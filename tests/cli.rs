@@ -1637,3 +1637,92 @@ fn a_killed_keeper_is_reported_truthfully() {
     assert_eq!(next.next_line("the next run's COMMAND"), "next");
     assert_eq!(next.exit_code(), 0);
 }
+
+/// While only the keeper holds the instance — the wrapper was killed, and COMMAND (which
+/// ignores SIGTERM) is being stopped — a refused copy names the keeper, the live process that
+/// holds the instance, and not the dead wrapper: never "holder unknown" after the grace a
+/// record gets. `status` names it too.
+#[test]
+fn a_refusal_names_the_keeper_once_the_wrapper_is_gone() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("keeper_named");
+    // NAME is sh's $0: it marks this case's keeper.
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo pid $$; exec sleep 600",
+            &name,
+        ],
+    );
+    let (pid, pidfd) = command_pidfd(&mut wrapper);
+    let _command = KillOnDrop(&pidfd);
+    let keeper = the_keeper(&wrapper, &name);
+    wrapper.sigkill();
+    let mut second = cli(None, lock_dir.path(), &["run", &name, "--", "true"]);
+    assert_eq!(second.exit_code(), 75);
+    let refusal = second.stderr_until_closed().join("\n");
+    assert!(
+        refusal.contains(&format!("(pid {keeper},")) && !refusal.contains("unknown"),
+        "the refusal names the keeper (pid {keeper}), which holds the instance while it stops \
+         COMMAND (pid {pid}): {refusal}"
+    );
+    let mut status = cli(None, lock_dir.path(), &["status", "--json", &name]);
+    let json = status.next_line("status --json");
+    assert_eq!(status.exit_code(), 0, "{json}");
+    assert!(json.contains(&format!("\"pid\":{keeper}")), "{json}");
+    rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+    wait_pidfd(pid, &pidfd);
+    let mut third = cli(
+        None,
+        lock_dir.path(),
+        &["run", "--wait=30", &name, "--", "echo", "third"],
+    );
+    assert_eq!(third.next_line("the third copy's COMMAND"), "third");
+    assert_eq!(third.exit_code(), 0);
+}
+
+/// Without `/proc` (a container or chroot that did not mount it), `run` can neither start
+/// COMMAND's keeper (it re-executes itself through `/proc/self/exe`) nor find the processes
+/// COMMAND leaves behind: it fails closed before acquiring anything, saying what is missing
+/// and what to do, and COMMAND never runs.
+#[test]
+fn run_without_proc_says_what_is_missing() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it unmounts /proc in a mount namespace of its own)"
+    );
+    let unshare = common::require_program("unshare", "util-linux");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("no_proc");
+    let inner = cli_command(None, lock_dir.path(), &["run", &name, "--", "echo", "ran"]);
+    let mut cmd = std::process::Command::new(unshare);
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("umount -l /proc && exec \"$0\" \"$@\"")
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .env_clear();
+    for (key, value) in inner.get_envs() {
+        if let Some(value) = value {
+            cmd.env(key, value);
+        }
+    }
+    let mut wrapper = Proc::spawn(cmd);
+    assert_eq!(wrapper.stdout_until_closed(), Vec::<String>::new(), "COMMAND ran");
+    assert_eq!(wrapper.exit_code(), 70);
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    assert!(
+        stderr.contains("/proc is not mounted") && stderr.contains("mount -t proc proc /proc"),
+        "says what is missing and what to do: {stderr}"
+    );
+    assert!(
+        !lock_dir.path().join(format!("{name}.lock")).exists(),
+        "nothing was acquired"
+    );
+}

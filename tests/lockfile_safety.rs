@@ -493,6 +493,71 @@ fn a_hard_linked_lock_file_is_refused_and_its_other_name_untouched() {
     );
 }
 
+/// A second name given to a lock file while a copy holds it (a backup tool hard-linking the
+/// lock directory, `ln` by hand): a copy started then only reads the file to learn who holds
+/// it, which is safe whatever its names, so it is refused naming the holder (75), through the
+/// library and `run`, as without the link. It used to fail with "unsafe lock path" (70).
+#[test]
+fn a_held_lock_file_with_a_second_name_is_already_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("held_linked");
+    let path = dir.path().join(format!("{name}.lock"));
+    let mut h = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    assert!(h.next_line("holder").starts_with("acquired"));
+    let other = dir.path().join(format!("{name}.bak"));
+    std::fs::hard_link(&path, &other).expect("link");
+    let mut c = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = c.next_line("newcomer");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(h.pid().to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(c.exit_code(), 75);
+    let mut run = common::cli(
+        None,
+        dir.path(),
+        &["run", "--backend", "lockfile", &name, "--", "true"],
+    );
+    assert_eq!(run.exit_code(), 75, "{:?}", run.stderr_until_closed());
+    std::fs::remove_file(&other).expect("unlink the second name");
+    h.close_stdin();
+    assert_eq!(h.line_starting("released"), "released");
+    assert_eq!(h.exit_code(), 0);
+}
+
+/// Stops a copy when it finds the lock file, held by nobody, with a second name (`attempt.rs`).
+const STOP_ON_A_SECOND_NAME: &str = "UNIQUE_INSTANCE_TEST_STOP_ON_A_SECOND_NAME";
+
+/// A second name on a lock file nobody holds, taken away a moment later: a copy that meets it
+/// waits for the link to go (a bounded wait on the file's inotify events) and then takes the
+/// file, rather than failing with "unsafe lock path" at once. (One that stays is refused: see
+/// `a_hard_linked_lock_file_is_refused_and_its_other_name_untouched`.)
+#[test]
+fn a_second_name_that_goes_away_is_waited_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("transient_link");
+    let path = dir.path().join(format!("{name}.lock"));
+    // Empty, held by nobody: as a holder killed before it wrote its record leaves it.
+    std::fs::write(&path, "").expect("create");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let other = dir.path().join(format!("{name}.bak"));
+    std::fs::hard_link(&path, &other).expect("link");
+    let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
+    cmd.args([&name, "--backend", "lockfile"])
+        .env(STOP_ON_A_SECOND_NAME, "1");
+    let mut c = common::Proc::spawn(cmd);
+    // Before the fix it printed "unsafe-lock-path" here instead.
+    c.stopped_at(STOP_ON_A_SECOND_NAME);
+    std::fs::remove_file(&other).expect("unlink the second name");
+    c.signal(rustix::process::Signal::CONT);
+    let line = c.next_line("the copy");
+    assert!(line.starts_with("acquired"), "{line}");
+    c.close_stdin();
+    assert_eq!(c.exit_code(), 0);
+}
+
 #[test]
 fn scope_comes_from_the_environment_unless_the_program_chose_one() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -439,6 +439,41 @@ impl Proc {
         }
     }
 
+    /// Waits until the process has stopped itself at the test hook `hook` of debug builds (it
+    /// sends itself SIGSTOP there), as `waitpid` reports it to us, its parent. Panics if it
+    /// does not within [`TIMEOUT`], or if it prints a line on stdout first: it went on instead
+    /// of stopping there, and the line says what it did.
+    pub fn stopped_at(&mut self, hook: &str) {
+        use rustix::process::{Pid, WaitOptions, waitpid};
+        let pid = Pid::from_raw(self.child.id() as i32).expect("pid");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(waitpid(Some(pid), WaitOptions::UNTRACED));
+        });
+        // Two channels to wait on: each in turn, briefly, up to the timeout.
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(10)) {
+                Ok(Ok(Some((_, status)))) if status.stopped() => return,
+                Err(RecvTimeoutError::Timeout) => {}
+                other => panic!(
+                    "the process did not stop at {hook}: {other:?}; stdout: {:?}; stderr: {:?}",
+                    self.seen,
+                    self.stderr_lines()
+                ),
+            }
+            if let Some(line) = self.try_line(Duration::from_millis(10)) {
+                panic!(
+                    "the process went on instead of stopping at {hook}: it printed {line:?}; \
+                     stderr: {:?}",
+                    self.stderr_lines()
+                );
+            }
+        }
+        self.sigkill();
+        panic!("the process did not stop at {hook} within {TIMEOUT:?}")
+    }
+
     pub fn signal(&self, sig: rustix::process::Signal) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
         rustix::process::kill_process(pid, sig).expect("kill");
