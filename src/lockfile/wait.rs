@@ -82,38 +82,93 @@ impl ReleaseWatch {
     }
 }
 
-/// Could the lock file of `plan` be taken now? Arms `watch` (a [`release_watch`]) on the file
-/// the path names first, so that a release after this check wakes the waiter: an OFD lock is
-/// released when the last descriptor of its open file description closes, which inotify reports
-/// as `IN_CLOSE_WRITE` (the holder exiting, even killed, or a holder that removed the file,
-/// which the directory watch reports). Tested with `F_OFD_GETLK` on a descriptor opened only for
-/// reading, whose close wakes nobody; any doubt (no file, an error, a lock directory removed
-/// or replaced) says "try": the attempt itself then decides, and reports what is wrong. Not
-/// every release sends an event (see `RECHECK_EVERY` in options.rs): waiters also call this
-/// periodically.
-fn may_be_free(watch: &mut ReleaseWatch, plan: &LockPlan, lock_dir: &LockDir) -> bool {
+/// Could the lock file of `plan` be taken now? Arms `watch` (a [`release_watch`], when there is
+/// one) on the file the path names first, so that a release after this check wakes the waiter:
+/// an OFD lock is released when the last descriptor of its open file description closes, which
+/// inotify reports as `IN_CLOSE_WRITE` (the holder exiting, even killed, or a holder that
+/// removed the file, which the directory watch reports). Tested with `F_OFD_GETLK` on a
+/// descriptor opened only for reading, whose close wakes nobody; any doubt (an error, a lock
+/// directory removed or replaced) says "try": the attempt itself then decides, and reports what
+/// is wrong. Not every release sends an event (see `RECHECK_EVERY` in options.rs): waiters also
+/// call this periodically.
+///
+/// A file found held is kept open in `waited_on` (see [`WaitedOn`]): when the path later names
+/// no file, or a file nobody holds, that is not the one waited on, the answer is still "no"
+/// for as long as the file waited on is held. Someone removed the lock file under its holder,
+/// which re-creates it (`recover.rs`), or is releasing it (it removes its file while it still
+/// holds it): a waiter that made a new file at the path then would run beside a holder that is
+/// still there. It is woken again when that holder lets go (`IN_CLOSE_WRITE` on the file waited
+/// on, which stays watched) or re-creates its file (`IN_CREATE` in the directory).
+fn may_be_free(
+    watch: Option<&mut ReleaseWatch>,
+    plan: &LockPlan,
+    lock_dir: &LockDir,
+    waited_on: &mut Option<WaitedOn>,
+) -> bool {
     use rustix::fs::inotify::{self, WatchFlags};
     // Removed or replaced, the directory's file is no longer the one to wait for: try, and the
-    // attempt opens (makes) the directory the path leads to now.
+    // attempt opens (makes) the directory the path leads to now. (Its holder cannot re-create
+    // a file there: that is a loss, and the path's directory is where copies meet now.)
     if !lock_dir.is_current() {
         return true;
     }
-    let Ok(file) = rustix::fs::openat(
+    let file = rustix::fs::openat(
         &*lock_dir.fd,
         plan.file_name.as_os_str(),
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
         Mode::empty(),
-    ) else {
-        return true;
+    );
+    let path_names = match file {
+        Ok(file) => {
+            if let Some(watch) = watch {
+                // Through the descriptor, so the watch is on the very file tested below.
+                let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                match inotify::add_watch(&watch.fd, path.as_str(), WatchFlags::CLOSE_WRITE) {
+                    Ok(wd) if !watch.watches.contains(&wd) => watch.watches.push(wd),
+                    Ok(_) => {}
+                    Err(_) => return true,
+                }
+            }
+            if matches!(is_held(&file), Ok(true)) {
+                *waited_on = WaitedOn::new(file);
+                return false;
+            }
+            rustix::fs::fstat(&file).ok().map(|st| (st.st_dev, st.st_ino))
+        }
+        Err(_) => None,
     };
-    // Through the descriptor, so the watch is on the very file tested below.
-    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    match inotify::add_watch(&watch.fd, path.as_str(), WatchFlags::CLOSE_WRITE) {
-        Ok(wd) if !watch.watches.contains(&wd) => watch.watches.push(wd),
-        Ok(_) => {}
-        Err(_) => return true,
+    // Nobody holds the path's file, or there is none: free, unless the file waited on is
+    // another one and still held.
+    if let Some(old) = waited_on
+        && path_names != Some(old.id)
+        && matches!(is_held(&old.file), Ok(true))
+    {
+        static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        stop_for_test("UNIQUE_INSTANCE_TEST_STOP_WAITING_ON_A_REMOVED_FILE", &STOPPED);
+        return false;
     }
-    !matches!(is_held(&file), Ok(true))
+    *waited_on = None;
+    true
+}
+
+/// The file a waiter last found held, kept open (for reading only, so its close wakes nobody)
+/// until it is free, another file is found held at the path, or the wait ends: see
+/// [`may_be_free`].
+#[derive(Debug)]
+struct WaitedOn {
+    file: OwnedFd,
+    /// Its `(st_dev, st_ino)`.
+    id: (u64, u64),
+}
+
+impl WaitedOn {
+    fn new(file: OwnedFd) -> Option<Self> {
+        let st = rustix::fs::fstat(&file).ok()?;
+        Some(WaitedOn {
+            file,
+            id: (st.st_dev, st.st_ino),
+        })
+    }
 }
 
 /// Tries the lock file once; gives back the directory too, to wait with.
@@ -206,16 +261,14 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
     let mut watched = dir.id();
     let mut recheck = RECHECK_EVERY;
     let mut quick = 0;
+    let mut waited_on = None;
     loop {
-        let free = match &mut watch {
-            Some(watch) => {
-                // Events up to here are answered by the check below.
-                drain(watch.get_ref().fd());
-                may_be_free(watch.get_mut(), plan, dir)
-            }
-            None => true,
-        };
-        if free {
+        let watching = watch.as_mut().map(|watch| {
+            // Events up to here are answered by the check below.
+            drain(watch.get_ref().fd());
+            watch.get_mut()
+        });
+        if may_be_free(watching, plan, dir, &mut waited_on) {
             match lock_async(plan, dir).await? {
                 Attempt::Acquired(mut held, previous) => {
                     let quiet = watch.map(|w| w.into_inner().into_quiet());
@@ -232,9 +285,11 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
         }
         if dir.id() != watched {
             // The attempt found the directory removed or replaced and opened the new one: the
-            // old watch would wait on a directory nobody uses any more.
+            // old watch would wait on a directory nobody uses any more. The file waited on
+            // was in the old one: its holder cannot re-create it where copies meet now.
             watch = watch_release(plan, dir);
             watched = dir.id();
+            waited_on = None;
             recheck = RECHECK_FIRST;
             continue;
         }
