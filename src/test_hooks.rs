@@ -20,6 +20,12 @@ pub(crate) enum Hook {
     BeforeRequestName,
     /// Just before a holder sends `ReleaseName` (`dbus::release`).
     BeforeReleaseName,
+    /// When a waiting copy finds no held file at the path while the file it waited on, removed
+    /// or replaced, is still held, and goes on waiting (`lockfile::wait::may_be_free`).
+    WaitingOnARemovedFile,
+    /// When an attempt finds the lock file, held by nobody, with a second name, before it waits
+    /// for that to change (`lockfile::attempt`).
+    OnASecondName,
 }
 
 impl Hook {
@@ -53,11 +59,13 @@ mod imp {
             Hook::InLockWait => "UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT",
             Hook::BeforeRequestName => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REQUEST_NAME",
             Hook::BeforeReleaseName => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE_NAME",
+            Hook::WaitingOnARemovedFile => "UNIQUE_INSTANCE_TEST_STOP_WAITING_ON_A_REMOVED_FILE",
+            Hook::OnASecondName => "UNIQUE_INSTANCE_TEST_STOP_ON_A_SECOND_NAME",
         }
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 4] = [const { AtomicBool::new(false) }; 4];
+        static STOPPED: [AtomicBool; 6] = [const { AtomicBool::new(false) }; 6];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
             let _ = rustix::process::kill_process(
                 rustix::process::getpid(),

@@ -3,16 +3,18 @@
 //! Must not: wait for a holder to go (that is `wait.rs`), nor watch a held lock (`watch.rs`).
 
 use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
 
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UnsafeLockPath};
 use crate::holder::Holder;
 use crate::plan::LockPlan;
 use crate::test_hooks::{self, Hook};
 
 use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
+use super::grace::{await_answer, await_answer_async};
 use super::held::HeldLock;
 use super::ofd::{is_held, lock_exclusive, retry_eintr, wait_unlocked};
 use super::open::{Opened, ReadOnlyBecause, is_ours, not_a_lock_file, open_lock_file};
@@ -37,25 +39,101 @@ const MAX_OPEN_RACES: u32 = 1000;
 /// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
 ///
 /// Refused, it reads the holder's record with [`read_holder`]'s grace, which blocks for up to
-/// [`RECORD_GRACE`](super::reader::RECORD_GRACE): from async code use [`lock_async`].
+/// [`RECORD_GRACE`](super::reader::RECORD_GRACE): from async code use [`lock_async`]. So does
+/// a lock file nobody holds with a second name, for up to [`LINK_GRACE`] (see [`LinkGrace`]).
 ///
 /// A lock directory removed or replaced under the attempt is opened (made) again, and
 /// `lock_dir` then is the new one: see [`settle`].
 pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Attempt> {
-    Ok(match settle(plan, lock_dir, block)? {
-        Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
-        Step::Busy(file) => Attempt::Busy(Box::new(read_holder(&file, &plan.path()))),
-    })
+    let mut linked = LinkGrace::default();
+    loop {
+        return Ok(match settle(plan, lock_dir, block)? {
+            Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
+            Step::Busy(file) => Attempt::Busy(Box::new(read_holder(&file, &plan.path()))),
+            Step::Linked(file, links) => {
+                if let Some((inotify, deadline)) = linked.next(plan, links)? {
+                    await_answer(&inotify, None, deadline, || one_name(&file));
+                }
+                continue;
+            }
+        });
+    }
 }
 
 /// Tries once to lock the file of `plan` in `dir`, without blocking the executor: every system
 /// call it makes returns at once, and the grace a just-started holder gets to write its record
-/// is awaited ([`read_holder_async`]). As [`lock`], it may replace `lock_dir`.
+/// is awaited ([`read_holder_async`]), as is the one a second name of the file gets to go.
+/// As [`lock`], it may replace `lock_dir`.
 pub(super) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Result<Attempt> {
-    Ok(match settle(plan, lock_dir, false)? {
-        Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
-        Step::Busy(file) => Attempt::Busy(Box::new(read_holder_async(&file, &plan.path()).await)),
-    })
+    let mut linked = LinkGrace::default();
+    loop {
+        return Ok(match settle(plan, lock_dir, false)? {
+            Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
+            Step::Busy(file) => {
+                Attempt::Busy(Box::new(read_holder_async(&file, &plan.path()).await))
+            }
+            Step::Linked(file, links) => {
+                if let Some((inotify, deadline)) = linked.next(plan, links)? {
+                    await_answer_async(inotify, deadline, move || one_name(&file)).await;
+                }
+                continue;
+            }
+        });
+    }
+}
+
+/// How long an attempt gives a second name (a hard link) of a lock file nobody holds to go away
+/// before it refuses the file as unsafe ([`UnsafeLockPath::HardLinked`]). A backup tool or a
+/// hand-made `ln` may link it for a moment; a second name that stays may be another file in
+/// disguise, which is never written. (A held file is never waited for: naming its holder only
+/// reads it, so it is "already running" whatever its names.)
+const LINK_GRACE: Duration = Duration::from_millis(500);
+/// How many times an attempt looks again meanwhile, at most.
+const MAX_LINK_RETRIES: u32 = 100;
+
+/// The grace one attempt gives a second name of its lock file: see [`LINK_GRACE`].
+#[derive(Default)]
+struct LinkGrace {
+    deadline: Option<Instant>,
+    retries: u32,
+}
+
+impl LinkGrace {
+    /// The attempt found the lock file with `links` names, held by nobody: what to wait with
+    /// (an inotify instance that wakes when the file's names change; `None`: look again at
+    /// once) and until when, or the error once the grace is over.
+    fn next(&mut self, plan: &LockPlan, links: u64) -> Result<Option<(OwnedFd, Instant)>> {
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + LINK_GRACE);
+        self.retries += 1;
+        if self.retries > MAX_LINK_RETRIES || Instant::now() >= deadline {
+            return Err(Error::UnsafeLockPath {
+                path: plan.path(),
+                problem: UnsafeLockPath::HardLinked { links },
+            });
+        }
+        tracing::debug!(path = %plan.path().display(), links,
+            "the lock file has more than one name and nobody holds it; waiting for that to change");
+        let watch = || -> rustix::io::Result<OwnedFd> {
+            use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+            let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
+            // A name added or removed changes the link count: `IN_ATTRIB`.
+            let flags = WatchFlags::ATTRIB | WatchFlags::DELETE_SELF | WatchFlags::DONT_FOLLOW;
+            inotify::add_watch(&fd, plan.path(), flags)?;
+            Ok(fd)
+        };
+        test_hooks::stop_at(Hook::OnASecondName);
+        // No watch (the file is gone from the path, inotify's limits): the next attempt says.
+        Ok(watch().ok().map(|fd| (fd, deadline)))
+    }
+}
+
+/// Has `file` one name at most now? (The attempt then looks again.)
+fn one_name(file: &OwnedFd) -> Option<()> {
+    rustix::fs::fstat(file)
+        .map_or(true, |st| st.st_nlink <= 1)
+        .then_some(())
 }
 
 /// One attempt ([`lock_step`]) that ends in the lock directory the path leads to *now*: when
@@ -88,6 +166,8 @@ enum Step {
     Acquired(HeldLock, Option<LockRecord>),
     /// Held by someone else: the file, to read the holder's record from.
     Busy(OwnedFd),
+    /// Held by nobody, with this many names: see [`LinkGrace`].
+    Linked(OwnedFd, u64),
 }
 
 /// One attempt in `lock_dir`; `None` when the directory was removed under it.
@@ -123,6 +203,7 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
         };
         let (file, st, created) = match opened {
             (Opened::Writable(file, created), st) => (file, st, created),
+            (Opened::Linked(file, links), _) => return Ok(Some(Step::Linked(file, links))),
             (Opened::ReadOnly(file, why), st) => {
                 // A file we may only read (another user's), or must only read (not a lock file
                 // of ours): we can tell who holds it, but we can never be the instance through

@@ -15,6 +15,7 @@
 
 mod attempt;
 mod dir;
+mod grace;
 mod held;
 mod netfs;
 mod ofd;

@@ -2,7 +2,7 @@
 //! retry every system call here goes through.
 //! Must not: know about paths, records or policy: descriptors in, kernel answers out.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
@@ -57,9 +57,9 @@ pub(super) fn wait_unlocked(file: &OwnedFd) -> rustix::io::Result<()> {
 
 /// Does anyone hold a lock on `file` that would keep us from locking it exclusively? Asked
 /// with `F_OFD_GETLK`, which takes nothing.
-pub(super) fn is_held(file: &OwnedFd) -> rustix::io::Result<bool> {
+pub(super) fn is_held(file: impl AsFd) -> rustix::io::Result<bool> {
     let mut probe = whole_file(libc::F_WRLCK);
-    retry_eintr(|| fcntl(file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(nix_errno))?;
+    retry_eintr(|| fcntl(file.as_fd(), FcntlArg::F_OFD_GETLK(&mut probe)).map_err(nix_errno))?;
     Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
 }
 

@@ -23,6 +23,22 @@ pub(super) enum Opened {
     /// A file opened only for reading: enough to learn whether (and by whom) it is held, tested
     /// without being taken (`F_OFD_GETLK`), but not to become the instance.
     ReadOnly(OwnedFd, ReadOnlyBecause),
+    /// A file nobody holds that has this many names (hard links): it may be another file in
+    /// disguise, not ours to write while it has them. Opened only for reading; the attempt
+    /// gives the other names a moment to go (`attempt.rs`). (Held, it is `ReadOnly(.., Held)`:
+    /// naming its holder only reads it, which is safe whatever its names.)
+    Linked(OwnedFd, u64),
+}
+
+/// How many names a file at the lock path has.
+enum Names {
+    /// None any more: its holder removed it between our open and the check (it does so on
+    /// every release). A race to retry, not an attack: the path names a fresh file, or nothing.
+    Gone,
+    One,
+    /// More than one: a second name may mean someone else's file linked in here (say
+    /// /etc/shadow, where `protected_hardlinks` is off), which we would truncate and write.
+    More(u64),
 }
 
 /// Why a lock file was opened only for reading.
@@ -33,7 +49,8 @@ pub(super) enum ReadOnlyBecause {
     /// Neither empty nor a whole holder record: someone else's data, never ours to write or
     /// remove.
     NotOurs,
-    /// Found held (tested, not taken) by a copy that will not wait: already running.
+    /// Found held (tested, not taken) by a copy that will not wait, or found held with more than
+    /// one name (see [`Opened::Linked`]): already running.
     Held,
 }
 
@@ -108,32 +125,30 @@ pub(super) fn open_lock_file(
     let fstat = |file: &OwnedFd| {
         rustix::fs::fstat(file).map_err(|e| Error::io("cannot stat", path, e.into()))
     };
-    // What every file at the path must be; `false`: it has no name any more (retry).
-    let check = |st: &Stat| -> Result<bool> {
+    // What every file at the path must be, and how many names it has.
+    let check = |st: &Stat| -> Result<Names> {
         let file_type = FileType::from_raw_mode(st.st_mode);
         if file_type != FileType::RegularFile {
             return Err(unsafe_path(UnsafeLockPath::NotRegularFile {
                 kind: file_type_name(file_type),
             }));
         }
-        // No name at all: its holder removed it between our open and this check (it does so
-        // on every release). A race to retry, not an attack: the path names a fresh file, or
-        // nothing.
-        if st.st_nlink == 0 {
-            return Ok(false);
-        }
-        // A second name for the file means it may be someone else's file linked in here (say
-        // /etc/shadow, where protected_hardlinks is off), which we would truncate and write.
-        if st.st_nlink != 1 {
-            #[allow(clippy::unnecessary_cast)] // `st_nlink` is narrower on some architectures
-            let links = st.st_nlink as u64;
-            return Err(unsafe_path(UnsafeLockPath::HardLinked { links }));
-        }
-        Ok(true)
+        #[allow(clippy::unnecessary_cast)] // `st_nlink` is narrower on some architectures
+        Ok(match st.st_nlink as u64 {
+            0 => Names::Gone,
+            1 => Names::One,
+            links => Names::More(links),
+        })
     };
     let writable = |file: OwnedFd, st: Stat, created: bool| -> Result<Option<(Opened, Stat)>> {
-        if !check(&st)? {
-            return Ok(None);
+        match check(&st)? {
+            Names::Gone => return Ok(None),
+            // A second name for a file we have just made: nobody's accident.
+            Names::More(links) if created => {
+                return Err(unsafe_path(UnsafeLockPath::HardLinked { links }));
+            }
+            Names::More(links) => return Ok(Some((Opened::Linked(file, links), st))),
+            Names::One => {}
         }
         if !owner_acceptable(plan, euid, st.st_uid, lock_dir) {
             return Err(unsafe_path(UnsafeLockPath::WrongOwner {
@@ -163,8 +178,13 @@ pub(super) fn open_lock_file(
         Err(e) => return Err(refused(e)),
     };
     let st = fstat(&file)?;
-    if !check(&st)? {
-        return Ok(None);
+    match check(&st)? {
+        Names::Gone => return Ok(None),
+        Names::More(_) if is_held(&file) == Ok(true) => {
+            return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::Held), st)));
+        }
+        Names::More(links) => return Ok(Some((Opened::Linked(file, links), st))),
+        Names::One => {}
     }
     let content =
         read_content(&file).map_err(|e| Error::io("cannot read the lock file", path, e.into()))?;

@@ -4,16 +4,14 @@
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
 use crate::holder::Holder;
 
-use super::ofd::retry_eintr;
+use super::grace::{await_answer, await_answer_async};
 use super::record::{LockRecord, read_content};
-use super::watch::drain;
 
 /// How long a refused copy waits for a just-started holder to write its record before it
 /// reports the holder as unknown. The holder writes it right after locking, before it connects to
@@ -113,93 +111,29 @@ pub(super) fn read_holder(file: &OwnedFd, path: &Path) -> Holder {
     if let Some(holder) = look_at_record(file, path) {
         return holder;
     }
-    match record_watch(path) {
-        Some(inotify) => await_record(file, path, &inotify, None, Instant::now() + RECORD_GRACE),
-        None => unknown_holder(path),
-    }
+    record_watch(path)
+        .and_then(|inotify| {
+            let deadline = Instant::now() + RECORD_GRACE;
+            // Looked at again once the watch is in place, so a write between the two counts.
+            await_answer(&inotify, None, deadline, || look_at_record(file, path))
+        })
+        .unwrap_or_else(|| unknown_holder(path))
 }
 
 /// [`read_holder`] for async code, in any runtime (no I/O or time driver needed): the grace is
 /// waited out on a thread of its own while the executor runs other tasks, and dropping the
-/// future ends that thread at once (through `cancel`). The usual answer, a record already
-/// there, costs no thread.
+/// future ends that thread at once (see [`await_answer_async`]). The usual answer, a record
+/// already there, costs no thread.
 pub(super) async fn read_holder_async(file: &OwnedFd, path: &Path) -> Holder {
-    /// Wakes the waiting thread when the future is done or dropped.
-    struct CancelOnDrop(Arc<OwnedFd>);
-    impl Drop for CancelOnDrop {
-        fn drop(&mut self) {
-            let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
-        }
-    }
     if let Some(holder) = look_at_record(file, path) {
         return holder;
     }
-    let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
-    let (Some(inotify), Ok(cancel), Ok(file)) = (
-        record_watch(path),
-        rustix::event::eventfd(0, flags),
-        file.try_clone(),
-    ) else {
+    let (Some(inotify), Ok(file)) = (record_watch(path), file.try_clone()) else {
         return unknown_holder(path);
     };
-    let cancel = Arc::new(cancel);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (thread_cancel, thread_path) = (Arc::clone(&cancel), path.to_owned());
     let deadline = Instant::now() + RECORD_GRACE;
-    let spawned = std::thread::Builder::new()
-        .name("unique-instance-record".into())
-        .spawn(move || {
-            let holder = await_record(
-                &file,
-                &thread_path,
-                &inotify,
-                Some(&thread_cancel),
-                deadline,
-            );
-            let _ = tx.send(holder);
-        });
-    if spawned.is_err() {
-        return unknown_holder(path);
-    }
-    let _cancel = CancelOnDrop(cancel);
-    rx.await.unwrap_or_else(|_| unknown_holder(path))
-}
-
-/// Waits for the holder's record to be written (`inotify`, a [`record_watch`] on `path`) until
-/// `deadline`, or until `cancel` becomes readable; reads it again after every event.
-fn await_record(
-    file: &OwnedFd,
-    path: &Path,
-    inotify: &OwnedFd,
-    cancel: Option<&OwnedFd>,
-    deadline: Instant,
-) -> Holder {
-    use rustix::event::{PollFd, PollFlags};
-    loop {
-        // Re-read after the watch is in place, so a write between the two is not missed.
-        if let Some(holder) = look_at_record(file, path) {
-            return holder;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return unknown_holder(path);
-        }
-        let mut fds = vec![PollFd::new(inotify, PollFlags::IN)];
-        if let Some(cancel) = cancel {
-            fds.push(PollFd::new(cancel, PollFlags::IN));
-        }
-        let ts = rustix::event::Timespec {
-            tv_sec: left.as_secs() as i64,
-            tv_nsec: i64::from(left.subsec_nanos()),
-        };
-        match retry_eintr(|| rustix::event::poll(&mut fds, Some(&ts))) {
-            Ok(n) if n > 0 => {
-                if fds.get(1).is_some_and(|c| !c.revents().is_empty()) {
-                    return unknown_holder(path);
-                }
-                drain(inotify);
-            }
-            _ => return unknown_holder(path),
-        }
-    }
+    let thread_path = path.to_owned();
+    await_answer_async(inotify, deadline, move || look_at_record(&file, &thread_path))
+        .await
+        .unwrap_or_else(|| unknown_holder(path))
 }

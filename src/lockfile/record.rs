@@ -2,7 +2,7 @@
 //! ([`LockRecord`]), and its whole-file write and bounded read.
 //! Must not: decide who holds the lock (the kernel lock decides), nor wait for a record.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -145,8 +145,8 @@ impl LockRecord {
 }
 
 /// Writes `line` at offset 0 of `file` with one `pwrite` (see [`HeldLock::write_record`](super::held::HeldLock::write_record)).
-pub(super) fn write_whole(file: &OwnedFd, line: &[u8]) -> std::io::Result<()> {
-    let n = retry_eintr(|| rustix::io::pwrite(file, line, 0))?;
+pub(super) fn write_whole(file: impl AsFd, line: &[u8]) -> std::io::Result<()> {
+    let n = retry_eintr(|| rustix::io::pwrite(&file, line, 0))?;
     if n != line.len() {
         return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
     }
@@ -155,10 +155,10 @@ pub(super) fn write_whole(file: &OwnedFd, line: &[u8]) -> std::io::Result<()> {
 
 /// The start of the file: at most [`MAX_RECORD_LEN`] bytes and one more, however large the file
 /// is (anyone who can create a file at the path chooses its size).
-pub(super) fn read_content(file: &OwnedFd) -> rustix::io::Result<Vec<u8>> {
+pub(super) fn read_content(file: impl AsFd) -> rustix::io::Result<Vec<u8>> {
     // One byte more than a record: to tell a whole record from one followed by more.
     let mut buf = vec![0u8; MAX_RECORD_LEN + 1];
-    let n = retry_eintr(|| rustix::io::pread(file, &mut buf, 0))?;
+    let n = retry_eintr(|| rustix::io::pread(&file, &mut buf, 0))?;
     buf.truncate(n);
     Ok(buf)
 }

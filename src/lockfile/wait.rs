@@ -143,8 +143,7 @@ fn may_be_free(
         && path_names != Some(old.id)
         && matches!(is_held(&old.file), Ok(true))
     {
-        static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        stop_for_test("UNIQUE_INSTANCE_TEST_STOP_WAITING_ON_A_REMOVED_FILE", &STOPPED);
+        test_hooks::stop_at(Hook::WaitingOnARemovedFile);
         return false;
     }
     *waited_on = None;
