@@ -48,6 +48,7 @@ mod test_hooks;
 pub use error::{Error, Result, UnsafeLockPath};
 pub use guard::InstanceGuard;
 pub use holder::Holder;
+pub use lockfile::record_this_process_as_holder;
 pub use loss::{Loss, LossReason, LossWatcher};
 pub use name::{InstanceName, NameRule};
 pub use options::{InstanceOptions, Wait};

@@ -576,3 +576,46 @@ fn a_refusal_never_names_a_process_that_reused_the_holders_pid() {
     );
     assert_eq!(copy.exit_code(), 75);
 }
+
+/// `record_this_process_as_holder` writes a record only through a descriptor the lock is held
+/// through, and only over a holder record (or nothing): a file nobody holds, one held through
+/// another open file, or someone's data are left exactly as they were.
+#[test]
+fn a_record_is_rewritten_only_through_a_held_descriptor() {
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("record_self");
+    let path = dir.path().join(format!("{name}.lock"));
+    let guard = InstanceOptions::new(name.as_str())
+        .backend(Backend::LockFile)
+        .lock_dir(dir.path())
+        .acquire()
+        .expect("acquire");
+    let before = std::fs::read(&path).expect("read");
+    // Another open file of the held file: the lock is not held through it.
+    let other = File::open(&path).expect("open");
+    assert!(unique_instance::record_this_process_as_holder(other.as_fd()).is_err());
+    assert_eq!(std::fs::read(&path).expect("read"), before, "left as it was");
+    // Through the guard's own descriptor: written, one whole record naming this process,
+    // padded to the old length.
+    let fd = guard.lock_file_descriptor().expect("a lock file");
+    unique_instance::record_this_process_as_holder(fd).expect("rewrite");
+    let after = std::fs::read(&path).expect("read");
+    assert!(after.len() >= before.len() && after.ends_with(b"\n"), "{after:?}");
+    let line = String::from_utf8(after).expect("utf-8");
+    assert!(
+        line.contains(&format!("\"pid\":{}", std::process::id())),
+        "{line}"
+    );
+    assert_eq!(line.matches('\n').count(), 1, "{line}");
+    guard.release().expect("release");
+    // Nobody holds a file of someone's data: not written.
+    std::fs::write(&path, "data\n").expect("write");
+    let data = File::options()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
+    assert!(unique_instance::record_this_process_as_holder(data.as_fd()).is_err());
+    assert_eq!(std::fs::read(&path).expect("read"), b"data\n");
+}

@@ -48,7 +48,9 @@
 //! side queues what it sends and writes it when the socket has room, in the same wait that
 //! reads. The keeper's queue stays small: `reaped` notices are merged into one.
 //!
-//! When the wrapper dies (end of file on the socket) the keeper stops the tree itself: SIGTERM
+//! When the wrapper dies (end of file on the socket) the keeper names itself in the lock file's
+//! record, so that refused copies name it, the live holder, not the dead wrapper ("holder
+//! unknown", after the grace a record gets), and stops the tree itself: SIGTERM
 //! to every descendant, SIGKILL after `--kill-after`, and exits once none is left (holding no
 //! lock, with `--backend dbus`, nothing excludes a new copy then: SIGKILL at once). A descendant
 //! it cannot signal (another user's, when the keeper is not root) is waited for: exclusion holds
@@ -265,6 +267,9 @@ struct Keeper {
     lock: Option<OwnedFd>,
     /// Descriptors received from the wrapper and not yet claimed by their `lock` line.
     received: std::collections::VecDeque<OwnedFd>,
+    /// The wrapper's end of the socket closed (or a write found it closed): it is gone, and
+    /// the keeper alone holds the instance now.
+    wrapper_left: bool,
 }
 
 impl Keeper {
@@ -284,6 +289,7 @@ impl Keeper {
             kill_after,
             lock: None,
             received: std::collections::VecDeque::new(),
+            wrapper_left: false,
         })
     }
 
@@ -320,6 +326,11 @@ impl Keeper {
                 return ExitCode::SUCCESS;
             }
             let Some(control) = &self.control else {
+                if self.wrapper_left
+                    && let Some(lock) = &self.lock
+                {
+                    name_self_in_record(lock);
+                }
                 self.stop_everything(self.lock.is_some());
                 return ExitCode::SUCCESS;
             };
@@ -498,6 +509,7 @@ impl Keeper {
         }
         if gone {
             self.control = None;
+            self.wrapper_left = true;
         }
     }
 
@@ -610,6 +622,7 @@ impl Keeper {
         }
         if gone {
             self.control = None;
+            self.wrapper_left = true;
             self.outbox.clear();
         }
     }
@@ -669,6 +682,20 @@ impl Keeper {
             let _ = rustix::event::poll(&mut fds, Some(&timeout));
             self.drain_sigchld();
         }
+    }
+}
+
+/// The wrapper is gone and the keeper alone holds the instance: the record still names the
+/// wrapper, a dead process, which refused copies would report as "holder unknown" after the
+/// grace a record gets. The keeper names itself instead (its PID, start time and executable;
+/// the lock file alone, the bus name having gone with the wrapper). A failure only costs that
+/// name: it is said, and the tree is stopped all the same.
+fn name_self_in_record(lock: &OwnedFd) {
+    if let Err(e) = unique_instance::record_this_process_as_holder(lock.as_fd()) {
+        let _ = writeln!(
+            io::stderr(),
+            "unique-instance: keeper: cannot name itself as the holder in the lock file: {e}"
+        );
     }
 }
 

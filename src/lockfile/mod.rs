@@ -16,6 +16,7 @@
 mod attempt;
 mod dir;
 mod grace;
+mod handed;
 mod held;
 mod netfs;
 mod ofd;
@@ -32,6 +33,7 @@ mod watcher;
 
 pub(crate) use attempt::{Attempt, lock};
 pub(crate) use dir::open_dir;
+pub use handed::record_this_process_as_holder;
 pub(crate) use part::HeldFile;
 pub(crate) use probe::{holder_of, holder_of_async};
 // For the fuzz targets' entry points (src/fuzzing.rs).
