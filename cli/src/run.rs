@@ -37,6 +37,9 @@ const EXIT_CANNOT_EXECUTE: u8 = 126;
 const EXIT_NOT_FOUND: u8 = 127;
 
 pub(crate) fn run(args: RunArgs) -> ExitCode {
+    if let Some(missing) = proc_missing() {
+        return missing;
+    }
     if let Some(refusal) = refuse_early(&args) {
         return refusal;
     }
@@ -261,6 +264,28 @@ fn refuse_early(args: &RunArgs) -> Option<ExitCode> {
             name: args.instance.name.clone(),
             holder: Box::new(holder),
         },
+    ))
+}
+
+/// `run` needs `/proc`: it starts COMMAND's keeper by re-executing itself through
+/// `/proc/self/exe` (no path that could name another binary by then), and it and the keeper find
+/// the processes COMMAND leaves behind there. Without it (a container or chroot that did not
+/// mount it) nothing could keep COMMAND's processes from outliving the instance: it fails
+/// closed, before anything is acquired, saying what is missing and what to do. One `lstat`.
+fn proc_missing() -> Option<ExitCode> {
+    let e = std::fs::symlink_metadata("/proc/self/exe").err()?;
+    let why = if e.kind() == io::ErrorKind::NotFound {
+        "/proc is not mounted".to_owned()
+    } else {
+        format!("cannot use /proc ({e})")
+    };
+    Some(fail(
+        EXIT_INTERNAL,
+        format_args!(
+            "{why}: `run` needs it to start COMMAND's keeper (through /proc/self/exe) and to find \
+             the processes COMMAND leaves behind; mount it (`mount -t proc proc /proc`, or give \
+             the container its /proc) and try again. Nothing was started."
+        ),
     ))
 }
 
