@@ -1714,7 +1714,11 @@ fn run_without_proc_says_what_is_missing() {
         }
     }
     let mut wrapper = Proc::spawn(cmd);
-    assert_eq!(wrapper.stdout_until_closed(), Vec::<String>::new(), "COMMAND ran");
+    assert_eq!(
+        wrapper.stdout_until_closed(),
+        Vec::<String>::new(),
+        "COMMAND ran"
+    );
     assert_eq!(wrapper.exit_code(), 70);
     let stderr = wrapper.stderr_until_closed().join("\n");
     assert!(

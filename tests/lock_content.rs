@@ -595,13 +595,20 @@ fn a_record_is_rewritten_only_through_a_held_descriptor() {
     // Another open file of the held file: the lock is not held through it.
     let other = File::open(&path).expect("open");
     assert!(unique_instance::record_this_process_as_holder(other.as_fd()).is_err());
-    assert_eq!(std::fs::read(&path).expect("read"), before, "left as it was");
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        before,
+        "left as it was"
+    );
     // Through the guard's own descriptor: written, one whole record naming this process,
     // padded to the old length.
     let fd = guard.lock_file_descriptor().expect("a lock file");
     unique_instance::record_this_process_as_holder(fd).expect("rewrite");
     let after = std::fs::read(&path).expect("read");
-    assert!(after.len() >= before.len() && after.ends_with(b"\n"), "{after:?}");
+    assert!(
+        after.len() >= before.len() && after.ends_with(b"\n"),
+        "{after:?}"
+    );
     let line = String::from_utf8(after).expect("utf-8");
     assert!(
         line.contains(&format!("\"pid\":{}", std::process::id())),

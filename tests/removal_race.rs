@@ -66,7 +66,11 @@ fn a_waiter_never_runs_while_the_removed_file_is_still_held() {
                 &["run", "--backend", "lockfile", "--wait", &name, "--"],
             );
             // Exclusive creation, as `--critical` does: a second holder fails.
-            cmd.args(["sh", "-c", &format!("set -C; : > {critical} || exit 99; {script}")]);
+            cmd.args([
+                "sh",
+                "-c",
+                &format!("set -C; : > {critical} || exit 99; {script}"),
+            ]);
             cmd
         } else {
             let mut cmd = clean_command(&example_path("holder"), None, lock_dir.path());

@@ -54,8 +54,8 @@ pub fn record_this_process_as_holder(lock: BorrowedFd<'_>) -> Result<()> {
         Mode::empty(),
     )
     .map_err(|e| Error::io("cannot open again (is /proc mounted?)", &path, e.into()))?;
-    let held_through_it = matches!(is_held(other.as_fd()), Ok(true))
-        && matches!(is_held(lock), Ok(false));
+    let held_through_it =
+        matches!(is_held(other.as_fd()), Ok(true)) && matches!(is_held(lock), Ok(false));
     if !held_through_it {
         return Err(invalid(
             "cannot name this process in",

@@ -133,7 +133,9 @@ pub(super) async fn read_holder_async(file: &OwnedFd, path: &Path) -> Holder {
     };
     let deadline = Instant::now() + RECORD_GRACE;
     let thread_path = path.to_owned();
-    await_answer_async(inotify, deadline, move || look_at_record(&file, &thread_path))
-        .await
-        .unwrap_or_else(|| unknown_holder(path))
+    await_answer_async(inotify, deadline, move || {
+        look_at_record(&file, &thread_path)
+    })
+    .await
+    .unwrap_or_else(|| unknown_holder(path))
 }

@@ -133,7 +133,9 @@ fn may_be_free(
                 *waited_on = WaitedOn::new(file);
                 return false;
             }
-            rustix::fs::fstat(&file).ok().map(|st| (st.st_dev, st.st_ino))
+            rustix::fs::fstat(&file)
+                .ok()
+                .map(|st| (st.st_dev, st.st_ino))
         }
         Err(_) => None,
     };
