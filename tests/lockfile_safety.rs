@@ -545,8 +545,8 @@ fn a_second_name_that_goes_away_is_waited_out() {
     let other = dir.path().join(format!("{name}.bak"));
     std::fs::hard_link(&path, &other).expect("link");
     let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
-    cmd.args([&name, "--backend", "lockfile"])
-        .env(STOP_ON_A_SECOND_NAME, "1");
+    cmd.args([&name, "--backend", "lockfile"]);
+    common::arm_test_hook(&mut cmd, STOP_ON_A_SECOND_NAME);
     let mut c = common::Proc::spawn(cmd);
     // Before the fix it printed "unsafe-lock-path" here instead.
     c.stopped_at(STOP_ON_A_SECOND_NAME);

@@ -2,8 +2,8 @@
 //! re-creates it (src/lockfile/recover.rs); a waiter, woken by the same removal, has the removed
 //! file open and must not make a new file at the path and run while that file is still held,
 //! or the two run at once (the holder's re-creation then fails, and it has lost). Reached
-//! exactly through test hooks of debug builds (the copy stops itself with `SIGSTOP` there), and
-//! again in a loop of removals. (`--critical` makes two holders at once fail the one that
+//! exactly through test hooks (the `test-hooks` cargo feature, which ./scripts/test turns on:
+//! the copy stops itself with `SIGSTOP` there), and again in a loop of removals. (`--critical` makes two holders at once fail the one that
 //! enters second, with exit 99.)
 
 mod common;
@@ -88,8 +88,8 @@ fn a_waiter_never_runs_while_the_removed_file_is_still_held() {
             }
             cmd
         };
-        cmd.env(STOP_IN_LOCK_WAIT, "1")
-            .env(STOP_WAITING_ON_A_REMOVED_FILE, "1");
+        common::arm_test_hook(&mut cmd, STOP_IN_LOCK_WAIT);
+        common::arm_test_hook(&mut cmd, STOP_WAITING_ON_A_REMOVED_FILE);
         let mut waiter = Proc::spawn(cmd);
         // It found the file held, and is about to wait for it.
         waiter.stopped_at(STOP_IN_LOCK_WAIT);
@@ -164,8 +164,8 @@ fn waiters_woken_by_removals_leave_the_holder_its_instance() {
                 critical,
                 "--hold-ms",
                 "20",
-            ])
-            .env(STOP_IN_LOCK_WAIT, "1");
+            ]);
+            common::arm_test_hook(&mut cmd, STOP_IN_LOCK_WAIT);
             let mut waiter = Proc::spawn(cmd);
             // Each one waiting, with the file open, before the removals start.
             waiter.stopped_at(STOP_IN_LOCK_WAIT);
