@@ -31,7 +31,9 @@
 //!    the driver had started and not yet seen exit at some moment between the refused copy's
 //!    attempt and its refusal ("holder unknown" is counted, not failed). A `run` wrapper counts
 //!    as alive until its stderr closes: its keeper and COMMAND hold a duplicate of the lock, and
-//!    end a moment after a SIGKILLed wrapper (the keeper stops COMMAND, then exits).
+//!    end a moment after a SIGKILLed wrapper (the keeper stops COMMAND, then exits). So does the
+//!    keeper, which names itself in the record once its wrapper died, and says so on the
+//!    wrapper's stderr.
 //! 3. **No copy crashed**: no panic (exit 101), no death by a signal the driver did not send.
 //! 4. **No false error**: no copy exits 70 (an I/O or bus error). Under any of these faults the
 //!    only right answers are "acquired" or "already running" (or, after a loss, stopping); each
@@ -897,6 +899,17 @@ fn parse_log(text: &str) -> (Vec<Line>, Vec<String>) {
     (lines, bad)
 }
 
+/// The PID of the keeper that says, in a `run` wrapper's stderr, that it holds the instance
+/// after the wrapper died (see `cli/src/keeper.rs`).
+fn keeper_named_in(stderr: &str) -> Option<u32> {
+    let at = stderr.find("its keeper (pid ")? + "its keeper (pid ".len();
+    let digits: String = stderr[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
 fn field<'a>(rest: &'a str, key: &str) -> Option<&'a str> {
     rest.split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
@@ -1158,13 +1171,20 @@ fn check(text: &str, driver_pid: u32) -> Report {
     }
 
     // A copy is alive from its spawn to its exit; the holder a record names lives on in `run`'s
-    // COMMAND, which holds a duplicate of the lock, until the wrapper's stderr closes.
+    // COMMAND, which holds a duplicate of the lock, until the wrapper's stderr closes. So does
+    // the keeper of a `run` whose wrapper died: it names itself in the record then, and says so
+    // on the wrapper's stderr ("its keeper (pid K) holds the instance").
     let lives: HashMap<u32, Vec<(u64, u64)>> = incs.iter().fold(HashMap::new(), |mut m, inc| {
         let end = match (inc.exit, inc.eof) {
             (Some(exit), Some(eof)) if inc.kind == Kind::Cli => exit.max(eof),
             (exit, _) => exit.unwrap_or(u64::MAX),
         };
         m.entry(inc.pid).or_default().push((inc.born, end));
+        if inc.kind == Kind::Cli
+            && let Some(keeper) = inc.stderr.as_deref().and_then(keeper_named_in)
+        {
+            m.entry(keeper).or_default().push((inc.born, end));
+        }
         m
     });
     // The beliefs.
@@ -1765,6 +1785,20 @@ fn checker_rules_on_written_logs() {
         &wrapper_gone.replace("1.400000000 1 eof", "1.340000000 1 eof"),
         d,
     );
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+
+    // Its keeper, which names itself in the record once the wrapper died and says so on the
+    // wrapper's stderr, counts as alive as long as the wrapper does; another PID does not.
+    let keeper_named = wrapper_gone
+        .replace("refused holder=20", "refused holder=25")
+        .replace(
+            "1.400000000 1 eof pid=20",
+            "1.400000000 1 stderr pid=20 text=unique-instance: the wrapper is gone; its keeper \
+             (pid 25) holds the instance while it stops COMMAND\n1.400000000 1 eof pid=20",
+        );
+    let r = check(&keeper_named, d);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    let r = check(&keeper_named.replace("(pid 25)", "(pid 26)"), d);
     assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
 
     let panicked = log(&[

@@ -636,8 +636,9 @@ impl Keeper {
         let (deadline, mut signal) = if holding {
             let _ = writeln!(
                 io::stderr(),
-                "unique-instance: the wrapper is gone; stopping COMMAND and everything it \
-                 started (SIGTERM now, SIGKILL in {:?})",
+                "unique-instance: the wrapper is gone; its keeper (pid {}) holds the instance \
+                 while it stops COMMAND and everything it started (SIGTERM now, SIGKILL in {:?})",
+                std::process::id(),
                 self.kill_after
             );
             (Instant::now().checked_add(self.kill_after), Signal::TERM)
