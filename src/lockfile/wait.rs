@@ -88,8 +88,8 @@ impl ReleaseWatch {
 /// inotify reports as `IN_CLOSE_WRITE` (the holder exiting, even killed, or a holder that
 /// removed the file, which the directory watch reports). Tested with `F_OFD_GETLK` on a
 /// descriptor opened only for reading, whose close wakes nobody; any doubt (an error, a lock
-/// directory removed or replaced) says "try": the attempt itself then decides, and reports what
-/// is wrong. Not every release sends an event (see `RECHECK_EVERY` in options.rs): waiters also
+/// directory removed or replaced) says "try", unless a file waited on is still held (below):
+/// the attempt itself then decides, and reports what is wrong. Not every release sends an event (see `RECHECK_EVERY` in options.rs): waiters also
 /// call this periodically.
 ///
 /// A file found held is kept open in `waited_on` (see [`WaitedOn`]): when the path later names
@@ -123,10 +123,13 @@ fn may_be_free(
             if let Some(watch) = watch {
                 // Through the descriptor, so the watch is on the very file tested below.
                 let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-                match inotify::add_watch(&watch.fd, path.as_str(), WatchFlags::CLOSE_WRITE) {
-                    Ok(wd) if !watch.watches.contains(&wd) => watch.watches.push(wd),
-                    Ok(_) => {}
-                    Err(_) => return true,
+                // Without a watch on it (inotify's limits), the periodic re-check sees it let
+                // go; the rules below hold either way.
+                if let Ok(wd) =
+                    inotify::add_watch(&watch.fd, path.as_str(), WatchFlags::CLOSE_WRITE)
+                    && !watch.watches.contains(&wd)
+                {
+                    watch.watches.push(wd);
                 }
             }
             if matches!(is_held(&file), Ok(true)) {
