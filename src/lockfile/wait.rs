@@ -20,7 +20,7 @@ use super::held::HeldLock;
 use super::ofd::is_held;
 use super::probe::peek_holder;
 use super::record::LockRecord;
-use super::watch::{drain, drain_any, new_inotify};
+use super::watch::{drain, new_inotify};
 
 /// An inotify instance (non-blocking, close-on-exec) for a copy waiting for the lock file of
 /// `lock_dir`: readable when an entry of the directory is created, removed or renamed, or the
@@ -103,7 +103,7 @@ fn may_be_free(
     watch: Option<&mut ReleaseWatch>,
     plan: &LockPlan,
     lock_dir: &LockDir,
-    waited_on: &mut Option<WaitedOn>,
+    seen: &mut Seen,
 ) -> bool {
     use rustix::fs::inotify::{self, WatchFlags};
     // Removed or replaced, the directory's file is no longer the one to wait for: try, and the
@@ -133,7 +133,10 @@ fn may_be_free(
                 }
             }
             if matches!(is_held(&file), Ok(true)) {
-                *waited_on = WaitedOn::new(file);
+                *seen = Seen {
+                    waited_on: WaitedOn::new(file),
+                    ..Seen::default()
+                };
                 return false;
             }
             rustix::fs::fstat(&file)
@@ -143,16 +146,45 @@ fn may_be_free(
         Err(_) => None,
     };
     // Nobody holds the path's file, or there is none: free, unless the file waited on is
-    // another one and still held.
-    if let Some(old) = waited_on
+    // another one and still held, or may have been followed by one we never saw.
+    if let Some(old) = &seen.waited_on
         && path_names != Some(old.id)
-        && matches!(is_held(&old.file), Ok(true))
     {
-        test_hooks::stop_at(Hook::WaitingOnARemovedFile);
-        return false;
+        if matches!(is_held(&old.file), Ok(true)) {
+            test_hooks::stop_at(Hook::WaitingOnARemovedFile);
+            return false;
+        }
+        // A holder that re-creates its file lets go of the removed one once the new one is
+        // locked: if that new one was removed in turn before we ever found it held, the
+        // holder still holds it, and is about to re-create it again. Not knowing, we wait a
+        // while for that re-creation (an event) rather than make a file beside the holder.
+        if seen.made_since {
+            let since = *seen.unsure_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < UNSURE_GRACE {
+                return false;
+            }
+        }
     }
-    *waited_on = None;
+    *seen = Seen::default();
     true
+}
+
+/// How long a waiter that may have missed a re-created lock file (see [`Seen::made_since`])
+/// waits for its holder to show itself again before it goes ahead. Only that rare
+/// interleaving pays it: removals in quick succession, each before the waiter looked.
+const UNSURE_GRACE: Duration = Duration::from_secs(1);
+
+/// What a waiter knows of the files it found at the path (see [`may_be_free`]).
+#[derive(Debug, Default)]
+struct Seen {
+    /// The file last found held.
+    waited_on: Option<WaitedOn>,
+    /// Since `waited_on` was last found held, a file of the lock file's name was made in the
+    /// directory (`IN_CREATE`, `IN_MOVED_TO`): perhaps a holder's re-created file, which we
+    /// have not found held.
+    made_since: bool,
+    /// Since when the answer has been "not free" only because of `made_since`.
+    unsure_since: Option<Instant>,
 }
 
 /// The file a waiter last found held, kept open (for reading only, so its close wakes nobody)
@@ -265,14 +297,17 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
     let mut watched = dir.id();
     let mut recheck = RECHECK_EVERY;
     let mut quick = 0;
-    let mut waited_on = None;
+    let mut seen = Seen::default();
+    let name = plan.file_name.as_os_str();
     loop {
         let watching = watch.as_mut().map(|watch| {
             // Events up to here are answered by the check below.
-            drain(watch.get_ref().fd());
+            if take_events(watch.get_ref().fd(), name) == Some(true) {
+                seen.made_since = true;
+            }
             watch.get_mut()
         });
-        if may_be_free(watching, plan, dir, &mut waited_on) {
+        if may_be_free(watching, plan, dir, &mut seen) {
             match lock_async(plan, dir).await? {
                 Attempt::Acquired(mut held, previous) => {
                     let quiet = watch.map(|w| w.into_inner().into_quiet());
@@ -293,7 +328,7 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
             // was in the old one: its holder cannot re-create it where copies meet now.
             watch = watch_release(plan, dir);
             watched = dir.id();
-            waited_on = None;
+            seen = Seen::default();
             recheck = RECHECK_FIRST;
             continue;
         }
@@ -306,15 +341,17 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
             tokio::task::yield_now().await;
             continue;
         }
+        let mut made = false;
         let event = async {
             loop {
                 let Ok(mut ready) = watch.readable().await else {
                     // Cannot happen with a registered descriptor; re-check rather than spin.
                     return std::future::pending::<()>().await;
                 };
-                let got = drain_any(ready.get_inner().fd());
+                let got = take_events(ready.get_inner().fd(), name);
                 ready.clear_ready();
-                if got {
+                if let Some(made_one) = got {
+                    made = made_one;
                     return;
                 }
             }
@@ -329,5 +366,41 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
                 recheck = (recheck * 2).min(RECHECK_EVERY);
             }
         }
+        seen.made_since |= made;
     }
+}
+
+/// Reads everything queued on a [`release_watch`]: `None` when there was nothing, else whether
+/// an entry named `name` was made in the directory (`IN_CREATE`, `IN_MOVED_TO`).
+fn take_events(fd: &OwnedFd, name: &std::ffi::OsStr) -> Option<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    /// `struct inotify_event` before its name: `wd`, `mask`, `cookie`, `len`.
+    const HEADER: usize = 16;
+    use rustix::fs::inotify::WatchFlags;
+    let made_mask = (WatchFlags::CREATE | WatchFlags::MOVED_TO).bits();
+    let mut buf = [0u8; 4096];
+    let mut any = None;
+    while let Ok(n) = rustix::io::read(fd, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        let made = any.get_or_insert(false);
+        let mut at = 0;
+        while let Some(header) = buf.get(at..at + HEADER).filter(|_| at + HEADER <= n) {
+            let word = |i: usize| {
+                header
+                    .get(i..i + 4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(0, u32::from_ne_bytes)
+            };
+            let (mask, len) = (word(4), word(12) as usize);
+            let entry = buf.get(at + HEADER..at + HEADER + len).unwrap_or_default();
+            let entry = entry.split(|&b| b == 0).next().unwrap_or_default();
+            if mask & made_mask != 0 && entry == name.as_bytes() {
+                *made = true;
+            }
+            at += HEADER + len;
+        }
+    }
+    any
 }

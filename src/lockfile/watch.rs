@@ -27,16 +27,6 @@ pub(super) fn drain(fd: &OwnedFd) {
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
 }
 
-/// Reads everything queued on `fd` (an inotify instance); true when there was anything.
-pub(super) fn drain_any(fd: &OwnedFd) -> bool {
-    let mut buf = [0u8; 4096];
-    let mut any = false;
-    while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {
-        any = true;
-    }
-    any
-}
-
 /// A new inotify instance, for [`WatchHandle::inotify`]. Made before the lock and the bus
 /// connection are opened, so that their descriptors are numbered above it: see
 /// [`HeldLock::move_above`](super::held::HeldLock::move_above) for why that order matters.
