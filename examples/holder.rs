@@ -5,7 +5,7 @@
 //!             [--wait forever|SECONDS] [--allow-replacement] [--recheck-ms N]
 //!             [--watch | --no-watch]
 //!             [--blocking [--drop-in-runtime]]
-//!             [--go-on-stdin] [--critical FILE --hold-ms N]
+//!             [--go-on-stdin] [--critical FILE --hold-ms N] [--remove-lock-file-at-once]
 //! holder --version
 //! ```
 //!
@@ -40,6 +40,8 @@ struct Args {
     go_on_stdin: bool,
     critical: Option<PathBuf>,
     hold: Option<Duration>,
+    /// Removes the lock file the moment the acquisition returns, before anything else runs.
+    remove_at_once: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -95,6 +97,7 @@ fn parse() -> Result<Args, String> {
             "--blocking" => args.blocking = true,
             "--drop-in-runtime" => args.drop_in_runtime = true,
             "--go-on-stdin" => args.go_on_stdin = true,
+            "--remove-lock-file-at-once" => args.remove_at_once = true,
             "--critical" => args.critical = Some(value()?.into()),
             "--hold-ms" => {
                 args.hold = Some(Duration::from_millis(
@@ -158,6 +161,17 @@ fn report_error(e: &Error) -> i32 {
         .map_or("unknown".to_owned(), |p| p.to_string());
     say(&format!("{word} holder_pid={pid} msg={one_line}"));
     code
+}
+
+/// `--remove-lock-file-at-once`: the lock file removed before the guard's watch had any chance
+/// to run (no await, no other line of this program in between).
+fn remove_at_once(args: &Args, guard: &InstanceGuard) {
+    if args.remove_at_once
+        && let Some(path) = guard.lock_file()
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        eprintln!("holder: cannot remove the lock file: {e}");
+    }
 }
 
 fn acquired_line(guard: &InstanceGuard) -> String {
@@ -231,6 +245,7 @@ fn run_blocking(args: &Args) -> i32 {
         Ok(g) => g,
         Err(e) => return report_error(&e),
     };
+    remove_at_once(args, &guard);
     critical_enter(args);
     say(&acquired_line(&guard));
     // Losses are reported from a thread with a watcher; this thread keeps the guard.
@@ -284,6 +299,7 @@ async fn run_async(args: &Args) -> i32 {
         Ok(g) => g,
         Err(e) => return report_error(&e),
     };
+    remove_at_once(args, &guard);
     critical_enter(args);
     say(&acquired_line(&guard));
     let done = async {

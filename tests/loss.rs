@@ -249,6 +249,48 @@ fn a_removed_lock_file_is_recreated_and_still_excludes() {
     }
 }
 
+/// The watch checks the path once its inotify watches are in place, so a lock file removed
+/// before then (here: the instant the acquisition returns, before the holder does anything
+/// else) is re-created all the same: the watches may be added by the watch itself, off the
+/// acquisition's path, without a change slipping through the gap.
+#[test]
+fn a_lock_file_removed_the_instant_acquisition_returns_is_recreated() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let modes: [(bool, &[&str]); 4] = [
+        (false, &["--backend", "lockfile"]),
+        (false, &["--backend", "lockfile", "--blocking"]),
+        (true, &[]),
+        (true, &["--blocking"]),
+    ];
+    for (with_bus, mode) in modes {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("removed_at_once");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut args = vec![name.as_str(), "--remove-lock-file-at-once"];
+        args.extend_from_slice(mode);
+        let mut h = holder(
+            with_bus.then_some(bus.address.as_str()),
+            lock_dir.path(),
+            &args,
+        );
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        let warning = h.stderr_line_containing("re-created");
+        assert!(warning.contains("removed"), "{mode:?}: {warning}");
+        assert!(
+            std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()),
+            "{mode:?}: re-created"
+        );
+        assert_refused_naming(&name, lock_dir.path(), &["--backend", "lockfile"], h.pid());
+        h.close_stdin();
+        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}: no loss");
+        assert_eq!(h.exit_code(), 0);
+        assert!(
+            !path.exists(),
+            "{mode:?}: release removes the re-created file"
+        );
+    }
+}
+
 /// `run`: a removed lock file is re-created by the wrapper; COMMAND keeps running (it answers
 /// on stdin afterwards), a second `run` is refused naming the wrapper, and the wrapper exits
 /// with COMMAND's status, not as a loss.
