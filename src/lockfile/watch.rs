@@ -27,7 +27,7 @@ pub(super) fn drain(fd: &OwnedFd) {
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
 }
 
-/// A new inotify instance, for [`WatchHandle::inotify`]. Made before the lock and the bus
+/// A new inotify instance, for [`WatchHandle::add_watches`]. Made before the lock and the bus
 /// connection are opened, so that their descriptors are numbered above it: see
 /// [`HeldLock::move_above`](super::held::HeldLock::move_above) for why that order matters.
 pub(crate) fn new_inotify() -> std::io::Result<OwnedFd> {
@@ -49,13 +49,16 @@ impl WatchHandle {
         &self.path
     }
 
-    /// An inotify descriptor (non-blocking, close-on-exec) that becomes readable whenever an
-    /// entry of the lock directory is removed, renamed or created, or the directory itself goes:
-    /// every way the path can stop naming our file. `fd` is a [`new_inotify`] instance (or the
-    /// error making it).
-    pub(crate) fn inotify(&self, fd: std::io::Result<OwnedFd>) -> std::io::Result<OwnedFd> {
+    /// Makes `fd` (a [`new_inotify`] instance) readable whenever an entry of the lock directory
+    /// is removed, renamed or created, or the directory itself goes: every way the path can stop
+    /// naming our file.
+    ///
+    /// Called by the watch itself (its task or thread), not on the acquisition's path: it costs
+    /// a system call per directory above the lock file and one per component of the path, and
+    /// the watch checks the path once its watches are in place anyway, so a change made before
+    /// then is not missed (see `watch_lock`).
+    pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<()> {
         use rustix::fs::inotify::{self, WatchFlags};
-        let fd = fd?;
         let flags = WatchFlags::DELETE
             | WatchFlags::MOVED_FROM
             | WatchFlags::MOVED_TO
@@ -65,11 +68,11 @@ impl WatchHandle {
             | WatchFlags::ONLYDIR;
         // Through our directory descriptor, not its path: the path may have been replaced.
         let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
-        inotify::add_watch(&fd, dir.as_str(), flags)?;
+        inotify::add_watch(fd, dir.as_str(), flags)?;
         // And every directory holding a symlink on the way, so that a flipped
         // `current -> releases/vN` wakes us too (its path then leads to another file).
         for parent in symlink_parents(&self.path) {
-            inotify::add_watch(&fd, parent.as_path(), flags)?;
+            inotify::add_watch(fd, parent.as_path(), flags)?;
         }
         // And every directory above ours, for itself only: renaming or removing any of them
         // (`mv app app.old && mv app.new app`, the usual deploy) leads the path elsewhere
@@ -85,7 +88,7 @@ impl WatchHandle {
         for ancestor in above.filter(|a| a.parent().is_some()) {
             // Best effort, like the symlink parents: the re-check decides.
             let _ = inotify::add_watch(
-                &fd,
+                fd,
                 ancestor,
                 WatchFlags::MOVE_SELF
                     | WatchFlags::DELETE_SELF
@@ -93,7 +96,7 @@ impl WatchHandle {
                     | WatchFlags::MASK_ADD,
             );
         }
-        Ok(fd)
+        Ok(())
     }
 
     /// Is the path still our file? `None` when it is. Asked twice: of the name in the directory

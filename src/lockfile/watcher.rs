@@ -56,8 +56,17 @@ async fn recheck_lock(handle: WatchHandle, interval: Duration, losses: LossLog) 
 const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Re-checks the lock file whenever its directory changes (or is itself removed or moved), and
-/// only then.
-async fn watch_lock(handle: WatchHandle, inotify: CloseAside, losses: LossLog) {
+/// only then. The watches are added to `inotify` here, before the first check; without them, it
+/// re-checks every 10 seconds.
+async fn watch_lock(handle: WatchHandle, inotify: std::io::Result<CloseAside>, losses: LossLog) {
+    let inotify = match inotify.and_then(|fd| handle.add_watches(&fd.0).map(|()| fd)) {
+        Ok(inotify) => inotify,
+        Err(e) => {
+            tracing::warn!(path = %handle.path().display(), error = %e,
+                "cannot watch the lock file with inotify; re-checking it every 10 s instead");
+            return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
+        }
+    };
     // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
     // an `OwnedFd` moved in here (in its `CloseAside`) cannot, and `register` (its replacement)
     // is `unsafe`, which this crate denies.
@@ -123,8 +132,9 @@ async fn mount_table_changed(mounts: Option<&tokio::io::unix::AsyncFd<std::os::f
 
 /// Starts the watches of `held` for as long as the instance runs, as tasks on the current
 /// runtime: its directory watched with `inotify` (a [`new_inotify`](super::watch::new_inotify)
-/// instance made before the lock, see [`HeldLock::move_above`]; when it could not be made or
-/// set up, a re-check every 10 seconds instead), and a re-check every `recheck`, if asked.
+/// instance made before the lock, see [`HeldLock::move_above`]; its watches are added by the
+/// task, see [`WatchHandle::add_watches`]; when it could not be made or set up, a re-check
+/// every 10 seconds instead), and a re-check every `recheck`, if asked.
 /// `inotify` is `None` when the watch was turned off.
 pub(crate) fn start_watch(
     held: &mut HeldLock,
@@ -134,23 +144,21 @@ pub(crate) fn start_watch(
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     if let Some(inotify) = inotify {
-        let handle = held.watch_handle();
-        match handle.inotify(inotify) {
+        // Only the lock's descriptor is moved above the instance here; the watches are added by
+        // the task (see `WatchHandle::add_watches`), so that the acquisition does not wait for
+        // them.
+        let inotify = match inotify {
             Ok(inotify) => {
                 held.move_above(&inotify)?;
-                let inotify = CloseAside(inotify);
-                tasks.push(tokio::spawn(watch_lock(handle, inotify, losses.clone())));
+                Ok(CloseAside(inotify))
             }
-            Err(e) => {
-                tracing::warn!(path = %handle.path().display(), error = %e,
-                    "cannot watch the lock file with inotify; re-checking it every 10 s instead");
-                tasks.push(tokio::spawn(recheck_lock(
-                    handle,
-                    WATCH_FALLBACK_INTERVAL,
-                    losses.clone(),
-                )));
-            }
-        }
+            Err(e) => Err(e),
+        };
+        tasks.push(tokio::spawn(watch_lock(
+            held.watch_handle(),
+            inotify,
+            losses.clone(),
+        )));
     }
     if let Some(interval) = recheck {
         tasks.push(tokio::spawn(recheck_lock(
@@ -232,16 +240,14 @@ impl LockWatchThread {
         losses: LossLog,
     ) -> Result<Self> {
         let handle = held.watch_handle();
-        let inotify = match handle.inotify(inotify) {
+        // Only the lock's descriptor is moved above the instance here; the watches are added by
+        // the thread, off the acquisition's path (see `WatchHandle::add_watches`).
+        let inotify = match inotify {
             Ok(inotify) => {
                 held.move_above(&inotify)?;
-                Some(inotify)
+                Ok(inotify)
             }
-            Err(e) => {
-                tracing::warn!(path = %handle.path().display(), error = %e,
-                    "cannot watch the lock file with inotify; re-checking it every 10 s instead");
-                None
-            }
+            Err(e) => Err(e),
         };
         let cannot = |e| Error::io("cannot start the thread that watches", handle.path(), e);
         let stop = rustix::event::eventfd(
@@ -256,6 +262,16 @@ impl LockWatchThread {
         std::thread::Builder::new()
             .name("unique-instance-watch".into())
             .spawn(move || {
+                let inotify = match inotify
+                    .and_then(|fd| thread_handle.add_watches(&fd).map(|()| fd))
+                {
+                    Ok(inotify) => Some(inotify),
+                    Err(e) => {
+                        tracing::warn!(path = %thread_handle.path().display(), error = %e,
+                            "cannot watch the lock file with inotify; re-checking it every 10 s instead");
+                        None
+                    }
+                };
                 watch_lock_blocking(&thread_handle, inotify.as_ref(), &thread_stop, &losses);
                 // Tells the guard that no more checks are made, before the inotify instance is
                 // closed (slowly) on the way out.
