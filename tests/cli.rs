@@ -182,40 +182,6 @@ fn signals_to_the_wrapper_reach_command() {
 /// COMMAND the `--kill-after` grace it gives when it still holds the lock file: a COMMAND that
 /// ignores SIGTERM would run for that long beside the next copy. It is SIGKILLed at once.
 #[test]
-fn with_the_bus_alone_command_is_killed_at_once_when_the_wrapper_dies() {
-    let bus = DbusDaemon::start(BusConfig::Open);
-    let lock_dir = tempfile::tempdir().expect("tempdir");
-    let name = unique_name("dbus_sigkill");
-    let mut wrapper = cli(
-        Some(&bus.address),
-        lock_dir.path(),
-        &[
-            "run",
-            "--backend",
-            "dbus",
-            "--kill-after",
-            "600",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; echo pid $$; while :; do sleep 1; done",
-        ],
-    );
-    let (command_pid, pidfd) = command_pidfd(&mut wrapper);
-    wrapper.sigkill();
-    let exited = exits_within_timeout(&pidfd);
-    if !exited {
-        let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
-    }
-    assert!(
-        exited,
-        "COMMAND (pid {command_pid}), which ignores SIGTERM, still runs {TIMEOUT:?} after the \
-         wrapper of a bus-only instance was killed: it ran unguarded beside any new copy"
-    );
-}
-
-#[test]
 fn sigkill_to_the_wrapper_takes_command_down() {
     let bus = DbusDaemon::start(BusConfig::Open);
     let lock_dir = tempfile::tempdir().expect("tempdir");
@@ -1274,6 +1240,193 @@ fn holds_file(pid: u32, dev: u64, ino: u64) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     false
+}
+
+/// With the bus name alone (`--backend dbus`: no lock file), the keeper holds a duplicate of the
+/// bus connection's socket: when the wrapper is SIGKILLed the bus keeps the name owned until the
+/// keeper has stopped COMMAND's whole tree (gracefully: SIGTERM, SIGKILL after --kill-after), so
+/// a second copy is refused while a descendant that ignores SIGTERM lives.
+#[test]
+fn with_the_bus_alone_the_name_stays_owned_until_the_tree_is_gone() {
+    common::require_program("setsid", "util-linux");
+    common::require_program("bash", "bash");
+    let bus = DbusDaemon::start(BusConfig::Open);
+    outlives_the_wrapper(&bus, "dbus", false, |wrapper| wrapper.sigkill());
+}
+
+/// `kill -9 -PGID` of the wrapper's process group (a terminal's or a supervisor's group kill)
+/// kills the wrapper and COMMAND, but not the keeper, which has a process group of its own: it
+/// stops what COMMAND left (daemons in sessions of their own, every descriptor closed) and holds
+/// the instance until they are gone. COMMAND itself stays in the wrapper's process group (a
+/// terminal's Ctrl-C and job control reach it).
+#[test]
+fn a_group_kill_of_the_wrapper_leaves_the_keeper_to_stop_the_tree() {
+    common::require_program("setsid", "util-linux");
+    common::require_program("bash", "bash");
+    let bus = DbusDaemon::start(BusConfig::Open);
+    for backend in ["auto", "dbus"] {
+        outlives_the_wrapper(&bus, backend, true, |wrapper| {
+            let group = rustix::process::Pid::from_raw(wrapper.pid() as i32).expect("pgid");
+            rustix::process::kill_process_group(group, Signal::KILL).expect("kill -9 -PGID");
+            let _ = wrapper.wait();
+        });
+    }
+}
+
+/// The process group of process `pid`, from its `/proc/PID/stat`.
+fn process_group_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or_else(|| panic!("bad stat {stat:?}"))
+}
+
+/// `run --backend BACKEND` (in a process group of its own when `new_group`) with a COMMAND
+/// that leaves two daemons, each in a session of its own with every descriptor closed (the
+/// lock's too): the first ends at SIGTERM, the second ignores it. Then `kill` kills the wrapper.
+/// While the second lives a new copy is refused; the first is stopped; once the second is gone
+/// (the test kills it) a new copy acquires.
+fn outlives_the_wrapper(
+    bus: &DbusDaemon,
+    backend: &str,
+    new_group: bool,
+    kill: impl FnOnce(&mut Proc),
+) {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("outlives_the_wrapper");
+    let daemon = |ignore_term: bool| {
+        let (trap, word) = if ignore_term {
+            ("trap \"\" TERM; ", "stays")
+        } else {
+            ("", "stops")
+        };
+        format!(
+            "setsid sh -c '{trap}echo {word} $$; exec sleep 600 </dev/null >/dev/null 2>&1' \
+             </dev/null & "
+        )
+    };
+    let script = format!(
+        "echo command $$; [ -n \"$UNIQUE_INSTANCE_LOCK_FD\" ] && eval \"exec \
+         $UNIQUE_INSTANCE_LOCK_FD>&-\"; {}{}wait",
+        daemon(false),
+        daemon(true)
+    );
+    // NAME is bash's $0: it marks this case's keeper.
+    let args = [
+        "run",
+        "--backend",
+        backend,
+        "--kill-after=600",
+        &name,
+        "--",
+        "bash",
+        "-c",
+        &script,
+        &name,
+    ];
+    let mut cmd = cli_command(Some(&bus.address), lock_dir.path(), &args);
+    if new_group {
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    }
+    let mut wrapper = Proc::spawn(cmd);
+    let line = wrapper.line_starting("command ");
+    let command: u32 = line["command ".len()..]
+        .parse()
+        .unwrap_or_else(|_| panic!("bad line {line:?}"));
+    let mut daemons = Vec::new();
+    for _ in 0..2 {
+        let line = wrapper.next_line("a daemon's pid");
+        let (word, pid) = line
+            .split_once(' ')
+            .and_then(|(w, p)| Some((w.to_owned(), p.parse::<u32>().ok()?)))
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let pidfd = rustix::process::Pid::from_raw(pid as i32)
+            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+            .unwrap_or_else(|| panic!("process {pid} is not running"));
+        daemons.push((word, pid, pidfd));
+    }
+    daemons.sort_by(|a, b| a.0.cmp(&b.0).reverse());
+    assert_eq!(
+        daemons.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["stops", "stays"]
+    );
+    let _kill = daemons
+        .iter()
+        .map(|(_, _, pidfd)| KillOnDrop(pidfd))
+        .collect::<Vec<_>>();
+    if new_group {
+        // COMMAND is in the wrapper's process group, as a terminal's foreground job would be.
+        assert_eq!(
+            process_group_of(command),
+            wrapper.pid(),
+            "{backend}: COMMAND left the wrapper's process group"
+        );
+    }
+    kill(&mut wrapper);
+    let (_, survivor, survivor_fd) = &daemons[1];
+    let mut second = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[
+            "run",
+            "--backend",
+            backend,
+            &name,
+            "--",
+            "echo",
+            "second copy ran",
+        ],
+    );
+    let stdout = second.stdout_until_closed();
+    assert_eq!(
+        second.exit_code(),
+        75,
+        "{backend}: a copy started while a daemon (pid {survivor}) that COMMAND left outlives \
+         the killed wrapper must be refused; its stdout: {stdout:?}"
+    );
+    let stderr = second.stderr_until_closed().join("\n");
+    assert!(stderr.contains("is already running"), "{backend}: {stderr}");
+    // It still lives (SIGKILL comes only after --kill-after): the refusal was for it.
+    let mut fds = [rustix::event::PollFd::new(
+        survivor_fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        rustix::event::poll(&mut fds, Some(&now)).expect("poll"),
+        0,
+        "{backend}: the daemon that ignores SIGTERM was killed at once"
+    );
+    // The one that ends at SIGTERM was stopped, although the wrapper is gone.
+    let (_, stopped, stopped_fd) = &daemons[0];
+    wait_pidfd(*stopped, stopped_fd);
+    // Once the survivor is gone the instance is free (the keeper sees it end, and exits: a wait
+    // bounded by the test's timeout covers the moment between the two).
+    rustix::process::pidfd_send_signal(survivor_fd, Signal::KILL).expect("kill the daemon");
+    wait_pidfd(*survivor, survivor_fd);
+    let mut third = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[
+            "run",
+            "--backend",
+            backend,
+            "--wait=30",
+            &name,
+            "--",
+            "echo",
+            "third",
+        ],
+    );
+    assert_eq!(
+        third.next_line("the third copy's COMMAND"),
+        "third",
+        "{backend}"
+    );
+    assert_eq!(third.exit_code(), 0, "{backend}");
 }
 
 /// The keeper is an internal entry point: hidden from the help, and refusing to start by hand.
