@@ -193,6 +193,36 @@ impl InstanceGuard {
             })
     }
 
+    /// The descriptor of the socket of the bus connection that owns the name, when this library
+    /// made that socket (a bus address naming a Unix socket, as session and system buses do);
+    /// `None` without a bus name, or on a transport zbus connected itself (TCP, for one).
+    ///
+    /// The bus drops a connection, and with it the names it owns, only once the connection's
+    /// socket is closed, and a socket is closed only with its last descriptor. So whoever holds a
+    /// duplicate of this descriptor keeps the name owned, even after this process is gone:
+    /// `unique-instance run` hands one to its keeper process, so that the name stays owned until
+    /// every process COMMAND started is gone. [`InstanceGuard::release`], dropping the guard and
+    /// [`InstanceGuard::release_async`] still release the name (`ReleaseName`, or by shutting the
+    /// socket down, which ends the connection for every duplicate).
+    ///
+    /// The descriptor is close-on-exec; leave it so, and make any duplicate deliberately.
+    ///
+    /// # Caveats
+    ///
+    /// Never read from it or write to it: the byte stream belongs to this process's connection,
+    /// and a byte taken or added breaks it. A duplicate is only for keeping the connection open.
+    ///
+    /// Once this process is gone, nobody reads what the bus sends to the connection. The
+    /// guard's connection subscribes to no signal (no match rule), so that is only what is
+    /// addressed to it: `NameLost`/`NameAcquired` when the name changes hands, and method calls
+    /// other programs make to the name, which then get no answer. The bus queues them up to its
+    /// limit for one connection; then dbus-daemon refuses further messages to it
+    /// (`LimitsExceeded`, `max_outgoing_bytes`), and dbus-broker refuses calls to it but drops the
+    /// connection, and with it the name, when a message from the bus itself does not fit.
+    pub fn bus_socket_descriptor(&self) -> Option<BorrowedFd<'_>> {
+        self.held.name().and_then(HeldName::socket)
+    }
+
     /// The bus the name is owned on, if any.
     pub fn bus_kind(&self) -> Option<BusKind> {
         self.held.name().map(HeldName::kind)

@@ -52,6 +52,12 @@ pub(crate) struct Disconnect {
 }
 
 impl Disconnect {
+    /// The duplicate of the bus socket's descriptor, until the connection was ended or this was
+    /// disarmed.
+    pub(crate) fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.socket.as_ref().map(std::os::fd::AsFd::as_fd)
+    }
+
     /// Keeps the connection when dropped (its socket closes with zbus's tasks, as usual).
     pub(crate) fn disarm(mut self) {
         self.socket = None;

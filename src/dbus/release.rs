@@ -43,6 +43,12 @@ impl HeldName {
         &self.conn
     }
 
+    /// The descriptor of the connection's socket (a duplicate of zbus's), when we made the
+    /// socket.
+    pub(crate) fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.disconnect.as_ref().and_then(Disconnect::socket)
+    }
+
     /// Releases the name from async code.
     pub(crate) async fn release(self, name: &str) -> Result<()> {
         let released = release_bus(self.kind, self.conn, name).await;
