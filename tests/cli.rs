@@ -177,10 +177,6 @@ fn signals_to_the_wrapper_reach_command() {
     );
 }
 
-/// With the bus name alone (`--backend dbus`) nothing holds the instance once the wrapper is
-/// gone: its connection, and with it the name, goes with it. So the keeper must not give
-/// COMMAND the `--kill-after` grace it gives when it still holds the lock file: a COMMAND that
-/// ignores SIGTERM would run for that long beside the next copy. It is SIGKILLed at once.
 #[test]
 fn sigkill_to_the_wrapper_takes_command_down() {
     let bus = DbusDaemon::start(BusConfig::Open);
@@ -1449,6 +1445,8 @@ fn the_keeper_entry_point_is_hidden_and_refuses_to_run_by_hand() {
             "--control-fd",
             "7",
             "--kill-after",
+            "1",
+            "--process-group",
             "1",
             "--",
             "echo",

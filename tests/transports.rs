@@ -68,6 +68,62 @@ fn tcp_without_pipelining() {
     one_holder_and_a_refused_copy(&bus, "tcp", false);
 }
 
+/// Over TCP zbus makes the socket, so `run` has no bus socket to hand its keeper: with the bus
+/// name alone nothing holds the instance once the wrapper is gone, and the keeper kills COMMAND
+/// at once (SIGKILL), even one that ignores SIGTERM, rather than let it run beside a new copy.
+#[test]
+fn tcp_run_with_the_bus_alone_kills_command_at_once_when_the_wrapper_dies() {
+    let bus = DbusDaemon::start_listening(
+        BusConfig::Open,
+        "",
+        Some("tcp:host=127.0.0.1,bind=127.0.0.1,port=0"),
+        "<auth>ANONYMOUS</auth><allow_anonymous/>",
+    );
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("tcp_run");
+    let mut wrapper = common::cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[
+            "run",
+            "--backend",
+            "dbus",
+            "--kill-after",
+            "600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo pid $$; while :; do sleep 1; done",
+        ],
+    );
+    let line = wrapper.line_starting("pid ");
+    let pid: i32 = line["pid ".len()..]
+        .parse()
+        .unwrap_or_else(|_| panic!("bad line {line:?}"));
+    let pidfd = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+        .unwrap_or_else(|| panic!("COMMAND (pid {pid}) is not running"));
+    wrapper.sigkill();
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: TIMEOUT.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    let exited = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll") == 1;
+    if !exited {
+        let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+    }
+    assert!(
+        exited,
+        "COMMAND (pid {pid}), which ignores SIGTERM, still runs {TIMEOUT:?} after the wrapper of \
+         a bus-only instance on a TCP bus was killed: it ran unguarded beside any new copy"
+    );
+}
+
 /// Watches for the name to get an owner and calls the example server's `Ping` at once: the
 /// object was exported before the name was requested, so the call must be answered (not
 /// `UnknownObject`), even though the request left with the handshake.

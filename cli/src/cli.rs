@@ -155,6 +155,9 @@ pub(crate) struct KeeperArgs {
     /// How long COMMAND and what it left have between SIGTERM and SIGKILL when the wrapper dies.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub(crate) kill_after: Duration,
+    /// The wrapper's process group, which COMMAND joins (the keeper has one of its own).
+    #[arg(long, value_name = "PGID")]
+    pub(crate) process_group: i32,
     /// The command to run, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub(crate) command: Vec<OsString>,

@@ -1,32 +1,57 @@
 //! The keeper: the process `run` puts between itself and COMMAND, so that nothing COMMAND
 //! started outlives the instance, even when the wrapper is killed by SIGKILL.
 //!
+//! Over 400 lines: both ends of one protocol (the keeper, and the wrapper's handle on it, at the
+//! bottom) and its unit tests are kept side by side, so that a line changed on one side is
+//! changed on the other at once.
+//!
 //! The wrapper (`run`) re-executes its own binary (`/proc/self/exe internal-keeper ...`, an
 //! entry point that no help, man page or completion shows) as the keeper, handing it one end of
-//! a control socket, and over that socket, once the wrapper holds the instance, a duplicate of
-//! the lock's open file description. A copy that will wait (`--wait`) starts its keeper before
-//! waiting, so that the keeper's start-up (an exec, the dynamic loader, parsing) overlaps the
-//! wait instead of following the take-over; one that will not wait starts it once it holds the
-//! instance, so that a refused copy never pays for one. Either way the keeper starts nothing
+//! a control socket, and over that socket, once the wrapper holds the instance, duplicates of
+//! what holds it: the lock's open file description, and the socket of the bus connection that
+//! owns the name. A copy that will wait (`--wait`) starts its keeper before waiting, so that the
+//! keeper's start-up (an exec, the dynamic loader, parsing) overlaps the wait instead of
+//! following the take-over; one that will not wait starts it once it holds the instance, so that
+//! a refused copy never pays for one. Either way the keeper starts nothing
 //! before the wrapper's `go`: COMMAND starts only once the instance is held. The keeper is a
 //! child subreaper and starts COMMAND
 //! ([`crate::run::spawn_guarded`]): every process COMMAND starts and leaves orphaned is
 //! re-parented to the keeper, so the keeper has a child until the whole tree is gone, and it
-//! holds the lock until then — whatever the processes did to their descriptors, credentials,
-//! process group or session.
+//! holds the lock and the bus connection until then — whatever the processes did to their
+//! descriptors, credentials, process group or session.
+//!
+//! The keeper has a process group of its own (in the wrapper's session), and COMMAND joins the
+//! wrapper's: a kill of the wrapper's whole group (`kill -9 -PGID`, a supervisor's group kill)
+//! kills the wrapper and COMMAND but leaves the keeper to stop the rest, while a terminal's
+//! Ctrl-C, Ctrl-Z and hang-up reach COMMAND as they reach the wrapper (a process may join a
+//! group of its own session; the keeper's group is never the terminal's foreground group). Out
+//! of the foreground group, the keeper ignores SIGTTOU and SIGTTIN, so that a message it writes
+//! to a terminal set to `tostop` does not stop it; COMMAND gets their default action back.
+//!
+//! The bus socket is only held, never read nor written: the byte stream is the wrapper's
+//! connection. Once the wrapper is gone nobody reads what the bus sends to it; the bus queues
+//! that up to its limit for one connection. The connection subscribes to no signal, so that is
+//! only what is addressed to it: `NameLost`/`NameAcquired` if the name changes hands, and calls
+//! other programs make to the name, which get no answer (dbus-daemon refuses messages to a full
+//! queue, `LimitsExceeded`; dbus-broker refuses calls, and drops the connection when one of its
+//! own messages does not fit). The bus keeps the name owned while the socket is open: until the
+//! keeper exits, after the last descendant.
 //!
 //! While the wrapper lives it decides everything (which signals COMMAND gets, the loss of the
 //! instance, `--kill-after`, the exit status) and the keeper carries it out. The protocol, one
 //! text line per message on the socket:
-//! - wrapper to keeper, first and once: `go` (start COMMAND, with no lock: `--backend dbus`) or
-//!   `go lock DEV INO`, sent with the lock's descriptor attached (`SCM_RIGHTS`); the keeper
-//!   checks that it got exactly that one descriptor, of a regular file with that device and
-//!   inode. End of file before `go` (the wait ended without the instance, or the wrapper died):
-//!   the keeper exits at once, having started nothing and said nothing (the wrapper also kills
-//!   it and reaps it, so that nothing of it is left);
-//! - wrapper to keeper, after `go lock`, each time the wrapper's lock file was removed and
+//! - wrapper to keeper, first and once: `go`, then `lock DEV INO` (the lock file) and `bus DEV
+//!   INO` (the bus connection's socket), each when the wrapper holds it, in that order, sent with
+//!   those descriptors attached in the same order (`SCM_RIGHTS`): start COMMAND. The keeper
+//!   checks that it got exactly the descriptors announced, each with that device and inode, the
+//!   lock's a regular file, the bus's a connected Unix stream socket (the only transport whose
+//!   socket the library hands out; on another, `run` hands none). End of file before `go` (the
+//!   wait ended without the instance, or the wrapper died): the keeper exits at once, having
+//!   started nothing and said nothing (the wrapper also kills it and reaps it, so that nothing
+//!   of it is left);
+//! - wrapper to keeper, after a `go` with `lock`, each time the wrapper's lock file was removed and
 //!   re-created (the library's `lock_file_recreations`): `lock DEV INO`, sent with the new
-//!   file's descriptor attached, and checked as `go lock`'s is. From then on the keeper holds the
+//!   file's descriptor attached, and checked as `go`'s is. From then on the keeper holds the
 //!   new file (and closes the removed one, which keeps no copy out any more): without it, a
 //!   wrapper killed after a re-creation would leave the new file unlocked while the keeper still
 //!   stops COMMAND's tree (one killed between the re-creation and this line still does). A
@@ -50,18 +75,24 @@
 //!
 //! When the wrapper dies (end of file on the socket) the keeper names itself in the lock file's
 //! record, so that refused copies name it, the live holder, not the dead wrapper ("holder
-//! unknown", after the grace a record gets), and stops the tree itself: SIGTERM
-//! to every descendant, SIGKILL after `--kill-after`, and exits once none is left (holding no
-//! lock, with `--backend dbus`, nothing excludes a new copy then: SIGKILL at once). A descendant
-//! it cannot signal (another user's, when the keeper is not root) is waited for: exclusion holds
-//! until it is gone. The keeper ignores the signals the wrapper passes on (the wrapper starts it
-//! with them ignored, and COMMAND gets their defaults back): a terminal's Ctrl-C or systemd's
-//! SIGTERM to the whole cgroup reaches the keeper too, and the wrapper decides what COMMAND gets.
+//! unknown", after the grace a record gets), and stops the tree itself: SIGTERM (and SIGCONT) to
+//! every descendant, SIGKILL after `--kill-after`, and exits once none is left; the lock and the
+//! name are held until then. Holding neither (`--backend dbus` on a transport whose socket `run`
+//! cannot hand over, or once the bus has closed the connection), nothing excludes a new copy:
+//! SIGKILL at once. A descendant it cannot signal (another user's, when the keeper is not root)
+//! is waited for: exclusion holds until it is gone. The keeper ignores the signals the wrapper
+//! passes on (the wrapper starts it with them ignored, and COMMAND gets their defaults back):
+//! systemd's SIGTERM to the whole cgroup reaches the keeper too, and the wrapper decides what
+//! COMMAND gets.
 //!
-//! Not covered: the keeper itself killed by SIGKILL (the OOM killer, `kill -9` of the whole
-//! group). COMMAND then dies by `PR_SET_PDEATHSIG` unless it changed its credentials, and what
-//! still holds the inherited lock descriptor keeps the instance held; a descendant that closed
-//! it runs on unguarded.
+//! Not covered: the keeper itself killed by SIGKILL — by its own PID or process group, by the
+//! OOM killer choosing it (it is small and allocates little, so it is rarely chosen; a cgroup's
+//! group OOM kill takes the whole tree with it), or by `kill -9 -1`. COMMAND then dies by
+//! `PR_SET_PDEATHSIG` unless it changed its credentials; if the wrapper still lives it is a
+//! child subreaper too and stops the rest itself; if not, what still holds the inherited lock
+//! descriptor keeps the instance held, and a descendant that closed it runs on unguarded. And a
+//! bus that exits frees the name whatever the keeper holds: only a lock file, if one is held,
+//! still excludes then.
 //!
 //! The keeper is small and synchronous: one thread, no runtime, `poll` on the socket and on a
 //! SIGCHLD pipe; it allocates nothing between fork and exec, and never panics.
@@ -105,8 +136,16 @@ pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
             );
         }
     };
-    let lock = match await_go(&control) {
-        Ok(Go::Start(lock)) => lock,
+    let Some(group) = Pid::from_raw(args.process_group).filter(|_| args.process_group > 0) else {
+        return fail(
+            EXIT_USAGE,
+            format_args!("{SUBCOMMAND}: not a process group: {}", args.process_group),
+        );
+    };
+    // Before anything is written to the terminal: see `ignore_tty_stops`.
+    let tty_stops = ignore_tty_stops();
+    let held = match await_go(&control) {
+        Ok(Go::Start(held)) => held,
         // Nothing was started, and nobody is there to be told.
         Ok(Go::Abandoned) => return ExitCode::SUCCESS,
         Err(message) => {
@@ -123,30 +162,64 @@ pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
             );
         }
     };
-    keeper.run(&args.command, lock)
+    keeper.run(
+        &args.command,
+        held,
+        crate::run::Placement { group, tty_stops },
+    )
+}
+
+/// The keeper is not in the terminal's foreground process group (it has a group of its own), so
+/// the kernel would stop it (SIGTTOU) when it writes to a terminal set to `tostop`, and SIGTTIN
+/// if it read one: it ignores both. Returns those it ignores now and did not when it started,
+/// for COMMAND to get their default action back (one inherited ignored stays ignored).
+#[allow(unsafe_code)]
+fn ignore_tty_stops() -> [Option<i32>; 2] {
+    use nix::sys::signal::{SigHandler, Signal as NixSignal, signal};
+    [NixSignal::SIGTTOU, NixSignal::SIGTTIN].map(|tty_stop| {
+        // SAFETY: SIG_IGN installs no handler, so no code of ours runs in a signal context.
+        let before = unsafe { signal(tty_stop, SigHandler::SigIgn) };
+        match before {
+            Ok(SigHandler::SigIgn) => None,
+            _ => Some(tty_stop as i32),
+        }
+    })
 }
 
 /// What the wrapper said first.
 enum Go {
-    /// Start COMMAND, holding this duplicate of the lock (none with `--backend dbus`).
-    Start(Option<OwnedFd>),
+    /// Start COMMAND, holding these (none: `--backend dbus` on a bus we could not hand over).
+    Start(Held),
     /// End of file: the wrapper gave up (or died) before it held the instance.
     Abandoned,
 }
 
-/// The longest first line the wrapper sends (`go lock DEV INO`).
+/// What the keeper holds, and keeps until COMMAND's last descendant is gone: each keeps other
+/// copies out while it is open.
+#[derive(Default)]
+struct Held {
+    /// A duplicate of the lock file's descriptor (the open file description holds the lock).
+    lock: Option<OwnedFd>,
+    /// A duplicate of the socket of the bus connection that owns the name: the bus keeps the
+    /// name owned until the socket's last descriptor is closed. Never read nor written (see the
+    /// module's documentation).
+    bus: Option<OwnedFd>,
+}
+
+/// The longest first line the wrapper sends (`go lock DEV INO bus DEV INO`, 96 bytes at most).
 const GO_MAX: usize = 128;
 
 /// Waits (blocking: the keeper has nothing else to do yet) for the wrapper's `go`, and takes the
-/// lock's descriptor that comes with it, after checking it is the one announced. Received
-/// close-on-exec, so that COMMAND inherits only the one duplicate `spawn_guarded` makes for it.
+/// descriptors that come with it, after checking each is the one announced. Received
+/// close-on-exec, so that COMMAND inherits only the one duplicate of the lock `spawn_guarded`
+/// makes for it, and never the bus socket.
 fn await_go(control: &UnixStream) -> Result<Go, String> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
     let mut line = Vec::new();
     let mut received: Vec<OwnedFd> = Vec::new();
     loop {
         let mut buf = [0u8; GO_MAX];
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
         let mut ancillary = RecvAncillaryBuffer::new(&mut space);
         let message = match rustix::net::recvmsg(
             control,
@@ -163,9 +236,11 @@ fn await_go(control: &UnixStream) -> Result<Go, String> {
                 received.extend(fds);
             }
         }
-        // The kernel closed what did not fit: more than the one descriptor the wrapper sends.
+        // The kernel closed what did not fit: more than the two descriptors the wrapper sends.
         if message.flags.contains(ReturnFlags::CTRUNC) {
-            return Err("more descriptors than the lock's came with its order".into());
+            return Err(
+                "more descriptors than the lock's and the bus's came with its order".into(),
+            );
         }
         if message.bytes == 0 {
             if line.is_empty() && received.is_empty() {
@@ -182,22 +257,55 @@ fn await_go(control: &UnixStream) -> Result<Go, String> {
             None => {}
         }
     }
-    let line = String::from_utf8_lossy(&line);
-    let words: Vec<&str> = line.trim_end().split(' ').collect();
-    match (words.as_slice(), received.len()) {
-        (["go"], 0) => Ok(Go::Start(None)),
-        (["go", "lock", dev, ino], 1) => {
-            let lock = received.pop().ok_or("no descriptor")?;
-            let (dev, ino) = lock_id(dev, ino)
-                .ok_or_else(|| format!("not a device and inode: {:?}", line.trim_end()))?;
-            check_lock(lock, dev, ino).map(|lock| Go::Start(Some(lock)))
-        }
-        _ => Err(format!(
-            "an order it does not know before COMMAND started: {:?} with {} descriptor(s)",
-            line.trim_end(),
-            received.len()
-        )),
+    parse_go(&line, received).map(Go::Start)
+}
+
+/// Parses the wrapper's first line, `go`, then `lock DEV INO` and `bus DEV INO`, each at most
+/// once and in that order, with its newline: each announces a descriptor that came with the line
+/// (`received`, in the order sent), and must name it by device and inode. The lock's must be a
+/// regular file, the bus's a connected Unix stream socket (the only transport whose socket the
+/// library hands out). Anything else, or a descriptor too many or too few, is refused.
+fn parse_go(line: &[u8], received: Vec<OwnedFd>) -> Result<Held, String> {
+    let shown = String::from_utf8_lossy(line);
+    let shown = shown.trim_end();
+    let count = received.len();
+    let refuse = |why: &str| {
+        format!(
+            "an order it does not know before COMMAND started ({why}): {shown:?} with {count} \
+             descriptor(s)"
+        )
+    };
+    let text = line
+        .strip_suffix(b"\n")
+        .and_then(|l| std::str::from_utf8(l).ok())
+        .ok_or_else(|| refuse("not one line of text"))?;
+    let mut words = text.split(' ');
+    if words.next() != Some("go") {
+        return Err(refuse("not `go`"));
     }
+    let words: Vec<&str> = words.collect();
+    let parts = words.chunks_exact(3);
+    if !parts.remainder().is_empty() {
+        return Err(refuse("not `KIND DEV INO` after `go`"));
+    }
+    if parts.len() != count {
+        return Err(refuse("not as many descriptors as announced"));
+    }
+    let mut held = Held::default();
+    for (part, fd) in parts.zip(received) {
+        let [kind, dev, ino] = part else {
+            return Err(refuse("not `KIND DEV INO` after `go`"));
+        };
+        let (dev, ino) = lock_id(dev, ino).ok_or_else(|| refuse("not a device and inode"))?;
+        match *kind {
+            "lock" if held.lock.is_none() && held.bus.is_none() => {
+                held.lock = Some(check_lock(fd, dev, ino)?);
+            }
+            "bus" if held.bus.is_none() => held.bus = Some(check_bus(fd, dev, ino)?),
+            _ => return Err(refuse("`lock`, then `bus`, each once")),
+        }
+    }
+    Ok(held)
 }
 
 /// The device and inode numbers of `go lock DEV INO` and `lock DEV INO`: decimal digits only.
@@ -222,6 +330,27 @@ fn check_lock(lock: OwnedFd, dev: u64, ino: u64) -> Result<OwnedFd, String> {
         ));
     }
     Ok(lock)
+}
+
+/// `bus`, a descriptor received with `go ... bus DEV INO`, if it is a connected Unix stream
+/// socket (as the library's bus sockets are) with that device and inode.
+fn check_bus(bus: OwnedFd, dev: u64, ino: u64) -> Result<OwnedFd, String> {
+    use rustix::net::{AddressFamily, SocketType, sockopt};
+    let stat = rustix::fs::fstat(&bus).map_err(|e| format!("the bus socket's descriptor: {e}"))?;
+    let is_socket =
+        rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Socket;
+    if !is_socket || (stat.st_dev, stat.st_ino) != (dev, ino) {
+        return Err(format!(
+            "the descriptor that came with the bus socket {dev} {ino} is not that socket"
+        ));
+    }
+    if sockopt::socket_domain(&bus).ok() != Some(AddressFamily::UNIX)
+        || sockopt::socket_type(&bus).ok() != Some(SocketType::STREAM)
+    {
+        return Err("the bus socket is not a Unix stream socket".into());
+    }
+    rustix::net::getpeername(&bus).map_err(|e| format!("the bus socket is not connected: {e}"))?;
+    Ok(bus)
 }
 
 /// Takes ownership of the inherited descriptor `fd`, if it is open and of type `kind`.
@@ -270,6 +399,10 @@ struct Keeper {
     /// The wrapper's end of the socket closed (or a write found it closed): it is gone, and
     /// the keeper alone holds the instance now.
     wrapper_left: bool,
+    /// The socket of the bus connection that owns the name, held until the last descendant is
+    /// gone and never read nor written (see the module's documentation); `None` once the bus
+    /// closed the connection, or when `go` gave none.
+    bus: Option<OwnedFd>,
 }
 
 impl Keeper {
@@ -290,10 +423,16 @@ impl Keeper {
             lock: None,
             received: std::collections::VecDeque::new(),
             wrapper_left: false,
+            bus: None,
         })
     }
 
-    fn run(&mut self, command: &[OsString], lock: Option<OwnedFd>) -> ExitCode {
+    fn run(
+        &mut self,
+        command: &[OsString],
+        held: Held,
+        placement: crate::run::Placement,
+    ) -> ExitCode {
         if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
             // Without it, what COMMAND leaves would go to init, unguarded: fail closed.
             self.tell(&format!("error cannot become a child subreaper: {e}"));
@@ -304,8 +443,9 @@ impl Keeper {
         if self.wrapper_gone() {
             return ExitCode::from(EXIT_INTERNAL);
         }
-        self.lock = lock;
-        match crate::run::spawn_guarded(command, self.lock.as_ref().map(AsFd::as_fd)) {
+        self.lock = held.lock;
+        self.bus = held.bus;
+        match crate::run::spawn_guarded(command, self.lock.as_ref().map(AsFd::as_fd), placement) {
             Ok(child) => {
                 let pid = Pid::from_raw(child.id() as i32);
                 self.command = pid;
@@ -318,7 +458,8 @@ impl Keeper {
                 return ExitCode::from(EXIT_INTERNAL);
             }
         }
-        // `self.lock` is held until the last descendant is gone: this is the point of the keeper.
+        // `self.lock` and `self.bus` are held until the last descendant is gone: this is the
+        // point of the keeper.
         loop {
             if self.reap() {
                 self.tell("gone");
@@ -331,7 +472,7 @@ impl Keeper {
                 {
                     name_self_in_record(lock);
                 }
-                self.stop_everything(self.lock.is_some());
+                self.stop_everything();
                 return ExitCode::SUCCESS;
             };
             let mut fds = [
@@ -628,12 +769,16 @@ impl Keeper {
     }
 
     /// The wrapper is gone: stops COMMAND and every descendant, and returns once none is left.
-    /// While the keeper holds the lock file (`holding`), the instance is still held, so they get
-    /// SIGTERM and then SIGKILL after `--kill-after`. With the bus name alone (`--backend
-    /// dbus`) the name went with the wrapper's connection and nothing excludes a new copy any
-    /// more: SIGKILL at once, as `PR_SET_PDEATHSIG` did before there was a keeper.
-    fn stop_everything(&mut self, holding: bool) {
-        let (deadline, mut signal) = if holding {
+    /// While the keeper holds the instance (the lock file, or the bus connection that owns the
+    /// name), nothing excludes a new copy but the keeper itself, and it exits only once
+    /// the last descendant is gone: they get SIGTERM (and SIGCONT, so that a stopped one acts on
+    /// it), and SIGKILL after `--kill-after`. Holding nothing (`--backend dbus` on a bus whose
+    /// socket could not be handed over, or once the bus closed that connection: the name is
+    /// free), nothing excludes a new copy any more: SIGKILL at once, as `PR_SET_PDEATHSIG` did
+    /// before there was a keeper.
+    fn stop_everything(&mut self) {
+        let mut holding = self.lock.is_some() || bus_still_connected(&mut self.bus);
+        let (mut deadline, mut signal) = if holding {
             let _ = writeln!(
                 io::stderr(),
                 "unique-instance: the wrapper is gone; its keeper (pid {}) holds the instance \
@@ -643,18 +788,21 @@ impl Keeper {
             );
             (Instant::now().checked_add(self.kill_after), Signal::TERM)
         } else {
-            let _ = writeln!(
-                io::stderr(),
-                "unique-instance: the wrapper is gone, and with it the bus name; nothing holds \
-                 the instance, so COMMAND and everything it started are killed (SIGKILL)"
-            );
             (Some(Instant::now()), Signal::KILL)
         };
+        if !holding {
+            nothing_held();
+        }
         let mut signalled = std::collections::HashSet::new();
         let me = rustix::process::getpid();
         loop {
             if self.reap() {
                 return;
+            }
+            if holding && self.lock.is_none() && !bus_still_connected(&mut self.bus) {
+                holding = false;
+                nothing_held();
+                deadline = Some(Instant::now());
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if left == Some(Duration::ZERO) {
@@ -689,7 +837,7 @@ impl Keeper {
 /// The wrapper is gone and the keeper alone holds the instance: the record still names the
 /// wrapper, a dead process, which refused copies would report as "holder unknown" after the
 /// grace a record gets. The keeper names itself instead (its PID, start time and executable;
-/// the lock file alone, the bus name having gone with the wrapper). A failure only costs that
+/// in the lock file: the bus still names the connection's maker, the wrapper). A failure only costs that
 /// name: it is said, and the tree is stopped all the same.
 fn name_self_in_record(lock: &OwnedFd) {
     if let Err(e) = unique_instance::record_this_process_as_holder(lock.as_fd()) {
@@ -698,6 +846,41 @@ fn name_self_in_record(lock: &OwnedFd) {
             "unique-instance: keeper: cannot name itself as the holder in the lock file: {e}"
         );
     }
+}
+
+/// Says that nothing holds the instance any more, so that what is left is killed at once.
+fn nothing_held() {
+    let _ = writeln!(
+        io::stderr(),
+        "unique-instance: the wrapper is gone, and the bus name with it (no lock file held); \
+         nothing holds the instance, so COMMAND and everything it started are killed (SIGKILL)"
+    );
+}
+
+/// Does the bus connection whose socket the keeper holds still exist? The bus closes it when it
+/// drops the connection (it exited, or dropped us); the name is then free, and the duplicate
+/// is let go. Only the socket's state is looked at: nothing is ever read from it.
+fn bus_still_connected(bus: &mut Option<OwnedFd>) -> bool {
+    let Some(socket) = bus else {
+        return false;
+    };
+    // No event asked for: poll reports only a hang-up or an error.
+    let mut fds = [rustix::event::PollFd::new(
+        socket,
+        rustix::event::PollFlags::empty(),
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let closed = matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(1))
+        && fds[0]
+            .revents()
+            .intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::ERR);
+    if closed {
+        *bus = None;
+    }
+    !closed
 }
 
 /// The longest line the wrapper sends (`kill PID SIGNAL`, `lock DEV INO`), with room.
@@ -766,8 +949,13 @@ fn descendants(proc: &Path, me: Pid) -> Vec<(Pid, Pid)> {
 /// have just signalled) — a process that took a reused PID since the walk is then either not
 /// signalled or, having the same parent, a descendant too.
 fn signal_descendant(pid: Pid, parent: Pid, me: Pid, signal: Signal) -> bool {
+    // A stopped process acts on SIGTERM only once continued (SIGKILL needs no SIGCONT).
+    let and_continue = signal == Signal::TERM;
     if parent == me {
         let _ = rustix::process::kill_process(pid, signal);
+        if and_continue {
+            let _ = rustix::process::kill_process(pid, Signal::CONT);
+        }
         return true;
     }
     match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
@@ -777,6 +965,9 @@ fn signal_descendant(pid: Pid, parent: Pid, me: Pid, signal: Signal) -> bool {
             if now == Some(parent.as_raw_nonzero().get()) || now == Some(me.as_raw_nonzero().get())
             {
                 let _ = rustix::process::pidfd_send_signal(&pidfd, signal);
+                if and_continue {
+                    let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::CONT);
+                }
                 return true;
             }
             // Exited (not even a zombie any more) counts as done; another parent is looked at
@@ -786,6 +977,9 @@ fn signal_descendant(pid: Pid, parent: Pid, me: Pid, signal: Signal) -> bool {
         // A kernel without pidfds (before 5.3): the plain signal.
         Err(rustix::io::Errno::NOSYS) => {
             let _ = rustix::process::kill_process(pid, signal);
+            if and_continue {
+                let _ = rustix::process::kill_process(pid, Signal::CONT);
+            }
             true
         }
         // Gone already.
@@ -841,13 +1035,22 @@ pub(crate) struct Pending {
 pub(crate) async fn start(
     command: &[OsString],
     notify: bool,
-    lock: Option<BorrowedFd<'_>>,
+    held: Handed<'_>,
     kill_after: Duration,
 ) -> Result<(Handle, Pid), StartError> {
     spawn(command, notify, kill_after)
         .map_err(StartError::Keeper)?
-        .go(lock)
+        .go(held)
         .await
+}
+
+/// What the wrapper hands its keeper with `go`: the guard's descriptors, from
+/// [`unique_instance::InstanceGuard::lock_file_descriptor`] and
+/// [`unique_instance::InstanceGuard::bus_socket_descriptor`].
+#[derive(Clone, Copy)]
+pub(crate) struct Handed<'a> {
+    pub(crate) lock: Option<BorrowedFd<'a>>,
+    pub(crate) bus: Option<BorrowedFd<'a>>,
 }
 
 /// Starts the keeper, which then waits for [`Pending::go`] (or its end, [`Pending::abandon`]).
@@ -869,7 +1072,13 @@ pub(crate) fn spawn(
         .arg("--control-fd")
         .arg(theirs_raw.to_string())
         .arg("--kill-after")
-        .arg(kill_after.as_secs_f64().to_string());
+        .arg(kill_after.as_secs_f64().to_string())
+        .arg("--process-group")
+        .arg(rustix::process::getpgrp().as_raw_nonzero().to_string());
+    // A process group of its own (in our session), so that a kill of our whole group (`kill -9
+    // -PGID`, a supervisor's group kill) leaves it to stop what COMMAND started; COMMAND joins
+    // ours (see `spawn_guarded`), so a terminal's signals and job control still reach it.
+    cmd.process_group(0);
     cmd.arg("--").args(command);
     if notify {
         // Only COMMAND's environment (the keeper passes its own on): ours is left alone.
@@ -926,10 +1135,7 @@ impl Pending {
 
     /// Hands the keeper the lock's duplicate (`lock`, none with `--backend dbus`) and has it start
     /// COMMAND; returns once COMMAND runs, with its PID.
-    pub(crate) async fn go(
-        self,
-        lock: Option<BorrowedFd<'_>>,
-    ) -> Result<(Handle, Pid), StartError> {
+    pub(crate) async fn go(self, held: Handed<'_>) -> Result<(Handle, Pid), StartError> {
         let mut handle = Handle {
             process: self.process,
             pid: self.pid,
@@ -939,7 +1145,7 @@ impl Pending {
             attached: std::collections::VecDeque::new(),
             closed: false,
         };
-        if let Err(e) = handle.send_go(lock).await {
+        if let Err(e) = handle.send_go(held).await {
             // It ended (its status tells why, below), or cannot be told: without its whole `go`
             // it starts nothing, and would wait for ever.
             tracing::debug!(error = %e, "cannot send the keeper its go");
@@ -990,12 +1196,22 @@ impl Pending {
 }
 
 impl Handle {
-    /// Sends the keeper its `go`, with the lock's descriptor (see the protocol at the top).
-    async fn send_go(&mut self, lock: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        match lock {
-            Some(lock) => self.queue_lock("go lock", lock)?,
-            None => self.outbox.extend_from_slice(b"go\n"),
+    /// Sends the keeper its `go`, with the lock's descriptor and the bus socket's (see the
+    /// protocol at the top).
+    async fn send_go(&mut self, held: Handed<'_>) -> io::Result<()> {
+        // Both descriptors go with the line's first byte, in the order announced.
+        let mut line = "go".to_owned();
+        for (kind, fd) in [("lock", held.lock), ("bus", held.bus)] {
+            if let Some(fd) = fd {
+                // Duplicated first: what is sent is what was looked at (see `queue_lock`).
+                let fd = fd.try_clone_to_owned()?;
+                let stat = rustix::fs::fstat(&fd)?;
+                line.push_str(&format!(" {kind} {} {}", stat.st_dev, stat.st_ino));
+                self.attached.push_back((self.outbox.len(), fd));
+            }
         }
+        line.push('\n');
+        self.outbox.extend_from_slice(line.as_bytes());
         while !self.outbox.is_empty() {
             self.control.writable().await?;
             self.try_flush()?;
@@ -1121,13 +1337,16 @@ impl Handle {
     }
 
     /// [`Handle::flush`], or the error that ended it. A descriptor goes with the first byte of
-    /// its line, and never with another's (the keeper takes one for each `lock` line).
+    /// its line, and never with another's (the keeper takes one for each `lock` line, and the
+    /// two of `go` together).
     fn try_flush(&mut self) -> io::Result<()> {
         while !self.outbox.is_empty() {
-            let fd = match self.attached.front() {
-                Some((0, fd)) => Some(fd.as_fd()),
-                _ => None,
-            };
+            let fds: Vec<BorrowedFd<'_>> = self
+                .attached
+                .iter()
+                .take_while(|&&(at, _)| at == 0)
+                .map(|(_, fd)| fd.as_fd())
+                .collect();
             let end = self
                 .attached
                 .iter()
@@ -1136,12 +1355,12 @@ impl Handle {
                 .unwrap_or(self.outbox.len());
             let sent = self.control.try_io(tokio::io::Interest::WRITABLE, || {
                 let mut space =
-                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
                 let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
-                let one: [BorrowedFd<'_>; 1];
-                if let Some(fd) = fd {
-                    one = [fd];
-                    ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(&one));
+                if !fds.is_empty()
+                    && !ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(&fds))
+                {
+                    return Err(io::Error::other("more descriptors than one line carries"));
                 }
                 Ok(rustix::net::sendmsg(
                     &self.control,
@@ -1150,13 +1369,12 @@ impl Handle {
                     rustix::net::SendFlags::NOSIGNAL,
                 )?)
             });
-            let with_fd = fd.is_some();
+            let with_fds = fds.len();
+            drop(fds);
             match sent {
                 Ok(n) => {
-                    if with_fd {
-                        // Sent with the first byte; the rest of its line follows without it.
-                        self.attached.pop_front();
-                    }
+                    // Sent with the first byte; the rest of its line follows without them.
+                    self.attached.drain(..with_fds);
                     self.outbox.drain(..n);
                     for (at, _) in &mut self.attached {
                         *at -= n;
@@ -1186,7 +1404,7 @@ mod tests {
 
     /// Sends `text` with `fds` attached, as the wrapper sends its `go`.
     fn send(socket: &UnixStream, text: &str, fds: &[BorrowedFd<'_>]) {
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() {
             assert!(ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(fds)));
@@ -1201,48 +1419,147 @@ mod tests {
         assert_eq!(sent, text.len());
     }
 
-    fn go_line(file: &std::fs::File) -> String {
-        let stat = rustix::fs::fstat(file).expect("fstat");
-        format!("go lock {} {}\n", stat.st_dev, stat.st_ino)
+    /// ` KIND DEV INO` for `fd`, as the wrapper announces it.
+    fn announce(kind: &str, fd: BorrowedFd<'_>) -> String {
+        let stat = rustix::fs::fstat(fd).expect("fstat");
+        format!(" {kind} {} {}", stat.st_dev, stat.st_ino)
     }
 
+    fn same(a: &OwnedFd, b: BorrowedFd<'_>) -> bool {
+        let a = rustix::fs::fstat(a).expect("fstat");
+        let b = rustix::fs::fstat(b).expect("fstat");
+        (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    }
+
+    /// A test case of `go`: its name, the line, the descriptors sent with it, and what the
+    /// keeper must then hold (lock, bus), or `None` when it must refuse.
+    type GoCase<'a> = (&'a str, String, Vec<BorrowedFd<'a>>, Option<(bool, bool)>);
+
     #[test]
-    fn the_lock_that_comes_with_go_is_checked() {
+    fn what_comes_with_go_is_checked() {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
         let dir = tempfile::tempdir().expect("tempdir");
         let lock = std::fs::File::create(dir.path().join("a.lock")).expect("lock file");
         let other = std::fs::File::create(dir.path().join("b.lock")).expect("another file");
         let (pipe, _writer) = std::io::pipe().expect("pipe");
-        let go = go_line(&lock);
-        let cases: [(&str, &str, Vec<BorrowedFd<'_>>); 7] = [
-            ("announced, and sent", &go, vec![lock.as_fd()]),
-            ("no lock, none sent", "go\n", vec![]),
-            ("announced, none sent", &go, vec![]),
-            ("another file than announced", &go, vec![other.as_fd()]),
-            ("not a file", &go, vec![pipe.as_fd()]),
+        // The bus connection's socket: a connected Unix stream socket.
+        let (bus, _bus_peer) = UnixStream::pair().expect("socketpair");
+        let unconnected = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let (datagram, _datagram_peer) =
+            std::os::unix::net::UnixDatagram::pair().expect("datagram pair");
+        let (l, b) = (lock.as_fd(), bus.as_fd());
+        let lock_ann = announce("lock", l);
+        let bus_ann = announce("bus", b);
+        let both = format!("go{lock_ann}{bus_ann}\n");
+        let lock_only = format!("go{lock_ann}\n");
+        let bus_only = format!("go{bus_ann}\n");
+        let plus = lock_ann.replace("lock ", "lock +");
+        // Each case: what is sent, and what the keeper must hold then (`None`: refused).
+        let cases: Vec<GoCase<'_>> = vec![
+            (
+                "both, and sent",
+                both.clone(),
+                vec![l, b],
+                Some((true, true)),
+            ),
+            ("nothing", "go\n".into(), vec![], Some((false, false))),
+            (
+                "the lock alone",
+                lock_only.clone(),
+                vec![l],
+                Some((true, false)),
+            ),
+            (
+                "the bus alone",
+                bus_only.clone(),
+                vec![b],
+                Some((false, true)),
+            ),
+            ("announced, none sent", both.clone(), vec![], None),
+            ("one of two sent", both.clone(), vec![l], None),
+            ("sent in the other order", both.clone(), vec![b, l], None),
+            (
+                "another file than announced",
+                lock_only.clone(),
+                vec![other.as_fd()],
+                None,
+            ),
+            ("not a file", lock_only.clone(), vec![pipe.as_fd()], None),
             (
                 "one more than announced",
-                &go,
-                vec![lock.as_fd(), other.as_fd()],
+                lock_only.clone(),
+                vec![l, other.as_fd()],
+                None,
             ),
-            ("none announced, one sent", "go\n", vec![lock.as_fd()]),
+            ("none announced, one sent", "go\n".into(), vec![l], None),
+            (
+                "the lock as the bus",
+                format!("go{}\n", announce("bus", l)),
+                vec![l],
+                None,
+            ),
+            (
+                "an unconnected socket",
+                format!("go{}\n", announce("bus", unconnected.as_fd())),
+                vec![unconnected.as_fd()],
+                None,
+            ),
+            (
+                "a datagram socket",
+                format!("go{}\n", announce("bus", datagram.as_fd())),
+                vec![datagram.as_fd()],
+                None,
+            ),
+            (
+                "bus before lock",
+                format!("go{bus_ann}{lock_ann}\n"),
+                vec![b, l],
+                None,
+            ),
+            (
+                "the lock twice",
+                format!("go{lock_ann}{lock_ann}\n"),
+                vec![l, l],
+                None,
+            ),
+            ("a sign", format!("go{plus}\n"), vec![l], None),
+            (
+                "a trailing space",
+                format!("go{lock_ann} \n"),
+                vec![l],
+                None,
+            ),
+            (
+                "an unknown kind",
+                format!("go{}\n", announce("pipe", l)),
+                vec![l],
+                None,
+            ),
         ];
-        for (i, (case, text, fds)) in cases.into_iter().enumerate() {
+        for (case, text, fds, want) in cases {
             let (wrapper, keeper) = UnixStream::pair().expect("socketpair");
-            send(&wrapper, text, &fds);
-            let got = await_go(&keeper);
-            match (i, got) {
-                (0, Ok(Go::Start(Some(fd)))) => {
-                    let stat = rustix::fs::fstat(&fd).expect("fstat");
-                    let want = rustix::fs::fstat(&lock).expect("fstat");
-                    assert_eq!((stat.st_dev, stat.st_ino), (want.st_dev, want.st_ino));
-                    // COMMAND must not inherit the keeper's own copy.
-                    let flags = rustix::io::fcntl_getfd(&fd).expect("getfd");
-                    assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "{case}");
+            send(&wrapper, &text, &fds);
+            match (await_go(&keeper), want) {
+                (Ok(Go::Start(held)), Some((has_lock, has_bus))) => {
+                    assert_eq!(held.lock.is_some(), has_lock, "{case}");
+                    assert_eq!(held.bus.is_some(), has_bus, "{case}");
+                    for (fd, want) in [(&held.lock, l), (&held.bus, b)] {
+                        let Some(fd) = fd else { continue };
+                        assert!(same(fd, want), "{case}: not the one sent");
+                        // COMMAND must not inherit the keeper's own copies.
+                        let flags = rustix::io::fcntl_getfd(fd).expect("getfd");
+                        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "{case}");
+                    }
                 }
-                (1, Ok(Go::Start(None))) => {}
-                (2.., Err(message)) => assert!(!message.is_empty(), "{case}"),
-                (_, Ok(_)) => panic!("{case}: accepted"),
-                (_, Err(message)) => panic!("{case}: refused: {message}"),
+                (Err(message), None) => assert!(!message.is_empty(), "{case}"),
+                (Ok(_), _) => panic!("{case}: accepted"),
+                (Err(message), Some(_)) => panic!("{case}: refused: {message}"),
             }
         }
     }

@@ -132,17 +132,15 @@ async fn supervise(args: RunArgs) -> ExitCode {
         tracing::debug!("the keeper started before waiting has ended; starting another");
         abandon(prestarted.take()).await;
     }
+    // The keeper holds duplicates of both, so that the instance stays held until everything
+    // COMMAND started is gone, even if we are killed.
+    let held = keeper::Handed {
+        lock: guard.lock_file_descriptor(),
+        bus: guard.bus_socket_descriptor(),
+    };
     let started = match prestarted {
-        Some(keeper) => keeper.go(guard.lock_file_descriptor()).await,
-        None => {
-            keeper::start(
-                &args.command,
-                args.notify,
-                guard.lock_file_descriptor(),
-                args.kill_after,
-            )
-            .await
-        }
+        Some(keeper) => keeper.go(held).await,
+        None => keeper::start(&args.command, args.notify, held, args.kill_after).await,
     };
     let (mut keeper, command) = match started {
         Ok(started) => started,
@@ -718,6 +716,18 @@ pub(crate) const LOCK_FD_ENV: &str = "UNIQUE_INSTANCE_LOCK_FD";
 /// does not close it by accident.
 const LOCK_FD_MIN: i32 = 100;
 
+/// Where COMMAND goes in the session: the keeper has a process group of its own (see keeper.rs),
+/// COMMAND the wrapper's.
+pub(crate) struct Placement {
+    /// The wrapper's process group (the terminal's foreground group when it runs in one), which
+    /// COMMAND joins, so that a terminal's Ctrl-C, Ctrl-Z and hang-up reach it as they reach the
+    /// wrapper.
+    pub(crate) group: Pid,
+    /// The terminal stop signals (SIGTTOU, SIGTTIN) the keeper ignores and COMMAND must not: they
+    /// get their default action back (`None`: one that was ignored already, left so).
+    pub(crate) tty_stops: [Option<i32>; 2],
+}
+
 /// Starts COMMAND (in the keeper, see keeper.rs) so that it dies with the keeper:
 /// `PR_SET_PDEATHSIG` = SIGKILL, set in the child between fork and exec. Its stdin, stdout and
 /// stderr are the keeper's (the wrapper's), untouched; its environment is the keeper's (the
@@ -734,9 +744,16 @@ const LOCK_FD_MIN: i32 = 100;
 /// it.) That one descriptor is made inheritable in the child only; every other descriptor of
 /// the keeper stays close-on-exec.
 #[allow(unsafe_code)]
+///
+/// COMMAND joins `placement.group` (the wrapper's) before exec. Joining fails once that group
+/// has no member left (the wrapper died meanwhile): COMMAND then does not start, as when the
+/// keeper's parent died. A signal sent to that group before COMMAND joined it would be lost,
+/// but until its defaults are back (after joining) COMMAND ignores those signals anyway, as it
+/// did when it was born in the group.
 pub(crate) fn spawn_guarded(
     command: &[OsString],
     lock: Option<BorrowedFd<'_>>,
+    placement: Placement,
 ) -> io::Result<std::process::Child> {
     let (program, program_args) = command
         .split_first()
@@ -755,7 +772,7 @@ pub(crate) fn spawn_guarded(
         cmd.env(LOCK_FD_ENV, fd.to_string());
     }
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // operations are allowed: it makes raw system calls (prctl, getppid, fcntl, sigaction),
+    // operations are allowed: it makes raw system calls (prctl, getppid, setpgid, fcntl, sigaction),
     // allocates nothing and takes no locks. `lock_raw` names `lock_dup`, which this process keeps open
     // until `spawn` has returned, so the child's copy of that number is the lock's descriptor.
     unsafe {
@@ -766,10 +783,12 @@ pub(crate) fn spawn_guarded(
             if rustix::process::getppid() != Some(parent) {
                 return Err(io::Error::from_raw_os_error(libc_esrch()));
             }
+            rustix::process::setpgid(None, Some(placement.group))?;
             if let Some(fd) = lock_raw {
                 rustix::io::fcntl_setfd(BorrowedFd::borrow_raw(fd), rustix::io::FdFlags::empty())?;
             }
-            for signal in FORWARDED {
+            let tty_stops = placement.tty_stops.into_iter().flatten();
+            for signal in FORWARDED.into_iter().chain(tty_stops) {
                 let signal = nix::sys::signal::Signal::try_from(signal)?;
                 nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl)?;
             }
