@@ -1250,6 +1250,42 @@ fn with_the_bus_alone_the_name_stays_owned_until_the_tree_is_gone() {
     outlives_the_wrapper(&bus, "dbus", false, |wrapper| wrapper.sigkill());
 }
 
+/// A bus that exits frees the name whatever the keeper holds: with the bus name alone the
+/// keeper, which was stopping the tree gracefully after the wrapper was killed, then kills what
+/// is left at once (SIGKILL), since nothing excludes a new copy any more.
+#[test]
+fn with_the_bus_alone_a_bus_that_exits_ends_the_grace() {
+    let mut bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("bus_exits");
+    let mut wrapper = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[
+            "run",
+            "--backend",
+            "dbus",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo pid $$; while :; do sleep 1; done",
+        ],
+    );
+    let (command, pidfd) = command_pidfd(&mut wrapper);
+    let _command = KillOnDrop(&pidfd);
+    wrapper.sigkill();
+    // The keeper holds the name, and gives COMMAND its grace.
+    wrapper.stderr_line_containing("the instance stays held");
+    bus.kill();
+    assert!(
+        exits_within_timeout(&pidfd),
+        "COMMAND (pid {command}), which ignores SIGTERM, still runs {TIMEOUT:?} after the bus \
+         exited and freed the name: it ran unguarded beside any new copy"
+    );
+}
+
 /// `kill -9 -PGID` of the wrapper's process group (a terminal's or a supervisor's group kill)
 /// kills the wrapper and COMMAND, but not the keeper, which has a process group of its own: it
 /// stops what COMMAND left (daemons in sessions of their own, every descriptor closed) and holds
