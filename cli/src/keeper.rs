@@ -49,8 +49,8 @@
 //!   wait ended without the instance, or the wrapper died): the keeper exits at once, having
 //!   started nothing and said nothing (the wrapper also kills it and reaps it, so that nothing
 //!   of it is left);
-//! - wrapper to keeper, after a `go` with `lock`, each time the wrapper's lock file was removed and
-//!   re-created (the library's `lock_file_recreations`): `lock DEV INO`, sent with the new
+//! - wrapper to keeper, after a `go` with `lock`, each time the wrapper's lock file was removed
+//!   and re-created (the library's `lock_file_recreations`): `lock DEV INO`, sent with the new
 //!   file's descriptor attached, and checked as `go`'s is. From then on the keeper holds the
 //!   new file (and closes the removed one, which keeps no copy out any more): without it, a
 //!   wrapper killed after a re-creation would leave the new file unlocked while the keeper still

@@ -772,9 +772,10 @@ pub(crate) fn spawn_guarded(
         cmd.env(LOCK_FD_ENV, fd.to_string());
     }
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // operations are allowed: it makes raw system calls (prctl, getppid, setpgid, fcntl, sigaction),
-    // allocates nothing and takes no locks. `lock_raw` names `lock_dup`, which this process keeps open
-    // until `spawn` has returned, so the child's copy of that number is the lock's descriptor.
+    // operations are allowed: it makes raw system calls (prctl, getppid, setpgid, fcntl,
+    // sigaction), allocates nothing and takes no locks. `lock_raw` names `lock_dup`, which this
+    // process keeps open until `spawn` has returned, so the child's copy of that number is the
+    // lock's descriptor.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
