@@ -85,6 +85,10 @@
 //! systemd's SIGTERM to the whole cgroup reaches the keeper too, and the wrapper decides what
 //! COMMAND gets.
 //!
+//! A wrapper whose process group's leader is outside its PID namespace (a command run in a
+//! container entered with `nsenter`) cannot name its group (`getpgrp` says 0): the keeper then
+//! stays in that group, and a kill of the whole group takes the keeper too, as below.
+//!
 //! Not covered: the keeper itself killed by SIGKILL — by its own PID or process group, by the
 //! OOM killer choosing it (it is small and allocates little, so it is rarely chosen; a cgroup's
 //! group OOM kill takes the whole tree with it), or by `kill -9 -1`. COMMAND then dies by
@@ -136,12 +140,14 @@ pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
             );
         }
     };
-    let Some(group) = Pid::from_raw(args.process_group).filter(|_| args.process_group > 0) else {
+    // 0: the wrapper's group has no number in our PID namespace, and we are in it still.
+    if args.process_group < 0 {
         return fail(
             EXIT_USAGE,
             format_args!("{SUBCOMMAND}: not a process group: {}", args.process_group),
         );
-    };
+    }
+    let group = Pid::from_raw(args.process_group);
     // Before anything is written to the terminal: see `ignore_tty_stops`.
     let tty_stops = ignore_tty_stops();
     let held = match await_go(&control) {
@@ -1066,6 +1072,8 @@ pub(crate) fn spawn(
         .map_err(|e| format!("socket: {e}"))?;
     let control = tokio::net::UnixStream::from_std(ours).map_err(|e| format!("socket: {e}"))?;
     let theirs_raw = theirs.as_raw_fd();
+    // Not rustix's, which takes 0 for impossible.
+    let group = nix::unistd::getpgrp().as_raw();
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg0("unique-instance")
         .arg(SUBCOMMAND)
@@ -1074,11 +1082,15 @@ pub(crate) fn spawn(
         .arg("--kill-after")
         .arg(kill_after.as_secs_f64().to_string())
         .arg("--process-group")
-        .arg(rustix::process::getpgrp().as_raw_nonzero().to_string());
+        .arg(group.to_string());
     // A process group of its own (in our session), so that a kill of our whole group (`kill -9
     // -PGID`, a supervisor's group kill) leaves it to stop what COMMAND started; COMMAND joins
-    // ours (see `spawn_guarded`), so a terminal's signals and job control still reach it.
-    cmd.process_group(0);
+    // ours (see `spawn_guarded`), so a terminal's signals and job control still reach it. Our
+    // group has no number here when its leader is outside our PID namespace (0: a container
+    // entered with `nsenter`): COMMAND could not join it, so the keeper stays in it.
+    if group > 0 {
+        cmd.process_group(0);
+    }
     cmd.arg("--").args(command);
     if notify {
         // Only COMMAND's environment (the keeper passes its own on): ours is left alone.

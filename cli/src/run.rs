@@ -400,7 +400,9 @@ async fn watch_child(
 /// sending it again would make COMMAND see it twice.
 fn forward(origin: &Origin, child: Option<Pid>, keeper: &mut keeper::Handle) {
     let Some(child) = child else { return };
-    let same_group = rustix::process::getpgid(Some(child)).ok() == Some(rustix::process::getpgrp());
+    // nix's: rustix's take 0 (a group whose leader is outside our PID namespace) for impossible.
+    let command = nix::unistd::Pid::from_raw(child.as_raw_nonzero().get());
+    let same_group = nix::unistd::getpgid(Some(command)).ok() == Some(nix::unistd::getpgrp());
     if origin.cause == Cause::Kernel && same_group {
         tracing::debug!(
             signal = origin.signal,
@@ -721,8 +723,9 @@ const LOCK_FD_MIN: i32 = 100;
 pub(crate) struct Placement {
     /// The wrapper's process group (the terminal's foreground group when it runs in one), which
     /// COMMAND joins, so that a terminal's Ctrl-C, Ctrl-Z and hang-up reach it as they reach the
-    /// wrapper.
-    pub(crate) group: Pid,
+    /// wrapper; `None` when the keeper is in it already (it has no number in our PID namespace),
+    /// and COMMAND is born in it.
+    pub(crate) group: Option<Pid>,
     /// The terminal stop signals (SIGTTOU, SIGTTIN) the keeper ignores and COMMAND must not: they
     /// get their default action back (`None`: one that was ignored already, left so).
     pub(crate) tty_stops: [Option<i32>; 2],
@@ -784,7 +787,9 @@ pub(crate) fn spawn_guarded(
             if rustix::process::getppid() != Some(parent) {
                 return Err(io::Error::from_raw_os_error(libc_esrch()));
             }
-            rustix::process::setpgid(None, Some(placement.group))?;
+            if let Some(group) = placement.group {
+                rustix::process::setpgid(None, Some(group))?;
+            }
             if let Some(fd) = lock_raw {
                 rustix::io::fcntl_setfd(BorrowedFd::borrow_raw(fd), rustix::io::FdFlags::empty())?;
             }
