@@ -1277,7 +1277,7 @@ fn with_the_bus_alone_a_bus_that_exits_ends_the_grace() {
     let _command = KillOnDrop(&pidfd);
     wrapper.sigkill();
     // The keeper holds the name, and gives COMMAND its grace.
-    wrapper.stderr_line_containing("the instance stays held");
+    wrapper.stderr_line_containing("holds the instance while it stops");
     bus.kill();
     assert!(
         exits_within_timeout(&pidfd),
