@@ -1,5 +1,8 @@
 //! The `unique-instance` command-line tool, as cron jobs and scripts use it: real processes,
 //! a private `dbus-daemon`, and COMMANDs that are small shell scripts reporting what they see.
+//!
+//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
+//! `tests/common`).
 
 mod common;
 

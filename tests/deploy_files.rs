@@ -1,6 +1,9 @@
 //! The deployment files: the shipped ones are exactly what `unique-instance generate` writes for
 //! the example server, and what it writes (for any name, executable and arguments) passes
 //! `systemd-analyze verify` and `systemd-tmpfiles` without a single warning.
+//!
+//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
+//! `tests/common`).
 
 mod common;
 

@@ -1,5 +1,8 @@
 //! What is inside a lock file, and who may change it: planted records never crash a copy, and
 //! files unique-instance did not create are never written or removed.
+//!
+//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
+//! `tests/common`).
 
 mod common;
 

@@ -1,6 +1,9 @@
 //! Where the lock file is, and which explicit paths are refused: the same identity always meets
 //! at the same lock file, whatever its environment says. These tests use the *default* lock
 //! directories (no `UNIQUE_INSTANCE_LOCK_DIR`), with names of their own.
+//!
+//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
+//! `tests/common`).
 
 mod common;
 

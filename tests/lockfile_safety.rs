@@ -1,4 +1,7 @@
 //! The lock file's safety rules, in process and across processes.
+//!
+//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
+//! `tests/common`).
 
 mod common;
 

@@ -1,5 +1,8 @@
 //! Loss is honest: a holder never claims exclusivity that was not verified at that moment, and
 //! `run` stops COMMAND once no backend verifiably holds the instance.
+//!
+//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
+//! `tests/common`).
 
 mod common;
 

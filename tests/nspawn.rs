@@ -2,6 +2,9 @@
 //! with `systemd-nspawn` from this machine's own `/usr`, with systemd/ and dbus/ installed where
 //! the README says and the built binaries bound in.
 //!
+//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
+//! `tests/common`).
+//!
 //! The container is driven with `nsenter` into its namespaces (it is not registered with a
 //! machine manager: this machine's PID 1 is not systemd). Every wait is on a real condition with
 //! a deadline, and the container is powered off, or killed, whatever happens.

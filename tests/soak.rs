@@ -1,5 +1,8 @@
 //! A fault-injection soak in the spirit of Jepsen, on one machine.
 //!
+//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
+//! `tests/common`).
+//!
 //! A driver starts copies of one instance — the library (`examples/soak_holder.rs`) and the CLI
 //! (`unique-instance run NAME -- soak_holder --command`) — each with a randomly drawn
 //! environment (scope by option, by `UNIQUE_INSTANCE_SCOPE` or not at all; backend auto or lock

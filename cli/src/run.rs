@@ -1,6 +1,9 @@
 //! `unique-instance run`: hold the instance while COMMAND runs, and never let COMMAND run
 //! unguarded.
 //!
+//! Over 400 lines: the wrapper's one event loop (signals, the keeper's notices, losses, re-created
+//! lock files, `--kill-after`) reads best whole, with starting COMMAND and its unit tests.
+//!
 //! COMMAND is started by a keeper process (keeper.rs) that this wrapper starts first: the keeper
 //! holds the lock until every process COMMAND started is gone, even after the wrapper was
 //! killed. This file decides (signals, the loss of the instance, the clean-up, exit statuses);

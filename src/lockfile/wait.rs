@@ -2,6 +2,9 @@
 //! directory and on the file, the check that the lock may be free now, and the async wait loop
 //! built on them (with its re-check intervals and the timeout).
 //! Must not: block in `F_OFD_SETLKW` (nothing could cancel it); every wait can be dropped.
+//!
+//! Over 400 lines, by a little: the blocking and the async wait share every check of the lock
+//! (and of a removed file) written here once.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};

@@ -1,5 +1,8 @@
 //! Test harness: private `dbus-daemon`s (or `dbus-broker`s, with
 //! `UNIQUE_INSTANCE_TEST_BUS=dbus-broker`), spawned processes, and lines read with timeouts.
+//!
+//! Over 400 lines: the whole harness every test file shares (buses, processes, lines read with
+//! timeouts, pidfds, test hooks).
 #![allow(dead_code, unreachable_pub)]
 
 mod broker;
