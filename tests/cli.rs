@@ -1920,3 +1920,92 @@ fn run_without_proc_says_what_is_missing() {
         "nothing was acquired"
     );
 }
+
+/// Once the wrapper is killed, the bus name stays owned by its connection, which the keeper
+/// holds: the bus still gives the wrapper's PID (the connection's maker) for it. Neither a
+/// refusal nor `status` may name that dead process. With the lock file, the keeper's record
+/// keeps the connection's unique name: both name the keeper, one holder of both (not "holders
+/// differ"). With the bus alone, the holder is unknown.
+#[test]
+fn the_dead_wrapper_is_never_named_as_the_bus_names_owner() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    for backend in ["auto", "dbus"] {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("dead_wrapper");
+        // NAME is sh's $0: it marks this case's keeper.
+        let mut wrapper = cli(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[
+                "run",
+                "--backend",
+                backend,
+                "--kill-after=600",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                "trap '' TERM; echo pid $$; exec sleep 600",
+                &name,
+            ],
+        );
+        let (pid, pidfd) = command_pidfd(&mut wrapper);
+        let _command = KillOnDrop(&pidfd);
+        let keeper = the_keeper(&wrapper, &name);
+        let dead = wrapper.pid();
+        wrapper.sigkill();
+        // Said once the keeper has named itself in the record.
+        wrapper.stderr_line_containing("holds the instance while it stops");
+        let mut second = cli(
+            Some(&bus.address),
+            lock_dir.path(),
+            &["run", "--backend", backend, &name, "--", "true"],
+        );
+        assert_eq!(second.exit_code(), 75, "{backend}");
+        let refusal = second.stderr_until_closed().join("\n");
+        let named = if backend == "dbus" {
+            "holder unknown".to_owned()
+        } else {
+            format!("(pid {keeper},")
+        };
+        assert!(
+            refusal.contains(&named) && !refusal.contains(&format!("pid {dead},")),
+            "{backend}: the refusal must say {named:?}, never the dead wrapper (pid {dead}); \
+             the keeper is {keeper}: {refusal}"
+        );
+        let mut status = cli(
+            Some(&bus.address),
+            lock_dir.path(),
+            &["status", "--backend", backend, "--json", &name],
+        );
+        let json = status.next_line("status --json");
+        assert_eq!(status.exit_code(), 0, "{backend}: {json}");
+        let object: serde_json::Value = serde_json::from_str(&json).expect("status --json");
+        let expected = if backend == "dbus" {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::from(keeper)
+        };
+        assert_eq!(object["pid"], expected, "{backend}: {json}");
+        // The bus alone cannot tie its answer to the keeper: its PID is not known.
+        assert_eq!(
+            object["bus_owner"]["pid"],
+            serde_json::Value::Null,
+            "{backend}: {json}"
+        );
+        assert_eq!(object["holders_differ"], false, "{backend}: {json}");
+        let mut text = cli(
+            Some(&bus.address),
+            lock_dir.path(),
+            &["status", "--backend", backend, &name],
+        );
+        let said = text.stdout_until_closed().join("\n");
+        assert_eq!(text.exit_code(), 0, "{backend}: {said}");
+        assert!(
+            said.contains(&named.replace('(', "")) && !said.contains(&format!("pid {dead},")),
+            "{backend}: {said}"
+        );
+        rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+        wait_pidfd(pid, &pidfd);
+    }
+}
