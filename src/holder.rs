@@ -65,8 +65,9 @@ impl fmt::Display for Holder {
         let mut parts: Vec<String> = Vec::new();
         match self.pid {
             Some(pid) => parts.push(format!("pid {pid}")),
-            None if self.is_unknown() => parts.push("holder unknown".to_owned()),
-            None => {}
+            // Also a bus name's owner whose PID is not known (see `dbus::owner_of`): its unique
+            // name alone does not tell which process holds it.
+            None => parts.push("holder unknown".to_owned()),
         }
         if let Some(since) = self.since {
             parts.push(format!("since {}", format_rfc3339(since)));
@@ -131,6 +132,21 @@ fn read_small_file(path: &str) -> Option<Vec<u8>> {
     }
     buf.truncate(len);
     Some(buf)
+}
+
+/// Whether process `pid` runs now, as `/proc` shows it: false when it is gone, a zombie (dead,
+/// not yet reaped), or not visible from this PID namespace. Says nothing of whether it is the
+/// process that once had that PID.
+pub(crate) fn process_is_running(pid: u32) -> bool {
+    let Some(stat) = read_small_file(&format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after "pid (comm)"; the name may hold ')'.
+    let state = stat
+        .iter()
+        .rposition(|&b| b == b')')
+        .and_then(|end| stat[end + 1..].iter().find(|b| !b.is_ascii_whitespace()));
+    !matches!(state, None | Some(b'Z' | b'X' | b'x'))
 }
 
 /// The executable of process `pid`, where `/proc` lets us see it.

@@ -111,17 +111,29 @@ fn same_process(lock: &Holder, bus: &Holder) -> bool {
     matches!((lock.pid, bus.pid), (Some(a), Some(b)) if a == b)
 }
 
-/// The lock file's record and the bus's answer about one process, combined; the bus wins where
-/// both speak.
+/// The lock file's record and the bus's answer about one connection, combined. The process is
+/// the record's when it names one: the record is rewritten by whoever holds the lock (`run`'s
+/// keeper names itself there once the wrapper is gone, holding the wrapper's connection too),
+/// and its PID comes with a start time checked against `/proc`; the bus only knows who made the
+/// connection, which may be dead, or its PID reused. The bus wins for the rest.
 fn merge(lock: Holder, from_bus: Holder) -> Holder {
+    let (pid, since, executable) = match (lock.pid, from_bus.pid) {
+        (Some(recorded), Some(connected)) if recorded == connected => (
+            Some(connected),
+            from_bus.since.or(lock.since),
+            from_bus.executable.or(lock.executable),
+        ),
+        (Some(recorded), _) => (Some(recorded), lock.since, lock.executable),
+        (None, _) => (from_bus.pid, from_bus.since, from_bus.executable),
+    };
     Holder {
-        pid: from_bus.pid.or(lock.pid),
+        pid,
         uid: from_bus.uid.or(lock.uid),
-        since: from_bus.since.or(lock.since),
+        since,
         found_by: from_bus.found_by,
         bus: from_bus.bus,
         bus_unique_name: from_bus.bus_unique_name,
-        executable: from_bus.executable.or(lock.executable),
+        executable,
         hostname: lock.hostname,
         lock_file: lock.lock_file,
     }

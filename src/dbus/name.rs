@@ -16,7 +16,7 @@ use zbus::{Connection, MessageStream};
 use super::watch::{NameSignal, next_name_signal};
 use super::{CALL_TIMEOUT, DBUS_NAME, DBUS_PATH};
 use crate::error::{Error, Result, already_running};
-use crate::holder::{Holder, process_executable, process_start_time};
+use crate::holder::{Holder, process_executable, process_is_running, process_start_time};
 use crate::name::InstanceName;
 use crate::options::Wait;
 use crate::scope::{Backend, BusKind};
@@ -99,13 +99,14 @@ pub(crate) async fn own_name(
         RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => return Ok(Some(stream)),
         RequestNameReply::InQueue => {}
         RequestNameReply::Exists => {
-            let owner = owner_of(conn, name.as_str(), kind).await;
+            let (owner, connected_by) = owner_and_connecting_pid(conn, name.as_str(), kind).await;
             // We hold the lock file, yet the bus still lists the process that held it before
             // us: that process is dead (the kernel released its lock) and the bus has not yet
-            // processed its disconnect. Queue for the name, briefly, rather than refuse.
+            // processed its disconnect. Queue for the name, briefly, rather than refuse. (By
+            // the PID that made the connection: dead, it is not named in `owner`.)
             let dead_previous = holding_lock
-                && owner.pid.is_some()
-                && previous_pid.is_some_and(|pid| Some(pid) == owner.pid);
+                && connected_by.is_some()
+                && previous_pid.is_some_and(|pid| Some(pid) == connected_by);
             if !dead_previous {
                 return Err(already_running(name, Box::new(owner)));
             }
@@ -249,9 +250,28 @@ pub(crate) async fn release_name(conn: &Connection, name: &str) -> zbus::Result<
     .map(drop)
 }
 
-/// What the bus knows of the owner of `name`: PID and UID from `GetConnectionCredentials`, the
-/// unique name from `GetNameOwner`, asked together; start time and executable from `/proc`.
+/// What the bus knows of the owner of `name`: UID from `GetConnectionCredentials`, the unique
+/// name from `GetNameOwner`, asked together; the PID, start time and executable of the process
+/// that made the connection, only while it still runs (see [`owner_and_connecting_pid`]).
 pub(crate) async fn owner_of(conn: &Connection, name: &str, bus: BusKind) -> Holder {
+    owner_and_connecting_pid(conn, name, bus).await.0
+}
+
+/// [`owner_of`], and the PID the bus gives for the connection, dead or alive.
+///
+/// `GetConnectionCredentials` gives the PID of the process that *made* the connection. The
+/// connection may outlive it: `run`'s keeper holds a duplicate of the wrapper's socket, and the
+/// name stays owned after the wrapper is killed. A dead process is never named (a PID that no
+/// longer runs, or a zombie): the holder's PID is then unknown, and the lock file's record, when
+/// one names a live process on the same connection, tells who holds it (see `status`). Not
+/// covered: once the dead process's PID is reused, the bus's answer names the new, unrelated
+/// process — dbus-daemon before 1.15 gives no `ProcessFD` that would tell them apart, and no
+/// start time.
+pub(crate) async fn owner_and_connecting_pid(
+    conn: &Connection,
+    name: &str,
+    bus: BusKind,
+) -> (Holder, Option<u32>) {
     let args = (name,);
     let creds = conn.call_method(
         Some(DBUS_NAME),
@@ -274,8 +294,9 @@ pub(crate) async fn owner_of(conn: &Connection, name: &str, bus: BusKind) -> Hol
         .unwrap_or_default();
     let number = |key: &str| creds.get(key).and_then(|v| u32::try_from(v).ok());
     // A bus that cannot tell (a TCP connection) may say 0, which is never a process.
-    let pid = number("ProcessID").filter(|&pid| pid != 0);
-    Holder {
+    let connected_by = number("ProcessID").filter(|&pid| pid != 0);
+    let pid = connected_by.filter(|&pid| process_is_running(pid));
+    let holder = Holder {
         pid,
         uid: number("UnixUserID"),
         since: pid.and_then(process_start_time),
@@ -287,7 +308,8 @@ pub(crate) async fn owner_of(conn: &Connection, name: &str, bus: BusKind) -> Hol
         executable: pid.and_then(process_executable),
         hostname: None,
         lock_file: None,
-    }
+    };
+    (holder, connected_by)
 }
 
 /// Is this the bus refusing us by policy (as opposed to the name being taken)?
