@@ -98,6 +98,17 @@
 //! bus that exits frees the name whatever the keeper holds: only a lock file, if one is held,
 //! still excludes then.
 //!
+//! Not covered either: a stopped job whose shell dies abruptly. COMMAND's parent is the keeper,
+//! in another process group of the same session, so the wrapper's group (the job: the wrapper
+//! and COMMAND) never becomes orphaned in the kernel's sense, and the kernel never sends it the
+//! SIGHUP and SIGCONT it sends an orphaned group with a stopped member. Stopped (Ctrl-Z) and
+//! then left by a shell or supervisor killed by SIGKILL, the wrapper and COMMAND stay stopped,
+//! and the instance held, until something sends them SIGCONT or kills them (`kill -CONT -PGID`;
+//! or SIGKILL to the wrapper, after which the keeper stops the tree). A shell that exits on its
+//! own, or hangs up, signals its stopped jobs itself: not affected. The keeper does not do the
+//! kernel's work here: it is told of no change of the wrapper's state or parent, and would have
+//! to poll for it.
+//!
 //! The keeper is small and synchronous: one thread, no runtime, `poll` on the socket and on a
 //! SIGCHLD pipe; it allocates nothing between fork and exec, and never panics.
 
@@ -476,7 +487,7 @@ impl Keeper {
                 if self.wrapper_left
                     && let Some(lock) = &self.lock
                 {
-                    name_self_in_record(lock);
+                    name_self_in_record(lock, bus_still_connected(&mut self.bus));
                 }
                 self.stop_everything();
                 return ExitCode::SUCCESS;
@@ -842,11 +853,19 @@ impl Keeper {
 
 /// The wrapper is gone and the keeper alone holds the instance: the record still names the
 /// wrapper, a dead process, which refused copies would report as "holder unknown" after the
-/// grace a record gets. The keeper names itself instead (its PID, start time and executable;
-/// in the lock file: the bus still names the connection's maker, the wrapper). A failure only costs that
-/// name: it is said, and the tree is stopped all the same.
-fn name_self_in_record(lock: &OwnedFd) {
-    if let Err(e) = unique_instance::record_this_process_as_holder(lock.as_fd()) {
+/// grace a record gets. The keeper names itself instead (its PID, start time and executable),
+/// and, while it holds the bus connection (`holds_bus`), keeps the bus and unique name the
+/// wrapper's record gives: the name is still owned through the socket it holds, and `status`
+/// sees one holder of both, the keeper (the bus itself still gives the wrapper's PID for the
+/// connection, which is never named once dead). A failure only costs that name: it is said, and
+/// the tree is stopped all the same.
+fn name_self_in_record(lock: &OwnedFd, holds_bus: bool) {
+    let named = if holds_bus {
+        unique_instance::record_this_process_as_holder_keeping_bus_name(lock.as_fd())
+    } else {
+        unique_instance::record_this_process_as_holder(lock.as_fd())
+    };
+    if let Err(e) = named {
         let _ = writeln!(
             io::stderr(),
             "unique-instance: keeper: cannot name itself as the holder in the lock file: {e}"

@@ -18,7 +18,8 @@ use super::ofd::is_held;
 use super::record::{LockRecord, read_content, write_whole};
 
 /// Writes this process's record (its PID, start time and executable; the lock file as its only
-/// backend, since a bus name is never handed down) into the lock file behind `lock`, in place of
+/// backend: for a process that holds the bus name too, see
+/// [`record_this_process_as_holder_keeping_bus_name`]) into the lock file behind `lock`, in place of
 /// the one there, padded to its length as a holder's own re-writes are.
 ///
 /// `lock` must be a descriptor, open for writing, of a lock file held through it: a duplicate
@@ -33,6 +34,26 @@ use super::record::{LockRecord, read_content, write_whole};
 /// through it (nobody holds it, or another open file does), the file holds anything but a
 /// holder record (or nothing), or it cannot be read or written.
 pub fn record_this_process_as_holder(lock: BorrowedFd<'_>) -> Result<()> {
+    rewrite_as_holder(lock, false)
+}
+
+/// As [`record_this_process_as_holder`], for a process that also holds the bus name: one that
+/// holds a duplicate of the socket of the acquiring process's bus connection (as `run`'s keeper
+/// does, from [`InstanceGuard::bus_socket_descriptor`](crate::InstanceGuard)), which keeps the
+/// name owned by that connection. The new record keeps the bus and the connection's unique name
+/// the one there gives (written by the acquiring process once it owned the name), so that
+/// `status` sees one holder of both, this process, and not a lock file held apart from the name.
+/// A record that gives no bus name (the name was lost, or never owned) stays without one.
+///
+/// # Errors
+///
+/// As [`record_this_process_as_holder`].
+pub fn record_this_process_as_holder_keeping_bus_name(lock: BorrowedFd<'_>) -> Result<()> {
+    rewrite_as_holder(lock, true)
+}
+
+/// The two above: with `keep_bus_name`, the bus name the current record gives is kept.
+fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<()> {
     let fd_path = PathBuf::from(format!("/proc/self/fd/{}", lock.as_raw_fd()));
     let path = std::fs::read_link(&fd_path).unwrap_or_else(|_| fd_path.clone());
     let invalid = |what: &'static str, message: &str| {
@@ -64,13 +85,29 @@ pub fn record_this_process_as_holder(lock: BorrowedFd<'_>) -> Result<()> {
     }
     let content =
         read_content(lock).map_err(|e| Error::io("cannot read the lock file", &path, e.into()))?;
-    if !content.is_empty() && LockRecord::parse_whole(&content).is_none() {
+    let current = LockRecord::parse_whole(&content);
+    if !content.is_empty() && current.is_none() {
         return Err(invalid(
             "cannot name this process in",
             "it holds something other than a holder record",
         ));
     }
-    let mut line = LockRecord::for_self(vec![Backend::LockFile], None, None).to_line();
+    let record = match current {
+        Some(current)
+            if keep_bus_name
+                && current.backend.contains(&Backend::Dbus)
+                && current.bus.is_some()
+                && current.bus_unique_name.is_some() =>
+        {
+            LockRecord::for_self(
+                vec![Backend::LockFile, Backend::Dbus],
+                current.bus,
+                current.bus_unique_name,
+            )
+        }
+        _ => LockRecord::for_self(vec![Backend::LockFile], None, None),
+    };
+    let mut line = record.to_line();
     if line.len() < content.len() {
         // `to_line` ends with the newline; JSON allows the spaces before it.
         line.pop();
