@@ -15,8 +15,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    BusConfig, DbusDaemon, Proc, arm_test_hook, clean_command, cli_command, example_path, field,
-    holder, unique_name,
+    BusConfig, DbusDaemon, Proc, arm_test_hook, assert_refused_naming, clean_command, cli_command,
+    example_path, holder, unique_name,
 };
 
 /// Stops a copy just before it opens its lock file (`lockfile::settle`).
@@ -34,22 +34,6 @@ fn holder_stopping_at(hook: &str, bus: Option<&str>, lock_dir: &Path, args: &[&s
     cmd.args(args);
     arm_test_hook(&mut cmd, hook);
     Proc::spawn(cmd)
-}
-
-/// A copy that would be refused while `holder` holds the instance: it must name `holder`.
-fn assert_refused_naming(lock_dir: &Path, name: &str, holder_pid: u32, what: &str) {
-    let mut newcomer = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
-    let line = newcomer.next_line("a newcomer");
-    assert!(
-        line.starts_with("already-running"),
-        "{what}: a newcomer was not refused: {line}"
-    );
-    assert_eq!(
-        field(&line, "holder_pid"),
-        Some(holder_pid.to_string().as_str()),
-        "{what}: {line}"
-    );
-    assert_eq!(newcomer.exit_code(), 75, "{what}");
 }
 
 /// The lock directory removed, or renamed away and replaced by another, after a copy opened it

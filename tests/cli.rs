@@ -386,17 +386,7 @@ fn command_that_outlives_a_killed_wrapper_keeps_the_instance_held() {
         // bounded by the test's timeout covers the moment between the two).
         rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
         wait_pidfd(pid, &pidfd);
-        let mut third = cli(
-            Some(&bus.address),
-            lock_dir.path(),
-            &["run", "--wait=30", &name, "--", "echo", "third"],
-        );
-        assert_eq!(
-            third.next_line("the third copy's COMMAND"),
-            "third",
-            "{case}"
-        );
-        assert_eq!(third.exit_code(), 0, "{case}");
+        assert_a_waiting_copy_runs(Some(&bus.address), lock_dir.path(), &name, case);
     }
 }
 
@@ -1126,13 +1116,7 @@ fn closed_lock_case(bus: &DbusDaemon, waits: bool) {
     // by the test's timeout covers the moment between the two).
     rustix::process::pidfd_send_signal(survivor_fd, Signal::KILL).expect("kill the grandchild");
     wait_pidfd(*survivor, survivor_fd);
-    let mut third = cli(
-        Some(&bus.address),
-        lock_dir.path(),
-        &["run", "--wait=30", &name, "--", "echo", "third"],
-    );
-    assert_eq!(third.next_line("the third copy's COMMAND"), "third");
-    assert_eq!(third.exit_code(), 0);
+    assert_a_waiting_copy_runs(Some(&bus.address), lock_dir.path(), &name, "");
 }
 
 /// A lock file removed while `run` holds it (an administrator cleaning `/run/lock`, a tmp
@@ -1213,13 +1197,7 @@ fn a_recreated_lock_file_is_handed_to_the_keeper() {
         // Once COMMAND is gone the keeper exits, and the instance is free.
         rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
         wait_pidfd(pid, &pidfd);
-        let mut third = cli(
-            address,
-            lock_dir.path(),
-            &["run", "--wait=30", &name, "--", "echo", "third"],
-        );
-        assert_eq!(third.next_line("the third copy's COMMAND"), "third");
-        assert_eq!(third.exit_code(), 0, "bus={with_bus}");
+        assert_a_waiting_copy_runs(address, lock_dir.path(), &name, &format!("bus={with_bus}"));
     }
 }
 
@@ -1869,13 +1847,7 @@ fn a_refusal_names_the_keeper_once_the_wrapper_is_gone() {
     assert!(json.contains(&format!("\"pid\":{keeper}")), "{json}");
     rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
     wait_pidfd(pid, &pidfd);
-    let mut third = cli(
-        None,
-        lock_dir.path(),
-        &["run", "--wait=30", &name, "--", "echo", "third"],
-    );
-    assert_eq!(third.next_line("the third copy's COMMAND"), "third");
-    assert_eq!(third.exit_code(), 0);
+    assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "");
 }
 
 /// Without `/proc` (a container or chroot that did not mount it), `run` can neither start
@@ -2008,4 +1980,20 @@ fn the_dead_wrapper_is_never_named_as_the_bus_names_owner() {
         rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
         wait_pidfd(pid, &pidfd);
     }
+}
+
+/// Once the instance is free, a copy that waits for it runs its COMMAND and exits 0; `what`
+/// says which case failed.
+fn assert_a_waiting_copy_runs(bus: Option<&str>, lock_dir: &Path, name: &str, what: &str) {
+    let mut next = cli(
+        bus,
+        lock_dir,
+        &["run", "--wait=30", name, "--", "echo", "third"],
+    );
+    assert_eq!(
+        next.next_line("the waiting copy's COMMAND"),
+        "third",
+        "{what}"
+    );
+    assert_eq!(next.exit_code(), 0, "{what}");
 }

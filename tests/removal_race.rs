@@ -8,32 +8,18 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
-use common::{Proc, TIMEOUT, clean_command, cli_command, example_path, field, holder, unique_name};
+use common::{
+    Proc, TIMEOUT, assert_refused_naming, clean_command, cli_command, example_path, holder,
+    unique_name,
+};
 
 /// Stops a waiting copy just before it waits for an event (`wait_for_release`).
 const STOP_IN_LOCK_WAIT: &str = "UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT";
 /// Stops a waiting copy when it finds the path without a held file while the file it waited on,
 /// removed, is still held: it goes on waiting (`may_be_free`).
 const STOP_WAITING_ON_A_REMOVED_FILE: &str = "UNIQUE_INSTANCE_TEST_STOP_WAITING_ON_A_REMOVED_FILE";
-
-/// A copy that would be refused now: it must name `holder_pid`.
-fn assert_refused_naming(lock_dir: &Path, name: &str, holder_pid: u32, what: &str) {
-    let mut newcomer = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
-    let line = newcomer.next_line("a newcomer");
-    assert!(
-        line.starts_with("already-running"),
-        "{what}: a newcomer was not refused: {line}"
-    );
-    assert_eq!(
-        field(&line, "holder_pid"),
-        Some(holder_pid.to_string().as_str()),
-        "{what}: {line}"
-    );
-    assert_eq!(newcomer.exit_code(), 75, "{what}");
-}
 
 /// The holder is stopped (it cannot re-create anything), its lock file removed, and a waiter
 /// that had found it held is let go: it must go on waiting — the removed file is still held —

@@ -711,3 +711,20 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
+
+/// A copy of the `holder` example that must be refused now, on the lock file alone (exit 75),
+/// naming `holder_pid`; `what` says which case failed.
+pub fn assert_refused_naming(lock_dir: &Path, name: &str, holder_pid: u32, what: &str) {
+    let mut newcomer = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
+    let line = newcomer.next_line("a newcomer");
+    assert!(
+        line.starts_with("already-running"),
+        "{what}: a newcomer was not refused: {line}"
+    );
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(holder_pid.to_string().as_str()),
+        "{what}: {line}"
+    );
+    assert_eq!(newcomer.exit_code(), 75, "{what}");
+}
