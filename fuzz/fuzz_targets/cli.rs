@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 use clap::{CommandFactory, FromArgMatches};
 use libfuzzer_sys::fuzz_target;
 
-// The binary's own parser, not a copy of it; deploy.rs comes along for `generate`'s values. A
+// The binary's own parser, not a copy of it; deploy/ comes along for `generate`'s values. A
 // new `use` in either file may need its crate added to fuzz/Cargo.toml.
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../cli/src/cli.rs"]
 mod cli;
 #[allow(dead_code, unreachable_pub)]
-#[path = "../../cli/src/deploy.rs"]
+#[path = "../../cli/src/deploy/mod.rs"]
 mod deploy;
 
 use cli::{Cli, Command, InstanceArgs, WaitFor};
