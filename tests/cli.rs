@@ -702,6 +702,47 @@ fn command_that_ignores_sigterm_is_killed_after_the_grace() {
     );
 }
 
+/// The wrapper passed SIGTERM on to COMMAND, then died by SIGKILL (what systemd does once
+/// `TimeoutStopSec` is up, with `KillMode=mixed`): the keeper must not send COMMAND a second
+/// SIGTERM — many programs take a second one as "stop now, skip the clean-up" — but only what
+/// COMMAND left, which got none, and SIGKILL after the grace.
+#[test]
+fn command_already_sent_sigterm_gets_no_second_one_from_the_keeper() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("one_sigterm");
+    // COMMAND (perl: Essential in Debian) and a child it forks share a handler that says who
+    // got the signal; neither exits by itself.
+    let script = "$| = 1; my $command = $$; \
+                  $SIG{TERM} = sub { print $$ == $command ? qq(TERM\\n) : qq(child TERM\\n) }; \
+                  defined(my $child = fork) or die; print qq(ready\\n) if $child; sleep while 1";
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--backend=lockfile",
+            "--kill-after=0.5",
+            &name,
+            "--",
+            "perl",
+            "-e",
+            script,
+        ],
+    );
+    assert_eq!(wrapper.next_line("COMMAND ready"), "ready");
+    wrapper.signal(Signal::TERM);
+    assert_eq!(wrapper.next_line("COMMAND's first SIGTERM"), "TERM");
+    wrapper.sigkill();
+    let after = wrapper.stdout_until_closed();
+    assert_eq!(
+        after,
+        ["child TERM"],
+        "after the wrapper died, only COMMAND's child is sent SIGTERM; stderr: {:?}",
+        wrapper.stderr_lines()
+    );
+    assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "once the tree is gone");
+}
+
 #[test]
 fn bus_loss_with_lock_file_held_keeps_command_running() {
     let mut bus = DbusDaemon::start(BusConfig::Open);

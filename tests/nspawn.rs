@@ -958,7 +958,13 @@ fn shipped_units_on(bus: Broker) {
 /// `systemctl stop` of a unit that runs `unique-instance run`: COMMAND gets the stop signal
 /// exactly once, whether systemd signals the whole cgroup (`KillMode=control-group`, the
 /// default: the wrapper must not pass it on again) or the main process alone (`mixed`: the
-/// wrapper must pass it on).
+/// wrapper must pass it on) — and still once when the wrapper then dies by SIGKILL before
+/// COMMAND has stopped, as when systemd SIGKILLs the unit's processes one by one once
+/// `TimeoutStopSec` is up and the keeper sees the wrapper die first: the keeper, left to stop
+/// the tree, must know that COMMAND has had its SIGTERM. With `mixed` the wrapper is killed
+/// here on purpose, before the timeout; with `control-group` that would make systemd itself
+/// send the rest of the unit a second SIGTERM (its `final-sigterm` step, once the main process
+/// is gone), so the timeout's SIGKILLs are left to come, and the race to happen or not.
 #[test]
 fn command_under_systemctl_stop_gets_one_sigterm() {
     let c = Container::boot(Broker::DbusDaemon);
@@ -993,6 +999,20 @@ fn command_under_systemctl_stop_gets_one_sigterm() {
         wait_until("COMMAND has set its SIGTERM handler", || {
             (c.run(&["test", "-e", &ready]).code == 0).then(String::new)
         });
+        if kill_mode == "mixed" {
+            let wrapper = show(&c, false, &unit, "MainPID");
+            c.ok(&["systemctl", "stop", "--no-block", &unit]);
+            // COMMAND's handler ran: the keeper has sent it SIGTERM on the wrapper's order.
+            // Then the wrapper dies, as systemd's SIGKILL would take it, before COMMAND is gone.
+            wait_until("COMMAND has had SIGTERM", || {
+                c.run(&["cat", &log])
+                    .stdout
+                    .contains("TERM")
+                    .then(String::new)
+            });
+            c.ok(&["kill", "-KILL", &wrapper]);
+        }
+        // Joins the stop job under way, if any, and returns once the unit is stopped.
         c.ok(&["systemctl", "stop", &unit]);
         let terms = c.ok(&["cat", &log]);
         let journal = c.run(&["journalctl", "--no-pager", "-u", &unit]).stdout;
@@ -1010,5 +1030,20 @@ fn command_under_systemctl_stop_gets_one_sigterm() {
             kill_mode == "mixed",
             "KillMode={kill_mode}: the wrapper passed SIGTERM on: {passed_on}; journal: {journal}"
         );
+        // The wrapper told the keeper what COMMAND's tree got from systemd, in case the keeper
+        // has to stop the tree itself.
+        let told = journal.contains("the keeper knows COMMAND's tree has it");
+        assert_eq!(
+            told,
+            kill_mode == "control-group",
+            "KillMode={kill_mode}: the keeper told: {told}; journal: {journal}"
+        );
+        if kill_mode == "mixed" {
+            let keeper_knew = "SIGTERM now to what was not sent it already";
+            assert!(
+                journal.contains(keeper_knew),
+                "KillMode={kill_mode}: the keeper must say {keeper_knew:?}; journal: {journal}"
+            );
+        }
     }
 }

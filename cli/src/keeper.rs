@@ -59,8 +59,11 @@
 //!   a `go` with no lock), is a protocol error;
 //! - wrapper to keeper: `kill PID SIGNAL` — sent only while PID is the keeper's own child, not
 //!   yet reaped (so never to a reused PID); the keeper checks that it is, and that PID and
-//!   SIGNAL are numbers it could mean. Any other line is a protocol error: the keeper drops the
-//!   socket and acts as when the wrapper is gone (fail closed);
+//!   SIGNAL are numbers it could mean;
+//! - wrapper to keeper: `delivered SIGNAL` — the service manager sent SIGNAL to every process of
+//!   the unit, COMMAND's tree included, so the wrapper did not pass it on (see below). Any other
+//!   line is a protocol error: the keeper drops the socket and acts as when the wrapper is gone
+//!   (fail closed);
 //! - keeper to wrapper: `started PID` (COMMAND runs), `failed ERRNO MESSAGE` (COMMAND could not
 //!   be started), `error MESSAGE` (the keeper cannot do its job), `exited STATUS` (COMMAND's raw
 //!   wait status), `reaped` (one or more other children of the keeper ended since the last
@@ -77,7 +80,13 @@
 //! record, so that refused copies name it, the live holder, not the dead wrapper ("holder
 //! unknown", after the grace a record gets), and stops the tree itself: SIGTERM (and SIGCONT) to
 //! every descendant, SIGKILL after `--kill-after`, and exits once none is left; the lock and the
-//! name are held until then. Holding neither (`--backend dbus` on a transport whose socket `run`
+//! name are held until then. A process already sent SIGTERM gets no second one (many programs
+//! take a second SIGTERM as "stop now, skip the clean-up"), only SIGCONT: COMMAND (or a child
+//! of the keeper) once a `kill PID 15` reached it — the wrapper passed on a SIGTERM, or stopped
+//! COMMAND after a loss — and every process after `delivered 15` (systemd stopping the unit
+//! with `KillMode=control-group`). That is how `systemctl stop` ends when COMMAND outlasts
+//! `TimeoutStopSec`: systemd SIGKILLs the unit's processes one by one, and a keeper that sees
+//! the wrapper die first is still running for a moment. Holding neither (`--backend dbus` on a transport whose socket `run`
 //! cannot hand over, or once the bus has closed the connection), nothing excludes a new copy:
 //! SIGKILL at once. A descendant it cannot signal (another user's, when the keeper is not root)
 //! is waited for: exclusion holds until it is gone. The keeper ignores the signals the wrapper
@@ -420,6 +429,11 @@ struct Keeper {
     /// gone and never read nor written (see the module's documentation); `None` once the bus
     /// closed the connection, or when `go` gave none.
     bus: Option<OwnedFd>,
+    /// Our children (not reaped since) that a `kill PID 15` reached: not sent SIGTERM again.
+    sent_term: std::collections::HashSet<Pid>,
+    /// The service manager sent SIGTERM to the whole tree (`delivered 15`): nobody is sent it
+    /// again.
+    tree_got_term: bool,
 }
 
 impl Keeper {
@@ -441,6 +455,8 @@ impl Keeper {
             received: std::collections::VecDeque::new(),
             wrapper_left: false,
             bus: None,
+            sent_term: std::collections::HashSet::new(),
+            tree_got_term: false,
         })
     }
 
@@ -549,6 +565,8 @@ impl Keeper {
         loop {
             match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
                 Ok(Some((pid, status))) => {
+                    // Its PID may be reused now, by a process never sent anything.
+                    self.sent_term.remove(&pid);
                     if Some(pid) == self.command {
                         self.command = None;
                         self.tell(&format!("exited {}", status.as_raw()));
@@ -698,6 +716,10 @@ impl Keeper {
         let (pid, signal) = match order {
             Order::Kill { pid, signal } => (pid, signal),
             Order::Lock { dev, ino } => return self.take_lock(dev, ino),
+            Order::Delivered { signal } => {
+                self.tree_got_term |= signal == Signal::TERM;
+                return Ok(());
+            }
         };
         // Only our own child, not reaped yet: its PID cannot have been reused. A child
         // re-parented to us since the list was made is found by listing again.
@@ -718,8 +740,12 @@ impl Keeper {
             );
             return Ok(());
         }
-        if let Err(e) = rustix::process::kill_process(pid, signal) {
-            tracing::debug!(?pid, error = %e, "keeper: cannot signal");
+        match rustix::process::kill_process(pid, signal) {
+            Ok(()) if signal == Signal::TERM => {
+                self.sent_term.insert(pid);
+            }
+            Ok(()) => {}
+            Err(e) => tracing::debug!(?pid, error = %e, "keeper: cannot signal"),
         }
         Ok(())
     }
@@ -796,10 +822,17 @@ impl Keeper {
     fn stop_everything(&mut self) {
         let mut holding = self.lock.is_some() || bus_still_connected(&mut self.bus);
         let (mut deadline, mut signal) = if holding {
+            let term = if self.tree_got_term {
+                "already sent SIGTERM by the service manager"
+            } else if !self.sent_term.is_empty() {
+                "SIGTERM now to what was not sent it already"
+            } else {
+                "SIGTERM now"
+            };
             let _ = writeln!(
                 io::stderr(),
                 "unique-instance: the wrapper is gone; its keeper (pid {}) holds the instance \
-                 while it stops COMMAND and everything it started (SIGTERM now, SIGKILL in {:?})",
+                 while it stops COMMAND and everything it started ({term}, SIGKILL in {:?})",
                 std::process::id(),
                 self.kill_after
             );
@@ -826,11 +859,19 @@ impl Keeper {
                 signal = Signal::KILL;
             }
             for (pid, parent) in descendants(Path::new("/proc"), me) {
-                // One not signalled now (it changed parents since the walk) is found again.
-                if !signalled.contains(&(pid, signal.as_raw()))
-                    && signal_descendant(pid, parent, me, signal)
+                // Sent SIGTERM already: only continued, so that a stopped one acts on it.
+                let now = if signal == Signal::TERM
+                    && (self.tree_got_term || self.sent_term.contains(&pid))
                 {
-                    signalled.insert((pid, signal.as_raw()));
+                    Signal::CONT
+                } else {
+                    signal
+                };
+                // One not signalled now (it changed parents since the walk) is found again.
+                if !signalled.contains(&(pid, now.as_raw()))
+                    && signal_descendant(pid, parent, me, now)
+                {
+                    signalled.insert((pid, now.as_raw()));
                 }
             }
             let wait = match left {
@@ -908,7 +949,8 @@ fn bus_still_connected(bus: &mut Option<OwnedFd>) -> bool {
     !closed
 }
 
-/// The longest line the wrapper sends (`kill PID SIGNAL`, `lock DEV INO`), with room.
+/// The longest line the wrapper sends (`kill PID SIGNAL`, `lock DEV INO`, `delivered
+/// SIGNAL`), with room.
 const MAX_ORDER: usize = 64;
 
 /// An order of the wrapper.
@@ -918,36 +960,55 @@ enum Order {
     Kill { pid: Pid, signal: Signal },
     /// Hold the lock file (`dev`, `ino`) whose descriptor came with the line.
     Lock { dev: u64, ino: u64 },
+    /// The service manager sent `signal` to every process of the unit.
+    Delivered { signal: Signal },
 }
 
 /// Parses one line of the wrapper (without its newline); the error says what is wrong with it.
 fn parse_order(line: &str) -> Result<Order, String> {
+    if let Some(signal) = line.strip_prefix("delivered ") {
+        return Ok(Order::Delivered {
+            signal: forwarded_signal(signal)?,
+        });
+    }
     let mut words = line.split(' ');
     let (Some(word @ ("kill" | "lock")), Some(pid), Some(signal), None) =
         (words.next(), words.next(), words.next(), words.next())
     else {
-        return Err("not an order of the form `kill PID SIGNAL` or `lock DEV INO`".into());
+        return Err(
+            "not an order of the form `kill PID SIGNAL`, `lock DEV INO` or `delivered SIGNAL`"
+                .into(),
+        );
     };
     if word == "lock" {
         let (dev, ino) =
             lock_id(pid, signal).ok_or_else(|| format!("not a device and inode: {line:?}"))?;
         return Ok(Order::Lock { dev, ino });
     }
-    // Checked before `Pid::from_raw`, which takes no negative number.
+    // Checked before `Pid::from_raw`, which takes no negative number; written as the wrapper
+    // writes it (no sign, no leading zero).
     let pid = pid
         .parse::<i32>()
         .ok()
-        .filter(|&p| p > 0)
+        .filter(|&p| p > 0 && pid == p.to_string())
         .and_then(Pid::from_raw)
         .ok_or_else(|| format!("not a process id: {pid:?}"))?;
     // Only the signals the wrapper sends: those it passes on, and SIGKILL after the grace.
-    let signal = signal
-        .parse::<i32>()
-        .ok()
-        .filter(|s| FORWARDED.contains(s) || *s == Signal::KILL.as_raw())
-        .and_then(Signal::from_named_raw)
-        .ok_or_else(|| format!("not a signal the wrapper sends: {signal:?}"))?;
+    let signal = match signal.parse::<i32>() {
+        Ok(kill) if kill == Signal::KILL.as_raw() && signal == kill.to_string() => Signal::KILL,
+        _ => forwarded_signal(signal)?,
+    };
     Ok(Order::Kill { pid, signal })
+}
+
+/// One of the signals the wrapper passes on, written as the wrapper writes it (a plain decimal
+/// number: no sign, no leading zero).
+fn forwarded_signal(word: &str) -> Result<Signal, String> {
+    word.parse::<i32>()
+        .ok()
+        .filter(|s| FORWARDED.contains(s) && word == s.to_string())
+        .and_then(Signal::from_named_raw)
+        .ok_or_else(|| format!("not a signal the wrapper sends: {word:?}"))
 }
 
 /// Every descendant of `me`, each with its parent, found through the `/proc` mounted at `proc`.
@@ -1357,6 +1418,18 @@ impl Handle {
         self.flush();
     }
 
+    /// Tells the keeper that the service manager sent `signal` to every process of the unit,
+    /// COMMAND's tree included (`delivered SIGNAL`): were the keeper to stop the tree itself
+    /// later, it would not send it again. Queued and sent as [`Handle::signal`]'s orders are.
+    pub(crate) fn delivered(&mut self, signal: Signal) {
+        if self.closed {
+            return;
+        }
+        let line = format!("delivered {}\n", signal.as_raw());
+        self.outbox.extend_from_slice(line.as_bytes());
+        self.flush();
+    }
+
     /// Writes what is queued, as much as the socket takes without blocking.
     fn flush(&mut self) {
         if let Err(e) = self.try_flush() {
@@ -1642,6 +1715,12 @@ mod tests {
                 ino: u64::MAX
             })
         );
+        assert_eq!(
+            parse_order("delivered 15"),
+            Ok(Order::Delivered {
+                signal: Signal::TERM
+            })
+        );
     }
 
     /// `lock DEV INO` with the new lock file's descriptor: the keeper holds that file from then
@@ -1739,7 +1818,19 @@ mod tests {
             "kill 42 15 ",
             "kill x 15",
             "kill 42 TERM",
+            "kill +42 15",
+            "kill 042 15",
+            "kill 42 +15",
+            "kill 42 09",
             "KILL 42 15",
+            "delivered",
+            "delivered ",
+            "delivered 9",
+            "delivered 11",
+            "delivered +15",
+            "delivered 15 15",
+            "delivered  15",
+            "DELIVERED 15",
             "reaped 42",
             "lock",
             "lock 1",

@@ -365,6 +365,9 @@ async fn watch_child(
             Some(origin) = signals.next() => {
                 if !manager_signals_command_too(&origin, child_pid).await {
                     forward(&origin, child_pid, keeper);
+                } else if let Some(signal) = Signal::from_named_raw(origin.signal) {
+                    keeper.delivered(signal);
+                    tracing::debug!(signal = origin.signal, "the keeper knows COMMAND's tree has it");
                 }
             }
             () = lock.recreated() => lock.hand_over(keeper),
