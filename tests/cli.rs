@@ -715,12 +715,13 @@ fn command_already_sent_sigterm_gets_no_second_one_from_the_keeper() {
     let script = "$| = 1; my $command = $$; \
                   $SIG{TERM} = sub { print $$ == $command ? qq(TERM\\n) : qq(child TERM\\n) }; \
                   defined(my $child = fork) or die; print qq(ready\\n) if $child; sleep while 1";
+    // `lock-file`, as the README names the backend, is taken as well as `lockfile`.
     let mut wrapper = cli(
         None,
         lock_dir.path(),
         &[
             "run",
-            "--backend=lockfile",
+            "--backend=lock-file",
             "--kill-after=0.5",
             &name,
             "--",

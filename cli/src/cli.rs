@@ -215,6 +215,7 @@ pub(crate) enum BackendArg {
     /// The bus name only.
     Dbus,
     /// The lock file only.
+    #[value(alias = "lock-file")]
     Lockfile,
 }
 

@@ -92,8 +92,8 @@ impl ReleaseWatch {
 /// removed the file, which the directory watch reports). Tested with `F_OFD_GETLK` on a
 /// descriptor opened only for reading, whose close wakes nobody; any doubt (an error, a lock
 /// directory removed or replaced) says "try", unless a file waited on is still held (below):
-/// the attempt itself then decides, and reports what is wrong. Not every release sends an event (see `RECHECK_EVERY` in options.rs): waiters also
-/// call this periodically.
+/// the attempt itself then decides, and reports what is wrong. Not every release sends an
+/// event (see [`RECHECK_EVERY`]): waiters also call this periodically.
 ///
 /// A file found held is kept open in `waited_on` (see [`WaitedOn`]): when the path later names
 /// no file, or a file nobody holds, that is not the one waited on, the answer is still "no"
