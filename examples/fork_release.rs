@@ -1,15 +1,18 @@
 //! Acquires an instance, forks, and drops the guard in the child, for the fork-safety test.
 //!
 //! ```text
-//! fork_release NAME
+//! fork_release NAME [--backend lockfile|auto|dbus] [--async]
 //! ```
 //!
-//! Uses the lock-file backend alone (the lock directory comes from `UNIQUE_INSTANCE_LOCK_DIR`).
+//! Uses the lock-file backend alone by default (the lock directory comes from
+//! `UNIQUE_INSTANCE_LOCK_DIR`); `--backend auto` or `dbus` owns the bus name too, and `--async`
+//! acquires with `acquire_async` on a current-thread runtime instead of the blocking API.
 //! Prints `acquired pid=N`, then forks; the child drops its copy of the guard and exits 0; the
 //! parent reaps it and prints `child-dropped status=S`, then holds the instance until stdin
 //! closes, releases it and prints `released`. The child shares the parent's open file
-//! description of the lock file, and with it the lock: dropping the guard there must neither
-//! remove the file nor unlock it.
+//! description of the lock file, and with it the lock, and the socket of the bus connection:
+//! dropping the guard there must neither remove the file nor unlock it, nor release the name
+//! or end the connection. A child still in its drop after 20 s is ended by `SIGALRM`.
 
 use std::io::{BufRead, Write};
 
@@ -24,9 +27,11 @@ fn say(line: &str) {
 // Examples are not the library: `fork` needs `unsafe`, and it stays in this one function.
 #[allow(unsafe_code)]
 fn fork() -> std::io::Result<Option<u32>> {
-    // SAFETY: this process has a single thread here (the lock-file backend alone, with no
-    // watch and no waiting, starts none), so the child may run any code, not only
-    // async-signal-safe functions.
+    // SAFETY: with the lock-file backend alone (no watch, no waiting) this process has a single
+    // thread here, so the child may run any code. With a bus name it has the thread servicing
+    // the connection too: the child then runs only the guard's drop, which in a process other
+    // than the acquiring one is made for that (it waits for no thread and takes no lock of the
+    // runtimes), and exits.
     match unsafe { nix::libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()),
         0 => Ok(None),
@@ -34,17 +39,56 @@ fn fork() -> std::io::Result<Option<u32>> {
     }
 }
 
+#[allow(unsafe_code)]
+fn alarm(seconds: u32) {
+    // SAFETY: `alarm` has no preconditions.
+    unsafe { nix::libc::alarm(seconds) };
+}
+
+fn usage() -> ! {
+    eprintln!("usage: fork_release NAME [--backend lockfile|auto|dbus] [--async]");
+    std::process::exit(64);
+}
+
 fn main() {
-    let Some(name) = std::env::args().nth(1) else {
-        eprintln!("usage: fork_release NAME");
-        std::process::exit(64);
-    };
-    let guard = match InstanceOptions::new(&name)
-        .backend(Backend::LockFile)
+    let mut args = std::env::args().skip(1);
+    let Some(name) = args.next() else { usage() };
+    // `None`: Auto, the default.
+    let (mut backend, mut use_async) = (Some(Backend::LockFile), false);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--backend" => {
+                backend = match args.next().as_deref() {
+                    Some("lockfile") => Some(Backend::LockFile),
+                    Some("auto") => None,
+                    Some("dbus") => Some(Backend::Dbus),
+                    _ => usage(),
+                }
+            }
+            "--async" => use_async = true,
+            _ => usage(),
+        }
+    }
+    let mut options = InstanceOptions::new(&name)
         .watch_lock_file(false)
-        .notify_ready(false)
-        .acquire()
-    {
+        .notify_ready(false);
+    if let Some(backend) = backend {
+        options = options.backend(backend);
+    }
+    // Kept for the guard's life: an async guard's connection is serviced by it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            say(&format!("error runtime: {e}"));
+            std::process::exit(70);
+        });
+    let acquired = if use_async {
+        rt.block_on(options.acquire_async())
+    } else {
+        options.acquire()
+    };
+    let guard = match acquired {
         Ok(guard) => guard,
         Err(e) => {
             say(&format!("error {}", e.to_string().replace('\n', " ")));
@@ -55,7 +99,9 @@ fn main() {
     let child = match fork() {
         Ok(Some(child)) => child,
         Ok(None) => {
-            // The child: its guard shares the parent's lock; dropping it must leave both alone.
+            // The child: its guard shares the parent's lock and bus connection; dropping it must
+            // leave them alone.
+            alarm(20);
             drop(guard);
             std::process::exit(0);
         }

@@ -307,3 +307,48 @@ fn the_record_grace_does_not_block_the_runtime() {
     let holder = status.expect("status").holder.expect("a holder");
     assert_eq!(holder.pid, Some(pid), "status: {holder}");
 }
+
+/// A guard that owns a bus name, dropped in a child after `fork`, leaves the name and its
+/// connection to the process that acquired (the fork rule): the child's drop returns (it does
+/// not wait for the service thread, which does not exist in the child), the parent still owns
+/// the name, a copy is refused, and the parent's own release then frees it.
+#[test]
+fn a_guard_with_a_bus_name_dropped_in_a_forked_child_leaves_the_parent_holding() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for mode in [None, Some("--async")] {
+        let what = mode.unwrap_or("blocking");
+        let name = unique_name("fork_bus");
+        let mut cmd = clean_command(
+            &example_path("fork_release"),
+            Some(&bus.address),
+            lock_dir.path(),
+        );
+        cmd.args([&name, "--backend", "auto"]).args(mode);
+        let mut parent = Proc::spawn(cmd);
+        let acquired = parent.next_line("acquired");
+        assert!(acquired.starts_with("acquired"), "{what}: {acquired}");
+        // 14 is SIGALRM: the child was still in its drop after 20 s.
+        assert_eq!(
+            parent.next_line("the child's drop"),
+            "child-dropped status=0",
+            "{what}: the guard's drop in the child did not return"
+        );
+        assert!(
+            name_has_owner(&bus.address, &name),
+            "{what}: the child's drop took the name from the parent"
+        );
+        let mut second = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", "dbus"],
+        );
+        let line = second.next_line("the second copy");
+        assert!(line.starts_with("already-running"), "{what}: {line}");
+        assert_eq!(second.exit_code(), 75, "{what}");
+        parent.close_stdin();
+        assert_eq!(parent.next_line("release"), "released", "{what}");
+        assert_eq!(parent.exit_code(), 0, "{what}");
+        assert!(!name_has_owner(&bus.address, &name), "{what}");
+    }
+}
