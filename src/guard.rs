@@ -31,10 +31,11 @@ use crate::scope::{Backend, BusKind, Scope};
 /// Acquire *after* forking: the process that keeps the instance should be the one that
 /// acquired it. A child made by `fork` shares the lock file's open file description, and with
 /// it the lock, so the instance stays held for as long as either process keeps it open. Only
-/// the acquiring process removes the lock file: a guard dropped (or released) in a forked child
-/// closes the child's descriptor and leaves the file and the lock alone. The reverse is the
-/// hazard: a parent that forks the process which keeps the instance must not let its own
-/// guard's destructor run (leave with [`std::process::exit`], or [`std::mem::forget`] the
+/// the acquiring process removes the lock file and releases the bus name: a guard dropped (or
+/// released) in a forked child closes the child's own descriptors and leaves the file, the lock,
+/// the name and its connection alone (the child keeps its copy of the connection's socket until
+/// it exits or executes a program). The reverse is the hazard: a parent that forks the process
+/// which keeps the instance must not let its own guard's destructor run (leave with [`std::process::exit`], or [`std::mem::forget`] the
 /// guard), because the parent is the acquiring process and would remove the lock file that its
 /// child still holds through the shared open file description; a new copy would then create a
 /// new file and run beside the child.
@@ -53,6 +54,9 @@ pub struct InstanceGuard {
     /// The runtime that services the connection when the guard came from the blocking API (set
     /// by it once acquired: the only field set outside `InstanceGuard::new`).
     pub(crate) runtime: Option<ServiceThread>,
+    /// The process that acquired the instance: the only one that releases it (see "Daemonising
+    /// after acquiring").
+    pid: u32,
 }
 
 impl fmt::Debug for InstanceGuard {
@@ -103,6 +107,7 @@ impl InstanceGuard {
             seen_losses: 0,
             tasks,
             runtime: None,
+            pid: std::process::id(),
         }
     }
 
@@ -342,11 +347,25 @@ impl InstanceGuard {
     ///
     /// As [`InstanceGuard::release`].
     pub async fn release_async(mut self) -> Result<()> {
+        self.leave_service_thread_in_a_child();
         self.stop_tasks();
         let result = self.held.release(self.name.as_str()).await;
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
         result
+    }
+
+    /// In a child after `fork`, the service thread and its runtime's tasks exist only in the
+    /// process that acquired, and nothing runs them here: stopping them would take that
+    /// runtime's locks, which a thread of the parent may have held at the fork, and wait for a
+    /// thread that never answers. They are left as they are (a little memory).
+    fn leave_service_thread_in_a_child(&mut self) {
+        if std::process::id() != self.pid
+            && let Some(service) = self.runtime.take()
+        {
+            std::mem::forget(service);
+            std::mem::forget(std::mem::take(&mut self.tasks));
+        }
     }
 
     fn stop_tasks(&mut self) {
@@ -361,6 +380,7 @@ impl InstanceGuard {
     /// name first (through the guard's service thread when it has one, else by ending the
     /// connection and waiting until the bus closed it), then the lock file.
     fn release_blocking(&mut self) -> Result<()> {
+        self.leave_service_thread_in_a_child();
         self.stop_tasks();
         let service = self
             .runtime

@@ -2,6 +2,11 @@
 //! connection without zbus) and giving it back: `ReleaseName`, as well as the runtime the
 //! release runs in allows, else by ending the connection, so the name is free when it returns.
 //! It must not release anything but the name (the guard orders the backends' releases).
+//!
+//! Only the process that acquired the name releases it: a child made by `fork` shares the
+//! connection's socket, and a release there (`ReleaseName` through a runtime whose threads the
+//! child does not have, or a shutdown of the shared socket) would hang or take the name from
+//! the acquiring process. In another process a release closes only that process's descriptors.
 
 use std::time::Duration;
 
@@ -22,6 +27,8 @@ pub(crate) struct HeldName {
     /// frees the name before the lock file wherever it runs. `None` on a transport zbus
     /// connected itself.
     disconnect: Option<Disconnect>,
+    /// The process that acquired the name: the only one that releases it.
+    pid: u32,
 }
 
 impl HeldName {
@@ -30,7 +37,32 @@ impl HeldName {
             kind,
             conn,
             disconnect,
+            pid: std::process::id(),
         }
+    }
+
+    /// `Some(self)` in the process that acquired the name. In any other (a child after `fork`)
+    /// it closes this process's duplicate of the socket and leaves the name and the connection
+    /// to the acquiring process: `None`. The connection itself is not dropped there: its state
+    /// belongs to zbus's tasks on a runtime whose threads this process does not have, so it is
+    /// left untouched (a little memory), and its socket's descriptor stays open in this process
+    /// until it exits or executes a program (it is close-on-exec).
+    fn in_another_process(self) -> Option<Self> {
+        if std::process::id() == self.pid {
+            return Some(self);
+        }
+        tracing::debug!(
+            acquired_by = self.pid,
+            "bus name released in a forked process: the name and its connection are left to the process that acquired them"
+        );
+        let HeldName {
+            conn, disconnect, ..
+        } = self;
+        if let Some(disconnect) = disconnect {
+            disconnect.disarm();
+        }
+        std::mem::forget(conn);
+        None
     }
 
     /// The bus the name is owned on.
@@ -51,8 +83,11 @@ impl HeldName {
 
     /// Releases the name from async code.
     pub(crate) async fn release(self, name: &str) -> Result<()> {
-        let released = release_bus(self.kind, self.conn, name).await;
-        match (released, self.disconnect) {
+        let Some(this) = self.in_another_process() else {
+            return Ok(());
+        };
+        let released = release_bus(this.kind, this.conn, name).await;
+        match (released, this.disconnect) {
             (Ok(()), disconnect) => {
                 if let Some(disconnect) = disconnect {
                     disconnect.disarm();
@@ -77,11 +112,15 @@ impl HeldName {
         service: Option<&tokio::runtime::Handle>,
         name: &str,
     ) -> Result<()> {
-        let HeldName {
+        let Some(HeldName {
             kind,
             conn,
             disconnect,
-        } = self;
+            pid: _,
+        }) = self.in_another_process()
+        else {
+            return Ok(());
+        };
         match (service, disconnect) {
             (Some(rt), disconnect) => {
                 // Run it on the guard's own thread and wait on a plain channel:
