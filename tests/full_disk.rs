@@ -87,7 +87,7 @@ fn a_full_file_system_still_acquires_with_the_holder_unknown() {
             h.stderr_lines()
         );
         let warning = h.stderr_line_containing("holder record");
-        assert!(warning.contains("holder unknown"), "{mode:?}: {warning}");
+        assert!(warning.contains("holder is unknown"), "{mode:?}: {warning}");
         let path = lock_dir.join(format!("{name}.lock"));
         assert_eq!(
             std::fs::read(&path).expect("the lock file"),

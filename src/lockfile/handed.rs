@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::scope::Backend;
 
 use super::ofd::is_held;
-use super::record::{LockRecord, read_content, write_whole};
+use super::record::{LockRecord, read_content, write_or_unknown};
 
 /// Writes this process's record (its PID, start time and executable; the lock file as its only
 /// backend: for a process that holds the bus name too, see
@@ -114,5 +114,7 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<()> {
         line.resize(content.len() - 1, b' ');
         line.push(b'\n');
     }
-    write_whole(lock, &line).map_err(|e| Error::io("cannot write holder record to", &path, e))
+    write_or_unknown(lock, &line, &path)
+        .map(|_| ())
+        .map_err(|e| Error::io("cannot write holder record to", &path, e))
 }

@@ -18,7 +18,7 @@ use crate::plan::LockPlan;
 
 use super::dir::LockDir;
 use super::ofd::retry_eintr;
-use super::record::{LockRecord, write_whole};
+use super::record::{LockRecord, write_or_unknown};
 use super::watch::WatchHandle;
 
 /// A lock file this process holds. Dropping it removes the file (if it is still ours, and this
@@ -214,7 +214,9 @@ impl HeldLock {
     /// truncation, so that the file is one whole record at every moment (see
     /// [`LockRecord::parse_whole`]): a holder killed between a write and a truncation would
     /// otherwise leave a file that the next copy must refuse as not a lock file. A torn read
-    /// fails to parse and is read again (see `read_holder`), never taken for a record.
+    /// fails to parse and is read again (see `read_holder`), never taken for a record. With no
+    /// room for it (a full file system) the file is left empty instead, "holder unknown" (see
+    /// [`write_or_unknown`]).
     pub(crate) fn write_record(&mut self, record: &LockRecord) -> Result<()> {
         let mut line = record.to_line();
         if line.len() < self.record_len {
@@ -224,9 +226,10 @@ impl HeldLock {
             line.push(b'\n');
         }
         let mut now = self.shared.now();
-        write_whole(self.files.lent(), &line)
+        let written = write_or_unknown(self.files.lent(), &line, &self.path)
             .map_err(|e| Error::io("cannot write holder record to", &self.path, e))?;
-        self.record_len = line.len();
+        // Not written (no room): the file is empty, and a re-creation tries the record again.
+        self.record_len = if written { line.len() } else { 0 };
         now.record = line;
         Ok(())
     }

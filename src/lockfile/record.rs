@@ -153,6 +153,38 @@ pub(super) fn write_whole(file: impl AsFd, line: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes `line` as [`write_whole`] does, unless the file system has no room for it (`ENOSPC`,
+/// `EDQUOT`, or a write cut short): then the file is emptied instead, and `Ok(false)` says so.
+/// An empty record is "holder unknown" to every reader, and the lock excludes all the same: a
+/// full file system (any local user can fill a shared `/run` through `/run/lock`) must not stop
+/// an instance from starting, nor make a lock file merely removed a loss. Emptying frees
+/// blocks, so it works on a full file system; if it fails too, the first error is returned.
+pub(super) fn write_or_unknown(
+    file: impl AsFd,
+    line: &[u8],
+    path: &std::path::Path,
+) -> std::io::Result<bool> {
+    let no_room = |e: &std::io::Error| {
+        e.kind() == std::io::ErrorKind::WriteZero
+            || e.raw_os_error().is_some_and(|code| {
+                code == rustix::io::Errno::NOSPC.raw_os_error()
+                    || code == rustix::io::Errno::DQUOT.raw_os_error()
+            })
+    };
+    match write_whole(&file, line) {
+        Ok(()) => Ok(true),
+        Err(e) if no_room(&e) => {
+            if retry_eintr(|| rustix::fs::ftruncate(&file, 0)).is_err() {
+                return Err(e);
+            }
+            tracing::warn!(path = %path.display(), error = %e,
+                "no room to write the holder record: the lock is held, and copies refused are told the holder is unknown");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The start of the file: at most [`MAX_RECORD_LEN`] bytes and one more, however large the file
 /// is (anyone who can create a file at the path chooses its size).
 pub(super) fn read_content(file: impl AsFd) -> rustix::io::Result<Vec<u8>> {

@@ -12,7 +12,7 @@ use super::dir::check_dir;
 use super::held::Now;
 use super::ofd::{lock_exclusive, retry_eintr};
 use super::open::set_new_file_owner_and_mode;
-use super::record::write_whole;
+use super::record::write_or_unknown;
 use super::walk::{Walked, walk_dir};
 use super::watch::WatchHandle;
 
@@ -166,7 +166,8 @@ impl WatchHandle {
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
             return abandon("the new file is not a regular file with one name");
         }
-        if write_whole(&file, &now.record).is_err() {
+        // No room for it leaves the file empty: "holder unknown", and still the lock.
+        if write_or_unknown(&file, &now.record, &self.path).is_err() {
             return abandon("cannot write our record");
         }
         if !self.verify_held_as(dev, ino) {
