@@ -407,20 +407,6 @@ fn root_meets_a_service_users_lock_file_in_the_shared_sticky_directory() {
         .expect("free after the service stopped");
     guard.release().expect("release");
 
-    // A file another user left behind empty (not held) is root's to lock there, but not to
-    // remove (it did not create it): emptied again and left, still the other user's.
-    std::fs::write(&lock_file, "").expect("write");
-    std::os::unix::fs::chown(&lock_file, Some(NOBODY), Some(NOBODY)).expect("chown");
-    let guard = lock_only(&name, dir.path())
-        .acquire()
-        .expect("root may lock a service user's file in the shared sticky directory");
-    guard.release().expect("release");
-    let kept = std::fs::metadata(&lock_file).expect("an empty file found is kept");
-    assert_eq!(
-        (kept.uid(), kept.len()),
-        (NOBODY, 0),
-        "kept, empty, nobody's"
-    );
     // A crashed service's record there is root's to take over, and to remove.
     std::fs::write(
         &lock_file,
@@ -436,6 +422,57 @@ fn root_meets_a_service_users_lock_file_in_the_shared_sticky_directory() {
         !lock_file.exists(),
         "a crashed holder's file is removed on release"
     );
+}
+
+/// A file another user put in the shared sticky directory and nobody holds — planted there, or
+/// left by a crashed service — is never kept by root: its owner could rewrite root's record in
+/// it, or rename it away (the sticky bit lets the owner), and a third copy would then run. Root
+/// removes it (while locked) and makes its own, which that user can neither write nor move.
+#[test]
+fn root_never_keeps_a_file_another_user_put_in_the_shared_sticky_directory() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test plants a file as another user and must run as root (CI does)"
+    );
+    let mv = common::require_program("mv", "coreutils");
+    let dir = shared_sticky_dir();
+    let planted_record = "{\"pid\":999999,\"uid\":65534,\"start_time\":1,\"backend\":[\"lock-file\"],\
+         \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}\n";
+    for planted in [planted_record, ""] {
+        let what = if planted.is_empty() {
+            "empty"
+        } else {
+            "a record"
+        };
+        let name = unique_name("planted");
+        let lock_file = dir.path().join(format!("{name}.lock"));
+        std::fs::write(&lock_file, planted).expect("plant");
+        std::os::unix::fs::chown(&lock_file, Some(NOBODY), Some(NOBODY)).expect("chown");
+        let guard = lock_only(&name, dir.path())
+            .acquire()
+            .expect("root acquires over a file nobody holds");
+        let now = std::fs::metadata(&lock_file).expect("the lock file");
+        assert_eq!(now.uid(), 0, "{what}: root kept the planter's file");
+        let mut mv_away = std::process::Command::new(&mv);
+        mv_away
+            .arg(&lock_file)
+            .arg(dir.path().join(format!("{name}.gone")));
+        let moved = common::status_within_timeout(common::as_user(NOBODY, NOBODY, &mv_away));
+        assert!(
+            !moved.success(),
+            "{what}: the planter moved root's lock file away"
+        );
+        assert!(
+            lock_only(&name, dir.path()).acquire().is_err(),
+            "{what}: a second copy acquired"
+        );
+        assert!(guard.losses().is_empty(), "{what}: {:?}", guard.losses());
+        guard.release().expect("release");
+        assert!(
+            !lock_file.exists(),
+            "{what}: root's own file is removed on release"
+        );
+    }
 }
 
 #[test]
