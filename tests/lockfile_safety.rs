@@ -457,7 +457,9 @@ fn root_never_keeps_a_file_another_user_put_in_the_shared_sticky_directory() {
         mv_away
             .arg(&lock_file)
             .arg(dir.path().join(format!("{name}.gone")));
-        let moved = common::status_within_timeout(common::as_user(NOBODY, NOBODY, &mv_away));
+        let mut as_planter = common::as_user(NOBODY, NOBODY, &mv_away);
+        as_planter.stderr(std::process::Stdio::null());
+        let moved = common::status_within_timeout(as_planter);
         assert!(
             !moved.success(),
             "{what}: the planter moved root's lock file away"

@@ -6,14 +6,14 @@
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use rustix::fs::{FileType, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result, UnsafeLockPath};
 use crate::plan::LockPlan;
 
 use super::dir::{LockDir, not_permitted};
-use super::ofd::{is_held, retry_eintr};
+use super::ofd::{is_held, lock_exclusive, retry_eintr};
 use super::record::{LockRecord, read_content};
 
 /// A lock file, opened.
@@ -195,6 +195,15 @@ pub(super) fn open_lock_file(
     if !block && is_held(&file) == Ok(true) {
         return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::Held), st)));
     }
+    if root_must_not_keep(plan, euid, st.st_uid, lock_dir) {
+        // Held: its holder removes it when it lets go (a wait waits for that), and then we
+        // make our own.
+        if is_held(&file) == Ok(true) {
+            return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::Held), st)));
+        }
+        remove_foreign(plan, dir, path, &st, open(flags | OFlags::RDWR))?;
+        return Ok(None);
+    }
     match open(flags | OFlags::RDWR) {
         Ok(rw) => {
             let now = fstat(&rw)?;
@@ -252,18 +261,73 @@ pub(super) fn set_new_file_owner_and_mode(
 /// Whose lock file we may lock and write: our own; in system scope, root's; and, for root in
 /// system scope, any user's file in a root-owned sticky world-writable directory (the shared
 /// system lock directory). That last case is the service running under its own `User=` whose
-/// lock file a copy started by root must meet: the sticky bit guarantees only that user and root
-/// can remove or rename the file, a single link guarantees it is not some other file in
-/// disguise, and the lock and the record are all root writes into it. Likewise, for root, the
-/// file of a per-service directory's owner (the service's user): only they and root can write
-/// that directory. Elsewhere a foreign file is refused, because its owner, not the directory's,
-/// decides what it is.
+/// lock file a copy started by root must meet; root never keeps such a file, though (see
+/// [`root_must_not_keep`]). Likewise, for root, the file of a per-service directory's owner
+/// (the service's user): only they and root can write that directory, and root gives the files
+/// it creates there to that user. Elsewhere a foreign file is refused, because its owner, not
+/// the directory's, decides what it is.
 fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, lock_dir: &LockDir) -> bool {
     owner == euid
         || (plan.root_may_own
             && (owner == 0
                 || (euid == 0
                     && (lock_dir.shared_sticky || lock_dir.service_owner == Some(owner)))))
+}
+
+/// Whether this is root meeting another user's file in a shared sticky directory (not the
+/// service's user of a per-service directory): a file anyone could have put there. Held, it is
+/// "already running". Held by nobody — planted, or left by a crashed service — root must not
+/// lock it and keep it: it would stay its owner's, who could rewrite root's record in it or
+/// rename it away (the sticky bit lets the owner), and a third copy would then run beside
+/// root's. So root removes it, while holding its lock, and creates its own (`O_CREAT |
+/// O_EXCL`), which that user can neither write nor move.
+fn root_must_not_keep(plan: &LockPlan, euid: u32, owner: u32, lock_dir: &LockDir) -> bool {
+    euid == 0
+        && owner != 0
+        && plan.root_may_own
+        && lock_dir.shared_sticky
+        && lock_dir.service_owner != Some(owner)
+}
+
+/// Removes `st`, another user's lock file that nobody holds (see [`root_must_not_keep`]),
+/// opened again for writing as `rw`: locked first, so that no copy holds it as it goes, and
+/// only while the path still names it. Whatever happens meanwhile (it vanished, was replaced,
+/// or someone locked it first), the caller opens the path again.
+fn remove_foreign(
+    plan: &LockPlan,
+    dir: &OwnedFd,
+    path: &Path,
+    st: &Stat,
+    rw: rustix::io::Result<OwnedFd>,
+) -> Result<()> {
+    let rw = match rw {
+        Ok(rw) => rw,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
+    };
+    let same = |now: &Stat| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino);
+    match rustix::fs::fstat(&rw) {
+        Ok(now) if same(&now) => {}
+        Ok(_) => return Ok(()),
+        Err(e) => return Err(Error::io("cannot stat", path, e.into())),
+    }
+    match lock_exclusive(&rw, false) {
+        Ok(()) => {}
+        Err(Errno::AGAIN | Errno::ACCESS) => return Ok(()),
+        Err(e) => return Err(Error::io("cannot lock", path, e.into())),
+    }
+    match rustix::fs::statat(dir, plan.file_name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(now) if same(&now) => {}
+        Ok(_) | Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(Error::io("cannot stat", path, e.into())),
+    }
+    match rustix::fs::unlinkat(dir, plan.file_name.as_os_str(), AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => {}
+        Err(e) => return Err(Error::io("cannot remove lock file", path, e.into())),
+    }
+    tracing::info!(path = %path.display(), owner = st.st_uid,
+        "removed another user's lock file that nobody held from the shared directory, to make root's own");
+    Ok(())
 }
 
 pub(super) fn file_type_name(t: FileType) -> &'static str {
