@@ -19,8 +19,9 @@
 //! - `release-order`: acquires (`--async`: with `acquire_async` on a runtime of `--flavor`),
 //!   prints `acquired`, waits for a line on stdin, releases as `--in` says (`drop-in-runtime`:
 //!   dropped inside the runtime's `block_on`; `drop-outside`: dropped outside it after it went
-//!   idle; `release`: `release()`), prints `released ok` or `released err ...`, and waits for
-//!   stdin to close.
+//!   idle; `release`: `release()`; `release-async-elsewhere`: `release_async()` on another,
+//!   new, current-thread runtime while the acquiring one is idle), prints `released ok` or
+//!   `released err ...`, and waits for stdin to close.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -213,6 +214,7 @@ fn release_order(args: &Args) {
         }
         ("release-in-runtime", Some(rt)) => rt.block_on(async move { guard.release() }),
         ("release", _) => guard.release(),
+        ("release-async-elsewhere", _) => runtime(false).block_on(guard.release_async()),
         _ => {
             drop(guard);
             Ok(())

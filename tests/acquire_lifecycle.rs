@@ -208,7 +208,8 @@ fn a_cancelled_acquisition_keeps_nothing() {
 }
 
 /// Releasing frees the bus name and then the lock file before it returns, whatever runtime it
-/// runs in, and reports success for a name it did release.
+/// runs in (`release_async` too, on a runtime other than the acquiring one), and reports
+/// success for a name it did release.
 #[test]
 fn release_frees_name_and_lock_file_before_it_returns() {
     let bus = DbusDaemon::start(BusConfig::Open);
@@ -229,9 +230,19 @@ fn release_frees_name_and_lock_file_before_it_returns() {
         &["--async", "--flavor", "multi", "--in", "drop-in-runtime"],
         &["--async", "--flavor", "multi", "--in", "release-in-runtime"],
         &["--async", "--flavor", "multi", "--in", "drop"],
+        // release_async on another runtime than the one that made the connection, which is
+        // idle meanwhile: no reply to ReleaseName can be read there.
+        &[
+            "--async",
+            "--flavor",
+            "current",
+            "--in",
+            "release-async-elsewhere",
+        ],
         // The blocking API.
         &["--in", "drop"],
         &["--in", "release"],
+        &["--in", "release-async-elsewhere"],
     ];
     for args in cases {
         let what = args.join(" ");
