@@ -247,7 +247,9 @@ impl InstanceGuard {
     /// The connection belongs to the instance: a blocking release (`drop`, [`release`]) ends
     /// it, clones included, so that the bus has dropped the name before the lock file is
     /// freed, whatever runtime the release runs in. [`release_async`] leaves it to close with
-    /// its last handle after `ReleaseName` was answered.
+    /// its last handle after `ReleaseName` was answered, when it runs on the runtime that
+    /// acquired (or that runtime is multi-threaded); on another it ends it too, since the
+    /// acquiring runtime, maybe idle, would read no answer.
     ///
     /// [`release`]: InstanceGuard::release
     /// [`release_async`]: InstanceGuard::release_async
@@ -341,7 +343,10 @@ impl InstanceGuard {
         self.release_blocking()
     }
 
-    /// Releases the instance from async code, reporting any failure.
+    /// Releases the instance from async code, reporting any failure. On a runtime other than
+    /// the current-thread one that acquired, whose tasks may not run meanwhile, the bus
+    /// connection is ended instead of asking the bus to release the name (see
+    /// [`InstanceGuard::connection`]).
     ///
     /// # Errors
     ///

@@ -29,6 +29,9 @@ pub(crate) struct HeldName {
     disconnect: Option<Disconnect>,
     /// The process that acquired the name: the only one that releases it.
     pid: u32,
+    /// The runtime the connection was made on, whose tasks read its replies: `None` outside
+    /// any (never: connections are made in async code).
+    runtime: Option<(tokio::runtime::Id, tokio::runtime::RuntimeFlavor)>,
 }
 
 impl HeldName {
@@ -38,6 +41,21 @@ impl HeldName {
             conn,
             disconnect,
             pid: std::process::id(),
+            runtime: tokio::runtime::Handle::try_current()
+                .ok()
+                .map(|h| (h.id(), h.runtime_flavor())),
+        }
+    }
+
+    /// Whether a reply to `ReleaseName` can be read from where this is called: on the runtime
+    /// that made the connection, or when that runtime has worker threads of its own (a
+    /// multi-threaded one always runs). From another runtime, a current-thread one that made
+    /// the connection may be idle (nothing drives it while this waits), and the reply would
+    /// never be read.
+    fn answered_here(&self) -> bool {
+        match self.runtime {
+            Some((_, tokio::runtime::RuntimeFlavor::MultiThread)) | None => true,
+            Some((id, _)) => tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == id),
         }
     }
 
@@ -81,11 +99,18 @@ impl HeldName {
         self.disconnect.as_ref().and_then(Disconnect::socket)
     }
 
-    /// Releases the name from async code.
+    /// Releases the name from async code: `ReleaseName`, or, on a runtime other than the one
+    /// that made the connection (whose replies it may not be reading, see
+    /// [`HeldName::answered_here`]), by ending the connection as a blocking release does.
     pub(crate) async fn release(self, name: &str) -> Result<()> {
         let Some(this) = self.in_another_process() else {
             return Ok(());
         };
+        if !this.answered_here()
+            && let Some(disconnect) = this.disconnect
+        {
+            return end_connection(this.kind, this.conn, disconnect);
+        }
         let released = release_bus(this.kind, this.conn, name).await;
         match (released, this.disconnect) {
             (Ok(()), disconnect) => {
@@ -116,7 +141,7 @@ impl HeldName {
             kind,
             conn,
             disconnect,
-            pid: _,
+            ..
         }) = self.in_another_process()
         else {
             return Ok(());
@@ -160,20 +185,23 @@ impl HeldName {
                     }
                 }
             }
-            (None, Some(disconnect)) => {
-                // The connection's runtime may be idle, or blocked in this very call:
-                // end the connection ourselves, and wait until the bus has seen it.
-                let result = disconnect.wait(RELEASE_TIMEOUT).map_err(|e| Error::Bus {
-                    context: "cannot release the name",
-                    bus: kind,
-                    source: zbus::Error::InputOutput(std::sync::Arc::new(e)),
-                });
-                drop(conn);
-                result
-            }
+            // The connection's runtime may be idle, or blocked in this very call.
+            (None, Some(disconnect)) => end_connection(kind, conn, disconnect),
             (None, None) => release_without_socket(kind, conn, name),
         }
     }
+}
+
+/// Releases the name by ending the connection ourselves (see [`Disconnect`]), waiting until the
+/// bus has seen it: needs no runtime, and no reply read by one.
+fn end_connection(kind: BusKind, conn: Connection, disconnect: Disconnect) -> Result<()> {
+    let result = disconnect.wait(RELEASE_TIMEOUT).map_err(|e| Error::Bus {
+        context: "cannot release the name",
+        bus: kind,
+        source: zbus::Error::InputOutput(std::sync::Arc::new(e)),
+    });
+    drop(conn);
+    result
 }
 
 /// Releases the name of a connection whose socket zbus made itself (a transport other than a
