@@ -460,6 +460,104 @@ fn a_retargeted_symlink_on_the_lock_path_is_a_loss_for_the_holder() {
     );
 }
 
+/// `base/releases/v1` and `v2`, and `base/current -> releases/v1`, the lock directory's path.
+fn releases(base: &Path) -> PathBuf {
+    for v in ["releases/v1", "releases/v2"] {
+        std::fs::create_dir_all(base.join(v)).expect("mkdir");
+    }
+    let current = base.join("current");
+    std::os::unix::fs::symlink("releases/v1", &current).expect("symlink");
+    current
+}
+
+/// A deploy flips `current` to `releases/v2`, atomically, as `ln -sfn` through a rename does.
+fn flip_to_v2(base: &Path) {
+    let next = base.join("current.next");
+    std::os::unix::fs::symlink("releases/v2", &next).expect("symlink");
+    std::fs::rename(&next, base.join("current")).expect("rename");
+}
+
+/// A copy made to stop itself at the test hook `var` (see `common::arm_test_hook`).
+fn holder_stopping_at(var: &str, env: &[(&str, &OsStr)], args: &[&str]) -> Proc {
+    let mut cmd = bare_holder(env, args);
+    common::arm_test_hook(&mut cmd, var);
+    let mut copy = Proc::spawn(cmd);
+    copy.stopped_at(var);
+    copy
+}
+
+/// A deploy flips `current -> releases/v1` to `v2` while a copy waits (`--wait`) for the
+/// holder in v1, and a new copy starts in v2. The waiter must follow the path as it is now: it
+/// goes on waiting, for the copy in v2, and takes over from it. Before, it went on judging "is
+/// this still the path's directory" by the path it had resolved at the start (v1's, which the
+/// flip does not touch): once the holder in v1 stopped (it lost the instance), the waiter took
+/// the lock in v1, a directory nobody used any more, beside the copy in v2, and at once lost it
+/// (`run --wait` then said the instance was lost, instead of waiting).
+#[test]
+fn a_waiting_copy_follows_a_flipped_symlink_to_the_live_holder() {
+    for blocking in [false, true] {
+        let what = if blocking { "blocking" } else { "async" };
+        let base = tempfile::tempdir().expect("tempdir");
+        let current = releases(base.path());
+        let name = unique_name("flip_wait");
+        let env = [("UNIQUE_INSTANCE_LOCK_DIR", current.as_os_str())];
+        let plain = [name.as_str(), "--backend", "lockfile"];
+        let mut first = Proc::spawn(bare_holder(&env, &plain));
+        acquired_pid(&mut first);
+        let mut args = vec![name.as_str(), "--backend", "lockfile", "--wait", "forever"];
+        if blocking {
+            args.push("--blocking");
+        }
+        // Stopped once it waits, on the first holder's file in v1.
+        let mut waiter = holder_stopping_at("UNIQUE_INSTANCE_TEST_STOP_IN_LOCK_WAIT", &env, &args);
+        flip_to_v2(base.path());
+        // A copy started now finds v2 empty and runs; the first is told it lost.
+        let mut second = Proc::spawn(bare_holder(&env, &plain));
+        let second_pid = acquired_pid(&mut second);
+        let lost = first.line_starting("lost");
+        assert!(lost.contains("reason=LockDirectoryRemoved"), "{what}: {lost}");
+        waiter.signal(rustix::process::Signal::CONT);
+        // The first stops (as `run` stops COMMAND on a loss): its lock in v1 goes.
+        release(first);
+        // The waiter takes over only from the copy the path leads to now.
+        expect_refused(Proc::spawn(bare_holder(&env, &plain)), second_pid, what);
+        release(second);
+        let waiter_pid = acquired_pid(&mut waiter);
+        expect_refused(Proc::spawn(bare_holder(&env, &plain)), waiter_pid, what);
+        assert!(
+            base.path()
+                .join(format!("releases/v2/{name}.lock"))
+                .exists(),
+            "{what}"
+        );
+        waiter.close_stdin();
+        // Never lost: it took the instance where the path leads.
+        assert_eq!(waiter.stdout_until_closed(), ["released"], "{what}");
+        assert_eq!(waiter.exit_code(), 0, "{what}");
+    }
+}
+
+/// The same flip between a copy's opening of the lock directory and its attempt on the lock
+/// file (no wait): the copy must lock the file where the path leads now, not in the directory
+/// it opened first.
+#[test]
+fn a_copy_starting_during_a_flip_locks_where_the_path_leads_now() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let current = releases(base.path());
+    let name = unique_name("flip_start");
+    let env = [("UNIQUE_INSTANCE_LOCK_DIR", current.as_os_str())];
+    let plain = [name.as_str(), "--backend", "lockfile"];
+    // Stopped with v1 open, before its lock file.
+    let mut copy = holder_stopping_at("UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE", &env, &plain);
+    flip_to_v2(base.path());
+    copy.signal(rustix::process::Signal::CONT);
+    let pid = acquired_pid(&mut copy);
+    expect_refused(Proc::spawn(bare_holder(&env, &plain)), pid, "after the flip");
+    copy.close_stdin();
+    assert_eq!(copy.stdout_until_closed(), ["released"]);
+    assert_eq!(copy.exit_code(), 0);
+}
+
 #[test]
 fn a_foreign_symlink_or_directory_anywhere_on_the_path_is_refused() {
     use unique_instance::UnsafeLockPath;

@@ -644,6 +644,28 @@ fn a_mount_over_the_lock_directory_is_a_loss() {
     }
 }
 
+/// The `holder` example with `args` and the lock directory `lock_dir`, in a mount namespace of
+/// its own, so that nothing mounted elsewhere on this machine meanwhile (which wakes the watch's
+/// mount-table check) can make up for a missed event. As `user` (uid and gid), if given.
+fn holder_in_own_mounts(lock_dir: &Path, args: &[&str], user: Option<u32>) -> Proc {
+    let mut inner = common::clean_command(&common::example_path("holder"), None, lock_dir);
+    inner.args(args);
+    if let Some(uid) = user {
+        inner = common::as_user(uid, uid, &inner);
+    }
+    let mut cmd = std::process::Command::new(common::require_program("unshare", "util-linux"));
+    cmd.args(["--mount", "--propagation", "private", "--"])
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .env_clear();
+    for (key, value) in inner.get_envs() {
+        if let Some(value) = value {
+            cmd.env(key, value);
+        }
+    }
+    Proc::spawn(cmd)
+}
+
 /// Renaming a directory *above* the lock directory (`mv app app.old && mv app.new app`, the
 /// usual deploy) leads the path to another file without touching the lock directory itself:
 /// the watching holder must notice, because a copy started now acquires beside it.
@@ -659,20 +681,7 @@ fn an_ancestor_directory_moved_away_is_a_loss() {
         if blocking {
             args.push("--blocking");
         }
-        // In a mount namespace of its own, so that nothing mounted elsewhere on this machine
-        // meanwhile (which wakes the watch's mount-table check) can make up for a missed event.
-        let inner = common::clean_command(&common::example_path("holder"), None, &lock_dir);
-        let mut cmd = std::process::Command::new(common::require_program("unshare", "util-linux"));
-        cmd.args(["--mount", "--propagation", "private", "--"])
-            .arg(inner.get_program())
-            .args(&args)
-            .env_clear();
-        for (key, value) in inner.get_envs() {
-            if let Some(value) = value {
-                cmd.env(key, value);
-            }
-        }
-        let mut h = common::Proc::spawn(cmd);
+        let mut h = holder_in_own_mounts(&lock_dir, &args, None);
         assert!(h.next_line("holder").starts_with("acquired"));
         std::fs::rename(&app, base.path().join(format!("app{i}.old"))).expect("mv app");
         std::fs::create_dir_all(&lock_dir).expect("a new app/data");
@@ -681,6 +690,109 @@ fn an_ancestor_directory_moved_away_is_a_loss() {
             "lost reason=LockDirectoryRemoved still_exclusive=false",
             "blocking={blocking}"
         );
+        h.close_stdin();
+        assert_eq!(h.exit_code(), 0);
+    }
+}
+
+/// The lock path goes through a symlink into another tree (`srv/current -> data/rel/v1`), and
+/// a directory above the link's *target* is renamed (`mv data/rel data/rel.old`, or `data`
+/// itself) and made again: the path as given is untouched, but it now leads to another file.
+/// Before, only the ancestors of the path as given and the symlinks' directories were watched,
+/// so the holder was never told, and a second copy ran beside it.
+#[test]
+fn a_directory_above_a_symlink_target_moved_away_is_a_loss() {
+    let base = tempfile::tempdir().expect("tempdir");
+    for (i, (blocking, moved)) in [false, true]
+        .into_iter()
+        .flat_map(|b| [(b, "data/rel"), (b, "data")])
+        .enumerate()
+    {
+        let what = format!("blocking={blocking} moved={moved}");
+        let tree = base.path().join(format!("t{i}"));
+        std::fs::create_dir_all(tree.join("data/rel/v1/run")).expect("mkdir");
+        std::fs::create_dir_all(tree.join("srv")).expect("mkdir");
+        std::os::unix::fs::symlink(tree.join("data/rel/v1"), tree.join("srv/current"))
+            .expect("symlink");
+        let lock_dir = tree.join("srv/current/run");
+        let name = unique_name("target_above");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        if blocking {
+            args.push("--blocking");
+        }
+        let mut h = holder_in_own_mounts(&lock_dir, &args, None);
+        let line = h.next_line("holder");
+        assert!(line.starts_with("acquired"), "{what}: {line}");
+        std::fs::rename(tree.join(moved), tree.join(format!("{moved}.old"))).expect("mv");
+        std::fs::create_dir_all(tree.join("data/rel/v1/run")).expect("made again");
+        assert_eq!(
+            h.line_starting("lost"),
+            "lost reason=LockDirectoryRemoved still_exclusive=false",
+            "{what}"
+        );
+        // A copy started now indeed takes the new directory's file.
+        let mut other = holder(None, &lock_dir, &[&name, "--backend", "lockfile"]);
+        let line = other.next_line("second copy");
+        assert!(line.starts_with("acquired"), "{what}: {line}");
+        other.close_stdin();
+        assert_eq!(other.exit_code(), 0, "{what}");
+        h.close_stdin();
+        assert_eq!(h.exit_code(), 0, "{what}");
+    }
+}
+
+/// A holder that can no longer follow its own lock path (`EACCES`) cannot confirm that the
+/// path leads to its file: that is a loss, not "still ours". Root swaps the service user's
+/// `app` with a new tree the service user may not enter (`renameat2(RENAME_EXCHANGE)`, so that
+/// no moment shows the path missing): root's copy then runs at the same path. Before, any
+/// error other than "no such file" counted as "cannot tell", and the holder was never told.
+#[test]
+fn a_lock_path_the_holder_can_no_longer_follow_is_a_loss() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it runs a holder as another user)"
+    );
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for (i, blocking) in [false, true].into_iter().enumerate() {
+        let app = base.path().join(format!("app{i}"));
+        let lock_dir = app.join("run");
+        std::fs::create_dir_all(&lock_dir).expect("mkdir");
+        for dir in [&app, &lock_dir] {
+            std::os::unix::fs::chown(dir, Some(common::NOBODY), Some(common::NOBODY))
+                .expect("chown");
+        }
+        let name = unique_name("eacces");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        if blocking {
+            args.push("--blocking");
+        }
+        let mut h = holder_in_own_mounts(&lock_dir, &args, Some(common::NOBODY));
+        let line = h.next_line("holder");
+        assert!(line.starts_with("acquired"), "blocking={blocking}: {line}");
+        let new = base.path().join(format!("new{i}"));
+        std::fs::create_dir_all(new.join("run")).expect("mkdir");
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &app,
+            rustix::fs::CWD,
+            &new,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .expect("renameat2(RENAME_EXCHANGE)");
+        assert_eq!(
+            h.line_starting("lost"),
+            "lost reason=LockDirectoryRemoved still_exclusive=false",
+            "blocking={blocking}"
+        );
+        // Root's copy runs at the same path now.
+        let mut other = holder(None, &lock_dir, &[&name, "--backend", "lockfile"]);
+        let line = other.next_line("root's copy");
+        assert!(line.starts_with("acquired"), "blocking={blocking}: {line}");
+        other.close_stdin();
+        assert_eq!(other.exit_code(), 0);
         h.close_stdin();
         assert_eq!(h.exit_code(), 0);
     }
