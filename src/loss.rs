@@ -26,9 +26,12 @@ pub enum LossReason {
     LockFileRemoved,
     /// The lock file was replaced by another file (seen by the watch or the periodic re-check).
     LockFileReplaced,
-    /// The lock file's directory (or a directory above it) was removed, moved or replaced, or a
-    /// symlink on the way was retargeted: our file is still in the directory we opened, but the
-    /// lock path no longer leads to it, so a copy started now would lock another one.
+    /// The lock file's directory (or a directory above it, or above a symlink's target on the
+    /// way) was removed, moved or replaced, or a symlink on the way was retargeted: our file is
+    /// still in the directory we opened, but the lock path no longer leads to it, so a copy
+    /// started now would lock another one. Also when the holder can no longer follow the path
+    /// at all (`EACCES`: a directory on the way replaced by one it may not enter): that it
+    /// leads to our file can then no longer be confirmed.
     LockDirectoryRemoved,
 }
 

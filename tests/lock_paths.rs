@@ -515,7 +515,10 @@ fn a_waiting_copy_follows_a_flipped_symlink_to_the_live_holder() {
         let mut second = Proc::spawn(bare_holder(&env, &plain));
         let second_pid = acquired_pid(&mut second);
         let lost = first.line_starting("lost");
-        assert!(lost.contains("reason=LockDirectoryRemoved"), "{what}: {lost}");
+        assert!(
+            lost.contains("reason=LockDirectoryRemoved"),
+            "{what}: {lost}"
+        );
         waiter.signal(rustix::process::Signal::CONT);
         // The first stops (as `run` stops COMMAND on a loss): its lock in v1 goes.
         release(first);
@@ -552,7 +555,11 @@ fn a_copy_starting_during_a_flip_locks_where_the_path_leads_now() {
     flip_to_v2(base.path());
     copy.signal(rustix::process::Signal::CONT);
     let pid = acquired_pid(&mut copy);
-    expect_refused(Proc::spawn(bare_holder(&env, &plain)), pid, "after the flip");
+    expect_refused(
+        Proc::spawn(bare_holder(&env, &plain)),
+        pid,
+        "after the flip",
+    );
     copy.close_stdin();
     assert_eq!(copy.stdout_until_closed(), ["released"]);
     assert_eq!(copy.exit_code(), 0);

@@ -137,8 +137,8 @@ fn one_name(file: &OwnedFd) -> Option<()> {
 }
 
 /// One attempt ([`lock_step`]) that ends in the lock directory the path leads to *now*: when
-/// the directory was removed (its files with it) or replaced while we opened, locked or were
-/// refused the file, the lock taken or the holder seen belongs to a directory nobody else will
+/// the directory was removed (its files with it) or replaced, or a symlink on the way was
+/// retargeted, while we opened, locked or were refused the file, the lock taken or the holder seen belongs to a directory nobody else will
 /// find any more, so it starts over from the directory, made again under the same rules (see
 /// [`open_dir`](super::dir::open_dir)), a bounded number of times.
 fn settle(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Step> {
@@ -146,7 +146,7 @@ fn settle(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Step> 
     for _ in 0..MAX_DIR_RACES {
         match lock_step(plan, lock_dir, block)? {
             // Held or refused in a directory that is still the path's: the answer.
-            Some(step) if lock_dir.is_current() => return Ok(step),
+            Some(step) if lock_dir.is_current(plan) => return Ok(step),
             // Dropped unused: a lock taken in a removed directory releases nothing anyone
             // needs (a file we made in a directory renamed away is removed by the drop).
             _ => lock_dir.reopen(plan)?,

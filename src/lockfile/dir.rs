@@ -3,7 +3,6 @@
 //! Must not: open or lock the lock file itself (`open.rs`, `attempt.rs`).
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustix::fs::{Mode, OFlags, Stat};
@@ -23,9 +22,8 @@ pub(crate) struct LockDir {
     pub(super) shared_sticky: bool,
     /// A per-service directory's owner (the service's user): see `owner_acceptable`.
     pub(super) service_owner: Option<u32>,
-    /// Where the walk found it (no symlinks, no `..`), and what was there: an attempt that
-    /// finds another directory there now, or none, starts over (see [`LockDir::is_current`]).
-    resolved: PathBuf,
+    /// What the walk found at the path: an attempt that finds another directory there now, or
+    /// none, starts over (see [`LockDir::is_current`]).
     dev: u64,
     ino: u64,
     /// As [`open_dir`] was asked, for opening it again.
@@ -38,12 +36,15 @@ impl LockDir {
         (self.dev, self.ino)
     }
 
-    /// Does the path still lead to this directory? Not when it was removed (`rm -r`, a logout
-    /// emptying `/run/user/UID`) or replaced (renamed away, another made in its place) since
-    /// it was opened: a lock taken in it then excludes nobody who opens the path now. One
-    /// `stat`. An error other than "gone" says yes: the attempt itself then reports it.
-    pub(super) fn is_current(&self) -> bool {
-        match rustix::fs::stat(&self.resolved) {
+    /// Does the path of `plan` still lead to this directory? Not when it was removed (`rm -r`,
+    /// a logout emptying `/run/user/UID`) or replaced (renamed away, another made in its place)
+    /// since it was opened, or when a symlink on the way was retargeted (a deploy flipping
+    /// `current -> releases/vN`): a lock taken in it then excludes nobody who opens the path
+    /// now. So the path as given is followed as it is now, its symlinks with it, never the
+    /// one the walk resolved then (which a flipped link does not touch). One `stat`. An error
+    /// other than "gone" says yes: the attempt itself then reports it.
+    pub(super) fn is_current(&self, plan: &LockPlan) -> bool {
+        match rustix::fs::stat(&plan.dir) {
             Ok(st) => (st.st_dev, st.st_ino) == (self.dev, self.ino),
             Err(Errno::NOENT | Errno::NOTDIR) => false,
             Err(_) => true,
@@ -94,9 +95,9 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool) -> Result<Option<LockD
     let may_create = may_create_dir(plan, euid);
     // Walked, not opened by path: the usual case costs no `mkdir`, and nothing on the way is
     // followed before it is checked.
-    let (dir, st, resolved) = match walk_dir(plan, euid)? {
-        Walked::Found(dir, st, resolved) => (dir, st, resolved),
-        Walked::Missing(parent, name, above) if may_create => {
+    let (dir, st) = match walk_dir(plan, euid)? {
+        Walked::Found(dir, st) => (dir, st),
+        Walked::Missing(parent, name) if may_create => {
             let created = match rustix::fs::mkdirat(&parent, &name, Mode::from_raw_mode(0o700)) {
                 Ok(()) => true,
                 Err(Errno::EXIST) => false,
@@ -131,7 +132,7 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool) -> Result<Option<LockD
             let st = rustix::fs::fstat(&dir)
                 .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
             check_on_the_way(plan, &plan.dir, &st, euid, true)?;
-            (dir, st, above.join(&name))
+            (dir, st)
         }
         Walked::Missing(..) if plan.create_dir_mode.is_some() => {
             return Err(not_permitted(
@@ -164,7 +165,6 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool) -> Result<Option<LockD
         fd: Arc::new(dir),
         shared_sticky: st.st_uid == 0 && st.st_mode & 0o1000 != 0 && st.st_mode & 0o002 != 0,
         service_owner: plan.service_dir.then_some(st.st_uid),
-        resolved,
         dev: st.st_dev,
         ino: st.st_ino,
         allow_network_fs,

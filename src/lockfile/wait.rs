@@ -109,10 +109,11 @@ fn may_be_free(
     seen: &mut Seen,
 ) -> bool {
     use rustix::fs::inotify::{self, WatchFlags};
-    // Removed or replaced, the directory's file is no longer the one to wait for: try, and the
-    // attempt opens (makes) the directory the path leads to now. (Its holder cannot re-create
-    // a file there: that is a loss, and the path's directory is where copies meet now.)
-    if !lock_dir.is_current() {
+    // Removed or replaced, or no longer where the path leads (a symlink on the way retargeted),
+    // the directory's file is no longer the one to wait for: try, and the attempt opens (makes)
+    // the directory the path leads to now. (Its holder cannot re-create a file there: that is a
+    // loss, and the path's directory is where copies meet now.)
+    if !lock_dir.is_current(plan) {
         return true;
     }
     let file = rustix::fs::openat(

@@ -19,11 +19,10 @@ pub(super) const MAX_SYMLINKS: u32 = 40;
 
 /// The end of [`walk_dir`].
 pub(super) enum Walked {
-    /// The directory, open, its `fstat`, and the path it was found at.
-    Found(OwnedFd, Stat, PathBuf),
-    /// Only the path's own last component is missing: the directory above it, the name, and
-    /// the path of the directory above.
-    Missing(OwnedFd, OsString, PathBuf),
+    /// The directory, open, and its `fstat`.
+    Found(OwnedFd, Stat),
+    /// Only the path's own last component is missing: the directory above it, and the name.
+    Missing(OwnedFd, OsString),
 }
 
 /// Resolves the lock directory's path one component at a time from `/`, the way the kernel
@@ -86,7 +85,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                     let st =
                         rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
                     check_on_the_way(plan, &here, &st, euid, own_last)?;
-                    return Ok(Walked::Found(dir, st, here));
+                    return Ok(Walked::Found(dir, st));
                 }
                 Err(Errno::NOENT) if own_last => {
                     let parent = rustix::fs::open(
@@ -95,7 +94,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                         Mode::empty(),
                     )
                     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
-                    return Ok(Walked::Missing(parent, name, resolved));
+                    return Ok(Walked::Missing(parent, name));
                 }
                 // Maybe a symlink: looked at below.
                 Err(Errno::LOOP | Errno::NOTDIR) => rustix::fs::lstat(&here)
@@ -163,7 +162,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
     let st = rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
     check_on_the_way(plan, &resolved, &st, euid, false)?;
-    Ok(Walked::Found(dir, st, resolved))
+    Ok(Walked::Found(dir, st))
 }
 
 /// The rule for each directory on the way to the lock directory (see [`walk_dir`]). A

@@ -1,6 +1,6 @@
 //! The watch of a held lock: what changed under it (`PathChange`), the inotify set-up on its
-//! directory, the symlinks and the directories above, and the re-verification that it still
-//! excludes other copies.
+//! directory, the symlinks and every directory the path goes through (`way_to`), and the
+//! re-verification that it still excludes other copies.
 //! Must not: report a loss or re-create the file itself (see `recover.rs` and `watcher.rs`).
 
 use std::ffi::OsString;
@@ -20,6 +20,9 @@ use super::walk::MAX_SYMLINKS;
 pub(crate) enum PathChange {
     Removed,
     Replaced,
+    /// The path cannot be followed any more (`EACCES`, `ELOOP`...): it cannot be confirmed to
+    /// lead to our file.
+    Unreachable,
 }
 
 pub(super) fn drain(fd: &OwnedFd) {
@@ -50,46 +53,49 @@ impl WatchHandle {
     }
 
     /// Makes `fd` (a [`new_inotify`] instance) readable whenever an entry of the lock directory
-    /// is removed, renamed or created, or the directory itself goes: every way the path can stop
-    /// naming our file.
+    /// is removed, renamed or created, or the directory itself goes; whenever a directory the
+    /// path goes through is renamed or removed (see [`way_to`]: the ancestors of the path as
+    /// given, and, through each symlink, the directories above its target); and whenever an
+    /// entry of a directory holding a symlink on the way changes (a flipped
+    /// `current -> releases/vN`): every way the path can stop naming our file without a mount.
     ///
     /// Called by the watch itself (its task or thread), not on the acquisition's path: it costs
-    /// a system call per directory above the lock file and one per component of the path, and
-    /// the watch checks the path once its watches are in place anyway, so a change made before
-    /// then is not missed (see `watch_lock`).
+    /// a system call per component of the path (symlinks' targets included) and one per
+    /// directory it goes through, and the watch checks the path once its watches are in place
+    /// anyway, so a change made before then is not missed (see `watch_lock`). Called again
+    /// after each wake-up ([`WatchHandle::rewatch`]), since the path may go through other
+    /// directories by then.
     pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<()> {
         use rustix::fs::inotify::{self, WatchFlags};
-        let flags = WatchFlags::DELETE
+        // `MASK_ADD` throughout: a directory watched twice (the lock directory as one the path
+        // goes through, or on a second call) keeps every event it was given.
+        let entries = WatchFlags::DELETE
             | WatchFlags::MOVED_FROM
             | WatchFlags::MOVED_TO
             | WatchFlags::CREATE
             | WatchFlags::DELETE_SELF
             | WatchFlags::MOVE_SELF
-            | WatchFlags::ONLYDIR;
+            | WatchFlags::ONLYDIR
+            | WatchFlags::MASK_ADD;
         // Through our directory descriptor, not its path: the path may have been replaced.
         let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
-        inotify::add_watch(fd, dir.as_str(), flags)?;
-        // And every directory holding a symlink on the way, so that a flipped
-        // `current -> releases/vN` wakes us too (its path then leads to another file).
-        for parent in symlink_parents(&self.path) {
-            inotify::add_watch(fd, parent.as_path(), flags)?;
+        inotify::add_watch(fd, dir.as_str(), entries)?;
+        let way = self.path.parent().map(way_to).unwrap_or_default();
+        // Every directory holding a symlink on the way, so that a flipped link wakes us too
+        // (its path then leads to another file).
+        for parent in &way.link_dirs {
+            inotify::add_watch(fd, parent.as_path(), entries)?;
         }
-        // And every directory above ours, for itself only: renaming or removing any of them
-        // (`mv app app.old && mv app.new app`, the usual deploy) leads the path elsewhere
-        // without touching our directory. Self events come only when that directory itself
-        // moves or goes, so they cost an idle holder nothing. `MASK_ADD`: a directory already
-        // watched above keeps its events too.
-        let above = self
-            .path
-            .parent()
-            .into_iter()
-            .flat_map(Path::ancestors)
-            .skip(1);
-        for ancestor in above.filter(|a| a.parent().is_some()) {
-            // Best effort, like the symlink parents: the re-check decides.
+        // And every directory the path goes through, for itself only: renaming or removing any
+        // of them (`mv app app.old && mv app.new app`, the usual deploy, or the same above a
+        // symlink's target) leads the path elsewhere without touching our directory. Self
+        // events come only when that directory itself moves or goes, so they cost an idle
+        // holder nothing.
+        for dir in &way.entered {
+            // Best effort (one we may not read cannot be watched): the re-check decides.
             let _ = inotify::add_watch(
                 fd,
-                ancestor,
+                dir.as_path(),
                 WatchFlags::MOVE_SELF
                     | WatchFlags::DELETE_SELF
                     | WatchFlags::ONLYDIR
@@ -97,6 +103,15 @@ impl WatchHandle {
             );
         }
         Ok(())
+    }
+
+    /// [`WatchHandle::add_watches`] again, after a wake-up, before the path is checked: when the
+    /// path still leads to our file, it may go through other directories by now (a directory
+    /// renamed and a link pointed at its new name), which must wake us in turn. Watches already
+    /// there stay as they are; those of directories the path has left only wake us in vain.
+    /// Best effort: the check decides.
+    pub(crate) fn rewatch(&self, fd: &OwnedFd) {
+        let _ = self.add_watches(fd);
     }
 
     /// Is the path still our file? `None` when it is. Asked twice: of the name in the directory
@@ -145,38 +160,78 @@ fn ours(st: rustix::io::Result<Stat>, dev: u64, ino: u64) -> Option<PathChange> 
         Ok(st) if st.st_dev == dev && st.st_ino == ino => None,
         Ok(_) => Some(PathChange::Replaced),
         Err(Errno::NOENT | Errno::NOTDIR) => Some(PathChange::Removed),
-        // Cannot tell (e.g. EACCES after a permission change): not evidence of a loss.
-        Err(_) => None,
+        // The path can no longer be followed to any file (`EACCES`: a directory on the way
+        // replaced by one we may not enter, e.g. through `RENAME_EXCHANGE`; `ELOOP`): that it
+        // leads to ours can no longer be confirmed, while a copy that can follow it (root)
+        // would lock another file. Not "still ours".
+        Err(_) => Some(PathChange::Unreachable),
     }
 }
 
-/// The directories that hold a symlink on the way to `path`'s directory, as the path is
-/// resolved now (a symlink's target may hold more). Best effort: it only adds wake-ups, and
-/// [`WatchHandle::check_path`] decides.
-fn symlink_parents(path: &Path) -> Vec<PathBuf> {
-    let mut parents = Vec::new();
-    let mut pending: Vec<PathBuf> = path.parent().map(Path::to_owned).into_iter().collect();
+/// The directories a lock directory's path goes through as it resolves now (see [`way_to`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Way {
+    /// Every directory the resolution enters, `/` aside (it can be neither renamed nor
+    /// removed): the ancestors of the path as given and, through each symlink, the directories
+    /// above its target, down to the lock directory itself.
+    entered: Vec<PathBuf>,
+    /// The directories that hold a symlink on the way.
+    link_dirs: Vec<PathBuf>,
+}
+
+/// Resolves `dir` one component at a time from `/`, as the kernel does (a symlink's target
+/// takes its place, `..` goes up from where the resolution is), noting the directories it goes
+/// through: renaming or removing any of them, or changing an entry of one that holds a symlink,
+/// can make the path lead elsewhere. Best effort and unchecked, as it only adds wake-ups: it stops where the path leads nowhere, and [`WatchHandle::check_path`] decides.
+fn way_to(dir: &Path) -> Way {
+    use std::collections::VecDeque;
+    let mut way = Way::default();
+    let mut resolved = PathBuf::from("/");
+    let mut pending: VecDeque<OsString> = names(dir).into();
     let mut links = 0;
-    while let Some(dir) = pending.pop() {
-        let mut prefix = PathBuf::new();
-        for component in dir.components() {
-            prefix.push(component);
-            let Ok(target) = std::fs::read_link(&prefix) else {
-                continue;
-            };
-            links += 1;
-            if links > MAX_SYMLINKS {
-                return parents;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let here = resolved.join(&name);
+        match std::fs::read_link(&here) {
+            Ok(target) => {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    break;
+                }
+                way.link_dirs.push(resolved.clone());
+                if target.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                // The rest of the path goes on from where the link points.
+                for part in names(&target).into_iter().rev() {
+                    pending.push_front(part);
+                }
             }
-            let parent = prefix.parent().unwrap_or(Path::new("/")).to_owned();
-            // The rest of the path goes on from where the link points.
-            let rest: PathBuf = dir.components().skip(prefix.components().count()).collect();
-            pending.push(parent.join(target).join(rest));
-            parents.push(parent);
-            break;
+            // Not a symlink: entered.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                way.entered.push(here.clone());
+                resolved = here;
+            }
+            // Missing, or not ours to look at: the path leads nowhere from here.
+            Err(_) => break,
         }
     }
-    parents
+    way
+}
+
+/// The names `path` is made of, `..` included, as a resolution takes them.
+fn names(path: &Path) -> Vec<OsString> {
+    use std::path::Component;
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
 }
 
 // What a loss report needs beyond `check_path`: whether our lock is still what the kernel sees.
@@ -215,4 +270,60 @@ impl WatchHandle {
 /// never becoming a controlling terminal.
 fn probe_flags() -> OFlags {
     OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// `srv/current -> ../data/rel/v1` (relative, through `..`) and `data/rel -> /abs/rel`
+    /// (absolute): every directory entered is listed, those above each target included, and
+    /// so is every directory holding a link.
+    #[test]
+    fn the_way_includes_the_directories_above_each_symlink_target() {
+        let base = tempfile::tempdir().expect("tempdir");
+        // Resolved, so that the expected paths hold no symlink of the machine's own.
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        std::fs::create_dir_all(b.join("abs/rel/v1/run")).expect("mkdir");
+        std::fs::create_dir_all(b.join("data")).expect("mkdir");
+        std::fs::create_dir_all(b.join("srv")).expect("mkdir");
+        std::os::unix::fs::symlink(b.join("abs/rel"), b.join("data/rel")).expect("symlink");
+        std::os::unix::fs::symlink("../data/rel/v1", b.join("srv/current")).expect("symlink");
+        let way = way_to(&b.join("srv/current/run"));
+        // As a set: the absolute link starts again from `/`, through `b`'s ancestors again.
+        let entered: BTreeSet<&Path> = way.entered.iter().map(PathBuf::as_path).collect();
+        let mut expected: BTreeSet<PathBuf> = b
+            .ancestors()
+            .filter(|a| a.parent().is_some())
+            .map(Path::to_owned)
+            .collect();
+        expected.extend(
+            [
+                "srv",
+                "data",
+                "abs",
+                "abs/rel",
+                "abs/rel/v1",
+                "abs/rel/v1/run",
+            ]
+            .map(|d| b.join(d)),
+        );
+        assert_eq!(
+            entered,
+            expected.iter().map(PathBuf::as_path).collect(),
+            "{way:?}"
+        );
+        assert_eq!(way.link_dirs, [b.join("srv"), b.join("data")], "{way:?}");
+    }
+
+    /// A path that leads nowhere stops where it does, with what it went through so far.
+    #[test]
+    fn the_way_stops_where_the_path_leads_nowhere() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        let way = way_to(&b.join("missing/run"));
+        assert_eq!(way.entered.last(), Some(&b), "{way:?}");
+        assert!(way.link_dirs.is_empty(), "{way:?}");
+    }
 }

@@ -12,16 +12,17 @@ use super::held::HeldLock;
 use super::recover::Recovery;
 use super::watch::{PathChange, WatchHandle, drain};
 
-/// Has the lock path stopped leading to our file, and how? `None` while it still does (or
-/// cannot be told, which is not evidence of a loss).
+/// Has the lock path stopped leading to our file, and how? `None` while it still does. A path
+/// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed.
 fn lock_change(handle: &WatchHandle) -> Option<LossReason> {
     handle.check_path()?;
     Some(match handle.check_in_dir() {
         Some(PathChange::Removed) => LossReason::LockFileRemoved,
         Some(PathChange::Replaced) => LossReason::LockFileReplaced,
-        // Our directory still has our file, but the path no longer leads there: the directory,
-        // or one on the way, was moved, removed or replaced (or a symlink retargeted).
-        None => LossReason::LockDirectoryRemoved,
+        // Our directory still has our file (or cannot be looked in any more), but the path no
+        // longer leads there: the directory, or one on the way, was moved, removed or replaced
+        // (or a symlink retargeted), or made one we may not enter.
+        None | Some(PathChange::Unreachable) => LossReason::LockDirectoryRemoved,
     })
 }
 
@@ -95,13 +96,16 @@ async fn watch_lock(handle: WatchHandle, inotify: std::io::Result<CloseAside>, l
                 Ok(mut ready) => {
                     drain(&ready.get_inner().0);
                     ready.clear_ready();
+                    // Before the next check: see `WatchHandle::rewatch`.
+                    handle.rewatch(&ready.get_inner().0);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "inotify failed; re-checking the lock file every 10 s instead");
                     return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
                 }
             },
-            () = mount_table_changed(mounts.as_ref()) => {}
+            // A mount over a directory on the way: the path goes through others now.
+            () = mount_table_changed(mounts.as_ref()) => handle.rewatch(&events.get_ref().0),
         }
     }
 }
@@ -351,8 +355,12 @@ fn watch_lock_blocking(
         // The mount table needs nothing done: a poll re-arms it. Inotify's events are drained.
         let changed = inotify.is_some() && fds.last().is_some_and(|fd| !fd.revents().is_empty());
         drop(fds);
-        if changed && let Some(events) = inotify {
-            drain(events);
+        if let Some(events) = inotify {
+            if changed {
+                drain(events);
+            }
+            // Before the next check: see `WatchHandle::rewatch`.
+            handle.rewatch(events);
         }
     }
 }
