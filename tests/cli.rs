@@ -1892,6 +1892,86 @@ fn a_refusal_names_the_keeper_once_the_wrapper_is_gone() {
     assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "");
 }
 
+/// Once the wrapper is gone the keeper keeps the instance as the wrapper did: a lock file
+/// removed while it stops COMMAND's tree (for up to --kill-after, or for as long as a descendant
+/// it cannot signal lives) is re-created, locked and recorded in the keeper's name, so that a
+/// copy started meanwhile is refused naming the keeper, and `status` says running (review
+/// rev-cli F1: nothing re-created it, a second copy ran beside the first tree, and `status`
+/// said "not running").
+#[test]
+fn the_keeper_re_creates_a_lock_file_removed_once_the_wrapper_is_gone() {
+    use std::os::unix::fs::MetadataExt;
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("keeper_recreates");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    // NAME is sh's $0: it marks this case's keeper.
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo pid $$; exec sleep 600",
+            &name,
+        ],
+    );
+    let (pid, pidfd) = command_pidfd(&mut wrapper);
+    let _command = KillOnDrop(&pidfd);
+    let keeper = the_keeper(&wrapper, &name);
+    wrapper.sigkill();
+    // The keeper (which shares the wrapper's stderr) says it holds the instance alone now.
+    wrapper.stderr_line_containing(&format!("its keeper (pid {keeper}) holds the instance"));
+    let removed = std::fs::metadata(&path).expect("the lock file").ino();
+    std::fs::remove_file(&path).expect("remove the lock file");
+    // Its word that it re-created the file; a keeper that never does is shown by what follows.
+    let recreated = wrapper.try_stderr_line_containing("re-created", TIMEOUT);
+    let mut second = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "echo", "SECOND COMMAND RAN"],
+    );
+    let stdout = second.stdout_until_closed();
+    let refusal = second.stderr_until_closed().join("\n");
+    assert_eq!(
+        (second.exit_code(), stdout.as_slice()),
+        (75, [].as_slice()),
+        "a copy started while the keeper stops COMMAND (pid {pid}) is refused; the keeper's \
+         word: {recreated:?}; the copy's stderr: {refusal}"
+    );
+    assert!(
+        refusal.contains(&format!("(pid {keeper},")) && !refusal.contains("unknown"),
+        "the refusal names the keeper (pid {keeper}): {refusal}"
+    );
+    let now = std::fs::metadata(&path).expect("re-created").ino();
+    assert_ne!(now, removed, "a new file at the path");
+    let mut status = cli(None, lock_dir.path(), &["status", "--json", &name]);
+    let json = status.next_line("status --json");
+    assert_eq!(status.exit_code(), 0, "running: {json}");
+    assert!(json.contains(&format!("\"pid\":{keeper}")), "{json}");
+    assert!(
+        !has_exited(&pidfd),
+        "COMMAND (pid {pid}) still runs, held by the keeper"
+    );
+    // Once COMMAND is gone the keeper exits, and the instance is free.
+    rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+    wait_pidfd(pid, &pidfd);
+    assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "");
+}
+
+/// Has the process of `pidfd` exited already (looked at now, without waiting)?
+fn has_exited(pidfd: &rustix::fd::OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&zero)).expect("poll") == 1
+}
+
 /// Without `/proc` (a container or chroot that did not mount it), `run` can neither start
 /// COMMAND's keeper (it re-executes itself through `/proc/self/exe`) nor find the processes
 /// COMMAND leaves behind: it fails closed before acquiring anything, saying what is missing

@@ -325,6 +325,20 @@ impl Proc {
         }
     }
 
+    /// Waits up to `within` for a stderr line containing `needle`, skipping others; `None` when
+    /// none came (the test then goes on, and fails on what follows, saying why).
+    pub fn try_stderr_line_containing(&mut self, needle: &str, within: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(line) => self.seen_stderr.push(line),
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Waits for a stderr line containing `needle`, skipping others.
     pub fn stderr_line_containing(&mut self, needle: &str) -> String {
         self.stderr_line_containing_any(&[needle])
