@@ -48,7 +48,10 @@ mod test_hooks;
 pub use error::{Error, Result, UnsafeLockPath};
 pub use guard::InstanceGuard;
 pub use holder::Holder;
-pub use lockfile::{record_this_process_as_holder, record_this_process_as_holder_keeping_bus_name};
+pub use lockfile::{
+    HandedLockFile, HandedLockState, record_this_process_as_holder,
+    record_this_process_as_holder_keeping_bus_name,
+};
 pub use loss::{Loss, LossReason, LossWatcher};
 pub use name::{InstanceName, NameRule};
 pub use options::{InstanceOptions, Wait};

@@ -75,7 +75,7 @@ pub(super) const MAX_DIR_RACES: u32 = 1000;
 /// walked to again (and made again), a bounded number of times.
 pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
     for _ in 0..MAX_DIR_RACES {
-        if let Some(dir) = open_dir_once(plan, allow_network_fs)? {
+        if let Some(dir) = open_dir_once(plan, allow_network_fs, true)? {
             return Ok(dir);
         }
     }
@@ -86,13 +86,22 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
     ))
 }
 
-/// [`open_dir`], once; `None` when the directory vanished between two of our calls.
-fn open_dir_once(plan: &LockPlan, allow_network_fs: bool) -> Result<Option<LockDir>> {
+/// [`open_dir`] for a directory that must be there already, with the same checks: it is never
+/// made (a lock handed to another process is kept in the directory it was taken in, see
+/// `handed.rs`).
+pub(super) fn open_existing_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
+    open_dir_once(plan, allow_network_fs, false)?
+        .ok_or_else(|| dir_error(plan, "cannot open lock directory", Errno::NOENT))
+}
+
+/// [`open_dir`], once; `None` when the directory vanished between two of our calls. `create`:
+/// the directory may be made, if this process may make it.
+fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Result<Option<LockDir>> {
     let euid = rustix::process::geteuid().as_raw();
     // The shared system directory must be root's: one made by another user would be that user's
     // to empty (the owner of a sticky directory may remove anything in it), and every other copy
     // would rightly refuse it. So only root creates it (or systemd-tmpfiles at boot).
-    let may_create = may_create_dir(plan, euid);
+    let may_create = create && may_create_dir(plan, euid);
     // Walked, not opened by path: the usual case costs no `mkdir`, and nothing on the way is
     // followed before it is checked.
     let (dir, st) = match walk_dir(plan, euid)? {
@@ -134,7 +143,7 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool) -> Result<Option<LockD
             check_on_the_way(plan, &plan.dir, &st, euid, true)?;
             (dir, st)
         }
-        Walked::Missing(..) if plan.create_dir_mode.is_some() => {
+        Walked::Missing(..) if create && plan.create_dir_mode.is_some() => {
             return Err(not_permitted(
                 plan,
                 format!(

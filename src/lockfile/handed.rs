@@ -3,19 +3,28 @@
 //! holds the instance on its own once the process that acquired it is gone: it names itself in
 //! the record, so that refused copies name a live holder at once instead of a dead one (which
 //! they report as "holder unknown", after the grace a record gets).
-//! Must not: take a lock, or write into a file that is not a lock file held through the
-//! descriptor it is given.
+//!
+//! Such a process can also keep the lock file as a guard keeps its own ([`HandedLockFile`]): its
+//! directory watched with inotify, and the file re-created when it is removed, by the guard's
+//! own re-creation (`recover.rs`), with the same checks and rate limit.
+//! Must not: take a lock other than on a file it re-creates in place of the removed one, or
+//! write into a file that is not a lock file held through the descriptor it is given.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 use rustix::fs::{FileType, Mode, OFlags};
 
 use crate::error::{Error, Result};
+use crate::options::InstanceOptions;
 use crate::scope::Backend;
 
+use super::dir::open_existing_dir;
+use super::held::HeldLock;
 use super::ofd::is_held;
 use super::record::{LockRecord, read_content, write_or_unknown};
+use super::recover::Recovery;
+use super::watch::{PathChange, WatchHandle, drain, new_inotify};
 
 /// Writes this process's record (its PID, start time and executable; the lock file as its only
 /// backend: for a process that holds the bus name too, see
@@ -34,7 +43,7 @@ use super::record::{LockRecord, read_content, write_or_unknown};
 /// through it (nobody holds it, or another open file does), the file holds anything but a
 /// holder record (or nothing), or it cannot be read or written.
 pub fn record_this_process_as_holder(lock: BorrowedFd<'_>) -> Result<()> {
-    rewrite_as_holder(lock, false)
+    rewrite_as_holder(lock, false).map(drop)
 }
 
 /// As [`record_this_process_as_holder`], for a process that also holds the bus name: one that
@@ -49,11 +58,12 @@ pub fn record_this_process_as_holder(lock: BorrowedFd<'_>) -> Result<()> {
 ///
 /// As [`record_this_process_as_holder`].
 pub fn record_this_process_as_holder_keeping_bus_name(lock: BorrowedFd<'_>) -> Result<()> {
-    rewrite_as_holder(lock, true)
+    rewrite_as_holder(lock, true).map(drop)
 }
 
-/// The two above: with `keep_bus_name`, the bus name the current record gives is kept.
-fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<()> {
+/// The two above: with `keep_bus_name`, the bus name the current record gives is kept. Returns
+/// the line written.
+fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<Vec<u8>> {
     let fd_path = PathBuf::from(format!("/proc/self/fd/{}", lock.as_raw_fd()));
     let path = std::fs::read_link(&fd_path).unwrap_or_else(|_| fd_path.clone());
     let invalid = |what: &'static str, message: &str| {
@@ -114,7 +124,126 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<()> {
         line.resize(content.len() - 1, b' ');
         line.push(b'\n');
     }
+    // No room (a full file system): emptied instead, "holder unknown"; the line is still the
+    // one a re-created file gets.
     write_or_unknown(lock, &line, &path)
-        .map(|_| ())
-        .map_err(|e| Error::io("cannot write holder record to", &path, e))
+        .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
+    Ok(line)
+}
+
+/// A lock file held through a descriptor handed over by the process that acquired it, kept by
+/// this process as an [`InstanceGuard`](crate::InstanceGuard) keeps its own once that process is
+/// gone: `run`'s keeper holds it so while it stops what COMMAND left running.
+///
+/// Made with [`HandedLockFile::new`], it names this process in the record (as
+/// [`record_this_process_as_holder`] does) and watches the lock file's directory, the
+/// directories above it and the symlinks on the way with inotify, as the guard's watch does:
+/// [`HandedLockFile::watch_descriptor`] becomes readable on a change, and
+/// [`HandedLockFile::check`] then looks. A lock file that was only removed (an administrator
+/// cleaning `/run/lock`, a tmp cleaner) is re-created by the guard's own code, with every
+/// check an acquisition makes: made anew (`O_EXCL`) in the same directory, still the one the
+/// path leads to, locked, this record written, and verified held; a removal that comes too
+/// often (more than 16 within a second) is a loss, as for the guard. Otherwise (replaced, moved,
+/// its directory gone, another copy made the file first) the lock no longer excludes other
+/// copies: [`HandedLockState::Lost`], and nothing is re-created any more.
+///
+/// Dropping it closes its descriptors (the lock goes with the last descriptor of its open
+/// file: others may hold some); the file is never removed nor emptied, since the process that
+/// acquired it is the one that removes it. Blocking and synchronous: no thread, no runtime.
+#[derive(Debug)]
+#[must_use = "the lock file is kept only while this lives and `check` is called on each change"]
+pub struct HandedLockFile {
+    lock: HeldLock,
+    handle: WatchHandle,
+    inotify: OwnedFd,
+}
+
+/// What [`HandedLockFile::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandedLockState {
+    /// The path still leads to the file held.
+    Held,
+    /// The file had been removed; a new one was made at the path, locked, and recorded, and it
+    /// is the one held now (see [`HandedLockFile::descriptor`]).
+    Recreated,
+    /// The lock no longer excludes other copies (see [`HandedLockFile`]); final.
+    Lost,
+}
+
+impl HandedLockFile {
+    /// Keeps the lock file held through `lock`, the lock file of `options` (planned as an
+    /// acquisition plans it, in this process's environment: give the options the acquiring
+    /// process used). `lock` must be a descriptor, open for writing, of a lock file held through
+    /// it (a duplicate of the acquiring process's lock), either still at the planned path or
+    /// removed from it. `keep_bus_name`: the record keeps the bus name as
+    /// [`record_this_process_as_holder_keeping_bus_name`] does. Call it once the acquiring
+    /// process is gone, then [`HandedLockFile::check`] at once (the file may have been removed
+    /// already) and each time [`HandedLockFile::watch_descriptor`] is readable.
+    ///
+    /// # Errors
+    ///
+    /// As [`record_this_process_as_holder`]; and those of an acquisition's planning and of its
+    /// lock directory's checks ([`Error::UnsafeLockPath`], [`Error::NetworkFilesystem`]...); an
+    /// [`Error::Io`] when the options plan no lock file, when `lock` is a file with a name that
+    /// is not the planned path, or when inotify cannot be set up. The lock is then not kept
+    /// (`lock` is closed).
+    pub fn new(options: &InstanceOptions, lock: OwnedFd, keep_bus_name: bool) -> Result<Self> {
+        let (_, _, plan, _) = options.resolve()?;
+        let Some(plan) = plan else {
+            return Err(Error::io(
+                "the options plan no lock file to keep",
+                PathBuf::new(),
+                std::io::ErrorKind::InvalidInput.into(),
+            ));
+        };
+        let path = plan.path();
+        let lock_dir = open_existing_dir(&plan, options.allow_network_filesystem)?;
+        let st = rustix::fs::fstat(&lock).map_err(|e| Error::io("cannot stat", &path, e.into()))?;
+        let line = rewrite_as_holder(lock.as_fd(), keep_bus_name)?;
+        let lock = HeldLock::new(lock, &st, false, &plan, &lock_dir, path.clone()).handed(line);
+        let handle = lock.watch_handle();
+        // A file that still has a name must have the planned one: any other is not the lock file
+        // these options plan (an unlinked one is re-created by `check`).
+        if st.st_nlink > 0 && handle.path_as(st.st_dev, st.st_ino) == Some(PathChange::Removed) {
+            return Err(Error::io(
+                "the descriptor handed over is not the lock file",
+                path,
+                std::io::ErrorKind::InvalidInput.into(),
+            ));
+        }
+        let inotify = new_inotify().map_err(|e| Error::io("cannot watch", &path, e))?;
+        handle
+            .add_watches(&inotify)
+            .map_err(|e| Error::io("cannot watch", &path, e))?;
+        Ok(HandedLockFile {
+            lock,
+            handle,
+            inotify,
+        })
+    }
+
+    /// Readable when something changed that [`HandedLockFile::check`] must look at (an
+    /// inotify instance: for `poll` or an async reactor, never to be read by the caller).
+    pub fn watch_descriptor(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// The descriptor of the file held now: the same number after a re-creation, then
+    /// referring to the new file.
+    pub fn descriptor(&self) -> BorrowedFd<'_> {
+        self.lock.as_fd()
+    }
+
+    /// Takes the pending changes and looks at the path: re-creates the lock file if it was
+    /// only removed (see [`HandedLockFile`]). Once [`HandedLockState::Lost`], always `Lost`.
+    pub fn check(&self) -> HandedLockState {
+        drain(&self.inotify);
+        // The guard's watch: nothing changed (`Held`), or re-created, or lost (now or before).
+        match self.handle.recover() {
+            Recovery::Held => HandedLockState::Held,
+            Recovery::Recreated => HandedLockState::Recreated,
+            Recovery::Lost | Recovery::Released => HandedLockState::Lost,
+        }
+    }
 }

@@ -207,6 +207,16 @@ impl HeldLock {
         &self.path
     }
 
+    /// Makes this a lock handed over by the process that took it (see `handed.rs`), whose
+    /// record is `line`, already written: re-created files get it, and release never removes
+    /// nor empties the file (as in a process other than the one that took it).
+    pub(super) fn handed(mut self, line: Vec<u8>) -> Self {
+        self.pid = 0;
+        self.record_len = line.len();
+        self.shared.now().record = line;
+        self
+    }
+
     /// Writes the holder record with one `pwrite` at offset 0 (the file was emptied when
     /// locked). It may be written again, completed (the bus's unique name, once connected): a
     /// reader sees the old line or the new one. A line shorter than one written before is
@@ -297,7 +307,7 @@ impl HeldLock {
         self.released = true;
         if std::process::id() != self.pid {
             tracing::debug!(path = %self.path.display(), acquired_by = self.pid,
-                "lock released in a forked process: its file and lock are left to the process that took them");
+                "lock released in a process other than the one that took it (forked, or handed it): its file is left as it is");
             return Ok(());
         }
         // Held until the file is gone: a watch re-creates nothing once it sees `released`.
