@@ -1507,6 +1507,7 @@ fn the_keeper_entry_point_is_hidden_and_refuses_to_run_by_hand() {
             "1",
             "--process-group",
             "1",
+            "org.example.ByHand",
             "--",
             "echo",
             "COMMAND ran",
@@ -1578,7 +1579,13 @@ fn keepers_with(marker: &str) -> Vec<(u32, u32)> {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        if args.get(1) == Some(&b"internal-keeper".as_slice()) && args.contains(&marker.as_bytes())
+        // Marked by COMMAND's arguments (after `--`): NAME is among the keeper's own too.
+        let command = args
+            .iter()
+            .position(|&a| a == b"--")
+            .map_or(&[][..], |at| &args[at + 1..]);
+        if args.get(1) == Some(&b"internal-keeper".as_slice())
+            && command.contains(&marker.as_bytes())
         {
             let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
             let parent = stat
@@ -1964,7 +1971,10 @@ fn the_keeper_re_creates_a_lock_file_removed_once_the_wrapper_is_gone() {
 
 /// Has the process of `pidfd` exited already (looked at now, without waiting)?
 fn has_exited(pidfd: &rustix::fd::OwnedFd) -> bool {
-    let mut fds = [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)];
+    let mut fds = [rustix::event::PollFd::new(
+        pidfd,
+        rustix::event::PollFlags::IN,
+    )];
     let zero = rustix::event::Timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -158,6 +158,10 @@ pub(crate) struct KeeperArgs {
     /// The wrapper's process group, which COMMAND joins (the keeper has one of its own).
     #[arg(long, value_name = "PGID")]
     pub(crate) process_group: i32,
+    /// The instance as the wrapper was given it: the keeper plans its lock file as the wrapper
+    /// did, to keep it once the wrapper is gone (see keeper.rs).
+    #[command(flatten)]
+    pub(crate) instance: InstanceArgs,
     /// The command to run, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub(crate) command: Vec<OsString>,
@@ -186,6 +190,27 @@ pub(crate) struct InstanceArgs {
 }
 
 impl InstanceArgs {
+    /// These arguments as given on a command line, for the keeper's (see keeper.rs); NAME last.
+    pub(crate) fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        if self.user {
+            args.push("--user".into());
+        }
+        if self.system {
+            args.push("--system".into());
+        }
+        if let Some(backend) = self.backend.to_possible_value() {
+            args.push(format!("--backend={}", backend.get_name()).into());
+        }
+        if let Some(path) = &self.lock_file {
+            let mut arg = std::ffi::OsString::from("--lock-file=");
+            arg.push(path);
+            args.push(arg);
+        }
+        args.push(self.name.clone().into());
+        args
+    }
+
     pub(crate) fn options(&self) -> InstanceOptions {
         let mut options = InstanceOptions::new(&self.name);
         match self.backend {

@@ -54,9 +54,12 @@
 //!   file's descriptor attached, and checked as `go`'s is. From then on the keeper holds the
 //!   new file (and closes the removed one, which keeps no copy out any more): without it, a
 //!   wrapper killed after a re-creation would leave the new file unlocked while the keeper still
-//!   stops COMMAND's tree (one killed between the re-creation and this line still does). A
-//!   descriptor with no `lock` line, more than one with it, or a `lock` line with none (or after
-//!   a `go` with no lock), is a protocol error;
+//!   stops COMMAND's tree. One killed while it sends this line leaves the keeper the descriptor
+//!   without its whole line: taken then, if it is the lock file at the path (see below). One
+//!   killed between the re-creation and this line leaves the new file unlocked at the path: the
+//!   keeper finds another file there, cannot re-create its own, and holds nothing verifiable
+//!   (SIGKILL at once, below). A descriptor with no `lock` line, more than one with it, or a
+//!   `lock` line with none (or after a `go` with no lock), is a protocol error;
 //! - wrapper to keeper: `kill PID SIGNAL` — sent only while PID is the keeper's own child, not
 //!   yet reaped (so never to a reused PID); the keeper checks that it is, and that PID and
 //!   SIGNAL are numbers it could mean;
@@ -80,7 +83,18 @@
 //! record, so that refused copies name it, the live holder, not the dead wrapper ("holder
 //! unknown", after the grace a record gets), and stops the tree itself: SIGTERM (and SIGCONT) to
 //! every descendant, SIGKILL after `--kill-after`, and exits once none is left; the lock and the
-//! name are held until then. A process already sent SIGTERM gets no second one (many programs
+//! name are held until then. Meanwhile it keeps the lock file as the wrapper did
+//! ([`unique_instance::HandedLockFile`], planned from the instance arguments the wrapper passes
+//! on its command line, and checked to be the file it holds): the directory is watched with
+//! inotify (in the same `poll`), and a lock file that was only removed is re-created, locked and
+//! recorded in the keeper's name by the library's own re-creation, with its checks and its rate
+//! limit. Without that, a file removed then (an administrator, a tmp cleaner) would leave the
+//! keeper holding a file nobody can find, and a new copy would run beside the old tree, for up
+//! to `--kill-after` or as long as a descendant it cannot signal lives. A lock file that cannot
+//! be re-created (replaced, its directory gone, another copy made it first, or removed more
+//! than 16 times within a second) excludes no copy any more: the keeper says so, and unless the
+//! bus name still holds the instance it holds nothing verifiable, and kills the tree at once
+//! (SIGKILL), as below. A process already sent SIGTERM gets no second one (many programs
 //! take a second SIGTERM as "stop now, skip the clean-up"), only SIGCONT: COMMAND (or a child
 //! of the keeper) once a `kill PID 15` reached it — the wrapper passed on a SIGTERM, or stopped
 //! COMMAND after a loss — and every process after `delivered 15` (systemd stopping the unit
@@ -131,8 +145,9 @@ use std::process::{ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
+use unique_instance::{HandedLockFile, HandedLockState};
 
-use crate::cli::KeeperArgs;
+use crate::cli::{InstanceArgs, KeeperArgs};
 use crate::run::{FORWARDED, LOCK_FD_ENV, children_in, parent_in_stat};
 use crate::{EXIT_INTERNAL, EXIT_USAGE, fail};
 
@@ -180,7 +195,10 @@ pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
         }
     };
     let mut keeper = match Keeper::new(control, args.kill_after) {
-        Ok(keeper) => keeper,
+        Ok(keeper) => Keeper {
+            options: Some(args.instance.options()),
+            ..keeper
+        },
         Err(e) => {
             return fail(
                 EXIT_INTERNAL,
@@ -431,6 +449,12 @@ struct Keeper {
     bus: Option<OwnedFd>,
     /// Our children (not reaped since) that a `kill PID 15` reached: not sent SIGTERM again.
     sent_term: std::collections::HashSet<Pid>,
+    /// The instance's options as the wrapper was given them (its lock file's plan), for
+    /// [`Keeper::keep_lock_file`]; `None` in unit tests.
+    options: Option<unique_instance::InstanceOptions>,
+    /// Once the wrapper is gone: the lock file, watched and re-created when removed, in place of
+    /// `lock` (see [`Keeper::keep_lock_file`]).
+    kept: Option<HandedLockFile>,
     /// The service manager sent SIGTERM to the whole tree (`delivered 15`): nobody is sent it
     /// again.
     tree_got_term: bool,
@@ -457,6 +481,8 @@ impl Keeper {
             bus: None,
             sent_term: std::collections::HashSet::new(),
             tree_got_term: false,
+            options: None,
+            kept: None,
         })
     }
 
@@ -500,10 +526,8 @@ impl Keeper {
                 return ExitCode::SUCCESS;
             }
             let Some(control) = &self.control else {
-                if self.wrapper_left
-                    && let Some(lock) = &self.lock
-                {
-                    name_self_in_record(lock, bus_still_connected(&mut self.bus));
+                if self.wrapper_left {
+                    self.keep_lock_file();
                 }
                 self.stop_everything();
                 return ExitCode::SUCCESS;
@@ -811,6 +835,92 @@ impl Keeper {
         }
     }
 
+    /// The wrapper is gone: from now on the keeper keeps the lock file as the wrapper did. It
+    /// names itself in the record and watches the file, re-creating it when it is removed, with
+    /// the library's own code ([`HandedLockFile`]; checked there: the descriptor must be the
+    /// lock file the wrapper's options plan, held through it). A descriptor that came without
+    /// the whole of its `lock` line (the wrapper was killed while it sent it) is the file the
+    /// wrapper re-created: tried first, so that the record named and the file kept are the one
+    /// at the path, not the removed one. If none can be kept so, the lock is held as it was
+    /// (unwatched), and the keeper says why.
+    fn keep_lock_file(&mut self) {
+        if self.lock.is_none() {
+            return;
+        }
+        let holds_bus = bus_still_connected(&mut self.bus);
+        let mut failure = None;
+        if let Some(options) = &self.options {
+            for fd in self.received.iter().rev().chain(self.lock.iter()) {
+                // A duplicate: what cannot be kept stays held as it was.
+                let kept = fd.try_clone().map_err(|e| e.to_string()).and_then(|fd| {
+                    HandedLockFile::new(options, fd, holds_bus).map_err(|e| e.to_string())
+                });
+                match kept {
+                    Ok(kept) => {
+                        self.kept = Some(kept);
+                        break;
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if self.kept.is_some() {
+            // Held through `kept` now; the others are removed files, which keep no copy out.
+            self.lock = None;
+            self.received.clear();
+            return;
+        }
+        let _ = writeln!(
+            io::stderr(),
+            "unique-instance: keeper: cannot watch the lock file (it will not be re-created if \
+             removed): {}",
+            failure.as_deref().unwrap_or("no options")
+        );
+        if let Some(lock) = &self.lock {
+            name_self_in_record(lock, holds_bus);
+        }
+    }
+
+    /// Looks at the lock file kept since the wrapper left, re-creating it if it was removed
+    /// (see [`Keeper::keep_lock_file`]). Once it cannot be kept (re-created too often, replaced,
+    /// its directory gone), it excludes no copy any more: it is let go, and said.
+    fn check_kept(&mut self) {
+        let Some(kept) = &self.kept else {
+            return;
+        };
+        match kept.check() {
+            HandedLockState::Recreated => {
+                let _ = writeln!(
+                    io::stderr(),
+                    "unique-instance: keeper (pid {}): the lock file {} was removed; re-created \
+                     it, and the instance is still held",
+                    std::process::id(),
+                    kept.path().display()
+                );
+            }
+            HandedLockState::Lost => {
+                let bus = if bus_still_connected(&mut self.bus) {
+                    "the bus name still holds the instance"
+                } else {
+                    "nothing else holds it"
+                };
+                let _ = writeln!(
+                    io::stderr(),
+                    "unique-instance: keeper (pid {}): the lock file {} was removed or replaced \
+                     and could not be re-created (another copy made it first, its directory \
+                     went, or it was removed more than 16 times within a second): it excludes \
+                     no other copy any more; {bus}",
+                    std::process::id(),
+                    kept.path().display()
+                );
+                self.kept = None;
+            }
+            _ => {}
+        }
+    }
+
     /// The wrapper is gone: stops COMMAND and every descendant, and returns once none is left.
     /// While the keeper holds the instance (the lock file, or the bus connection that owns the
     /// name), nothing excludes a new copy but the keeper itself, and it exits only once
@@ -820,7 +930,11 @@ impl Keeper {
     /// free), nothing excludes a new copy any more: SIGKILL at once, as `PR_SET_PDEATHSIG` did
     /// before there was a keeper.
     fn stop_everything(&mut self) {
-        let mut holding = self.lock.is_some() || bus_still_connected(&mut self.bus);
+        // Before anything is said: the file may have been removed already.
+        let had_lock = self.kept.is_some();
+        self.check_kept();
+        let mut holding =
+            self.lock.is_some() || self.kept.is_some() || bus_still_connected(&mut self.bus);
         let (mut deadline, mut signal) = if holding {
             let term = if self.tree_got_term {
                 "already sent SIGTERM by the service manager"
@@ -841,7 +955,7 @@ impl Keeper {
             (Some(Instant::now()), Signal::KILL)
         };
         if !holding {
-            nothing_held();
+            nothing_held(if had_lock { LOCK_LOST } else { NO_BUS });
         }
         let mut signalled = std::collections::HashSet::new();
         let me = rustix::process::getpid();
@@ -849,9 +963,13 @@ impl Keeper {
             if self.reap() {
                 return;
             }
-            if holding && self.lock.is_none() && !bus_still_connected(&mut self.bus) {
+            if holding
+                && self.lock.is_none()
+                && self.kept.is_none()
+                && !bus_still_connected(&mut self.bus)
+            {
                 holding = false;
-                nothing_held();
+                nothing_held(if had_lock { LOCK_LOST } else { NO_BUS });
                 deadline = Some(Instant::now());
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -882,12 +1000,25 @@ impl Keeper {
                 tv_sec: wait.as_secs() as i64,
                 tv_nsec: i64::from(wait.subsec_nanos()),
             };
-            let mut fds = [rustix::event::PollFd::new(
+            // And the kept lock file's watch: a change is looked at at once.
+            let watch = self.kept.as_ref().map(HandedLockFile::watch_descriptor);
+            let mut fds = vec![rustix::event::PollFd::new(
                 &self.sigchld,
                 rustix::event::PollFlags::IN,
             )];
+            if let Some(watch) = &watch {
+                fds.push(rustix::event::PollFd::new(
+                    watch,
+                    rustix::event::PollFlags::IN,
+                ));
+            }
             let _ = rustix::event::poll(&mut fds, Some(&timeout));
+            let changed = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
+            drop(fds);
             self.drain_sigchld();
+            if changed {
+                self.check_kept();
+            }
         }
     }
 }
@@ -914,12 +1045,18 @@ fn name_self_in_record(lock: &OwnedFd, holds_bus: bool) {
     }
 }
 
-/// Says that nothing holds the instance any more, so that what is left is killed at once.
-fn nothing_held() {
+/// What went, for [`nothing_held`]: the bus name, with no lock file held.
+const NO_BUS: &str = "the bus name with it (no lock file held)";
+/// What went, for [`nothing_held`]: the lock file kept since (and the bus name, if any).
+const LOCK_LOST: &str = "the lock file could not be kept";
+
+/// Says that nothing holds the instance any more (`what` went), so that what is left is killed
+/// at once.
+fn nothing_held(what: &str) {
     let _ = writeln!(
         io::stderr(),
-        "unique-instance: the wrapper is gone, and the bus name with it (no lock file held); \
-         nothing holds the instance, so COMMAND and everything it started are killed (SIGKILL)"
+        "unique-instance: the wrapper is gone, and {what}; nothing holds the instance, so \
+         COMMAND and everything it started are killed (SIGKILL)"
     );
 }
 
@@ -1120,11 +1257,12 @@ pub(crate) struct Pending {
 /// Starts the keeper, which starts COMMAND; returns once COMMAND runs, with its PID.
 pub(crate) async fn start(
     command: &[OsString],
+    instance: &InstanceArgs,
     notify: bool,
     held: Handed<'_>,
     kill_after: Duration,
 ) -> Result<(Handle, Pid), StartError> {
-    spawn(command, notify, kill_after)
+    spawn(command, instance, notify, kill_after)
         .map_err(StartError::Keeper)?
         .go(held)
         .await
@@ -1144,6 +1282,7 @@ pub(crate) struct Handed<'a> {
 #[allow(unsafe_code)]
 pub(crate) fn spawn(
     command: &[OsString],
+    instance: &InstanceArgs,
     notify: bool,
     kill_after: Duration,
 ) -> Result<Pending, String> {
@@ -1162,7 +1301,9 @@ pub(crate) fn spawn(
         .arg("--kill-after")
         .arg(kill_after.as_secs_f64().to_string())
         .arg("--process-group")
-        .arg(group.to_string());
+        .arg(group.to_string())
+        // What the keeper plans its lock file from, to keep it once we are gone.
+        .args(instance.to_args());
     // A process group of its own (in our session), so that a kill of our whole group (`kill -9
     // -PGID`, a supervisor's group kill) leaves it to stop what COMMAND started; COMMAND joins
     // ours (see `spawn_guarded`), so a terminal's signals and job control still reach it. Our
@@ -1774,6 +1915,52 @@ mod tests {
                 assert!(keeper.received.is_empty(), "{case}");
             }
         }
+    }
+
+    /// The wrapper killed while it sent a `lock` line: its descriptor came, its line did not
+    /// whole. Once the wrapper is gone, the keeper keeps that file (the one at the path, which
+    /// it holds) rather than the removed one, and names itself in it (review rev-cli F1,
+    /// related item: the record was written into the removed file).
+    #[test]
+    fn a_half_sent_lock_is_kept_once_the_wrapper_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("org.example.Half.lock");
+        let options = || {
+            unique_instance::InstanceOptions::new("org.example.Half")
+                .backend(unique_instance::Backend::LockFile)
+                .lock_file(&path)
+                .watch_lock_file(false)
+        };
+        // The wrapper's re-created file, at the path and locked.
+        let guard = options().acquire().expect("acquire");
+        let new = guard.lock_file_descriptor().expect("a lock file");
+        let removed = std::fs::File::create(dir.path().join("removed")).expect("a file");
+        std::fs::remove_file(dir.path().join("removed")).expect("remove");
+        let id = |fd: BorrowedFd<'_>| {
+            let stat = rustix::fs::fstat(fd).expect("fstat");
+            (stat.st_dev, stat.st_ino)
+        };
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let mut keeper = Keeper::new(theirs, Duration::from_secs(1)).expect("keeper");
+        keeper.options = Some(options());
+        keeper.lock = Some(OwnedFd::from(removed));
+        let line = format!("lock {} {}\n", id(new).0, id(new).1);
+        send(&ours, &line[..3], &[new]);
+        drop(ours);
+        keeper.read_control();
+        assert!(keeper.wrapper_left && keeper.received.len() == 1);
+        keeper.keep_lock_file();
+        let kept = keeper.kept.as_ref().expect("a lock file kept");
+        assert_eq!(id(kept.descriptor()), id(new), "the file at the path");
+        assert!(keeper.lock.is_none() && keeper.received.is_empty());
+        assert_eq!(kept.check(), HandedLockState::Held);
+        let record = std::fs::read_to_string(&path).expect("the record");
+        assert!(
+            record.contains(&format!("\"pid\":{}", std::process::id())),
+            "{record}"
+        );
+        drop(keeper);
+        guard.release().expect("release");
     }
 
     /// The keeper fails closed on a bad order: it drops the socket (the wrapper sees the end

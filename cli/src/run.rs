@@ -74,7 +74,7 @@ async fn supervise(args: RunArgs) -> ExitCode {
     // the instance is held. One that will not wait starts it only once it holds the instance:
     // a refused copy (most of a start-up storm) never pays for one.
     let mut prestarted = if args.wait.is_some() {
-        match keeper::spawn(&args.command, args.notify, args.kill_after) {
+        match keeper::spawn(&args.command, &args.instance, args.notify, args.kill_after) {
             Ok(keeper) => {
                 tracing::debug!(pid = ?keeper.pid(), "keeper started before waiting");
                 Some(keeper)
@@ -143,7 +143,16 @@ async fn supervise(args: RunArgs) -> ExitCode {
     };
     let started = match prestarted {
         Some(keeper) => keeper.go(held).await,
-        None => keeper::start(&args.command, args.notify, held, args.kill_after).await,
+        None => {
+            keeper::start(
+                &args.command,
+                &args.instance,
+                args.notify,
+                held,
+                args.kill_after,
+            )
+            .await
+        }
     };
     let (mut keeper, command) = match started {
         Ok(started) => started,

@@ -229,6 +229,11 @@ impl HandedLockFile {
         self.inotify.as_fd()
     }
 
+    /// The lock file's path, as planned.
+    pub fn path(&self) -> &std::path::Path {
+        self.lock.path()
+    }
+
     /// The descriptor of the file held now: the same number after a re-creation, then
     /// referring to the new file.
     pub fn descriptor(&self) -> BorrowedFd<'_> {
