@@ -387,6 +387,47 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// The keeper plans its lock file from the instance arguments the wrapper passes on: they
+    /// read back as the wrapper was given them, whatever bytes a lock file's path holds.
+    #[test]
+    fn instance_arguments_reach_the_keeper_as_given() {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = std::ffi::OsStr::from_bytes(b"/tmp/-x =\xff\n.lock");
+        let lines: [Vec<std::ffi::OsString>; 5] = [
+            vec!["org.acme.A".into()],
+            vec!["--user".into(), "org.acme.A".into()],
+            vec![
+                "--system".into(),
+                "--backend".into(),
+                "dbus".into(),
+                "org.acme.A".into(),
+            ],
+            vec!["--backend=lock-file".into(), "org.acme.A".into()],
+            vec!["--lock-file".into(), odd.into(), "org.acme.A".into()],
+        ];
+        for given in lines {
+            let run = ["unique-instance".into(), "run".into()]
+                .into_iter()
+                .chain(given.iter().cloned())
+                .chain(["--".into(), "true".into()]);
+            let Command::Run(run) = Cli::try_parse_from(run).expect("run").command else {
+                panic!("not run");
+            };
+            let keeper = ["internal-keeper", "--control-fd", "3", "--kill-after", "1"]
+                .into_iter()
+                .chain(["--process-group", "1"])
+                .map(std::ffi::OsString::from)
+                .chain(run.instance.to_args())
+                .chain(["--".into(), "true".into()]);
+            let keeper = KeeperArgs::try_parse_from(keeper).expect("the keeper's arguments");
+            assert_eq!(
+                format!("{:?}", keeper.instance),
+                format!("{:?}", run.instance),
+                "{given:?}"
+            );
+        }
+    }
+
     #[test]
     fn seconds_parse_and_refuse_nonsense() {
         assert_eq!(parse_seconds("1.5"), Ok(Duration::from_millis(1500)));
