@@ -244,6 +244,8 @@ impl HandedLockFile {
     /// only removed (see [`HandedLockFile`]). Once [`HandedLockState::Lost`], always `Lost`.
     pub fn check(&self) -> HandedLockState {
         drain(&self.inotify);
+        // Before the check, as the guard's watch does: see `WatchHandle::rewatch`.
+        self.handle.rewatch(&self.inotify);
         // The guard's watch: nothing changed (`Held`), or re-created, or lost (now or before).
         match self.handle.recover() {
             Recovery::Held => HandedLockState::Held,
