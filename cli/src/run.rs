@@ -127,6 +127,10 @@ async fn supervise(args: RunArgs) -> ExitCode {
             ),
         );
     }
+    // The last moment a signal ends the wrapper without COMMAND: a test stops it here to
+    // signal it while COMMAND is being started.
+    #[cfg(feature = "test-hooks")]
+    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_GO");
     // Made before the keeper gets its `go`: a re-creation from now on is handed to it (once
     // more if `go` already had the new file: harmless).
     let recreations = guard.lock_file_recreations();
@@ -176,6 +180,11 @@ async fn supervise(args: RunArgs) -> ExitCode {
             );
         }
     };
+    // A bug's panic, while COMMAND runs and the keeper holds the instance: a test makes one.
+    #[cfg(feature = "test-hooks")]
+    if std::env::var_os("UNIQUE_INSTANCE_TEST_PANIC_AFTER_START").is_some() {
+        panic!("UNIQUE_INSTANCE_TEST_PANIC_AFTER_START: a panic on purpose, for a test");
+    }
     if args.notify
         && let Err(e) = guard.notify_ready()
     {

@@ -248,15 +248,25 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(mut cmd: Command) -> Self {
+    pub fn spawn(cmd: Command) -> Self {
+        Self::spawn_with_stderr(cmd, Stdio::piped())
+    }
+
+    /// [`Proc::spawn`] with `stderr` as given (a pipe nobody reads, `/dev/full`) instead of a
+    /// pipe read here; when not piped, no stderr line is ever seen.
+    pub fn spawn_with_stderr(mut cmd: Command, stderr: Stdio) -> Self {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(stderr);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
+        let stderr = match child.stderr.take() {
+            Some(stderr) => line_channel(stderr),
+            // Closed at once: no line will come.
+            None => channel().1,
+        };
         let stdin = child.stdin.take();
         Proc {
             child,
@@ -264,7 +274,7 @@ impl Proc {
             lines: line_channel(stdout),
             seen: Vec::new(),
             seen_stderr: Vec::new(),
-            stderr: line_channel(stderr),
+            stderr,
             status: None,
         }
     }

@@ -1,0 +1,595 @@
+//! The `unique-instance` tool when what surrounds it fails it: output it cannot write (a logger
+//! that died, `/dev/full`), a panic, a terminal's Ctrl-C while COMMAND is being started, stopped
+//! processes it must stop, and arguments at the kernel's limit. Real processes, the lock file
+//! alone (no bus), and test hooks (the `test-hooks` feature) where a moment must be reached.
+//!
+//! Over 400 lines: one test per fault, each self-contained, with the few helpers they share
+//! (broken outputs, a terminal, processes that are not our children).
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::mpsc::channel;
+
+use common::{Proc, TIMEOUT, cli, cli_command, unique_name};
+use rustix::process::{Pid, Signal};
+
+/// A COMMAND that says it runs, then waits for its stdin (the wrapper's, untouched) to close.
+const HOLD: &str = "echo running $$; read _; echo done";
+
+/// An output that takes nothing.
+#[derive(Clone, Copy, Debug)]
+enum Broken {
+    /// `/dev/full`: every write fails with `ENOSPC`.
+    Full,
+    /// A pipe whose reader is gone (a logger that died): every write fails with `EPIPE`.
+    Closed,
+}
+
+impl Broken {
+    const ALL: [Broken; 2] = [Broken::Full, Broken::Closed];
+
+    fn stdio(self) -> Stdio {
+        match self {
+            Broken::Full => File::options()
+                .write(true)
+                .open("/dev/full")
+                .expect("open /dev/full")
+                .into(),
+            Broken::Closed => {
+                let (reader, writer) = std::io::pipe().expect("pipe");
+                drop(reader);
+                writer.into()
+            }
+        }
+    }
+}
+
+/// The exit status of the tool run with `args`, with its stdout and stderr broken as given
+/// (`None`: `/dev/null`), and `RUST_LOG=debug` when `log` (else no log at all).
+fn status_of(
+    lock_dir: &Path,
+    args: &[&str],
+    stdout: Option<Broken>,
+    stderr: Option<Broken>,
+    log: bool,
+) -> ExitStatus {
+    let mut cmd = cli_command(None, lock_dir, args);
+    if log {
+        cmd.env("RUST_LOG", "debug");
+    } else {
+        cmd.env_remove("RUST_LOG");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(stdout.map_or_else(Stdio::null, Broken::stdio))
+        .stderr(stderr.map_or_else(Stdio::null, Broken::stdio));
+    common::status_within_timeout(cmd)
+}
+
+/// A process that is not our child, SIGKILLed through its pidfd (never a reused PID) when
+/// dropped, so that a failing test leaves none behind.
+struct KillOnDrop(OwnedFd);
+
+impl KillOnDrop {
+    /// `pid`, which must be alive now.
+    fn new(pid: i32) -> Self {
+        let pid = Pid::from_raw(pid).expect("a process id");
+        KillOnDrop(
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                .expect("pidfd_open"),
+        )
+    }
+
+    fn kill(&self) {
+        let _ = rustix::process::pidfd_send_signal(&self.0, Signal::KILL);
+    }
+
+    /// Whether it has exited within [`TIMEOUT`] (its pidfd turns readable).
+    fn exits_within_timeout(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            &self.0,
+            rustix::event::PollFlags::IN,
+        )];
+        let timeout = rustix::event::Timespec {
+            tv_sec: TIMEOUT.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        rustix::event::poll(&mut fds, Some(&timeout)).expect("poll") == 1
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The number after `prefix` in `line`.
+fn number_after(line: &str, prefix: &str) -> i32 {
+    line.strip_prefix(prefix)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("not {prefix:?} and a number: {line:?}"))
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (`PID (COMM) STATE PPID ...`).
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let (_, rest) = stat.rsplit_once(')').expect("a stat line");
+    rest.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("a parent in stat")
+}
+
+/// A refused copy still exits 75, an error still has its own code, and `status` still says 0
+/// (running) or 3 (not running), whatever becomes of what they print: a full disk, a logger
+/// that died. Each used to panic at its first message (`eprintln!`, `println!`, or the log
+/// subscriber's own complaint) and exit 101.
+#[test]
+fn output_that_cannot_be_written_changes_no_exit_status() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("broken_output");
+    let mut holder = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD],
+    );
+    holder.line_starting("running");
+    for broken in Broken::ALL {
+        for log in [false, true] {
+            let what = format!("stderr {broken:?}, log {log}");
+            let refused = status_of(
+                lock_dir.path(),
+                &["run", &name, "--", "echo", "ran"],
+                None,
+                Some(broken),
+                log,
+            );
+            assert_eq!(
+                refused.code(),
+                Some(75),
+                "a refused copy, {what}: {refused:?}"
+            );
+            let invalid = status_of(
+                lock_dir.path(),
+                &["run", "not-a-name", "--", "true"],
+                None,
+                Some(broken),
+                log,
+            );
+            assert_eq!(
+                invalid.code(),
+                Some(64),
+                "an invalid name, {what}: {invalid:?}"
+            );
+        }
+        for args in [&["status", &name][..], &["status", "--json", &name]] {
+            let status = status_of(lock_dir.path(), args, Some(broken), None, false);
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "{args:?} while running, stdout {broken:?}: {status:?}"
+            );
+        }
+    }
+    holder.close_stdin();
+    assert_eq!(holder.next_line("the holder's last line"), "done");
+    assert_eq!(holder.exit_code(), 0);
+    for broken in Broken::ALL {
+        for args in [&["status", &name][..], &["status", "--json", &name]] {
+            let status = status_of(lock_dir.path(), args, Some(broken), None, false);
+            assert_eq!(
+                status.code(),
+                Some(3),
+                "{args:?} once ended, stdout {broken:?}: {status:?}"
+            );
+        }
+    }
+}
+
+/// A warning the wrapper prints while COMMAND's processes still run ("COMMAND left N
+/// process(es)"), to a stderr whose reader is gone (`2>&1 | logger`, and the logger died), is
+/// lost, and nothing else changes: the wrapper goes on holding the instance until what COMMAND
+/// left is gone, then exits with COMMAND's status. It used to panic there, and the panic's
+/// unwinding released the instance (the lock file removed) while the left process still ran: a
+/// second copy started beside it.
+#[test]
+fn a_warning_to_a_dead_stderr_neither_ends_the_wrapper_nor_frees_the_instance() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("dead_stderr_warning");
+    // COMMAND exits at once, leaving a process that says when it gets SIGTERM and lives on after
+    // it, until this test kills it. The wrapper's warning comes before that SIGTERM.
+    let left = "trap 'echo term' TERM; echo left $$; sleep 600 & wait $!; exec sleep 600";
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "sh -c \"$1\" </dev/null & exit 0",
+            "sh",
+            left,
+        ],
+    );
+    cmd.env_remove("RUST_LOG");
+    let mut wrapper = Proc::spawn_with_stderr(cmd, Broken::Closed.stdio());
+    let left_pid = number_after(&wrapper.line_starting("left "), "left ");
+    let left = KillOnDrop::new(left_pid);
+    assert_eq!(wrapper.next_line("the clean-up's SIGTERM"), "term");
+    let mut second = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "echo", "SECOND COMMAND RAN"],
+    );
+    let second_status = second.exit_code();
+    assert_eq!(
+        second_status,
+        75,
+        "a second copy while the left process runs: stdout {:?}, stderr {:?}; the first \
+         wrapper: {:?}",
+        second.stdout_until_closed(),
+        second.stderr_until_closed(),
+        wrapper.child.try_wait()
+    );
+    left.kill();
+    assert_eq!(wrapper.exit_code(), 0, "COMMAND's own status");
+}
+
+/// A bug's panic in the wrapper, while COMMAND runs, ends the wrapper at once (abort) without
+/// releasing anything: the keeper's duplicate keeps the instance held, and the lock file stays,
+/// until COMMAND's tree is gone. Unwinding used to drop the guard, which removed the lock file
+/// and released the instance while COMMAND still ran. (The test hook
+/// UNIQUE_INSTANCE_TEST_PANIC_AFTER_START makes the wrapper panic once COMMAND has started.)
+#[test]
+fn a_panic_in_the_wrapper_leaves_the_instance_held_by_the_keeper() {
+    // No core file for the abort, whatever the limit this test was started with.
+    let core = rustix::process::getrlimit(rustix::process::Resource::Core);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Core,
+        rustix::process::Rlimit {
+            current: Some(0),
+            maximum: core.maximum,
+        },
+    )
+    .expect("lower RLIMIT_CORE");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("panic");
+    // COMMAND ignores SIGTERM: with a long grace, it and the keeper live until this test ends it.
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo running $$; exec sleep 600",
+        ],
+    );
+    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_PANIC_AFTER_START");
+    let mut wrapper = Proc::spawn(cmd);
+    let status = wrapper.wait();
+    let command_pid = number_after(&wrapper.line_starting("running "), "running ");
+    let command = KillOnDrop::new(command_pid);
+    let keeper = KillOnDrop::new(parent_of(command_pid));
+    let lock_file = lock_dir.path().join(format!("{name}.lock"));
+    let mut second = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "echo", "SECOND COMMAND RAN"],
+    );
+    let second_status = second.exit_code();
+    assert_eq!(
+        second_status,
+        75,
+        "a second copy while COMMAND runs: stdout {:?}; the wrapper ended {status:?}, \
+         stderr {:?}",
+        second.stdout_until_closed(),
+        wrapper.stderr_lines()
+    );
+    assert!(lock_file.exists(), "the lock file was removed");
+    assert_eq!(
+        status.signal(),
+        Some(Signal::ABORT.as_raw()),
+        "the wrapper aborted at its panic: {status:?}"
+    );
+    // Printed before the abort (COMMAND, which shares that stderr, keeps it open).
+    wrapper.stderr_line_containing("a panic on purpose");
+    // COMMAND ends: the keeper lets go, and the next copy runs.
+    command.kill();
+    assert!(keeper.exits_within_timeout(), "the keeper did not exit");
+    let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
+    assert_eq!(next.next_line("the next copy's COMMAND"), "next");
+    assert_eq!(next.exit_code(), 0);
+}
+
+/// Waits (up to [`TIMEOUT`]) until `pid`, which is not our child, has stopped: no wait call
+/// tells a process that is not its parent, so its state is read again every 10 ms.
+fn wait_until_stopped(pid: i32) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if state == Some("T") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pid} did not stop within {TIMEOUT:?}: {stat}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A pseudo-terminal: its master, and its slave opened (not as our controlling terminal).
+fn open_pty() -> (File, File) {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+        .expect("openpt: /dev/ptmx and devpts are needed");
+    grantpt(&master).expect("grantpt");
+    unlockpt(&master).expect("unlockpt");
+    let path = ptsname(&master, Vec::new()).expect("ptsname");
+    let slave = rustix::fs::open(
+        path.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open the pty's slave");
+    (File::from(master), File::from(slave))
+}
+
+/// Waits (with [`TIMEOUT`]) for our child `pid` to stop (a test hook) or end, and says which.
+fn stopped(pid: Pid) -> rustix::process::WaitStatus {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(rustix::process::waitpid(
+            Some(pid),
+            rustix::process::WaitOptions::UNTRACED,
+        ));
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(Ok(Some((_, status)))) => status,
+        other => panic!("{pid:?} neither stopped nor ended: {other:?}"),
+    }
+}
+
+/// A terminal's Ctrl-C that comes once the wrapper has acquired and decided to start COMMAND,
+/// while the keeper and COMMAND are being started, reaches COMMAND (here `sleep`, which it
+/// ends: the wrapper exits 130). It used to be dropped: by the time the wrapper read it,
+/// COMMAND was in its process group, and a signal the kernel sent to the group was taken to
+/// have reached COMMAND too, though COMMAND did not exist yet when it came. COMMAND then ran to
+/// its end. The test hook UNIQUE_INSTANCE_TEST_STOP_BEFORE_GO stops the wrapper in that moment;
+/// the Ctrl-C comes through a real terminal (a pty whose foreground group is the wrapper's).
+/// The same with `--wait`, whose keeper is started before the wait.
+#[test]
+fn a_ctrl_c_while_command_is_being_started_reaches_command() {
+    let setsid = common::require_program("setsid", "util-linux");
+    for wait in [false, true] {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("ctrl_c_at_start");
+        let mut args = vec!["run"];
+        if wait {
+            args.push("--wait");
+        }
+        args.extend([name.as_str(), "--", "sleep", "600"]);
+        // Checks that the tool has its test hooks (it would ignore the variable otherwise).
+        let mut checked = cli_command(None, lock_dir.path(), &args);
+        common::arm_test_hook(&mut checked, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_GO");
+        // `setsid --ctty` (its own PID: it is not a group leader, so it does not fork) gives the
+        // wrapper a session whose controlling terminal is the pty, with the wrapper's group in
+        // the foreground.
+        let (mut master, slave) = open_pty();
+        let mut cmd = common::clean_command(&setsid, None, lock_dir.path());
+        cmd.arg("--ctty")
+            .arg(common::cli_path())
+            .args(&args)
+            .env("UNIQUE_INSTANCE_TEST_STOP_BEFORE_GO", "1")
+            .stdin(slave.try_clone().expect("dup"))
+            .stdout(slave.try_clone().expect("dup"))
+            .stderr(slave);
+        let mut child = cmd.spawn().expect("spawn setsid");
+        drop(cmd);
+        // What the terminal shows, for a failure's message.
+        let (shown_tx, shown) = channel();
+        let mut reader = master.try_clone().expect("dup");
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let mut buf = [0u8; 1024];
+            // EIO once every slave descriptor is closed.
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                text.extend_from_slice(&buf[..n]);
+            }
+            let _ = shown_tx.send(String::from_utf8_lossy(&text).into_owned());
+        });
+        let pid = Pid::from_raw(child.id() as i32).expect("pid");
+        let at_hook = stopped(pid);
+        assert!(
+            at_hook.stopped(),
+            "wait {wait}: the wrapper did not stop before COMMAND's start: {at_hook:?}"
+        );
+        // The terminal sends SIGINT to its foreground group: the stopped wrapper, and no
+        // COMMAND yet.
+        master.write_all(b"\x03").expect("write ^C");
+        rustix::process::kill_process(pid, Signal::CONT).expect("SIGCONT");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(rustix::process::waitpid(
+                Some(pid),
+                rustix::process::WaitOptions::empty(),
+            ));
+        });
+        let ended = rx.recv_timeout(TIMEOUT);
+        if ended.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        drop(master);
+        let shown = shown.recv_timeout(TIMEOUT).unwrap_or_default();
+        let status = match ended {
+            Ok(Ok(Some((_, status)))) => ExitStatus::from_raw(status.as_raw()),
+            other => panic!(
+                "wait {wait}: the wrapper did not end after a Ctrl-C while COMMAND started \
+                 ({other:?}): COMMAND did not get it; the terminal showed {shown:?}"
+            ),
+        };
+        assert_eq!(
+            status.code(),
+            Some(130),
+            "wait {wait}: COMMAND died of SIGINT; the terminal showed {shown:?}"
+        );
+    }
+}
+
+/// The wrapper's own SIGTERMs to processes that are stopped (SIGSTOP, or a Ctrl-Z) come with a
+/// SIGCONT, as the keeper's do, so that they act on them at once: a stopped process COMMAND
+/// left, and COMMAND itself stopped when the instance is lost. Both used to stay stopped until
+/// `--kill-after`'s SIGKILL (here 600 s), holding the instance meanwhile.
+#[test]
+fn stopped_processes_get_sigcont_with_the_wrappers_sigterm() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("stopped_leftover");
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "sleep 600 </dev/null >/dev/null 2>&1 & echo left $!; kill -STOP $!; read _; exit 3",
+        ],
+    );
+    // COMMAND exits (its stdin closed) only once the job it leaves is stopped.
+    wait_until_stopped(number_after(&wrapper.line_starting("left "), "left "));
+    wrapper.close_stdin();
+    assert_eq!(
+        wrapper.exit_code(),
+        3,
+        "COMMAND's status, once its stopped job ended"
+    );
+
+    let name = unique_name("stopped_at_loss");
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo running $$; kill -STOP $$; echo continued",
+        ],
+    );
+    let command = number_after(&wrapper.line_starting("running "), "running ");
+    // Only once it is stopped does the loss come (else its SIGTERM would end it all the same).
+    wait_until_stopped(command);
+    let lock_file = lock_dir.path().join(format!("{name}.lock"));
+    let other = lock_dir.path().join("other");
+    std::fs::write(&other, "").expect("write");
+    std::fs::rename(&other, &lock_file).expect("rename over the lock file");
+    assert_eq!(wrapper.exit_code(), 69, "the instance was lost");
+    let rest = wrapper.stdout_until_closed();
+    assert!(
+        !rest.iter().any(|l| l == "continued"),
+        "COMMAND went on after its SIGCONT instead of acting on the SIGTERM: {rest:?}"
+    );
+}
+
+/// `run` starts COMMAND through its keeper, itself re-executed with COMMAND's arguments and a
+/// few of its own: arguments that fit the kernel's limit for the wrapper but not for the keeper
+/// (`ARG_MAX`, `E2BIG`) are a clear error, 126 ("COMMAND could not be executed") saying what to
+/// do, not 70 ("cannot start COMMAND's keeper process"); and a copy that would wait says so at
+/// once, instead of waiting for the instance only to fail then.
+#[test]
+fn arguments_too_long_for_the_keeper_are_a_clear_126() {
+    let true_program = common::require_program("true", "coreutils");
+    // The same path length for the wrapper and for the program that measures the limit.
+    let links = tempfile::tempdir().expect("tempdir");
+    let wrapper_path = links.path().join("w");
+    let probe_path = links.path().join("t");
+    std::os::unix::fs::symlink(common::cli_path(), &wrapper_path).expect("symlink");
+    std::os::unix::fs::symlink(&true_program, &probe_path).expect("symlink");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for wait in [false, true] {
+        let name = unique_name("argmax");
+        let command_for = |program: &Path, bulk: usize| {
+            let mut cmd = common::clean_command(program, None, lock_dir.path());
+            cmd.arg("run");
+            if wait {
+                cmd.arg("--wait");
+            }
+            cmd.args([name.as_str(), "--", "true"]);
+            // Arguments of 1000 bytes each (with their NUL), and one for the rest.
+            cmd.args(std::iter::repeat_n("x".repeat(999), bulk / 1000));
+            cmd.arg("y".repeat(bulk % 1000));
+            cmd
+        };
+        // Whether the wrapper itself, with `bulk` bytes of arguments, can be executed: the same
+        // arguments, environment and path length, to `true`.
+        let fits = |bulk: usize| {
+            let mut cmd = command_for(&probe_path, bulk);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            match cmd.status() {
+                Ok(_) => true,
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TOOBIG.raw_os_error()) => {
+                    false
+                }
+                Err(e) => panic!("cannot run {}: {e}", true_program.display()),
+            }
+        };
+        let (mut lo, mut hi) = (0, 16 << 20);
+        assert!(
+            fits(lo) && !fits(hi),
+            "the kernel's argument limit is not below 16 MiB"
+        );
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        // A copy that waits meets a holder: it must fail before waiting.
+        let mut holder = wait.then(|| {
+            let mut holder = cli(
+                None,
+                lock_dir.path(),
+                &["run", &name, "--", "sh", "-c", HOLD],
+            );
+            holder.line_starting("running");
+            holder
+        });
+        let mut wrapper = Proc::spawn(command_for(&wrapper_path, lo));
+        let code = wrapper.exit_code();
+        let stderr = wrapper.stderr_until_closed().join("\n");
+        assert_eq!(code, 126, "wait {wait}: {stderr}");
+        assert!(
+            stderr.contains("too long") && stderr.contains("ARG_MAX"),
+            "wait {wait}: says what is wrong and what to do: {stderr}"
+        );
+        if let Some(holder) = &mut holder {
+            holder.close_stdin();
+            assert_eq!(holder.exit_code(), 0);
+        }
+    }
+}
