@@ -202,8 +202,9 @@ fn output_that_cannot_be_written_changes_no_exit_status() {
 fn a_warning_to_a_dead_stderr_neither_ends_the_wrapper_nor_frees_the_instance() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("dead_stderr_warning");
-    // COMMAND exits at once, leaving a process that says when it gets SIGTERM and lives on after
-    // it, until this test kills it. The wrapper's warning comes before that SIGTERM.
+    // COMMAND exits (once told, on its stdin), leaving a process that says when it gets SIGTERM
+    // and lives on after it, until this test kills it. The wrapper's warning comes before that
+    // SIGTERM.
     let left = "trap 'echo term' TERM; echo left $$; sleep 600 & wait $!; exec sleep 600";
     let mut cmd = cli_command(
         None,
@@ -215,7 +216,7 @@ fn a_warning_to_a_dead_stderr_neither_ends_the_wrapper_nor_frees_the_instance() 
             "--",
             "sh",
             "-c",
-            "sh -c \"$1\" </dev/null & exit 0",
+            "sh -c \"$1\" </dev/null & read _; exit 0",
             "sh",
             left,
         ],
@@ -224,6 +225,8 @@ fn a_warning_to_a_dead_stderr_neither_ends_the_wrapper_nor_frees_the_instance() 
     let mut wrapper = Proc::spawn_with_stderr(cmd, Broken::Closed.stdio());
     let left_pid = number_after(&wrapper.line_starting("left "), "left ");
     let left = KillOnDrop::new(left_pid);
+    // Its trap is set (it said `left`): COMMAND may exit.
+    wrapper.send("exit\n");
     assert_eq!(wrapper.next_line("the clean-up's SIGTERM"), "term");
     let mut second = cli(
         None,
@@ -248,7 +251,7 @@ fn a_warning_to_a_dead_stderr_neither_ends_the_wrapper_nor_frees_the_instance() 
 /// releasing anything: the keeper's duplicate keeps the instance held, and the lock file stays,
 /// until COMMAND's tree is gone. Unwinding used to drop the guard, which removed the lock file
 /// and released the instance while COMMAND still ran. (The test hook
-/// UNIQUE_INSTANCE_TEST_PANIC_AFTER_START makes the wrapper panic once COMMAND has started.)
+/// UNIQUE_INSTANCE_TEST_PANIC_AT_SIGNAL makes the wrapper panic at a signal while COMMAND runs.)
 #[test]
 fn a_panic_in_the_wrapper_leaves_the_instance_held_by_the_keeper() {
     // No core file for the abort, whatever the limit this test was started with.
@@ -277,12 +280,14 @@ fn a_panic_in_the_wrapper_leaves_the_instance_held_by_the_keeper() {
             "trap '' TERM; echo running $$; exec sleep 600",
         ],
     );
-    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_PANIC_AFTER_START");
+    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_PANIC_AT_SIGNAL");
     let mut wrapper = Proc::spawn(cmd);
-    let status = wrapper.wait();
+    // Once COMMAND ignores SIGTERM, the wrapper panics.
     let command_pid = number_after(&wrapper.line_starting("running "), "running ");
     let command = KillOnDrop::new(command_pid);
     let keeper = KillOnDrop::new(parent_of(command_pid));
+    wrapper.signal(Signal::USR1);
+    let status = wrapper.wait();
     let lock_file = lock_dir.path().join(format!("{name}.lock"));
     let mut second = cli(
         None,
@@ -426,20 +431,18 @@ fn a_ctrl_c_while_command_is_being_started_reaches_command() {
         rustix::process::kill_process(pid, Signal::CONT).expect("SIGCONT");
         let (tx, rx) = channel();
         std::thread::spawn(move || {
-            let _ = tx.send(rustix::process::waitpid(
-                Some(pid),
-                rustix::process::WaitOptions::empty(),
-            ));
+            let _ = tx.send(child.wait());
         });
-        let ended = rx.recv_timeout(TIMEOUT);
-        if ended.is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let ended = rx.recv_timeout(TIMEOUT).ok();
+        if ended.is_none() {
+            // Still our child, not reaped: the PID is its own.
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+            let _ = rx.recv_timeout(TIMEOUT);
         }
         drop(master);
         let shown = shown.recv_timeout(TIMEOUT).unwrap_or_default();
         let status = match ended {
-            Ok(Ok(Some((_, status)))) => ExitStatus::from_raw(status.as_raw()),
+            Some(Ok(status)) => status,
             other => panic!(
                 "wait {wait}: the wrapper did not end after a Ctrl-C while COMMAND started \
                  ({other:?}): COMMAND did not get it; the terminal showed {shown:?}"

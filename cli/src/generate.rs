@@ -67,7 +67,8 @@ pub(crate) fn generate(args: GenerateArgs) -> ExitCode {
         return fail(code, format_args!("{message}"));
     }
     for planned in &writes {
-        println!(
+        say!(
+            stdout,
             "{:<9} {}  (install as {})",
             planned.state.as_str(),
             planned.target.display(),

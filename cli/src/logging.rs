@@ -17,6 +17,9 @@ pub(crate) fn init() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A line that cannot be written is dropped: by default the subscriber then complains
+        // with `eprintln!`, which panics on the same broken stderr (see say.rs).
+        .log_internal_errors(false)
         .with_target(false);
     if stderr_is_journal() {
         // journald stamps and tags each line itself; colours would show as escape codes.

@@ -2,6 +2,10 @@
 //!
 //! A thin layer over the library: parsing, messages and exit codes here; exclusion there.
 
+// First: its macro is used by the modules below.
+#[macro_use]
+mod say;
+
 mod cli;
 mod deploy;
 mod generate;
@@ -53,15 +57,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::status(args),
         Command::Generate(args) => generate::generate(args),
         Command::Man { out_dir } => print_man_page(out_dir),
-        Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "unique-instance",
-                &mut std::io::stdout(),
-            );
-            ExitCode::SUCCESS
-        }
+        Command::Completions { shell } => print_completions(shell),
     }
 }
 
@@ -69,13 +65,34 @@ fn print_man_page(out_dir: Option<std::path::PathBuf>) -> ExitCode {
     let written = match &out_dir {
         // One page per command: unique-instance.1, unique-instance-run.1, ...
         Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
-        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout().lock()),
+        None => {
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .and_then(|()| std::io::Write::flush(&mut out))
+        }
     };
     match written {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(
             EXIT_INTERNAL,
             format_args!("cannot write the man page: {e}"),
+        ),
+    }
+}
+
+fn print_completions(shell: clap_complete::Shell) -> ExitCode {
+    // Made in memory first: clap_complete panics when its writer fails.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "unique-instance", &mut script);
+    let mut out = std::io::stdout().lock();
+    match std::io::Write::write_all(&mut out, &script)
+        .and_then(|()| std::io::Write::flush(&mut out))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(
+            EXIT_INTERNAL,
+            format_args!("cannot write the completions: {e}"),
         ),
     }
 }
@@ -111,6 +128,6 @@ fn enough_descriptors() -> Result<(), String> {
 
 /// Prints `unique-instance: MESSAGE` on stderr and returns `code`.
 fn fail(code: u8, message: std::fmt::Arguments<'_>) -> ExitCode {
-    eprintln!("unique-instance: {message}");
+    say!("unique-instance: {message}");
     ExitCode::from(code)
 }

@@ -46,6 +46,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     if let Some(refusal) = refuse_early(&args) {
         return refusal;
     }
+    abort_on_panic();
     // One thread: the guard's bus connection, the signal stream, the child's exit and the
     // loss notifications are all served from here. It must be the main thread, because
     // PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
@@ -60,6 +61,27 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     // A thread still blocked waiting for the lock (a wait we gave up on) must not hold up the exit.
     runtime.shutdown_background();
     code
+}
+
+/// From here on a panic (a bug) ends the wrapper at once, after printing it, without unwinding.
+/// Unwinding would drop the [`InstanceGuard`], whose `Drop` removes the lock file and releases
+/// the bus name, while the keeper may still be stopping COMMAND's tree: a new copy could start
+/// beside it. An abort leaves all of that to the kernel, as a SIGKILL would: the keeper's
+/// duplicates keep the lock file (which stays) and the bus name held, and the keeper, seeing
+/// the wrapper gone, stops the tree and lets go only once it is gone. Before the keeper holds
+/// anything, the kernel releases what the wrapper held as the process ends.
+///
+/// A hook rather than `panic = "abort"` in Cargo.toml: cargo takes `panic` only per profile,
+/// for the whole workspace (the library, whose users choose their own, included), and builds
+/// tests unwinding whatever the profile says. The hook covers exactly the wrapper (the keeper
+/// holds nothing that unwinding would release early), in every build.
+fn abort_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // The default hook: it ignores a stderr it cannot write to.
+        print(info);
+        std::process::abort();
+    }));
 }
 
 async fn supervise(args: RunArgs) -> ExitCode {
@@ -180,15 +202,10 @@ async fn supervise(args: RunArgs) -> ExitCode {
             );
         }
     };
-    // A bug's panic, while COMMAND runs and the keeper holds the instance: a test makes one.
-    #[cfg(feature = "test-hooks")]
-    if std::env::var_os("UNIQUE_INSTANCE_TEST_PANIC_AFTER_START").is_some() {
-        panic!("UNIQUE_INSTANCE_TEST_PANIC_AFTER_START: a panic on purpose, for a test");
-    }
     if args.notify
         && let Err(e) = guard.notify_ready()
     {
-        eprintln!("unique-instance: warning: {e}");
+        say!("unique-instance: warning: {e}");
     }
     let mut lock = Relock {
         lock: guard.lock_file_descriptor(),
@@ -313,7 +330,7 @@ fn refused(args: &RunArgs, e: &Error) -> ExitCode {
     match e {
         Error::AlreadyRunning { .. } | Error::TimedOut { .. } => {
             if !args.quiet {
-                eprintln!("unique-instance: {e}");
+                say!("unique-instance: {e}");
             }
             // A refused copy holds nothing and has started nothing: it exits here, without
             // tearing down its runtime and signal handlers one by one (a start-up storm is
@@ -345,7 +362,7 @@ impl Relock<'_> {
     fn hand_over(&self, keeper: &mut keeper::Handle) {
         let Some(lock) = self.lock else { return };
         if let Err(e) = keeper.hand_lock(lock) {
-            eprintln!(
+            say!(
                 "unique-instance: warning: cannot hand the re-created lock file to COMMAND's \
                  keeper ({e}); if this wrapper is killed, a new copy may start while COMMAND is \
                  being stopped"
@@ -381,6 +398,8 @@ async fn watch_child(
                 }
             },
             Some(origin) = signals.next() => {
+                #[cfg(feature = "test-hooks")]
+                panic_for_test();
                 if !manager_signals_command_too(&origin, child_pid).await {
                     forward(&origin, child_pid, keeper);
                 } else if let Some(signal) = Signal::from_named_raw(origin.signal) {
@@ -392,7 +411,7 @@ async fn watch_child(
             Some(loss) = losses.next(), if stopped_for.is_none() => {
                 if loss.still_exclusive {
                     if !args.quiet {
-                        eprintln!(
+                        say!(
                             "unique-instance: warning: {}: {}; the lock file still keeps other \
                              copies out, so COMMAND goes on",
                             args.instance.name, loss.reason
@@ -400,7 +419,7 @@ async fn watch_child(
                     }
                     continue;
                 }
-                eprintln!(
+                say!(
                     "unique-instance: {}: the instance was lost ({}); stopping COMMAND \
                      (SIGTERM now, SIGKILL in {:?})",
                     args.instance.name, loss.reason, args.kill_after
@@ -564,7 +583,7 @@ async fn stop_leftovers(
         let leftovers = keeper.children();
         if !told && !leftovers.is_empty() {
             told = true;
-            eprintln!(
+            say!(
                 "unique-instance: COMMAND left {} process(es) running ({}); stopping them before \
                  releasing the instance",
                 leftovers.len(),
@@ -663,7 +682,7 @@ fn children_from_lists(tasks: &Path) -> Option<Vec<Pid>> {
 fn children_by_scan(proc: &Path, me: Pid) -> Vec<Pid> {
     let mut pids = Vec::new();
     let Ok(entries) = std::fs::read_dir(proc) else {
-        eprintln!(
+        say!(
             "unique-instance: warning: cannot list {}: processes COMMAND left behind cannot be \
              found",
             proc.display()
@@ -715,9 +734,20 @@ fn stop_for_test(var: &str) {
     }
 }
 
+/// Test hook (the `test-hooks` feature, for the test suite only): when the variable
+/// `UNIQUE_INSTANCE_TEST_PANIC_AT_SIGNAL` is set, a signal that comes while COMMAND runs makes
+/// the wrapper panic, as a bug would, at a moment the test chooses (the keeper holds the
+/// instance).
+#[cfg(feature = "test-hooks")]
+fn panic_for_test() {
+    if std::env::var_os("UNIQUE_INSTANCE_TEST_PANIC_AT_SIGNAL").is_some() {
+        panic!("UNIQUE_INSTANCE_TEST_PANIC_AT_SIGNAL: a panic on purpose, for a test");
+    }
+}
+
 async fn release(guard: InstanceGuard) {
     if let Err(e) = guard.release_async().await {
-        eprintln!("unique-instance: warning: releasing the instance: {e}");
+        say!("unique-instance: warning: releasing the instance: {e}");
     }
 }
 

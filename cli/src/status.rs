@@ -56,7 +56,7 @@ pub(crate) fn status(args: StatusArgs) -> ExitCode {
             "bus_owner": status.bus_owner.as_ref().map(holder_json),
             "holders_differ": status.holders_differ(),
         });
-        println!("{object}");
+        say!(stdout, "{object}");
     } else {
         let mut checked = Vec::new();
         if let Some(path) = &status.lock_file {
@@ -71,8 +71,16 @@ pub(crate) fn status(args: StatusArgs) -> ExitCode {
             format!("checked {}", checked.join(" and "))
         };
         match &status.holder {
-            Some(holder) => println!("{} is running ({holder}; {scope} scope)", status.name),
-            None => println!("{} is not running ({checked}; {scope} scope)", status.name),
+            Some(holder) => say!(
+                stdout,
+                "{} is running ({holder}; {scope} scope)",
+                status.name
+            ),
+            None => say!(
+                stdout,
+                "{} is not running ({checked}; {scope} scope)",
+                status.name
+            ),
         }
         // The line above names the bus name's owner; the lock file's holder is another process
         // (or one its record does not name), and is reported on its own.
@@ -95,7 +103,7 @@ pub(crate) fn status(args: StatusArgs) -> ExitCode {
             let mut lock = lock.clone();
             // Already said at the start of the line.
             lock.lock_file = None;
-            println!("{}: {path} is held by {who} ({lock})", status.name);
+            say!(stdout, "{}: {path} is held by {who} ({lock})", status.name);
         }
     }
     if status.is_running() {
