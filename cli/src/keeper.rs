@@ -62,7 +62,8 @@
 //!   `lock` line with none (or after a `go` with no lock), is a protocol error;
 //! - wrapper to keeper: `kill PID SIGNAL` — sent only while PID is the keeper's own child, not
 //!   yet reaped (so never to a reused PID); the keeper checks that it is, and that PID and
-//!   SIGNAL are numbers it could mean;
+//!   SIGNAL are numbers it could mean (SIGNAL: one the wrapper passes on, SIGKILL, or SIGCONT,
+//!   which follows each SIGTERM the wrapper sends of its own accord);
 //! - wrapper to keeper: `delivered SIGNAL` — the service manager sent SIGNAL to every process of
 //!   the unit, COMMAND's tree included, so the wrapper did not pass it on (see below). Any other
 //!   line is a protocol error: the keeper drops the socket and acts as when the wrapper is gone
@@ -1130,9 +1131,11 @@ fn parse_order(line: &str) -> Result<Order, String> {
         .filter(|&p| p > 0 && pid == p.to_string())
         .and_then(Pid::from_raw)
         .ok_or_else(|| format!("not a process id: {pid:?}"))?;
-    // Only the signals the wrapper sends: those it passes on, and SIGKILL after the grace.
+    // Only the signals the wrapper sends: those it passes on, SIGKILL after the grace, and
+    // SIGCONT after a SIGTERM of its own (so that a stopped process acts on it).
     let signal = match signal.parse::<i32>() {
         Ok(kill) if kill == Signal::KILL.as_raw() && signal == kill.to_string() => Signal::KILL,
+        Ok(cont) if cont == Signal::CONT.as_raw() && signal == cont.to_string() => Signal::CONT,
         _ => forwarded_signal(signal)?,
     };
     Ok(Order::Kill { pid, signal })
@@ -1217,8 +1220,34 @@ fn signal_descendant(pid: Pid, parent: Pid, me: Pid, signal: Signal) -> bool {
 pub(crate) enum StartError {
     /// COMMAND itself could not be executed.
     Command(io::Error),
+    /// The keeper could not be executed with COMMAND's arguments and its own: together (with
+    /// the environment) they are over the kernel's limit (`E2BIG`).
+    TooLong,
     /// The keeper could not be started, or could not do its job.
     Keeper(String),
+}
+
+/// Any other failure to start the keeper, said in words.
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        StartError::Keeper(message)
+    }
+}
+
+impl From<&str> for StartError {
+    fn from(message: &str) -> Self {
+        StartError::Keeper(message.to_owned())
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Command(e) => write!(f, "COMMAND: {e}"),
+            StartError::TooLong => f.write_str("the keeper's arguments are too long (E2BIG)"),
+            StartError::Keeper(message) => write!(f, "the keeper: {message}"),
+        }
+    }
 }
 
 /// What the keeper reports.
@@ -1262,10 +1291,7 @@ pub(crate) async fn start(
     held: Handed<'_>,
     kill_after: Duration,
 ) -> Result<(Handle, Pid), StartError> {
-    spawn(command, instance, notify, kill_after)
-        .map_err(StartError::Keeper)?
-        .go(held)
-        .await
+    spawn(command, instance, notify, kill_after)?.go(held).await
 }
 
 /// What the wrapper hands its keeper with `go`: the guard's descriptors, from
@@ -1285,7 +1311,7 @@ pub(crate) fn spawn(
     instance: &InstanceArgs,
     notify: bool,
     kill_after: Duration,
-) -> Result<Pending, String> {
+) -> Result<Pending, StartError> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     ours.set_nonblocking(true)
         .map_err(|e| format!("socket: {e}"))?;
@@ -1339,9 +1365,15 @@ pub(crate) fn spawn(
             Ok(())
         });
     }
-    let process = tokio::process::Command::from(cmd)
-        .spawn()
-        .map_err(|e| format!("cannot execute /proc/self/exe: {e}"))?;
+    let process =
+        tokio::process::Command::from(cmd)
+            .spawn()
+            .map_err(|e| match e.raw_os_error() {
+                Some(e2big) if e2big == rustix::io::Errno::TOOBIG.raw_os_error() => {
+                    StartError::TooLong
+                }
+                _ => StartError::Keeper(format!("cannot execute /proc/self/exe: {e}")),
+            })?;
     drop(theirs);
     let pid = process
         .id()
@@ -1850,6 +1882,13 @@ mod tests {
             })
         );
         assert_eq!(
+            parse_order("kill 7 18"),
+            Ok(Order::Kill {
+                pid: Pid::from_raw(7).expect("pid"),
+                signal: Signal::CONT
+            })
+        );
+        assert_eq!(
             parse_order("lock 2049 18446744073709551615"),
             Ok(Order::Lock {
                 dev: 2049,
@@ -2009,10 +2048,13 @@ mod tests {
             "kill 042 15",
             "kill 42 +15",
             "kill 42 09",
+            "kill 42 018",
+            "kill 42 +18",
             "KILL 42 15",
             "delivered",
             "delivered ",
             "delivered 9",
+            "delivered 18",
             "delivered 11",
             "delivered +15",
             "delivered 15 15",

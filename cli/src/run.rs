@@ -101,6 +101,8 @@ async fn supervise(args: RunArgs) -> ExitCode {
                 tracing::debug!(pid = ?keeper.pid(), "keeper started before waiting");
                 Some(keeper)
             }
+            // Said now, not after the wait: the keeper would not start then either.
+            Err(keeper::StartError::TooLong) => return arguments_too_long(&args),
             Err(e) => {
                 // Tried again, the usual way, once the instance is held.
                 tracing::debug!(error = %e, "cannot start the keeper before waiting");
@@ -193,6 +195,10 @@ async fn supervise(args: RunArgs) -> ExitCode {
                 format_args!("cannot run {}: {e}", args.command[0].to_string_lossy()),
             );
         }
+        Err(keeper::StartError::TooLong) => {
+            release(guard).await;
+            return arguments_too_long(&args);
+        }
         Err(keeper::StartError::Keeper(message)) => {
             stop_own_children().await;
             release(guard).await;
@@ -202,6 +208,23 @@ async fn supervise(args: RunArgs) -> ExitCode {
             );
         }
     };
+    // A signal that came while the keeper and COMMAND were being started, after the last check
+    // above, did not reach COMMAND: it did not exist yet, or was not in our process group yet, or
+    // still ignored it. That holds for one the kernel sent to the whole group too (a terminal's
+    // Ctrl-C), which `forward` would take to have reached COMMAND: each is passed on now, as
+    // sent. (One the kernel sent just as COMMAND had its group and default actions reaches it
+    // twice: better than never.)
+    while let Some(origin) = pending_signal(&mut signals).await {
+        #[cfg(feature = "test-hooks")]
+        panic_for_test();
+        if let Some(signal) = Signal::from_named_raw(origin.signal) {
+            tracing::debug!(
+                signal = origin.signal,
+                "came while COMMAND was being started; passing it on"
+            );
+            send(&mut keeper, Some(command), signal);
+        }
+    }
     if args.notify
         && let Err(e) = guard.notify_ready()
     {
@@ -325,6 +348,24 @@ fn proc_missing() -> Option<ExitCode> {
     ))
 }
 
+/// COMMAND's arguments (with the environment) fit the kernel's limit for the wrapper, but not
+/// for its keeper, executed with them and a few arguments of its own (`E2BIG`): COMMAND could
+/// not be executed (126), and what to do about it.
+fn arguments_too_long(args: &RunArgs) -> ExitCode {
+    fail(
+        EXIT_CANNOT_EXECUTE,
+        format_args!(
+            "cannot run {}: its arguments and the environment are too long for the system \
+             (E2BIG; the limit is ARG_MAX, see `getconf ARG_MAX`): `run` starts COMMAND \
+             through a keeper process, executed with COMMAND's arguments and about 100 bytes \
+             of its own, and that did not fit. Pass fewer or shorter arguments (through a file, \
+             stdin or `xargs`), shrink the environment, or raise the limit (a quarter of the \
+             stack size limit, `ulimit -s`). COMMAND was not started.",
+            args.command[0].to_string_lossy()
+        ),
+    )
+}
+
 /// The answer when the instance could not be acquired.
 fn refused(args: &RunArgs, e: &Error) -> ExitCode {
     match e {
@@ -424,7 +465,7 @@ async fn watch_child(
                      (SIGTERM now, SIGKILL in {:?})",
                     args.instance.name, loss.reason, args.kill_after
                 );
-                send(keeper, child_pid, Signal::TERM);
+                terminate(keeper, child_pid);
                 stopped_for = Some(loss);
                 if let Some(deadline) = tokio::time::Instant::now().checked_add(args.kill_after) {
                     kill_timer.as_mut().reset(deadline);
@@ -561,6 +602,15 @@ fn send(keeper: &mut keeper::Handle, child: Option<Pid>, signal: Signal) {
     }
 }
 
+/// Has the keeper send `child` SIGTERM, then SIGCONT, as the keeper does when it stops the tree
+/// itself: a stopped process (SIGSTOP, a Ctrl-Z) acts on SIGTERM only once continued, and would
+/// otherwise hold the instance until SIGKILL after `--kill-after`. For the wrapper's own
+/// SIGTERMs only: a signal passed on is passed on as it came.
+fn terminate(keeper: &mut keeper::Handle, child: Option<Pid>) {
+    send(keeper, child, Signal::TERM);
+    send(keeper, child, Signal::CONT);
+}
+
 /// COMMAND has exited. Anything it started and left running was re-parented to the keeper (a
 /// child subreaper) and is still part of the guarded work: it gets SIGTERM, then SIGKILL after
 /// `kill_after`, and the instance is released only once all of it is gone (the keeper says so,
@@ -596,7 +646,11 @@ async fn stop_leftovers(
         }
         for pid in leftovers {
             if signalled.insert((pid, signal.as_raw())) {
-                send(keeper, Some(pid), signal);
+                if signal == Signal::TERM {
+                    terminate(keeper, Some(pid));
+                } else {
+                    send(keeper, Some(pid), signal);
+                }
             }
         }
         tokio::select! {
