@@ -540,7 +540,7 @@ impl Keeper {
             match rustix::event::poll(&mut fds, None) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
-                    let _ = writeln!(io::stderr(), "unique-instance: keeper: poll: {e}");
+                    say!("unique-instance: keeper: poll: {e}");
                     // Nothing left to wait with: treat it as the wrapper's loss, which stops
                     // the tree and waits for it with the simplest means.
                     self.control = None;
@@ -576,7 +576,7 @@ impl Keeper {
             match rustix::event::poll(&mut fds, None) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
-                    let _ = writeln!(io::stderr(), "unique-instance: keeper: poll: {e}");
+                    say!("unique-instance: keeper: poll: {e}");
                     return;
                 }
             }
@@ -605,7 +605,7 @@ impl Keeper {
                 Err(rustix::io::Errno::INTR) => {}
                 Err(rustix::io::Errno::CHILD) => return true,
                 Err(e) => {
-                    let _ = writeln!(io::stderr(), "unique-instance: keeper: wait: {e}");
+                    say!("unique-instance: keeper: wait: {e}");
                     return false;
                 }
             }
@@ -719,8 +719,7 @@ impl Keeper {
     /// instance until the last process is gone (the wrapper sees the end of file).
     fn protocol_error(&mut self, problem: &str, line: &str) {
         let shown: String = line.chars().take(80).collect();
-        let _ = writeln!(
-            io::stderr(),
+        say!(
             "unique-instance: keeper: protocol error on the control socket ({problem}: \
              {shown:?}); stopping COMMAND and everything it started, as when the wrapper is gone"
         );
@@ -873,8 +872,7 @@ impl Keeper {
             self.received.clear();
             return;
         }
-        let _ = writeln!(
-            io::stderr(),
+        say!(
             "unique-instance: keeper: cannot watch the lock file (it will not be re-created if \
              removed): {}",
             failure.as_deref().unwrap_or("no options")
@@ -893,8 +891,7 @@ impl Keeper {
         };
         match kept.check() {
             HandedLockState::Recreated => {
-                let _ = writeln!(
-                    io::stderr(),
+                say!(
                     "unique-instance: keeper (pid {}): the lock file {} was removed; re-created \
                      it, and the instance is still held",
                     std::process::id(),
@@ -907,8 +904,7 @@ impl Keeper {
                 } else {
                     "nothing else holds it"
                 };
-                let _ = writeln!(
-                    io::stderr(),
+                say!(
                     "unique-instance: keeper (pid {}): the lock file {} was removed or replaced \
                      and could not be re-created (another copy made it first, its directory \
                      went, or it was removed more than 16 times within a second): it excludes \
@@ -944,8 +940,7 @@ impl Keeper {
             } else {
                 "SIGTERM now"
             };
-            let _ = writeln!(
-                io::stderr(),
+            say!(
                 "unique-instance: the wrapper is gone; its keeper (pid {}) holds the instance \
                  while it stops COMMAND and everything it started ({term}, SIGKILL in {:?})",
                 std::process::id(),
@@ -1039,10 +1034,7 @@ fn name_self_in_record(lock: &OwnedFd, holds_bus: bool) {
         unique_instance::record_this_process_as_holder(lock.as_fd())
     };
     if let Err(e) = named {
-        let _ = writeln!(
-            io::stderr(),
-            "unique-instance: keeper: cannot name itself as the holder in the lock file: {e}"
-        );
+        say!("unique-instance: keeper: cannot name itself as the holder in the lock file: {e}");
     }
 }
 
@@ -1054,8 +1046,7 @@ const LOCK_LOST: &str = "the lock file could not be kept";
 /// Says that nothing holds the instance any more (`what` went), so that what is left is killed
 /// at once.
 fn nothing_held(what: &str) {
-    let _ = writeln!(
-        io::stderr(),
+    say!(
         "unique-instance: the wrapper is gone, and {what}; nothing holds the instance, so \
          COMMAND and everything it started are killed (SIGKILL)"
     );
