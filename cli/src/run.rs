@@ -612,8 +612,8 @@ fn terminate(keeper: &mut keeper::Handle, child: Option<Pid>) {
 }
 
 /// COMMAND has exited. Anything it started and left running was re-parented to the keeper (a
-/// child subreaper) and is still part of the guarded work: it gets SIGTERM, then SIGKILL after
-/// `kill_after`, and the instance is released only once all of it is gone (the keeper says so,
+/// child subreaper) and is still part of the guarded work: it gets SIGTERM (and SIGCONT, see
+/// [`terminate`]), then SIGKILL after `kill_after`, and the instance is released only once all of it is gone (the keeper says so,
 /// and exits). Otherwise a background job of COMMAND would go on unguarded while a new copy
 /// starts.
 async fn stop_leftovers(
