@@ -357,8 +357,8 @@ fn arguments_too_long(args: &RunArgs) -> ExitCode {
         format_args!(
             "cannot run {}: its arguments and the environment are too long for the system \
              (E2BIG; the limit is ARG_MAX, see `getconf ARG_MAX`): `run` starts COMMAND \
-             through a keeper process, executed with COMMAND's arguments and about 100 bytes \
-             of its own, and that did not fit. Pass fewer or shorter arguments (through a file, \
+             through a keeper process, executed with COMMAND's arguments, NAME and its options, \
+             and about 100 bytes of its own, and that did not fit. Pass fewer or shorter arguments (through a file, \
              stdin or `xargs`), shrink the environment, or raise the limit (a quarter of the \
              stack size limit, `ulimit -s`). COMMAND was not started.",
             args.command[0].to_string_lossy()
