@@ -255,10 +255,13 @@ fn command_inherits_one_lock_descriptor_and_no_bus_socket() {
             "[Dbus]"
         };
         assert!(stderr.contains(&format!("backends={backends}")), "{stderr}");
-        // The copy that would wait started its keeper before acquiring; the other did not.
+        // The copy that would wait started its keeper before acquiring, and so did the one that
+        // found the lock file free when it first looked (while the bus answered); with the bus
+        // alone there is no such look, and a copy that does not wait starts it once it holds
+        // the instance.
         assert_eq!(
-            stderr.contains("keeper started before waiting"),
-            waits,
+            stderr.contains("keeper started before acquiring"),
+            waits || has_lock,
             "{backend}: {stderr}"
         );
         assert!(fds.len() >= 3, "stdin, stdout and stderr at least: {fds:?}");
@@ -1625,6 +1628,14 @@ fn the_keeper(wrapper: &Proc, marker: &str) -> u32 {
     children[0]
 }
 
+/// The PID of the keeper the wrapper says it started before acquiring (its debug line).
+fn early_keeper(wrapper: &mut Proc) -> u32 {
+    let line = wrapper.stderr_line_containing("keeper started before acquiring");
+    line.rsplit_once("pid=Pid(")
+        .and_then(|(_, p)| p.trim_end_matches(')').parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
 /// Waits (with [`TIMEOUT`]) until the wrapper, our child, has stopped itself (a test hook).
 fn wait_stopped(wrapper: &Proc, why: &str) {
     let pid = rustix::process::Pid::from_raw(wrapper.pid() as i32).expect("pid");
@@ -1676,10 +1687,7 @@ fn a_wait_that_ends_without_the_instance_leaves_no_keeper_behind() {
         common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON");
         let mut waiter = Proc::spawn(cmd);
         let keeper = if case == "refused" {
-            let line = waiter.stderr_line_containing("keeper started before waiting");
-            line.rsplit_once("pid=Pid(")
-                .and_then(|(_, p)| p.trim_end_matches(')').parse::<u32>().ok())
-                .unwrap_or_else(|| panic!("{case}: no pid in {line:?}"))
+            early_keeper(&mut waiter)
         } else {
             waiter.stderr_line_containing("waiting for the running copy to exit");
             // Stopped, so that a bounded wait cannot end while we look.
@@ -1741,6 +1749,70 @@ fn a_wait_that_ends_without_the_instance_leaves_no_keeper_behind() {
         }
         assert_eq!(keepers_with(&marker), [], "{case}: a keeper is left");
     }
+    holder.close_stdin();
+    assert_eq!(holder.exit_code(), 0);
+}
+
+/// A copy that does not wait but finds the lock file free when it first looks (most likely the
+/// winner of a start-up storm) starts its keeper before its acquisition ends too (once it has
+/// the lock file and has sent the bus its request), so that the keeper's start-up overlaps the
+/// bus's answer: COMMAND runs under that keeper. Refused after all (here the
+/// bus name is held by a copy that holds no lock file), it ends that keeper before exiting, as a
+/// wait that ends without the instance does: no child, no keeper left, and COMMAND never ran.
+#[test]
+fn a_copy_that_finds_the_lock_file_free_starts_its_keeper_before_acquiring() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    // NAME is sh's $0: it marks this keeper.
+    let name = unique_name("early_keeper");
+    let mut cmd = cli_command(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD, &name],
+    );
+    cmd.env("RUST_LOG", "unique_instance=debug");
+    let mut winner = Proc::spawn(cmd);
+    let early = early_keeper(&mut winner);
+    winner.line_starting("running");
+    assert_eq!(
+        the_keeper(&winner, &name),
+        early,
+        "COMMAND runs under the keeper started before acquiring"
+    );
+    winner.close_stdin();
+    assert_eq!(winner.exit_code(), 0);
+
+    let name = unique_name("early_keeper_refused");
+    let mut holder = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", "--backend", "dbus", &name, "--", "sh", "-c", HOLD],
+    );
+    holder.line_starting("running");
+    let marker = format!("{name}-marker");
+    let mut cmd = cli_command(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "echo", "COMMAND ran", &marker],
+    );
+    cmd.env("RUST_LOG", "unique_instance=debug");
+    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON");
+    let mut copy = Proc::spawn(cmd);
+    let keeper = early_keeper(&mut copy);
+    wait_stopped(&copy, "after ending its keeper");
+    assert_eq!(
+        children_of(copy.pid()),
+        Vec::<u32>::new(),
+        "the wrapper still has a child (its keeper was {keeper})"
+    );
+    assert_eq!(keepers_with(&marker), [], "a keeper is left");
+    copy.signal(Signal::CONT);
+    let code = copy.exit_code();
+    assert_eq!(copy.stdout_until_closed(), Vec::<String>::new());
+    let stderr = copy.stderr_until_closed().join("\n");
+    assert_eq!(code, 75, "{stderr}");
+    assert!(stderr.contains("already running"), "{stderr}");
+    assert!(!stderr.contains("COMMAND ran"), "{stderr}");
     holder.close_stdin();
     assert_eq!(holder.exit_code(), 0);
 }
