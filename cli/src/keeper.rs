@@ -11,10 +11,12 @@
 //! what holds it: the lock's open file description, and the socket of the bus connection that
 //! owns the name. A copy that will wait (`--wait`) starts its keeper before waiting, so that the
 //! keeper's start-up (an exec, the dynamic loader, parsing) overlaps the wait instead of
-//! following the take-over; one that will not wait starts it once it holds the instance, so that
-//! a refused copy never pays for one. Either way the keeper starts nothing
-//! before the wrapper's `go`: COMMAND starts only once the instance is held. The keeper is a
-//! child subreaper and starts COMMAND
+//! following the take-over, and one that found the lock file free when it looked (it will most
+//! likely win) starts it once it has taken the lock file and sent the bus its request, so that
+//! the start-up overlaps the bus's answer; any other copy starts it once it holds the instance,
+//! so that a copy refused by that look never pays for one.
+//! Either way the keeper starts nothing before the wrapper's `go`: COMMAND starts only once the
+//! instance is held. The keeper is a child subreaper and starts COMMAND
 //! ([`crate::run::spawn_guarded`]): every process COMMAND starts and leaves orphaned is
 //! re-parented to the keeper, so the keeper has a child until the whole tree is gone, and it
 //! holds the lock and the bus connection until then — whatever the processes did to their

@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{ExitCode, ExitStatus};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -43,9 +44,11 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     if let Some(missing) = proc_missing() {
         return missing;
     }
-    if let Some(refusal) = refuse_early(&args) {
-        return refusal;
-    }
+    let found_free = match look_early(&args) {
+        Early::Refused(code) => return code,
+        Early::Free => true,
+        Early::Unknown => false,
+    };
     abort_on_panic();
     // One thread: the guard's bus connection, the signal stream, the child's exit and the
     // loss notifications are all served from here. It must be the main thread, because
@@ -57,7 +60,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(EXIT_INTERNAL, format_args!("cannot start a runtime: {e}")),
     };
-    let code = runtime.block_on(supervise(args));
+    let code = runtime.block_on(supervise(args, found_free));
     // A thread still blocked waiting for the lock (a wait we gave up on) must not hold up the exit.
     runtime.shutdown_background();
     code
@@ -84,47 +87,60 @@ fn abort_on_panic() {
     }));
 }
 
-async fn supervise(args: RunArgs) -> ExitCode {
+/// `found_free`: the early look found the lock file free (see [`look_early`]).
+async fn supervise(args: RunArgs, found_free: bool) -> ExitCode {
     // Caught from the start: while we wait for the instance a signal ends the wait (as it would
     // have ended us); once COMMAND runs it is passed on.
     let mut signals = match SignalsInfo::<WithOrigin>::new(FORWARDED) {
         Ok(signals) => signals,
         Err(e) => return fail(EXIT_INTERNAL, format_args!("cannot catch signals: {e}")),
     };
-    // A copy that will wait starts its keeper now, so that the keeper's start-up overlaps the
-    // wait rather than following the take-over; it starts nothing before it is told `go`, once
-    // the instance is held. One that will not wait starts it only once it holds the instance:
-    // a refused copy (most of a start-up storm) never pays for one.
+    let mut acquire = std::pin::pin!(options(&args).acquire_async());
+    // A copy that will wait starts its keeper now, before acquiring, so that the keeper's
+    // start-up (an exec, the dynamic loader, parsing) overlaps the wait rather than following
+    // the take-over. One that found the lock file free when it looked (most likely the winner of
+    // a start-up storm) starts it once its first step has taken the lock file and sent the bus
+    // its requests, so that the start-up overlaps the bus's answer rather than following it
+    // (and the moment it takes the lock file comes no later than before, so that no more copies
+    // find it free). Either way the keeper starts nothing before it is told `go`, once the
+    // instance is held; if the instance is not acquired after all (the bus name is held without
+    // the lock file, a signal, a wait that ends), it is ended and reaped before we exit. Any
+    // other copy starts it once it holds the instance: a copy refused by the early look (most
+    // of a start-up storm) never pays for one.
     let mut prestarted = if args.wait.is_some() {
-        match keeper::spawn(&args.command, &args.instance, args.notify, args.kill_after) {
-            Ok(keeper) => {
-                tracing::debug!(pid = ?keeper.pid(), "keeper started before waiting");
-                Some(keeper)
-            }
+        match prestart(&args) {
+            Ok(keeper) => Some(keeper),
             // Said now, not after the wait: the keeper would not start then either.
             Err(keeper::StartError::TooLong) => return arguments_too_long(&args),
-            Err(e) => {
-                // Tried again, the usual way, once the instance is held.
-                tracing::debug!(error = %e, "cannot start the keeper before waiting");
-                None
-            }
+            Err(_) => None,
         }
     } else {
         None
     };
-    let acquire = options(&args).acquire_async();
-    let guard = tokio::select! {
-        acquired = acquire => match acquired {
-            Ok(guard) => guard,
-            Err(e) => {
+    let mut first = None;
+    if found_free && prestarted.is_none() {
+        match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
+            Poll::Ready(acquired) => first = Some(acquired),
+            // Any failure is met again, and answered, once the instance is held.
+            Poll::Pending => prestarted = prestart(&args).ok(),
+        }
+    }
+    let acquired = match first {
+        Some(acquired) => acquired,
+        None => tokio::select! {
+            acquired = &mut acquire => acquired,
+            Some(origin) = signals.next() => {
+                tracing::debug!(signal = origin.signal, "signalled while acquiring; giving up");
                 abandon(prestarted).await;
-                return refused(&args, &e);
+                return ExitCode::from(signal_exit_code(origin.signal));
             }
         },
-        Some(origin) = signals.next() => {
-            tracing::debug!(signal = origin.signal, "signalled while acquiring; giving up");
+    };
+    let guard = match acquired {
+        Ok(guard) => guard,
+        Err(e) => {
             abandon(prestarted).await;
-            return ExitCode::from(signal_exit_code(origin.signal));
+            return refused(&args, &e);
         }
     };
     tracing::debug!(name = guard.name(), backends = ?guard.backends(), "acquired");
@@ -160,7 +176,7 @@ async fn supervise(args: RunArgs) -> ExitCode {
     let recreations = guard.lock_file_recreations();
     if prestarted.as_mut().is_some_and(keeper::Pending::has_ended) {
         // Killed while it waited: it never had the lock, and started nothing.
-        tracing::debug!("the keeper started before waiting has ended; starting another");
+        tracing::debug!("the keeper started before acquiring has ended; starting another");
         abandon(prestarted.take()).await;
     }
     // The keeper holds duplicates of both, so that the instance stays held until everything
@@ -307,23 +323,37 @@ fn options(args: &RunArgs) -> unique_instance::InstanceOptions {
     options
 }
 
+/// What the early look at the lock file found.
+enum Early {
+    /// Held: this copy is refused (the exit status).
+    Refused(ExitCode),
+    /// Free when looked at: this copy will most likely win, and starts its keeper while the bus
+    /// answers its request (see `supervise`).
+    Free,
+    /// Not looked at (`--wait`, `--backend dbus`), or the look failed.
+    Unknown,
+}
+
 /// A copy that will not wait, finding the lock file held, is refused before any runtime,
 /// signal handler or bus connection is set up: in a storm of copies started at once (cron, CI)
 /// nearly all of them are refused, and this is most of what each one costs. Only a refusal is
 /// decided here: anything else (free, or an error) goes the normal way, where
 /// `acquire_async` decides for real and reports errors.
-fn refuse_early(args: &RunArgs) -> Option<ExitCode> {
+fn look_early(args: &RunArgs) -> Early {
     if args.wait.is_some() || args.instance.backend == BackendArg::Dbus {
-        return None;
+        return Early::Unknown;
     }
-    let holder = options(args).lock_file_holder().ok()??;
-    Some(refused(
-        args,
-        &Error::AlreadyRunning {
-            name: args.instance.name.clone(),
-            holder: Box::new(holder),
-        },
-    ))
+    match options(args).lock_file_holder() {
+        Ok(None) => Early::Free,
+        Ok(Some(holder)) => Early::Refused(refused(
+            args,
+            &Error::AlreadyRunning {
+                name: args.instance.name.clone(),
+                holder: Box::new(holder),
+            },
+        )),
+        Err(_) => Early::Unknown,
+    }
 }
 
 /// `run` needs `/proc`: it starts COMMAND's keeper by re-executing itself through
@@ -583,13 +613,24 @@ async fn unit_kills_whole_cgroup(system: bool) -> zbus::Result<bool> {
     Ok(kill_mode == "control-group")
 }
 
-/// Ends the keeper started before waiting, if there is one: the wait ended without the
-/// instance (or COMMAND is not to be started), and nothing of it may be left.
+/// Starts the keeper before the instance is held (see `supervise`). On failure it is tried
+/// again, the usual way, once the instance is held.
+fn prestart(args: &RunArgs) -> Result<keeper::Pending, keeper::StartError> {
+    let started = keeper::spawn(&args.command, &args.instance, args.notify, args.kill_after);
+    match &started {
+        Ok(keeper) => tracing::debug!(pid = ?keeper.pid(), "keeper started before acquiring"),
+        Err(e) => tracing::debug!(error = %e, "cannot start the keeper before acquiring"),
+    }
+    started
+}
+
+/// Ends the keeper started before acquiring, if there is one: the wait or the acquisition ended
+/// without the instance (or COMMAND is not to be started), and nothing of it may be left.
 async fn abandon(prestarted: Option<keeper::Pending>) {
     let Some(keeper) = prestarted else { return };
     let pid = keeper.pid();
     keeper.abandon().await;
-    tracing::debug!(?pid, "the keeper started before waiting is gone");
+    tracing::debug!(?pid, "the keeper started before acquiring is gone");
     // Here the wrapper has no child left: a test looks at that moment.
     #[cfg(feature = "test-hooks")]
     stop_for_test("UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON");
