@@ -1332,12 +1332,16 @@ pub(crate) fn spawn(
         cmd.process_group(0);
     }
     cmd.arg("--").args(command);
-    if notify {
-        // Only COMMAND's environment (the keeper passes its own on): ours is left alone.
-        cmd.env_remove("NOTIFY_SOCKET");
+    // With --notify, NOTIFY_SOCKET is for COMMAND only (the keeper passes its own environment
+    // on): ours is left alone. LOCK_FD_ENV may come from an outer `run`: the keeper sets
+    // COMMAND's. Each is removed only when it is set: any change to the environment makes std
+    // copy and sort all of it for the child, which costs more than the rest of `spawn`
+    // (callgrind), on the winner's way to COMMAND.
+    for (variable, remove) in [("NOTIFY_SOCKET", notify), (LOCK_FD_ENV, true)] {
+        if remove && std::env::var_os(variable).is_some() {
+            cmd.env_remove(variable);
+        }
     }
-    // Ours may come from an outer `run`: the keeper sets COMMAND's.
-    cmd.env_remove(LOCK_FD_ENV);
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
     // operations are allowed: it makes raw system calls (sigaction, fcntl), allocates nothing and
     // takes no locks. `theirs_raw` names `theirs`, which this process keeps open until `spawn`
