@@ -3,8 +3,9 @@
 # tests. libsystemd-dev: the sd-bus C reference of the benchmarks. util-linux: flock(1), setpriv,
 # nsenter. systemd: the booted container's init, systemctl, busctl, systemd-analyze,
 # systemd-tmpfiles. dbus-user-session: the session bus of the container's user manager.
-# dbus-broker: the second pass of the bus tests (scripts/test).
-UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session dbus-broker)
+# dbus-broker: the second pass of the bus tests (scripts/test). perl: COMMANDs of some CLI
+# tests (syscall.ph, which perl-base lacks).
+UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session dbus-broker perl)
 # The benchmarks also compile their C references (gcc, pkg-config) and strip copies (binutils).
 UNIQUE_INSTANCE_BENCH_PACKAGES=(dbus libsystemd-dev util-linux gcc pkg-config binutils)
 # The fuzz targets (scripts/fuzz) link libFuzzer, which libfuzzer-sys compiles from C++.

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{BusConfig, DbusDaemon, Proc, TIMEOUT, cli, cli_command, unique_name};
+use common::{BusConfig, DbusDaemon, Proc, TIMEOUT, as_user, cli, cli_command, unique_name};
 use rustix::process::Signal;
 
 /// A COMMAND that says it runs, then waits for its stdin (the wrapper's, untouched) to close.
@@ -2039,6 +2039,74 @@ fn the_keeper_re_creates_a_lock_file_removed_once_the_wrapper_is_gone() {
     rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
     wait_pidfd(pid, &pidfd);
     assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "");
+}
+
+/// As above when the keeper cannot have an inotify instance (the per-user limit of 128 reached,
+/// as on a busy desktop): it looks at the lock file every 200 ms instead of never, and
+/// re-creates a removed one all the same.
+#[test]
+fn the_keeper_keeps_the_lock_file_without_inotify() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs copies as another user: run the suite as root (./scripts/test)"
+    );
+    let perl = common::require_program("perl", "perl");
+    // A user of its own, so that no other test's processes count against its inotify limit.
+    let uid = 61000 + std::process::id() % 4000;
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::chown(lock_dir.path(), Some(uid), Some(uid)).expect("chown");
+    let name = unique_name("keeper_no_inotify");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let lock_file = format!("--lock-file={}", path.display());
+    // Takes every inotify instance the user may have, and says how many.
+    let mut hog = std::process::Command::new(&perl);
+    hog.args([
+        "-e",
+        "require 'syscall.ph'; $| = 1; my @fds; \
+         while ((my $fd = syscall(&SYS_inotify_init1, 0)) >= 0) { push @fds, $fd } \
+         print scalar(@fds), qq(\n); <STDIN>",
+    ]);
+    let mut hog = Proc::spawn(as_user(uid, uid, &hog));
+    let taken = hog.next_line("the inotify instances taken");
+    assert_ne!(taken, "0", "the hog took no inotify instance");
+    let run =
+        |args: &[&str]| Proc::spawn(as_user(uid, uid, &cli_command(None, lock_dir.path(), args)));
+    // NAME is sh's $0: it marks this case's keeper. COMMAND ends when its stdin closes.
+    let mut wrapper = run(&[
+        "run",
+        "--backend=lockfile",
+        &lock_file,
+        "--kill-after=600",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; echo ready; read _",
+        &name,
+    ]);
+    assert_eq!(wrapper.next_line("COMMAND ready"), "ready");
+    let keeper = the_keeper(&wrapper, &name);
+    wrapper.sigkill();
+    wrapper.stderr_line_containing("it looks at it every");
+    std::fs::remove_file(&path).expect("remove the lock file");
+    wrapper.stderr_line_containing("re-created it");
+    let mut second = run(&["run", &lock_file, &name, "--", "echo", "SECOND COMMAND RAN"]);
+    let stdout = second.stdout_until_closed();
+    let refusal = second.stderr_until_closed().join("\n");
+    assert_eq!(
+        (second.exit_code(), stdout.as_slice()),
+        (75, [].as_slice()),
+        "a copy started while the keeper holds the instance is refused: {refusal}"
+    );
+    assert!(
+        refusal.contains(&format!("(pid {keeper},")),
+        "the refusal names the keeper (pid {keeper}): {refusal}"
+    );
+    hog.close_stdin();
+    assert_eq!(hog.exit_code(), 0);
+    // COMMAND's stdin closes with the wrapper's: it ends, and the keeper after it.
+    wrapper.close_stdin();
+    wrapper.stderr_until_closed();
 }
 
 /// Has the process of `pidfd` exited already (looked at now, without waiting)?

@@ -458,6 +458,9 @@ struct Keeper {
     /// Once the wrapper is gone: the lock file, watched and re-created when removed, in place of
     /// `lock` (see [`Keeper::keep_lock_file`]).
     kept: Option<HandedLockFile>,
+    /// The lock file once it could not be kept: it excludes no copy any more, but it is held
+    /// until the keeper exits all the same.
+    let_go: Option<HandedLockFile>,
     /// The service manager sent SIGTERM to the whole tree (`delivered 15`): nobody is sent it
     /// again.
     tree_got_term: bool,
@@ -486,6 +489,7 @@ impl Keeper {
             tree_got_term: false,
             options: None,
             kept: None,
+            let_go: None,
         })
     }
 
@@ -868,7 +872,14 @@ impl Keeper {
                 }
             }
         }
-        if self.kept.is_some() {
+        if let Some(kept) = &self.kept {
+            if kept.watch_descriptor().is_none() {
+                say!(
+                    "unique-instance: keeper: cannot watch the lock file with inotify (the \
+                     limit of inotify instances reached?); it looks at it every {RESCAN:?} \
+                     instead"
+                );
+            }
             // Held through `kept` now; the others are removed files, which keep no copy out.
             self.lock = None;
             self.received.clear();
@@ -914,7 +925,9 @@ impl Keeper {
                     std::process::id(),
                     kept.path().display()
                 );
-                self.kept = None;
+                // Still held until the keeper exits: the file may still be at the path for a
+                // copy that can follow it (the keeper could not), and need not be free then.
+                self.let_go = self.kept.take();
             }
             _ => {}
         }
@@ -999,7 +1012,10 @@ impl Keeper {
                 tv_nsec: i64::from(wait.subsec_nanos()),
             };
             // And the kept lock file's watch: a change is looked at at once.
-            let watch = self.kept.as_ref().map(HandedLockFile::watch_descriptor);
+            let watch = self
+                .kept
+                .as_ref()
+                .and_then(HandedLockFile::watch_descriptor);
             let mut fds = vec![rustix::event::PollFd::new(
                 &self.sigchld,
                 rustix::event::PollFlags::IN,
@@ -1011,12 +1027,11 @@ impl Keeper {
                 ));
             }
             let _ = rustix::event::poll(&mut fds, Some(&timeout));
-            let changed = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
             drop(fds);
             self.drain_sigchld();
-            if changed {
-                self.check_kept();
-            }
+            // At once on a change, and at least every RESCAN: without inotify, or with a
+            // directory on the way left unwatched, nothing else would say.
+            self.check_kept();
         }
     }
 }

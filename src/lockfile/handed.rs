@@ -155,7 +155,8 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<Vec<u8
 pub struct HandedLockFile {
     lock: HeldLock,
     handle: WatchHandle,
-    inotify: OwnedFd,
+    /// `None` when inotify could not be set up (see [`HandedLockFile::watch_descriptor`]).
+    inotify: Option<OwnedFd>,
 }
 
 /// What [`HandedLockFile::check`] found.
@@ -185,9 +186,11 @@ impl HandedLockFile {
     ///
     /// As [`record_this_process_as_holder`]; and those of an acquisition's planning and of its
     /// lock directory's checks ([`Error::UnsafeLockPath`], [`Error::NetworkFilesystem`]...); an
-    /// [`Error::Io`] when the options plan no lock file, when `lock` is a file with a name that
-    /// is not the planned path, or when inotify cannot be set up. The lock is then not kept
-    /// (`lock` is closed).
+    /// [`Error::Io`] when the options plan no lock file, or when `lock` is a file with a name
+    /// that is not the planned path. The lock is then not kept (`lock` is closed). Inotify that
+    /// cannot be set up (the per-user limit of instances reached, a directory on the way that
+    /// cannot be watched) is no error: it is logged at `warn`, and the caller looks
+    /// periodically instead (see [`HandedLockFile::watch_descriptor`]).
     pub fn new(options: &InstanceOptions, lock: OwnedFd, keep_bus_name: bool) -> Result<Self> {
         let (_, _, plan, _) = options.resolve()?;
         let Some(plan) = plan else {
@@ -212,10 +215,21 @@ impl HandedLockFile {
                 std::io::ErrorKind::InvalidInput.into(),
             ));
         }
-        let inotify = new_inotify().map_err(|e| Error::io("cannot watch", &path, e))?;
-        handle
-            .add_watches(&inotify)
-            .map_err(|e| Error::io("cannot watch", &path, e))?;
+        // Best effort: a directory left unwatched is still looked at by the periodic checks.
+        let inotify = match new_inotify() {
+            Ok(inotify) => {
+                if let Err(e) = handle.add_watches(&inotify) {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "cannot watch every directory of the lock path with inotify");
+                }
+                Some(inotify)
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot watch the lock file with inotify");
+                None
+            }
+        };
         Ok(HandedLockFile {
             lock,
             handle,
@@ -225,8 +239,12 @@ impl HandedLockFile {
 
     /// Readable when something changed that [`HandedLockFile::check`] must look at (an
     /// inotify instance: for `poll` or an async reactor, never to be read by the caller).
-    pub fn watch_descriptor(&self) -> BorrowedFd<'_> {
-        self.inotify.as_fd()
+    /// `None` when inotify could not be set up: then nothing says when to look, and the caller
+    /// calls `check` periodically (`run`'s keeper does every 200 ms in any case, since a
+    /// directory on the way may have been left unwatched). The shorter the period, the
+    /// shorter the moment in which a copy started after a removal can make the file first.
+    pub fn watch_descriptor(&self) -> Option<BorrowedFd<'_>> {
+        self.inotify.as_ref().map(AsFd::as_fd)
     }
 
     /// The lock file's path, as planned.
@@ -243,9 +261,11 @@ impl HandedLockFile {
     /// Takes the pending changes and looks at the path: re-creates the lock file if it was
     /// only removed (see [`HandedLockFile`]). Once [`HandedLockState::Lost`], always `Lost`.
     pub fn check(&self) -> HandedLockState {
-        drain(&self.inotify);
-        // Before the check, as the guard's watch does: see `WatchHandle::rewatch`.
-        self.handle.rewatch(&self.inotify);
+        if let Some(inotify) = &self.inotify {
+            drain(inotify);
+            // Before the check, as the guard's watch does: see `WatchHandle::rewatch`.
+            self.handle.rewatch(inotify);
+        }
         // The guard's watch: nothing changed (`Held`), or re-created, or lost (now or before).
         match self.handle.recover() {
             Recovery::Held => HandedLockState::Held,
