@@ -1,7 +1,8 @@
-//! A full file system (or a spent quota) stops nothing: a holder record that cannot be written
-//! is "holder unknown", as an empty record is, and the lock itself still excludes. Any local
-//! user can fill a shared `/run` through `/run/lock` (mode 1777): that must not stop every copy
-//! from starting, nor turn a lock file merely removed into a loss.
+//! A full file system (its blocks all used, or a spent quota) stops nothing: a holder record
+//! that cannot be written is "holder unknown", as an empty record is, and the lock itself still
+//! excludes. Any local user can fill a shared `/run` through `/run/lock` (mode 1777): that must
+//! not stop every copy from starting, nor turn a lock file merely removed into a loss. (A file
+//! system out of inodes is another matter, which no file can be made on: see the README.)
 
 mod common;
 
