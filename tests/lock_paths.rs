@@ -735,7 +735,7 @@ fn a_user_directory_squatted_by_another_user_is_named_with_its_owner() {
         ]);
     let mut copy = Proc::spawn(as_user(uid, uid, &cmd));
     let code = copy.exit_code();
-    let stderr = copy.stderr_lines().join("\n");
+    let stderr = copy.stderr_until_closed().join("\n");
     std::fs::remove_dir(&squatted).expect("rmdir");
     assert_ne!(code, 0, "{stderr}");
     assert!(
