@@ -86,8 +86,10 @@ struct Container {
     log: PathBuf,
     service_uid: u32,
     user_uid: u32,
-    // Last: removed once the container is gone.
+    // Removed once the container is gone.
     _root: tempfile::TempDir,
+    // Last: the next container boots only once this one and its root are gone.
+    _alone: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Container {
@@ -96,6 +98,9 @@ impl Container {
             rustix::process::geteuid().is_root(),
             "booting a container needs root (CI runs as root)"
         );
+        let alone = ONE_CONTAINER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let nspawn = require_program("systemd-nspawn", "systemd-container");
         require_program("nsenter", "util-linux");
         let root = tempfile::Builder::new()
@@ -308,6 +313,7 @@ impl Container {
             service_uid,
             user_uid,
             _root: root,
+            _alone: alone,
         };
         container.leader = container.find_leader();
         // Its manager listens once its private socket exists (seen through its root).
@@ -573,17 +579,15 @@ fn shipped_units_on_a_booted_systemd_with_dbus_broker() {
     shipped_units_on(Broker::DbusBroker);
 }
 
-/// One container at a time: unregistered containers (`--register=no --keep-unit`) are put in
-/// this process's cgroup, so two booted at once share one cgroup tree, and each one's systemd
-/// removes the other's unit cgroups (seen: "Failed to attach to cgroup
-/// /system.slice/systemd-tmpfiles-setup.service", status 219/CGROUP, and failed start jobs).
+/// One container at a time, taken by [`Container::boot`] and held by the container until it is
+/// gone: unregistered containers (`--register=no --keep-unit`) are put in this process's
+/// cgroup, so two booted at once share one cgroup tree, and each one's systemd removes the
+/// other's unit cgroups (seen: "Failed to attach to cgroup
+/// /system.slice/systemd-tmpfiles-setup.service", status 219/CGROUP, and failed start jobs;
+/// and `/run/unique-instance` missing when the stop test's container booted beside this one).
 static ONE_CONTAINER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn shipped_units_on(bus: Broker) {
-    // Held until the container is gone (dropped after it: declared before it).
-    let _alone = ONE_CONTAINER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let started = Instant::now();
     let c = Container::boot(bus);
     eprintln!("booted in {:?}", started.elapsed());
