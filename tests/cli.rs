@@ -1935,25 +1935,8 @@ fn a_killed_keeper_is_reported_truthfully() {
 fn a_refusal_names_the_keeper_once_the_wrapper_is_gone() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("keeper_named");
-    // NAME is sh's $0: it marks this case's keeper.
-    let mut wrapper = cli(
-        None,
-        lock_dir.path(),
-        &[
-            "run",
-            "--kill-after=600",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; echo pid $$; exec sleep 600",
-            &name,
-        ],
-    );
-    let (pid, pidfd) = command_pidfd(&mut wrapper);
+    let (_wrapper, pid, pidfd, keeper) = keeper_alone_holding(lock_dir.path(), &name);
     let _command = KillOnDrop(&pidfd);
-    let keeper = the_keeper(&wrapper, &name);
-    wrapper.sigkill();
     let mut second = cli(None, lock_dir.path(), &["run", &name, "--", "true"]);
     assert_eq!(second.exit_code(), 75);
     let refusal = second.stderr_until_closed().join("\n");
@@ -1983,25 +1966,8 @@ fn the_keeper_re_creates_a_lock_file_removed_once_the_wrapper_is_gone() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("keeper_recreates");
     let path = lock_dir.path().join(format!("{name}.lock"));
-    // NAME is sh's $0: it marks this case's keeper.
-    let mut wrapper = cli(
-        None,
-        lock_dir.path(),
-        &[
-            "run",
-            "--kill-after=600",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; echo pid $$; exec sleep 600",
-            &name,
-        ],
-    );
-    let (pid, pidfd) = command_pidfd(&mut wrapper);
+    let (mut wrapper, pid, pidfd, keeper) = keeper_alone_holding(lock_dir.path(), &name);
     let _command = KillOnDrop(&pidfd);
-    let keeper = the_keeper(&wrapper, &name);
-    wrapper.sigkill();
     // The keeper (which shares the wrapper's stderr) says it holds the instance alone now.
     wrapper.stderr_line_containing(&format!("its keeper (pid {keeper}) holds the instance"));
     let removed = std::fs::metadata(&path).expect("the lock file").ino();
@@ -2107,6 +2073,31 @@ fn the_keeper_keeps_the_lock_file_without_inotify() {
     // COMMAND's stdin closes with the wrapper's: it ends, and the keeper after it.
     wrapper.close_stdin();
     wrapper.stderr_until_closed();
+}
+
+/// A `run` of `name` whose wrapper has been killed by SIGKILL, leaving its keeper alone holding
+/// the instance while COMMAND (which ignores SIGTERM, and is given 600 s) is being stopped: the
+/// killed wrapper (its stderr is the keeper's), COMMAND's PID and pidfd, and the keeper's PID.
+fn keeper_alone_holding(lock_dir: &Path, name: &str) -> (Proc, u32, rustix::fd::OwnedFd, u32) {
+    // NAME is sh's $0: it marks this case's keeper.
+    let mut wrapper = cli(
+        None,
+        lock_dir,
+        &[
+            "run",
+            "--kill-after=600",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo pid $$; exec sleep 600",
+            name,
+        ],
+    );
+    let (pid, pidfd) = command_pidfd(&mut wrapper);
+    let keeper = the_keeper(&wrapper, name);
+    wrapper.sigkill();
+    (wrapper, pid, pidfd, keeper)
 }
 
 /// Has the process of `pidfd` exited already (looked at now, without waiting)?
