@@ -2127,17 +2127,11 @@ fn run_without_proc_says_what_is_missing() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("no_proc");
     let inner = cli_command(None, lock_dir.path(), &["run", &name, "--", "echo", "ran"]);
-    let mut cmd = std::process::Command::new(unshare);
-    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg("umount -l /proc && exec \"$0\" \"$@\"")
-        .arg(inner.get_program())
-        .args(inner.get_args())
-        .env_clear();
-    for (key, value) in inner.get_envs() {
-        if let Some(value) = value {
-            cmd.env(key, value);
-        }
-    }
+    let mut unshare = std::process::Command::new(unshare);
+    unshare
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("umount -l /proc && exec \"$0\" \"$@\"");
+    let cmd = common::wrapped(unshare, &inner);
     let mut wrapper = Proc::spawn(cmd);
     assert_eq!(
         wrapper.stdout_until_closed(),

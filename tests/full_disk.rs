@@ -7,12 +7,12 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{Proc, cli, holder, unique_name};
 
 /// A tmpfs of one page at `dir` (mode 0700), unmounted when dropped.
-struct SmallTmpfs(PathBuf);
+struct SmallTmpfs(common::Mounted);
 
 impl SmallTmpfs {
     fn mount(dir: &Path) -> Self {
@@ -26,7 +26,7 @@ impl SmallTmpfs {
         cmd.args(["-t", "tmpfs", "-o", "size=4k,mode=0700", "tmpfs"])
             .arg(dir);
         assert!(common::status_within_timeout(cmd).success(), "mount");
-        SmallTmpfs(dir.to_path_buf())
+        SmallTmpfs(common::Mounted(dir.to_path_buf()))
     }
 
     /// Fills the file system: a file takes every block left.
@@ -34,7 +34,7 @@ impl SmallTmpfs {
         let mut filler = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.0.join("filler"))
+            .open(self.0.0.join("filler"))
             .expect("filler");
         let chunk = [0u8; 512];
         loop {
@@ -46,17 +46,6 @@ impl SmallTmpfs {
                 Err(e) => panic!("filling the file system: {e}"),
             }
         }
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let umount = common::require_program("umount", "mount");
-        let _ = common::status_within_timeout({
-            let mut cmd = std::process::Command::new(umount);
-            cmd.arg(&self.0);
-            cmd
-        });
     }
 }
 
@@ -74,7 +63,7 @@ fn assert_refused(name: &str, lock_dir: &Path) {
 fn a_full_file_system_still_acquires_with_the_holder_unknown() {
     let base = tempfile::tempdir().expect("tempdir");
     let fs = SmallTmpfs::mount(&base.path().join("locks"));
-    let lock_dir = fs.0.clone();
+    let lock_dir = fs.0.0.clone();
     fs.fill();
     for mode in [&[][..], &["--blocking"][..]] {
         let name = unique_name("full_acquire");
@@ -119,7 +108,7 @@ fn a_full_file_system_still_acquires_with_the_holder_unknown() {
 fn a_lock_file_removed_on_a_full_file_system_is_recreated() {
     let base = tempfile::tempdir().expect("tempdir");
     let fs = SmallTmpfs::mount(&base.path().join("locks"));
-    let lock_dir = fs.0.clone();
+    let lock_dir = fs.0.0.clone();
     for mode in [&[][..], &["--blocking"][..]] {
         let name = unique_name("full_recreate");
         let path = lock_dir.join(format!("{name}.lock"));

@@ -596,20 +596,6 @@ fn run_stops_command_when_the_second_backend_goes_too() {
     }
 }
 
-/// Unmounts what it names when dropped, so a failing test leaves no mount behind.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let umount = common::require_program("umount", "mount");
-        let _ = common::status_within_timeout({
-            let mut cmd = std::process::Command::new(umount);
-            cmd.arg(&self.0);
-            cmd
-        });
-    }
-}
-
 /// A file system mounted over the lock directory: the path leads into another, empty directory
 /// (a copy started now acquires there), and inotify on the covered directory sees nothing. The
 /// mount table is watched too.
@@ -632,7 +618,7 @@ fn a_mount_over_the_lock_directory_is_a_loss() {
         let mut cmd = std::process::Command::new(&mount);
         cmd.args(["-t", "tmpfs", "tmpfs"]).arg(&lock_dir);
         assert!(common::status_within_timeout(cmd).success(), "mount");
-        let mounted = Mounted(lock_dir.clone());
+        let mounted = common::Mounted(lock_dir.clone());
         assert_eq!(
             h.line_starting("lost"),
             "lost reason=LockDirectoryRemoved still_exclusive=false",
@@ -653,17 +639,9 @@ fn holder_in_own_mounts(lock_dir: &Path, args: &[&str], user: Option<u32>) -> Pr
     if let Some(uid) = user {
         inner = common::as_user(uid, uid, &inner);
     }
-    let mut cmd = std::process::Command::new(common::require_program("unshare", "util-linux"));
-    cmd.args(["--mount", "--propagation", "private", "--"])
-        .arg(inner.get_program())
-        .args(inner.get_args())
-        .env_clear();
-    for (key, value) in inner.get_envs() {
-        if let Some(value) = value {
-            cmd.env(key, value);
-        }
-    }
-    Proc::spawn(cmd)
+    let mut unshare = std::process::Command::new(common::require_program("unshare", "util-linux"));
+    unshare.args(["--mount", "--propagation", "private", "--"]);
+    Proc::spawn(common::wrapped(unshare, &inner))
 }
 
 /// Renaming a directory *above* the lock directory (`mv app app.old && mv app.new app`, the

@@ -693,22 +693,42 @@ pub const NOBODY: u32 = 65534;
 /// `cmd`, to be run as `uid`/`gid` with no supplementary groups (through `setpriv`, which
 /// keeps the environment `cmd` was given).
 pub fn as_user(uid: u32, gid: u32, cmd: &Command) -> Command {
-    let setpriv = require_program("setpriv", "util-linux");
-    let mut wrapped = Command::new(setpriv);
-    wrapped
+    let mut setpriv = Command::new(require_program("setpriv", "util-linux"));
+    setpriv
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
         .arg("--clear-groups")
-        .arg("--")
+        .arg("--");
+    wrapped(setpriv, cmd)
+}
+
+/// `wrapper` (a program and its first arguments, such as `setpriv ... --`) running `cmd`: its
+/// program and arguments follow, and it gets `cmd`'s environment and nothing else.
+pub fn wrapped(mut wrapper: Command, cmd: &Command) -> Command {
+    wrapper
         .arg(cmd.get_program())
-        .args(cmd.get_args());
-    wrapped.env_clear();
+        .args(cmd.get_args())
+        .env_clear();
     for (key, value) in cmd.get_envs() {
         if let Some(value) = value {
-            wrapped.env(key, value);
+            wrapper.env(key, value);
         }
     }
-    wrapped
+    wrapper
+}
+
+/// Unmounts what it names when dropped, so a failing test leaves no mount behind.
+pub struct Mounted(pub PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let umount = require_program("umount", "mount");
+        let _ = status_within_timeout({
+            let mut cmd = Command::new(umount);
+            cmd.arg(&self.0);
+            cmd
+        });
+    }
 }
 
 /// The `holder` example as `uid`, with the environment of [`holder`].
