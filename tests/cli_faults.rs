@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::channel;
 
 use common::{Proc, TIMEOUT, cli, cli_command, unique_name};
@@ -595,4 +595,73 @@ fn arguments_too_long_for_the_keeper_are_a_clear_126() {
             assert_eq!(holder.exit_code(), 0);
         }
     }
+}
+
+/// `cmd` started with descriptors 0, 1 and 2 closed (`<&- >&- 2>&-`), as a careless daemon or
+/// a cron replacement may start it.
+fn with_standard_descriptors_closed(cmd: &Command) -> Command {
+    let mut closer = Command::new("sh");
+    closer.args(["-c", "exec \"$@\" <&- >&- 2>&-", "sh"]);
+    common::wrapped(closer, cmd)
+}
+
+/// Started with stdin, stdout and stderr closed, the tool works as with them open, and neither
+/// its messages nor COMMAND's output can go into the lock file: the first files it opens would
+/// otherwise take those numbers. Closed descriptors are opened on `/dev/null` before anything
+/// else (std's start-up did this; the tool's own `main` must, and this fails when it does not:
+/// the refused copy writes "already running" into the holder's record, and COMMAND gets the lock
+/// file as a standard descriptor).
+#[test]
+fn closed_standard_descriptors_never_become_the_lock_file() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("closed_stdio");
+    let lock_file = lock_dir.path().join(format!("{name}.lock"));
+    let mut holder = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD],
+    );
+    holder.line_starting("running");
+    let record = std::fs::read(&lock_file).expect("the holder's lock file");
+
+    let refused = common::status_within_timeout(with_standard_descriptors_closed(&cli_command(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "echo", "ran"],
+    )));
+    assert_eq!(refused.code(), Some(75), "a refused copy: {refused:?}");
+    let status = common::status_within_timeout(with_standard_descriptors_closed(&cli_command(
+        None,
+        lock_dir.path(),
+        &["status", &name],
+    )));
+    assert_eq!(status.code(), Some(0), "status: {status:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&std::fs::read(&lock_file).expect("the lock file")),
+        String::from_utf8_lossy(&record),
+        "the holder's record changed"
+    );
+    holder.close_stdin();
+    assert_eq!(holder.next_line("the holder's last line"), "done");
+    assert_eq!(holder.exit_code(), 0);
+
+    // A winner: what COMMAND has as its standard descriptors, written where it can be read.
+    let seen = lock_dir.path().join("seen");
+    let script = format!(
+        "for fd in 0 1 2; do set -- \"$@\" \"$(readlink /proc/$$/fd/$fd || echo closed)\"; done; \
+         printf '%s\\n' \"$@\" > '{}'",
+        seen.display()
+    );
+    let winner = common::status_within_timeout(with_standard_descriptors_closed(&cli_command(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", &script],
+    )));
+    assert_eq!(winner.code(), Some(0), "the winner: {winner:?}");
+    let seen = std::fs::read_to_string(&seen).expect("COMMAND's descriptors");
+    assert_eq!(
+        seen.lines().collect::<Vec<_>>(),
+        ["/dev/null"; 3],
+        "COMMAND's standard descriptors"
+    );
 }

@@ -3,13 +3,12 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use unique_instance::InstanceName;
 
 use crate::cli::GenerateArgs;
 use crate::deploy::{self, Callers, Deployment, GeneratedFile};
-use crate::{EXIT_USAGE, fail};
+use crate::{EXIT_USAGE, ExitCode, fail};
 
 /// An output file exists with other contents, and --force was not given (`EX_CANTCREAT`).
 const EXIT_CONFLICT: u8 = 73;

@@ -144,7 +144,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{ExitCode, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
@@ -152,7 +152,7 @@ use unique_instance::{HandedLockFile, HandedLockState};
 
 use crate::cli::{InstanceArgs, KeeperArgs};
 use crate::run::{FORWARDED, LOCK_FD_ENV, children_in, parent_in_stat};
-use crate::{EXIT_INTERNAL, EXIT_USAGE, fail};
+use crate::{EXIT_INTERNAL, EXIT_USAGE, ExitCode, fail};
 
 /// The first argument that makes the binary the keeper (see `main`).
 pub(crate) const SUBCOMMAND: &str = "internal-keeper";

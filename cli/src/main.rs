@@ -2,6 +2,10 @@
 //!
 //! A thin layer over the library: parsing, messages and exit codes here; exclusion there.
 
+// Our own `main` below, not std's start-up, where std reads the arguments without it (glibc):
+// see `main`.
+#![cfg_attr(all(target_os = "linux", target_env = "gnu"), no_main)]
+
 // First: its macro is used by the modules below.
 #[macro_use]
 mod say;
@@ -14,8 +18,6 @@ mod logging;
 mod run;
 mod status;
 
-use std::process::ExitCode;
-
 use clap::{CommandFactory, Parser};
 
 use cli::{Cli, Command};
@@ -25,7 +27,92 @@ const EXIT_USAGE: u8 = 64;
 /// Internal errors (`EX_SOFTWARE`).
 const EXIT_INTERNAL: u8 = 70;
 
-fn main() -> ExitCode {
+/// A process exit status. Not std's `ExitCode`: only std's start-up, which `main` leaves out,
+/// can turn that into a number on stable Rust.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ExitCode(u8);
+
+impl ExitCode {
+    pub(crate) const SUCCESS: ExitCode = ExitCode(0);
+}
+
+impl From<u8> for ExitCode {
+    fn from(code: u8) -> Self {
+        ExitCode(code)
+    }
+}
+
+/// The exit status of a panic that unwinds out of a command, as std's start-up gives it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const EXIT_PANIC: u8 = 101;
+
+/// The process's entry point, in place of std's `lang_start`. std's start-up finds the main
+/// thread's stack guard by parsing `/proc/self/maps` (about 100k instructions, a sixth of a
+/// refused copy's whole work and as much again for the keeper's `exec`: BENCHMARKS.md, section
+/// 5). What else it does that matters here is done here: descriptors 0, 1 and 2 are made open
+/// (or the lock file could become stderr), SIGPIPE is ignored (a closed stdout or stderr is an
+/// error, not a death: `say!`), and a panic is exit 101. What is left out is the stack-overflow
+/// message: an overflow still kills the process, by SIGSEGV. `std::env::args` needs no start-up
+/// on glibc (it reads them from `.init_array`); elsewhere std's start-up stays.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+#[unsafe(no_mangle)]
+extern "C" fn main(
+    _argc: std::ffi::c_int,
+    _argv: *const *const std::ffi::c_char,
+) -> std::ffi::c_int {
+    standard_descriptors_open();
+    // SAFETY: no other thread exists yet, and SIG_IGN runs no code of ours.
+    if unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .is_err()
+    {
+        std::process::abort();
+    }
+    let code = std::panic::catch_unwind(unique_instance_main).unwrap_or(ExitCode(EXIT_PANIC));
+    // Flushes stdout, as returning from std's main would.
+    std::process::exit(code.0.into())
+}
+
+/// std's start-up, where std needs it to read the arguments (not glibc).
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn main() -> std::process::ExitCode {
+    std::process::ExitCode::from(unique_instance_main().0)
+}
+
+/// Opens `/dev/null` on each of descriptors 0, 1 and 2 that is closed, as std's start-up does:
+/// otherwise the first files opened (the lock file) would take their numbers, and a message
+/// meant for stderr would be written into the lock file. Aborts when it cannot, as std does.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn standard_descriptors_open() {
+    for fd in 0..=2 {
+        // SAFETY: only asks whether `fd` is open; the borrow ends with the call.
+        let closed = rustix::io::fcntl_getfd(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+            == Err(rustix::io::Errno::BADF);
+        if closed {
+            // The lowest free number is `fd`: those below it are open.
+            // Not close-on-exec (as std's own `open` would be): it must reach COMMAND.
+            let null = rustix::fs::open(
+                "/dev/null",
+                rustix::fs::OFlags::RDWR,
+                rustix::fs::Mode::empty(),
+            );
+            match null {
+                Ok(null) if std::os::fd::AsRawFd::as_raw_fd(&null) == fd => {
+                    std::mem::forget(null);
+                }
+                _ => std::process::abort(),
+            }
+        }
+    }
+}
+
+fn unique_instance_main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(keeper::SUBCOMMAND)) {
         return match cli::KeeperArgs::try_parse_from(std::env::args_os().skip(1)) {
             Ok(args) => {

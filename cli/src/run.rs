@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{ExitCode, ExitStatus};
+use std::process::ExitStatus;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use signal_hook_tokio::SignalsInfo;
 use unique_instance::{Error, InstanceGuard, LockFileRecreations, Loss, LossWatcher, Wait};
 
 use crate::cli::{BackendArg, RunArgs, WaitFor};
-use crate::{EXIT_INTERNAL, fail, keeper};
+use crate::{EXIT_INTERNAL, ExitCode, fail, keeper};
 
 /// The signals passed on to COMMAND.
 pub(crate) const FORWARDED: [i32; 6] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];

@@ -1,12 +1,10 @@
 //! `unique-instance status`: who holds NAME, without taking anything.
 
-use std::process::ExitCode;
-
 use serde_json::json;
 use unique_instance::{Holder, Scope};
 
 use crate::cli::StatusArgs;
-use crate::{EXIT_INTERNAL, fail};
+use crate::{EXIT_INTERNAL, ExitCode, fail};
 
 /// `status`'s exit code when nothing holds the instance (as `systemctl status` uses 3).
 const EXIT_NOT_RUNNING: u8 = 3;
