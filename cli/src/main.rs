@@ -4,7 +4,7 @@
 
 // Our own `main` below, not std's start-up, where std reads the arguments without it (glibc):
 // see `main`.
-#![cfg_attr(all(target_os = "linux", target_env = "gnu"), no_main)]
+#![cfg_attr(all(target_os = "linux", target_env = "gnu", not(test)), no_main)]
 
 // First: its macro is used by the modules below.
 #[macro_use]
@@ -43,7 +43,7 @@ impl From<u8> for ExitCode {
 }
 
 /// The exit status of a panic that unwinds out of a command, as std's start-up gives it.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
 const EXIT_PANIC: u8 = 101;
 
 /// The process's entry point, in place of std's `lang_start`. std's start-up finds the main
@@ -53,8 +53,9 @@ const EXIT_PANIC: u8 = 101;
 /// (or the lock file could become stderr), SIGPIPE is ignored (a closed stdout or stderr is an
 /// error, not a death: `say!`), and a panic is exit 101. What is left out is the stack-overflow
 /// message: an overflow still kills the process, by SIGSEGV. `std::env::args` needs no start-up
-/// on glibc (it reads them from `.init_array`); elsewhere std's start-up stays.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// on glibc (it reads them from `.init_array`); elsewhere std's start-up stays. (The unit tests
+/// have the test harness's `main`.)
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
 #[allow(unsafe_code)]
 #[unsafe(no_mangle)]
 extern "C" fn main(
@@ -79,7 +80,7 @@ extern "C" fn main(
 }
 
 /// std's start-up, where std needs it to read the arguments (not glibc).
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(all(not(all(target_os = "linux", target_env = "gnu")), not(test)))]
 fn main() -> std::process::ExitCode {
     std::process::ExitCode::from(unique_instance_main().0)
 }
@@ -87,7 +88,7 @@ fn main() -> std::process::ExitCode {
 /// Opens `/dev/null` on each of descriptors 0, 1 and 2 that is closed, as std's start-up does:
 /// otherwise the first files opened (the lock file) would take their numbers, and a message
 /// meant for stderr would be written into the lock file. Aborts when it cannot, as std does.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
 #[allow(unsafe_code)]
 fn standard_descriptors_open() {
     for fd in 0..=2 {
@@ -112,6 +113,7 @@ fn standard_descriptors_open() {
     }
 }
 
+#[cfg_attr(test, allow(dead_code))]
 fn unique_instance_main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(keeper::SUBCOMMAND)) {
         return match cli::KeeperArgs::try_parse_from(std::env::args_os().skip(1)) {
