@@ -4,7 +4,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{BusConfig, DbusDaemon, field, holder, unique_name};
+use common::{
+    BusConfig, DbusDaemon, Proc, clean_command, example_path, field, holder, unique_name,
+};
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 async fn request(
@@ -100,14 +102,21 @@ fn waiter_takes_over_when_the_holder_exits_or_dies() {
             &[&name, "--backend", backend],
         );
         assert!(h.next_line("holder").starts_with("acquired"), "{backend}");
-        let mut w = holder(
-            Some(&bus.address),
-            lock_dir.path(),
-            &[&name, "--backend", backend, "--wait", "forever"],
-        );
-        // The waiter must not get in while the holder lives.
+        let mut waiter =
+            clean_command(&example_path("holder"), Some(&bus.address), lock_dir.path());
+        waiter
+            .args([&name, "--backend", backend, "--wait", "forever"])
+            .env("RUST_LOG", "info");
+        let mut w = Proc::spawn(waiter);
+        // Known to wait (queued on the bus, or waiting for the lock file, as it says) ...
+        if backend == "dbus" {
+            common::wait_for_queued_owners(&bus.address, &name, 2);
+        } else {
+            w.stderr_line_containing("waiting for the running copy to exit");
+        }
+        // ... and not in while the holder lives.
         assert_eq!(
-            w.try_line(Duration::from_millis(300)),
+            w.try_line(Duration::ZERO),
             None,
             "{backend}: waiter got in early"
         );

@@ -273,7 +273,12 @@ mod tests {
             };
             // Whatever fits is formatted; whatever does not is left out.
             let holder = record.into_holder("/run/x.lock".into());
-            let _ = holder.to_string();
+            let said = holder.to_string();
+            if secs > i64::MAX as u64 {
+                assert_eq!(holder.since, None, "{secs}");
+                assert!(!said.contains("since"), "{secs}: {said}");
+            }
+            assert!(said.contains("/run/x.lock"), "{secs}: {said}");
         }
     }
 }

@@ -687,6 +687,45 @@ pub fn holder(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
     Proc::spawn(cmd)
 }
 
+/// Waits until `count` connections own or are queued for `name` on the bus at `address`
+/// (`ListQueuedOwners`, through `busctl`): the moment a copy that waits for the name is
+/// known to be waiting. Panics after [`TIMEOUT`].
+pub fn wait_for_queued_owners(address: &str, name: &str, count: usize) {
+    let busctl = require_program("busctl", "systemd");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let output = Command::new(&busctl)
+            .arg(format!("--address={address}"))
+            .args([
+                "call",
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "ListQueuedOwners",
+                "s",
+                name,
+            ])
+            .output()
+            .expect("run busctl");
+        // "as 2 \":1.4\" \":1.5\"", or an error while nobody owns the name.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let queued = stdout
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        if queued >= count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} owners of {name} expected within {TIMEOUT:?}; busctl said {stdout:?} {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The uid and gid of `nobody`, the unprivileged "other user" of the tests.
 pub const NOBODY: u32 = 65534;
 
