@@ -294,10 +294,7 @@ fn a_frozen_bus_delays_but_never_hangs_a_copy() {
     // bus never completes the connection made meanwhile.
     let mut waiter = holder(Some(&bus.address), lock_dir.path(), &[&name, "--wait", "1"]);
     let line = waiter.next_line("bounded waiter");
-    assert!(
-        line.starts_with("timed-out"),
-        "{line}"
-    );
+    assert!(line.starts_with("timed-out"), "{line}");
     assert_eq!(
         field(&line, "holder_pid"),
         Some(first.pid().to_string().as_str()),

@@ -1,7 +1,7 @@
 //! A fault-injection soak in the spirit of Jepsen, on one machine.
 //!
-//! Over 400 lines: one file per subject, each test self-contained (the shared harness is in
-//! `tests/common`).
+//! Over 400 lines: the driver, the nemesis, the log it writes and the checker that reads it are
+//! one experiment, changed together (the harness the other test files share is in `tests/common`).
 //!
 //! A driver starts copies of one instance — the library (`examples/soak_holder.rs`) and the CLI
 //! (`unique-instance run NAME -- soak_holder --command`) — each with a randomly drawn

@@ -1,4 +1,7 @@
 //! The command line, as clap sees it. Help texts double as the man page.
+//!
+//! Over 400 lines: most of it is those help texts, one per option, beside the option they
+//! describe, and the parsers of their values.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
