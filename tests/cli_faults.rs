@@ -665,3 +665,153 @@ fn closed_standard_descriptors_never_become_the_lock_file() {
         "COMMAND's standard descriptors"
     );
 }
+
+/// A hang-up reaches COMMAND when the wrapper leads the session of its terminal (`ssh -t host
+/// unique-instance run ...`, `script -c`, `xterm -e`): the kernel then sends SIGHUP to the
+/// session leader alone, not to its foreground group, so it must be passed on. It used to be
+/// dropped as "sent to the group, COMMAND has it": wrapper, keeper and COMMAND stayed, holding
+/// the instance. `setsid --ctty` makes the wrapper that leader; closing the pty's master hangs
+/// the terminal up. COMMAND (`sleep`) dies of it: the wrapper exits 129.
+#[test]
+fn a_hang_up_reaches_command_when_the_wrapper_leads_the_session() {
+    let setsid = common::require_program("setsid", "util-linux");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("hangup_leader");
+    let (master, slave) = open_pty();
+    let mut cmd = common::clean_command(&setsid, None, lock_dir.path());
+    cmd.arg("--ctty")
+        .arg(common::cli_path())
+        .args(["run", &name, "--", "sh", "-c", "echo running; exec sleep 600"])
+        .stdin(slave.try_clone().expect("dup"))
+        .stdout(slave.try_clone().expect("dup"))
+        .stderr(slave);
+    let mut child = cmd.spawn().expect("spawn setsid");
+    drop(cmd);
+    let pid = Pid::from_raw(child.id() as i32).expect("pid");
+    // Reads until COMMAND says it runs, then lets go of the master: the last one closed.
+    let (shown_tx, shown) = channel();
+    std::thread::spawn(move || {
+        let mut master = master;
+        let mut text = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            text.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&text).contains("running") {
+                break;
+            }
+        }
+        let _ = shown_tx.send(String::from_utf8_lossy(&text).into_owned());
+    });
+    let shown = shown.recv_timeout(TIMEOUT);
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let ended = rx.recv_timeout(TIMEOUT).ok();
+    if ended.is_none() {
+        // Still our child, not reaped: the PID is its own. Its keeper then stops COMMAND.
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
+        let _ = rx.recv_timeout(TIMEOUT);
+    }
+    let status = match ended {
+        Some(Ok(status)) => status,
+        other => panic!(
+            "the wrapper, its session's leader, did not end when its terminal hung up \
+             ({other:?}): COMMAND did not get the SIGHUP; the terminal showed {shown:?}"
+        ),
+    };
+    assert_eq!(
+        status.code(),
+        Some(129),
+        "COMMAND died of SIGHUP; the terminal showed {shown:?}"
+    );
+}
+
+/// `wrapped` run by `sh` with `signals` ignored (as `nohup`, or a script's `&`, start it).
+fn with_ignored(signals: &str, wrapped: &Command) -> Command {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!("trap '' {signals}; exec \"$0\" \"$@\""));
+    common::wrapped(sh, wrapped)
+}
+
+/// Signals the wrapper's caller ignored stay ignored, by the wrapper and by COMMAND: `nohup
+/// unique-instance run ...` survives SIGHUP as `nohup COMMAND` does, and a script's background
+/// job SIGINT. The wrapper used to catch them whatever it inherited, pass them on, and give
+/// COMMAND their default action back: a SIGHUP killed the `nohup`ed COMMAND. COMMAND shows its
+/// ignored signals; then the wrapper gets SIGHUP and SIGINT (nothing happens), and SIGTERM,
+/// which it passes on: COMMAND dies of that one (143).
+#[test]
+fn signals_the_caller_ignored_stay_ignored_in_command() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("ignored_stay");
+    let run = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "grep ^SigIgn: /proc/$$/status; exec sleep 600",
+        ],
+    );
+    let mut wrapper = Proc::spawn(with_ignored("HUP INT", &run));
+    let line = wrapper.next_line("COMMAND's ignored signals");
+    let mask = line
+        .strip_prefix("SigIgn:")
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("not a SigIgn line: {line:?}"));
+    // Bit N-1: signal N (SIGHUP 1, SIGINT 2).
+    assert_eq!(
+        mask & 0b11,
+        0b11,
+        "COMMAND must ignore SIGHUP and SIGINT, as its caller did: {line:?}"
+    );
+    wrapper.signal(Signal::HUP);
+    wrapper.signal(Signal::INT);
+    wrapper.signal(Signal::TERM);
+    assert_eq!(
+        wrapper.exit_code(),
+        143,
+        "only the SIGTERM ended COMMAND; stderr {:?}",
+        wrapper.stderr_lines()
+    );
+}
+
+/// A `--wait` copy started with SIGINT ignored (a script's background job) does not give up its
+/// wait on a SIGINT: it used to catch it and exit 130. It gets one once it waits (its keeper,
+/// started before the wait, exists), then the holder ends, and it runs COMMAND.
+#[test]
+fn a_waiter_whose_caller_ignored_sigint_keeps_waiting() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("ignored_wait");
+    let mut holder = cli(None, lock_dir.path(), &["run", &name, "--", "sh", "-c", HOLD]);
+    assert!(holder.next_line("the holder's COMMAND").starts_with("running"));
+    let run = cli_command(
+        None,
+        lock_dir.path(),
+        &["run", "--wait", &name, "--", "echo", "waited"],
+    );
+    let mut waiter = Proc::spawn(with_ignored("INT", &run));
+    // The keeper is started once the wrapper has set up its signals, before it waits.
+    let pid = waiter.pid();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiter started no keeper within {TIMEOUT:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    waiter.signal(Signal::INT);
+    holder.close_stdin();
+    assert_eq!(holder.exit_code(), 0);
+    assert_eq!(waiter.next_line("the waiter's COMMAND"), "waited");
+    assert_eq!(waiter.exit_code(), 0);
+}
