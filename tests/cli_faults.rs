@@ -1,6 +1,7 @@
 //! The `unique-instance` tool when what surrounds it fails it: output it cannot write (a logger
 //! that died, `/dev/full`), a panic, a terminal's Ctrl-C while COMMAND is being started, stopped
-//! processes it must stop, and arguments at the kernel's limit. Real processes, the lock file
+//! processes it must stop, arguments at the kernel's limit, a hang-up of the terminal whose
+//! session it leads, and signals its caller ignored. Real processes, the lock file
 //! alone (no bus), and test hooks (the `test-hooks` feature) where a moment must be reached.
 //!
 //! Over 400 lines: one test per fault, each self-contained, with the few helpers they share
@@ -681,7 +682,14 @@ fn a_hang_up_reaches_command_when_the_wrapper_leads_the_session() {
     let mut cmd = common::clean_command(&setsid, None, lock_dir.path());
     cmd.arg("--ctty")
         .arg(common::cli_path())
-        .args(["run", &name, "--", "sh", "-c", "echo running; exec sleep 600"])
+        .args([
+            "run",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo running; exec sleep 600",
+        ])
         .stdin(slave.try_clone().expect("dup"))
         .stdout(slave.try_clone().expect("dup"))
         .stderr(slave);
@@ -787,8 +795,16 @@ fn signals_the_caller_ignored_stay_ignored_in_command() {
 fn a_waiter_whose_caller_ignored_sigint_keeps_waiting() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("ignored_wait");
-    let mut holder = cli(None, lock_dir.path(), &["run", &name, "--", "sh", "-c", HOLD]);
-    assert!(holder.next_line("the holder's COMMAND").starts_with("running"));
+    let mut holder = cli(
+        None,
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", HOLD],
+    );
+    assert!(
+        holder
+            .next_line("the holder's COMMAND")
+            .starts_with("running")
+    );
     let run = cli_command(
         None,
         lock_dir.path(),

@@ -161,6 +161,10 @@ pub(crate) struct KeeperArgs {
     /// The wrapper's process group, which COMMAND joins (the keeper has one of its own).
     #[arg(long, value_name = "PGID")]
     pub(crate) process_group: i32,
+    /// The signals passed on to COMMAND that the wrapper's caller left ignored (numbers): COMMAND
+    /// keeps them ignored.
+    #[arg(long, value_name = "SIGNALS", value_delimiter = ',')]
+    pub(crate) ignored_signals: Vec<i32>,
     /// The instance as the wrapper was given it: the keeper plans its lock file as the wrapper
     /// did, to keep it once the wrapper is gone (see keeper.rs).
     #[command(flatten)]

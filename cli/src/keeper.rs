@@ -151,7 +151,7 @@ use rustix::process::{Pid, Signal};
 use unique_instance::{HandedLockFile, HandedLockState};
 
 use crate::cli::{InstanceArgs, KeeperArgs};
-use crate::run::{FORWARDED, LOCK_FD_ENV, children_in, parent_in_stat};
+use crate::run::{FORWARDED, LOCK_FD_ENV, children_in, parent_in_stat, signal_bit};
 use crate::{EXIT_INTERNAL, EXIT_USAGE, ExitCode, fail};
 
 /// The first argument that makes the binary the keeper (see `main`).
@@ -186,6 +186,11 @@ pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
         );
     }
     let group = Pid::from_raw(args.process_group);
+    let ignored = args
+        .ignored_signals
+        .iter()
+        .filter(|&&signal| FORWARDED.contains(&signal))
+        .fold(0, |all, &signal| all | signal_bit(signal));
     // Before anything is written to the terminal: see `ignore_tty_stops`.
     let tty_stops = ignore_tty_stops();
     let held = match await_go(&control) {
@@ -212,7 +217,11 @@ pub(crate) fn keeper(args: KeeperArgs) -> ExitCode {
     keeper.run(
         &args.command,
         held,
-        crate::run::Placement { group, tty_stops },
+        crate::run::Placement {
+            group,
+            tty_stops,
+            ignored,
+        },
     )
 }
 
@@ -1298,8 +1307,11 @@ pub(crate) async fn start(
     notify: bool,
     held: Handed<'_>,
     kill_after: Duration,
+    ignored: u64,
 ) -> Result<(Handle, Pid), StartError> {
-    spawn(command, instance, notify, kill_after)?.go(held).await
+    spawn(command, instance, notify, kill_after, ignored)?
+        .go(held)
+        .await
 }
 
 /// What the wrapper hands its keeper with `go`: the guard's descriptors, from
@@ -1319,6 +1331,7 @@ pub(crate) fn spawn(
     instance: &InstanceArgs,
     notify: bool,
     kill_after: Duration,
+    ignored: u64,
 ) -> Result<Pending, StartError> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     ours.set_nonblocking(true)
@@ -1338,6 +1351,15 @@ pub(crate) fn spawn(
         .arg(group.to_string())
         // What the keeper plans its lock file from, to keep it once we are gone.
         .args(instance.to_args());
+    // Only when there are any: the usual command line stays as it was.
+    if ignored != 0 {
+        let list: Vec<String> = FORWARDED
+            .into_iter()
+            .filter(|&signal| ignored & signal_bit(signal) != 0)
+            .map(|signal| signal.to_string())
+            .collect();
+        cmd.arg("--ignored-signals").arg(list.join(","));
+    }
     // A process group of its own (in our session), so that a kill of our whole group (`kill -9
     // -PGID`, a supervisor's group kill) leaves it to stop what COMMAND started; COMMAND joins
     // ours (see `spawn_guarded`), so a terminal's signals and job control still reach it. Our

@@ -49,6 +49,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         Early::Free => true,
         Early::Unknown => false,
     };
+    let ignored = inherited_ignored();
     abort_on_panic();
     // One thread: the guard's bus connection, the signal stream, the child's exit and the
     // loss notifications are all served from here. It must be the main thread, because
@@ -60,7 +61,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(EXIT_INTERNAL, format_args!("cannot start a runtime: {e}")),
     };
-    let code = runtime.block_on(supervise(args, found_free));
+    let code = runtime.block_on(supervise(args, found_free, ignored));
     // A thread still blocked waiting for the lock (a wait we gave up on) must not hold up the exit.
     runtime.shutdown_background();
     code
@@ -87,11 +88,16 @@ fn abort_on_panic() {
     }));
 }
 
-/// `found_free`: the early look found the lock file free (see [`look_early`]).
-async fn supervise(args: RunArgs, found_free: bool) -> ExitCode {
+/// `found_free`: the early look found the lock file free (see [`look_early`]); `ignored`: the
+/// forwarded signals our caller left ignored (see [`inherited_ignored`]).
+async fn supervise(args: RunArgs, found_free: bool, ignored: u64) -> ExitCode {
     // Caught from the start: while we wait for the instance a signal ends the wait (as it would
-    // have ended us); once COMMAND runs it is passed on.
-    let mut signals = match SignalsInfo::<WithOrigin>::new(FORWARDED) {
+    // have ended us); once COMMAND runs it is passed on. Not those our caller ignored: they stay
+    // ignored, here and in COMMAND.
+    let caught = FORWARDED
+        .into_iter()
+        .filter(|&signal| ignored & signal_bit(signal) == 0);
+    let mut signals = match SignalsInfo::<WithOrigin>::new(caught) {
         Ok(signals) => signals,
         Err(e) => return fail(EXIT_INTERNAL, format_args!("cannot catch signals: {e}")),
     };
@@ -108,7 +114,7 @@ async fn supervise(args: RunArgs, found_free: bool) -> ExitCode {
     // other copy starts it once it holds the instance: a copy refused by the early look (most
     // of a start-up storm) never pays for one.
     let mut prestarted = if args.wait.is_some() {
-        match prestart(&args) {
+        match prestart(&args, ignored) {
             Ok(keeper) => Some(keeper),
             // Said now, not after the wait: the keeper would not start then either.
             Err(keeper::StartError::TooLong) => return arguments_too_long(&args),
@@ -122,7 +128,7 @@ async fn supervise(args: RunArgs, found_free: bool) -> ExitCode {
         match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
             Poll::Ready(acquired) => first = Some(acquired),
             // Any failure is met again, and answered, once the instance is held.
-            Poll::Pending => prestarted = prestart(&args).ok(),
+            Poll::Pending => prestarted = prestart(&args, ignored).ok(),
         }
     }
     let acquired = match first {
@@ -194,6 +200,7 @@ async fn supervise(args: RunArgs, found_free: bool) -> ExitCode {
                 args.notify,
                 held,
                 args.kill_after,
+                ignored,
             )
             .await
         }
@@ -511,13 +518,17 @@ async fn watch_child(
 
 /// Passes a signal on to COMMAND, unless the kernel already delivered it to COMMAND too: a
 /// terminal's Ctrl-C, Ctrl-\ or hang-up goes to the whole foreground process group, and
-/// sending it again would make COMMAND see it twice.
+/// sending it again would make COMMAND see it twice. Not a hang-up when we lead the session
+/// (`ssh -t host unique-instance run ...`, `script -c`, `xterm -e`): the kernel sends that one
+/// to the session's leader alone (the foreground group would get it only once we exit), so it
+/// is passed on.
 fn forward(origin: &Origin, child: Option<Pid>, keeper: &mut keeper::Handle) {
     let Some(child) = child else { return };
     // nix's: rustix's take 0 (a group whose leader is outside our PID namespace) for impossible.
     let command = nix::unistd::Pid::from_raw(child.as_raw_nonzero().get());
     let same_group = nix::unistd::getpgid(Some(command)).ok() == Some(nix::unistd::getpgrp());
-    if origin.cause == Cause::Kernel && same_group {
+    let to_leader_alone = origin.signal == SIGHUP && leads_session();
+    if origin.cause == Cause::Kernel && same_group && !to_leader_alone {
         tracing::debug!(
             signal = origin.signal,
             "sent to the process group: COMMAND has it"
@@ -528,6 +539,38 @@ fn forward(origin: &Origin, child: Option<Pid>, keeper: &mut keeper::Handle) {
         tracing::debug!(signal = origin.signal, "passing the signal on to COMMAND");
         send(keeper, Some(child), signal);
     }
+}
+
+/// Whether this process leads its session (its session ID is its PID).
+fn leads_session() -> bool {
+    let me = rustix::process::getpid();
+    rustix::process::getsid(None).is_ok_and(|session| session == me)
+}
+
+/// The bit of `signal` in a set of signals, as `/proc/PID/status` shows them (bit N-1 for
+/// signal N).
+pub(crate) fn signal_bit(signal: i32) -> u64 {
+    1u64 << (signal - 1)
+}
+
+/// The signals of [`FORWARDED`] our caller left ignored, as a set of [`signal_bit`]s: `nohup`
+/// ignores SIGHUP, a shell script's background job SIGINT and SIGQUIT. Those stay ignored, as
+/// they would for COMMAND run without us: we do not catch them (so never pass them on), and
+/// COMMAND keeps them ignored. Read from `/proc/self/status` (`SigIgn`), which asks nothing of
+/// the dispositions (a query through `sigaction` would have to set one); if it cannot be read,
+/// none is taken to be ignored, as before.
+fn inherited_ignored() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let ignored = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let forwarded = FORWARDED
+        .into_iter()
+        .map(signal_bit)
+        .fold(0, |all, bit| all | bit);
+    ignored & forwarded
 }
 
 /// Whether `origin` is systemd stopping our unit with `KillMode=control-group`: it then sends
@@ -615,8 +658,14 @@ async fn unit_kills_whole_cgroup(system: bool) -> zbus::Result<bool> {
 
 /// Starts the keeper before the instance is held (see `supervise`). On failure it is tried
 /// again, the usual way, once the instance is held.
-fn prestart(args: &RunArgs) -> Result<keeper::Pending, keeper::StartError> {
-    let started = keeper::spawn(&args.command, &args.instance, args.notify, args.kill_after);
+fn prestart(args: &RunArgs, ignored: u64) -> Result<keeper::Pending, keeper::StartError> {
+    let started = keeper::spawn(
+        &args.command,
+        &args.instance,
+        args.notify,
+        args.kill_after,
+        ignored,
+    );
     match &started {
         Ok(keeper) => tracing::debug!(pid = ?keeper.pid(), "keeper started before acquiring"),
         Err(e) => tracing::debug!(error = %e, "cannot start the keeper before acquiring"),
@@ -878,6 +927,9 @@ pub(crate) struct Placement {
     /// The terminal stop signals (SIGTTOU, SIGTTIN) the keeper ignores and COMMAND must not: they
     /// get their default action back (`None`: one that was ignored already, left so).
     pub(crate) tty_stops: [Option<i32>; 2],
+    /// The signals of [`FORWARDED`] the wrapper's caller left ignored (a set of [`signal_bit`]s):
+    /// COMMAND keeps them ignored, as the keeper does; every other one gets its default action.
+    pub(crate) ignored: u64,
 }
 
 /// Starts COMMAND (in the keeper, see keeper.rs) so that it dies with the keeper:
@@ -885,7 +937,8 @@ pub(crate) struct Placement {
 /// stderr are the keeper's (the wrapper's), untouched; its environment is the keeper's (the
 /// wrapper's, without `NOTIFY_SOCKET` when the wrapper speaks to systemd for COMMAND), plus
 /// [`LOCK_FD_ENV`]. The signals the wrapper passes on, which the keeper ignores, get their
-/// default action back, as they had when the wrapper started COMMAND itself.
+/// default action back, as they had when the wrapper started COMMAND itself; those the
+/// wrapper's caller ignored (`placement.ignored`) stay ignored.
 ///
 /// The kernel clears `PR_SET_PDEATHSIG` when COMMAND's credentials change (`setpriv`,
 /// `runuser`, a daemon calling `setuid`, a setuid or file-capability executable), and COMMAND's
@@ -943,7 +996,10 @@ pub(crate) fn spawn_guarded(
                 rustix::io::fcntl_setfd(BorrowedFd::borrow_raw(fd), rustix::io::FdFlags::empty())?;
             }
             let tty_stops = placement.tty_stops.into_iter().flatten();
-            for signal in FORWARDED.into_iter().chain(tty_stops) {
+            let forwarded = FORWARDED
+                .into_iter()
+                .filter(|&signal| placement.ignored & signal_bit(signal) == 0);
+            for signal in forwarded.chain(tty_stops) {
                 let signal = nix::sys::signal::Signal::try_from(signal)?;
                 nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl)?;
             }
