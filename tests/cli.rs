@@ -2007,6 +2007,93 @@ fn the_keeper_re_creates_a_lock_file_removed_once_the_wrapper_is_gone() {
     assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "");
 }
 
+/// A user's empty file used as the lock file (`touch keep.flag`, a shared `job.lock`) is never
+/// removed, even when the wrapper is SIGKILLed and its keeper holds the file alone: the keeper
+/// empties it when it exits, and should it be SIGKILLed too, its record says the file is kept,
+/// so the next run uses it and leaves it as it was, the same file with its owner and mode
+/// (review: the keeper's record was left in it, and the next run removed it).
+#[test]
+fn a_users_empty_lock_file_survives_a_killed_wrapper() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for keeper_killed in [true, false] {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("keeper_keeps_flag");
+        let path = lock_dir.path().join("keep.flag");
+        std::fs::write(&path, b"").expect("touch keep.flag");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let before = std::fs::metadata(&path).expect("meta");
+        let lock_file = format!("--lock-file={}", path.display());
+        // NAME is sh's $0: it marks this case's keeper.
+        let mut wrapper = cli(
+            None,
+            lock_dir.path(),
+            &[
+                "run",
+                "--backend=lockfile",
+                &lock_file,
+                "--kill-after=600",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                "trap '' TERM; echo pid $$; exec sleep 600",
+                &name,
+            ],
+        );
+        let (pid, pidfd) = command_pidfd(&mut wrapper);
+        let _command = KillOnDrop(&pidfd);
+        let keeper = the_keeper(&wrapper, &name);
+        let keeper_fd = rustix::process::Pid::from_raw(keeper as i32)
+            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+            .unwrap_or_else(|| panic!("keeper {keeper} is not running"));
+        let _keeper = KillOnDrop(&keeper_fd);
+        wrapper.sigkill();
+        // The keeper (which shares the wrapper's stderr) says it holds the instance alone now.
+        wrapper.stderr_line_containing(&format!("its keeper (pid {keeper}) holds the instance"));
+        if keeper_killed {
+            rustix::process::pidfd_send_signal(&keeper_fd, Signal::KILL).expect("kill keeper");
+        }
+        rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+        wait_pidfd(pid, &pidfd);
+        wait_pidfd(keeper, &keeper_fd);
+        let left = std::fs::read(&path).expect("the file, after the keeper");
+        assert!(
+            keeper_killed || left.is_empty(),
+            "the keeper left its record in the user's file: {:?}",
+            String::from_utf8_lossy(&left)
+        );
+        for round in 0..2 {
+            let mut next = cli(
+                None,
+                lock_dir.path(),
+                &["run", "--backend=lockfile", &lock_file, &name, "--", "true"],
+            );
+            assert_eq!(
+                next.exit_code(),
+                0,
+                "keeper killed: {keeper_killed}, round {round}"
+            );
+            let after = std::fs::metadata(&path).unwrap_or_else(|e| {
+                panic!(
+                    "keeper killed: {keeper_killed}, round {round}: the user's file was \
+                     removed: {e}"
+                )
+            });
+            assert_eq!(
+                (
+                    after.ino(),
+                    after.mode(),
+                    after.uid(),
+                    after.gid(),
+                    after.len()
+                ),
+                (before.ino(), before.mode(), before.uid(), before.gid(), 0),
+                "keeper killed: {keeper_killed}, round {round}: the same file, emptied"
+            );
+        }
+    }
+}
+
 /// As above when the keeper cannot have an inotify instance (the per-user limit of 128 reached,
 /// as on a busy desktop): it looks at the lock file every 200 ms instead of never, and
 /// re-creates a removed one all the same.

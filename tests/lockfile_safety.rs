@@ -725,3 +725,48 @@ fn lock_file_holder_names_the_running_copy_and_takes_nothing() {
     let guard = options.acquire().expect("free after the holder died");
     drop(guard);
 }
+
+/// A file that was already there empty (`touch keep.flag`, a shared `job.lock` in `flock(1)`
+/// style) is never removed, even after a holder SIGKILLed with its record in it: the next copy
+/// takes the crashed holder's file over as its own, and releases it truncated back to empty, the
+/// same file with its owner and mode (review: it was removed, and the next one made with a new
+/// mode, the group locked out).
+#[test]
+fn a_users_empty_file_survives_a_crashed_holder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("keep_crash");
+    let path = dir.path().join("keep.flag");
+    std::fs::write(&path, b"").expect("touch keep.flag");
+    // A mode no lock file of ours is made with (0600, or 0644 for root).
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let before = std::fs::metadata(&path).expect("meta");
+    let file_arg = path.to_str().expect("UTF-8 path");
+    let args = [&name[..], "--backend", "lockfile", "--lock-file", file_arg];
+    let mut h = holder(None, dir.path(), &args);
+    assert!(h.next_line("holder").starts_with("acquired"));
+    h.sigkill();
+    let left = std::fs::read(&path).expect("the killed holder's file");
+    assert!(!left.is_empty(), "the killed holder left its record");
+    // Twice: the copy after the next one must find the file just as the first one did.
+    for round in 0..2 {
+        let guard = InstanceOptions::new(&name)
+            .backend(Backend::LockFile)
+            .lock_file(&path)
+            .acquire()
+            .expect("free after the holder died");
+        guard.release().expect("release");
+        let after = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("round {round}: the user's file was removed: {e}"));
+        assert_eq!(
+            (
+                after.ino(),
+                after.mode(),
+                after.uid(),
+                after.gid(),
+                after.len()
+            ),
+            (before.ino(), before.mode(), before.uid(), before.gid(), 0),
+            "round {round}: the same file, emptied"
+        );
+    }
+}

@@ -280,8 +280,13 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
             retry_eintr(|| rustix::fs::ftruncate(&file, 0))
                 .map_err(|e| Error::io("cannot truncate", &path, e.into()))?;
         }
-        // Created by us, or a crashed holder's: ours to remove. Found empty: kept.
-        let keep_file = !created && content.is_empty();
+        // Created by us, or a crashed holder's that was ours: ours to remove. Found empty, or a
+        // crashed holder's record says the file was found so (`LockRecord::keep`): kept. A mark
+        // in a file this attempt created is not believed: it was empty when made, so whoever
+        // wrote into it meanwhile could only make a file of ours stay behind (empty), which
+        // keeps nobody out of the lock and never lets two copies in.
+        let keep_file =
+            !created && (content.is_empty() || previous.as_ref().is_some_and(|r| r.keep));
         let held = HeldLock::new(file, &st, keep_file, plan, lock_dir, path);
         return Ok(Some(Step::Acquired(held, previous)));
     }

@@ -62,8 +62,11 @@ pub fn record_this_process_as_holder_keeping_bus_name(lock: BorrowedFd<'_>) -> R
 }
 
 /// The two above: with `keep_bus_name`, the bus name the current record gives is kept. Returns
-/// the line written.
-fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<Vec<u8>> {
+/// the line written, and whether the file is kept ([`LockRecord::keep`]): as the current record
+/// says, which the new one says too; a file with no record yet (its holder died before writing
+/// it, or found no room) is taken for kept, since nothing tells whether it was someone else's
+/// (a file of ours left behind, empty, keeps nobody out and lets no second copy in).
+fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u8>, bool)> {
     let fd_path = PathBuf::from(format!("/proc/self/fd/{}", lock.as_raw_fd()));
     let path = std::fs::read_link(&fd_path).unwrap_or_else(|_| fd_path.clone());
     let invalid = |what: &'static str, message: &str| {
@@ -102,6 +105,7 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<Vec<u8
             "it holds something other than a holder record",
         ));
     }
+    let keep = current.as_ref().is_none_or(|current| current.keep);
     let record = match current {
         Some(current)
             if keep_bus_name
@@ -117,7 +121,7 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<Vec<u8
         }
         _ => LockRecord::for_self(vec![Backend::LockFile], None, None),
     };
-    let mut line = record.to_line();
+    let mut line = LockRecord { keep, ..record }.to_line();
     if line.len() < content.len() {
         // `to_line` ends with the newline; JSON allows the spaces before it.
         line.pop();
@@ -128,7 +132,7 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<Vec<u8
     // one a re-created file gets.
     write_or_unknown(lock, &line, &path)
         .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
-    Ok(line)
+    Ok((line, keep))
 }
 
 /// A lock file held through a descriptor handed over by the process that acquired it, kept by
@@ -148,8 +152,12 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<Vec<u8
 /// copies: [`HandedLockState::Lost`], and nothing is re-created any more.
 ///
 /// Dropping it closes its descriptors (the lock goes with the last descriptor of its open
-/// file: others may hold some); the file is never removed nor emptied, since the process that
-/// acquired it is the one that removes it. Blocking and synchronous: no thread, no runtime.
+/// file: others may hold some); the file is never removed, since the process that acquired it
+/// is the one that removes it: should it be gone, the next copy takes the file over from the
+/// record this one leaves and removes it. A file that was there, empty, before the acquiring
+/// process took it (`touch keep.flag`, a shared `job.lock`: the record says so, and this one
+/// keeps saying it) is someone else's: it is emptied instead (our record out of it) and left
+/// where it was, as a guard releases it. Blocking and synchronous: no thread, no runtime.
 #[derive(Debug)]
 #[must_use = "the lock file is kept only while this lives and `check` is called on each change"]
 pub struct HandedLockFile {
@@ -157,6 +165,14 @@ pub struct HandedLockFile {
     handle: WatchHandle,
     /// `None` when inotify could not be set up (see [`HandedLockFile::watch_descriptor`]).
     inotify: Option<OwnedFd>,
+}
+
+impl Drop for HandedLockFile {
+    fn drop(&mut self) {
+        if let Err(e) = self.lock.empty_if_kept() {
+            tracing::warn!(error = %e, "cannot empty the lock file kept");
+        }
+    }
 }
 
 /// What [`HandedLockFile::check`] found.
@@ -203,8 +219,8 @@ impl HandedLockFile {
         let path = plan.path();
         let lock_dir = open_existing_dir(&plan, options.allow_network_filesystem)?;
         let st = rustix::fs::fstat(&lock).map_err(|e| Error::io("cannot stat", &path, e.into()))?;
-        let line = rewrite_as_holder(lock.as_fd(), keep_bus_name)?;
-        let lock = HeldLock::new(lock, &st, false, &plan, &lock_dir, path.clone()).handed(line);
+        let (line, keep) = rewrite_as_holder(lock.as_fd(), keep_bus_name)?;
+        let lock = HeldLock::new(lock, &st, keep, &plan, &lock_dir, path.clone()).handed(line);
         let handle = lock.watch_handle();
         // A file that still has a name must have the planned one: any other is not the lock file
         // these options plan (an unlinked one is re-created by `check`).

@@ -139,8 +139,9 @@ pub(super) struct Now {
     /// Tells [`LockFileRecreations`](crate::LockFileRecreations) of each re-creation: made by
     /// the first call of [`HeldLock::recreations`], and dropped on release, which ends them.
     pub(super) recreations: Option<watch::Sender<u64>>,
-    /// The file was there, empty, before we took it: someone else's (or a holder's that died
-    /// before writing its record), so it is never removed, only emptied again on release. A
+    /// The file was there, empty, before we took it, or a crashed holder's record says it was
+    /// ([`LockRecord::keep`]): someone else's (or a holder's that died before writing its
+    /// record), so it is never removed, only emptied again on release; our record says so. A
     /// re-created file is ours.
     pub(super) keep_file: bool,
     /// The last record written, for a re-created file.
@@ -209,7 +210,8 @@ impl HeldLock {
 
     /// Makes this a lock handed over by the process that took it (see `handed.rs`), whose
     /// record is `line`, already written: re-created files get it, and release never removes
-    /// nor empties the file (as in a process other than the one that took it).
+    /// nor empties the file (as in a process other than the one that took it; a kept file is
+    /// emptied by its `HandedLockFile`, see [`HeldLock::empty_if_kept`]).
     pub(super) fn handed(mut self, line: Vec<u8>) -> Self {
         self.pid = 0;
         self.record_len = line.len();
@@ -227,20 +229,38 @@ impl HeldLock {
     /// fails to parse and is read again (see `read_holder`), never taken for a record. With no
     /// room for it (a full file system) the file is left empty instead, "holder unknown" (see
     /// [`write_or_unknown`]).
+    ///
+    /// The record says whether the file is kept ([`LockRecord::keep`]), whatever `record` says:
+    /// the next copy, should this one crash, must know as this one does.
     pub(crate) fn write_record(&mut self, record: &LockRecord) -> Result<()> {
-        let mut line = record.to_line();
+        let mut now = self.shared.now();
+        let mut line = LockRecord {
+            keep: now.keep_file,
+            ..record.clone()
+        }
+        .to_line();
         if line.len() < self.record_len {
             // `to_line` ends with the newline; JSON allows the spaces before it.
             line.pop();
             line.resize(self.record_len - 1, b' ');
             line.push(b'\n');
         }
-        let mut now = self.shared.now();
         let written = write_or_unknown(self.files.lent(), &line, &self.path)
             .map_err(|e| Error::io("cannot write holder record to", &self.path, e))?;
         // Not written (no room): the file is empty, and a re-creation tries the record again.
         self.record_len = if written { line.len() } else { 0 };
         now.record = line;
+        Ok(())
+    }
+
+    /// Empties the file if it is kept ([`Now::keep_file`]: someone else's, which our record must
+    /// not stay in once we let go). For a handed lock, whose release leaves the file as it is.
+    pub(super) fn empty_if_kept(&self) -> Result<()> {
+        let now = self.shared.now();
+        if now.keep_file {
+            retry_eintr(|| rustix::fs::ftruncate(self.files.lent(), 0))
+                .map_err(|e| Error::io("cannot empty lock file", &self.path, e.into()))?;
+        }
         Ok(())
     }
 

@@ -22,6 +22,10 @@ pub(crate) const MAX_RECORD_LEN: usize = 4096;
 ///
 /// Unknown keys are refused: whether a file at the lock path is a crashed holder's (ours to
 /// take over and remove) is decided by its content alone, so only what a holder writes counts.
+///
+/// The record of a file that is not ours to remove ([`LockRecord::keep`]) is marked by a tab
+/// before its JSON: whitespace to JSON, so every reader (older ones too, which refuse unknown
+/// keys) reads the same record, and a holder's writes never start a line with one otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LockRecord {
@@ -34,7 +38,16 @@ pub(crate) struct LockRecord {
     pub(crate) bus_unique_name: Option<String>,
     pub(crate) executable: Option<PathBuf>,
     pub(crate) hostname: Option<String>,
+    /// The file was there, empty, before a holder took it (`touch keep.flag`, a shared
+    /// `job.lock`): someone else's, never removed, only emptied again on release. Written as the
+    /// mark [`KEEP_MARK`] before the JSON, not as a key; carried over by whoever takes the file
+    /// over from a crashed holder, so that a crash never turns a user's file into ours.
+    #[serde(skip)]
+    pub(crate) keep: bool,
 }
+
+/// What starts the line of a record whose file is kept (see [`LockRecord::keep`]).
+const KEEP_MARK: u8 = b'\t';
 
 impl LockRecord {
     /// The record for this process.
@@ -59,6 +72,7 @@ impl LockRecord {
                     .to_string_lossy()
                     .into_owned(),
             ),
+            keep: false,
         }
     }
 
@@ -68,10 +82,11 @@ impl LockRecord {
     /// is not UTF-8 (JSON cannot hold it) or too long is left out, and so, if still too long,
     /// are the other strings.
     pub(crate) fn to_line(&self) -> Vec<u8> {
+        let mark: &[u8] = if self.keep { &[KEEP_MARK] } else { &[] };
         let fits = |record: &LockRecord| {
             serde_json::to_vec(record)
                 .ok()
-                .filter(|line| line.len() < MAX_RECORD_LEN)
+                .filter(|line| mark.len() + line.len() < MAX_RECORD_LEN)
         };
         let mut line = fits(self)
             .or_else(|| {
@@ -98,14 +113,23 @@ impl LockRecord {
                 })
                 .unwrap_or_default()
             });
+        line.splice(0..0, mark.iter().copied());
         line.push(b'\n');
         line
+    }
+
+    /// The record `line` (one line, without its newline) holds, with its mark read.
+    fn from_line(line: &[u8]) -> Option<Self> {
+        serde_json::from_slice(line).ok().map(|record| LockRecord {
+            keep: line.first() == Some(&KEEP_MARK),
+            ..record
+        })
     }
 
     /// Parses a record; `None` for empty or garbage content ("holder unknown", never "stale").
     pub(crate) fn parse(content: &[u8]) -> Option<Self> {
         let line = content.split(|&b| b == b'\n').next()?;
-        serde_json::from_slice(line).ok()
+        Self::from_line(line)
     }
 
     /// Parses the whole content of a lock file (read with room for more than
@@ -122,7 +146,7 @@ impl LockRecord {
         if line.contains(&b'\n') {
             return None;
         }
-        serde_json::from_slice(line).ok()
+        Self::from_line(line)
     }
 
     pub(crate) fn into_holder(self, lock_file: PathBuf) -> Holder {
@@ -142,6 +166,12 @@ impl LockRecord {
             lock_file: Some(lock_file),
         }
     }
+}
+
+/// `line`, a record line written, without its keep mark (see [`LockRecord::keep`]): the line
+/// for a file of our own.
+pub(super) fn without_keep_mark(line: &[u8]) -> &[u8] {
+    line.strip_prefix(&[KEEP_MARK]).unwrap_or(line)
 }
 
 /// Writes `line` at offset 0 of `file` with one `pwrite` (see [`HeldLock::write_record`](super::held::HeldLock::write_record)).
@@ -243,15 +273,38 @@ mod tests {
         );
     }
 
+    /// The keep mark reads back, is what marks a record (never a holder's own write), and is
+    /// whitespace to every JSON reader, so a reader that knows nothing of it reads the record.
+    #[test]
+    fn the_keep_mark_reads_back_and_is_json_whitespace() {
+        let own = LockRecord::for_self(vec![Backend::LockFile], None, Some(":1.7".into()));
+        let kept = LockRecord {
+            keep: true,
+            ..own.clone()
+        };
+        let line = kept.to_line();
+        assert_eq!(line.first(), Some(&KEEP_MARK));
+        assert_eq!(LockRecord::parse_whole(&line), Some(kept.clone()));
+        assert_eq!(LockRecord::parse(&line), Some(kept));
+        assert_eq!(without_keep_mark(&line), own.to_line());
+        assert_ne!(own.to_line().first(), Some(&KEEP_MARK));
+        let plain: serde_json::Value = serde_json::from_slice(&line).expect("plain JSON");
+        assert_eq!(plain["pid"], own.pid);
+    }
+
     #[test]
     fn every_record_written_reads_back_within_the_limit() {
         use std::os::unix::ffi::OsStringExt;
         let own = LockRecord::for_self(vec![Backend::LockFile], None, None);
-        for executable in [
-            PathBuf::from(std::ffi::OsString::from_vec(b"/opt/\xff\xfe/app".to_vec())),
-            PathBuf::from(format!("/{}", "\u{1}".repeat(3000))),
-        ] {
+        for (keep, executable) in [false, true].into_iter().flat_map(|keep| {
+            [
+                PathBuf::from(std::ffi::OsString::from_vec(b"/opt/\xff\xfe/app".to_vec())),
+                PathBuf::from(format!("/{}", "\u{1}".repeat(3000))),
+            ]
+            .map(|executable| (keep, executable))
+        }) {
             let record = LockRecord {
+                keep,
                 executable: Some(executable),
                 hostname: Some("\u{1}".repeat(3000)),
                 ..own.clone()
@@ -259,7 +312,7 @@ mod tests {
             let line = record.to_line();
             assert!(line.len() <= MAX_RECORD_LEN, "{}", line.len());
             let back = LockRecord::parse(&line).expect("reads back");
-            assert_eq!(back.pid, own.pid);
+            assert_eq!((back.pid, back.keep), (own.pid, keep));
             assert_eq!(LockRecord::parse_whole(&line), Some(back));
         }
     }

@@ -12,7 +12,7 @@ use super::dir::check_dir;
 use super::held::Now;
 use super::ofd::{lock_exclusive, retry_eintr};
 use super::open::set_new_file_owner_and_mode;
-use super::record::write_or_unknown;
+use super::record::{without_keep_mark, write_or_unknown};
 use super::walk::{Walked, walk_dir};
 use super::watch::WatchHandle;
 
@@ -167,7 +167,8 @@ impl WatchHandle {
             return abandon("the new file is not a regular file with one name");
         }
         // No room for it leaves the file empty: "holder unknown", and still the lock.
-        if write_or_unknown(&file, &now.record, &self.path).is_err() {
+        // Made by us: ours to remove, so its record carries no keep mark (`LockRecord::keep`).
+        if write_or_unknown(&file, without_keep_mark(&now.record), &self.path).is_err() {
             return abandon("cannot write our record");
         }
         if !self.verify_held_as(dev, ino) {
