@@ -226,3 +226,24 @@ pub(crate) fn options_wait(options: &InstanceOptions) -> Duration {
         _ => Duration::ZERO,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::InstanceOptions;
+
+    /// A re-check shorter than the shortest interval would keep a CPU busy: it is clamped.
+    #[test]
+    fn a_recheck_interval_is_at_least_the_shortest() {
+        for (given, taken) in [
+            (Duration::ZERO, Duration::from_millis(10)),
+            (Duration::from_nanos(1), Duration::from_millis(10)),
+            (Duration::from_secs(3), Duration::from_secs(3)),
+            (Duration::MAX, Duration::MAX),
+        ] {
+            let options = InstanceOptions::new("org.example.Recheck").recheck_lock_file(given);
+            assert_eq!(options.recheck, Some(taken), "given {given:?}");
+        }
+    }
+}

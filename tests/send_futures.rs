@@ -51,3 +51,11 @@ async fn the_futures_run_as_spawned_tasks() {
         "{refused:?}"
     );
 }
+
+/// The guard is `Sync` too: an `Arc<InstanceGuard>` can be shared between tasks. Checked at
+/// compile time.
+#[test]
+fn the_guard_is_sync() {
+    fn assert_sync<T: Sync>() {}
+    assert_sync::<InstanceGuard>();
+}

@@ -1,0 +1,102 @@
+//! The watches of a guard do not depend on what the program does with its runtime, and the
+//! durations given to the options cannot make a watch panic, spin or vanish.
+
+use std::time::Duration;
+
+use unique_instance::{Backend, Error, InstanceGuard, InstanceOptions, Scope, Wait};
+
+/// Long enough for any machine, and only reached when the watch is broken.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn options(dir: &std::path::Path, test: &str) -> InstanceOptions {
+    let name = format!("org.uniqueinstance.Test.{test}.p{}", std::process::id());
+    InstanceOptions::new(name)
+        .lock_dir(dir)
+        .scope(Scope::User)
+        .backend(Backend::LockFile)
+}
+
+/// Removes the guard's lock file and expects it re-created (the watch saw it), then a second
+/// copy refused.
+fn removal_is_seen(guard: &InstanceGuard, second: InstanceOptions) {
+    let mut recreations = guard.lock_file_recreations();
+    std::fs::remove_file(guard.lock_file().expect("a lock file")).expect("remove the lock file");
+    assert_eq!(
+        recreations.next_blocking(Some(PATIENCE)),
+        Some(1),
+        "the removed lock file was not re-created: nothing watches it (losses {:?})",
+        guard.losses()
+    );
+    assert!(guard.is_exclusive(), "losses {:?}", guard.losses());
+    match second.acquire() {
+        Err(Error::AlreadyRunning { .. }) => {}
+        other => panic!("a second copy was not refused: {other:?}"),
+    }
+}
+
+/// An async guard whose runtime is dropped (the current-thread or multi-thread flavor) still
+/// watches its lock file.
+#[test]
+fn an_async_guard_watches_after_its_runtime_is_dropped() {
+    for multi in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let test = format!("RuntimeDropped{multi}");
+        let rt = if multi {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
+        .expect("runtime");
+        let guard = rt
+            .block_on(options(dir.path(), &test).acquire_async())
+            .expect("acquire");
+        drop(rt);
+        removal_is_seen(&guard, options(dir.path(), &test));
+        guard.release().expect("release");
+    }
+}
+
+/// Nor when the runtime is kept but never run again.
+#[test]
+fn an_async_guard_watches_while_its_runtime_is_idle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let guard = rt
+        .block_on(options(dir.path(), "RuntimeIdle").acquire_async())
+        .expect("acquire");
+    removal_is_seen(&guard, options(dir.path(), "RuntimeIdle"));
+    guard.release().expect("release");
+    drop(rt);
+}
+
+/// A zero re-check interval is taken as the shortest one: the re-check runs (it used to panic
+/// its task, and with the inotify watch off nothing watched any more).
+#[test]
+fn a_zero_recheck_interval_still_rechecks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || {
+        options(dir.path(), "RecheckZero")
+            .watch_lock_file(false)
+            .recheck_lock_file(Duration::ZERO)
+    };
+    let guard = opts().acquire().expect("acquire");
+    removal_is_seen(&guard, opts());
+    guard.release().expect("release");
+}
+
+/// A wait too long to be a deadline is a wait without one (it used to panic on the overflow).
+#[test]
+fn an_endless_timeout_is_no_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || options(dir.path(), "EndlessTimeout").wait(Wait::Timeout(Duration::MAX));
+    opts().acquire().expect("acquire").release().expect("release");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let guard = rt.block_on(opts().acquire_async()).expect("acquire_async");
+    rt.block_on(guard.release_async()).expect("release");
+}
