@@ -28,6 +28,9 @@ pub enum Wait {
     Timeout(Duration),
 }
 
+/// The shortest re-check interval (see [`InstanceOptions::recheck_lock_file`]).
+const MIN_RECHECK: Duration = Duration::from_millis(10);
+
 /// Everything that can be chosen about acquiring an instance; [`crate::ensure_single_instance`]
 /// is this with the defaults.
 #[must_use = "options do nothing until acquire() or acquire_async() is called"]
@@ -137,8 +140,12 @@ impl InstanceOptions {
     /// Re-checks every `interval` that the lock file path still names our file, and reports
     /// [`LossReason::LockFileRemoved`] / [`LossReason::LockFileReplaced`] if not (as PostgreSQL
     /// does for `postmaster.pid`). Off by default: an idle holder then never wakes up.
+    ///
+    /// An interval under 10 ms, zero included, is taken as 10 ms (the CLI's shortest
+    /// `--recheck`): a shorter timer would keep a CPU busy re-checking. The re-check runs on the
+    /// watch's own thread, as the inotify watch does, whatever runtime acquired.
     pub fn recheck_lock_file(mut self, interval: Duration) -> Self {
-        self.recheck = Some(interval);
+        self.recheck = Some(interval.max(MIN_RECHECK));
         self
     }
 
@@ -151,9 +158,9 @@ impl InstanceOptions {
     /// it off (the lock file is then still re-checked when the bus connection closes, before a
     /// loss claims it still excludes).
     ///
-    /// A guard with a lock file alone, from the blocking [`InstanceOptions::acquire`] and with
-    /// no wait, has no runtime: its watch is a small thread asleep in `poll`, started with the
-    /// guard and stopped before the guard removes its lock file.
+    /// The watch is a small thread asleep in `poll`, started with the guard and stopped before
+    /// the guard removes its lock file: it needs no runtime, so the guard of
+    /// [`InstanceOptions::acquire_async`] stays watched even once its runtime is gone.
     ///
     /// The mount table is watched too (`POLLPRI` on `/proc/self/mountinfo`): a file system
     /// mounted over the lock directory, or over one above it, is seen at once. Other changes to

@@ -42,9 +42,13 @@ fn an_async_guard_watches_after_its_runtime_is_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let test = format!("RuntimeDropped{multi}");
         let rt = if multi {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
         } else {
-            tokio::runtime::Builder::new_current_thread().enable_all().build()
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
         }
         .expect("runtime");
         let guard = rt
@@ -92,7 +96,11 @@ fn a_zero_recheck_interval_still_rechecks() {
 fn an_endless_timeout_is_no_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = || options(dir.path(), "EndlessTimeout").wait(Wait::Timeout(Duration::MAX));
-    opts().acquire().expect("acquire").release().expect("release");
+    opts()
+        .acquire()
+        .expect("acquire")
+        .release()
+        .expect("release");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

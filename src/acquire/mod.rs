@@ -20,12 +20,10 @@ use crate::runtime::ServiceThread;
 use crate::scope::{Backend, BackendSelection};
 
 impl InstanceOptions {
-    /// A lock file alone with no wait and no timer needs no runtime; its watch, if any, is a
-    /// plain thread (see `LockWatchThread`).
+    /// A lock file alone with no wait needs no runtime (its watch, as every guard's, is a
+    /// plain thread: see `LockWatchThread`).
     fn needs_runtime(&self) -> bool {
-        self.backends != BackendSelection::Only(Backend::LockFile)
-            || self.recheck.is_some()
-            || self.wait != Wait::No
+        self.backends != BackendSelection::Only(Backend::LockFile) || self.wait != Wait::No
     }
 
     /// Acquires the instance, blocking; for plain `fn main`. The guard carries a small runtime
@@ -48,7 +46,7 @@ impl InstanceOptions {
     /// be long): in async code prefer [`InstanceOptions::acquire_async`].
     pub fn acquire(self) -> Result<InstanceGuard> {
         if !self.needs_runtime() {
-            // A lock file alone, no waiting, no timer: no runtime (the watch, on by default, is
+            // A lock file alone, no waiting: no runtime (the watch, on by default, is
             // a thread asleep in `poll`).
             let notify = self.notify_ready;
             return tell_service_manager(notify, acquire_lock_only(self));
@@ -137,6 +135,13 @@ impl InstanceOptions {
 
     /// Acquires the instance inside a tokio runtime.
     ///
+    /// The lock file's watch (and its re-check) is a thread of the library's own, not a task:
+    /// the lock file stays watched, and a removed one re-created, whatever the program does with
+    /// this runtime afterwards (drops it, or never runs it again). The bus name's watch is a task
+    /// on this runtime, as are zbus's own tasks for the connection: the name stays ours while
+    /// the guard keeps the connection open, but its loss (a replacement, the bus going away) is
+    /// noticed only while this runtime runs.
+    ///
     /// # Errors
     ///
     /// As [`InstanceOptions::acquire`].
@@ -183,7 +188,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     };
     let mut file = HeldFile::new(held, inotify, None)?;
     let (loss_tx, loss_rx) = watch::channel(Vec::new());
-    file.start_watch_thread(&loss_tx)?;
+    file.start_watch(options.recheck, &loss_tx)?;
     let mut held = Holding::default();
     held.push(Held::LockFile(file));
     Ok(InstanceGuard::new(GuardParts {

@@ -72,7 +72,8 @@ pub(super) async fn walk(
     steps: Vec<Step>,
 ) -> Result<InstanceGuard> {
     let deadline = match options.wait {
-        Wait::Timeout(d) => Some(Instant::now() + d),
+        // Too far to be an instant: no deadline, as long a wait as one could tell apart.
+        Wait::Timeout(d) => Instant::now().checked_add(d),
         _ => None,
     };
     let bus_ahead = steps.iter().find_map(|step| match step {
@@ -114,8 +115,7 @@ pub(super) async fn walk(
     // The watches that start once everything is held (the bus's started with its name).
     for part in ctx.held.iter_mut() {
         if let Held::LockFile(file) = part {
-            let watches = file.start_watch(options.recheck, &ctx.losses)?;
-            ctx.tasks.extend(watches);
+            file.start_watch(options.recheck, &ctx.losses)?;
         }
     }
 

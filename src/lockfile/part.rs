@@ -5,8 +5,6 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
-
 use crate::error::Result;
 use crate::loss::LossLog;
 use crate::scope::{Backend, BusKind};
@@ -14,14 +12,15 @@ use crate::scope::{Backend, BusKind};
 use super::held::HeldLock;
 use super::record::LockRecord;
 use super::recover::Recovery;
-use super::watcher::{LockWatchThread, start_watch};
+use super::watcher::LockWatchThread;
 
 /// The lock file an instance holds. Its fields drop in order: the watch stops before the lock
 /// file is removed (so that our own removal is not reported as a loss), and the inotify
 /// instance a wait used is closed after the lock (closing one takes milliseconds: see
 /// `ReleaseWatch::into_quiet`).
 pub(crate) struct HeldFile {
-    /// The lock-file watch of a guard that has no runtime (the lock file alone, blocking API).
+    /// The lock-file watch: a thread of its own, whatever runtime acquired (see
+    /// [`LockWatchThread`]); `None` with neither the watch nor a re-check.
     watch: Option<LockWatchThread>,
     lock: HeldLock,
     /// The inotify instance a wait for the lock file used, with no watches left.
@@ -78,26 +77,15 @@ impl HeldFile {
         self.lock.write_record(&self.record)
     }
 
-    /// Starts the watches, as tasks on the current runtime (see [`start_watch`]), with a
-    /// re-check every `recheck` if asked.
+    /// Starts the watch as a thread of its own (see [`LockWatchThread`]), with a re-check
+    /// every `recheck` if asked.
     pub(crate) fn start_watch(
         &mut self,
         recheck: Option<Duration>,
         losses: &LossLog,
-    ) -> Result<Vec<JoinHandle<()>>> {
-        start_watch(&mut self.lock, self.inotify.take(), recheck, losses)
-    }
-
-    /// Starts the watch as a thread of its own, for a guard without a runtime (see
-    /// [`LockWatchThread`]).
-    pub(crate) fn start_watch_thread(&mut self, losses: &LossLog) -> Result<()> {
-        if let Some(inotify) = self.inotify.take() {
-            self.watch = Some(LockWatchThread::start(
-                &mut self.lock,
-                inotify,
-                losses.clone(),
-            )?);
-        }
+    ) -> Result<()> {
+        self.watch =
+            LockWatchThread::start(&mut self.lock, self.inotify.take(), recheck, losses.clone())?;
         Ok(())
     }
 

@@ -1,5 +1,5 @@
-//! The watches of a held lock while the instance runs: a task woken by inotify (or the mount
-//! table), a periodic re-check, or a plain thread for a guard without a runtime; each
+//! The watch of a held lock while the instance runs: a plain thread woken by inotify, the mount
+//! table or a periodic re-check, whatever runtime acquired (see [`LockWatchThread`]); it
 //! re-creates a lock file that was only removed, and reports a loss once.
 //! Must not: decide what a change is (`watch.rs`) or how to re-create (`recover.rs`).
 
@@ -39,76 +39,13 @@ fn lock_changed(handle: &WatchHandle, reason: LossReason, losses: &LossLog) -> b
     }
 }
 
-async fn recheck_lock(handle: WatchHandle, interval: Duration, losses: LossLog) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        if let Some(reason) = lock_change(&handle)
-            && !lock_changed(&handle, reason, &losses)
-        {
-            return;
-        }
-    }
-}
-
 /// How often the lock file is re-checked when inotify is not available for
 /// [`InstanceOptions::watch_lock_file`](crate::InstanceOptions::watch_lock_file).
 const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Re-checks the lock file whenever its directory changes (or is itself removed or moved), and
-/// only then. The watches are added to `inotify` here, before the first check; without them, it
-/// re-checks every 10 seconds.
-async fn watch_lock(handle: WatchHandle, inotify: std::io::Result<CloseAside>, losses: LossLog) {
-    let inotify = match inotify.and_then(|fd| handle.add_watches(&fd.0).map(|()| fd)) {
-        Ok(inotify) => inotify,
-        Err(e) => {
-            tracing::warn!(path = %handle.path().display(), error = %e,
-                "cannot watch the lock file with inotify; re-checking it every 10 s instead");
-            return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
-        }
-    };
-    // `AsyncFd::new` is deprecated because a `T` could close its descriptor behind tokio's back;
-    // an `OwnedFd` moved in here (in its `CloseAside`) cannot, and `register` (its replacement)
-    // is `unsafe`, which this crate denies.
-    #[allow(deprecated)]
-    let events = match tokio::io::unix::AsyncFd::new(inotify) {
-        Ok(events) => events,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot poll inotify; re-checking the lock file every 10 s instead");
-            return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
-        }
-    };
-    #[allow(deprecated)]
-    let mounts = mount_table().and_then(|fd| {
-        tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::PRIORITY).ok()
-    });
-    loop {
-        // Checked after the watch exists (and after each batch of events), so a change made
-        // before the watch was in place is not missed.
-        if let Some(reason) = lock_change(&handle)
-            && !lock_changed(&handle, reason, &losses)
-        {
-            return;
-        }
-        tokio::select! {
-            ready = events.readable() => match ready {
-                Ok(mut ready) => {
-                    drain(&ready.get_inner().0);
-                    ready.clear_ready();
-                    // Before the next check: see `WatchHandle::rewatch`.
-                    handle.rewatch(&ready.get_inner().0);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "inotify failed; re-checking the lock file every 10 s instead");
-                    return recheck_lock(handle, WATCH_FALLBACK_INTERVAL, losses).await;
-                }
-            },
-            // A mount over a directory on the way: the path goes through others now.
-            () = mount_table_changed(mounts.as_ref()) => handle.rewatch(&events.get_ref().0),
-        }
-    }
-}
+/// The longest single sleep of the watch: a longer re-check interval (up to `Duration::MAX`)
+/// only wakes it once a day to sleep again, rather than handing `poll` a time it may refuse.
+const LONGEST_SLEEP: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The mount table of our mount namespace, to be polled for `POLLPRI`, which it reports
 /// whenever something is mounted or unmounted: a file system mounted over the lock directory
@@ -121,79 +58,6 @@ fn mount_table() -> Option<std::os::fd::OwnedFd> {
         rustix::fs::Mode::empty(),
     )
     .ok()
-}
-
-/// Resolves when the mount table changed; never, without one (or once polling it failed).
-async fn mount_table_changed(mounts: Option<&tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>) {
-    if let Some(mounts) = mounts
-        && let Ok(mut ready) = mounts.ready(tokio::io::Interest::PRIORITY).await
-    {
-        ready.clear_ready();
-        return;
-    }
-    std::future::pending().await
-}
-
-/// Starts the watches of `held` for as long as the instance runs, as tasks on the current
-/// runtime: its directory watched with `inotify` (a [`new_inotify`](super::watch::new_inotify)
-/// instance made before the lock, see [`HeldLock::move_above`]; its watches are added by the
-/// task, see [`WatchHandle::add_watches`]; when it could not be made or set up, a re-check
-/// every 10 seconds instead), and a re-check every `recheck`, if asked.
-/// `inotify` is `None` when the watch was turned off.
-pub(crate) fn start_watch(
-    held: &mut HeldLock,
-    inotify: Option<std::io::Result<std::os::fd::OwnedFd>>,
-    recheck: Option<Duration>,
-    losses: &LossLog,
-) -> Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = Vec::new();
-    if let Some(inotify) = inotify {
-        // Only the lock's descriptor is moved above the instance here; the watches are added by
-        // the task (see `WatchHandle::add_watches`), so that the acquisition does not wait for
-        // them.
-        let inotify = match inotify {
-            Ok(inotify) => {
-                held.move_above(&inotify)?;
-                Ok(CloseAside(inotify))
-            }
-            Err(e) => Err(e),
-        };
-        tasks.push(tokio::spawn(watch_lock(
-            held.watch_handle(),
-            inotify,
-            losses.clone(),
-        )));
-    }
-    if let Some(interval) = recheck {
-        tasks.push(tokio::spawn(recheck_lock(
-            held.watch_handle(),
-            interval,
-            losses.clone(),
-        )));
-    }
-    Ok(tasks)
-}
-
-/// An inotify instance that is closed for good on a thread of its own: the last close of one
-/// waits for an RCU grace period (milliseconds, more on a busy machine), which would stall
-/// whoever drops the watch — the guard's release, or the runtime that drops the aborted task.
-/// Only a duplicate goes to that thread; if it cannot be made or started, the close is here.
-struct CloseAside(std::os::fd::OwnedFd);
-
-impl std::os::fd::AsRawFd for CloseAside {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl Drop for CloseAside {
-    fn drop(&mut self) {
-        if let Ok(last) = self.0.try_clone() {
-            let _ = std::thread::Builder::new()
-                .name("unique-instance-close".into())
-                .spawn(move || drop(last));
-        }
-    }
 }
 
 /// Logs the loss of the lock file, once: the watch and a periodic re-check may both see it.
@@ -221,37 +85,45 @@ fn report_lock_loss(handle: &WatchHandle, reason: LossReason, losses: &LossLog) 
     });
 }
 
-/// The lock-file watch of a guard without a runtime (the lock file alone, from the blocking
-/// API, with no wait): a thread asleep in `poll` on the inotify instance and on an eventfd that
-/// ends it. It costs a thread start at acquisition and nothing while idle; a runtime and its
-/// service thread would cost several times more on the fastest acquisition path.
+/// The lock-file watch of every guard: a thread asleep in `poll` on the inotify instance, on
+/// the mount table and on an eventfd that ends it, waking also every re-check interval if one
+/// was asked (or every 10 seconds when inotify could not be set up). It needs no runtime, so
+/// an async guard stays watched whatever its program does with the runtime that acquired it
+/// (drops it, or never runs it again). It costs a thread start at acquisition and nothing
+/// while idle.
 pub(crate) struct LockWatchThread {
     stop: std::sync::Arc<std::os::fd::OwnedFd>,
     /// Disconnected once the thread has stopped checking. Waited for instead of joining the
     /// thread: its exit closes the inotify instance, which waits for an RCU grace period
-    /// (milliseconds), and the guard's release need not wait for that.
-    stopped: std::sync::mpsc::Receiver<()>,
+    /// (milliseconds), and the guard's release need not wait for that. In a mutex only so that
+    /// the guard is `Sync`: it is used once, by `drop`.
+    stopped: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     /// The process that started the thread: after `fork` it does not exist in the child.
     pid: u32,
 }
 
 impl LockWatchThread {
-    /// Starts the watch of `held` on `inotify` (a [`new_inotify`](super::watch::new_inotify) instance, or the
-    /// error making it: then a re-check every 10 seconds).
+    /// Starts the watch of `held`: on `inotify` (a [`new_inotify`](super::watch::new_inotify)
+    /// instance, or the error making it: then a re-check every 10 seconds; `None` when the watch
+    /// is off), and a re-check every `recheck` if asked. `None` when there is nothing to watch.
     pub(crate) fn start(
         held: &mut HeldLock,
-        inotify: std::io::Result<std::os::fd::OwnedFd>,
+        inotify: Option<std::io::Result<std::os::fd::OwnedFd>>,
+        recheck: Option<Duration>,
         losses: LossLog,
-    ) -> Result<Self> {
+    ) -> Result<Option<Self>> {
+        if inotify.is_none() && recheck.is_none() {
+            return Ok(None);
+        }
         let handle = held.watch_handle();
         // Only the lock's descriptor is moved above the instance here; the watches are added by
         // the thread, off the acquisition's path (see `WatchHandle::add_watches`).
         let inotify = match inotify {
-            Ok(inotify) => {
+            Some(Ok(inotify)) => {
                 held.move_above(&inotify)?;
-                Ok(inotify)
+                Some(Ok(inotify))
             }
-            Err(e) => Err(e),
+            other => other,
         };
         let cannot = |e| Error::io("cannot start the thread that watches", handle.path(), e);
         let stop = rustix::event::eventfd(
@@ -266,28 +138,31 @@ impl LockWatchThread {
         std::thread::Builder::new()
             .name("unique-instance-watch".into())
             .spawn(move || {
+                let mut every = recheck;
                 let inotify = match inotify
-                    .and_then(|fd| thread_handle.add_watches(&fd).map(|()| fd))
+                    .map(|r| r.and_then(|fd| thread_handle.add_watches(&fd).map(|()| fd)))
                 {
-                    Ok(inotify) => Some(inotify),
-                    Err(e) => {
+                    Some(Ok(inotify)) => Some(inotify),
+                    Some(Err(e)) => {
                         tracing::warn!(path = %thread_handle.path().display(), error = %e,
                             "cannot watch the lock file with inotify; re-checking it every 10 s instead");
+                        every = shortest(every, WATCH_FALLBACK_INTERVAL);
                         None
                     }
+                    None => None,
                 };
-                watch_lock_blocking(&thread_handle, inotify.as_ref(), &thread_stop, &losses);
+                watch_lock_blocking(&thread_handle, inotify.as_ref(), every, &thread_stop, &losses);
                 // Tells the guard that no more checks are made, before the inotify instance is
                 // closed (slowly) on the way out.
                 drop(checking);
                 drop(inotify);
             })
             .map_err(cannot)?;
-        Ok(LockWatchThread {
+        Ok(Some(LockWatchThread {
             stop,
-            stopped,
+            stopped: std::sync::Mutex::new(stopped),
             pid: std::process::id(),
-        })
+        }))
     }
 }
 
@@ -301,27 +176,31 @@ impl Drop for LockWatchThread {
         let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
         // Returns (disconnected) once the thread checks no more: our own removal of the lock
         // file, which follows, is then never reported as a loss.
-        let _ = self.stopped.recv();
+        let stopped = self.stopped.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = stopped.recv();
     }
 }
 
-/// The body of [`LockWatchThread`]: [`watch_lock`] without a runtime. Returns when told to
-/// stop, or once it has reported the lock file lost.
+/// The shorter of a re-check interval (if any) and `other`.
+fn shortest(every: Option<Duration>, other: Duration) -> Option<Duration> {
+    Some(every.map_or(other, |every| every.min(other)))
+}
+
+/// The body of [`LockWatchThread`]. Returns when told to stop, or once it has reported the
+/// lock file lost.
 fn watch_lock_blocking(
     handle: &WatchHandle,
     mut inotify: Option<&std::os::fd::OwnedFd>,
+    mut every: Option<Duration>,
     stop: &std::os::fd::OwnedFd,
     losses: &LossLog,
 ) {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    let fallback = Timespec {
-        tv_sec: WATCH_FALLBACK_INTERVAL.as_secs() as i64,
-        tv_nsec: 0,
-    };
     // Polled for POLLPRI: see `mount_table`.
     let mounts = mount_table();
     loop {
-        // Checked once the watch exists and after each batch of events, as in `watch_lock`.
+        // Checked once the watch exists and after each batch of events or each interval, so a
+        // change made before the watch was in place is not missed.
         if let Some(reason) = lock_change(handle)
             && !lock_changed(handle, reason, losses)
         {
@@ -334,13 +213,20 @@ fn watch_lock_blocking(
         if let Some(events) = inotify {
             fds.push(PollFd::new(events, PollFlags::IN));
         }
-        let timeout = inotify.is_none().then_some(&fallback);
-        match poll(&mut fds, timeout) {
+        let timeout = every.map(|every| {
+            let every = every.min(LONGEST_SLEEP);
+            Timespec {
+                tv_sec: every.as_secs() as i64,
+                tv_nsec: every.subsec_nanos().into(),
+            }
+        });
+        match poll(&mut fds, timeout.as_ref()) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) if inotify.is_some() => {
                 tracing::warn!(error = %e, "inotify failed; re-checking the lock file every 10 s instead");
                 inotify = None;
+                every = shortest(every, WATCH_FALLBACK_INTERVAL);
                 continue;
             }
             Err(e) => {
