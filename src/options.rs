@@ -218,10 +218,12 @@ impl InstanceOptions {
     /// # Errors
     ///
     /// The planning errors of [`InstanceOptions::plan`]; [`Error::UnsafeLockPath`] when the lock
-    /// path is a symlink; [`Error::Io`] when the lock file cannot be examined.
+    /// path is a symlink; [`Error::NotPermitted`] when this process may not open the lock file
+    /// (or search its directory); [`Error::Io`] when it cannot be examined otherwise.
     pub fn lock_file_holder(&self) -> Result<Option<Holder>> {
-        match self.plan()?.lock_file {
-            Some(path) => lockfile::holder_of(&path),
+        let plan = self.plan()?;
+        match plan.lock_file {
+            Some(path) => lockfile::holder_of(&path, &plan.name),
             None => Ok(None),
         }
     }

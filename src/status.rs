@@ -57,13 +57,14 @@ impl Status {
 /// # Errors
 ///
 /// [`crate::Error::InvalidName`] and the planning errors of [`InstanceOptions::plan`];
-/// [`crate::Error::UnsafeLockPath`] when the lock path is a symlink; [`crate::Error::Io`] when
-/// the lock file cannot be examined.
+/// [`crate::Error::UnsafeLockPath`] when the lock path is a symlink;
+/// [`crate::Error::NotPermitted`] when this process may not open the lock file (or search its
+/// directory); [`crate::Error::Io`] when the lock file cannot be examined otherwise.
 pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let plan = options.plan()?;
     let mut lock_file_holder = None;
     if let Some(path) = &plan.lock_file {
-        lock_file_holder = lockfile::holder_of_async(path).await?;
+        lock_file_holder = lockfile::holder_of_async(path, &plan.name).await?;
     }
     let mut bus_owner = None;
     let mut bus_asked = None;

@@ -831,3 +831,39 @@ fn a_waiter_whose_caller_ignored_sigint_keeps_waiting() {
     assert_eq!(waiter.next_line("the waiter's COMMAND"), "waited");
     assert_eq!(waiter.exit_code(), 0);
 }
+
+/// A lock file another user's permissions keep this one from: `status` says "not permitted"
+/// (77), as `run` does, not an internal error (70). Two ways: the lock directory is another
+/// user's, mode 0700; the lock file exists, readable by its owner alone.
+#[test]
+fn status_is_not_permitted_where_run_is() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs copies as another user: run the suite as root (./scripts/test)"
+    );
+    let closed_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(closed_dir.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    let open_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let unreadable = open_dir.path().join("unreadable.lock");
+    std::fs::write(&unreadable, "").expect("create the lock file");
+    std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let name = unique_name("status_denied");
+    for path in [closed_dir.path().join("x.lock"), unreadable] {
+        let lock_file = format!("--lock-file={}", path.display());
+        let as_nobody = |args: &[&str]| {
+            let cmd = cli_command(None, open_dir.path(), args);
+            Proc::spawn(common::as_user(common::NOBODY, common::NOBODY, &cmd))
+        };
+        let mut run = as_nobody(&["run", &lock_file, &name, "--", "true"]);
+        assert_eq!(run.exit_code(), 77, "run, {}", path.display());
+        let mut status = as_nobody(&["status", &lock_file, &name]);
+        let code = status.exit_code();
+        let stderr = status.stderr_until_closed().join("\n");
+        assert_eq!(code, 77, "status, {}: {stderr}", path.display());
+        assert!(stderr.contains("not permitted"), "{stderr}");
+    }
+}

@@ -36,20 +36,22 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
 /// yet gets the short grace [`read_holder`] gives it.
 ///
 /// This blocks for up to [`RECORD_GRACE`](super::reader::RECORD_GRACE): from async code use [`holder_of_async`].
-pub(crate) fn holder_of(path: &Path) -> Result<Option<Holder>> {
-    Ok(held_file(path)?.map(|file| read_holder(&file, path)))
+///
+/// `name` is the instance's, for the error that says this process may not look at the file.
+pub(crate) fn holder_of(path: &Path, name: &str) -> Result<Option<Holder>> {
+    Ok(held_file(path, name)?.map(|file| read_holder(&file, path)))
 }
 
 /// [`holder_of`] for async code: the grace is awaited, not blocked on.
-pub(crate) async fn holder_of_async(path: &Path) -> Result<Option<Holder>> {
-    Ok(match held_file(path)? {
+pub(crate) async fn holder_of_async(path: &Path, name: &str) -> Result<Option<Holder>> {
+    Ok(match held_file(path, name)? {
         Some(file) => Some(read_holder_async(&file, path).await),
         None => None,
     })
 }
 
 /// The file at `path`, opened read-only, when someone holds its lock.
-fn held_file(path: &Path) -> Result<Option<OwnedFd>> {
+fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
     let file = match rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
@@ -61,6 +63,19 @@ fn held_file(path: &Path) -> Result<Option<OwnedFd>> {
             return Err(Error::UnsafeLockPath {
                 path: path.to_owned(),
                 problem: UnsafeLockPath::Symlink,
+            });
+        }
+        // As an acquisition says it (a directory or file of another user's): not an
+        // internal error, and the same answer as `run` gives.
+        Err(e) if e == Errno::ACCESS || e == Errno::PERM => {
+            return Err(Error::NotPermitted {
+                name: name.to_owned(),
+                reason: format!(
+                    "cannot open lock file {}: {}; run as its owner or choose another lock path",
+                    path.display(),
+                    std::io::Error::from(e)
+                ),
+                source: Some(Box::new(std::io::Error::from(e))),
             });
         }
         Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
