@@ -100,16 +100,24 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
 }
 
 /// Whether the lock file's record and the bus's answer name one process: the same unique name
-/// on the same bus (the record has it once its holder connected), else the same PID. Nothing in
-/// common is not taken for the same process: merging them would name one process as the holder
-/// of what another holds.
+/// on the same bus (the record has it once its holder owns the name), and the same PID when
+/// both tell one; else the same PID. Nothing in common is not taken for the same process:
+/// merging them would name one process as the holder of what another holds. A unique name
+/// alone is not enough: a bus restarted at the same address gives out the same names again,
+/// and a record written before the restart may still give one (the bus's PID is only known
+/// while the process that connected lives: `run`'s keeper, which names itself in the record,
+/// holds the connection of a wrapper gone by then, which the bus does not name).
 fn same_process(lock: &Holder, bus: &Holder) -> bool {
+    let same_pid = match (lock.pid, bus.pid) {
+        (Some(a), Some(b)) => Some(a == b),
+        _ => None,
+    };
     if let (Some(recorded), Some(owner)) = (&lock.bus_unique_name, &bus.bus_unique_name)
         && lock.bus == bus.bus
     {
-        return recorded == owner;
+        return recorded == owner && same_pid != Some(false);
     }
-    matches!((lock.pid, bus.pid), (Some(a), Some(b)) if a == b)
+    same_pid == Some(true)
 }
 
 /// The lock file's record and the bus's answer about one connection, combined. The process is

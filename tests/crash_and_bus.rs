@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{BusConfig, DbusDaemon, field, holder, unique_name};
+use common::{BusConfig, DbusDaemon, cli, field, holder, unique_name};
 
 /// SIGKILL the holder: the next copy acquires at once, with no clean-up by anyone. Repeated,
 /// because the bus may still list the dead holder for a moment after the kernel dropped its lock.
@@ -70,6 +70,59 @@ fn bus_death_is_reported_and_the_lock_file_still_excludes() {
         assert_eq!(h.exit_code(), 0);
         bus = DbusDaemon::start(BusConfig::Open);
     }
+}
+
+/// A holder whose bus died, and a bus restarted at the same address where another process
+/// owns the name (unique names start again from the first one on a new bus): the holder's
+/// record no longer names a connection on the bus, so `status` does not take the two for one
+/// process, and refused copies do not say the holder is on the bus.
+#[test]
+fn after_a_bus_restart_the_old_holder_is_not_taken_for_the_new_owner() {
+    let socket_dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("unix:path={}", socket_dir.path().join("bus").display());
+    let auth = "<auth>EXTERNAL</auth>";
+    let mut bus = DbusDaemon::start_listening(BusConfig::Open, "", Some(&listen), auth);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("restart");
+    let mut a = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let acquired = a.next_line("first holder");
+    assert!(acquired.contains("Dbus"), "{acquired}");
+    bus.kill();
+    assert_eq!(
+        a.line_starting("lost"),
+        "lost reason=BusConnectionClosed still_exclusive=true"
+    );
+    let bus = DbusDaemon::start_listening(BusConfig::Open, "", Some(&listen), auth);
+    let mut b = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus"],
+    );
+    let acquired = b.next_line("bus-only holder");
+    assert!(acquired.starts_with("acquired"), "{acquired}");
+
+    let mut status = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["status", "--json", &name],
+    );
+    let line = status.next_line("status --json");
+    assert_eq!(status.exit_code(), 0, "{line}");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("status --json is JSON");
+    assert_eq!(v["lock_file_holder"]["pid"], a.pid(), "{v}");
+    assert_eq!(v["bus_owner"]["pid"], b.pid(), "{v}");
+    assert_eq!(v["holders_differ"], true, "{v}");
+    assert_eq!(v["pid"], b.pid(), "{v}");
+
+    let mut c = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let refused = c.next_line("contender");
+    assert_eq!(
+        field(&refused, "holder_pid"),
+        Some(a.pid().to_string().as_str()),
+        "{refused}"
+    );
+    assert!(!refused.contains("on the session bus"), "{refused}");
+    assert_eq!(c.exit_code(), 75);
 }
 
 /// A holder with the bus and a contender without one, and the reverse: refused both ways.

@@ -187,3 +187,91 @@ fn bounded_wait_times_out_with_the_timeout_error() {
         assert!(next.next_line("next").starts_with("acquired"), "{backend}");
     }
 }
+
+/// The unique names queued for `name` on the bus at `address`, the owner first.
+fn queued_owners(address: &str, name: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(address)
+            .build()
+            .await
+            .expect("connect");
+        match conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "ListQueuedOwners",
+                &(name,),
+            )
+            .await
+        {
+            Ok(reply) => reply.body().deserialize().expect("names"),
+            // NameHasNoOwner: nobody, not even queued.
+            Err(_) => Vec::new(),
+        }
+    })
+}
+
+/// A copy that holds the lock file and only waits in the bus's queue for the name (its owner
+/// uses the bus alone) does not own the name: its record says the lock file alone until the
+/// name is granted, and copies refused meanwhile do not name it as on the bus; once it owns
+/// the name, the record says so.
+#[test]
+fn a_queued_waiter_does_not_record_the_bus_name_before_it_owns_it() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("queued");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let mut h = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus"],
+    );
+    assert!(h.next_line("holder").starts_with("acquired"));
+    let mut w = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--wait", "forever"],
+    );
+    // Queued: the bus lists it after the owner (it holds the lock file before it asks).
+    let deadline = Instant::now() + common::TIMEOUT;
+    while queued_owners(&bus.address, &name).len() < 2 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        assert_eq!(
+            w.try_line(Duration::from_millis(20)),
+            None,
+            "waiter got in early"
+        );
+    }
+    let record = std::fs::read_to_string(&path).expect("the waiter's record");
+    let record: serde_json::Value = serde_json::from_str(&record).expect("a JSON record");
+    assert_eq!(record["pid"], w.pid(), "{record}");
+    assert_eq!(
+        record["bus_unique_name"],
+        serde_json::Value::Null,
+        "{record}"
+    );
+    assert_eq!(record["bus"], serde_json::Value::Null, "{record}");
+    let mut c = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let refused = c.next_line("contender");
+    assert!(refused.starts_with("already-running"), "{refused}");
+    assert!(
+        !refused.contains("on the session bus"),
+        "named as on the bus: {refused}"
+    );
+    assert_eq!(c.exit_code(), 75);
+
+    h.close_stdin();
+    assert_eq!(h.line_starting("released"), "released");
+    let acquired = w.next_line("waiter takes over");
+    assert!(acquired.starts_with("acquired"), "{acquired}");
+    let unique = field(&acquired, "unique").expect("unique name");
+    let record = std::fs::read_to_string(&path).expect("the record");
+    let record: serde_json::Value = serde_json::from_str(&record).expect("a JSON record");
+    assert_eq!(record["bus_unique_name"], unique, "{record}");
+    assert_eq!(record["bus"], "session", "{record}");
+}

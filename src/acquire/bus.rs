@@ -1,6 +1,7 @@
-//! The bus step of an acquisition: connect (or take the connection a wait made), complete the
-//! lock file's record, own the name with explicit flags, and watch it; when a local backend is
-//! held, a bus that cannot be reached leaves that backend to enforce exclusion alone.
+//! The bus step of an acquisition: connect (or take the connection a wait made), own the name
+//! with explicit flags, complete the lock file's record once it is owned, and watch it; when a
+//! local backend is held, a bus that cannot be reached leaves that backend to enforce exclusion
+//! alone.
 //! Must not: speak the bus's protocol (that is `dbus`).
 
 use crate::dbus::{self, HeldName, own_name, request_flags, watch_bus};
@@ -58,11 +59,6 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
         }
     };
 
-    if let Some(file) = ctx.held.lock_file_mut() {
-        let unique_name = connected.conn.unique_name().map(|n| n.to_string());
-        file.record_also(Backend::Dbus, Some(plan.kind), unique_name)?;
-    }
-
     // Dropped with this future if it is cancelled, or on an error below: the bus then drops
     // the name or our place in its queue at once, whatever runs the runtime.
     let dbus::Connected {
@@ -86,25 +82,30 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
     .await?;
     match owned {
         Some(stream) => {
+            // Only now: a copy queued for the name (waiting) does not own it, and its record
+            // must not say it does, or refused copies and `status` would name it as the bus
+            // name's owner. Written before anything else, so that copies refused from now on
+            // can name us on the bus.
+            if let Some(file) = ctx.held.lock_file_mut() {
+                let unique_name = conn.unique_name().map(|n| n.to_string());
+                file.record_also(Backend::Dbus, Some(plan.kind), unique_name)?;
+            }
             let lock_still_held = ctx.held.lock_file().map(HeldFile::still_held_check);
+            let forget_bus = ctx.held.lock_file().map(HeldFile::bus_gone_recorder);
             ctx.tasks.push(tokio::spawn(watch_bus(
                 stream,
                 name.to_string(),
                 ctx.losses.clone(),
                 lock_still_held,
+                forget_bus,
             )));
             ctx.held
                 .push(Held::Name(HeldName::new(plan.kind, conn, disconnect)));
         }
         // The bus went away before granting the name: the lock file alone holds the instance,
-        // as when no bus was reachable, and the record says so again. (Ending the connection
-        // here leaves nothing of ours on a bus that comes back.)
-        None if held_locally => {
-            drop((conn, disconnect));
-            if let Some(file) = ctx.held.lock_file_mut() {
-                file.record_alone()?;
-            }
-        }
+        // as when no bus was reachable, and the record, written before the bus step, says so.
+        // (Ending the connection here leaves nothing of ours on a bus that comes back.)
+        None if held_locally => drop((conn, disconnect)),
         // Without the lock file `own_name` reports the bus's loss as an error.
         None => {
             return Err(Error::NoUsableBackend {

@@ -46,12 +46,16 @@ pub(crate) async fn next_name_signal(stream: &mut MessageStream, name: &str) -> 
 /// zbus's reader from stalling on a full queue.
 ///
 /// When the connection closes, exclusion is claimed only if the lock file is re-verified right
-/// then (`lock_still_held`, when one is held): see [`Loss::still_exclusive`].
+/// then (`lock_still_held`, when one is held): see [`Loss::still_exclusive`]; and the lock
+/// file's record is rewritten without the bus (`forget_bus`), before the loss is told, so that
+/// it names no connection on a bus that is gone (a restarted bus gives out the same unique
+/// names again, to others).
 pub(crate) async fn watch_bus(
     mut stream: zbus::MessageStream,
     name: String,
     losses: LossLog,
     lock_still_held: Option<impl FnOnce() -> bool>,
+    forget_bus: Option<impl FnOnce()>,
 ) {
     loop {
         match next_name_signal(&mut stream, &name).await {
@@ -68,6 +72,9 @@ pub(crate) async fn watch_bus(
             None => {
                 // Not what held at acquisition, but what holds now.
                 let lock_verified = lock_still_held.is_some_and(|still_held| still_held());
+                if let Some(forget_bus) = forget_bus {
+                    forget_bus();
+                }
                 tracing::warn!(name = %name, lock_verified, "the bus connection closed");
                 losses.send_modify(|log| {
                     // Judged inside the update, so a loss logged meanwhile counts.

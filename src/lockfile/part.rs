@@ -10,8 +10,9 @@ use crate::loss::LossLog;
 use crate::scope::{Backend, BusKind};
 
 use super::held::HeldLock;
-use super::record::LockRecord;
+use super::record::{LockRecord, write_or_unknown};
 use super::recover::Recovery;
+use super::watch::WatchHandle;
 use super::watcher::LockWatchThread;
 
 /// The lock file an instance holds. Its fields drop in order: the watch stops before the lock
@@ -70,11 +71,18 @@ impl HeldFile {
         self.lock.write_record(&self.record)
     }
 
-    /// Says again that the lock file alone holds the instance (another backend was not
-    /// granted after all: the bus went away before it granted the name).
-    pub(crate) fn record_alone(&mut self) -> Result<()> {
-        self.record = LockRecord::for_self(vec![Backend::LockFile], None, None);
-        self.lock.write_record(&self.record)
+    /// For the bus's watch, to call when the connection closes: rewrites the record without
+    /// the bus, which the lock file alone holds the instance through from then on. Otherwise
+    /// the record would go on naming a connection on a bus that is gone, and a bus restarted
+    /// at the same address gives out the same unique names again: `status` would take another
+    /// process that owns the name there for us, and refused copies would say we are on the bus.
+    pub(crate) fn bus_gone_recorder(&self) -> impl FnOnce() + Send + 'static {
+        let lock = self.lock.watch_handle();
+        let mut record = self.record.clone();
+        record.backend.retain(|b| *b != Backend::Dbus);
+        record.bus = None;
+        record.bus_unique_name = None;
+        move || rewrite_from_watch(&lock, &record)
     }
 
     /// Starts the watch as a thread of its own (see [`LockWatchThread`]), with a re-check
@@ -116,5 +124,40 @@ impl HeldFile {
         let released = lock.release();
         drop(wait_watch);
         released
+    }
+}
+
+/// Writes `record` in place of the lock file's, from another task than the guard's: padded to
+/// the length of the line written last, as [`HeldLock::write_record`] pads, so that the file is
+/// one whole record at every moment; and only while the lock is held, never after release
+/// (which may have emptied a file that was someone else's). Kept as the line a re-created file
+/// gets.
+fn rewrite_from_watch(lock: &WatchHandle, record: &LockRecord) {
+    let mut now = lock.shared.now();
+    if now.released {
+        return;
+    }
+    // Held only under the lock of `now`, and never after release (see `Files`).
+    let Some(files) = lock.shared.files.upgrade() else {
+        return;
+    };
+    // Whether the file is kept, as every record says it (see `HeldLock::write_record`).
+    let mut line = LockRecord {
+        keep: now.keep_file,
+        ..record.clone()
+    }
+    .to_line();
+    let last_len = now.record.len();
+    if line.len() < last_len {
+        // `to_line` ends with the newline; JSON allows the spaces before it.
+        line.pop();
+        line.resize(last_len - 1, b' ');
+        line.push(b'\n');
+    }
+    match write_or_unknown(files.lent(), &line, lock.path()) {
+        Ok(_) => now.record = line,
+        Err(e) => {
+            tracing::warn!(path = %lock.path().display(), error = %e, "cannot rewrite the holder record without the bus")
+        }
     }
 }
