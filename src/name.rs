@@ -47,6 +47,8 @@ pub enum NameRule {
         /// Its byte offset in the name.
         offset: usize,
     },
+    /// The name is one the bus keeps for itself (`org.freedesktop.DBus`): no client may own it.
+    ReservedByBus,
 }
 
 impl fmt::Display for NameRule {
@@ -78,12 +80,17 @@ impl fmt::Display for NameRule {
                 f,
                 "character {character:?} at offset {offset} is not one of A-Z a-z 0-9 _ -"
             ),
+            NameRule::ReservedByBus => write!(
+                f,
+                "it is reserved: the message bus's own name ({BUS_NAME}), which no client may own"
+            ),
         }
     }
 }
 
 impl InstanceName {
-    /// Validates `name` against every D-Bus well-known-name rule.
+    /// Validates `name` against every D-Bus well-known-name rule, and refuses the bus's own
+    /// name (`org.freedesktop.DBus`), which no client may own.
     ///
     /// # Errors
     ///
@@ -163,8 +170,15 @@ fn validate(name: &str) -> Result<(), NameRule> {
             });
         }
     }
+    // The grammar allows it, but every bus refuses to let a client own it.
+    if name == BUS_NAME {
+        return Err(NameRule::ReservedByBus);
+    }
     Ok(())
 }
+
+/// The name the message bus itself owns.
+const BUS_NAME: &str = "org.freedesktop.DBus";
 
 impl fmt::Display for InstanceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

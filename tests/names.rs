@@ -30,6 +30,7 @@ fn invalid_names_are_rejected_with_the_rule_and_nothing_is_created() {
             },
         ),
         ("../etc.passwd", NameRule::LeadingDot),
+        ("org.freedesktop.DBus", NameRule::ReservedByBus),
         (
             "org.example.Ser ver",
             NameRule::InvalidCharacter {
@@ -141,4 +142,41 @@ fn a_validated_name_is_given_to_the_options_as_it_is() {
     assert_eq!(plan(InstanceOptions::new(text.to_owned())), from_str);
     assert_eq!(plan(InstanceOptions::new(&name)), from_str);
     assert_eq!(plan(InstanceOptions::new(name)), from_str);
+}
+
+/// `org.freedesktop.DBus` is the bus's own name: valid by the grammar, but no client may own
+/// it, so it is refused as an invalid name (64) before anything is touched, saying why, and
+/// not found out on the bus as an internal error (70), nor held through the lock file alone.
+#[test]
+fn the_bus_s_own_name_is_an_invalid_name() {
+    let bus = common::DbusDaemon::start(common::BusConfig::Open);
+    let dir = tempfile::tempdir().expect("tempdir");
+    for address in [Some(bus.address.as_str()), None] {
+        let mut run = common::cli(
+            address,
+            dir.path(),
+            &["run", "org.freedesktop.DBus", "--", "true"],
+        );
+        let code = run.exit_code();
+        let stderr = run.stderr_until_closed().join("\n");
+        assert_eq!(code, 64, "bus {address:?}: {stderr}");
+        assert!(stderr.contains("reserved"), "{stderr}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+}
+
+/// The D-Bus backend alone with no bus: the advice names the system scope as the library and
+/// the command line each spell it, not only the command line's flag.
+#[test]
+fn no_usable_backend_advice_names_the_scope_in_the_library_s_words() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = common::holder(
+        None,
+        dir.path(),
+        &["org.example.NoBus", "--backend", "dbus"],
+    );
+    let line = h.next_line("outcome");
+    assert!(line.starts_with("no-usable-backend"), "{line}");
+    assert!(line.contains("Scope::System"), "{line}");
+    assert_eq!(h.exit_code(), 69);
 }

@@ -155,7 +155,8 @@ pub(crate) fn resolve(options: &InstanceOptions, env: &Env) -> Result<Resolved> 
             name: name.to_string(),
             reason: "the D-Bus backend was asked for, but no session bus is configured \
                      (DBUS_SESSION_BUS_ADDRESS is unset and there is no $XDG_RUNTIME_DIR/bus); \
-                     run inside a session, use --system, or use the lock-file backend"
+                     run inside a session, choose the system scope (Scope::System; --system on the \
+                     command line), or use the lock-file backend"
                 .into(),
             source: None,
         });
