@@ -150,6 +150,7 @@ fn report_error(e: &Error) -> i32 {
         Error::InvalidOption { .. } => ("invalid-option", 64),
         Error::NotPermitted { .. } => ("not-permitted", 77),
         Error::NoUsableBackend { .. } => ("no-usable-backend", 69),
+        Error::LostBeforeRelease { .. } => ("lost-before-release", 69),
         Error::UnsafeLockPath { .. } => ("unsafe-lock-path", 70),
         Error::NetworkFilesystem { .. } => ("network-filesystem", 70),
         Error::NotALockFile { .. } => ("not-a-lock-file", 64),

@@ -292,6 +292,11 @@ async fn library(args: &Args, log: &Log) -> i32 {
             log.event("released");
             0
         }
+        Err(e @ Error::LostBeforeRelease { .. }) => {
+            // A loss the release found (the copy was stopped while its file went): a loss, 69.
+            log.event(&format!("lost-at-release msg={e}"));
+            69
+        }
         Err(e) => {
             log.event(&format!("release-error msg={e}"));
             70
@@ -344,6 +349,11 @@ fn blocking(args: &Args, log: &Log) -> i32 {
         Ok(()) => {
             log.event("released");
             0
+        }
+        Err(e @ Error::LostBeforeRelease { .. }) => {
+            // A loss the release found (the copy was stopped while its file went): a loss, 69.
+            log.event(&format!("lost-at-release msg={e}"));
+            69
         }
         Err(e) => {
             log.event(&format!("release-error msg={e}"));

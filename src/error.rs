@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::holder::Holder;
+use crate::loss::LossReason;
 use crate::name::InstanceName;
 use crate::name::NameRule;
 use crate::scope::BusKind;
@@ -156,6 +157,23 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// Released, but the lock file had stopped being this copy's before the release, and no
+    /// loss had been reported: the file or a directory on its path was removed or replaced just
+    /// before the release (before the watch saw it), or while the watch was off or the copy
+    /// was stopped (SIGSTOP, a debugger, a frozen cgroup). Another copy may have run beside this one meanwhile. The instance is released
+    /// all the same, and the loss is also in [`crate::InstanceGuard::losses`]'s watchers.
+    #[error(
+        "{name}: {reason} before the release, and no loss had been reported (the watch had not \
+         seen it yet, was off, or this copy was stopped): another copy may have run beside it \
+         meanwhile"
+    )]
+    LostBeforeRelease {
+        /// The instance name.
+        name: String,
+        /// What had happened to the lock file.
+        reason: LossReason,
+    },
+
     /// Talking to the bus failed.
     #[error("{context} on the {bus} bus: {source}")]
     Bus {
@@ -255,7 +273,7 @@ impl Error {
             | Error::InvalidOption { .. }
             | Error::NotALockFile { .. } => 64,
             Error::NotPermitted { .. } => 77,
-            Error::NoUsableBackend { .. } => 69,
+            Error::NoUsableBackend { .. } | Error::LostBeforeRelease { .. } => 69,
             _ => 70,
         }
     }

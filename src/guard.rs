@@ -12,8 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::dbus::HeldName;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::held::{Held, Holding};
+use crate::lockfile::{HeldFile, ReleaseReport};
 use crate::loss::{Loss, LossLog, LossWatcher};
 use crate::name::InstanceName;
 use crate::recreation::LockFileRecreations;
@@ -48,7 +49,7 @@ pub struct InstanceGuard {
     losses: watch::Receiver<Vec<Loss>>,
     /// Keeps the loss channel open for as long as the guard lives, even with no task feeding it,
     /// so that watchers see its end only when the guard is gone.
-    _loss_log: LossLog,
+    loss_log: LossLog,
     seen_losses: usize,
     tasks: Vec<JoinHandle<()>>,
     /// The runtime that services the connection when the guard came from the blocking API (set
@@ -103,7 +104,7 @@ impl InstanceGuard {
             scope,
             held,
             losses,
-            _loss_log: loss_log,
+            loss_log,
             seen_losses: 0,
             tasks,
             runtime: None,
@@ -331,8 +332,10 @@ impl InstanceGuard {
     /// # Errors
     ///
     /// [`Error::Bus`](crate::Error::Bus) if `ReleaseName` failed, [`Error::Io`](crate::Error::Io)
-    /// if the lock file could not be removed. The instance is released in any case: closing our
-    /// descriptors releases it.
+    /// if the lock file could not be removed, [`Error::LostBeforeRelease`] if the lock file had
+    /// stopped being ours before the release without any loss reported (this copy was stopped,
+    /// or its watch was off, while the file went). The instance is released in any case:
+    /// closing our descriptors releases it.
     ///
     /// # Caveats
     ///
@@ -354,10 +357,38 @@ impl InstanceGuard {
     pub async fn release_async(mut self) -> Result<()> {
         self.leave_service_thread_in_a_child();
         self.stop_tasks();
+        let report = self.release_report();
         let result = self.held.release(self.name.as_str()).await;
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
-        result
+        result.and(self.lost_before_release(report))
+    }
+
+    fn release_report(&self) -> Option<ReleaseReport> {
+        self.held.lock_file().map(HeldFile::release_report)
+    }
+
+    /// A loss that the release found and nothing had reported (see
+    /// [`Error::LostBeforeRelease`]): recorded as a loss, and returned as an error, so that a
+    /// program never takes such a release for a clean one.
+    fn lost_before_release(&self, report: Option<ReleaseReport>) -> Result<()> {
+        let Some(reason) = report.and_then(|r| r.lost_unnoticed()) else {
+            return Ok(());
+        };
+        if self.losses.borrow().iter().any(|l| !l.still_exclusive) {
+            // The program was told already.
+            return Ok(());
+        }
+        self.loss_log.send_modify(|losses| {
+            losses.push(Loss {
+                reason,
+                still_exclusive: false,
+            })
+        });
+        Err(Error::LostBeforeRelease {
+            name: self.name.to_string(),
+            reason,
+        })
     }
 
     /// In a child after `fork`, the service thread and its runtime's tasks exist only in the
@@ -392,10 +423,11 @@ impl InstanceGuard {
             .as_ref()
             .filter(|s| !s.is_current_thread())
             .map(ServiceThread::handle);
+        let report = self.release_report();
         let result = self.held.release_blocking(service, self.name.as_str());
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
-        result
+        result.and(self.lost_before_release(report))
     }
 }
 

@@ -556,6 +556,56 @@ fn release_is_not_reported_as_a_loss() {
     }
 }
 
+/// A lock file lost while nothing watched it (the watch off here; a stopped holder is the
+/// same): the release finds the path no longer leading to the file, and says so, rather than
+/// report a clean release to a program that may have run beside another copy. Removed, or
+/// replaced by another copy's file while that copy ran.
+#[test]
+fn a_loss_nothing_saw_is_reported_at_release() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for mode in [&[][..], &["--blocking"][..]] {
+        for replace in [false, true] {
+            let name = unique_name("unseen");
+            let mut args = vec![name.as_str(), "--backend", "lockfile", "--no-watch"];
+            args.extend_from_slice(mode);
+            let mut h = holder(None, lock_dir.path(), &args);
+            assert!(h.next_line("holder").starts_with("acquired"));
+            let path = lock_dir.path().join(format!("{name}.lock"));
+            std::fs::remove_file(&path).expect("remove the lock file");
+            let mut other = None;
+            if replace {
+                // Another copy runs meanwhile: it makes and locks its own file at the path.
+                let mut o = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+                assert!(o.next_line("other copy").starts_with("acquired"));
+                other = Some(o);
+            }
+            h.close_stdin();
+            let rest = h.stdout_until_closed();
+            let what = format!("{mode:?} replaced={replace}");
+            // Last, the release's error; before it, at most the same loss, as a loss watcher
+            // still running (the blocking holder's) hears it.
+            let (last, before) = rest.split_last().expect("a line after closing stdin");
+            assert!(last.starts_with("lost-before-release"), "{what}: {rest:?}");
+            let reason = if replace { "replaced" } else { "removed" };
+            assert!(last.contains(reason), "{what}: {rest:?}");
+            assert!(
+                before.len() <= 1
+                    && before
+                        .iter()
+                        .all(|l| l.starts_with("lost ") && l.ends_with("still_exclusive=false")),
+                "{what}: {rest:?}"
+            );
+            assert_eq!(h.exit_code(), 69, "{what}");
+            if let Some(mut o) = other {
+                // The other copy's file was left alone.
+                assert!(path.exists(), "{what}: the other copy's file was removed");
+                o.close_stdin();
+                assert_eq!(o.stdout_until_closed(), ["released"], "{what}");
+            }
+        }
+    }
+}
+
 /// `run`: the bus dies (tolerated: the lock file still excludes), then the lock file is replaced
 /// (another file renamed over it) or its directory goes: nothing holds the instance any more, so
 /// COMMAND is stopped (exit 69).

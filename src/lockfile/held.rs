@@ -14,12 +14,14 @@ use rustix::io::Errno;
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::loss::LossReason;
 use crate::plan::LockPlan;
 
 use super::dir::LockDir;
 use super::ofd::retry_eintr;
 use super::record::{LockRecord, write_or_unknown};
 use super::watch::WatchHandle;
+use super::watcher::lock_change_of;
 
 /// A lock file this process holds. Dropping it removes the file (if it is still ours, and this
 /// acquisition created it or took it over from a crashed holder) while the lock is held, then
@@ -150,6 +152,20 @@ pub(super) struct Now {
     pub(super) released: bool,
     /// A loss was found: nothing is re-created any more (a loss is never taken back).
     pub(super) lost: bool,
+    /// Found at release: the path had stopped leading to our file and no watch had seen it
+    /// (the holder was stopped, or the watch was off). See [`HeldLock::lost_at_release`].
+    pub(super) lost_at_release: Option<LossReason>,
+}
+
+/// See [`HeldLock::release_report`].
+pub(crate) struct ReleaseReport(Arc<Shared>);
+
+impl ReleaseReport {
+    /// How the lock was lost before its release without anything reporting it: `None` when it
+    /// was still ours (or a watch had reported the loss), or when it is not released yet.
+    pub(crate) fn lost_unnoticed(&self) -> Option<LossReason> {
+        self.0.now().lost_at_release
+    }
 }
 
 impl Shared {
@@ -187,6 +203,7 @@ impl HeldLock {
                 record: Vec::new(),
                 released: false,
                 lost: false,
+                lost_at_release: None,
             }),
             files: Arc::downgrade(&files),
             plan: plan.clone(),
@@ -299,6 +316,12 @@ impl HeldLock {
             .subscribe()
     }
 
+    /// Tells, once this lock is released, whether the release found the path no longer leading
+    /// to our file, unseen by any watch until then.
+    pub(crate) fn release_report(&self) -> ReleaseReport {
+        ReleaseReport(Arc::clone(&self.shared))
+    }
+
     /// What a periodic re-check needs, without the lock itself.
     pub(crate) fn watch_handle(&self) -> WatchHandle {
         WatchHandle {
@@ -335,6 +358,11 @@ impl HeldLock {
         now.released = true;
         // Ends the watchers of re-creations: there will be none.
         now.recreations = None;
+        // Checked with `released` set, under the same lock as a re-creation: no watch can be
+        // re-creating the file at this moment, so a change seen here is one nobody handled.
+        if !now.lost {
+            now.lost_at_release = lock_change_of(&self.watch_handle(), now.dev, now.ino);
+        }
         if now.keep_file {
             retry_eintr(|| rustix::fs::ftruncate(self.files.lent(), 0))
                 .map_err(|e| Error::io("cannot empty lock file", &self.path, e.into()))?;

@@ -37,6 +37,7 @@ pub use handed::{
     HandedLockFile, HandedLockState, record_this_process_as_holder,
     record_this_process_as_holder_keeping_bus_name,
 };
+pub(crate) use held::ReleaseReport;
 pub(crate) use part::HeldFile;
 pub(crate) use probe::{holder_of, holder_of_async};
 // For the fuzz targets' entry points (src/fuzzing.rs).

@@ -111,6 +111,11 @@ impl HeldFile {
         }
     }
 
+    /// See [`HeldLock::release_report`].
+    pub(crate) fn release_report(&self) -> super::ReleaseReport {
+        self.lock.release_report()
+    }
+
     /// Stops the watch, then removes the file while still holding the lock (see
     /// [`HeldLock::release`]).
     pub(crate) fn release(self) -> Result<()> {

@@ -122,14 +122,8 @@ impl WatchHandle {
         self.path_as(dev, ino)
     }
 
-    /// Does the name in the directory we opened still name our file? `None` when it does.
-    pub(super) fn check_in_dir(&self) -> Option<PathChange> {
-        let (dev, ino) = self.identity();
-        self.in_dir_as(dev, ino)
-    }
-
     /// The (dev, ino) of the file the lock is on now.
-    fn identity(&self) -> (u64, u64) {
+    pub(super) fn identity(&self) -> (u64, u64) {
         let now = self.shared.now();
         (now.dev, now.ino)
     }
@@ -140,7 +134,8 @@ impl WatchHandle {
             .or_else(|| ours(rustix::fs::lstat(&self.path), dev, ino))
     }
 
-    /// [`WatchHandle::check_in_dir`] for the file (dev, ino).
+    /// Does the name in the directory we opened still name the file (dev, ino)? `None` when it
+    /// does.
     pub(super) fn in_dir_as(&self, dev: u64, ino: u64) -> Option<PathChange> {
         ours(
             rustix::fs::statat(

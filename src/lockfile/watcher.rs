@@ -15,8 +15,14 @@ use super::watch::{PathChange, WatchHandle, drain};
 /// Has the lock path stopped leading to our file, and how? `None` while it still does. A path
 /// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed.
 fn lock_change(handle: &WatchHandle) -> Option<LossReason> {
-    handle.check_path()?;
-    Some(match handle.check_in_dir() {
+    let (dev, ino) = handle.identity();
+    lock_change_of(handle, dev, ino)
+}
+
+/// [`lock_change`] for the file (dev, ino), for a caller that holds the shared state's lock.
+pub(super) fn lock_change_of(handle: &WatchHandle, dev: u64, ino: u64) -> Option<LossReason> {
+    handle.path_as(dev, ino)?;
+    Some(match handle.in_dir_as(dev, ino) {
         Some(PathChange::Removed) => LossReason::LockFileRemoved,
         Some(PathChange::Replaced) => LossReason::LockFileReplaced,
         // Our directory still has our file (or cannot be looked in any more), but the path no
