@@ -25,7 +25,11 @@ fn say(line: &str) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (name, target, critical) = match args.as_slice() {
+    // `--defaults`: every option as a program would leave it (both backends, the lock file
+    // watched), rather than the lock file alone, unwatched, the fastest churn.
+    let defaults = args.last().is_some_and(|a| a == "--defaults");
+    let args = &args[..args.len() - usize::from(defaults)];
+    let (name, target, critical) = match args {
         [name, target, critical] => match target.parse::<u64>() {
             Ok(target) => (name.clone(), target, PathBuf::from(critical)),
             Err(_) => {
@@ -34,17 +38,21 @@ fn main() {
             }
         },
         _ => {
-            eprintln!("usage: churn NAME ACQUISITIONS CRITICAL_FILE");
+            eprintln!("usage: churn NAME ACQUISITIONS CRITICAL_FILE [--defaults]");
             std::process::exit(64);
         }
     };
     let (mut acquired, mut refused) = (0u64, 0u64);
     while acquired < target {
-        let attempt = InstanceOptions::new(&name)
-            .backend(Backend::LockFile)
-            .watch_lock_file(false)
-            .notify_ready(false)
-            .acquire();
+        let attempt = if defaults {
+            InstanceOptions::new(&name).notify_ready(false).acquire()
+        } else {
+            InstanceOptions::new(&name)
+                .backend(Backend::LockFile)
+                .watch_lock_file(false)
+                .notify_ready(false)
+                .acquire()
+        };
         match attempt {
             Ok(guard) => {
                 if let Err(e) = std::fs::OpenOptions::new()

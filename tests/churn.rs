@@ -14,13 +14,32 @@ const COPIES: u64 = 4;
 /// Acquisitions in all, unless `UNIQUE_INSTANCE_CHURN` says otherwise.
 const DEFAULT_ACQUISITIONS: u64 = 4000;
 
+/// Acquisitions in all with every option left as it is (both backends on a private bus, the
+/// lock file watched), unless `UNIQUE_INSTANCE_CHURN` says otherwise: each costs a bus round
+/// trip and a watch thread.
+const DEFAULT_ACQUISITIONS_WITH_DEFAULTS: u64 = 1000;
+
+/// The lock file alone, unwatched: the tightest loop.
 #[test]
 fn churning_copies_only_ever_acquire_or_are_refused() {
+    churn(DEFAULT_ACQUISITIONS, None);
+}
+
+/// Every option as a program leaves it: the lock file watched, and the bus name as well.
+#[test]
+fn churning_copies_with_default_options_only_ever_acquire_or_are_refused() {
+    let bus = common::DbusDaemon::start(common::BusConfig::Open);
+    churn(DEFAULT_ACQUISITIONS_WITH_DEFAULTS, Some(&bus.address));
+}
+
+/// `COPIES` processes churning `default_total` acquisitions (or `UNIQUE_INSTANCE_CHURN`), with
+/// default options on `bus` when given.
+fn churn(default_total: u64, bus: Option<&str>) {
     let total = match std::env::var("UNIQUE_INSTANCE_CHURN") {
         Ok(v) => v
             .parse::<u64>()
             .unwrap_or_else(|_| panic!("UNIQUE_INSTANCE_CHURN={v:?} is not a number")),
-        Err(_) => DEFAULT_ACQUISITIONS,
+        Err(_) => default_total,
     };
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let marks = tempfile::tempdir().expect("tempdir");
@@ -29,8 +48,11 @@ fn churning_copies_only_ever_acquire_or_are_refused() {
     let per_copy = total.div_ceil(COPIES).to_string();
     let mut copies: Vec<Proc> = (0..COPIES)
         .map(|_| {
-            let mut cmd = clean_command(&example_path("churn"), None, lock_dir.path());
+            let mut cmd = clean_command(&example_path("churn"), bus, lock_dir.path());
             cmd.arg(&name).arg(&per_copy).arg(&critical);
+            if bus.is_some() {
+                cmd.arg("--defaults");
+            }
             Proc::spawn(cmd)
         })
         .collect();
@@ -55,5 +77,12 @@ fn churning_copies_only_ever_acquire_or_are_refused() {
         refused += count("refused");
     }
     assert!(acquired >= total, "{acquired} acquisitions, {total} asked");
-    eprintln!("{COPIES} copies: {acquired} acquisitions, {refused} refusals, no error");
+    eprintln!(
+        "{COPIES} copies ({}): {acquired} acquisitions, {refused} refusals, no error",
+        if bus.is_some() {
+            "default options, a bus"
+        } else {
+            "lock file alone, unwatched"
+        }
+    );
 }
