@@ -52,13 +52,18 @@ descriptor of the lock file, announced as UNIQUE_INSTANCE_LOCK_FD=N, and is kill
 dies (PR_SET_PDEATHSIG): should the keeper itself be killed by SIGKILL, the processes still
 holding that descriptor keep the instance held, but one that closed it runs on unguarded. The bus
 connection and every other descriptor of the wrapper are not inherited. With --backend dbus there
-is no lock file: the name is free as soon as the wrapper dies, while the keeper is still stopping
-COMMAND, so use the default backend for commands that must never overlap. SIGTERM, SIGINT, SIGHUP,
-SIGQUIT, SIGUSR1 and SIGUSR2 sent to the wrapper are passed on to COMMAND (a terminal's Ctrl-C
-already reaches both, and is not sent twice). If the instance is lost while COMMAND runs (lock
-file removed or replaced, bus name taken over), COMMAND gets SIGTERM, then SIGKILL after
---kill-after, and the wrapper exits 69 saying why; if only the bus connection is lost while the
-lock file is still held, COMMAND goes on and a warning is printed. Processes COMMAND leaves
+is no lock file: the keeper holds a duplicate of the bus socket instead, so the name stays owned
+until the last process is gone, as the lock file would (only on a TCP bus, whose socket cannot be
+handed over, does the name go with the wrapper: the keeper then kills the tree at once). SIGTERM,
+SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to the wrapper are passed on to COMMAND (a
+terminal's Ctrl-C already reaches both, and is not sent twice; a hang-up of the terminal the
+wrapper leads is passed on); a signal that was ignored when the wrapper started (nohup, a
+script's background job) stays ignored, in COMMAND too. A lock file that is only removed is
+re-created at once and COMMAND goes on. If the instance is lost while COMMAND runs (the lock file
+replaced, or removed and not re-created, its directory moved away, the bus name taken over),
+COMMAND gets SIGTERM, then SIGKILL after --kill-after, and the wrapper exits 69 saying why; if
+only the bus connection is lost while the lock file is still held, COMMAND goes on and a warning
+is printed. Processes COMMAND leaves
 running when it exits are stopped the same way (SIGTERM, then SIGKILL) before the instance is
 released, so do not wrap a command that daemonizes.";
 
