@@ -1,7 +1,7 @@
 //! Acquires an instance, forks, and drops the guard in the child, for the fork-safety test.
 //!
 //! ```text
-//! fork_release NAME [--backend lockfile|auto|dbus] [--async]
+//! fork_release NAME [--backend lockfile|auto|dbus] [--async] [--parent-drops]
 //! ```
 //!
 //! Uses the lock-file backend alone by default (the lock directory comes from
@@ -13,6 +13,11 @@
 //! description of the lock file, and with it the lock, and the socket of the bus connection:
 //! dropping the guard there must neither remove the file nor unlock it, nor release the name
 //! or end the connection. A child still in its drop after 20 s is ended by `SIGALRM`.
+//!
+//! With `--parent-drops` it is the other way round: the child keeps its copy of the guard until
+//! its stdin (shared with the parent) closes, then exits; the parent releases its guard at once,
+//! prints `parent-released child=PID`, then reaps the child and prints `child-exited status=S`.
+//! The lock file is the child's to keep: the parent's release must not remove it.
 
 use std::io::{BufRead, Write};
 
@@ -45,8 +50,20 @@ fn alarm(seconds: u32) {
     unsafe { nix::libc::alarm(seconds) };
 }
 
+/// Waits for the child `child` to end.
+fn reap(
+    child: u32,
+) -> std::io::Result<Option<(rustix::process::Pid, rustix::process::WaitStatus)>> {
+    rustix::process::Pid::from_raw(child as i32)
+        .ok_or_else(|| std::io::Error::other("fork returned pid 0"))
+        .and_then(|pid| {
+            rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+                .map_err(std::io::Error::from)
+        })
+}
+
 fn usage() -> ! {
-    eprintln!("usage: fork_release NAME [--backend lockfile|auto|dbus] [--async]");
+    eprintln!("usage: fork_release NAME [--backend lockfile|auto|dbus] [--async] [--parent-drops]");
     std::process::exit(64);
 }
 
@@ -54,7 +71,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let Some(name) = args.next() else { usage() };
     // `None`: Auto, the default.
-    let (mut backend, mut use_async) = (Some(Backend::LockFile), false);
+    let (mut backend, mut use_async, mut parent_drops) = (Some(Backend::LockFile), false, false);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--backend" => {
@@ -66,6 +83,7 @@ fn main() {
                 }
             }
             "--async" => use_async = true,
+            "--parent-drops" => parent_drops = true,
             _ => usage(),
         }
     }
@@ -98,6 +116,14 @@ fn main() {
     say(&format!("acquired pid={}", std::process::id()));
     let child = match fork() {
         Ok(Some(child)) => child,
+        Ok(None) if parent_drops => {
+            // The child keeps the instance, through the open file description it shares with
+            // the parent, until stdin closes. Ended by `SIGALRM` should nobody close it.
+            alarm(120);
+            let _ = std::io::stdin().lock().lines().count();
+            drop(guard);
+            std::process::exit(0);
+        }
         Ok(None) => {
             // The child: its guard shares the parent's lock and bus connection; dropping it must
             // leave them alone.
@@ -110,13 +136,28 @@ fn main() {
             std::process::exit(70);
         }
     };
-    let status = rustix::process::Pid::from_raw(child as i32)
-        .ok_or_else(|| std::io::Error::other("fork returned pid 0"))
-        .and_then(|pid| {
-            rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
-                .map_err(std::io::Error::from)
-        });
-    match status {
+    if parent_drops {
+        // The parent, which acquired, lets go while its child still holds.
+        match guard.release() {
+            Ok(()) => say(&format!("parent-released child={child}")),
+            Err(e) => {
+                say(&format!(
+                    "error release: {}",
+                    e.to_string().replace('\n', " ")
+                ));
+                std::process::exit(70);
+            }
+        }
+        match reap(child) {
+            Ok(Some((_, status))) => say(&format!("child-exited status={}", status.as_raw())),
+            other => {
+                say(&format!("error waitpid: {other:?}"));
+                std::process::exit(70);
+            }
+        }
+        return;
+    }
+    match reap(child) {
         Ok(Some((_, status))) => say(&format!("child-dropped status={}", status.as_raw())),
         other => {
             say(&format!("error waitpid: {other:?}"));

@@ -363,3 +363,40 @@ fn a_guard_with_a_bus_name_dropped_in_a_forked_child_leaves_the_parent_holding()
         assert!(!name_has_owner(&bus.address, &name), "{what}");
     }
 }
+
+/// A guard released in the PARENT after `fork`, while the child keeps its copy: the child still
+/// holds the lock through the open file description they shared, so the parent's release must
+/// leave the file in place. A second copy is refused (its record names the parent, now
+/// releasing or gone), the file is still there, and once the child exits a new copy acquires.
+#[test]
+fn a_guard_released_in_the_parent_after_fork_leaves_the_lock_file_to_the_child() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("fork_parent");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let mut cmd = clean_command(&example_path("fork_release"), None, lock_dir.path());
+    cmd.args([&name, "--parent-drops"]);
+    let mut parent = Proc::spawn(cmd);
+    let acquired = parent.next_line("acquired");
+    assert!(acquired.starts_with("acquired"), "{acquired}");
+    let released = parent.next_line("the parent's release");
+    assert!(released.starts_with("parent-released"), "{released}");
+    assert!(
+        path.exists(),
+        "the parent's release removed the lock file its child still holds"
+    );
+    let mut second = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = second.next_line("the second copy");
+    assert!(
+        line.starts_with("already-running"),
+        "a copy acquired beside the child that holds the lock: {line}"
+    );
+    assert_eq!(second.exit_code(), 75);
+    assert!(path.exists(), "the lock file is gone while the child holds");
+    // The child waits on the stdin it shares with the parent.
+    parent.close_stdin();
+    assert_eq!(parent.next_line("the child's exit"), "child-exited status=0");
+    assert_eq!(parent.exit_code(), 0);
+    let mut third = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = third.next_line("the third copy");
+    assert!(line.starts_with("acquired"), "{line}");
+}
