@@ -35,11 +35,14 @@ use crate::scope::{Backend, BusKind, Scope};
 /// the acquiring process removes the lock file and releases the bus name: a guard dropped (or
 /// released) in a forked child closes the child's own descriptors and leaves the file, the lock,
 /// the name and its connection alone (the child keeps its copy of the connection's socket until
-/// it exits or executes a program). The reverse is the hazard: a parent that forks the process
-/// which keeps the instance must not let its own guard's destructor run (leave with [`std::process::exit`], or [`std::mem::forget`] the
-/// guard), because the parent is the acquiring process and would remove the lock file that its
-/// child still holds through the shared open file description; a new copy would then create a
-/// new file and run beside the child.
+/// it exits or executes a program). The other way round, a guard dropped (or released) in the
+/// acquiring parent while a forked child still holds the lock leaves the lock file where it is
+/// (release first checks, with a fresh open file description, that nobody else holds the lock):
+/// other copies are refused until the child closes it, though the record still names the parent
+/// ("holder unknown" once it is gone). The parent's release does release the bus name, which
+/// belongs to its connection: a parent that forks the process which keeps a bus name must not
+/// let its own guard's destructor run (leave with [`std::process::exit`], or
+/// [`std::mem::forget`] the guard).
 #[must_use = "the instance is released as soon as the guard is dropped"]
 pub struct InstanceGuard {
     name: InstanceName,
@@ -150,11 +153,11 @@ impl InstanceGuard {
     /// # Caveats
     ///
     /// A duplicate that outlives the guard keeps the lock held after [`InstanceGuard::release`]
-    /// or `Drop`, which remove the lock file first: a new copy then creates and locks a new file
-    /// at the same path, while the old one is still held by whoever kept the duplicate. Give a
-    /// duplicate only to processes that end before the guard is released (`run` stops every
-    /// process COMMAND left behind before it releases). Whoever holds a duplicate may also write
-    /// the holder record.
+    /// or `Drop`, which then find the lock still held by someone else and leave the file in
+    /// place (with this process's record): other copies are refused until whoever kept the
+    /// duplicate closes it, and the file is left behind. Give a duplicate only to processes that
+    /// end before the guard is released (`run` stops every process COMMAND left behind before it
+    /// releases). Whoever holds a duplicate may also write the holder record.
     ///
     /// A lock file that someone removed is re-created by the guard (see
     /// [`crate::LossReason::LockFileRemoved`]): from then on this descriptor — the same number,

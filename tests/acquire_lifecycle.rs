@@ -394,7 +394,10 @@ fn a_guard_released_in_the_parent_after_fork_leaves_the_lock_file_to_the_child()
     assert!(path.exists(), "the lock file is gone while the child holds");
     // The child waits on the stdin it shares with the parent.
     parent.close_stdin();
-    assert_eq!(parent.next_line("the child's exit"), "child-exited status=0");
+    assert_eq!(
+        parent.next_line("the child's exit"),
+        "child-exited status=0"
+    );
     assert_eq!(parent.exit_code(), 0);
     let mut third = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
     let line = third.next_line("the third copy");

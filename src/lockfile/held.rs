@@ -18,7 +18,7 @@ use crate::loss::LossReason;
 use crate::plan::LockPlan;
 
 use super::dir::LockDir;
-use super::ofd::retry_eintr;
+use super::ofd::{lock_exclusive, retry_eintr};
 use super::record::{LockRecord, write_or_unknown};
 use super::watch::WatchHandle;
 use super::watcher::lock_change_of;
@@ -363,6 +363,11 @@ impl HeldLock {
         if !now.lost {
             now.lost_at_release = lock_change_of(&self.watch_handle(), now.dev, now.ino);
         }
+        if let Some(why) = self.shared_with_another(&now) {
+            tracing::debug!(path = %self.path.display(), why,
+                "lock file left as it is on release: another process may still hold the lock");
+            return Ok(());
+        }
         if now.keep_file {
             retry_eintr(|| rustix::fs::ftruncate(self.files.lent(), 0))
                 .map_err(|e| Error::io("cannot empty lock file", &self.path, e.into()))?;
@@ -377,6 +382,51 @@ impl HeldLock {
         // Closing `file` (when self drops) releases the lock: waiters on this inode wake, see
         // that the path no longer names it, and retry on a fresh file.
         Ok(())
+    }
+
+    /// Does another process still hold the lock, or can that not be ruled out? Why, if so.
+    /// `None` when this process alone holds it, or the path no longer names our file (nothing
+    /// there is ours to remove). Called on release with [`Shared::now`] locked (`now`).
+    ///
+    /// A child made by `fork` after acquiring shares the open file description, and with it
+    /// the lock, which our own descriptors cannot tell apart from ours. So: the file is opened
+    /// afresh through the directory (a new open file description, unlocked), every descriptor
+    /// of the lock is made to refer to it ([`Files::replace`]: the lent number stays valid,
+    /// this process lets go of the old description), and the new one is locked, without
+    /// waiting. It succeeds when nobody else holds the old description (which was unlocked as
+    /// our last reference went): the file is then ours alone, locked, to remove or empty. It
+    /// fails when someone does: a forked child, a duplicate handed to another process, or a
+    /// copy that took the lock in that instant (then rightfully: the file is at its path). A
+    /// few system calls (`openat`, `fstat`, a `dup3` per descriptor, `fcntl`, `close`) per
+    /// release. Anything failing on the way counts as shared: a file left behind is harmless,
+    /// a held one removed is not.
+    fn shared_with_another(&self, now: &Now) -> Option<&'static str> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+        let file = match retry_eintr(|| {
+            rustix::fs::openat(&*self.dir, self.file_name.as_os_str(), flags, Mode::empty())
+        }) {
+            Ok(file) => file,
+            // Not our file at the path (gone, or a symlink now): nothing there to remove.
+            Err(Errno::NOENT | Errno::LOOP) => return None,
+            Err(_) => return Some("cannot open the lock file again to check"),
+        };
+        match rustix::fs::fstat(&file) {
+            Ok(st) if st.st_dev == now.dev && st.st_ino == now.ino => {}
+            // Another file at the path: ours is not there to remove.
+            Ok(_) => return None,
+            Err(_) => return Some("cannot fstat the lock file opened again"),
+        }
+        if self.files.replace(&file).is_err() {
+            return Some("cannot move the lock's descriptors to the file opened again");
+        }
+        match lock_exclusive(&file, false) {
+            Ok(()) => None,
+            Err(Errno::AGAIN | Errno::ACCESS) => {
+                Some("the lock is held through another open file description")
+            }
+            Err(_) => Some("cannot lock the file opened again"),
+        }
     }
 
     /// The descriptor (for tests that check it is not inherited).
