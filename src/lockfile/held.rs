@@ -1,6 +1,8 @@
 //! The held lock: the file as locked, its record written in place, its descriptors kept until
 //! release, and the release itself (removed while still locked, then unlocked), also on `Drop`.
 //! Must not: decide whether a lock may be taken; that is the attempt's (`attempt.rs`).
+//! Over 400 lines: the descriptors ([`Files`]), what the watches share ([`Shared`]) and the
+//! release that needs both stay private together here, with their unit tests.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
