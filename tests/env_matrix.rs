@@ -7,8 +7,11 @@
 //! second copy is told "already running", naming the first. Whatever the environment offers
 //! (a session bus, another one, none, a runtime directory or not), it never moves the lock.
 //!
-//! Every pair is a case of its own (a fresh name); the pairs are a deterministic sample
-//! (`MATRIX_SEED`, `MATRIX_CASES` to replay or widen it) that covers every configuration.
+//! Every pair is a case of its own (a fresh name). By default the pairs are a sample that covers
+//! every configuration as a first copy, drawn from a seed that changes from run to run and is
+//! printed (and named in every failure): `MATRIX_SEED` replays it, `MATRIX_CASES` widens it.
+//! `MATRIX_EXHAUSTIVE=1` runs every ordered pair of the same identity instead (4 536 pairs:
+//! minutes; the README records a run).
 
 mod common;
 
@@ -233,10 +236,36 @@ fn two_live_holders_never_for_one_identity_whatever_the_environment() {
         std::fs::set_permissions(system_dir, std::fs::Permissions::from_mode(0o1777))
             .expect("chmod");
     }
-    let seed = env_number("MATRIX_SEED", 0x5EED_0010);
-    let cases = env_number("MATRIX_CASES", 216) as usize;
+    let fresh_seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x5EED_0010, |d| d.as_nanos() as u64);
+    let seed = env_number("MATRIX_SEED", fresh_seed);
     let world = World::new();
     let copies = all_copies();
+    let exhaustive = std::env::var_os("MATRIX_EXHAUSTIVE").is_some_and(|v| v == "1");
+    // Every ordered pair of the same identity, the first's own configuration included.
+    let every_pair: Vec<(Config, Config)> = copies
+        .iter()
+        .flat_map(|a| {
+            copies
+                .iter()
+                .filter(|b| b.lock_identity() == a.lock_identity())
+                .map(|b| (*a, *b))
+        })
+        .collect();
+    let cases = if exhaustive {
+        every_pair.len()
+    } else {
+        env_number("MATRIX_CASES", 216) as usize
+    };
+    eprintln!(
+        "environment matrix: {} (seed {seed:#x}, MATRIX_SEED={seed} replays it)",
+        if exhaustive {
+            format!("all {cases} ordered pairs of the same identity")
+        } else {
+            format!("{cases} pairs of {} of the same identity", every_pair.len())
+        }
+    );
     let mut rng = Rng(seed);
     // With at least as many cases as configurations, every configuration is a first copy (in
     // order); with fewer, the first copies are drawn. The partner is drawn from the
@@ -246,16 +275,20 @@ fn two_live_holders_never_for_one_identity_whatever_the_environment() {
     // matrix must really have exercised the bus side, not only the lock file.
     let mut on_a_bus = [0; 2];
     for case in 0..cases {
-        let first = if cases >= copies.len() {
-            copies[case % copies.len()]
+        let (first, second) = if exhaustive {
+            every_pair[case]
         } else {
-            copies[rng.below(copies.len())]
+            let first = if cases >= copies.len() {
+                copies[case % copies.len()]
+            } else {
+                copies[rng.below(copies.len())]
+            };
+            let partners: Vec<&Config> = copies
+                .iter()
+                .filter(|c| c.lock_identity() == first.lock_identity())
+                .collect();
+            (first, *partners[rng.below(partners.len())])
         };
-        let partners: Vec<&Config> = copies
-            .iter()
-            .filter(|c| c.lock_identity() == first.lock_identity())
-            .collect();
-        let second = *partners[rng.below(partners.len())];
         let name = unique_name("matrix");
         let what = format!("seed {seed:#x} case {case}: {first:?} then {second:?}");
         let mut holder = Proc::spawn(world.command(&first, &name));
