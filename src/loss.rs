@@ -19,8 +19,10 @@ pub enum LossReason {
     /// and could not be re-created. A file that is only removed while its directory stays is
     /// re-created by the holder at once, locked, and nothing is lost (a warning is logged);
     /// this is reported when that fails: another copy made or locked the new file first, the
-    /// directory went too, or the file was removed too often (a 17th re-creation within a
-    /// second: a process removing it in a loop is not a tmp cleaner). A program that gave a
+    /// directory went too, the file was removed too often (a 17th re-creation within a
+    /// second: a process removing it in a loop is not a tmp cleaner), or another copy made a
+    /// file at the path since ours went (it came and went while this copy was stopped: another
+    /// copy ran meanwhile). A program that gave a
     /// duplicate of the lock's descriptor to another process hears of each re-creation through
     /// [`crate::InstanceGuard::lock_file_recreations`].
     LockFileRemoved,

@@ -556,6 +556,56 @@ fn release_is_not_reported_as_a_loss() {
     }
 }
 
+/// A holder stopped (SIGSTOP, a debugger, Ctrl-Z) while its lock file is removed, and another
+/// copy comes, holds and goes meanwhile: once the holder runs again the path is free, but
+/// re-creating the file would hide that another copy ran in the middle of its work. Its watch
+/// reads who made files at the path, and this is a loss. (Without another copy, a removed file
+/// is re-created and nothing is lost: `a_removed_lock_file_is_recreated_and_still_excludes`.)
+#[test]
+fn a_copy_that_ran_while_the_holder_was_stopped_is_a_loss() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let name = unique_name("stopped");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, lock_dir.path(), &args);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        h.stop();
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        std::fs::remove_file(&path).expect("remove the lock file");
+        let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+        assert!(
+            other.next_line("other copy").starts_with("acquired"),
+            "{mode:?}"
+        );
+        other.close_stdin();
+        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
+        assert_eq!(other.exit_code(), 0);
+        h.signal(rustix::process::Signal::CONT);
+        let line = h.line_starting("lost");
+        assert_eq!(
+            field(&line, "reason"),
+            Some("LockFileRemoved"),
+            "{mode:?}: {line}"
+        );
+        assert_eq!(
+            field(&line, "still_exclusive"),
+            Some("false"),
+            "{mode:?}: {line}"
+        );
+        h.close_stdin();
+        h.stdout_until_closed();
+        // It made no new file at the path: a copy started now finds the path free.
+        let mut next = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+        assert!(
+            next.next_line("next copy").starts_with("acquired"),
+            "{mode:?}"
+        );
+        next.close_stdin();
+        assert_eq!(next.exit_code(), 0);
+    }
+}
+
 /// A lock file lost while nothing watched it (the watch off here; a stopped holder is the
 /// same): the release finds the path no longer leading to the file, and says so, rather than
 /// report a clean release to a program that may have run beside another copy. Removed, or

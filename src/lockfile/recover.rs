@@ -93,6 +93,17 @@ impl WatchHandle {
         }
     }
 
+    /// Gives the lock up as lost without trying to re-create it: someone else made a file at
+    /// the path since ours went (see `watch_lock_blocking`), so another copy may have run.
+    pub(crate) fn give_up(&self) -> Recovery {
+        let mut now = self.shared.now();
+        if now.released {
+            return Recovery::Released;
+        }
+        now.lost = true;
+        Recovery::Lost
+    }
+
     /// The body of [`WatchHandle::recover`], with the shared state locked; `Err` says why not.
     fn recreate(&self, now: &mut Now) -> std::result::Result<(), &'static str> {
         let shared = &*self.shared;

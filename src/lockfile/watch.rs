@@ -25,6 +25,57 @@ pub(crate) enum PathChange {
     Unreachable,
 }
 
+/// What a batch of inotify events said of our file's name in our directory.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct NameEvents {
+    /// Files made at the name (`IN_CREATE`, `IN_MOVED_TO`), by anyone: our own re-creations
+    /// included.
+    pub(super) created: u64,
+    /// The kernel's queue overflowed (`IN_Q_OVERFLOW`): events were lost.
+    pub(super) overflowed: bool,
+}
+
+/// Reads every pending event of `fd` (a non-blocking inotify instance), counting those that
+/// made a file named `name` in the directory watched as `dir_watch`.
+pub(super) fn read_name_events(fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) -> NameEvents {
+    use std::os::unix::ffi::OsStrExt;
+    const IN_MOVED_TO: u32 = 0x80;
+    const IN_CREATE: u32 = 0x100;
+    const IN_Q_OVERFLOW: u32 = 0x4000;
+    // struct inotify_event: int wd; uint32_t mask, cookie, len; char name[len] (NUL-padded).
+    const HEADER: usize = 16;
+    let mut seen = NameEvents::default();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = rustix::io::read(fd, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        let mut at = 0;
+        while at + HEADER <= n {
+            let field = |i: usize| {
+                let b = &buf[at + i * 4..at + i * 4 + 4];
+                [b[0], b[1], b[2], b[3]]
+            };
+            let wd = i32::from_ne_bytes(field(0));
+            let mask = u32::from_ne_bytes(field(1));
+            let len = u32::from_ne_bytes(field(3)) as usize;
+            let end = (at + HEADER).saturating_add(len).min(n);
+            let raw = &buf[at + HEADER..end];
+            let event_name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            if mask & IN_Q_OVERFLOW != 0 {
+                seen.overflowed = true;
+            } else if wd == dir_watch
+                && mask & (IN_CREATE | IN_MOVED_TO) != 0
+                && event_name == name.as_bytes()
+            {
+                seen.created += 1;
+            }
+            at = end;
+        }
+    }
+    seen
+}
+
 pub(super) fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 4096];
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
@@ -65,7 +116,7 @@ impl WatchHandle {
     /// anyway, so a change made before then is not missed (see `watch_lock`). Called again
     /// after each wake-up ([`WatchHandle::rewatch`]), since the path may go through other
     /// directories by then.
-    pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<()> {
+    pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<i32> {
         use rustix::fs::inotify::{self, WatchFlags};
         // `MASK_ADD` throughout: a directory watched twice (the lock directory as one the path
         // goes through, or on a second call) keeps every event it was given.
@@ -79,7 +130,7 @@ impl WatchHandle {
             | WatchFlags::MASK_ADD;
         // Through our directory descriptor, not its path: the path may have been replaced.
         let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
-        inotify::add_watch(fd, dir.as_str(), entries)?;
+        let dir_watch = inotify::add_watch(fd, dir.as_str(), entries)?;
         let way = self.path.parent().map(way_to).unwrap_or_default();
         // Every directory holding a symlink on the way, so that a flipped link wakes us too
         // (its path then leads to another file).
@@ -102,7 +153,7 @@ impl WatchHandle {
                     | WatchFlags::MASK_ADD,
             );
         }
-        Ok(())
+        Ok(dir_watch)
     }
 
     /// [`WatchHandle::add_watches`] again, after a wake-up, before the path is checked: when the
@@ -112,6 +163,16 @@ impl WatchHandle {
     /// Best effort: the check decides.
     pub(crate) fn rewatch(&self, fd: &OwnedFd) {
         let _ = self.add_watches(fd);
+    }
+
+    /// How many times the holder re-created its lock file so far.
+    pub(super) fn recreated(&self) -> u64 {
+        self.shared.now().recreated
+    }
+
+    /// The file's name in its directory.
+    pub(super) fn file_name(&self) -> &std::ffi::OsStr {
+        &self.file_name
     }
 
     /// Is the path still our file? `None` when it is. Asked twice: of the name in the directory

@@ -10,7 +10,7 @@ use crate::loss::{Loss, LossLog, LossReason};
 
 use super::held::HeldLock;
 use super::recover::Recovery;
-use super::watch::{PathChange, WatchHandle, drain};
+use super::watch::{PathChange, WatchHandle, read_name_events};
 
 /// Has the lock path stopped leading to our file, and how? `None` while it still does. A path
 /// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed.
@@ -146,7 +146,7 @@ impl LockWatchThread {
             .spawn(move || {
                 let mut every = recheck;
                 let inotify = match inotify
-                    .map(|r| r.and_then(|fd| thread_handle.add_watches(&fd).map(|()| fd)))
+                    .map(|r| r.and_then(|fd| thread_handle.add_watches(&fd).map(|wd| (fd, wd))))
                 {
                     Some(Ok(inotify)) => Some(inotify),
                     Some(Err(e)) => {
@@ -157,7 +157,13 @@ impl LockWatchThread {
                     }
                     None => None,
                 };
-                watch_lock_blocking(&thread_handle, inotify.as_ref(), every, &thread_stop, &losses);
+                watch_lock_blocking(
+                    &thread_handle,
+                    inotify.as_ref().map(|(fd, wd)| (fd, *wd)),
+                    every,
+                    &thread_stop,
+                    &losses,
+                );
                 // Tells the guard that no more checks are made, before the inotify instance is
                 // closed (slowly) on the way out.
                 drop(checking);
@@ -194,9 +200,16 @@ fn shortest(every: Option<Duration>, other: Duration) -> Option<Duration> {
 
 /// The body of [`LockWatchThread`]. Returns when told to stop, or once it has reported the
 /// lock file lost.
+///
+/// `inotify` is the instance and the watch descriptor of our directory in it. Its events are
+/// read, not only drained: a file made at our name by anyone but us (more files made there than
+/// we re-created) means that another copy took the path while ours was gone. A holder that was
+/// stopped (SIGSTOP) while its file was removed and another copy came and went finds, once it
+/// runs again, the path free: re-creating the file then would hide that another copy ran, so
+/// that is a loss. (An overflowed queue says nothing either way: it counts as such a file.)
 fn watch_lock_blocking(
     handle: &WatchHandle,
-    mut inotify: Option<&std::os::fd::OwnedFd>,
+    mut inotify: Option<(&std::os::fd::OwnedFd, i32)>,
     mut every: Option<Duration>,
     stop: &std::os::fd::OwnedFd,
     losses: &LossLog,
@@ -204,19 +217,46 @@ fn watch_lock_blocking(
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     // Polled for POLLPRI: see `mount_table`.
     let mounts = mount_table();
+    // Files made at our name, seen in the events so far, and whether one may have been missed.
+    let (mut made_at_name, mut events_lost) = (0u64, false);
     loop {
+        // Read before each check, whatever woke us: `poll` fails with EINTR after a stop and a
+        // SIGCONT, the very case these events are read for.
+        if let Some((events, dir_watch)) = inotify {
+            let seen = read_name_events(events, dir_watch, handle.file_name());
+            made_at_name += seen.created;
+            events_lost |= seen.overflowed;
+        }
         // Checked once the watch exists and after each batch of events or each interval, so a
         // change made before the watch was in place is not missed.
-        if let Some(reason) = lock_change(handle)
-            && !lock_changed(handle, reason, losses)
-        {
-            return;
+        if let Some(reason) = lock_change(handle) {
+            let made_by_another = events_lost || made_at_name > handle.recreated();
+            let recovered = if made_by_another {
+                tracing::debug!(path = %handle.path().display(),
+                    "a file was made at the lock path by someone else since ours went: not re-created");
+                match handle.give_up() {
+                    Recovery::Lost => {
+                        report_lock_loss(handle, reason, losses);
+                        false
+                    }
+                    _ => false,
+                }
+            } else {
+                lock_changed(handle, reason, losses)
+            };
+            if !recovered {
+                return;
+            }
+        } else {
+            // Still ours: whatever the events said is settled (our own files, or changes that
+            // went away); count from here.
+            (made_at_name, events_lost) = (handle.recreated(), false);
         }
         let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
         if let Some(mounts) = &mounts {
             fds.push(PollFd::new(mounts, PollFlags::PRI));
         }
-        if let Some(events) = inotify {
+        if let Some((events, _)) = inotify {
             fds.push(PollFd::new(events, PollFlags::IN));
         }
         let timeout = every.map(|every| {
@@ -244,13 +284,10 @@ fn watch_lock_blocking(
         if !fds[0].revents().is_empty() {
             return;
         }
-        // The mount table needs nothing done: a poll re-arms it. Inotify's events are drained.
-        let changed = inotify.is_some() && fds.last().is_some_and(|fd| !fd.revents().is_empty());
+        // The mount table needs nothing done: a poll re-arms it. Inotify's events are read at
+        // the top of the loop.
         drop(fds);
-        if let Some(events) = inotify {
-            if changed {
-                drain(events);
-            }
+        if let Some((events, _)) = inotify {
             // Before the next check: see `WatchHandle::rewatch`.
             handle.rewatch(events);
         }
