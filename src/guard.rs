@@ -375,6 +375,12 @@ impl InstanceGuard {
     /// [`Error::LostBeforeRelease`]): recorded as a loss, and returned as an error, so that a
     /// program never takes such a release for a clean one.
     fn lost_before_release(&self, report: Option<ReleaseReport>) -> Result<()> {
+        // Only the acquiring process checks at release; and in a forked child the shared state's
+        // lock may have been held by the watch thread at the fork, a thread the child does not
+        // have: taking it would wait for ever.
+        if std::process::id() != self.pid {
+            return Ok(());
+        }
         let Some(reason) = report.and_then(|r| r.lost_unnoticed()) else {
             return Ok(());
         };

@@ -663,9 +663,14 @@ fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     newest
 }
 
-/// A command with a clean environment: only PATH, the given bus, and the lock directory.
+/// A command with a clean environment: only PATH, the given bus, and the lock directory; and
+/// the default disposition of the signals the tool passes on. A signal ignored by whoever
+/// started the test run (`nohup`, a non-interactive shell's `&`: SIGINT and SIGQUIT) would
+/// otherwise stay ignored in the tool, as it should for a user, and the tests that send it one
+/// would wait in vain. (A test that wants one ignored starts the tool through `sh -c 'trap ...'`.)
 pub fn clean_command(program: &Path, bus: Option<&str>, lock_dir: &Path) -> Command {
     let mut cmd = Command::new(program);
+    default_signals(&mut cmd);
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir)
@@ -678,6 +683,30 @@ pub fn clean_command(program: &Path, bus: Option<&str>, lock_dir: &Path) -> Comm
         cmd.env("DBUS_SESSION_BUS_ADDRESS", address);
     }
     cmd
+}
+
+/// Gives `cmd` the default disposition of SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1 and SIGUSR2:
+/// see [`clean_command`].
+#[allow(unsafe_code)]
+pub fn default_signals(cmd: &mut Command) {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec, only `sigaction` (async-signal-safe) is called.
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in [
+                Signal::SIGHUP,
+                Signal::SIGINT,
+                Signal::SIGQUIT,
+                Signal::SIGTERM,
+                Signal::SIGUSR1,
+                Signal::SIGUSR2,
+            ] {
+                signal(sig, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The `holder` example with `args`, on `bus` (none: no session bus at all).
