@@ -2014,7 +2014,7 @@ fn the_keeper_re_creates_a_lock_file_removed_once_the_wrapper_is_gone() {
 /// (review: the keeper's record was left in it, and the next run removed it).
 #[test]
 fn a_users_empty_lock_file_survives_a_killed_wrapper() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     for keeper_killed in [true, false] {
         let lock_dir = tempfile::tempdir().expect("tempdir");
         let name = unique_name("keeper_keeps_flag");
@@ -2073,22 +2073,10 @@ fn a_users_empty_lock_file_survives_a_killed_wrapper() {
                 0,
                 "keeper killed: {keeper_killed}, round {round}"
             );
-            let after = std::fs::metadata(&path).unwrap_or_else(|e| {
-                panic!(
-                    "keeper killed: {keeper_killed}, round {round}: the user's file was \
-                     removed: {e}"
-                )
-            });
-            assert_eq!(
-                (
-                    after.ino(),
-                    after.mode(),
-                    after.uid(),
-                    after.gid(),
-                    after.len()
-                ),
-                (before.ino(), before.mode(), before.uid(), before.gid(), 0),
-                "keeper killed: {keeper_killed}, round {round}: the same file, emptied"
+            common::assert_same_file_emptied(
+                &path,
+                &before,
+                &format!("keeper killed: {keeper_killed}, round {round}"),
             );
         }
     }

@@ -764,18 +764,6 @@ fn a_users_empty_file_survives_a_crashed_holder() {
             .acquire()
             .expect("free after the holder died");
         guard.release().expect("release");
-        let after = std::fs::metadata(&path)
-            .unwrap_or_else(|e| panic!("round {round}: the user's file was removed: {e}"));
-        assert_eq!(
-            (
-                after.ino(),
-                after.mode(),
-                after.uid(),
-                after.gid(),
-                after.len()
-            ),
-            (before.ino(), before.mode(), before.uid(), before.gid(), 0),
-            "round {round}: the same file, emptied"
-        );
+        common::assert_same_file_emptied(&path, &before, &format!("round {round}"));
     }
 }

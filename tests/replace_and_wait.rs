@@ -188,34 +188,6 @@ fn bounded_wait_times_out_with_the_timeout_error() {
     }
 }
 
-/// The unique names queued for `name` on the bus at `address`, the owner first.
-fn queued_owners(address: &str, name: &str) -> Vec<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let conn = zbus::connection::Builder::address(address)
-            .build()
-            .await
-            .expect("connect");
-        match conn
-            .call_method(
-                Some("org.freedesktop.DBus"),
-                "/org/freedesktop/DBus",
-                Some("org.freedesktop.DBus"),
-                "ListQueuedOwners",
-                &(name,),
-            )
-            .await
-        {
-            Ok(reply) => reply.body().deserialize().expect("names"),
-            // NameHasNoOwner: nobody, not even queued.
-            Err(_) => Vec::new(),
-        }
-    })
-}
-
 /// A copy that holds the lock file and only waits in the bus's queue for the name (its owner
 /// uses the bus alone) does not own the name: its record says the lock file alone until the
 /// name is granted, and copies refused meanwhile do not name it as on the bus; once it owns
@@ -239,7 +211,7 @@ fn a_queued_waiter_does_not_record_the_bus_name_before_it_owns_it() {
     );
     // Queued: the bus lists it after the owner (it holds the lock file before it asks).
     let deadline = Instant::now() + common::TIMEOUT;
-    while queued_owners(&bus.address, &name).len() < 2 {
+    while common::queued_owners(&bus.address, &name).len() < 2 {
         assert!(Instant::now() < deadline, "the waiter never queued");
         assert_eq!(
             w.try_line(Duration::from_millis(20)),

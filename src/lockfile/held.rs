@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, Stat};
 use rustix::io::Errno;
@@ -422,12 +422,24 @@ impl HeldLock {
         if self.files.replace(&file).is_err() {
             return Some("cannot move the lock's descriptors to the file opened again");
         }
-        match lock_exclusive(&file, false) {
-            Ok(()) => None,
-            Err(Errno::AGAIN | Errno::ACCESS) => {
-                Some("the lock is held through another open file description")
+        // A process of ours starting a program shares every descriptor from its `fork` (or
+        // `clone`) to its `exec`, which closes the lock's: another thread spawning a child at
+        // this moment holds the old description for that long. So a few tries, about 60 ms in
+        // all, before the lock counts as held elsewhere (a forked child that lives on, a
+        // duplicate handed over) and the file is left in place.
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match lock_exclusive(&file, false) {
+                Ok(()) => return None,
+                Err(Errno::AGAIN | Errno::ACCESS) if pause <= Duration::from_millis(32) => {
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
+                Err(Errno::AGAIN | Errno::ACCESS) => {
+                    return Some("the lock is held through another open file description");
+                }
+                Err(_) => return Some("cannot lock the file opened again"),
             }
-            Err(_) => Some("cannot lock the file opened again"),
         }
     }
 

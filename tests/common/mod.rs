@@ -716,43 +716,69 @@ pub fn holder(bus: Option<&str>, lock_dir: &Path, args: &[&str]) -> Proc {
     Proc::spawn(cmd)
 }
 
-/// Waits until `count` connections own or are queued for `name` on the bus at `address`
-/// (`ListQueuedOwners`, through `busctl`): the moment a copy that waits for the name is
-/// known to be waiting. Panics after [`TIMEOUT`].
+/// The unique names that own or are queued for `name` on the bus at `address`, the owner first
+/// (`ListQueuedOwners`); empty when nobody owns it.
+pub fn queued_owners(address: &str, name: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(address)
+            .build()
+            .await
+            .expect("connect");
+        match conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "ListQueuedOwners",
+                &(name,),
+            )
+            .await
+        {
+            Ok(reply) => reply.body().deserialize().expect("names"),
+            // NameHasNoOwner: nobody, not even queued.
+            Err(_) => Vec::new(),
+        }
+    })
+}
+
+/// Waits until `count` connections own or are queued for `name` on the bus at `address`: the
+/// moment a copy that waits for the name is known to be waiting. Panics after [`TIMEOUT`].
 pub fn wait_for_queued_owners(address: &str, name: &str, count: usize) {
-    let busctl = require_program("busctl", "systemd");
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
-        let output = Command::new(&busctl)
-            .arg(format!("--address={address}"))
-            .args([
-                "call",
-                "org.freedesktop.DBus",
-                "/org/freedesktop/DBus",
-                "org.freedesktop.DBus",
-                "ListQueuedOwners",
-                "s",
-                name,
-            ])
-            .output()
-            .expect("run busctl");
-        // "as 2 \":1.4\" \":1.5\"", or an error while nobody owns the name.
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let queued = stdout
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(0);
-        if queued >= count {
+        let queued = queued_owners(address, name);
+        if queued.len() >= count {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{count} owners of {name} expected within {TIMEOUT:?}; busctl said {stdout:?} {:?}",
-            String::from_utf8_lossy(&output.stderr)
+            "{count} owners of {name} expected within {TIMEOUT:?}; the bus lists {queued:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Asserts that `path` is still the user's file described by `before` (same inode, mode and
+/// owner), and empty: `what` says which case failed.
+pub fn assert_same_file_emptied(path: &Path, before: &std::fs::Metadata, what: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let after = std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{what}: the user's file was removed: {e}"));
+    assert_eq!(
+        (
+            after.ino(),
+            after.mode(),
+            after.uid(),
+            after.gid(),
+            after.len()
+        ),
+        (before.ino(), before.mode(), before.uid(), before.gid(), 0),
+        "{what}: the same file, emptied"
+    );
 }
 
 /// The uid and gid of `nobody`, the unprivileged "other user" of the tests.
