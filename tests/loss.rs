@@ -556,6 +556,29 @@ fn release_is_not_reported_as_a_loss() {
     }
 }
 
+/// Waits until process `pid` has an inotify instance with a watch in it (its `fdinfo` lists
+/// `inotify wd:` lines): its lock-file watch is in place.
+fn wait_until_watching(pid: u32) {
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    loop {
+        let watching = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+            .expect("the holder's fdinfo")
+            .filter_map(Result::ok)
+            .any(|e| {
+                std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains("inotify wd:"))
+            });
+        if watching {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} set up no inotify watch within {:?}",
+            common::TIMEOUT
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A holder stopped (SIGSTOP, a debugger, Ctrl-Z) while its lock file is removed, and another
 /// copy comes, holds and goes meanwhile: once the holder runs again the path is free, but
 /// re-creating the file would hide that another copy ran in the middle of its work. Its watch
@@ -570,6 +593,9 @@ fn a_copy_that_ran_while_the_holder_was_stopped_is_a_loss() {
         args.extend_from_slice(mode);
         let mut h = holder(None, lock_dir.path(), &args);
         assert!(h.next_line("holder").starts_with("acquired"));
+        // Its watch sets itself up just after the acquisition, off its path: stopped before
+        // that, it could see nothing of what happened meanwhile.
+        wait_until_watching(h.pid());
         h.stop();
         let path = lock_dir.path().join(format!("{name}.lock"));
         std::fs::remove_file(&path).expect("remove the lock file");
