@@ -182,6 +182,14 @@ pub(super) fn start(
 /// The listening socket for `listen`, reachable by every user (as `dbus-daemon` makes it).
 fn bind(listen: &str) -> UnixListener {
     if let Some(path) = listen.strip_prefix("unix:path=") {
+        // A broker started again on the same address (a bus restart): the socket of the one
+        // before is still there, as dbus-daemon would have removed its own.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) {
+            std::fs::remove_file(path).unwrap_or_else(|e| panic!("remove the old {path}: {e}"));
+        }
         let listener = UnixListener::bind(path).unwrap_or_else(|e| panic!("bind {path}: {e}"));
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         listener
