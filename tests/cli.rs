@@ -1935,7 +1935,7 @@ fn a_killed_keeper_is_reported_truthfully() {
 fn a_refusal_names_the_keeper_once_the_wrapper_is_gone() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("keeper_named");
-    let (_wrapper, pid, pidfd, keeper) = keeper_alone_holding(lock_dir.path(), &name);
+    let (_wrapper, pid, pidfd, keeper) = keeper_alone_holding(None, lock_dir.path(), &name, &[]);
     let _command = KillOnDrop(&pidfd);
     let mut second = cli(None, lock_dir.path(), &["run", &name, "--", "true"]);
     assert_eq!(second.exit_code(), 75);
@@ -1966,7 +1966,7 @@ fn the_keeper_re_creates_a_lock_file_removed_once_the_wrapper_is_gone() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("keeper_recreates");
     let path = lock_dir.path().join(format!("{name}.lock"));
-    let (mut wrapper, pid, pidfd, keeper) = keeper_alone_holding(lock_dir.path(), &name);
+    let (mut wrapper, pid, pidfd, keeper) = keeper_alone_holding(None, lock_dir.path(), &name, &[]);
     let _command = KillOnDrop(&pidfd);
     // The keeper (which shares the wrapper's stderr) says it holds the instance alone now.
     wrapper.stderr_line_containing(&format!("its keeper (pid {keeper}) holds the instance"));
@@ -2023,31 +2023,17 @@ fn a_users_empty_lock_file_survives_a_killed_wrapper() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         let before = std::fs::metadata(&path).expect("meta");
         let lock_file = format!("--lock-file={}", path.display());
-        // NAME is sh's $0: it marks this case's keeper.
-        let mut wrapper = cli(
+        let (mut wrapper, pid, pidfd, keeper) = keeper_alone_holding(
             None,
             lock_dir.path(),
-            &[
-                "run",
-                "--backend=lockfile",
-                &lock_file,
-                "--kill-after=600",
-                &name,
-                "--",
-                "sh",
-                "-c",
-                "trap '' TERM; echo pid $$; exec sleep 600",
-                &name,
-            ],
+            &name,
+            &["--backend=lockfile", &lock_file],
         );
-        let (pid, pidfd) = command_pidfd(&mut wrapper);
         let _command = KillOnDrop(&pidfd);
-        let keeper = the_keeper(&wrapper, &name);
         let keeper_fd = rustix::process::Pid::from_raw(keeper as i32)
             .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
             .unwrap_or_else(|| panic!("keeper {keeper} is not running"));
         let _keeper = KillOnDrop(&keeper_fd);
-        wrapper.sigkill();
         // The keeper (which shares the wrapper's stderr) says it holds the instance alone now.
         wrapper.stderr_line_containing(&format!("its keeper (pid {keeper}) holds the instance"));
         if keeper_killed {
@@ -2153,22 +2139,25 @@ fn the_keeper_keeps_the_lock_file_without_inotify() {
 /// A `run` of `name` whose wrapper has been killed by SIGKILL, leaving its keeper alone holding
 /// the instance while COMMAND (which ignores SIGTERM, and is given 600 s) is being stopped: the
 /// killed wrapper (its stderr is the keeper's), COMMAND's PID and pidfd, and the keeper's PID.
-fn keeper_alone_holding(lock_dir: &Path, name: &str) -> (Proc, u32, rustix::fd::OwnedFd, u32) {
+/// On `bus` (none: no bus), with `options` of `run` before NAME.
+fn keeper_alone_holding(
+    bus: Option<&str>,
+    lock_dir: &Path,
+    name: &str,
+    options: &[&str],
+) -> (Proc, u32, rustix::fd::OwnedFd, u32) {
+    let mut args = vec!["run", "--kill-after=600"];
+    args.extend_from_slice(options);
     // NAME is sh's $0: it marks this case's keeper.
-    let mut wrapper = cli(
-        None,
-        lock_dir,
-        &[
-            "run",
-            "--kill-after=600",
-            name,
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; echo pid $$; exec sleep 600",
-            name,
-        ],
-    );
+    args.extend_from_slice(&[
+        name,
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; echo pid $$; exec sleep 600",
+        name,
+    ]);
+    let mut wrapper = cli(bus, lock_dir, &args);
     let (pid, pidfd) = command_pidfd(&mut wrapper);
     let keeper = the_keeper(&wrapper, name);
     wrapper.sigkill();
@@ -2236,28 +2225,14 @@ fn the_dead_wrapper_is_never_named_as_the_bus_names_owner() {
     for backend in ["auto", "dbus"] {
         let lock_dir = tempfile::tempdir().expect("tempdir");
         let name = unique_name("dead_wrapper");
-        // NAME is sh's $0: it marks this case's keeper.
-        let mut wrapper = cli(
+        let (mut wrapper, pid, pidfd, keeper) = keeper_alone_holding(
             Some(&bus.address),
             lock_dir.path(),
-            &[
-                "run",
-                "--backend",
-                backend,
-                "--kill-after=600",
-                &name,
-                "--",
-                "sh",
-                "-c",
-                "trap '' TERM; echo pid $$; exec sleep 600",
-                &name,
-            ],
+            &name,
+            &["--backend", backend],
         );
-        let (pid, pidfd) = command_pidfd(&mut wrapper);
         let _command = KillOnDrop(&pidfd);
-        let keeper = the_keeper(&wrapper, &name);
         let dead = wrapper.pid();
-        wrapper.sigkill();
         // Said once the keeper has named itself in the record.
         wrapper.stderr_line_containing("holds the instance while it stops");
         let mut second = cli(

@@ -406,7 +406,7 @@ fn a_ctrl_c_while_command_is_being_started_reaches_command() {
             .stdin(slave.try_clone().expect("dup"))
             .stdout(slave.try_clone().expect("dup"))
             .stderr(slave);
-        let mut child = cmd.spawn().expect("spawn setsid");
+        let child = cmd.spawn().expect("spawn setsid");
         drop(cmd);
         // What the terminal shows, for a failure's message.
         let (shown_tx, shown) = channel();
@@ -430,16 +430,7 @@ fn a_ctrl_c_while_command_is_being_started_reaches_command() {
         // COMMAND yet.
         master.write_all(b"\x03").expect("write ^C");
         rustix::process::kill_process(pid, Signal::CONT).expect("SIGCONT");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        let ended = rx.recv_timeout(TIMEOUT).ok();
-        if ended.is_none() {
-            // Still our child, not reaped: the PID is its own.
-            let _ = rustix::process::kill_process(pid, Signal::KILL);
-            let _ = rx.recv_timeout(TIMEOUT);
-        }
+        let ended = ended_within_timeout(child);
         drop(master);
         let shown = shown.recv_timeout(TIMEOUT).unwrap_or_default();
         let status = match ended {
@@ -693,9 +684,8 @@ fn a_hang_up_reaches_command_when_the_wrapper_leads_the_session() {
         .stdin(slave.try_clone().expect("dup"))
         .stdout(slave.try_clone().expect("dup"))
         .stderr(slave);
-    let mut child = cmd.spawn().expect("spawn setsid");
+    let child = cmd.spawn().expect("spawn setsid");
     drop(cmd);
-    let pid = Pid::from_raw(child.id() as i32).expect("pid");
     // Reads until COMMAND says it runs, then lets go of the master: the last one closed.
     let (shown_tx, shown) = channel();
     std::thread::spawn(move || {
@@ -711,16 +701,7 @@ fn a_hang_up_reaches_command_when_the_wrapper_leads_the_session() {
         let _ = shown_tx.send(String::from_utf8_lossy(&text).into_owned());
     });
     let shown = shown.recv_timeout(TIMEOUT);
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait());
-    });
-    let ended = rx.recv_timeout(TIMEOUT).ok();
-    if ended.is_none() {
-        // Still our child, not reaped: the PID is its own. Its keeper then stops COMMAND.
-        let _ = rustix::process::kill_process(pid, Signal::KILL);
-        let _ = rx.recv_timeout(TIMEOUT);
-    }
+    let ended = ended_within_timeout(child);
     let status = match ended {
         Some(Ok(status)) => status,
         other => panic!(
@@ -733,6 +714,22 @@ fn a_hang_up_reaches_command_when_the_wrapper_leads_the_session() {
         Some(129),
         "COMMAND died of SIGHUP; the terminal showed {shown:?}"
     );
+}
+
+/// How `child` (a wrapper) ended, if it did within [`TIMEOUT`]; if not, it is SIGKILLed (still
+/// our child, not reaped: the PID is its own; its keeper then stops COMMAND) and reaped.
+fn ended_within_timeout(mut child: std::process::Child) -> Option<std::io::Result<ExitStatus>> {
+    let pid = Pid::from_raw(child.id() as i32).expect("pid");
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let ended = rx.recv_timeout(TIMEOUT).ok();
+    if ended.is_none() {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
+        let _ = rx.recv_timeout(TIMEOUT);
+    }
+    ended
 }
 
 /// `wrapped` run by `sh` with `signals` ignored (as `nohup`, or a script's `&`, start it).
