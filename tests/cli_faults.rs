@@ -864,3 +864,73 @@ fn status_is_not_permitted_where_run_is() {
         assert!(stderr.contains("not permitted"), "{stderr}");
     }
 }
+
+/// A loss that only shows once COMMAND has ended is still a loss: the wrapper exits 69 and says
+/// that another copy may have run beside COMMAND, never COMMAND's own 0. The test hook
+/// UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE stops the wrapper after COMMAND's end, before it
+/// releases; meanwhile the lock file is removed and a second copy makes its own, runs and
+/// leaves. Resumed, the first copy's watch or its release finds that another copy took the
+/// path. It used to print a warning at most and exit 0. Without the second copy the removed
+/// file is only re-created: exit 0, as a clean run.
+#[test]
+fn a_loss_seen_only_after_command_ended_fails_the_run() {
+    for other_copy in [true, false] {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("loss_after_command");
+        let stderr = tempfile::NamedTempFile::new().expect("temp file");
+        let mut cmd = cli_command(None, lock_dir.path(), &["run", &name, "--", "true"]);
+        common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr.reopen().expect("reopen"));
+        let child = cmd.spawn().expect("spawn the first copy");
+        let pid = Pid::from_raw(child.id() as i32).expect("pid");
+        let at_hook = stopped(pid);
+        assert!(
+            at_hook.stopped(),
+            "the wrapper did not stop before releasing: {at_hook:?}"
+        );
+        let lock_files: Vec<_> = std::fs::read_dir(lock_dir.path())
+            .expect("read the lock directory")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(lock_files.len(), 1, "{lock_files:?}");
+        std::fs::remove_file(&lock_files[0]).expect("remove the lock file");
+        if other_copy {
+            let second = common::status_within_timeout(cli_command(
+                None,
+                lock_dir.path(),
+                &["run", &name, "--", "true"],
+            ));
+            assert_eq!(
+                second.code(),
+                Some(0),
+                "the second copy should have acquired the path left free: {second:?}"
+            );
+        }
+        rustix::process::kill_process(pid, Signal::CONT).expect("SIGCONT");
+        let status = match ended_within_timeout(child) {
+            Some(Ok(status)) => status,
+            other => panic!("the first copy did not end once resumed: {other:?}"),
+        };
+        let said = std::fs::read_to_string(stderr.path()).expect("read stderr");
+        if other_copy {
+            assert_eq!(
+                status.code(),
+                Some(69),
+                "another copy ran while this one believed it held the instance: {said}"
+            );
+            assert!(
+                said.contains("another copy may have run beside it")
+                    && said.contains("exited with status 0"),
+                "{said}"
+            );
+        } else {
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "a removal alone is re-created: {said}"
+            );
+        }
+    }
+}

@@ -61,9 +61,11 @@ wrapper leads is passed on); a signal that was ignored when the wrapper started 
 script's background job) stays ignored, in COMMAND too. A lock file that is only removed is
 re-created at once and COMMAND goes on. If the instance is lost while COMMAND runs (the lock file
 replaced, or removed and not re-created, its directory moved away, the bus name taken over),
-COMMAND gets SIGTERM, then SIGKILL after --kill-after, and the wrapper exits 69 saying why; if
-only the bus connection is lost while the lock file is still held, COMMAND goes on and a warning
-is printed. Processes COMMAND leaves
+COMMAND gets SIGTERM, then SIGKILL after --kill-after, and the wrapper exits 69 saying why; a
+loss seen only once COMMAND had ended (the wrapper was stopped meanwhile, or the loss came as it
+ended) also makes it exit 69, whatever COMMAND's status, since another copy may have run beside
+it. If only the bus connection is lost while the lock file is still held, COMMAND goes on and a
+warning is printed. Processes COMMAND leaves
 running when it exits are stopped the same way (SIGTERM, then SIGKILL) before the instance is
 released, so do not wrap a command that daemonizes.";
 

@@ -277,20 +277,31 @@ async fn supervise(args: RunArgs, found_free: bool, ignored: u64) -> ExitCode {
     if !children().is_empty() {
         stop_own_children().await;
     }
-    release(guard).await;
-    match (status, lost) {
-        (_, Some(loss)) => fail(
+    #[cfg(feature = "test-hooks")]
+    stop_for_test("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE");
+    let unacted = release_reporting_unacted_loss(guard, lost.is_none()).await;
+    match (status, lost, unacted) {
+        (_, Some(loss), _) => fail(
             EXIT_LOST,
             format_args!(
                 "{}: COMMAND was stopped because the instance was lost: {}",
                 args.instance.name, loss.reason
             ),
         ),
-        (Ok(status), None) => ExitCode::from(exit_code_of(status)),
+        (Ok(status), None, Some(reason)) => fail(
+            EXIT_LOST,
+            format_args!(
+                "{}: the instance was lost while COMMAND ran ({reason}), which was seen only once \
+                 COMMAND had ended (it {}): another copy may have run beside it",
+                args.instance.name,
+                describe_status(status),
+            ),
+        ),
+        (Ok(status), None, None) => ExitCode::from(exit_code_of(status)),
         // As a child subreaper we got all the keeper left behind, and `stop_own_children`
         // stopped and reaped it: none of it runs on. Still a failure (COMMAND did not end by
         // itself, and its status is unknown).
-        (Err(e), None) if subreaper.is_ok() => fail(
+        (Err(e), None, _) if subreaper.is_ok() => fail(
             EXIT_INTERNAL,
             format_args!(
                 "lost track of COMMAND: {e} (the keeper: {}); COMMAND and everything it started \
@@ -301,7 +312,7 @@ async fn supervise(args: RunArgs, found_free: bool, ignored: u64) -> ExitCode {
                 }
             ),
         ),
-        (Err(e), None) => fail(
+        (Err(e), None, _) => fail(
             EXIT_INTERNAL,
             format_args!("lost track of COMMAND: {e}; it may still be running"),
         ),
@@ -892,6 +903,47 @@ fn panic_for_test() {
 async fn release(guard: InstanceGuard) {
     if let Err(e) = guard.release_async().await {
         say!("unique-instance: warning: releasing the instance: {e}");
+    }
+}
+
+/// Releases the instance once COMMAND's tree is gone, and returns a loss that left no backend
+/// excluding other copies and that nothing acted on (`check`: COMMAND was not stopped for one):
+/// one reported after COMMAND ended, or one only the release found (this copy was stopped, or
+/// its watch had not seen it yet). COMMAND, or what it left, may then have run beside another
+/// copy, so the run is not a clean one (exit 69), whatever COMMAND's own status.
+async fn release_reporting_unacted_loss(
+    guard: InstanceGuard,
+    check: bool,
+) -> Option<unique_instance::LossReason> {
+    let mut losses = guard.loss_watcher();
+    let found = match guard.release_async().await {
+        Ok(()) => None,
+        Err(Error::LostBeforeRelease { reason, .. }) => Some(reason),
+        Err(e) => {
+            say!("unique-instance: warning: releasing the instance: {e}");
+            None
+        }
+    };
+    if !check {
+        return None;
+    }
+    // Every loss reported until the release ended, without waiting: a zero timeout still
+    // polls the future once, and the log is already written.
+    let mut reported = None;
+    while let Ok(Some(loss)) = tokio::time::timeout(Duration::ZERO, losses.next()).await {
+        if !loss.still_exclusive {
+            reported.get_or_insert(loss.reason);
+        }
+    }
+    reported.or(found)
+}
+
+/// "exited with status N" or "was killed by signal N", for a message.
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => format!("ended: {status}"),
     }
 }
 
