@@ -153,10 +153,12 @@ impl InstanceOptions {
     /// [`LossReason::LockFileRemoved`] / [`LossReason::LockFileReplaced`] /
     /// [`LossReason::LockDirectoryRemoved`] as soon as someone removes or replaces the file or
     /// its directory: no timer, so an idle holder still never wakes up (only a change in the
-    /// lock directory wakes it). If inotify cannot be set up (its limits reached), a re-check
+    /// lock directory wakes it). A lock file it sees removed, and nothing else made at its
+    /// path since, is re-created. If inotify cannot be set up (its limits reached), a re-check
     /// every 10 seconds is used instead, with a `warn` line. **On by default**; `false` turns
     /// it off (the lock file is then still re-checked when the bus connection closes, before a
-    /// loss claims it still excludes).
+    /// loss claims it still excludes). A removal found by a re-check, not seen happen, is a
+    /// loss, never re-created: another copy may have made the file, run and left in between.
     ///
     /// The watch is a small thread asleep in `poll`, started with the guard and stopped before
     /// the guard removes its lock file: it needs no runtime, so the guard of

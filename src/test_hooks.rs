@@ -26,6 +26,9 @@ pub(crate) enum Hook {
     /// When an attempt finds the lock file, held by nobody, with a second name, before it waits
     /// for that to change (`lockfile::attempt`).
     OnASecondName,
+    /// In a holder's lock-file watch thread, before it adds its inotify watches
+    /// (`lockfile::watcher`): the holder is stopped with its watch not in place yet.
+    BeforeLockWatch,
 }
 
 impl Hook {
@@ -61,11 +64,12 @@ mod imp {
             Hook::BeforeReleaseName => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RELEASE_NAME",
             Hook::WaitingOnARemovedFile => "UNIQUE_INSTANCE_TEST_STOP_WAITING_ON_A_REMOVED_FILE",
             Hook::OnASecondName => "UNIQUE_INSTANCE_TEST_STOP_ON_A_SECOND_NAME",
+            Hook::BeforeLockWatch => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_WATCH",
         }
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 6] = [const { AtomicBool::new(false) }; 6];
+        static STOPPED: [AtomicBool; 7] = [const { AtomicBool::new(false) }; 7];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
             let _ = rustix::process::kill_process(
                 rustix::process::getpid(),

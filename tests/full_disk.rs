@@ -116,6 +116,9 @@ fn a_lock_file_removed_on_a_full_file_system_is_recreated() {
         args.extend_from_slice(mode);
         let mut h: Proc = holder(None, &lock_dir, &args);
         assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        // Stopped once its watch is in place: a removal it did not see happen (before that) is
+        // a loss, not a re-creation.
+        common::wait_until_watching(h.pid());
         h.stop();
         std::fs::remove_file(&path).expect("remove the lock file");
         fs.fill();

@@ -928,9 +928,9 @@ impl Keeper {
                 };
                 say!(
                     "unique-instance: keeper (pid {}): the lock file {} was removed or replaced \
-                     and could not be re-created (another copy made it first, its directory \
-                     went, or it was removed more than 16 times within a second): it excludes \
-                     no other copy any more; {bus}",
+                     and is not re-created (another copy made a file there, its directory went, \
+                     it was removed more than 16 times within a second, or its removal was not \
+                     seen happen: no inotify): it excludes no other copy any more; {bus}",
                     std::process::id(),
                     kept.path().display()
                 );

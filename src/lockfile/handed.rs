@@ -24,7 +24,7 @@ use super::held::HeldLock;
 use super::ofd::is_held;
 use super::record::{LockRecord, read_content, write_or_unknown};
 use super::recover::Recovery;
-use super::watch::{PathChange, WatchHandle, drain, new_inotify};
+use super::watch::{NameHistory, PathChange, WatchHandle, drain, new_inotify};
 
 /// Writes this process's record (its PID, start time and executable; the lock file as its only
 /// backend: for a process that holds the bus name too, see
@@ -144,12 +144,15 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u
 /// directories above it and the symlinks on the way with inotify, as the guard's watch does:
 /// [`HandedLockFile::watch_descriptor`] becomes readable on a change, and
 /// [`HandedLockFile::check`] then looks. A lock file that was only removed (an administrator
-/// cleaning `/run/lock`, a tmp cleaner) is re-created by the guard's own code, with every
+/// cleaning `/run/lock`, a tmp cleaner), as the watch saw it go, is re-created by the guard's
+/// own code, with every
 /// check an acquisition makes: made anew (`O_EXCL`) in the same directory, still the one the
 /// path leads to, locked, this record written, and verified held; a removal that comes too
 /// often (more than 16 within a second) is a loss, as for the guard. Otherwise (replaced, moved,
-/// its directory gone, another copy made the file first) the lock no longer excludes other
-/// copies: [`HandedLockState::Lost`], and nothing is re-created any more.
+/// its directory gone, another copy made a file at the path, or a removal found without having
+/// been seen: before this was made, or without inotify, when another copy may have come and
+/// gone in between) the lock no longer excludes other copies: [`HandedLockState::Lost`], and
+/// nothing is re-created any more.
 ///
 /// Dropping it closes its descriptors (the lock goes with the last descriptor of its open
 /// file: others may hold some); the file is never removed, since the process that acquired it
@@ -163,8 +166,11 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u
 pub struct HandedLockFile {
     lock: HeldLock,
     handle: WatchHandle,
-    /// `None` when inotify could not be set up (see [`HandedLockFile::watch_descriptor`]).
-    inotify: Option<OwnedFd>,
+    /// `None` when inotify could not be set up (see [`HandedLockFile::watch_descriptor`]); with
+    /// the watch of our directory in it, when that could be added.
+    inotify: Option<(OwnedFd, Option<i32>)>,
+    /// What its events said (see `NameHistory`); in a mutex since `check` takes `&self`.
+    history: std::sync::Mutex<NameHistory>,
 }
 
 impl Drop for HandedLockFile {
@@ -233,23 +239,26 @@ impl HandedLockFile {
         }
         // Best effort: a directory left unwatched is still looked at by the periodic checks.
         let inotify = match new_inotify() {
-            Ok(inotify) => {
-                if let Err(e) = handle.add_watches(&inotify) {
+            Ok(inotify) => match handle.add_watches(&inotify) {
+                Ok(dir_watch) => Some((inotify, Some(dir_watch))),
+                Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e,
                         "cannot watch every directory of the lock path with inotify");
+                    Some((inotify, None))
                 }
-                Some(inotify)
-            }
+            },
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e,
                     "cannot watch the lock file with inotify");
                 None
             }
         };
+        let history = std::sync::Mutex::new(NameHistory::new(handle.recreated()));
         Ok(HandedLockFile {
             lock,
             handle,
             inotify,
+            history,
         })
     }
 
@@ -257,10 +266,10 @@ impl HandedLockFile {
     /// inotify instance: for `poll` or an async reactor, never to be read by the caller).
     /// `None` when inotify could not be set up: then nothing says when to look, and the caller
     /// calls `check` periodically (`run`'s keeper does every 200 ms in any case, since a
-    /// directory on the way may have been left unwatched). The shorter the period, the
-    /// shorter the moment in which a copy started after a removal can make the file first.
+    /// directory on the way may have been left unwatched). A removal found so was not seen
+    /// happen, and is a loss (see [`HandedLockFile`]).
     pub fn watch_descriptor(&self) -> Option<BorrowedFd<'_>> {
-        self.inotify.as_ref().map(AsFd::as_fd)
+        self.inotify.as_ref().map(|(inotify, _)| inotify.as_fd())
     }
 
     /// The lock file's path, as planned.
@@ -277,13 +286,31 @@ impl HandedLockFile {
     /// Takes the pending changes and looks at the path: re-creates the lock file if it was
     /// only removed (see [`HandedLockFile`]). Once [`HandedLockState::Lost`], always `Lost`.
     pub fn check(&self) -> HandedLockState {
-        if let Some(inotify) = &self.inotify {
-            drain(inotify);
+        let mut history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((inotify, dir_watch)) = &self.inotify {
+            match dir_watch {
+                Some(dir_watch) => history.read(inotify, *dir_watch, self.handle.file_name()),
+                // Our directory unwatched: no removal is ever seen, so none is re-created.
+                None => drain(inotify),
+            }
             // Before the check, as the guard's watch does: see `WatchHandle::rewatch`.
             self.handle.rewatch(inotify);
         }
-        // The guard's watch: nothing changed (`Held`), or re-created, or lost (now or before).
-        match self.handle.recover() {
+        // As the guard's watch decides: a file found gone is re-created only if its removal was
+        // seen and nobody else made a file at the path since (see `NameHistory`).
+        let (dev, ino) = self.handle.identity();
+        let recovery = if self.handle.path_as(dev, ino).is_none() {
+            history.settle(self.handle.recreated());
+            self.handle.recover()
+        } else if history.only_removed(self.handle.recreated()) {
+            self.handle.recover()
+        } else {
+            self.handle.give_up()
+        };
+        match recovery {
             Recovery::Held => HandedLockState::Held,
             Recovery::Recreated => HandedLockState::Recreated,
             Recovery::Lost | Recovery::Released => HandedLockState::Lost,

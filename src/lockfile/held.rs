@@ -157,6 +157,10 @@ pub(super) struct Now {
     /// Found at release: the path had stopped leading to our file and no watch had seen it
     /// (the holder was stopped, or the watch was off). See [`HeldLock::lost_at_release`].
     pub(super) lost_at_release: Option<LossReason>,
+    /// Left by the watch as it stopped for the release: it had seen our file removed, and no
+    /// file made at its name by anyone else since (see `NameHistory`). A removal found by the
+    /// release is then only that, which the watch would have re-created, and no loss.
+    pub(super) seen_only_removed: bool,
 }
 
 /// See [`HeldLock::release_report`].
@@ -206,6 +210,7 @@ impl HeldLock {
                 released: false,
                 lost: false,
                 lost_at_release: None,
+                seen_only_removed: false,
             }),
             files: Arc::downgrade(&files),
             plan: plan.clone(),
@@ -363,7 +368,8 @@ impl HeldLock {
         // Checked with `released` set, under the same lock as a re-creation: no watch can be
         // re-creating the file at this moment, so a change seen here is one nobody handled.
         if !now.lost {
-            now.lost_at_release = lock_change_of(&self.watch_handle(), now.dev, now.ino);
+            now.lost_at_release = lock_change_of(&self.watch_handle(), now.dev, now.ino)
+                .filter(|r| !(*r == LossReason::LockFileRemoved && now.seen_only_removed));
         }
         if let Some(why) = self.shared_with_another(&now) {
             tracing::debug!(path = %self.path.display(), why,

@@ -11,7 +11,6 @@ use crate::scope::{Backend, BusKind};
 
 use super::held::HeldLock;
 use super::record::{LockRecord, write_or_unknown};
-use super::recover::Recovery;
 use super::watch::WatchHandle;
 use super::watcher::LockWatchThread;
 
@@ -43,6 +42,13 @@ impl HeldFile {
     ) -> Result<Self> {
         let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
         lock.write_record(&record)?;
+        // Our directory watched from now on, before the acquisition returns: a removal of our
+        // file is then an event the watch reads, however late its thread starts (a holder
+        // stopped meanwhile), and one it did not see is never re-created (see `NameHistory`).
+        // If the directory cannot be watched, the watch falls back to re-checks.
+        let inotify = inotify.map(|inotify| {
+            inotify.and_then(|fd| lock.watch_handle().add_dir_watch(&fd).map(|_| fd))
+        });
         Ok(HeldFile {
             watch: None,
             lock,
@@ -100,15 +106,12 @@ impl HeldFile {
     /// Whether the lock file is ours at the moment it is called, for another backend's watch
     /// (the bus's, when its connection closes): not what held at acquisition, but what holds
     /// then, since the lock file may have gone unnoticed (the watch turned off, or a directory
-    /// above it moved). A lock file merely removed is re-created first (see
-    /// `WatchHandle::recover`).
+    /// above it moved). A lock file found removed here is not re-created: this check did not
+    /// see it go, so another copy may have come and gone meanwhile (see `NameHistory`); the
+    /// watch, which may have seen it, decides on its own.
     pub(crate) fn still_held_check(&self) -> impl FnOnce() -> bool + Send + 'static {
         let lock = self.lock.watch_handle();
-        move || {
-            lock.check_path()
-                .is_none_or(|_| lock.recover() != Recovery::Lost)
-                && lock.verify_held()
-        }
+        move || lock.check_path().is_none() && lock.verify_held()
     }
 
     /// See [`HeldLock::release_report`].

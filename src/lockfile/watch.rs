@@ -25,55 +25,103 @@ pub(crate) enum PathChange {
     Unreachable,
 }
 
-/// What a batch of inotify events said of our file's name in our directory.
+/// The events of a watched directory's entries (and of itself). `MASK_ADD`: a directory
+/// watched twice (the lock directory as one the path goes through, or on a second call) keeps
+/// every event it was given.
+const DIR_ENTRY_EVENTS: rustix::fs::inotify::WatchFlags = rustix::fs::inotify::WatchFlags::DELETE
+    .union(rustix::fs::inotify::WatchFlags::MOVED_FROM)
+    .union(rustix::fs::inotify::WatchFlags::MOVED_TO)
+    .union(rustix::fs::inotify::WatchFlags::CREATE)
+    .union(rustix::fs::inotify::WatchFlags::DELETE_SELF)
+    .union(rustix::fs::inotify::WatchFlags::MOVE_SELF)
+    .union(rustix::fs::inotify::WatchFlags::ONLYDIR)
+    .union(rustix::fs::inotify::WatchFlags::MASK_ADD);
+
+/// What inotify said of our file's name in our directory since the path was last seen leading
+/// to our file: the watch's memory, which decides whether a lock file found gone may be
+/// re-created.
+///
+/// Re-creating is right only for a removal that was *seen* to happen (`IN_DELETE` or
+/// `IN_MOVED_FROM` at our name) and that no file made by someone else followed (`IN_CREATE`,
+/// `IN_MOVED_TO` beyond our own re-creations). A removal found without having been seen — it
+/// happened before the watches were in place (the holder was stopped, or slow, just after
+/// acquiring), or there is no inotify at all — cannot be told from one behind which another
+/// copy made the file, ran and left: that is a loss, never a silent re-creation.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct NameEvents {
-    /// Files made at the name (`IN_CREATE`, `IN_MOVED_TO`), by anyone: our own re-creations
-    /// included.
-    pub(super) created: u64,
+pub(super) struct NameHistory {
+    /// Files made at the name, by anyone (our own re-creations included), counted as
+    /// [`WatchHandle::recreated`] counts ours.
+    made: u64,
+    /// Our name removed or moved away, seen since the path last led to our file.
+    removed: u64,
     /// The kernel's queue overflowed (`IN_Q_OVERFLOW`): events were lost.
-    pub(super) overflowed: bool,
+    events_lost: bool,
 }
 
-/// Reads every pending event of `fd` (a non-blocking inotify instance), counting those that
-/// made a file named `name` in the directory watched as `dir_watch`.
-pub(super) fn read_name_events(fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) -> NameEvents {
-    use std::os::unix::ffi::OsStrExt;
-    const IN_MOVED_TO: u32 = 0x80;
-    const IN_CREATE: u32 = 0x100;
-    const IN_Q_OVERFLOW: u32 = 0x4000;
-    // struct inotify_event: int wd; uint32_t mask, cookie, len; char name[len] (NUL-padded).
-    const HEADER: usize = 16;
-    let mut seen = NameEvents::default();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = rustix::io::read(fd, &mut buf) {
-        if n == 0 {
-            break;
-        }
-        let mut at = 0;
-        while at + HEADER <= n {
-            let field = |i: usize| {
-                let b = &buf[at + i * 4..at + i * 4 + 4];
-                [b[0], b[1], b[2], b[3]]
-            };
-            let wd = i32::from_ne_bytes(field(0));
-            let mask = u32::from_ne_bytes(field(1));
-            let len = u32::from_ne_bytes(field(3)) as usize;
-            let end = (at + HEADER).saturating_add(len).min(n);
-            let raw = &buf[at + HEADER..end];
-            let event_name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
-            if mask & IN_Q_OVERFLOW != 0 {
-                seen.overflowed = true;
-            } else if wd == dir_watch
-                && mask & (IN_CREATE | IN_MOVED_TO) != 0
-                && event_name == name.as_bytes()
-            {
-                seen.created += 1;
-            }
-            at = end;
+impl NameHistory {
+    /// The history of a watch that starts with the path leading to our file, `recreated`
+    /// times re-created so far.
+    pub(super) fn new(recreated: u64) -> Self {
+        NameHistory {
+            made: recreated,
+            ..NameHistory::default()
         }
     }
-    seen
+
+    /// Reads every pending event of `fd` (a non-blocking inotify instance) about `name` in the
+    /// directory watched as `dir_watch`.
+    pub(super) fn read(&mut self, fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) {
+        use std::os::unix::ffi::OsStrExt;
+        const IN_MOVED_FROM: u32 = 0x40;
+        const IN_MOVED_TO: u32 = 0x80;
+        const IN_CREATE: u32 = 0x100;
+        const IN_DELETE: u32 = 0x200;
+        const IN_Q_OVERFLOW: u32 = 0x4000;
+        // struct inotify_event: int wd; uint32_t mask, cookie, len; char name[len] (NUL-padded).
+        const HEADER: usize = 16;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rustix::io::read(fd, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut at = 0;
+            while at + HEADER <= n {
+                let field = |i: usize| {
+                    let b = &buf[at + i * 4..at + i * 4 + 4];
+                    [b[0], b[1], b[2], b[3]]
+                };
+                let wd = i32::from_ne_bytes(field(0));
+                let mask = u32::from_ne_bytes(field(1));
+                let len = u32::from_ne_bytes(field(3)) as usize;
+                let end = (at + HEADER).saturating_add(len).min(n);
+                let raw = &buf[at + HEADER..end];
+                let event_name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+                if mask & IN_Q_OVERFLOW != 0 {
+                    self.events_lost = true;
+                } else if wd == dir_watch && event_name == name.as_bytes() {
+                    if mask & (IN_CREATE | IN_MOVED_TO) != 0 {
+                        self.made += 1;
+                    }
+                    if mask & (IN_DELETE | IN_MOVED_FROM) != 0 {
+                        self.removed += 1;
+                    }
+                }
+                at = end;
+            }
+        }
+    }
+
+    /// The path leads to our file (`recreated` times re-created so far): what the events said
+    /// is settled (our own files, or changes that went away); count from here.
+    pub(super) fn settle(&mut self, recreated: u64) {
+        *self = NameHistory::new(recreated);
+    }
+
+    /// May our file, found gone from the path, be re-created (`recreated`: our re-creations so
+    /// far)? Only if its removal was seen and nobody else has made a file at the name since.
+    pub(super) fn only_removed(&self, recreated: u64) -> bool {
+        !self.events_lost && self.removed > 0 && self.made <= recreated
+    }
 }
 
 pub(super) fn drain(fd: &OwnedFd) {
@@ -110,27 +158,18 @@ impl WatchHandle {
     /// entry of a directory holding a symlink on the way changes (a flipped
     /// `current -> releases/vN`): every way the path can stop naming our file without a mount.
     ///
-    /// Called by the watch itself (its task or thread), not on the acquisition's path: it costs
-    /// a system call per component of the path (symlinks' targets included) and one per
+    /// Called by the watch itself (its thread), not on the acquisition's path: it costs a
+    /// system call per component of the path (symlinks' targets included) and one per
     /// directory it goes through, and the watch checks the path once its watches are in place
-    /// anyway, so a change made before then is not missed (see `watch_lock`). Called again
+    /// anyway, so a change made before then is not missed (see `watch_lock_blocking`). Only
+    /// the lock directory's own watch is added at acquisition ([`WatchHandle::add_dir_watch`]),
+    /// so that a removal of our file is always seen, never only found. Called again
     /// after each wake-up ([`WatchHandle::rewatch`]), since the path may go through other
     /// directories by then.
     pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<i32> {
         use rustix::fs::inotify::{self, WatchFlags};
-        // `MASK_ADD` throughout: a directory watched twice (the lock directory as one the path
-        // goes through, or on a second call) keeps every event it was given.
-        let entries = WatchFlags::DELETE
-            | WatchFlags::MOVED_FROM
-            | WatchFlags::MOVED_TO
-            | WatchFlags::CREATE
-            | WatchFlags::DELETE_SELF
-            | WatchFlags::MOVE_SELF
-            | WatchFlags::ONLYDIR
-            | WatchFlags::MASK_ADD;
-        // Through our directory descriptor, not its path: the path may have been replaced.
-        let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
-        let dir_watch = inotify::add_watch(fd, dir.as_str(), entries)?;
+        let entries = DIR_ENTRY_EVENTS;
+        let dir_watch = self.add_dir_watch(fd)?;
         let way = self.path.parent().map(way_to).unwrap_or_default();
         // Every directory holding a symlink on the way, so that a flipped link wakes us too
         // (its path then leads to another file).
@@ -156,6 +195,21 @@ impl WatchHandle {
         Ok(dir_watch)
     }
 
+    /// Watches our directory's entries (only that one, of what [`WatchHandle::add_watches`]
+    /// watches): from then on the removal of our file, and any file made at its name, are
+    /// events to read (see [`NameHistory`]). Done as the acquisition takes the lock, so that no
+    /// removal is unseen, however late the watch thread adds the rest; one system call.
+    /// Returns the watch descriptor.
+    pub(crate) fn add_dir_watch(&self, fd: &OwnedFd) -> std::io::Result<i32> {
+        // Through our directory descriptor, not its path: the path may have been replaced.
+        let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
+        Ok(rustix::fs::inotify::add_watch(
+            fd,
+            dir.as_str(),
+            DIR_ENTRY_EVENTS,
+        )?)
+    }
+
     /// [`WatchHandle::add_watches`] again, after a wake-up, before the path is checked: when the
     /// path still leads to our file, it may go through other directories by now (a directory
     /// renamed and a link pointed at its new name), which must wake us in turn. Watches already
@@ -163,6 +217,11 @@ impl WatchHandle {
     /// Best effort: the check decides.
     pub(crate) fn rewatch(&self, fd: &OwnedFd) {
         let _ = self.add_watches(fd);
+    }
+
+    /// See `Now::seen_only_removed`: set by the watch as it stops for the release.
+    pub(super) fn note_seen_only_removed(&self, seen: bool) {
+        self.shared.now().seen_only_removed = seen;
     }
 
     /// How many times the holder re-created its lock file so far.
@@ -332,6 +391,49 @@ fn probe_flags() -> OFlags {
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    /// A removal is re-created only when it was seen, and nobody but us made a file at the
+    /// name since; a removal found without an event (or a file someone else made) is not.
+    #[test]
+    fn only_a_seen_removal_with_no_other_file_may_be_recreated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fd = new_inotify().expect("inotify");
+        let wd =
+            rustix::fs::inotify::add_watch(&fd, dir.path(), DIR_ENTRY_EVENTS).expect("add_watch");
+        let name = std::ffi::OsStr::new("x.lock");
+        let path = dir.path().join(name);
+        std::fs::write(&path, b"").expect("our file");
+        let mut history = NameHistory::new(0);
+        history.read(&fd, wd, name);
+        // Found gone without a removal seen (our own creation was all): not only removed.
+        assert!(!history.only_removed(0), "{history:?}");
+        history.settle(0);
+        std::fs::remove_file(&path).expect("rm");
+        // Another name in the directory is not ours.
+        std::fs::write(dir.path().join("other.lock"), b"").expect("another file");
+        history.read(&fd, wd, name);
+        assert!(history.only_removed(0), "{history:?}");
+        // Our re-creation (counted by the holder as 1) is not someone else's.
+        std::fs::write(&path, b"").expect("re-created");
+        history.read(&fd, wd, name);
+        assert!(history.only_removed(1), "{history:?}");
+        // Removed again, and a file made by someone else, then gone: not only removed.
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::write(&path, b"").expect("another copy's");
+        std::fs::remove_file(&path).expect("rm");
+        history.read(&fd, wd, name);
+        assert!(!history.only_removed(1), "{history:?}");
+        // Moved away and in again count as removed and made.
+        std::fs::write(&path, b"").expect("file");
+        history.read(&fd, wd, name);
+        history.settle(2);
+        std::fs::rename(&path, dir.path().join("moved")).expect("mv");
+        history.read(&fd, wd, name);
+        assert!(history.only_removed(2), "{history:?}");
+        std::fs::rename(dir.path().join("moved"), &path).expect("mv back");
+        history.read(&fd, wd, name);
+        assert!(!history.only_removed(2), "{history:?}");
+    }
 
     /// `srv/current -> ../data/rel/v1` (relative, through `..`) and `data/rel -> /abs/rel`
     /// (absolute): every directory entered is listed, those above each target included, and

@@ -10,7 +10,7 @@ use crate::loss::{Loss, LossLog, LossReason};
 
 use super::held::HeldLock;
 use super::recover::Recovery;
-use super::watch::{PathChange, WatchHandle, read_name_events};
+use super::watch::{NameHistory, PathChange, WatchHandle};
 
 /// Has the lock path stopped leading to our file, and how? `None` while it still does. A path
 /// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed.
@@ -46,7 +46,8 @@ fn lock_changed(handle: &WatchHandle, reason: LossReason, losses: &LossLog) -> b
 }
 
 /// How often the lock file is re-checked when inotify is not available for
-/// [`InstanceOptions::watch_lock_file`](crate::InstanceOptions::watch_lock_file).
+/// [`InstanceOptions::watch_lock_file`](crate::InstanceOptions::watch_lock_file). A change
+/// found so was not seen happen: a loss, even a removal alone (see `NameHistory`).
 const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The longest single sleep of the watch: a longer re-check interval (up to `Duration::MAX`)
@@ -144,6 +145,7 @@ impl LockWatchThread {
         std::thread::Builder::new()
             .name("unique-instance-watch".into())
             .spawn(move || {
+                crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeLockWatch);
                 let mut every = recheck;
                 let inotify = match inotify
                     .map(|r| r.and_then(|fd| thread_handle.add_watches(&fd).map(|wd| (fd, wd))))
@@ -206,7 +208,9 @@ fn shortest(every: Option<Duration>, other: Duration) -> Option<Duration> {
 /// we re-created) means that another copy took the path while ours was gone. A holder that was
 /// stopped (SIGSTOP) while its file was removed and another copy came and went finds, once it
 /// runs again, the path free: re-creating the file then would hide that another copy ran, so
-/// that is a loss. (An overflowed queue says nothing either way: it counts as such a file.)
+/// that is a loss. (An overflowed queue says nothing either way: it counts as such a file.) So
+/// is a removal found that no event showed: one made before the watches were in place (the
+/// holder was stopped just after acquiring), or any, without inotify (see [`NameHistory`]).
 fn watch_lock_blocking(
     handle: &WatchHandle,
     mut inotify: Option<(&std::os::fd::OwnedFd, i32)>,
@@ -217,23 +221,22 @@ fn watch_lock_blocking(
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     // Polled for POLLPRI: see `mount_table`.
     let mounts = mount_table();
-    // Files made at our name, seen in the events so far, and whether one may have been missed.
-    let (mut made_at_name, mut events_lost) = (0u64, false);
+    // What the events said of our name since the path last led to our file.
+    let mut history = NameHistory::new(handle.recreated());
     loop {
         // Read before each check, whatever woke us: `poll` fails with EINTR after a stop and a
         // SIGCONT, the very case these events are read for.
         if let Some((events, dir_watch)) = inotify {
-            let seen = read_name_events(events, dir_watch, handle.file_name());
-            made_at_name += seen.created;
-            events_lost |= seen.overflowed;
+            history.read(events, dir_watch, handle.file_name());
         }
         // Checked once the watch exists and after each batch of events or each interval, so a
-        // change made before the watch was in place is not missed.
+        // change made before the watch was in place is not missed: it is a loss (see
+        // `NameHistory`), since whether another copy came meanwhile cannot be known.
         if let Some(reason) = lock_change(handle) {
-            let made_by_another = events_lost || made_at_name > handle.recreated();
-            let recovered = if made_by_another {
+            let recovered = if !history.only_removed(handle.recreated()) {
                 tracing::debug!(path = %handle.path().display(),
-                    "a file was made at the lock path by someone else since ours went: not re-created");
+                    "the lock path stopped leading to our file, and it was not seen only removed \
+                     (unwatched then, or someone else made a file there): not re-created");
                 match handle.give_up() {
                     Recovery::Lost => {
                         report_lock_loss(handle, reason, losses);
@@ -248,9 +251,7 @@ fn watch_lock_blocking(
                 return;
             }
         } else {
-            // Still ours: whatever the events said is settled (our own files, or changes that
-            // went away); count from here.
-            (made_at_name, events_lost) = (handle.recreated(), false);
+            history.settle(handle.recreated());
         }
         let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
         if let Some(mounts) = &mounts {
@@ -282,6 +283,12 @@ fn watch_lock_blocking(
             }
         }
         if !fds[0].revents().is_empty() {
+            // Told to stop: a release follows, which judges a change not acted on yet. What the
+            // events say of it is left for that judgement (see `Now::seen_only_removed`).
+            if let Some((events, dir_watch)) = inotify {
+                history.read(events, dir_watch, handle.file_name());
+            }
+            handle.note_seen_only_removed(history.only_removed(handle.recreated()));
             return;
         }
         // The mount table needs nothing done: a poll re-arms it. Inotify's events are read at

@@ -866,3 +866,26 @@ pub fn assert_refused_naming(lock_dir: &Path, name: &str, holder_pid: u32, what:
     );
     assert_eq!(newcomer.exit_code(), 75, "{what}");
 }
+
+/// Waits until process `pid` has an inotify instance with a watch in it (its `fdinfo` lists
+/// `inotify wd:` lines): its lock-file watch is in place.
+pub fn wait_until_watching(pid: u32) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let watching = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+            .expect("the holder's fdinfo")
+            .filter_map(Result::ok)
+            .any(|e| {
+                std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains("inotify wd:"))
+            });
+        if watching {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} set up no inotify watch within {:?}",
+            TIMEOUT
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
