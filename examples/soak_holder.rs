@@ -293,7 +293,8 @@ async fn library(args: &Args, log: &Log) -> i32 {
             0
         }
         Err(e @ Error::LostBeforeRelease { .. }) => {
-            // A loss the release found (the copy was stopped while its file went): a loss, 69.
+            // A loss the program was not told of before the release (the copy was stopped
+            // while its file went, or the loss came as it released): a loss, 69.
             log.event(&format!("lost-at-release msg={e}"));
             69
         }
@@ -329,35 +330,42 @@ fn blocking(args: &Args, log: &Log) -> i32 {
         let _ = done.send(Event::Done);
     });
     let mut watcher = guard.loss_watcher();
-    std::thread::spawn(move || {
-        while let Some(loss) = watcher.next_blocking(None) {
-            if tx.send(Event::Lost(loss)).is_err() {
+    std::thread::scope(|scope| {
+        // Each loss is logged by the thread the library hands it to, at once, whatever this
+        // thread is doing then (releasing, say): the log says what the program was told. The
+        // scope waits for it, so nothing it was given goes unlogged; it ends once the guard is
+        // released and every loss read.
+        scope.spawn(move || {
+            while let Some(loss) = watcher.next_blocking(None) {
+                log.event(&loss_line(&loss));
+                if tx.send(Event::Lost(loss)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut why = "done";
+        while let Ok(Event::Lost(loss)) = rx.recv() {
+            if !loss.still_exclusive {
+                why = "lost";
                 break;
             }
         }
-    });
-    let mut why = "done";
-    while let Ok(Event::Lost(loss)) = rx.recv() {
-        log.event(&loss_line(&loss));
-        if !loss.still_exclusive {
-            why = "lost";
-            break;
+        log.event(&format!("releasing why={why}"));
+        match guard.release() {
+            Ok(()) => {
+                log.event("released");
+                0
+            }
+            Err(e @ Error::LostBeforeRelease { .. }) => {
+                // A loss the program was not told of before the release (the copy was stopped
+                // while its file went, or the loss came as it released): a loss, 69.
+                log.event(&format!("lost-at-release msg={e}"));
+                69
+            }
+            Err(e) => {
+                log.event(&format!("release-error msg={e}"));
+                70
+            }
         }
-    }
-    log.event(&format!("releasing why={why}"));
-    match guard.release() {
-        Ok(()) => {
-            log.event("released");
-            0
-        }
-        Err(e @ Error::LostBeforeRelease { .. }) => {
-            // A loss the release found (the copy was stopped while its file went): a loss, 69.
-            log.event(&format!("lost-at-release msg={e}"));
-            69
-        }
-        Err(e) => {
-            log.event(&format!("release-error msg={e}"));
-            70
-        }
-    }
+    })
 }

@@ -157,15 +157,19 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// Released, but the lock file had stopped being this copy's before the release, and no
-    /// loss had been reported: the file or a directory on its path was removed or replaced just
-    /// before the release (before the watch saw it), or while the watch was off or the copy
-    /// was stopped (SIGSTOP, a debugger, a frozen cgroup). Another copy may have run beside this one meanwhile. The instance is released
-    /// all the same, and the loss is also in [`crate::InstanceGuard::losses`]'s watchers.
+    /// Released, but the instance had been lost before the release and the program had not been
+    /// told: the lock file had stopped being this copy's and no loss had been reported (the
+    /// file or a directory on its path was removed or replaced just before the release, before
+    /// the watch saw it, or while the watch was off or the copy was stopped: SIGSTOP, a
+    /// debugger, a frozen cgroup); or a loss that left nothing excluding other copies had been
+    /// reported, but neither the guard nor any [`crate::LossWatcher`] had handed it to the
+    /// program yet (it came as the program decided to release, or the program never looks).
+    /// Another copy may have run beside this one meanwhile. The instance is released all the
+    /// same, and the loss is also in [`crate::InstanceGuard::losses`]'s watchers.
     #[error(
-        "{name}: {reason} before the release, and no loss had been reported (the watch had not \
-         seen it yet, was off, or this copy was stopped): another copy may have run beside it \
-         meanwhile"
+        "{name}: {reason} before the release, and the program had not been told (the watch had \
+         not seen it yet, was off, or this copy was stopped; or the loss came as it released): \
+         another copy may have run beside it meanwhile"
     )]
     LostBeforeRelease {
         /// The instance name.

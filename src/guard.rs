@@ -15,7 +15,7 @@ use crate::dbus::HeldName;
 use crate::error::{Error, Result};
 use crate::held::{Held, Holding};
 use crate::lockfile::{HeldFile, ReleaseReport};
-use crate::loss::{Loss, LossLog, LossWatcher};
+use crate::loss::{Loss, LossLog, LossWatcher, LossesRead};
 use crate::name::InstanceName;
 use crate::recreation::LockFileRecreations;
 use crate::runtime::{ServiceThread, block_here};
@@ -54,6 +54,9 @@ pub struct InstanceGuard {
     /// so that watchers see its end only when the guard is gone.
     loss_log: LossLog,
     seen_losses: usize,
+    /// How many losses, oldest first, the program has been given (by this guard or any of its
+    /// [`LossWatcher`]s): a release with a loss past them was never heard of, and is not clean.
+    losses_read: LossesRead,
     tasks: Vec<JoinHandle<()>>,
     /// The runtime that services the connection when the guard came from the blocking API (set
     /// by it once acquired: the only field set outside `InstanceGuard::new`).
@@ -109,6 +112,7 @@ impl InstanceGuard {
             losses,
             loss_log,
             seen_losses: 0,
+            losses_read: LossesRead::default(),
             tasks,
             runtime: None,
             pid: std::process::id(),
@@ -283,19 +287,27 @@ impl InstanceGuard {
 
     /// Every loss seen so far, oldest first.
     pub fn losses(&self) -> Vec<Loss> {
-        self.losses.borrow().clone()
+        let losses = self.losses.borrow().clone();
+        self.losses_read.up_to(losses.len());
+        losses
     }
 
     /// False once a loss left no backend excluding other copies.
     pub fn is_exclusive(&self) -> bool {
-        self.losses.borrow().iter().all(|l| l.still_exclusive)
+        let losses = self.losses.borrow();
+        self.losses_read.up_to(losses.len());
+        losses.iter().all(|l| l.still_exclusive)
     }
 
     /// A watcher of this guard's losses that can be moved to another thread or task, so one
     /// part of a program waits for losses while another holds the guard. It starts before the
     /// first loss not yet returned by [`InstanceGuard::next_loss`].
     pub fn loss_watcher(&self) -> LossWatcher {
-        LossWatcher::new(self.losses.clone(), self.seen_losses)
+        LossWatcher::new(
+            self.losses.clone(),
+            self.seen_losses,
+            self.losses_read.clone(),
+        )
     }
 
     /// Waits for the next loss event not yet returned by this method.
@@ -312,6 +324,7 @@ impl InstanceGuard {
         match log {
             Ok(loss) => {
                 self.seen_losses += 1;
+                self.losses_read.up_to(self.seen_losses);
                 loss
             }
             // The sender lives in the guard's tasks; if they are all gone nothing more can be
@@ -335,9 +348,12 @@ impl InstanceGuard {
     /// # Errors
     ///
     /// [`Error::Bus`](crate::Error::Bus) if `ReleaseName` failed, [`Error::Io`](crate::Error::Io)
-    /// if the lock file could not be removed, [`Error::LostBeforeRelease`] if the lock file had
-    /// stopped being ours before the release without any loss reported (this copy was stopped,
-    /// or its watch was off, while the file went). The instance is released in any case:
+    /// if the lock file could not be removed, [`Error::LostBeforeRelease`] if the instance had
+    /// been lost before the release and the program not told: the lock file had stopped being
+    /// ours without any loss reported (this copy was stopped, or its watch was off, while the
+    /// file went), or a loss that left nothing excluding other copies was reported but never
+    /// returned by this guard or its [`LossWatcher`]s (nor seen in [`InstanceGuard::losses`] or
+    /// [`InstanceGuard::is_exclusive`]). The instance is released in any case:
     /// closing our descriptors releases it.
     ///
     /// # Caveats
@@ -380,6 +396,22 @@ impl InstanceGuard {
         // have: taking it would wait for ever.
         if std::process::id() != self.pid {
             return Ok(());
+        }
+        // A loss recorded, that left nothing excluding other copies, and that the program was
+        // never given (it came as the program decided to release, or the program never
+        // looks): a release is no clean end then either.
+        let unread = self
+            .losses
+            .borrow()
+            .iter()
+            .skip(self.losses_read.count())
+            .find(|l| !l.still_exclusive)
+            .copied();
+        if let Some(loss) = unread {
+            return Err(Error::LostBeforeRelease {
+                name: self.name.to_string(),
+                reason: loss.reason,
+            });
         }
         let Some(reason) = report.and_then(|r| r.lost_unnoticed()) else {
             return Ok(());

@@ -99,12 +99,31 @@ pub(crate) type LossLog = watch::Sender<Vec<Loss>>;
 pub struct LossWatcher {
     losses: watch::Receiver<Vec<Loss>>,
     seen: usize,
+    read: LossesRead,
+}
+
+/// How many of an instance's losses, oldest first, the program has been given, by its guard or
+/// any of its watchers: a release tells apart a loss the program heard of from one it never did
+/// (see [`crate::Error::LostBeforeRelease`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LossesRead(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl LossesRead {
+    /// The first `n` losses have been given to the program.
+    pub(crate) fn up_to(&self, n: usize) {
+        self.0.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl LossWatcher {
-    /// A watcher of `losses` that starts after the first `seen` of them.
-    pub(crate) fn new(losses: watch::Receiver<Vec<Loss>>, seen: usize) -> Self {
-        LossWatcher { losses, seen }
+    /// A watcher of `losses` that starts after the first `seen` of them, and counts what it
+    /// returns in `read`.
+    pub(crate) fn new(losses: watch::Receiver<Vec<Loss>>, seen: usize, read: LossesRead) -> Self {
+        LossWatcher { losses, seen, read }
     }
 
     /// Waits for the next loss this watcher has not returned yet.
@@ -120,6 +139,7 @@ impl LossWatcher {
             .map(|log| log[seen]);
         if loss.is_some() {
             self.seen += 1;
+            self.read.up_to(self.seen);
         }
         loss
     }

@@ -29,7 +29,10 @@
 //!    through a descriptor checked to be the path's file, or after the directory was renamed
 //!    away): that copy's (or its wrapper's), none yet, or a dead holder's count as that copy's;
 //!    a live *other* holder's does not — then a copy claimed a lock file already deleted under
-//!    its holder. Those explained overlaps are counted and shown, not hidden.
+//!    its holder. Those explained overlaps are counted and shown, not hidden; and the copy whose
+//!    lock was taken must report the loss (`lost`, `lost-at-release`, `releasing why=lost`; for
+//!    COMMAND its wrapper's SIGTERM or exit 69) or be SIGKILLed before it could: one that ends
+//!    its belief with a clean `released` is a violation (see `loss_told`).
 //! 2. **Every refused copy named a holder that was alive**: the PID it named belongs to a copy
 //!    the driver had started and not yet seen exit at some moment between the refused copy's
 //!    attempt and its refusal ("holder unknown" is counted, not failed). A `run` wrapper counts
@@ -872,15 +875,19 @@ struct Line {
     raw: String,
 }
 
+/// A log line's time, `SECONDS.NANOSECONDS`, in nanoseconds.
+fn parse_t(t: &str) -> Option<u64> {
+    let (s, ns) = t.split_once('.')?;
+    Some(s.parse::<u64>().ok()? * 1_000_000_000 + ns.parse::<u64>().ok()?)
+}
+
 fn parse_log(text: &str) -> (Vec<Line>, Vec<String>) {
     let mut lines = Vec::new();
     let mut bad = Vec::new();
     for raw in text.lines() {
         let mut parts = raw.splitn(4, ' ');
         let parsed = (|| {
-            let t = parts.next()?;
-            let (s, ns) = t.split_once('.')?;
-            let t = s.parse::<u64>().ok()? * 1_000_000_000 + ns.parse::<u64>().ok()?;
+            let t = parse_t(parts.next()?)?;
             let pid = parts.next()?.parse().ok()?;
             let event = parts.next()?.to_owned();
             let rest = parts.next().unwrap_or("").to_owned();
@@ -979,6 +986,35 @@ struct Report {
     explained_by: BTreeMap<String, u64>,
     stats: BTreeMap<String, u64>,
     incarnations: Vec<Incarnation>,
+}
+
+/// Did copy `who`, whose lock file the nemesis took at `at`, say so: a `lost` line (the
+/// library's watch), a `lost-at-release` one (its release found it), `releasing why=lost`, or,
+/// for `run`'s COMMAND, a SIGTERM from its wrapper (which stops COMMAND on a loss: the driver
+/// sends none) or the wrapper's exit 69 (a loss seen once COMMAND had ended); or was it SIGKILLed
+/// (it, or its wrapper) before it could (not after a clean `released`).
+fn loss_told(incs: &[Incarnation], who: usize, at: u64) -> bool {
+    let inc = &incs[who];
+    let told = inc.lines.iter().any(|raw| {
+        let mut words = raw.split_whitespace();
+        let t = words.next().and_then(parse_t).unwrap_or(0);
+        let event = words.nth(1).unwrap_or("");
+        let rest: Vec<&str> = words.collect();
+        t >= at
+            && (matches!(event, "lost" | "lost-at-release")
+                || (event == "releasing"
+                    && rest
+                        .iter()
+                        .any(|w| matches!(*w, "why=lost" | "why=SIGTERM"))))
+    });
+    let wrapper_said = inc
+        .wrapper
+        .is_some_and(|w| incs[w].exit_how.as_deref() == Some("code=69"));
+    let released_cleanly = inc
+        .lines
+        .iter()
+        .any(|raw| raw.split_whitespace().nth(2) == Some("released"));
+    told || wrapper_said || (inc.killed.is_some() && !released_cleanly)
 }
 
 fn fmt_t(t: u64) -> String {
@@ -1269,21 +1305,37 @@ fn check(text: &str, driver_pid: u32) -> Report {
                     .rfind(|(at, _)| *at <= t)
                     .is_some_and(|(_, what)| *what == "stop")
             };
+            // The deletion's kind, whether its victim was stopped then, the victim, and when.
             let deleted = took(a)
-                .map(|(d, _, kind)| (*kind, stopped_at(a, *d)))
-                .or_else(|| took(b).map(|(d, _, kind)| (*kind, stopped_at(b, *d))));
+                .map(|(d, _, kind)| (*kind, stopped_at(a, *d), a, *d))
+                .or_else(|| took(b).map(|(d, _, kind)| (*kind, stopped_at(b, *d), b, *d)));
             let same_live_bus = a.bus.is_some()
                 && a.bus == b.bus
                 && a.bus
                     .and_then(|id| bus_killed.get(&id))
                     .is_none_or(|&k| k > b.start);
             let overlap = a.end.min(b.end).saturating_sub(b.start);
-            if let Some((kind, stopped)) = deleted.filter(|_| !same_live_bus) {
-                // A loss reported: by the library, or by `run` stopping its COMMAND.
-                let reported = incs[a.who]
-                    .lines
-                    .iter()
-                    .any(|l| l.contains(" lost ") || l.contains("why=SIGTERM"));
+            if let Some((kind, stopped, victim, at)) = deleted.filter(|_| !same_live_bus) {
+                // The library cannot prevent such an overlap, but it must not let it pass
+                // unsaid: the copy whose lock was taken reports the loss (or dies first).
+                let reported = loss_told(&incs, victim.who, at);
+                if !reported {
+                    let iv = &incs[victim.who];
+                    let mut v = format!(
+                        "A TAKEN LOCK NEVER REPORTED: the nemesis took pid {} ({:?})'s lock file \
+                         at {} ({kind}) and pid {} acquired while it believed, but pid {} \
+                         ended its belief without reporting a loss (no `lost`, no \
+                         `lost-at-release`, no SIGTERM from its wrapper, no exit 69) and was \
+                         not killed before it could.\n",
+                        iv.pid,
+                        iv.kind,
+                        fmt_t(at),
+                        incs[if victim.who == a.who { b.who } else { a.who }].pid,
+                        iv.pid,
+                    );
+                    let _ = write!(v, "    its history: {}", iv.lines.join("\n            "));
+                    report.violations.push(v);
+                }
                 report.explained.push((a.who, b.who, overlap, reported));
                 let key = if stopped {
                     format!("{kind}, its holder stopped")
@@ -1675,13 +1727,50 @@ fn checker_rules_on_written_logs() {
     );
     assert!(r.violations[0].contains("pid 10") && r.violations[0].contains("pid 11"));
 
-    let deleted = two.replace(
+    // The first one's lock file deleted: explained, as long as it tells the loss (here its
+    // release finds it).
+    let unreported = two.replace(
         "1.300000000 1 spawn",
         "1.250000000 1 rm-lock holders=10\n1.300000000 1 spawn",
+    );
+    let deleted = unreported.replace(
+        "1.600000000 10 releasing why=done",
+        "1.600000000 10 releasing why=done\n1.650000000 10 lost-at-release msg=lost",
     );
     let r = check(&deleted, d);
     assert!(r.violations.is_empty(), "{:#?}", r.violations);
     assert_eq!(r.explained.len(), 1);
+    // Never told, though not killed: the deletion explains the overlap, not the silence.
+    let r = check(&unreported, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("A TAKEN LOCK NEVER REPORTED")
+            && r.violations[0].contains("pid 10"),
+        "{}",
+        r.violations[0]
+    );
+    // Told by the watch (`lost`), or killed before it could: fine. Killed only after a clean
+    // release: not.
+    for (told, ok) in [
+        (
+            "1.550000000 10 lost reason=LockFileRemoved still_exclusive=false",
+            true,
+        ),
+        ("1.550000000 1 kill pid=10", true),
+        ("1.650000000 10 released\n1.700000000 1 kill pid=10", false),
+        // A loss told before the deletion is another loss.
+        (
+            "1.210000000 10 lost reason=BusConnectionClosed still_exclusive=true",
+            false,
+        ),
+    ] {
+        let log = unreported.replace(
+            "1.600000000 10 releasing why=done",
+            &format!("{told}\n1.600000000 10 releasing why=done"),
+        );
+        let r = check(&log, d);
+        assert_eq!(r.violations.is_empty(), ok, "{told}: {:#?}", r.violations);
+    }
 
     // A record naming nobody, or a dead copy, leaves it to the first one too.
     for holders in ["?", "", "99"] {
@@ -1715,6 +1804,18 @@ fn checker_rules_on_written_logs() {
         "{seconds}"
     );
     let r = check(&seconds, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("A TAKEN LOCK NEVER REPORTED")
+            && r.violations[0].contains("pid 11"),
+        "{}",
+        r.violations[0]
+    );
+    let seconds_told = seconds.replace(
+        "1.700000000 11 releasing why=done",
+        "1.700000000 11 releasing why=done\n1.750000000 11 lost-at-release msg=lost",
+    );
+    let r = check(&seconds_told, d);
     assert!(r.violations.is_empty(), "{:#?}", r.violations);
 
     // Both on bus 0, which lived on: the bus should have refused one of them.
@@ -1756,6 +1857,36 @@ fn checker_rules_on_written_logs() {
         "{}",
         r.violations[0]
     );
+
+    // A COMMAND whose lock file (its wrapper's record) was taken: told by its wrapper's SIGTERM
+    // or, once it had ended, by the wrapper's exit 69; not by a clean exit 0.
+    let taken_command = log(&[
+        "1.000000000 1 spawn pid=20 kind=cli bus=-",
+        "1.100000000 21 acquired via=run wrapper=20 lock_fd=3",
+        "1.150000000 1 rm-lock holders=20",
+        "1.200000000 1 spawn pid=30 kind=lib bus=-",
+        "1.300000000 30 attempt",
+        "1.400000000 30 acquired backends=[LockFile] bus=None",
+        "1.500000000 21 releasing why=stdin",
+        "1.600000000 30 releasing why=done",
+        "1.700000000 1 exit pid=20 code=0",
+        "1.800000000 1 exit pid=30 code=0",
+    ]);
+    let r = check(&taken_command, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("A TAKEN LOCK NEVER REPORTED")
+            && r.violations[0].contains("pid 21"),
+        "{}",
+        r.violations[0]
+    );
+    for told in [
+        taken_command.replace("pid=20 code=0", "pid=20 code=69"),
+        taken_command.replace("why=stdin", "why=SIGTERM"),
+    ] {
+        let r = check(&told, d);
+        assert!(r.violations.is_empty(), "{told}: {:#?}", r.violations);
+    }
 
     let stale = log(&[
         "1.000000000 1 spawn pid=10 kind=lib bus=-",
