@@ -351,9 +351,9 @@ impl InstanceGuard {
     /// if the lock file could not be removed, [`Error::LostBeforeRelease`] if the instance had
     /// been lost before the release and the program not told: the lock file had stopped being
     /// ours without any loss reported (this copy was stopped, or its watch was off, while the
-    /// file went), or a loss that left nothing excluding other copies was reported but never
-    /// returned by this guard or its [`LossWatcher`]s (nor seen in [`InstanceGuard::losses`] or
-    /// [`InstanceGuard::is_exclusive`]). The instance is released in any case:
+    /// file went), or a loss that left nothing excluding other copies was reported but none
+    /// such was ever returned by this guard or its [`LossWatcher`]s (nor seen in
+    /// [`InstanceGuard::losses`] or [`InstanceGuard::is_exclusive`]). The instance is released in any case:
     /// closing our descriptors releases it.
     ///
     /// # Caveats
@@ -397,16 +397,19 @@ impl InstanceGuard {
         if std::process::id() != self.pid {
             return Ok(());
         }
-        // A loss recorded, that left nothing excluding other copies, and that the program was
-        // never given (it came as the program decided to release, or the program never
-        // looks): a release is no clean end then either.
-        let unread = self
-            .losses
-            .borrow()
-            .iter()
-            .skip(self.losses_read.count())
-            .find(|l| !l.still_exclusive)
-            .copied();
+        // A loss recorded that left nothing excluding other copies, while the program was never
+        // given one (it came as the program decided to release, or the program never looks):
+        // a release is no clean end then either. A program told once that exclusion was gone
+        // knows; later losses add nothing.
+        let unread = {
+            let log = self.losses.borrow();
+            let (read, unread) = log.split_at(self.losses_read.count().min(log.len()));
+            if read.iter().any(|l| !l.still_exclusive) {
+                None
+            } else {
+                unread.iter().find(|l| !l.still_exclusive).copied()
+            }
+        };
         if let Some(loss) = unread {
             return Err(Error::LostBeforeRelease {
                 name: self.name.to_string(),

@@ -15,14 +15,16 @@ pub enum LossReason {
     Replaced,
     /// The bus connection closed (the bus daemon died or dropped us).
     BusConnectionClosed,
-    /// The lock file was removed by someone else (seen by the watch or the periodic re-check),
-    /// and could not be re-created. A file that is only removed while its directory stays is
-    /// re-created by the holder at once, locked, and nothing is lost (a warning is logged);
-    /// this is reported when that fails: another copy made or locked the new file first, the
+    /// The lock file was removed by someone else, and is not re-created. A file that the watch
+    /// saw removed (inotify), and nothing else made at its path since, while its directory
+    /// stays, is re-created by the holder at once, locked, and nothing is lost (a warning is
+    /// logged); this is reported otherwise: another copy made or locked the new file first, the
     /// directory went too, the file was removed too often (a 17th re-creation within a
-    /// second: a process removing it in a loop is not a tmp cleaner), or another copy made a
+    /// second: a process removing it in a loop is not a tmp cleaner), another copy made a
     /// file at the path since ours went (it came and went while this copy was stopped: another
-    /// copy ran meanwhile). A program that gave a
+    /// copy ran meanwhile), or the removal was found without having been seen (by the periodic
+    /// re-check, without inotify, or before the watch was in place), when whether another copy
+    /// came and went cannot be known. A program that gave a
     /// duplicate of the lock's descriptor to another process hears of each re-creation through
     /// [`crate::InstanceGuard::lock_file_recreations`].
     LockFileRemoved,

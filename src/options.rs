@@ -139,7 +139,8 @@ impl InstanceOptions {
 
     /// Re-checks every `interval` that the lock file path still names our file, and reports
     /// [`LossReason::LockFileRemoved`] / [`LossReason::LockFileReplaced`] if not (as PostgreSQL
-    /// does for `postmaster.pid`). Off by default: an idle holder then never wakes up.
+    /// does for `postmaster.pid`). Off by default: an idle holder then never wakes up. A removal
+    /// the re-check finds that the inotify watch did not see is a loss (never re-created).
     ///
     /// An interval under 10 ms, zero included, is taken as 10 ms (the CLI's shortest
     /// `--recheck`): a shorter timer would keep a CPU busy re-checking. The re-check runs on the

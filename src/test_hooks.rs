@@ -29,6 +29,9 @@ pub(crate) enum Hook {
     /// In a holder's lock-file watch thread, before it adds its inotify watches
     /// (`lockfile::watcher`): the holder is stopped with its watch not in place yet.
     BeforeLockWatch,
+    /// In a holder's watch, once it has decided to re-create its removed lock file, just before
+    /// it makes the new one (`lockfile::recover`).
+    BeforeRecreate,
 }
 
 impl Hook {
@@ -65,16 +68,18 @@ mod imp {
             Hook::WaitingOnARemovedFile => "UNIQUE_INSTANCE_TEST_STOP_WAITING_ON_A_REMOVED_FILE",
             Hook::OnASecondName => "UNIQUE_INSTANCE_TEST_STOP_ON_A_SECOND_NAME",
             Hook::BeforeLockWatch => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_WATCH",
+            Hook::BeforeRecreate => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE",
         }
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 7] = [const { AtomicBool::new(false) }; 7];
+        static STOPPED: [AtomicBool; 8] = [const { AtomicBool::new(false) }; 8];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
-            let _ = rustix::process::kill_process(
-                rustix::process::getpid(),
-                rustix::process::Signal::STOP,
-            );
+            // To this thread (`raise`), not to the process: a process-directed SIGSTOP may be
+            // taken by another thread, and this one, back from `kill`, would run on past the
+            // hook until the group stop reached it (a watch thread's hook then stopped it only
+            // after the very step it was to stop before).
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
         }
     }
 }

@@ -705,6 +705,50 @@ fn a_holder_stopped_as_its_watch_starts_sees_what_happened_meanwhile() {
     }
 }
 
+/// A holder that saw its lock file removed, and is about to re-create it, is stopped right then
+/// (the test hook UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE) while another copy makes the file,
+/// holds it and leaves: its re-creation then succeeds, but the other copy's file, made at our
+/// name before ours, shows in its events, and that is a loss. It used to be forgiven once the
+/// path led to our (new) file again, and the holder never knew another copy had run.
+#[test]
+fn a_copy_that_ran_just_before_the_recreation_is_a_loss() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let name = unique_name("before_recreate");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
+        cmd.args([name.as_str(), "--backend", "lockfile"])
+            .args(mode);
+        common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
+        let mut h = Proc::spawn(cmd);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        std::fs::remove_file(&path).expect("remove the lock file");
+        h.stopped_at("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
+        let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+        assert!(
+            other.next_line("other copy").starts_with("acquired"),
+            "{mode:?}"
+        );
+        other.close_stdin();
+        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
+        assert_eq!(other.exit_code(), 0);
+        h.signal(rustix::process::Signal::CONT);
+        let line = h.line_starting("lost");
+        assert_eq!(
+            field(&line, "reason"),
+            Some("LockFileRemoved"),
+            "{mode:?}: {line}"
+        );
+        assert_eq!(
+            field(&line, "still_exclusive"),
+            Some("false"),
+            "{mode:?}: {line}"
+        );
+        h.close_stdin();
+        h.stdout_until_closed();
+    }
+}
+
 /// A lock file lost while nothing watched it (the watch off here; a stopped holder is the
 /// same): the release finds the path no longer leading to the file, and says so, rather than
 /// report a clean release to a program that may have run beside another copy. Removed, or

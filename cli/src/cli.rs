@@ -58,8 +58,8 @@ handed over, does the name go with the wrapper: the keeper then kills the tree a
 SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to the wrapper are passed on to COMMAND (a
 terminal's Ctrl-C already reaches both, and is not sent twice; a hang-up of the terminal the
 wrapper leads is passed on); a signal that was ignored when the wrapper started (nohup, a
-script's background job) stays ignored, in COMMAND too. A lock file that is only removed is
-re-created at once and COMMAND goes on. If the instance is lost while COMMAND runs (the lock file
+script's background job) stays ignored, in COMMAND too. A lock file that its watch sees removed
+(and nothing else made at its path) is re-created at once and COMMAND goes on. If the instance is lost while COMMAND runs (the lock file
 replaced, or removed and not re-created, its directory moved away, the bus name taken over),
 COMMAND gets SIGTERM, then SIGKILL after --kill-after, and the wrapper exits 69 saying why; a
 loss seen only once COMMAND had ended (the wrapper was stopped meanwhile, or the loss came as it
@@ -279,7 +279,8 @@ pub(crate) struct RunArgs {
     pub(crate) kill_after: Duration,
     /// Also re-check every SECONDS that the lock file is still ours. Removal or replacement is
     /// already noticed at once through inotify; this is a belt for file systems where inotify
-    /// does not see every change. 0 (the default) means no timer; otherwise at least 0.01.
+    /// does not see every change (a removal found only by it is a loss, never re-created). 0
+    /// (the default) means no timer; otherwise at least 0.01.
     #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = parse_recheck)]
     pub(crate) recheck: Duration,
     /// Under a Type=notify systemd unit, tell systemd the service is ready (READY=1 and a

@@ -89,13 +89,14 @@
 //! name are held until then. Meanwhile it keeps the lock file as the wrapper did
 //! ([`unique_instance::HandedLockFile`], planned from the instance arguments the wrapper passes
 //! on its command line, and checked to be the file it holds): the directory is watched with
-//! inotify (in the same `poll`), and a lock file that was only removed is re-created, locked and
+//! inotify (in the same `poll`), and a lock file seen only removed is re-created, locked and
 //! recorded in the keeper's name by the library's own re-creation, with its checks and its rate
 //! limit. Without that, a file removed then (an administrator, a tmp cleaner) would leave the
 //! keeper holding a file nobody can find, and a new copy would run beside the old tree, for up
-//! to `--kill-after` or as long as a descendant it cannot signal lives. A lock file that cannot
-//! be re-created (replaced, its directory gone, another copy made it first, or removed more
-//! than 16 times within a second) excludes no copy any more: the keeper says so, and unless the
+//! to `--kill-after` or as long as a descendant it cannot signal lives. A lock file that is not
+//! re-created (replaced, its directory gone, another copy made a file there, removed more than
+//! 16 times within a second, or found removed without the removal having been seen: before the
+//! keeper's watch was in place, or without inotify) excludes no copy any more: the keeper says so, and unless the
 //! bus name still holds the instance it holds nothing verifiable, and kills the tree at once
 //! (SIGKILL), as below. A process already sent SIGTERM gets no second one (many programs
 //! take a second SIGTERM as "stop now, skip the clean-up"), only SIGCONT: COMMAND (or a child

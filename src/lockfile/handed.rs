@@ -23,7 +23,7 @@ use super::dir::open_existing_dir;
 use super::held::HeldLock;
 use super::ofd::is_held;
 use super::record::{LockRecord, read_content, write_or_unknown};
-use super::recover::Recovery;
+use super::recover::Judgement;
 use super::watch::{NameHistory, PathChange, WatchHandle, drain, new_inotify};
 
 /// Writes this process's record (its PID, start time and executable; the lock file as its only
@@ -240,7 +240,8 @@ impl HandedLockFile {
         // Best effort: a directory left unwatched is still looked at by the periodic checks.
         let inotify = match new_inotify() {
             Ok(inotify) => match handle.add_watches(&inotify) {
-                Ok(dir_watch) => Some((inotify, Some(dir_watch))),
+                // A directory on the way left unwatched is looked at by the periodic checks.
+                Ok((dir_watch, _)) => Some((inotify, Some(dir_watch))),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e,
                         "cannot watch every directory of the lock path with inotify");
@@ -299,21 +300,15 @@ impl HandedLockFile {
             // Before the check, as the guard's watch does: see `WatchHandle::rewatch`.
             self.handle.rewatch(inotify);
         }
-        // As the guard's watch decides: a file found gone is re-created only if its removal was
-        // seen and nobody else made a file at the path since (see `NameHistory`).
-        let (dev, ino) = self.handle.identity();
-        let recovery = if self.handle.path_as(dev, ino).is_none() {
-            history.settle(self.handle.recreated());
-            self.handle.recover()
-        } else if history.only_removed(self.handle.recreated()) {
-            self.handle.recover()
-        } else {
-            self.handle.give_up()
-        };
-        match recovery {
-            Recovery::Held => HandedLockState::Held,
-            Recovery::Recreated => HandedLockState::Recreated,
-            Recovery::Lost | Recovery::Released => HandedLockState::Lost,
+        // As the guard's watch decides (see `WatchHandle::judge`).
+        let inotify = self
+            .inotify
+            .as_ref()
+            .and_then(|(fd, dir_watch)| dir_watch.map(|wd| (fd, wd)));
+        match self.handle.judge(&mut history, inotify) {
+            Judgement::Held => HandedLockState::Held,
+            Judgement::Recreated => HandedLockState::Recreated,
+            Judgement::Lost(_) | Judgement::Over => HandedLockState::Lost,
         }
     }
 }

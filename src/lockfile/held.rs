@@ -23,7 +23,7 @@ use super::dir::LockDir;
 use super::ofd::{lock_exclusive, retry_eintr};
 use super::record::{LockRecord, write_or_unknown};
 use super::watch::WatchHandle;
-use super::watcher::lock_change_of;
+use super::watch::lock_change_of;
 
 /// A lock file this process holds. Dropping it removes the file (if it is still ours, and this
 /// acquisition created it or took it over from a crashed holder) while the lock is held, then

@@ -40,15 +40,16 @@ impl HeldFile {
         inotify: Option<std::io::Result<OwnedFd>>,
         wait_watch: Option<OwnedFd>,
     ) -> Result<Self> {
-        let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
-        lock.write_record(&record)?;
-        // Our directory watched from now on, before the acquisition returns: a removal of our
-        // file is then an event the watch reads, however late its thread starts (a holder
-        // stopped meanwhile), and one it did not see is never re-created (see `NameHistory`).
-        // If the directory cannot be watched, the watch falls back to re-checks.
+        // Our directory watched from now on, before anything else (the record, the bus): a
+        // removal of our file is then an event the watch reads, however late its thread
+        // starts (a holder stopped meanwhile), and one it did not see is never re-created (see
+        // `NameHistory`). If the directory cannot be watched, the watch falls back to
+        // re-checks.
         let inotify = inotify.map(|inotify| {
             inotify.and_then(|fd| lock.watch_handle().add_dir_watch(&fd).map(|_| fd))
         });
+        let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
+        lock.write_record(&record)?;
         Ok(HeldFile {
             watch: None,
             lock,

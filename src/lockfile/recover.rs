@@ -14,7 +14,11 @@ use super::ofd::{lock_exclusive, retry_eintr};
 use super::open::set_new_file_owner_and_mode;
 use super::record::{without_keep_mark, write_or_unknown};
 use super::walk::{Walked, walk_dir};
-use super::watch::WatchHandle;
+use std::os::fd::OwnedFd;
+
+use crate::loss::LossReason;
+
+use super::watch::{NameHistory, WatchHandle, lock_change};
 
 /// The rate limit of re-creation: a removal that would make more than `MAX_RECREATIONS`
 /// re-creations within [`RECREATION_WINDOW`] is a loss. An administrator or a tmp cleaner removes
@@ -49,7 +53,70 @@ pub(crate) enum Recovery {
     Lost,
 }
 
+/// What a watch decided on looking at the path after reading its events (see
+/// [`WatchHandle::judge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Judgement {
+    /// Still ours: nothing to do.
+    Held,
+    /// Our file was seen removed, and nothing else: made again at the path.
+    Recreated,
+    /// Lost just now, for this reason: the watch reports it.
+    Lost(LossReason),
+    /// Released meanwhile, or lost before: nothing to watch or report any more.
+    Over,
+}
+
 impl WatchHandle {
+    /// Looks at the path, after the events of `inotify` (the instance and our directory's
+    /// watch in it, when there is one) have been read into `history`, and decides: a file
+    /// found removed is re-created only if its removal was seen, with no file made at its name
+    /// by anyone else since (see [`NameHistory`]); a removal found before its event was read is
+    /// waited for a moment first. Any other change is a loss, and so is a file made at our name
+    /// by someone else since the path last led to our file, even if it leads there again.
+    pub(super) fn judge(
+        &self,
+        history: &mut NameHistory,
+        inotify: Option<(&OwnedFd, i32)>,
+    ) -> Judgement {
+        let Some(reason) = lock_change(self) else {
+            if history.made_by_another(self.recreated()) {
+                tracing::debug!(path = %self.path().display(),
+                    "a file was made at the lock path by someone else while ours was away");
+                return self.lost(LossReason::LockFileRemoved);
+            }
+            history.settle(self.recreated());
+            return Judgement::Held;
+        };
+        if let Some((fd, dir_watch)) = inotify
+            && !history.only_removed(self.recreated())
+        {
+            history.await_removal(fd, dir_watch, self.file_name());
+        }
+        if !history.only_removed(self.recreated()) {
+            tracing::debug!(path = %self.path().display(),
+                "the lock path stopped leading to our file, and it was not seen only removed \
+                 (unwatched then, or someone else made a file there): not re-created");
+            return self.lost(reason);
+        }
+        match self.recover() {
+            Recovery::Held => Judgement::Held,
+            Recovery::Recreated => Judgement::Recreated,
+            Recovery::Released => Judgement::Over,
+            Recovery::Lost => Judgement::Lost(reason),
+        }
+    }
+
+    /// Gives the lock up as lost for `reason`, unless released or lost already.
+    fn lost(&self, reason: LossReason) -> Judgement {
+        let mut now = self.shared.now();
+        if now.released || now.lost {
+            return Judgement::Over;
+        }
+        now.lost = true;
+        Judgement::Lost(reason)
+    }
+
     /// Called when [`WatchHandle::check_path`] found a change: restores exclusion if the only
     /// change is that someone removed our lock file (an administrator cleaning `/run/lock`, a
     /// tmp cleaner). Then the file we hold has no name at all (`st_nlink == 0`) while our
@@ -93,17 +160,6 @@ impl WatchHandle {
         }
     }
 
-    /// Gives the lock up as lost without trying to re-create it: someone else made a file at
-    /// the path since ours went (see `watch_lock_blocking`), so another copy may have run.
-    pub(crate) fn give_up(&self) -> Recovery {
-        let mut now = self.shared.now();
-        if now.released {
-            return Recovery::Released;
-        }
-        now.lost = true;
-        Recovery::Lost
-    }
-
     /// The body of [`WatchHandle::recover`], with the shared state locked; `Err` says why not.
     fn recreate(&self, now: &mut Now) -> std::result::Result<(), &'static str> {
         let shared = &*self.shared;
@@ -135,6 +191,7 @@ impl WatchHandle {
             Ok(_) => return Err("the path leads to another directory"),
             Err(_) => return Err("the way to the directory fails its checks"),
         }
+        crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeRecreate);
         let flags = OFlags::RDWR
             | OFlags::CREATE
             | OFlags::EXCL

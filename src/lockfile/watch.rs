@@ -11,6 +11,8 @@ use std::sync::Arc;
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
+use crate::loss::LossReason;
+
 use super::held::Shared;
 use super::ofd::is_held;
 use super::walk::MAX_SYMLINKS;
@@ -23,6 +25,26 @@ pub(crate) enum PathChange {
     /// The path cannot be followed any more (`EACCES`, `ELOOP`...): it cannot be confirmed to
     /// lead to our file.
     Unreachable,
+}
+
+/// Has the lock path stopped leading to our file, and how? `None` while it still does. A path
+/// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed.
+pub(super) fn lock_change(handle: &WatchHandle) -> Option<LossReason> {
+    let (dev, ino) = handle.identity();
+    lock_change_of(handle, dev, ino)
+}
+
+/// [`lock_change`] for the file (dev, ino), for a caller that holds the shared state's lock.
+pub(super) fn lock_change_of(handle: &WatchHandle, dev: u64, ino: u64) -> Option<LossReason> {
+    handle.path_as(dev, ino)?;
+    Some(match handle.in_dir_as(dev, ino) {
+        Some(PathChange::Removed) => LossReason::LockFileRemoved,
+        Some(PathChange::Replaced) => LossReason::LockFileReplaced,
+        // Our directory still has our file (or cannot be looked in any more), but the path no
+        // longer leads there: the directory, or one on the way, was moved, removed or replaced
+        // (or a symlink retargeted), or made one we may not enter.
+        None | Some(PathChange::Unreachable) => LossReason::LockDirectoryRemoved,
+    })
 }
 
 /// The events of a watched directory's entries (and of itself). `MASK_ADD`: a directory
@@ -122,7 +144,49 @@ impl NameHistory {
     pub(super) fn only_removed(&self, recreated: u64) -> bool {
         !self.events_lost && self.removed > 0 && self.made <= recreated
     }
+
+    /// Did someone else make a file at our name since the path last led to our file, though it
+    /// leads there again (our file moved away and back; or made by another copy in the moment
+    /// between our reading of a removal and our re-creation, whose event comes before ours)?
+    /// Another copy may have run: a loss, even with our file at the path.
+    pub(super) fn made_by_another(&self, recreated: u64) -> bool {
+        self.made > recreated
+    }
+
+    /// Our file was found gone with no removal read yet: an unlink queues its event just after
+    /// the name goes, so it is waited for, up to [`UNSEEN_REMOVAL_GRACE`], before the removal
+    /// counts as unseen (a loss). Returns at once once a removal or lost events have been read.
+    pub(super) fn await_removal(&mut self, fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let deadline = std::time::Instant::now() + UNSEEN_REMOVAL_GRACE;
+        loop {
+            self.read(fd, dir_watch, name);
+            if self.removed > 0 || self.events_lost {
+                return;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let timeout = Timespec {
+                tv_sec: 0,
+                tv_nsec: left.subsec_nanos().into(),
+            };
+            let mut fds = [PollFd::new(fd, PollFlags::IN)];
+            if !matches!(
+                poll(&mut fds, Some(&timeout)),
+                Ok(_) | Err(rustix::io::Errno::INTR)
+            ) {
+                return;
+            }
+        }
+    }
 }
+
+/// How long a removal found before its inotify event was read is waited for (see
+/// [`NameHistory::await_removal`]): the event follows the unlink by microseconds; this bound
+/// only matters to a removal that was truly unseen, whose loss it delays.
+const UNSEEN_REMOVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub(super) fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 4096];
@@ -166,15 +230,21 @@ impl WatchHandle {
     /// so that a removal of our file is always seen, never only found. Called again
     /// after each wake-up ([`WatchHandle::rewatch`]), since the path may go through other
     /// directories by then.
-    pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<i32> {
+    ///
+    /// Returns our directory's watch descriptor, and whether every other watch could be added
+    /// too: one that could not (a directory we may enter but not read, the per-user limit of
+    /// watches reached) leaves a change there to the periodic re-check, while our directory's
+    /// own watch goes on seeing what happens to our file. An error only when our directory
+    /// itself cannot be watched.
+    pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<(i32, bool)> {
         use rustix::fs::inotify::{self, WatchFlags};
-        let entries = DIR_ENTRY_EVENTS;
         let dir_watch = self.add_dir_watch(fd)?;
+        let mut complete = true;
         let way = self.path.parent().map(way_to).unwrap_or_default();
         // Every directory holding a symlink on the way, so that a flipped link wakes us too
         // (its path then leads to another file).
         for parent in &way.link_dirs {
-            inotify::add_watch(fd, parent.as_path(), entries)?;
+            complete &= inotify::add_watch(fd, parent.as_path(), DIR_ENTRY_EVENTS).is_ok();
         }
         // And every directory the path goes through, for itself only: renaming or removing any
         // of them (`mv app app.old && mv app.new app`, the usual deploy, or the same above a
@@ -192,7 +262,7 @@ impl WatchHandle {
                     | WatchFlags::MASK_ADD,
             );
         }
-        Ok(dir_watch)
+        Ok((dir_watch, complete))
     }
 
     /// Watches our directory's entries (only that one, of what [`WatchHandle::add_watches`]
@@ -201,13 +271,19 @@ impl WatchHandle {
     /// removal is unseen, however late the watch thread adds the rest; one system call.
     /// Returns the watch descriptor.
     pub(crate) fn add_dir_watch(&self, fd: &OwnedFd) -> std::io::Result<i32> {
+        use rustix::fs::inotify::add_watch;
         // Through our directory descriptor, not its path: the path may have been replaced.
         let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
-        Ok(rustix::fs::inotify::add_watch(
-            fd,
-            dir.as_str(),
-            DIR_ENTRY_EVENTS,
-        )?)
+        match add_watch(fd, dir.as_str(), DIR_ENTRY_EVENTS) {
+            // No /proc (a bare container or chroot): through its path, checked a moment ago to
+            // lead to our directory. Should it lead elsewhere by now, our file's removal goes
+            // unseen, and is a loss: never the other way round.
+            Err(rustix::io::Errno::NOENT) => match self.path.parent() {
+                Some(parent) => Ok(add_watch(fd, parent, DIR_ENTRY_EVENTS)?),
+                None => Err(std::io::ErrorKind::NotFound.into()),
+            },
+            other => Ok(other?),
+        }
     }
 
     /// [`WatchHandle::add_watches`] again, after a wake-up, before the path is checked: when the

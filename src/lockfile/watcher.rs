@@ -9,41 +9,8 @@ use crate::error::{Error, Result};
 use crate::loss::{Loss, LossLog, LossReason};
 
 use super::held::HeldLock;
-use super::recover::Recovery;
-use super::watch::{NameHistory, PathChange, WatchHandle};
-
-/// Has the lock path stopped leading to our file, and how? `None` while it still does. A path
-/// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed.
-fn lock_change(handle: &WatchHandle) -> Option<LossReason> {
-    let (dev, ino) = handle.identity();
-    lock_change_of(handle, dev, ino)
-}
-
-/// [`lock_change`] for the file (dev, ino), for a caller that holds the shared state's lock.
-pub(super) fn lock_change_of(handle: &WatchHandle, dev: u64, ino: u64) -> Option<LossReason> {
-    handle.path_as(dev, ino)?;
-    Some(match handle.in_dir_as(dev, ino) {
-        Some(PathChange::Removed) => LossReason::LockFileRemoved,
-        Some(PathChange::Replaced) => LossReason::LockFileReplaced,
-        // Our directory still has our file (or cannot be looked in any more), but the path no
-        // longer leads there: the directory, or one on the way, was moved, removed or replaced
-        // (or a symlink retargeted), or made one we may not enter.
-        None | Some(PathChange::Unreachable) => LossReason::LockDirectoryRemoved,
-    })
-}
-
-/// What a watch does about a change it found (`reason`): re-create a lock file that was only
-/// removed, or report the loss. `false` when the watch is over (lost, or released meanwhile).
-fn lock_changed(handle: &WatchHandle, reason: LossReason, losses: &LossLog) -> bool {
-    match handle.recover() {
-        Recovery::Held | Recovery::Recreated => true,
-        Recovery::Released => false,
-        Recovery::Lost => {
-            report_lock_loss(handle, reason, losses);
-            false
-        }
-    }
-}
+use super::recover::Judgement;
+use super::watch::{NameHistory, WatchHandle};
 
 /// How often the lock file is re-checked when inotify is not available for
 /// [`InstanceOptions::watch_lock_file`](crate::InstanceOptions::watch_lock_file). A change
@@ -150,7 +117,15 @@ impl LockWatchThread {
                 let inotify = match inotify
                     .map(|r| r.and_then(|fd| thread_handle.add_watches(&fd).map(|wd| (fd, wd))))
                 {
-                    Some(Ok(inotify)) => Some(inotify),
+                    Some(Ok((fd, (dir_watch, complete)))) => {
+                        if !complete {
+                            tracing::warn!(path = %thread_handle.path().display(),
+                                "cannot watch every directory on the lock path with inotify; \
+                                 re-checking the path every 10 s as well");
+                            every = shortest(every, WATCH_FALLBACK_INTERVAL);
+                        }
+                        Some((fd, dir_watch))
+                    }
                     Some(Err(e)) => {
                         tracing::warn!(path = %thread_handle.path().display(), error = %e,
                             "cannot watch the lock file with inotify; re-checking it every 10 s instead");
@@ -232,26 +207,13 @@ fn watch_lock_blocking(
         // Checked once the watch exists and after each batch of events or each interval, so a
         // change made before the watch was in place is not missed: it is a loss (see
         // `NameHistory`), since whether another copy came meanwhile cannot be known.
-        if let Some(reason) = lock_change(handle) {
-            let recovered = if !history.only_removed(handle.recreated()) {
-                tracing::debug!(path = %handle.path().display(),
-                    "the lock path stopped leading to our file, and it was not seen only removed \
-                     (unwatched then, or someone else made a file there): not re-created");
-                match handle.give_up() {
-                    Recovery::Lost => {
-                        report_lock_loss(handle, reason, losses);
-                        false
-                    }
-                    _ => false,
-                }
-            } else {
-                lock_changed(handle, reason, losses)
-            };
-            if !recovered {
+        match handle.judge(&mut history, inotify) {
+            Judgement::Held | Judgement::Recreated => {}
+            Judgement::Lost(reason) => {
+                report_lock_loss(handle, reason, losses);
                 return;
             }
-        } else {
-            history.settle(handle.recreated());
+            Judgement::Over => return,
         }
         let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
         if let Some(mounts) = &mounts {
