@@ -46,7 +46,7 @@ impl HeldFile {
         // `NameHistory`). If the directory cannot be watched, the watch falls back to
         // re-checks.
         let inotify = inotify.map(|inotify| {
-            inotify.and_then(|fd| lock.watch_handle().add_dir_watch(&fd).map(|_| fd))
+            inotify.and_then(|fd| lock.watch_handle().add_dir_watch_now(&fd).map(|_| fd))
         });
         let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
         lock.write_record(&record)?;

@@ -265,6 +265,22 @@ impl WatchHandle {
         Ok((dir_watch, complete))
     }
 
+    /// [`WatchHandle::add_dir_watch`] as the acquisition makes it, on its path: through the
+    /// path, checked a moment ago to lead to our directory, a third of the cost of the way
+    /// through `/proc` (which the watch thread takes when it adds the rest, getting the same
+    /// watch). Should the path lead elsewhere by now, our file's removal goes unseen, and is a
+    /// loss: never the other way round.
+    pub(crate) fn add_dir_watch_now(&self, fd: &OwnedFd) -> std::io::Result<i32> {
+        match self.path.parent() {
+            Some(parent) if parent.is_absolute() => Ok(rustix::fs::inotify::add_watch(
+                fd,
+                parent,
+                DIR_ENTRY_EVENTS,
+            )?),
+            _ => self.add_dir_watch(fd),
+        }
+    }
+
     /// Watches our directory's entries (only that one, of what [`WatchHandle::add_watches`]
     /// watches): from then on the removal of our file, and any file made at its name, are
     /// events to read (see [`NameHistory`]). Done as the acquisition takes the lock, so that no
