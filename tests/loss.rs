@@ -749,6 +749,133 @@ fn a_copy_that_ran_just_before_the_recreation_is_a_loss() {
     }
 }
 
+/// The same, but the holder's program decides to release while it is stopped (its stdin closed
+/// meanwhile): on waking, its watch finishes the re-creation and is told to stop at once. The
+/// release must still not be clean: it used to be, since the watch, stopping, only noted
+/// whether it had seen a removal, and the path led to its new file.
+#[test]
+fn a_copy_that_ran_just_before_the_recreation_is_a_loss_at_release_too() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let name = unique_name("before_recreate_release");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
+        cmd.args([name.as_str(), "--backend", "lockfile"])
+            .args(mode);
+        common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
+        let mut h = Proc::spawn(cmd);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        std::fs::remove_file(&path).expect("remove the lock file");
+        h.stopped_at("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
+        let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+        assert!(
+            other.next_line("other copy").starts_with("acquired"),
+            "{mode:?}"
+        );
+        other.close_stdin();
+        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
+        assert_eq!(other.exit_code(), 0);
+        h.close_stdin();
+        h.signal(rustix::process::Signal::CONT);
+        let said = h.stdout_until_closed();
+        let code = h.exit_code();
+        assert!(
+            code == 69
+                || said
+                    .iter()
+                    .any(|l| l.starts_with("lost") && l.contains("still_exclusive=false")),
+            "{mode:?}: another copy ran, and the holder released as if nothing had happened: \
+             exit {code}, {said:?}"
+        );
+    }
+}
+
+/// A holder stopped while its lock directory is moved away, another copy runs in a new
+/// directory at that path and leaves, and the directory is put back: on waking the path leads
+/// to its file again, but another copy ran meanwhile, and that is a loss. It used to be taken
+/// for nothing at all (only a file moved away and back was caught).
+#[test]
+fn a_lock_directory_moved_away_and_back_while_stopped_is_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let lock_dir = base.path().join("locks");
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        let name = unique_name("dir_back");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        common::wait_until_watching(h.pid());
+        h.stop();
+        let away = base.path().join("locks.old");
+        std::fs::rename(&lock_dir, &away).expect("move the directory away");
+        std::fs::create_dir(&lock_dir).expect("a new directory");
+        let mut other = holder(None, &lock_dir, &[&name, "--backend", "lockfile"]);
+        assert!(
+            other.next_line("other copy").starts_with("acquired"),
+            "{mode:?}"
+        );
+        other.close_stdin();
+        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
+        assert_eq!(other.exit_code(), 0);
+        std::fs::remove_dir(&lock_dir).expect("remove the new directory");
+        std::fs::rename(&away, &lock_dir).expect("put the directory back");
+        h.signal(rustix::process::Signal::CONT);
+        let line = h.line_starting("lost");
+        assert_eq!(
+            field(&line, "still_exclusive"),
+            Some("false"),
+            "{mode:?}: {line}"
+        );
+        h.close_stdin();
+        h.stdout_until_closed();
+    }
+}
+
+/// A holder stopped while its whole lock directory is removed and made again, another copy
+/// runs there and leaves, and its program decides to release meanwhile (stdin closed): on
+/// waking, the release must not be clean. It was, in the soak: the watch, told to stop, had
+/// seen only its file's removal (an unlinked directory that the holder keeps open gives no
+/// event), and took that for a removal it would have re-created.
+#[test]
+fn a_lock_directory_removed_while_stopped_is_a_loss_at_release() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let lock_dir = base.path().join("locks");
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        let name = unique_name("dir_removed");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        common::wait_until_watching(h.pid());
+        h.stop();
+        std::fs::remove_dir_all(&lock_dir).expect("remove the lock directory");
+        std::fs::create_dir(&lock_dir).expect("make it again");
+        let mut other = holder(None, &lock_dir, &[&name, "--backend", "lockfile"]);
+        assert!(
+            other.next_line("other copy").starts_with("acquired"),
+            "{mode:?}"
+        );
+        other.close_stdin();
+        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
+        assert_eq!(other.exit_code(), 0);
+        h.close_stdin();
+        h.signal(rustix::process::Signal::CONT);
+        let said = h.stdout_until_closed();
+        let code = h.exit_code();
+        assert!(
+            code == 69
+                || said
+                    .iter()
+                    .any(|l| l.starts_with("lost") && l.contains("still_exclusive=false")),
+            "{mode:?}: another copy ran, and the holder released as if nothing had happened: \
+             exit {code}, {said:?}; stderr {:?}",
+            h.stderr_lines()
+        );
+    }
+}
+
 /// A lock file lost while nothing watched it (the watch off here; a stopped holder is the
 /// same): the release finds the path no longer leading to the file, and says so, rather than
 /// report a clean release to a program that may have run beside another copy. Removed, or

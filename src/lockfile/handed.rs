@@ -199,10 +199,11 @@ impl HandedLockFile {
     /// acquisition plans it, in this process's environment: give the options the acquiring
     /// process used). `lock` must be a descriptor, open for writing, of a lock file held through
     /// it (a duplicate of the acquiring process's lock), either still at the planned path or
-    /// removed from it. `keep_bus_name`: the record keeps the bus name as
+    /// removed from it (then this process cannot know what happened at the path meanwhile:
+    /// `check` reports it lost). `keep_bus_name`: the record keeps the bus name as
     /// [`record_this_process_as_holder_keeping_bus_name`] does. Call it once the acquiring
-    /// process is gone, then [`HandedLockFile::check`] at once (the file may have been removed
-    /// already) and each time [`HandedLockFile::watch_descriptor`] is readable.
+    /// process is gone, then [`HandedLockFile::check`] at once and each time
+    /// [`HandedLockFile::watch_descriptor`] is readable.
     ///
     /// # Errors
     ///
@@ -229,7 +230,8 @@ impl HandedLockFile {
         let lock = HeldLock::new(lock, &st, keep, &plan, &lock_dir, path.clone()).handed(line);
         let handle = lock.watch_handle();
         // A file that still has a name must have the planned one: any other is not the lock file
-        // these options plan (an unlinked one is re-created by `check`).
+        // these options plan (an unlinked one, whose removal this watch could not see, is a
+        // loss for `check`).
         if st.st_nlink > 0 && handle.path_as(st.st_dev, st.st_ino) == Some(PathChange::Removed) {
             return Err(Error::io(
                 "the descriptor handed over is not the lock file",

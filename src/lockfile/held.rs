@@ -157,10 +157,11 @@ pub(super) struct Now {
     /// Found at release: the path had stopped leading to our file and no watch had seen it
     /// (the holder was stopped, or the watch was off). See [`HeldLock::lost_at_release`].
     pub(super) lost_at_release: Option<LossReason>,
-    /// Left by the watch as it stopped for the release: it had seen our file removed, and no
-    /// file made at its name by anyone else since (see `NameHistory`). A removal found by the
-    /// release is then only that, which the watch would have re-created, and no loss.
-    pub(super) seen_only_removed: bool,
+    /// Left by the watch as it stopped for the release, from every event it had: whether the
+    /// instance had been lost, unseen, by then (see `WatchHandle::verdict`). The release takes
+    /// it instead of looking at the path itself: what happens after the program decided to
+    /// release is no loss of its work.
+    pub(super) watch_verdict: Option<Option<LossReason>>,
 }
 
 /// See [`HeldLock::release_report`].
@@ -210,7 +211,7 @@ impl HeldLock {
                 released: false,
                 lost: false,
                 lost_at_release: None,
-                seen_only_removed: false,
+                watch_verdict: None,
             }),
             files: Arc::downgrade(&files),
             plan: plan.clone(),
@@ -367,10 +368,13 @@ impl HeldLock {
         now.recreations = None;
         // Checked with `released` set, under the same lock as a re-creation: no watch can be
         // re-creating the file at this moment, so a change seen here is one nobody handled.
-        if !now.lost {
-            now.lost_at_release = lock_change_of(&self.watch_handle(), now.dev, now.ino)
-                .filter(|r| !(*r == LossReason::LockFileRemoved && now.seen_only_removed));
-        }
+        now.lost_at_release = match now.watch_verdict.take() {
+            // Its verdict may have found the loss itself (marking it `lost`): reported here.
+            Some(verdict) => verdict,
+            // No watch (off, or stopped watching), and no loss found: the path as it is now.
+            None if !now.lost => lock_change_of(&self.watch_handle(), now.dev, now.ino),
+            None => None,
+        };
         if let Some(why) = self.shared_with_another(&now) {
             tracing::debug!(path = %self.path.display(), why,
                 "lock file left as it is on release: another process may still hold the lock");

@@ -80,10 +80,10 @@ impl WatchHandle {
         inotify: Option<(&OwnedFd, i32)>,
     ) -> Judgement {
         let Some(reason) = lock_change(self) else {
-            if history.made_by_another(self.recreated()) {
+            if let Some(reason) = history.changed_behind_us(self.recreated()) {
                 tracing::debug!(path = %self.path().display(),
-                    "a file was made at the lock path by someone else while ours was away");
-                return self.lost(LossReason::LockFileRemoved);
+                    "the lock path left our file, in a way another copy may have used, and came back");
+                return self.lost(reason);
             }
             history.settle(self.recreated());
             return Judgement::Held;
@@ -104,6 +104,34 @@ impl WatchHandle {
             Recovery::Recreated => Judgement::Recreated,
             Recovery::Released => Judgement::Over,
             Recovery::Lost => Judgement::Lost(reason),
+        }
+    }
+
+    /// What the watch found by the time it was told to stop for a release, without re-creating
+    /// anything: the loss that nothing reported, if any (see [`WatchHandle::judge`]'s rules;
+    /// a removal it saw, and only that, is none: the file would have been re-created).
+    pub(super) fn verdict(
+        &self,
+        history: &mut NameHistory,
+        inotify: Option<(&OwnedFd, i32)>,
+    ) -> Option<LossReason> {
+        let Some(reason) = lock_change(self) else {
+            return history.changed_behind_us(self.recreated());
+        };
+        if let Some((fd, dir_watch)) = inotify
+            && !history.only_removed(self.recreated())
+        {
+            history.await_removal(fd, dir_watch, self.file_name());
+        }
+        if !history.only_removed(self.recreated()) {
+            return Some(reason);
+        }
+        // Seen removed, and nothing else seen: re-created as the watch would have (the release
+        // removes it again), or found lost by the same checks (the directory gone with it: an
+        // unlinked directory gives no event while we hold it open).
+        match self.recover() {
+            Recovery::Lost => Some(reason),
+            Recovery::Held | Recovery::Recreated | Recovery::Released => None,
         }
     }
 

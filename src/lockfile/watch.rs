@@ -78,6 +78,12 @@ pub(super) struct NameHistory {
     removed: u64,
     /// The kernel's queue overflowed (`IN_Q_OVERFLOW`): events were lost.
     events_lost: bool,
+    /// A watched directory (ours, or one the path goes through) was moved or removed: the path
+    /// left our file, even if it leads there again now.
+    path_left: bool,
+    /// Our re-creations at the last settle: one since, with events lost, may hide another
+    /// copy's file made before ours.
+    base: u64,
 }
 
 impl NameHistory {
@@ -86,6 +92,7 @@ impl NameHistory {
     pub(super) fn new(recreated: u64) -> Self {
         NameHistory {
             made: recreated,
+            base: recreated,
             ..NameHistory::default()
         }
     }
@@ -95,6 +102,8 @@ impl NameHistory {
     pub(super) fn read(&mut self, fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) {
         use std::os::unix::ffi::OsStrExt;
         const IN_MOVED_FROM: u32 = 0x40;
+        const IN_DELETE_SELF: u32 = 0x400;
+        const IN_MOVE_SELF: u32 = 0x800;
         const IN_MOVED_TO: u32 = 0x80;
         const IN_CREATE: u32 = 0x100;
         const IN_DELETE: u32 = 0x200;
@@ -120,6 +129,8 @@ impl NameHistory {
                 let event_name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
                 if mask & IN_Q_OVERFLOW != 0 {
                     self.events_lost = true;
+                } else if mask & (IN_DELETE_SELF | IN_MOVE_SELF) != 0 {
+                    self.path_left = true;
                 } else if wd == dir_watch && event_name == name.as_bytes() {
                     if mask & (IN_CREATE | IN_MOVED_TO) != 0 {
                         self.made += 1;
@@ -142,15 +153,23 @@ impl NameHistory {
     /// May our file, found gone from the path, be re-created (`recreated`: our re-creations so
     /// far)? Only if its removal was seen and nobody else has made a file at the name since.
     pub(super) fn only_removed(&self, recreated: u64) -> bool {
-        !self.events_lost && self.removed > 0 && self.made <= recreated
+        !self.events_lost && !self.path_left && self.removed > 0 && self.made <= recreated
     }
 
-    /// Did someone else make a file at our name since the path last led to our file, though it
-    /// leads there again (our file moved away and back; or made by another copy in the moment
-    /// between our reading of a removal and our re-creation, whose event comes before ours)?
-    /// Another copy may have run: a loss, even with our file at the path.
-    pub(super) fn made_by_another(&self, recreated: u64) -> bool {
-        self.made > recreated
+    /// Did the path leave our file since it last led there, though it leads there again, in a
+    /// way another copy may have used: someone else made a file at our name (our file moved
+    /// away and back; or another copy's, made in the moment between our reading of a removal
+    /// and our re-creation, whose event comes before ours), events were lost around one of our
+    /// re-creations, or a directory on the way was moved or removed (and put back)? Then
+    /// another copy may have run: a loss, even with our file at the path. Why, if so.
+    pub(super) fn changed_behind_us(&self, recreated: u64) -> Option<LossReason> {
+        if self.path_left {
+            Some(LossReason::LockDirectoryRemoved)
+        } else if self.made > recreated || (self.events_lost && recreated > self.base) {
+            Some(LossReason::LockFileRemoved)
+        } else {
+            None
+        }
     }
 
     /// Our file was found gone with no removal read yet: an unlink queues its event just after
@@ -161,7 +180,7 @@ impl NameHistory {
         let deadline = std::time::Instant::now() + UNSEEN_REMOVAL_GRACE;
         loop {
             self.read(fd, dir_watch, name);
-            if self.removed > 0 || self.events_lost {
+            if self.removed > 0 || self.events_lost || self.path_left {
                 return;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -169,7 +188,7 @@ impl NameHistory {
                 return;
             }
             let timeout = Timespec {
-                tv_sec: 0,
+                tv_sec: left.as_secs() as i64,
                 tv_nsec: left.subsec_nanos().into(),
             };
             let mut fds = [PollFd::new(fd, PollFlags::IN)];
@@ -222,7 +241,8 @@ impl WatchHandle {
     /// entry of a directory holding a symlink on the way changes (a flipped
     /// `current -> releases/vN`): every way the path can stop naming our file without a mount.
     ///
-    /// Called by the watch itself (its thread), not on the acquisition's path: it costs a
+    /// Called by the watch itself (its thread; and `HandedLockFile::new`), not on the
+    /// acquisition's path: it costs a
     /// system call per component of the path (symlinks' targets included) and one per
     /// directory it goes through, and the watch checks the path once its watches are in place
     /// anyway, so a change made before then is not missed (see `watch_lock_blocking`). Only
@@ -252,15 +272,16 @@ impl WatchHandle {
         // events come only when that directory itself moves or goes, so they cost an idle
         // holder nothing.
         for dir in &way.entered {
-            // Best effort (one we may not read cannot be watched): the re-check decides.
-            let _ = inotify::add_watch(
+            // One we may not read cannot be watched: the re-check decides then.
+            complete &= inotify::add_watch(
                 fd,
                 dir.as_path(),
                 WatchFlags::MOVE_SELF
                     | WatchFlags::DELETE_SELF
                     | WatchFlags::ONLYDIR
                     | WatchFlags::MASK_ADD,
-            );
+            )
+            .is_ok();
         }
         Ok((dir_watch, complete))
     }
@@ -311,9 +332,9 @@ impl WatchHandle {
         let _ = self.add_watches(fd);
     }
 
-    /// See `Now::seen_only_removed`: set by the watch as it stops for the release.
-    pub(super) fn note_seen_only_removed(&self, seen: bool) {
-        self.shared.now().seen_only_removed = seen;
+    /// See `Now::watch_verdict`: set by the watch as it stops for the release.
+    pub(super) fn note_verdict(&self, verdict: Option<LossReason>) {
+        self.shared.now().watch_verdict = Some(verdict);
     }
 
     /// How many times the holder re-created its lock file so far.

@@ -246,11 +246,11 @@ fn watch_lock_blocking(
         }
         if !fds[0].revents().is_empty() {
             // Told to stop: a release follows, which judges a change not acted on yet. What the
-            // events say of it is left for that judgement (see `Now::seen_only_removed`).
+            // events say of it is left for that judgement (see `Now::watch_verdict`).
             if let Some((events, dir_watch)) = inotify {
                 history.read(events, dir_watch, handle.file_name());
             }
-            handle.note_seen_only_removed(history.only_removed(handle.recreated()));
+            handle.note_verdict(handle.verdict(&mut history, inotify));
             return;
         }
         // The mount table needs nothing done: a poll re-arms it. Inotify's events are read at
