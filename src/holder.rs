@@ -149,6 +149,19 @@ pub(crate) fn process_is_running(pid: u32) -> bool {
     !matches!(state, None | Some(b'Z' | b'X' | b'x'))
 }
 
+/// Whether process `pid` is a zombie (dead, not yet reaped by its parent), as `/proc` shows it:
+/// false when `/proc` cannot tell.
+pub(crate) fn process_is_zombie(pid: u32) -> bool {
+    let Some(stat) = read_small_file(&format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .iter()
+        .rposition(|&b| b == b')')
+        .and_then(|end| stat[end + 1..].iter().find(|b| !b.is_ascii_whitespace()));
+    matches!(state, Some(b'Z' | b'X' | b'x'))
+}
+
 /// The executable of process `pid`, where `/proc` lets us see it.
 pub(crate) fn process_executable(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/exe")).ok()
@@ -208,6 +221,29 @@ mod tests {
         assert!(holder.to_string().contains(&format!("since {since}")));
         let json = serde_json::to_value(&holder).expect("json");
         assert_eq!(json["since"], since.as_str());
+    }
+
+    #[test]
+    fn a_dead_unreaped_child_is_a_zombie_and_a_live_one_is_not() {
+        let mut live = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep");
+        assert!(!process_is_zombie(live.id()), "a sleeping process");
+        assert!(!process_is_zombie(std::process::id()), "ourselves");
+        live.kill().expect("kill");
+        // Not reaped yet: a zombie until `wait`. Its state is read until it shows (the kill is
+        // delivered asynchronously), with a bound.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !process_is_zombie(live.id()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never became a zombie"
+            );
+            std::thread::yield_now();
+        }
+        live.wait().expect("reap");
+        assert!(!process_is_zombie(live.id()), "reaped: gone, not a zombie");
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
 /// holder that died, which the copy now holding the lock has not cleared yet (it does so right
 /// after locking): it is treated like an empty file, given the same grace, and the holder is
 /// reported as unknown if it stays, never as the dead process. (Also the case of a `run`
-/// wrapper killed while its COMMAND keeps the lock.) Only for reporting: the kernel lock
+/// wrapper killed while its COMMAND keeps the lock; and a dead holder not yet reaped.) Only for reporting: the kernel lock
 /// decides who holds the instance. A holder in another PID namespace with our host name looks
 /// gone too: it is then reported as unknown, after the grace.
 ///
@@ -67,7 +67,11 @@ fn names_a_process_gone_from_here(record: &LockRecord) -> bool {
     else {
         return false;
     };
-    if rustix::process::test_kill_process(pid) == Err(Errno::SRCH) {
+    // A zombie is gone too: it died (and with it its lock), though its parent has not reaped
+    // it yet (a `run` keeper whose wrapper is dead waits for its new parent).
+    if rustix::process::test_kill_process(pid) == Err(Errno::SRCH)
+        || crate::holder::process_is_zombie(record.pid)
+    {
         return true;
     }
     started_elsewhen(record)
