@@ -287,7 +287,12 @@ async fn library(args: &Args, log: &Log) -> i32 {
         }
     }
     log.event(&format!("releasing why={why}"));
-    match guard.release_async().await {
+    released(log, guard.release_async().await)
+}
+
+/// Logs how the release went, and returns the exit status.
+fn released(log: &Log, result: Result<(), Error>) -> i32 {
+    match result {
         Ok(()) => {
             log.event("released");
             0
@@ -351,21 +356,6 @@ fn blocking(args: &Args, log: &Log) -> i32 {
             }
         }
         log.event(&format!("releasing why={why}"));
-        match guard.release() {
-            Ok(()) => {
-                log.event("released");
-                0
-            }
-            Err(e @ Error::LostBeforeRelease { .. }) => {
-                // A loss the program was not told of before the release (the copy was stopped
-                // while its file went, or the loss came as it released): a loss, 69.
-                log.event(&format!("lost-at-release msg={e}"));
-                69
-            }
-            Err(e) => {
-                log.event(&format!("release-error msg={e}"));
-                70
-            }
-        }
+        released(log, guard.release())
     })
 }

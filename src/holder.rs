@@ -134,32 +134,28 @@ fn read_small_file(path: &str) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// The state of process `pid` as `/proc/PID/stat` shows it (`R`, `S`, `Z`...): the first field
+/// after "pid (comm)", whose name may hold ')'. `None` when `/proc` cannot tell.
+fn process_state(pid: u32) -> Option<u8> {
+    let stat = read_small_file(&format!("/proc/{pid}/stat"))?;
+    let end = stat.iter().rposition(|&b| b == b')')?;
+    stat[end + 1..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .copied()
+}
+
 /// Whether process `pid` runs now, as `/proc` shows it: false when it is gone, a zombie (dead,
 /// not yet reaped), or not visible from this PID namespace. Says nothing of whether it is the
 /// process that once had that PID.
 pub(crate) fn process_is_running(pid: u32) -> bool {
-    let Some(stat) = read_small_file(&format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state is the first field after "pid (comm)"; the name may hold ')'.
-    let state = stat
-        .iter()
-        .rposition(|&b| b == b')')
-        .and_then(|end| stat[end + 1..].iter().find(|b| !b.is_ascii_whitespace()));
-    !matches!(state, None | Some(b'Z' | b'X' | b'x'))
+    !matches!(process_state(pid), None | Some(b'Z' | b'X' | b'x'))
 }
 
 /// Whether process `pid` is a zombie (dead, not yet reaped by its parent), as `/proc` shows it:
 /// false when `/proc` cannot tell.
 pub(crate) fn process_is_zombie(pid: u32) -> bool {
-    let Some(stat) = read_small_file(&format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .iter()
-        .rposition(|&b| b == b')')
-        .and_then(|end| stat[end + 1..].iter().find(|b| !b.is_ascii_whitespace()));
-    matches!(state, Some(b'Z' | b'X' | b'x'))
+    matches!(process_state(pid), Some(b'Z' | b'X' | b'x'))
 }
 
 /// The executable of process `pid`, where `/proc` lets us see it.

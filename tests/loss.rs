@@ -705,33 +705,43 @@ fn a_holder_stopped_as_its_watch_starts_sees_what_happened_meanwhile() {
     }
 }
 
-/// A holder that saw its lock file removed, and is about to re-create it, is stopped right then
-/// (the test hook UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE) while another copy makes the file,
-/// holds it and leaves: its re-creation then succeeds, but the other copy's file, made at our
-/// name before ours, shows in its events, and that is a loss. It used to be forgiven once the
-/// path led to our (new) file again, and the holder never knew another copy had run.
+/// A holder (`mode`: async or blocking) that saw its lock file removed and is about to re-create
+/// it, stopped right then (the test hook UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE), while
+/// another copy makes the file, holds it and leaves. Returned stopped, for the test to go on.
+fn stopped_before_recreating_while_another_copy_ran(
+    lock_dir: &Path,
+    name: &str,
+    mode: &[&str],
+) -> Proc {
+    let path = lock_dir.join(format!("{name}.lock"));
+    let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir);
+    cmd.args([name, "--backend", "lockfile"]).args(mode);
+    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
+    let mut h = Proc::spawn(cmd);
+    assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+    std::fs::remove_file(&path).expect("remove the lock file");
+    h.stopped_at("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
+    let mut other = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
+    assert!(
+        other.next_line("other copy").starts_with("acquired"),
+        "{mode:?}"
+    );
+    other.close_stdin();
+    assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
+    assert_eq!(other.exit_code(), 0);
+    h
+}
+
+/// A holder stopped just before re-creating its removed lock file while another copy came and
+/// went: its re-creation then succeeds, but the other copy's file, made at our name before
+/// ours, shows in its events, and that is a loss. It used to be forgiven once the path led to
+/// our (new) file again, and the holder never knew another copy had run.
 #[test]
 fn a_copy_that_ran_just_before_the_recreation_is_a_loss() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     for mode in [&[][..], &["--blocking"][..]] {
         let name = unique_name("before_recreate");
-        let path = lock_dir.path().join(format!("{name}.lock"));
-        let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
-        cmd.args([name.as_str(), "--backend", "lockfile"])
-            .args(mode);
-        common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
-        let mut h = Proc::spawn(cmd);
-        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
-        std::fs::remove_file(&path).expect("remove the lock file");
-        h.stopped_at("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
-        let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
-        assert!(
-            other.next_line("other copy").starts_with("acquired"),
-            "{mode:?}"
-        );
-        other.close_stdin();
-        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
-        assert_eq!(other.exit_code(), 0);
+        let mut h = stopped_before_recreating_while_another_copy_ran(lock_dir.path(), &name, mode);
         h.signal(rustix::process::Signal::CONT);
         let line = h.line_starting("lost");
         assert_eq!(
@@ -758,36 +768,27 @@ fn a_copy_that_ran_just_before_the_recreation_is_a_loss_at_release_too() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     for mode in [&[][..], &["--blocking"][..]] {
         let name = unique_name("before_recreate_release");
-        let path = lock_dir.path().join(format!("{name}.lock"));
-        let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
-        cmd.args([name.as_str(), "--backend", "lockfile"])
-            .args(mode);
-        common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
-        let mut h = Proc::spawn(cmd);
-        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
-        std::fs::remove_file(&path).expect("remove the lock file");
-        h.stopped_at("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
-        let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
-        assert!(
-            other.next_line("other copy").starts_with("acquired"),
-            "{mode:?}"
-        );
-        other.close_stdin();
-        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
-        assert_eq!(other.exit_code(), 0);
+        let mut h = stopped_before_recreating_while_another_copy_ran(lock_dir.path(), &name, mode);
         h.close_stdin();
         h.signal(rustix::process::Signal::CONT);
-        let said = h.stdout_until_closed();
-        let code = h.exit_code();
-        assert!(
-            code == 69
-                || said
-                    .iter()
-                    .any(|l| l.starts_with("lost") && l.contains("still_exclusive=false")),
-            "{mode:?}: another copy ran, and the holder released as if nothing had happened: \
-             exit {code}, {said:?}"
-        );
+        assert_told_of_a_loss(&mut h, mode);
     }
+}
+
+/// `h`, resumed with its stdin closed, ends having said it lost the instance: a `lost … still_exclusive=false`
+/// line, or exit 69 (its release found the loss), never a clean release.
+fn assert_told_of_a_loss(h: &mut Proc, mode: &[&str]) {
+    let said = h.stdout_until_closed();
+    let code = h.exit_code();
+    assert!(
+        code == 69
+            || said
+                .iter()
+                .any(|l| l.starts_with("lost") && l.contains("still_exclusive=false")),
+        "{mode:?}: another copy ran, and the holder released as if nothing had happened: \
+         exit {code}, {said:?}; stderr {:?}",
+        h.stderr_lines()
+    );
 }
 
 /// A holder stopped while its lock directory is moved away, another copy runs in a new
@@ -862,17 +863,7 @@ fn a_lock_directory_removed_while_stopped_is_a_loss_at_release() {
         assert_eq!(other.exit_code(), 0);
         h.close_stdin();
         h.signal(rustix::process::Signal::CONT);
-        let said = h.stdout_until_closed();
-        let code = h.exit_code();
-        assert!(
-            code == 69
-                || said
-                    .iter()
-                    .any(|l| l.starts_with("lost") && l.contains("still_exclusive=false")),
-            "{mode:?}: another copy ran, and the holder released as if nothing had happened: \
-             exit {code}, {said:?}; stderr {:?}",
-            h.stderr_lines()
-        );
+        assert_told_of_a_loss(&mut h, mode);
     }
 }
 

@@ -1305,10 +1305,12 @@ fn check(text: &str, driver_pid: u32) -> Report {
                     .rfind(|(at, _)| *at <= t)
                     .is_some_and(|(_, what)| *what == "stop")
             };
-            // The deletion's kind, whether its victim was stopped then, the victim, and when.
-            let deleted = took(a)
-                .map(|(d, _, kind)| (*kind, stopped_at(a, *d), a, *d))
-                .or_else(|| took(b).map(|(d, _, kind)| (*kind, stopped_at(b, *d), b, *d)));
+            // The deletion's kind, whether its victim was stopped then, the victim, and when; for
+            // each of the two whose lock it may have taken (both, when the record did not say:
+            // a file not yet recorded, or a dead holder's).
+            let took_a = took(a).map(|(d, _, kind)| (*kind, stopped_at(a, *d), a, *d));
+            let took_b = took(b).map(|(d, _, kind)| (*kind, stopped_at(b, *d), b, *d));
+            let deleted = took_a.or(took_b);
             let same_live_bus = a.bus.is_some()
                 && a.bus == b.bus
                 && a.bus
@@ -1317,8 +1319,12 @@ fn check(text: &str, driver_pid: u32) -> Report {
             let overlap = a.end.min(b.end).saturating_sub(b.start);
             if let Some((kind, stopped, victim, at)) = deleted.filter(|_| !same_live_bus) {
                 // The library cannot prevent such an overlap, but it must not let it pass
-                // unsaid: the copy whose lock was taken reports the loss (or dies first).
-                let reported = loss_told(&incs, victim.who, at);
+                // unsaid: the copy whose lock was taken reports the loss (or dies first). When
+                // the record left it open which of the two that was, one of them does.
+                let reported = [took_a, took_b]
+                    .iter()
+                    .flatten()
+                    .any(|(_, _, v, d)| loss_told(&incs, v.who, *d));
                 if !reported {
                     let iv = &incs[victim.who];
                     let mut v = format!(
