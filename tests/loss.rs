@@ -166,6 +166,19 @@ fn without_the_watch_bus_death_does_not_recreate_a_removed_lock_file() {
     }
 }
 
+/// Another copy of `name` (the lock file alone, no bus) starts in `lock_dir`, acquires, and
+/// releases cleanly: the copy that runs while a holder is stopped or looking away.
+fn another_copy_comes_and_goes(lock_dir: &Path, name: &str, mode: &[&str]) {
+    let mut other = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
+    assert!(
+        other.next_line("other copy").starts_with("acquired"),
+        "{mode:?}"
+    );
+    other.close_stdin();
+    assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
+    assert_eq!(other.exit_code(), 0);
+}
+
 /// A copy of `name` started now (with `extra` arguments, no bus) is refused, naming `pid`.
 fn assert_refused_naming(name: &str, lock_dir: &Path, extra: &[&str], pid: u32) {
     let mut args = vec![name];
@@ -597,14 +610,7 @@ fn a_copy_that_ran_while_the_holder_was_stopped_is_a_loss() {
         h.stop();
         let path = lock_dir.path().join(format!("{name}.lock"));
         std::fs::remove_file(&path).expect("remove the lock file");
-        let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
-        assert!(
-            other.next_line("other copy").starts_with("acquired"),
-            "{mode:?}"
-        );
-        other.close_stdin();
-        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
-        assert_eq!(other.exit_code(), 0);
+        another_copy_comes_and_goes(lock_dir.path(), &name, mode);
         h.signal(rustix::process::Signal::CONT);
         let line = h.line_starting("lost");
         assert_eq!(
@@ -668,14 +674,7 @@ fn a_holder_stopped_as_its_watch_starts_sees_what_happened_meanwhile() {
             let path = lock_dir.path().join(format!("{name}.lock"));
             std::fs::remove_file(&path).expect("remove the lock file");
             if other_copy {
-                let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
-                assert!(
-                    other.next_line("other copy").starts_with("acquired"),
-                    "{mode:?}"
-                );
-                other.close_stdin();
-                assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
-                assert_eq!(other.exit_code(), 0);
+                another_copy_comes_and_goes(lock_dir.path(), &name, mode);
             }
             h.signal(rustix::process::Signal::CONT);
             assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
@@ -721,14 +720,7 @@ fn stopped_before_recreating_while_another_copy_ran(
     assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
     std::fs::remove_file(&path).expect("remove the lock file");
     h.stopped_at("UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE");
-    let mut other = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
-    assert!(
-        other.next_line("other copy").starts_with("acquired"),
-        "{mode:?}"
-    );
-    other.close_stdin();
-    assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
-    assert_eq!(other.exit_code(), 0);
+    another_copy_comes_and_goes(lock_dir, name, mode);
     h
 }
 
@@ -811,14 +803,7 @@ fn a_lock_directory_moved_away_and_back_while_stopped_is_a_loss() {
         let away = base.path().join("locks.old");
         std::fs::rename(&lock_dir, &away).expect("move the directory away");
         std::fs::create_dir(&lock_dir).expect("a new directory");
-        let mut other = holder(None, &lock_dir, &[&name, "--backend", "lockfile"]);
-        assert!(
-            other.next_line("other copy").starts_with("acquired"),
-            "{mode:?}"
-        );
-        other.close_stdin();
-        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
-        assert_eq!(other.exit_code(), 0);
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
         std::fs::remove_dir(&lock_dir).expect("remove the new directory");
         std::fs::rename(&away, &lock_dir).expect("put the directory back");
         h.signal(rustix::process::Signal::CONT);
@@ -853,14 +838,7 @@ fn a_lock_directory_removed_while_stopped_is_a_loss_at_release() {
         h.stop();
         std::fs::remove_dir_all(&lock_dir).expect("remove the lock directory");
         std::fs::create_dir(&lock_dir).expect("make it again");
-        let mut other = holder(None, &lock_dir, &[&name, "--backend", "lockfile"]);
-        assert!(
-            other.next_line("other copy").starts_with("acquired"),
-            "{mode:?}"
-        );
-        other.close_stdin();
-        assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
-        assert_eq!(other.exit_code(), 0);
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
         h.close_stdin();
         h.signal(rustix::process::Signal::CONT);
         assert_told_of_a_loss(&mut h, mode);

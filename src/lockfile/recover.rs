@@ -107,31 +107,17 @@ impl WatchHandle {
         }
     }
 
-    /// What the watch found by the time it was told to stop for a release, without re-creating
-    /// anything: the loss that nothing reported, if any (see [`WatchHandle::judge`]'s rules;
-    /// a removal it saw, and only that, is none: the file would have been re-created).
+    /// What the watch found by the time it was told to stop for a release: the loss that
+    /// nothing reported, if any, by [`WatchHandle::judge`]'s rules (a removal it saw, and only
+    /// that, is re-created as the watch would have, and the release removes it again).
     pub(super) fn verdict(
         &self,
         history: &mut NameHistory,
         inotify: Option<(&OwnedFd, i32)>,
     ) -> Option<LossReason> {
-        let Some(reason) = lock_change(self) else {
-            return history.changed_behind_us(self.recreated());
-        };
-        if let Some((fd, dir_watch)) = inotify
-            && !history.only_removed(self.recreated())
-        {
-            history.await_removal(fd, dir_watch, self.file_name());
-        }
-        if !history.only_removed(self.recreated()) {
-            return Some(reason);
-        }
-        // Seen removed, and nothing else seen: re-created as the watch would have (the release
-        // removes it again), or found lost by the same checks (the directory gone with it: an
-        // unlinked directory gives no event while we hold it open).
-        match self.recover() {
-            Recovery::Lost => Some(reason),
-            Recovery::Held | Recovery::Recreated | Recovery::Released => None,
+        match self.judge(history, inotify) {
+            Judgement::Lost(reason) => Some(reason),
+            Judgement::Held | Judgement::Recreated | Judgement::Over => None,
         }
     }
 
