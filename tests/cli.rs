@@ -160,7 +160,7 @@ fn signals_to_the_wrapper_reach_command() {
         lock_dir.path(),
         &["run", &name, "--", "sh", "-c", script],
     );
-    assert_eq!(wrapper.next_line("COMMAND ready"), "ready");
+    wrapper.expect_line("ready");
     for (signal, word) in [
         (Signal::HUP, "HUP"),
         (Signal::INT, "INT"),
@@ -169,10 +169,10 @@ fn signals_to_the_wrapper_reach_command() {
         (Signal::USR2, "USR2"),
     ] {
         wrapper.signal(signal);
-        assert_eq!(wrapper.next_line(word), format!("got-{word}"));
+        wrapper.expect_line(&format!("got-{word}"));
     }
     wrapper.signal(Signal::TERM);
-    assert_eq!(wrapper.next_line("TERM"), "got-TERM");
+    wrapper.expect_line("got-TERM");
     assert_eq!(
         wrapper.exit_code(),
         0,

@@ -314,6 +314,22 @@ impl Proc {
         }
     }
 
+    /// Asserts that the next stdout line is `expected`; a mismatch shows the wrapper's stderr
+    /// (why it did what it did: a loss it saw, a signal it got) along with stdout so far.
+    pub fn expect_line(&mut self, expected: &str) {
+        let line = self.next_line(expected);
+        if line != expected {
+            // What it says up to a pause: the reason is often its last line, said as it exits.
+            let stderr: Vec<String> =
+                std::iter::from_fn(|| self.stderr.recv_timeout(Duration::from_secs(3)).ok())
+                    .collect();
+            panic!(
+                "expected {expected:?}, got {line:?}; stdout so far: {:?}; stderr: {stderr:?}",
+                self.seen
+            );
+        }
+    }
+
     /// The next stdout line if one comes within `within`.
     pub fn try_line(&mut self, within: Duration) -> Option<String> {
         let line = self.lines.recv_timeout(within).ok()?;
