@@ -818,6 +818,81 @@ fn a_lock_directory_moved_away_and_back_while_stopped_is_a_loss() {
     }
 }
 
+/// A holder stopped while a symlink on its lock path is flipped to another release (`ln -sfn`:
+/// a new link renamed over the old one), another copy runs there and leaves, and the link is
+/// flipped back: on waking the path leads to its file again, but another copy ran meanwhile,
+/// and that is a loss. It used to be taken for nothing at all: the flips woke the watch, but
+/// only events at the lock file's own name were remembered.
+#[test]
+fn a_symlink_flipped_away_and_back_while_stopped_is_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        for release in ["v1", "v2"] {
+            std::fs::create_dir_all(base.path().join(release).join("run")).expect("mkdir");
+        }
+        let flip = |to: &str| {
+            let new = base.path().join("current.new");
+            std::os::unix::fs::symlink(to, &new).expect("symlink");
+            std::fs::rename(&new, base.path().join("current")).expect("flip the link");
+        };
+        flip("v1");
+        let lock_dir = base.path().join("current/run");
+        let name = unique_name("link_back");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        common::wait_until_watching(h.pid());
+        h.stop();
+        flip("v2");
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        flip("v1");
+        h.signal(rustix::process::Signal::CONT);
+        let line = h.line_starting("lost");
+        assert_eq!(
+            field(&line, "still_exclusive"),
+            Some("false"),
+            "{mode:?}: {line}"
+        );
+        h.close_stdin();
+        h.stdout_until_closed();
+    }
+}
+
+/// A deploy that flips the link to the release it already names (one rename over it, nothing
+/// else) leaves the path leading to the holder's file at every moment: not a loss, and the
+/// holder still excludes.
+#[test]
+fn a_symlink_flipped_to_the_same_target_is_not_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(base.path().join("v1/run")).expect("mkdir");
+        let flip = |to: &str| {
+            let new = base.path().join("current.new");
+            std::os::unix::fs::symlink(to, &new).expect("symlink");
+            std::fs::rename(&new, base.path().join("current")).expect("flip the link");
+        };
+        flip("v1");
+        let lock_dir = base.path().join("current/run");
+        let name = unique_name("link_same");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        let line = h.next_line("holder");
+        assert!(line.starts_with("acquired"), "{mode:?}");
+        let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
+        common::wait_until_watching(h.pid());
+        h.stop();
+        flip("v1");
+        h.signal(rustix::process::Signal::CONT);
+        // A copy started now is refused, naming the holder; and the holder said nothing.
+        assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
+        h.close_stdin();
+        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}");
+        assert_eq!(h.exit_code(), 0, "{mode:?}");
+    }
+}
+
 /// A holder stopped while its whole lock directory is removed and made again, another copy
 /// runs there and leaves, and its program decides to release meanwhile (stdin closed): on
 /// waking, the release must not be clean. It was, in the soak: the watch, told to stop, had

@@ -50,10 +50,11 @@ pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
                             }
                         }
                     };
-                    // The lock directory watched at once, not after the connection still on
-                    // its way (see `HeldFile::new`, which adds the same watch again).
+                    // The lock directory and the way to it watched at once, not after the
+                    // connection still on its way (see `HeldFile::new`, which adds the same
+                    // watches again).
                     if let Some(Ok(inotify)) = &inotify {
-                        let _ = waited.0.watch_handle().add_dir_watch_now(inotify);
+                        let _ = waited.0.watch_handle().add_watches_now(inotify);
                     }
                     ctx.early_bus = match connected {
                         Some(connected) => connected.ok(),

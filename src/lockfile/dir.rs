@@ -13,6 +13,7 @@ use crate::plan::LockPlan;
 
 use super::netfs::network_fs_name;
 use super::walk::{Walked, check_on_the_way, walk_dir};
+use super::watch::Way;
 
 /// An open lock directory that passed [`open_dir`]'s checks.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub(crate) struct LockDir {
     ino: u64,
     /// As [`open_dir`] was asked, for opening it again.
     allow_network_fs: bool,
+    /// The way the walk went to it, for the watches set up as the lock is taken.
+    pub(super) way: Arc<Way>,
 }
 
 impl LockDir {
@@ -104,9 +107,9 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
     let may_create = create && may_create_dir(plan, euid);
     // Walked, not opened by path: the usual case costs no `mkdir`, and nothing on the way is
     // followed before it is checked.
-    let (dir, st) = match walk_dir(plan, euid)? {
-        Walked::Found(dir, st) => (dir, st),
-        Walked::Missing(parent, name) if may_create => {
+    let (dir, st, way) = match walk_dir(plan, euid)? {
+        Walked::Found(dir, st, way) => (dir, st, way),
+        Walked::Missing(parent, name, way) if may_create => {
             let created = match rustix::fs::mkdirat(&parent, &name, Mode::from_raw_mode(0o700)) {
                 Ok(()) => true,
                 Err(Errno::EXIST) => false,
@@ -141,7 +144,7 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
             let st = rustix::fs::fstat(&dir)
                 .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
             check_on_the_way(plan, &plan.dir, &st, euid, true)?;
-            (dir, st)
+            (dir, st, way)
         }
         Walked::Missing(..) if create && plan.create_dir_mode.is_some() => {
             return Err(not_permitted(
@@ -171,6 +174,7 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
         }
     }
     Ok(Some(LockDir {
+        way: Arc::new(way),
         fd: Arc::new(dir),
         shared_sticky: st.st_uid == 0 && st.st_mode & 0o1000 != 0 && st.st_mode & 0o002 != 0,
         service_owner: plan.service_dir.then_some(st.st_uid),

@@ -240,10 +240,14 @@ impl HandedLockFile {
             ));
         }
         // Best effort: a directory left unwatched is still looked at by the periodic checks.
+        let mut history = NameHistory::new(handle.recreated());
         let inotify = match new_inotify() {
             Ok(inotify) => match handle.add_watches(&inotify) {
                 // A directory on the way left unwatched is looked at by the periodic checks.
-                Ok((dir_watch, _)) => Some((inotify, Some(dir_watch))),
+                Ok(watches) => {
+                    history.note_links(watches.links);
+                    Some((inotify, Some(watches.dir)))
+                }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e,
                         "cannot watch every directory of the lock path with inotify");
@@ -256,12 +260,11 @@ impl HandedLockFile {
                 None
             }
         };
-        let history = std::sync::Mutex::new(NameHistory::new(handle.recreated()));
         Ok(HandedLockFile {
             lock,
             handle,
             inotify,
-            history,
+            history: std::sync::Mutex::new(history),
         })
     }
 
@@ -300,7 +303,7 @@ impl HandedLockFile {
                 None => drain(inotify),
             }
             // Before the check, as the guard's watch does: see `WatchHandle::rewatch`.
-            self.handle.rewatch(inotify);
+            self.handle.rewatch(inotify, &mut history);
         }
         // As the guard's watch decides (see `WatchHandle::judge`).
         let inotify = self

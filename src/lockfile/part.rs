@@ -40,13 +40,14 @@ impl HeldFile {
         inotify: Option<std::io::Result<OwnedFd>>,
         wait_watch: Option<OwnedFd>,
     ) -> Result<Self> {
-        // Our directory watched from now on, before anything else (the record, the bus): a
-        // removal of our file is then an event the watch reads, however late its thread
-        // starts (a holder stopped meanwhile), and one it did not see is never re-created (see
-        // `NameHistory`). If the directory cannot be watched, the watch falls back to
+        // Our directory and the way to it watched from now on, before anything else (the
+        // record, the bus): a removal of our file, a directory on the way moved, a link on the
+        // way flipped, is then an event the watch reads, however late its thread starts (a
+        // holder stopped meanwhile), and a removal it did not see is never re-created (see
+        // `NameHistory`). If our directory cannot be watched, the watch falls back to
         // re-checks.
         let inotify = inotify.map(|inotify| {
-            inotify.and_then(|fd| lock.watch_handle().add_dir_watch_now(&fd).map(|_| fd))
+            inotify.and_then(|fd| lock.watch_handle().add_watches_now(&fd).map(|()| fd))
         });
         let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
         lock.write_record(&record)?;

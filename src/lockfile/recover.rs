@@ -199,7 +199,7 @@ impl WatchHandle {
             return Err("cannot stat our directory");
         };
         match walk_dir(plan, euid) {
-            Ok(Walked::Found(_, st))
+            Ok(Walked::Found(_, st, _))
                 if (st.st_dev, st.st_ino) == (dir_st.st_dev, dir_st.st_ino)
                     && check_dir(plan, &st, euid).is_ok() => {}
             Ok(_) => return Err("the path leads to another directory"),

@@ -13,16 +13,18 @@ use crate::error::{Error, Result, UnsafeLockPath};
 use crate::plan::LockPlan;
 
 use super::dir::dir_error;
+use super::watch::Way;
 
 /// How many symlinks a lock directory's path may go through, as the kernel allows (`ELOOP`).
 pub(super) const MAX_SYMLINKS: u32 = 40;
 
-/// The end of [`walk_dir`].
+/// The end of [`walk_dir`], with the way the walk went (for the watches: see
+/// `WatchHandle::add_watches_now`).
 pub(super) enum Walked {
     /// The directory, open, and its `fstat`.
-    Found(OwnedFd, Stat),
+    Found(OwnedFd, Stat, Way),
     /// Only the path's own last component is missing: the directory above it, and the name.
-    Missing(OwnedFd, OsString),
+    Missing(OwnedFd, OsString, Way),
 }
 
 /// Resolves the lock directory's path one component at a time from `/`, the way the kernel
@@ -68,6 +70,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     let mut resolved = PathBuf::from("/");
     let mut queue: VecDeque<(OsString, bool)> = components(&plan.dir, true).into();
     let mut links = 0;
+    let mut way = Way::default();
     while let Some((name, own_last)) = queue.pop_front() {
         if name == ".." {
             resolved.pop();
@@ -85,7 +88,8 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                     let st =
                         rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
                     check_on_the_way(plan, &here, &st, euid, own_last)?;
-                    return Ok(Walked::Found(dir, st));
+                    way.entered.push(here);
+                    return Ok(Walked::Found(dir, st, way));
                 }
                 Err(Errno::NOENT) if own_last => {
                     let parent = rustix::fs::open(
@@ -94,7 +98,9 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                         Mode::empty(),
                     )
                     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
-                    return Ok(Walked::Missing(parent, name));
+                    // The directory as it will be once made (`open_dir` makes it there).
+                    way.entered.push(here);
+                    return Ok(Walked::Missing(parent, name, way));
                 }
                 // Maybe a symlink: looked at below.
                 Err(Errno::LOOP | Errno::NOTDIR) => rustix::fs::lstat(&here)
@@ -118,6 +124,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
         match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
                 check_on_the_way(plan, &here, &st, euid, false)?;
+                way.entered.push(here.clone());
                 resolved = here;
             }
             FileType::Symlink => {
@@ -143,6 +150,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                 }
                 let target = std::fs::read_link(&here)
                     .map_err(|e| Error::io("cannot read symbolic link", &here, e))?;
+                way.links.push((resolved.clone(), name.clone()));
                 if target.is_absolute() {
                     resolved = PathBuf::from("/");
                 }
@@ -162,7 +170,8 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
     let st = rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
     check_on_the_way(plan, &resolved, &st, euid, false)?;
-    Ok(Walked::Found(dir, st))
+    way.entered.push(resolved);
+    Ok(Walked::Found(dir, st, way))
 }
 
 /// The rule for each directory on the way to the lock directory (see [`walk_dir`]). A

@@ -69,7 +69,11 @@ const DIR_ENTRY_EVENTS: rustix::fs::inotify::WatchFlags = rustix::fs::inotify::W
 /// happened before the watches were in place (the holder was stopped, or slow, just after
 /// acquiring), or there is no inotify at all — cannot be told from one behind which another
 /// copy made the file, ran and left: that is a loss, never a silent re-creation.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+///
+/// The symlinks on the way are remembered the same way: a link flipped to another target and
+/// back (two renames over its name, or a removal and a new link) while the holder was stopped
+/// led other copies elsewhere meanwhile, though the path leads to our file again.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct NameHistory {
     /// Files made at the name, by anyone (our own re-creations included), counted as
     /// [`WatchHandle::recreated`] counts ours.
@@ -84,6 +88,15 @@ pub(super) struct NameHistory {
     /// Our re-creations at the last settle: one since, with events lost, may hide another
     /// copy's file made before ours.
     base: u64,
+    /// The symlinks on the way, as (watch descriptor of the directory holding it, its name):
+    /// every one seen so far (see [`NameHistory::note_links`]); kept across settles.
+    links: Vec<(i32, OsString)>,
+    /// Links on the way replaced (a new one renamed over: `ln -sfn`), removed, moved or made,
+    /// seen since the path last led to our file.
+    link_changes: u64,
+    /// One of those was not a rename over the link (it was removed or moved away, for a
+    /// moment leading nowhere or elsewhere).
+    link_not_replaced: bool,
 }
 
 impl NameHistory {
@@ -97,8 +110,18 @@ impl NameHistory {
         }
     }
 
+    /// Remembers the symlinks on the way as the watches were (re-)added (see
+    /// [`Watches::links`]), their events to be read from now on.
+    pub(super) fn note_links(&mut self, links: Vec<(i32, OsString)>) {
+        for link in links {
+            if !self.links.contains(&link) {
+                self.links.push(link);
+            }
+        }
+    }
+
     /// Reads every pending event of `fd` (a non-blocking inotify instance) about `name` in the
-    /// directory watched as `dir_watch`.
+    /// directory watched as `dir_watch`, and about the symlinks on the way.
     pub(super) fn read(&mut self, fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) {
         use std::os::unix::ffi::OsStrExt;
         const IN_MOVED_FROM: u32 = 0x40;
@@ -131,12 +154,23 @@ impl NameHistory {
                     self.events_lost = true;
                 } else if mask & (IN_DELETE_SELF | IN_MOVE_SELF) != 0 {
                     self.path_left = true;
-                } else if wd == dir_watch && event_name == name.as_bytes() {
-                    if mask & (IN_CREATE | IN_MOVED_TO) != 0 {
-                        self.made += 1;
+                } else {
+                    if wd == dir_watch && event_name == name.as_bytes() {
+                        if mask & (IN_CREATE | IN_MOVED_TO) != 0 {
+                            self.made += 1;
+                        }
+                        if mask & (IN_DELETE | IN_MOVED_FROM) != 0 {
+                            self.removed += 1;
+                        }
                     }
-                    if mask & (IN_DELETE | IN_MOVED_FROM) != 0 {
-                        self.removed += 1;
+                    let at_link = self
+                        .links
+                        .iter()
+                        .any(|(w, n)| *w == wd && n.as_bytes() == event_name);
+                    if at_link && mask & (IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM) != 0
+                    {
+                        self.link_changes += 1;
+                        self.link_not_replaced |= mask & IN_MOVED_TO == 0;
                     }
                 }
                 at = end;
@@ -147,23 +181,39 @@ impl NameHistory {
     /// The path leads to our file (`recreated` times re-created so far): what the events said
     /// is settled (our own files, or changes that went away); count from here.
     pub(super) fn settle(&mut self, recreated: u64) {
-        *self = NameHistory::new(recreated);
+        let links = std::mem::take(&mut self.links);
+        *self = NameHistory {
+            links,
+            ..NameHistory::new(recreated)
+        };
+    }
+
+    /// May the path have led elsewhere since it last led to our file, whatever it leads to
+    /// now: a directory on the way moved or removed, or a symlink on the way changed more than
+    /// by one rename over it (which leaves it leading somewhere at every moment: to our file
+    /// if it does now, a deploy that flipped it to the release it named).
+    fn path_may_have_left(&self) -> bool {
+        self.path_left || self.link_not_replaced || self.link_changes > 1
     }
 
     /// May our file, found gone from the path, be re-created (`recreated`: our re-creations so
     /// far)? Only if its removal was seen and nobody else has made a file at the name since.
     pub(super) fn only_removed(&self, recreated: u64) -> bool {
-        !self.events_lost && !self.path_left && self.removed > 0 && self.made <= recreated
+        !self.events_lost
+            && !self.path_may_have_left()
+            && self.removed > 0
+            && self.made <= recreated
     }
 
     /// Did the path leave our file since it last led there, though it leads there again, in a
     /// way another copy may have used: someone else made a file at our name (our file moved
     /// away and back; or another copy's, made in the moment between our reading of a removal
     /// and our re-creation, whose event comes before ours), events were lost around one of our
-    /// re-creations, or a directory on the way was moved or removed (and put back)? Then
-    /// another copy may have run: a loss, even with our file at the path. Why, if so.
+    /// re-creations, a directory on the way was moved or removed (and put back), or a symlink
+    /// on the way was flipped away and back? Then another copy may have run: a loss, even with
+    /// our file at the path. Why, if so.
     pub(super) fn changed_behind_us(&self, recreated: u64) -> Option<LossReason> {
-        if self.path_left {
+        if self.path_may_have_left() {
             Some(LossReason::LockDirectoryRemoved)
         } else if self.made > recreated || (self.events_lost && recreated > self.base) {
             Some(LossReason::LockFileRemoved)
@@ -180,7 +230,7 @@ impl NameHistory {
         let deadline = std::time::Instant::now() + UNSEEN_REMOVAL_GRACE;
         loop {
             self.read(fd, dir_watch, name);
-            if self.removed > 0 || self.events_lost || self.path_left {
+            if self.removed > 0 || self.events_lost || self.path_may_have_left() {
                 return;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -241,37 +291,60 @@ impl WatchHandle {
     /// entry of a directory holding a symlink on the way changes (a flipped
     /// `current -> releases/vN`): every way the path can stop naming our file without a mount.
     ///
-    /// Called by the watch itself (its thread; and `HandedLockFile::new`), not on the
-    /// acquisition's path: it costs a
-    /// system call per component of the path (symlinks' targets included) and one per
-    /// directory it goes through, and the watch checks the path once its watches are in place
-    /// anyway, so a change made before then is not missed (see `watch_lock_blocking`). Only
-    /// the lock directory's own watch is added at acquisition ([`WatchHandle::add_dir_watch`]),
-    /// so that a removal of our file is always seen, never only found. Called again
-    /// after each wake-up ([`WatchHandle::rewatch`]), since the path may go through other
+    /// Made at acquisition ([`WatchHandle::add_watches_now`]), so that whatever happens on the
+    /// way from then on is an event the watch reads, however late its thread starts (a holder
+    /// stopped just after acquiring, while a directory is moved away and back or a link flipped
+    /// away and back, and another copy runs meanwhile); then again by the watch's thread (and
+    /// `HandedLockFile::new`), which gets the same watches, through our directory's descriptor;
+    /// and after each wake-up ([`WatchHandle::rewatch`]), since the path may go through other
     /// directories by then.
     ///
-    /// Returns our directory's watch descriptor, and whether every other watch could be added
-    /// too: one that could not (a directory we may enter but not read, the per-user limit of
-    /// watches reached) leaves a change there to the periodic re-check, while our directory's
-    /// own watch goes on seeing what happens to our file. An error only when our directory
-    /// itself cannot be watched.
-    pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<(i32, bool)> {
-        use rustix::fs::inotify::{self, WatchFlags};
-        let dir_watch = self.add_dir_watch(fd)?;
-        let mut complete = true;
+    /// Returns the watches (see [`Watches`]). An error only when our directory itself cannot
+    /// be watched.
+    pub(crate) fn add_watches(&self, fd: &OwnedFd) -> std::io::Result<Watches> {
+        let dir = self.add_dir_watch(fd)?;
         let way = self.path.parent().map(way_to).unwrap_or_default();
+        let (complete, links) = self.add_way_watches(fd, &way);
+        Ok(Watches {
+            dir,
+            complete,
+            links,
+        })
+    }
+
+    /// [`WatchHandle::add_watches`] as the acquisition makes them, our directory's through the
+    /// path just checked (see [`WatchHandle::add_dir_watch_now`]). Best effort: the watch's
+    /// thread adds them again, and a directory left unwatched gets the periodic re-check.
+    /// The way is the one the acquisition's walk went a moment ago: no system call but the
+    /// watches' own.
+    pub(crate) fn add_watches_now(&self, fd: &OwnedFd) -> std::io::Result<()> {
+        self.add_dir_watch_now(fd)?;
+        self.add_way_watches(fd, &self.shared.lock_dir.way);
+        Ok(())
+    }
+
+    /// The watches of [`WatchHandle::add_watches`] but our directory's own, along `way`:
+    /// whether all could be added, and the links on the way (see [`Watches`]).
+    fn add_way_watches(&self, fd: &OwnedFd, way: &Way) -> (bool, Vec<(i32, OsString)>) {
+        use rustix::fs::inotify::{self, WatchFlags};
+        let mut complete = true;
+        let mut links = Vec::new();
         // Every directory holding a symlink on the way, so that a flipped link wakes us too
-        // (its path then leads to another file).
-        for parent in &way.link_dirs {
-            complete &= inotify::add_watch(fd, parent.as_path(), DIR_ENTRY_EVENTS).is_ok();
+        // (its path then leads to another file), and is remembered (see `NameHistory`).
+        for (parent, link) in &way.links {
+            match inotify::add_watch(fd, parent.as_path(), DIR_ENTRY_EVENTS) {
+                Ok(wd) => links.push((wd, link.clone())),
+                Err(_) => complete = false,
+            }
         }
         // And every directory the path goes through, for itself only: renaming or removing any
         // of them (`mv app app.old && mv app.new app`, the usual deploy, or the same above a
         // symlink's target) leads the path elsewhere without touching our directory. Self
         // events come only when that directory itself moves or goes, so they cost an idle
         // holder nothing.
-        for dir in &way.entered {
+        // The last is our directory itself, whose own watch has these events already (or, when
+        // the path no longer leads there, the check finds a loss at once).
+        for dir in way.entered.iter().rev().skip(1) {
             // One we may not read cannot be watched: the re-check decides then.
             complete &= inotify::add_watch(
                 fd,
@@ -283,15 +356,15 @@ impl WatchHandle {
             )
             .is_ok();
         }
-        Ok((dir_watch, complete))
+        (complete, links)
     }
 
     /// [`WatchHandle::add_dir_watch`] as the acquisition makes it, on its path: through the
     /// path, checked a moment ago to lead to our directory, a third of the cost of the way
-    /// through `/proc` (which the watch thread takes when it adds the rest, getting the same
-    /// watch). Should the path lead elsewhere by now, our file's removal goes unseen, and is a
-    /// loss: never the other way round.
-    pub(crate) fn add_dir_watch_now(&self, fd: &OwnedFd) -> std::io::Result<i32> {
+    /// through `/proc` (which the watch thread takes, getting the same watch). Should the path
+    /// lead elsewhere by now, our file's removal goes unseen, and is a loss: never the other
+    /// way round.
+    fn add_dir_watch_now(&self, fd: &OwnedFd) -> std::io::Result<i32> {
         match self.path.parent() {
             Some(parent) if parent.is_absolute() => Ok(rustix::fs::inotify::add_watch(
                 fd,
@@ -302,12 +375,10 @@ impl WatchHandle {
         }
     }
 
-    /// Watches our directory's entries (only that one, of what [`WatchHandle::add_watches`]
-    /// watches): from then on the removal of our file, and any file made at its name, are
-    /// events to read (see [`NameHistory`]). Done as the acquisition takes the lock, so that no
-    /// removal is unseen, however late the watch thread adds the rest; one system call.
-    /// Returns the watch descriptor.
-    pub(crate) fn add_dir_watch(&self, fd: &OwnedFd) -> std::io::Result<i32> {
+    /// Watches our directory's entries (one of the watches of [`WatchHandle::add_watches`]):
+    /// from then on the removal of our file, and any file made at its name, are events to read
+    /// (see [`NameHistory`]). Returns the watch descriptor.
+    fn add_dir_watch(&self, fd: &OwnedFd) -> std::io::Result<i32> {
         use rustix::fs::inotify::add_watch;
         // Through our directory descriptor, not its path: the path may have been replaced.
         let dir = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
@@ -327,9 +398,11 @@ impl WatchHandle {
     /// path still leads to our file, it may go through other directories by now (a directory
     /// renamed and a link pointed at its new name), which must wake us in turn. Watches already
     /// there stay as they are; those of directories the path has left only wake us in vain.
-    /// Best effort: the check decides.
-    pub(crate) fn rewatch(&self, fd: &OwnedFd) {
-        let _ = self.add_watches(fd);
+    /// The links found are remembered in `history`. Best effort: the check decides.
+    pub(super) fn rewatch(&self, fd: &OwnedFd, history: &mut NameHistory) {
+        if let Ok(watches) = self.add_watches(fd) {
+            history.note_links(watches.links);
+        }
     }
 
     /// See `Now::watch_verdict`: set by the watch as it stops for the release.
@@ -396,15 +469,31 @@ fn ours(st: rustix::io::Result<Stat>, dev: u64, ino: u64) -> Option<PathChange> 
     }
 }
 
-/// The directories a lock directory's path goes through as it resolves now (see [`way_to`]).
+/// What [`WatchHandle::add_watches`] added to an inotify instance.
+#[derive(Debug)]
+pub(crate) struct Watches {
+    /// Our directory's watch descriptor.
+    pub(crate) dir: i32,
+    /// Whether every other watch could be added too: one that could not (a directory we may
+    /// enter but not read, the per-user limit of watches reached) leaves a change there to the
+    /// periodic re-check, while our directory's own watch goes on seeing what happens to our
+    /// file.
+    pub(crate) complete: bool,
+    /// Each symlink on the way: the watch descriptor of the directory holding it, and its name
+    /// (for [`NameHistory::note_links`]).
+    pub(super) links: Vec<(i32, OsString)>,
+}
+
+/// The directories a lock directory's path goes through as it resolves (see [`way_to`]; and
+/// the acquisition's walk, which finds the same on its way: `walk_dir`).
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Way {
+pub(super) struct Way {
     /// Every directory the resolution enters, `/` aside (it can be neither renamed nor
     /// removed): the ancestors of the path as given and, through each symlink, the directories
     /// above its target, down to the lock directory itself.
-    entered: Vec<PathBuf>,
-    /// The directories that hold a symlink on the way.
-    link_dirs: Vec<PathBuf>,
+    pub(super) entered: Vec<PathBuf>,
+    /// Each symlink on the way: the directory that holds it, and its name there.
+    pub(super) links: Vec<(PathBuf, OsString)>,
 }
 
 /// Resolves `dir` one component at a time from `/`, as the kernel does (a symlink's target
@@ -429,7 +518,7 @@ fn way_to(dir: &Path) -> Way {
                 if links > MAX_SYMLINKS {
                     break;
                 }
-                way.link_dirs.push(resolved.clone());
+                way.links.push((resolved.clone(), name.clone()));
                 if target.is_absolute() {
                     resolved = PathBuf::from("/");
                 }
@@ -585,7 +674,33 @@ mod tests {
             expected.iter().map(PathBuf::as_path).collect(),
             "{way:?}"
         );
-        assert_eq!(way.link_dirs, [b.join("srv"), b.join("data")], "{way:?}");
+        assert_eq!(
+            way.links,
+            [
+                (b.join("srv"), OsString::from("current")),
+                (b.join("data"), OsString::from("rel"))
+            ],
+            "{way:?}"
+        );
+    }
+
+    /// The acquisition's walk goes the same way as [`way_to`], and says so (its watches are
+    /// added along it, and the watch's thread adds them again along `way_to`'s).
+    #[test]
+    fn the_walk_goes_the_way_the_watch_follows() {
+        use crate::lockfile::dir::{open_dir, tests::private_plan};
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        std::fs::create_dir_all(b.join("abs/rel/v1")).expect("mkdir");
+        std::fs::create_dir_all(b.join("data")).expect("mkdir");
+        std::fs::create_dir_all(b.join("srv")).expect("mkdir");
+        std::os::unix::fs::symlink(b.join("abs/rel"), b.join("data/rel")).expect("symlink");
+        std::os::unix::fs::symlink("../data/rel/v1", b.join("srv/current")).expect("symlink");
+        let lock_dir = b.join("srv/current/run");
+        for round in ["made by the walk's caller", "there already"] {
+            let dir = open_dir(&private_plan(&lock_dir), false).expect("open_dir");
+            assert_eq!(*dir.way, way_to(&lock_dir), "{round}");
+        }
     }
 
     /// A path that leads nowhere stops where it does, with what it went through so far.
@@ -595,6 +710,6 @@ mod tests {
         let b = std::fs::canonicalize(base.path()).expect("canonicalize");
         let way = way_to(&b.join("missing/run"));
         assert_eq!(way.entered.last(), Some(&b), "{way:?}");
-        assert!(way.link_dirs.is_empty(), "{way:?}");
+        assert!(way.links.is_empty(), "{way:?}");
     }
 }

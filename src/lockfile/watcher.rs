@@ -114,16 +114,20 @@ impl LockWatchThread {
             .spawn(move || {
                 crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeLockWatch);
                 let mut every = recheck;
+                // What the events said of our name since the path last led to our file.
+                let mut history = NameHistory::new(thread_handle.recreated());
                 let inotify = match inotify
-                    .map(|r| r.and_then(|fd| thread_handle.add_watches(&fd).map(|wd| (fd, wd))))
+                    .map(|r| r.and_then(|fd| thread_handle.add_watches(&fd).map(|w| (fd, w))))
                 {
-                    Some(Ok((fd, (dir_watch, complete)))) => {
-                        if !complete {
+                    Some(Ok((fd, watches))) => {
+                        if !watches.complete {
                             tracing::warn!(path = %thread_handle.path().display(),
                                 "cannot watch every directory on the lock path with inotify; \
                                  re-checking the path every 10 s as well");
                             every = shortest(every, WATCH_FALLBACK_INTERVAL);
                         }
+                        let dir_watch = watches.dir;
+                        history.note_links(watches.links);
                         Some((fd, dir_watch))
                     }
                     Some(Err(e)) => {
@@ -140,6 +144,7 @@ impl LockWatchThread {
                     every,
                     &thread_stop,
                     &losses,
+                    history,
                 );
                 // Tells the guard that no more checks are made, before the inotify instance is
                 // closed (slowly) on the way out.
@@ -192,12 +197,11 @@ fn watch_lock_blocking(
     mut every: Option<Duration>,
     stop: &std::os::fd::OwnedFd,
     losses: &LossLog,
+    mut history: NameHistory,
 ) {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     // Polled for POLLPRI: see `mount_table`.
     let mounts = mount_table();
-    // What the events said of our name since the path last led to our file.
-    let mut history = NameHistory::new(handle.recreated());
     loop {
         // Read before each check, whatever woke us: `poll` fails with EINTR after a stop and a
         // SIGCONT, the very case these events are read for.
@@ -258,7 +262,7 @@ fn watch_lock_blocking(
         drop(fds);
         if let Some((events, _)) = inotify {
             // Before the next check: see `WatchHandle::rewatch`.
-            handle.rewatch(events);
+            handle.rewatch(events, &mut history);
         }
     }
 }
