@@ -32,6 +32,9 @@ pub(crate) enum Hook {
     /// In a holder's watch, once it has decided to re-create its removed lock file, just before
     /// it makes the new one (`lockfile::recover`).
     BeforeRecreate,
+    /// In a holder's watch, once it has read that a link on the way was made anew, before it
+    /// looks at the path (`lockfile::watcher`).
+    AfterLinkRead,
 }
 
 impl Hook {
@@ -69,11 +72,12 @@ mod imp {
             Hook::OnASecondName => "UNIQUE_INSTANCE_TEST_STOP_ON_A_SECOND_NAME",
             Hook::BeforeLockWatch => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_WATCH",
             Hook::BeforeRecreate => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE",
+            Hook::AfterLinkRead => "UNIQUE_INSTANCE_TEST_STOP_AFTER_LINK_READ",
         }
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 8] = [const { AtomicBool::new(false) }; 8];
+        static STOPPED: [AtomicBool; 9] = [const { AtomicBool::new(false) }; 9];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
             // To this thread (`raise`), not to the process: a process-directed SIGSTOP may be
             // taken by another thread, and this one, back from `kill`, would run on past the

@@ -818,11 +818,51 @@ fn a_lock_directory_moved_away_and_back_while_stopped_is_a_loss() {
     }
 }
 
-/// A holder stopped while a symlink on its lock path is flipped to another release (`ln -sfn`:
-/// a new link renamed over the old one), another copy runs there and leaves, and the link is
-/// flipped back: on waking the path leads to its file again, but another copy ran meanwhile,
-/// and that is a loss. It used to be taken for nothing at all: the flips woke the watch, but
-/// only events at the lock file's own name were remembered.
+/// Points the symlink `dir/link` at `to` as `ln -sfn` does: a new link renamed over it.
+fn flip_link(dir: &Path, link: &str, to: &Path) {
+    let new = dir.join(format!("{link}.new"));
+    std::os::unix::fs::symlink(to, &new).expect("symlink");
+    std::fs::rename(&new, dir.join(link)).expect("flip the link");
+}
+
+/// Waits (with the tests' timeout) until `h`, our child, has stopped: by a test hook, or by
+/// [`Proc::stop`]'s signal. (It may or may not have printed its first line.)
+fn wait_stopped(h: &Proc, what: &str) {
+    let pid = rustix::process::Pid::from_raw(h.pid() as i32).expect("pid");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(rustix::process::waitpid(
+            Some(pid),
+            rustix::process::WaitOptions::UNTRACED,
+        ));
+    });
+    match rx.recv_timeout(common::TIMEOUT) {
+        Ok(Ok(Some((_, status)))) if status.stopped() => {}
+        other => panic!("{what}: the holder did not stop: {other:?}"),
+    }
+}
+
+/// The holder example with the lock file alone in `lock_dir`, `mode` (async or blocking), and
+/// the test hook `hook` armed.
+fn holder_stopping_at(lock_dir: &Path, name: &str, mode: &[&str], hook: &str) -> Proc {
+    let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir);
+    cmd.args([name, "--backend", "lockfile"]).args(mode);
+    common::arm_test_hook(&mut cmd, hook);
+    Proc::spawn(cmd)
+}
+
+/// Releases `h` at once (stdin closed) and asserts that it was told of a loss, by its watch or
+/// by its release.
+fn release_told_of_a_loss(mut h: Proc, what: &str) {
+    h.close_stdin();
+    assert_told_of_a_loss(&mut h, &[what]);
+}
+
+/// A holder stopped while a symlink on its lock path is flipped to another release (`ln -sfn`),
+/// another copy runs there and leaves, and the link is flipped back: on waking the path leads
+/// to its file again, but another copy ran meanwhile, and that is a loss. It used to be taken
+/// for nothing at all: the flips woke the watch, but only events at the lock file's own name
+/// were remembered.
 #[test]
 fn a_symlink_flipped_away_and_back_while_stopped_is_a_loss() {
     for mode in [&[][..], &["--blocking"][..]] {
@@ -830,12 +870,7 @@ fn a_symlink_flipped_away_and_back_while_stopped_is_a_loss() {
         for release in ["v1", "v2"] {
             std::fs::create_dir_all(base.path().join(release).join("run")).expect("mkdir");
         }
-        let flip = |to: &str| {
-            let new = base.path().join("current.new");
-            std::os::unix::fs::symlink(to, &new).expect("symlink");
-            std::fs::rename(&new, base.path().join("current")).expect("flip the link");
-        };
-        flip("v1");
+        flip_link(base.path(), "current", Path::new("v1"));
         let lock_dir = base.path().join("current/run");
         let name = unique_name("link_back");
         let mut args = vec![name.as_str(), "--backend", "lockfile"];
@@ -844,9 +879,9 @@ fn a_symlink_flipped_away_and_back_while_stopped_is_a_loss() {
         assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
         common::wait_until_watching(h.pid());
         h.stop();
-        flip("v2");
+        flip_link(base.path(), "current", Path::new("v2"));
         another_copy_comes_and_goes(&lock_dir, &name, mode);
-        flip("v1");
+        flip_link(base.path(), "current", Path::new("v1"));
         h.signal(rustix::process::Signal::CONT);
         let line = h.line_starting("lost");
         assert_eq!(
@@ -859,37 +894,179 @@ fn a_symlink_flipped_away_and_back_while_stopped_is_a_loss() {
     }
 }
 
-/// A deploy that flips the link to the release it already names (one rename over it, nothing
-/// else) leaves the path leading to the holder's file at every moment: not a loss, and the
-/// holder still excludes.
+/// A deploy that points the link at the release it already names — one rename over it
+/// (`ln -sfn`), or a removal and a new link (`rm`, `ln -s`; busybox's `ln -sf`) — leaves the
+/// path leading to the holder's file, or nowhere, at every moment: not a loss, and the holder
+/// still excludes.
 #[test]
-fn a_symlink_flipped_to_the_same_target_is_not_a_loss() {
+fn a_symlink_made_again_to_the_same_target_is_not_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        for renamed_over in [true, false] {
+            let what = format!("{mode:?} renamed_over={renamed_over}");
+            let base = tempfile::tempdir().expect("tempdir");
+            std::fs::create_dir_all(base.path().join("v1/run")).expect("mkdir");
+            flip_link(base.path(), "current", Path::new("v1"));
+            let lock_dir = base.path().join("current/run");
+            let name = unique_name("link_same");
+            let mut args = vec![name.as_str(), "--backend", "lockfile"];
+            args.extend_from_slice(mode);
+            let mut h = holder(None, &lock_dir, &args);
+            let line = h.next_line("holder");
+            assert!(line.starts_with("acquired"), "{what}");
+            let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
+            common::wait_until_watching(h.pid());
+            h.stop();
+            if renamed_over {
+                flip_link(base.path(), "current", Path::new("v1"));
+            } else {
+                std::fs::remove_file(base.path().join("current")).expect("rm the link");
+                std::os::unix::fs::symlink("v1", base.path().join("current")).expect("ln -s");
+            }
+            h.signal(rustix::process::Signal::CONT);
+            // A copy started now is refused, naming the holder; and the holder said nothing.
+            assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
+            h.close_stdin();
+            assert_eq!(h.stdout_until_closed(), ["released"], "{what}");
+            assert_eq!(h.exit_code(), 0, "{what}");
+        }
+    }
+}
+
+/// `srv/app -> data/a`, `data/a/current -> v1`: the lock directory is `srv/app/current/run`.
+/// Returned with the two releases' `run` directories in `data/a`, and `data/b` (whose `current`
+/// leads to `../a/v2`) to flip `srv/app` to.
+fn nested_links(base: &Path) -> std::path::PathBuf {
+    let b = std::fs::canonicalize(base).expect("canonicalize");
+    for dir in ["data/a/v1/run", "data/a/v2/run", "data/b", "srv"] {
+        std::fs::create_dir_all(b.join(dir)).expect("mkdir");
+    }
+    flip_link(&b.join("data/a"), "current", Path::new("v1"));
+    flip_link(&b.join("data/b"), "current", Path::new("../a/v2"));
+    flip_link(&b.join("srv"), "app", &b.join("data/a"));
+    b
+}
+
+/// A holder stopped just after acquiring, before its watch thread set anything up (the test
+/// hook UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_WATCH), while the inner link of its path is
+/// flipped to v2, another copy runs there and leaves, and the outer link is flipped (once) to
+/// another directory whose own link leads back to v1: the thread, once it runs, finds the path
+/// going another way, which it never watched. The links the acquisition watched are known to
+/// it from the start, and the way is compared with the acquisition's: a loss. (The outer flip
+/// alone, one rename over a link, used to count for nothing.)
+#[test]
+fn a_path_brought_back_another_way_before_the_watch_started_is_a_loss() {
     for mode in [&[][..], &["--blocking"][..]] {
         let base = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(base.path().join("v1/run")).expect("mkdir");
-        let flip = |to: &str| {
-            let new = base.path().join("current.new");
-            std::os::unix::fs::symlink(to, &new).expect("symlink");
-            std::fs::rename(&new, base.path().join("current")).expect("flip the link");
-        };
-        flip("v1");
-        let lock_dir = base.path().join("current/run");
-        let name = unique_name("link_same");
+        let b = nested_links(base.path());
+        flip_link(&b.join("data/b"), "current", Path::new("../a/v1"));
+        let lock_dir = b.join("srv/app/current/run");
+        let name = unique_name("other_way");
+        let mut h = holder_stopping_at(
+            &lock_dir,
+            &name,
+            mode,
+            "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_WATCH",
+        );
+        wait_stopped(&h, "at its watch");
+        flip_link(&b.join("data/a"), "current", Path::new("v2"));
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        flip_link(&b.join("srv"), "app", &b.join("data/b"));
+        h.signal(rustix::process::Signal::CONT);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
+/// A holder stopped (its watch running) while the outer link is flipped once to `data/b`,
+/// whose link leads to v2, another copy runs there and leaves, and `data/b`'s link is pointed
+/// at v1: one rename over the watched link, and the rest in a directory never watched. The way
+/// the path goes differs from the one it went: a loss.
+#[test]
+fn a_path_brought_back_by_a_way_never_watched_is_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = nested_links(base.path());
+        let lock_dir = b.join("srv/app/current/run");
+        let name = unique_name("unwatched_way");
         let mut args = vec![name.as_str(), "--backend", "lockfile"];
         args.extend_from_slice(mode);
         let mut h = holder(None, &lock_dir, &args);
-        let line = h.next_line("holder");
-        assert!(line.starts_with("acquired"), "{mode:?}");
-        let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
-        common::wait_until_watching(h.pid());
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
         h.stop();
-        flip("v1");
+        flip_link(&b.join("srv"), "app", &b.join("data/b"));
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        flip_link(&b.join("data/b"), "current", Path::new("../a/v1"));
         h.signal(rustix::process::Signal::CONT);
-        // A copy started now is refused, naming the holder; and the holder said nothing.
-        assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
-        h.close_stdin();
-        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}");
-        assert_eq!(h.exit_code(), 0, "{mode:?}");
+        release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
+/// The watch reads the first flip (away) and is stopped before it looks at the path (the test
+/// hook UNIQUE_INSTANCE_TEST_STOP_AFTER_LINK_READ); another copy runs in v2 and leaves, and the
+/// link is flipped back. The look then finds the path leading to the holder's file by the way
+/// it went: had it settled there, the second flip, read afterwards, would have counted as one
+/// harmless flip. Events that came while it looked are read before it settles: a loss.
+#[test]
+fn a_flip_back_during_the_look_is_not_settled_away() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        for release in ["v1", "v2"] {
+            std::fs::create_dir_all(base.path().join(release).join("run")).expect("mkdir");
+        }
+        flip_link(base.path(), "current", Path::new("v1"));
+        let lock_dir = base.path().join("current/run");
+        let name = unique_name("split_flips");
+        let mut h = holder_stopping_at(
+            &lock_dir,
+            &name,
+            mode,
+            "UNIQUE_INSTANCE_TEST_STOP_AFTER_LINK_READ",
+        );
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        flip_link(base.path(), "current", Path::new("v2"));
+        wait_stopped(&h, "after reading the flip");
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        flip_link(base.path(), "current", Path::new("v1"));
+        h.signal(rustix::process::Signal::CONT);
+        release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
+/// A holder stopped while the directory holding its link sees more changes than the kernel
+/// queues for it (`max_queued_events`: a busy `/tmp`), then the link is flipped away and back
+/// with another copy running meanwhile: the flips' events were dropped, and the overflow says
+/// only that something may have happened. That is a loss.
+#[test]
+fn events_lost_while_stopped_are_a_loss() {
+    let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .expect("max_queued_events")
+        .trim()
+        .parse()
+        .expect("a number");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        for release in ["v1", "v2"] {
+            std::fs::create_dir_all(base.path().join(release).join("run")).expect("mkdir");
+        }
+        flip_link(base.path(), "current", Path::new("v1"));
+        let lock_dir = base.path().join("current/run");
+        let name = unique_name("overflow");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        h.stop();
+        // Two events each (made, removed), a name that is nobody's.
+        let junk = base.path().join("junk");
+        for _ in 0..queued / 2 + 100 {
+            std::fs::write(&junk, b"").expect("write");
+            std::fs::remove_file(&junk).expect("rm");
+        }
+        flip_link(base.path(), "current", Path::new("v2"));
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        flip_link(base.path(), "current", Path::new("v1"));
+        h.signal(rustix::process::Signal::CONT);
+        release_told_of_a_loss(h, &format!("{mode:?}"));
     }
 }
 

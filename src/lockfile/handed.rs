@@ -24,7 +24,7 @@ use super::held::HeldLock;
 use super::ofd::is_held;
 use super::record::{LockRecord, read_content, write_or_unknown};
 use super::recover::Judgement;
-use super::watch::{NameHistory, PathChange, WatchHandle, drain, new_inotify};
+use super::watch::{NameHistory, PathChange, WatchHandle, new_inotify};
 
 /// Writes this process's record (its PID, start time and executable; the lock file as its only
 /// backend: for a process that holds the bus name too, see
@@ -240,7 +240,7 @@ impl HandedLockFile {
             ));
         }
         // Best effort: a directory left unwatched is still looked at by the periodic checks.
-        let mut history = NameHistory::new(handle.recreated());
+        let mut history = NameHistory::new(handle.recreated(), handle.acquired_way());
         let inotify = match new_inotify() {
             Ok(inotify) => match handle.add_watches(&inotify) {
                 // A directory on the way left unwatched is looked at by the periodic checks.
@@ -297,11 +297,9 @@ impl HandedLockFile {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((inotify, dir_watch)) = &self.inotify {
-            match dir_watch {
-                Some(dir_watch) => history.read(inotify, *dir_watch, self.handle.file_name()),
-                // Our directory unwatched: no removal is ever seen, so none is re-created.
-                None => drain(inotify),
-            }
+            // Our directory unwatched (no descriptor matches -1): no removal is ever seen, so
+            // none is re-created; the way's events still count.
+            let _ = history.read(inotify, dir_watch.unwrap_or(-1), self.handle.file_name());
             // Before the check, as the guard's watch does: see `WatchHandle::rewatch`.
             self.handle.rewatch(inotify, &mut history);
         }

@@ -30,6 +30,9 @@ pub(crate) struct HeldFile {
     /// The inotify instance for the watch, made before the lock (see
     /// [`HeldLock::move_above`]); taken when the watch starts. `None` when the watch is off.
     inotify: Option<std::io::Result<OwnedFd>>,
+    /// The links on the way the acquisition watched in `inotify` (see
+    /// `WatchHandle::add_watches_now`), for the watch.
+    acquired_links: Vec<(i32, std::ffi::OsString)>,
 }
 
 impl HeldFile {
@@ -46,8 +49,12 @@ impl HeldFile {
         // holder stopped meanwhile), and a removal it did not see is never re-created (see
         // `NameHistory`). If our directory cannot be watched, the watch falls back to
         // re-checks.
+        let mut acquired_links = Vec::new();
         let inotify = inotify.map(|inotify| {
-            inotify.and_then(|fd| lock.watch_handle().add_watches_now(&fd).map(|()| fd))
+            inotify.and_then(|fd| {
+                acquired_links = lock.watch_handle().add_watches_now(&fd)?;
+                Ok(fd)
+            })
         });
         let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
         lock.write_record(&record)?;
@@ -57,6 +64,7 @@ impl HeldFile {
             wait_watch,
             record,
             inotify,
+            acquired_links,
         })
     }
 
@@ -100,8 +108,13 @@ impl HeldFile {
         recheck: Option<Duration>,
         losses: &LossLog,
     ) -> Result<()> {
-        self.watch =
-            LockWatchThread::start(&mut self.lock, self.inotify.take(), recheck, losses.clone())?;
+        self.watch = LockWatchThread::start(
+            &mut self.lock,
+            self.inotify.take(),
+            std::mem::take(&mut self.acquired_links),
+            recheck,
+            losses.clone(),
+        )?;
         Ok(())
     }
 

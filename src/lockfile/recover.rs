@@ -3,6 +3,7 @@
 //! Must not: re-create anything after a release or a loss, nor report the loss itself.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -73,37 +74,57 @@ impl WatchHandle {
     /// found removed is re-created only if its removal was seen, with no file made at its name
     /// by anyone else since (see [`NameHistory`]); a removal found before its event was read is
     /// waited for a moment first. Any other change is a loss, and so is a file made at our name
-    /// by someone else since the path last led to our file, even if it leads there again.
+    /// by someone else since the path last led to our file, even if it leads there again, and
+    /// a link on the way made anew, unless the path goes the way it went then.
     pub(super) fn judge(
         &self,
         history: &mut NameHistory,
         inotify: Option<(&OwnedFd, i32)>,
     ) -> Judgement {
-        let Some(reason) = lock_change(self) else {
-            if let Some(reason) = history.changed_behind_us(self.recreated()) {
+        loop {
+            let change = lock_change(self);
+            // Looked at after the path, so that it is the way the path went when it was seen.
+            let way_now = history.link_made().then(|| Arc::new(self.way_now()));
+            let way_left = way_now.as_deref().is_some_and(|way| history.way_left(way));
+            let Some(reason) = change else {
+                let behind = if way_left {
+                    Some(LossReason::LockDirectoryRemoved)
+                } else {
+                    history.changed_behind_us(self.recreated())
+                };
+                if let Some(reason) = behind {
+                    tracing::debug!(path = %self.path().display(),
+                        "the lock path left our file, in a way another copy may have used, and came back");
+                    return self.lost(reason);
+                }
+                // What happened while we looked is settled only by a look that follows it: a
+                // link flipped away before the look and back after it would otherwise be
+                // taken, once read, for a link made once.
+                if let Some((fd, dir_watch)) = inotify
+                    && history.read(fd, dir_watch, self.file_name())
+                {
+                    continue;
+                }
+                history.settle(self.recreated(), way_now);
+                return Judgement::Held;
+            };
+            if let Some((fd, dir_watch)) = inotify
+                && !history.only_removed(self.recreated())
+            {
+                history.await_removal(fd, dir_watch, self.file_name());
+            }
+            if way_left || !history.only_removed(self.recreated()) {
                 tracing::debug!(path = %self.path().display(),
-                    "the lock path left our file, in a way another copy may have used, and came back");
+                    "the lock path stopped leading to our file, and it was not seen only removed \
+                     (unwatched then, or someone else made a file there): not re-created");
                 return self.lost(reason);
             }
-            history.settle(self.recreated());
-            return Judgement::Held;
-        };
-        if let Some((fd, dir_watch)) = inotify
-            && !history.only_removed(self.recreated())
-        {
-            history.await_removal(fd, dir_watch, self.file_name());
-        }
-        if !history.only_removed(self.recreated()) {
-            tracing::debug!(path = %self.path().display(),
-                "the lock path stopped leading to our file, and it was not seen only removed \
-                 (unwatched then, or someone else made a file there): not re-created");
-            return self.lost(reason);
-        }
-        match self.recover() {
-            Recovery::Held => Judgement::Held,
-            Recovery::Recreated => Judgement::Recreated,
-            Recovery::Released => Judgement::Over,
-            Recovery::Lost => Judgement::Lost(reason),
+            return match self.recover() {
+                Recovery::Held => Judgement::Held,
+                Recovery::Recreated => Judgement::Recreated,
+                Recovery::Released => Judgement::Over,
+                Recovery::Lost => Judgement::Lost(reason),
+            };
         }
     }
 

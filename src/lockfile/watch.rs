@@ -71,8 +71,11 @@ const DIR_ENTRY_EVENTS: rustix::fs::inotify::WatchFlags = rustix::fs::inotify::W
 /// copy made the file, ran and left: that is a loss, never a silent re-creation.
 ///
 /// The symlinks on the way are remembered the same way: a link flipped to another target and
-/// back (two renames over its name, or a removal and a new link) while the holder was stopped
-/// led other copies elsewhere meanwhile, though the path leads to our file again.
+/// back (two links made at its name, by renames over it or after removals) while the holder was
+/// stopped led other copies elsewhere meanwhile, though the path leads to our file again. One
+/// link made at its name is harmless only if the way the path goes is the one it went when
+/// the path was last seen leading to our file: then the link led there, or nowhere, at every
+/// moment (a deploy that flipped it to the release it named, or re-made it).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct NameHistory {
     /// Files made at the name, by anyone (our own re-creations included), counted as
@@ -80,32 +83,37 @@ pub(super) struct NameHistory {
     made: u64,
     /// Our name removed or moved away, seen since the path last led to our file.
     removed: u64,
-    /// The kernel's queue overflowed (`IN_Q_OVERFLOW`): events were lost.
+    /// The kernel's queue overflowed (`IN_Q_OVERFLOW`): events were lost, and with them
+    /// whatever they said (a file made at our name, a link flipped and back).
     events_lost: bool,
     /// A watched directory (ours, or one the path goes through) was moved or removed: the path
     /// left our file, even if it leads there again now.
     path_left: bool,
-    /// Our re-creations at the last settle: one since, with events lost, may hide another
-    /// copy's file made before ours.
-    base: u64,
-    /// The symlinks on the way, as (watch descriptor of the directory holding it, its name):
-    /// every one seen so far (see [`NameHistory::note_links`]); kept across settles.
-    links: Vec<(i32, OsString)>,
-    /// Links on the way replaced (a new one renamed over: `ln -sfn`), removed, moved or made,
-    /// seen since the path last led to our file.
-    link_changes: u64,
-    /// One of those was not a rename over the link (it was removed or moved away, for a
-    /// moment leading nowhere or elsewhere).
-    link_not_replaced: bool,
+    /// The symlinks on the way, each with the links made at its name (a new one renamed over
+    /// it, `ln -sfn`, or made after a removal) since the path last led to our file: every link
+    /// the watches were added for so far (see [`NameHistory::note_links`]).
+    links: Vec<LinkSeen>,
+    /// The way the path went when it last led to our file (the acquisition's walk, at first).
+    settled_way: Arc<Way>,
+}
+
+/// A symlink on the way, for [`NameHistory`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LinkSeen {
+    /// The watch descriptor of the directory that holds it.
+    dir_watch: i32,
+    name: OsString,
+    /// Links made at its name since the path last led to our file.
+    made: u64,
 }
 
 impl NameHistory {
     /// The history of a watch that starts with the path leading to our file, `recreated`
-    /// times re-created so far.
-    pub(super) fn new(recreated: u64) -> Self {
+    /// times re-created so far, by `way` (see [`WatchHandle::acquired_way`]).
+    pub(super) fn new(recreated: u64, way: Arc<Way>) -> Self {
         NameHistory {
             made: recreated,
-            base: recreated,
+            settled_way: way,
             ..NameHistory::default()
         }
     }
@@ -113,16 +121,26 @@ impl NameHistory {
     /// Remembers the symlinks on the way as the watches were (re-)added (see
     /// [`Watches::links`]), their events to be read from now on.
     pub(super) fn note_links(&mut self, links: Vec<(i32, OsString)>) {
-        for link in links {
-            if !self.links.contains(&link) {
-                self.links.push(link);
+        for (dir_watch, name) in links {
+            if !self
+                .links
+                .iter()
+                .any(|l| l.dir_watch == dir_watch && l.name == name)
+            {
+                self.links.push(LinkSeen {
+                    dir_watch,
+                    name,
+                    made: 0,
+                });
             }
         }
     }
 
     /// Reads every pending event of `fd` (a non-blocking inotify instance) about `name` in the
-    /// directory watched as `dir_watch`, and about the symlinks on the way.
-    pub(super) fn read(&mut self, fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) {
+    /// directory watched as `dir_watch`, and about the symlinks on the way. Whether any of
+    /// them counted.
+    pub(super) fn read(&mut self, fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) -> bool {
+        let mut counted = false;
         use std::os::unix::ffi::OsStrExt;
         const IN_MOVED_FROM: u32 = 0x40;
         const IN_DELETE_SELF: u32 = 0x400;
@@ -152,48 +170,72 @@ impl NameHistory {
                 let event_name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
                 if mask & IN_Q_OVERFLOW != 0 {
                     self.events_lost = true;
+                    counted = true;
                 } else if mask & (IN_DELETE_SELF | IN_MOVE_SELF) != 0 {
                     self.path_left = true;
+                    counted = true;
                 } else {
                     if wd == dir_watch && event_name == name.as_bytes() {
                         if mask & (IN_CREATE | IN_MOVED_TO) != 0 {
                             self.made += 1;
+                            counted = true;
                         }
                         if mask & (IN_DELETE | IN_MOVED_FROM) != 0 {
                             self.removed += 1;
+                            counted = true;
                         }
                     }
-                    let at_link = self
-                        .links
-                        .iter()
-                        .any(|(w, n)| *w == wd && n.as_bytes() == event_name);
-                    if at_link && mask & (IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM) != 0
+                    // A link leaving its name leads nowhere: only a new one can lead elsewhere.
+                    if mask & (IN_CREATE | IN_MOVED_TO) != 0
+                        && let Some(link) = self
+                            .links
+                            .iter_mut()
+                            .find(|l| l.dir_watch == wd && l.name.as_bytes() == event_name)
                     {
-                        self.link_changes += 1;
-                        self.link_not_replaced |= mask & IN_MOVED_TO == 0;
+                        link.made += 1;
+                        counted = true;
                     }
                 }
                 at = end;
             }
         }
+        counted
     }
 
     /// The path leads to our file (`recreated` times re-created so far): what the events said
     /// is settled (our own files, or changes that went away); count from here.
-    pub(super) fn settle(&mut self, recreated: u64) {
-        let links = std::mem::take(&mut self.links);
+    /// `way_now`: the way the path goes now, when it was looked at (see
+    /// [`NameHistory::link_made`]).
+    pub(super) fn settle(&mut self, recreated: u64, way_now: Option<Arc<Way>>) {
+        let mut links = std::mem::take(&mut self.links);
+        for link in &mut links {
+            link.made = 0;
+        }
+        let way = way_now.unwrap_or_else(|| Arc::clone(&self.settled_way));
         *self = NameHistory {
             links,
-            ..NameHistory::new(recreated)
+            ..NameHistory::new(recreated, way)
         };
     }
 
+    /// Was a link made at the name of a symlink on the way since the path last led to our
+    /// file? Then the way the path goes now must be looked at: see [`NameHistory::way_left`].
+    pub(super) fn link_made(&self) -> bool {
+        self.links.iter().any(|l| l.made > 0)
+    }
+
+    /// Does `way_now` (the way the path goes now, looked at since a link was made on it) differ
+    /// from the way it went when it last led to our file? Then the path led elsewhere, by the
+    /// new way, at least for a moment: its links there were not watched.
+    pub(super) fn way_left(&self, way_now: &Way) -> bool {
+        *self.settled_way != *way_now
+    }
+
     /// May the path have led elsewhere since it last led to our file, whatever it leads to
-    /// now: a directory on the way moved or removed, or a symlink on the way changed more than
-    /// by one rename over it (which leaves it leading somewhere at every moment: to our file
-    /// if it does now, a deploy that flipped it to the release it named).
+    /// now: a directory on the way moved or removed, or a symlink on the way made anew more
+    /// than once (away and back).
     fn path_may_have_left(&self) -> bool {
-        self.path_left || self.link_not_replaced || self.link_changes > 1
+        self.path_left || self.links.iter().any(|l| l.made > 1)
     }
 
     /// May our file, found gone from the path, be re-created (`recreated`: our re-creations so
@@ -208,14 +250,14 @@ impl NameHistory {
     /// Did the path leave our file since it last led there, though it leads there again, in a
     /// way another copy may have used: someone else made a file at our name (our file moved
     /// away and back; or another copy's, made in the moment between our reading of a removal
-    /// and our re-creation, whose event comes before ours), events were lost around one of our
-    /// re-creations, a directory on the way was moved or removed (and put back), or a symlink
-    /// on the way was flipped away and back? Then another copy may have run: a loss, even with
+    /// and our re-creation, whose event comes before ours), events were lost (which may have
+    /// said so), a directory on the way was moved or removed (and put back), or a symlink on
+    /// the way was flipped away and back? Then another copy may have run: a loss, even with
     /// our file at the path. Why, if so.
     pub(super) fn changed_behind_us(&self, recreated: u64) -> Option<LossReason> {
         if self.path_may_have_left() {
             Some(LossReason::LockDirectoryRemoved)
-        } else if self.made > recreated || (self.events_lost && recreated > self.base) {
+        } else if self.made > recreated || self.events_lost {
             Some(LossReason::LockFileRemoved)
         } else {
             None
@@ -229,7 +271,7 @@ impl NameHistory {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
         let deadline = std::time::Instant::now() + UNSEEN_REMOVAL_GRACE;
         loop {
-            self.read(fd, dir_watch, name);
+            let _ = self.read(fd, dir_watch, name);
             if self.removed > 0 || self.events_lost || self.path_may_have_left() {
                 return;
             }
@@ -316,11 +358,23 @@ impl WatchHandle {
     /// path just checked (see [`WatchHandle::add_dir_watch_now`]). Best effort: the watch's
     /// thread adds them again, and a directory left unwatched gets the periodic re-check.
     /// The way is the one the acquisition's walk went a moment ago: no system call but the
-    /// watches' own.
-    pub(crate) fn add_watches_now(&self, fd: &OwnedFd) -> std::io::Result<()> {
+    /// watches' own. Returns the links on the way (see [`Watches::links`]): the watch's history
+    /// must know them from the start, since the path may go another way by the time its thread
+    /// adds its own.
+    pub(crate) fn add_watches_now(&self, fd: &OwnedFd) -> std::io::Result<Vec<(i32, OsString)>> {
         self.add_dir_watch_now(fd)?;
-        self.add_way_watches(fd, &self.shared.lock_dir.way);
-        Ok(())
+        Ok(self.add_way_watches(fd, &self.shared.lock_dir.way).1)
+    }
+
+    /// The way the walk that opened our directory went (the acquisition's): where a watch's
+    /// history starts (see [`NameHistory::new`]).
+    pub(super) fn acquired_way(&self) -> Arc<Way> {
+        Arc::clone(&self.shared.lock_dir.way)
+    }
+
+    /// The way the path goes now.
+    pub(super) fn way_now(&self) -> Way {
+        self.path.parent().map(way_to).unwrap_or_default()
     }
 
     /// The watches of [`WatchHandle::add_watches`] but our directory's own, along `way`:
@@ -605,11 +659,11 @@ mod tests {
         let name = std::ffi::OsStr::new("x.lock");
         let path = dir.path().join(name);
         std::fs::write(&path, b"").expect("our file");
-        let mut history = NameHistory::new(0);
+        let mut history = NameHistory::new(0, Arc::default());
         history.read(&fd, wd, name);
         // Found gone without a removal seen (our own creation was all): not only removed.
         assert!(!history.only_removed(0), "{history:?}");
-        history.settle(0);
+        history.settle(0, None);
         std::fs::remove_file(&path).expect("rm");
         // Another name in the directory is not ours.
         std::fs::write(dir.path().join("other.lock"), b"").expect("another file");
@@ -628,13 +682,61 @@ mod tests {
         // Moved away and in again count as removed and made.
         std::fs::write(&path, b"").expect("file");
         history.read(&fd, wd, name);
-        history.settle(2);
+        history.settle(2, None);
         std::fs::rename(&path, dir.path().join("moved")).expect("mv");
         history.read(&fd, wd, name);
         assert!(history.only_removed(2), "{history:?}");
         std::fs::rename(dir.path().join("moved"), &path).expect("mv back");
         history.read(&fd, wd, name);
         assert!(!history.only_removed(2), "{history:?}");
+    }
+
+    /// A link on the way made anew once (renamed over, or removed and made again) is one the
+    /// way decides on; twice is a loss whatever the way; a link leaving its name alone is
+    /// nothing; an overflowed queue is a loss; other names in the link's directory are not
+    /// the link.
+    #[test]
+    fn links_made_anew_are_counted_and_settled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fd = new_inotify().expect("inotify");
+        let wd =
+            rustix::fs::inotify::add_watch(&fd, dir.path(), DIR_ENTRY_EVENTS).expect("add_watch");
+        let link = dir.path().join("current");
+        std::os::unix::fs::symlink("v1", &link).expect("symlink");
+        let mut history = NameHistory::new(0, Arc::default());
+        history.note_links(vec![(wd, OsString::from("current"))]);
+        // The lock file's own directory is elsewhere: no descriptor matches -1.
+        let name = std::ffi::OsStr::new("x.lock");
+        assert!(history.read(&fd, -1, name), "the link's creation counts");
+        assert!(history.link_made() && history.changed_behind_us(0).is_none());
+        history.settle(0, None);
+        assert!(!history.link_made());
+        std::fs::remove_file(&link).expect("rm");
+        std::fs::write(dir.path().join("other"), b"").expect("another name");
+        assert!(
+            !history.read(&fd, -1, name),
+            "a removal and another name count for nothing"
+        );
+        std::os::unix::fs::symlink("v1", &link).expect("made again");
+        assert!(history.read(&fd, -1, name));
+        assert!(history.link_made() && history.changed_behind_us(0).is_none());
+        let new = dir.path().join("current.new");
+        std::os::unix::fs::symlink("v2", &new).expect("symlink");
+        std::fs::rename(&new, &link).expect("renamed over");
+        assert!(history.read(&fd, -1, name));
+        assert_eq!(
+            history.changed_behind_us(0),
+            Some(LossReason::LockDirectoryRemoved),
+            "made anew twice: away and back"
+        );
+        history.settle(0, None);
+        assert_eq!(history.changed_behind_us(0), None);
+        history.events_lost = true;
+        assert_eq!(
+            history.changed_behind_us(0),
+            Some(LossReason::LockFileRemoved),
+            "lost events may have said anything"
+        );
     }
 
     /// `srv/current -> ../data/rel/v1` (relative, through `..`) and `data/rel -> /abs/rel`

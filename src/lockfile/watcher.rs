@@ -83,6 +83,7 @@ impl LockWatchThread {
     pub(crate) fn start(
         held: &mut HeldLock,
         inotify: Option<std::io::Result<std::os::fd::OwnedFd>>,
+        acquired_links: Vec<(i32, std::ffi::OsString)>,
         recheck: Option<Duration>,
         losses: LossLog,
     ) -> Result<Option<Self>> {
@@ -115,7 +116,11 @@ impl LockWatchThread {
                 crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeLockWatch);
                 let mut every = recheck;
                 // What the events said of our name since the path last led to our file.
-                let mut history = NameHistory::new(thread_handle.recreated());
+                let mut history =
+                    NameHistory::new(thread_handle.recreated(), thread_handle.acquired_way());
+                // The links the acquisition watched: their events may be queued already, and
+                // the path may go another way by now.
+                history.note_links(acquired_links);
                 let inotify = match inotify
                     .map(|r| r.and_then(|fd| thread_handle.add_watches(&fd).map(|w| (fd, w))))
                 {
@@ -205,8 +210,11 @@ fn watch_lock_blocking(
     loop {
         // Read before each check, whatever woke us: `poll` fails with EINTR after a stop and a
         // SIGCONT, the very case these events are read for.
-        if let Some((events, dir_watch)) = inotify {
-            history.read(events, dir_watch, handle.file_name());
+        if let Some((events, dir_watch)) = inotify
+            && history.read(events, dir_watch, handle.file_name())
+            && history.link_made()
+        {
+            crate::test_hooks::stop_at(crate::test_hooks::Hook::AfterLinkRead);
         }
         // Checked once the watch exists and after each batch of events or each interval, so a
         // change made before the watch was in place is not missed: it is a loss (see
