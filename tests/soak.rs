@@ -909,10 +909,12 @@ fn parse_log(text: &str) -> (Vec<Line>, Vec<String>) {
     (lines, bad)
 }
 
-/// The PID of the keeper that says, in a `run` wrapper's stderr, that it holds the instance
-/// after the wrapper died (see `cli/src/keeper.rs`).
+/// The PID of the keeper that speaks, in a `run` wrapper's stderr, once the wrapper died (see
+/// `cli/src/keeper.rs`): it names itself in the record first, whether it then holds the
+/// instance ("its keeper (pid K) holds the instance") or finds the lock file gone ("keeper
+/// (pid K): the lock file ... was removed or replaced").
 fn keeper_named_in(stderr: &str) -> Option<u32> {
-    let at = stderr.find("its keeper (pid ")? + "its keeper (pid ".len();
+    let at = stderr.find("keeper (pid ")? + "keeper (pid ".len();
     let digits: String = stderr[at..]
         .chars()
         .take_while(char::is_ascii_digit)
@@ -1940,6 +1942,14 @@ fn checker_rules_on_written_logs() {
     assert!(r.violations.is_empty(), "{:#?}", r.violations);
     let r = check(&keeper_named.replace("(pid 25)", "(pid 26)"), d);
     assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    // Or one that named itself, then found the lock file gone (in the soak: removed by the
+    // nemesis just as the wrapper was killed) and said only that.
+    let keeper_found_it_gone = keeper_named.replace(
+        "the wrapper is gone; its keeper (pid 25) holds the instance while it stops COMMAND",
+        "keeper (pid 25): the lock file /x.lock was removed or replaced and is not re-created",
+    );
+    let r = check(&keeper_found_it_gone, d);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
 
     let panicked = log(&[
         "1.000000000 1 spawn pid=10 kind=lib bus=-",
