@@ -1070,6 +1070,45 @@ fn events_lost_while_stopped_are_a_loss() {
     }
 }
 
+/// Another user floods a shared lock directory (sticky and writable by all, as
+/// `/run/lock/unique-instance` is) with files of their own, more than the kernel queues for the
+/// holder, while the holder is stopped: nothing happened to its file or its way, and no link is
+/// on it. Not a loss: anyone could stop a service so. (1e38a39 took every overflow for one.)
+#[test]
+fn someone_elses_files_overflowing_a_shared_directory_are_not_a_loss() {
+    use std::os::unix::fs::PermissionsExt;
+    let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .expect("max_queued_events")
+        .trim()
+        .parse()
+        .expect("a number");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let lock_dir = base.path().join("shared");
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        std::fs::set_permissions(&lock_dir, std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod");
+        let name = unique_name("shared_flood");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        let line = h.next_line("holder");
+        assert!(line.starts_with("acquired"), "{mode:?}");
+        let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
+        h.stop();
+        let junk = lock_dir.join("someone-elses");
+        for _ in 0..queued / 2 + 100 {
+            std::fs::write(&junk, b"").expect("write");
+            std::fs::remove_file(&junk).expect("rm");
+        }
+        h.signal(rustix::process::Signal::CONT);
+        assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
+        h.close_stdin();
+        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}: no loss");
+        assert_eq!(h.exit_code(), 0, "{mode:?}");
+    }
+}
+
 /// A holder stopped while its whole lock directory is removed and made again, another copy
 /// runs there and leaves, and its program decides to release meanwhile (stdin closed): on
 /// waking, the release must not be clean. It was, in the soak: the watch, told to stop, had

@@ -170,7 +170,10 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
     let st = rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
     check_on_the_way(plan, &resolved, &st, euid, false)?;
-    way.entered.push(resolved);
+    // As `way_to` has it: `/` is never entered (it can be neither moved nor removed).
+    if resolved != Path::new("/") && way.entered.last() != Some(&resolved) {
+        way.entered.push(resolved);
+    }
     Ok(Walked::Found(dir, st, way))
 }
 

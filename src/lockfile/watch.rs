@@ -84,8 +84,11 @@ pub(super) struct NameHistory {
     /// Our name removed or moved away, seen since the path last led to our file.
     removed: u64,
     /// The kernel's queue overflowed (`IN_Q_OVERFLOW`): events were lost, and with them
-    /// whatever they said (a file made at our name, a link flipped and back).
+    /// whatever they said (see [`NameHistory::changed_behind_us`]).
     events_lost: bool,
+    /// Our re-creations at the last settle: one since, with events lost, may hide another
+    /// copy's file made before ours.
+    base: u64,
     /// A watched directory (ours, or one the path goes through) was moved or removed: the path
     /// left our file, even if it leads there again now.
     path_left: bool,
@@ -113,6 +116,7 @@ impl NameHistory {
     pub(super) fn new(recreated: u64, way: Arc<Way>) -> Self {
         NameHistory {
             made: recreated,
+            base: recreated,
             settled_way: way,
             ..NameHistory::default()
         }
@@ -250,14 +254,23 @@ impl NameHistory {
     /// Did the path leave our file since it last led there, though it leads there again, in a
     /// way another copy may have used: someone else made a file at our name (our file moved
     /// away and back; or another copy's, made in the moment between our reading of a removal
-    /// and our re-creation, whose event comes before ours), events were lost (which may have
-    /// said so), a directory on the way was moved or removed (and put back), or a symlink on
-    /// the way was flipped away and back? Then another copy may have run: a loss, even with
-    /// our file at the path. Why, if so.
+    /// and our re-creation, whose event comes before ours), a directory on the way was moved
+    /// or removed (and put back), or a symlink on the way was flipped away and back? Then
+    /// another copy may have run: a loss, even with our file at the path. Why, if so.
+    ///
+    /// Events lost (an overflowed queue) count where what they may have hidden can be done
+    /// by anyone but root and us: around one of our re-creations (another copy's file made
+    /// first), and with symlinks on the way (links flipped away and back). Not otherwise: in a
+    /// shared directory (`/run/lock/unique-instance`, sticky and writable by all) any local
+    /// user can overflow the queue with files of their own, and that must not stop a
+    /// service. What an overflow can then still hide is a directory on the way, or our file,
+    /// moved away and back by root or by our own user while the holder was stopped.
     pub(super) fn changed_behind_us(&self, recreated: u64) -> Option<LossReason> {
         if self.path_may_have_left() {
             Some(LossReason::LockDirectoryRemoved)
-        } else if self.made > recreated || self.events_lost {
+        } else if self.events_lost && !self.links.is_empty() {
+            Some(LossReason::LockDirectoryRemoved)
+        } else if self.made > recreated || (self.events_lost && recreated > self.base) {
             Some(LossReason::LockFileRemoved)
         } else {
             None
@@ -560,6 +573,7 @@ fn way_to(dir: &Path) -> Way {
     let mut resolved = PathBuf::from("/");
     let mut pending: VecDeque<OsString> = names(dir).into();
     let mut links = 0;
+    let mut complete = true;
     while let Some(name) = pending.pop_front() {
         if name == ".." {
             resolved.pop();
@@ -570,6 +584,7 @@ fn way_to(dir: &Path) -> Way {
             Ok(target) => {
                 links += 1;
                 if links > MAX_SYMLINKS {
+                    complete = false;
                     break;
                 }
                 way.links.push((resolved.clone(), name.clone()));
@@ -587,8 +602,16 @@ fn way_to(dir: &Path) -> Way {
                 resolved = here;
             }
             // Missing, or not ours to look at: the path leads nowhere from here.
-            Err(_) => break,
+            Err(_) => {
+                complete = false;
+                break;
+            }
         }
+    }
+    // A path that ends in `..` resolves to a directory entered before: it is the last, as the
+    // walk has it (`walk_dir`), so that both ways compare equal and the last is ours.
+    if complete && resolved != Path::new("/") && way.entered.last() != Some(&resolved) {
+        way.entered.push(resolved);
     }
     way
 }
@@ -734,8 +757,18 @@ mod tests {
         history.events_lost = true;
         assert_eq!(
             history.changed_behind_us(0),
+            Some(LossReason::LockDirectoryRemoved),
+            "lost events may have hidden the link flipped away and back"
+        );
+        // Without links, lost events count only around a re-creation of ours: anyone can
+        // overflow the queue of a shared directory with files of their own.
+        let mut history = NameHistory::new(0, Arc::default());
+        history.events_lost = true;
+        assert_eq!(history.changed_behind_us(0), None);
+        assert_eq!(
+            history.changed_behind_us(1),
             Some(LossReason::LockFileRemoved),
-            "lost events may have said anything"
+            "another copy's file may have come before our re-creation"
         );
     }
 
@@ -798,10 +831,31 @@ mod tests {
         std::fs::create_dir_all(b.join("srv")).expect("mkdir");
         std::os::unix::fs::symlink(b.join("abs/rel"), b.join("data/rel")).expect("symlink");
         std::os::unix::fs::symlink("../data/rel/v1", b.join("srv/current")).expect("symlink");
-        let lock_dir = b.join("srv/current/run");
-        for round in ["made by the walk's caller", "there already"] {
-            let dir = open_dir(&private_plan(&lock_dir), false).expect("open_dir");
-            assert_eq!(*dir.way, way_to(&lock_dir), "{round}");
+        std::fs::create_dir_all(b.join("abs/rel/v1/run/sub")).expect("mkdir");
+        // A per-user directory, as the plan has it.
+        std::fs::set_permissions(
+            b.join("abs/rel/v1/run"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod");
+        std::os::unix::fs::symlink("../abs/rel/v1/run/..", b.join("srv/up")).expect("symlink");
+        for lock_dir in [
+            b.join("srv/current/run"),
+            b.join("srv/current/run/sub/.."),
+            b.join("srv/up/run"),
+            b.join("srv/current/run/"),
+        ] {
+            for round in ["made by the walk's caller", "there already"] {
+                let dir = open_dir(&private_plan(&lock_dir), false).expect("open_dir");
+                let way = way_to(&lock_dir);
+                assert_eq!(*dir.way, way, "{}: {round}", lock_dir.display());
+                assert_eq!(
+                    way.entered.last(),
+                    Some(&b.join("abs/rel/v1/run")),
+                    "{}: the last is the lock directory",
+                    lock_dir.display()
+                );
+            }
         }
     }
 
