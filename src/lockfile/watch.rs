@@ -266,9 +266,7 @@ impl NameHistory {
     /// service. What an overflow can then still hide is a directory on the way, or our file,
     /// moved away and back by root or by our own user while the holder was stopped.
     pub(super) fn changed_behind_us(&self, recreated: u64) -> Option<LossReason> {
-        if self.path_may_have_left() {
-            Some(LossReason::LockDirectoryRemoved)
-        } else if self.events_lost && !self.links.is_empty() {
+        if self.path_may_have_left() || (self.events_lost && !self.links.is_empty()) {
             Some(LossReason::LockDirectoryRemoved)
         } else if self.made > recreated || (self.events_lost && recreated > self.base) {
             Some(LossReason::LockFileRemoved)
