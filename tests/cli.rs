@@ -76,7 +76,7 @@ fn check_race(mut copies: Vec<Proc>, conflict_code: i32) {
     }
     let copy = &mut copies[winner];
     copy.close_stdin();
-    assert_eq!(copy.next_line("COMMAND's last line"), "done");
+    copy.expect_line("done");
     assert_eq!(copy.exit_code(), 0);
 }
 
@@ -209,7 +209,7 @@ fn sigkill_to_the_wrapper_takes_command_down() {
         lock_dir.path(),
         &["run", &name, "--", "echo", "next"],
     );
-    assert_eq!(next.next_line("the next run's COMMAND"), "next");
+    next.expect_line("next");
     assert_eq!(next.exit_code(), 0);
 }
 
@@ -433,7 +433,7 @@ fn bounded_wait_times_out_and_unbounded_wait_takes_over() {
     waiter.stderr_line_containing("waiting for the running copy to exit");
     holder.close_stdin();
     assert_eq!(holder.exit_code(), 0);
-    assert_eq!(waiter.next_line("the waiter's COMMAND"), "ran");
+    waiter.expect_line("ran");
     assert_eq!(waiter.exit_code(), 0);
 }
 
@@ -639,7 +639,7 @@ fn lock_file_removed_or_replaced_stops_command() {
             lock_dir.path(),
             &["run", &name, "--", "sh", "-c", script],
         );
-        assert_eq!(wrapper.next_line("ready"), "ready");
+        wrapper.expect_line("ready");
         let lock_file = lock_dir.path().join(format!("{name}.lock"));
         if replace {
             let other = lock_dir.path().join("other");
@@ -655,7 +655,7 @@ fn lock_file_removed_or_replaced_stops_command() {
             wrapper.signal(rustix::process::Signal::CONT);
         }
         // No periodic re-check was asked for: the inotify watch sees it.
-        assert_eq!(wrapper.next_line("COMMAND told to stop"), "got-TERM");
+        wrapper.expect_line("got-TERM");
         assert_eq!(wrapper.exit_code(), 69);
         let stderr = wrapper.stderr_until_closed().join("\n");
         let expected = if replace {
@@ -686,13 +686,13 @@ fn command_that_ignores_sigterm_is_killed_after_the_grace() {
             script,
         ],
     );
-    assert_eq!(wrapper.next_line("ready"), "ready");
+    wrapper.expect_line("ready");
     // Replaced (a file removed alone would be re-created, and nothing lost).
     let other = lock_dir.path().join("other");
     std::fs::write(&other, "").expect("write");
     std::fs::rename(&other, lock_dir.path().join(format!("{name}.lock")))
         .expect("rename over the lock file");
-    assert_eq!(wrapper.next_line("TERM ignored"), "ignored-TERM");
+    wrapper.expect_line("ignored-TERM");
     assert_eq!(
         wrapper.exit_code(),
         69,
@@ -733,9 +733,9 @@ fn command_already_sent_sigterm_gets_no_second_one_from_the_keeper() {
             script,
         ],
     );
-    assert_eq!(wrapper.next_line("COMMAND ready"), "ready");
+    wrapper.expect_line("ready");
     wrapper.signal(Signal::TERM);
-    assert_eq!(wrapper.next_line("COMMAND's first SIGTERM"), "TERM");
+    wrapper.expect_line("TERM");
     wrapper.sigkill();
     let after = wrapper.stdout_until_closed();
     assert_eq!(
@@ -764,7 +764,7 @@ fn bus_loss_with_lock_file_held_keeps_command_running() {
     let mut second = cli(None, lock_dir.path(), &["run", &name, "--", "true"]);
     assert_eq!(second.exit_code(), 75);
     wrapper.close_stdin();
-    assert_eq!(wrapper.next_line("COMMAND finishing normally"), "done");
+    wrapper.expect_line("done");
     assert_eq!(wrapper.exit_code(), 0);
 }
 
@@ -978,7 +978,7 @@ fn signals_during_the_clean_up_reach_what_command_left() {
             fifo_arg,
         ],
     );
-    assert_eq!(wrapper.next_line("the clean-up's SIGTERM"), "term");
+    wrapper.expect_line("term");
     wrapper.signal(Signal::TERM);
     assert_eq!(
         wrapper.next_line("our SIGTERM, passed on during the clean-up"),
@@ -1021,7 +1021,7 @@ fn a_signal_between_acquiring_and_starting_command_ends_the_wrapper() {
     assert!(stderr.contains("COMMAND was not started"), "{stderr}");
     // And the instance was released.
     let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
-    assert_eq!(next.next_line("the next run's COMMAND"), "next");
+    next.expect_line("next");
     assert_eq!(next.exit_code(), 0);
 }
 
@@ -1539,7 +1539,7 @@ fn the_keeper_survives_the_signals_the_wrapper_passes_on() {
         lock_dir.path(),
         &["run", &name, "--", "sh", "-c", script],
     );
-    assert_eq!(wrapper.next_line("COMMAND running"), "running");
+    wrapper.expect_line("running");
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", wrapper.pid()))
         .expect("the wrapper's children");
     let keeper: Vec<i32> = children
@@ -1561,7 +1561,7 @@ fn the_keeper_survives_the_signals_the_wrapper_passes_on() {
     // COMMAND still runs (had the keeper died, it would have been killed with it), and got
     // nothing: its next line is the one it prints when its stdin closes.
     wrapper.close_stdin();
-    assert_eq!(wrapper.next_line("COMMAND finishing normally"), "done");
+    wrapper.expect_line("done");
     assert_eq!(wrapper.exit_code(), 0);
 }
 
@@ -1865,7 +1865,7 @@ fn thousands_of_leftovers_do_not_hang_the_clean_up() {
         .unwrap_or_else(|| panic!("bad line {group:?}"));
     let group = rustix::process::Pid::from_raw(group).expect("pgid");
     let mut leftovers = KillGroup(Some(group));
-    assert_eq!(wrapper.next_line("COMMAND done spawning"), "spawned");
+    wrapper.expect_line("spawned");
     wrapper.stderr_line_containing("left 2000 process(es) running");
     wrapper.signal(Signal::TERM);
     assert_eq!(wrapper.exit_code(), 7, "COMMAND's own status");
@@ -1878,7 +1878,7 @@ fn thousands_of_leftovers_do_not_hang_the_clean_up() {
     // Gone: its number may be reused from here on.
     leftovers.0 = None;
     let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
-    assert_eq!(next.next_line("the next run's COMMAND"), "next");
+    next.expect_line("next");
     assert_eq!(next.exit_code(), 0);
 }
 
@@ -1901,11 +1901,11 @@ fn a_killed_keeper_is_reported_truthfully() {
             "trap 'echo got-usr1' USR1; echo running; while :; do sleep 600 & wait $!; done",
         ],
     );
-    assert_eq!(wrapper.next_line("COMMAND running"), "running");
+    wrapper.expect_line("running");
     // The wrapper passes signals on only once it knows COMMAND runs: after this, the keeper's
     // death is one while COMMAND runs, not one while it starts.
     wrapper.signal(Signal::USR1);
-    assert_eq!(wrapper.next_line("COMMAND got SIGUSR1"), "got-usr1");
+    wrapper.expect_line("got-usr1");
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", wrapper.pid()))
         .expect("the wrapper's children");
     let keeper: Vec<i32> = children
@@ -1923,7 +1923,7 @@ fn a_killed_keeper_is_reported_truthfully() {
     );
     assert!(!stderr.contains("may still be running"), "{stderr}");
     let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
-    assert_eq!(next.next_line("the next run's COMMAND"), "next");
+    next.expect_line("next");
     assert_eq!(next.exit_code(), 0);
 }
 
@@ -2113,7 +2113,7 @@ fn without_inotify_the_keeper_takes_a_removed_lock_file_for_lost() {
         "trap '' TERM; echo ready; read _",
         &name,
     ]);
-    assert_eq!(wrapper.next_line("COMMAND ready"), "ready");
+    wrapper.expect_line("ready");
     let keeper = the_keeper(&wrapper, &name);
     wrapper.sigkill();
     wrapper.stderr_line_containing("it looks at it every");
