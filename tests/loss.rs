@@ -842,6 +842,41 @@ fn wait_stopped(h: &Proc, what: &str) {
     }
 }
 
+/// Releases `v1` and `v2` in `base`, each with a `run` directory, and `current -> v1`:
+/// returns the lock directory `base/current/run`.
+fn two_releases(base: &Path) -> std::path::PathBuf {
+    for release in ["v1", "v2"] {
+        std::fs::create_dir_all(base.join(release).join("run")).expect("mkdir");
+    }
+    flip_link(base, "current", Path::new("v1"));
+    base.join("current/run")
+}
+
+/// With [`two_releases`] in `base`: `current` is flipped to v2, another copy comes and goes
+/// there (through `lock_dir`, the path as given), and `current` is flipped back to v1.
+fn another_copy_runs_in_v2(base: &Path, lock_dir: &Path, name: &str, mode: &[&str]) {
+    flip_link(base, "current", Path::new("v2"));
+    another_copy_comes_and_goes(lock_dir, name, mode);
+    flip_link(base, "current", Path::new("v1"));
+}
+
+/// Makes more changes in `dir` than the kernel queues for an inotify instance
+/// (`max_queued_events`), at a name that is nobody's lock file: a watch that reads nothing
+/// meanwhile (a stopped holder) finds its queue overflowed.
+fn overflow_the_queue(dir: &Path) {
+    let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .expect("max_queued_events")
+        .trim()
+        .parse()
+        .expect("a number");
+    let junk = dir.join("someone-elses");
+    // Two events each: made, removed.
+    for _ in 0..queued / 2 + 100 {
+        std::fs::write(&junk, b"").expect("write");
+        std::fs::remove_file(&junk).expect("rm");
+    }
+}
+
 /// The holder example with the lock file alone in `lock_dir`, `mode` (async or blocking), and
 /// the test hook `hook` armed.
 fn holder_stopping_at(lock_dir: &Path, name: &str, mode: &[&str], hook: &str) -> Proc {
@@ -867,11 +902,7 @@ fn release_told_of_a_loss(mut h: Proc, what: &str) {
 fn a_symlink_flipped_away_and_back_while_stopped_is_a_loss() {
     for mode in [&[][..], &["--blocking"][..]] {
         let base = tempfile::tempdir().expect("tempdir");
-        for release in ["v1", "v2"] {
-            std::fs::create_dir_all(base.path().join(release).join("run")).expect("mkdir");
-        }
-        flip_link(base.path(), "current", Path::new("v1"));
-        let lock_dir = base.path().join("current/run");
+        let lock_dir = two_releases(base.path());
         let name = unique_name("link_back");
         let mut args = vec![name.as_str(), "--backend", "lockfile"];
         args.extend_from_slice(mode);
@@ -879,9 +910,7 @@ fn a_symlink_flipped_away_and_back_while_stopped_is_a_loss() {
         assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
         common::wait_until_watching(h.pid());
         h.stop();
-        flip_link(base.path(), "current", Path::new("v2"));
-        another_copy_comes_and_goes(&lock_dir, &name, mode);
-        flip_link(base.path(), "current", Path::new("v1"));
+        another_copy_runs_in_v2(base.path(), &lock_dir, &name, mode);
         h.signal(rustix::process::Signal::CONT);
         let line = h.line_starting("lost");
         assert_eq!(
@@ -1010,11 +1039,7 @@ fn a_path_brought_back_by_a_way_never_watched_is_a_loss() {
 fn a_flip_back_during_the_look_is_not_settled_away() {
     for mode in [&[][..], &["--blocking"][..]] {
         let base = tempfile::tempdir().expect("tempdir");
-        for release in ["v1", "v2"] {
-            std::fs::create_dir_all(base.path().join(release).join("run")).expect("mkdir");
-        }
-        flip_link(base.path(), "current", Path::new("v1"));
-        let lock_dir = base.path().join("current/run");
+        let lock_dir = two_releases(base.path());
         let name = unique_name("split_flips");
         let mut h = holder_stopping_at(
             &lock_dir,
@@ -1038,33 +1063,17 @@ fn a_flip_back_during_the_look_is_not_settled_away() {
 /// only that something may have happened. That is a loss.
 #[test]
 fn events_lost_while_stopped_are_a_loss() {
-    let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-        .expect("max_queued_events")
-        .trim()
-        .parse()
-        .expect("a number");
     for mode in [&[][..], &["--blocking"][..]] {
         let base = tempfile::tempdir().expect("tempdir");
-        for release in ["v1", "v2"] {
-            std::fs::create_dir_all(base.path().join(release).join("run")).expect("mkdir");
-        }
-        flip_link(base.path(), "current", Path::new("v1"));
-        let lock_dir = base.path().join("current/run");
+        let lock_dir = two_releases(base.path());
         let name = unique_name("overflow");
         let mut args = vec![name.as_str(), "--backend", "lockfile"];
         args.extend_from_slice(mode);
         let mut h = holder(None, &lock_dir, &args);
         assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
         h.stop();
-        // Two events each (made, removed), a name that is nobody's.
-        let junk = base.path().join("junk");
-        for _ in 0..queued / 2 + 100 {
-            std::fs::write(&junk, b"").expect("write");
-            std::fs::remove_file(&junk).expect("rm");
-        }
-        flip_link(base.path(), "current", Path::new("v2"));
-        another_copy_comes_and_goes(&lock_dir, &name, mode);
-        flip_link(base.path(), "current", Path::new("v1"));
+        overflow_the_queue(base.path());
+        another_copy_runs_in_v2(base.path(), &lock_dir, &name, mode);
         h.signal(rustix::process::Signal::CONT);
         release_told_of_a_loss(h, &format!("{mode:?}"));
     }
@@ -1077,11 +1086,6 @@ fn events_lost_while_stopped_are_a_loss() {
 #[test]
 fn someone_elses_files_overflowing_a_shared_directory_are_not_a_loss() {
     use std::os::unix::fs::PermissionsExt;
-    let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-        .expect("max_queued_events")
-        .trim()
-        .parse()
-        .expect("a number");
     for mode in [&[][..], &["--blocking"][..]] {
         let base = tempfile::tempdir().expect("tempdir");
         let lock_dir = base.path().join("shared");
@@ -1096,11 +1100,7 @@ fn someone_elses_files_overflowing_a_shared_directory_are_not_a_loss() {
         assert!(line.starts_with("acquired"), "{mode:?}");
         let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
         h.stop();
-        let junk = lock_dir.join("someone-elses");
-        for _ in 0..queued / 2 + 100 {
-            std::fs::write(&junk, b"").expect("write");
-            std::fs::remove_file(&junk).expect("rm");
-        }
+        overflow_the_queue(&lock_dir);
         h.signal(rustix::process::Signal::CONT);
         assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
         h.close_stdin();
