@@ -166,11 +166,12 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u
 pub struct HandedLockFile {
     lock: HeldLock,
     handle: WatchHandle,
-    /// `None` when inotify could not be set up (see [`HandedLockFile::watch_descriptor`]); with
-    /// the watch of our directory in it, when that could be added.
-    inotify: Option<(OwnedFd, Option<i32>)>,
-    /// What its events said (see `NameHistory`); in a mutex since `check` takes `&self`.
-    history: std::sync::Mutex<NameHistory>,
+    /// `None` when inotify could not be set up (see [`HandedLockFile::watch_descriptor`]).
+    inotify: Option<OwnedFd>,
+    /// What its events said (see `NameHistory`), and the watch of our directory in `inotify`
+    /// once it could be added (at `new`, or by a later re-watch); in a mutex since `check`
+    /// takes `&self`.
+    history: std::sync::Mutex<(NameHistory, Option<i32>)>,
 }
 
 impl Drop for HandedLockFile {
@@ -241,17 +242,20 @@ impl HandedLockFile {
         }
         // Best effort: a directory left unwatched is still looked at by the periodic checks.
         let mut history = NameHistory::new(handle.recreated(), handle.acquired_way());
+        let mut dir_watch = None;
         let inotify = match new_inotify() {
             Ok(inotify) => match handle.add_watches(&inotify) {
                 // A directory on the way left unwatched is looked at by the periodic checks.
                 Ok(watches) => {
                     history.note_links(watches.links);
-                    Some((inotify, Some(watches.dir)))
+                    dir_watch = Some(watches.dir);
+                    Some(inotify)
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e,
-                        "cannot watch every directory of the lock path with inotify");
-                    Some((inotify, None))
+                        "cannot watch the lock directory with inotify; its removals are not \
+                         seen (a removed lock file is lost, not re-created)");
+                    Some(inotify)
                 }
             },
             Err(e) => {
@@ -264,7 +268,7 @@ impl HandedLockFile {
             lock,
             handle,
             inotify,
-            history: std::sync::Mutex::new(history),
+            history: std::sync::Mutex::new((history, dir_watch)),
         })
     }
 
@@ -275,7 +279,7 @@ impl HandedLockFile {
     /// directory on the way may have been left unwatched). A removal found so was not seen
     /// happen, and is a loss (see [`HandedLockFile`]).
     pub fn watch_descriptor(&self) -> Option<BorrowedFd<'_>> {
-        self.inotify.as_ref().map(|(inotify, _)| inotify.as_fd())
+        self.inotify.as_ref().map(AsFd::as_fd)
     }
 
     /// The lock file's path, as planned.
@@ -292,23 +296,24 @@ impl HandedLockFile {
     /// Takes the pending changes and looks at the path: re-creates the lock file if it was
     /// only removed (see [`HandedLockFile`]). Once [`HandedLockState::Lost`], always `Lost`.
     pub fn check(&self) -> HandedLockState {
-        let mut history = self
+        let mut state = self
             .history
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((inotify, dir_watch)) = &self.inotify {
-            // Our directory unwatched (no descriptor matches -1): no removal is ever seen, so
-            // none is re-created; the way's events still count.
+        let (history, dir_watch) = &mut *state;
+        if let Some(inotify) = &self.inotify {
+            // Our directory unwatched (no descriptor matches -1): no removal is seen, so none
+            // is re-created; the way's events still count.
             let _ = history.read(inotify, dir_watch.unwrap_or(-1), self.handle.file_name());
-            // Before the check, as the guard's watch does: see `WatchHandle::rewatch`.
-            self.handle.rewatch(inotify, &mut history);
+            // Before the check, as the guard's watch does: see `WatchHandle::rewatch`. Our
+            // directory's watch, if it could not be added before, is taken from now on (a
+            // removal before it is one not seen: a loss).
+            let rewatched = self.handle.rewatch(inotify, history);
+            *dir_watch = dir_watch.or(rewatched);
         }
         // As the guard's watch decides (see `WatchHandle::judge`).
-        let inotify = self
-            .inotify
-            .as_ref()
-            .and_then(|(fd, dir_watch)| dir_watch.map(|wd| (fd, wd)));
-        match self.handle.judge(&mut history, inotify) {
+        let inotify = self.inotify.as_ref().zip(*dir_watch);
+        match self.handle.judge(history, inotify) {
             Judgement::Held => HandedLockState::Held,
             Judgement::Recreated => HandedLockState::Recreated,
             Judgement::Lost(_) | Judgement::Over => HandedLockState::Lost,

@@ -463,11 +463,12 @@ impl WatchHandle {
     /// path still leads to our file, it may go through other directories by now (a directory
     /// renamed and a link pointed at its new name), which must wake us in turn. Watches already
     /// there stay as they are; those of directories the path has left only wake us in vain.
-    /// The links found are remembered in `history`. Best effort: the check decides.
-    pub(super) fn rewatch(&self, fd: &OwnedFd, history: &mut NameHistory) {
-        if let Ok(watches) = self.add_watches(fd) {
-            history.note_links(watches.links);
-        }
+    /// The links found are remembered in `history`. Best effort: the check decides. Returns our
+    /// directory's watch descriptor, when it could be watched.
+    pub(super) fn rewatch(&self, fd: &OwnedFd, history: &mut NameHistory) -> Option<i32> {
+        let watches = self.add_watches(fd).ok()?;
+        history.note_links(watches.links);
+        Some(watches.dir)
     }
 
     /// See `Now::watch_verdict`: set by the watch as it stops for the release.

@@ -128,7 +128,8 @@ impl LockWatchThread {
                         if !watches.complete {
                             tracing::warn!(path = %thread_handle.path().display(),
                                 "cannot watch every directory on the lock path with inotify; \
-                                 re-checking the path every 10 s as well");
+                                 re-checking the path every 10 s as well (a symlink there flipped \
+                                 away and back between two re-checks goes unseen)");
                             every = shortest(every, WATCH_FALLBACK_INTERVAL);
                         }
                         let dir_watch = watches.dir;
@@ -270,7 +271,7 @@ fn watch_lock_blocking(
         drop(fds);
         if let Some((events, _)) = inotify {
             // Before the next check: see `WatchHandle::rewatch`.
-            handle.rewatch(events, &mut history);
+            let _ = handle.rewatch(events, &mut history);
         }
     }
 }
