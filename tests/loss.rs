@@ -1057,14 +1057,18 @@ fn a_flip_back_during_the_look_is_not_settled_away() {
     }
 }
 
-/// A holder stopped while the directory holding its link sees more changes than the kernel
-/// queues for it (`max_queued_events`: a busy `/tmp`), then the link is flipped away and back
-/// with another copy running meanwhile: the flips' events were dropped, and the overflow says
-/// only that something may have happened. That is a loss.
+/// A holder stopped while the directory holding its link — one its group may write, so others
+/// than root and the holder's user may flip the link — sees more changes than the kernel
+/// queues for it, then the link is flipped away and back with another copy running
+/// meanwhile: the flips' events were dropped, and the overflow says only that something may
+/// have happened, which others could have done. That is a loss.
 #[test]
-fn events_lost_while_stopped_are_a_loss() {
+fn events_lost_where_others_may_rename_are_a_loss() {
+    use std::os::unix::fs::PermissionsExt;
     for mode in [&[][..], &["--blocking"][..]] {
         let base = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o775))
+            .expect("chmod g+w");
         let lock_dir = two_releases(base.path());
         let name = unique_name("overflow");
         let mut args = vec![name.as_str(), "--backend", "lockfile"];
@@ -1076,6 +1080,66 @@ fn events_lost_while_stopped_are_a_loss() {
         another_copy_runs_in_v2(base.path(), &lock_dir, &name, mode);
         h.signal(rustix::process::Signal::CONT);
         release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
+/// The same with no link: a lock directory its group may write, flooded past the queue while
+/// the holder is stopped, and the holder's file moved away (as a member of the group may) while
+/// another copy runs, then back. A loss.
+#[test]
+fn a_lock_file_moved_away_and_back_behind_an_overflow_is_a_loss() {
+    use std::os::unix::fs::PermissionsExt;
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let lock_dir = base.path().join("group");
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        std::fs::set_permissions(&lock_dir, std::fs::Permissions::from_mode(0o2775))
+            .expect("chmod");
+        let name = unique_name("moved_behind_overflow");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        h.stop();
+        overflow_the_queue(&lock_dir);
+        let path = lock_dir.join(format!("{name}.lock"));
+        let away = lock_dir.join("moved-away");
+        std::fs::rename(&path, &away).expect("move the lock file away");
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        std::fs::rename(&away, &path).expect("and back");
+        h.signal(rustix::process::Signal::CONT);
+        release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
+/// Someone else's flood of a shared sticky directory reached through a symlink (`/var/lock ->
+/// /run/lock` on many systems), the holder stopped meanwhile: only root may flip a link in a
+/// directory only root may write, and others cannot rename the holder's entries in a sticky
+/// directory. Not a loss.
+#[test]
+fn someone_elses_flood_behind_a_root_only_link_is_not_a_loss() {
+    use std::os::unix::fs::PermissionsExt;
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let shared = base.path().join("run/shared");
+        std::fs::create_dir_all(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        std::os::unix::fs::symlink("run", base.path().join("var")).expect("symlink");
+        let lock_dir = base.path().join("var/shared");
+        let name = unique_name("flood_behind_link");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        let line = h.next_line("holder");
+        assert!(line.starts_with("acquired"), "{mode:?}");
+        let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
+        h.stop();
+        overflow_the_queue(&shared);
+        h.signal(rustix::process::Signal::CONT);
+        assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
+        h.close_stdin();
+        assert_eq!(h.stdout_until_closed(), ["released"], "{mode:?}: no loss");
+        assert_eq!(h.exit_code(), 0, "{mode:?}");
     }
 }
 

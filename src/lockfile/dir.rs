@@ -13,7 +13,7 @@ use crate::plan::LockPlan;
 
 use super::netfs::network_fs_name;
 use super::walk::{Walked, check_on_the_way, walk_dir};
-use super::watch::Way;
+use super::watch::{Way, others_may_rename_in};
 
 /// An open lock directory that passed [`open_dir`]'s checks.
 #[derive(Debug, Clone)]
@@ -144,6 +144,10 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
             let st = rustix::fs::fstat(&dir)
                 .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
             check_on_the_way(plan, &plan.dir, &st, euid, true)?;
+            let way = Way {
+                others_may_rename: way.others_may_rename || others_may_rename_in(st.st_mode),
+                ..way
+            };
             (dir, st, way)
         }
         Walked::Missing(..) if create && plan.create_dir_mode.is_some() => {

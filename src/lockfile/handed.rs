@@ -264,6 +264,12 @@ impl HandedLockFile {
                 None
             }
         };
+        // A removal read from now on is one of our file only if the path leads to it now that
+        // our directory is watched: before, another copy's file may have been there (ours
+        // unlinked before we were handed it), whose removal would look like ours.
+        if dir_watch.is_none() || handle.path_as(st.st_dev, st.st_ino).is_some() {
+            history.watched_late();
+        }
         Ok(HandedLockFile {
             lock,
             handle,
@@ -309,7 +315,10 @@ impl HandedLockFile {
             // directory's watch, if it could not be added before, is taken from now on (a
             // removal before it is one not seen: a loss).
             let rewatched = self.handle.rewatch(inotify, history);
-            *dir_watch = dir_watch.or(rewatched);
+            if dir_watch.is_none() && rewatched.is_some() {
+                *dir_watch = rewatched;
+                history.watched_late();
+            }
         }
         // As the guard's watch decides (see `WatchHandle::judge`).
         let inotify = self.inotify.as_ref().zip(*dir_watch);

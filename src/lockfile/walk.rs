@@ -13,7 +13,7 @@ use crate::error::{Error, Result, UnsafeLockPath};
 use crate::plan::LockPlan;
 
 use super::dir::dir_error;
-use super::watch::Way;
+use super::watch::{Way, others_may_rename_in};
 
 /// How many symlinks a lock directory's path may go through, as the kernel allows (`ELOOP`).
 pub(super) const MAX_SYMLINKS: u32 = 40;
@@ -66,11 +66,14 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     let root = Path::new("/");
     let st = rustix::fs::lstat(root).map_err(|e| io("cannot stat / on the way to", e))?;
     check_on_the_way(plan, root, &st, euid, false)?;
+    let mut way = Way {
+        others_may_rename: others_may_rename_in(st.st_mode),
+        ..Way::default()
+    };
     // Always a real directory path, free of symlinks and `..`, every part of it checked.
     let mut resolved = PathBuf::from("/");
     let mut queue: VecDeque<(OsString, bool)> = components(&plan.dir, true).into();
     let mut links = 0;
-    let mut way = Way::default();
     while let Some((name, own_last)) = queue.pop_front() {
         if name == ".." {
             resolved.pop();
@@ -88,6 +91,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                     let st =
                         rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
                     check_on_the_way(plan, &here, &st, euid, own_last)?;
+                    way.others_may_rename |= others_may_rename_in(st.st_mode);
                     way.entered.push(here);
                     return Ok(Walked::Found(dir, st, way));
                 }
@@ -124,6 +128,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
         match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
                 check_on_the_way(plan, &here, &st, euid, false)?;
+                way.others_may_rename |= others_may_rename_in(st.st_mode);
                 way.entered.push(here.clone());
                 resolved = here;
             }
@@ -170,6 +175,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
     let st = rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
     check_on_the_way(plan, &resolved, &st, euid, false)?;
+    way.others_may_rename |= others_may_rename_in(st.st_mode);
     // As `way_to` has it: `/` is never entered (it can be neither moved nor removed).
     if resolved != Path::new("/") && way.entered.last() != Some(&resolved) {
         way.entered.push(resolved);

@@ -98,6 +98,12 @@ pub(super) struct NameHistory {
     links: Vec<LinkSeen>,
     /// The way the path went when it last led to our file (the acquisition's walk, at first).
     settled_way: Arc<Way>,
+    /// What the acquisition's walk found (see [`Way::others_may_rename`]).
+    others_may_rename: bool,
+    /// The path was seen leading to our file with our directory watched: a removal read since
+    /// then is one of our file. False for a watch of our directory added only later
+    /// ([`NameHistory::watched_late`]) until the path is seen so again.
+    confirmed: bool,
 }
 
 /// A symlink on the way, for [`NameHistory`].
@@ -117,6 +123,8 @@ impl NameHistory {
         NameHistory {
             made: recreated,
             base: recreated,
+            others_may_rename: way.others_may_rename,
+            confirmed: true,
             settled_way: way,
             ..NameHistory::default()
         }
@@ -218,8 +226,16 @@ impl NameHistory {
         let way = way_now.unwrap_or_else(|| Arc::clone(&self.settled_way));
         *self = NameHistory {
             links,
+            others_may_rename: self.others_may_rename,
             ..NameHistory::new(recreated, way)
         };
+    }
+
+    /// Our directory's watch was added only now (its first attempt failed): what happened at
+    /// our name before is unknown, so no removal is taken for one of our file until the path
+    /// is seen leading to it again (a settle).
+    pub(super) fn watched_late(&mut self) {
+        self.confirmed = false;
     }
 
     /// Was a link made at the name of a symlink on the way since the path last led to our
@@ -245,7 +261,8 @@ impl NameHistory {
     /// May our file, found gone from the path, be re-created (`recreated`: our re-creations so
     /// far)? Only if its removal was seen and nobody else has made a file at the name since.
     pub(super) fn only_removed(&self, recreated: u64) -> bool {
-        !self.events_lost
+        self.confirmed
+            && !self.events_lost
             && !self.path_may_have_left()
             && self.removed > 0
             && self.made <= recreated
@@ -260,15 +277,18 @@ impl NameHistory {
     ///
     /// Events lost (an overflowed queue) count where what they may have hidden can be done
     /// by anyone but root and us: around one of our re-creations (another copy's file made
-    /// first), and with symlinks on the way (links flipped away and back). Not otherwise: in a
-    /// shared directory (`/run/lock/unique-instance`, sticky and writable by all) any local
-    /// user can overflow the queue with files of their own, and that must not stop a
-    /// service. What an overflow can then still hide is a directory on the way, or our file,
-    /// moved away and back by root or by our own user while the holder was stopped.
+    /// first), and when others may rename entries of a directory on the way (our file, a
+    /// link or a directory moved away and back: see [`Way::others_may_rename`]). Not
+    /// otherwise: in a shared directory (`/run/lock/unique-instance`, sticky and writable by
+    /// all) any local user can overflow the queue with files of their own, and that must not
+    /// stop a service. What an overflow can then still hide is our file, a link or a directory
+    /// on the way moved away and back by root or by our own user while the holder was stopped.
     pub(super) fn changed_behind_us(&self, recreated: u64) -> Option<LossReason> {
-        if self.path_may_have_left() || (self.events_lost && !self.links.is_empty()) {
+        if self.path_may_have_left() {
             Some(LossReason::LockDirectoryRemoved)
-        } else if self.made > recreated || (self.events_lost && recreated > self.base) {
+        } else if self.made > recreated
+            || (self.events_lost && (recreated > self.base || self.others_may_rename))
+        {
             Some(LossReason::LockFileRemoved)
         } else {
             None
@@ -552,7 +572,7 @@ pub(crate) struct Watches {
 
 /// The directories a lock directory's path goes through as it resolves (see [`way_to`]; and
 /// the acquisition's walk, which finds the same on its way: `walk_dir`).
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub(super) struct Way {
     /// Every directory the resolution enters, `/` aside (it can be neither renamed nor
     /// removed): the ancestors of the path as given and, through each symlink, the directories
@@ -560,6 +580,26 @@ pub(super) struct Way {
     pub(super) entered: Vec<PathBuf>,
     /// Each symlink on the way: the directory that holds it, and its name there.
     pub(super) links: Vec<(PathBuf, OsString)>,
+    /// Whether anyone but root and us may rename or remove entries of a directory on the way
+    /// (one writable by its group or by all, without the sticky bit): then an overflowed
+    /// event queue may hide what they did (see [`NameHistory::changed_behind_us`]). Known to
+    /// the walk, which looks at each directory's mode; `way_to` leaves it false, and it is not
+    /// part of what makes two ways the same.
+    pub(super) others_may_rename: bool,
+}
+
+impl PartialEq for Way {
+    fn eq(&self, other: &Self) -> bool {
+        self.entered == other.entered && self.links == other.links
+    }
+}
+
+impl Eq for Way {}
+
+/// May anyone but its owner (root or us: the walk's rule) and root rename or remove the
+/// entries of a directory with this mode? Group- or other-writable, without the sticky bit.
+pub(super) fn others_may_rename_in(mode: u32) -> bool {
+    mode & 0o022 != 0 && mode & 0o1000 == 0
 }
 
 /// Resolves `dir` one component at a time from `/`, as the kernel does (a symlink's target
@@ -753,21 +793,32 @@ mod tests {
         );
         history.settle(0, None);
         assert_eq!(history.changed_behind_us(0), None);
-        history.events_lost = true;
-        assert_eq!(
-            history.changed_behind_us(0),
-            Some(LossReason::LockDirectoryRemoved),
-            "lost events may have hidden the link flipped away and back"
-        );
-        // Without links, lost events count only around a re-creation of ours: anyone can
-        // overflow the queue of a shared directory with files of their own.
-        let mut history = NameHistory::new(0, Arc::default());
+        // Lost events count only around a re-creation of ours, or where others may rename
+        // entries on the way: anyone can overflow the queue of a shared directory with files
+        // of their own.
         history.events_lost = true;
         assert_eq!(history.changed_behind_us(0), None);
         assert_eq!(
             history.changed_behind_us(1),
             Some(LossReason::LockFileRemoved),
             "another copy's file may have come before our re-creation"
+        );
+        let way = Way {
+            others_may_rename: true,
+            ..Way::default()
+        };
+        let mut history = NameHistory::new(0, Arc::new(way));
+        history.events_lost = true;
+        assert_eq!(
+            history.changed_behind_us(0),
+            Some(LossReason::LockFileRemoved),
+            "what others may do on the way, lost events may have hidden"
+        );
+        history.settle(0, Some(Arc::default()));
+        history.events_lost = true;
+        assert!(
+            history.changed_behind_us(0).is_some(),
+            "kept across settles"
         );
     }
 
