@@ -180,6 +180,68 @@ fn signals_to_the_wrapper_reach_command() {
     );
 }
 
+/// In a container whose session's leader is outside its PID namespace (as a CI job's often is),
+/// the session ID reads as 0. A hang-up to the wrapper there once killed its signal thread (a
+/// debug assertion in rustix's `getsid` on 0), and with it the wrapper: COMMAND got SIGTERM from
+/// the keeper, never the SIGHUP. Here the wrapper runs in a PID namespace of its own, below a
+/// shell that is its namespace's init, so neither it nor anything in its namespace leads its
+/// session.
+#[test]
+fn a_hang_up_reaches_command_when_the_session_leader_is_outside_our_pid_namespace() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes a PID namespace)"
+    );
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("pidns_hup");
+    let script = "trap 'echo got-HUP' HUP; \
+                  trap 'echo got-TERM; kill $pid; exit 0' TERM; \
+                  sleep 60 & pid=$!; echo ready; \
+                  while :; do wait $pid; done";
+    let inner = cli_command(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "sh", "-c", script],
+    );
+    let mut unshare = std::process::Command::new(common::require_program("unshare", "util-linux"));
+    // The shell stays as the namespace's init, so the wrapper is an ordinary process there.
+    unshare
+        .args(["--pid", "--fork", "--mount-proc", "--", "sh", "-c"])
+        .arg("\"$0\" \"$@\"; exit $?");
+    let mut outer = Proc::spawn(common::wrapped(unshare, &inner));
+    outer.expect_line("ready");
+    // The wrapper's PID as seen from here: the child of the namespace's init, itself the only
+    // child of `unshare`.
+    let only_child = |pid: u32| -> u32 {
+        let list =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).expect("children");
+        let children: Vec<u32> = list
+            .split_whitespace()
+            .map(|p| p.parse().expect("a pid"))
+            .collect();
+        assert_eq!(children.len(), 1, "{pid} has one child: {children:?}");
+        children[0]
+    };
+    let wrapper = only_child(only_child(outer.pid()));
+    let wrapper = rustix::process::Pid::from_raw(wrapper as i32).expect("pid");
+    let session = std::fs::read_to_string(format!("/proc/{}/stat", wrapper.as_raw_nonzero()))
+        .expect("the wrapper's stat");
+    assert!(
+        session.contains("unique-instance"),
+        "found the wrapper: {session}"
+    );
+    rustix::process::kill_process(wrapper, Signal::HUP).expect("hang-up");
+    outer.expect_line("got-HUP");
+    rustix::process::kill_process(wrapper, Signal::TERM).expect("terminate");
+    outer.expect_line("got-TERM");
+    assert_eq!(
+        outer.exit_code(),
+        0,
+        "COMMAND's own status, 0 after its trap"
+    );
+}
+
 #[test]
 fn sigkill_to_the_wrapper_takes_command_down() {
     let bus = DbusDaemon::start(BusConfig::Open);

@@ -554,8 +554,11 @@ fn forward(origin: &Origin, child: Option<Pid>, keeper: &mut keeper::Handle) {
 
 /// Whether this process leads its session (its session ID is its PID).
 fn leads_session() -> bool {
-    let me = rustix::process::getpid();
-    rustix::process::getsid(None).is_ok_and(|session| session == me)
+    // nix's: rustix's `getsid` asserts (in a debug build) that the session is not 0, which it
+    // is when the session's leader is outside our PID namespace (a container's CI job); the
+    // assertion once killed the signal thread there, and with it the wrapper.
+    let me = nix::unistd::getpid();
+    nix::unistd::getsid(None).is_ok_and(|session| session == me)
 }
 
 /// The bit of `signal` in a set of signals, as `/proc/PID/status` shows them (bit N-1 for
