@@ -1698,22 +1698,6 @@ fn early_keeper(wrapper: &mut Proc) -> u32 {
         .unwrap_or_else(|| panic!("no pid in {line:?}"))
 }
 
-/// Waits (with [`TIMEOUT`]) until the wrapper, our child, has stopped itself (a test hook).
-fn wait_stopped(wrapper: &Proc, why: &str) {
-    let pid = rustix::process::Pid::from_raw(wrapper.pid() as i32).expect("pid");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(rustix::process::waitpid(
-            Some(pid),
-            rustix::process::WaitOptions::UNTRACED,
-        ));
-    });
-    match rx.recv_timeout(TIMEOUT) {
-        Ok(Ok(Some((_, status)))) if status.stopped() => {}
-        other => panic!("the wrapper did not stop {why}: {other:?}"),
-    }
-}
-
 /// A copy that will wait starts its keeper before waiting (so that the keeper's start-up
 /// overlaps the wait); when the wait ends without the instance — timed out, refused, or ended
 /// by a signal — that keeper is gone before the wrapper exits: the wrapper has no child left,
@@ -1761,7 +1745,7 @@ fn a_wait_that_ends_without_the_instance_leaves_no_keeper_behind() {
             waiter.signal(Signal::CONT);
             keeper
         };
-        wait_stopped(&waiter, &format!("after ending its keeper ({case})"));
+        waiter.wait_stopped(&format!("after ending its keeper ({case})"));
         assert_eq!(
             children_of(waiter.pid()),
             Vec::<u32>::new(),
@@ -1861,7 +1845,7 @@ fn a_copy_that_finds_the_lock_file_free_starts_its_keeper_before_acquiring() {
     common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_AFTER_ABANDON");
     let mut copy = Proc::spawn(cmd);
     let keeper = early_keeper(&mut copy);
-    wait_stopped(&copy, "after ending its keeper");
+    copy.wait_stopped("after ending its keeper");
     assert_eq!(
         children_of(copy.pid()),
         Vec::<u32>::new(),

@@ -825,23 +825,6 @@ fn flip_link(dir: &Path, link: &str, to: &Path) {
     std::fs::rename(&new, dir.join(link)).expect("flip the link");
 }
 
-/// Waits (with the tests' timeout) until `h`, our child, has stopped: by a test hook, or by
-/// [`Proc::stop`]'s signal. (It may or may not have printed its first line.)
-fn wait_stopped(h: &Proc, what: &str) {
-    let pid = rustix::process::Pid::from_raw(h.pid() as i32).expect("pid");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(rustix::process::waitpid(
-            Some(pid),
-            rustix::process::WaitOptions::UNTRACED,
-        ));
-    });
-    match rx.recv_timeout(common::TIMEOUT) {
-        Ok(Ok(Some((_, status)))) if status.stopped() => {}
-        other => panic!("{what}: the holder did not stop: {other:?}"),
-    }
-}
-
 /// Releases `v1` and `v2` in `base`, each with a `run` directory, and `current -> v1`:
 /// returns the lock directory `base/current/run`.
 fn two_releases(base: &Path) -> std::path::PathBuf {
@@ -996,7 +979,7 @@ fn a_path_brought_back_another_way_before_the_watch_started_is_a_loss() {
             mode,
             "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_WATCH",
         );
-        wait_stopped(&h, "at its watch");
+        h.wait_stopped("at its watch");
         flip_link(&b.join("data/a"), "current", Path::new("v2"));
         another_copy_comes_and_goes(&lock_dir, &name, mode);
         flip_link(&b.join("srv"), "app", &b.join("data/b"));
@@ -1049,7 +1032,7 @@ fn a_flip_back_during_the_look_is_not_settled_away() {
         );
         assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
         flip_link(base.path(), "current", Path::new("v2"));
-        wait_stopped(&h, "after reading the flip");
+        h.wait_stopped("after reading the flip");
         another_copy_comes_and_goes(&lock_dir, &name, mode);
         flip_link(base.path(), "current", Path::new("v1"));
         h.signal(rustix::process::Signal::CONT);

@@ -468,8 +468,15 @@ impl Proc {
     /// SIGSTOPs the process and returns once it has stopped (all its threads), as `waitpid`
     /// reports it to us, its parent: from then on it runs no code until SIGCONT.
     pub fn stop(&self) {
-        use rustix::process::{Pid, Signal, WaitOptions, waitpid};
-        self.signal(Signal::STOP);
+        self.signal(rustix::process::Signal::STOP);
+        self.wait_stopped("after SIGSTOP");
+    }
+
+    /// Returns once the process has stopped (by [`Proc::stop`]'s signal, or by its own at a test
+    /// hook), as `waitpid` reports it to us, its parent; panics naming `what` if it does not
+    /// within [`TIMEOUT`].
+    pub fn wait_stopped(&self, what: &str) {
+        use rustix::process::{Pid, WaitOptions, waitpid};
         let pid = Pid::from_raw(self.child.id() as i32).expect("pid");
         let (tx, rx) = channel();
         // Waited for on a thread, so that a process that never stops fails the test, not hangs it.
@@ -478,7 +485,7 @@ impl Proc {
         });
         match rx.recv_timeout(TIMEOUT) {
             Ok(Ok(Some((_, status)))) if status.stopped() => {}
-            other => panic!("the process did not stop: {other:?}"),
+            other => panic!("the process did not stop {what}: {other:?}"),
         }
     }
 
