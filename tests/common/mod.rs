@@ -820,8 +820,11 @@ pub fn as_user(uid: u32, gid: u32, cmd: &Command) -> Command {
 }
 
 /// `wrapper` (a program and its first arguments, such as `setpriv ... --`) running `cmd`: its
-/// program and arguments follow, and it gets `cmd`'s environment and nothing else.
+/// program and arguments follow, and it gets `cmd`'s environment and nothing else, and the
+/// default signal dispositions of [`clean_command`] (a `Command`'s `pre_exec` cannot be copied,
+/// and a run under `nohup` would otherwise pass its ignored SIGHUP on to `cmd`).
 pub fn wrapped(mut wrapper: Command, cmd: &Command) -> Command {
+    default_signals(&mut wrapper);
     wrapper
         .arg(cmd.get_program())
         .args(cmd.get_args())
