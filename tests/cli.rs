@@ -2262,6 +2262,40 @@ fn run_without_proc_says_what_is_missing() {
     );
 }
 
+/// With a `/proc` of another PID namespace (`unshare --pid --fork` without `--mount-proc`), the
+/// children `/proc/PID/task/*/children` lists are that namespace's numbers: `run` once signalled
+/// them here as its own leftovers, killing whatever had those numbers in its namespace (its own
+/// threads among them: exit 137 after COMMAND succeeded). It now fails closed before acquiring,
+/// naming the mismatch and what to do, and COMMAND never runs.
+#[test]
+fn run_with_another_namespaces_proc_says_so_and_starts_nothing() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes a PID namespace)"
+    );
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("foreign_proc");
+    let inner = cli_command(None, lock_dir.path(), &["run", &name, "--", "echo", "ran"]);
+    let mut unshare = std::process::Command::new(common::require_program("unshare", "util-linux"));
+    unshare.args(["--pid", "--fork", "--"]);
+    let mut wrapper = Proc::spawn(common::wrapped(unshare, &inner));
+    assert_eq!(
+        wrapper.stdout_until_closed(),
+        Vec::<String>::new(),
+        "COMMAND ran"
+    );
+    assert_eq!(wrapper.exit_code(), 70);
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    assert!(
+        stderr.contains("/proc is another PID namespace's") && stderr.contains("--mount-proc"),
+        "says what is wrong and what to do: {stderr}"
+    );
+    assert!(
+        !lock_dir.path().join(format!("{name}.lock")).exists(),
+        "nothing was acquired"
+    );
+}
+
 /// Once the wrapper is killed, the bus name stays owned by its connection, which the keeper
 /// holds: the bus still gives the wrapper's PID (the connection's maker) for it. Neither a
 /// refusal nor `status` may name that dead process. With the lock file, the keeper's record

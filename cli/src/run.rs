@@ -378,20 +378,41 @@ fn look_early(args: &RunArgs) -> Early {
 /// `/proc/self/exe` (no path that could name another binary by then), and it and the keeper find
 /// the processes COMMAND leaves behind there. Without it (a container or chroot that did not
 /// mount it) nothing could keep COMMAND's processes from outliving the instance: it fails
-/// closed, before anything is acquired, saying what is missing and what to do. One `lstat`.
+/// closed, before anything is acquired, saying what is missing and what to do. The same when
+/// `/proc` is another PID namespace's (`unshare --pid --fork` without `--mount-proc`): the
+/// children it lists would be numbers of that namespace, and signalling them here would hit
+/// other processes (the wrapper's own threads among them). One `lstat` and one `readlink`.
 fn proc_missing() -> Option<ExitCode> {
-    let e = std::fs::symlink_metadata("/proc/self/exe").err()?;
-    let why = if e.kind() == io::ErrorKind::NotFound {
-        "/proc is not mounted".to_owned()
-    } else {
-        format!("cannot use /proc ({e})")
+    const MOUNT_IT: &str = "mount it (`mount -t proc proc /proc`, or give the container its /proc)";
+    let (why, remedy) = match std::fs::symlink_metadata("/proc/self/exe") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            ("/proc is not mounted".to_owned(), MOUNT_IT)
+        }
+        Err(e) => (format!("cannot use /proc ({e})"), MOUNT_IT),
+        Ok(_) => {
+            let me = std::process::id();
+            match std::fs::read_link("/proc/self") {
+                Ok(its) if its.to_str().and_then(|p| p.parse::<u32>().ok()) == Some(me) => {
+                    return None;
+                }
+                Ok(its) => (
+                    format!(
+                        "/proc is another PID namespace's (it calls this process {}, which is \
+                         {me} here)",
+                        its.display()
+                    ),
+                    "give this PID namespace a /proc of its own (`unshare --pid --fork \
+                     --mount-proc`, or `mount -t proc proc /proc` in a mount namespace of its own)",
+                ),
+                Err(e) => (format!("cannot read /proc/self ({e})"), MOUNT_IT),
+            }
+        }
     };
     Some(fail(
         EXIT_INTERNAL,
         format_args!(
             "{why}: `run` needs it to start COMMAND's keeper (through /proc/self/exe) and to find \
-             the processes COMMAND leaves behind; mount it (`mount -t proc proc /proc`, or give \
-             the container its /proc) and try again. Nothing was started."
+             the processes COMMAND leaves behind; {remedy} and try again. Nothing was started."
         ),
     ))
 }
