@@ -507,6 +507,103 @@ fn stopped_processes_get_sigcont_with_the_wrappers_sigterm() {
     );
 }
 
+/// Where `pidfd_open` is refused (EPERM from a seccomp profile older than it), the keeper once
+/// took every process it could not pin for gone: once the wrapper was killed, a grandchild of
+/// COMMAND got neither its SIGTERM nor, after `--kill-after`, a SIGKILL, and kept the instance
+/// held until it ended by itself. It now gets the plain signal, after the same check of its
+/// parent.
+#[test]
+fn where_pidfds_are_refused_the_keeper_still_stops_what_command_left() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("no_pidfd");
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "sleep 600 </dev/null >/dev/null 2>&1 & echo left $!; trap '' TERM; wait",
+        ],
+    );
+    // The shell ignores SIGTERM (set after starting its job, which would inherit it), so it
+    // waits for its job: only the keeper's signal to that grandchild ends it.
+    refuse_pidfd_open(&mut cmd);
+    let mut wrapper = Proc::spawn(cmd);
+    let left = number_after(&wrapper.line_starting("left "), "left ");
+    let pid = Pid::from_raw(left).expect("pid");
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .expect("pidfd_open (the test itself is not filtered)");
+    wrapper.sigkill();
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec::try_from(TIMEOUT).expect("timeout");
+    let ended = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll") == 1;
+    if !ended {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
+    }
+    assert!(
+        ended,
+        "what COMMAND left (pid {left}) was not stopped by the keeper within {TIMEOUT:?}"
+    );
+}
+
+/// Makes `pidfd_open` fail with EPERM in `cmd` and everything it starts (a seccomp filter, kept
+/// across `execve` and inherited), as a container's seccomp profile that predates it does.
+#[allow(unsafe_code)]
+fn refuse_pidfd_open(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec, only two system calls (`prctl`, `seccomp`) on memory that
+    // lives until they return.
+    unsafe {
+        cmd.pre_exec(|| {
+            let statement = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+                code: code as u16,
+                jt,
+                jf,
+                k,
+            };
+            let mut program = [
+                // The system call's number (`seccomp_data.nr`, at offset 0).
+                statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+                statement(
+                    libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                    0,
+                    1,
+                    libc::SYS_pidfd_open as u32,
+                ),
+                statement(
+                    libc::BPF_RET | libc::BPF_K,
+                    0,
+                    0,
+                    libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+                ),
+                statement(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+            ];
+            let filter = libc::sock_fprog {
+                len: program.len() as u16,
+                filter: program.as_mut_ptr(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    &filter as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `run` starts COMMAND through its keeper, itself re-executed with COMMAND's arguments and a
 /// few of its own: arguments that fit the kernel's limit for the wrapper but not for the keeper
 /// (`ARG_MAX`, `E2BIG`) are a clear error, 126 ("COMMAND could not be executed") saying what to

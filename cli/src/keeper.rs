@@ -1202,33 +1202,32 @@ fn signal_descendant(pid: Pid, parent: Pid, me: Pid, signal: Signal) -> bool {
         }
         return true;
     }
-    match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
-        Ok(pidfd) => {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()));
-            let now = stat.ok().as_deref().and_then(parent_in_stat);
-            if now == Some(parent.as_raw_nonzero().get()) || now == Some(me.as_raw_nonzero().get())
-            {
-                let _ = rustix::process::pidfd_send_signal(&pidfd, signal);
-                if and_continue {
-                    let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::CONT);
-                }
-                return true;
-            }
-            // Exited (not even a zombie any more) counts as done; another parent is looked at
-            // again on the next walk.
-            now.is_none()
-        }
-        // A kernel without pidfds (before 5.3): the plain signal.
-        Err(rustix::io::Errno::NOSYS) => {
-            let _ = rustix::process::kill_process(pid, signal);
-            if and_continue {
-                let _ = rustix::process::kill_process(pid, Signal::CONT);
-            }
-            true
-        }
+    let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(pidfd) => Some(pidfd),
         // Gone already.
-        Err(_) => true,
+        Err(rustix::io::Errno::SRCH) => return true,
+        // No pidfd for it: a kernel without them (before 5.3, ENOSYS), a seccomp profile that
+        // does not list `pidfd_open` (EPERM), no descriptor left (EMFILE). The plain signal then,
+        // after the same check of its parent; taking it for gone would leave it running, and
+        // the instance held, past `--kill-after`.
+        Err(_) => None,
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()));
+    let now = stat.ok().as_deref().and_then(parent_in_stat);
+    if now == Some(parent.as_raw_nonzero().get()) || now == Some(me.as_raw_nonzero().get()) {
+        let send = |signal| match &pidfd {
+            Some(pidfd) => rustix::process::pidfd_send_signal(pidfd, signal),
+            None => rustix::process::kill_process(pid, signal),
+        };
+        let _ = send(signal);
+        if and_continue {
+            let _ = send(Signal::CONT);
+        }
+        return true;
     }
+    // Exited (not even a zombie any more) counts as done; another parent is looked at again on
+    // the next walk.
+    now.is_none()
 }
 
 // ---------------------------------------------------------------------------------------------
