@@ -174,6 +174,20 @@ impl InstanceGuard {
         self.held.lock_file().map(|file| file.lock().as_fd())
     }
 
+    /// Whether changes at the lock file's path are seen as they happen (inotify), so that a
+    /// removed lock file is re-created at once and a path made to lead elsewhere is reported at
+    /// once. False without a lock file, with [`InstanceOptions::watch_lock_file`] off, or when
+    /// inotify could not be set up (its per-user limits, `fs.inotify.max_user_instances` and
+    /// `max_user_watches`, reached): the path is then only re-checked, every second or as
+    /// [`InstanceOptions::recheck_lock_file`] asks, and a removal found so is a loss, not undone
+    /// — meanwhile another copy may have run. `unique-instance run` warns then.
+    ///
+    /// [`InstanceOptions::watch_lock_file`]: crate::InstanceOptions::watch_lock_file
+    /// [`InstanceOptions::recheck_lock_file`]: crate::InstanceOptions::recheck_lock_file
+    pub fn lock_file_watched(&self) -> bool {
+        self.held.lock_file().is_some_and(HeldFile::watched)
+    }
+
     /// Tells each time, from now on, that the lock file was re-created after someone removed it
     /// (see [`LockFileRecreations`]), so that a program which gave a duplicate of
     /// [`InstanceGuard::lock_file_descriptor`] to another process can hand it one of the new

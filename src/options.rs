@@ -156,7 +156,8 @@ impl InstanceOptions {
     /// its directory: no timer, so an idle holder still never wakes up (only a change in the
     /// lock directory wakes it). A lock file it sees removed, and nothing else made at its
     /// path since, is re-created. If inotify cannot be set up (its limits reached), a re-check
-    /// every 10 seconds is used instead, with a `warn` line. **On by default**; `false` turns
+    /// every second is used instead, with a `warn` line, and
+    /// [`InstanceGuard::lock_file_watched`](crate::InstanceGuard::lock_file_watched) says so. **On by default**; `false` turns
     /// it off (the lock file is then still re-checked when the bus connection closes, before a
     /// loss claims it still excludes). A removal found by a re-check, not seen happen, is a
     /// loss, never re-created: another copy may have made the file, run and left in between.
@@ -166,10 +167,9 @@ impl InstanceOptions {
     /// [`InstanceOptions::acquire_async`] stays watched even once its runtime is gone.
     ///
     /// The mount table is watched too (`POLLPRI` on `/proc/self/mountinfo`): a file system
-    /// mounted over the lock directory, or over one above it, is seen at once. Other changes to
-    /// directories above it (a rename of a plain directory) are not watched (inotify cannot):
-    /// they are seen when the lock directory itself changes, when the bus connection closes, or
-    /// by [`InstanceOptions::recheck_lock_file`].
+    /// mounted over the lock directory, or over one above it, is seen at once. So is a directory
+    /// above it renamed or removed, and a symbolic link on the path made to lead elsewhere: every
+    /// directory and link on the way is watched too (the README's "The lock file" says how).
     pub fn watch_lock_file(mut self, watch: bool) -> Self {
         self.watch_lock = watch;
         self

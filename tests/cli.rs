@@ -2114,6 +2114,70 @@ fn a_users_empty_lock_file_survives_a_killed_wrapper() {
     }
 }
 
+/// Takes every inotify instance user `uid` may have, until its stdin closes.
+fn take_every_inotify_instance(uid: u32) -> Proc {
+    let perl = common::require_program("perl", "perl");
+    let mut hog = std::process::Command::new(&perl);
+    hog.args([
+        "-e",
+        "require 'syscall.ph'; $| = 1; my @fds; \
+         while ((my $fd = syscall(&SYS_inotify_init1, 0)) >= 0) { push @fds, $fd } \
+         print scalar(@fds), qq(\n); <STDIN>",
+    ]);
+    let mut hog = Proc::spawn(as_user(uid, uid, &hog));
+    let taken = hog.next_line("the inotify instances taken");
+    assert_ne!(taken, "0", "the hog took no inotify instance");
+    hog
+}
+
+/// Without inotify (the per-user limit of instances reached), the wrapper once said nothing
+/// unless RUST_LOG asked, and re-checked the lock file every 10 s: a removal let another copy
+/// run beside COMMAND that long, unannounced (a review saw 8 s). It now warns on stderr
+/// whatever RUST_LOG says, and a removal found by its re-check, every second, stops COMMAND as
+/// a loss.
+#[test]
+fn without_inotify_the_wrapper_warns_and_a_removal_is_a_loss() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs copies as another user: run the suite as root (./scripts/test)"
+    );
+    // A user of its own (not the other inotify test's), whose inotify limit nothing else uses.
+    let uid = 57000 + std::process::id() % 4000;
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::chown(lock_dir.path(), Some(uid), Some(uid)).expect("chown");
+    let name = unique_name("wrapper_no_inotify");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let lock_file = format!("--lock-file={}", path.display());
+    let mut hog = take_every_inotify_instance(uid);
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--backend=lockfile",
+            &lock_file,
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; read _",
+        ],
+    );
+    // As a user runs it: no log lines asked for.
+    cmd.env_remove("RUST_LOG");
+    let mut wrapper = Proc::spawn(as_user(uid, uid, &cmd));
+    wrapper.expect_line("ready");
+    let warned = wrapper.stderr_line_containing("cannot watch");
+    assert!(
+        warned.contains(&path.display().to_string()) && warned.contains("every second"),
+        "{warned}"
+    );
+    std::fs::remove_file(&path).expect("remove the lock file");
+    assert_eq!(wrapper.exit_code(), 69, "the removal is a loss");
+    hog.close_stdin();
+    assert_eq!(hog.exit_code(), 0);
+}
+
 /// When the keeper cannot have an inotify instance (the per-user limit of 128 reached, as on a
 /// busy desktop), it looks at the lock file every 200 ms instead of never. A removal it finds
 /// so was not seen happen: another copy may have made the file, run and left in between, so it
@@ -2125,7 +2189,6 @@ fn without_inotify_the_keeper_takes_a_removed_lock_file_for_lost() {
         rustix::process::geteuid().is_root(),
         "this test runs copies as another user: run the suite as root (./scripts/test)"
     );
-    let perl = common::require_program("perl", "perl");
     // A user of its own, so that no other test's processes count against its inotify limit.
     let uid = 61000 + std::process::id() % 4000;
     let lock_dir = tempfile::tempdir().expect("tempdir");
@@ -2133,17 +2196,7 @@ fn without_inotify_the_keeper_takes_a_removed_lock_file_for_lost() {
     let name = unique_name("keeper_no_inotify");
     let path = lock_dir.path().join(format!("{name}.lock"));
     let lock_file = format!("--lock-file={}", path.display());
-    // Takes every inotify instance the user may have, and says how many.
-    let mut hog = std::process::Command::new(&perl);
-    hog.args([
-        "-e",
-        "require 'syscall.ph'; $| = 1; my @fds; \
-         while ((my $fd = syscall(&SYS_inotify_init1, 0)) >= 0) { push @fds, $fd } \
-         print scalar(@fds), qq(\n); <STDIN>",
-    ]);
-    let mut hog = Proc::spawn(as_user(uid, uid, &hog));
-    let taken = hog.next_line("the inotify instances taken");
-    assert_ne!(taken, "0", "the hog took no inotify instance");
+    let mut hog = take_every_inotify_instance(uid);
     let run =
         |args: &[&str]| Proc::spawn(as_user(uid, uid, &cli_command(None, lock_dir.path(), args)));
     // NAME is sh's $0: it marks this case's keeper. COMMAND ends when its stdin closes.

@@ -150,6 +150,16 @@ async fn supervise(args: RunArgs, found_free: bool, ignored: u64) -> ExitCode {
         }
     };
     tracing::debug!(name = guard.name(), backends = ?guard.backends(), "acquired");
+    if let Some(path) = guard.lock_file().filter(|_| !guard.lock_file_watched()) {
+        // The library's own warning is a log line, off unless RUST_LOG asks.
+        say!(
+            "unique-instance: warning: cannot watch {} with inotify (its per-user limits, \
+             fs.inotify.max_user_instances and max_user_watches, may be reached): it is \
+             re-checked every second (or at --recheck, if shorter) instead, and a removal found so stops COMMAND as a loss, \
+             since another copy may have run meanwhile",
+            path.display()
+        );
+    }
     // Processes COMMAND leaves behind are re-parented to us rather than to init, so they can
     // be stopped before the instance is released (see `stop_leftovers`).
     let subreaper = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));

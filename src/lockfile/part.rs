@@ -33,6 +33,9 @@ pub(crate) struct HeldFile {
     /// The links on the way the acquisition watched in `inotify` (see
     /// `WatchHandle::add_watches_now`), for the watch.
     acquired_links: Vec<(i32, std::ffi::OsString)>,
+    /// Whether the acquisition could watch our directory with inotify (see
+    /// [`HeldFile::watched`]).
+    watched: bool,
 }
 
 impl HeldFile {
@@ -56,9 +59,11 @@ impl HeldFile {
                 Ok(fd)
             })
         });
+        let watched = matches!(inotify, Some(Ok(_)));
         let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
         lock.write_record(&record)?;
         Ok(HeldFile {
+            watched,
             watch: None,
             lock,
             wait_watch,
@@ -71,6 +76,12 @@ impl HeldFile {
     /// The held lock.
     pub(crate) fn lock(&self) -> &HeldLock {
         &self.lock
+    }
+
+    /// Whether changes at our lock file's path are seen as they happen: the acquisition had an
+    /// inotify instance and watched our directory in it. False with the watch off.
+    pub(crate) fn watched(&self) -> bool {
+        self.watched
     }
 
     /// Completes the record with another backend taken (its bus and our unique name on it,

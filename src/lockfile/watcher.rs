@@ -14,8 +14,10 @@ use super::watch::{NameHistory, WatchHandle};
 
 /// How often the lock file is re-checked when inotify is not available for
 /// [`InstanceOptions::watch_lock_file`](crate::InstanceOptions::watch_lock_file). A change
-/// found so was not seen happen: a loss, even a removal alone (see `NameHistory`).
-const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
+/// found so was not seen happen: a loss, even a removal alone (see `NameHistory`). Short,
+/// because until then another copy may run beside this one (it was 10 s: a review saw two
+/// copies side by side for 8 s); a look costs a few system calls.
+const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The longest single sleep of the watch: a longer re-check interval (up to `Duration::MAX`)
 /// only wakes it once a day to sleep again, rather than handing `poll` a time it may refuse.
@@ -61,7 +63,7 @@ fn report_lock_loss(handle: &WatchHandle, reason: LossReason, losses: &LossLog) 
 
 /// The lock-file watch of every guard: a thread asleep in `poll` on the inotify instance, on
 /// the mount table and on an eventfd that ends it, waking also every re-check interval if one
-/// was asked (or every 10 seconds when inotify could not be set up). It needs no runtime, so
+/// was asked (or every second when inotify could not be set up). It needs no runtime, so
 /// an async guard stays watched whatever its program does with the runtime that acquired it
 /// (drops it, or never runs it again). It costs a thread start at acquisition and nothing
 /// while idle.
@@ -78,7 +80,7 @@ pub(crate) struct LockWatchThread {
 
 impl LockWatchThread {
     /// Starts the watch of `held`: on `inotify` (a [`new_inotify`](super::watch::new_inotify)
-    /// instance, or the error making it: then a re-check every 10 seconds; `None` when the watch
+    /// instance, or the error making it: then a re-check every second; `None` when the watch
     /// is off), and a re-check every `recheck` if asked. `None` when there is nothing to watch.
     pub(crate) fn start(
         held: &mut HeldLock,
@@ -128,7 +130,7 @@ impl LockWatchThread {
                         if !watches.complete {
                             tracing::warn!(path = %thread_handle.path().display(),
                                 "cannot watch every directory on the lock path with inotify; \
-                                 re-checking the path every 10 s as well (a symlink there flipped \
+                                 re-checking the path every second as well (a symlink there flipped \
                                  away and back between two re-checks goes unseen)");
                             every = shortest(every, WATCH_FALLBACK_INTERVAL);
                         }
@@ -138,7 +140,7 @@ impl LockWatchThread {
                     }
                     Some(Err(e)) => {
                         tracing::warn!(path = %thread_handle.path().display(), error = %e,
-                            "cannot watch the lock file with inotify; re-checking it every 10 s instead");
+                            "cannot watch the lock file with inotify; re-checking it every second instead");
                         every = shortest(every, WATCH_FALLBACK_INTERVAL);
                         None
                     }
@@ -246,7 +248,7 @@ fn watch_lock_blocking(
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) if inotify.is_some() => {
-                tracing::warn!(error = %e, "inotify failed; re-checking the lock file every 10 s instead");
+                tracing::warn!(error = %e, "inotify failed; re-checking the lock file every second instead");
                 inotify = None;
                 every = shortest(every, WATCH_FALLBACK_INTERVAL);
                 continue;
