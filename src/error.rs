@@ -221,7 +221,7 @@ pub enum UnsafeLockPath {
         mode: u32,
     },
     /// A symbolic link on the way belongs to another user, who could point it elsewhere.
-    #[error("symbolic link {} on the way belongs to uid {owner}, not to this user or root", link.display())]
+    #[error("symbolic link {} on the way belongs to uid {owner}, not to this user or root{}", link.display(), unmapped_owner_note(*owner))]
     ForeignSymlink {
         /// The symbolic link.
         link: PathBuf,
@@ -229,7 +229,7 @@ pub enum UnsafeLockPath {
         owner: u32,
     },
     /// A directory on the way belongs to another user.
-    #[error("directory {} is owned by uid {owner}, not by this user or root", dir.display())]
+    #[error("directory {} is owned by uid {owner}, not by this user or root{}", dir.display(), unmapped_owner_note(*owner))]
     ForeignDirectory {
         /// The directory.
         dir: PathBuf,
@@ -303,6 +303,26 @@ pub(crate) fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error
     Error::AlreadyRunning {
         name: name.to_string(),
         holder,
+    }
+}
+
+/// A note for an owner shown as the kernel's overflow uid (65534 unless changed) inside a user
+/// namespace: that is how the namespace shows an owner it does not map (the real root, for
+/// `/` in `unshare --user --map-root-user` or a rootless container), and "remove it" would be no
+/// advice. Nothing otherwise. Read only when the error is shown.
+fn unmapped_owner_note(owner: u32) -> &'static str {
+    let overflow = std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+        .ok()
+        .and_then(|uid| uid.trim().parse().ok())
+        .unwrap_or(65534);
+    let initial_namespace = std::fs::read_to_string("/proc/self/uid_map")
+        .is_ok_and(|map| map.split_whitespace().eq(["0", "0", "4294967295"]));
+    if owner == overflow && !initial_namespace {
+        " (in this user namespace, that is how an owner it does not map shows, such as the real \
+         root of `/`: who it is cannot be checked from here; run outside the user namespace, or \
+         in one that maps that owner)"
+    } else {
+        ""
     }
 }
 

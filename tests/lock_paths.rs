@@ -640,6 +640,51 @@ fn a_foreign_symlink_or_directory_anywhere_on_the_path_is_refused() {
     guard.release().expect("release");
 }
 
+/// In a user namespace that does not map the owner of `/` (`unshare --user --map-root-user` run
+/// by an ordinary user), `/` shows as owned by the overflow uid, 65534. Who owns it cannot be
+/// checked from there, so the path is refused (fail closed), but the refusal once said only
+/// "owned by uid 65534 ...; remove it": it now says what that uid means there.
+#[test]
+fn an_owner_the_user_namespace_does_not_map_is_named_as_such() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it runs a copy as another user)"
+    );
+    let base = tempfile::tempdir().expect("tempdir");
+    let lock_file = base.path().join("x.lock");
+    let name = unique_name("unmapped_owner");
+    let inner = common::cli_command(
+        None,
+        base.path(),
+        &[
+            "run",
+            "--backend=lockfile",
+            "--lock-file",
+            lock_file.to_str().expect("a UTF-8 path"),
+            &name,
+            "--",
+            "echo",
+            "ran",
+        ],
+    );
+    let mut userns = Command::new(common::require_program("unshare", "util-linux"));
+    userns.args(["--user", "--map-root-user", "--"]);
+    let mut copy = Proc::spawn(as_user(NOBODY, NOBODY, &common::wrapped(userns, &inner)));
+    assert_eq!(
+        copy.stdout_until_closed(),
+        Vec::<String>::new(),
+        "COMMAND ran"
+    );
+    let stderr = copy.stderr_until_closed().join("\n");
+    assert_eq!(copy.exit_code(), 70, "{stderr}");
+    assert!(
+        stderr.contains("directory / is owned by uid 65534")
+            && stderr.contains("that is how an owner it does not map shows"),
+        "{stderr}"
+    );
+    assert!(!lock_file.exists(), "nothing was created");
+}
+
 #[test]
 fn the_umask_does_not_decide_who_can_see_the_instance() {
     use std::os::unix::fs::MetadataExt;
