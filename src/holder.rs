@@ -97,7 +97,14 @@ pub(crate) fn process_start_time(pid: u32) -> Option<SystemTime> {
     let after_comm = stat.get(stat.rfind(')')? + 1..)?;
     // starttime is field 22 overall, the 20th after "pid (comm)".
     let ticks: u64 = after_comm.split_whitespace().nth(19)?.parse().ok()?;
-    let hz = rustix::param::clock_ticks_per_second().max(1);
+    // glibc's way (AT_CLKTCK, else 100), not rustix's: on kernels before 6.4 that reads
+    // /proc/self/auxv, and panics if it cannot.
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|hz| u64::try_from(hz).ok())
+        .unwrap_or(100)
+        .max(1);
     let since_boot = Duration::from_millis(ticks.checked_mul(1000)? / hz);
     let as_duration = |t: rustix::time::Timespec| {
         Duration::new(
