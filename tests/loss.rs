@@ -1095,6 +1095,40 @@ fn a_lock_file_moved_away_and_back_behind_an_overflow_is_a_loss() {
     }
 }
 
+/// The same with a lock directory that only root and the holder's user could write at
+/// acquisition, made writable by its group afterwards (`chmod g+w`): from then on others may
+/// move the holder's file away and back, and an overflow counts as it does above. It was
+/// ignored (a clean release): whether others may rename was taken from the acquisition's walk
+/// only.
+#[test]
+fn a_directory_made_group_writable_after_acquisition_counts_for_overflows() {
+    use std::os::unix::fs::PermissionsExt;
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let lock_dir = base.path().join("group");
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        std::fs::set_permissions(&lock_dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let name = unique_name("chmod_later");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        common::wait_until_watching(h.pid());
+        // The administrator opens the directory to the service's group.
+        std::fs::set_permissions(&lock_dir, std::fs::Permissions::from_mode(0o2775))
+            .expect("chmod g+w");
+        h.stop();
+        overflow_the_queue(&lock_dir);
+        let path = lock_dir.join(format!("{name}.lock"));
+        let away = lock_dir.join("moved-away");
+        std::fs::rename(&path, &away).expect("move the lock file away");
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        std::fs::rename(&away, &path).expect("and back");
+        h.signal(rustix::process::Signal::CONT);
+        release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
 /// Another user floods a shared lock directory (sticky and writable by all, as
 /// `/run/lock/unique-instance` is) with files of their own, more than the kernel queues for the
 /// holder, while the holder is stopped: nothing happened to its file or its way. Not a loss:

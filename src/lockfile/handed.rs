@@ -247,6 +247,7 @@ impl HandedLockFile {
             Ok(inotify) => match handle.add_watches(&inotify) {
                 // A directory on the way left unwatched is looked at by the periodic checks.
                 Ok(watches) => {
+                    history.note_others_may_rename(watches.others_may_rename);
                     history.note_links(watches.links);
                     dir_watch = Some(watches.dir);
                     Some(inotify)

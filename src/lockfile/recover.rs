@@ -84,7 +84,14 @@ impl WatchHandle {
         loop {
             let change = lock_change(self);
             // Looked at after the path, so that it is the way the path went when it was seen.
-            let way_now = history.link_made().then(|| Arc::new(self.way_now()));
+            // With events lost, for its modes too: whether others may rename on the way now
+            // (made group-writable since the acquisition) decides what the loss may hide.
+            let link_made = history.link_made();
+            let way_now = (link_made || history.events_lost()).then(|| Arc::new(self.way_now()));
+            if let Some(way) = &way_now {
+                history.note_others_may_rename(way.others_may_rename);
+            }
+            let way_now = way_now.filter(|_| link_made);
             let way_left = way_now.as_deref().is_some_and(|way| history.way_left(way));
             let Some(reason) = change else {
                 let behind = if way_left {

@@ -98,7 +98,9 @@ pub(super) struct NameHistory {
     links: Vec<LinkSeen>,
     /// The way the path went when it last led to our file (the acquisition's walk, at first).
     settled_way: Arc<Way>,
-    /// What the acquisition's walk found (see [`Way::others_may_rename`]).
+    /// Whether others may rename on the way (see [`Way::others_may_rename`]), as found by the
+    /// acquisition's walk or by any way looked at since (see
+    /// [`NameHistory::note_others_may_rename`]): never cleared while the lock is held.
     others_may_rename: bool,
     /// The path was seen leading to our file with our directory watched: a removal read since
     /// then is one of our file. False for a watch of our directory added only later
@@ -146,6 +148,24 @@ impl NameHistory {
                 });
             }
         }
+    }
+
+    /// Remembers that others may rename on a way the path went (`others_may_rename`, from
+    /// [`Way::others_may_rename`] or [`Watches::others_may_rename`]): a directory made writable
+    /// by its group after the acquisition (`chmod g+w`) counts for lost events from then on,
+    /// as one that was so from the start. No event says when a mode changes (`IN_ATTRIB` on a
+    /// directory watched for its entries fires for every `touch` of every file in it), so the
+    /// modes are looked at on each re-watch, and when events were lost (see
+    /// [`NameHistory::events_lost`]).
+    pub(super) fn note_others_may_rename(&mut self, others_may_rename: bool) {
+        self.others_may_rename |= others_may_rename;
+    }
+
+    /// Were events lost (an overflowed queue) since the path last led to our file? Then the
+    /// way's modes are looked at again before judging (see
+    /// [`NameHistory::note_others_may_rename`]).
+    pub(super) fn events_lost(&self) -> bool {
+        self.events_lost
     }
 
     /// Reads every pending event of `fd` (a non-blocking inotify instance) about `name` in the
@@ -226,7 +246,7 @@ impl NameHistory {
         let way = way_now.unwrap_or_else(|| Arc::clone(&self.settled_way));
         *self = NameHistory {
             links,
-            others_may_rename: self.others_may_rename,
+            others_may_rename: self.others_may_rename || way.others_may_rename,
             ..NameHistory::new(recreated, way)
         };
     }
@@ -382,6 +402,7 @@ impl WatchHandle {
             dir,
             complete,
             links,
+            others_may_rename: way.others_may_rename,
         })
     }
 
@@ -487,6 +508,7 @@ impl WatchHandle {
     /// directory's watch descriptor, when it could be watched.
     pub(super) fn rewatch(&self, fd: &OwnedFd, history: &mut NameHistory) -> Option<i32> {
         let watches = self.add_watches(fd).ok()?;
+        history.note_others_may_rename(watches.others_may_rename);
         history.note_links(watches.links);
         Some(watches.dir)
     }
@@ -568,6 +590,9 @@ pub(crate) struct Watches {
     /// Each symlink on the way: the watch descriptor of the directory holding it, and its name
     /// (for [`NameHistory::note_links`]).
     pub(super) links: Vec<(i32, OsString)>,
+    /// Whether others may rename on the way the watches were added along (see
+    /// [`Way::others_may_rename`]), for [`NameHistory::note_others_may_rename`].
+    pub(super) others_may_rename: bool,
 }
 
 /// The directories a lock directory's path goes through as it resolves (see [`way_to`]; and
@@ -583,8 +608,8 @@ pub(super) struct Way {
     /// Whether anyone but root and us may rename or remove entries of a directory on the way
     /// (one writable by its group or by all, without the sticky bit): then an overflowed
     /// event queue may hide what they did (see [`NameHistory::changed_behind_us`]). Known to
-    /// the walk, which looks at each directory's mode; `way_to` leaves it false, and it is not
-    /// part of what makes two ways the same.
+    /// the walk and to `way_to`, which look at each directory's mode; not part of what makes
+    /// two ways the same.
     pub(super) others_may_rename: bool,
 }
 
@@ -605,10 +630,18 @@ pub(super) fn others_may_rename_in(mode: u32) -> bool {
 /// Resolves `dir` one component at a time from `/`, as the kernel does (a symlink's target
 /// takes its place, `..` goes up from where the resolution is), noting the directories it goes
 /// through: renaming or removing any of them, or changing an entry of one that holds a symlink,
-/// can make the path lead elsewhere. Best effort and unchecked, as it only adds wake-ups: it stops where the path leads nowhere, and [`WatchHandle::check_path`] decides.
+/// can make the path lead elsewhere; and whether others may rename on the way (from the modes
+/// of `/` and of the directories entered, as they are now: see
+/// [`NameHistory::note_others_may_rename`]). Best effort and unchecked, as it only adds
+/// wake-ups: it stops where the path leads nowhere, and [`WatchHandle::check_path`] decides.
 fn way_to(dir: &Path) -> Way {
     use std::collections::VecDeque;
-    let mut way = Way::default();
+    use std::os::unix::fs::PermissionsExt;
+    let mut way = Way {
+        others_may_rename: std::fs::metadata("/")
+            .is_ok_and(|m| others_may_rename_in(m.permissions().mode())),
+        ..Way::default()
+    };
     let mut resolved = PathBuf::from("/");
     let mut pending: VecDeque<OsString> = names(dir).into();
     let mut links = 0;
@@ -619,7 +652,14 @@ fn way_to(dir: &Path) -> Way {
             continue;
         }
         let here = resolved.join(&name);
-        match std::fs::read_link(&here) {
+        // One `lstat` per name: whether it is a link, and a directory's mode.
+        let meta = std::fs::symlink_metadata(&here);
+        let target = match &meta {
+            Ok(m) if m.file_type().is_symlink() => std::fs::read_link(&here),
+            Ok(_) => Err(std::io::ErrorKind::InvalidInput.into()),
+            Err(e) => Err(std::io::Error::from(e.kind())),
+        };
+        match target {
             Ok(target) => {
                 links += 1;
                 if links > MAX_SYMLINKS {
@@ -637,6 +677,11 @@ fn way_to(dir: &Path) -> Way {
             }
             // Not a symlink: entered.
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                if let Ok(m) = &meta
+                    && m.file_type().is_dir()
+                {
+                    way.others_may_rename |= others_may_rename_in(m.permissions().mode());
+                }
                 way.entered.push(here.clone());
                 resolved = here;
             }
@@ -906,6 +951,23 @@ mod tests {
                     lock_dir.display()
                 );
             }
+        }
+    }
+
+    /// Whether others may rename on the way is read from the modes as they are when the way is
+    /// looked at: a directory made writable by its group since counts, a sticky one does not.
+    #[test]
+    fn the_way_says_whether_others_may_rename_on_it_now() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        std::fs::create_dir_all(b.join("a/run")).expect("mkdir");
+        let lock_dir = b.join("a/run");
+        let before = way_to(&lock_dir).others_may_rename;
+        for (mode, others) in [(0o2775, true), (0o1777, before), (0o755, before)] {
+            std::fs::set_permissions(b.join("a"), std::fs::Permissions::from_mode(mode))
+                .expect("chmod");
+            assert_eq!(way_to(&lock_dir).others_may_rename, others, "{mode:o}");
         }
     }
 

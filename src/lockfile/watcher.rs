@@ -133,6 +133,7 @@ impl LockWatchThread {
                             every = shortest(every, WATCH_FALLBACK_INTERVAL);
                         }
                         let dir_watch = watches.dir;
+                        history.note_others_may_rename(watches.others_may_rename);
                         history.note_links(watches.links);
                         Some((fd, dir_watch))
                     }
