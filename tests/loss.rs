@@ -944,6 +944,42 @@ fn a_symlink_made_again_to_the_same_target_is_not_a_loss() {
     }
 }
 
+/// The link pointed again at the release it names, spelled absolutely this time
+/// (`ln -sfn /…/v1 current` over `current -> v1`): the path goes through the same directories
+/// and links (the absolute target only enters `base`'s ancestors again), and led to the
+/// holder's file at every moment. Not a loss (it was one: the ways were compared as the lists
+/// of paths entered, in order).
+#[test]
+fn a_symlink_made_again_to_the_same_directory_spelled_absolutely_is_not_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let what = format!("{mode:?}");
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        std::fs::create_dir_all(b.join("v1/run")).expect("mkdir");
+        flip_link(&b, "current", Path::new("v1"));
+        let lock_dir = b.join("current/run");
+        let name = unique_name("link_abs");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        let line = h.next_line("holder");
+        assert!(line.starts_with("acquired"), "{what}");
+        let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
+        common::wait_until_watching(h.pid());
+        h.stop();
+        flip_link(&b, "current", &b.join("v1"));
+        h.signal(rustix::process::Signal::CONT);
+        assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
+        h.close_stdin();
+        assert_eq!(
+            h.stdout_until_closed(),
+            ["released"],
+            "{what}: a false loss"
+        );
+        assert_eq!(h.exit_code(), 0, "{what}");
+    }
+}
+
 /// `srv/app -> data/a`, `data/a/current -> v1`: the lock directory is `srv/app/current/run`.
 /// Returned with the two releases' `run` directories in `data/a`, and `data/b` (whose `current`
 /// leads to `../a/v2`) to flip `srv/app` to.

@@ -73,9 +73,11 @@ const DIR_ENTRY_EVENTS: rustix::fs::inotify::WatchFlags = rustix::fs::inotify::W
 /// The symlinks on the way are remembered the same way: a link flipped to another target and
 /// back (two links made at its name, by renames over it or after removals) while the holder was
 /// stopped led other copies elsewhere meanwhile, though the path leads to our file again. One
-/// link made at its name is harmless only if the way the path goes is the one it went when
-/// the path was last seen leading to our file: then the link led there, or nowhere, at every
-/// moment (a deploy that flipped it to the release it named, or re-made it).
+/// link made at its name is harmless only if the way the path goes now enters no directory and
+/// goes through no link that the way it went when the path was last seen leading to our file
+/// did not, and ends in the same directory (see [`Way::within`]): then the link led there, or
+/// nowhere, at every moment (a deploy that flipped it to the release it named, or re-made it,
+/// spelled as before or not).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct NameHistory {
     /// Files made at the name, by anyone (our own re-creations included), counted as
@@ -264,11 +266,11 @@ impl NameHistory {
         self.links.iter().any(|l| l.made > 0)
     }
 
-    /// Does `way_now` (the way the path goes now, looked at since a link was made on it) differ
-    /// from the way it went when it last led to our file? Then the path led elsewhere, by the
-    /// new way, at least for a moment: its links there were not watched.
+    /// Does `way_now` (the way the path goes now, looked at since a link was made on it) leave
+    /// the way it went when it last led to our file (see [`Way::within`])? Then the path led
+    /// elsewhere, by the new way, at least for a moment: its links there were not watched.
     pub(super) fn way_left(&self, way_now: &Way) -> bool {
-        *self.settled_way != *way_now
+        !way_now.within(&self.settled_way)
     }
 
     /// May the path have led elsewhere since it last led to our file, whatever it leads to
@@ -621,6 +623,23 @@ impl PartialEq for Way {
 
 impl Eq for Way {}
 
+impl Way {
+    /// Does this way (the path's now, after one link on `settled` was made anew) end in the
+    /// same directory as `settled`, entering no directory and going through no link that
+    /// `settled` did not? Those of `settled` are watched and were seen unchanged but for that
+    /// link, so the path led to our directory or nowhere at every moment; one outside it was
+    /// not watched, and may have been flipped away and back. Compared as sets, not in order: a
+    /// link re-made with an absolute target (`ln -sfn /srv/v1 current` over `current -> v1`)
+    /// enters `/srv`'s ancestors again, and goes the same way.
+    pub(super) fn within(&self, settled: &Way) -> bool {
+        *self == *settled
+            || (self.entered.last().is_some()
+                && self.entered.last() == settled.entered.last()
+                && self.entered.iter().all(|d| settled.entered.contains(d))
+                && self.links.iter().all(|l| settled.links.contains(l)))
+    }
+}
+
 /// May anyone but its owner (root or us: the walk's rule) and root rename or remove the
 /// entries of a directory with this mode? Group- or other-writable, without the sticky bit.
 pub(super) fn others_may_rename_in(mode: u32) -> bool {
@@ -865,6 +884,36 @@ mod tests {
             history.changed_behind_us(0).is_some(),
             "kept across settles"
         );
+    }
+
+    /// A way is within the settled one when it ends in the same directory, entering no other
+    /// directory and going through no other link, in any order: a link re-made with an absolute
+    /// target is; one that enters another directory, goes through another link, or ends
+    /// elsewhere is not.
+    #[test]
+    fn a_way_within_the_settled_one_ends_there_and_enters_nothing_new() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        for dir in ["v1/run", "v2/run", "other"] {
+            std::fs::create_dir_all(b.join(dir)).expect("mkdir");
+        }
+        std::os::unix::fs::symlink("v1", b.join("current")).expect("symlink");
+        let lock_dir = b.join("current/run");
+        let settled = way_to(&lock_dir);
+        let again = |target: &Path| {
+            std::fs::remove_file(b.join("current")).expect("rm");
+            std::os::unix::fs::symlink(target, b.join("current")).expect("symlink");
+            way_to(&lock_dir)
+        };
+        assert!(again(&b.join("v1")).within(&settled), "absolute");
+        assert!(again(Path::new("./v1")).within(&settled), "through `.`");
+        assert!(
+            !again(Path::new("other/../v1")).within(&settled),
+            "enters `other`"
+        );
+        assert!(!again(Path::new("v2")).within(&settled), "ends elsewhere");
+        std::os::unix::fs::symlink("v1", b.join("inner")).expect("symlink");
+        assert!(!again(Path::new("inner")).within(&settled), "another link");
     }
 
     /// `srv/current -> ../data/rel/v1` (relative, through `..`) and `data/rel -> /abs/rel`
