@@ -980,6 +980,39 @@ fn a_symlink_made_again_to_the_same_directory_spelled_absolutely_is_not_a_loss()
     }
 }
 
+/// `p -> q/x` and `q -> d` (the lock directory `p/run` is `d/x/run`) are made anew while the
+/// holder is stopped, `p -> q` first, then `q -> d/x`: before and after, the path goes the same
+/// way, through the same links and directories, to the holder's file; in between it led to
+/// `d/run`, where another copy ran. A loss (it was taken for two harmless re-makes).
+#[test]
+fn two_links_made_anew_while_stopped_are_a_loss_though_the_way_is_the_same() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        std::fs::create_dir_all(b.join("d/x/run")).expect("mkdir");
+        std::fs::create_dir_all(b.join("d/run")).expect("mkdir");
+        flip_link(&b, "q", Path::new("d"));
+        flip_link(&b, "p", Path::new("q/x"));
+        let lock_dir = b.join("p/run");
+        let name = unique_name("two_links");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        common::wait_until_watching(h.pid());
+        h.stop();
+        flip_link(&b, "p", Path::new("q"));
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        flip_link(&b, "q", Path::new("d/x"));
+        assert!(
+            b.join(format!("d/x/run/{name}.lock")).exists(),
+            "{mode:?}: the path leads to the holder's file again"
+        );
+        h.signal(rustix::process::Signal::CONT);
+        release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
 /// `srv/app -> data/a`, `data/a/current -> v1`: the lock directory is `srv/app/current/run`.
 /// Returned with the two releases' `run` directories in `data/a`, and `data/b` (whose `current`
 /// leads to `../a/v2`) to flip `srv/app` to.

@@ -77,7 +77,9 @@ const DIR_ENTRY_EVENTS: rustix::fs::inotify::WatchFlags = rustix::fs::inotify::W
 /// goes through no link that the way it went when the path was last seen leading to our file
 /// did not, and ends in the same directory (see [`Way::within`]): then the link led there, or
 /// nowhere, at every moment (a deploy that flipped it to the release it named, or re-made it,
-/// spelled as before or not).
+/// spelled as before or not). Two links made anew, each once, are not: while one was new and
+/// the other not, the path may have gone a third way (`p -> q/x`, `q -> d` made
+/// `p -> q`, `q -> d/x`: the same way before and after, but `d` in between).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct NameHistory {
     /// Files made at the name, by anyone (our own re-creations included), counted as
@@ -275,9 +277,11 @@ impl NameHistory {
 
     /// May the path have led elsewhere since it last led to our file, whatever it leads to
     /// now: a directory on the way moved or removed, or a symlink on the way made anew more
-    /// than once (away and back).
+    /// than once (away and back), or more than one made anew (see [`NameHistory`]).
     fn path_may_have_left(&self) -> bool {
-        self.path_left || self.links.iter().any(|l| l.made > 1)
+        self.path_left
+            || self.links.iter().any(|l| l.made > 1)
+            || self.links.iter().filter(|l| l.made > 0).count() > 1
     }
 
     /// May our file, found gone from the path, be re-created (`recreated`: our re-creations so
@@ -883,6 +887,28 @@ mod tests {
         assert!(
             history.changed_behind_us(0).is_some(),
             "kept across settles"
+        );
+    }
+
+    /// Two links on the way made anew, each once, may have led the path a third way while one
+    /// was new and the other not: a loss, whatever way the path goes now.
+    #[test]
+    fn two_links_made_anew_are_a_loss() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fd = new_inotify().expect("inotify");
+        let wd =
+            rustix::fs::inotify::add_watch(&fd, dir.path(), DIR_ENTRY_EVENTS).expect("add_watch");
+        let mut history = NameHistory::new(0, Arc::default());
+        history.note_links(vec![(wd, OsString::from("p")), (wd, OsString::from("q"))]);
+        let name = std::ffi::OsStr::new("x.lock");
+        std::os::unix::fs::symlink("q", dir.path().join("p")).expect("symlink");
+        assert!(history.read(&fd, -1, name));
+        assert_eq!(history.changed_behind_us(0), None, "one link made anew");
+        std::os::unix::fs::symlink("d/x", dir.path().join("q")).expect("symlink");
+        assert!(history.read(&fd, -1, name));
+        assert_eq!(
+            history.changed_behind_us(0),
+            Some(LossReason::LockDirectoryRemoved)
         );
     }
 
