@@ -944,6 +944,85 @@ fn a_symlink_made_again_to_the_same_target_is_not_a_loss() {
     }
 }
 
+/// The same deploy (`rm current && ln -s v1 current`, busybox's `ln -sf`) while the holder
+/// runs: its watch reads the link's removal, and looks, while the path leads nowhere. Nobody
+/// could take the instance through the path meanwhile: it led to the holder's file or nowhere
+/// at every moment, and a copy that reaches the directory another way finds the file held.
+/// Not a loss (it was one, `LockDirectoryRemoved`: a `run` stopped its service for a harmless
+/// deploy). Once with the removal read before the link is back, once back to back (whatever
+/// the watch reads in between).
+#[test]
+fn a_symlink_removed_and_made_again_while_running_is_not_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        for back_to_back in [false, true] {
+            let what = format!("{mode:?} back_to_back={back_to_back}");
+            let base = tempfile::tempdir().expect("tempdir");
+            std::fs::create_dir_all(base.path().join("v1/run")).expect("mkdir");
+            flip_link(base.path(), "current", Path::new("v1"));
+            let lock_dir = base.path().join("current/run");
+            let name = unique_name("link_rm_ln");
+            let mut args = vec![name.as_str(), "--backend", "lockfile"];
+            args.extend_from_slice(mode);
+            let mut h = holder(None, &lock_dir, &args);
+            let line = h.next_line("holder");
+            assert!(line.starts_with("acquired"), "{what}");
+            let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
+            common::wait_until_watching(h.pid());
+            std::fs::remove_file(base.path().join("current")).expect("rm the link");
+            if !back_to_back {
+                // The watch has read the removal (and so looks) before the link is back.
+                common::wait_until_events_read(h.pid());
+                let direct = base.path().join("v1/run");
+                assert_refused_naming(&name, &direct, &["--backend", "lockfile"], pid);
+            }
+            std::os::unix::fs::symlink("v1", base.path().join("current")).expect("ln -s");
+            assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
+            h.close_stdin();
+            assert_eq!(
+                h.stdout_until_closed(),
+                ["released"],
+                "{what}: a false loss"
+            );
+            assert_eq!(h.exit_code(), 0, "{what}");
+        }
+    }
+}
+
+/// The link removed while the holder runs (its watch waits for the path to lead somewhere
+/// again), then made to another release, or a directory made at its name: the path leads to
+/// another directory, where a copy started now acquires. A loss, as it was before the wait.
+#[test]
+fn a_symlink_removed_while_running_and_made_elsewhere_is_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        for made in ["a link to v2", "a directory"] {
+            let what = format!("{mode:?} {made}");
+            let base = tempfile::tempdir().expect("tempdir");
+            let lock_dir = two_releases(base.path());
+            let name = unique_name("link_rm_elsewhere");
+            let mut args = vec![name.as_str(), "--backend", "lockfile"];
+            args.extend_from_slice(mode);
+            let mut h = holder(None, &lock_dir, &args);
+            assert!(h.next_line("holder").starts_with("acquired"), "{what}");
+            common::wait_until_watching(h.pid());
+            let link = base.path().join("current");
+            std::fs::remove_file(&link).expect("rm the link");
+            common::wait_until_events_read(h.pid());
+            if made == "a directory" {
+                std::fs::create_dir_all(link.join("run")).expect("mkdir");
+            } else {
+                std::os::unix::fs::symlink("v2", &link).expect("ln -s v2");
+            }
+            assert_eq!(
+                h.line_starting("lost"),
+                "lost reason=LockDirectoryRemoved still_exclusive=false",
+                "{what}"
+            );
+            h.close_stdin();
+            h.stdout_until_closed();
+        }
+    }
+}
+
 /// The link pointed again at the release it names, spelled absolutely this time
 /// (`ln -sfn /…/v1 current` over `current -> v1`): the path goes through the same directories
 /// and links (the absolute target only enters `base`'s ancestors again), and led to the

@@ -324,7 +324,8 @@ impl HandedLockFile {
         // As the guard's watch decides (see `WatchHandle::judge`).
         let inotify = self.inotify.as_ref().zip(*dir_watch);
         match self.handle.judge(history, inotify) {
-            Judgement::Held => HandedLockState::Held,
+            // Leading nowhere for now, as the guard's watch waits: still held.
+            Judgement::Held | Judgement::Nowhere => HandedLockState::Held,
             Judgement::Recreated => HandedLockState::Recreated,
             Judgement::Lost(_) | Judgement::Over => HandedLockState::Lost,
         }

@@ -28,10 +28,21 @@ pub(crate) enum PathChange {
 }
 
 /// Has the lock path stopped leading to our file, and how? `None` while it still does. A path
-/// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed.
-pub(super) fn lock_change(handle: &WatchHandle) -> Option<LossReason> {
+/// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed. With the
+/// reason, whether the path leads nowhere while our directory still names our file: its
+/// directory's path does not resolve (`ENOENT`, `ENOTDIR`: a link on the way removed, say),
+/// so that no copy can take a lock through it.
+pub(super) fn lock_change(handle: &WatchHandle) -> Option<(LossReason, bool)> {
     let (dev, ino) = handle.identity();
-    lock_change_of(handle, dev, ino)
+    let reason = lock_change_of(handle, dev, ino)?;
+    if handle.in_dir_as(dev, ino).is_some() {
+        return Some((reason, false));
+    }
+    match handle.path.parent().map(rustix::fs::stat) {
+        Some(Err(Errno::NOENT | Errno::NOTDIR)) => Some((reason, true)),
+        // It leads somewhere (again, if a link was made since the look): looked at once more.
+        _ => lock_change_of(handle, dev, ino).map(|reason| (reason, false)),
+    }
 }
 
 /// [`lock_change`] for the file (dev, ino), for a caller that holds the shared state's lock.
@@ -120,6 +131,9 @@ struct LinkSeen {
     name: OsString,
     /// Links made at its name since the path last led to our file.
     made: u64,
+    /// Links removed from its name (or moved away) since then (see
+    /// [`NameHistory::waits_for_the_path`]).
+    removed: u64,
 }
 
 impl NameHistory {
@@ -149,6 +163,7 @@ impl NameHistory {
                     dir_watch,
                     name,
                     made: 0,
+                    removed: 0,
                 });
             }
         }
@@ -222,14 +237,21 @@ impl NameHistory {
                         }
                     }
                     // A link leaving its name leads nowhere: only a new one can lead elsewhere.
-                    if mask & (IN_CREATE | IN_MOVED_TO) != 0
-                        && let Some(link) = self
-                            .links
-                            .iter_mut()
-                            .find(|l| l.dir_watch == wd && l.name.as_bytes() == event_name)
+                    // Its removal is counted still, to tell a path leading nowhere for a
+                    // moment (`rm current && ln -s v1 current`) from one gone unseen.
+                    if let Some(link) = self
+                        .links
+                        .iter_mut()
+                        .find(|l| l.dir_watch == wd && l.name.as_bytes() == event_name)
                     {
-                        link.made += 1;
-                        counted = true;
+                        if mask & (IN_CREATE | IN_MOVED_TO) != 0 {
+                            link.made += 1;
+                            counted = true;
+                        }
+                        if mask & (IN_DELETE | IN_MOVED_FROM) != 0 {
+                            link.removed += 1;
+                            counted = true;
+                        }
                     }
                 }
                 at = end;
@@ -245,7 +267,7 @@ impl NameHistory {
     pub(super) fn settle(&mut self, recreated: u64, way_now: Option<Arc<Way>>) {
         let mut links = std::mem::take(&mut self.links);
         for link in &mut links {
-            link.made = 0;
+            (link.made, link.removed) = (0, 0);
         }
         let way = way_now.unwrap_or_else(|| Arc::clone(&self.settled_way));
         *self = NameHistory {
@@ -294,6 +316,25 @@ impl NameHistory {
             && self.made <= recreated
     }
 
+    /// The path leads nowhere (see [`lock_change`]) with our directory still naming our file:
+    /// may that wait for the next event, rather than be a loss? Only if a link on the way was
+    /// seen removed, and nothing else happened since the path last led to our file: no link
+    /// made (whose way would decide), no directory on the way moved, no file made at our name
+    /// but ours, no events lost. Then nobody could take the instance through the path: it led
+    /// to our file or nowhere at every moment, and a copy that reaches our directory another
+    /// way finds our file, locked. Nothing is settled meanwhile: once a link is made there
+    /// again, its way decides as for any link made anew. There is no bound on the wait: a path
+    /// that never leads anywhere again lets no copy in through it either (each fails to walk
+    /// it), and a loss would only stop a service that still excludes every other copy.
+    pub(super) fn waits_for_the_path(&self, recreated: u64) -> bool {
+        self.confirmed
+            && !self.events_lost
+            && !self.path_may_have_left()
+            && !self.link_made()
+            && self.made <= recreated
+            && self.links.iter().any(|l| l.removed > 0)
+    }
+
     /// Did the path leave our file since it last led there, though it leads there again, in a
     /// way another copy may have used: someone else made a file at our name (our file moved
     /// away and back; or another copy's, made in the moment between our reading of a removal
@@ -324,17 +365,32 @@ impl NameHistory {
     /// Our file was found gone with no removal read yet: an unlink queues its event just after
     /// the name goes, so it is waited for, up to [`UNSEEN_REMOVAL_GRACE`], before the removal
     /// counts as unseen (a loss). Returns at once once a removal or lost events have been read.
-    pub(super) fn await_removal(&mut self, fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) {
+    /// `nowhere`: the path leads nowhere while our directory names our file (see
+    /// [`lock_change`]): the removal of a link on the way is waited for instead. Whether any
+    /// event read counted.
+    pub(super) fn await_removal(
+        &mut self,
+        fd: &OwnedFd,
+        dir_watch: i32,
+        name: &std::ffi::OsStr,
+        nowhere: bool,
+    ) -> bool {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
         let deadline = std::time::Instant::now() + UNSEEN_REMOVAL_GRACE;
+        let mut counted = false;
         loop {
-            let _ = self.read(fd, dir_watch, name);
-            if self.removed > 0 || self.events_lost || self.path_may_have_left() {
-                return;
+            counted |= self.read(fd, dir_watch, name);
+            let seen = if nowhere {
+                self.links.iter().any(|l| l.removed > 0)
+            } else {
+                self.removed > 0
+            };
+            if seen || self.events_lost || self.path_may_have_left() {
+                return counted;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return;
+                return counted;
             }
             let timeout = Timespec {
                 tv_sec: left.as_secs() as i64,
@@ -345,7 +401,7 @@ impl NameHistory {
                 poll(&mut fds, Some(&timeout)),
                 Ok(_) | Err(rustix::io::Errno::INTR)
             ) {
-                return;
+                return counted;
             }
         }
     }
@@ -841,15 +897,23 @@ mod tests {
         assert!(history.link_made() && history.changed_behind_us(0).is_none());
         history.settle(0, None);
         assert!(!history.link_made());
-        std::fs::remove_file(&link).expect("rm");
         std::fs::write(dir.path().join("other"), b"").expect("another name");
         assert!(
             !history.read(&fd, -1, name),
-            "a removal and another name count for nothing"
+            "another name counts for nothing"
         );
+        std::fs::remove_file(&link).expect("rm");
+        // A removal alone is no change, but the path may wait for the link to come back.
+        assert!(history.read(&fd, -1, name), "the link's removal is counted");
+        assert!(!history.link_made() && history.changed_behind_us(0).is_none());
+        assert!(history.waits_for_the_path(0));
         std::os::unix::fs::symlink("v1", &link).expect("made again");
         assert!(history.read(&fd, -1, name));
         assert!(history.link_made() && history.changed_behind_us(0).is_none());
+        assert!(
+            !history.waits_for_the_path(0),
+            "a link made again: its way decides, not a wait"
+        );
         let new = dir.path().join("current.new");
         std::os::unix::fs::symlink("v2", &new).expect("symlink");
         std::fs::rename(&new, &link).expect("renamed over");

@@ -222,7 +222,7 @@ fn watch_lock_blocking(
         // change made before the watch was in place is not missed: it is a loss (see
         // `NameHistory`), since whether another copy came meanwhile cannot be known.
         match handle.judge(&mut history, inotify) {
-            Judgement::Held | Judgement::Recreated => {}
+            Judgement::Held | Judgement::Recreated | Judgement::Nowhere => {}
             Judgement::Lost(reason) => {
                 report_lock_loss(handle, reason, losses);
                 return;
