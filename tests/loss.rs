@@ -944,6 +944,154 @@ fn a_symlink_made_again_to_the_same_target_is_not_a_loss() {
     }
 }
 
+/// The same deploy (`rm current && ln -s v1 current`, busybox's `ln -sf`) while the holder
+/// runs: its watch reads the link's removal, and looks, while the path leads nowhere. Nobody
+/// could take the instance through the path meanwhile: it led to the holder's file or nowhere
+/// at every moment, and a copy that reaches the directory another way finds the file held.
+/// Not a loss (it was one, `LockDirectoryRemoved`: a `run` stopped its service for a harmless
+/// deploy). Once with the removal read before the link is back, once back to back (whatever
+/// the watch reads in between).
+#[test]
+fn a_symlink_removed_and_made_again_while_running_is_not_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        for back_to_back in [false, true] {
+            let what = format!("{mode:?} back_to_back={back_to_back}");
+            let base = tempfile::tempdir().expect("tempdir");
+            std::fs::create_dir_all(base.path().join("v1/run")).expect("mkdir");
+            flip_link(base.path(), "current", Path::new("v1"));
+            let lock_dir = base.path().join("current/run");
+            let name = unique_name("link_rm_ln");
+            let mut args = vec![name.as_str(), "--backend", "lockfile"];
+            args.extend_from_slice(mode);
+            let mut h = holder(None, &lock_dir, &args);
+            let line = h.next_line("holder");
+            assert!(line.starts_with("acquired"), "{what}");
+            let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
+            common::wait_until_watching(h.pid());
+            std::fs::remove_file(base.path().join("current")).expect("rm the link");
+            if !back_to_back {
+                // The watch has read the removal (and so looks) before the link is back.
+                common::wait_until_events_read(h.pid());
+                let direct = base.path().join("v1/run");
+                assert_refused_naming(&name, &direct, &["--backend", "lockfile"], pid);
+            }
+            std::os::unix::fs::symlink("v1", base.path().join("current")).expect("ln -s");
+            assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
+            h.close_stdin();
+            assert_eq!(
+                h.stdout_until_closed(),
+                ["released"],
+                "{what}: a false loss"
+            );
+            assert_eq!(h.exit_code(), 0, "{what}");
+        }
+    }
+}
+
+/// The link removed while the holder runs (its watch waits for the path to lead somewhere
+/// again), then made to another release, or a directory made at its name: the path leads to
+/// another directory, where a copy started now acquires. A loss, as it was before the wait.
+#[test]
+fn a_symlink_removed_while_running_and_made_elsewhere_is_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        for made in ["a link to v2", "a directory"] {
+            let what = format!("{mode:?} {made}");
+            let base = tempfile::tempdir().expect("tempdir");
+            let lock_dir = two_releases(base.path());
+            let name = unique_name("link_rm_elsewhere");
+            let mut args = vec![name.as_str(), "--backend", "lockfile"];
+            args.extend_from_slice(mode);
+            let mut h = holder(None, &lock_dir, &args);
+            assert!(h.next_line("holder").starts_with("acquired"), "{what}");
+            common::wait_until_watching(h.pid());
+            let link = base.path().join("current");
+            std::fs::remove_file(&link).expect("rm the link");
+            common::wait_until_events_read(h.pid());
+            if made == "a directory" {
+                std::fs::create_dir_all(link.join("run")).expect("mkdir");
+            } else {
+                std::os::unix::fs::symlink("v2", &link).expect("ln -s v2");
+            }
+            assert_eq!(
+                h.line_starting("lost"),
+                "lost reason=LockDirectoryRemoved still_exclusive=false",
+                "{what}"
+            );
+            h.close_stdin();
+            h.stdout_until_closed();
+        }
+    }
+}
+
+/// The link pointed again at the release it names, spelled absolutely this time
+/// (`ln -sfn /…/v1 current` over `current -> v1`): the path goes through the same directories
+/// and links (the absolute target only enters `base`'s ancestors again), and led to the
+/// holder's file at every moment. Not a loss (it was one: the ways were compared as the lists
+/// of paths entered, in order).
+#[test]
+fn a_symlink_made_again_to_the_same_directory_spelled_absolutely_is_not_a_loss() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let what = format!("{mode:?}");
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        std::fs::create_dir_all(b.join("v1/run")).expect("mkdir");
+        flip_link(&b, "current", Path::new("v1"));
+        let lock_dir = b.join("current/run");
+        let name = unique_name("link_abs");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        let line = h.next_line("holder");
+        assert!(line.starts_with("acquired"), "{what}");
+        let pid = field(&line, "pid").expect("pid").parse().expect("a pid");
+        common::wait_until_watching(h.pid());
+        h.stop();
+        flip_link(&b, "current", &b.join("v1"));
+        h.signal(rustix::process::Signal::CONT);
+        assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
+        h.close_stdin();
+        assert_eq!(
+            h.stdout_until_closed(),
+            ["released"],
+            "{what}: a false loss"
+        );
+        assert_eq!(h.exit_code(), 0, "{what}");
+    }
+}
+
+/// `p -> q/x` and `q -> d` (the lock directory `p/run` is `d/x/run`) are made anew while the
+/// holder is stopped, `p -> q` first, then `q -> d/x`: before and after, the path goes the same
+/// way, through the same links and directories, to the holder's file; in between it led to
+/// `d/run`, where another copy ran. A loss (it was taken for two harmless re-makes).
+#[test]
+fn two_links_made_anew_while_stopped_are_a_loss_though_the_way_is_the_same() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        std::fs::create_dir_all(b.join("d/x/run")).expect("mkdir");
+        std::fs::create_dir_all(b.join("d/run")).expect("mkdir");
+        flip_link(&b, "q", Path::new("d"));
+        flip_link(&b, "p", Path::new("q/x"));
+        let lock_dir = b.join("p/run");
+        let name = unique_name("two_links");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        common::wait_until_watching(h.pid());
+        h.stop();
+        flip_link(&b, "p", Path::new("q"));
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        flip_link(&b, "q", Path::new("d/x"));
+        assert!(
+            b.join(format!("d/x/run/{name}.lock")).exists(),
+            "{mode:?}: the path leads to the holder's file again"
+        );
+        h.signal(rustix::process::Signal::CONT);
+        release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
 /// `srv/app -> data/a`, `data/a/current -> v1`: the lock directory is `srv/app/current/run`.
 /// Returned with the two releases' `run` directories in `data/a`, and `data/b` (whose `current`
 /// leads to `../a/v2`) to flip `srv/app` to.
@@ -1083,6 +1231,40 @@ fn a_lock_file_moved_away_and_back_behind_an_overflow_is_a_loss() {
         args.extend_from_slice(mode);
         let mut h = holder(None, &lock_dir, &args);
         assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        h.stop();
+        overflow_the_queue(&lock_dir);
+        let path = lock_dir.join(format!("{name}.lock"));
+        let away = lock_dir.join("moved-away");
+        std::fs::rename(&path, &away).expect("move the lock file away");
+        another_copy_comes_and_goes(&lock_dir, &name, mode);
+        std::fs::rename(&away, &path).expect("and back");
+        h.signal(rustix::process::Signal::CONT);
+        release_told_of_a_loss(h, &format!("{mode:?}"));
+    }
+}
+
+/// The same with a lock directory that only root and the holder's user could write at
+/// acquisition, made writable by its group afterwards (`chmod g+w`): from then on others may
+/// move the holder's file away and back, and an overflow counts as it does above. It was
+/// ignored (a clean release): whether others may rename was taken from the acquisition's walk
+/// only.
+#[test]
+fn a_directory_made_group_writable_after_acquisition_counts_for_overflows() {
+    use std::os::unix::fs::PermissionsExt;
+    for mode in [&[][..], &["--blocking"][..]] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let lock_dir = base.path().join("group");
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        std::fs::set_permissions(&lock_dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let name = unique_name("chmod_later");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{mode:?}");
+        common::wait_until_watching(h.pid());
+        // The administrator opens the directory to the service's group.
+        std::fs::set_permissions(&lock_dir, std::fs::Permissions::from_mode(0o2775))
+            .expect("chmod g+w");
         h.stop();
         overflow_the_queue(&lock_dir);
         let path = lock_dir.join(format!("{name}.lock"));

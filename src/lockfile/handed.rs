@@ -247,6 +247,7 @@ impl HandedLockFile {
             Ok(inotify) => match handle.add_watches(&inotify) {
                 // A directory on the way left unwatched is looked at by the periodic checks.
                 Ok(watches) => {
+                    history.note_others_may_rename(watches.others_may_rename);
                     history.note_links(watches.links);
                     dir_watch = Some(watches.dir);
                     Some(inotify)
@@ -323,7 +324,8 @@ impl HandedLockFile {
         // As the guard's watch decides (see `WatchHandle::judge`).
         let inotify = self.inotify.as_ref().zip(*dir_watch);
         match self.handle.judge(history, inotify) {
-            Judgement::Held => HandedLockState::Held,
+            // Leading nowhere for now, as the guard's watch waits: still held.
+            Judgement::Held | Judgement::Nowhere => HandedLockState::Held,
             Judgement::Recreated => HandedLockState::Recreated,
             Judgement::Lost(_) | Judgement::Over => HandedLockState::Lost,
         }

@@ -66,6 +66,10 @@ pub(super) enum Judgement {
     Lost(LossReason),
     /// Released meanwhile, or lost before: nothing to watch or report any more.
     Over,
+    /// The path leads nowhere for now, a link on the way seen removed and nothing else (see
+    /// [`NameHistory::waits_for_the_path`]): nobody can take the instance through it, and
+    /// nothing is settled; the next change decides.
+    Nowhere,
 }
 
 impl WatchHandle {
@@ -73,7 +77,9 @@ impl WatchHandle {
     /// watch in it, when there is one) have been read into `history`, and decides: a file
     /// found removed is re-created only if its removal was seen, with no file made at its name
     /// by anyone else since (see [`NameHistory`]); a removal found before its event was read is
-    /// waited for a moment first. Any other change is a loss, and so is a file made at our name
+    /// waited for a moment first. A path leading nowhere for now, a link on the way seen
+    /// removed and nothing else, is waited out (see [`NameHistory::waits_for_the_path`]). Any
+    /// other change is a loss, and so is a file made at our name
     /// by someone else since the path last led to our file, even if it leads there again, and
     /// a link on the way made anew, unless the path goes the way it went then.
     pub(super) fn judge(
@@ -84,9 +90,16 @@ impl WatchHandle {
         loop {
             let change = lock_change(self);
             // Looked at after the path, so that it is the way the path went when it was seen.
-            let way_now = history.link_made().then(|| Arc::new(self.way_now()));
+            // With events lost, for its modes too: whether others may rename on the way now
+            // (made group-writable since the acquisition) decides what the loss may hide.
+            let link_made = history.link_made();
+            let way_now = (link_made || history.events_lost()).then(|| Arc::new(self.way_now()));
+            if let Some(way) = &way_now {
+                history.note_others_may_rename(way.others_may_rename);
+            }
+            let way_now = way_now.filter(|_| link_made);
             let way_left = way_now.as_deref().is_some_and(|way| history.way_left(way));
-            let Some(reason) = change else {
+            let Some((reason, nowhere)) = change else {
                 let behind = if way_left {
                     Some(LossReason::LockDirectoryRemoved)
                 } else {
@@ -108,10 +121,23 @@ impl WatchHandle {
                 history.settle(self.recreated(), way_now);
                 return Judgement::Held;
             };
-            if let Some((fd, dir_watch)) = inotify
-                && !history.only_removed(self.recreated())
-            {
-                history.await_removal(fd, dir_watch, self.file_name());
+            if let Some((fd, dir_watch)) = inotify {
+                if nowhere {
+                    // What was read after the look (the link made again at once, as busybox's
+                    // `ln -sf` does) is judged by a look that follows it, as above.
+                    let counted = history.await_removal(fd, dir_watch, self.file_name(), true);
+                    if history.read(fd, dir_watch, self.file_name()) || counted {
+                        continue;
+                    }
+                } else if !history.only_removed(self.recreated()) {
+                    history.await_removal(fd, dir_watch, self.file_name(), false);
+                }
+            }
+            if nowhere && history.waits_for_the_path(self.recreated()) {
+                tracing::debug!(path = %self.path().display(),
+                    "the lock path leads nowhere for now (a link on the way removed), and our \
+                     directory still has our file: waiting for the next change");
+                return Judgement::Nowhere;
             }
             if way_left || !history.only_removed(self.recreated()) {
                 tracing::debug!(path = %self.path().display(),
@@ -138,7 +164,7 @@ impl WatchHandle {
     ) -> Option<LossReason> {
         match self.judge(history, inotify) {
             Judgement::Lost(reason) => Some(reason),
-            Judgement::Held | Judgement::Recreated | Judgement::Over => None,
+            Judgement::Held | Judgement::Recreated | Judgement::Over | Judgement::Nowhere => None,
         }
     }
 

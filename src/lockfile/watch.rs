@@ -28,10 +28,21 @@ pub(crate) enum PathChange {
 }
 
 /// Has the lock path stopped leading to our file, and how? `None` while it still does. A path
-/// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed.
-pub(super) fn lock_change(handle: &WatchHandle) -> Option<LossReason> {
+/// that can no longer be followed (`EACCES`) has stopped: it cannot be confirmed. With the
+/// reason, whether the path leads nowhere while our directory still names our file: its
+/// directory's path does not resolve (`ENOENT`, `ENOTDIR`: a link on the way removed, say),
+/// so that no copy can take a lock through it.
+pub(super) fn lock_change(handle: &WatchHandle) -> Option<(LossReason, bool)> {
     let (dev, ino) = handle.identity();
-    lock_change_of(handle, dev, ino)
+    let reason = lock_change_of(handle, dev, ino)?;
+    if handle.in_dir_as(dev, ino).is_some() {
+        return Some((reason, false));
+    }
+    match handle.path.parent().map(rustix::fs::stat) {
+        Some(Err(Errno::NOENT | Errno::NOTDIR)) => Some((reason, true)),
+        // It leads somewhere (again, if a link was made since the look): looked at once more.
+        _ => lock_change_of(handle, dev, ino).map(|reason| (reason, false)),
+    }
 }
 
 /// [`lock_change`] for the file (dev, ino), for a caller that holds the shared state's lock.
@@ -73,9 +84,13 @@ const DIR_ENTRY_EVENTS: rustix::fs::inotify::WatchFlags = rustix::fs::inotify::W
 /// The symlinks on the way are remembered the same way: a link flipped to another target and
 /// back (two links made at its name, by renames over it or after removals) while the holder was
 /// stopped led other copies elsewhere meanwhile, though the path leads to our file again. One
-/// link made at its name is harmless only if the way the path goes is the one it went when
-/// the path was last seen leading to our file: then the link led there, or nowhere, at every
-/// moment (a deploy that flipped it to the release it named, or re-made it).
+/// link made at its name is harmless only if the way the path goes now enters no directory and
+/// goes through no link that the way it went when the path was last seen leading to our file
+/// did not, and ends in the same directory (see [`Way::within`]): then the link led there, or
+/// nowhere, at every moment (a deploy that flipped it to the release it named, or re-made it,
+/// spelled as before or not). Two links made anew, each once, are not: while one was new and
+/// the other not, the path may have gone a third way (`p -> q/x`, `q -> d` made
+/// `p -> q`, `q -> d/x`: the same way before and after, but `d` in between).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct NameHistory {
     /// Files made at the name, by anyone (our own re-creations included), counted as
@@ -98,7 +113,9 @@ pub(super) struct NameHistory {
     links: Vec<LinkSeen>,
     /// The way the path went when it last led to our file (the acquisition's walk, at first).
     settled_way: Arc<Way>,
-    /// What the acquisition's walk found (see [`Way::others_may_rename`]).
+    /// Whether others may rename on the way (see [`Way::others_may_rename`]), as found by the
+    /// acquisition's walk or by any way looked at since (see
+    /// [`NameHistory::note_others_may_rename`]): never cleared while the lock is held.
     others_may_rename: bool,
     /// The path was seen leading to our file with our directory watched: a removal read since
     /// then is one of our file. False for a watch of our directory added only later
@@ -114,6 +131,9 @@ struct LinkSeen {
     name: OsString,
     /// Links made at its name since the path last led to our file.
     made: u64,
+    /// Links removed from its name (or moved away) since then (see
+    /// [`NameHistory::waits_for_the_path`]).
+    removed: u64,
 }
 
 impl NameHistory {
@@ -143,9 +163,28 @@ impl NameHistory {
                     dir_watch,
                     name,
                     made: 0,
+                    removed: 0,
                 });
             }
         }
+    }
+
+    /// Remembers that others may rename on a way the path went (`others_may_rename`, from
+    /// [`Way::others_may_rename`] or [`Watches::others_may_rename`]): a directory made writable
+    /// by its group after the acquisition (`chmod g+w`) counts for lost events from then on,
+    /// as one that was so from the start. No event says when a mode changes (`IN_ATTRIB` on a
+    /// directory watched for its entries fires for every `touch` of every file in it), so the
+    /// modes are looked at on each re-watch, and when events were lost (see
+    /// [`NameHistory::events_lost`]).
+    pub(super) fn note_others_may_rename(&mut self, others_may_rename: bool) {
+        self.others_may_rename |= others_may_rename;
+    }
+
+    /// Were events lost (an overflowed queue) since the path last led to our file? Then the
+    /// way's modes are looked at again before judging (see
+    /// [`NameHistory::note_others_may_rename`]).
+    pub(super) fn events_lost(&self) -> bool {
+        self.events_lost
     }
 
     /// Reads every pending event of `fd` (a non-blocking inotify instance) about `name` in the
@@ -198,14 +237,21 @@ impl NameHistory {
                         }
                     }
                     // A link leaving its name leads nowhere: only a new one can lead elsewhere.
-                    if mask & (IN_CREATE | IN_MOVED_TO) != 0
-                        && let Some(link) = self
-                            .links
-                            .iter_mut()
-                            .find(|l| l.dir_watch == wd && l.name.as_bytes() == event_name)
+                    // Its removal is counted still, to tell a path leading nowhere for a
+                    // moment (`rm current && ln -s v1 current`) from one gone unseen.
+                    if let Some(link) = self
+                        .links
+                        .iter_mut()
+                        .find(|l| l.dir_watch == wd && l.name.as_bytes() == event_name)
                     {
-                        link.made += 1;
-                        counted = true;
+                        if mask & (IN_CREATE | IN_MOVED_TO) != 0 {
+                            link.made += 1;
+                            counted = true;
+                        }
+                        if mask & (IN_DELETE | IN_MOVED_FROM) != 0 {
+                            link.removed += 1;
+                            counted = true;
+                        }
                     }
                 }
                 at = end;
@@ -221,12 +267,12 @@ impl NameHistory {
     pub(super) fn settle(&mut self, recreated: u64, way_now: Option<Arc<Way>>) {
         let mut links = std::mem::take(&mut self.links);
         for link in &mut links {
-            link.made = 0;
+            (link.made, link.removed) = (0, 0);
         }
         let way = way_now.unwrap_or_else(|| Arc::clone(&self.settled_way));
         *self = NameHistory {
             links,
-            others_may_rename: self.others_may_rename,
+            others_may_rename: self.others_may_rename || way.others_may_rename,
             ..NameHistory::new(recreated, way)
         };
     }
@@ -244,18 +290,20 @@ impl NameHistory {
         self.links.iter().any(|l| l.made > 0)
     }
 
-    /// Does `way_now` (the way the path goes now, looked at since a link was made on it) differ
-    /// from the way it went when it last led to our file? Then the path led elsewhere, by the
-    /// new way, at least for a moment: its links there were not watched.
+    /// Does `way_now` (the way the path goes now, looked at since a link was made on it) leave
+    /// the way it went when it last led to our file (see [`Way::within`])? Then the path led
+    /// elsewhere, by the new way, at least for a moment: its links there were not watched.
     pub(super) fn way_left(&self, way_now: &Way) -> bool {
-        *self.settled_way != *way_now
+        !way_now.within(&self.settled_way)
     }
 
     /// May the path have led elsewhere since it last led to our file, whatever it leads to
     /// now: a directory on the way moved or removed, or a symlink on the way made anew more
-    /// than once (away and back).
+    /// than once (away and back), or more than one made anew (see [`NameHistory`]).
     fn path_may_have_left(&self) -> bool {
-        self.path_left || self.links.iter().any(|l| l.made > 1)
+        self.path_left
+            || self.links.iter().any(|l| l.made > 1)
+            || self.links.iter().filter(|l| l.made > 0).count() > 1
     }
 
     /// May our file, found gone from the path, be re-created (`recreated`: our re-creations so
@@ -266,6 +314,25 @@ impl NameHistory {
             && !self.path_may_have_left()
             && self.removed > 0
             && self.made <= recreated
+    }
+
+    /// The path leads nowhere (see [`lock_change`]) with our directory still naming our file:
+    /// may that wait for the next event, rather than be a loss? Only if a link on the way was
+    /// seen removed, and nothing else happened since the path last led to our file: no link
+    /// made (whose way would decide), no directory on the way moved, no file made at our name
+    /// but ours, no events lost. Then nobody could take the instance through the path: it led
+    /// to our file or nowhere at every moment, and a copy that reaches our directory another
+    /// way finds our file, locked. Nothing is settled meanwhile: once a link is made there
+    /// again, its way decides as for any link made anew. There is no bound on the wait: a path
+    /// that never leads anywhere again lets no copy in through it either (each fails to walk
+    /// it), and a loss would only stop a service that still excludes every other copy.
+    pub(super) fn waits_for_the_path(&self, recreated: u64) -> bool {
+        self.confirmed
+            && !self.events_lost
+            && !self.path_may_have_left()
+            && !self.link_made()
+            && self.made <= recreated
+            && self.links.iter().any(|l| l.removed > 0)
     }
 
     /// Did the path leave our file since it last led there, though it leads there again, in a
@@ -298,17 +365,32 @@ impl NameHistory {
     /// Our file was found gone with no removal read yet: an unlink queues its event just after
     /// the name goes, so it is waited for, up to [`UNSEEN_REMOVAL_GRACE`], before the removal
     /// counts as unseen (a loss). Returns at once once a removal or lost events have been read.
-    pub(super) fn await_removal(&mut self, fd: &OwnedFd, dir_watch: i32, name: &std::ffi::OsStr) {
+    /// `nowhere`: the path leads nowhere while our directory names our file (see
+    /// [`lock_change`]): the removal of a link on the way is waited for instead. Whether any
+    /// event read counted.
+    pub(super) fn await_removal(
+        &mut self,
+        fd: &OwnedFd,
+        dir_watch: i32,
+        name: &std::ffi::OsStr,
+        nowhere: bool,
+    ) -> bool {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
         let deadline = std::time::Instant::now() + UNSEEN_REMOVAL_GRACE;
+        let mut counted = false;
         loop {
-            let _ = self.read(fd, dir_watch, name);
-            if self.removed > 0 || self.events_lost || self.path_may_have_left() {
-                return;
+            counted |= self.read(fd, dir_watch, name);
+            let seen = if nowhere {
+                self.links.iter().any(|l| l.removed > 0)
+            } else {
+                self.removed > 0
+            };
+            if seen || self.events_lost || self.path_may_have_left() {
+                return counted;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return;
+                return counted;
             }
             let timeout = Timespec {
                 tv_sec: left.as_secs() as i64,
@@ -319,7 +401,7 @@ impl NameHistory {
                 poll(&mut fds, Some(&timeout)),
                 Ok(_) | Err(rustix::io::Errno::INTR)
             ) {
-                return;
+                return counted;
             }
         }
     }
@@ -382,6 +464,7 @@ impl WatchHandle {
             dir,
             complete,
             links,
+            others_may_rename: way.others_may_rename,
         })
     }
 
@@ -487,6 +570,7 @@ impl WatchHandle {
     /// directory's watch descriptor, when it could be watched.
     pub(super) fn rewatch(&self, fd: &OwnedFd, history: &mut NameHistory) -> Option<i32> {
         let watches = self.add_watches(fd).ok()?;
+        history.note_others_may_rename(watches.others_may_rename);
         history.note_links(watches.links);
         Some(watches.dir)
     }
@@ -568,6 +652,9 @@ pub(crate) struct Watches {
     /// Each symlink on the way: the watch descriptor of the directory holding it, and its name
     /// (for [`NameHistory::note_links`]).
     pub(super) links: Vec<(i32, OsString)>,
+    /// Whether others may rename on the way the watches were added along (see
+    /// [`Way::others_may_rename`]), for [`NameHistory::note_others_may_rename`].
+    pub(super) others_may_rename: bool,
 }
 
 /// The directories a lock directory's path goes through as it resolves (see [`way_to`]; and
@@ -583,8 +670,8 @@ pub(super) struct Way {
     /// Whether anyone but root and us may rename or remove entries of a directory on the way
     /// (one writable by its group or by all, without the sticky bit): then an overflowed
     /// event queue may hide what they did (see [`NameHistory::changed_behind_us`]). Known to
-    /// the walk, which looks at each directory's mode; `way_to` leaves it false, and it is not
-    /// part of what makes two ways the same.
+    /// the walk and to `way_to`, which look at each directory's mode; not part of what makes
+    /// two ways the same.
     pub(super) others_may_rename: bool,
 }
 
@@ -596,6 +683,23 @@ impl PartialEq for Way {
 
 impl Eq for Way {}
 
+impl Way {
+    /// Does this way (the path's now, after one link on `settled` was made anew) end in the
+    /// same directory as `settled`, entering no directory and going through no link that
+    /// `settled` did not? Those of `settled` are watched and were seen unchanged but for that
+    /// link, so the path led to our directory or nowhere at every moment; one outside it was
+    /// not watched, and may have been flipped away and back. Compared as sets, not in order: a
+    /// link re-made with an absolute target (`ln -sfn /srv/v1 current` over `current -> v1`)
+    /// enters `/srv`'s ancestors again, and goes the same way.
+    pub(super) fn within(&self, settled: &Way) -> bool {
+        *self == *settled
+            || (self.entered.last().is_some()
+                && self.entered.last() == settled.entered.last()
+                && self.entered.iter().all(|d| settled.entered.contains(d))
+                && self.links.iter().all(|l| settled.links.contains(l)))
+    }
+}
+
 /// May anyone but its owner (root or us: the walk's rule) and root rename or remove the
 /// entries of a directory with this mode? Group- or other-writable, without the sticky bit.
 pub(super) fn others_may_rename_in(mode: u32) -> bool {
@@ -605,10 +709,18 @@ pub(super) fn others_may_rename_in(mode: u32) -> bool {
 /// Resolves `dir` one component at a time from `/`, as the kernel does (a symlink's target
 /// takes its place, `..` goes up from where the resolution is), noting the directories it goes
 /// through: renaming or removing any of them, or changing an entry of one that holds a symlink,
-/// can make the path lead elsewhere. Best effort and unchecked, as it only adds wake-ups: it stops where the path leads nowhere, and [`WatchHandle::check_path`] decides.
+/// can make the path lead elsewhere; and whether others may rename on the way (from the modes
+/// of `/` and of the directories entered, as they are now: see
+/// [`NameHistory::note_others_may_rename`]). Best effort and unchecked, as it only adds
+/// wake-ups: it stops where the path leads nowhere, and [`WatchHandle::check_path`] decides.
 fn way_to(dir: &Path) -> Way {
     use std::collections::VecDeque;
-    let mut way = Way::default();
+    use std::os::unix::fs::PermissionsExt;
+    let mut way = Way {
+        others_may_rename: std::fs::metadata("/")
+            .is_ok_and(|m| others_may_rename_in(m.permissions().mode())),
+        ..Way::default()
+    };
     let mut resolved = PathBuf::from("/");
     let mut pending: VecDeque<OsString> = names(dir).into();
     let mut links = 0;
@@ -619,7 +731,14 @@ fn way_to(dir: &Path) -> Way {
             continue;
         }
         let here = resolved.join(&name);
-        match std::fs::read_link(&here) {
+        // One `lstat` per name: whether it is a link, and a directory's mode.
+        let meta = std::fs::symlink_metadata(&here);
+        let target = match &meta {
+            Ok(m) if m.file_type().is_symlink() => std::fs::read_link(&here),
+            Ok(_) => Err(std::io::ErrorKind::InvalidInput.into()),
+            Err(e) => Err(std::io::Error::from(e.kind())),
+        };
+        match target {
             Ok(target) => {
                 links += 1;
                 if links > MAX_SYMLINKS {
@@ -637,6 +756,11 @@ fn way_to(dir: &Path) -> Way {
             }
             // Not a symlink: entered.
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                if let Ok(m) = &meta
+                    && m.file_type().is_dir()
+                {
+                    way.others_may_rename |= others_may_rename_in(m.permissions().mode());
+                }
                 way.entered.push(here.clone());
                 resolved = here;
             }
@@ -773,15 +897,23 @@ mod tests {
         assert!(history.link_made() && history.changed_behind_us(0).is_none());
         history.settle(0, None);
         assert!(!history.link_made());
-        std::fs::remove_file(&link).expect("rm");
         std::fs::write(dir.path().join("other"), b"").expect("another name");
         assert!(
             !history.read(&fd, -1, name),
-            "a removal and another name count for nothing"
+            "another name counts for nothing"
         );
+        std::fs::remove_file(&link).expect("rm");
+        // A removal alone is no change, but the path may wait for the link to come back.
+        assert!(history.read(&fd, -1, name), "the link's removal is counted");
+        assert!(!history.link_made() && history.changed_behind_us(0).is_none());
+        assert!(history.waits_for_the_path(0));
         std::os::unix::fs::symlink("v1", &link).expect("made again");
         assert!(history.read(&fd, -1, name));
         assert!(history.link_made() && history.changed_behind_us(0).is_none());
+        assert!(
+            !history.waits_for_the_path(0),
+            "a link made again: its way decides, not a wait"
+        );
         let new = dir.path().join("current.new");
         std::os::unix::fs::symlink("v2", &new).expect("symlink");
         std::fs::rename(&new, &link).expect("renamed over");
@@ -820,6 +952,58 @@ mod tests {
             history.changed_behind_us(0).is_some(),
             "kept across settles"
         );
+    }
+
+    /// Two links on the way made anew, each once, may have led the path a third way while one
+    /// was new and the other not: a loss, whatever way the path goes now.
+    #[test]
+    fn two_links_made_anew_are_a_loss() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fd = new_inotify().expect("inotify");
+        let wd =
+            rustix::fs::inotify::add_watch(&fd, dir.path(), DIR_ENTRY_EVENTS).expect("add_watch");
+        let mut history = NameHistory::new(0, Arc::default());
+        history.note_links(vec![(wd, OsString::from("p")), (wd, OsString::from("q"))]);
+        let name = std::ffi::OsStr::new("x.lock");
+        std::os::unix::fs::symlink("q", dir.path().join("p")).expect("symlink");
+        assert!(history.read(&fd, -1, name));
+        assert_eq!(history.changed_behind_us(0), None, "one link made anew");
+        std::os::unix::fs::symlink("d/x", dir.path().join("q")).expect("symlink");
+        assert!(history.read(&fd, -1, name));
+        assert_eq!(
+            history.changed_behind_us(0),
+            Some(LossReason::LockDirectoryRemoved)
+        );
+    }
+
+    /// A way is within the settled one when it ends in the same directory, entering no other
+    /// directory and going through no other link, in any order: a link re-made with an absolute
+    /// target is; one that enters another directory, goes through another link, or ends
+    /// elsewhere is not.
+    #[test]
+    fn a_way_within_the_settled_one_ends_there_and_enters_nothing_new() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        for dir in ["v1/run", "v2/run", "other"] {
+            std::fs::create_dir_all(b.join(dir)).expect("mkdir");
+        }
+        std::os::unix::fs::symlink("v1", b.join("current")).expect("symlink");
+        let lock_dir = b.join("current/run");
+        let settled = way_to(&lock_dir);
+        let again = |target: &Path| {
+            std::fs::remove_file(b.join("current")).expect("rm");
+            std::os::unix::fs::symlink(target, b.join("current")).expect("symlink");
+            way_to(&lock_dir)
+        };
+        assert!(again(&b.join("v1")).within(&settled), "absolute");
+        assert!(again(Path::new("./v1")).within(&settled), "through `.`");
+        assert!(
+            !again(Path::new("other/../v1")).within(&settled),
+            "enters `other`"
+        );
+        assert!(!again(Path::new("v2")).within(&settled), "ends elsewhere");
+        std::os::unix::fs::symlink("v1", b.join("inner")).expect("symlink");
+        assert!(!again(Path::new("inner")).within(&settled), "another link");
     }
 
     /// `srv/current -> ../data/rel/v1` (relative, through `..`) and `data/rel -> /abs/rel`
@@ -906,6 +1090,23 @@ mod tests {
                     lock_dir.display()
                 );
             }
+        }
+    }
+
+    /// Whether others may rename on the way is read from the modes as they are when the way is
+    /// looked at: a directory made writable by its group since counts, a sticky one does not.
+    #[test]
+    fn the_way_says_whether_others_may_rename_on_it_now() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().expect("tempdir");
+        let b = std::fs::canonicalize(base.path()).expect("canonicalize");
+        std::fs::create_dir_all(b.join("a/run")).expect("mkdir");
+        let lock_dir = b.join("a/run");
+        let before = way_to(&lock_dir).others_may_rename;
+        for (mode, others) in [(0o2775, true), (0o1777, before), (0o755, before)] {
+            std::fs::set_permissions(b.join("a"), std::fs::Permissions::from_mode(mode))
+                .expect("chmod");
+            assert_eq!(way_to(&lock_dir).others_may_rename, others, "{mode:o}");
         }
     }
 

@@ -135,6 +135,7 @@ impl LockWatchThread {
                             every = shortest(every, WATCH_FALLBACK_INTERVAL);
                         }
                         let dir_watch = watches.dir;
+                        history.note_others_may_rename(watches.others_may_rename);
                         history.note_links(watches.links);
                         Some((fd, dir_watch))
                     }
@@ -223,7 +224,7 @@ fn watch_lock_blocking(
         // change made before the watch was in place is not missed: it is a loss (see
         // `NameHistory`), since whether another copy came meanwhile cannot be known.
         match handle.judge(&mut history, inotify) {
-            Judgement::Held | Judgement::Recreated => {}
+            Judgement::Held | Judgement::Recreated | Judgement::Nowhere => {}
             Judgement::Lost(reason) => {
                 report_lock_loss(handle, reason, losses);
                 return;

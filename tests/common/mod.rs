@@ -915,3 +915,36 @@ pub fn wait_until_watching(pid: u32) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Waits until every inotify instance of process `pid` has an empty queue (its watch has read
+/// what was queued): a duplicate of each (`pidfd_getfd`) is asked `FIONREAD`.
+pub fn wait_until_events_read(pid: u32) {
+    let p = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    let pidfd =
+        rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).expect("pidfd_open");
+    let fds: Vec<rustix::fd::OwnedFd> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains("inotify wd:"))
+        })
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .map(|fd| {
+            rustix::process::pidfd_getfd(
+                &pidfd,
+                rustix::fd::RawFd::from(fd),
+                rustix::process::PidfdGetfdFlags::empty(),
+            )
+            .expect("pidfd_getfd")
+        })
+        .collect();
+    assert!(!fds.is_empty(), "process {pid} has no inotify instance");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while fds
+        .iter()
+        .any(|fd| rustix::io::ioctl_fionread(fd).expect("FIONREAD") > 0)
+    {
+        assert!(std::time::Instant::now() < deadline, "events never read");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
