@@ -989,6 +989,70 @@ fn a_symlink_removed_and_made_again_while_running_is_not_a_loss() {
 }
 
 /// The link removed while the holder runs (its watch waits for the path to lead somewhere
+/// again), then a file system mounted over the directory that held it: a copy that makes the
+/// lock directory in it would lock there, and no event would say so. The path must break where
+/// the link was seen removed, in the directory watched for it, for the watch to wait: here it
+/// breaks in another directory (the mount's), a loss at once (the watch waited on, and a copy
+/// ran beside the holder unreported, found by a review). Needs root (a mount).
+#[test]
+fn a_mount_over_the_directory_of_a_removed_link_is_a_loss_at_once() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it mounts a tmpfs)"
+    );
+    let mount = common::require_program("mount", "mount");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let what = format!("{mode:?}");
+        let base = tempfile::tempdir().expect("tempdir");
+        let holding = base.path().join("m");
+        std::fs::create_dir_all(holding.join("v1/run")).expect("mkdir");
+        flip_link(&holding, "current", Path::new("v1"));
+        let lock_dir = holding.join("current/run");
+        let name = unique_name("link_rm_mount");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{what}");
+        common::wait_until_watching(h.pid());
+        std::fs::remove_file(holding.join("current")).expect("rm the link");
+        common::wait_until_events_read(h.pid());
+        let mut cmd = std::process::Command::new(&mount);
+        cmd.args(["-t", "tmpfs", "tmpfs"]).arg(&holding);
+        assert!(common::status_within_timeout(cmd).success(), "mount");
+        let _mounted = common::Mounted(holding.clone());
+        let said = h.next_line("the holder, once the mount table changed");
+        assert!(said.starts_with("lost"), "{what}: {said}");
+        h.close_stdin();
+        h.stdout_until_closed();
+    }
+}
+
+/// The link removed is the lock directory itself (`lockdir -> v1/run`): a copy started now
+/// makes `lockdir`, a directory, and locks in it. A loss at once, not a wait for the link to
+/// come back (it was reported only once that copy had made the directory: a review).
+#[test]
+fn a_removed_link_that_is_the_lock_directory_itself_is_a_loss_at_once() {
+    for mode in [&[][..], &["--blocking"][..]] {
+        let what = format!("{mode:?}");
+        let base = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(base.path().join("v1/run")).expect("mkdir");
+        flip_link(base.path(), "lockdir", Path::new("v1/run"));
+        let lock_dir = base.path().join("lockdir");
+        let name = unique_name("link_rm_last");
+        let mut args = vec![name.as_str(), "--backend", "lockfile"];
+        args.extend_from_slice(mode);
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"), "{what}");
+        common::wait_until_watching(h.pid());
+        std::fs::remove_file(&lock_dir).expect("rm the link");
+        let said = h.next_line("the holder, once the link was removed");
+        assert!(said.starts_with("lost"), "{what}: {said}");
+        h.close_stdin();
+        h.stdout_until_closed();
+    }
+}
+
+/// The link removed while the holder runs (its watch waits for the path to lead somewhere
 /// again), then made to another release, or a directory made at its name: the path leads to
 /// another directory, where a copy started now acquires. A loss, as it was before the wait.
 #[test]

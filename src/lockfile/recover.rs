@@ -126,14 +126,23 @@ impl WatchHandle {
                     // What was read after the look (the link made again at once, as busybox's
                     // `ln -sf` does) is judged by a look that follows it, as above.
                     let counted = history.await_removal(fd, dir_watch, self.file_name(), true);
-                    if history.read(fd, dir_watch, self.file_name()) || counted {
+                    // Not once what was read decides a loss already: a flood of events would
+                    // keep the watch looking.
+                    if (history.read(fd, dir_watch, self.file_name()) || counted)
+                        && !history.path_may_have_left()
+                        && !history.events_lost()
+                    {
                         continue;
                     }
                 } else if !history.only_removed(self.recreated()) {
                     history.await_removal(fd, dir_watch, self.file_name(), false);
                 }
             }
-            if nowhere && history.waits_for_the_path(self.recreated()) {
+            if nowhere
+                && history.waits_for_the_path(self.recreated())
+                && inotify
+                    .is_some_and(|(fd, _)| history.breaks_at_a_removed_link(fd, &self.way_now()))
+            {
                 tracing::debug!(path = %self.path().display(),
                     "the lock path leads nowhere for now (a link on the way removed), and our \
                      directory still has our file: waiting for the next change");

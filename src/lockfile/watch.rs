@@ -300,7 +300,7 @@ impl NameHistory {
     /// May the path have led elsewhere since it last led to our file, whatever it leads to
     /// now: a directory on the way moved or removed, or a symlink on the way made anew more
     /// than once (away and back), or more than one made anew (see [`NameHistory`]).
-    fn path_may_have_left(&self) -> bool {
+    pub(super) fn path_may_have_left(&self) -> bool {
         self.path_left
             || self.links.iter().any(|l| l.made > 1)
             || self.links.iter().filter(|l| l.made > 0).count() > 1
@@ -333,6 +333,28 @@ impl NameHistory {
             && !self.link_made()
             && self.made <= recreated
             && self.links.iter().any(|l| l.removed > 0)
+    }
+
+    /// Does the path, which leads nowhere (`way_now`, looked at since), break exactly where a
+    /// link was seen removed: the name missing is that link's, in the very directory watched
+    /// for it (`fd` gives the same watch back for the same directory)? Else the link's removal
+    /// is not why it leads nowhere: a file system mounted over that directory (which no event
+    /// says), or the lock directory itself gone (a copy would make it and lock there). Only
+    /// then may [`NameHistory::waits_for_the_path`] wait.
+    pub(super) fn breaks_at_a_removed_link(&self, fd: &OwnedFd, way_now: &Way) -> bool {
+        let Some((dir, name)) = &way_now.breaks_at else {
+            return false;
+        };
+        let Ok(wd) = rustix::fs::inotify::add_watch(
+            fd,
+            dir.as_path(),
+            DIR_ENTRY_EVENTS | rustix::fs::inotify::WatchFlags::MASK_ADD,
+        ) else {
+            return false;
+        };
+        self.links
+            .iter()
+            .any(|l| l.removed > 0 && l.dir_watch == wd && l.name == *name)
     }
 
     /// Did the path leave our file since it last led there, though it leads there again, in a
@@ -673,6 +695,11 @@ pub(super) struct Way {
     /// the walk and to `way_to`, which look at each directory's mode; not part of what makes
     /// two ways the same.
     pub(super) others_may_rename: bool,
+    /// Where a path that leads nowhere breaks (see [`way_to`]): the directory the resolution
+    /// was in and the name missing there, when that name is not the path's last (a copy would
+    /// make the last, the lock directory itself, and lock in it). Not part of what makes two
+    /// ways the same.
+    pub(super) breaks_at: Option<(PathBuf, OsString)>,
 }
 
 impl PartialEq for Way {
@@ -765,7 +792,10 @@ fn way_to(dir: &Path) -> Way {
                 resolved = here;
             }
             // Missing, or not ours to look at: the path leads nowhere from here.
-            Err(_) => {
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::NotFound && !pending.is_empty() {
+                    way.breaks_at = Some((resolved.clone(), name));
+                }
                 complete = false;
                 break;
             }
