@@ -16,7 +16,8 @@ use super::watcher::LockWatchThread;
 
 /// The lock file an instance holds. Its fields drop in order: the guard's share of the watch's
 /// inotify instance goes before the watch stops, so that the watch's thread, not the release,
-/// closes it (closing one takes milliseconds); the watch stops before the lock file is removed
+/// closes it (closing one takes milliseconds; only a thread that ended first, after a loss,
+/// leaves the close to the release); the watch stops before the lock file is removed
 /// (so that our own removal is not reported as a loss), and the inotify instance a wait used is
 /// closed after the lock (see `ReleaseWatch::into_quiet`).
 pub(crate) struct HeldFile {
