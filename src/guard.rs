@@ -174,6 +174,37 @@ impl InstanceGuard {
         self.held.lock_file().map(|file| file.lock().as_fd())
     }
 
+    /// The inotify instance that watches the lock file's path, if any, for a process the lock is
+    /// handed to (see [`InstanceGuard::lock_file_descriptor`]): `unique-instance run` hands a
+    /// duplicate to its keeper, with the lock's, and the keeper keeps the lock file with it
+    /// ([`HandedLockFile::with_watch`](crate::HandedLockFile::with_watch)) once this process is
+    /// gone.
+    ///
+    /// Its queue holds what happened at the path that this process's watch has not read yet:
+    /// the events of a time it was stopped (SIGSTOP, a debugger) or slow. A process given a
+    /// duplicate reads them once this one is gone, and so learns of a change this one never
+    /// saw (its lock file moved away and back while another copy ran, say), which a new
+    /// instance, made only then, would never show. What this process read but had not acted on
+    /// when it died is not in the queue any more (see `HandedLockFile::with_watch`).
+    ///
+    /// `None` without a lock file, with [`InstanceOptions::watch_lock_file`] off, or when the
+    /// acquisition could not watch the lock directory with inotify (see
+    /// [`InstanceGuard::lock_file_watched`]).
+    ///
+    /// The descriptor is close-on-exec; leave it so, and make any duplicate deliberately.
+    ///
+    /// # Caveats
+    ///
+    /// Never read from it while this process lives, nor add or remove watches: the events are
+    /// this process's watch's, and an event taken is one it never sees (a removal it would have
+    /// undone, a loss it would have reported). A duplicate is only for reading once this
+    /// process is gone.
+    ///
+    /// [`InstanceOptions::watch_lock_file`]: crate::InstanceOptions::watch_lock_file
+    pub fn lock_file_watch_descriptor(&self) -> Option<BorrowedFd<'_>> {
+        self.held.lock_file().and_then(HeldFile::watch_instance)
+    }
+
     /// Whether changes at the lock file's path are seen as they happen (inotify), so that a
     /// removed lock file is re-created at once and a path made to lead elsewhere is reported at
     /// once. False without a lock file, with [`InstanceOptions::watch_lock_file`] off, or when

@@ -2439,3 +2439,174 @@ fn assert_a_waiting_copy_runs(bus: Option<&str>, lock_dir: &Path, name: &str, wh
     );
     assert_eq!(next.exit_code(), 0, "{what}");
 }
+
+/// A wrapper stopped (SIGSTOP) while its lock file is moved away, another copy comes and goes
+/// (it makes its own file at the path, runs, and removes it), and the file is moved back, then
+/// killed: the events its watch never read are not forgotten by its keeper, which reads them
+/// from the wrapper's own inotify instance (handed over with `go`), reports the loss and stops
+/// the tree at once (review: the keeper watched afresh, found the path leading to its file, and
+/// held on while COMMAND ran beside another copy, with nothing ever saying so).
+#[test]
+fn review_a_loss_the_wrapper_never_read_is_not_forgotten_by_its_keeper() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("keeper_unread");
+    let (mut wrapper, pid, pidfd, keeper) = stopped_wrapper(lock_dir.path(), &name);
+    let _command = KillOnDrop(&pidfd);
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let away = lock_dir.path().join("moved-away");
+    std::fs::rename(&path, &away).expect("move the lock file away");
+    common::another_copy_comes_and_goes(lock_dir.path(), &name, &[]);
+    std::fs::rename(&away, &path).expect("and back");
+    wrapper.sigkill();
+    let said =
+        wrapper.stderr_line_containing_any(&["holds the instance while", "excludes no other copy"]);
+    assert!(
+        said.contains("excludes no other copy"),
+        "another copy ran beside COMMAND (pid {pid}) while the wrapper was stopped; the keeper \
+         (pid {keeper}) says: {said}"
+    );
+    // Nothing holds the instance any more: the tree is killed at once (SIGKILL).
+    wait_pidfd(pid, &pidfd);
+}
+
+/// The control of the test above: a wrapper stopped, then killed, with nothing done at the path
+/// meanwhile (or only a file of another name made and removed beside it), leaves its keeper
+/// holding the instance while it stops COMMAND: no loss is reported, and a copy started then
+/// is refused.
+#[test]
+fn a_keeper_of_a_stopped_then_killed_wrapper_holds_on_when_nothing_happened() {
+    for unrelated in [false, true] {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("keeper_quiet");
+        let (mut wrapper, pid, pidfd, keeper) = stopped_wrapper(lock_dir.path(), &name);
+        let _command = KillOnDrop(&pidfd);
+        if unrelated {
+            let other = lock_dir.path().join(format!("{name}.other"));
+            std::fs::write(&other, b"").expect("a file beside the lock file");
+            std::fs::remove_file(&other).expect("and gone");
+        }
+        wrapper.sigkill();
+        assert_keeper_holds_on(&mut wrapper, lock_dir.path(), &name, keeper, pid, unrelated);
+        rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+        wait_pidfd(pid, &pidfd);
+        assert_a_waiting_copy_runs(None, lock_dir.path(), &name, &format!("{unrelated}"));
+    }
+}
+
+/// A wrapper killed while it runs normally, after it re-created its lock file (someone removed
+/// it) and handed the new file to its keeper: the events it read are not read again by the
+/// keeper, and its own re-creation is no loss there.
+#[test]
+fn a_keeper_of_a_wrapper_killed_after_a_re_creation_it_handed_over_holds_on() {
+    use std::os::unix::fs::MetadataExt;
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("keeper_after_recreation");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let mut wrapper = keeper_test_wrapper(lock_dir.path(), &name);
+    let (pid, pidfd) = command_pidfd(&mut wrapper);
+    let _command = KillOnDrop(&pidfd);
+    let keeper = the_keeper(&wrapper, &name);
+    common::wait_until_watching(wrapper.pid());
+    std::fs::remove_file(&path).expect("remove the lock file");
+    wrapper.stderr_line_containing("re-created");
+    let new = std::fs::metadata(&path).expect("re-created");
+    assert!(
+        holds_file(keeper, new.dev(), new.ino()),
+        "the keeper got the new file"
+    );
+    common::wait_until_events_read(wrapper.pid());
+    wrapper.sigkill();
+    assert_keeper_holds_on(&mut wrapper, lock_dir.path(), &name, keeper, pid, true);
+    rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+    wait_pidfd(pid, &pidfd);
+    assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "");
+}
+
+/// A wrapper stopped while its lock file is removed (only that), then killed: the removal its
+/// watch never read was seen all the same (the keeper reads the wrapper's inotify instance),
+/// so the keeper re-creates the file, as the wrapper would have, and still excludes.
+#[test]
+fn a_removal_the_wrapper_never_read_is_re_created_by_its_keeper() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("keeper_unread_removal");
+    let (mut wrapper, pid, pidfd, keeper) = stopped_wrapper(lock_dir.path(), &name);
+    let _command = KillOnDrop(&pidfd);
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    std::fs::remove_file(&path).expect("remove the lock file");
+    wrapper.sigkill();
+    let said = wrapper.stderr_line_containing_any(&["re-created", "excludes no other copy"]);
+    assert!(
+        said.contains("re-created"),
+        "the keeper (pid {keeper}) saw the removal in the wrapper's events: {said}"
+    );
+    assert_keeper_holds_on(&mut wrapper, lock_dir.path(), &name, keeper, pid, true);
+    rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+    wait_pidfd(pid, &pidfd);
+    assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "");
+}
+
+/// `run --backend lockfile --kill-after=600 NAME -- COMMAND`, COMMAND a shell that ignores
+/// SIGTERM, says its PID and sleeps (NAME, its `$0`, marks this case's keeper).
+fn keeper_test_wrapper(lock_dir: &Path, name: &str) -> Proc {
+    cli(
+        None,
+        lock_dir,
+        &[
+            "run",
+            "--backend",
+            "lockfile",
+            "--kill-after=600",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo pid $$; exec sleep 600",
+            name,
+        ],
+    )
+}
+
+/// [`keeper_test_wrapper`] once its watch is in place, stopped (SIGSTOP): the wrapper,
+/// COMMAND's PID and pidfd, and the keeper's PID.
+fn stopped_wrapper(lock_dir: &Path, name: &str) -> (Proc, u32, rustix::fd::OwnedFd, u32) {
+    let mut wrapper = keeper_test_wrapper(lock_dir, name);
+    let (pid, pidfd) = command_pidfd(&mut wrapper);
+    let keeper = the_keeper(&wrapper, name);
+    common::wait_until_watching(wrapper.pid());
+    wrapper.stop();
+    (wrapper, pid, pidfd, keeper)
+}
+
+/// The wrapper is gone: its keeper says it holds the instance while it stops COMMAND (`pid`),
+/// says no loss (now, nor a moment later), and a copy started then is refused naming it.
+fn assert_keeper_holds_on(
+    wrapper: &mut Proc,
+    lock_dir: &Path,
+    name: &str,
+    keeper: u32,
+    pid: u32,
+    what: impl std::fmt::Debug,
+) {
+    let said =
+        wrapper.stderr_line_containing_any(&["holds the instance while", "excludes no other copy"]);
+    assert!(
+        said.contains(&format!("its keeper (pid {keeper}) holds the instance")),
+        "{what:?}: nothing happened that another copy could use; the keeper says: {said}"
+    );
+    let mut second = cli(None, lock_dir, &["run", name, "--", "echo", "SECOND RAN"]);
+    let stdout = second.stdout_until_closed();
+    let refusal = second.stderr_until_closed().join("\n");
+    assert_eq!(
+        (second.exit_code(), stdout.as_slice()),
+        (75, [].as_slice()),
+        "{what:?}: a copy started while the keeper stops COMMAND (pid {pid}) is refused: \
+         {refusal}"
+    );
+    assert!(
+        refusal.contains(&format!("(pid {keeper},")),
+        "{what:?}: {refusal}"
+    );
+    let later =
+        wrapper.try_stderr_line_containing("excludes no other copy", Duration::from_millis(500));
+    assert_eq!(later, None, "{what:?}: no loss");
+}

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{BusConfig, DbusDaemon, Proc, cli, field, holder, unique_name};
+use common::{
+    BusConfig, DbusDaemon, Proc, another_copy_comes_and_goes, cli, field, holder, unique_name,
+};
 
 /// Reads the holder's loss lines until one with `reason`; returns them all.
 fn losses_until(h: &mut Proc, reason: &str) -> Vec<String> {
@@ -164,19 +166,6 @@ fn without_the_watch_bus_death_does_not_recreate_a_removed_lock_file() {
         h.close_stdin();
         assert_eq!(h.exit_code(), 0);
     }
-}
-
-/// Another copy of `name` (the lock file alone, no bus) starts in `lock_dir`, acquires, and
-/// releases cleanly: the copy that runs while a holder is stopped or looking away.
-fn another_copy_comes_and_goes(lock_dir: &Path, name: &str, mode: &[&str]) {
-    let mut other = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
-    assert!(
-        other.next_line("other copy").starts_with("acquired"),
-        "{mode:?}"
-    );
-    other.close_stdin();
-    assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
-    assert_eq!(other.exit_code(), 0);
 }
 
 /// A copy of `name` started now (with `extra` arguments, no bus) is refused, naming `pid`.

@@ -42,12 +42,15 @@
 //! While the wrapper lives it decides everything (which signals COMMAND gets, the loss of the
 //! instance, `--kill-after`, the exit status) and the keeper carries it out. The protocol, one
 //! text line per message on the socket:
-//! - wrapper to keeper, first and once: `go`, then `lock DEV INO` (the lock file) and `bus DEV
-//!   INO` (the bus connection's socket), each when the wrapper holds it, in that order, sent with
+//! - wrapper to keeper, first and once: `go`, then `lock DEV INO` (the lock file), `watch DEV
+//!   INO` (the inotify instance of the lock file's watch, only with `lock`) and `bus DEV INO`
+//!   (the bus connection's socket), each when the wrapper holds it, in that order, sent with
 //!   those descriptors attached in the same order (`SCM_RIGHTS`): start COMMAND. The keeper
 //!   checks that it got exactly the descriptors announced, each with that device and inode, the
-//!   lock's a regular file, the bus's a connected Unix stream socket (the only transport whose
-//!   socket the library hands out; on another, `run` hands none). End of file before `go` (the
+//!   lock's a regular file, the watch's an inotify instance (`anon_inode:inotify`), the bus's a
+//!   connected Unix stream socket (the only transport whose socket the library hands out; on
+//!   another, `run` hands none). The watch is never read while the wrapper lives (see below).
+//!   End of file before `go` (the
 //!   wait ended without the instance, or the wrapper died): the keeper exits at once, having
 //!   started nothing and said nothing (the wrapper also kills it and reaps it, so that nothing
 //!   of it is left);
@@ -89,14 +92,20 @@
 //! name are held until then. Meanwhile it keeps the lock file as the wrapper did
 //! ([`unique_instance::HandedLockFile`], planned from the instance arguments the wrapper passes
 //! on its command line, and checked to be the file it holds): the directory is watched with
-//! inotify (in the same `poll`), and a lock file seen only removed is re-created, locked and
+//! the wrapper's own inotify instance (`go ... watch`; in the same `poll`), whose queue still
+//! holds what the wrapper's watch never read — the wrapper was stopped while its file was moved
+//! away, another copy came and went, and the file was moved back: a loss, which a new instance
+//! made only now would never show (see [`unique_instance::HandedLockFile::with_watch`], and its
+//! caveats: what the wrapper read but had not acted on when it died is not there any more; its
+//! own re-creation not read yet counts as another's file). A lock file seen only removed is
+//! re-created, locked and
 //! recorded in the keeper's name by the library's own re-creation, with its checks and its rate
 //! limit. Without that, a file removed then (an administrator, a tmp cleaner) would leave the
 //! keeper holding a file nobody can find, and a new copy would run beside the old tree, for up
 //! to `--kill-after` or as long as a descendant it cannot signal lives. A lock file that is not
 //! re-created (replaced, its directory gone, another copy made a file there, removed more than
 //! 16 times within a second, or found removed without the removal having been seen: before the
-//! keeper's watch was in place, or without inotify) excludes no copy any more: the keeper says so, and unless the
+//! watch was in place, or without inotify) excludes no copy any more: the keeper says so, and unless the
 //! bus name still holds the instance it holds nothing verifiable, and kills the tree at once
 //! (SIGKILL), as below. A process already sent SIGTERM gets no second one (many programs
 //! take a second SIGTERM as "stop now, skip the clean-up"), only SIGCONT: COMMAND (or a child
@@ -261,10 +270,15 @@ struct Held {
     /// name owned until the socket's last descriptor is closed. Never read nor written (see the
     /// module's documentation).
     bus: Option<OwnedFd>,
+    /// A duplicate of the wrapper's inotify instance that watches the lock file's path: never
+    /// read while the wrapper lives; once it is gone, its queue tells what the wrapper never
+    /// read (see [`Keeper::keep_lock_file`]).
+    watch: Option<OwnedFd>,
 }
 
-/// The longest first line the wrapper sends (`go lock DEV INO bus DEV INO`, 96 bytes at most).
-const GO_MAX: usize = 128;
+/// The longest first line the wrapper sends (`go lock DEV INO watch DEV INO bus DEV INO`, 145
+/// bytes at most).
+const GO_MAX: usize = 192;
 
 /// Waits (blocking: the keeper has nothing else to do yet) for the wrapper's `go`, and takes the
 /// descriptors that come with it, after checking each is the one announced. Received
@@ -276,7 +290,7 @@ fn await_go(control: &UnixStream) -> Result<Go, String> {
     let mut received: Vec<OwnedFd> = Vec::new();
     loop {
         let mut buf = [0u8; GO_MAX];
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut ancillary = RecvAncillaryBuffer::new(&mut space);
         let message = match rustix::net::recvmsg(
             control,
@@ -293,10 +307,11 @@ fn await_go(control: &UnixStream) -> Result<Go, String> {
                 received.extend(fds);
             }
         }
-        // The kernel closed what did not fit: more than the two descriptors the wrapper sends.
+        // The kernel closed what did not fit: more than the three descriptors the wrapper sends.
         if message.flags.contains(ReturnFlags::CTRUNC) {
             return Err(
-                "more descriptors than the lock's and the bus's came with its order".into(),
+                "more descriptors than the lock's, its watch's and the bus's came with its order"
+                    .into(),
             );
         }
         if message.bytes == 0 {
@@ -317,11 +332,12 @@ fn await_go(control: &UnixStream) -> Result<Go, String> {
     parse_go(&line, received).map(Go::Start)
 }
 
-/// Parses the wrapper's first line, `go`, then `lock DEV INO` and `bus DEV INO`, each at most
-/// once and in that order, with its newline: each announces a descriptor that came with the line
-/// (`received`, in the order sent), and must name it by device and inode. The lock's must be a
-/// regular file, the bus's a connected Unix stream socket (the only transport whose socket the
-/// library hands out). Anything else, or a descriptor too many or too few, is refused.
+/// Parses the wrapper's first line, `go`, then `lock DEV INO`, `watch DEV INO` (only after
+/// `lock`) and `bus DEV INO`, each at most once and in that order, with its newline: each
+/// announces a descriptor that came with the line (`received`, in the order sent), and must name
+/// it by device and inode. The lock's must be a regular file, the watch's an inotify instance,
+/// the bus's a connected Unix stream socket (the only transport whose socket the library hands
+/// out). Anything else, or a descriptor too many or too few, is refused.
 fn parse_go(line: &[u8], received: Vec<OwnedFd>) -> Result<Held, String> {
     let shown = String::from_utf8_lossy(line);
     let shown = shown.trim_end();
@@ -358,8 +374,11 @@ fn parse_go(line: &[u8], received: Vec<OwnedFd>) -> Result<Held, String> {
             "lock" if held.lock.is_none() && held.bus.is_none() => {
                 held.lock = Some(check_lock(fd, dev, ino)?);
             }
+            "watch" if held.lock.is_some() && held.watch.is_none() && held.bus.is_none() => {
+                held.watch = Some(check_watch(fd, dev, ino)?);
+            }
             "bus" if held.bus.is_none() => held.bus = Some(check_bus(fd, dev, ino)?),
-            _ => return Err(refuse("`lock`, then `bus`, each once")),
+            _ => return Err(refuse("`lock`, `watch` after it, then `bus`, each once")),
         }
     }
     Ok(held)
@@ -387,6 +406,21 @@ fn check_lock(lock: OwnedFd, dev: u64, ino: u64) -> Result<OwnedFd, String> {
         ));
     }
     Ok(lock)
+}
+
+/// `watch`, a descriptor received with `go lock DEV INO watch DEV INO`, if it is an inotify
+/// instance (`/proc/self/fd` names one `anon_inode:inotify`; every anonymous inode shares one
+/// device and inode, which it must have all the same).
+fn check_watch(watch: OwnedFd, dev: u64, ino: u64) -> Result<OwnedFd, String> {
+    let stat = rustix::fs::fstat(&watch).map_err(|e| format!("the watch's descriptor: {e}"))?;
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", watch.as_raw_fd()))
+        .map_err(|e| format!("the watch's descriptor: {e}"))?;
+    if target.as_os_str() != "anon_inode:inotify" || (stat.st_dev, stat.st_ino) != (dev, ino) {
+        return Err(format!(
+            "the descriptor that came with the watch {dev} {ino} is not an inotify instance"
+        ));
+    }
+    Ok(watch)
 }
 
 /// `bus`, a descriptor received with `go ... bus DEV INO`, if it is a connected Unix stream
@@ -465,6 +499,10 @@ struct Keeper {
     /// The instance's options as the wrapper was given them (its lock file's plan), for
     /// [`Keeper::keep_lock_file`]; `None` in unit tests.
     options: Option<unique_instance::InstanceOptions>,
+    /// The wrapper's inotify instance that watches the lock file's path (`go ... watch`):
+    /// never read while the wrapper lives; once it is gone, the lock file is kept with it (see
+    /// [`Keeper::keep_lock_file`]).
+    watch: Option<OwnedFd>,
     /// Once the wrapper is gone: the lock file, watched and re-created when removed, in place of
     /// `lock` (see [`Keeper::keep_lock_file`]).
     kept: Option<HandedLockFile>,
@@ -498,6 +536,7 @@ impl Keeper {
             sent_term: std::collections::HashSet::new(),
             tree_got_term: false,
             options: None,
+            watch: None,
             kept: None,
             let_go: None,
         })
@@ -521,6 +560,7 @@ impl Keeper {
         }
         self.lock = held.lock;
         self.bus = held.bus;
+        self.watch = held.watch;
         match crate::run::spawn_guarded(command, self.lock.as_ref().map(AsFd::as_fd), placement) {
             Ok(child) => {
                 let pid = Pid::from_raw(child.id() as i32);
@@ -859,6 +899,11 @@ impl Keeper {
     /// wrapper re-created: tried first, so that the record named and the file kept are the one
     /// at the path, not the removed one. If none can be kept so, the lock is held as it was
     /// (unwatched), and the keeper says why.
+    ///
+    /// It is watched with the wrapper's own inotify instance when `go` gave it
+    /// ([`HandedLockFile::with_watch`]): its queue holds what the wrapper never read (it was
+    /// stopped while its file was moved away, another copy came and went, and the file was
+    /// moved back), which a new instance, made only now, would never show.
     fn keep_lock_file(&mut self) {
         if self.lock.is_none() {
             return;
@@ -869,7 +914,22 @@ impl Keeper {
             for fd in self.received.iter().rev().chain(self.lock.iter()) {
                 // A duplicate: what cannot be kept stays held as it was.
                 let kept = fd.try_clone().map_err(|e| e.to_string()).and_then(|fd| {
-                    HandedLockFile::new(options, fd, holds_bus).map_err(|e| e.to_string())
+                    match &self.watch {
+                        // Never a new instance instead: it would not know what the wrapper's
+                        // queue says.
+                        Some(watch) => {
+                            watch
+                                .try_clone()
+                                .map_err(|e| e.to_string())
+                                .and_then(|watch| {
+                                    HandedLockFile::with_watch(options, fd, holds_bus, watch)
+                                        .map_err(|e| e.to_string())
+                                })
+                        }
+                        None => {
+                            HandedLockFile::new(options, fd, holds_bus).map_err(|e| e.to_string())
+                        }
+                    }
                 });
                 match kept {
                     Ok(kept) => {
@@ -893,6 +953,7 @@ impl Keeper {
             // Held through `kept` now; the others are removed files, which keep no copy out.
             self.lock = None;
             self.received.clear();
+            self.watch = None;
             return;
         }
         say!(
@@ -1315,11 +1376,13 @@ pub(crate) async fn start(
 }
 
 /// What the wrapper hands its keeper with `go`: the guard's descriptors, from
-/// [`unique_instance::InstanceGuard::lock_file_descriptor`] and
+/// [`unique_instance::InstanceGuard::lock_file_descriptor`],
+/// [`unique_instance::InstanceGuard::lock_file_watch_descriptor`] (sent only with a lock) and
 /// [`unique_instance::InstanceGuard::bus_socket_descriptor`].
 #[derive(Clone, Copy)]
 pub(crate) struct Handed<'a> {
     pub(crate) lock: Option<BorrowedFd<'a>>,
+    pub(crate) watch: Option<BorrowedFd<'a>>,
     pub(crate) bus: Option<BorrowedFd<'a>>,
 }
 
@@ -1498,9 +1561,10 @@ impl Handle {
     /// Sends the keeper its `go`, with the lock's descriptor and the bus socket's (see the
     /// protocol at the top).
     async fn send_go(&mut self, held: Handed<'_>) -> io::Result<()> {
-        // Both descriptors go with the line's first byte, in the order announced.
+        // Every descriptor goes with the line's first byte, in the order announced.
         let mut line = "go".to_owned();
-        for (kind, fd) in [("lock", held.lock), ("bus", held.bus)] {
+        let watch = held.watch.filter(|_| held.lock.is_some());
+        for (kind, fd) in [("lock", held.lock), ("watch", watch), ("bus", held.bus)] {
             if let Some(fd) = fd {
                 // Duplicated first: what is sent is what was looked at (see `queue_lock`).
                 let fd = fd.try_clone_to_owned()?;
@@ -1649,7 +1713,7 @@ impl Handle {
 
     /// [`Handle::flush`], or the error that ended it. A descriptor goes with the first byte of
     /// its line, and never with another's (the keeper takes one for each `lock` line, and the
-    /// two of `go` together).
+    /// three of `go` together).
     fn try_flush(&mut self) -> io::Result<()> {
         while !self.outbox.is_empty() {
             let fds: Vec<BorrowedFd<'_>> = self
@@ -1666,7 +1730,7 @@ impl Handle {
                 .unwrap_or(self.outbox.len());
             let sent = self.control.try_io(tokio::io::Interest::WRITABLE, || {
                 let mut space =
-                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
                 let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
                 if !fds.is_empty()
                     && !ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(&fds))
@@ -1715,7 +1779,7 @@ mod tests {
 
     /// Sends `text` with `fds` attached, as the wrapper sends its `go`.
     fn send(socket: &UnixStream, text: &str, fds: &[BorrowedFd<'_>]) {
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
         let mut ancillary = rustix::net::SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() {
             assert!(ancillary.push(rustix::net::SendAncillaryMessage::ScmRights(fds)));
@@ -1764,9 +1828,12 @@ mod tests {
         .expect("socket");
         let (datagram, _datagram_peer) =
             std::os::unix::net::UnixDatagram::pair().expect("datagram pair");
-        let (l, b) = (lock.as_fd(), bus.as_fd());
+        let inotify =
+            rustix::fs::inotify::init(rustix::fs::inotify::CreateFlags::CLOEXEC).expect("inotify");
+        let (l, b, w) = (lock.as_fd(), bus.as_fd(), inotify.as_fd());
         let lock_ann = announce("lock", l);
         let bus_ann = announce("bus", b);
+        let watch_ann = announce("watch", w);
         let both = format!("go{lock_ann}{bus_ann}\n");
         let lock_only = format!("go{lock_ann}\n");
         let bus_only = format!("go{bus_ann}\n");
@@ -1780,6 +1847,60 @@ mod tests {
                 Some((true, true)),
             ),
             ("nothing", "go\n".into(), vec![], Some((false, false))),
+            (
+                "all three",
+                format!("go{lock_ann}{watch_ann}{bus_ann}\n"),
+                vec![l, w, b],
+                Some((true, true)),
+            ),
+            (
+                "the lock and its watch",
+                format!("go{lock_ann}{watch_ann}\n"),
+                vec![l, w],
+                Some((true, false)),
+            ),
+            (
+                "a watch with no lock",
+                format!("go{watch_ann}{bus_ann}\n"),
+                vec![w, b],
+                None,
+            ),
+            (
+                "the watch after the bus",
+                format!("go{lock_ann}{bus_ann}{watch_ann}\n"),
+                vec![l, b, w],
+                None,
+            ),
+            (
+                "the watch before the lock",
+                format!("go{watch_ann}{lock_ann}\n"),
+                vec![w, l],
+                None,
+            ),
+            (
+                "the watch twice",
+                format!("go{lock_ann}{watch_ann}{watch_ann}\n"),
+                vec![l, w, w],
+                None,
+            ),
+            (
+                "a file as the watch",
+                format!("go{lock_ann}{}\n", announce("watch", other.as_fd())),
+                vec![l, other.as_fd()],
+                None,
+            ),
+            (
+                "a socket as the watch",
+                format!("go{lock_ann}{}\n", announce("watch", b)),
+                vec![l, b],
+                None,
+            ),
+            (
+                "four descriptors",
+                format!("go{lock_ann}{watch_ann}{bus_ann}\n"),
+                vec![l, w, b, other.as_fd()],
+                None,
+            ),
             (
                 "the lock alone",
                 lock_only.clone(),
@@ -1860,7 +1981,8 @@ mod tests {
                 (Ok(Go::Start(held)), Some((has_lock, has_bus))) => {
                     assert_eq!(held.lock.is_some(), has_lock, "{case}");
                     assert_eq!(held.bus.is_some(), has_bus, "{case}");
-                    for (fd, want) in [(&held.lock, l), (&held.bus, b)] {
+                    assert_eq!(held.watch.is_some(), text.contains(" watch "), "{case}");
+                    for (fd, want) in [(&held.lock, l), (&held.bus, b), (&held.watch, w)] {
                         let Some(fd) = fd else { continue };
                         assert!(same(fd, want), "{case}: not the one sent");
                         // COMMAND must not inherit the keeper's own copies.

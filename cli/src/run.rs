@@ -199,6 +199,8 @@ async fn supervise(args: RunArgs, found_free: bool, ignored: u64) -> ExitCode {
     // COMMAND started is gone, even if we are killed.
     let held = keeper::Handed {
         lock: guard.lock_file_descriptor(),
+        // What the wrapper's watch has not read when it dies is read by the keeper from it.
+        watch: guard.lock_file_watch_descriptor(),
         bus: guard.bus_socket_descriptor(),
     };
     let started = match prestarted {

@@ -5,10 +5,15 @@
 //! they report as "holder unknown", after the grace a record gets).
 //!
 //! Such a process can also keep the lock file as a guard keeps its own ([`HandedLockFile`]): its
-//! directory watched with inotify, and the file re-created when it is removed, by the guard's
-//! own re-creation (`recover.rs`), with the same checks and rate limit.
+//! directory watched with inotify (the acquiring process's own instance, when it was handed
+//! over too: its unread events are judged first), and the file re-created when it is removed,
+//! by the guard's own re-creation (`recover.rs`), with the same checks and rate limit.
 //! Must not: take a lock other than on a file it re-creates in place of the removed one, or
 //! write into a file that is not a lock file held through the descriptor it is given.
+//!
+//! Over 400 lines: the record's rewrite and the kept file share one contract (the descriptor
+//! handed over, held through it), and its two constructors (a new watch, or the acquiring
+//! process's own) one body; split, each half would have to restate the other's checks.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -139,9 +144,11 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u
 /// this process as an [`InstanceGuard`](crate::InstanceGuard) keeps its own once that process is
 /// gone: `run`'s keeper holds it so while it stops what COMMAND left running.
 ///
-/// Made with [`HandedLockFile::new`], it names this process in the record (as
-/// [`record_this_process_as_holder`] does) and watches the lock file's directory, the
-/// directories above it and the symlinks on the way with inotify, as the guard's watch does:
+/// Made with [`HandedLockFile::new`] (or [`HandedLockFile::with_watch`], with the acquiring
+/// process's own inotify instance, whose events that process never read are judged first), it
+/// names this process in the record (as [`record_this_process_as_holder`] does) and watches the
+/// lock file's directory, the directories above it and the symlinks on the way with inotify, as
+/// the guard's watch does:
 /// [`HandedLockFile::watch_descriptor`] becomes readable on a change, and
 /// [`HandedLockFile::check`] then looks. A lock file that was only removed (an administrator
 /// cleaning `/run/lock`, a tmp cleaner), as the watch saw it go, is re-created by the guard's
@@ -151,7 +158,8 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u
 /// often (more than 16 within a second) is a loss, as for the guard. Otherwise (replaced, moved,
 /// its directory gone, another copy made a file at the path, or a removal found without having
 /// been seen: before this was made, or without inotify, when another copy may have come and
-/// gone in between) the lock no longer excludes other copies: [`HandedLockState::Lost`], and
+/// gone in between; with [`HandedLockFile::with_watch`], before the acquisition only) the lock
+/// no longer excludes other copies: [`HandedLockState::Lost`], and
 /// nothing is re-created any more.
 ///
 /// Dropping it closes its descriptors (the lock goes with the last descriptor of its open
@@ -172,6 +180,12 @@ pub struct HandedLockFile {
     /// once it could be added (at `new`, or by a later re-watch); in a mutex since `check`
     /// takes `&self`.
     history: std::sync::Mutex<(NameHistory, Option<i32>)>,
+    /// The watch is the acquiring process's, whose unread events the first `check` reads (see
+    /// [`HandedLockFile::with_watch`]).
+    unread: std::sync::atomic::AtomicBool,
+    /// Lost by a rule of [`HandedLockFile::with_watch`] of its own (a link made anew among the
+    /// events the acquiring process never read): final, as `Lost` is.
+    given_up: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for HandedLockFile {
@@ -216,6 +230,57 @@ impl HandedLockFile {
     /// cannot be watched) is no error: it is logged at `warn`, and the caller looks
     /// periodically instead (see [`HandedLockFile::watch_descriptor`]).
     pub fn new(options: &InstanceOptions, lock: OwnedFd, keep_bus_name: bool) -> Result<Self> {
+        Self::keep(options, lock, keep_bus_name, None)
+    }
+
+    /// As [`HandedLockFile::new`], watching with `inotify`, a duplicate of the acquiring
+    /// process's own watch, from
+    /// [`InstanceGuard::lock_file_watch_descriptor`](crate::InstanceGuard::lock_file_watch_descriptor)
+    /// (`run`'s keeper gets one with the lock), instead of a new instance: its queue holds what
+    /// happened at the path that the acquiring process never read (it was stopped, then killed),
+    /// and the first [`HandedLockFile::check`] reads it and judges it as the guard's watch
+    /// would have — a file made at our name by someone else (our file moved away and back while
+    /// another copy ran), a directory on the way moved, a queue overflowed where that counts:
+    /// lost; our file only removed: re-created, even if it was gone before this was made, since
+    /// the removal is seen (its directory was watched since the acquisition). A new instance
+    /// would know none of that, and take a path that leads to our file again for one that
+    /// never left it.
+    ///
+    /// Never read from `inotify` while the acquiring process lives: its events are that
+    /// process's watch's. It is made non-blocking (it is already, as the guard makes it).
+    ///
+    /// # Caveats
+    ///
+    /// What the acquiring process read but had not acted on when it died (killed between
+    /// reading events and judging them: microseconds, unless it was stopped just there) is not
+    /// in the queue any more, and nothing here knows it: a removal among it is found unseen (a
+    /// loss, as without this), but a change another copy used, undone since, goes unseen.
+    ///
+    /// Stricter than the guard's own watch, never looser, where the queue cannot tell: a file
+    /// the acquiring process re-created itself and whose creation it had not read yet counts
+    /// as made by someone else (a loss); and so does a symlink on the way made anew, since
+    /// whether its new way leaves the one the acquiring process last saw cannot be told here.
+    ///
+    /// # Errors
+    ///
+    /// As [`HandedLockFile::new`]; and an [`Error::Io`] when `inotify` is not an inotify
+    /// instance (or cannot be made non-blocking). The lock is then not kept.
+    pub fn with_watch(
+        options: &InstanceOptions,
+        lock: OwnedFd,
+        keep_bus_name: bool,
+        inotify: OwnedFd,
+    ) -> Result<Self> {
+        Self::keep(options, lock, keep_bus_name, Some(inotify))
+    }
+
+    /// [`HandedLockFile::new`], or [`HandedLockFile::with_watch`] with `lent`.
+    fn keep(
+        options: &InstanceOptions,
+        lock: OwnedFd,
+        keep_bus_name: bool,
+        lent: Option<OwnedFd>,
+    ) -> Result<Self> {
         let (_, _, plan, _) = options.resolve()?;
         let Some(plan) = plan else {
             return Err(Error::io(
@@ -243,7 +308,39 @@ impl HandedLockFile {
         // Best effort: a directory left unwatched is still looked at by the periodic checks.
         let mut history = NameHistory::new(handle.recreated(), handle.acquired_way());
         let mut dir_watch = None;
-        let inotify = match new_inotify() {
+        let inherited = lent.is_some();
+        // Whether the lent instance watched our directory's entries before we add anything:
+        // since the acquisition, then (see `lent::watches_entries_of`).
+        let mut watched_since_acquired = false;
+        let inotify = match lent {
+            Some(lent) => {
+                let refuse = |message: &str| {
+                    Error::io(
+                        "cannot keep the lock file with the watch handed over",
+                        path.clone(),
+                        std::io::Error::new(std::io::ErrorKind::InvalidInput, message.to_owned()),
+                    )
+                };
+                if !super::lent::is_inotify(lent.as_fd()) {
+                    return Err(refuse("not an inotify instance"));
+                }
+                // `NameHistory::read` reads until the queue is empty.
+                let flags = rustix::fs::fcntl_getfl(&lent)
+                    .and_then(|flags| rustix::fs::fcntl_setfl(&lent, flags | OFlags::NONBLOCK))
+                    .map_err(|e| {
+                        Error::io("cannot make the watch non-blocking", path.clone(), e.into())
+                    });
+                flags?;
+                let dir = rustix::fs::fstat(&*handle.dir).map_err(|e| {
+                    Error::io("cannot stat the directory of", path.clone(), e.into())
+                })?;
+                watched_since_acquired =
+                    super::lent::watches_entries_of(lent.as_fd(), dir.st_dev, dir.st_ino);
+                Ok(lent)
+            }
+            None => new_inotify(),
+        };
+        let inotify = match inotify {
             Ok(inotify) => match handle.add_watches(&inotify) {
                 // A directory on the way left unwatched is looked at by the periodic checks.
                 Ok(watches) => {
@@ -267,8 +364,12 @@ impl HandedLockFile {
         };
         // A removal read from now on is one of our file only if the path leads to it now that
         // our directory is watched: before, another copy's file may have been there (ours
-        // unlinked before we were handed it), whose removal would look like ours.
-        if dir_watch.is_none() || handle.path_as(st.st_dev, st.st_ino).is_some() {
+        // unlinked before we were handed it), whose removal would look like ours. Not so in
+        // the acquiring process's instance, which watched it since the acquisition: every file
+        // made at our name since is in its queue, or was read by that process, which judged it.
+        if dir_watch.is_none()
+            || (!watched_since_acquired && handle.path_as(st.st_dev, st.st_ino).is_some())
+        {
             history.watched_late();
         }
         Ok(HandedLockFile {
@@ -276,6 +377,8 @@ impl HandedLockFile {
             handle,
             inotify,
             history: std::sync::Mutex::new((history, dir_watch)),
+            unread: std::sync::atomic::AtomicBool::new(inherited),
+            given_up: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -308,10 +411,23 @@ impl HandedLockFile {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (history, dir_watch) = &mut *state;
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.given_up.load(Relaxed) {
+            return HandedLockState::Lost;
+        }
         if let Some(inotify) = &self.inotify {
             // Our directory unwatched (no descriptor matches -1): no removal is seen, so none
             // is re-created; the way's events still count.
             let _ = history.read(inotify, dir_watch.unwrap_or(-1), self.handle.file_name());
+            // The acquiring process's unread events: a link made anew on the way among them
+            // cannot be judged against the way that process last saw, unknown here.
+            if self.unread.swap(false, Relaxed) && history.link_made() {
+                tracing::warn!(path = %self.path().display(),
+                    "a symlink on the lock path was made anew while the process that acquired \
+                     was stopped or dying: taken for a loss");
+                self.given_up.store(true, Relaxed);
+                return HandedLockState::Lost;
+            }
             // Before the check, as the guard's watch does: see `WatchHandle::rewatch`. Our
             // directory's watch, if it could not be added before, is taken from now on (a
             // removal before it is one not seen: a loss).

@@ -18,6 +18,7 @@ mod dir;
 mod grace;
 mod handed;
 mod held;
+mod lent;
 mod netfs;
 mod ofd;
 mod open;

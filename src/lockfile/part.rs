@@ -14,11 +14,17 @@ use super::record::{LockRecord, write_or_unknown};
 use super::watch::WatchHandle;
 use super::watcher::LockWatchThread;
 
-/// The lock file an instance holds. Its fields drop in order: the watch stops before the lock
-/// file is removed (so that our own removal is not reported as a loss), and the inotify
-/// instance a wait used is closed after the lock (closing one takes milliseconds: see
-/// `ReleaseWatch::into_quiet`).
+/// The lock file an instance holds. Its fields drop in order: the guard's share of the watch's
+/// inotify instance goes before the watch stops, so that the watch's thread, not the release,
+/// closes it (closing one takes milliseconds; only a thread that ended first, after a loss,
+/// leaves the close to the release); the watch stops before the lock file is removed
+/// (so that our own removal is not reported as a loss), and the inotify instance a wait used is
+/// closed after the lock (see `ReleaseWatch::into_quiet`).
 pub(crate) struct HeldFile {
+    /// The watch's inotify instance, shared with its thread once it started, and lent for
+    /// hand-over (see [`HeldFile::watch_instance`]): never read here. `None` before the watch
+    /// starts, with the watch off, or when the acquisition could not watch our directory.
+    lent_watch: Option<std::sync::Arc<OwnedFd>>,
     /// The lock-file watch: a thread of its own, whatever runtime acquired (see
     /// [`LockWatchThread`]); `None` with neither the watch nor a re-check.
     watch: Option<LockWatchThread>,
@@ -63,6 +69,7 @@ impl HeldFile {
         let record = LockRecord::for_self(vec![Backend::LockFile], None, None);
         lock.write_record(&record)?;
         Ok(HeldFile {
+            lent_watch: None,
             watched,
             watch: None,
             lock,
@@ -82,6 +89,14 @@ impl HeldFile {
     /// inotify instance and watched our directory in it. False with the watch off.
     pub(crate) fn watched(&self) -> bool {
         self.watched
+    }
+
+    /// The watch's inotify instance, with every watch the acquisition and the watch added to it,
+    /// for a process the lock is handed to (see
+    /// [`InstanceGuard::lock_file_watch_descriptor`](crate::InstanceGuard::lock_file_watch_descriptor)).
+    pub(crate) fn watch_instance(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.lent_watch.as_deref().map(AsFd::as_fd)
     }
 
     /// Completes the record with another backend taken (its bus and our unique name on it,
@@ -119,9 +134,20 @@ impl HeldFile {
         recheck: Option<Duration>,
         losses: &LossLog,
     ) -> Result<()> {
+        // Shared without a system call (no `dup` on the acquisition's path): the thread reads
+        // it, the guard only lends it.
+        let inotify = self
+            .inotify
+            .take()
+            .map(|inotify| inotify.map(std::sync::Arc::new));
+        if self.watched
+            && let Some(Ok(inotify)) = &inotify
+        {
+            self.lent_watch = Some(std::sync::Arc::clone(inotify));
+        }
         self.watch = LockWatchThread::start(
             &mut self.lock,
-            self.inotify.take(),
+            inotify,
             std::mem::take(&mut self.acquired_links),
             recheck,
             losses.clone(),
@@ -149,11 +175,14 @@ impl HeldFile {
     /// [`HeldLock::release`]).
     pub(crate) fn release(self) -> Result<()> {
         let HeldFile {
+            lent_watch,
             watch,
             lock,
             wait_watch,
             ..
         } = self;
+        // Ours first: the thread's is then the last, closed on its way out, not here.
+        drop(lent_watch);
         drop(watch);
         let released = lock.release();
         drop(wait_watch);

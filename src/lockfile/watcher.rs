@@ -71,7 +71,8 @@ pub(crate) struct LockWatchThread {
     stop: std::sync::Arc<std::os::fd::OwnedFd>,
     /// Disconnected once the thread has stopped checking. Waited for instead of joining the
     /// thread: its exit closes the inotify instance, which waits for an RCU grace period
-    /// (milliseconds), and the guard's release need not wait for that. In a mutex only so that
+    /// (milliseconds), and the guard's release need not wait for that. (The guard's share of
+    /// the instance, lent for hand-over, is dropped before this is: the thread's is the last.) In a mutex only so that
     /// the guard is `Sync`: it is used once, by `drop`.
     stopped: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     /// The process that started the thread: after `fork` it does not exist in the child.
@@ -82,9 +83,11 @@ impl LockWatchThread {
     /// Starts the watch of `held`: on `inotify` (a [`new_inotify`](super::watch::new_inotify)
     /// instance, or the error making it: then a re-check every second; `None` when the watch
     /// is off), and a re-check every `recheck` if asked. `None` when there is nothing to watch.
+    /// The instance may be shared (the guard lends it for hand-over): this thread alone reads
+    /// it, and drops its share on its way out.
     pub(crate) fn start(
         held: &mut HeldLock,
-        inotify: Option<std::io::Result<std::os::fd::OwnedFd>>,
+        inotify: Option<std::io::Result<std::sync::Arc<std::os::fd::OwnedFd>>>,
         acquired_links: Vec<(i32, std::ffi::OsString)>,
         recheck: Option<Duration>,
         losses: LossLog,
@@ -149,7 +152,7 @@ impl LockWatchThread {
                 };
                 watch_lock_blocking(
                     &thread_handle,
-                    inotify.as_ref().map(|(fd, wd)| (fd, *wd)),
+                    inotify.as_ref().map(|(fd, wd)| (&**fd, *wd)),
                     every,
                     &thread_stop,
                     &losses,

@@ -948,3 +948,16 @@ pub fn wait_until_events_read(pid: u32) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Another copy of `name` (the lock file alone, no bus) starts in `lock_dir`, acquires, and
+/// releases cleanly: the copy that runs while a holder is stopped or looking away.
+pub fn another_copy_comes_and_goes(lock_dir: &Path, name: &str, mode: &[&str]) {
+    let mut other = holder(None, lock_dir, &[name, "--backend", "lockfile"]);
+    assert!(
+        other.next_line("other copy").starts_with("acquired"),
+        "{mode:?}"
+    );
+    other.close_stdin();
+    assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
+    assert_eq!(other.exit_code(), 0);
+}
