@@ -2469,6 +2469,39 @@ fn review_a_loss_the_wrapper_never_read_is_not_forgotten_by_its_keeper() {
     wait_pidfd(pid, &pidfd);
 }
 
+/// A wrapper stopped while its lock file, or the lock directory, is moved away (and a new empty
+/// directory made in the directory's place), then killed: the path no longer leads to the file
+/// the keeper holds, so it cannot keep it. It used to hold it on "unwatched", saying it held the
+/// instance while a copy started then ran beside COMMAND for the whole `--kill-after` (a
+/// review). It is let go now, said so, and the tree is killed at once.
+#[test]
+fn a_lock_file_moved_away_while_the_wrapper_was_stopped_is_let_go_by_its_keeper() {
+    for moved in ["the file", "the directory"] {
+        let base = tempfile::tempdir().expect("tempdir");
+        let lock_dir = base.path().join("locks");
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        let name = unique_name("keeper_moved");
+        let (mut wrapper, pid, pidfd, keeper) = stopped_wrapper(&lock_dir, &name);
+        let _command = KillOnDrop(&pidfd);
+        if moved == "the file" {
+            let path = lock_dir.join(format!("{name}.lock"));
+            std::fs::rename(&path, lock_dir.join("moved-away")).expect("mv the file");
+        } else {
+            std::fs::rename(&lock_dir, base.path().join("locks-away")).expect("mv the directory");
+            std::fs::create_dir(&lock_dir).expect("mkdir in its place");
+        }
+        wrapper.sigkill();
+        let said = wrapper
+            .stderr_line_containing_any(&["holds the instance while", "excludes no other copy"]);
+        assert!(
+            said.contains("excludes no other copy"),
+            "{moved}: the keeper (pid {keeper}) held on to a lock file the path no longer leads \
+             to, while COMMAND (pid {pid}) ran on: {said}"
+        );
+        wait_pidfd(pid, &pidfd);
+    }
+}
+
 /// The control of the test above: a wrapper stopped, then killed, with nothing done at the path
 /// meanwhile (or only a file of another name made and removed beside it), leaves its keeper
 /// holding the instance while it stops COMMAND: no loss is reported, and a copy started then

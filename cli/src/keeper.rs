@@ -509,6 +509,13 @@ struct Keeper {
     /// The lock file once it could not be kept: it excludes no copy any more, but it is held
     /// until the keeper exits all the same.
     let_go: Option<HandedLockFile>,
+    /// The lock file once the wrapper was gone, when it could not even be taken to be kept
+    /// (moved away, its directory gone: see [`Keeper::keep_lock_file`]): held until the keeper
+    /// exits, excluding no copy.
+    unkept: Option<OwnedFd>,
+    /// Our parent when we started: the wrapper. Another parent means it is gone, whatever the
+    /// control socket says.
+    wrapper: Option<Pid>,
     /// The service manager sent SIGTERM to the whole tree (`delivered 15`): nobody is sent it
     /// again.
     tree_got_term: bool,
@@ -539,6 +546,8 @@ impl Keeper {
             watch: None,
             kept: None,
             let_go: None,
+            unkept: None,
+            wrapper: rustix::process::getppid(),
         })
     }
 
@@ -909,6 +918,13 @@ impl Keeper {
             return;
         }
         let holds_bus = bus_still_connected(&mut self.bus);
+        // The wrapper's instance is read only once the wrapper is gone for sure: a socket error
+        // with the wrapper alive (its watch still reading the same queue) would split the
+        // events between the two, and neither would see what they say together.
+        if self.watch.is_some() && rustix::process::getppid() == self.wrapper {
+            tracing::debug!("the wrapper is still our parent: a new inotify instance instead");
+            self.watch = None;
+        }
         let mut failure = None;
         if let Some(options) = &self.options {
             for fd in self.received.iter().rev().chain(self.lock.iter()) {
@@ -956,14 +972,30 @@ impl Keeper {
             self.watch = None;
             return;
         }
+        let Some(failure) = failure else {
+            // No options (unit tests): held as it was.
+            if let Some(lock) = &self.lock {
+                name_self_in_record(lock, holds_bus);
+            }
+            return;
+        };
+        // Not the lock file at the path any more (moved away, its directory moved or gone), or
+        // not one that can be watched: another copy may lock whatever the path leads to now.
+        // It was once held on "unwatched", and a copy started then ran beside COMMAND (a
+        // review): it is let go instead, and what is left is stopped as for any loss.
+        let bus = if holds_bus {
+            "the bus name still holds the instance"
+        } else {
+            "nothing else holds it"
+        };
         say!(
-            "unique-instance: keeper: cannot watch the lock file (it will not be re-created if \
-             removed): {}",
-            failure.as_deref().unwrap_or("no options")
+            "unique-instance: keeper (pid {}): cannot keep the lock file ({failure}): the path \
+             may lead elsewhere by now, so it excludes no other copy any more; {bus}",
+            std::process::id()
         );
-        if let Some(lock) = &self.lock {
-            name_self_in_record(lock, holds_bus);
-        }
+        self.unkept = self.lock.take();
+        self.received.clear();
+        self.watch = None;
     }
 
     /// Looks at the lock file kept since the wrapper left, re-creating it if it was removed
@@ -1014,7 +1046,7 @@ impl Keeper {
     /// before there was a keeper.
     fn stop_everything(&mut self) {
         // Before anything is said: the file may have been removed already.
-        let had_lock = self.kept.is_some();
+        let had_lock = self.kept.is_some() || self.unkept.is_some();
         self.check_kept();
         let mut holding =
             self.lock.is_some() || self.kept.is_some() || bus_still_connected(&mut self.bus);
