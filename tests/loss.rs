@@ -865,6 +865,18 @@ fn release_told_of_a_loss(mut h: Proc, what: &str) {
     assert_told_of_a_loss(&mut h, &[what]);
 }
 
+/// Releases `h` (its stdin closed), which must say `released` alone and exit 0: no loss was
+/// reported, at release either; `what` names the case.
+fn released_without_a_loss(mut h: Proc, what: &str) {
+    h.close_stdin();
+    assert_eq!(
+        h.stdout_until_closed(),
+        ["released"],
+        "{what}: a false loss"
+    );
+    assert_eq!(h.exit_code(), 0, "{what}");
+}
+
 /// A holder stopped while a symlink on its lock path is flipped to another release (`ln -sfn`),
 /// another copy runs there and leaves, and the link is flipped back: on waking the path leads
 /// to its file again, but another copy ran meanwhile, and that is a loss. It used to be taken
@@ -966,13 +978,7 @@ fn a_symlink_removed_and_made_again_while_running_is_not_a_loss() {
             }
             std::os::unix::fs::symlink("v1", base.path().join("current")).expect("ln -s");
             assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
-            h.close_stdin();
-            assert_eq!(
-                h.stdout_until_closed(),
-                ["released"],
-                "{what}: a false loss"
-            );
-            assert_eq!(h.exit_code(), 0, "{what}");
+            released_without_a_loss(h, &what);
         }
     }
 }
@@ -1102,13 +1108,7 @@ fn a_symlink_made_again_to_the_same_directory_spelled_absolutely_is_not_a_loss()
         flip_link(&b, "current", &b.join("v1"));
         h.signal(rustix::process::Signal::CONT);
         assert_refused_naming(&name, &lock_dir, &["--backend", "lockfile"], pid);
-        h.close_stdin();
-        assert_eq!(
-            h.stdout_until_closed(),
-            ["released"],
-            "{what}: a false loss"
-        );
-        assert_eq!(h.exit_code(), 0, "{what}");
+        released_without_a_loss(h, &what);
     }
 }
 
