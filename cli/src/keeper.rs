@@ -513,9 +513,10 @@ struct Keeper {
     /// (moved away, its directory gone: see [`Keeper::keep_lock_file`]): held until the keeper
     /// exits, excluding no copy.
     unkept: Option<OwnedFd>,
-    /// Our parent when we started: the wrapper. Another parent means it is gone, whatever the
-    /// control socket says.
-    wrapper: Option<Pid>,
+    /// A pidfd of our parent when we started, the wrapper: readable once it has exited, which
+    /// is also once we have a new parent (see [`Keeper::wrapper_exited`]). `None` where pidfds
+    /// cannot be had.
+    wrapper: Option<OwnedFd>,
     /// The service manager sent SIGTERM to the whole tree (`delivered 15`): nobody is sent it
     /// again.
     tree_got_term: bool,
@@ -547,7 +548,9 @@ impl Keeper {
             kept: None,
             let_go: None,
             unkept: None,
-            wrapper: rustix::process::getppid(),
+            wrapper: rustix::process::getppid().and_then(|parent| {
+                rustix::process::pidfd_open(parent, rustix::process::PidfdFlags::empty()).ok()
+            }),
         })
     }
 
@@ -697,6 +700,31 @@ impl Keeper {
         };
         matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(1))
             && fds[0].revents().contains(rustix::event::PollFlags::HUP)
+    }
+
+    /// Whether the wrapper has exited, waiting up to a second for it: its control socket closes
+    /// while it exits, a moment before the exit completes (its pidfd becomes readable then). A
+    /// socket that failed with the wrapper alive is not an exit. Unknown without a pidfd: not
+    /// taken for exited (a new inotify instance is safe, only blind to what came before).
+    fn wrapper_exited(&self) -> bool {
+        let Some(pidfd) = &self.wrapper else {
+            return false;
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let second = rustix::event::Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        loop {
+            match rustix::event::poll(&mut fds, Some(&second)) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Ok(ready) => return ready == 1,
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Reads what the wrapper sent and does it; at end of file, notes that the wrapper is gone.
@@ -921,8 +949,8 @@ impl Keeper {
         // The wrapper's instance is read only once the wrapper is gone for sure: a socket error
         // with the wrapper alive (its watch still reading the same queue) would split the
         // events between the two, and neither would see what they say together.
-        if self.watch.is_some() && rustix::process::getppid() == self.wrapper {
-            tracing::debug!("the wrapper is still our parent: a new inotify instance instead");
+        if self.watch.is_some() && !self.wrapper_exited() {
+            tracing::debug!("the wrapper has not exited: a new inotify instance instead");
             self.watch = None;
         }
         let mut failure = None;
