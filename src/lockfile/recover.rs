@@ -138,11 +138,24 @@ impl WatchHandle {
                     history.await_removal(fd, dir_watch, self.file_name(), false);
                 }
             }
-            if nowhere
-                && history.waits_for_the_path(self.recreated())
-                && inotify
-                    .is_some_and(|(fd, _)| history.breaks_at_a_removed_link(fd, &self.way_now()))
-            {
+            let waits = match inotify {
+                Some((fd, dir_watch))
+                    if nowhere && history.waits_for_the_path(self.recreated()) =>
+                {
+                    if history.breaks_at_a_removed_link(fd, &self.way_now()) {
+                        true
+                    } else if history.read(fd, dir_watch, self.file_name()) {
+                        // The link made again since the look (`ln -s` right after `rm`), so
+                        // that the path breaks nowhere now: its event is queued by then, and a
+                        // look that follows it decides.
+                        continue;
+                    } else {
+                        false
+                    }
+                }
+                _ => false,
+            };
+            if waits {
                 tracing::debug!(path = %self.path().display(),
                     "the lock path leads nowhere for now (a link on the way removed), and our \
                      directory still has our file: waiting for the next change");
