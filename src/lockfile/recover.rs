@@ -87,6 +87,8 @@ impl WatchHandle {
         history: &mut NameHistory,
         inotify: Option<(&OwnedFd, i32)>,
     ) -> Judgement {
+        // Re-created in an earlier round of this look (see `Recovery::Recreated` below).
+        let mut recreated = false;
         loop {
             let change = lock_change(self);
             // Looked at after the path, so that it is the way the path went when it was seen.
@@ -119,7 +121,11 @@ impl WatchHandle {
                     continue;
                 }
                 history.settle(self.recreated(), way_now);
-                return Judgement::Held;
+                return if recreated {
+                    Judgement::Recreated
+                } else {
+                    Judgement::Held
+                };
             };
             if let Some((fd, dir_watch)) = inotify {
                 if nowhere {
@@ -169,7 +175,19 @@ impl WatchHandle {
             }
             return match self.recover() {
                 Recovery::Held => Judgement::Held,
-                Recovery::Recreated => Judgement::Recreated,
+                Recovery::Recreated => {
+                    // Our new file's own event read now, before anyone is told of it (see
+                    // `tell_recreated`), and the path looked at again with it, as after any
+                    // event read: anything else read with it decides there.
+                    if let Some((fd, dir_watch)) = inotify {
+                        let _ = history.read(fd, dir_watch, self.file_name());
+                        self.tell_recreated();
+                        recreated = true;
+                        continue;
+                    }
+                    self.tell_recreated();
+                    Judgement::Recreated
+                }
                 Recovery::Released => Judgement::Over,
                 Recovery::Lost => Judgement::Lost(reason),
             };
@@ -335,11 +353,20 @@ impl WatchHandle {
             now.recent.pop_front();
         }
         now.recent.push_back(started);
+        (now.dev, now.ino, now.keep_file) = (dev, ino, false);
+        Ok(())
+    }
+
+    /// Tells whoever follows [`LockFileRecreations`](crate::LockFileRecreations) of the
+    /// re-creations so far. Called by the watch once it has read the events of its own
+    /// re-creation (see [`WatchHandle::judge`]), so that a process handed the new file (`run`'s
+    /// keeper) never finds them unread in the watch's instance, where they would look like
+    /// another copy's file.
+    fn tell_recreated(&self) {
+        let now = self.shared.now();
         if let Some(recreations) = &now.recreations {
             recreations.send_replace(now.recreated);
         }
-        (now.dev, now.ino, now.keep_file) = (dev, ino, false);
-        Ok(())
     }
 }
 
@@ -376,7 +403,7 @@ mod tests {
     }
 
     /// A re-created file takes the removed one's place in the lent descriptor (same number),
-    /// the count goes up, and a follower of re-creations is told.
+    /// the count goes up, and a follower of re-creations is told once the watch tells it.
     #[test]
     fn a_re_created_file_takes_the_lent_descriptors_place() {
         use std::os::unix::fs::MetadataExt;
@@ -393,6 +420,8 @@ mod tests {
         for round in 1..=3u64 {
             std::fs::remove_file(&path).expect("remove");
             assert_eq!(handle.recover(), Recovery::Recreated, "round {round}");
+            // As the watch does once it has read the new file's own event.
+            handle.tell_recreated();
             assert_eq!(held.as_fd().as_raw_fd(), number, "the same number");
             let lent = rustix::fs::fstat(held.as_fd()).expect("fstat");
             let at_path = std::fs::metadata(&path).expect("re-created");
