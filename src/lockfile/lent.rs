@@ -10,7 +10,11 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 /// (`IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE`): a watch of our directory with all of
 /// them has queued every removal of our file, and every file made at its name, since it was
 /// added.
-const ENTRY_EVENTS: u32 = 0x40 | 0x80 | 0x100 | 0x200;
+const ENTRY_EVENTS: u32 = rustix::fs::inotify::WatchFlags::MOVED_FROM
+    .union(rustix::fs::inotify::WatchFlags::MOVED_TO)
+    .union(rustix::fs::inotify::WatchFlags::CREATE)
+    .union(rustix::fs::inotify::WatchFlags::DELETE)
+    .bits();
 
 /// Is `fd` an inotify instance? (`/proc/self/fd` names one `anon_inode:inotify`.) False when
 /// that cannot be told (no `/proc`).
