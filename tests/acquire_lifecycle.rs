@@ -1,5 +1,6 @@
 //! Acquisitions that end, are cancelled or are released leave nothing behind: no thread, no
 //! descriptor, no bus name or queue entry, no lock; the blocking API works inside runtimes.
+//! Over 400 lines: one file for this subject, each test self-contained.
 
 mod common;
 

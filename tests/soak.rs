@@ -910,7 +910,7 @@ fn parse_log(text: &str) -> (Vec<Line>, Vec<String>) {
 }
 
 /// The PID of the keeper that speaks, in a `run` wrapper's stderr, once the wrapper died (see
-/// `cli/src/keeper.rs`): it names itself in the record first, whether it then holds the
+/// `cli/src/keeper/`): it names itself in the record first, whether it then holds the
 /// instance ("its keeper (pid K) holds the instance") or finds the lock file gone ("keeper
 /// (pid K): the lock file ... was removed or replaced").
 fn keeper_named_in(stderr: &str) -> Option<u32> {

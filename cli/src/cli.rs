@@ -151,7 +151,7 @@ pub(crate) enum Command {
     },
 }
 
-// What `run` tells its keeper process (see keeper.rs), which it starts as
+// What `run` tells its keeper process (see keeper/), which it starts as
 // `unique-instance internal-keeper ...`: not a subcommand of `Cli`, so that no help, man page or
 // completion offers it. It refuses to start without the descriptors `run` hands it.
 /// Internal to `unique-instance run`, which starts it between itself and COMMAND: not for use
@@ -173,7 +173,7 @@ pub(crate) struct KeeperArgs {
     #[arg(long, value_name = "SIGNALS", value_delimiter = ',')]
     pub(crate) ignored_signals: Vec<i32>,
     /// The instance as the wrapper was given it: the keeper plans its lock file as the wrapper
-    /// did, to keep it once the wrapper is gone (see keeper.rs).
+    /// did, to keep it once the wrapper is gone (see keeper/).
     #[command(flatten)]
     pub(crate) instance: InstanceArgs,
     /// The command to run, and its arguments.
@@ -204,7 +204,7 @@ pub(crate) struct InstanceArgs {
 }
 
 impl InstanceArgs {
-    /// These arguments as given on a command line, for the keeper's (see keeper.rs); NAME last.
+    /// These arguments as given on a command line, for the keeper's (see keeper/); NAME last.
     pub(crate) fn to_args(&self) -> Vec<std::ffi::OsString> {
         let mut args = Vec::new();
         if self.user {

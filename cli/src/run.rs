@@ -4,7 +4,7 @@
 //! Over 400 lines: the wrapper's one event loop (signals, the keeper's notices, losses, re-created
 //! lock files, `--kill-after`) reads best whole, with starting COMMAND and its unit tests.
 //!
-//! COMMAND is started by a keeper process (keeper.rs) that this wrapper starts first: the keeper
+//! COMMAND is started by a keeper process (keeper/) that this wrapper starts first: the keeper
 //! holds the lock until every process COMMAND started is gone, even after the wrapper was
 //! killed. This file decides (signals, the loss of the instance, the clean-up, exit statuses);
 //! the keeper carries out what concerns COMMAND's processes.
@@ -1004,7 +1004,7 @@ pub(crate) const LOCK_FD_ENV: &str = "UNIQUE_INSTANCE_LOCK_FD";
 /// does not close it by accident.
 const LOCK_FD_MIN: i32 = 100;
 
-/// Where COMMAND goes in the session: the keeper has a process group of its own (see keeper.rs),
+/// Where COMMAND goes in the session: the keeper has a process group of its own (see keeper/),
 /// COMMAND the wrapper's.
 pub(crate) struct Placement {
     /// The wrapper's process group (the terminal's foreground group when it runs in one), which
@@ -1020,7 +1020,7 @@ pub(crate) struct Placement {
     pub(crate) ignored: u64,
 }
 
-/// Starts COMMAND (in the keeper, see keeper.rs) so that it dies with the keeper:
+/// Starts COMMAND (in the keeper, see keeper/) so that it dies with the keeper:
 /// `PR_SET_PDEATHSIG` = SIGKILL, set in the child between fork and exec. Its stdin, stdout and
 /// stderr are the keeper's (the wrapper's), untouched; its environment is the keeper's (the
 /// wrapper's, without `NOTIFY_SOCKET` when the wrapper speaks to systemd for COMMAND), plus
