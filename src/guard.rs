@@ -253,7 +253,7 @@ impl InstanceGuard {
 
     /// The descriptor of the socket of the bus connection that owns the name, when this library
     /// made that socket (a bus address naming a Unix socket, as session and system buses do);
-    /// `None` without a bus name, or on a transport zbus connected itself (TCP, for one).
+    /// `None` without a bus name, or on a transport other than a Unix socket (TCP, for one).
     ///
     /// The bus drops a connection, and with it the names it owns, only once the connection's
     /// socket is closed, and a socket is closed only with its last descriptor. So whoever holds a

@@ -192,7 +192,24 @@ fn a_cancelled_acquisition_keeps_nothing() {
 /// success for a name it did release.
 #[test]
 fn release_frees_name_and_lock_file_before_it_returns() {
-    let bus = DbusDaemon::start(BusConfig::Open);
+    releases_free_name_and_lock_file_before_they_return(&DbusDaemon::start(BusConfig::Open));
+}
+
+/// The same over TCP, a transport whose socket zbus would make itself (a review: a guard
+/// released inside its current-thread runtime reported success, the lock file was freed, and
+/// the name stayed owned until that runtime ran again, so the next copy was refused).
+/// dbus-daemon only: dbus-broker serves no TCP.
+#[test]
+fn tcp_release_frees_name_and_lock_file_before_it_returns() {
+    releases_free_name_and_lock_file_before_they_return(&DbusDaemon::start_listening(
+        BusConfig::Open,
+        "",
+        Some("tcp:host=127.0.0.1,bind=127.0.0.1,port=0"),
+        "<auth>ANONYMOUS</auth><allow_anonymous/>",
+    ));
+}
+
+fn releases_free_name_and_lock_file_before_they_return(bus: &DbusDaemon) {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let cases: &[&[&str]] = &[
         // acquire_async on a current-thread runtime, released inside it (which it owns and

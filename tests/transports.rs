@@ -1,5 +1,5 @@
 //! The bus connection over each transport: a socket file and an abstract socket (where
-//! `RequestName` goes out with the handshake, in one write), and TCP (where zbus connects and
+//! `RequestName` goes out with the handshake, in one write), and TCP (where zbus authenticates and
 //! the name is requested after `Hello`). And, since the request is pipelined, that objects served
 //! with `serve_at` answer the very first call made the moment the name appears.
 

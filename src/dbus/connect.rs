@@ -34,7 +34,8 @@ pub(crate) struct Connected {
     /// The serial of the `RequestName` call sent with the handshake, whose reply is to be read
     /// from `stream` (see [`request_name_reply`]); `None` when it was not sent.
     pub(crate) pending_request: Option<NonZeroU32>,
-    /// Ends the connection on drop, unless disarmed; `None` on transports zbus connected itself.
+    /// Ends the connection on drop, unless disarmed; `None` on transports zbus connected itself
+    /// (neither a Unix socket nor plain TCP: `nonce-tcp:`, `unixexec:`).
     pub(crate) disconnect: Option<Disconnect>,
 }
 
@@ -49,13 +50,19 @@ pub(crate) struct Connected {
 #[derive(Debug)]
 pub(crate) struct Disconnect {
     socket: Option<std::os::fd::OwnedFd>,
+    /// A Unix socket, the one kind handed out ([`Disconnect::socket`]): on TCP a duplicate
+    /// only ends the connection.
+    unix: bool,
 }
 
 impl Disconnect {
     /// The duplicate of the bus socket's descriptor, until the connection was ended or this was
     /// disarmed.
     pub(crate) fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.socket.as_ref().map(std::os::fd::AsFd::as_fd)
+        self.socket
+            .as_ref()
+            .filter(|_| self.unix)
+            .map(std::os::fd::AsFd::as_fd)
     }
 
     /// Keeps the connection when dropped (its socket closes with zbus's tasks, as usual).
@@ -172,13 +179,29 @@ pub(super) async fn connect_to(
                 socket: Some(
                     rustix::io::fcntl_dupfd_cloexec(&stream, 0).map_err(std::io::Error::from)?,
                 ),
+                unix: true,
             });
             let stream = tokio::net::UnixStream::from_std(stream)?;
             let append = request.as_ref().map(|m| m.data().to_vec());
             Builder::socket(socket::halves(stream, append, Arc::clone(&appended)))
         }
         Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => return Err(e.into()),
-        _ => Builder::address(address.clone()),
+        _ => match tcp_connect(&address).await {
+            // Ours too, so that a release ends the connection without zbus's tasks (see
+            // `Disconnect`): a name released from an idle runtime is free when it returns.
+            Some(stream) => {
+                let stream = stream?;
+                disconnect = Some(Disconnect {
+                    socket: Some(
+                        rustix::io::fcntl_dupfd_cloexec(&stream, 0)
+                            .map_err(std::io::Error::from)?,
+                    ),
+                    unix: false,
+                });
+                Builder::tcp_stream(stream)
+            }
+            None => Builder::address(address.clone()),
+        },
     };
     for export in exports {
         builder = export(builder);
@@ -206,6 +229,44 @@ pub(super) async fn connect_to(
         pending_request,
         disconnect,
     })
+}
+
+/// Connects to `address` when it names a plain TCP transport (`tcp:host=...,port=...`, with its
+/// `family`), trying each address the host resolves to in turn; `None` for any other transport
+/// (`nonce-tcp:` among them), which zbus then handles itself.
+async fn tcp_connect(address: &zbus::Address) -> Option<std::io::Result<std::net::TcpStream>> {
+    use zbus::address::transport::{TcpTransportFamily, Transport};
+    let Transport::Tcp(tcp) = address.transport() else {
+        return None;
+    };
+    if tcp.nonce_file().is_some() {
+        return None;
+    }
+    let family = tcp.family();
+    Some(
+        async {
+            let mut last = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no address found for the bus's host {:?}", tcp.host()),
+            );
+            for at in tokio::net::lookup_host((tcp.host(), tcp.port())).await? {
+                let wanted = match family {
+                    Some(TcpTransportFamily::Ipv4) => at.is_ipv4(),
+                    Some(TcpTransportFamily::Ipv6) => at.is_ipv6(),
+                    _ => true,
+                };
+                if !wanted {
+                    continue;
+                }
+                match tokio::net::TcpStream::connect(at).await {
+                    Ok(stream) => return stream.into_std(),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        .await,
+    )
 }
 
 /// Connects, without blocking, to `address` when it names a Unix socket (a path or an abstract

@@ -204,18 +204,29 @@ fn end_connection(kind: BusKind, conn: Connection, disconnect: Disconnect) -> Re
     result
 }
 
-/// Releases the name of a connection whose socket zbus made itself (a transport other than a
-/// Unix socket), as well as the runtime we are in allows.
+/// Releases the name of a connection whose socket zbus made itself (`nonce-tcp:`, `unixexec:`:
+/// see [`super::connect::connect_to`]), as well as the runtime we are in allows: inside a
+/// current-thread runtime, which cannot be waited in, the connection is dropped, and closes
+/// only when that runtime runs again; that is said, not reported as done.
 pub(crate) fn release_without_socket(kind: BusKind, conn: Connection, name: &str) -> Result<()> {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(|| handle.block_on(release_bus(kind, conn, name)))
         }
         Ok(_) => {
-            // Cannot wait here: closing the connection makes the bus release the name as soon
-            // as it notices.
+            // Cannot wait here: the connection closes, and the bus releases the name, once this
+            // runtime runs again. Not a release done: an error, so that the caller knows (a
+            // review found it reported as done while the name stayed owned).
             drop(conn);
-            Ok(())
+            Err(Error::Bus {
+                context: "cannot release the name before this runtime runs again",
+                bus: kind,
+                source: zbus::Error::Failure(
+                    "on this transport a release inside a current-thread runtime only drops the \
+                     connection; release from async code (`release_async`) instead"
+                        .into(),
+                ),
+            })
         }
         Err(_) => match tokio::runtime::Builder::new_current_thread()
             .enable_all()
