@@ -16,7 +16,7 @@
 //! process's own) one body; split, each half would have to restate the other's checks.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags};
 
@@ -72,6 +72,14 @@ pub fn record_this_process_as_holder_keeping_bus_name(lock: BorrowedFd<'_>) -> R
 /// it, or found no room) is taken for kept, since nothing tells whether it was someone else's
 /// (a file of ours left behind, empty, keeps nobody out and lets no second copy in).
 fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u8>, bool)> {
+    let (line, keep, path) = holder_line(lock, keep_bus_name)?;
+    write_holder_line(lock, &line, &path)?;
+    Ok((line, keep))
+}
+
+/// The checks of [`rewrite_as_holder`], and the line it writes, with whether the file is kept
+/// and the file's path (for errors); nothing is written.
+fn holder_line(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u8>, bool, PathBuf)> {
     let fd_path = PathBuf::from(format!("/proc/self/fd/{}", lock.as_raw_fd()));
     let path = std::fs::read_link(&fd_path).unwrap_or_else(|_| fd_path.clone());
     let invalid = |what: &'static str, message: &str| {
@@ -133,11 +141,16 @@ fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u
         line.resize(content.len() - 1, b' ');
         line.push(b'\n');
     }
+    Ok((line, keep, path))
+}
+
+/// Writes `line` (from [`holder_line`]) as the record of the lock file `lock`, at `path`.
+fn write_holder_line(lock: BorrowedFd<'_>, line: &[u8], path: &Path) -> Result<()> {
     // No room (a full file system): emptied instead, "holder unknown"; the line is still the
     // one a re-created file gets.
-    write_or_unknown(lock, &line, &path)
-        .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
-    Ok((line, keep))
+    write_or_unknown(lock, line, path)
+        .map_err(|e| Error::io("cannot write holder record to", path, e))?;
+    Ok(())
 }
 
 /// A lock file held through a descriptor handed over by the process that acquired it, kept by
@@ -292,12 +305,14 @@ impl HandedLockFile {
         let path = plan.path();
         let lock_dir = open_existing_dir(&plan, options.allow_network_filesystem)?;
         let st = rustix::fs::fstat(&lock).map_err(|e| Error::io("cannot stat", &path, e.into()))?;
-        let (line, keep) = rewrite_as_holder(lock.as_fd(), keep_bus_name)?;
-        let lock = HeldLock::new(lock, &st, keep, &plan, &lock_dir, path.clone()).handed(line);
+        let (line, keep, fd_path) = holder_line(lock.as_fd(), keep_bus_name)?;
+        let lock =
+            HeldLock::new(lock, &st, keep, &plan, &lock_dir, path.clone()).handed(line.clone());
         let handle = lock.watch_handle();
         // A file that still has a name must have the planned one: any other is not the lock file
         // these options plan (an unlinked one, whose removal this watch could not see, is a
-        // loss for `check`).
+        // loss for `check`). Checked before anything is written: a file handed over by mistake
+        // is left as it was (a review found a record written into it, then the refusal).
         if st.st_nlink > 0 && handle.path_as(st.st_dev, st.st_ino) == Some(PathChange::Removed) {
             return Err(Error::io(
                 "the descriptor handed over is not the lock file",
@@ -305,6 +320,7 @@ impl HandedLockFile {
                 std::io::ErrorKind::InvalidInput.into(),
             ));
         }
+        write_holder_line(lock.fd(), &line, &fd_path)?;
         // Best effort: a directory left unwatched is still looked at by the periodic checks.
         let mut history = NameHistory::new(handle.recreated(), handle.acquired_way());
         let mut dir_watch = None;
@@ -445,5 +461,38 @@ impl HandedLockFile {
             Judgement::Recreated => HandedLockState::Recreated,
             Judgement::Lost(_) | Judgement::Over => HandedLockState::Lost,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A descriptor of another file, held through it and handed over by mistake with options
+    /// that plan another lock file, is refused before anything is written into that file (a
+    /// review found the holder record written into it, then the refusal).
+    #[test]
+    fn a_handed_descriptor_of_another_file_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = dir.path().join("data.bin");
+        std::fs::write(&other, b"").expect("create");
+        let file: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&other)
+            .expect("open")
+            .into();
+        super::super::ofd::lock_exclusive(&file, false).expect("lock");
+        std::fs::create_dir(dir.path().join("locks")).expect("mkdir");
+        let options = InstanceOptions::new("org.example.HandedByMistake")
+            .lock_dir(dir.path().join("locks"))
+            .backend(crate::Backend::LockFile);
+        let refused = HandedLockFile::new(&options, file, false);
+        assert!(refused.is_err(), "another file was taken: {refused:?}");
+        assert_eq!(
+            std::fs::read(&other).expect("read"),
+            b"",
+            "a file that is not the lock file was written"
+        );
     }
 }
