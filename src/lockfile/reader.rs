@@ -33,17 +33,49 @@ pub(super) fn unknown_holder(path: &Path) -> Holder {
 /// A read error is not an empty record: it is logged, and the holder is unknown at once (no
 /// grace: waiting cannot make the file readable). Either way the file stays held: the kernel
 /// lock decides, never what could be read of it.
+///
+/// A record that names another user than the file's owner is not believed: whoever holds a
+/// file of theirs may write anything in it (a review: another user's file in a shared sticky
+/// directory named root's PID 1 as the running copy). The holder is then unknown, at once.
+/// Root's record is believed in a file of another user's in a directory nobody but its owner
+/// may write (a service's own lock directory, where root's copy gives the file to the
+/// service's user): only root or that owner could have put it there. A holder otherwise seldom
+/// writes into a file another user owns (one others may write, given with `lock_file`; a writer
+/// in another user namespace, whose IDs read differently here): it is then unknown too, which
+/// is not a wrong answer.
 pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
     match read_content(file) {
-        Ok(content) => LockRecord::parse(&content)
-            .filter(|record| !names_a_process_gone_from_here(record))
-            .map(|record| record.into_holder(path.to_owned())),
+        Ok(content) => match LockRecord::parse(&content) {
+            Some(record) if !vouched_for(file, path, record.uid) => {
+                tracing::debug!(path = %path.display(), uid = record.uid,
+                    "a holder record naming another user than the lock file's owner; the holder is unknown");
+                Some(unknown_holder(path))
+            }
+            record => record
+                .filter(|record| !names_a_process_gone_from_here(record))
+                .map(|record| record.into_holder(path.to_owned())),
+        },
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %std::io::Error::from(e),
                 "cannot read the holder record of a held lock file; the holder is unknown");
             Some(unknown_holder(path))
         }
     }
+}
+
+/// Could the user `uid` a record names have written it into `file`, at `path`? Its owner, or
+/// root in a directory that nobody but its owner may write (see [`look_at_record`]). False when
+/// that cannot be told.
+fn vouched_for(file: &OwnedFd, path: &Path, uid: u32) -> bool {
+    let Ok(st) = rustix::fs::fstat(file) else {
+        return false;
+    };
+    st.st_uid == uid
+        || (uid == 0
+            && path
+                .parent()
+                .and_then(|dir| rustix::fs::stat(dir).ok())
+                .is_some_and(|dir| dir.st_mode & 0o022 == 0))
 }
 
 /// Does `record` name a process of this host that no longer exists? Then it is the record of a
