@@ -456,7 +456,8 @@ fn refused(args: &RunArgs, e: &Error) -> ExitCode {
             }
             // A refused copy holds nothing and has started nothing: it exits here, without
             // tearing down its runtime and signal handlers one by one (a start-up storm is
-            // made of refused copies).
+            // made of refused copies). Once its message is written: nothing is held.
+            crate::say::drain();
             std::process::exit(i32::from(args.conflict_exit_code))
         }
         _ => fail(e.exit_code(), format_args!("{e}")),

@@ -146,7 +146,9 @@
 //! to poll for it.
 //!
 //! The keeper is small and synchronous: one thread, no runtime, `poll` on the socket and on a
-//! SIGCHLD pipe; it allocates nothing between fork and exec, and never panics.
+//! SIGCHLD pipe; it allocates nothing between fork and exec, and never panics. Its messages are
+//! written by a second thread (say.rs), so that a stderr nobody reads never holds up the
+//! stopping of the tree; that thread is never needed between fork and exec.
 
 mod handle;
 mod orders;
