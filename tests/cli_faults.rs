@@ -1031,3 +1031,114 @@ fn a_loss_seen_only_after_command_ended_fails_the_run() {
         }
     }
 }
+
+/// A pipe that is full and that nobody reads (a paused `| less`, a terminal after Ctrl-S, a
+/// stuck logger), as a blocking stderr: the reader must be kept open for as long as it counts.
+fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let flags = rustix::fs::fcntl_getfl(&writer).expect("getfl");
+    rustix::fs::fcntl_setfl(&writer, flags | rustix::fs::OFlags::NONBLOCK).expect("setfl");
+    let chunk = [b'x'; 4096];
+    while rustix::io::write(&writer, &chunk).is_ok() {}
+    rustix::fs::fcntl_setfl(&writer, flags).expect("setfl");
+    (reader, writer)
+}
+
+/// A wrapper whose stderr is a full pipe nobody reads still stops COMMAND when the instance is
+/// lost. Its loss message used to be written (blocking) before COMMAND was signalled, so COMMAND
+/// ran on, beside any new copy, for as long as nobody read the pipe (review rev-cli, full
+/// stderr). Messages never hold up what enforces exclusion now (see say.rs).
+#[test]
+fn a_loss_stops_command_even_when_stderr_is_a_full_pipe() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("full_stderr_loss");
+    let (reader, writer) = full_pipe();
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=0.3",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo running $$; exec sleep 600",
+        ],
+    );
+    cmd.env_remove("RUST_LOG");
+    let mut wrapper = Proc::spawn_with_stderr(cmd, writer.into());
+    let command_pid = number_after(&wrapper.line_starting("running "), "running ");
+    let command = KillOnDrop::new(command_pid);
+    // The instance is lost: the lock file is replaced.
+    let other = lock_dir.path().join("other");
+    std::fs::write(&other, "").expect("write");
+    std::fs::rename(&other, lock_dir.path().join(format!("{name}.lock")))
+        .expect("rename over the lock file");
+    let stopped = command.exits_within_timeout();
+    command.kill();
+    // Let the wrapper write what it has to say, and exit.
+    drop(reader);
+    let status = wrapper.wait();
+    assert!(
+        stopped,
+        "COMMAND (pid {command_pid}) still ran {TIMEOUT:?} after the loss (--kill-after=0.3): \
+         the wrapper was blocked writing to its full stderr instead of stopping it"
+    );
+    assert_eq!(status.code(), Some(69), "a loss: {status:?}");
+}
+
+/// On a loss the whole tree gets SIGTERM at once, and SIGKILL `--kill-after` later: a child
+/// of COMMAND gets SIGTERM while COMMAND (which ignores it) still lives. It used to get its
+/// first SIGTERM only once COMMAND was gone (SIGKILL at `--kill-after`), with a fresh
+/// `--kill-after` grace of its own: a tree ignoring SIGTERM outlived the instance by twice
+/// `--kill-after`, beside a new copy (review rev-cli, loss grace).
+#[test]
+fn a_loss_sends_sigterm_to_commands_whole_tree_at_once() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("loss_whole_tree");
+    let scripts = tempfile::tempdir().expect("tempdir");
+    // The child says who its parent is when SIGTERM reaches it: COMMAND, or (COMMAND gone) the
+    // keeper it was re-parented to. `wait` is interrupted by a trapped signal; `sleep` is not.
+    let child = scripts.path().join("child.sh");
+    std::fs::write(
+        &child,
+        "trap 'echo \"term ppid $(cut -d\" \" -f4 /proc/$$/stat)\"; exit' TERM\n\
+         echo child $$\n\
+         while :; do sleep 1 & wait $!; done\n",
+    )
+    .expect("write the child's script");
+    // COMMAND handles SIGTERM by doing nothing (a handler, not SIG_IGN, which its child would
+    // inherit and could not undo), so it lives until SIGKILL.
+    let script = format!(
+        "trap : TERM; echo running $$; sh {} & while :; do sleep 1 & wait $!; done",
+        child.display()
+    );
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &["run", "--kill-after=2", &name, "--", "sh", "-c", &script],
+    );
+    cmd.env_remove("RUST_LOG");
+    let mut wrapper = Proc::spawn(cmd);
+    let command_pid = number_after(&wrapper.line_starting("running "), "running ");
+    let _command = KillOnDrop::new(command_pid);
+    let child_pid = number_after(&wrapper.line_starting("child "), "child ");
+    let _child = KillOnDrop::new(child_pid);
+    // The instance is lost: the lock file is replaced.
+    let other = lock_dir.path().join("other");
+    std::fs::write(&other, "").expect("write");
+    std::fs::rename(&other, lock_dir.path().join(format!("{name}.lock")))
+        .expect("rename over the lock file");
+    let parent = number_after(&wrapper.line_starting("term ppid "), "term ppid ");
+    let status = wrapper.wait();
+    assert_eq!(
+        parent,
+        command_pid,
+        "COMMAND's child got SIGTERM only once COMMAND (pid {command_pid}) was gone (its parent \
+         was then {parent}): after a loss, the tree must get SIGTERM at once, not COMMAND alone; \
+         stderr: {:?}",
+        wrapper.stderr_until_closed()
+    );
+    assert_eq!(status.code(), Some(69), "a loss: {status:?}");
+}

@@ -75,6 +75,9 @@ extern "C" fn main(
         std::process::abort();
     }
     let code = std::panic::catch_unwind(unique_instance_main).unwrap_or(ExitCode(EXIT_PANIC));
+    // What is left to say, said: by now the instance is released and COMMAND's tree is gone
+    // (see say.rs).
+    say::drain();
     // Flushes stdout, as returning from std's main would.
     std::process::exit(code.0.into())
 }
@@ -82,7 +85,9 @@ extern "C" fn main(
 /// std's start-up, where std needs it to read the arguments (not glibc).
 #[cfg(all(not(all(target_os = "linux", target_env = "gnu")), not(test)))]
 fn main() -> std::process::ExitCode {
-    std::process::ExitCode::from(unique_instance_main().0)
+    let code = unique_instance_main();
+    say::drain();
+    std::process::ExitCode::from(code.0)
 }
 
 /// Opens `/dev/null` on each of descriptors 0, 1 and 2 that is closed, as std's start-up does:

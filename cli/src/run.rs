@@ -269,7 +269,7 @@ async fn supervise(args: RunArgs, found_free: bool, ignored: u64) -> ExitCode {
         lock: guard.lock_file_descriptor(),
         recreations,
     };
-    let (status, lost) = watch_child(
+    let (status, lost, kill_at) = watch_child(
         &mut keeper,
         command,
         &mut signals,
@@ -279,7 +279,13 @@ async fn supervise(args: RunArgs, found_free: bool, ignored: u64) -> ExitCode {
     )
     .await;
     if status.is_ok() {
-        stop_leftovers(args.kill_after, &mut signals, &mut keeper, &mut lock).await;
+        // After a loss the whole tree got SIGTERM with COMMAND, and what is left gets SIGKILL at
+        // the same deadline; otherwise what is left gets its SIGTERM now, and its own grace.
+        let grace = match lost {
+            Some(_) => Grace::SinceLoss(kill_at),
+            None => Grace::Fresh(args.kill_after),
+        };
+        stop_leftovers(grace, &mut signals, &mut keeper, &mut lock).await;
     }
     // The keeper holds a duplicate of the lock: it must be gone before the instance is released.
     let keeper_status = keeper.finish().await;
@@ -456,7 +462,8 @@ fn refused(args: &RunArgs, e: &Error) -> ExitCode {
             }
             // A refused copy holds nothing and has started nothing: it exits here, without
             // tearing down its runtime and signal handlers one by one (a start-up storm is
-            // made of refused copies).
+            // made of refused copies). Once its message is written: nothing is held.
+            crate::say::drain();
             std::process::exit(i32::from(args.conflict_exit_code))
         }
         _ => fail(e.exit_code(), format_args!("{e}")),
@@ -494,8 +501,9 @@ impl Relock<'_> {
 }
 
 /// Runs until COMMAND ends: passes signals on, hands a re-created lock file to the keeper, and
-/// stops COMMAND if the instance is lost. Returns COMMAND's status and the loss that stopped
-/// it, if one did.
+/// stops COMMAND's whole tree if the instance is lost. Returns COMMAND's status, the loss that
+/// stopped it, if one did, and then when the tree is (or was) sent SIGKILL (`None`: never, a
+/// `--kill-after` too long to count).
 async fn watch_child(
     keeper: &mut keeper::Handle,
     command: Pid,
@@ -503,20 +511,25 @@ async fn watch_child(
     mut losses: LossWatcher,
     lock: &mut Relock<'_>,
     args: &RunArgs,
-) -> (io::Result<ExitStatus>, Option<Loss>) {
+) -> (
+    io::Result<ExitStatus>,
+    Option<Loss>,
+    Option<tokio::time::Instant>,
+) {
     let child_pid = Some(command);
     let mut stopped_for: Option<Loss> = None;
+    let mut kill_at = None;
     let kill_timer = tokio::time::sleep(Duration::MAX);
     tokio::pin!(kill_timer);
     let mut killed = false;
     loop {
         tokio::select! {
             event = keeper.next_event() => match event {
-                keeper::Event::Exited(status) => return (Ok(status), stopped_for),
+                keeper::Event::Exited(status) => return (Ok(status), stopped_for, kill_at),
                 keeper::Event::Reaped => {}
                 keeper::Event::Gone => {
                     let e = io::Error::other("its keeper process ended before it did");
-                    return (Err(e), stopped_for);
+                    return (Err(e), stopped_for, kill_at);
                 }
             },
             Some(origin) = signals.next() => {
@@ -541,19 +554,24 @@ async fn watch_child(
                     }
                     continue;
                 }
+                // Nothing excludes another copy any more: COMMAND and everything it started
+                // get SIGTERM at once (not COMMAND alone, which would leave its children their
+                // first SIGTERM, and a grace of their own, only once it is gone), and SIGKILL
+                // `--kill-after` from now. Done before it is said: see say.rs.
+                keeper.signal_tree(Signal::TERM);
+                kill_at = tokio::time::Instant::now().checked_add(args.kill_after);
+                if let Some(deadline) = kill_at {
+                    kill_timer.as_mut().reset(deadline);
+                }
                 say!(
                     "unique-instance: {}: the instance was lost ({}); stopping COMMAND \
                      (SIGTERM now, SIGKILL in {:?})",
                     args.instance.name, loss.reason, args.kill_after
                 );
-                terminate(keeper, child_pid);
                 stopped_for = Some(loss);
-                if let Some(deadline) = tokio::time::Instant::now().checked_add(args.kill_after) {
-                    kill_timer.as_mut().reset(deadline);
-                }
             }
             () = &mut kill_timer, if stopped_for.is_some() && !killed => {
-                send(keeper, child_pid, Signal::KILL);
+                keeper.signal_tree(Signal::KILL);
                 killed = true;
             }
         }
@@ -748,13 +766,25 @@ fn terminate(keeper: &mut keeper::Handle, child: Option<Pid>) {
     send(keeper, child, Signal::CONT);
 }
 
+/// How long what COMMAND left is given between SIGTERM and SIGKILL (see [`stop_leftovers`]).
+enum Grace {
+    /// COMMAND ended by itself (or of a signal passed on): what it left gets SIGTERM now, and
+    /// SIGKILL this long after.
+    Fresh(Duration),
+    /// COMMAND was stopped for a loss: the whole tree got SIGTERM then, and gets SIGKILL at
+    /// this deadline (`None`: never), one `--kill-after` after the loss.
+    SinceLoss(Option<tokio::time::Instant>),
+}
+
 /// COMMAND has exited. Anything it started and left running was re-parented to the keeper (a
 /// child subreaper) and is still part of the guarded work: it gets SIGTERM (and SIGCONT, see
-/// [`terminate`]), then SIGKILL after `kill_after`, and the instance is released only once all of it is gone (the keeper says so,
-/// and exits). Otherwise a background job of COMMAND would go on unguarded while a new copy
-/// starts.
+/// [`terminate`]), then SIGKILL once the `grace` ends, and the instance is released only once
+/// all of it is gone (the keeper says so, and exits). Otherwise a background job of COMMAND
+/// would go on unguarded while a new copy starts. After a loss, it got SIGTERM already, with
+/// COMMAND: no second one (many programs take that as "stop now, skip the clean-up"), and
+/// SIGKILL at the loss's deadline.
 async fn stop_leftovers(
-    kill_after: Duration,
+    grace: Grace,
     signals: &mut SignalsInfo<WithOrigin>,
     keeper: &mut keeper::Handle,
     lock: &mut Relock<'_>,
@@ -762,26 +792,34 @@ async fn stop_leftovers(
     let mut told = false;
     let mut signal = Signal::TERM;
     let mut signalled = std::collections::HashSet::new();
-    let grace = tokio::time::sleep(kill_after);
+    let (ends, term_sent) = match grace {
+        Grace::Fresh(kill_after) => (tokio::time::Instant::now().checked_add(kill_after), false),
+        Grace::SinceLoss(kill_at) => (kill_at, true),
+    };
+    let grace = async move {
+        match ends {
+            Some(ends) => tokio::time::sleep_until(ends).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(grace);
     loop {
         // Each process that ends may have handed its own children over to the keeper, so
         // every event is followed by a look at who is left.
         let leftovers = keeper.children();
-        if !told && !leftovers.is_empty() {
-            told = true;
-            say!(
-                "unique-instance: COMMAND left {} process(es) running ({}); stopping them before \
-                 releasing the instance",
-                leftovers.len(),
-                leftovers
-                    .iter()
-                    .map(|p| p.as_raw_nonzero().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
+        let tell = !told && !leftovers.is_empty();
+        let listed = tell.then(|| {
+            leftovers
+                .iter()
+                .map(|p| p.as_raw_nonzero().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        let count = leftovers.len();
         for pid in leftovers {
+            if signal == Signal::TERM && term_sent {
+                continue;
+            }
             if signalled.insert((pid, signal.as_raw())) {
                 if signal == Signal::TERM {
                     terminate(keeper, Some(pid));
@@ -789,6 +827,14 @@ async fn stop_leftovers(
                     send(keeper, Some(pid), signal);
                 }
             }
+        }
+        // Said once they are signalled: see say.rs.
+        if let Some(listed) = listed {
+            told = true;
+            say!(
+                "unique-instance: COMMAND left {count} process(es) running ({listed}); stopping \
+                 them before releasing the instance"
+            );
         }
         tokio::select! {
             // Gone: no child of the keeper left, and so no descendant either.

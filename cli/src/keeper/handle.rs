@@ -414,6 +414,19 @@ impl Handle {
         self.flush();
     }
 
+    /// Has the keeper send `signal` (SIGTERM, with SIGCONT, or SIGKILL) to COMMAND and every
+    /// other descendant of its at once (`tree SIGNAL`): the instance was lost, and the whole
+    /// tree must be gone within one `--kill-after` of the loss. Queued and sent as
+    /// [`Handle::signal`]'s orders are.
+    pub(crate) fn signal_tree(&mut self, signal: Signal) {
+        if self.closed {
+            return;
+        }
+        let line = format!("tree {}\n", signal.as_raw());
+        self.outbox.extend_from_slice(line.as_bytes());
+        self.flush();
+    }
+
     /// Tells the keeper that the service manager sent `signal` to every process of the unit,
     /// COMMAND's tree included (`delivered SIGNAL`): were the keeper to stop the tree itself
     /// later, it would not send it again. Queued and sent as [`Handle::signal`]'s orders are.

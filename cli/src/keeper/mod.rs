@@ -70,8 +70,12 @@
 //!   SIGNAL are numbers it could mean (SIGNAL: one the wrapper passes on, SIGKILL, or SIGCONT,
 //!   which follows each SIGTERM the wrapper sends of its own accord);
 //! - wrapper to keeper: `delivered SIGNAL` — the service manager sent SIGNAL to every process of
-//!   the unit, COMMAND's tree included, so the wrapper did not pass it on (see below). Any other
-//!   line is a protocol error: the keeper drops the socket and acts as when the wrapper is gone
+//!   the unit, COMMAND's tree included, so the wrapper did not pass it on (see below);
+//! - wrapper to keeper: `tree SIGNAL` — the wrapper lost the instance: COMMAND and every other
+//!   descendant get SIGNAL at once (15: SIGTERM, with SIGCONT, and only SIGCONT for one sent
+//!   SIGTERM already; 9: SIGKILL, `--kill-after` later), so that the whole tree, not COMMAND
+//!   alone, is gone within one `--kill-after` of the loss. Were the wrapper to die meanwhile,
+//!   the keeper keeps that deadline. Any other line is a protocol error: the keeper drops the socket and acts as when the wrapper is gone
 //!   (fail closed);
 //! - keeper to wrapper: `started PID` (COMMAND runs), `failed ERRNO MESSAGE` (COMMAND could not
 //!   be started), `error MESSAGE` (the keeper cannot do its job), `exited STATUS` (COMMAND's raw
@@ -146,7 +150,9 @@
 //! to poll for it.
 //!
 //! The keeper is small and synchronous: one thread, no runtime, `poll` on the socket and on a
-//! SIGCHLD pipe; it allocates nothing between fork and exec, and never panics.
+//! SIGCHLD pipe; it allocates nothing between fork and exec, and never panics. Its messages are
+//! written by a second thread (say.rs), so that a stderr nobody reads never holds up the
+//! stopping of the tree; that thread is never needed between fork and exec.
 
 mod handle;
 mod orders;

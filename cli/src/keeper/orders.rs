@@ -231,7 +231,7 @@ pub(super) fn adopt(fd: i32, kind: rustix::fs::FileType) -> Result<OwnedFd, Stri
 }
 
 /// The longest line the wrapper sends (`kill PID SIGNAL`, `lock DEV INO`, `delivered
-/// SIGNAL`), with room.
+/// SIGNAL`, `tree SIGNAL`), with room.
 pub(super) const MAX_ORDER: usize = 64;
 
 /// An order of the wrapper.
@@ -243,6 +243,8 @@ pub(super) enum Order {
     Lock { dev: u64, ino: u64 },
     /// The service manager sent `signal` to every process of the unit.
     Delivered { signal: Signal },
+    /// Send `signal` (SIGTERM or SIGKILL) to every descendant: the instance was lost.
+    Tree { signal: Signal },
 }
 
 /// Parses one line of the wrapper (without its newline); the error says what is wrong with it.
@@ -252,12 +254,20 @@ pub(super) fn parse_order(line: &str) -> Result<Order, String> {
             signal: forwarded_signal(signal)?,
         });
     }
+    if let Some(signal) = line.strip_prefix("tree ") {
+        let signal = [Signal::TERM, Signal::KILL]
+            .into_iter()
+            .find(|s| signal == s.as_raw().to_string())
+            .ok_or_else(|| format!("not SIGTERM or SIGKILL: {signal:?}"))?;
+        return Ok(Order::Tree { signal });
+    }
     let mut words = line.split(' ');
     let (Some(word @ ("kill" | "lock")), Some(pid), Some(signal), None) =
         (words.next(), words.next(), words.next(), words.next())
     else {
         return Err(
-            "not an order of the form `kill PID SIGNAL`, `lock DEV INO` or `delivered SIGNAL`"
+            "not an order of the form `kill PID SIGNAL`, `lock DEV INO`, `delivered SIGNAL` or \
+             `tree SIGNAL`"
                 .into(),
         );
     };
@@ -550,6 +560,21 @@ mod tests {
                 signal: Signal::CONT
             })
         );
+        assert_eq!(
+            parse_order("tree 15"),
+            Ok(Order::Tree {
+                signal: Signal::TERM
+            })
+        );
+        assert_eq!(
+            parse_order("tree 9"),
+            Ok(Order::Tree {
+                signal: Signal::KILL
+            })
+        );
+        for bad in ["tree 2", "tree 09", "tree ", "tree 15 15"] {
+            assert!(parse_order(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(
             parse_order("lock 2049 18446744073709551615"),
             Ok(Order::Lock {

@@ -72,9 +72,13 @@ pub(super) struct Keeper {
     /// is also once we have a new parent (see [`Keeper::wrapper_exited`]). `None` where pidfds
     /// cannot be had.
     wrapper: Option<OwnedFd>,
-    /// The service manager sent SIGTERM to the whole tree (`delivered 15`): nobody is sent it
-    /// again.
+    /// The service manager sent SIGTERM to the whole tree (`delivered 15`), or we did (`tree
+    /// 15`): nobody is sent it again.
     tree_got_term: bool,
+    /// When the whole tree is to get SIGKILL, the wrapper having lost the instance (`tree 15`,
+    /// plus `--kill-after`): kept if the wrapper goes before, so that the tree is not given a
+    /// second grace.
+    tree_kill_at: Option<std::time::Instant>,
 }
 
 impl Keeper {
@@ -98,6 +102,7 @@ impl Keeper {
             bus: None,
             sent_term: std::collections::HashSet::new(),
             tree_got_term: false,
+            tree_kill_at: None,
             options: None,
             watch: None,
             kept: None,
@@ -390,6 +395,10 @@ impl Keeper {
             Order::Lock { dev, ino } => return self.take_lock(dev, ino),
             Order::Delivered { signal } => {
                 self.tree_got_term |= signal == Signal::TERM;
+                return Ok(());
+            }
+            Order::Tree { signal } => {
+                self.signal_tree(signal);
                 return Ok(());
             }
         };

@@ -29,20 +29,27 @@ impl Keeper {
         let mut holding =
             self.lock.is_some() || self.kept.is_some() || bus_still_connected(&mut self.bus);
         let (mut deadline, mut signal) = if holding {
-            let term = if self.tree_got_term {
+            let term = if self.tree_got_term && self.tree_kill_at.is_none() {
                 "already sent SIGTERM by the service manager"
-            } else if !self.sent_term.is_empty() {
+            } else if !self.sent_term.is_empty() || self.tree_kill_at.is_some() {
                 "SIGTERM now to what was not sent it already"
             } else {
                 "SIGTERM now"
             };
+            // No later than the wrapper, having lost the instance, would have killed the tree.
+            let now = Instant::now();
+            let kill_at = match (now.checked_add(self.kill_after), self.tree_kill_at) {
+                (Some(ours), Some(wrappers)) => Some(ours.min(wrappers)),
+                (ours, wrappers) => ours.or(wrappers),
+            };
+            let kill_in = kill_at.map_or(self.kill_after, |at| at.saturating_duration_since(now));
             say!(
                 "unique-instance: the wrapper is gone; its keeper (pid {}) holds the instance \
                  while it stops COMMAND and everything it started ({term}, SIGKILL in {:?})",
                 std::process::id(),
-                self.kill_after
+                kill_in
             );
-            (Instant::now().checked_add(self.kill_after), Signal::TERM)
+            (kill_at, Signal::TERM)
         } else {
             (Some(Instant::now()), Signal::KILL)
         };
@@ -61,8 +68,8 @@ impl Keeper {
                 && !bus_still_connected(&mut self.bus)
             {
                 holding = false;
-                nothing_held(if had_lock { LOCK_LOST } else { NO_BUS });
                 deadline = Some(Instant::now());
+                nothing_held(if had_lock { LOCK_LOST } else { NO_BUS });
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if left == Some(Duration::ZERO) {
@@ -113,6 +120,32 @@ impl Keeper {
             // At once on a change, and at least every RESCAN: without inotify, or with a
             // directory on the way left unwatched, nothing else would say.
             self.check_kept();
+        }
+    }
+}
+
+impl Keeper {
+    /// `tree SIGNAL`: the wrapper lost the instance, and COMMAND and every other descendant get
+    /// `signal` at once, SIGTERM (with SIGCONT, so that a stopped one acts on it; only SIGCONT
+    /// for one sent SIGTERM already) or SIGKILL. One born after the walk is not signalled here:
+    /// the wrapper's SIGKILL (a walk of its own) or the stop of what COMMAND left finds it.
+    pub(super) fn signal_tree(&mut self, signal: Signal) {
+        let me = rustix::process::getpid();
+        for (pid, parent) in descendants(Path::new("/proc"), me) {
+            let now = if signal == Signal::TERM
+                && (self.tree_got_term || self.sent_term.contains(&pid))
+            {
+                Signal::CONT
+            } else {
+                signal
+            };
+            signal_descendant(pid, parent, me, now);
+        }
+        if signal == Signal::TERM {
+            self.tree_got_term = true;
+            if self.tree_kill_at.is_none() {
+                self.tree_kill_at = Instant::now().checked_add(self.kill_after);
+            }
         }
     }
 }
