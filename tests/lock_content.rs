@@ -473,7 +473,8 @@ fn waiting_for_a_holders_record_does_not_block_the_executor() {
 
 /// A device at the lock path (here `/dev/null`, which only root could plant, but a user can
 /// name with `--lock-file`) is refused as not a regular file, by `run` and `status` alike:
-/// a clear error, never a panic, and nothing written to it.
+/// a clear error, never a panic, and nothing written to it. The exit status is 78
+/// (`EX_CONFIG`: a lock path unique-instance refuses), not 70, which says the tool failed.
 #[test]
 fn a_device_at_the_lock_path_is_refused_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -485,7 +486,7 @@ fn a_device_at_the_lock_path_is_refused_not_a_panic() {
         let mut copy = cli(None, dir.path(), args);
         let stderr = copy.stderr_until_closed().join("\n");
         let code = copy.exit_code();
-        assert_eq!(code, 70, "{args:?}: {stderr}");
+        assert_eq!(code, 78, "{args:?}: {stderr}");
         assert!(stderr.contains("not a regular file"), "{args:?}: {stderr}");
     }
 }
