@@ -475,19 +475,33 @@ fn waiting_for_a_holders_record_does_not_block_the_executor() {
 /// name with `--lock-file`) is refused as not a regular file, by `run` and `status` alike:
 /// a clear error, never a panic, and nothing written to it. The exit status is 78
 /// (`EX_CONFIG`: a lock path unique-instance refuses), not 70, which says the tool failed.
+/// A device is never even opened (a driver may act on an open: arm a watchdog, raise DTR), so
+/// `/dev/tty` without a controlling terminal (`setsid`; opening it would fail with `ENXIO`)
+/// is named for what it is, a character device.
 #[test]
 fn a_device_at_the_lock_path_is_refused_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("device");
-    for args in [
-        &["run", "--lock-file", "/dev/null", &name, "--", "true"][..],
-        &["status", "--lock-file", "/dev/null", &name][..],
-    ] {
-        let mut copy = cli(None, dir.path(), args);
-        let stderr = copy.stderr_until_closed().join("\n");
-        let code = copy.exit_code();
-        assert_eq!(code, 78, "{args:?}: {stderr}");
-        assert!(stderr.contains("not a regular file"), "{args:?}: {stderr}");
+    for device in ["/dev/null", "/dev/tty"] {
+        for args in [
+            &["run", "--lock-file", device, &name, "--", "true"][..],
+            &["status", "--lock-file", device, &name][..],
+        ] {
+            let mut setsid =
+                std::process::Command::new(common::require_program("setsid", "util-linux"));
+            setsid.arg("--wait");
+            let mut copy = common::Proc::spawn(common::wrapped(
+                setsid,
+                &common::cli_command(None, dir.path(), args),
+            ));
+            let stderr = copy.stderr_until_closed().join("\n");
+            let code = copy.exit_code();
+            assert_eq!(code, 78, "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("it is a character device, not a regular file"),
+                "{args:?}: {stderr}"
+            );
+        }
     }
 }
 
