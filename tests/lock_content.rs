@@ -261,7 +261,9 @@ fn a_file_unique_instance_did_not_create_is_never_written_or_removed() {
     assert_eq!(running.next_line("the script's end"), "ran");
     assert_eq!(running.exit_code(), 0);
 
-    // The library says the same, and `status` only reads.
+    // The library says the same, and so does `status` (which only reads): a file that is not
+    // a lock file is no instance "not running" (that said, a user would be told to start one
+    // that `run` then refuses).
     match InstanceOptions::new(&name)
         .backend(Backend::LockFile)
         .lock_file(&data)
@@ -270,15 +272,42 @@ fn a_file_unique_instance_did_not_create_is_never_written_or_removed() {
         Err(e @ Error::NotALockFile { .. }) => assert_eq!(e.exit_code(), 64),
         other => panic!("expected NotALockFile, got {other:?}"),
     }
-    let mut status = cli(
+    let status = cli(
         None,
         lock_dir.path(),
         &["status", "--lock-file", data_arg, &name],
     );
-    assert_eq!(status.exit_code(), 3, "{:?}", status.stderr_until_closed());
+    refused_as_not_a_lock_file(status, "status of a data file");
 
     assert_eq!(fingerprint(&data), data_before, "the data file changed");
     assert_eq!(fingerprint(&script), script_before, "the script changed");
+}
+
+/// A lock file nobody holds with a second name (a hard link to someone's file) is refused by
+/// `status` as `run` refuses it (78, "unsafe lock path"), not reported "not running": `run`
+/// would never start there.
+#[test]
+fn status_refuses_a_hard_linked_file_as_run_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "").expect("write");
+    let path = dir.path().join("linked.lock");
+    std::fs::hard_link(&victim, &path).expect("link");
+    let path_arg = path.to_str().expect("utf-8 path");
+    let name = unique_name("status_linked");
+    for args in [
+        &["run", "--lock-file", path_arg, &name, "--", "true"][..],
+        &["status", "--lock-file", path_arg, &name][..],
+    ] {
+        let mut copy = cli(None, dir.path(), args);
+        let stderr = copy.stderr_until_closed().join("\n");
+        assert_eq!(copy.exit_code(), 78, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("it has 2 names (hard links)"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(std::fs::read(&victim).expect("read"), b"", "left as it was");
 }
 
 /// A crashed holder's file (one whole record, nothing else) at an explicit path is taken over

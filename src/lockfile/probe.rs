@@ -12,8 +12,9 @@ use crate::error::{Error, Result, UnsafeLockPath};
 use crate::holder::Holder;
 
 use super::ofd::is_held;
-use super::open::{file_type_name, only_regular};
+use super::open::{file_type_name, is_ours, only_regular};
 use super::reader::{look_at_record, read_holder, read_holder_async, unknown_holder};
+use super::record::read_content;
 
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
 pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
@@ -38,8 +39,12 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
 /// `None` when nobody holds it, or there is no such file. A holder whose record is not written
 /// yet gets the short grace [`read_holder`] gives it.
 ///
-/// Anything at the path but a regular file is refused as an acquisition refuses it, and never
-/// opened: it is looked at first (see [`only_regular`]).
+/// A path an acquisition would refuse is refused here with the same error, never reported as
+/// free: anything but a regular file (looked at before it is opened, and never opened:
+/// see [`only_regular`]), and a file nobody holds that has more than one name, or that is not
+/// a lock file (see [`is_ours`]). (An acquisition gives a second name a moment to go; this
+/// look, made once, does not.) A held file is held, whatever it is: that is what an
+/// acquisition says too ("already running").
 ///
 /// This blocks for up to [`RECORD_GRACE`](super::reader::RECORD_GRACE): from async code use [`holder_of_async`].
 ///
@@ -104,8 +109,26 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
         });
     }
     match is_held(&file) {
-        Ok(true) => Ok(Some(file)),
-        Ok(false) => Ok(None),
-        Err(e) => Err(Error::io("cannot test the lock on", path, e.into())),
+        Ok(true) => return Ok(Some(file)),
+        Ok(false) => {}
+        Err(e) => return Err(Error::io("cannot test the lock on", path, e.into())),
     }
+    // Nobody holds it: free only if an acquisition would take it, in the order it checks.
+    #[allow(clippy::unnecessary_cast)] // `st_nlink` is narrower on some architectures
+    let links = st.st_nlink as u64;
+    if links > 1 {
+        return Err(Error::UnsafeLockPath {
+            path: path.to_owned(),
+            problem: UnsafeLockPath::HardLinked { links },
+        });
+    }
+    let content =
+        read_content(&file).map_err(|e| Error::io("cannot read the lock file", path, e.into()))?;
+    if links == 1 && !is_ours(&content) {
+        return Err(Error::NotALockFile {
+            name: name.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(None)
 }
