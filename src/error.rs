@@ -268,7 +268,9 @@ impl Error {
     /// `unique-instance` tool does: 75 (`EX_TEMPFAIL`) already running or timed out, 64
     /// (`EX_USAGE`) invalid name, option or environment setting, or a lock path naming a file
     /// that is not a lock file, 77 (`EX_NOPERM`) not permitted, 69 (`EX_UNAVAILABLE`) no
-    /// usable backend, 70 (`EX_SOFTWARE`) anything else.
+    /// usable backend, 78 (`EX_CONFIG`) a lock path refused as unsafe or on a network file
+    /// system (the setup's to fix: choose another path, or fix the file system), 70
+    /// (`EX_SOFTWARE`) anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::AlreadyRunning { .. } | Error::TimedOut { .. } => 75,
@@ -278,6 +280,8 @@ impl Error {
             | Error::NotALockFile { .. } => 64,
             Error::NotPermitted { .. } => 77,
             Error::NoUsableBackend { .. } | Error::LostBeforeRelease { .. } => 69,
+            // Not a bug in the tool (70): a path it must not lock, which the setup chose.
+            Error::UnsafeLockPath { .. } | Error::NetworkFilesystem { .. } => 78,
             _ => 70,
         }
     }
@@ -352,5 +356,27 @@ mod tests {
         );
         assert_eq!(now.exit_code(), 70);
         assert!(std::error::Error::source(&now).is_some());
+    }
+
+    /// A lock path refused as unsafe, or on a network file system, is the setup's to fix (78,
+    /// `EX_CONFIG`), not a bug in the tool (70, `EX_SOFTWARE`).
+    #[test]
+    fn refused_lock_paths_exit_78_not_70() {
+        for e in [
+            Error::UnsafeLockPath {
+                path: "/run/x.lock".into(),
+                problem: UnsafeLockPath::Symlink,
+            },
+            Error::UnsafeLockPath {
+                path: "/run/x.lock".into(),
+                problem: UnsafeLockPath::HardLinked { links: 2 },
+            },
+            Error::NetworkFilesystem {
+                path: "/mnt/nfs".into(),
+                fs_type: "nfs",
+            },
+        ] {
+            assert_eq!(e.exit_code(), 78, "{e}");
+        }
     }
 }

@@ -220,8 +220,10 @@ impl InstanceOptions {
     ///
     /// # Errors
     ///
-    /// The planning errors of [`InstanceOptions::plan`]; [`Error::UnsafeLockPath`] when the lock
-    /// path is a symlink; [`Error::NotPermitted`] when this process may not open the lock file
+    /// The planning errors of [`InstanceOptions::plan`]; [`Error::UnsafeLockPath`] and
+    /// [`Error::NotALockFile`] when the lock path names a file an acquisition would refuse (a
+    /// symlink or anything else that is not a regular file, never opened; or, held by nobody, a
+    /// file with more than one name or one that is not a lock file); [`Error::NotPermitted`] when this process may not open the lock file
     /// (or search its directory); [`Error::Io`] when it cannot be examined otherwise.
     pub fn lock_file_holder(&self) -> Result<Option<Holder>> {
         let plan = self.plan()?;

@@ -57,7 +57,10 @@ impl Status {
 /// # Errors
 ///
 /// [`crate::Error::InvalidName`] and the planning errors of [`InstanceOptions::plan`];
-/// [`crate::Error::UnsafeLockPath`] when the lock path is a symlink;
+/// [`crate::Error::UnsafeLockPath`] and [`crate::Error::NotALockFile`] when the lock path
+/// names a file an acquisition would refuse (a symlink or anything else that is not a regular
+/// file, never opened; or, held by nobody, a file with more than one name or one that is not a
+/// lock file), rather than reporting it free;
 /// [`crate::Error::NotPermitted`] when this process may not open the lock file (or search its
 /// directory); [`crate::Error::Io`] when the lock file cannot be examined otherwise.
 pub async fn status(options: &InstanceOptions) -> Result<Status> {

@@ -1016,3 +1016,40 @@ fn a_failure_midway_writes_nothing() {
         assert!(!out.path().join(made).exists(), "{made} left behind");
     }
 }
+
+/// systemd reads no line longer than `LONG_LINE_MAX` (1 MiB): arguments that are each fine (the
+/// kernel's limit on one is 128 KiB) but together longer make an `ExecStart=` line (and the
+/// files' "Written by" comments) that it refuses ("No buffer space available"), in the unit and
+/// in the tmpfiles.d file alike. The generator refuses them (64, naming the limit) and writes
+/// nothing, rather than exit 0 with files that do not load; shorter ones still load.
+#[test]
+fn arguments_past_systemds_line_limit_are_refused() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let long = "a".repeat(100_000);
+    let generate = |count: usize| {
+        let mut args = vec![
+            "generate",
+            "--out-dir",
+            out.path().to_str().expect("utf-8"),
+            "--exec",
+            "/bin/true",
+            "--user",
+            "daemon",
+            "org.example.Big",
+            "--",
+        ];
+        args.extend(std::iter::repeat_n(long.as_str(), count));
+        cli(&args)
+    };
+    let (code, _, stderr) = generate(12);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("line limit") && stderr.contains("1 MiB") && stderr.contains("systemd"),
+        "{stderr}"
+    );
+    assert!(tree(out.path()).is_empty(), "wrote something");
+    let (code, _, stderr) = generate(4);
+    assert_eq!(code, 0, "{stderr}");
+    let system = out.path().join("systemd/org.example.Big.service");
+    assert_verifies(&["verify", system.to_str().expect("utf-8")], &[]);
+}

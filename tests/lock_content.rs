@@ -261,7 +261,9 @@ fn a_file_unique_instance_did_not_create_is_never_written_or_removed() {
     assert_eq!(running.next_line("the script's end"), "ran");
     assert_eq!(running.exit_code(), 0);
 
-    // The library says the same, and `status` only reads.
+    // The library says the same, and so does `status` (which only reads): a file that is not
+    // a lock file is no instance "not running" (that said, a user would be told to start one
+    // that `run` then refuses).
     match InstanceOptions::new(&name)
         .backend(Backend::LockFile)
         .lock_file(&data)
@@ -270,15 +272,42 @@ fn a_file_unique_instance_did_not_create_is_never_written_or_removed() {
         Err(e @ Error::NotALockFile { .. }) => assert_eq!(e.exit_code(), 64),
         other => panic!("expected NotALockFile, got {other:?}"),
     }
-    let mut status = cli(
+    let status = cli(
         None,
         lock_dir.path(),
         &["status", "--lock-file", data_arg, &name],
     );
-    assert_eq!(status.exit_code(), 3, "{:?}", status.stderr_until_closed());
+    refused_as_not_a_lock_file(status, "status of a data file");
 
     assert_eq!(fingerprint(&data), data_before, "the data file changed");
     assert_eq!(fingerprint(&script), script_before, "the script changed");
+}
+
+/// A lock file nobody holds with a second name (a hard link to someone's file) is refused by
+/// `status` as `run` refuses it (78, "unsafe lock path"), not reported "not running": `run`
+/// would never start there.
+#[test]
+fn status_refuses_a_hard_linked_file_as_run_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "").expect("write");
+    let path = dir.path().join("linked.lock");
+    std::fs::hard_link(&victim, &path).expect("link");
+    let path_arg = path.to_str().expect("utf-8 path");
+    let name = unique_name("status_linked");
+    for args in [
+        &["run", "--lock-file", path_arg, &name, "--", "true"][..],
+        &["status", "--lock-file", path_arg, &name][..],
+    ] {
+        let mut copy = cli(None, dir.path(), args);
+        let stderr = copy.stderr_until_closed().join("\n");
+        assert_eq!(copy.exit_code(), 78, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("it has 2 names (hard links)"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(std::fs::read(&victim).expect("read"), b"", "left as it was");
 }
 
 /// A crashed holder's file (one whole record, nothing else) at an explicit path is taken over
@@ -473,20 +502,35 @@ fn waiting_for_a_holders_record_does_not_block_the_executor() {
 
 /// A device at the lock path (here `/dev/null`, which only root could plant, but a user can
 /// name with `--lock-file`) is refused as not a regular file, by `run` and `status` alike:
-/// a clear error, never a panic, and nothing written to it.
+/// a clear error, never a panic, and nothing written to it. The exit status is 78
+/// (`EX_CONFIG`: a lock path unique-instance refuses), not 70, which says the tool failed.
+/// A device is never even opened (a driver may act on an open: arm a watchdog, raise DTR), so
+/// `/dev/tty` without a controlling terminal (`setsid`; opening it would fail with `ENXIO`)
+/// is named for what it is, a character device.
 #[test]
 fn a_device_at_the_lock_path_is_refused_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("device");
-    for args in [
-        &["run", "--lock-file", "/dev/null", &name, "--", "true"][..],
-        &["status", "--lock-file", "/dev/null", &name][..],
-    ] {
-        let mut copy = cli(None, dir.path(), args);
-        let stderr = copy.stderr_until_closed().join("\n");
-        let code = copy.exit_code();
-        assert_eq!(code, 70, "{args:?}: {stderr}");
-        assert!(stderr.contains("not a regular file"), "{args:?}: {stderr}");
+    for device in ["/dev/null", "/dev/tty"] {
+        for args in [
+            &["run", "--lock-file", device, &name, "--", "true"][..],
+            &["status", "--lock-file", device, &name][..],
+        ] {
+            let mut setsid =
+                std::process::Command::new(common::require_program("setsid", "util-linux"));
+            setsid.arg("--wait");
+            let mut copy = common::Proc::spawn(common::wrapped(
+                setsid,
+                &common::cli_command(None, dir.path(), args),
+            ));
+            let stderr = copy.stderr_until_closed().join("\n");
+            let code = copy.exit_code();
+            assert_eq!(code, 78, "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("it is a character device, not a regular file"),
+                "{args:?}: {stderr}"
+            );
+        }
     }
 }
 

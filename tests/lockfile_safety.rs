@@ -7,8 +7,11 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::{NOBODY, field, holder, holder_as, unique_name};
+use common::{NOBODY, Proc, field, holder, holder_as, unique_name};
+use nix::libc;
 use unique_instance::{Backend, Error, InstanceOptions, Scope, UnsafeLockPath};
 
 fn lock_only(name: &str, dir: &Path) -> InstanceOptions {
@@ -104,6 +107,91 @@ fn fifo_directory_and_foreign_owner_are_refused() {
         65534,
         "left as it was"
     );
+}
+
+/// A FIFO named as the lock path is refused without ever being opened: opening its read end
+/// (even `O_NONBLOCK`, and closing it at once) would release a writer blocked in `open`, which
+/// would then die of SIGPIPE on its first write, its data lost. Here `echo important > FIFO` is
+/// blocked in `open` when `run` and `status` are refused the path, and must still be: opened by
+/// us afterwards, the FIFO gives its data, and the writer exits 0.
+#[test]
+fn a_fifo_at_the_lock_path_is_never_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("someones.fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let fifo_arg = fifo.to_str().expect("a UTF-8 path");
+    let mut sh = Command::new(common::require_program("sh", "dash"));
+    sh.args(["-c", "echo ready; echo important > \"$1\"", "sh", fifo_arg]);
+    let mut writer = Proc::spawn(sh);
+    writer.expect_line("ready");
+    // Blocked in `open` (sleeping in `openat`), waiting for a reader: dash's `echo` is built
+    // in, so the shell itself opens the FIFO.
+    let syscall = format!("/proc/{}/syscall", writer.pid());
+    let deadline = Instant::now() + common::TIMEOUT;
+    while !std::fs::read_to_string(&syscall)
+        .is_ok_and(|s| s.split_whitespace().next() == Some(&libc::SYS_openat.to_string()))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never blocked opening the FIFO"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let name = unique_name("fifo_writer");
+    for args in [
+        &[
+            "run",
+            "--backend=lockfile",
+            "--lock-file",
+            fifo_arg,
+            &name,
+            "--",
+            "true",
+        ][..],
+        &["status", "--lock-file", fifo_arg, &name][..],
+    ] {
+        let mut copy = common::cli(None, dir.path(), args);
+        let stderr = copy.stderr_until_closed().join("\n");
+        assert_eq!(copy.exit_code(), 78, "{args:?}: {stderr}");
+        assert!(stderr.contains("it is a FIFO"), "{args:?}: {stderr}");
+    }
+    // Through the library too.
+    assert_eq!(
+        unsafe_problem(
+            InstanceOptions::new(&name)
+                .backend(Backend::LockFile)
+                .lock_file(&fifo)
+                .acquire()
+        ),
+        UnsafeLockPath::NotRegularFile { kind: "FIFO" }
+    );
+    // The first reader: the writer's `open` returns now, and its data arrives. (Had a copy
+    // opened the FIFO, the writer would be gone and this open would wait for a writer forever.)
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader_path = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read_to_string(reader_path));
+    });
+    match rx.recv_timeout(common::TIMEOUT) {
+        Ok(read) => assert_eq!(read.expect("read the FIFO"), "important\n"),
+        Err(_) => {
+            // Unblock our reader before failing.
+            let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+            panic!(
+                "the FIFO's writer is gone: a refused copy opened the FIFO and released it \
+                 (stderr: {:?})",
+                writer.stderr_lines()
+            );
+        }
+    }
+    assert_eq!(writer.exit_code(), 0, "the writer wrote its data");
 }
 
 #[test]

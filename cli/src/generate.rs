@@ -21,6 +21,13 @@ pub(crate) fn generate(args: GenerateArgs) -> ExitCode {
         Err(message) => return fail(EXIT_USAGE, format_args!("{message}")),
     };
     let files = deployment.files();
+    if let Err(message) = deploy::check_line_lengths(
+        files
+            .iter()
+            .map(|f| (f.path.as_path(), f.contents.as_str())),
+    ) {
+        return fail(EXIT_USAGE, format_args!("{message}"));
+    }
     // Everything is checked before anything is written: a refusal leaves the directory as it was.
     let mut writes = Vec::new();
     let mut conflicts = Vec::new();

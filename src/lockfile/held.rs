@@ -409,12 +409,25 @@ impl HeldLock {
     /// our last reference went): the file is then ours alone, locked, to remove or empty. It
     /// fails when someone does: a forked child, a duplicate handed to another process, or a
     /// copy that took the lock in that instant (then rightfully: the file is at its path). A
-    /// few system calls (`openat`, `fstat`, a `dup3` per descriptor, `fcntl`, `close`) per
-    /// release. Anything failing on the way counts as shared: a file left behind is harmless,
-    /// a held one removed is not.
+    /// few system calls (`statat`, `openat`, `fstat`, a `dup3` per descriptor, `fcntl`,
+    /// `close`) per release. Anything failing on the way counts as shared: a file left behind
+    /// is harmless, a held one removed is not.
     fn shared_with_another(&self, now: &Now) -> Option<&'static str> {
         use rustix::fs::{Mode, OFlags};
         let flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+        // Looked at before it is opened: another file at the path (a FIFO, whose writer an
+        // `O_RDWR` open would release) is never opened; one swapped in after the look is told
+        // apart by the `fstat` below.
+        match rustix::fs::statat(
+            &*self.dir,
+            self.file_name.as_os_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        ) {
+            Ok(st) if st.st_dev == now.dev && st.st_ino == now.ino => {}
+            // Another file at the path, or none: ours is not there to remove.
+            Ok(_) | Err(Errno::NOENT) => return None,
+            Err(_) => return Some("cannot stat the lock file to check"),
+        }
         let file = match retry_eintr(|| {
             rustix::fs::openat(&*self.dir, self.file_name.as_os_str(), flags, Mode::empty())
         }) {

@@ -95,7 +95,8 @@ pub(super) fn open_lock_file(
         path: path.to_owned(),
         problem,
     };
-    // NONBLOCK keeps a FIFO planted at the path from blocking the open; it is refused below.
+    // Only a regular file is ever opened (see [`only_regular`]); NONBLOCK still keeps a FIFO
+    // swapped in after the look from blocking the open, and it is refused below.
     let flags = OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
     let open = |flags: OFlags| {
         retry_eintr(|| {
@@ -107,10 +108,24 @@ pub(super) fn open_lock_file(
             )
         })
     };
+    let look = || {
+        retry_eintr(|| {
+            rustix::fs::statat(dir, plan.file_name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+        })
+    };
     let refused = |e: Errno| match e {
         Errno::LOOP => unsafe_path(UnsafeLockPath::Symlink),
         Errno::ISDIR => unsafe_path(UnsafeLockPath::NotRegularFile { kind: "directory" }),
-        Errno::NXIO => unsafe_path(UnsafeLockPath::NotRegularFile { kind: "socket" }),
+        // A socket, or a device with no driver behind it (`/dev/tty` without a controlling
+        // terminal), swapped in after the look: named for what it is.
+        Errno::NXIO => look()
+            .ok()
+            .and_then(|st| only_regular(path, &st).err())
+            .unwrap_or_else(|| {
+                unsafe_path(UnsafeLockPath::NotRegularFile {
+                    kind: "special file",
+                })
+            }),
         e if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS => not_permitted(
             plan,
             format!(
@@ -125,7 +140,9 @@ pub(super) fn open_lock_file(
     let fstat = |file: &OwnedFd| {
         rustix::fs::fstat(file).map_err(|e| Error::io("cannot stat", path, e.into()))
     };
-    // What every file at the path must be, and how many names it has.
+    // What every file at the path must be, and how many names it has. Checked on the opened
+    // descriptor, though the path was looked at before the open: it may have been given another
+    // file in between, and this refuses that one.
     let check = |st: &Stat| -> Result<Names> {
         let file_type = FileType::from_raw_mode(st.st_mode);
         if file_type != FileType::RegularFile {
@@ -172,6 +189,12 @@ pub(super) fn open_lock_file(
         Err(Errno::NOENT) => return Ok(None),
         Err(e) => return Err(refused(e)),
     }
+    // Something is there: looked at first, and opened only if it is a regular file.
+    match look() {
+        Ok(st) => only_regular(path, &st)?,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(refused(e)),
+    }
     let file = match open(flags | OFlags::RDONLY) {
         Ok(file) => file,
         Err(Errno::NOENT) => return Ok(None),
@@ -201,7 +224,15 @@ pub(super) fn open_lock_file(
         if is_held(&file) == Ok(true) {
             return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::Held), st)));
         }
-        remove_foreign(plan, dir, path, &st, open(flags | OFlags::RDWR))?;
+        if still_names(look(), &st) {
+            remove_foreign(plan, dir, path, &st, open(flags | OFlags::RDWR))?;
+        }
+        return Ok(None);
+    }
+    // Opened again only while the path still names the file checked: another one (a FIFO,
+    // whose writer an `O_RDWR` open would release) is never opened. It may still be swapped in
+    // after this look; the `fstat` below refuses it then.
+    if !still_names(look(), &st) {
         return Ok(None);
     }
     match open(flags | OFlags::RDWR) {
@@ -328,6 +359,33 @@ fn remove_foreign(
     tracing::info!(path = %path.display(), owner = st.st_uid,
         "removed another user's lock file that nobody held from the shared directory, to make root's own");
     Ok(())
+}
+
+/// Refuses anything at the lock path but a regular file, from a look at it (`statat` with
+/// `AT_SYMLINK_NOFOLLOW` from the lock directory, or `lstat`) made *before* it is opened, with
+/// the errors the checks after the open give: a symbolic link, or what else it is. Opening it
+/// would not be harmless: opening a FIFO's read end, even `O_NONBLOCK` and closed at once,
+/// releases a writer blocked in its `open`, which then dies of SIGPIPE with its data lost; and
+/// opening a device may make its driver act (arm a watchdog, raise a serial line's DTR). The
+/// path may still be given another file between the look and the open: the checks on the
+/// opened descriptor refuse that one.
+pub(super) fn only_regular(path: &Path, st: &Stat) -> Result<()> {
+    let problem = match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => return Ok(()),
+        FileType::Symlink => UnsafeLockPath::Symlink,
+        other => UnsafeLockPath::NotRegularFile {
+            kind: file_type_name(other),
+        },
+    };
+    Err(Error::UnsafeLockPath {
+        path: path.to_owned(),
+        problem,
+    })
+}
+
+/// Whether a look at the lock path (`statat`) found the file `st` there still.
+fn still_names(look: rustix::io::Result<Stat>, st: &Stat) -> bool {
+    look.is_ok_and(|now| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino))
 }
 
 pub(super) fn file_type_name(t: FileType) -> &'static str {

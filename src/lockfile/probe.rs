@@ -12,11 +12,15 @@ use crate::error::{Error, Result, UnsafeLockPath};
 use crate::holder::Holder;
 
 use super::ofd::is_held;
-use super::open::file_type_name;
+use super::open::{file_type_name, is_ours, only_regular};
 use super::reader::{look_at_record, read_holder, read_holder_async, unknown_holder};
+use super::record::read_content;
 
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
 pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
+    // Looked at before it is opened: anything but a regular file is never opened (see
+    // `only_regular`); one swapped in after the look is refused after the open.
+    only_regular(path, &rustix::fs::lstat(path).ok()?).ok()?;
     let file = rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
@@ -35,6 +39,13 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
 /// `None` when nobody holds it, or there is no such file. A holder whose record is not written
 /// yet gets the short grace [`read_holder`] gives it.
 ///
+/// A path an acquisition would refuse is refused here with the same error, never reported as
+/// free: anything but a regular file (looked at before it is opened, and never opened:
+/// see [`only_regular`]), and a file nobody holds that has more than one name, or that is not
+/// a lock file (see [`is_ours`]). (An acquisition gives a second name a moment to go; this
+/// look, made once, does not.) A held file is held, whatever it is: that is what an
+/// acquisition says too ("already running").
+///
 /// This blocks for up to [`RECORD_GRACE`](super::reader::RECORD_GRACE): from async code use [`holder_of_async`].
 ///
 /// `name` is the instance's, for the error that says this process may not look at the file.
@@ -52,6 +63,21 @@ pub(crate) async fn holder_of_async(path: &Path, name: &str) -> Result<Option<Ho
 
 /// The file at `path`, opened read-only, when someone holds its lock.
 fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
+    let not_permitted = |e: Errno| Error::NotPermitted {
+        name: name.to_owned(),
+        reason: format!(
+            "cannot open lock file {}: {}; run as its owner or choose another lock path",
+            path.display(),
+            std::io::Error::from(e)
+        ),
+        source: Some(Box::new(std::io::Error::from(e))),
+    };
+    match rustix::fs::lstat(path) {
+        Ok(st) => only_regular(path, &st)?,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) if e == Errno::ACCESS || e == Errno::PERM => return Err(not_permitted(e)),
+        Err(e) => return Err(Error::io("cannot stat lock file", path, e.into())),
+    }
     let file = match rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
@@ -67,19 +93,11 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
         }
         // As an acquisition says it (a directory or file of another user's): not an
         // internal error, and the same answer as `run` gives.
-        Err(e) if e == Errno::ACCESS || e == Errno::PERM => {
-            return Err(Error::NotPermitted {
-                name: name.to_owned(),
-                reason: format!(
-                    "cannot open lock file {}: {}; run as its owner or choose another lock path",
-                    path.display(),
-                    std::io::Error::from(e)
-                ),
-                source: Some(Box::new(std::io::Error::from(e))),
-            });
-        }
+        Err(e) if e == Errno::ACCESS || e == Errno::PERM => return Err(not_permitted(e)),
         Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
     };
+    // Checked again on what was opened: the path may have been given another file after the
+    // look.
     let st = rustix::fs::fstat(&file).map_err(|e| Error::io("cannot stat", path, e.into()))?;
     let file_type = FileType::from_raw_mode(st.st_mode);
     if file_type != FileType::RegularFile {
@@ -91,8 +109,26 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
         });
     }
     match is_held(&file) {
-        Ok(true) => Ok(Some(file)),
-        Ok(false) => Ok(None),
-        Err(e) => Err(Error::io("cannot test the lock on", path, e.into())),
+        Ok(true) => return Ok(Some(file)),
+        Ok(false) => {}
+        Err(e) => return Err(Error::io("cannot test the lock on", path, e.into())),
     }
+    // Nobody holds it: free only if an acquisition would take it, in the order it checks.
+    #[allow(clippy::unnecessary_cast)] // `st_nlink` is narrower on some architectures
+    let links = st.st_nlink as u64;
+    if links > 1 {
+        return Err(Error::UnsafeLockPath {
+            path: path.to_owned(),
+            problem: UnsafeLockPath::HardLinked { links },
+        });
+    }
+    let content =
+        read_content(&file).map_err(|e| Error::io("cannot read the lock file", path, e.into()))?;
+    if links == 1 && !is_ours(&content) {
+        return Err(Error::NotALockFile {
+            name: name.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(None)
 }

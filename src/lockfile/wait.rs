@@ -9,7 +9,8 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 use crate::holder::Holder;
@@ -116,12 +117,25 @@ fn may_be_free(
     if !lock_dir.is_current(plan) {
         return true;
     }
-    let file = rustix::fs::openat(
+    // Looked at before it is opened: anything but a regular file is never opened (see
+    // `only_regular`), and counts as no file here; the attempt then refuses it. One swapped in
+    // after the look is not held, and the attempt refuses it too.
+    let regular = rustix::fs::statat(
         &*lock_dir.fd,
         plan.file_name.as_os_str(),
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
-        Mode::empty(),
-    );
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile);
+    let file = if regular {
+        rustix::fs::openat(
+            &*lock_dir.fd,
+            plan.file_name.as_os_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+    } else {
+        Err(Errno::NOENT)
+    };
     let path_names = match file {
         Ok(file) => {
             if let Some(watch) = watch {

@@ -8,6 +8,12 @@ use unique_instance::InstanceName;
 /// Where systemd's `UNIT_NAME_MAX` (256, with the terminating NUL) leaves room for the name.
 const UNIT_NAME_MAX: usize = 255;
 
+/// The longest line written into any generated file, in bytes: half of systemd's `LONG_LINE_MAX`
+/// (1 MiB), the longest line it reads in a unit or tmpfiles.d file ("No buffer space
+/// available" past it). The margin leaves room for what else reads the files (dbus-daemon's
+/// key-file parser) and for a line that grows when it is edited by hand.
+pub(crate) const LINE_MAX: usize = 512 * 1024;
+
 /// A file name's limit (`NAME_MAX`), in bytes.
 pub(super) const FILE_NAME_MAX: usize = 255;
 
@@ -124,4 +130,30 @@ pub(crate) fn check_one_line(what: &str, text: &str) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// Refuses files any of whose lines is longer than [`LINE_MAX`]: arguments that are each short
+/// enough for the kernel (128 KiB) can together make an `ExecStart=` line (and the header
+/// comments that repeat the command line) that systemd will not load. Every line of every file
+/// is checked, so nothing is written unless all of them load.
+pub(crate) fn check_line_lengths<'a>(
+    files: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> Result<(), String> {
+    for (path, contents) in files {
+        if let Some((number, line)) = contents
+            .lines()
+            .enumerate()
+            .find(|(_, line)| line.len() > LINE_MAX)
+        {
+            return Err(format!(
+                "line {} of {} would be {} bytes long, past the line limit of {LINE_MAX} bytes \
+                 kept below systemd's (1 MiB: it would not load the file); pass shorter \
+                 arguments (the server can read long ones from a file); nothing was written",
+                number + 1,
+                path.display(),
+                line.len()
+            ));
+        }
+    }
+    Ok(())
 }

@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use unique_instance::{InstanceName, SCOPE_ENV};
 
 pub(crate) use check::{
-    check_deployable_name, check_description, check_one_line, check_unit_name, executable_text,
-    valid_account_name,
+    check_deployable_name, check_description, check_line_lengths, check_one_line, check_unit_name,
+    executable_text, valid_account_name,
 };
 use escape::{dbus_word, unit_text, unit_word, xml};
 pub(crate) use host::{account_exists, check_executable, primary_group};
