@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::dbus;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::holder::Holder;
 use crate::lockfile;
 use crate::options::InstanceOptions;
@@ -62,7 +62,9 @@ impl Status {
 /// file, never opened; or, held by nobody, a file with more than one name or one that is not a
 /// lock file), rather than reporting it free;
 /// [`crate::Error::NotPermitted`] when this process may not open the lock file (or search its
-/// directory); [`crate::Error::Io`] when the lock file cannot be examined otherwise.
+/// directory); [`crate::Error::Io`] when the lock file cannot be examined otherwise;
+/// [`crate::Error::NoUsableBackend`] when nothing could be checked: no lock file is planned
+/// (`Backend::Dbus`) and the bus cannot be reached.
 pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let plan = options.plan()?;
     let mut lock_file_holder = None;
@@ -79,6 +81,15 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
                 if owner.bus_unique_name.is_some() {
                     bus_owner = Some(owner);
                 }
+            }
+            Err(e) if plan.lock_file.is_none() => {
+                // Nothing else to look at: "not running" would be a guess (a review: a
+                // monitor acting on it would start a second copy beside the name's owner).
+                return Err(Error::NoUsableBackend {
+                    name: plan.name,
+                    reason: format!("nothing could be checked: the {kind} bus cannot be reached"),
+                    source: Some(Box::new(e)),
+                });
             }
             Err(e) => {
                 tracing::warn!(bus = %kind, error = %e, "cannot reach the bus; reporting the lock file only")

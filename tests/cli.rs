@@ -545,6 +545,25 @@ fn system_bus_policy_denial_is_not_permitted() {
     assert!(!stderr.contains("already running"), "{stderr}");
 }
 
+/// `status --backend dbus` on a bus it cannot reach checked nothing: it says so (69, as a
+/// copy with no usable backend), never "not running" (3), on which a monitor would start a
+/// second copy while one may own the name (a review: 3, "nothing could be checked").
+#[test]
+fn status_that_could_check_nothing_does_not_say_not_running() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("status_unchecked");
+    let nowhere = format!("unix:path={}", lock_dir.path().join("no-bus").display());
+    let mut status = cli(
+        Some(&nowhere),
+        lock_dir.path(),
+        &["status", "--backend", "dbus", &name],
+    );
+    let code = status.exit_code();
+    let stderr = status.stderr_lines().join("\n");
+    assert_eq!(code, 69, "{stderr}");
+    assert!(stderr.contains("nothing could be checked"), "{stderr}");
+}
+
 #[test]
 fn status_reports_the_holder_then_not_running() {
     let bus = DbusDaemon::start(BusConfig::Open);
