@@ -32,7 +32,11 @@ pub enum Scope {
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Backend {
-    /// A D-Bus well-known name. Alone, an acquisition fails when no bus is reachable.
+    /// A D-Bus well-known name. Alone, an acquisition fails when no bus is reachable, and it
+    /// keeps out only copies that reach the same bus: with the scope left to the environment, a
+    /// copy started from a login session (its session bus) and one started as a service (the
+    /// system bus) both run. The lock file, held as well by default, is what keeps copies on one
+    /// machine apart whatever bus they see.
     Dbus,
     /// A lock file.
     LockFile,

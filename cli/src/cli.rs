@@ -20,7 +20,9 @@ Exit status:
   75     already running, or --wait timed out (-E changes it)
   64     usage error or invalid NAME
   77     not permitted (bus policy, file permissions)
-  69     no usable backend, or the instance was lost while COMMAND ran
+  69     no usable backend (status: nothing could be checked), or the instance was lost
+         while COMMAND ran
+  78     the lock path is refused (unsafe, or on a network file system)
   70     internal error
   126    COMMAND could not be executed; 127 COMMAND not found";
 
@@ -251,7 +253,8 @@ impl InstanceArgs {
 pub(crate) enum BackendArg {
     /// The lock file always, and the bus name when a bus is available.
     Auto,
-    /// The bus name only.
+    /// The bus name only. It keeps out only copies that reach the same bus: one started where
+    /// another bus is chosen (a login session's session bus, a service's system bus) runs too.
     Dbus,
     /// The lock file only.
     #[value(alias = "lock-file")]
