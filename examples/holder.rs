@@ -6,16 +6,19 @@
 //!             [--watch | --no-watch]
 //!             [--blocking [--drop-in-runtime]]
 //!             [--go-on-stdin] [--critical FILE --hold-ms N] [--remove-lock-file-at-once]
+//!             [--serve]
 //! holder --version
 //! ```
 //!
 //! Prints one line per event on stdout (`acquired ...`, `already-running ...`, `lost ...`,
 //! `released`), holds the instance until stdin closes (or, with `--hold-ms`, for that long), and
-//! exits 0, or 75 (already running / timed out), 64, 77, 69, 70 as the CLI does. With
+//! exits 0, or 75 (already running / timed out), 64, 77, 69, 78, 70 as the CLI does. With
 //! `--critical FILE` it creates FILE exclusively while it holds the instance and exits 99 if
 //! FILE already exists: two holders at once are caught, not assumed away. `--version` says
 //! whether the library was built with its test hooks (the `test-hooks` feature), which the
-//! tests check before they rely on them.
+//! tests check before they rely on them. `--serve` serves an object (`/org/example/Holder`) on
+//! the bus connection, so that a peer's `org.freedesktop.DBus.Peer.Ping` is answered: once it
+//! is, the holder has read everything sent to it before.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -42,6 +45,18 @@ struct Args {
     hold: Option<Duration>,
     /// Removes the lock file the moment the acquisition returns, before anything else runs.
     remove_at_once: bool,
+    serve: bool,
+}
+
+/// What `--serve` serves: nothing but zbus's standard interfaces (`Peer` among them).
+struct Served;
+
+#[zbus::interface(name = "org.example.Holder1")]
+impl Served {
+    /// Its process ID.
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
 }
 
 fn parse() -> Result<Args, String> {
@@ -98,6 +113,7 @@ fn parse() -> Result<Args, String> {
             "--drop-in-runtime" => args.drop_in_runtime = true,
             "--go-on-stdin" => args.go_on_stdin = true,
             "--remove-lock-file-at-once" => args.remove_at_once = true,
+            "--serve" => args.serve = true,
             "--critical" => args.critical = Some(value()?.into()),
             "--hold-ms" => {
                 args.hold = Some(Duration::from_millis(
@@ -131,6 +147,9 @@ fn options(args: &Args) -> InstanceOptions {
     if let Some(w) = args.watch {
         o = o.watch_lock_file(w);
     }
+    if args.serve {
+        o = o.serve_at("/org/example/Holder", Served);
+    }
     o
 }
 
@@ -151,8 +170,8 @@ fn report_error(e: &Error) -> i32 {
         Error::NotPermitted { .. } => ("not-permitted", 77),
         Error::NoUsableBackend { .. } => ("no-usable-backend", 69),
         Error::LostBeforeRelease { .. } => ("lost-before-release", 69),
-        Error::UnsafeLockPath { .. } => ("unsafe-lock-path", 70),
-        Error::NetworkFilesystem { .. } => ("network-filesystem", 70),
+        Error::UnsafeLockPath { .. } => ("unsafe-lock-path", 78),
+        Error::NetworkFilesystem { .. } => ("network-filesystem", 78),
         Error::NotALockFile { .. } => ("not-a-lock-file", 64),
         _ => ("error", 70),
     };

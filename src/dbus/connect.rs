@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use zbus::connection::Builder;
 use zbus::fdo::RequestNameFlags;
 use zbus::{Connection, Message, MessageStream};
@@ -26,17 +27,76 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// `&InstanceOptions` may be held across an await in a `Send` future.
 pub(crate) type Export = Box<dyn FnOnce(Builder<'static>) -> Builder<'static> + Send + Sync>;
 
-/// A connection to the bus, with the stream of everything it receives (set up before zbus read
-/// anything, so no `NameAcquired`/`NameLost` or reply can slip past).
+/// A connection to the bus, with the messages the bus itself sends it (taken from a stream set up
+/// before zbus read anything, so no `NameAcquired`/`NameLost` or reply can slip past).
 pub(crate) struct Connected {
     pub(crate) conn: Connection,
-    pub(crate) stream: MessageStream,
+    pub(crate) stream: BusMessages,
     /// The serial of the `RequestName` call sent with the handshake, whose reply is to be read
     /// from `stream` (see [`request_name_reply`]); `None` when it was not sent.
     pub(crate) pending_request: Option<NonZeroU32>,
     /// Ends the connection on drop, unless disarmed; `None` on transports zbus connected itself
     /// (neither a Unix socket nor plain TCP: `nonce-tcp:`, `unixexec:`).
     pub(crate) disconnect: Option<Disconnect>,
+}
+
+/// How many received messages zbus keeps for its readers (its default is 64) before it reads no
+/// more: each keeps the file descriptors it came with open until every reader has had it. A
+/// peer's messages may carry 16 each (more on some buses), and 64 of them filled a table of
+/// 1024 (see [`BusMessages`]); with our readers quick to take them, a few is all it takes. A
+/// program that has much traffic on [`InstanceGuard::connection`](crate::InstanceGuard::connection)
+/// may raise it (`Connection::set_max_queued` on a clone).
+const MAX_QUEUED: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4).unwrap();
+
+/// How many of the bus's own messages wait for their reader (see [`BusMessages`]): the bus
+/// sends us only answers to our calls and the signals about our names, a handful.
+const BUS_MESSAGES_QUEUED: usize = 64;
+
+/// The messages the bus itself sends (sender `org.freedesktop.DBus`: our names' signals, the
+/// answer to the `RequestName` sent with the handshake), read off the connection's stream of
+/// everything by a task of their own, which drops every other message at once.
+///
+/// A review: a catch-all stream that is read only now and then (not at all while a copy waits
+/// for the lock file, with its connection made ahead) is filled by any peer's unicast signals:
+/// zbus keeps 64 messages per stream, then stops reading the socket, so the `RequestName`
+/// reply was never read and the copy ran without the name; and messages that carry file
+/// descriptors kept up to 64 × 16 of them open, filling a 1024-descriptor table, after which
+/// the kernel truncates the next message's and the connection is closed: a false loss any
+/// peer could cause. Dropped at once, a peer's message and its descriptors cost nothing.
+pub(crate) struct BusMessages {
+    received: tokio::sync::mpsc::Receiver<Message>,
+    /// Aborted on drop: nothing reads the connection for us once we stop listening.
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl BusMessages {
+    /// Starts reading `stream` (on the runtime we are in, the connection's).
+    fn pump(mut stream: MessageStream) -> Self {
+        let (sender, received) = tokio::sync::mpsc::channel(BUS_MESSAGES_QUEUED);
+        let pump = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let Ok(message) = item else { continue };
+                let from_the_bus =
+                    message.header().sender().map(|s| s.as_str()) == Some(super::DBUS_NAME);
+                // Anyone else's is dropped here, with its descriptors.
+                if from_the_bus && sender.send(message).await.is_err() {
+                    return;
+                }
+            }
+        });
+        BusMessages { received, pump }
+    }
+
+    /// The next message from the bus; `None` once the connection is closed.
+    pub(crate) async fn next(&mut self) -> Option<Message> {
+        self.received.recv().await
+    }
+}
+
+impl Drop for BusMessages {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
 }
 
 /// A duplicate of the bus socket's descriptor, to end the connection without zbus.
@@ -208,6 +268,7 @@ pub(super) async fn connect_to(
     }
     let stream = builder
         .method_timeout(CALL_TIMEOUT)
+        .max_queued(MAX_QUEUED)
         .build_message_stream()
         .await?;
     let conn = Connection::from(&stream);
@@ -225,7 +286,7 @@ pub(super) async fn connect_to(
         .map(|m| m.primary_header().serial_num());
     Ok(Connected {
         conn,
-        stream,
+        stream: BusMessages::pump(stream),
         pending_request,
         disconnect,
     })

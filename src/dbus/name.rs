@@ -7,11 +7,12 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use zbus::Connection;
 use zbus::OwnedVariant;
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
 use zbus::message::Type as MessageType;
-use zbus::{Connection, MessageStream};
+
+use super::connect::BusMessages;
 
 use super::watch::{NameSignal, next_name_signal};
 use super::{CALL_TIMEOUT, DBUS_NAME, DBUS_PATH};
@@ -35,14 +36,14 @@ pub(crate) async fn own_name(
     name: &InstanceName,
     kind: BusKind,
     conn: &zbus::Connection,
-    mut stream: zbus::MessageStream,
+    mut stream: BusMessages,
     pending_request: Option<std::num::NonZeroU32>,
     wait: Wait,
     deadline: Option<Instant>,
     allow_replacement: bool,
     previous_pid: Option<u32>,
     holding_lock: bool,
-) -> Result<Option<zbus::MessageStream>> {
+) -> Result<Option<BusMessages>> {
     let flags = request_flags(wait, allow_replacement);
     let bus_error = |context, source| Error::Bus {
         context,
@@ -63,7 +64,7 @@ pub(crate) async fn own_name(
     // backend is left. Nothing of ours stays on the bus: the connection went with it (and the
     // caller drops it, which ends it, whatever the bus still had queued from us).
     let gone = |e: &zbus::Error| conn.is_closed() || matches!(e, zbus::Error::InputOutput(_));
-    let bus_gone = |e: zbus::Error| -> Result<Option<zbus::MessageStream>> {
+    let bus_gone = |e: zbus::Error| -> Result<Option<BusMessages>> {
         if holding_lock {
             tracing::warn!(name = %name, bus = %kind, error = %e,
                 "the {kind} bus went away before it granted the name; the lock file alone enforces exclusion");
@@ -189,12 +190,11 @@ pub(crate) fn request_flags(wait: Wait, allow_replacement: bool) -> RequestNameF
 /// meanwhile are only our own `NameAcquired` signals, which the reply makes redundant (the bus
 /// sends them just before it).
 pub(crate) async fn request_name_reply(
-    stream: &mut MessageStream,
+    stream: &mut BusMessages,
     serial: NonZeroU32,
 ) -> zbus::Result<RequestNameReply> {
     let reply = async {
-        while let Some(item) = stream.next().await {
-            let Ok(msg) = item else { continue };
+        while let Some(msg) = stream.next().await {
             if msg.header().reply_serial() != Some(serial) {
                 continue;
             }

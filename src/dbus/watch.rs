@@ -2,11 +2,10 @@
 //! is gone; each is logged as a loss.
 //! It must not request the name (that is `name`).
 
-use futures_util::StreamExt;
-use zbus::MessageStream;
 use zbus::message::Type as MessageType;
 
 use super::DBUS_NAME;
+use super::connect::BusMessages;
 use crate::loss::{Loss, LossLog, LossReason};
 
 /// A name-ownership signal about our name.
@@ -17,9 +16,8 @@ pub(crate) enum NameSignal {
 }
 
 /// Reads the next `NameAcquired`/`NameLost` for `name`; `None` when the connection closed.
-pub(crate) async fn next_name_signal(stream: &mut MessageStream, name: &str) -> Option<NameSignal> {
-    while let Some(item) = stream.next().await {
-        let Ok(msg) = item else { continue };
+pub(crate) async fn next_name_signal(stream: &mut BusMessages, name: &str) -> Option<NameSignal> {
+    while let Some(msg) = stream.next().await {
         if msg.message_type() != MessageType::Signal {
             continue;
         }
@@ -51,7 +49,7 @@ pub(crate) async fn next_name_signal(stream: &mut MessageStream, name: &str) -> 
 /// it names no connection on a bus that is gone (a restarted bus gives out the same unique
 /// names again, to others).
 pub(crate) async fn watch_bus(
-    mut stream: zbus::MessageStream,
+    mut stream: BusMessages,
     name: String,
     losses: LossLog,
     lock_still_held: Option<impl FnOnce() -> bool>,
