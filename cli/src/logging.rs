@@ -16,7 +16,8 @@ pub(crate) fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Through say.rs's writer thread: a log line never blocks what the tool does.
+        .with_writer(crate::say::QueuedStderr::default)
         // A line that cannot be written is dropped: by default the subscriber then complains
         // with `eprintln!`, which panics on the same broken stderr (see say.rs).
         .log_internal_errors(false)

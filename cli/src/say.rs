@@ -92,6 +92,12 @@ fn queue_lock() -> MutexGuard<'static, Queue> {
 pub(crate) fn queue(text: std::fmt::Arguments<'_>) {
     let mut line = text.to_string();
     line.push('\n');
+    queue_text(line);
+}
+
+/// Queues `text` (whole lines) for stderr, as [`queue`] does. Also the log lines' way out (see
+/// [`QueuedStderr`]): nothing here may log, which would come back here with the queue locked.
+fn queue_text(line: String) {
     let mut queue = queue_lock();
     if queue.lines.len() >= MAX_QUEUED {
         queue.dropped += 1;
@@ -104,10 +110,7 @@ pub(crate) fn queue(text: std::fmt::Arguments<'_>) {
         let started = std::thread::Builder::new()
             .name("say".into())
             .spawn(write_queued);
-        match started {
-            Ok(_) => queue.running = true,
-            Err(e) => tracing::debug!(error = %e, "cannot start the thread that writes messages"),
-        }
+        queue.running = started.is_ok();
     }
     CHANGED.notify_all();
 }
@@ -169,5 +172,35 @@ pub(crate) fn drain() {
         queue = CHANGED
             .wait(queue)
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+}
+
+/// Stderr for the log lines (`RUST_LOG`, see logging.rs): each line handed to the writer thread
+/// as `say!`'s are, never written where it is made. The library logs on its way to a loss (a
+/// review: with `RUST_LOG` set and a stderr nobody read, the watch blocked in the log line
+/// before the loss was told, and `run` never stopped COMMAND).
+#[derive(Default)]
+pub(crate) struct QueuedStderr {
+    text: Vec<u8>,
+}
+
+impl Write for QueuedStderr {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.text.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.text.is_empty() {
+            queue_text(String::from_utf8_lossy(&std::mem::take(&mut self.text)).into_owned());
+        }
+        Ok(())
+    }
+}
+
+/// The subscriber writes a whole line, then drops the writer: that is when it is queued.
+impl Drop for QueuedStderr {
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }

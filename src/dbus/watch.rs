@@ -57,14 +57,15 @@ pub(crate) async fn watch_bus(
 ) {
     loop {
         match next_name_signal(&mut stream, &name).await {
+            // Each loss told before it is said (see `report_lock_loss` in the lock file's watcher).
             Some(NameSignal::Lost) => {
-                tracing::warn!(name = %name, "the bus name was taken over by another instance");
                 losses.send_modify(|log| {
                     log.push(Loss {
                         reason: LossReason::Replaced,
                         still_exclusive: false,
                     })
                 });
+                tracing::warn!(name = %name, "the bus name was taken over by another instance");
             }
             Some(NameSignal::Acquired) => {}
             None => {
@@ -73,7 +74,6 @@ pub(crate) async fn watch_bus(
                 if let Some(forget_bus) = forget_bus {
                     forget_bus();
                 }
-                tracing::warn!(name = %name, lock_verified, "the bus connection closed");
                 losses.send_modify(|log| {
                     // Judged inside the update, so a loss logged meanwhile counts.
                     let earlier_loss = log.iter().any(|l| !l.still_exclusive);
@@ -82,6 +82,7 @@ pub(crate) async fn watch_bus(
                         still_exclusive: lock_verified && !earlier_loss,
                     })
                 });
+                tracing::warn!(name = %name, lock_verified, "the bus connection closed");
                 return;
             }
         }

@@ -249,15 +249,19 @@ impl WatchHandle {
             // Another watch re-created it already, or the change went away.
             return Recovery::Held;
         }
+        // Said once the shared state is let go: a log line may block (a subscriber writing to a
+        // stderr nobody reads), and the release and the other watches wait for that state.
         match self.recreate(&mut now) {
             Ok(()) => {
+                drop(now);
                 tracing::warn!(path = %self.path.display(),
                     "the lock file was removed; re-created it, and the instance is still held");
                 Recovery::Recreated
             }
             Err(why) => {
-                tracing::debug!(path = %self.path.display(), why, "the lock file cannot be re-created");
                 now.lost = true;
+                drop(now);
+                tracing::debug!(path = %self.path.display(), why, "the lock file cannot be re-created");
                 Recovery::Lost
             }
         }

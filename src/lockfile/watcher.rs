@@ -37,8 +37,11 @@ fn mount_table() -> Option<std::os::fd::OwnedFd> {
 }
 
 /// Logs the loss of the lock file, once: the watch and a periodic re-check may both see it.
+/// Told first, then said: a log line may block (a subscriber writing to a stderr nobody reads),
+/// and must never hold up the loss, nor be written with the loss log locked (a review: with
+/// `RUST_LOG` set, `run` never stopped COMMAND).
 fn report_lock_loss(handle: &WatchHandle, reason: LossReason, losses: &LossLog) {
-    losses.send_if_modified(|log| {
+    let told = losses.send_if_modified(|log| {
         let reported = log.iter().any(|l| {
             matches!(
                 l.reason,
@@ -50,7 +53,6 @@ fn report_lock_loss(handle: &WatchHandle, reason: LossReason, losses: &LossLog) 
         if reported {
             return false;
         }
-        tracing::warn!(path = %handle.path().display(), %reason, "lost the lock file");
         // Never "still exclusive", even with the bus name still ours: the name keeps out only
         // copies that reach the same bus, and every copy takes the lock file first.
         log.push(Loss {
@@ -59,6 +61,9 @@ fn report_lock_loss(handle: &WatchHandle, reason: LossReason, losses: &LossLog) 
         });
         true
     });
+    if told {
+        tracing::warn!(path = %handle.path().display(), %reason, "lost the lock file");
+    }
 }
 
 /// The lock-file watch of every guard: a thread asleep in `poll` on the inotify instance, on
