@@ -152,6 +152,17 @@ fn process_state(pid: u32) -> Option<u8> {
         .copied()
 }
 
+/// The user IDs of process `pid` (real, effective, saved, file system), from the `Uid:` line of
+/// `/proc/PID/status`; `None` when `/proc` cannot tell.
+pub(crate) fn process_uids(pid: u32) -> Option<Vec<u32>> {
+    let status = read_small_file(&format!("/proc/{pid}/status"))?;
+    let status = std::str::from_utf8(&status).ok()?;
+    let line = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    line.split_whitespace()
+        .map(|uid| uid.parse().ok())
+        .collect()
+}
+
 /// Whether process `pid` runs now, as `/proc` shows it: false when it is gone, a zombie (dead,
 /// not yet reaped), or not visible from this PID namespace. Says nothing of whether it is the
 /// process that once had that PID.

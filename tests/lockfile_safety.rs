@@ -468,45 +468,60 @@ fn shared_sticky_dir() -> tempfile::TempDir {
 /// Another user's lock file in the shared sticky directory, whose record they wrote to name
 /// root's PID 1 as the running copy: the squat is refused as documented, but the refusal and
 /// `status` do not name a process the file's owner cannot vouch for (a review: both named PID 1,
-/// uid 0).
+/// uid 0). Nor when the record gives the owner's own user with PID 1, which runs as root (a
+/// review of that fix), with or without a host name.
 #[test]
 fn a_record_that_names_another_user_than_the_files_owner_is_not_believed() {
     assert!(
         rustix::process::geteuid().is_root(),
         "this test runs a copy as another user and must run as root (CI does)"
     );
-    let dir = shared_sticky_dir();
-    let name = unique_name("forged_record");
-    let mut squatter = holder_as(
-        NOBODY,
-        NOBODY,
-        None,
-        dir.path(),
-        &[&name, "--backend", "lockfile"],
-    );
-    squatter.line_starting("acquired");
-    let path = dir.path().join(format!("{name}.lock"));
-    assert_eq!(std::fs::metadata(&path).expect("meta").uid(), NOBODY);
-    // The bytes the squatter may write into its own file (written here by root, in place).
-    let forged = b"{\"pid\":1,\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\"bus\":null,\"bus_unique_name\":null,\"executable\":\"/usr/sbin/my-real-service\",\"hostname\":null}\n";
-    std::fs::write(&path, forged).expect("forge the record");
-    match lock_only(&name, dir.path()).acquire() {
-        Err(Error::AlreadyRunning { holder, .. }) => {
-            assert_eq!((holder.pid, holder.uid), (None, None), "{holder}");
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let forgeries = [
+        "\"uid\":0,\"hostname\":null".to_owned(),
+        format!("\"uid\":{NOBODY},\"hostname\":null"),
+        format!("\"uid\":{NOBODY},\"hostname\":{host:?}"),
+    ];
+    for forged in forgeries {
+        let dir = shared_sticky_dir();
+        let name = unique_name("forged_record");
+        let mut squatter = holder_as(
+            NOBODY,
+            NOBODY,
+            None,
+            dir.path(),
+            &[&name, "--backend", "lockfile"],
+        );
+        squatter.line_starting("acquired");
+        let path = dir.path().join(format!("{name}.lock"));
+        assert_eq!(std::fs::metadata(&path).expect("meta").uid(), NOBODY);
+        // The bytes the squatter may write into its own file (written here by root, in place).
+        let record = format!(
+            "{{\"pid\":1,{forged},\"start_time\":null,\"backend\":[\"lock-file\"],\"bus\":null,\
+             \"bus_unique_name\":null,\"executable\":\"/usr/sbin/my-real-service\"}}\n"
+        );
+        std::fs::write(&path, record).expect("forge the record");
+        match lock_only(&name, dir.path()).acquire() {
+            Err(Error::AlreadyRunning { holder, .. }) => {
+                assert_eq!((holder.pid, holder.uid), (None, None), "{forged}: {holder}");
+            }
+            other => panic!("{forged}: the squat should be refused: {other:?}"),
         }
-        other => panic!("the squat should be refused: {other:?}"),
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let status = rt
+            .block_on(unique_instance::status(&lock_only(&name, dir.path())))
+            .expect("status");
+        let holder = status.holder.expect("a holder: the file is held");
+        assert_eq!((holder.pid, holder.uid), (None, None), "{forged}: {holder}");
+        squatter.close_stdin();
+        assert_eq!(squatter.exit_code(), 0);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let status = rt
-        .block_on(unique_instance::status(&lock_only(&name, dir.path())))
-        .expect("status");
-    let holder = status.holder.expect("a holder: the file is held");
-    assert_eq!((holder.pid, holder.uid), (None, None), "{holder}");
-    squatter.close_stdin();
-    assert_eq!(squatter.exit_code(), 0);
 }
 
 #[test]

@@ -42,11 +42,13 @@ pub(super) fn unknown_holder(path: &Path) -> Holder {
 /// service's user): only root or that owner could have put it there. A holder otherwise seldom
 /// writes into a file another user owns (one others may write, given with `lock_file`; a writer
 /// in another user namespace, whose IDs read differently here): it is then unknown too, which
-/// is not a wrong answer.
+/// is not a wrong answer. Nor is a record believed whose process of this host runs as none of
+/// the user it names (the file's owner naming root's PID 1: a review), as a holder that gave up
+/// its user after acquiring is not: unknown, again.
 pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
     match read_content(file) {
         Ok(content) => match LockRecord::parse(&content) {
-            Some(record) if !vouched_for(file, path, record.uid) => {
+            Some(record) if !vouched_for(file, path, record.uid) || runs_as_another(&record) => {
                 tracing::debug!(path = %path.display(), uid = record.uid,
                     "a holder record naming another user than the lock file's owner; the holder is unknown");
                 Some(unknown_holder(path))
@@ -61,6 +63,22 @@ pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
             Some(unknown_holder(path))
         }
     }
+}
+
+/// Does `record` name a process of this host (or of no host: every record of ours names one)
+/// that runs now as none of the user the record names (by its real, effective, saved or file
+/// system user ID)? False when that cannot be told, or the process is not there (see
+/// [`names_a_process_gone_from_here`]).
+fn runs_as_another(record: &LockRecord) -> bool {
+    let here = rustix::system::uname();
+    if record
+        .hostname
+        .as_deref()
+        .is_some_and(|host| host.as_bytes() != here.nodename().to_bytes())
+    {
+        return false;
+    }
+    crate::holder::process_uids(record.pid).is_some_and(|uids| !uids.contains(&record.uid))
 }
 
 /// Could the user `uid` a record names have written it into `file`, at `path`? Its owner, or
