@@ -76,10 +76,28 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
     if let Some(kind) = plan.bus {
         match dbus::connect(kind, Vec::new(), None).await {
             Ok(dbus::Connected { conn, .. }) => {
-                bus_asked = Some(kind);
-                let owner = dbus::owner_of(&conn, &plan.name, kind).await;
-                if owner.bus_unique_name.is_some() {
-                    bus_owner = Some(owner);
+                match dbus::owner_of_or_unknown(&conn, &plan.name, kind).await {
+                    Ok(owner) => {
+                        bus_asked = Some(kind);
+                        if owner.bus_unique_name.is_some() {
+                            bus_owner = Some(owner);
+                        }
+                    }
+                    // Whether the name is owned is not known: not "free" (a review: status
+                    // said "not running" for a name the policy kept it from asking about).
+                    Err(e) if plan.lock_file.is_none() => {
+                        return Err(Error::NoUsableBackend {
+                            name: plan.name,
+                            reason: format!(
+                                "nothing could be checked: the {kind} bus did not say who owns \
+                                 the name"
+                            ),
+                            source: Some(Box::new(e)),
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(bus = %kind, error = %e, "the bus did not say who owns the name; reporting the lock file only")
+                    }
                 }
             }
             Err(e) if plan.lock_file.is_none() => {

@@ -564,6 +564,38 @@ fn status_that_could_check_nothing_does_not_say_not_running() {
     assert!(stderr.contains("nothing could be checked"), "{stderr}");
 }
 
+/// Nor when the bus is reached but will not say who owns the name (a policy that denies
+/// `GetNameOwner`): the name may be owned, and is (a review: "not running", 3).
+#[test]
+fn status_that_the_bus_does_not_answer_does_not_say_not_running() {
+    let bus = DbusDaemon::start_with(
+        BusConfig::Open,
+        r#"<policy context="default">
+             <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
+                   send_member="GetNameOwner"/>
+           </policy>"#,
+    );
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("status_denied");
+    let mut owner = common::holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus"],
+    );
+    assert!(owner.next_line("holder").starts_with("acquired"));
+    let mut status = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["status", "--backend", "dbus", &name],
+    );
+    let code = status.exit_code();
+    let stderr = status.stderr_lines().join("\n");
+    assert_eq!(code, 69, "{stderr}");
+    assert!(stderr.contains("did not say who owns"), "{stderr}");
+    owner.close_stdin();
+    assert_eq!(owner.line_starting("released"), "released");
+}
+
 #[test]
 fn status_reports_the_holder_then_not_running() {
     let bus = DbusDaemon::start(BusConfig::Open);

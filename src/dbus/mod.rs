@@ -17,7 +17,7 @@ use std::time::Duration;
 pub(crate) use connect::{Connected, Disconnect, Export, connect};
 #[cfg(test)]
 use name::request_name_reply;
-pub(crate) use name::{own_name, owner_of, release_name, request_flags};
+pub(crate) use name::{own_name, owner_of_or_unknown, release_name, request_flags};
 pub(crate) use release::HeldName;
 pub(crate) use watch::watch_bus;
 

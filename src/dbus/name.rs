@@ -100,7 +100,8 @@ pub(crate) async fn own_name(
         RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => return Ok(Some(stream)),
         RequestNameReply::InQueue => {}
         RequestNameReply::Exists => {
-            let (owner, connected_by) = owner_and_connecting_pid(conn, name.as_str(), kind).await;
+            let (owner, connected_by, _) =
+                owner_and_connecting_pid(conn, name.as_str(), kind).await;
             // We hold the lock file, yet the bus still lists the process that held it before
             // us: that process is dead (the kernel released its lock) and the bus has not yet
             // processed its disconnect. Queue for the name, briefly, rather than refuse. (By
@@ -257,7 +258,24 @@ pub(crate) async fn owner_of(conn: &Connection, name: &str, bus: BusKind) -> Hol
     owner_and_connecting_pid(conn, name, bus).await.0
 }
 
-/// [`owner_of`], and the PID the bus gives for the connection, dead or alive.
+/// [`owner_of`], or why the bus did not say who owns `name` (its `GetNameOwner` failed, for
+/// another reason than `NameHasNoOwner`: a policy that denies it, a bus that stopped answering):
+/// then whether the name is owned is not known, and a caller must not take it for free.
+pub(crate) async fn owner_of_or_unknown(
+    conn: &Connection,
+    name: &str,
+    bus: BusKind,
+) -> std::result::Result<Holder, zbus::Error> {
+    let (holder, _, unknown) = owner_and_connecting_pid(conn, name, bus).await;
+    match unknown {
+        Some(e) => Err(e),
+        None => Ok(holder),
+    }
+}
+
+/// [`owner_of`], the PID the bus gives for the connection, dead or alive, and the error of
+/// `GetNameOwner` if it failed otherwise than with `NameHasNoOwner` (see
+/// [`owner_of_or_unknown`]).
 ///
 /// `GetConnectionCredentials` gives the PID of the process that *made* the connection. The
 /// connection may outlive it: `run`'s keeper holds a duplicate of the wrapper's socket, and the
@@ -271,7 +289,7 @@ pub(crate) async fn owner_and_connecting_pid(
     conn: &Connection,
     name: &str,
     bus: BusKind,
-) -> (Holder, Option<u32>) {
+) -> (Holder, Option<u32>, Option<zbus::Error>) {
     let args = (name,);
     let creds = conn.call_method(
         Some(DBUS_NAME),
@@ -288,6 +306,11 @@ pub(crate) async fn owner_and_connecting_pid(
         &args,
     );
     let (creds, owner) = tokio::join!(creds, owner);
+    let (owner, unknown) = match owner {
+        Ok(reply) => (Some(reply), None),
+        Err(e) if is_name_has_no_owner(&e) => (None, None),
+        Err(e) => (None, Some(e)),
+    };
     let creds: HashMap<String, OwnedVariant> = creds
         .ok()
         .and_then(|m| m.body().deserialize().ok())
@@ -302,14 +325,18 @@ pub(crate) async fn owner_and_connecting_pid(
         since: pid.and_then(process_start_time),
         found_by: Some(Backend::Dbus),
         bus: Some(bus),
-        bus_unique_name: owner
-            .ok()
-            .and_then(|m| m.body().deserialize::<String>().ok()),
+        bus_unique_name: owner.and_then(|m| m.body().deserialize::<String>().ok()),
         executable: pid.and_then(process_executable),
         hostname: None,
         lock_file: None,
     };
-    (holder, connected_by)
+    (holder, connected_by, unknown)
+}
+
+/// Is this the bus saying that nobody owns the name asked about?
+fn is_name_has_no_owner(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::FDO(fdo) if matches!(**fdo, zbus::fdo::Error::NameHasNoOwner(_)))
+        || matches!(e, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.DBus.Error.NameHasNoOwner")
 }
 
 /// Is this the bus refusing us by policy (as opposed to the name being taken)?
