@@ -31,7 +31,10 @@ impl Keeper {
         let (mut deadline, mut signal) = if holding {
             let term = if self.tree_got_term && self.tree_kill_at.is_none() {
                 "already sent SIGTERM by the service manager"
-            } else if !self.sent_term.is_empty() || self.tree_kill_at.is_some() {
+            } else if self.tree_kill_at.is_some() {
+                // `tree 15`: every process then got it; none gets a second one.
+                "already sent SIGTERM by the wrapper for the loss"
+            } else if !self.sent_term.is_empty() {
                 "SIGTERM now to what was not sent it already"
             } else {
                 "SIGTERM now"
