@@ -457,13 +457,15 @@ fn arguments_too_long(args: &RunArgs) -> ExitCode {
 fn refused(args: &RunArgs, e: &Error) -> ExitCode {
     match e {
         Error::AlreadyRunning { .. } | Error::TimedOut { .. } => {
-            if !args.quiet {
-                say!("unique-instance: {e}");
+            // A refused copy holds nothing and has started nothing: its message is written at
+            // once (a stderr nobody reads can hold up nothing), and it exits here, without
+            // tearing down its runtime and signal handlers one by one (a start-up storm is made
+            // of refused copies).
+            if args.quiet {
+                crate::say::drain();
+            } else {
+                crate::say::now(format_args!("unique-instance: {e}"));
             }
-            // A refused copy holds nothing and has started nothing: it exits here, without
-            // tearing down its runtime and signal handlers one by one (a start-up storm is
-            // made of refused copies). Once its message is written: nothing is held.
-            crate::say::drain();
             std::process::exit(i32::from(args.conflict_exit_code))
         }
         _ => fail(e.exit_code(), format_args!("{e}")),

@@ -154,6 +154,14 @@ fn write_line(line: &str) {
         .and_then(|()| stderr.flush());
 }
 
+/// Writes one line to stderr now, blocking, after every line queued before it: for a process
+/// that holds nothing and has nothing left to do (a refused copy about to exit), which need not
+/// start the writer thread for it (a start-up storm is made of refused copies).
+pub(crate) fn now(text: std::fmt::Arguments<'_>) {
+    drain();
+    line(&mut std::io::stderr(), text);
+}
+
 /// Waits until every line queued so far is written, for a process about to exit: called once
 /// the instance is released and COMMAND's tree is gone, so that a stderr nobody reads delays
 /// only the exit. Writes them itself where no writer thread could be started.
