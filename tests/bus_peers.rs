@@ -134,17 +134,23 @@ fn descriptors_sent_by_a_peer_are_not_a_loss() {
             .map(|_| zbus::Fd::from(std::os::fd::AsFd::as_fd(&null)))
             .collect();
         for _ in 0..400 {
-            peer.emit_signal(
-                Some(unique.as_str()),
-                "/x",
-                "org.example.Any",
-                "Fds",
-                &(&fds,),
-            )
-            .await
-            .expect("emit");
+            // dbus-broker drops a sender past its quota of descriptors in flight: the copy
+            // then gets what was sent until then, and is pinged from another connection.
+            let sent = peer
+                .emit_signal(
+                    Some(unique.as_str()),
+                    "/x",
+                    "org.example.Any",
+                    "Fds",
+                    &(&fds,),
+                )
+                .await;
+            if sent.is_err() {
+                break;
+            }
         }
-        ping(&peer, &unique, "after 400 signals with 16 descriptors each").await;
+        let pinger = connect(&bus.address).await;
+        ping(&pinger, &unique, "after signals with 16 descriptors each").await;
     });
     released_without_a_word(h, "a peer's descriptors were taken for a loss");
 }
