@@ -320,6 +320,68 @@ fn a_panic_in_the_wrapper_leaves_the_instance_held_by_the_keeper() {
     assert_eq!(next.exit_code(), 0);
 }
 
+/// The same panic with a stderr that is a full pipe nobody reads: the wrapper still aborts,
+/// and the keeper takes over. The default hook's message blocked the wrapper for good, so the
+/// keeper never took over and a later loss stopped nothing (a review); now the wrapper aborts a
+/// second after its panic whatever the write does.
+#[test]
+fn a_panic_in_the_wrapper_aborts_it_even_when_stderr_is_a_full_pipe() {
+    // No core file for the abort, whatever the limit this test was started with.
+    let core = rustix::process::getrlimit(rustix::process::Resource::Core);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Core,
+        rustix::process::Rlimit {
+            current: Some(0),
+            maximum: core.maximum,
+        },
+    )
+    .expect("lower RLIMIT_CORE");
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("panic_full_stderr");
+    let (reader, writer) = full_pipe();
+    let mut cmd = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=0.3",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo running $$; exec sleep 600",
+        ],
+    );
+    cmd.env_remove("RUST_LOG");
+    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_PANIC_AT_SIGNAL");
+    let mut wrapper = Proc::spawn_with_stderr(cmd, writer.into());
+    let command_pid = number_after(&wrapper.line_starting("running "), "running ");
+    let command = KillOnDrop::new(command_pid);
+    let wrapper_pid = KillOnDrop::new(wrapper.pid() as i32);
+    wrapper.signal(Signal::USR1);
+    let aborted = wrapper_pid.exits_within_timeout();
+    wrapper_pid.kill();
+    // The keeper took over: a loss now stops COMMAND.
+    let other = lock_dir.path().join("other");
+    std::fs::write(&other, "").expect("write");
+    std::fs::rename(&other, lock_dir.path().join(format!("{name}.lock")))
+        .expect("rename over the lock file");
+    let stopped = command.exits_within_timeout();
+    command.kill();
+    drop(reader);
+    let status = wrapper.wait();
+    assert!(
+        aborted,
+        "the wrapper did not end within {TIMEOUT:?} of its panic ({status:?}): blocked writing \
+         the panic's message to its full stderr"
+    );
+    assert_eq!(status.signal(), Some(Signal::ABORT.as_raw()), "{status:?}");
+    assert!(
+        stopped,
+        "COMMAND (pid {command_pid}) still ran after the loss"
+    );
+}
+
 /// Waits (up to [`TIMEOUT`]) until `pid`, which is not our child, has stopped: no wait call
 /// tells a process that is not its parent, so its state is read again every 10 ms.
 fn wait_until_stopped(pid: i32) {

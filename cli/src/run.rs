@@ -79,14 +79,28 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
 /// for the whole workspace (the library, whose users choose their own, included), and builds
 /// tests unwinding whatever the profile says. The hook covers exactly the wrapper (the keeper
 /// holds nothing that unwinding would release early), in every build.
+///
+/// The message is written by the default hook, which blocks on a stderr nobody reads: a
+/// wrapper stuck there would never end, so the keeper would never take over, and a later loss
+/// would stop nothing (a review). A thread aborts the process a second after the panic,
+/// whatever the write does; where no thread can be started, nothing is written.
 fn abort_on_panic() {
     let print = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        // The default hook: it ignores a stderr it cannot write to.
-        print(info);
+        let deadline = std::thread::Builder::new().spawn(|| {
+            std::thread::sleep(PANIC_MESSAGE_GRACE);
+            std::process::abort();
+        });
+        if deadline.is_ok() {
+            // The default hook: it ignores a stderr it cannot write to.
+            print(info);
+        }
         std::process::abort();
     }));
 }
+
+/// How long a panic's message may take to write before the wrapper aborts all the same.
+const PANIC_MESSAGE_GRACE: Duration = Duration::from_secs(1);
 
 /// `found_free`: the early look found the lock file free (see [`look_early`]); `ignored`: the
 /// forwarded signals our caller left ignored (see [`inherited_ignored`]).
