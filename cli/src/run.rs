@@ -983,6 +983,9 @@ async fn pending_signal(signals: &mut SignalsInfo<WithOrigin>) -> Option<Origin>
 #[cfg(feature = "test-hooks")]
 fn stop_for_test(var: &str) {
     if std::env::var_os(var).is_some() {
+        // What was said is written first: the writer thread stops with us (see say.rs), and a
+        // test reads those lines before it looks at the stopped wrapper.
+        crate::say::drain();
         let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::STOP);
     }
 }

@@ -79,14 +79,7 @@ impl Keeper {
                 signal = Signal::KILL;
             }
             for (pid, parent) in descendants(Path::new("/proc"), me) {
-                // Sent SIGTERM already: only continued, so that a stopped one acts on it.
-                let now = if signal == Signal::TERM
-                    && (self.tree_got_term || self.sent_term.contains(&pid))
-                {
-                    Signal::CONT
-                } else {
-                    signal
-                };
+                let now = self.signal_for(pid, signal);
                 // One not signalled now (it changed parents since the walk) is found again.
                 if !signalled.contains(&(pid, now.as_raw()))
                     && signal_descendant(pid, parent, me, now)
@@ -128,6 +121,17 @@ impl Keeper {
 }
 
 impl Keeper {
+    /// What `pid` gets when the tree is sent `signal`: a process sent SIGTERM already (by the
+    /// wrapper, or the service manager to the whole tree) is only continued, so that a stopped
+    /// one acts on it, and never sent a second SIGTERM.
+    fn signal_for(&self, pid: Pid, signal: Signal) -> Signal {
+        if signal == Signal::TERM && (self.tree_got_term || self.sent_term.contains(&pid)) {
+            Signal::CONT
+        } else {
+            signal
+        }
+    }
+
     /// `tree SIGNAL`: the wrapper lost the instance, and COMMAND and every other descendant get
     /// `signal` at once, SIGTERM (with SIGCONT, so that a stopped one acts on it; only SIGCONT
     /// for one sent SIGTERM already) or SIGKILL. One born after the walk is not signalled here:
@@ -135,14 +139,7 @@ impl Keeper {
     pub(super) fn signal_tree(&mut self, signal: Signal) {
         let me = rustix::process::getpid();
         for (pid, parent) in descendants(Path::new("/proc"), me) {
-            let now = if signal == Signal::TERM
-                && (self.tree_got_term || self.sent_term.contains(&pid))
-            {
-                Signal::CONT
-            } else {
-                signal
-            };
-            signal_descendant(pid, parent, me, now);
+            signal_descendant(pid, parent, me, self.signal_for(pid, signal));
         }
         if signal == Signal::TERM {
             self.tree_got_term = true;
