@@ -447,14 +447,15 @@ impl HeldLock {
         }
         // A process of ours starting a program shares every descriptor from its `fork` (or
         // `clone`) to its `exec`, which closes the lock's: another thread spawning a child at
-        // this moment holds the old description for that long. So a few tries, about 60 ms in
-        // all, before the lock counts as held elsewhere (a forked child that lives on, a
-        // duplicate handed over) and the file is left in place.
+        // this moment holds the old description for that long. So a few tries, about a quarter
+        // of a second in all (a loaded machine's `exec` took longer than the 60 ms there were:
+        // CI), before the lock counts as held elsewhere (a forked child that lives on, a
+        // duplicate handed over) and the file is left in place. Only such a release waits.
         let mut pause = Duration::from_millis(1);
         loop {
             match lock_exclusive(&file, false) {
                 Ok(()) => return None,
-                Err(Errno::AGAIN | Errno::ACCESS) if pause <= Duration::from_millis(32) => {
+                Err(Errno::AGAIN | Errno::ACCESS) if pause <= Duration::from_millis(128) => {
                     std::thread::sleep(pause);
                     pause *= 2;
                 }
