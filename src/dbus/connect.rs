@@ -116,6 +116,14 @@ pub(crate) struct Disconnect {
 }
 
 impl Disconnect {
+    /// Keeps a duplicate of `socket`'s descriptor (one system call), handed out only if `unix`.
+    fn of(socket: impl std::os::fd::AsFd, unix: bool) -> std::io::Result<Self> {
+        Ok(Disconnect {
+            socket: Some(rustix::io::fcntl_dupfd_cloexec(socket, 0)?),
+            unix,
+        })
+    }
+
     /// The duplicate of the bus socket's descriptor, until the connection was ended or this was
     /// disarmed.
     pub(crate) fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
@@ -235,12 +243,7 @@ pub(super) async fn connect_to(
     let mut builder = match unix_connect(&address) {
         Some(Ok(stream)) => {
             // One system call; see `Disconnect` for what it buys.
-            disconnect = Some(Disconnect {
-                socket: Some(
-                    rustix::io::fcntl_dupfd_cloexec(&stream, 0).map_err(std::io::Error::from)?,
-                ),
-                unix: true,
-            });
+            disconnect = Some(Disconnect::of(&stream, true)?);
             let stream = tokio::net::UnixStream::from_std(stream)?;
             let append = request.as_ref().map(|m| m.data().to_vec());
             Builder::socket(socket::halves(stream, append, Arc::clone(&appended)))
@@ -251,13 +254,7 @@ pub(super) async fn connect_to(
             // `Disconnect`): a name released from an idle runtime is free when it returns.
             Some(stream) => {
                 let stream = stream?;
-                disconnect = Some(Disconnect {
-                    socket: Some(
-                        rustix::io::fcntl_dupfd_cloexec(&stream, 0)
-                            .map_err(std::io::Error::from)?,
-                    ),
-                    unix: false,
-                });
+                disconnect = Some(Disconnect::of(&stream, false)?);
                 Builder::tcp_stream(stream)
             }
             None => Builder::address(address.clone()),

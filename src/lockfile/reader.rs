@@ -70,15 +70,16 @@ pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
 /// system user ID)? False when that cannot be told, or the process is not there (see
 /// [`names_a_process_gone_from_here`]).
 fn runs_as_another(record: &LockRecord) -> bool {
-    let here = rustix::system::uname();
-    if record
-        .hostname
-        .as_deref()
-        .is_some_and(|host| host.as_bytes() != here.nodename().to_bytes())
-    {
+    if record.hostname.is_some() && !of_this_host(record) {
         return false;
     }
     crate::holder::process_uids(record.pid).is_some_and(|uids| !uids.contains(&record.uid))
+}
+
+/// Does `record` give this host's name?
+fn of_this_host(record: &LockRecord) -> bool {
+    let here = rustix::system::uname();
+    record.hostname.as_deref().map(str::as_bytes) == Some(here.nodename().to_bytes())
 }
 
 /// Could the user `uid` a record names have written it into `file`, at `path`? Its owner, or
@@ -107,8 +108,7 @@ fn vouched_for(file: &OwnedFd, path: &Path, uid: u32) -> bool {
 /// A process that is alive under the record's PID but started at another time than the record
 /// says is not the holder either: the holder died and its PID was reused.
 fn names_a_process_gone_from_here(record: &LockRecord) -> bool {
-    let here = rustix::system::uname();
-    if record.hostname.as_deref().map(str::as_bytes) != Some(here.nodename().to_bytes()) {
+    if !of_this_host(record) {
         return false;
     }
     let Some(pid) = i32::try_from(record.pid)
