@@ -74,43 +74,32 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let mut bus_owner = None;
     let mut bus_asked = None;
     if let Some(kind) = plan.bus {
-        match dbus::connect(kind, Vec::new(), None).await {
-            Ok(dbus::Connected { conn, .. }) => {
-                match dbus::owner_of_or_unknown(&conn, &plan.name, kind).await {
-                    Ok(owner) => {
-                        bus_asked = Some(kind);
-                        if owner.bus_unique_name.is_some() {
-                            bus_owner = Some(owner);
-                        }
-                    }
-                    // Whether the name is owned is not known: not "free" (a review: status
-                    // said "not running" for a name the policy kept it from asking about).
-                    Err(e) if plan.lock_file.is_none() => {
-                        return Err(Error::NoUsableBackend {
-                            name: plan.name,
-                            reason: format!(
-                                "nothing could be checked: the {kind} bus did not say who owns \
-                                 the name"
-                            ),
-                            source: Some(Box::new(e)),
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(bus = %kind, error = %e, "the bus did not say who owns the name; reporting the lock file only")
-                    }
+        // What the bus says of the name, or why it says nothing: unreachable, or not saying
+        // who owns the name (a policy that denies it, a bus that stopped answering).
+        let asked = match dbus::connect(kind, Vec::new(), None).await {
+            Ok(dbus::Connected { conn, .. }) => dbus::owner_of_or_unknown(&conn, &plan.name, kind)
+                .await
+                .map_err(|e| ("did not say who owns the name", e)),
+            Err(e) => Err(("cannot be reached", e)),
+        };
+        match asked {
+            Ok(owner) => {
+                bus_asked = Some(kind);
+                if owner.bus_unique_name.is_some() {
+                    bus_owner = Some(owner);
                 }
             }
-            Err(e) if plan.lock_file.is_none() => {
-                // Nothing else to look at: "not running" would be a guess (a review: a
-                // monitor acting on it would start a second copy beside the name's owner).
+            // Nothing else to look at: "not running" would be a guess (a review: a monitor
+            // acting on it would start a second copy beside the name's owner).
+            Err((why, e)) if plan.lock_file.is_none() => {
                 return Err(Error::NoUsableBackend {
                     name: plan.name,
-                    reason: format!("nothing could be checked: the {kind} bus cannot be reached"),
+                    reason: format!("nothing could be checked: the {kind} bus {why}"),
                     source: Some(Box::new(e)),
                 });
             }
-            Err(e) => {
-                tracing::warn!(bus = %kind, error = %e, "cannot reach the bus; reporting the lock file only")
+            Err((why, e)) => {
+                tracing::warn!(bus = %kind, error = %e, "the bus {why}; reporting the lock file only")
             }
         }
     }
