@@ -896,21 +896,41 @@ pub fn assert_refused_naming(lock_dir: &Path, name: &str, holder_pid: u32, what:
 /// Waits until process `pid` has an inotify instance with a watch in it (its `fdinfo` lists
 /// `inotify wd:` lines): its lock-file watch is in place.
 pub fn wait_until_watching(pid: u32) {
+    wait_for_a_watch(pid, "any directory", |_| true);
+}
+
+/// Waits until process `pid` has an inotify watch on the directory `dir` (a line of its
+/// `fdinfo` names `dir`'s inode): its lock-file watch covers that directory, not only the first
+/// one it added.
+pub fn wait_until_watching_dir(pid: u32, dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let ino = format!(
+        " ino:{:x} ",
+        std::fs::metadata(dir).expect("the directory").ino()
+    );
+    wait_for_a_watch(pid, &dir.display().to_string(), |line| line.contains(&ino));
+}
+
+/// Waits (up to [`TIMEOUT`]) until an `inotify wd:` line of process `pid`'s `fdinfo` passes
+/// `this`; `what` names the directory for the failure.
+fn wait_for_a_watch(pid: u32, what: &str, this: impl Fn(&str) -> bool) {
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
         let watching = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
             .expect("the holder's fdinfo")
             .filter_map(Result::ok)
             .any(|e| {
-                std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains("inotify wd:"))
+                std::fs::read_to_string(e.path()).is_ok_and(|info| {
+                    info.lines()
+                        .any(|line| line.starts_with("inotify wd:") && this(line))
+                })
             });
         if watching {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "process {pid} set up no inotify watch within {:?}",
-            TIMEOUT
+            "process {pid} set up no inotify watch on {what} within {TIMEOUT:?}"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
