@@ -73,8 +73,7 @@ pub use status::{Status, status};
 /// ```
 pub use zbus;
 
-// Where src/lockfile/dir.rs's tests name it.
-#[cfg(test)]
+// For the lock file module (src/lockfile/probe.rs, and dir.rs's tests).
 pub(crate) use plan::SYSTEM_LOCK_DIR;
 
 /// Makes this process the only running copy of `name` in the default (Auto) scope, blocking.

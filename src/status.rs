@@ -71,6 +71,14 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
     if let Some(path) = &plan.lock_file {
         lock_file_holder = lockfile::holder_of_async(path, &plan.name).await?;
     }
+    // As an acquisition would meet it: a copy from before the deployment made the service's
+    // own directory, in the shared one.
+    if lock_file_holder.is_none()
+        && let Ok((_, _, Some(lock), _)) = options.resolve()
+        && let Some((_, holder)) = lockfile::earlier_copy_in_shared_dir(&lock).await
+    {
+        lock_file_holder = Some(holder);
+    }
     let mut bus_owner = None;
     let mut bus_asked = None;
     if let Some(kind) = plan.bus {

@@ -417,6 +417,82 @@ fn a_deployed_service_gets_its_own_lock_directory_that_no_one_else_can_squat() {
     );
 }
 
+/// A copy started before the deployment made the service's own directory locked the shared
+/// directory's file; the service, and copies started after the deployment, must still meet it
+/// (they plan the service's directory). A local user's file there must not block the service.
+#[test]
+fn a_copy_from_before_the_deployment_still_excludes_the_service() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes /run/unique-instance/NAME)"
+    );
+    const SERVICE: u32 = NOBODY;
+    const OTHER: u32 = 4_000_124;
+    let name = unique_name("before_deploy");
+    let shared = Path::new("/run/lock/unique-instance").join(format!("{name}.lock"));
+    let mut early = system_holder(0, &name);
+    let early_pid = acquired_pid(&mut early);
+    assert!(
+        shared.exists(),
+        "the early copy did not use {}",
+        shared.display()
+    );
+    let _dir = ServiceDir::new(&name, SERVICE);
+    expect_refused(system_holder(SERVICE, &name), early_pid, "the service");
+    expect_refused(
+        system_holder(0, &name),
+        early_pid,
+        "root, after the deployment",
+    );
+    // `status` sees it as `run` meets it.
+    let status = Command::new(common::cli_path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args(["status", "--system", "--backend", "lockfile", &name])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the CLI");
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(0), "status: {stdout}");
+    assert!(stdout.contains(&early_pid.to_string()), "{stdout}");
+    // A bounded wait for it ends in a time-out that names it.
+    let waiter = bare_holder(
+        &[],
+        &[
+            &name,
+            "--scope",
+            "system",
+            "--backend",
+            "lockfile",
+            "--wait",
+            "0.3",
+        ],
+    );
+    let mut waiter = Proc::spawn(as_user(SERVICE, SERVICE, &waiter));
+    let line = waiter.line_starting("");
+    assert!(line.starts_with("timed-out"), "{line}");
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(early_pid.to_string().as_str())
+    );
+    assert_eq!(waiter.exit_code(), 75);
+    release(early);
+    let mut service = system_holder(SERVICE, &name);
+    acquired_pid(&mut service);
+    release(service);
+
+    // A local user's copy in the shared directory is not believed: it cannot keep the
+    // deployed service from running.
+    let name = unique_name("before_deploy_squat");
+    let mut squatter = system_holder(OTHER, &name);
+    acquired_pid(&mut squatter);
+    let _dir = ServiceDir::new(&name, SERVICE);
+    let mut service = system_holder(SERVICE, &name);
+    acquired_pid(&mut service);
+    release(service);
+    release(squatter);
+}
+
 #[test]
 fn a_retargeted_symlink_on_the_lock_path_is_a_loss_for_the_holder() {
     let base = tempfile::tempdir().expect("tempdir");

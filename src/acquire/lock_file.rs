@@ -2,7 +2,7 @@
 //! bus meanwhile when a bus step follows), write the record at once, and hold it.
 //! Must not: speak the lock file's protocol (that is `lockfile`).
 
-use crate::error::{Result, already_running};
+use crate::error::{Error, Result, already_running};
 use crate::held::Held;
 use crate::lockfile::{self, Attempt, HeldFile, try_lock, wait_lock};
 use crate::options::Wait;
@@ -68,6 +68,21 @@ pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
             (held, previous, watch)
         }
     };
+    // A copy started before the deployment made the service's own directory holds the shared
+    // one's lock file (see `earlier_copy_in_shared_dir`). Ours is held meanwhile, so copies
+    // starting now queue behind this one.
+    if let Some((file, holder)) = lockfile::earlier_copy_in_shared_dir(plan).await {
+        if ctx.wait == Wait::No {
+            return Err(already_running(&ctx.name, Box::new(holder)));
+        }
+        if !lockfile::until_let_go(&file, ctx.deadline).await {
+            return Err(Error::TimedOut {
+                name: ctx.name.to_string(),
+                waited: ctx.timeout,
+                holder: Box::new(holder),
+            });
+        }
+    }
     ctx.previous_pid = previous.as_ref().map(|p| p.pid);
     let file = HeldFile::new(held, inotify, wait_watch)?;
     ctx.held.push(Held::LockFile(file));

@@ -4,12 +4,14 @@
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result, UnsafeLockPath};
 use crate::holder::Holder;
+use crate::plan::LockPlan;
 
 use super::ofd::is_held;
 use super::open::{file_type_name, is_ours, only_regular};
@@ -131,4 +133,59 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
         });
     }
     Ok(None)
+}
+
+/// A copy that holds the lock file of `plan`'s name in the shared system directory, when
+/// `plan` is a deployed service's own directory (`/run/unique-instance/NAME`): one started
+/// before the deployment made that directory planned the shared one, and a copy planning now
+/// would otherwise never meet it. The lock file found there, read-only, and its holder.
+///
+/// Believed only when the file is root's or the owner of the service's directory: the shared
+/// directory is writable by everyone, and a local user's file there must not keep the service
+/// from running (the squatting its own directory closes). Anything unexpected at that path is
+/// not a holder either (an acquisition there would refuse it; here it is not ours to judge).
+pub(crate) async fn earlier_copy_in_shared_dir(plan: &LockPlan) -> Option<(OwnedFd, Holder)> {
+    if !plan.service_dir {
+        return None;
+    }
+    let trusted = [0, rustix::fs::stat(&plan.dir).ok()?.st_uid];
+    let path = Path::new(crate::SYSTEM_LOCK_DIR).join(&plan.file_name);
+    let believed = |st: &rustix::fs::Stat| {
+        FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && trusted.contains(&st.st_uid)
+    };
+    if !believed(&rustix::fs::lstat(&path).ok()?) {
+        return None;
+    }
+    let file = rustix::fs::open(
+        &path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .ok()?;
+    if !believed(&rustix::fs::fstat(&file).ok()?) || !is_held(&file).ok()? {
+        return None;
+    }
+    let holder = read_holder_async(&file, &path).await;
+    Some((file, holder))
+}
+
+/// How often [`until_let_go`] looks again: this wait is for a copy left from before a
+/// deployment, once, not a take-over path worth events.
+const LET_GO_RECHECK: Duration = Duration::from_millis(100);
+
+/// Waits until nobody holds the lock of `file` (see [`earlier_copy_in_shared_dir`]), or until
+/// `deadline`: `false` then. An error testing the lock counts as still held (fail closed).
+pub(crate) async fn until_let_go(file: &OwnedFd, deadline: Option<Instant>) -> bool {
+    loop {
+        if let Ok(false) = is_held(file) {
+            return true;
+        }
+        if deadline.is_some_and(|d| Instant::now() + LET_GO_RECHECK > d) {
+            if let Some(d) = deadline {
+                tokio::time::sleep_until(d.into()).await;
+            }
+            return matches!(is_held(file), Ok(false));
+        }
+        tokio::time::sleep(LET_GO_RECHECK).await;
+    }
 }

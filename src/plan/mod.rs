@@ -16,9 +16,7 @@ use crate::name::InstanceName;
 use crate::options::InstanceOptions;
 use crate::scope::{Backend, BackendSelection, BusKind, SCOPE_ENV, Scope};
 
-#[cfg(test)]
-pub(crate) use lock::SYSTEM_LOCK_DIR;
-pub(crate) use lock::{LockPlan, SERVICE_LOCK_BASE};
+pub(crate) use lock::{LockPlan, SERVICE_LOCK_BASE, SYSTEM_LOCK_DIR};
 
 /// What [`InstanceOptions::plan`] decided, before anything is touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
