@@ -1216,3 +1216,65 @@ fn a_loss_sends_sigterm_to_commands_whole_tree_at_once() {
     );
     assert_eq!(status.code(), Some(69), "a loss: {status:?}");
 }
+
+/// Under a task limit (`RLIMIT_NPROC`; a cgroup's `pids.max` and systemd's `TasksMax=` are the
+/// same to the wrapper) a fork or a thread can fail at any step: the keeper's, COMMAND's, a
+/// helper thread's. Whatever step fails, the wrapper says why and exits; it never aborts
+/// without a word (it did: the keeper's fork failed, then the thread that stops what is left).
+#[test]
+fn a_task_limit_at_any_step_is_a_clear_error_not_an_abort() {
+    use std::os::unix::fs::PermissionsExt;
+    // A uid of its own: the limit counts every process and thread of the user.
+    const UID: u32 = 4_000_125;
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::chown(lock_dir.path(), Some(UID), Some(UID)).expect("chown");
+    std::fs::set_permissions(lock_dir.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    let mut ran = false;
+    for tasks in 1..=6 {
+        let name = unique_name("nproc");
+        let mut run = Command::new(common::cli_path());
+        run.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir.path())
+            .args([
+                "run",
+                "--backend",
+                "lockfile",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                "echo ran",
+            ]);
+        let mut prlimit = Command::new(common::require_program("prlimit", "util-linux"));
+        prlimit.arg(format!("--nproc={tasks}:{tasks}")).arg("--");
+        let mut cmd = common::wrapped(prlimit, &common::as_user(UID, UID, &run));
+        let stdout_file = tempfile::tempfile().expect("tempfile");
+        let stderr_file = tempfile::tempfile().expect("tempfile");
+        cmd.stdin(Stdio::null())
+            .stdout(stdout_file.try_clone().expect("dup"))
+            .stderr(stderr_file.try_clone().expect("dup"));
+        let status = common::status_within_timeout(cmd);
+        let read = |mut f: File| {
+            use std::io::Seek;
+            let mut text = String::new();
+            f.rewind().expect("rewind");
+            f.read_to_string(&mut text).expect("read");
+            text
+        };
+        let (stdout, stderr) = (read(stdout_file), read(stderr_file));
+        let what = format!("with {tasks} tasks: {status:?}, stdout {stdout:?}, stderr {stderr:?}");
+        assert_eq!(status.signal(), None, "{what}");
+        assert!(!stderr.contains("panicked"), "{what}");
+        match status.code() {
+            Some(0) => {
+                assert_eq!(stdout, "ran\n", "{what}");
+                ran = true;
+            }
+            Some(_) => assert!(stderr.contains("unique-instance"), "no word: {what}"),
+            None => unreachable!(),
+        }
+    }
+    assert!(ran, "COMMAND never ran, even with 6 tasks allowed");
+}

@@ -875,8 +875,13 @@ async fn stop_leftovers(
 /// (SIGKILL, through `PR_SET_PDEATHSIG`) unless it changed its credentials, and what the keeper
 /// kept was re-parented to us. All of it gets SIGKILL at once (this is already a failure) and is reaped
 /// before the instance is released. Returns when we have no child left.
+///
+/// On a thread of its own, so the runtime goes on meanwhile; where no thread can be started (a
+/// task limit reached: `RLIMIT_NPROC`, a cgroup's `pids.max`, which may be why the keeper could
+/// not start), right here, blocking: the children must be gone before the instance is, whatever
+/// that costs (tokio's `spawn_blocking` would panic instead).
 async fn stop_own_children() {
-    let stopped = tokio::task::spawn_blocking(|| {
+    fn kill_and_reap() {
         loop {
             for pid in children() {
                 let _ = rustix::process::kill_process(pid, Signal::KILL);
@@ -887,8 +892,20 @@ async fn stop_own_children() {
                 Err(_) => return,
             }
         }
-    });
-    let _ = stopped.await;
+    }
+    let (done, stopped) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("stop-children".into())
+        .spawn(move || {
+            kill_and_reap();
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = stopped.await;
+        }
+        Err(_) => kill_and_reap(),
+    }
 }
 
 /// Our children: after COMMAND has been reaped, exactly the processes it left behind.
