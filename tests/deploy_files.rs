@@ -1020,8 +1020,9 @@ fn a_failure_midway_writes_nothing() {
 /// systemd reads no line longer than `LONG_LINE_MAX` (1 MiB): arguments that are each fine (the
 /// kernel's limit on one is 128 KiB) but together longer make an `ExecStart=` line (and the
 /// files' "Written by" comments) that it refuses ("No buffer space available"), in the unit and
-/// in the tmpfiles.d file alike. The generator refuses them (64, naming the limit) and writes
-/// nothing, rather than exit 0 with files that do not load; shorter ones still load.
+/// in the tmpfiles.d file alike; and dbus-daemon drops an activation file over 128 KiB. The
+/// generator refuses them (64, naming the limit) and writes nothing, rather than exit 0 with
+/// files that do not load; shorter ones still load.
 #[test]
 fn arguments_past_systemds_line_limit_are_refused() {
     let out = tempfile::tempdir().expect("tempdir");
@@ -1048,8 +1049,81 @@ fn arguments_past_systemds_line_limit_are_refused() {
         "{stderr}"
     );
     assert!(tree(out.path()).is_empty(), "wrote something");
-    let (code, _, stderr) = generate(4);
+    // Short enough for systemd, too long for dbus-daemon, which drops an activation file over
+    // 128 KiB without a word (the name could then never be activated).
+    let (code, _, stderr) = generate(3);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("services/org.example.Big.service") && stderr.contains("dbus-daemon"),
+        "{stderr}"
+    );
+    assert!(tree(out.path()).is_empty(), "wrote something");
+    let long = "a".repeat(25_000);
+    let mut args = vec![
+        "generate",
+        "--out-dir",
+        out.path().to_str().expect("utf-8"),
+        "--exec",
+        "/bin/true",
+        "--user",
+        "daemon",
+        "org.example.Big",
+        "--",
+    ];
+    args.extend([long.as_str(), long.as_str()]);
+    let (code, _, stderr) = cli(&args);
     assert_eq!(code, 0, "{stderr}");
     let system = out.path().join("systemd/org.example.Big.service");
     assert_verifies(&["verify", system.to_str().expect("utf-8")], &[]);
+}
+
+/// What sits at an output path is compared with the file meant for it only if it is a regular
+/// file: a FIFO was opened and read (the generator hung for ever), a symlink to `/dev/zero`
+/// read until memory ran out. Anything else there is refused, named, and nothing is written.
+#[test]
+fn what_is_not_a_regular_file_at_an_output_path_is_refused_not_read() {
+    let fifo = |path: &Path| {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo")
+    };
+    let zero = |path: &Path| std::os::unix::fs::symlink("/dev/zero", path).expect("symlink");
+    for (make, kind) in [
+        (&fifo as &dyn Fn(&Path), "a FIFO"),
+        (&zero as &dyn Fn(&Path), "a symbolic link"),
+    ] {
+        let out = tempfile::tempdir().expect("tempdir");
+        let services = out.path().join("dbus/services");
+        std::fs::create_dir_all(&services).expect("mkdir");
+        let planted = services.join("org.example.Planted.service");
+        make(&planted);
+        let (code, _, stderr) = cli(&[
+            "generate",
+            "--out-dir",
+            out.path().to_str().expect("utf-8"),
+            "--exec",
+            "/bin/true",
+            "--user",
+            "daemon",
+            "org.example.Planted",
+        ]);
+        assert_eq!(code, 73, "{kind}: {stderr}");
+        assert!(
+            stderr.contains(kind) && stderr.contains(&planted.display().to_string()),
+            "{kind}: {stderr}"
+        );
+        assert!(
+            !out.path().join("systemd").exists(),
+            "{kind}: wrote something"
+        );
+        assert!(
+            std::fs::symlink_metadata(&planted).is_ok(),
+            "{kind}: what was planted is gone"
+        );
+    }
 }

@@ -33,15 +33,25 @@ pub(crate) fn generate(args: GenerateArgs) -> ExitCode {
     let mut conflicts = Vec::new();
     for file in &files {
         let target = args.out_dir.join(&file.path);
-        let (state, previous) = match std::fs::read(&target) {
-            Ok(existing) if existing == file.contents.as_bytes() => (State::Unchanged, None),
-            Ok(existing) if args.force => (State::Replaced, Some(existing)),
-            Ok(_) => {
+        let (state, previous) = match read_existing(&target) {
+            Ok(Some(existing)) if existing == file.contents.as_bytes() => (State::Unchanged, None),
+            Ok(Some(existing)) if args.force => (State::Replaced, Some(existing)),
+            Ok(Some(_)) => {
                 conflicts.push(target);
                 continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::Wrote, None),
-            Err(e) => {
+            Ok(None) => (State::Wrote, None),
+            Err(Existing::NotAFile(kind)) => {
+                return fail(
+                    EXIT_CONFLICT,
+                    format_args!(
+                        "{} is {kind}, not a regular file, so nothing was written; remove it or \
+                         choose another --out-dir",
+                        target.display()
+                    ),
+                );
+            }
+            Err(Existing::Io(e)) => {
                 return fail(
                     EXIT_IO,
                     format_args!("cannot read {}: {e}; nothing was written", target.display()),
@@ -82,6 +92,55 @@ pub(crate) fn generate(args: GenerateArgs) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+/// Why what is at an output path cannot be compared with the file meant for it.
+enum Existing {
+    /// Not a regular file: a symlink, a FIFO (reading it would block), a device (`/dev/zero`
+    /// would never end), a directory. A write would replace it (a rename), which is not what
+    /// whoever put it there meant.
+    NotAFile(&'static str),
+    Io(std::io::Error),
+}
+
+/// The contents of the regular file at `target`, `None` when there is nothing there. Looked at
+/// before it is opened, and opened without following a link or blocking.
+fn read_existing(target: &Path) -> Result<Option<Vec<u8>>, Existing> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let kind = |t: std::fs::FileType| match () {
+        () if t.is_symlink() => "a symbolic link",
+        () if t.is_dir() => "a directory",
+        () if t.is_fifo() => "a FIFO",
+        () if t.is_socket() => "a socket",
+        () if t.is_char_device() || t.is_block_device() => "a device",
+        () => "not a regular file",
+    };
+    match std::fs::symlink_metadata(target) {
+        Ok(meta) if !meta.file_type().is_file() => {
+            return Err(Existing::NotAFile(kind(meta.file_type())));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Existing::Io(e)),
+    }
+    let mut file = std::fs::File::options()
+        .read(true)
+        .custom_flags(
+            (rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::NONBLOCK
+                | rustix::fs::OFlags::NOCTTY)
+                .bits() as i32,
+        )
+        .open(target)
+        .map_err(Existing::Io)?;
+    let meta = file.metadata().map_err(Existing::Io)?;
+    if !meta.file_type().is_file() {
+        return Err(Existing::NotAFile(kind(meta.file_type())));
+    }
+    let mut contents = Vec::new();
+    file.read_to_end(&mut contents).map_err(Existing::Io)?;
+    Ok(Some(contents))
 }
 
 /// What happens to one file.

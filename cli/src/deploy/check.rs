@@ -14,6 +14,11 @@ const UNIT_NAME_MAX: usize = 255;
 /// key-file parser) and for a line that grows when it is edited by hand.
 pub(crate) const LINE_MAX: usize = 512 * 1024;
 
+/// The largest D-Bus service (activation) file written, in bytes: dbus-daemon 1.14 loads one of
+/// 131 072 bytes and silently drops one of 131 074 (measured; the bus then answers
+/// `ServiceUnknown`, and nothing is logged), so a larger one would be written and never used.
+pub(crate) const DBUS_SERVICE_FILE_MAX: usize = 128 * 1024;
+
 /// A file name's limit (`NAME_MAX`), in bytes.
 pub(super) const FILE_NAME_MAX: usize = 255;
 
@@ -134,12 +139,26 @@ pub(crate) fn check_one_line(what: &str, text: &str) -> Result<(), String> {
 
 /// Refuses files any of whose lines is longer than [`LINE_MAX`]: arguments that are each short
 /// enough for the kernel (128 KiB) can together make an `ExecStart=` line (and the header
-/// comments that repeat the command line) that systemd will not load. Every line of every file
-/// is checked, so nothing is written unless all of them load.
+/// comments that repeat the command line) that systemd will not load; and D-Bus service files
+/// larger than [`DBUS_SERVICE_FILE_MAX`]. Every line of every file is checked, so nothing is
+/// written unless all of them load.
 pub(crate) fn check_line_lengths<'a>(
     files: impl IntoIterator<Item = (&'a Path, &'a str)>,
 ) -> Result<(), String> {
     for (path, contents) in files {
+        if path.starts_with("dbus")
+            && path.extension().is_some_and(|e| e == "service")
+            && contents.len() > DBUS_SERVICE_FILE_MAX
+        {
+            return Err(format!(
+                "{} would be {} bytes long, past the {DBUS_SERVICE_FILE_MAX} bytes dbus-daemon \
+                 loads (it would drop the file without a word, and the name could not be \
+                 activated); pass shorter arguments (the server can read long ones from a \
+                 file); nothing was written",
+                path.display(),
+                contents.len()
+            ));
+        }
         if let Some((number, line)) = contents
             .lines()
             .enumerate()
