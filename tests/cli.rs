@@ -896,6 +896,17 @@ fn man_page_and_completions_are_generated() {
         "the man page documents exit codes"
     );
     assert_eq!(man.exit_code(), 0);
+    // A place the pages cannot go is the caller's to fix: named, an I/O error (74), not an
+    // internal one (70).
+    let missing = lock_dir.path().join("no/such/dir");
+    let mut man = cli(
+        None,
+        lock_dir.path(),
+        &["man", "--out-dir", missing.to_str().expect("utf-8")],
+    );
+    assert_eq!(man.exit_code(), 74);
+    let said = man.stderr_until_closed().join("\n");
+    assert!(said.contains(&missing.display().to_string()), "{said}");
     let mut bash = cli(None, lock_dir.path(), &["completions", "bash"]);
     let script = bash.stdout_until_closed().join("\n");
     assert_eq!(bash.exit_code(), 0);

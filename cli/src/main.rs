@@ -166,14 +166,23 @@ fn print_man_page(out_dir: Option<std::path::PathBuf>) -> ExitCode {
                 .and_then(|()| std::io::Write::flush(&mut out))
         }
     };
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(
-            EXIT_INTERNAL,
-            format_args!("cannot write the man page: {e}"),
+    match (written, &out_dir) {
+        (Ok(()), _) => ExitCode::SUCCESS,
+        // Where the pages go is the caller's choice: an I/O error, named, not an internal one.
+        (Err(e), Some(dir)) => fail(
+            EXIT_IO,
+            format_args!(
+                "cannot write the man pages into {}: {e}; give --out-dir an existing directory \
+                 you can write",
+                dir.display()
+            ),
         ),
+        (Err(e), None) => fail(EXIT_IO, format_args!("cannot write the man page: {e}")),
     }
 }
+
+/// Writing an output failed (`EX_IOERR`).
+const EXIT_IO: u8 = 74;
 
 fn print_completions(shell: clap_complete::Shell) -> ExitCode {
     // Made in memory first: clap_complete panics when its writer fails.
@@ -184,10 +193,7 @@ fn print_completions(shell: clap_complete::Shell) -> ExitCode {
         .and_then(|()| std::io::Write::flush(&mut out))
     {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(
-            EXIT_INTERNAL,
-            format_args!("cannot write the completions: {e}"),
-        ),
+        Err(e) => fail(EXIT_IO, format_args!("cannot write the completions: {e}")),
     }
 }
 
