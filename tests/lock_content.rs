@@ -665,3 +665,32 @@ fn a_record_is_rewritten_only_through_a_held_descriptor() {
     assert!(unique_instance::record_this_process_as_holder(data.as_fd()).is_err());
     assert_eq!(std::fs::read(&path).expect("read"), b"data\n");
 }
+
+/// A bounded wait ends when it was asked to, even when the holder has written no record (a
+/// program that locks the file its own way, a holder that has just locked it): the first
+/// attempt's grace for the record (2 s) ran before the wait's deadline applied, so a 100 ms wait
+/// took over 2 s. (An upper bound, not a speed goal: the bound checked is the wait broken by
+/// 1.5 s, where the fault it guards against always took at least 2 s.)
+#[test]
+fn a_bounded_wait_is_not_stretched_by_a_holder_without_a_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("held.lock");
+    std::fs::write(&path, b"").expect("create");
+    let _held = hold_ofd_lock(&path);
+    let wait = std::time::Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let outcome = InstanceOptions::new(unique_name("bounded"))
+        .backend(Backend::LockFile)
+        .lock_file(&path)
+        .wait(unique_instance::Wait::Timeout(wait))
+        .acquire();
+    let took = started.elapsed();
+    match outcome {
+        Err(Error::TimedOut { waited, .. }) => assert_eq!(waited, wait),
+        other => panic!("expected a time-out, got {other:?}"),
+    }
+    assert!(
+        took < wait + std::time::Duration::from_millis(1500),
+        "a wait of {wait:?} took {took:?}"
+    );
+}

@@ -17,7 +17,26 @@ pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
     // Made before the lock and the bus socket so that a killed holder releases both before it
     // (see `HeldLock::move_above`).
     let inotify = ctx.watch_lock.then(lockfile::new_inotify);
-    let (held, previous, wait_watch) = match try_lock(plan, ctx.allow_network_filesystem).await? {
+    // A bounded wait bounds the first attempt too: its reading of a holder that has not
+    // written its record yet is given a grace (up to 2 s) that must not outlast the wait asked
+    // for. (Dropping the attempt leaves nothing behind: it holds no lock while it reads.)
+    let first = try_lock(plan, ctx.allow_network_filesystem);
+    let first = match (ctx.wait, ctx.deadline) {
+        (Wait::Timeout(_), Some(deadline)) => {
+            match tokio::time::timeout_at(deadline.into(), first).await {
+                Ok(attempt) => attempt,
+                Err(_) => {
+                    return Err(Error::TimedOut {
+                        name: ctx.name.to_string(),
+                        waited: ctx.timeout,
+                        holder: Box::new(lockfile::holder_now(&plan.path())),
+                    });
+                }
+            }
+        }
+        _ => first.await,
+    };
+    let (held, previous, wait_watch) = match first? {
         (Attempt::Acquired(held, previous), _) => (held, previous, None),
         (Attempt::Busy(holder), _) if ctx.wait == Wait::No => {
             return Err(already_running(&ctx.name, holder));

@@ -40,7 +40,9 @@ pub use handed::{
 };
 pub(crate) use held::ReleaseReport;
 pub(crate) use part::HeldFile;
-pub(crate) use probe::{earlier_copy_in_shared_dir, holder_of, holder_of_async, until_let_go};
+pub(crate) use probe::{
+    earlier_copy_in_shared_dir, holder_now, holder_of, holder_of_async, until_let_go,
+};
 // For the fuzz targets' entry points (src/fuzzing.rs).
 #[cfg(any(fuzzing, test))]
 pub(crate) use record::{LockRecord, MAX_RECORD_LEN};

@@ -36,6 +36,12 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
     Some(look_at_record(&file, path).unwrap_or_else(|| unknown_holder(path)))
 }
 
+/// Who holds the lock file at `path`, by its record as it is now, with no grace: "unknown" when
+/// it cannot be read or says nothing yet (for a wait that has run out).
+pub(crate) fn holder_now(path: &Path) -> Holder {
+    peek_holder(path).unwrap_or_else(|| unknown_holder(path))
+}
+
 /// Who holds the lock file at `path`, tested (`F_OFD_GETLK`) on a read-only descriptor: never
 /// created, never written, never locked, so a copy starting at the same moment is not disturbed.
 /// `None` when nobody holds it, or there is no such file. A holder whose record is not written
