@@ -21,7 +21,10 @@
 //!   dropped inside the runtime's `block_on`; `drop-outside`: dropped outside it after it went
 //!   idle; `release`: `release()`; `release-async-elsewhere`: `release_async()` on another,
 //!   new, current-thread runtime while the acquiring one is idle), prints `released ok` or
-//!   `released err ...`, and waits for stdin to close.
+//!   `released err ...`, and waits for stdin to close. With `--keep-connection` it keeps a
+//!   clone of the guard's connection (as a program serving objects on it does) until it exits;
+//!   with `--drop-runtime` it drops the acquiring runtime (and zbus's tasks on it) before the
+//!   release.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -38,6 +41,8 @@ struct Args {
     how: String,
     use_async: bool,
     wait: Duration,
+    keep_connection: bool,
+    drop_runtime: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -53,6 +58,8 @@ fn parse() -> Result<Args, String> {
         how: String::new(),
         use_async: false,
         wait: Duration::from_millis(300),
+        keep_connection: false,
+        drop_runtime: false,
     };
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
@@ -71,6 +78,8 @@ fn parse() -> Result<Args, String> {
                 args.in_task = args.how == "task";
             }
             "--async" => args.use_async = true,
+            "--keep-connection" => args.keep_connection = true,
+            "--drop-runtime" => args.drop_runtime = true,
             "--wait-ms" => {
                 args.wait = Duration::from_millis(value()?.parse().map_err(|_| "bad --wait-ms")?)
             }
@@ -198,15 +207,21 @@ fn cancel_queued(args: &Args) {
 }
 
 fn release_order(args: &Args) {
-    let rt = args.use_async.then(|| runtime(args.multi));
+    let mut rt = args.use_async.then(|| runtime(args.multi));
     let guard: InstanceGuard = match &rt {
         Some(rt) => rt.block_on(options(args).acquire_async()),
         None => options(args).acquire(),
     }
     .expect("acquire");
+    let kept = args
+        .keep_connection
+        .then(|| guard.connection().expect("a bus connection").clone());
     say("acquired");
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
+    if args.drop_runtime {
+        drop(rt.take());
+    }
     let result = match (args.how.as_str(), &rt) {
         ("drop-in-runtime", Some(rt)) => {
             rt.block_on(async move { drop(guard) });
@@ -225,6 +240,7 @@ fn release_order(args: &Args) {
         Err(e) => say(&format!("released err {}", one_line(&e))),
     }
     wait_for_stdin_to_close();
+    drop(kept);
     drop(rt);
 }
 
