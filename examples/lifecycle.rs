@@ -24,7 +24,8 @@
 //!   `released err ...`, and waits for stdin to close. With `--keep-connection` it keeps a
 //!   clone of the guard's connection (as a program serving objects on it does) until it exits;
 //!   with `--drop-runtime` it drops the acquiring runtime (and zbus's tasks on it) before the
-//!   release.
+//!   release; with `--watcher` a thread waits on a `LossWatcher` meanwhile, and once released
+//!   it prints `watcher ended` when that returned `None` within 10 s, else `watcher waits`.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -43,6 +44,7 @@ struct Args {
     wait: Duration,
     keep_connection: bool,
     drop_runtime: bool,
+    watcher: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -60,6 +62,7 @@ fn parse() -> Result<Args, String> {
         wait: Duration::from_millis(300),
         keep_connection: false,
         drop_runtime: false,
+        watcher: false,
     };
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
@@ -80,6 +83,7 @@ fn parse() -> Result<Args, String> {
             "--async" => args.use_async = true,
             "--keep-connection" => args.keep_connection = true,
             "--drop-runtime" => args.drop_runtime = true,
+            "--watcher" => args.watcher = true,
             "--wait-ms" => {
                 args.wait = Duration::from_millis(value()?.parse().map_err(|_| "bad --wait-ms")?)
             }
@@ -216,6 +220,14 @@ fn release_order(args: &Args) {
     let kept = args
         .keep_connection
         .then(|| guard.connection().expect("a bus connection").clone());
+    let watcher = args.watcher.then(|| {
+        let mut watcher = guard.loss_watcher();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(watcher.next_blocking(None));
+        });
+        rx
+    });
     say("acquired");
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
@@ -238,6 +250,13 @@ fn release_order(args: &Args) {
     match result {
         Ok(()) => say("released ok"),
         Err(e) => say(&format!("released err {}", one_line(&e))),
+    }
+    if let Some(watcher) = watcher {
+        match watcher.recv_timeout(Duration::from_secs(10)) {
+            Ok(None) => say("watcher ended"),
+            Ok(Some(loss)) => say(&format!("watcher lost {loss}")),
+            Err(_) => say("watcher waits"),
+        }
     }
     wait_for_stdin_to_close();
     drop(kept);

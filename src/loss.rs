@@ -93,7 +93,58 @@ impl fmt::Display for Loss {
     }
 }
 
-pub(crate) type LossLog = watch::Sender<Vec<Loss>>;
+/// Where an instance's losses are recorded: the one sender of its loss channel, shared by the
+/// guard and the tasks and thread that watch its backends, which the guard takes back
+/// ([`LossLog::close`]) when it is released, so that every [`LossWatcher`] then ends.
+///
+/// The watchers hold clones of the slot, not of the sender: a task that was aborted but not yet
+/// dropped (it belongs to a current-thread runtime that does not run now; its future goes only
+/// when that runtime runs again) cannot keep the channel open, and a watcher would otherwise
+/// wait for ever after the guard is gone. Every loss goes through the one lock, so losses are
+/// recorded in one order, and none is recorded once the log is closed.
+#[derive(Debug, Clone)]
+pub(crate) struct LossLog(std::sync::Arc<std::sync::Mutex<Option<watch::Sender<Vec<Loss>>>>>);
+
+impl LossLog {
+    /// An empty log, and the receiver that its watchers are made from.
+    pub(crate) fn new() -> (Self, watch::Receiver<Vec<Loss>>) {
+        let (tx, rx) = watch::channel(Vec::new());
+        (
+            LossLog(std::sync::Arc::new(std::sync::Mutex::new(Some(tx)))),
+            rx,
+        )
+    }
+
+    /// Modifies the log and tells its watchers, unless it is closed (the guard is gone: nothing
+    /// more is lost).
+    pub(crate) fn send_modify(&self, modify: impl FnOnce(&mut Vec<Loss>)) {
+        if let Some(tx) = self.sender().as_ref() {
+            tx.send_modify(modify);
+        }
+    }
+
+    /// Modifies the log, telling its watchers only when `modify` returns true: whether it was
+    /// told (false once the log is closed).
+    pub(crate) fn send_if_modified(&self, modify: impl FnOnce(&mut Vec<Loss>) -> bool) -> bool {
+        self.sender()
+            .as_ref()
+            .is_some_and(|tx| tx.send_if_modified(modify))
+    }
+
+    /// Closes the log, handing its sender to the caller: once that is dropped, every watcher
+    /// ends (after the losses it has not returned yet), whoever still holds the log.
+    pub(crate) fn close(&self) -> Option<watch::Sender<Vec<Loss>>> {
+        self.sender().take()
+    }
+
+    fn sender(&self) -> std::sync::MutexGuard<'_, Option<watch::Sender<Vec<Loss>>>> {
+        // A panic while the lock was held (in `modify`) left the log as it was or one loss
+        // longer: still a log.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// Follows an instance's losses independently of its guard; see
 /// [`crate::InstanceGuard::loss_watcher`].

@@ -293,6 +293,53 @@ fn releases_free_name_and_lock_file_before_they_return(bus: &DbusDaemon) {
     }
 }
 
+/// A [`unique_instance::LossWatcher`] ends once its guard is released, wherever the guard came
+/// from and however it goes: its watchers are told by the release itself, not by the tasks that
+/// report losses (a review: a guard from `acquire_async` on a current-thread runtime left idle
+/// kept a watcher waiting for ever, since its aborted bus task, which held the loss channel
+/// open, is dropped only when that runtime runs again).
+#[test]
+fn a_loss_watcher_ends_when_its_guard_is_released() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let cases: &[&[&str]] = &[
+        &["--async", "--flavor", "current", "--in", "release"],
+        &["--async", "--flavor", "current", "--in", "drop"],
+        &[
+            "--async",
+            "--flavor",
+            "current",
+            "--in",
+            "release-async-elsewhere",
+        ],
+        &["--async", "--flavor", "current", "--in", "drop-in-runtime"],
+        &["--async", "--flavor", "multi", "--in", "release"],
+        &["--in", "release"],
+        &["--in", "drop"],
+    ];
+    for args in cases {
+        let what = args.join(" ");
+        let name = unique_name("watcher_end");
+        let mut p = lifecycle(
+            Some(&bus.address),
+            lock_dir.path(),
+            "release-order",
+            &name,
+            &[*args, &["--watcher"]].concat(),
+        );
+        assert_eq!(p.next_line("acquired"), "acquired", "{what}");
+        p.send("go\n");
+        assert_eq!(p.next_line("released"), "released ok", "{what}");
+        assert_eq!(
+            p.next_line("the watcher's end"),
+            "watcher ended",
+            "{what}: a loss watcher outlived its released guard"
+        );
+        p.close_stdin();
+        assert_eq!(p.exit_code(), 0, "{what}");
+    }
+}
+
 /// A refused copy gives a just-started holder a moment to write its record, and in async code
 /// that moment does not block the runtime: here the record comes back only if another task of
 /// the same current-thread runtime runs meanwhile, and the refusal must name the holder.
