@@ -26,6 +26,11 @@
 //!   with `--drop-runtime` it drops the acquiring runtime (and zbus's tasks on it) before the
 //!   release; with `--watcher` a thread waits on a `LossWatcher` meanwhile, and once released
 //!   it prints `watcher ended` when that returned `None` within 10 s, else `watcher waits`.
+//! - `release-leftovers`: `--rounds` times acquires and releases (with `release()`), counting
+//!   right after each release what is left of the acquisition: descriptors of the lock
+//!   directory, eventfds and `unique-instance-watch` threads, more than before the first; prints
+//!   `leftovers rounds=N dir_fds=A eventfds=B watch_threads=C` (the most seen after any round),
+//!   then `threads gone` once no watch thread is left (within 10 s; else `threads stay`).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -45,6 +50,7 @@ struct Args {
     keep_connection: bool,
     drop_runtime: bool,
     watcher: bool,
+    rounds: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -63,6 +69,7 @@ fn parse() -> Result<Args, String> {
         keep_connection: false,
         drop_runtime: false,
         watcher: false,
+        rounds: 1,
     };
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
@@ -84,6 +91,7 @@ fn parse() -> Result<Args, String> {
             "--keep-connection" => args.keep_connection = true,
             "--drop-runtime" => args.drop_runtime = true,
             "--watcher" => args.watcher = true,
+            "--rounds" => args.rounds = value()?.parse().map_err(|_| "bad --rounds")?,
             "--wait-ms" => {
                 args.wait = Duration::from_millis(value()?.parse().map_err(|_| "bad --wait-ms")?)
             }
@@ -263,6 +271,61 @@ fn release_order(args: &Args) {
     drop(rt);
 }
 
+/// What of an acquisition is left in this process: (descriptors of `dir`, eventfds, watch
+/// threads).
+fn leftovers(dir: &std::path::Path) -> (usize, usize, usize) {
+    let links = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect::<Vec<_>>();
+    let dir_fds = links.iter().filter(|l| l.as_path() == dir).count();
+    let eventfds = links
+        .iter()
+        .filter(|l| l.to_string_lossy().contains("eventfd"))
+        .count();
+    let watch_threads = std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        // "unique-instance-watch", cut to the 15 bytes a thread's name keeps.
+        .filter(|comm| comm.trim() == "unique-instance")
+        .count();
+    (dir_fds, eventfds, watch_threads)
+}
+
+fn release_leftovers(args: &Args) {
+    let dir = std::env::var_os("UNIQUE_INSTANCE_LOCK_DIR")
+        .map(std::path::PathBuf::from)
+        .expect("UNIQUE_INSTANCE_LOCK_DIR");
+    let dir = dir.canonicalize().expect("the lock directory");
+    let before = leftovers(&dir);
+    let mut most = (0, 0, 0);
+    for _ in 0..args.rounds {
+        let guard = options(args).acquire().expect("acquire");
+        guard.release().expect("release");
+        let (d, e, t) = leftovers(&dir);
+        most = (
+            most.0.max(d.saturating_sub(before.0)),
+            most.1.max(e.saturating_sub(before.1)),
+            most.2.max(t.saturating_sub(before.2)),
+        );
+    }
+    say(&format!(
+        "leftovers rounds={} dir_fds={} eventfds={} watch_threads={}",
+        args.rounds, most.0, most.1, most.2
+    ));
+    // The thread ends once its inotify instance is closed (an RCU grace period): waited for
+    // here, as long as any machine needs, polling /proc.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while leftovers(&dir).2 > before.2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    say(if leftovers(&dir).2 > before.2 {
+        "threads stay"
+    } else {
+        "threads gone"
+    });
+}
+
 fn main() {
     let args = match parse() {
         Ok(args) => args,
@@ -283,6 +346,7 @@ fn main() {
         "blocking-in-runtime" => blocking_in_runtime(&args),
         "cancel-queued" => cancel_queued(&args),
         "release-order" => release_order(&args),
+        "release-leftovers" => release_leftovers(&args),
         other => {
             eprintln!("lifecycle: unknown scenario {other}");
             std::process::exit(64);
