@@ -211,3 +211,78 @@ impl LossWatcher {
         block_here(self.next(), timeout).flatten()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watcher's next loss, or `None` for its end; a panic if it gives neither (it would
+    /// wait for ever).
+    fn next(watcher: &mut LossWatcher) -> Option<LossReason> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), watcher.next()).await })
+            .expect("the watcher neither returned a loss nor ended")
+            .map(|l| l.reason)
+    }
+
+    fn loss(reason: LossReason) -> Loss {
+        Loss {
+            reason,
+            still_exclusive: false,
+        }
+    }
+
+    /// Once the guard closes the log, its watchers return what was recorded before, in order,
+    /// then end, though a task still holds the log; what that task reports after is not
+    /// recorded.
+    #[test]
+    fn a_closed_log_ends_its_watchers_after_what_it_recorded() {
+        let (log, losses) = LossLog::new();
+        let task = log.clone();
+        let mut watcher = LossWatcher::new(losses, 0, LossesRead::default());
+        task.send_modify(|l| l.push(loss(LossReason::Replaced)));
+        let sender = log.close().expect("an open log");
+        assert!(log.close().is_none(), "closed twice");
+        sender.send_modify(|l| l.push(loss(LossReason::LockFileRemoved)));
+        drop(sender);
+        task.send_modify(|l| l.push(loss(LossReason::BusConnectionClosed)));
+        assert!(!task.send_if_modified(|_| true));
+        assert_eq!(next(&mut watcher), Some(LossReason::Replaced));
+        assert_eq!(next(&mut watcher), Some(LossReason::LockFileRemoved));
+        assert_eq!(next(&mut watcher), None);
+    }
+
+    /// A task reporting while the log is closed: each loss it was told was recorded is
+    /// returned, none is lost, and the watcher then ends.
+    #[test]
+    fn losses_reported_during_the_close_are_kept_in_order() {
+        for _ in 0..50 {
+            let (log, losses) = LossLog::new();
+            let mut watcher = LossWatcher::new(losses, 0, LossesRead::default());
+            let task = log.clone();
+            let reporter = std::thread::spawn(move || {
+                let mut recorded = 0;
+                for _ in 0..1000 {
+                    if !task.send_if_modified(|l| {
+                        l.push(loss(LossReason::Replaced));
+                        true
+                    }) {
+                        break;
+                    }
+                    recorded += 1;
+                }
+                recorded
+            });
+            drop(log.close());
+            let recorded = reporter.join().expect("reporter");
+            let mut returned = 0;
+            while next(&mut watcher).is_some() {
+                returned += 1;
+            }
+            assert_eq!(returned, recorded);
+        }
+    }
+}
