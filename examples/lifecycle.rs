@@ -21,7 +21,16 @@
 //!   dropped inside the runtime's `block_on`; `drop-outside`: dropped outside it after it went
 //!   idle; `release`: `release()`; `release-async-elsewhere`: `release_async()` on another,
 //!   new, current-thread runtime while the acquiring one is idle), prints `released ok` or
-//!   `released err ...`, and waits for stdin to close.
+//!   `released err ...`, and waits for stdin to close. With `--keep-connection` it keeps a
+//!   clone of the guard's connection (as a program serving objects on it does) until it exits;
+//!   with `--drop-runtime` it drops the acquiring runtime (and zbus's tasks on it) before the
+//!   release; with `--watcher` a thread waits on a `LossWatcher` meanwhile, and once released
+//!   it prints `watcher ended` when that returned `None` within 10 s, else `watcher waits`.
+//! - `release-leftovers`: `--rounds` times acquires and releases (with `release()`), counting
+//!   right after each release what is left of the acquisition: descriptors of the lock
+//!   directory, eventfds and `unique-instance-watch` threads, more than before the first; prints
+//!   `leftovers rounds=N dir_fds=A eventfds=B watch_threads=C` (the most seen after any round),
+//!   then `threads gone` once no watch thread is left (within 10 s; else `threads stay`).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -38,6 +47,10 @@ struct Args {
     how: String,
     use_async: bool,
     wait: Duration,
+    keep_connection: bool,
+    drop_runtime: bool,
+    watcher: bool,
+    rounds: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -53,6 +66,10 @@ fn parse() -> Result<Args, String> {
         how: String::new(),
         use_async: false,
         wait: Duration::from_millis(300),
+        keep_connection: false,
+        drop_runtime: false,
+        watcher: false,
+        rounds: 1,
     };
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
@@ -71,6 +88,10 @@ fn parse() -> Result<Args, String> {
                 args.in_task = args.how == "task";
             }
             "--async" => args.use_async = true,
+            "--keep-connection" => args.keep_connection = true,
+            "--drop-runtime" => args.drop_runtime = true,
+            "--watcher" => args.watcher = true,
+            "--rounds" => args.rounds = value()?.parse().map_err(|_| "bad --rounds")?,
             "--wait-ms" => {
                 args.wait = Duration::from_millis(value()?.parse().map_err(|_| "bad --wait-ms")?)
             }
@@ -198,15 +219,29 @@ fn cancel_queued(args: &Args) {
 }
 
 fn release_order(args: &Args) {
-    let rt = args.use_async.then(|| runtime(args.multi));
+    let mut rt = args.use_async.then(|| runtime(args.multi));
     let guard: InstanceGuard = match &rt {
         Some(rt) => rt.block_on(options(args).acquire_async()),
         None => options(args).acquire(),
     }
     .expect("acquire");
+    let kept = args
+        .keep_connection
+        .then(|| guard.connection().expect("a bus connection").clone());
+    let watcher = args.watcher.then(|| {
+        let mut watcher = guard.loss_watcher();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(watcher.next_blocking(None));
+        });
+        rx
+    });
     say("acquired");
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
+    if args.drop_runtime {
+        drop(rt.take());
+    }
     let result = match (args.how.as_str(), &rt) {
         ("drop-in-runtime", Some(rt)) => {
             rt.block_on(async move { drop(guard) });
@@ -224,8 +259,71 @@ fn release_order(args: &Args) {
         Ok(()) => say("released ok"),
         Err(e) => say(&format!("released err {}", one_line(&e))),
     }
+    if let Some(watcher) = watcher {
+        match watcher.recv_timeout(Duration::from_secs(10)) {
+            Ok(None) => say("watcher ended"),
+            Ok(Some(loss)) => say(&format!("watcher lost {loss}")),
+            Err(_) => say("watcher waits"),
+        }
+    }
     wait_for_stdin_to_close();
+    drop(kept);
     drop(rt);
+}
+
+/// What of an acquisition is left in this process: (descriptors of `dir`, eventfds, watch
+/// threads).
+fn leftovers(dir: &std::path::Path) -> (usize, usize, usize) {
+    let links = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect::<Vec<_>>();
+    let dir_fds = links.iter().filter(|l| l.as_path() == dir).count();
+    let eventfds = links
+        .iter()
+        .filter(|l| l.to_string_lossy().contains("eventfd"))
+        .count();
+    let watch_threads = std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        // "unique-instance-watch", cut to the 15 bytes a thread's name keeps.
+        .filter(|comm| comm.trim() == "unique-instance")
+        .count();
+    (dir_fds, eventfds, watch_threads)
+}
+
+fn release_leftovers(args: &Args) {
+    let dir = std::env::var_os("UNIQUE_INSTANCE_LOCK_DIR")
+        .map(std::path::PathBuf::from)
+        .expect("UNIQUE_INSTANCE_LOCK_DIR");
+    let dir = dir.canonicalize().expect("the lock directory");
+    let before = leftovers(&dir);
+    let mut most = (0, 0, 0);
+    for _ in 0..args.rounds {
+        let guard = options(args).acquire().expect("acquire");
+        guard.release().expect("release");
+        let (d, e, t) = leftovers(&dir);
+        most = (
+            most.0.max(d.saturating_sub(before.0)),
+            most.1.max(e.saturating_sub(before.1)),
+            most.2.max(t.saturating_sub(before.2)),
+        );
+    }
+    say(&format!(
+        "leftovers rounds={} dir_fds={} eventfds={} watch_threads={}",
+        args.rounds, most.0, most.1, most.2
+    ));
+    // The thread ends once its inotify instance is closed (an RCU grace period): waited for
+    // here, as long as any machine needs, polling /proc.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while leftovers(&dir).2 > before.2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    say(if leftovers(&dir).2 > before.2 {
+        "threads stay"
+    } else {
+        "threads gone"
+    });
 }
 
 fn main() {
@@ -248,6 +346,7 @@ fn main() {
         "blocking-in-runtime" => blocking_in_runtime(&args),
         "cancel-queued" => cancel_queued(&args),
         "release-order" => release_order(&args),
+        "release-leftovers" => release_leftovers(&args),
         other => {
             eprintln!("lifecycle: unknown scenario {other}");
             std::process::exit(64);

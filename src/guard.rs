@@ -50,8 +50,9 @@ pub struct InstanceGuard {
     /// What is held, backend by backend, in the order of acquisition.
     held: Holding,
     losses: watch::Receiver<Vec<Loss>>,
-    /// Keeps the loss channel open for as long as the guard lives, even with no task feeding it,
-    /// so that watchers see its end only when the guard is gone.
+    /// Keeps the loss channel open for as long as the guard lives, even with no task feeding it;
+    /// closed by its release (see [`InstanceGuard::close_losses`]), so that watchers see its end
+    /// once the guard is gone, whatever became of the tasks that report to it.
     loss_log: LossLog,
     seen_losses: usize,
     /// How many losses, oldest first, the program has been given (by this guard or any of its
@@ -425,23 +426,40 @@ impl InstanceGuard {
         let result = self.held.release(self.name.as_str()).await;
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
-        result.and(self.lost_before_release(report))
+        result.and(self.close_losses(report))
     }
 
     fn release_report(&self) -> Option<ReleaseReport> {
         self.held.lock_file().map(HeldFile::release_report)
     }
 
-    /// A loss that the release found and nothing had reported (see
-    /// [`Error::LostBeforeRelease`]): recorded as a loss, and returned as an error, so that a
-    /// program never takes such a release for a clean one.
-    fn lost_before_release(&self, report: Option<ReleaseReport>) -> Result<()> {
-        // Only the acquiring process checks at release; and in a forked child the shared state's
-        // lock may have been held by the watch thread at the fork, a thread the child does not
-        // have: taking it would wait for ever.
+    /// Ends the loss log once everything is released: no task or thread records a loss in it
+    /// any more (an aborted task may still hold it, on a runtime that does not run now), and
+    /// every [`LossWatcher`] ends once it returned what was recorded before. A loss the release
+    /// found, or recorded before the log was closed and never read, is checked last (see
+    /// [`InstanceGuard::lost_before_release`]), so none recorded is missed or comes after the end.
+    fn close_losses(&self, report: Option<ReleaseReport>) -> Result<()> {
+        // Only the acquiring process checks at release; and in a forked child the log's lock, or
+        // the shared state's, may have been held by the watch thread at the fork, a thread the
+        // child does not have: taking it would wait for ever.
         if std::process::id() != self.pid {
             return Ok(());
         }
+        let Some(log) = self.loss_log.close() else {
+            // Closed by an earlier release (this is the drop after it).
+            return Ok(());
+        };
+        self.lost_before_release(report, &log)
+    }
+
+    /// A loss that the release found and nothing had reported (see
+    /// [`Error::LostBeforeRelease`]): recorded as a loss in `log`, and returned as an error, so
+    /// that a program never takes such a release for a clean one.
+    fn lost_before_release(
+        &self,
+        report: Option<ReleaseReport>,
+        log: &watch::Sender<Vec<Loss>>,
+    ) -> Result<()> {
         // A loss recorded that left nothing excluding other copies, while the program was never
         // given one (it came as the program decided to release, or the program never looks):
         // a release is no clean end then either. A program told once that exclusion was gone
@@ -468,7 +486,7 @@ impl InstanceGuard {
             // The program was told already.
             return Ok(());
         }
-        self.loss_log.send_modify(|losses| {
+        log.send_modify(|losses| {
             losses.push(Loss {
                 reason,
                 still_exclusive: false,
@@ -516,7 +534,7 @@ impl InstanceGuard {
         let result = self.held.release_blocking(service, self.name.as_str());
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
-        result.and(self.lost_before_release(report))
+        result.and(self.close_losses(report))
     }
 }
 
@@ -549,7 +567,7 @@ mod tests {
         let (stop, _stopped) = tokio::sync::oneshot::channel();
         // What a panic on the service thread leaves: a handle to a runtime that is gone.
         drop(rt);
-        let (loss_tx, loss_rx) = watch::channel(Vec::new());
+        let (loss_tx, loss_rx) = LossLog::new();
         let mut guard = InstanceGuard::new(GuardParts {
             name: InstanceName::new(name).expect("name"),
             scope: Scope::User,

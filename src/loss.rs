@@ -93,7 +93,58 @@ impl fmt::Display for Loss {
     }
 }
 
-pub(crate) type LossLog = watch::Sender<Vec<Loss>>;
+/// Where an instance's losses are recorded: the one sender of its loss channel, shared by the
+/// guard and the tasks and thread that watch its backends, which the guard takes back
+/// ([`LossLog::close`]) when it is released, so that every [`LossWatcher`] then ends.
+///
+/// The watchers hold clones of the slot, not of the sender: a task that was aborted but not yet
+/// dropped (it belongs to a current-thread runtime that does not run now; its future goes only
+/// when that runtime runs again) cannot keep the channel open, and a watcher would otherwise
+/// wait for ever after the guard is gone. Every loss goes through the one lock, so losses are
+/// recorded in one order, and none is recorded once the log is closed.
+#[derive(Debug, Clone)]
+pub(crate) struct LossLog(std::sync::Arc<std::sync::Mutex<Option<watch::Sender<Vec<Loss>>>>>);
+
+impl LossLog {
+    /// An empty log, and the receiver that its watchers are made from.
+    pub(crate) fn new() -> (Self, watch::Receiver<Vec<Loss>>) {
+        let (tx, rx) = watch::channel(Vec::new());
+        (
+            LossLog(std::sync::Arc::new(std::sync::Mutex::new(Some(tx)))),
+            rx,
+        )
+    }
+
+    /// Modifies the log and tells its watchers, unless it is closed (the guard is gone: nothing
+    /// more is lost).
+    pub(crate) fn send_modify(&self, modify: impl FnOnce(&mut Vec<Loss>)) {
+        if let Some(tx) = self.sender().as_ref() {
+            tx.send_modify(modify);
+        }
+    }
+
+    /// Modifies the log, telling its watchers only when `modify` returns true: whether it was
+    /// told (false once the log is closed).
+    pub(crate) fn send_if_modified(&self, modify: impl FnOnce(&mut Vec<Loss>) -> bool) -> bool {
+        self.sender()
+            .as_ref()
+            .is_some_and(|tx| tx.send_if_modified(modify))
+    }
+
+    /// Closes the log, handing its sender to the caller: once that is dropped, every watcher
+    /// ends (after the losses it has not returned yet), whoever still holds the log.
+    pub(crate) fn close(&self) -> Option<watch::Sender<Vec<Loss>>> {
+        self.sender().take()
+    }
+
+    fn sender(&self) -> std::sync::MutexGuard<'_, Option<watch::Sender<Vec<Loss>>>> {
+        // A panic while the lock was held (in `modify`) left the log as it was or one loss
+        // longer: still a log.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// Follows an instance's losses independently of its guard; see
 /// [`crate::InstanceGuard::loss_watcher`].
@@ -158,5 +209,80 @@ impl LossWatcher {
     /// [`LossWatcher::next`] in async code.
     pub fn next_blocking(&mut self, timeout: Option<Duration>) -> Option<Loss> {
         block_here(self.next(), timeout).flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watcher's next loss, or `None` for its end; a panic if it gives neither (it would
+    /// wait for ever).
+    fn next(watcher: &mut LossWatcher) -> Option<LossReason> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), watcher.next()).await })
+            .expect("the watcher neither returned a loss nor ended")
+            .map(|l| l.reason)
+    }
+
+    fn loss(reason: LossReason) -> Loss {
+        Loss {
+            reason,
+            still_exclusive: false,
+        }
+    }
+
+    /// Once the guard closes the log, its watchers return what was recorded before, in order,
+    /// then end, though a task still holds the log; what that task reports after is not
+    /// recorded.
+    #[test]
+    fn a_closed_log_ends_its_watchers_after_what_it_recorded() {
+        let (log, losses) = LossLog::new();
+        let task = log.clone();
+        let mut watcher = LossWatcher::new(losses, 0, LossesRead::default());
+        task.send_modify(|l| l.push(loss(LossReason::Replaced)));
+        let sender = log.close().expect("an open log");
+        assert!(log.close().is_none(), "closed twice");
+        sender.send_modify(|l| l.push(loss(LossReason::LockFileRemoved)));
+        drop(sender);
+        task.send_modify(|l| l.push(loss(LossReason::BusConnectionClosed)));
+        assert!(!task.send_if_modified(|_| true));
+        assert_eq!(next(&mut watcher), Some(LossReason::Replaced));
+        assert_eq!(next(&mut watcher), Some(LossReason::LockFileRemoved));
+        assert_eq!(next(&mut watcher), None);
+    }
+
+    /// A task reporting while the log is closed: each loss it was told was recorded is
+    /// returned, none is lost, and the watcher then ends.
+    #[test]
+    fn losses_reported_during_the_close_are_kept_in_order() {
+        for _ in 0..50 {
+            let (log, losses) = LossLog::new();
+            let mut watcher = LossWatcher::new(losses, 0, LossesRead::default());
+            let task = log.clone();
+            let reporter = std::thread::spawn(move || {
+                let mut recorded = 0;
+                for _ in 0..1000 {
+                    if !task.send_if_modified(|l| {
+                        l.push(loss(LossReason::Replaced));
+                        true
+                    }) {
+                        break;
+                    }
+                    recorded += 1;
+                }
+                recorded
+            });
+            drop(log.close());
+            let recorded = reporter.join().expect("reporter");
+            let mut returned = 0;
+            while next(&mut watcher).is_some() {
+                returned += 1;
+            }
+            assert_eq!(returned, recorded);
+        }
     }
 }

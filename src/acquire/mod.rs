@@ -8,7 +8,7 @@ mod bus;
 mod lock_file;
 mod steps;
 
-use tokio::sync::watch;
+use crate::loss::LossLog;
 
 use crate::error::{Error, Result, already_running};
 use crate::guard::{GuardParts, InstanceGuard};
@@ -187,7 +187,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         Attempt::Busy(holder) => return Err(already_running(&name, holder)),
     };
     let mut file = HeldFile::new(held, inotify, None)?;
-    let (loss_tx, loss_rx) = watch::channel(Vec::new());
+    let (loss_tx, loss_rx) = LossLog::new();
     file.start_watch(options.recheck, &loss_tx)?;
     let mut held = Holding::default();
     held.push(Held::LockFile(file));

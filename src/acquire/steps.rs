@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::dbus::{Connected, Export};
@@ -81,7 +80,7 @@ pub(super) async fn walk(
         _ => None,
     });
     let planned_bus = steps.iter().any(|step| matches!(step, Step::Bus(_)));
-    let (loss_tx, loss_rx) = watch::channel(Vec::new());
+    let (loss_tx, loss_rx) = LossLog::new();
     let mut ctx = Context {
         name,
         wait: options.wait,

@@ -49,9 +49,10 @@ impl HeldName {
 
     /// Whether a reply to `ReleaseName` can be read from where this is called: on the runtime
     /// that made the connection, or when that runtime has worker threads of its own (a
-    /// multi-threaded one always runs). From another runtime, a current-thread one that made
-    /// the connection may be idle (nothing drives it while this waits), and the reply would
-    /// never be read.
+    /// multi-threaded one runs until it is dropped or shut down; then zbus's reader task is
+    /// gone, zbus calls the connection closed, and [`release_bus`] says so rather than taking it
+    /// for a release). From another runtime, a current-thread one that made the connection may
+    /// be idle (nothing drives it while this waits), and the reply would never be read.
     fn answered_here(&self) -> bool {
         match self.runtime {
             Some((_, tokio::runtime::RuntimeFlavor::MultiThread)) | None => true,
@@ -112,21 +113,7 @@ impl HeldName {
             return end_connection(this.kind, this.conn, disconnect);
         }
         let released = release_bus(this.kind, this.conn, name).await;
-        match (released, this.disconnect) {
-            (Ok(()), disconnect) => {
-                if let Some(disconnect) = disconnect {
-                    disconnect.disarm();
-                }
-                Ok(())
-            }
-            // Not answered (a connection whose runtime does not run, a bus that
-            // stalls): end the connection, so the name is free before the lock file.
-            (Err(e), Some(disconnect)) => {
-                let _ = disconnect.wait(RELEASE_TIMEOUT);
-                Err(e)
-            }
-            (Err(e), None) => Err(e),
-        }
+        settle(this.kind, released, this.disconnect)
     }
 
     /// Releases the name without awaiting anything, from any thread, inside a runtime or not:
@@ -157,18 +144,7 @@ impl HeldName {
                     let _ = tx.send(release_bus(kind, conn, &name).await);
                 });
                 match rx.recv() {
-                    Ok(Ok(())) => {
-                        if let Some(disconnect) = disconnect {
-                            disconnect.disarm();
-                        }
-                        Ok(())
-                    }
-                    Ok(Err(e)) => {
-                        if let Some(disconnect) = disconnect {
-                            let _ = disconnect.wait(RELEASE_TIMEOUT);
-                        }
-                        Err(e)
-                    }
+                    Ok(released) => settle(kind, released, disconnect),
                     // The service thread is gone (it panicked): its runtime, and with it
                     // the connection, went down with it; make sure, and say so.
                     Err(_) => {
@@ -192,14 +168,56 @@ impl HeldName {
     }
 }
 
-/// Releases the name by ending the connection ourselves (see [`Disconnect`]), waiting until the
-/// bus has seen it: needs no runtime, and no reply read by one.
-fn end_connection(kind: BusKind, conn: Connection, disconnect: Disconnect) -> Result<()> {
-    let result = disconnect.wait(RELEASE_TIMEOUT).map_err(|e| Error::Bus {
+/// What [`release_bus`] found: whether the bus itself answered `ReleaseName`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Released {
+    /// The bus replied: the name is free, and the connection can be left to zbus.
+    Replied,
+    /// No reply, because zbus considers the connection over. That is not proof that the bus
+    /// dropped us: in zbus 6 a connection is also closed once its reader task is gone (its
+    /// runtime dropped or shut down, the task ended on a message it could not parse) while the
+    /// socket stays connected, and with it the name.
+    Ended,
+}
+
+/// The end of a release, once `ReleaseName` was answered or not: the connection is left to
+/// zbus only after a real reply; otherwise it is ended through our duplicate of its socket, and
+/// the release succeeds only once the bus has closed it (then the name is free).
+fn settle(kind: BusKind, released: Result<Released>, disconnect: Option<Disconnect>) -> Result<()> {
+    match (released, disconnect) {
+        (Ok(Released::Replied), disconnect) => {
+            if let Some(disconnect) = disconnect {
+                disconnect.disarm();
+            }
+            Ok(())
+        }
+        (Ok(Released::Ended), Some(disconnect)) => wait_closed(kind, disconnect),
+        // No socket of ours to make sure with (a transport zbus connected itself): zbus saw
+        // the connection end, which is all that can be known.
+        (Ok(Released::Ended), None) => Ok(()),
+        // Not answered (a connection whose runtime does not run, a bus that stalls): end the
+        // connection, so the name is free before the lock file.
+        (Err(e), Some(disconnect)) => {
+            let _ = disconnect.wait(RELEASE_TIMEOUT);
+            Err(e)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// Ends the connection through `disconnect` and waits until the bus closed it.
+fn wait_closed(kind: BusKind, disconnect: Disconnect) -> Result<()> {
+    disconnect.wait(RELEASE_TIMEOUT).map_err(|e| Error::Bus {
         context: "cannot release the name",
         bus: kind,
         source: zbus::Error::InputOutput(std::sync::Arc::new(e)),
-    });
+    })
+}
+
+/// Releases the name by ending the connection ourselves (see [`Disconnect`]), waiting until the
+/// bus has seen it: needs no runtime, and no reply read by one.
+fn end_connection(kind: BusKind, conn: Connection, disconnect: Disconnect) -> Result<()> {
+    let result = wait_closed(kind, disconnect);
     drop(conn);
     result
 }
@@ -211,7 +229,7 @@ fn end_connection(kind: BusKind, conn: Connection, disconnect: Disconnect) -> Re
 pub(crate) fn release_without_socket(kind: BusKind, conn: Connection, name: &str) -> Result<()> {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| handle.block_on(release_bus(kind, conn, name)))
+            tokio::task::block_in_place(|| handle.block_on(release_bus(kind, conn, name))).map(drop)
         }
         Ok(_) => {
             // Cannot wait here: the connection closes, and the bus releases the name, once this
@@ -232,7 +250,7 @@ pub(crate) fn release_without_socket(kind: BusKind, conn: Connection, name: &str
             .enable_all()
             .build()
         {
-            Ok(rt) => rt.block_on(release_bus(kind, conn, name)),
+            Ok(rt) => rt.block_on(release_bus(kind, conn, name)).map(drop),
             Err(_) => {
                 drop(conn);
                 Ok(())
@@ -241,15 +259,17 @@ pub(crate) fn release_without_socket(kind: BusKind, conn: Connection, name: &str
     }
 }
 
-pub(crate) async fn release_bus(kind: BusKind, conn: Connection, name: &str) -> Result<()> {
+/// Asks the bus to release `name`: [`Released::Replied`] only when it answered.
+pub(crate) async fn release_bus(kind: BusKind, conn: Connection, name: &str) -> Result<Released> {
     // So that a test can kill the bus at this moment.
     crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeReleaseName);
+    // Closed for zbus is not closed on the bus (see `Released::Ended`): the caller makes sure.
     if conn.is_closed() {
-        return Ok(());
+        return Ok(Released::Ended);
     }
     let result = tokio::time::timeout(Duration::from_secs(5), release_name(&conn, name)).await;
     match result {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => Ok(Released::Replied),
         // The connection broke under the call (the bus died or dropped us): a name never
         // outlives its connection, so it is released as asked. (A bus that does not answer is
         // not this: that is the timeout below.)
@@ -264,7 +284,7 @@ pub(crate) async fn release_bus(kind: BusKind, conn: Connection, name: &str) -> 
                 ) =>
         {
             tracing::debug!(name, error = %e, "the bus connection ended as the name was released");
-            Ok(())
+            Ok(Released::Ended)
         }
         Ok(Err(source)) => Err(Error::Bus {
             context: "cannot release the name",

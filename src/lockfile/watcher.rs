@@ -74,11 +74,14 @@ fn report_lock_loss(handle: &WatchHandle, reason: LossReason, losses: &LossLog) 
 /// while idle.
 pub(crate) struct LockWatchThread {
     stop: std::sync::Arc<std::os::fd::OwnedFd>,
-    /// Disconnected once the thread has stopped checking. Waited for instead of joining the
-    /// thread: its exit closes the inotify instance, which waits for an RCU grace period
-    /// (milliseconds), and the guard's release need not wait for that. (The guard's share of
-    /// the instance, lent for hand-over, is dropped before this is: the thread's is the last.) In a mutex only so that
-    /// the guard is `Sync`: it is used once, by `drop`.
+    /// Disconnected once the thread has stopped checking and dropped every descriptor but the
+    /// inotify instance's. Waited for instead of joining the thread: its exit closes the inotify
+    /// instance, which waits for an RCU grace period (milliseconds, up to hundreds on a busy
+    /// machine), and the guard's release need not wait for that. So the thread and the
+    /// instance's descriptor outlive the release by that long, and nothing else does. (The
+    /// guard's share of the instance, lent for hand-over, is dropped before this is: the
+    /// thread's is the last.) In a mutex only so that the guard is `Sync`: it is used once, by
+    /// `drop`.
     stopped: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     /// The process that started the thread: after `fork` it does not exist in the child.
     pid: u32,
@@ -163,8 +166,15 @@ impl LockWatchThread {
                     &losses,
                     history,
                 );
-                // Tells the guard that no more checks are made, before the inotify instance is
-                // closed (slowly) on the way out.
+                // Everything but the inotify instance goes before the guard is told that no more
+                // checks are made: the lock directory's descriptor, the eventfd (the guard's
+                // share of both is gone by now, or goes as it returns) and the loss log, so that
+                // the release leaves none of them behind. Only then is the instance closed, on
+                // the way out: that waits for an RCU grace period (tens of milliseconds on a
+                // busy machine), which the release does not wait for; the thread ends with it.
+                drop(thread_stop);
+                drop(thread_handle);
+                drop(losses);
                 drop(checking);
                 drop(inotify);
             })
