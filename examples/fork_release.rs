@@ -1,7 +1,7 @@
 //! Acquires an instance, forks, and drops the guard in the child, for the fork-safety test.
 //!
 //! ```text
-//! fork_release NAME [--backend lockfile|auto|dbus] [--async] [--parent-drops]
+//! fork_release NAME [--backend lockfile|auto|dbus] [--async] [--parent-drops | --child-asks]
 //! ```
 //!
 //! Uses the lock-file backend alone by default (the lock directory comes from
@@ -18,6 +18,10 @@
 //! its stdin (shared with the parent) closes, then exits; the parent releases its guard at once,
 //! prints `parent-released child=PID`, then reaps the child and prints `child-exited status=S`.
 //! The lock file is the child's to keep: the parent's release must not remove it.
+//!
+//! With `--child-asks` the parent daemonises: it prints `forked child=PID` and exits at once,
+//! leaving its guard to the child, which prints `exclusive=true|false` (`is_exclusive()`) for
+//! every line read on stdin, and exits when stdin closes.
 
 use std::io::{BufRead, Write};
 
@@ -63,7 +67,9 @@ fn reap(
 }
 
 fn usage() -> ! {
-    eprintln!("usage: fork_release NAME [--backend lockfile|auto|dbus] [--async] [--parent-drops]");
+    eprintln!(
+        "usage: fork_release NAME [--backend lockfile|auto|dbus] [--async] [--parent-drops | --child-asks]"
+    );
     std::process::exit(64);
 }
 
@@ -72,6 +78,7 @@ fn main() {
     let Some(name) = args.next() else { usage() };
     // `None`: Auto, the default.
     let (mut backend, mut use_async, mut parent_drops) = (Some(Backend::LockFile), false, false);
+    let mut child_asks = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--backend" => {
@@ -84,6 +91,7 @@ fn main() {
             }
             "--async" => use_async = true,
             "--parent-drops" => parent_drops = true,
+            "--child-asks" => child_asks = true,
             _ => usage(),
         }
     }
@@ -115,6 +123,19 @@ fn main() {
     };
     say(&format!("acquired pid={}", std::process::id()));
     let child = match fork() {
+        Ok(Some(child)) if child_asks => {
+            // Daemonised: the parent leaves without running the guard's drop.
+            say(&format!("forked child={child}"));
+            std::process::exit(0);
+        }
+        Ok(None) if child_asks => {
+            alarm(120);
+            for _ in std::io::stdin().lock().lines() {
+                say(&format!("exclusive={}", guard.is_exclusive()));
+            }
+            drop(guard);
+            std::process::exit(0);
+        }
         Ok(Some(child)) => child,
         Ok(None) if parent_drops => {
             // The child keeps the instance, through the open file description it shares with

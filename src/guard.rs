@@ -339,10 +339,24 @@ impl InstanceGuard {
     }
 
     /// False once a loss left no backend excluding other copies.
+    ///
+    /// In a child made by `fork` after the acquisition, nothing watches for losses (threads
+    /// and tasks are not forked): there it is looked at on each call instead, and true only
+    /// while the lock file is still held and its path still leads to it (a guard with no lock
+    /// file cannot tell there, and says false). See the README, "Daemonising after acquiring".
     pub fn is_exclusive(&self) -> bool {
         let losses = self.losses.borrow();
         self.losses_read.up_to(losses.len());
-        losses.iter().all(|l| l.still_exclusive)
+        let none_lost = losses.iter().all(|l| l.still_exclusive);
+        drop(losses);
+        if std::process::id() != self.pid {
+            return none_lost
+                && self
+                    .held
+                    .lock_file()
+                    .is_some_and(HeldFile::held_now_without_shared_state);
+        }
+        none_lost
     }
 
     /// A watcher of this guard's losses that can be moved to another thread or task, so one

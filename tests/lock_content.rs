@@ -694,3 +694,30 @@ fn a_bounded_wait_is_not_stretched_by_a_holder_without_a_record() {
         "a wait of {wait:?} took {took:?}"
     );
 }
+
+/// Daemonising after acquiring: the parent leaves, its forked child keeps the guard. Nothing
+/// watches in the child (threads are not forked), so `is_exclusive()` looks there itself: once
+/// the lock file is removed (and another copy could take a new one), it says false; it said
+/// true for ever.
+#[test]
+fn in_a_forked_child_is_exclusive_looks_at_the_lock_file_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("fork_asks");
+    let path = dir.path().join(format!("{name}.lock"));
+    let mut daemon = common::Proc::spawn({
+        let mut cmd =
+            common::clean_command(&common::example_path("fork_release"), None, dir.path());
+        cmd.args([name.as_str(), "--child-asks"]);
+        cmd
+    });
+    assert!(daemon.next_line("acquired").starts_with("acquired"));
+    assert!(daemon.next_line("the fork").starts_with("forked child="));
+    daemon.send("ask\n");
+    assert_eq!(daemon.next_line("the child's answer"), "exclusive=true");
+    std::fs::remove_file(&path).expect("remove the lock file");
+    daemon.send("ask\n");
+    assert_eq!(daemon.next_line("the child's answer"), "exclusive=false");
+    daemon.close_stdin();
+    // The child's end: its output closes.
+    assert!(daemon.stdout_until_closed().is_empty());
+}

@@ -166,6 +166,20 @@ impl HeldFile {
         move || lock.check_path().is_none() && lock.verify_held()
     }
 
+    /// Whether the path still leads to the file our lock is on, and that file is locked,
+    /// looked at now, taking no lock of the shared state: for a child after `fork`, where the
+    /// watch thread does not exist and may have held that lock at the fork (taking it would wait
+    /// for ever). Our file is the one our descriptor is open on.
+    pub(crate) fn held_now_without_shared_state(&self) -> bool {
+        use std::os::fd::AsFd;
+        let Ok(st) = rustix::fs::fstat(self.lock.as_fd()) else {
+            return false;
+        };
+        self.lock
+            .watch_handle()
+            .verify_held_as(st.st_dev, st.st_ino)
+    }
+
     /// See [`HeldLock::release_report`].
     pub(crate) fn release_report(&self) -> super::ReleaseReport {
         self.lock.release_report()

@@ -335,7 +335,7 @@ impl WatchHandle {
     }
 
     /// [`WatchHandle::verify_held`] for the file (dev, ino).
-    pub(super) fn verify_held_as(&self, dev: u64, ino: u64) -> bool {
+    pub(crate) fn verify_held_as(&self, dev: u64, ino: u64) -> bool {
         if self.path_as(dev, ino).is_some() {
             return false;
         }
