@@ -242,6 +242,14 @@ pub enum UnsafeLockPath {
         /// How many names it has.
         links: u64,
     },
+    /// The path goes through procfs (`/proc`), whose per-process links (`/proc/self/cwd`,
+    /// `/proc/self/root`, `/proc/thread-self`...) lead each process that follows them somewhere
+    /// else: two copies would meet two different files.
+    #[error("its way goes through {} in procfs (/proc), whose links lead each process to its own place, so two copies would lock different files; use a real directory", dir.display())]
+    Procfs {
+        /// The directory in procfs on the way.
+        dir: PathBuf,
+    },
     /// A per-user fallback directory does not have mode 0700.
     #[error("per-user directory {} has mode {mode:o}, expected 700", dir.display())]
     DirectoryMode {

@@ -790,3 +790,83 @@ fn a_user_directory_squatted_by_another_user_is_named_with_its_owner() {
         "the error must name the directory and its owner: {stderr}"
     );
 }
+
+/// `/proc/self/cwd`, `/proc/self/root`, `/proc/thread-self`... are not ordinary symlinks: each
+/// process that follows one lands in its own place. Two copies given `/proc/self/cwd/x.lock` from
+/// two directories once both ran, each holding the `x.lock` of its own directory. A way through
+/// procfs (given directly, through the lock directory variable, or through a symlink of the
+/// user's that points into /proc/self) is refused as an unsafe lock path, by `run` and by
+/// `status`, naming the path and saying to use a real directory.
+#[test]
+fn a_lock_path_through_proc_self_is_refused_not_two_files() {
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let links = tempfile::tempdir().expect("tempdir");
+    let into_proc = links.path().join("here");
+    std::os::unix::fs::symlink("/proc/self/cwd", &into_proc).expect("symlink");
+    let name = unique_name("proc_self");
+    let through_link = into_proc.join("x.lock");
+    let through_link = through_link.to_str().expect("a UTF-8 path");
+    let cli = |cwd: &Path, env: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(common::cli_path());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .current_dir(cwd)
+            .stdin(std::process::Stdio::null())
+            .args(args);
+        if let Some(dir) = env {
+            cmd.env("UNIQUE_INSTANCE_LOCK_DIR", dir);
+        }
+        cmd
+    };
+    let ways: [(Option<&str>, &[&str]); 4] = [
+        (None, &["--lock-file", "/proc/self/cwd/x.lock"]),
+        (None, &["--lock-file", "/proc/thread-self/cwd/x.lock"]),
+        (None, &["--lock-file", through_link]),
+        (Some("/proc/self/cwd"), &[]),
+    ];
+    for (env, lock_args) in ways {
+        let what = format!("{env:?} {lock_args:?}");
+        // The first copy, from `a`, holding for a while: never allowed to start.
+        let mut args = vec!["run", "--backend", "lockfile"];
+        args.extend_from_slice(lock_args);
+        args.extend_from_slice(&[&name, "--", "sleep", "2"]);
+        let mut first = Proc::spawn(cli(a.path(), env, &args));
+        let mut args = vec!["run", "--backend", "lockfile"];
+        args.extend_from_slice(lock_args);
+        args.extend_from_slice(&[&name, "--", "echo", "second"]);
+        let second = cli(b.path(), env, &args).output().expect("run the CLI");
+        let first_code = first.exit_code();
+        let first_err = first.stderr_until_closed().join("\n");
+        let second_err = String::from_utf8_lossy(&second.stderr);
+        assert_eq!(first_code, 78, "{what}: first copy: {first_err}");
+        assert_eq!(
+            second.status.code(),
+            Some(78),
+            "{what}: second copy: {second_err}; stdout {:?}",
+            String::from_utf8_lossy(&second.stdout)
+        );
+        assert!(
+            second_err.contains("/proc") && second_err.contains("use a real directory"),
+            "{what}: the error must name the path and say what to do: {second_err}"
+        );
+        let mut args = vec!["status", "--backend", "lockfile"];
+        args.extend_from_slice(lock_args);
+        args.push(&name);
+        let status = cli(b.path(), env, &args).output().expect("run the CLI");
+        assert_eq!(
+            status.status.code(),
+            Some(78),
+            "{what}: status: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    }
+    for dir in [a.path(), b.path()] {
+        assert_eq!(
+            std::fs::read_dir(dir).expect("read_dir").count(),
+            0,
+            "a lock file was made in {}",
+            dir.display()
+        );
+    }
+}

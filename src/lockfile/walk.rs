@@ -90,6 +90,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                 Ok(dir) => {
                     let st =
                         rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
+                    not_in_procfs(&plan.dir, &here, rustix::fs::fstatfs(&dir))?;
                     check_on_the_way(plan, &here, &st, euid, own_last)?;
                     way.others_may_rename |= others_may_rename_in(st.st_mode);
                     way.entered.push(here);
@@ -127,6 +128,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
         };
         match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
+                not_in_procfs(&plan.dir, &here, rustix::fs::statfs(&here))?;
                 check_on_the_way(plan, &here, &st, euid, false)?;
                 way.others_may_rename |= others_may_rename_in(st.st_mode);
                 way.entered.push(here.clone());
@@ -174,6 +176,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     )
     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
     let st = rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
+    not_in_procfs(&plan.dir, &resolved, rustix::fs::fstatfs(&dir))?;
     check_on_the_way(plan, &resolved, &st, euid, false)?;
     way.others_may_rename |= others_may_rename_in(st.st_mode);
     // As `way_to` has it: `/` is never entered (it can be neither moved nor removed).
@@ -211,6 +214,90 @@ pub(super) fn check_on_the_way(
             dir: dir.to_owned(),
             mode,
         }));
+    }
+    Ok(())
+}
+
+/// Refuses a directory on the way in procfs (`statfs` of it, as `fs`): its links
+/// (`/proc/self/cwd`, `/proc/self/root`, `/proc/thread-self`, `/proc/PID/fd/N`...) are not
+/// ordinary symlinks but lead each process that follows them to its own directory, so two
+/// copies given the same path would lock two different files. `path` is the lock path (or its
+/// directory) as given, for the error. A directory whose file system cannot be told is let
+/// through: the checks on it decide.
+pub(super) fn not_in_procfs(
+    path: &Path,
+    dir: &Path,
+    fs: rustix::io::Result<rustix::fs::StatFs>,
+) -> Result<()> {
+    match fs {
+        #[allow(clippy::unnecessary_cast)] // `f_type`'s width varies between architectures
+        Ok(fs) if fs.f_type as i64 == rustix::fs::PROC_SUPER_MAGIC as i64 => {
+            Err(Error::UnsafeLockPath {
+                path: path.to_owned(),
+                problem: UnsafeLockPath::Procfs {
+                    dir: dir.to_owned(),
+                },
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether the way to `path`'s directory, resolved one component at a time as [`walk_dir`]
+/// does (symlinks followed by reading them, never through the kernel), enters procfs: refused
+/// then, as an acquisition refuses it (see [`not_in_procfs`]). For a look at the lock file
+/// that does not walk (`status`): the kernel would follow `/proc/self/cwd` to this process's
+/// own directory, and report the file there, not the one a copy elsewhere holds. Anything it
+/// cannot follow is left to the look itself.
+pub(super) fn refuse_procfs_on_the_way(path: &Path) -> Result<()> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let Some(dir) = path.parent().filter(|d| d.is_absolute()) else {
+        return Ok(());
+    };
+    let parts = |p: &Path| -> Vec<OsString> {
+        p.components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_owned()),
+                Component::ParentDir => Some(OsString::from("..")),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut queue: VecDeque<OsString> = parts(dir).into();
+    let mut resolved = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = queue.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let here = resolved.join(&name);
+        let Ok(st) = rustix::fs::lstat(&here) else {
+            return Ok(());
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                not_in_procfs(path, &here, rustix::fs::statfs(&here))?;
+                resolved = here;
+            }
+            FileType::Symlink => {
+                links += 1;
+                let Ok(target) = std::fs::read_link(&here) else {
+                    return Ok(());
+                };
+                if links > MAX_SYMLINKS {
+                    return Ok(());
+                }
+                if target.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                for part in parts(&target).into_iter().rev() {
+                    queue.push_front(part);
+                }
+            }
+            _ => return Ok(()),
+        }
     }
     Ok(())
 }
