@@ -870,3 +870,85 @@ fn a_lock_path_through_proc_self_is_refused_not_two_files() {
         );
     }
 }
+
+/// A lock file root is creating under a restrictive umask (077, as systemd's `UMask=0077`
+/// hardening sets) was once briefly visible at its name with the mode the umask left (0600),
+/// before root gave it its intended one: another user who looked then (`status`, or `run` in
+/// the shared sticky directory) was told "not permitted" (77), about 1 look in 20 while root
+/// churned. It now gets its name only once it has its mode: every answer is held, free, or
+/// already running.
+#[test]
+fn another_users_file_being_created_under_a_strict_umask_is_never_a_refusal() {
+    // The lock directory root's copies make (system scope), and a shared sticky one like
+    // /run/lock/unique-instance, where another user's copy creates files too.
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sticky = base.path().join("sticky");
+    std::fs::create_dir(&sticky).expect("mkdir");
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let cli = common::cli_path();
+    let cli = cli.to_str().expect("a UTF-8 path");
+    for (dir, what, probe) in [
+        (
+            base.path().join("locks"),
+            "status",
+            "status --system --backend lockfile",
+        ),
+        (sticky.clone(), "run", "run --system --backend lockfile"),
+    ] {
+        let name = unique_name("umask_create");
+        let tail = if what == "run" { " -- true" } else { "" };
+        let critical = base.path().join(format!("{what}.critical"));
+        let mut churn = Command::new("sh");
+        churn
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNIQUE_INSTANCE_LOCK_DIR", &dir)
+            .env("UNIQUE_INSTANCE_SCOPE", "system")
+            .arg("-c")
+            .arg("umask 077; exec \"$0\" \"$@\"")
+            .arg(example_path("churn"))
+            .args([name.as_str(), "100000000"])
+            .arg(&critical);
+        let mut root = Proc::spawn(churn);
+        let mut looks = Command::new("sh");
+        looks
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNIQUE_INSTANCE_LOCK_DIR", &dir)
+            .arg("-c")
+            .arg(format!(
+                "i=0; while [ $i -lt 400 ]; do i=$((i+1)); \
+                 {cli} {probe} {name}{tail} >/dev/null 2>&1 </dev/null; \
+                 echo $?; done"
+            ));
+        let looks = as_user(NOBODY, NOBODY, &looks)
+            .output()
+            .expect("look as another user");
+        root.sigkill();
+        let _ = std::fs::remove_file(&critical);
+        let said = root.stdout_until_closed();
+        assert!(
+            said.iter().all(|line| line.starts_with("progress")),
+            "{what}: root's churn under umask 077 failed: {said:?} {:?}",
+            root.stderr_lines()
+        );
+        assert!(!said.is_empty(), "{what}: root churned under 1000 times");
+        let codes = String::from_utf8_lossy(&looks.stdout);
+        let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+        for code in codes.lines() {
+            *counts.entry(code).or_default() += 1;
+        }
+        let allowed: &[&str] = if what == "status" {
+            &["0", "3"]
+        } else {
+            &["0", "75"]
+        };
+        assert!(
+            counts.keys().all(|code| allowed.contains(code)),
+            "{what} as another user while root churns under umask 077: exit codes {counts:?} \
+             (77: not permitted)"
+        );
+        assert_eq!(counts.values().sum::<u32>(), 400, "{what}: {counts:?}");
+    }
+}
