@@ -242,13 +242,13 @@ pub enum UnsafeLockPath {
         /// How many names it has.
         links: u64,
     },
-    /// The path goes through procfs (`/proc`), whose per-process links (`/proc/self/cwd`,
-    /// `/proc/self/root`, `/proc/thread-self`...) lead each process that follows them somewhere
-    /// else: two copies would meet two different files.
-    #[error("its way goes through {} in procfs (/proc), whose links lead each process to its own place, so two copies would lock different files; use a real directory", dir.display())]
+    /// A symbolic link on the way is in procfs (`/proc/self`, `/proc/thread-self`,
+    /// `/proc/PID/cwd`, `/proc/PID/root`...): it leads each process that follows it to its own
+    /// place, so two copies given the same path would lock two different files.
+    #[error("its way follows {}, a link in procfs (/proc) that leads each process to its own place, so two copies would lock different files; use a real directory", link.display())]
     Procfs {
-        /// The directory in procfs on the way.
-        dir: PathBuf,
+        /// The link in procfs.
+        link: PathBuf,
     },
     /// A per-user fallback directory does not have mode 0700.
     #[error("per-user directory {} has mode {mode:o}, expected 700", dir.display())]

@@ -793,10 +793,10 @@ fn a_user_directory_squatted_by_another_user_is_named_with_its_owner() {
 
 /// `/proc/self/cwd`, `/proc/self/root`, `/proc/thread-self`... are not ordinary symlinks: each
 /// process that follows one lands in its own place. Two copies given `/proc/self/cwd/x.lock` from
-/// two directories once both ran, each holding the `x.lock` of its own directory. A way through
-/// procfs (given directly, through the lock directory variable, or through a symlink of the
-/// user's that points into /proc/self) is refused as an unsafe lock path, by `run` and by
-/// `status`, naming the path and saying to use a real directory.
+/// two directories once both ran, each holding the `x.lock` of its own directory. A way that
+/// follows a link in procfs (given directly, through the lock directory variable, or through a
+/// symlink of the user's that points into /proc/self) is refused as an unsafe lock path, by
+/// `run` and by `status`, naming the path and saying to use a real directory.
 #[test]
 fn a_lock_path_through_proc_self_is_refused_not_two_files() {
     let a = tempfile::tempdir().expect("tempdir");

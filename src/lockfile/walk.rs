@@ -90,7 +90,6 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                 Ok(dir) => {
                     let st =
                         rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
-                    not_in_procfs(&plan.dir, &here, rustix::fs::fstatfs(&dir))?;
                     check_on_the_way(plan, &here, &st, euid, own_last)?;
                     way.others_may_rename |= others_may_rename_in(st.st_mode);
                     way.entered.push(here);
@@ -128,13 +127,14 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
         };
         match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
-                not_in_procfs(&plan.dir, &here, rustix::fs::statfs(&here))?;
                 check_on_the_way(plan, &here, &st, euid, false)?;
                 way.others_may_rename |= others_may_rename_in(st.st_mode);
                 way.entered.push(here.clone());
                 resolved = here;
             }
             FileType::Symlink => {
+                // Checked before anything else about it: a procfs link's owner says nothing.
+                not_in_procfs(&plan.dir, &here, rustix::fs::statfs(&resolved))?;
                 // The per-user and per-service directories themselves are never symlinks.
                 if own_last && (plan.private_dir || plan.service_dir) {
                     return Err(Error::UnsafeLockPath {
@@ -176,7 +176,6 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
     )
     .map_err(|e| dir_error(plan, "cannot open lock directory", e))?;
     let st = rustix::fs::fstat(&dir).map_err(|e| io("cannot stat lock directory", e))?;
-    not_in_procfs(&plan.dir, &resolved, rustix::fs::fstatfs(&dir))?;
     check_on_the_way(plan, &resolved, &st, euid, false)?;
     way.others_may_rename |= others_may_rename_in(st.st_mode);
     // As `way_to` has it: `/` is never entered (it can be neither moved nor removed).
@@ -218,15 +217,18 @@ pub(super) fn check_on_the_way(
     Ok(())
 }
 
-/// Refuses a directory on the way in procfs (`statfs` of it, as `fs`): its links
-/// (`/proc/self/cwd`, `/proc/self/root`, `/proc/thread-self`, `/proc/PID/fd/N`...) are not
-/// ordinary symlinks but lead each process that follows them to its own directory, so two
-/// copies given the same path would lock two different files. `path` is the lock path (or its
-/// directory) as given, for the error. A directory whose file system cannot be told is let
-/// through: the checks on it decide.
+/// Refuses a symbolic link on the way that is in procfs (`statfs` of the directory holding it,
+/// as `fs`): `/proc/self`, `/proc/thread-self`, `/proc/PID/cwd`, `/proc/PID/root`,
+/// `/proc/PID/fd/N`... are not ordinary symlinks but lead each process that follows them to its
+/// own place, so two copies given the same path (`/proc/self/cwd/x.lock` from two directories)
+/// would lock two different files and both run. `path` is the lock path (or its directory) as
+/// given, for the error; `link` the link. A directory whose file system cannot be told is let
+/// through: the other checks decide. (A file reached in procfs without following any of its
+/// links, `/proc/PID/mem`, is the same file for every process: refused, if at all, by the checks
+/// of the file itself.)
 pub(super) fn not_in_procfs(
     path: &Path,
-    dir: &Path,
+    link: &Path,
     fs: rustix::io::Result<rustix::fs::StatFs>,
 ) -> Result<()> {
     match fs {
@@ -235,7 +237,7 @@ pub(super) fn not_in_procfs(
             Err(Error::UnsafeLockPath {
                 path: path.to_owned(),
                 problem: UnsafeLockPath::Procfs {
-                    dir: dir.to_owned(),
+                    link: link.to_owned(),
                 },
             })
         }
@@ -244,11 +246,11 @@ pub(super) fn not_in_procfs(
 }
 
 /// Whether the way to `path`'s directory, resolved one component at a time as [`walk_dir`]
-/// does (symlinks followed by reading them, never through the kernel), enters procfs: refused
-/// then, as an acquisition refuses it (see [`not_in_procfs`]). For a look at the lock file
-/// that does not walk (`status`): the kernel would follow `/proc/self/cwd` to this process's
-/// own directory, and report the file there, not the one a copy elsewhere holds. Anything it
-/// cannot follow is left to the look itself.
+/// does (symlinks followed by reading them, never through the kernel), follows a link in
+/// procfs: refused then, as an acquisition refuses it (see [`not_in_procfs`]). For a look at
+/// the lock file that does not walk (`status`): the kernel would follow `/proc/self/cwd` to this
+/// process's own directory, and report the file there, not the one a copy elsewhere holds.
+/// Anything it cannot follow is left to the look itself.
 pub(super) fn refuse_procfs_on_the_way(path: &Path) -> Result<()> {
     use std::collections::VecDeque;
     use std::path::Component;
@@ -277,11 +279,9 @@ pub(super) fn refuse_procfs_on_the_way(path: &Path) -> Result<()> {
             return Ok(());
         };
         match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory => {
-                not_in_procfs(path, &here, rustix::fs::statfs(&here))?;
-                resolved = here;
-            }
+            FileType::Directory => resolved = here,
             FileType::Symlink => {
+                not_in_procfs(path, &here, rustix::fs::statfs(&resolved))?;
                 links += 1;
                 let Ok(target) = std::fs::read_link(&here) else {
                     return Ok(());
