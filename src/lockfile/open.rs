@@ -483,7 +483,7 @@ pub(super) fn only_regular(path: &Path, st: &Stat) -> Result<()> {
 }
 
 /// Whether a look at the lock path (`statat`) found the file `st` there still.
-fn still_names(look: rustix::io::Result<Stat>, st: &Stat) -> bool {
+pub(super) fn still_names(look: rustix::io::Result<Stat>, st: &Stat) -> bool {
     look.is_ok_and(|now| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino))
 }
 
