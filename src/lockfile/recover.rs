@@ -303,7 +303,7 @@ impl WatchHandle {
         // Made unnamed where the file system can, and named only once it has its owner, mode,
         // lock and our record (see `create_unnamed`): nobody meets it any other way.
         let made = create_unnamed(
-            &*self.dir,
+            &self.dir,
             self.file_name.as_os_str(),
             plan.file_mode,
             |file, st| {
