@@ -242,6 +242,14 @@ pub enum UnsafeLockPath {
         /// How many names it has.
         links: u64,
     },
+    /// A symbolic link on the way is in procfs (`/proc/self`, `/proc/thread-self`,
+    /// `/proc/PID/cwd`, `/proc/PID/root`...): it leads each process that follows it to its own
+    /// place, so two copies given the same path would lock two different files.
+    #[error("its way follows {}, a link in procfs (/proc) that leads each process to its own place, so two copies would lock different files; use a real directory", link.display())]
+    Procfs {
+        /// The link in procfs.
+        link: PathBuf,
+    },
     /// A per-user fallback directory does not have mode 0700.
     #[error("per-user directory {} has mode {mode:o}, expected 700", dir.display())]
     DirectoryMode {

@@ -866,3 +866,165 @@ fn a_user_directory_squatted_by_another_user_is_named_with_its_owner() {
         "the error must name the directory and its owner: {stderr}"
     );
 }
+
+/// `/proc/self/cwd`, `/proc/self/root`, `/proc/thread-self`... are not ordinary symlinks: each
+/// process that follows one lands in its own place. Two copies given `/proc/self/cwd/x.lock` from
+/// two directories once both ran, each holding the `x.lock` of its own directory. A way that
+/// follows a link in procfs (given directly, through the lock directory variable, or through a
+/// symlink of the user's that points into /proc/self) is refused as an unsafe lock path, by
+/// `run` and by `status`, naming the path and saying to use a real directory.
+#[test]
+fn a_lock_path_through_proc_self_is_refused_not_two_files() {
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let links = tempfile::tempdir().expect("tempdir");
+    let into_proc = links.path().join("here");
+    std::os::unix::fs::symlink("/proc/self/cwd", &into_proc).expect("symlink");
+    let name = unique_name("proc_self");
+    let through_link = into_proc.join("x.lock");
+    let through_link = through_link.to_str().expect("a UTF-8 path");
+    let cli = |cwd: &Path, env: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(common::cli_path());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .current_dir(cwd)
+            .stdin(std::process::Stdio::null())
+            .args(args);
+        if let Some(dir) = env {
+            cmd.env("UNIQUE_INSTANCE_LOCK_DIR", dir);
+        }
+        cmd
+    };
+    let ways: [(Option<&str>, &[&str]); 4] = [
+        (None, &["--lock-file", "/proc/self/cwd/x.lock"]),
+        (None, &["--lock-file", "/proc/thread-self/cwd/x.lock"]),
+        (None, &["--lock-file", through_link]),
+        (Some("/proc/self/cwd"), &[]),
+    ];
+    for (env, lock_args) in ways {
+        let what = format!("{env:?} {lock_args:?}");
+        // The first copy, from `a`, holding for a while: never allowed to start.
+        let mut args = vec!["run", "--backend", "lockfile"];
+        args.extend_from_slice(lock_args);
+        args.extend_from_slice(&[&name, "--", "sleep", "2"]);
+        let mut first = Proc::spawn(cli(a.path(), env, &args));
+        let mut args = vec!["run", "--backend", "lockfile"];
+        args.extend_from_slice(lock_args);
+        args.extend_from_slice(&[&name, "--", "echo", "second"]);
+        let second = cli(b.path(), env, &args).output().expect("run the CLI");
+        let first_code = first.exit_code();
+        let first_err = first.stderr_until_closed().join("\n");
+        let second_err = String::from_utf8_lossy(&second.stderr);
+        assert_eq!(first_code, 78, "{what}: first copy: {first_err}");
+        assert_eq!(
+            second.status.code(),
+            Some(78),
+            "{what}: second copy: {second_err}; stdout {:?}",
+            String::from_utf8_lossy(&second.stdout)
+        );
+        assert!(
+            second_err.contains("/proc") && second_err.contains("use a real directory"),
+            "{what}: the error must name the path and say what to do: {second_err}"
+        );
+        let mut args = vec!["status", "--backend", "lockfile"];
+        args.extend_from_slice(lock_args);
+        args.push(&name);
+        let status = cli(b.path(), env, &args).output().expect("run the CLI");
+        assert_eq!(
+            status.status.code(),
+            Some(78),
+            "{what}: status: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    }
+    for dir in [a.path(), b.path()] {
+        assert_eq!(
+            std::fs::read_dir(dir).expect("read_dir").count(),
+            0,
+            "a lock file was made in {}",
+            dir.display()
+        );
+    }
+}
+
+/// A lock file root is creating under a restrictive umask (077, as systemd's `UMask=0077`
+/// hardening sets) was once briefly visible at its name with the mode the umask left (0600),
+/// before root gave it its intended one: another user who looked then (`status`, or `run` in
+/// the shared sticky directory) was told "not permitted" (77), about 1 look in 20 while root
+/// churned. It now gets its name only once it has its mode: every answer is held, free, or
+/// already running.
+#[test]
+fn another_users_file_being_created_under_a_strict_umask_is_never_a_refusal() {
+    // The lock directory root's copies make (system scope), and a shared sticky one like
+    // /run/lock/unique-instance, where another user's copy creates files too.
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sticky = base.path().join("sticky");
+    std::fs::create_dir(&sticky).expect("mkdir");
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let cli = common::cli_path();
+    let cli = cli.to_str().expect("a UTF-8 path");
+    for (dir, what, probe) in [
+        (
+            base.path().join("locks"),
+            "status",
+            "status --system --backend lockfile",
+        ),
+        (sticky.clone(), "run", "run --system --backend lockfile"),
+    ] {
+        let name = unique_name("umask_create");
+        let tail = if what == "run" { " -- true" } else { "" };
+        let critical = base.path().join(format!("{what}.critical"));
+        let mut churn = Command::new("sh");
+        churn
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNIQUE_INSTANCE_LOCK_DIR", &dir)
+            .env("UNIQUE_INSTANCE_SCOPE", "system")
+            .arg("-c")
+            .arg("umask 077; exec \"$0\" \"$@\"")
+            .arg(example_path("churn"))
+            .args([name.as_str(), "100000000"])
+            .arg(&critical);
+        let mut root = Proc::spawn(churn);
+        let mut looks = Command::new("sh");
+        looks
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNIQUE_INSTANCE_LOCK_DIR", &dir)
+            .arg("-c")
+            .arg(format!(
+                "i=0; while [ $i -lt 400 ]; do i=$((i+1)); \
+                 {cli} {probe} {name}{tail} >/dev/null 2>&1 </dev/null; \
+                 echo $?; done"
+            ));
+        let looks = as_user(NOBODY, NOBODY, &looks)
+            .output()
+            .expect("look as another user");
+        root.sigkill();
+        let _ = std::fs::remove_file(&critical);
+        let said = root.stdout_until_closed();
+        assert!(
+            said.iter().all(|line| line.starts_with("progress")),
+            "{what}: root's churn under umask 077 failed: {said:?} {:?}",
+            root.stderr_lines()
+        );
+        assert!(!said.is_empty(), "{what}: root churned under 1000 times");
+        let codes = String::from_utf8_lossy(&looks.stdout);
+        let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+        for code in codes.lines() {
+            *counts.entry(code).or_default() += 1;
+        }
+        let allowed: &[&str] = if what == "status" {
+            &["0", "3"]
+        } else {
+            &["0", "75"]
+        };
+        assert!(
+            counts.keys().all(|code| allowed.contains(code)),
+            "{what} as another user while root churns under umask 077: exit codes {counts:?} \
+             (77: not permitted)"
+        );
+        assert_eq!(counts.values().sum::<u32>(), 400, "{what}: {counts:?}");
+    }
+}

@@ -17,7 +17,7 @@ use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
 use super::grace::{await_answer, await_answer_async};
 use super::held::HeldLock;
 use super::ofd::{is_held, lock_exclusive, retry_eintr, wait_unlocked};
-use super::open::{Opened, ReadOnlyBecause, is_ours, not_a_lock_file, open_lock_file};
+use super::open::{Opened, ReadOnlyBecause, is_ours, not_a_lock_file, open_lock_file, still_names};
 use super::reader::{read_holder, read_holder_async};
 use super::record::{LockRecord, read_content};
 
@@ -35,6 +35,37 @@ pub(crate) enum Attempt {
 /// How many times the file may vanish or appear between our own two system calls before we
 /// give up: only a process churning the directory on purpose gets anywhere near it.
 const MAX_OPEN_RACES: u32 = 1000;
+
+/// How long an unheld lock file of another user's, which this user may not write, is given to
+/// be held again or removed before it is refused (see [`settles_within`]): a release's own
+/// re-lock takes microseconds, and it gives up after about a quarter of a second.
+const RELEASE_GRACE: Duration = Duration::from_millis(300);
+
+/// Whether, within `grace`, the unheld file `st` (open as `file`) is held again, or the path
+/// stops naming it. Polled: a few looks in the usual case, where its holder is between the two
+/// steps of its release.
+fn settles_within(
+    file: &OwnedFd,
+    dir: &OwnedFd,
+    plan: &LockPlan,
+    st: &rustix::fs::Stat,
+    grace: Duration,
+) -> bool {
+    let deadline = Instant::now() + grace;
+    let mut pause = Duration::from_micros(100);
+    loop {
+        let look = rustix::fs::statat(dir, plan.file_name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW);
+        if !still_names(look, st) || is_held(file) == Ok(true) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
 
 /// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
 ///
@@ -225,6 +256,19 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
                             Err(Errno::NOLCK) => return Err(no_locks()),
                             Err(e) => return Err(Error::io("cannot wait for", &path, e.into())),
                         }
+                    }
+                    // Another user's file we may not write, found unheld: most often one being
+                    // let go this instant. A holder locks its file afresh on release (a new open
+                    // file description, to tell a forked child's hold from its own: see
+                    // `HeldLock::shared_with_another`) and then removes it, so for a moment it is
+                    // named, with its record, and unlocked. Given a short grace to be held again
+                    // or go (a copy churning next to us); then this is a race to retry, not a
+                    // refusal. A file nobody takes or removes within it is refused as before.
+                    Ok(false)
+                        if why == ReadOnlyBecause::NoWritePermission
+                            && settles_within(&file, dir, plan, &st, RELEASE_GRACE) =>
+                    {
+                        continue;
                     }
                     Ok(false) => {}
                     Err(Errno::NOLCK) => return Err(no_locks()),

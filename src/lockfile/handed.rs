@@ -29,7 +29,7 @@ use super::held::HeldLock;
 use super::ofd::is_held;
 use super::record::{LockRecord, read_content, write_or_unknown};
 use super::recover::Judgement;
-use super::watch::{NameHistory, PathChange, WatchHandle, new_inotify};
+use super::watch::{NameHistory, WatchHandle, new_inotify};
 
 /// Writes this process's record (its PID, start time and executable; the lock file as its only
 /// backend: for a process that holds the bus name too, see
@@ -309,18 +309,23 @@ impl HandedLockFile {
         let lock =
             HeldLock::new(lock, &st, keep, &plan, &lock_dir, path.clone()).handed(line.clone());
         let handle = lock.watch_handle();
-        // A file that still has a name must have the planned one: any other is not the lock file
-        // these options plan (an unlinked one, whose removal this watch could not see, is a
-        // loss for `check`). Checked before anything is written: a file handed over by mistake
-        // is left as it was (a review found a record written into it, then the refusal).
-        if st.st_nlink > 0 && handle.path_as(st.st_dev, st.st_ino) == Some(PathChange::Removed) {
+        // A file that still has a name must be the one the planned path leads to: any other
+        // (the path naming nothing, another file, or nothing we can follow) is not the lock file
+        // these options plan, and is refused. Checked before anything is written: a file handed
+        // over by mistake is left as it was (a review found a record written into someone's data
+        // file while the path named another one). An unlinked one (its holder's file was removed,
+        // and this watch could not see it) is already a loss for `check`: nobody can find it, so
+        // nothing is written into it either.
+        if st.st_nlink > 0 && handle.path_as(st.st_dev, st.st_ino).is_some() {
             return Err(Error::io(
                 "the descriptor handed over is not the lock file",
                 path,
                 std::io::ErrorKind::InvalidInput.into(),
             ));
         }
-        write_holder_line(lock.fd(), &line, &fd_path)?;
+        if st.st_nlink > 0 {
+            write_holder_line(lock.fd(), &line, &fd_path)?;
+        }
         // Best effort: a directory left unwatched is still looked at by the periodic checks.
         let mut history = NameHistory::new(handle.recreated(), handle.acquired_way());
         let mut dir_watch = None;
@@ -493,6 +498,73 @@ mod tests {
             std::fs::read(&other).expect("read"),
             b"",
             "a file that is not the lock file was written"
+        );
+    }
+
+    /// The same while the planned path names some other file (a stale, empty lock file): the
+    /// descriptor is still not the lock file, and nothing is written into it, nor into the file
+    /// at the path.
+    #[test]
+    fn a_handed_descriptor_of_another_file_is_refused_while_the_path_names_a_third() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = dir.path().join("data.bin");
+        std::fs::write(&other, b"").expect("create");
+        let file: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&other)
+            .expect("open")
+            .into();
+        super::super::ofd::lock_exclusive(&file, false).expect("lock");
+        let locks = dir.path().join("locks");
+        std::fs::create_dir(&locks).expect("mkdir");
+        let planned = locks.join("org.example.HandedByMistake.lock");
+        std::fs::write(&planned, b"").expect("create the planned file");
+        let options = InstanceOptions::new("org.example.HandedByMistake")
+            .lock_dir(&locks)
+            .backend(crate::Backend::LockFile);
+        let refused = HandedLockFile::new(&options, file, false);
+        let written = std::fs::read(&other).expect("read");
+        assert!(refused.is_err(), "another file was taken");
+        assert_eq!(
+            written,
+            b"",
+            "a file that is not the lock file was written: {:?}",
+            String::from_utf8_lossy(&written)
+        );
+        assert_eq!(std::fs::read(&planned).expect("read"), b"");
+    }
+
+    /// A descriptor of a file with no name left (its holder's file removed) is kept as already
+    /// lost: nothing is written into it.
+    #[test]
+    fn a_handed_unlinked_descriptor_is_lost_and_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let locks = dir.path().join("locks");
+        std::fs::create_dir(&locks).expect("mkdir");
+        let planned = locks.join("org.example.HandedUnlinked.lock");
+        std::fs::write(&planned, b"").expect("create");
+        let file: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&planned)
+            .expect("open")
+            .into();
+        super::super::ofd::lock_exclusive(&file, false).expect("lock");
+        std::fs::remove_file(&planned).expect("unlink");
+        let probe = file.try_clone().expect("dup");
+        let options = InstanceOptions::new("org.example.HandedUnlinked")
+            .lock_dir(&locks)
+            .backend(crate::Backend::LockFile);
+        let kept = HandedLockFile::new(&options, file, false).expect("kept, as lost");
+        assert!(
+            matches!(kept.check(), HandedLockState::Lost),
+            "an unlinked lock file is a loss"
+        );
+        assert_eq!(
+            rustix::fs::fstat(&probe).expect("fstat").st_size,
+            0,
+            "a record was written into an unlinked file"
         );
     }
 }

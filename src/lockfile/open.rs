@@ -178,16 +178,38 @@ pub(super) fn open_lock_file(
     // Created first: a released lock file is removed, so a missing file is the usual case and
     // costs one call. `O_EXCL` fails on anything already there (a symlink included) before any
     // other check, and that is then opened as it is.
-    match open(flags | OFlags::RDWR | OFlags::CREATE | OFlags::EXCL) {
-        Ok(file) => {
-            let mut st = fstat(&file)?;
-            set_new_file_owner_and_mode(plan, &file, path, &mut st, euid, lock_dir)?;
+    //
+    // Made unnamed first where the file system can (`O_TMPFILE`), given its owner and mode,
+    // and only then its name: another user's copy (or ours under a umask like 0277) never
+    // meets it with the mode the umask left, which it may not open (a false "not permitted").
+    let made = create_unnamed(
+        dir,
+        plan.file_name.as_os_str(),
+        plan.file_mode,
+        |file, st| set_new_file_owner_and_mode(plan, file, path, st, euid, lock_dir),
+    )?;
+    let exists = match made {
+        Made::Named(file) => {
+            let st = fstat(&file)?;
             return writable(file, st, true);
         }
-        Err(Errno::EXIST) => {}
-        // The directory was removed (nothing can be created in it): see `lock_step`.
-        Err(Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(refused(e)),
+        Made::Exists => true,
+        Made::Unsupported => false,
+    };
+    // Where it cannot (or the unnamed file could not be named), created at its name, then
+    // given its owner and mode.
+    if !exists {
+        match open(flags | OFlags::RDWR | OFlags::CREATE | OFlags::EXCL) {
+            Ok(file) => {
+                let mut st = fstat(&file)?;
+                set_new_file_owner_and_mode(plan, &file, path, &mut st, euid, lock_dir)?;
+                return writable(file, st, true);
+            }
+            Err(Errno::EXIST) => {}
+            // The directory was removed (nothing can be created in it): see `lock_step`.
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(refused(e)),
+        }
     }
     // Something is there: looked at first, and opened only if it is a regular file.
     match look() {
@@ -251,6 +273,83 @@ pub(super) fn open_lock_file(
         ))),
         Err(e) => Err(refused(e)),
     }
+}
+
+/// What [`create_unnamed`] made.
+pub(super) enum Made {
+    /// The new file, with its name now (one), prepared before it had it.
+    Named(OwnedFd),
+    /// Something already has the name: the new file is dropped, never seen by anyone.
+    Exists,
+    /// No file could be made unnamed, or it could not be given the name (`O_TMPFILE` not
+    /// supported by this file system or kernel; no way to name it without `/proc`): create it
+    /// at its name instead, as before.
+    Unsupported,
+}
+
+/// Makes a new file in `dir` with no name (`O_TMPFILE`), runs `prepare` on it (its owner and
+/// mode, and whatever else must be true before anyone can open it), locks it (OFD, exclusive),
+/// and only then gives it `name` (`linkat`), which fails if anything has that name already: so
+/// no other process ever meets the file as it was before `prepare` (with the mode the umask
+/// left: 0600 under `umask 077`, which another user's copy may not open, and takes for a
+/// refusal), nor unlocked (a file another user may not write, held by nobody, is one that user
+/// is refused). The name is given
+/// through `AT_EMPTY_PATH` (which needs `CAP_DAC_READ_SEARCH`), otherwise through
+/// `/proc/self/fd/N`. An error of `prepare` is returned as it is; the file, still unnamed, is
+/// gone with its descriptor.
+pub(super) fn create_unnamed(
+    dir: &OwnedFd,
+    name: &std::ffi::OsStr,
+    mode: u32,
+    prepare: impl FnOnce(&OwnedFd, &mut Stat) -> Result<()>,
+) -> Result<Made> {
+    use std::os::fd::AsRawFd;
+    let file = match retry_eintr(|| {
+        rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::TMPFILE
+                | OFlags::DIRECTORY
+                | OFlags::RDWR
+                | OFlags::CLOEXEC
+                | OFlags::NOCTTY
+                | OFlags::NONBLOCK,
+            Mode::from_raw_mode(mode),
+        )
+    }) {
+        Ok(file) => file,
+        // Not supported here (`EOPNOTSUPP`, `EISDIR`, `EINVAL`), or anything else (the
+        // directory removed, no room, not permitted): the open at the name finds it and says it.
+        Err(_) => return Ok(Made::Unsupported),
+    };
+    let Ok(mut st) = rustix::fs::fstat(&file) else {
+        return Ok(Made::Unsupported);
+    };
+    prepare(&file, &mut st)?;
+    // Locked before it has a name, so nobody ever finds it unlocked: a copy that may not write
+    // it (another user's) would otherwise be told it may not hold it, though it is being taken.
+    // The lock belongs to this open file description; the caller's lock on it is then a no-op.
+    // (A file system without locks: made at its name instead, and refused there.)
+    if lock_exclusive(&file, false).is_err() {
+        return Ok(Made::Unsupported);
+    }
+    let linked = match rustix::fs::linkat(&file, "", dir, name, AtFlags::EMPTY_PATH) {
+        // Without `CAP_DAC_READ_SEARCH`, `AT_EMPTY_PATH` fails with `ENOENT` (`EPERM` on some
+        // kernels): named through `/proc` instead.
+        Err(Errno::NOENT | Errno::PERM) => rustix::fs::linkat(
+            rustix::fs::CWD,
+            format!("/proc/self/fd/{}", file.as_raw_fd()),
+            dir,
+            name,
+            AtFlags::SYMLINK_FOLLOW,
+        ),
+        other => other,
+    };
+    Ok(match linked {
+        Ok(()) => Made::Named(file),
+        Err(Errno::EXIST) => Made::Exists,
+        Err(_) => Made::Unsupported,
+    })
 }
 
 /// Gives a lock file we just created its intended mode, whatever the umask (under `umask 077`
@@ -384,7 +483,7 @@ pub(super) fn only_regular(path: &Path, st: &Stat) -> Result<()> {
 }
 
 /// Whether a look at the lock path (`statat`) found the file `st` there still.
-fn still_names(look: rustix::io::Result<Stat>, st: &Stat) -> bool {
+pub(super) fn still_names(look: rustix::io::Result<Stat>, st: &Stat) -> bool {
     look.is_ok_and(|now| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino))
 }
 

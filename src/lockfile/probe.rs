@@ -17,6 +17,7 @@ use super::ofd::is_held;
 use super::open::{file_type_name, is_ours, only_regular};
 use super::reader::{look_at_record, read_holder, read_holder_async, unknown_holder};
 use super::record::read_content;
+use super::walk::refuse_procfs_on_the_way;
 
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
 pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
@@ -80,6 +81,7 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
         ),
         source: Some(Box::new(std::io::Error::from(e))),
     };
+    refuse_procfs_on_the_way(path)?;
     match rustix::fs::lstat(path) {
         Ok(st) => only_regular(path, &st)?,
         Err(Errno::NOENT) => return Ok(None),

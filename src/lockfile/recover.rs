@@ -14,9 +14,10 @@ use rustix::io::Errno;
 use super::dir::check_dir;
 use super::held::Now;
 use super::ofd::{lock_exclusive, retry_eintr};
-use super::open::set_new_file_owner_and_mode;
+use super::open::{Made, create_unnamed, set_new_file_owner_and_mode};
 use super::record::{without_keep_mark, write_or_unknown};
 use super::walk::{Walked, walk_dir};
+use crate::plan::LockPlan;
 use std::os::fd::OwnedFd;
 
 use crate::loss::LossReason;
@@ -299,6 +300,79 @@ impl WatchHandle {
             Err(_) => return Err("the way to the directory fails its checks"),
         }
         crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeRecreate);
+        // Made unnamed where the file system can, and named only once it has its owner, mode,
+        // lock and our record (see `create_unnamed`): nobody meets it any other way.
+        let made = create_unnamed(
+            &self.dir,
+            self.file_name.as_os_str(),
+            plan.file_mode,
+            |file, st| {
+                set_new_file_owner_and_mode(plan, file, &self.path, st, euid, lock_dir)?;
+                write_or_unknown(file, without_keep_mark(&now.record), &self.path)
+                    .map(|_| ())
+                    .map_err(|e| {
+                        crate::error::Error::io("cannot write holder record to", &self.path, e)
+                    })
+            },
+        );
+        let file = match made {
+            Ok(Made::Named(file)) => Some(file),
+            Ok(Made::Exists) => return Err("another file is at the path (another copy's)"),
+            Ok(Made::Unsupported) => None,
+            Err(_) => return Err("cannot set the new file's owner and mode, or write our record"),
+        };
+        let prepared = file.is_some();
+        let file = match file {
+            Some(file) => file,
+            None => self.create_at_name(plan)?,
+        };
+        let Ok(mut st) = rustix::fs::fstat(&file) else {
+            return Err("cannot stat the new file");
+        };
+        // Ours, locked: removed again (while still locked) if anything below fails.
+        let (dev, ino) = (st.st_dev, st.st_ino);
+        let abandon = |why| {
+            if self.in_dir_as(dev, ino).is_none() {
+                let _ =
+                    rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty());
+            }
+            Err(why)
+        };
+        if !prepared
+            && set_new_file_owner_and_mode(plan, &file, &self.path, &mut st, euid, lock_dir)
+                .is_err()
+        {
+            return abandon("cannot set the new file's owner and mode");
+        }
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
+            return abandon("the new file is not a regular file with one name");
+        }
+        // No room for it leaves the file empty: "holder unknown", and still the lock.
+        // Made by us: ours to remove, so its record carries no keep mark (`LockRecord::keep`).
+        if !prepared && write_or_unknown(&file, without_keep_mark(&now.record), &self.path).is_err()
+        {
+            return abandon("cannot write our record");
+        }
+        if !self.verify_held_as(dev, ino) {
+            return abandon("the path does not lead to the new file, held");
+        }
+        if files.replace(&file).is_err() {
+            return abandon("cannot put the new file in place of the removed one");
+        }
+        // Its own descriptor closes here: the lock's descriptors refer to it now.
+        drop(file);
+        now.recreated += 1;
+        if now.recent.len() >= MAX_RECREATIONS {
+            now.recent.pop_front();
+        }
+        now.recent.push_back(started);
+        (now.dev, now.ino, now.keep_file) = (dev, ino, false);
+        Ok(())
+    }
+
+    /// The new file for [`WatchHandle::recreate`] where it cannot be made unnamed (see
+    /// `create_unnamed`): created at its name, and locked at once.
+    fn create_at_name(&self, plan: &LockPlan) -> std::result::Result<OwnedFd, &'static str> {
         let flags = OFlags::RDWR
             | OFlags::CREATE
             | OFlags::EXCL
@@ -323,44 +397,7 @@ impl WatchHandle {
         if lock_exclusive(&file, false).is_err() {
             return Err("another copy locked the new file first");
         }
-        let Ok(mut st) = rustix::fs::fstat(&file) else {
-            return Err("cannot stat the new file");
-        };
-        // Ours, locked: removed again (while still locked) if anything below fails.
-        let (dev, ino) = (st.st_dev, st.st_ino);
-        let abandon = |why| {
-            if self.in_dir_as(dev, ino).is_none() {
-                let _ =
-                    rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty());
-            }
-            Err(why)
-        };
-        if set_new_file_owner_and_mode(plan, &file, &self.path, &mut st, euid, lock_dir).is_err() {
-            return abandon("cannot set the new file's owner and mode");
-        }
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
-            return abandon("the new file is not a regular file with one name");
-        }
-        // No room for it leaves the file empty: "holder unknown", and still the lock.
-        // Made by us: ours to remove, so its record carries no keep mark (`LockRecord::keep`).
-        if write_or_unknown(&file, without_keep_mark(&now.record), &self.path).is_err() {
-            return abandon("cannot write our record");
-        }
-        if !self.verify_held_as(dev, ino) {
-            return abandon("the path does not lead to the new file, held");
-        }
-        if files.replace(&file).is_err() {
-            return abandon("cannot put the new file in place of the removed one");
-        }
-        // Its own descriptor closes here: the lock's descriptors refer to it now.
-        drop(file);
-        now.recreated += 1;
-        if now.recent.len() >= MAX_RECREATIONS {
-            now.recent.pop_front();
-        }
-        now.recent.push_back(started);
-        (now.dev, now.ino, now.keep_file) = (dev, ino, false);
-        Ok(())
+        Ok(file)
     }
 
     /// Tells whoever follows [`LockFileRecreations`](crate::LockFileRecreations) of the

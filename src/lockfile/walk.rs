@@ -133,6 +133,8 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
                 resolved = here;
             }
             FileType::Symlink => {
+                // Checked before anything else about it: a procfs link's owner says nothing.
+                not_in_procfs(&plan.dir, &here, rustix::fs::statfs(&resolved))?;
                 // The per-user and per-service directories themselves are never symlinks.
                 if own_last && (plan.private_dir || plan.service_dir) {
                     return Err(Error::UnsafeLockPath {
@@ -211,6 +213,91 @@ pub(super) fn check_on_the_way(
             dir: dir.to_owned(),
             mode,
         }));
+    }
+    Ok(())
+}
+
+/// Refuses a symbolic link on the way that is in procfs (`statfs` of the directory holding it,
+/// as `fs`): `/proc/self`, `/proc/thread-self`, `/proc/PID/cwd`, `/proc/PID/root`,
+/// `/proc/PID/fd/N`... are not ordinary symlinks but lead each process that follows them to its
+/// own place, so two copies given the same path (`/proc/self/cwd/x.lock` from two directories)
+/// would lock two different files and both run. `path` is the lock path (or its directory) as
+/// given, for the error; `link` the link. A directory whose file system cannot be told is let
+/// through: the other checks decide. (A file reached in procfs without following any of its
+/// links, `/proc/PID/mem`, is the same file for every process: refused, if at all, by the checks
+/// of the file itself.)
+pub(super) fn not_in_procfs(
+    path: &Path,
+    link: &Path,
+    fs: rustix::io::Result<rustix::fs::StatFs>,
+) -> Result<()> {
+    match fs {
+        #[allow(clippy::unnecessary_cast)] // `f_type`'s width varies between architectures
+        Ok(fs) if fs.f_type as i64 == rustix::fs::PROC_SUPER_MAGIC as i64 => {
+            Err(Error::UnsafeLockPath {
+                path: path.to_owned(),
+                problem: UnsafeLockPath::Procfs {
+                    link: link.to_owned(),
+                },
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether the way to `path`'s directory, resolved one component at a time as [`walk_dir`]
+/// does (symlinks followed by reading them, never through the kernel), follows a link in
+/// procfs: refused then, as an acquisition refuses it (see [`not_in_procfs`]). For a look at
+/// the lock file that does not walk (`status`): the kernel would follow `/proc/self/cwd` to this
+/// process's own directory, and report the file there, not the one a copy elsewhere holds.
+/// Anything it cannot follow is left to the look itself.
+pub(super) fn refuse_procfs_on_the_way(path: &Path) -> Result<()> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let Some(dir) = path.parent().filter(|d| d.is_absolute()) else {
+        return Ok(());
+    };
+    let parts = |p: &Path| -> Vec<OsString> {
+        p.components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_owned()),
+                Component::ParentDir => Some(OsString::from("..")),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut queue: VecDeque<OsString> = parts(dir).into();
+    let mut resolved = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = queue.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let here = resolved.join(&name);
+        let Ok(st) = rustix::fs::lstat(&here) else {
+            return Ok(());
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => resolved = here,
+            FileType::Symlink => {
+                not_in_procfs(path, &here, rustix::fs::statfs(&resolved))?;
+                links += 1;
+                let Ok(target) = std::fs::read_link(&here) else {
+                    return Ok(());
+                };
+                if links > MAX_SYMLINKS {
+                    return Ok(());
+                }
+                if target.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                for part in parts(&target).into_iter().rev() {
+                    queue.push_front(part);
+                }
+            }
+            _ => return Ok(()),
+        }
     }
     Ok(())
 }
