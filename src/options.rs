@@ -227,9 +227,12 @@ impl InstanceOptions {
     /// (or search its directory); [`Error::Io`] when it cannot be examined otherwise.
     pub fn lock_file_holder(&self) -> Result<Option<Holder>> {
         let plan = self.plan()?;
-        match plan.lock_file {
-            Some(path) => lockfile::holder_of(&path, &plan.name),
-            None => Ok(None),
+        match (plan.lock_file, self.resolve()?.2) {
+            (Some(path), Some(lock_plan)) => {
+                lockfile::refuse_unsafe_way(&lock_plan)?;
+                lockfile::holder_of(&path, &plan.name)
+            }
+            _ => Ok(None),
         }
     }
 }

@@ -67,17 +67,18 @@ impl Status {
 /// (`Backend::Dbus`) and the bus cannot be reached.
 pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let plan = options.plan()?;
+    let lock_plan = options.resolve()?.2;
     let mut lock_file_holder = None;
-    if let Some(path) = &plan.lock_file {
+    if let (Some(path), Some(lock_plan)) = (&plan.lock_file, &lock_plan) {
+        lockfile::refuse_unsafe_way(lock_plan)?;
         lock_file_holder = lockfile::holder_of_async(path, &plan.name).await?;
-    }
-    // As an acquisition would meet it: a copy from before the deployment made the service's
-    // own directory, in the shared one.
-    if lock_file_holder.is_none()
-        && let Ok((_, _, Some(lock), _)) = options.resolve()
-        && let Some((_, holder)) = lockfile::earlier_copy_in_shared_dir(&lock).await
-    {
-        lock_file_holder = Some(holder);
+        // As an acquisition would meet it: a copy from before the deployment made the
+        // service's own directory, in the shared one.
+        if lock_file_holder.is_none()
+            && let Some((_, holder)) = lockfile::earlier_copy_in_shared_dir(lock_plan).await
+        {
+            lock_file_holder = Some(holder);
+        }
     }
     let mut bus_owner = None;
     let mut bus_asked = None;

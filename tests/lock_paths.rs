@@ -663,11 +663,27 @@ fn a_foreign_symlink_or_directory_anywhere_on_the_path_is_refused() {
     )
     .expect("lchown");
     let name = unique_name("foreign_link");
+    // A look at who holds it refuses the path as the acquisition does: it said "not
+    // running" (a review).
     let attempt = |dir: &Path| {
-        InstanceOptions::new(&name)
+        let options = InstanceOptions::new(&name)
             .backend(Backend::LockFile)
-            .lock_dir(dir)
-            .acquire()
+            .lock_dir(dir);
+        let looked = options.lock_file_holder();
+        let acquired = options.acquire();
+        match (&looked, &acquired) {
+            (
+                Err(Error::UnsafeLockPath {
+                    problem: looked, ..
+                }),
+                Err(Error::UnsafeLockPath { problem, .. }),
+            ) => {
+                assert_eq!(looked, problem, "the look and the acquisition disagree")
+            }
+            (Ok(None), Ok(_)) => {}
+            _ => panic!("the look said {looked:?}, the acquisition {acquired:?}"),
+        }
+        acquired
     };
     match attempt(&link) {
         Err(Error::UnsafeLockPath {

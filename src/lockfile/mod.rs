@@ -41,7 +41,8 @@ pub use handed::{
 pub(crate) use held::ReleaseReport;
 pub(crate) use part::HeldFile;
 pub(crate) use probe::{
-    earlier_copy_in_shared_dir, holder_now, holder_of, holder_of_async, until_let_go,
+    earlier_copy_in_shared_dir, holder_now, holder_of, holder_of_async, refuse_unsafe_way,
+    until_let_go,
 };
 // For the fuzz targets' entry points (src/fuzzing.rs).
 #[cfg(any(fuzzing, test))]

@@ -17,7 +17,7 @@ use super::ofd::is_held;
 use super::open::{file_type_name, is_ours, only_regular};
 use super::reader::{look_at_record, read_holder, read_holder_async, unknown_holder};
 use super::record::read_content;
-use super::walk::refuse_procfs_on_the_way;
+use super::walk::{refuse_procfs_on_the_way, walk_dir};
 
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
 pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
@@ -35,6 +35,18 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
         return None;
     }
     Some(look_at_record(&file, path).unwrap_or_else(|| unknown_holder(path)))
+}
+
+/// Refuses the way to `plan`'s lock directory as an acquisition would ([`walk_dir`]'s checks:
+/// a symlink or a directory on the way that another user controls, a procfs link), so that a
+/// look never says "not running" where `run` says "unsafe lock path". Creates and opens
+/// nothing but what the walk opens to look; anything else the walk meets (a directory not
+/// made yet) is left for the look at the file to say.
+pub(crate) fn refuse_unsafe_way(plan: &LockPlan) -> Result<()> {
+    match walk_dir(plan, rustix::process::geteuid().as_raw()) {
+        Err(e @ Error::UnsafeLockPath { .. }) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Who holds the lock file at `path`, by its record as it is now, with no grace: "unknown" when
