@@ -57,7 +57,7 @@ pub enum Error {
     },
 
     /// The lock path is not a file this process may safely lock.
-    #[error("unsafe lock path {}: {problem}; remove it or choose another lock path", path.display())]
+    #[error("unsafe lock path {}: {problem}; {}", path.display(), problem.advice())]
     UnsafeLockPath {
         /// The path that was refused.
         path: PathBuf,
@@ -315,6 +315,19 @@ pub(crate) fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error
     Error::AlreadyRunning {
         name: name.to_string(),
         holder,
+    }
+}
+
+impl UnsafeLockPath {
+    /// What to do about it. "Remove it" only where what is there is a stray lock file, link or
+    /// directory: never for a device, a FIFO, a directory given as the lock file, or procfs.
+    fn advice(&self) -> &'static str {
+        match self {
+            UnsafeLockPath::NotRegularFile { .. } | UnsafeLockPath::Procfs { .. } => {
+                "choose another lock path"
+            }
+            _ => "remove it or choose another lock path",
+        }
     }
 }
 

@@ -530,6 +530,8 @@ fn a_device_at_the_lock_path_is_refused_not_a_panic() {
                 stderr.contains("it is a character device, not a regular file"),
                 "{args:?}: {stderr}"
             );
+            // A device is nobody's to remove: the advice is another path, only.
+            assert!(!stderr.contains("remove it"), "{args:?}: {stderr}");
         }
     }
 }
