@@ -207,6 +207,22 @@ fn relative_overrides_and_paths_naming_no_file_are_refused() {
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("relative"));
     assert_eq!(std::fs::read_dir(cwd.path()).expect("read_dir").count(), 0);
+    // A lock file in a directory that does not exist: the caller's to fix (64, saying what to
+    // do), not an internal error (70).
+    let missing = cwd.path().join("no-such-dir/data.lock");
+    let output = Command::new(common::cli_path())
+        .args(["run", "--backend", "lockfile", "--lock-file"])
+        .arg(&missing)
+        .args([name.as_str(), "--", "true"])
+        .output()
+        .expect("run the CLI");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("create it"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(cwd.path()).expect("read_dir").count(), 0);
 }
 
 #[test]

@@ -204,6 +204,18 @@ pub(super) fn dir_error(plan: &LockPlan, context: &'static str, e: Errno) -> Err
             ),
             source: Some(Box::new(std::io::Error::from(e))),
         }
+    } else if e == Errno::NOENT && plan.create_dir_mode.is_none() && !plan.service_dir {
+        // The directory of a lock file given explicitly, which is never made: the caller's
+        // choice to fix, not an internal error.
+        Error::InvalidOption {
+            option: "lock_file",
+            value: plan.path(),
+            reason: format!(
+                "its directory {} does not exist (it is not made for a lock file given \
+                 explicitly); create it or choose another lock path",
+                plan.dir.display()
+            ),
+        }
     } else {
         Error::io(context, &plan.dir, e.into())
     }
