@@ -5,6 +5,7 @@
 //! It must not plan (`plan`) nor order the backends (`acquire`).
 
 mod connect;
+mod frame;
 mod name;
 mod release;
 mod socket;

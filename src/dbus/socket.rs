@@ -10,6 +10,7 @@
 //! Otherwise the halves are a plain Unix socket driven by tokio: bytes and file descriptors
 //! (`SCM_RIGHTS`) in and out, as zbus's own socket does.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -25,6 +26,8 @@ use tokio::net::UnixStream;
 use zbus::connection::socket::{BoxedSplit, ReadHalf, Split, WriteHalf};
 use zbus::fdo::ConnectionCredentials;
 
+use super::frame;
+
 /// The most descriptors one message may carry (as zbus allows).
 const MAX_FDS: usize = 1024;
 
@@ -38,7 +41,18 @@ pub(super) fn halves(
 ) -> BoxedSplit {
     let stream = Arc::new(stream);
     Split::new(
-        Box::new(Reader(Arc::clone(&stream))),
+        Box::new(Reader {
+            stream: Arc::clone(&stream),
+            pending: Vec::new(),
+            start: 0,
+            fds: VecDeque::new(),
+            messages: false,
+            header: Vec::new(),
+            header_at: 0,
+            message_fds: Vec::new(),
+            left: 0,
+            dropping: false,
+        }),
         Box::new(Writer {
             stream,
             append,
@@ -47,8 +61,36 @@ pub(super) fn halves(
     )
 }
 
+/// The read half: hands zbus the handshake's lines as they come, then whole messages only as
+/// [`frame::judge`] allows (see the `frame` module): a peer's message that zbus could not read
+/// is dropped here with exactly its descriptors, and never reaches zbus to end the connection.
+///
+/// zbus asks for a message's 16 fixed bytes, then for the rest: both are served from what was
+/// read ahead (`pending`), a body that was not read yet straight from the socket into zbus's
+/// buffer. A message's descriptors go with its first bytes, so zbus gives each message its own.
 #[derive(Debug)]
-struct Reader(Arc<UnixStream>);
+struct Reader {
+    stream: Arc<UnixStream>,
+    /// Read off the socket, not handed on yet: `pending[start..]`.
+    pending: Vec<u8>,
+    start: usize,
+    /// Descriptors received and not yet given to their message, in the order they came.
+    fds: VecDeque<OwnedFd>,
+    /// Past the handshake: messages from here on.
+    messages: bool,
+    /// The rewritten header of the current message (the bus's own, stripped), to hand on first.
+    header: Vec<u8>,
+    header_at: usize,
+    /// The current message's descriptors, handed on with its first bytes.
+    message_fds: Vec<OwnedFd>,
+    /// How many bytes of the current message are still to hand on (or to drop, if `dropping`)
+    /// after `header`, from `pending` and then from the socket.
+    left: usize,
+    dropping: bool,
+}
+
+/// How much is read off the socket at a time ahead of what zbus asked for.
+const READ_AHEAD: usize = 16 * 1024;
 
 #[derive(Debug)]
 struct Writer {
@@ -60,15 +102,55 @@ struct Writer {
 #[async_trait::async_trait]
 impl ReadHalf for Reader {
     async fn recvmsg(&mut self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+        if buf.is_empty() {
+            return Ok((0, Vec::new()));
+        }
         loop {
-            self.0.readable().await?;
-            match self
-                .0
-                .try_io(Interest::READABLE, || receive(self.0.as_fd(), buf))
-            {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return other,
+            if !self.messages {
+                if self.available() == 0 {
+                    self.fill(1).await?;
+                }
+                let n = handshake_lines(&self.pending[self.start..]);
+                if n == 0 {
+                    // A message's first byte where a line would start: the server's lines are
+                    // over (it sends none after `BEGIN`).
+                    self.messages = true;
+                    continue;
+                }
+                return Ok((self.hand_pending(buf, n), Vec::new()));
             }
+            if self.header_at < self.header.len() {
+                let n = (self.header.len() - self.header_at).min(buf.len());
+                buf[..n].copy_from_slice(&self.header[self.header_at..self.header_at + n]);
+                self.header_at += n;
+                let more = self.hand_pending(&mut buf[n..], self.left.min(self.available()));
+                self.left -= more;
+                return Ok((n + more, std::mem::take(&mut self.message_fds)));
+            }
+            if self.left > 0 {
+                if self.dropping {
+                    let n = self.left.min(self.available());
+                    self.start += n;
+                    self.left -= n;
+                    if self.left > 0 {
+                        self.fill(1).await?;
+                    }
+                    continue;
+                }
+                let fds = std::mem::take(&mut self.message_fds);
+                if self.available() > 0 {
+                    let n = self.hand_pending(buf, self.left.min(self.available()));
+                    self.left -= n;
+                    return Ok((n, fds));
+                }
+                // A body not read yet: straight into zbus's buffer, no further than its end.
+                let want = self.left.min(buf.len());
+                let (n, more) = self.read_some(&mut buf[..want]).await?;
+                self.fds.extend(more);
+                self.left -= n;
+                return Ok((n, fds));
+            }
+            self.next_message().await?;
         }
     }
 
@@ -77,7 +159,111 @@ impl ReadHalf for Reader {
     }
 
     async fn peer_credentials(&mut self) -> io::Result<ConnectionCredentials> {
-        peer_credentials(self.0.as_fd())
+        peer_credentials(self.stream.as_fd())
+    }
+}
+
+impl Reader {
+    fn available(&self) -> usize {
+        self.pending.len() - self.start
+    }
+
+    /// Copies up to `n` pending bytes into `buf`; how many.
+    fn hand_pending(&mut self, buf: &mut [u8], n: usize) -> usize {
+        let n = n.min(buf.len()).min(self.available());
+        buf[..n].copy_from_slice(&self.pending[self.start..self.start + n]);
+        self.start += n;
+        n
+    }
+
+    /// Reads until at least `n` bytes are pending.
+    async fn fill(&mut self, n: usize) -> io::Result<()> {
+        if self.start > 0 {
+            self.pending.drain(..self.start);
+            self.start = 0;
+        }
+        while self.pending.len() < n {
+            let have = self.pending.len();
+            self.pending.resize(have + (n - have).max(READ_AHEAD), 0);
+            let read = self.read_some_into(have).await;
+            match read {
+                Ok((got, fds)) => {
+                    self.pending.truncate(have + got);
+                    self.fds.extend(fds);
+                }
+                Err(e) => {
+                    self.pending.truncate(have);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_some_into(&mut self, from: usize) -> io::Result<(usize, Vec<OwnedFd>)> {
+        let stream = Arc::clone(&self.stream);
+        read_from(&stream, &mut self.pending[from..]).await
+    }
+
+    async fn read_some(&self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+        read_from(&self.stream, buf).await
+    }
+
+    /// Reads the next message's header and decides what becomes of the message.
+    async fn next_message(&mut self) -> io::Result<()> {
+        self.fill(frame::FIXED).await?;
+        let fixed: [u8; frame::FIXED] = self.pending[self.start..self.start + frame::FIXED]
+            .try_into()
+            .map_err(|_| io::Error::other("a short fixed header"))?;
+        let (header_len, body_len) = frame::lengths(&fixed)?;
+        self.fill(header_len).await?;
+        let header = &self.pending[self.start..self.start + header_len];
+        // The common case, a message zbus reads, costs a walk of its header and no copy.
+        let (fds, left, dropping) = match frame::judge(header)? {
+            frame::Verdict::Pass { fds } => (fds, header_len + body_len, false),
+            frame::Verdict::Drop { fds } => {
+                tracing::debug!("dropped a peer's message with a header field zbus cannot read");
+                (fds, header_len + body_len, true)
+            }
+            frame::Verdict::Strip { header, fds } => {
+                self.header = header;
+                self.header_at = 0;
+                self.start += header_len;
+                (fds, body_len, false)
+            }
+        };
+        let fds = fds.min(self.fds.len());
+        let taken: Vec<OwnedFd> = self.fds.drain(..fds).collect();
+        // A dropped message's descriptors close here.
+        self.message_fds = if dropping { Vec::new() } else { taken };
+        self.left = left;
+        self.dropping = dropping;
+        Ok(())
+    }
+}
+
+/// How many bytes at the start of `bytes` are the server's handshake lines (or a line's start),
+/// up to where a message begins (`l` or `B`, which no server command starts with) at the start
+/// of a line.
+fn handshake_lines(bytes: &[u8]) -> usize {
+    let mut n = 0;
+    while n < bytes.len() && !matches!(bytes[n], b'l' | b'B') {
+        match bytes[n..].iter().position(|&b| b == b'\n') {
+            Some(end) => n += end + 1,
+            None => n = bytes.len(),
+        }
+    }
+    n
+}
+
+/// Reads what is there (waiting until something is) into `buf`.
+async fn read_from(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    loop {
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || receive(stream.as_fd(), buf)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
     }
 }
 
