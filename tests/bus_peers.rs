@@ -362,7 +362,8 @@ mod raw_peer {
     }
 
     /// Pings `to` (at the holders' path) with `serial`, and reads until the answer: whether it
-    /// is a method return (not an error, as for a connection that is gone); `None` if the bus
+    /// is a method return (not an error, as for a connection that is gone, nor no answer
+    /// within [`common::TIMEOUT`](super::common::TIMEOUT)); `None` if the bus
     /// dropped this peer instead (dbus-daemon does, for an unknown header field). The bus
     /// passes a peer's messages on in order, so `to` has read everything this peer sent it
     /// before.
@@ -384,6 +385,15 @@ mod raw_peer {
             let mut fixed = [0u8; 16];
             match stream.read_exact(&mut fixed) {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+                // No answer at all: a connection nobody reads.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Some(false);
+                }
                 other => other.expect("a message"),
             }
             assert_eq!(fixed[0], b'l', "little-endian from the bus");
