@@ -467,4 +467,87 @@ mod tests {
         );
         assert!(!ends_handshake(hello.data()), "no BEGIN");
     }
+
+    /// `data` (a little-endian message) with a header field of code 10 added after its own.
+    fn with_unknown_field(data: &[u8]) -> Vec<u8> {
+        let fixed: [u8; 16] = data[..16].try_into().expect("16 bytes");
+        let (header, _) = frame::lengths(&fixed).expect("lengths");
+        let mut out = data[..header].to_vec();
+        out.extend([10, 1, b'u', 0, 7, 0, 0, 0]);
+        out.extend_from_slice(&data[header..]);
+        let fields = u32::try_from(header - 16 + 8).expect("small");
+        out[12..16].copy_from_slice(&fields.to_le_bytes());
+        out
+    }
+
+    /// A fake bus sends, in one write with three descriptors: its handshake lines, a peer's
+    /// signal with an unknown field and two descriptors, its own signal with an unknown field,
+    /// and a plain signal with one descriptor. zbus gets the bus's signal (stripped), then the
+    /// plain one with exactly its descriptor, and the peer's descriptors are closed.
+    #[test]
+    fn a_peer_s_unreadable_message_is_dropped_with_its_descriptors() {
+        use futures_util::StreamExt;
+        use std::io::{Read, Write};
+        let (client, mut server) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let (mut peer_r, peer_w) = std::io::pipe().expect("pipe");
+        let (_plain_r, plain_w) = std::io::pipe().expect("pipe");
+        let signal = |member: &str, sender: &str, fds: &[BorrowedFd<'_>]| {
+            let fds: Vec<zbus::Fd<'_>> = fds.iter().map(|fd| zbus::Fd::from(*fd)).collect();
+            zbus::Message::signal("/x", "org.example.I", member)
+                .sender(sender)
+                .build(&(fds,))
+                .expect("message")
+        };
+        let peer = with_unknown_field(
+            signal("FromPeer", ":1.9", &[peer_w.as_fd(), peer_w.as_fd()]).data(),
+        );
+        let bus = with_unknown_field(signal("FromBus", "org.freedesktop.DBus", &[]).data());
+        let plain = signal("Plain", ":1.9", &[plain_w.as_fd()]);
+        let mut all = b"OK 0123456789abcdef0123456789abcdef\r\nAGREE_UNIX_FD\r\n".to_vec();
+        all.extend(&peer);
+        all.extend(&bus);
+        all.extend(plain.data().iter());
+        let fake_bus = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            while !got.ends_with(b"BEGIN\r\n") {
+                let n = server.read(&mut buf).expect("read");
+                assert!(n > 0, "the client left");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let fds = [peer_w.as_fd(), peer_w.as_fd(), plain_w.as_fd()];
+            let mut sent = send(server.as_fd(), &all, &fds).expect("send");
+            while sent < all.len() {
+                sent += server.write(&all[sent..]).expect("write");
+            }
+            server
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            client.set_nonblocking(true).expect("nonblocking");
+            let client = UnixStream::from_std(client).expect("tokio");
+            let halves = halves(client, None, Arc::new(AtomicBool::new(false)));
+            let stream = zbus::connection::Builder::socket(halves)
+                .p2p()
+                .build_message_stream()
+                .await
+                .expect("connection");
+            let mut stream = stream;
+            let first = stream.next().await.expect("a message").expect("readable");
+            assert_eq!(first.header().member().map(|m| m.as_str()), Some("FromBus"));
+            assert_eq!(first.data().fds().len(), 0);
+            let second = stream.next().await.expect("a message").expect("readable");
+            assert_eq!(second.header().member().map(|m| m.as_str()), Some("Plain"));
+            assert_eq!(second.data().fds().len(), 1);
+        });
+        let server = fake_bus.join().expect("fake bus");
+        // The peer's two descriptors were closed with its message: with the fake bus's copy
+        // gone too, the pipe has no writer left.
+        drop(server);
+        let mut rest = Vec::new();
+        assert_eq!(peer_r.read_to_end(&mut rest).expect("read"), 0);
+    }
 }
