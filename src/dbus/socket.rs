@@ -7,6 +7,10 @@
 //! order, so `RequestName` is handled right after `Hello`, as if we had waited. The reply is read
 //! from a message stream set up before zbus starts reading (`build_message_stream`).
 //!
+//! The read half frames what comes in (see `frame`): a peer's message that zbus cannot read
+//! (a header field code it does not know) would end zbus's reader, and with it our connection
+//! and name; it is dropped here instead, with its descriptors.
+//!
 //! Otherwise the halves are a plain Unix socket driven by tokio: bytes and file descriptors
 //! (`SCM_RIGHTS`) in and out, as zbus's own socket does.
 
