@@ -77,33 +77,35 @@ pub(super) fn judge(header: &[u8]) -> Result<Verdict, Malformed> {
         return Err(Malformed("truncated header"));
     }
     let end = FIXED + order.u32([fixed[12], fixed[13], fixed[14], fixed[15]]) as usize;
-    let mut fields = Vec::new();
-    let mut at = FIXED;
-    while at < end {
-        at = at.next_multiple_of(8);
-        let field = walk_field(header, at, end, order)?;
-        at = field.end;
-        fields.push(field);
+    // One walk, nothing allocated, for the common case: no unknown field.
+    let (mut unknown, mut fds, mut from_the_bus) = (false, 0, false);
+    for field in Fields::new(header, end, order) {
+        let field = field?;
+        match field.code {
+            1..=9 => {}
+            _ => unknown = true,
+        }
+        match (field.code, field.value) {
+            (UNIX_FDS, Value::U32(n)) => fds = n as usize,
+            (SENDER, Value::Str(at, len)) => {
+                from_the_bus = header.get(at..at.saturating_add(len)) == Some(BUS_NAME);
+            }
+            _ => {}
+        }
     }
-    let unknown = |f: &Field| !(1..=9).contains(&f.code);
-    let fds = fields
-        .iter()
-        .rfind(|f| f.code == UNIX_FDS && f.u32.is_some())
-        .and_then(|f| f.u32)
-        .map_or(0, |n| n as usize);
-    if !fields.iter().any(unknown) {
+    if !unknown {
         return Ok(Verdict::Pass { fds });
     }
-    let from_the_bus = fields
-        .iter()
-        .any(|f| f.code == SENDER && f.string.as_deref() == Some(BUS_NAME));
     if !from_the_bus {
         return Ok(Verdict::Drop { fds });
     }
     let mut stripped = header[..FIXED].to_vec();
-    for field in fields.iter().filter(|f| !unknown(f)) {
-        stripped.resize(stripped.len().next_multiple_of(8), 0);
-        stripped.extend_from_slice(&header[field.start..field.end]);
+    for field in Fields::new(header, end, order) {
+        let field = field?;
+        if (1..=9).contains(&field.code) {
+            stripped.resize(stripped.len().next_multiple_of(8), 0);
+            stripped.extend_from_slice(&header[field.start..field.end]);
+        }
     }
     let fields_len = u32::try_from(stripped.len() - FIXED).map_err(|_| Malformed("too long"))?;
     stripped[12..16].copy_from_slice(&order.bytes(fields_len));
@@ -114,13 +116,61 @@ pub(super) fn judge(header: &[u8]) -> Result<Verdict, Malformed> {
     })
 }
 
-/// A header field, where it lies in the header, and its value when it is a `u32` or a string.
+/// A header field: its code, where it lies in the header, and its value when that is a `u32`
+/// or a string (where its bytes lie, and how many).
+#[derive(Clone, Copy)]
 struct Field {
     code: u8,
     start: usize,
     end: usize,
-    u32: Option<u32>,
-    string: Option<Vec<u8>>,
+    value: Value,
+}
+
+#[derive(Clone, Copy)]
+enum Value {
+    U32(u32),
+    Str(usize, usize),
+    Other,
+}
+
+/// The fields of `header`, which end at `end`, one after the other; after an error, no more.
+struct Fields<'a> {
+    header: &'a [u8],
+    end: usize,
+    order: Order,
+    at: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn new(header: &'a [u8], end: usize, order: Order) -> Self {
+        Fields {
+            header,
+            end,
+            order,
+            at: FIXED,
+        }
+    }
+}
+
+impl Iterator for Fields<'_> {
+    type Item = Result<Field, Malformed>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.end {
+            return None;
+        }
+        let field = walk_field(
+            self.header,
+            self.at.next_multiple_of(8),
+            self.end,
+            self.order,
+        );
+        match &field {
+            Ok(f) => self.at = f.end,
+            Err(_) => self.at = self.end,
+        }
+        Some(field)
+    }
 }
 
 /// Walks the field that starts at `at` (on an 8-byte boundary), the fields ending at `end`.
@@ -138,28 +188,20 @@ fn walk_field(header: &[u8], at: usize, end: usize, order: Order) -> Result<Fiel
     if sig.at != signature.len() {
         return Err(Malformed("a field's variant holds more than one type"));
     }
-    let (mut u32_value, mut string) = (None, None);
-    match signature {
-        b"u" => {
-            let mut v = Cursor { at: value_at, ..r };
-            u32_value = Some(v.u32()?);
-        }
+    let value = match signature {
+        b"u" => Value::U32(Cursor { at: value_at, ..r }.u32()?),
         b"s" | b"o" => {
-            let mut v = Cursor {
-                at: value_at.next_multiple_of(4),
-                ..r
-            };
+            let mut v = Cursor { at: value_at, ..r };
             let len = v.u32()? as usize;
-            string = Some(v.take(len)?.to_vec());
+            Value::Str(v.at, len)
         }
-        _ => {}
-    }
+        _ => Value::Other,
+    };
     Ok(Field {
         code,
         start: at,
         end: r.at,
-        u32: u32_value,
-        string,
+        value,
     })
 }
 

@@ -49,6 +49,7 @@ pub(super) fn halves(
             stream: Arc::clone(&stream),
             pending: Vec::new(),
             start: 0,
+            end: 0,
             fds: VecDeque::new(),
             messages: false,
             header: Vec::new(),
@@ -75,9 +76,11 @@ pub(super) fn halves(
 #[derive(Debug)]
 struct Reader {
     stream: Arc<UnixStream>,
-    /// Read off the socket, not handed on yet: `pending[start..]`.
+    /// Read off the socket, not handed on yet: `pending[start..end]` (the rest is room, zeroed
+    /// once, so that reading ahead costs no clearing).
     pending: Vec<u8>,
     start: usize,
+    end: usize,
     /// Descriptors received and not yet given to their message, in the order they came.
     fds: VecDeque<OwnedFd>,
     /// Past the handshake: messages from here on.
@@ -114,7 +117,7 @@ impl ReadHalf for Reader {
                 if self.available() == 0 {
                     self.fill(1).await?;
                 }
-                let n = handshake_lines(&self.pending[self.start..]);
+                let n = handshake_lines(&self.pending[self.start..self.end]);
                 if n == 0 {
                     // A message's first byte where a line would start: the server's lines are
                     // over (it sends none after `BEGIN`).
@@ -169,7 +172,7 @@ impl ReadHalf for Reader {
 
 impl Reader {
     fn available(&self) -> usize {
-        self.pending.len() - self.start
+        self.end - self.start
     }
 
     /// Copies up to `n` pending bytes into `buf`; how many.
@@ -182,31 +185,27 @@ impl Reader {
 
     /// Reads until at least `n` bytes are pending.
     async fn fill(&mut self, n: usize) -> io::Result<()> {
-        if self.start > 0 {
-            self.pending.drain(..self.start);
-            self.start = 0;
+        if self.available() >= n {
+            return Ok(());
         }
-        while self.pending.len() < n {
-            let have = self.pending.len();
-            self.pending.resize(have + (n - have).max(READ_AHEAD), 0);
-            let read = self.read_some_into(have).await;
-            match read {
-                Ok((got, fds)) => {
-                    self.pending.truncate(have + got);
-                    self.fds.extend(fds);
-                }
-                Err(e) => {
-                    self.pending.truncate(have);
-                    return Err(e);
-                }
-            }
+        self.pending.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        let room = n.max(READ_AHEAD);
+        if self.pending.len() > room && self.end <= READ_AHEAD {
+            // A large header is gone: give its room back.
+            self.pending.truncate(room);
+            self.pending.shrink_to_fit();
+        }
+        if self.pending.len() < room {
+            self.pending.resize(room, 0);
+        }
+        while self.end < n {
+            let (got, fds) = read_from(&self.stream, &mut self.pending[self.end..]).await?;
+            self.end += got;
+            self.fds.extend(fds);
         }
         Ok(())
-    }
-
-    async fn read_some_into(&mut self, from: usize) -> io::Result<(usize, Vec<OwnedFd>)> {
-        let stream = Arc::clone(&self.stream);
-        read_from(&stream, &mut self.pending[from..]).await
     }
 
     async fn read_some(&self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
@@ -553,5 +552,76 @@ mod tests {
         drop(server);
         let mut rest = Vec::new();
         assert_eq!(peer_r.read_to_end(&mut rest).expect("read"), 0);
+    }
+
+    /// Large bodies and a trickle: lines and headers come a few bytes at a time, bodies in
+    /// pieces. A peer's unreadable message with a large body is skipped whole, a plain one's body
+    /// reaches zbus whole, and the bus's own stripped message after them still reads.
+    #[test]
+    fn messages_that_come_in_pieces_are_framed_alike() {
+        use futures_util::StreamExt;
+        use std::io::{Read, Write};
+        let (client, mut server) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let signal = |member: &str, sender: &str, len: usize| {
+            zbus::Message::signal("/x", "org.example.I", member)
+                .sender(sender)
+                .build(&(vec![7u8; len],))
+                .expect("message")
+        };
+        let peer = with_unknown_field(signal("FromPeer", ":1.9", 200_000).data());
+        let plain = signal("Plain", ":1.9", 300_000).data().to_vec();
+        let bus = with_unknown_field(signal("FromBus", "org.freedesktop.DBus", 3).data());
+        let fake_bus = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            while !got.ends_with(b"BEGIN\r\n") {
+                let n = server.read(&mut buf).expect("read");
+                assert!(n > 0, "the client left");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let trickle = |server: &mut std::os::unix::net::UnixStream, bytes: &[u8]| {
+                for piece in bytes.chunks(5) {
+                    server.write_all(piece).expect("write");
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            };
+            trickle(
+                &mut server,
+                b"OK 0123456789abcdef0123456789abcdef\r\nAGREE_UNIX_FD\r\n",
+            );
+            for message in [&peer, &plain, &bus] {
+                trickle(&mut server, &message[..64]);
+                for piece in message[64..].chunks(40_000) {
+                    server.write_all(piece).expect("write");
+                }
+            }
+            server
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            client.set_nonblocking(true).expect("nonblocking");
+            let client = UnixStream::from_std(client).expect("tokio");
+            let halves = halves(client, None, Arc::new(AtomicBool::new(false)));
+            let mut stream = zbus::connection::Builder::socket(halves)
+                .p2p()
+                .build_message_stream()
+                .await
+                .expect("connection");
+            let first = stream.next().await.expect("a message").expect("readable");
+            assert_eq!(first.header().member().map(|m| m.as_str()), Some("Plain"));
+            let body: Vec<u8> = first.body().deserialize().expect("body");
+            assert_eq!(body, vec![7u8; 300_000]);
+            let second = stream.next().await.expect("a message").expect("readable");
+            assert_eq!(
+                second.header().member().map(|m| m.as_str()),
+                Some("FromBus")
+            );
+            let body: Vec<u8> = second.body().deserialize().expect("body");
+            assert_eq!(body, vec![7u8; 3]);
+        });
+        drop(fake_bus.join().expect("fake bus"));
     }
 }
