@@ -392,3 +392,71 @@ fn unix_connect(
         Ok(std::os::unix::net::UnixStream::from(socket))
     })())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// zbus's reader stops (here on bytes that are no message) while our socket is connected:
+    /// the bus sees the connection end (so it frees our names) before our reader of the bus's
+    /// messages sees their end (which the watch reports as a loss).
+    #[test]
+    fn a_stopped_reader_ends_the_connection_before_the_end_is_told() {
+        use std::io::{Read, Write};
+        let (client, mut server) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let fake_bus = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            while !got.ends_with(b"BEGIN\r\n") {
+                let n = server.read(&mut buf).expect("read");
+                assert!(n > 0, "the client left");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let mut garbage = b"OK 0123456789abcdef0123456789abcdef\r\nAGREE_UNIX_FD\r\n".to_vec();
+            // No byte order: not a message.
+            garbage.extend(b"x\x04\x00\x01\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00");
+            server.write_all(&garbage).expect("write");
+            server
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            // Until the client's end of file (an error if it never comes).
+            let ended = loop {
+                match server.read(&mut buf) {
+                    Ok(0) => break Ok(std::time::Instant::now()),
+                    Ok(_) => continue,
+                    Err(e) => break Err(e),
+                }
+            };
+            // As a bus does, once it has dropped the connection.
+            drop(server);
+            ended
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let told = rt.block_on(async {
+            client.set_nonblocking(true).expect("nonblocking");
+            let disconnect = Disconnect::of(&client, true).expect("duplicate");
+            let client = tokio::net::UnixStream::from_std(client).expect("tokio");
+            let halves = socket::halves(client, None, Arc::new(AtomicBool::new(false)));
+            let stream = Builder::socket(halves)
+                .p2p()
+                .build_message_stream()
+                .await
+                .expect("connection");
+            // zbus's own handle, kept: it never closes the socket by itself.
+            let _conn = Connection::from(&stream);
+            let mut messages = BusMessages::pump(stream, disconnect.weak());
+            assert!(messages.next().await.is_none(), "a message from garbage");
+            let told = std::time::Instant::now();
+            drop(disconnect);
+            told
+        });
+        let ended = fake_bus
+            .join()
+            .expect("fake bus")
+            .expect("the connection was never ended");
+        assert!(ended <= told, "the end was told before the bus saw it");
+    }
+}
