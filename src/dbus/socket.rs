@@ -52,6 +52,7 @@ pub(super) fn halves(
             end: 0,
             fds: VecDeque::new(),
             messages: false,
+            mid_line: false,
             header: Vec::new(),
             header_at: 0,
             message_fds: Vec::new(),
@@ -85,6 +86,8 @@ struct Reader {
     fds: VecDeque<OwnedFd>,
     /// Past the handshake: messages from here on.
     messages: bool,
+    /// In the handshake, the last line handed on is not whole yet.
+    mid_line: bool,
     /// The rewritten header of the current message (the bus's own, stripped), to hand on first.
     header: Vec<u8>,
     header_at: usize,
@@ -117,14 +120,16 @@ impl ReadHalf for Reader {
                 if self.available() == 0 {
                     self.fill(1).await?;
                 }
-                let n = handshake_lines(&self.pending[self.start..self.end]);
+                let n = handshake_lines(&self.pending[self.start..self.end], self.mid_line);
                 if n == 0 {
                     // A message's first byte where a line would start: the server's lines are
                     // over (it sends none after `BEGIN`).
                     self.messages = true;
                     continue;
                 }
-                return Ok((self.hand_pending(buf, n), Vec::new()));
+                let n = self.hand_pending(buf, n);
+                self.mid_line = self.pending[self.start - 1] != b'\n';
+                return Ok((n, Vec::new()));
             }
             if self.header_at < self.header.len() {
                 let n = (self.header.len() - self.header_at).min(buf.len());
@@ -247,10 +252,10 @@ impl Reader {
 
 /// How many bytes at the start of `bytes` are the server's handshake lines (or a line's start),
 /// up to where a message begins (`l` or `B`, which no server command starts with) at the start
-/// of a line.
-fn handshake_lines(bytes: &[u8]) -> usize {
+/// of a line. `mid_line`: `bytes` start within a line (the rest of one handed on in part).
+fn handshake_lines(bytes: &[u8], mid_line: bool) -> usize {
     let mut n = 0;
-    while n < bytes.len() && !matches!(bytes[n], b'l' | b'B') {
+    while n < bytes.len() && (mid_line && n == 0 || !matches!(bytes[n], b'l' | b'B')) {
         match bytes[n..].iter().position(|&b| b == b'\n') {
             Some(end) => n += end + 1,
             None => n = bytes.len(),
@@ -623,5 +628,20 @@ mod tests {
             assert_eq!(body, vec![7u8; 3]);
         });
         drop(fake_bus.join().expect("fake bus"));
+    }
+
+    #[test]
+    fn handshake_lines_end_where_a_message_starts_at_a_line_s_start() {
+        assert_eq!(
+            handshake_lines(b"OK 12ab\r\nAGREE_UNIX_FD\r\nl\x02", false),
+            24
+        );
+        assert_eq!(handshake_lines(b"l\x02\x01\x01", false), 0);
+        assert_eq!(handshake_lines(b"B\x02\x01\x01", false), 0);
+        // A line that came in pieces: its rest is a line's, whatever its first byte.
+        assert_eq!(handshake_lines(b"ERROR \"bad\"\r\n", false), 13);
+        assert_eq!(handshake_lines(b"line\"\r\nl", true), 7);
+        assert_eq!(handshake_lines(b"OK 12", false), 5);
+        assert_eq!(handshake_lines(b"", false), 0);
     }
 }
