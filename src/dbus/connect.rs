@@ -4,8 +4,9 @@
 //! It must not decide anything about the name (that is `name`).
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -52,6 +53,10 @@ const MAX_QUEUED: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4).unwrap
 /// sends us only answers to our calls and the signals about our names, a handful.
 const BUS_MESSAGES_QUEUED: usize = 64;
 
+/// How long the pump waits for the bus to drop a connection whose reader stopped (see
+/// [`BusMessages::pump`]); a bus that is there does it in a millisecond.
+const READER_END_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The messages the bus itself sends (sender `org.freedesktop.DBus`: our names' signals, the
 /// answer to the `RequestName` sent with the handshake), read off the connection's stream of
 /// everything by a task of their own, which drops every other message at once.
@@ -70,8 +75,10 @@ pub(crate) struct BusMessages {
 }
 
 impl BusMessages {
-    /// Starts reading `stream` (on the runtime we are in, the connection's).
-    fn pump(mut stream: MessageStream) -> Self {
+    /// Starts reading `stream` (on the runtime we are in, the connection's). When it ends, the
+    /// connection is ended through `socket` (the [`Disconnect`]'s duplicate, while it lives)
+    /// before the end is seen by our reader.
+    fn pump(mut stream: MessageStream, socket: Option<Weak<OwnedFd>>) -> Self {
         let (sender, received) = tokio::sync::mpsc::channel(BUS_MESSAGES_QUEUED);
         let pump = tokio::spawn(async move {
             while let Some(item) = stream.next().await {
@@ -83,6 +90,21 @@ impl BusMessages {
                     return;
                 }
             }
+            // zbus's reader ended. The bus may still be there: zbus ends its reader on any
+            // message it cannot read, and marks the connection closed without shutting the
+            // socket down, so the bus would go on listing us as the name's owner, on a
+            // connection nobody reads. End it for real, and wait (briefly) until the bus has
+            // dropped it, before the end is told (the `sender` dropped with this task): a loss
+            // then means the name is free, and the lock file's re-check is what holds.
+            if let Some(socket) = socket.as_ref().and_then(Weak::upgrade) {
+                let ended =
+                    tokio::task::spawn_blocking(move || end_and_wait(&socket, READER_END_TIMEOUT))
+                        .await;
+                if let Ok(Err(e)) = ended {
+                    tracing::debug!(error = %e, "ending a connection whose reader stopped");
+                }
+            }
+            drop(sender);
         });
         BusMessages { received, pump }
     }
@@ -109,7 +131,9 @@ impl Drop for BusMessages {
 /// an acquisition that is cancelled, or fails, keeps nothing on the bus.
 #[derive(Debug)]
 pub(crate) struct Disconnect {
-    socket: Option<std::os::fd::OwnedFd>,
+    /// Shared (weakly) with the pump of [`BusMessages`], which ends the connection when zbus's
+    /// reader stops; dropping this closes the descriptor all the same.
+    socket: Option<Arc<OwnedFd>>,
     /// A Unix socket, the one kind handed out ([`Disconnect::socket`]): on TCP a duplicate
     /// only ends the connection.
     unix: bool,
@@ -119,7 +143,7 @@ impl Disconnect {
     /// Keeps a duplicate of `socket`'s descriptor (one system call), handed out only if `unix`.
     fn of(socket: impl std::os::fd::AsFd, unix: bool) -> std::io::Result<Self> {
         Ok(Disconnect {
-            socket: Some(rustix::io::fcntl_dupfd_cloexec(socket, 0)?),
+            socket: Some(Arc::new(rustix::io::fcntl_dupfd_cloexec(socket, 0)?)),
             unix,
         })
     }
@@ -130,7 +154,12 @@ impl Disconnect {
         self.socket
             .as_ref()
             .filter(|_| self.unix)
-            .map(std::os::fd::AsFd::as_fd)
+            .map(|socket| std::os::fd::AsFd::as_fd(&**socket))
+    }
+
+    /// The duplicate, for the pump of [`BusMessages`], without keeping it open.
+    fn weak(&self) -> Option<Weak<OwnedFd>> {
+        self.socket.as_ref().map(Arc::downgrade)
     }
 
     /// Keeps the connection when dropped (its socket closes with zbus's tasks, as usual).
@@ -142,49 +171,55 @@ impl Disconnect {
     /// bus then processed our disconnection, so it released our names (and answers anyone who
     /// asks after that accordingly). Needs no runtime.
     pub(crate) fn wait(mut self, timeout: Duration) -> std::io::Result<()> {
-        use rustix::event::{PollFd, PollFlags, Timespec};
-        use rustix::io::Errno;
-        let Some(socket) = self.socket.take() else {
-            return Ok(());
-        };
-        // Our side first: the bus reads end-of-file and drops us. Not reading any more, this
-        // connection's remaining messages are discarded below.
-        match rustix::net::shutdown(&socket, rustix::net::Shutdown::Write) {
-            Ok(()) | Err(Errno::NOTCONN) => {}
+        match self.socket.take() {
+            Some(socket) => end_and_wait(&socket, timeout),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Ends the connection of `socket` and waits until the bus has closed its side, at most
+/// `timeout` (see [`Disconnect::wait`]).
+fn end_and_wait(socket: &OwnedFd, timeout: Duration) -> std::io::Result<()> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    use rustix::io::Errno;
+    // Our side first: the bus reads end-of-file and drops us. Not reading any more, this
+    // connection's remaining messages are discarded below.
+    match rustix::net::shutdown(socket, rustix::net::Shutdown::Write) {
+        Ok(()) | Err(Errno::NOTCONN) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let deadline = std::time::Instant::now().checked_add(timeout);
+    let mut buf = [0u8; 4096];
+    loop {
+        match rustix::net::recv(socket, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
+            Ok((0, _)) | Err(Errno::CONNRESET | Errno::NOTCONN) => break,
+            Ok(_) | Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) => {}
             Err(e) => return Err(e.into()),
         }
-        let deadline = std::time::Instant::now().checked_add(timeout);
-        let mut buf = [0u8; 4096];
-        loop {
-            match rustix::net::recv(&socket, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
-                Ok((0, _)) | Err(Errno::CONNRESET | Errno::NOTCONN) => break,
-                Ok(_) | Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let left = deadline.map_or(timeout, |d| {
-                d.saturating_duration_since(std::time::Instant::now())
-            });
-            if left.is_zero() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the bus did not close the connection within {timeout:?}"),
-                ));
-            }
-            let ts = Timespec {
-                tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
-                tv_nsec: i64::from(left.subsec_nanos()),
-            };
-            let mut fds = [PollFd::new(&socket, PollFlags::IN)];
-            match rustix::event::poll(&mut fds, Some(&ts)) {
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
+        let left = deadline.map_or(timeout, |d| {
+            d.saturating_duration_since(std::time::Instant::now())
+        });
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the bus did not close the connection within {timeout:?}"),
+            ));
         }
-        // Whatever zbus's tasks still hold of the socket, the connection is over.
-        let _ = rustix::net::shutdown(&socket, rustix::net::Shutdown::Both);
-        Ok(())
+        let ts = Timespec {
+            tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(socket, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+    // Whatever zbus's tasks still hold of the socket, the connection is over.
+    let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
+    Ok(())
 }
 
 impl Drop for Disconnect {
@@ -283,7 +318,7 @@ pub(super) async fn connect_to(
         .map(|m| m.primary_header().serial_num());
     Ok(Connected {
         conn,
-        stream: BusMessages::pump(stream),
+        stream: BusMessages::pump(stream, disconnect.as_ref().and_then(Disconnect::weak)),
         pending_request,
         disconnect,
     })
@@ -356,4 +391,72 @@ fn unix_connect(
         rustix::net::connect(&socket, &target?)?;
         Ok(std::os::unix::net::UnixStream::from(socket))
     })())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// zbus's reader stops (here on bytes that are no message) while our socket is connected:
+    /// the bus sees the connection end (so it frees our names) before our reader of the bus's
+    /// messages sees their end (which the watch reports as a loss).
+    #[test]
+    fn a_stopped_reader_ends_the_connection_before_the_end_is_told() {
+        use std::io::{Read, Write};
+        let (client, mut server) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let fake_bus = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            while !got.ends_with(b"BEGIN\r\n") {
+                let n = server.read(&mut buf).expect("read");
+                assert!(n > 0, "the client left");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let mut garbage = b"OK 0123456789abcdef0123456789abcdef\r\nAGREE_UNIX_FD\r\n".to_vec();
+            // No byte order: not a message.
+            garbage.extend(b"x\x04\x00\x01\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00");
+            server.write_all(&garbage).expect("write");
+            server
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            // Until the client's end of file (an error if it never comes).
+            let ended = loop {
+                match server.read(&mut buf) {
+                    Ok(0) => break Ok(std::time::Instant::now()),
+                    Ok(_) => continue,
+                    Err(e) => break Err(e),
+                }
+            };
+            // As a bus does, once it has dropped the connection.
+            drop(server);
+            ended
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let told = rt.block_on(async {
+            client.set_nonblocking(true).expect("nonblocking");
+            let disconnect = Disconnect::of(&client, true).expect("duplicate");
+            let client = tokio::net::UnixStream::from_std(client).expect("tokio");
+            let halves = socket::halves(client, None, Arc::new(AtomicBool::new(false)));
+            let stream = Builder::socket(halves)
+                .p2p()
+                .build_message_stream()
+                .await
+                .expect("connection");
+            // zbus's own handle, kept: it never closes the socket by itself.
+            let _conn = Connection::from(&stream);
+            let mut messages = BusMessages::pump(stream, disconnect.weak());
+            assert!(messages.next().await.is_none(), "a message from garbage");
+            let told = std::time::Instant::now();
+            drop(disconnect);
+            told
+        });
+        let ended = fake_bus
+            .join()
+            .expect("fake bus")
+            .expect("the connection was never ended");
+        assert!(ended <= told, "the end was told before the bus saw it");
+    }
 }

@@ -1,10 +1,11 @@
 //! The D-Bus backend, its whole protocol: connect (`connect`, on our own socket halves in
-//! `socket`), own the well-known name with explicit flags and name its owner (`name`), watch it
-//! once owned (`watch`) and give it back (`release`), in as few round trips as the protocol
-//! allows.
+//! `socket`, whose read half lets through only what zbus can read: `frame`), own the
+//! well-known name with explicit flags and name its owner (`name`), watch it once owned
+//! (`watch`) and give it back (`release`), in as few round trips as the protocol allows.
 //! It must not plan (`plan`) nor order the backends (`acquire`).
 
 mod connect;
+mod frame;
 mod name;
 mod release;
 mod socket;
