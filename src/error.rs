@@ -245,7 +245,7 @@ pub enum UnsafeLockPath {
     /// A symbolic link on the way is in procfs (`/proc/self`, `/proc/thread-self`,
     /// `/proc/PID/cwd`, `/proc/PID/root`...): it leads each process that follows it to its own
     /// place, so two copies given the same path would lock two different files.
-    #[error("its way follows {}, a link in procfs (/proc) that leads each process to its own place, so two copies would lock different files; use a real directory", link.display())]
+    #[error("its way follows {}, a link in procfs (/proc) that leads each process to its own place, so two copies would lock different files; use a real directory instead", link.display())]
     Procfs {
         /// The link in procfs.
         link: PathBuf,
@@ -319,12 +319,19 @@ pub(crate) fn already_running(name: &InstanceName, holder: Box<Holder>) -> Error
 }
 
 impl UnsafeLockPath {
-    /// What to do about it. "Remove it" only where what is there is a stray lock file, link or
-    /// directory: never for a device, a FIFO, a directory given as the lock file, or procfs.
+    /// What to do about it. "Remove it" only where what is there is a stray lock file or link
+    /// at the lock path itself: never for a device, a FIFO, a directory given as the lock file,
+    /// procfs, or another user's directory or link on the way (which may well be theirs to
+    /// keep: a service's data directory).
     fn advice(&self) -> &'static str {
         match self {
-            UnsafeLockPath::NotRegularFile { .. } | UnsafeLockPath::Procfs { .. } => {
-                "choose another lock path"
+            UnsafeLockPath::NotRegularFile { .. } => "choose another lock path",
+            // Its own message says it: "use a real directory".
+            UnsafeLockPath::Procfs { .. } => "choose another lock path",
+            UnsafeLockPath::ForeignSymlink { .. }
+            | UnsafeLockPath::ForeignDirectory { .. }
+            | UnsafeLockPath::InsecureDirectory { .. } => {
+                "choose another lock path, or have its owner make the way safe"
             }
             _ => "remove it or choose another lock path",
         }

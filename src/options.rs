@@ -229,8 +229,14 @@ impl InstanceOptions {
         let plan = self.plan()?;
         match (plan.lock_file, self.resolve()?.2) {
             (Some(path), Some(lock_plan)) => {
-                lockfile::refuse_unsafe_way(&lock_plan)?;
-                lockfile::holder_of(&path, &plan.name)
+                // As `status` does.
+                let way = lockfile::refuse_unsafe_way(&lock_plan);
+                match (lockfile::holder_of(&path, &plan.name), way) {
+                    (Ok(Some(holder)), _) => Ok(Some(holder)),
+                    (_, Err(e)) => Err(e),
+                    (Ok(None), Ok(())) => Ok(lockfile::copy_in_the_other_dir_blocking(&lock_plan)),
+                    (Err(e), Ok(())) => Err(e),
+                }
             }
             _ => Ok(None),
         }

@@ -70,14 +70,17 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let lock_plan = options.resolve()?.2;
     let mut lock_file_holder = None;
     if let (Some(path), Some(lock_plan)) = (&plan.lock_file, &lock_plan) {
-        lockfile::refuse_unsafe_way(lock_plan)?;
-        lock_file_holder = lockfile::holder_of_async(path, &plan.name).await?;
-        // As an acquisition would meet it: a copy from before the deployment made the
-        // service's own directory, in the shared one.
-        if lock_file_holder.is_none()
-            && let Some((_, holder)) = lockfile::earlier_copy_in_shared_dir(lock_plan).await
-        {
-            lock_file_holder = Some(holder);
+        // A way `run` would refuse is refused here too, unless a copy holds the file anyway
+        // (one in a directory of its owner's, looked at by another user): that is who runs.
+        let way = lockfile::refuse_unsafe_way(lock_plan);
+        lock_file_holder = match (lockfile::holder_of_async(path, &plan.name).await, way) {
+            (Ok(Some(holder)), _) => Some(holder),
+            (_, Err(e)) => return Err(e),
+            (found, Ok(())) => found?,
+        };
+        // As an acquisition would meet it: a copy in the other system directory.
+        if lock_file_holder.is_none() {
+            lock_file_holder = lockfile::copy_in_the_other_dir_async(lock_plan).await;
         }
     }
     let mut bus_owner = None;

@@ -460,6 +460,26 @@ fn a_copy_from_before_the_deployment_still_excludes_the_service() {
         early_pid,
         "root, after the deployment",
     );
+    // The blocking API with the lock file alone takes another road (no runtime): the same.
+    expect_refused(
+        Proc::spawn(as_user(
+            SERVICE,
+            SERVICE,
+            &bare_holder(
+                &[],
+                &[
+                    &name,
+                    "--scope",
+                    "system",
+                    "--backend",
+                    "lockfile",
+                    "--blocking",
+                ],
+            ),
+        )),
+        early_pid,
+        "the service, blocking",
+    );
     // `status` sees it as `run` meets it.
     let status = Command::new(common::cli_path())
         .env_clear()
@@ -507,6 +527,106 @@ fn a_copy_from_before_the_deployment_still_excludes_the_service() {
     acquired_pid(&mut service);
     release(service);
     release(squatter);
+}
+
+/// A copy already queued in the shared directory when the deployment made the service's own,
+/// and the service queued in its own behind the copy they both wait for: when that copy
+/// leaves, one of them runs, never both (a review: the service waited on the old file, not
+/// the path, and both ran).
+#[test]
+fn copies_queued_in_both_system_directories_never_both_run() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes /run/unique-instance/NAME)"
+    );
+    const SERVICE: u32 = NOBODY;
+    let name = unique_name("both_dirs");
+    let waiting = |uid: u32| {
+        let cmd = bare_holder(
+            &[("RUST_LOG", OsStr::new("info"))],
+            &[
+                &name,
+                "--scope",
+                "system",
+                "--backend",
+                "lockfile",
+                "--wait",
+                "forever",
+            ],
+        );
+        Proc::spawn(if uid == 0 {
+            cmd
+        } else {
+            as_user(uid, uid, &cmd)
+        })
+    };
+    let mut first = system_holder(0, &name);
+    acquired_pid(&mut first);
+    let mut queued = waiting(0);
+    queued.stderr_line_containing("waiting for the running copy to exit");
+    let _dir = ServiceDir::new(&name, SERVICE);
+    let mut service = waiting(SERVICE);
+    service.stderr_line_containing("waiting for the copy in the other system lock directory");
+    release(first);
+    // The service holds its own file throughout: the copy in the shared directory, taking its
+    // file, meets it and is refused; the service then runs.
+    let line = queued.line_starting("");
+    assert!(
+        line.starts_with("already-running"),
+        "the queued copy: {line}"
+    );
+    acquired_pid(&mut service);
+    release(service);
+}
+
+/// Who runs is told even when the lock file sits in another user's directory (a service's data
+/// directory, looked at by root): the way is refused only for a file nobody holds. It was
+/// refused (78, "remove it") though a copy ran there.
+#[test]
+fn a_running_copy_in_another_users_directory_is_named_not_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes a directory of another user)"
+    );
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let lock_file = theirs.join("app.lock");
+    let name = unique_name("theirs");
+    let mut copy = Proc::spawn(as_user(
+        NOBODY,
+        NOBODY,
+        &bare_holder(
+            &[],
+            &[
+                &name,
+                "--backend",
+                "lockfile",
+                "--lock-file",
+                lock_file.to_str().expect("utf-8"),
+            ],
+        ),
+    ));
+    let pid = acquired_pid(&mut copy);
+    let options = InstanceOptions::new(&name)
+        .backend(Backend::LockFile)
+        .lock_file(&lock_file);
+    match options.lock_file_holder() {
+        Ok(Some(holder)) => assert_eq!(holder.pid, Some(pid)),
+        other => panic!("the running copy was not named: {other:?}"),
+    }
+    release(copy);
+    // Nobody holds it now: the way is refused, as an acquisition refuses it, and nobody is
+    // told to remove another user's directory.
+    match options.lock_file_holder() {
+        Err(e @ Error::UnsafeLockPath { .. }) => {
+            assert!(!e.to_string().contains("remove it"), "{e}")
+        }
+        other => panic!("the way was not refused: {other:?}"),
+    }
 }
 
 #[test]

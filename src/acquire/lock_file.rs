@@ -87,14 +87,17 @@ pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
             (held, previous, watch)
         }
     };
-    // A copy started before the deployment made the service's own directory holds the shared
-    // one's lock file (see `earlier_copy_in_shared_dir`). Ours is held meanwhile, so copies
-    // starting now queue behind this one.
-    if let Some((file, holder)) = lockfile::earlier_copy_in_shared_dir(plan).await {
-        if ctx.wait == Wait::No {
+    // A copy in the other system directory (see `copy_in_the_other_dir`): one started before
+    // the deployment made the service's own directory, or one that planned the shared
+    // directory as it was being made. Ours is held meanwhile, so copies starting now queue
+    // behind this one. Only the service's directory's copy waits for the other: were the
+    // shared one's to wait too, each would wait for the other.
+    if let Some(holder) = lockfile::copy_in_the_other_dir_async(plan).await {
+        if ctx.wait == Wait::No || !plan.service_dir {
             return Err(already_running(&ctx.name, Box::new(holder)));
         }
-        if !lockfile::until_let_go(&file, ctx.deadline).await {
+        tracing::info!(name = %ctx.name, holder = %holder, "waiting for the copy in the other system lock directory to exit");
+        if !lockfile::until_the_other_dir_is_free(plan, ctx.deadline).await {
             return Err(Error::TimedOut {
                 name: ctx.name.to_string(),
                 waited: ctx.timeout,

@@ -186,6 +186,10 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
         Attempt::Acquired(held, _) => held,
         Attempt::Busy(holder) => return Err(already_running(&name, holder)),
     };
+    // As `lock_file::acquire` does (no wait here): a copy in the other system directory.
+    if let Some(holder) = lockfile::copy_in_the_other_dir_blocking(&plan) {
+        return Err(already_running(&name, Box::new(holder)));
+    }
     let mut file = HeldFile::new(held, inotify, None)?;
     let (loss_tx, loss_rx) = LossLog::new();
     file.start_watch(options.recheck, &loss_tx)?;

@@ -3,7 +3,7 @@
 //! Must not: take the lock, even for an instant (a copy starting then would believe it held).
 
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{FileType, Mode, OFlags};
@@ -155,23 +155,40 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
     Ok(None)
 }
 
-/// A copy that holds the lock file of `plan`'s name in the shared system directory, when
-/// `plan` is a deployed service's own directory (`/run/unique-instance/NAME`): one started
-/// before the deployment made that directory planned the shared one, and a copy planning now
-/// would otherwise never meet it. The lock file found there, read-only, and its holder.
+/// The lock file of `plan`'s name in the *other* system directory, when someone holds it: a
+/// copy there does not meet ours at our file. A name whose deployment made it a directory of
+/// its own (`/run/unique-instance/NAME`) is planned there, in the shared directory otherwise;
+/// a copy that planned before the directory was made, or after it was removed, is in the other
+/// one. So each side, holding its own file, also looks at the other's: whichever looks second
+/// sees the first (a file is linked at its name only once it is locked, see `create_unnamed`),
+/// and never do two copies both run.
 ///
-/// Believed only when the file is root's or the owner of the service's directory: the shared
-/// directory is writable by everyone, and a local user's file there must not keep the service
-/// from running (the squatting its own directory closes). Anything unexpected at that path is
-/// not a holder either (an acquisition there would refuse it; here it is not ours to judge).
-pub(crate) async fn earlier_copy_in_shared_dir(plan: &LockPlan) -> Option<(OwnedFd, Holder)> {
-    if !plan.service_dir {
+/// In the shared directory a file is believed only when it is root's or the service
+/// directory's owner's, and has one name: that directory is writable by everyone, and a local
+/// user's file there must not keep the service from running (the squatting its own directory
+/// closes). Anything unexpected at either path is not a holder (an acquisition there would
+/// refuse it; here it is not ours to judge). The file found, read-only, and its path.
+pub(crate) fn copy_in_the_other_dir(plan: &LockPlan) -> Option<(OwnedFd, PathBuf)> {
+    let (path, trusted) = if plan.service_dir {
+        let owner = rustix::fs::stat(&plan.dir).ok()?.st_uid;
+        (
+            Path::new(crate::SYSTEM_LOCK_DIR).join(&plan.file_name),
+            Some([0, owner]),
+        )
+    } else if plan.shared_system_dir {
+        (
+            Path::new(crate::plan::SERVICE_LOCK_BASE)
+                .join(&plan.instance)
+                .join(&plan.file_name),
+            None,
+        )
+    } else {
         return None;
-    }
-    let trusted = [0, rustix::fs::stat(&plan.dir).ok()?.st_uid];
-    let path = Path::new(crate::SYSTEM_LOCK_DIR).join(&plan.file_name);
+    };
     let believed = |st: &rustix::fs::Stat| {
-        FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && trusted.contains(&st.st_uid)
+        FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+            && st.st_nlink == 1
+            && trusted.is_none_or(|t| t.contains(&st.st_uid))
     };
     if !believed(&rustix::fs::lstat(&path).ok()?) {
         return None;
@@ -185,27 +202,42 @@ pub(crate) async fn earlier_copy_in_shared_dir(plan: &LockPlan) -> Option<(Owned
     if !believed(&rustix::fs::fstat(&file).ok()?) || !is_held(&file).ok()? {
         return None;
     }
-    let holder = read_holder_async(&file, &path).await;
-    Some((file, holder))
+    Some((file, path))
 }
 
-/// How often [`until_let_go`] looks again: this wait is for a copy left from before a
-/// deployment, once, not a take-over path worth events.
-const LET_GO_RECHECK: Duration = Duration::from_millis(100);
+/// [`copy_in_the_other_dir`], with its holder read (the grace awaited).
+pub(crate) async fn copy_in_the_other_dir_async(plan: &LockPlan) -> Option<Holder> {
+    let (file, path) = copy_in_the_other_dir(plan)?;
+    Some(read_holder_async(&file, &path).await)
+}
 
-/// Waits until nobody holds the lock of `file` (see [`earlier_copy_in_shared_dir`]), or until
-/// `deadline`: `false` then. An error testing the lock counts as still held (fail closed).
-pub(crate) async fn until_let_go(file: &OwnedFd, deadline: Option<Instant>) -> bool {
+/// [`copy_in_the_other_dir`], with its holder read (the grace blocked on).
+pub(crate) fn copy_in_the_other_dir_blocking(plan: &LockPlan) -> Option<Holder> {
+    let (file, path) = copy_in_the_other_dir(plan)?;
+    Some(read_holder(&file, &path))
+}
+
+/// How often [`until_the_other_dir_is_free`] looks again: this wait is for a copy left from
+/// before a deployment, once, not a take-over path worth events.
+const OTHER_DIR_RECHECK: Duration = Duration::from_millis(100);
+
+/// Waits until nobody holds the lock file in the other directory (see
+/// [`copy_in_the_other_dir`]), looked at by its path each time (a copy that queued there takes
+/// a new file when the first leaves), or until `deadline`: `false` then.
+pub(crate) async fn until_the_other_dir_is_free(
+    plan: &LockPlan,
+    deadline: Option<Instant>,
+) -> bool {
     loop {
-        if let Ok(false) = is_held(file) {
+        if copy_in_the_other_dir(plan).is_none() {
             return true;
         }
-        if deadline.is_some_and(|d| Instant::now() + LET_GO_RECHECK > d) {
-            if let Some(d) = deadline {
+        match deadline {
+            Some(d) if Instant::now() + OTHER_DIR_RECHECK > d => {
                 tokio::time::sleep_until(d.into()).await;
+                return copy_in_the_other_dir(plan).is_none();
             }
-            return matches!(is_held(file), Ok(false));
+            _ => tokio::time::sleep(OTHER_DIR_RECHECK).await,
         }
-        tokio::time::sleep(LET_GO_RECHECK).await;
     }
 }
