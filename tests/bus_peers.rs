@@ -384,7 +384,16 @@ mod raw_peer {
         loop {
             let mut fixed = [0u8; 16];
             match stream.read_exact(&mut fixed) {
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+                // The bus dropped this peer (dbus-daemon does, for the unknown field): an end
+                // of file, or a reset when the bus closed with our call still unread.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return None;
+                }
                 // No answer at all: a connection nobody reads.
                 Err(e)
                     if matches!(

@@ -64,7 +64,7 @@ impl LockDir {
     /// removed or replaced under an attempt.
     pub(super) fn reopen(&mut self, plan: &LockPlan) -> Result<()> {
         tracing::debug!(dir = %plan.dir.display(), "the lock directory was removed or replaced; opening it again");
-        *self = open_dir(plan, self.allow_network_fs)?;
+        *self = open_dir_again(plan, self.allow_network_fs)?;
         Ok(())
     }
 }
@@ -77,6 +77,31 @@ pub(super) const MAX_DIR_RACES: u32 = 1000;
 /// the way to it (see [`walk_dir`]). A directory removed between our `mkdir` and our `open` is
 /// walked to again (and made again), a bounded number of times.
 pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
+    match open_dir_again(plan, allow_network_fs) {
+        // Before anything: the directory of a lock file given explicitly, which is never made,
+        // is missing. The caller's choice to fix, not an internal error. (Missing later, while
+        // a copy waits, it is an I/O error as before: see `LockDir::reopen`.)
+        Err(Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound
+                && plan.create_dir_mode.is_none()
+                && !plan.service_dir =>
+        {
+            Err(Error::InvalidOption {
+                option: "lock_file",
+                value: plan.path(),
+                reason: format!(
+                    "its directory {} does not exist (it is not made for a lock file given \
+                     explicitly); create it or choose another lock path",
+                    plan.dir.display()
+                ),
+            })
+        }
+        other => other,
+    }
+}
+
+/// [`open_dir`] once an attempt is under way: every error as it is.
+fn open_dir_again(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
     for _ in 0..MAX_DIR_RACES {
         if let Some(dir) = open_dir_once(plan, allow_network_fs, true)? {
             return Ok(dir);
@@ -203,18 +228,6 @@ pub(super) fn dir_error(plan: &LockPlan, context: &'static str, e: Errno) -> Err
                 std::io::Error::from(e)
             ),
             source: Some(Box::new(std::io::Error::from(e))),
-        }
-    } else if e == Errno::NOENT && plan.create_dir_mode.is_none() && !plan.service_dir {
-        // The directory of a lock file given explicitly, which is never made: the caller's
-        // choice to fix, not an internal error.
-        Error::InvalidOption {
-            option: "lock_file",
-            value: plan.path(),
-            reason: format!(
-                "its directory {} does not exist (it is not made for a lock file given \
-                 explicitly); create it or choose another lock path",
-                plan.dir.display()
-            ),
         }
     } else {
         Error::io(context, &plan.dir, e.into())
