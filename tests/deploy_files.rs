@@ -1026,8 +1026,9 @@ fn a_failure_midway_writes_nothing() {
 #[test]
 fn arguments_past_systemds_line_limit_are_refused() {
     let out = tempfile::tempdir().expect("tempdir");
-    let long = "a".repeat(100_000);
-    let generate = |count: usize| {
+    // `count` arguments of `len` bytes each.
+    let generate = |len: usize, count: usize| {
+        let long = "a".repeat(len);
         let mut args = vec![
             "generate",
             "--out-dir",
@@ -1042,7 +1043,7 @@ fn arguments_past_systemds_line_limit_are_refused() {
         args.extend(std::iter::repeat_n(long.as_str(), count));
         cli(&args)
     };
-    let (code, _, stderr) = generate(12);
+    let (code, _, stderr) = generate(100_000, 12);
     assert_eq!(code, 64, "{stderr}");
     assert!(
         stderr.contains("line limit") && stderr.contains("1 MiB") && stderr.contains("systemd"),
@@ -1051,27 +1052,14 @@ fn arguments_past_systemds_line_limit_are_refused() {
     assert!(tree(out.path()).is_empty(), "wrote something");
     // Short enough for systemd, too long for dbus-daemon, which drops an activation file over
     // 128 KiB without a word (the name could then never be activated).
-    let (code, _, stderr) = generate(3);
+    let (code, _, stderr) = generate(100_000, 3);
     assert_eq!(code, 64, "{stderr}");
     assert!(
         stderr.contains("services/org.example.Big.service") && stderr.contains("dbus-daemon"),
         "{stderr}"
     );
     assert!(tree(out.path()).is_empty(), "wrote something");
-    let long = "a".repeat(25_000);
-    let mut args = vec![
-        "generate",
-        "--out-dir",
-        out.path().to_str().expect("utf-8"),
-        "--exec",
-        "/bin/true",
-        "--user",
-        "daemon",
-        "org.example.Big",
-        "--",
-    ];
-    args.extend([long.as_str(), long.as_str()]);
-    let (code, _, stderr) = cli(&args);
+    let (code, _, stderr) = generate(25_000, 2);
     assert_eq!(code, 0, "{stderr}");
     let system = out.path().join("systemd/org.example.Big.service");
     assert_verifies(&["verify", system.to_str().expect("utf-8")], &[]);
