@@ -345,18 +345,17 @@ impl InstanceGuard {
     /// while the lock file is still held and its path still leads to it (a guard with no lock
     /// file cannot tell there, and says false). See the README, "Daemonising after acquiring".
     pub fn is_exclusive(&self) -> bool {
+        if std::process::id() != self.pid {
+            // Not even the loss log is read: the watch thread, which is not here, may have held
+            // its lock at the fork. What is looked at now is the answer.
+            return self
+                .held
+                .lock_file()
+                .is_some_and(HeldFile::held_now_without_shared_state);
+        }
         let losses = self.losses.borrow();
         self.losses_read.up_to(losses.len());
-        let none_lost = losses.iter().all(|l| l.still_exclusive);
-        drop(losses);
-        if std::process::id() != self.pid {
-            return none_lost
-                && self
-                    .held
-                    .lock_file()
-                    .is_some_and(HeldFile::held_now_without_shared_state);
-        }
-        none_lost
+        losses.iter().all(|l| l.still_exclusive)
     }
 
     /// A watcher of this guard's losses that can be moved to another thread or task, so one
