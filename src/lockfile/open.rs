@@ -179,8 +179,8 @@ pub(super) fn open_lock_file(
     // costs one call. `O_EXCL` fails on anything already there (a symlink included) before any
     // other check, and that is then opened as it is.
     //
-    // Made unnamed first where the file system can (`O_TMPFILE`), given its owner and mode,
-    // and only then its name: another user's copy (or ours under a umask like 0277) never
+    // Made under a temporary name first, given its owner, mode and lock, and only then its
+    // name (see `create_unnamed`): another user's copy (or ours under a umask like 0277) never
     // meets it with the mode the umask left, which it may not open (a false "not permitted").
     let made = create_unnamed(
         dir,
@@ -196,7 +196,7 @@ pub(super) fn open_lock_file(
         Made::Exists => true,
         Made::Unsupported => false,
     };
-    // Where it cannot (or the unnamed file could not be named), created at its name, then
+    // Where it cannot (or the file could not be renamed to its name), created at its name, then
     // given its owner and mode.
     if !exists {
         match open(flags | OFlags::RDWR | OFlags::CREATE | OFlags::EXCL) {
@@ -279,37 +279,50 @@ pub(super) fn open_lock_file(
 pub(super) enum Made {
     /// The new file, with its name now (one), prepared before it had it.
     Named(OwnedFd),
-    /// Something already has the name: the new file is dropped, never seen by anyone.
+    /// Something already has the name: the new file is removed, never seen by anyone.
     Exists,
-    /// No file could be made unnamed, or it could not be given the name (`O_TMPFILE` not
-    /// supported by this file system or kernel; no way to name it without `/proc`): create it
+    /// No file could be made under a name of its own first, or it could not be given the name
+    /// (`RENAME_NOREPLACE` not supported by this file system, no room, not permitted): create it
     /// at its name instead, as before.
     Unsupported,
 }
 
-/// Makes a new file in `dir` with no name (`O_TMPFILE`), runs `prepare` on it (its owner and
-/// mode, and whatever else must be true before anyone can open it), locks it (OFD, exclusive),
-/// and only then gives it `name` (`linkat`), which fails if anything has that name already: so
-/// no other process ever meets the file as it was before `prepare` (with the mode the umask
+/// Tells the temporary names of one process apart.
+static TEMPORARY_NAMES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Makes a new file in `dir` under a temporary name of its own (`.unique-instance.PID.N.new`,
+/// a name no copy looks at), runs `prepare` on it (its owner and mode, and whatever else must be
+/// true before anyone can open it), locks it (OFD, exclusive), and only then renames it to
+/// `name` (`RENAME_NOREPLACE`), which fails if anything has that name already: so no other
+/// process ever meets the file at `name` as it was before `prepare` (with the mode the umask
 /// left: 0600 under `umask 077`, which another user's copy may not open, and takes for a
 /// refusal), nor unlocked (a file another user may not write, held by nobody, is one that user
-/// is refused). The name is given
-/// through `AT_EMPTY_PATH` (which needs `CAP_DAC_READ_SEARCH`), otherwise through
-/// `/proc/self/fd/N`. An error of `prepare` is returned as it is; the file, still unnamed, is
-/// gone with its descriptor.
+/// is refused).
+///
+/// A rename, not an unnamed file (`O_TMPFILE`) linked at its name: the descriptor of a linked
+/// `O_TMPFILE` keeps its anonymous name, so `/proc/PID/fd` and `lsof` would show the lock
+/// file as "/dir/#12345 (deleted)" for as long as it is held. A rename moves the name the
+/// descriptor was opened by. An error of `prepare` is returned as it is, the temporary file
+/// removed; only a process killed between the create and the rename (microseconds) leaves one
+/// behind.
 pub(super) fn create_unnamed(
     dir: &OwnedFd,
     name: &std::ffi::OsStr,
     mode: u32,
     prepare: impl FnOnce(&OwnedFd, &mut Stat) -> Result<()>,
 ) -> Result<Made> {
-    use std::os::fd::AsRawFd;
+    let temporary = format!(
+        ".unique-instance.{}.{}.new",
+        std::process::id(),
+        TEMPORARY_NAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let file = match retry_eintr(|| {
         rustix::fs::openat(
             dir,
-            ".",
-            OFlags::TMPFILE
-                | OFlags::DIRECTORY
+            temporary.as_str(),
+            OFlags::CREATE
+                | OFlags::EXCL
+                | OFlags::NOFOLLOW
                 | OFlags::RDWR
                 | OFlags::CLOEXEC
                 | OFlags::NOCTTY
@@ -318,37 +331,46 @@ pub(super) fn create_unnamed(
         )
     }) {
         Ok(file) => file,
-        // Not supported here (`EOPNOTSUPP`, `EISDIR`, `EINVAL`), or anything else (the
-        // directory removed, no room, not permitted): the open at the name finds it and says it.
+        // Anything (the directory removed, no room, not permitted, a leftover of that name):
+        // the open at the name finds it and says it.
         Err(_) => return Ok(Made::Unsupported),
     };
+    let remove_temporary = || {
+        let _ = rustix::fs::unlinkat(dir, temporary.as_str(), AtFlags::empty());
+    };
     let Ok(mut st) = rustix::fs::fstat(&file) else {
+        remove_temporary();
         return Ok(Made::Unsupported);
     };
-    prepare(&file, &mut st)?;
-    // Locked before it has a name, so nobody ever finds it unlocked: a copy that may not write
-    // it (another user's) would otherwise be told it may not hold it, though it is being taken.
-    // The lock belongs to this open file description; the caller's lock on it is then a no-op.
-    // (A file system without locks: made at its name instead, and refused there.)
+    if let Err(e) = prepare(&file, &mut st) {
+        remove_temporary();
+        return Err(e);
+    }
+    // Locked before it has its name, so nobody ever finds it unlocked there: a copy that may
+    // not write it (another user's) would otherwise be told it may not hold it, though it is
+    // being taken. The lock belongs to this open file description; the caller's lock on it is
+    // then a no-op. (A file system without locks: made at its name instead, and refused there.)
     if lock_exclusive(&file, false).is_err() {
+        remove_temporary();
         return Ok(Made::Unsupported);
     }
-    let linked = match rustix::fs::linkat(&file, "", dir, name, AtFlags::EMPTY_PATH) {
-        // Without `CAP_DAC_READ_SEARCH`, `AT_EMPTY_PATH` fails with `ENOENT` (`EPERM` on some
-        // kernels): named through `/proc` instead.
-        Err(Errno::NOENT | Errno::PERM) => rustix::fs::linkat(
-            rustix::fs::CWD,
-            format!("/proc/self/fd/{}", file.as_raw_fd()),
-            dir,
-            name,
-            AtFlags::SYMLINK_FOLLOW,
-        ),
-        other => other,
-    };
-    Ok(match linked {
+    let renamed = rustix::fs::renameat_with(
+        dir,
+        temporary.as_str(),
+        dir,
+        name,
+        rustix::fs::RenameFlags::NOREPLACE,
+    );
+    Ok(match renamed {
         Ok(()) => Made::Named(file),
-        Err(Errno::EXIST) => Made::Exists,
-        Err(_) => Made::Unsupported,
+        Err(Errno::EXIST) => {
+            remove_temporary();
+            Made::Exists
+        }
+        Err(_) => {
+            remove_temporary();
+            Made::Unsupported
+        }
     })
 }
 

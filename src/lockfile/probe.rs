@@ -160,7 +160,7 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
 /// its own (`/run/unique-instance/NAME`) is planned there, in the shared directory otherwise;
 /// a copy that planned before the directory was made, or after it was removed, is in the other
 /// one. So each side, holding its own file, also looks at the other's: whichever looks second
-/// sees the first (a file is linked at its name only once it is locked, see `create_unnamed`),
+/// sees the first (a file gets its name only once it is locked, see `create_unnamed`),
 /// and never do two copies both run.
 ///
 /// In the shared directory a file is believed only when it is root's or the service

@@ -300,7 +300,7 @@ impl WatchHandle {
             Err(_) => return Err("the way to the directory fails its checks"),
         }
         crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeRecreate);
-        // Made unnamed where the file system can, and named only once it has its owner, mode,
+        // Made under a temporary name, and given its name only once it has its owner, mode,
         // lock and our record (see `create_unnamed`): nobody meets it any other way.
         let made = create_unnamed(
             &self.dir,
@@ -370,7 +370,7 @@ impl WatchHandle {
         Ok(())
     }
 
-    /// The new file for [`WatchHandle::recreate`] where it cannot be made unnamed (see
+    /// The new file for [`WatchHandle::recreate`] where it cannot be made under a temporary name (see
     /// `create_unnamed`): created at its name, and locked at once.
     fn create_at_name(&self, plan: &LockPlan) -> std::result::Result<OwnedFd, &'static str> {
         let flags = OFlags::RDWR
