@@ -405,13 +405,7 @@ mod tests {
         use std::io::{Read, Write};
         let (client, mut server) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let fake_bus = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 256];
-            while !got.ends_with(b"BEGIN\r\n") {
-                let n = server.read(&mut buf).expect("read");
-                assert!(n > 0, "the client left");
-                got.extend_from_slice(&buf[..n]);
-            }
+            super::super::socket::tests::read_until_begin(&mut server);
             let mut garbage = b"OK 0123456789abcdef0123456789abcdef\r\nAGREE_UNIX_FD\r\n".to_vec();
             // No byte order: not a message.
             garbage.extend(b"x\x04\x00\x01\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00");
@@ -420,6 +414,7 @@ mod tests {
                 .set_read_timeout(Some(Duration::from_secs(10)))
                 .expect("timeout");
             // Until the client's end of file (an error if it never comes).
+            let mut buf = [0u8; 256];
             let ended = loop {
                 match server.read(&mut buf) {
                     Ok(0) => break Ok(std::time::Instant::now()),

@@ -435,8 +435,20 @@ fn send(fd: BorrowedFd<'_>, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<us
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// A fake bus's side of the client's handshake: everything up to its `BEGIN`.
+    pub(in crate::dbus) fn read_until_begin(server: &mut std::os::unix::net::UnixStream) {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"BEGIN\r\n") {
+            let n = server.read(&mut buf).expect("read");
+            assert!(n > 0, "the client left");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
 
     #[test]
     fn descriptors_that_do_not_fit_are_an_error_not_a_message_without_them() {
@@ -516,13 +528,7 @@ mod tests {
         all.extend(&bus);
         all.extend(plain.data().iter());
         let fake_bus = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 256];
-            while !got.ends_with(b"BEGIN\r\n") {
-                let n = server.read(&mut buf).expect("read");
-                assert!(n > 0, "the client left");
-                got.extend_from_slice(&buf[..n]);
-            }
+            read_until_begin(&mut server);
             let fds = [peer_w.as_fd(), peer_w.as_fd(), plain_w.as_fd()];
             let mut sent = send(server.as_fd(), &all, &fds).expect("send");
             while sent < all.len() {
@@ -565,7 +571,7 @@ mod tests {
     #[test]
     fn messages_that_come_in_pieces_are_framed_alike() {
         use futures_util::StreamExt;
-        use std::io::{Read, Write};
+        use std::io::Write;
         let (client, mut server) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let signal = |member: &str, sender: &str, len: usize| {
             zbus::Message::signal("/x", "org.example.I", member)
@@ -577,13 +583,7 @@ mod tests {
         let plain = signal("Plain", ":1.9", 300_000).data().to_vec();
         let bus = with_unknown_field(signal("FromBus", "org.freedesktop.DBus", 3).data());
         let fake_bus = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 256];
-            while !got.ends_with(b"BEGIN\r\n") {
-                let n = server.read(&mut buf).expect("read");
-                assert!(n > 0, "the client left");
-                got.extend_from_slice(&buf[..n]);
-            }
+            read_until_begin(&mut server);
             let trickle = |server: &mut std::os::unix::net::UnixStream, bytes: &[u8]| {
                 for piece in bytes.chunks(5) {
                     server.write_all(piece).expect("write");
