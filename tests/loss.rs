@@ -531,6 +531,46 @@ fn lock_directory_moved_away_is_a_loss() {
     }
 }
 
+/// A holder whose watch cannot `poll` any more (here: the program lowered its descriptor limit
+/// below the number of descriptors polled, so `poll` fails with `EINVAL` once the re-check's
+/// timeout has woken it) still watches, by re-checking on a timer: its lock directory moved away
+/// is a loss, not silence.
+#[test]
+fn a_watch_that_cannot_poll_still_sees_a_loss() {
+    let prlimit = common::require_program("prlimit", "util-linux");
+    let base = tempfile::tempdir().expect("tempdir");
+    for blocking in [false, true] {
+        let lock_dir = base.path().join(format!("locks{blocking}"));
+        std::fs::create_dir(&lock_dir).expect("mkdir");
+        let name = unique_name("cannot_poll");
+        let mut args = vec![name.as_str(), "--backend", "lockfile", "--recheck-ms", "20"];
+        if blocking {
+            args.push("--blocking");
+        }
+        let mut h = holder(None, &lock_dir, &args);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        common::wait_until_watching(h.pid());
+        let status = common::status_within_timeout({
+            let mut cmd = std::process::Command::new(&prlimit);
+            cmd.arg(format!("--pid={}", h.pid())).arg("--nofile=1:1");
+            cmd
+        });
+        assert!(status.success(), "prlimit: {status}");
+        // Its first failed `poll` gives up inotify (which needs a descriptor more); the rename
+        // follows that, so that it is not the inotify event that tells it.
+        h.stderr_line_containing("inotify failed");
+        std::fs::rename(&lock_dir, base.path().join(format!("moved{blocking}")))
+            .expect("move the lock directory away");
+        assert_eq!(
+            h.line_starting("lost"),
+            "lost reason=LockDirectoryRemoved still_exclusive=false",
+            "blocking={blocking}"
+        );
+        h.close_stdin();
+        assert_eq!(h.exit_code(), 0);
+    }
+}
+
 /// A holder whose lock directory was moved away, and whose bus then dies: not exclusive.
 #[test]
 fn bus_death_after_the_lock_directory_moved_is_not_exclusive() {

@@ -202,6 +202,28 @@ impl Drop for LockWatchThread {
     }
 }
 
+/// Sleeps `interval`, or less if told to stop meanwhile (a write to `stop`, read here): then
+/// `true`. What the watch does when it cannot `poll`: it looks at `stop` every
+/// [`NAP_SLICE`], so a release waits at most that long for it.
+fn nap_unless_stopped(stop: &std::os::fd::OwnedFd, interval: Duration) -> bool {
+    let until = std::time::Instant::now() + interval;
+    loop {
+        let mut count = [0u8; 8];
+        // The eventfd is non-blocking: `EAGAIN` until a stop is asked.
+        if rustix::io::read(stop, &mut count).is_ok() {
+            return true;
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        std::thread::sleep(left.min(NAP_SLICE));
+    }
+}
+
+/// How often a watch that cannot `poll` looks whether it is told to stop.
+const NAP_SLICE: Duration = Duration::from_millis(10);
+
 /// The shorter of a re-check interval (if any) and `other`.
 fn shortest(every: Option<Duration>, other: Duration) -> Option<Duration> {
     Some(every.map_or(other, |every| every.min(other)))
@@ -229,6 +251,7 @@ fn watch_lock_blocking(
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     // Polled for POLLPRI: see `mount_table`.
     let mounts = mount_table();
+    let mut cannot_poll = false;
     loop {
         // Read before each check, whatever woke us: `poll` fails with EINTR after a stop and a
         // SIGCONT, the very case these events are read for.
@@ -249,6 +272,14 @@ fn watch_lock_blocking(
             }
             Judgement::Over => return,
         }
+        let timeout = every.map(|every| every.min(LONGEST_SLEEP));
+        if cannot_poll {
+            if nap_unless_stopped(stop, timeout.unwrap_or(WATCH_FALLBACK_INTERVAL)) {
+                handle.note_verdict(handle.verdict(&mut history, None));
+                return;
+            }
+            continue;
+        }
         let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
         if let Some(mounts) = &mounts {
             fds.push(PollFd::new(mounts, PollFlags::PRI));
@@ -256,12 +287,9 @@ fn watch_lock_blocking(
         if let Some((events, _)) = inotify {
             fds.push(PollFd::new(events, PollFlags::IN));
         }
-        let timeout = every.map(|every| {
-            let every = every.min(LONGEST_SLEEP);
-            Timespec {
-                tv_sec: every.as_secs() as i64,
-                tv_nsec: every.subsec_nanos().into(),
-            }
+        let timeout = timeout.map(|every| Timespec {
+            tv_sec: every.as_secs() as i64,
+            tv_nsec: every.subsec_nanos().into(),
         });
         match poll(&mut fds, timeout.as_ref()) {
             Ok(_) => {}
@@ -273,9 +301,13 @@ fn watch_lock_blocking(
                 continue;
             }
             Err(e) => {
+                // `EINVAL` once the program lowered its descriptor limit below the few polled,
+                // `ENOMEM`: the watch goes on without `poll`, never silently stops.
                 tracing::warn!(path = %handle.path().display(), error = %e,
-                    "cannot wait any more; the lock file is no longer watched");
-                return;
+                    "cannot poll; re-checking the lock file every second by timer instead");
+                cannot_poll = true;
+                every = shortest(every, WATCH_FALLBACK_INTERVAL);
+                continue;
             }
         }
         if !fds[0].revents().is_empty() {
