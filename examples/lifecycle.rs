@@ -19,10 +19,13 @@
 //! - `release-order`: acquires (`--async`: with `acquire_async` on a runtime of `--flavor`),
 //!   prints `acquired`, waits for a line on stdin, releases as `--in` says (`drop-in-runtime`:
 //!   dropped inside the runtime's `block_on`; `drop-outside`: dropped outside it after it went
-//!   idle; `release`: `release()`; `release-async-elsewhere`: `release_async()` on another,
-//!   new, current-thread runtime while the acquiring one is idle), prints `released ok` or
-//!   `released err ...`, and waits for stdin to close. With `--keep-connection` it keeps a
-//!   clone of the guard's connection (as a program serving objects on it does) until it exits;
+//!   idle; `release`: `release()`; `release-async-in-runtime`: `release_async()` in the
+//!   acquiring runtime's `block_on`, which was idle since the acquisition;
+//!   `release-async-elsewhere`: `release_async()` on another, new, current-thread runtime while
+//!   the acquiring one is idle), prints `released ok` or `released err ...`, and waits for
+//!   stdin to close. With `--allow-replacement` the name may be taken over meanwhile. With
+//!   `--keep-connection` it keeps a clone of the guard's connection (as a program serving
+//!   objects on it does) until it exits, and prints `kept UNIQUE` (its unique name) once released;
 //!   with `--drop-runtime` it drops the acquiring runtime (and zbus's tasks on it) before the
 //!   release; with `--watcher` a thread waits on a `LossWatcher` meanwhile, and once released
 //!   it prints `watcher ended` when that returned `None` within 10 s, else `watcher waits`.
@@ -51,6 +54,7 @@ struct Args {
     drop_runtime: bool,
     watcher: bool,
     rounds: usize,
+    allow_replacement: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -70,6 +74,7 @@ fn parse() -> Result<Args, String> {
         drop_runtime: false,
         watcher: false,
         rounds: 1,
+        allow_replacement: false,
     };
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
@@ -91,6 +96,7 @@ fn parse() -> Result<Args, String> {
             "--keep-connection" => args.keep_connection = true,
             "--drop-runtime" => args.drop_runtime = true,
             "--watcher" => args.watcher = true,
+            "--allow-replacement" => args.allow_replacement = true,
             "--rounds" => args.rounds = value()?.parse().map_err(|_| "bad --rounds")?,
             "--wait-ms" => {
                 args.wait = Duration::from_millis(value()?.parse().map_err(|_| "bad --wait-ms")?)
@@ -129,7 +135,7 @@ fn wait_for_stdin_to_close() {
 }
 
 fn options(args: &Args) -> InstanceOptions {
-    let options = InstanceOptions::new(&args.name);
+    let options = InstanceOptions::new(&args.name).allow_replacement(args.allow_replacement);
     match args.backend {
         Some(backend) => options.backend(backend),
         None => options,
@@ -248,6 +254,7 @@ fn release_order(args: &Args) {
             Ok(())
         }
         ("release-in-runtime", Some(rt)) => rt.block_on(async move { guard.release() }),
+        ("release-async-in-runtime", Some(rt)) => rt.block_on(guard.release_async()),
         ("release", _) => guard.release(),
         ("release-async-elsewhere", _) => runtime(false).block_on(guard.release_async()),
         _ => {
@@ -258,6 +265,13 @@ fn release_order(args: &Args) {
     match result {
         Ok(()) => say("released ok"),
         Err(e) => say(&format!("released err {}", one_line(&e))),
+    }
+    if let Some(kept) = &kept {
+        say(&format!(
+            "kept {}",
+            kept.unique_name()
+                .map_or("none".to_owned(), |n| n.to_string())
+        ));
     }
     if let Some(watcher) = watcher {
         match watcher.recv_timeout(Duration::from_secs(10)) {

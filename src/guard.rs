@@ -15,7 +15,7 @@ use crate::dbus::HeldName;
 use crate::error::{Error, Result};
 use crate::held::{Held, Holding};
 use crate::lockfile::{HeldFile, ReleaseReport};
-use crate::loss::{Loss, LossLog, LossWatcher, LossesRead};
+use crate::loss::{Loss, LossLog, LossReason, LossWatcher, LossesRead};
 use crate::name::InstanceName;
 use crate::recreation::LockFileRecreations;
 use crate::runtime::{ServiceThread, block_here};
@@ -439,7 +439,7 @@ impl InstanceGuard {
         let result = self.held.release(self.name.as_str()).await;
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
-        result.and(self.close_losses(report))
+        result.and_then(|name_lost| self.close_losses(report, name_lost))
     }
 
     fn release_report(&self) -> Option<ReleaseReport> {
@@ -451,7 +451,15 @@ impl InstanceGuard {
     /// every [`LossWatcher`] ends once it returned what was recorded before. A loss the release
     /// found, or recorded before the log was closed and never read, is checked last (see
     /// [`InstanceGuard::lost_before_release`]), so none recorded is missed or comes after the end.
-    fn close_losses(&self, report: Option<ReleaseReport>) -> Result<()> {
+    ///
+    /// `name_lost`: how the bus name had stopped being ours, found by the release itself (the
+    /// bus's answer to `ReleaseName`, or a connection the bus had closed already): a loss too
+    /// unless the lock file still excluded other copies.
+    fn close_losses(
+        &self,
+        report: Option<ReleaseReport>,
+        name_lost: Option<LossReason>,
+    ) -> Result<()> {
         // Only the acquiring process checks at release; and in a forked child the log's lock, or
         // the shared state's, may have been held by the watch thread at the fork, a thread the
         // child does not have: taking it would wait for ever.
@@ -462,7 +470,7 @@ impl InstanceGuard {
             // Closed by an earlier release (this is the drop after it).
             return Ok(());
         };
-        self.lost_before_release(report, &log)
+        self.lost_before_release(report, name_lost, &log)
     }
 
     /// A loss that the release found and nothing had reported (see
@@ -471,6 +479,7 @@ impl InstanceGuard {
     fn lost_before_release(
         &self,
         report: Option<ReleaseReport>,
+        name_lost: Option<LossReason>,
         log: &watch::Sender<Vec<Loss>>,
     ) -> Result<()> {
         // A loss recorded that left nothing excluding other copies, while the program was never
@@ -492,7 +501,13 @@ impl InstanceGuard {
                 reason: loss.reason,
             });
         }
-        let Some(reason) = report.and_then(|r| r.lost_unnoticed()) else {
+        // The lock file lost unseen; else the name: taken over (a replacement is the end of
+        // this copy's turn, as the watch reports it), or gone with its connection when no lock
+        // file of ours excluded other copies meanwhile (none held, or it was lost too).
+        let lock_file_held = report.as_ref().is_some_and(ReleaseReport::ours_to_the_end);
+        let lost = report.and_then(|r| r.lost_unnoticed());
+        let name_lost = name_lost.filter(|r| *r == LossReason::Replaced || !lock_file_held);
+        let Some(reason) = lost.or(name_lost) else {
             return Ok(());
         };
         if self.losses.borrow().iter().any(|l| !l.still_exclusive) {
@@ -547,7 +562,7 @@ impl InstanceGuard {
         let result = self.held.release_blocking(service, self.name.as_str());
         // Ends the service thread, if any, and with it the connection's tasks.
         self.runtime.take();
-        result.and(self.close_losses(report))
+        result.and_then(|name_lost| self.close_losses(report, name_lost))
     }
 }
 
@@ -590,6 +605,7 @@ mod tests {
                     BusKind::Session,
                     connected.conn,
                     connected.disconnect,
+                    false,
                 )));
                 held
             },

@@ -6,6 +6,7 @@
 use crate::dbus::HeldName;
 use crate::error::Result;
 use crate::lockfile::HeldFile;
+use crate::loss::LossReason;
 use crate::scope::Backend;
 
 /// One backend's hold on the instance.
@@ -29,18 +30,23 @@ impl Held {
     }
 
     /// Gives this part up, from async code.
-    async fn release(self, name: &str) -> Result<()> {
+    /// `Some` when the bus name had stopped being ours before (see `NotOursAtRelease`).
+    async fn release(self, name: &str) -> Result<Option<LossReason>> {
         match self {
-            Held::LockFile(file) => file.release(),
+            Held::LockFile(file) => file.release().map(|()| None),
             Held::Name(bus) => bus.release(name).await,
         }
     }
 
     /// Gives this part up without awaiting anything; `service` is the runtime of the guard's
     /// service thread, when it has one and this is not that thread.
-    fn release_blocking(self, service: Option<&tokio::runtime::Handle>, name: &str) -> Result<()> {
+    fn release_blocking(
+        self,
+        service: Option<&tokio::runtime::Handle>,
+        name: &str,
+    ) -> Result<Option<LossReason>> {
         match self {
-            Held::LockFile(file) => file.release(),
+            Held::LockFile(file) => file.release().map(|()| None),
             Held::Name(bus) => bus.release_blocking(service, name),
         }
     }
@@ -93,10 +99,12 @@ impl Holding {
 
     /// Releases every part, the last acquired first, from async code. Every part is released
     /// whatever failed before it; the first failure is reported.
-    pub(crate) async fn release(&mut self, name: &str) -> Result<()> {
-        let mut result = Ok(());
+    /// `Some` when the bus name had stopped being ours before the release (see
+    /// `NotOursAtRelease`): the lock file, if held, says whether exclusion held all the same.
+    pub(crate) async fn release(&mut self, name: &str) -> Result<Option<LossReason>> {
+        let mut result = Ok(None);
         while let Some(part) = self.0.pop() {
-            result = result.and(part.release(name).await);
+            result = and_first(result, part.release(name).await);
         }
         result
     }
@@ -106,13 +114,21 @@ impl Holding {
         &mut self,
         service: Option<&tokio::runtime::Handle>,
         name: &str,
-    ) -> Result<()> {
-        let mut result = Ok(());
+    ) -> Result<Option<LossReason>> {
+        let mut result = Ok(None);
         while let Some(part) = self.0.pop() {
-            result = result.and(part.release_blocking(service, name));
+            result = and_first(result, part.release_blocking(service, name));
         }
         result
     }
+}
+
+/// The first failure of two releases, else the first loss either found.
+fn and_first(
+    before: Result<Option<LossReason>>,
+    next: Result<Option<LossReason>>,
+) -> Result<Option<LossReason>> {
+    Ok(before?.or(next?))
 }
 
 impl Drop for Holding {

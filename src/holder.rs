@@ -152,6 +152,33 @@ fn process_state(pid: u32) -> Option<u8> {
         .copied()
 }
 
+/// Whether process `pid` runs and is not on its way out: not gone, not a zombie, and not
+/// exiting (`PF_EXITING` in its `/proc/PID/stat` flags: set as `exit` begins, before the
+/// kernel closes its descriptors, and with them its locks and its bus connection). False when
+/// `/proc` cannot tell.
+pub(crate) fn process_lives_on(pid: u32) -> bool {
+    /// `PF_EXITING` of the kernel's `include/linux/sched.h`.
+    const PF_EXITING: u64 = 0x4;
+    let Some(stat) = read_small_file(&format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(end) = stat.iter().rposition(|&b| b == b')') else {
+        return false;
+    };
+    let fields: Vec<&[u8]> = stat[end + 1..]
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|f| !f.is_empty())
+        .collect();
+    // After the command: state, ppid, pgrp, session, tty_nr, tpgid, flags.
+    let (Some(state), Some(flags)) = (fields.first(), fields.get(6)) else {
+        return false;
+    };
+    let flags = std::str::from_utf8(flags)
+        .ok()
+        .and_then(|f| f.parse::<u64>().ok());
+    !matches!(state, [b'Z' | b'X' | b'x']) && flags.is_some_and(|f| f & PF_EXITING == 0)
+}
+
 /// The user IDs of process `pid` (real, effective, saved, file system), from the `Uid:` line of
 /// `/proc/PID/status`; `None` when `/proc` cannot tell.
 pub(crate) fn process_uids(pid: u32) -> Option<Vec<u32>> {
@@ -258,6 +285,25 @@ mod tests {
         }
         live.wait().expect("reap");
         assert!(!process_is_zombie(live.id()), "reaped: gone, not a zombie");
+    }
+
+    #[test]
+    fn a_process_lives_on_until_it_exits() {
+        assert!(process_lives_on(std::process::id()), "ourselves");
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep");
+        assert!(process_lives_on(child.id()), "a sleeping process");
+        child.kill().expect("kill");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while process_lives_on(child.id()) {
+            assert!(std::time::Instant::now() < deadline, "still lives");
+            std::thread::yield_now();
+        }
+        assert!(process_is_zombie(child.id()), "exited, not reaped");
+        child.wait().expect("reap");
+        assert!(!process_lives_on(child.id()), "reaped");
     }
 
     #[test]

@@ -293,6 +293,133 @@ fn releases_free_name_and_lock_file_before_they_return(bus: &DbusDaemon) {
     }
 }
 
+/// Takes `name` from its owner on the bus at `address` (`REPLACE_EXISTING`), on a connection
+/// kept open (with the runtime that made it) until the returned pair is dropped.
+fn take_over(address: &str, name: &str) -> (tokio::runtime::Runtime, zbus::Connection) {
+    use zbus::fdo::{RequestNameFlags, RequestNameReply};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let conn = rt.block_on(async {
+        let conn = zbus::connection::Builder::address(address)
+            .build()
+            .await
+            .expect("connect");
+        let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
+        let reply = conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "RequestName",
+                &(name, flags),
+            )
+            .await
+            .expect("RequestName")
+            .body()
+            .deserialize::<RequestNameReply>()
+            .expect("reply");
+        assert_eq!(reply, RequestNameReply::PrimaryOwner, "take over {name}");
+        conn
+    });
+    (rt, conn)
+}
+
+/// A release is no clean end when the bus name had been lost before it and nothing had told
+/// the program: the name taken over (the copy allowed replacement) while its runtime was idle,
+/// or the bus gone with no lock file held (a review: the bus's `NOT_OWNER` answer to
+/// `ReleaseName` was not read, and a connection already closed by the bus counted as a release:
+/// `Ok` both times, while another copy had run). With the lock file held as well, the bus's
+/// death leaves a clean release: exclusion never lapsed.
+#[test]
+fn a_name_lost_before_the_release_unseen_is_not_a_clean_release() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    // How the copy acquires and releases: idle between the two, or with a service thread.
+    let modes: &[&[&str]] = &[
+        &["--async", "--in", "release-async-in-runtime"],
+        &["--async", "--in", "release-async-elsewhere"],
+        &["--async", "--in", "release"],
+        &["--in", "release"],
+    ];
+    for bus_dies in [false, true] {
+        for mode in modes {
+            for backend in ["dbus", "auto"] {
+                let mut bus = DbusDaemon::start(BusConfig::Open);
+                let name = unique_name("lost_unseen");
+                let mut args = vec!["--backend", backend, "--allow-replacement"];
+                args.extend_from_slice(mode);
+                let what = format!("bus_dies={bus_dies} {}", args.join(" "));
+                let mut p = lifecycle(
+                    Some(&bus.address),
+                    lock_dir.path(),
+                    "release-order",
+                    &name,
+                    &args,
+                );
+                assert_eq!(p.next_line("acquired"), "acquired", "{what}");
+                let taken = (!bus_dies).then(|| take_over(&bus.address, &name));
+                if bus_dies {
+                    bus.kill();
+                }
+                p.send("go\n");
+                let line = p.next_line("released");
+                let lost = if bus_dies {
+                    "the bus connection closed before the release"
+                } else {
+                    "replaced by another instance on the bus before the release"
+                };
+                // A replacement ends the copy's turn whatever else it holds (the watch reports
+                // it so); the bus's death leaves the lock file excluding.
+                if backend == "dbus" || !bus_dies {
+                    assert!(
+                        line.starts_with("released err") && line.contains(lost),
+                        "{what}: {line}"
+                    );
+                } else {
+                    assert_eq!(line, "released ok", "{what}");
+                }
+                drop(taken);
+                p.close_stdin();
+                assert_eq!(p.exit_code(), 0, "{what}");
+            }
+        }
+    }
+}
+
+/// A blocking release ends the guard's connection, clones included, as documented: none is
+/// left connected to the bus, read by nobody (a review: after `ReleaseName` was answered the
+/// connection was left to zbus, and a clone the program kept stayed on the bus, its calls
+/// unanswered).
+#[test]
+fn a_blocking_release_ends_the_connection_clones_included() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for how in ["release", "drop"] {
+        let name = unique_name("clone_ends");
+        let mut p = lifecycle(
+            Some(&bus.address),
+            lock_dir.path(),
+            "release-order",
+            &name,
+            &["--keep-connection", "--in", how],
+        );
+        assert_eq!(p.next_line("acquired"), "acquired", "{how}");
+        p.send("go\n");
+        assert_eq!(p.next_line("released"), "released ok", "{how}");
+        let kept = p.next_line("kept");
+        let unique = kept.strip_prefix("kept ").expect("kept UNIQUE");
+        assert!(unique.starts_with(':'), "{how}: {kept}");
+        // Right after the release returned, the process still alive with its clone.
+        assert!(
+            !name_has_owner(&bus.address, unique),
+            "{how}: the kept clone {unique} is still on the bus"
+        );
+        p.close_stdin();
+        assert_eq!(p.exit_code(), 0, "{how}");
+    }
+}
+
 /// A [`unique_instance::LossWatcher`] ends once its guard is released, wherever the guard came
 /// from and however it goes: its watchers are told by the release itself, not by the tasks that
 /// report losses (a review: a guard from `acquire_async` on a current-thread runtime left idle

@@ -125,6 +125,49 @@ fn after_a_bus_restart_the_old_holder_is_not_taken_for_the_new_owner() {
     assert_eq!(c.exit_code(), 75);
 }
 
+/// A holder that lost its lock file to a copy of it renamed over (and, still alive, keeps its
+/// bus name) refuses the next copy at once: that copy takes the new file, whose record
+/// names the live holder, and is refused by the bus. The grace for a dead previous holder's
+/// connection, which the bus has not dropped yet, is not for a holder that lives (a review:
+/// every such copy waited 5 s in the bus's queue, the lock file held, before it was refused).
+#[test]
+fn a_live_previous_holder_on_the_bus_refuses_at_once() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("live_previous");
+    let mut a = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    assert!(a.next_line("holder").starts_with("acquired"));
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let copy = lock_dir.path().join("copy");
+    std::fs::copy(&path, &copy).expect("copy the lock file");
+    std::fs::rename(&copy, &path).expect("rename the copy over it");
+    let lost = a.line_starting("lost");
+    assert_eq!(field(&lost, "reason"), Some("LockFileReplaced"), "{lost}");
+    let mut cmd = common::clean_command(
+        &common::example_path("holder"),
+        Some(&bus.address),
+        lock_dir.path(),
+    );
+    cmd.arg(&name).env("RUST_LOG", "unique_instance=debug");
+    let mut b = common::Proc::spawn(cmd);
+    let refused = b.next_line("second copy");
+    assert!(refused.starts_with("already-running"), "{refused}");
+    assert_eq!(
+        field(&refused, "holder_pid"),
+        Some(a.pid().to_string().as_str()),
+        "{refused}"
+    );
+    assert_eq!(b.exit_code(), 75);
+    let waited: Vec<String> = b
+        .stderr_until_closed()
+        .into_iter()
+        .filter(|l| l.contains("waiting for the bus to drop a dead holder"))
+        .collect();
+    assert!(waited.is_empty(), "queued for a live holder: {waited:?}");
+    a.close_stdin();
+    assert_eq!(a.exit_code(), 0);
+}
+
 /// A holder with the bus and a contender without one, and the reverse: refused both ways.
 #[test]
 fn mixed_environments_exclude_each_other() {
@@ -181,58 +224,46 @@ fn policy_denial_is_not_permitted_and_nothing_runs() {
 }
 
 /// The kernel released the lock, but the bus still lists the previous lock holder as the name's
-/// owner (its disconnect not yet processed). Simulated exactly: this test process owns the name
-/// and the lock file holds a record naming this process, unlocked. The newcomer must queue for
-/// the name instead of refusing, and get it the moment the old owner goes.
-#[tokio::test]
-async fn newcomer_waits_for_the_bus_to_drop_the_previous_lock_holder() {
+/// owner (its disconnect not yet processed). Made exactly: a process acquires the name alone and
+/// exits at once, leaving it to its forked child, which keeps the connection's socket open (as
+/// `run`'s keeper keeps a killed wrapper's); the lock file holds a record naming the exited
+/// process, unlocked. The newcomer must queue for the name instead of refusing, and get it the
+/// moment the old connection goes.
+#[test]
+fn newcomer_waits_for_the_bus_to_drop_the_previous_lock_holder() {
     let bus = DbusDaemon::start(BusConfig::Open);
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("deadowner");
-    let conn = zbus::connection::Builder::address(bus.address.as_str())
-        .build()
-        .await
-        .expect("connect");
-    let reply = conn
-        .call_method(
-            Some("org.freedesktop.DBus"),
-            "/org/freedesktop/DBus",
-            Some("org.freedesktop.DBus"),
-            "RequestName",
-            &(name.as_str(), 4u32),
-        )
-        .await
-        .expect("RequestName")
-        .body()
-        .deserialize::<u32>()
-        .expect("reply");
-    assert_eq!(reply, 1, "the test connection must own the name");
+    let mut cmd = common::clean_command(
+        &common::example_path("fork_release"),
+        Some(&bus.address),
+        lock_dir.path(),
+    );
+    cmd.args([&name, "--backend", "dbus", "--child-asks"]);
+    let mut old = common::Proc::spawn(cmd);
+    let acquired = old.next_line("acquired");
+    let pid: u32 = field(&acquired, "pid")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{acquired}"));
+    assert!(old.next_line("forked").starts_with("forked child="));
+    // The process that made the connection is gone; its child keeps the connection.
+    assert!(old.wait().success());
     let record = format!(
-        "{{\"pid\":{},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\",\"dbus\"],\"bus\":\"session\",\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
-        std::process::id()
+        "{{\"pid\":{pid},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\",\"dbus\"],\"bus\":\"session\",\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
     );
     std::fs::write(lock_dir.path().join(format!("{name}.lock")), record).expect("stale record");
 
-    let address = bus.address.clone();
-    let dir = lock_dir.path().to_owned();
-    let newcomer_name = name.clone();
-    let (mut newcomer, early) = tokio::task::spawn_blocking(move || {
-        let mut h = holder(Some(&address), &dir, &[&newcomer_name]);
-        // Queued behind the old owner: it neither refused nor took the name.
-        common::wait_for_queued_owners(&address, &newcomer_name, 2);
-        let early = h.try_line(std::time::Duration::ZERO);
-        (h, early)
-    })
-    .await
-    .expect("join");
+    let mut newcomer = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    // Queued behind the old owner: it neither refused nor took the name.
+    common::wait_for_queued_owners(&bus.address, &name, 2);
     assert_eq!(
-        early, None,
+        newcomer.try_line(std::time::Duration::ZERO),
+        None,
         "the newcomer must wait for the old owner, not refuse or take it"
     );
-    drop(conn);
-    let line = tokio::task::spawn_blocking(move || newcomer.next_line("newcomer"))
-        .await
-        .expect("join");
+    // The child ends with its stdin, and the connection with it.
+    old.close_stdin();
+    let line = newcomer.next_line("newcomer");
     assert!(line.starts_with("acquired"), "{line}");
     assert!(line.contains("Dbus"), "{line}");
 }

@@ -57,6 +57,98 @@ async fn holder_that_allows_replacement_reports_replaced() {
     assert_eq!(line.0, "lost reason=Replaced still_exclusive=false");
 }
 
+/// The owner of `name` on `conn`'s bus, `None` when it has none.
+async fn owner(conn: &zbus::Connection, name: &str) -> Option<String> {
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "GetNameOwner",
+            &(name,),
+        )
+        .await;
+    match reply {
+        Ok(reply) => Some(reply.body().deserialize::<String>().expect("owner")),
+        Err(e) if e.to_string().contains("NameHasNoOwner") => None,
+        Err(e) => panic!("GetNameOwner: {e}"),
+    }
+}
+
+/// A copy that allows replacement and acquired with a wait (so without `DO_NOT_QUEUE`) is, once
+/// replaced, out of the bus's queue: when the replacer leaves, the name is free, not handed back
+/// to the copy that was told it had lost it (a review: it owned the name again, with
+/// `is_exclusive()` false, and other copies were refused, naming it). Both when the name was
+/// free at once and when the copy waited in the queue for it.
+#[tokio::test]
+async fn a_replaced_copy_is_not_handed_the_name_back() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for queued_first in [false, true] {
+        let name = unique_name("not_back");
+        let first = queued_first.then(|| {
+            let mut first = holder(
+                Some(&bus.address),
+                lock_dir.path(),
+                &[&name, "--backend", "dbus"],
+            );
+            assert!(first.next_line("first").starts_with("acquired"));
+            first
+        });
+        let mut h = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[
+                &name,
+                "--backend",
+                "dbus",
+                "--allow-replacement",
+                "--wait",
+                "30",
+            ],
+        );
+        if let Some(mut first) = first {
+            let (address, queued) = (bus.address.clone(), name.clone());
+            tokio::task::spawn_blocking(move || {
+                common::wait_for_queued_owners(&address, &queued, 2)
+            })
+            .await
+            .expect("join");
+            first.close_stdin();
+            assert_eq!(first.line_starting("released"), "released");
+        }
+        assert!(
+            h.next_line("holder").starts_with("acquired"),
+            "queued_first={queued_first}"
+        );
+        let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
+        let (conn, reply) = request(&bus.address, &name, flags).await;
+        assert_eq!(reply, RequestNameReply::PrimaryOwner);
+        let (line, mut h) = tokio::task::spawn_blocking(move || (h.line_starting("lost"), h))
+            .await
+            .expect("join");
+        assert_eq!(line, "lost reason=Replaced still_exclusive=false");
+        let released = conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "ReleaseName",
+                &(name.as_str(),),
+            )
+            .await
+            .expect("ReleaseName");
+        assert_eq!(released.body().deserialize::<u32>().expect("reply"), 1);
+        assert_eq!(
+            owner(&conn, &name).await,
+            None,
+            "queued_first={queued_first}: the replaced copy got the name back"
+        );
+        h.close_stdin();
+        h.stdout_until_closed();
+    }
+}
+
 #[tokio::test]
 async fn holder_that_does_not_allow_replacement_keeps_the_name() {
     let bus = DbusDaemon::start(BusConfig::Open);

@@ -99,8 +99,12 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
                 lock_still_held,
                 forget_bus,
             )));
-            ctx.held
-                .push(Held::Name(HeldName::new(plan.kind, conn, disconnect)));
+            ctx.held.push(Held::Name(HeldName::new(
+                plan.kind,
+                conn,
+                disconnect,
+                ctx.allow_replacement,
+            )));
         }
         // The bus went away before granting the name: the lock file alone holds the instance,
         // as when no bus was reachable, and the record, written before the bus step, says so.

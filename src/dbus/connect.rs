@@ -167,6 +167,25 @@ impl Disconnect {
         self.socket = None;
     }
 
+    /// Whether the connection was over before we ended it: the bus closed it (it died, or
+    /// dropped us), or our pump shut it down as zbus's reader stopped. Then any name it owned
+    /// was lost before, not by, the release. Looked at without waiting, and without reading.
+    pub(crate) fn closed_by_the_bus(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let Some(socket) = &self.socket else {
+            return false;
+        };
+        let mut fds = [PollFd::new(&**socket, PollFlags::RDHUP)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        rustix::event::poll(&mut fds, Some(&now)).is_ok()
+            && fds[0]
+                .revents()
+                .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+    }
+
     /// Ends the connection and waits until the bus has closed its side, at most `timeout`: the
     /// bus then processed our disconnection, so it released our names (and answers anyone who
     /// asks after that accordingly). Needs no runtime.

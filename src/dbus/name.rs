@@ -17,7 +17,9 @@ use super::connect::BusMessages;
 use super::watch::{NameSignal, next_name_signal};
 use super::{CALL_TIMEOUT, DBUS_NAME, DBUS_PATH};
 use crate::error::{Error, Result, already_running};
-use crate::holder::{Holder, process_executable, process_is_running, process_start_time};
+use crate::holder::{
+    Holder, process_executable, process_is_running, process_lives_on, process_start_time,
+};
 use crate::name::InstanceName;
 use crate::options::Wait;
 use crate::scope::{Backend, BusKind};
@@ -95,9 +97,25 @@ pub(crate) async fn own_name(
         Err(e) if gone(&e) => return bus_gone(e),
         Err(e) => return Err(bus_error("cannot request the name", e)),
     };
+    // Owned with flags that queue us when replaced: they are made `DO_NOT_QUEUE` before the
+    // name is taken as ours (see `leave_no_queue_behind`).
+    let owned = |stream| async {
+        match leave_no_queue_behind(conn, name, flags).await {
+            Ok(()) => Ok(Some(stream)),
+            Err(e) if is_access_denied(&e) => Err(not_permitted(e)),
+            Err(e) if gone(&e) => bus_gone(e),
+            Err(zbus::Error::NameTaken) => Err(already_running(
+                name,
+                Box::new(owner_of(conn, name.as_str(), kind).await),
+            )),
+            Err(e) => Err(bus_error("cannot request the name", e)),
+        }
+    };
     let mut queue_deadline = deadline;
     match reply {
-        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => return Ok(Some(stream)),
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => {
+            return owned(stream).await;
+        }
         RequestNameReply::InQueue => {}
         RequestNameReply::Exists => {
             let (owner, connected_by, _) =
@@ -106,9 +124,13 @@ pub(crate) async fn own_name(
             // us: that process is dead (the kernel released its lock) and the bus has not yet
             // processed its disconnect. Queue for the name, briefly, rather than refuse. (By
             // the PID that made the connection: dead, it is not named in `owner`.)
+            // A previous holder that lives on (it lost its lock file to a removal or a
+            // replacement, and kept the name) is the instance on the bus: refused at once, not
+            // after the grace (a review saw every copy stall 5 s so). One that is exiting, or
+            // gone while another process keeps its connection open a moment longer, is not.
             let dead_previous = holding_lock
-                && connected_by.is_some()
-                && previous_pid.is_some_and(|pid| Some(pid) == connected_by);
+                && previous_pid.is_some_and(|pid| Some(pid) == connected_by)
+                && connected_by.is_some_and(|pid| !process_lives_on(pid));
             if !dead_previous {
                 return Err(already_running(name, Box::new(owner)));
             }
@@ -116,7 +138,7 @@ pub(crate) async fn own_name(
             let retry_flags = flags & !RequestNameFlags::DO_NOT_QUEUE;
             match request_name(conn, name.as_str(), retry_flags).await {
                 Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {
-                    return Ok(Some(stream));
+                    return owned(stream).await;
                 }
                 Ok(RequestNameReply::InQueue) => {}
                 Ok(RequestNameReply::Exists) => return Err(already_running(name, Box::new(owner))),
@@ -146,7 +168,7 @@ pub(crate) async fn own_name(
         None => Some(acquired.await),
     };
     match outcome {
-        Some(true) => Ok(Some(stream)),
+        Some(true) => owned(stream).await,
         // The bus went away while we were in its queue.
         Some(false) => bus_gone(zbus::Error::InputOutput(std::sync::Arc::new(
             std::io::Error::new(
@@ -185,6 +207,34 @@ pub(crate) fn request_flags(wait: Wait, allow_replacement: bool) -> RequestNameF
         flags |= RequestNameFlags::ALLOW_REPLACEMENT;
     }
     flags
+}
+
+/// Makes the name, just granted with `flags`, one we never wait for again: a copy that
+/// requested it without `DO_NOT_QUEUE` (to wait) and allows replacement would, once replaced,
+/// stay in the bus's queue and be handed the name back when the replacer leaves, owning it
+/// again after it was told it had lost it (a review saw other copies refused, naming a holder
+/// that had stopped being the instance). Asked again with `DO_NOT_QUEUE`, the bus updates the
+/// primary owner's flags (`ALREADY_OWNER`). Nothing is sent when it cannot happen (no
+/// replacement allowed, or `DO_NOT_QUEUE` already). [`zbus::Error::NameTaken`] when the name
+/// was taken from us meanwhile.
+async fn leave_no_queue_behind(
+    conn: &Connection,
+    name: &InstanceName,
+    flags: RequestNameFlags,
+) -> zbus::Result<()> {
+    if !flags.contains(RequestNameFlags::ALLOW_REPLACEMENT)
+        || flags.contains(RequestNameFlags::DO_NOT_QUEUE)
+    {
+        return Ok(());
+    }
+    match request_name(conn, name.as_str(), flags | RequestNameFlags::DO_NOT_QUEUE).await? {
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(()),
+        RequestNameReply::InQueue | RequestNameReply::Exists => {
+            // Replaced in between: out of the queue, as the copy gives up.
+            let _ = release_name(conn, name.as_str()).await;
+            Err(zbus::Error::NameTaken)
+        }
+    }
 }
 
 /// Reads the reply to the `RequestName` call with `serial` from `stream`. Other messages read
@@ -238,8 +288,12 @@ pub(crate) async fn request_name(
     .deserialize::<RequestNameReply>()
 }
 
-/// Sends `ReleaseName`, which also leaves the queue when we were only waiting.
-pub(crate) async fn release_name(conn: &Connection, name: &str) -> zbus::Result<()> {
+/// Sends `ReleaseName`, which also leaves the queue when we were only waiting: what the bus
+/// answered (`NOT_OWNER` or `NON_EXISTENT` when the name was not ours any more).
+pub(crate) async fn release_name(
+    conn: &Connection,
+    name: &str,
+) -> zbus::Result<zbus::fdo::ReleaseNameReply> {
     conn.call_method(
         Some(DBUS_NAME),
         DBUS_PATH,
@@ -247,8 +301,9 @@ pub(crate) async fn release_name(conn: &Connection, name: &str) -> zbus::Result<
         "ReleaseName",
         &(name,),
     )
-    .await
-    .map(drop)
+    .await?
+    .body()
+    .deserialize::<zbus::fdo::ReleaseNameReply>()
 }
 
 /// What the bus knows of the owner of `name`: UID from `GetConnectionCredentials`, the unique
@@ -334,7 +389,7 @@ pub(crate) async fn owner_and_connecting_pid(
 }
 
 /// Is this the bus saying that nobody owns the name asked about?
-fn is_name_has_no_owner(e: &zbus::Error) -> bool {
+pub(super) fn is_name_has_no_owner(e: &zbus::Error) -> bool {
     matches!(e, zbus::Error::FDO(fdo) if matches!(**fdo, zbus::fdo::Error::NameHasNoOwner(_)))
         || matches!(e, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.DBus.Error.NameHasNoOwner")
 }

@@ -14,6 +14,7 @@ use zbus::Connection;
 
 use super::{Disconnect, release_name};
 use crate::error::{Error, Result};
+use crate::loss::LossReason;
 use crate::scope::BusKind;
 
 /// How long a release waits for the bus.
@@ -32,10 +33,19 @@ pub(crate) struct HeldName {
     /// The runtime the connection was made on, whose tasks read its replies: `None` outside
     /// any (never: connections are made in async code).
     runtime: Option<(tokio::runtime::Id, tokio::runtime::RuntimeFlavor)>,
+    /// Owned with `ALLOW_REPLACEMENT`: another connection may have taken the name, and a
+    /// release that cannot ask the bus on this connection asks on another (see
+    /// [`still_ours`]).
+    replaceable: bool,
 }
 
 impl HeldName {
-    pub(crate) fn new(kind: BusKind, conn: Connection, disconnect: Option<Disconnect>) -> Self {
+    pub(crate) fn new(
+        kind: BusKind,
+        conn: Connection,
+        disconnect: Option<Disconnect>,
+        replaceable: bool,
+    ) -> Self {
         HeldName {
             kind,
             conn,
@@ -44,6 +54,7 @@ impl HeldName {
             runtime: tokio::runtime::Handle::try_current()
                 .ok()
                 .map(|h| (h.id(), h.runtime_flavor())),
+            replaceable,
         }
     }
 
@@ -103,17 +114,29 @@ impl HeldName {
     /// Releases the name from async code: `ReleaseName`, or, on a runtime other than the one
     /// that made the connection (whose replies it may not be reading, see
     /// [`HeldName::answered_here`]), by ending the connection as a blocking release does.
-    pub(crate) async fn release(self, name: &str) -> Result<()> {
+    /// `Some` when the name had stopped being ours before (see [`NotOursAtRelease`]).
+    pub(crate) async fn release(self, name: &str) -> Result<NotOursAtRelease> {
         let Some(this) = self.in_another_process() else {
-            return Ok(());
+            return Ok(None);
         };
         if !this.answered_here()
             && let Some(disconnect) = this.disconnect
         {
-            return end_connection(this.kind, this.conn, disconnect);
+            let asked = this.replaceable.then(|| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                ask_on_a_thread(this.kind, &this.conn, name, move |ours| {
+                    let _ = tx.send(ours);
+                });
+                rx
+            });
+            let ours = match asked {
+                Some(rx) => rx.await.ok().flatten(),
+                None => None,
+            };
+            return end_connection(this.kind, this.conn, disconnect, ours);
         }
         let released = release_bus(this.kind, this.conn, name).await;
-        settle(this.kind, released, this.disconnect)
+        settle(this.kind, released, this.disconnect, Keep::Connection)
     }
 
     /// Releases the name without awaiting anything, from any thread, inside a runtime or not:
@@ -123,15 +146,16 @@ impl HeldName {
         self,
         service: Option<&tokio::runtime::Handle>,
         name: &str,
-    ) -> Result<()> {
+    ) -> Result<NotOursAtRelease> {
         let Some(HeldName {
             kind,
             conn,
             disconnect,
+            replaceable,
             ..
         }) = self.in_another_process()
         else {
-            return Ok(());
+            return Ok(None);
         };
         match (service, disconnect) {
             (Some(rt), disconnect) => {
@@ -144,7 +168,7 @@ impl HeldName {
                     let _ = tx.send(release_bus(kind, conn, &name).await);
                 });
                 match rx.recv() {
-                    Ok(released) => settle(kind, released, disconnect),
+                    Ok(released) => settle(kind, released, disconnect, Keep::Nothing),
                     // The service thread is gone (it panicked): its runtime, and with it
                     // the connection, went down with it; make sure, and say so.
                     Err(_) => {
@@ -162,17 +186,36 @@ impl HeldName {
                 }
             }
             // The connection's runtime may be idle, or blocked in this very call.
-            (None, Some(disconnect)) => end_connection(kind, conn, disconnect),
+            (None, Some(disconnect)) => {
+                let ours = replaceable.then(|| {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    ask_on_a_thread(kind, &conn, name, move |ours| {
+                        let _ = tx.send(ours);
+                    });
+                    // The thread gives up by itself (see `still_ours`).
+                    rx.recv().ok().flatten()
+                });
+                end_connection(kind, conn, disconnect, ours.flatten())
+            }
             (None, None) => release_without_socket(kind, conn, name),
         }
     }
 }
 
-/// What [`release_bus`] found: whether the bus itself answered `ReleaseName`.
+/// How the name had been lost before the release, without the release knowing it until then:
+/// the bus answered `ReleaseName` that it was not ours (replaced, with no queue entry left), or
+/// had closed the connection already (it died, or dropped us). `None`: it was ours until the
+/// release freed it, or that cannot be known (a transport zbus connected itself).
+pub(crate) type NotOursAtRelease = Option<LossReason>;
+
+/// What [`release_bus`] found: whether the bus itself answered `ReleaseName`, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Released {
-    /// The bus replied: the name is free, and the connection can be left to zbus.
+    /// The bus replied that it released the name: it is free.
     Replied,
+    /// The bus replied that the name was not ours (`NOT_OWNER`, `NON_EXISTENT`): another
+    /// connection had replaced us, and we were in no queue.
+    NotOurs,
     /// No reply, because zbus considers the connection over. That is not proof that the bus
     /// dropped us: in zbus 6 a connection is also closed once its reader task is gone (its
     /// runtime dropped or shut down, the task ended on a message it could not parse) while the
@@ -180,21 +223,48 @@ pub(crate) enum Released {
     Ended,
 }
 
+/// What a release leaves of the connection once the bus answered `ReleaseName`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Left to zbus, to close with its last handle ([`HeldName::release`] on the acquiring
+    /// runtime: the program's clones of it go on working).
+    Connection,
+    /// Ended, clones included (a blocking release: see `InstanceGuard::connection`).
+    Nothing,
+}
+
 /// The end of a release, once `ReleaseName` was answered or not: the connection is left to
-/// zbus only after a real reply; otherwise it is ended through our duplicate of its socket, and
-/// the release succeeds only once the bus has closed it (then the name is free).
-fn settle(kind: BusKind, released: Result<Released>, disconnect: Option<Disconnect>) -> Result<()> {
+/// zbus only after a real reply, and only when asked (`keep`); otherwise it is ended through our
+/// duplicate of its socket, and without a reply the release succeeds only once the bus has
+/// closed it (then the name is free).
+fn settle(
+    kind: BusKind,
+    released: Result<Released>,
+    disconnect: Option<Disconnect>,
+    keep: Keep,
+) -> Result<NotOursAtRelease> {
     match (released, disconnect) {
-        (Ok(Released::Replied), disconnect) => {
-            if let Some(disconnect) = disconnect {
-                disconnect.disarm();
+        (Ok(replied @ (Released::Replied | Released::NotOurs)), disconnect) => {
+            match (disconnect, keep) {
+                (Some(disconnect), Keep::Connection) => disconnect.disarm(),
+                // Ended, so clones of the connection end with it, and gone from the bus before
+                // the release returns. The name is free already: a bus slow to see the end
+                // fails nothing.
+                (Some(disconnect), Keep::Nothing) => {
+                    let _ = disconnect.wait(RELEASE_TIMEOUT);
+                }
+                (None, _) => {}
             }
-            Ok(())
+            Ok((replied == Released::NotOurs).then_some(LossReason::Replaced))
         }
-        (Ok(Released::Ended), Some(disconnect)) => wait_closed(kind, disconnect),
+        (Ok(Released::Ended), Some(disconnect)) => {
+            let lost = disconnect.closed_by_the_bus();
+            wait_closed(kind, disconnect)?;
+            Ok(lost.then_some(LossReason::BusConnectionClosed))
+        }
         // No socket of ours to make sure with (a transport zbus connected itself): zbus saw
         // the connection end, which is all that can be known.
-        (Ok(Released::Ended), None) => Ok(()),
+        (Ok(Released::Ended), None) => Ok(None),
         // Not answered (a connection whose runtime does not run, a bus that stalls): end the
         // connection, so the name is free before the lock file.
         (Err(e), Some(disconnect)) => {
@@ -215,21 +285,106 @@ fn wait_closed(kind: BusKind, disconnect: Disconnect) -> Result<()> {
 }
 
 /// Releases the name by ending the connection ourselves (see [`Disconnect`]), waiting until the
-/// bus has seen it: needs no runtime, and no reply read by one.
-fn end_connection(kind: BusKind, conn: Connection, disconnect: Disconnect) -> Result<()> {
+/// bus has seen it: needs no runtime, and no reply read by one. `ours`: whether the bus listed
+/// this connection as the name's owner just before, when that was asked (see [`still_ours`]).
+fn end_connection(
+    kind: BusKind,
+    conn: Connection,
+    disconnect: Disconnect,
+    ours: Option<bool>,
+) -> Result<NotOursAtRelease> {
+    let closed = disconnect.closed_by_the_bus();
     let result = wait_closed(kind, disconnect);
     drop(conn);
-    result
+    result.map(|()| {
+        if closed {
+            Some(LossReason::BusConnectionClosed)
+        } else if ours == Some(false) {
+            Some(LossReason::Replaced)
+        } else {
+            None
+        }
+    })
+}
+
+/// How long asking the bus on a connection of its own whether the name is still ours may take
+/// before the release goes on without the answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs [`still_ours`] on a thread of its own, with a runtime of its own (the release may run
+/// inside any runtime, or none), and hands the answer to `answer`: `None` when it cannot be
+/// had.
+fn ask_on_a_thread(
+    kind: BusKind,
+    conn: &Connection,
+    name: &str,
+    answer: impl FnOnce(Option<bool>) + Send + 'static,
+) {
+    let (conn, name) = (conn.clone(), name.to_owned());
+    let asked = std::thread::Builder::new()
+        .name("unique-instance-ask".into())
+        .spawn(move || {
+            let ours = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        tokio::time::timeout(ASK_TIMEOUT, still_ours(kind, &conn, &name))
+                            .await
+                            .ok()
+                            .flatten()
+                    })
+                });
+            answer(ours);
+        });
+    if let Err(e) = asked {
+        tracing::debug!(error = %e, "cannot ask the bus whether the name is still ours");
+    }
+}
+
+/// Whether the bus lists `conn` as the owner of `name`, asked on a new connection to the same
+/// bus: what a release that ends `conn` without `ReleaseName` (its runtime may not run to read
+/// the reply) uses to tell a name taken over meanwhile (allowed by `ALLOW_REPLACEMENT`) from
+/// one it frees. `None` when that cannot be known: the bus at the address is not the one `conn`
+/// is on (the environment changed), or it does not answer.
+async fn still_ours(kind: BusKind, conn: &Connection, name: &str) -> Option<bool> {
+    let ours = conn.unique_name()?.to_string();
+    let side = super::connect(kind, Vec::new(), None).await.ok()?;
+    if side.conn.server_guid() != conn.server_guid() {
+        return None;
+    }
+    let owner = side
+        .conn
+        .call_method(
+            Some(super::DBUS_NAME),
+            super::DBUS_PATH,
+            Some(super::DBUS_NAME),
+            "GetNameOwner",
+            &(name,),
+        )
+        .await;
+    match owner {
+        Ok(reply) => Some(reply.body().deserialize::<String>().ok()? == ours),
+        Err(e) if super::name::is_name_has_no_owner(&e) => Some(false),
+        Err(_) => None,
+    }
 }
 
 /// Releases the name of a connection whose socket zbus made itself (`nonce-tcp:`, `unixexec:`:
 /// see [`super::connect::connect_to`]), as well as the runtime we are in allows: inside a
 /// current-thread runtime, which cannot be waited in, the connection is dropped, and closes
 /// only when that runtime runs again; that is said, not reported as done.
-pub(crate) fn release_without_socket(kind: BusKind, conn: Connection, name: &str) -> Result<()> {
+pub(crate) fn release_without_socket(
+    kind: BusKind,
+    conn: Connection,
+    name: &str,
+) -> Result<NotOursAtRelease> {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| handle.block_on(release_bus(kind, conn, name))).map(drop)
+            let released =
+                tokio::task::block_in_place(|| handle.block_on(release_bus(kind, conn, name)));
+            settle(kind, released, None, Keep::Nothing)
         }
         Ok(_) => {
             // Cannot wait here: the connection closes, and the bus releases the name, once this
@@ -250,16 +405,20 @@ pub(crate) fn release_without_socket(kind: BusKind, conn: Connection, name: &str
             .enable_all()
             .build()
         {
-            Ok(rt) => rt.block_on(release_bus(kind, conn, name)).map(drop),
+            Ok(rt) => {
+                let released = rt.block_on(release_bus(kind, conn, name));
+                settle(kind, released, None, Keep::Nothing)
+            }
             Err(_) => {
                 drop(conn);
-                Ok(())
+                Ok(None)
             }
         },
     }
 }
 
-/// Asks the bus to release `name`: [`Released::Replied`] only when it answered.
+/// Asks the bus to release `name`: [`Released::Replied`] or [`Released::NotOurs`] only when
+/// it answered.
 pub(crate) async fn release_bus(kind: BusKind, conn: Connection, name: &str) -> Result<Released> {
     // So that a test can kill the bus at this moment.
     crate::test_hooks::stop_at(crate::test_hooks::Hook::BeforeReleaseName);
@@ -269,7 +428,10 @@ pub(crate) async fn release_bus(kind: BusKind, conn: Connection, name: &str) -> 
     }
     let result = tokio::time::timeout(Duration::from_secs(5), release_name(&conn, name)).await;
     match result {
-        Ok(Ok(())) => Ok(Released::Replied),
+        Ok(Ok(zbus::fdo::ReleaseNameReply::Released)) => Ok(Released::Replied),
+        Ok(Ok(
+            zbus::fdo::ReleaseNameReply::NonExistent | zbus::fdo::ReleaseNameReply::NotOwner,
+        )) => Ok(Released::NotOurs),
         // The connection broke under the call (the bus died or dropped us): a name never
         // outlives its connection, so it is released as asked. (A bus that does not answer is
         // not this: that is the timeout below.)

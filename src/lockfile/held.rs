@@ -173,6 +173,13 @@ impl ReleaseReport {
     pub(crate) fn lost_unnoticed(&self) -> Option<LossReason> {
         self.0.now().lost_at_release
     }
+
+    /// Whether the lock was ours until its release: no loss seen by a watch, none found by
+    /// the release.
+    pub(crate) fn ours_to_the_end(&self) -> bool {
+        let now = self.0.now();
+        !now.lost && now.lost_at_release.is_none()
+    }
 }
 
 impl Shared {
