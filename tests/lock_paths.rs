@@ -433,6 +433,103 @@ fn a_deployed_service_gets_its_own_lock_directory_that_no_one_else_can_squat() {
     );
 }
 
+/// The early copy in the shared directory, stopped while its file is removed: the service
+/// starts meanwhile (the shared path is empty, so it sees no one there). Once the early copy runs
+/// again it must not re-create its file and carry on beside the service: it re-creates it, sees
+/// the service's copy held in the other directory, and reports the loss (a review: it re-created
+/// its file without looking, said nothing, and both ran).
+#[test]
+fn a_copy_that_recreates_its_file_looks_at_the_other_directory_again() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes /run/unique-instance/NAME)"
+    );
+    const SERVICE: u32 = NOBODY;
+    let name = unique_name("recreate_other_dir");
+    let shared = Path::new("/run/lock/unique-instance").join(format!("{name}.lock"));
+    let mut early = system_holder(0, &name);
+    acquired_pid(&mut early);
+    let _dir = ServiceDir::new(&name, SERVICE);
+    common::wait_until_watching(early.pid());
+    early.stop();
+    std::fs::remove_file(&shared).expect("remove the early copy's file");
+    let mut service = system_holder(SERVICE, &name);
+    acquired_pid(&mut service);
+    early.signal(rustix::process::Signal::CONT);
+    let lost = early.line_starting("lost");
+    assert_eq!(field(&lost, "still_exclusive"), Some("false"), "{lost}");
+    early.close_stdin();
+    early.stdout_until_closed();
+    release(service);
+}
+
+/// A service copy that waits for the shared directory's copy holds its own file unwatched
+/// meanwhile. Its file removed then, a second service copy makes a new one and waits too: once
+/// the shared copy leaves, only one of them may run (a review: both ran, the first told of its
+/// loss only once its command had started). `--critical` catches two at once.
+#[test]
+fn a_file_lost_while_waiting_for_the_other_directory_is_taken_again() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes /run/unique-instance/NAME)"
+    );
+    const SERVICE: u32 = NOBODY;
+    let name = unique_name("lost_waiting_other_dir");
+    let critical_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(critical_dir.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
+    let critical = critical_dir.path().join("critical");
+    let critical = critical.to_str().expect("UTF-8");
+    let mut early = system_holder(0, &name);
+    acquired_pid(&mut early);
+    let dir = ServiceDir::new(&name, SERVICE);
+    let waiter = || {
+        let mut cmd = bare_holder(
+            &[],
+            &[
+                &name,
+                "--scope",
+                "system",
+                "--backend",
+                "lockfile",
+                "--wait",
+                "forever",
+                "--critical",
+                critical,
+            ],
+        );
+        cmd.env("RUST_LOG", "unique_instance=info");
+        let mut copy = Proc::spawn(as_user(SERVICE, SERVICE, &cmd));
+        copy.stderr_line_containing("waiting for the copy in the other system lock directory");
+        copy
+    };
+    let first = waiter();
+    std::fs::remove_file(dir.0.join(format!("{name}.lock"))).expect("remove the waiter's file");
+    let second = waiter();
+    release(early);
+    // One runs; the other waits for it, and runs once it left.
+    let mut copies = [first, second];
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let winner = loop {
+        if let Some(i) = (0..2).find(|&i| {
+            copies[i]
+                .try_line(std::time::Duration::from_millis(10))
+                .is_some_and(|line| {
+                    assert!(line.starts_with("acquired"), "copy {i}: {line}");
+                    true
+                })
+        }) {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "neither copy ran");
+    };
+    let [a, b] = copies;
+    let (winner, mut other) = if winner == 0 { (a, b) } else { (b, a) };
+    release(winner);
+    acquired_pid(&mut other);
+    release(other);
+}
+
 /// A copy started before the deployment made the service's own directory locked the shared
 /// directory's file; the service, and copies started after the deployment, must still meet it
 /// (they plan the service's directory). A local user's file there must not block the service.

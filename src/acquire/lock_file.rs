@@ -14,6 +14,15 @@ use super::steps::Context;
 /// at once, so that copies refused meanwhile can name us without waiting for the other
 /// backends; later steps complete it.
 pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
+    // Again when our file was lost while we waited for the other directory's copy.
+    while !acquire_once(ctx, plan).await? {}
+    Ok(())
+}
+
+/// One try of [`acquire`]: `false` when the lock file taken stopped being at its path while
+/// this copy waited for a copy in the other system directory (it had no watch then), so that
+/// another copy may have taken the path meanwhile and the acquisition starts over.
+async fn acquire_once(ctx: &mut Context, plan: &LockPlan) -> Result<bool> {
     // Made before the lock and the bus socket so that a killed holder releases both before it
     // (see `HeldLock::move_above`).
     let inotify = ctx.watch_lock.then(lockfile::new_inotify);
@@ -104,9 +113,16 @@ pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
                 holder: Box::new(holder),
             });
         }
+        // Unwatched all that time: removed meanwhile, our file no longer excludes anyone, and
+        // a copy that made a new one at the path may be waiting here too (a review saw both
+        // run once the other directory's copy left).
+        if held.watch_handle().check_path().is_some() {
+            tracing::debug!(name = %ctx.name, "the lock file went while waiting; starting over");
+            return Ok(false);
+        }
     }
     ctx.previous_pid = previous.as_ref().map(|p| p.pid);
     let file = HeldFile::new(held, inotify, wait_watch)?;
     ctx.held.push(Held::LockFile(file));
-    Ok(())
+    Ok(true)
 }

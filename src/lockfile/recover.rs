@@ -253,6 +253,16 @@ impl WatchHandle {
         // Said once the shared state is let go: a log line may block (a subscriber writing to a
         // stderr nobody reads), and the release and the other watches wait for that state.
         match self.recreate(&mut now) {
+            // Looked at once ours is at the path again, as an acquisition looks once it holds
+            // (see `copy_in_the_other_dir`): a copy that took the other system directory's file
+            // while ours had no name saw nothing here, and runs (a review: both ran).
+            Ok(()) if super::probe::copy_in_the_other_dir(&self.shared.plan).is_some() => {
+                now.lost = true;
+                drop(now);
+                tracing::debug!(path = %self.path.display(),
+                    "re-created the lock file, but a copy holds the other system lock directory's");
+                Recovery::Lost
+            }
             Ok(()) => {
                 drop(now);
                 tracing::warn!(path = %self.path.display(),
