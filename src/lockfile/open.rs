@@ -290,8 +290,28 @@ pub(super) enum Made {
 /// Tells the temporary names of one process apart.
 static TEMPORARY_NAMES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Makes a new file in `dir` under a temporary name of its own (`.unique-instance.PID.N.new`,
-/// a name no copy looks at), runs `prepare` on it (its owner and mode, and whatever else must be
+/// How many taken temporary names [`create_unnamed`] tries past before it gives up on them.
+const MAX_TEMPORARY_TRIES: u32 = 16;
+
+/// `.unique-instance.PID.N.R.new`: `N` tells one process's names apart, and `R` is random, so
+/// that nobody can plant files at the names a copy will use (a review planted one for every
+/// PID in a shared directory) and none is met again after a process killed mid-creation left
+/// one and its PID came back.
+fn temporary_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // Seeded from the system's randomness once per thread, and different each time.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!(
+        ".unique-instance.{}.{}.{random:016x}.new",
+        std::process::id(),
+        TEMPORARY_NAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// Makes a new file in `dir` under a temporary name of its own (see [`temporary_name`]: a
+/// name no copy looks at), runs `prepare` on it (its owner and mode, and whatever else must be
 /// true before anyone can open it), locks it (OFD, exclusive), and only then renames it to
 /// `name` (`RENAME_NOREPLACE`), which fails if anything has that name already: so no other
 /// process ever meets the file at `name` as it was before `prepare` (with the mode the umask
@@ -311,29 +331,30 @@ pub(super) fn create_unnamed(
     mode: u32,
     prepare: impl FnOnce(&OwnedFd, &mut Stat) -> Result<()>,
 ) -> Result<Made> {
-    let temporary = format!(
-        ".unique-instance.{}.{}.new",
-        std::process::id(),
-        TEMPORARY_NAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let file = match retry_eintr(|| {
-        rustix::fs::openat(
-            dir,
-            temporary.as_str(),
-            OFlags::CREATE
-                | OFlags::EXCL
-                | OFlags::NOFOLLOW
-                | OFlags::RDWR
-                | OFlags::CLOEXEC
-                | OFlags::NOCTTY
-                | OFlags::NONBLOCK,
-            Mode::from_raw_mode(mode),
-        )
-    }) {
-        Ok(file) => file,
-        // Anything (the directory removed, no room, not permitted, a leftover of that name):
-        // the open at the name finds it and says it.
-        Err(_) => return Ok(Made::Unsupported),
+    let mut tries = 0;
+    let (file, temporary) = loop {
+        let temporary = temporary_name();
+        match retry_eintr(|| {
+            rustix::fs::openat(
+                dir,
+                temporary.as_str(),
+                OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::NOFOLLOW
+                    | OFlags::RDWR
+                    | OFlags::CLOEXEC
+                    | OFlags::NOCTTY
+                    | OFlags::NONBLOCK,
+                Mode::from_raw_mode(mode),
+            )
+        }) {
+            Ok(file) => break (file, temporary),
+            // Taken (a leftover, or planted by someone who guessed it): another name.
+            Err(Errno::EXIST) if tries < MAX_TEMPORARY_TRIES => tries += 1,
+            // Anything else (the directory removed, no room, not permitted): the open at the
+            // name finds it and says it.
+            Err(_) => return Ok(Made::Unsupported),
+        }
     };
     let remove_temporary = || {
         let _ = rustix::fs::unlinkat(dir, temporary.as_str(), AtFlags::empty());
@@ -518,5 +539,41 @@ pub(super) fn file_type_name(t: FileType) -> &'static str {
         FileType::BlockDevice => "block device",
         FileType::Symlink => "symbolic link",
         _ => "special file",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files planted at the temporary names a copy would use (any local user can make them in a
+    /// shared sticky directory) do not stop it making its file: a review planted one for every
+    /// PID, and copies made their file at its name with the umask's mode instead, which another
+    /// user's copy took for a refusal (77).
+    #[test]
+    fn planted_temporary_names_do_not_stop_a_creation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let next = TEMPORARY_NAMES.load(std::sync::atomic::Ordering::Relaxed);
+        for n in next..next + 1000 {
+            let planted = format!(".unique-instance.{}.{n}.new", std::process::id());
+            std::fs::write(dir.path().join(planted), "").expect("plant");
+        }
+        let fd = rustix::fs::open(
+            dir.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open the directory");
+        let made = create_unnamed(&fd, std::ffi::OsStr::new("x.lock"), 0o644, |_, _| Ok(()))
+            .expect("create");
+        assert!(
+            matches!(made, Made::Named(_)),
+            "not made under a name of its own"
+        );
+        let st = std::fs::metadata(dir.path().join("x.lock")).expect("x.lock");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&st.permissions()) & 0o777,
+            0o644
+        );
     }
 }
