@@ -29,6 +29,10 @@
 //!   with `--drop-runtime` it drops the acquiring runtime (and zbus's tasks on it) before the
 //!   release; with `--watcher` a thread waits on a `LossWatcher` meanwhile, and once released
 //!   it prints `watcher ended` when that returned `None` within 10 s, else `watcher waits`.
+//! - `settle-yields`: on a current-thread runtime, acquires NAME (`acquire_async`) while a
+//!   task of the same runtime waits until this process has a `unique-instance-grace` thread
+//!   (an acquisition waiting on a thread of its own, its runtime free meanwhile), then removes
+//!   the file `--remove PATH`; prints `acquired` or `err ...`.
 //! - `release-leftovers`: `--rounds` times acquires and releases (with `release()`), counting
 //!   right after each release what is left of the acquisition: descriptors of the lock
 //!   directory, eventfds and `unique-instance-watch` threads, more than before the first; prints
@@ -55,6 +59,7 @@ struct Args {
     watcher: bool,
     rounds: usize,
     allow_replacement: bool,
+    remove: Option<std::path::PathBuf>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -75,6 +80,7 @@ fn parse() -> Result<Args, String> {
         watcher: false,
         rounds: 1,
         allow_replacement: false,
+        remove: None,
     };
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
@@ -97,6 +103,7 @@ fn parse() -> Result<Args, String> {
             "--drop-runtime" => args.drop_runtime = true,
             "--watcher" => args.watcher = true,
             "--allow-replacement" => args.allow_replacement = true,
+            "--remove" => args.remove = Some(value()?.into()),
             "--rounds" => args.rounds = value()?.parse().map_err(|_| "bad --rounds")?,
             "--wait-ms" => {
                 args.wait = Duration::from_millis(value()?.parse().map_err(|_| "bad --wait-ms")?)
@@ -197,6 +204,7 @@ fn blocking_in_runtime(args: &Args) {
             scenario: args.scenario.clone(),
             name: args.name.clone(),
             how: args.how.clone(),
+            remove: None,
             ..*args
         };
         let task = rt.spawn(async move { blocking_calls(&task_args) });
@@ -285,6 +293,38 @@ fn release_order(args: &Args) {
     drop(rt);
 }
 
+fn settle_yields(args: &Args) {
+    let remove = args.remove.clone().expect("--remove PATH");
+    let result = runtime(false).block_on(async {
+        let remover = tokio::spawn(async move {
+            // Busy, but on the acquisition's own runtime: it runs only while that waits.
+            while !has_grace_thread() {
+                tokio::task::yield_now().await;
+            }
+            std::fs::remove_file(&remove).expect("remove the file");
+        });
+        let result = options(args).acquire_async().await;
+        remover.abort();
+        result
+    });
+    match result {
+        Ok(guard) => {
+            say("acquired");
+            drop(guard);
+        }
+        Err(e) => say(&format!("err {}", one_line(&e))),
+    }
+}
+
+/// Whether a thread of this process is named `unique-instance-grace` (cut to the 15 bytes a
+/// thread's name keeps, as the watch thread's is: none runs before an acquisition returns).
+fn has_grace_thread() -> bool {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .any(|comm| comm.trim() == "unique-instance")
+}
+
 /// What of an acquisition is left in this process: (descriptors of `dir`, eventfds, watch
 /// threads).
 fn leftovers(dir: &std::path::Path) -> (usize, usize, usize) {
@@ -361,6 +401,7 @@ fn main() {
         "cancel-queued" => cancel_queued(&args),
         "release-order" => release_order(&args),
         "release-leftovers" => release_leftovers(&args),
+        "settle-yields" => settle_yields(&args),
         other => {
             eprintln!("lifecycle: unknown scenario {other}");
             std::process::exit(64);

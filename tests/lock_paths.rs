@@ -1196,6 +1196,40 @@ fn a_lock_path_through_proc_self_is_refused_not_two_files() {
     }
 }
 
+/// The grace another user's unheld file gets (to be held again, or to go, as a release leaves
+/// it for a moment) does not block an async acquisition's runtime: on a current-thread
+/// runtime, a task of the program runs meanwhile (a review: the grace slept on the runtime's
+/// thread, stalling every task for up to 300 ms and stretching a shorter `--wait`). Here that
+/// task removes the file, and the copy then acquires; before, it could not run, and the copy
+/// was refused.
+#[test]
+fn the_grace_for_another_users_unheld_file_does_not_block_the_runtime() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes a file of root's in another user's directory)"
+    );
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = base.path().join("locks");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let name = unique_name("grace_yields");
+    let planted = dir.join(format!("{name}.lock"));
+    std::fs::write(&planted, "").expect("root's file");
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut cmd = Command::new(example_path("lifecycle"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNIQUE_INSTANCE_LOCK_DIR", &dir)
+        .env("UNIQUE_INSTANCE_SCOPE", "system")
+        .args(["settle-yields", &name, "--backend", "lockfile", "--remove"])
+        .arg(&planted);
+    let mut copy = Proc::spawn(as_user(NOBODY, NOBODY, &cmd));
+    let line = copy.next_line("settle-yields");
+    assert_eq!(line, "acquired", "stderr: {:?}", copy.stderr_lines());
+    assert_eq!(copy.exit_code(), 0);
+}
+
 /// A lock file root is creating under a restrictive umask (077, as systemd's `UMask=0077`
 /// hardening sets) was once briefly visible at its name with the mode the umask left (0600),
 /// before root gave it its intended one: another user who looked then (`status`, or `run` in

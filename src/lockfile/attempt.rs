@@ -14,7 +14,7 @@ use crate::plan::LockPlan;
 use crate::test_hooks::{self, Hook};
 
 use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
-use super::grace::{await_answer, await_answer_async};
+use super::grace::{await_answer, await_answer_async, on_a_thread};
 use super::held::HeldLock;
 use super::ofd::{is_held, lock_exclusive, retry_eintr, wait_unlocked};
 use super::open::{Opened, ReadOnlyBecause, is_ours, not_a_lock_file, open_lock_file, still_names};
@@ -41,20 +41,26 @@ const MAX_OPEN_RACES: u32 = 1000;
 /// re-lock takes microseconds, and it gives up after about a quarter of a second.
 const RELEASE_GRACE: Duration = Duration::from_millis(300);
 
+/// How many times one attempt gives another user's unheld file [`RELEASE_GRACE`], at most: a
+/// file let go and held again that often is being churned on purpose.
+const MAX_UNSETTLED: u32 = 100;
+
 /// Whether, within `grace`, the unheld file `st` (open as `file`) is held again, or the path
 /// stops naming it. Polled: a few looks in the usual case, where its holder is between the two
-/// steps of its release.
+/// steps of its release. Returns `false` at once when `cancel` (an eventfd) becomes readable.
 fn settles_within(
     file: &OwnedFd,
     dir: &OwnedFd,
-    plan: &LockPlan,
+    file_name: &std::ffi::OsStr,
     st: &rustix::fs::Stat,
     grace: Duration,
+    cancel: Option<&OwnedFd>,
 ) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
     let deadline = Instant::now() + grace;
     let mut pause = Duration::from_micros(100);
     loop {
-        let look = rustix::fs::statat(dir, plan.file_name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW);
+        let look = rustix::fs::statat(dir, file_name, AtFlags::SYMLINK_NOFOLLOW);
         if !still_names(look, st) || is_held(file) == Ok(true) {
             return true;
         }
@@ -62,9 +68,42 @@ fn settles_within(
         if now >= deadline {
             return false;
         }
-        std::thread::sleep(pause.min(deadline - now));
+        let pause_now = pause.min(deadline - now);
+        match cancel {
+            Some(cancel) => {
+                let mut fds = [PollFd::new(cancel, PollFlags::IN)];
+                let ts = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: i64::from(pause_now.subsec_nanos()),
+                };
+                if let Ok(n) = rustix::event::poll(&mut fds, Some(&ts))
+                    && n > 0
+                {
+                    return false;
+                }
+            }
+            None => std::thread::sleep(pause_now),
+        }
         pause = (pause * 2).min(Duration::from_millis(10));
     }
+}
+
+/// [`settles_within`] for async code, in any runtime: on a thread of its own, which dropping
+/// the future ends at once (see [`on_a_thread`]). `false` when that thread cannot be had.
+async fn settles_within_async(
+    file: &OwnedFd,
+    dir: &OwnedFd,
+    file_name: &std::ffi::OsStr,
+    st: &rustix::fs::Stat,
+    grace: Duration,
+) -> bool {
+    let (Ok(file), Ok(dir)) = (file.try_clone(), dir.try_clone()) else {
+        return false;
+    };
+    let (file_name, st) = (file_name.to_owned(), *st);
+    on_a_thread(move |cancel| settles_within(&file, &dir, &file_name, &st, grace, Some(cancel)))
+        .await
+        .unwrap_or(false)
 }
 
 /// Tries once (or, with `block`, waits) to lock the file of `plan` in `dir`.
@@ -77,6 +116,7 @@ fn settles_within(
 /// `lock_dir` then is the new one: see [`settle`].
 pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Attempt> {
     let mut linked = LinkGrace::default();
+    let mut unsettled = 0;
     loop {
         return Ok(match settle(plan, lock_dir, block)? {
             Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
@@ -86,6 +126,16 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Resu
                     await_answer(&inotify, None, deadline, || one_name(&file));
                 }
                 continue;
+            }
+            Step::Unsettled(file, st) => {
+                unsettled += 1;
+                let dir = &lock_dir.fd;
+                if unsettled <= MAX_UNSETTLED
+                    && settles_within(&file, dir, &plan.file_name, &st, RELEASE_GRACE, None)
+                {
+                    continue;
+                }
+                return Err(may_not_write(plan, &st));
             }
         });
     }
@@ -97,6 +147,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Resu
 /// As [`lock`], it may replace `lock_dir`.
 pub(super) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Result<Attempt> {
     let mut linked = LinkGrace::default();
+    let mut unsettled = 0;
     loop {
         return Ok(match settle(plan, lock_dir, false)? {
             Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
@@ -108,6 +159,16 @@ pub(super) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Resul
                     await_answer_async(inotify, deadline, move || one_name(&file)).await;
                 }
                 continue;
+            }
+            Step::Unsettled(file, st) => {
+                unsettled += 1;
+                let dir = &lock_dir.fd;
+                if unsettled <= MAX_UNSETTLED
+                    && settles_within_async(&file, dir, &plan.file_name, &st, RELEASE_GRACE).await
+                {
+                    continue;
+                }
+                return Err(may_not_write(plan, &st));
             }
         });
     }
@@ -160,6 +221,22 @@ impl LinkGrace {
     }
 }
 
+/// The refusal of another user's lock file `st`, which this user may not write, that nobody
+/// holds.
+fn may_not_write(plan: &LockPlan, st: &rustix::fs::Stat) -> Error {
+    not_permitted(
+        plan,
+        format!(
+            "lock file {} belongs to uid {} and this user may not write it, so this user cannot \
+             hold the instance through it (no copy holds it now): run as its owner (or root), or \
+             have them remove it",
+            plan.path().display(),
+            st.st_uid
+        ),
+        Errno::ACCESS,
+    )
+}
+
 /// Has `file` one name at most now? (The attempt then looks again.)
 fn one_name(file: &OwnedFd) -> Option<()> {
     rustix::fs::fstat(file)
@@ -199,6 +276,9 @@ enum Step {
     Busy(OwnedFd),
     /// Held by nobody, with this many names: see [`LinkGrace`].
     Linked(OwnedFd, u64),
+    /// Another user's file, which we may not write, held by nobody: given [`RELEASE_GRACE`] to
+    /// be held again or go before it is refused (see [`settles_within`]).
+    Unsettled(OwnedFd, rustix::fs::Stat),
 }
 
 /// One attempt in `lock_dir`; `None` when the directory was removed under it.
@@ -264,11 +344,8 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
                     // named, with its record, and unlocked. Given a short grace to be held again
                     // or go (a copy churning next to us); then this is a race to retry, not a
                     // refusal. A file nobody takes or removes within it is refused as before.
-                    Ok(false)
-                        if why == ReadOnlyBecause::NoWritePermission
-                            && settles_within(&file, dir, plan, &st, RELEASE_GRACE) =>
-                    {
-                        continue;
+                    Ok(false) if why == ReadOnlyBecause::NoWritePermission => {
+                        return Ok(Some(Step::Unsettled(file, st)));
                     }
                     Ok(false) => {}
                     Err(Errno::NOLCK) => return Err(no_locks()),
@@ -276,17 +353,9 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
                 }
                 return Err(match why {
                     ReadOnlyBecause::NotOurs => not_a_lock_file(plan, &path),
-                    ReadOnlyBecause::NoWritePermission | ReadOnlyBecause::Held => not_permitted(
-                        plan,
-                        format!(
-                            "lock file {} belongs to uid {} and this user may not write it, so \
-                             this user cannot hold the instance through it (no copy holds it \
-                             now): run as its owner (or root), or have them remove it",
-                            path.display(),
-                            st.st_uid
-                        ),
-                        Errno::ACCESS,
-                    ),
+                    ReadOnlyBecause::NoWritePermission | ReadOnlyBecause::Held => {
+                        may_not_write(plan, &st)
+                    }
                 });
             }
         };

@@ -51,14 +51,24 @@ pub(super) fn await_answer<T>(
     }
 }
 
-/// [`await_answer`] for async code, in any runtime (no I/O or time driver needed): it waits on
-/// a thread of its own while the executor runs other tasks, and dropping the future ends that
-/// thread at once (through an `eventfd` it also polls). `None` as well when that thread cannot
-/// be had.
+/// [`await_answer`] for async code, in any runtime (no I/O or time driver needed): see
+/// [`on_a_thread`]. `None` as well when that thread cannot be had.
 pub(super) async fn await_answer_async<T: Send + 'static>(
     inotify: OwnedFd,
     deadline: Instant,
     mut look: impl FnMut() -> Option<T> + Send + 'static,
+) -> Option<T> {
+    on_a_thread(move |cancel| await_answer(&inotify, Some(cancel), deadline, &mut look))
+        .await
+        .flatten()
+}
+
+/// Runs `wait` on a thread of its own while the executor runs other tasks, for async code in
+/// any runtime (no I/O or time driver needed): `wait` must return soon once its argument, an
+/// eventfd, becomes readable, which dropping the future does. `None` when no thread (or
+/// eventfd) can be had.
+pub(super) async fn on_a_thread<T: Send + 'static>(
+    wait: impl FnOnce(&OwnedFd) -> T + Send + 'static,
 ) -> Option<T> {
     /// Wakes the waiting thread when the future is done or dropped.
     struct CancelOnDrop(Arc<OwnedFd>);
@@ -74,14 +84,9 @@ pub(super) async fn await_answer_async<T: Send + 'static>(
     std::thread::Builder::new()
         .name("unique-instance-grace".into())
         .spawn(move || {
-            let _ = tx.send(await_answer(
-                &inotify,
-                Some(&thread_cancel),
-                deadline,
-                &mut look,
-            ));
+            let _ = tx.send(wait(&thread_cancel));
         })
         .ok()?;
     let _cancel = CancelOnDrop(cancel);
-    rx.await.ok().flatten()
+    rx.await.ok()
 }
