@@ -914,3 +914,151 @@ fn a_users_empty_file_survives_a_crashed_holder() {
         common::assert_same_file_emptied(&path, &before, &format!("round {round}"));
     }
 }
+
+/// Takes a read lock (`F_OFD_SETLK`, shared) on the whole of `file`, as anyone who may only read
+/// it can: held until `file` is closed.
+fn read_lock(file: &std::fs::File) {
+    let lock = libc::flock {
+        l_type: libc::F_RDLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)).expect("read lock");
+}
+
+/// A lock file of ours that no copy holds (its holder was SIGKILLed), read-locked by someone
+/// who may only read it, is no running copy: `status` says so, and the next copy puts it aside
+/// for a new file and runs (a review: a local user's read lock on a deployed service's file
+/// made every copy say "already running"). A user's own file given as the lock file, which a
+/// copy never removes, is never put aside: the copy is refused, the file left as it is.
+#[test]
+fn a_read_lock_is_no_running_copy_and_does_not_keep_copies_out() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for backend in ["lockfile", "auto"] {
+        let name = unique_name("read_locked");
+        let path = lock_dir.path().join(format!("{name}.lock"));
+        let mut crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+        assert!(crashed.next_line("holder").starts_with("acquired"));
+        crashed.sigkill();
+        let squatter = std::fs::File::open(&path).expect("open to read");
+        read_lock(&squatter);
+        let squatted = squatter.metadata().expect("metadata").ino();
+
+        let mut status = common::cli(
+            None,
+            lock_dir.path(),
+            &["status", "--backend", "lockfile", &name],
+        );
+        let said = status.stdout_until_closed();
+        assert_eq!(status.exit_code(), 3, "{backend}: status: {said:?}");
+
+        let mut next = holder(None, lock_dir.path(), &[&name, "--backend", backend]);
+        let line = next.next_line("next copy");
+        assert!(line.starts_with("acquired"), "{backend}: {line}");
+        let now = std::fs::metadata(&path).expect("the new lock file");
+        assert_ne!(now.ino(), squatted, "{backend}: the same file");
+        next.close_stdin();
+        assert_eq!(next.line_starting("released"), "released");
+        assert_eq!(next.exit_code(), 0);
+    }
+
+    // A file the user made, empty, given as the lock file: locked in place, never removed or
+    // replaced, so never put aside either.
+    let name = unique_name("read_locked_kept");
+    let data = lock_dir.path().join("data.lock");
+    std::fs::write(&data, "").expect("the user's file");
+    let before = std::fs::metadata(&data).expect("metadata");
+    let data_arg = data.to_str().expect("UTF-8");
+    let mut first = holder(
+        None,
+        lock_dir.path(),
+        &[&name, "--backend", "lockfile", "--lock-file", data_arg],
+    );
+    assert!(first.next_line("holder").starts_with("acquired"));
+    first.sigkill();
+    let squatter = std::fs::File::open(&data).expect("open to read");
+    read_lock(&squatter);
+    let mut next = holder(
+        None,
+        lock_dir.path(),
+        &[&name, "--backend", "lockfile", "--lock-file", data_arg],
+    );
+    let line = next.next_line("next copy");
+    assert!(!line.starts_with("acquired"), "{line}");
+    let after = std::fs::metadata(&data).expect("the user's file is still there");
+    assert_eq!(after.ino(), before.ino(), "the user's file was replaced");
+}
+
+/// A local user who read-locks every file made in a shared lock directory the moment it is
+/// there (an inotify watch, as a review did) keeps no copy out: a new lock file is made with no
+/// access for anyone until it is locked, and one read-locked at its name anyway (in a release)
+/// is put aside. Before, 299 copies in 300 were told "already running".
+#[test]
+fn a_user_who_read_locks_every_new_file_keeps_no_copy_out() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs the squatter as another user and must run as root (CI does)"
+    );
+    let dir = shared_sticky_dir();
+    let mut squatter = Proc::spawn(common::as_user(NOBODY, NOBODY, &{
+        let mut cmd = Command::new(common::example_path("squatter"));
+        cmd.arg(dir.path());
+        cmd
+    }));
+    assert_eq!(squatter.next_line("squatter"), "watching");
+    let name = unique_name("squatted");
+    for round in 0..20 {
+        let mut copy = holder(
+            None,
+            dir.path(),
+            &[&name, "--backend", "lockfile", "--scope", "system"],
+        );
+        let line = copy.next_line("copy");
+        assert!(line.starts_with("acquired"), "round {round}: {line}");
+        copy.close_stdin();
+        assert_eq!(copy.line_starting("released"), "released", "round {round}");
+        assert_eq!(copy.exit_code(), 0);
+    }
+    squatter.close_stdin();
+    assert_eq!(squatter.exit_code(), 0);
+}
+
+/// A user's own file given as the lock file in a sticky directory (`--lock-file /tmp/flag`,
+/// made empty by that user) is never removed by root, who may not keep it either (its owner
+/// could rewrite root's record or move it away): root is refused, and the file is left as it
+/// was (a review: root removed it and made its own).
+#[test]
+fn root_never_removes_a_users_own_file_given_as_the_lock_file() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test makes a file as another user and must run as root (CI does)"
+    );
+    let dir = shared_sticky_dir();
+    let flag = dir.path().join("flag");
+    std::fs::write(&flag, "").expect("the user's file");
+    std::os::unix::fs::chown(&flag, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let before = std::fs::metadata(&flag).expect("metadata");
+    let name = unique_name("users_flag");
+    let result = InstanceOptions::new(&name)
+        .backend(Backend::LockFile)
+        .scope(Scope::System)
+        .lock_file(&flag)
+        .acquire();
+    assert!(
+        matches!(
+            result,
+            Err(Error::UnsafeLockPath {
+                problem: UnsafeLockPath::WrongOwner { .. },
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    let after = std::fs::metadata(&flag).expect("the user's file is still there");
+    assert_eq!(
+        (after.ino(), after.uid(), after.len()),
+        (before.ino(), NOBODY, 0)
+    );
+}

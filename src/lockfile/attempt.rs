@@ -16,10 +16,13 @@ use crate::test_hooks::{self, Hook};
 use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
 use super::grace::{await_answer, await_answer_async, on_a_thread};
 use super::held::HeldLock;
-use super::ofd::{is_held, lock_exclusive, retry_eintr, wait_unlocked};
-use super::open::{Opened, ReadOnlyBecause, is_ours, not_a_lock_file, open_lock_file, still_names};
+use super::ofd::{is_held, is_locked_at_all, lock_exclusive, wait_unlocked};
+use super::open::{
+    Made, Opened, ReadOnlyBecause, displace, is_ours, not_a_lock_file, open_lock_file,
+    set_new_file_owner_and_mode, still_names,
+};
 use super::reader::{read_holder, read_holder_async};
-use super::record::{LockRecord, read_content};
+use super::record::{LockRecord, placeholder, read_content, write_or_unknown};
 
 /// The outcome of one attempt.
 // Returned once per attempt and taken apart at once: boxing the large variant would only add an
@@ -45,15 +48,33 @@ const RELEASE_GRACE: Duration = Duration::from_millis(300);
 /// file let go and held again that often is being churned on purpose.
 const MAX_UNSETTLED: u32 = 100;
 
-/// Whether, within `grace`, the unheld file `st` (open as `file`) is held again, or the path
-/// stops naming it. Polled: a few looks in the usual case, where its holder is between the two
-/// steps of its release. Returns `false` at once when `cancel` (an eventfd) becomes readable.
+/// What a file found unheld (or held only for reading) is given [`RELEASE_GRACE`] to do.
+#[derive(Debug, Clone, Copy)]
+enum Settled {
+    /// Be held again (another user's file, which we may not write, let go for a moment by its
+    /// holder's release).
+    WhenHeld,
+    /// Be held again, or let go by every reader (a waiter's read lock lasts a moment).
+    WhenHeldOrUnlocked,
+}
+
+impl Settled {
+    fn now(self, file: &OwnedFd) -> bool {
+        is_held(file) == Ok(true)
+            || matches!(self, Settled::WhenHeldOrUnlocked) && is_locked_at_all(file) == Ok(false)
+    }
+}
+
+/// Whether, within `grace`, the unheld file `st` (open as `file`) settles as `settled` says, or
+/// the path stops naming it. Polled: a few looks in the usual case, where its holder is between
+/// the two steps of its release. Returns `false` at once when `cancel` (an eventfd) becomes
+/// readable.
 fn settles_within(
     file: &OwnedFd,
     dir: &OwnedFd,
     file_name: &std::ffi::OsStr,
     st: &rustix::fs::Stat,
-    grace: Duration,
+    (grace, settled): (Duration, Settled),
     cancel: Option<&OwnedFd>,
 ) -> bool {
     use rustix::event::{PollFd, PollFlags, Timespec};
@@ -61,7 +82,7 @@ fn settles_within(
     let mut pause = Duration::from_micros(100);
     loop {
         let look = rustix::fs::statat(dir, file_name, AtFlags::SYMLINK_NOFOLLOW);
-        if !still_names(look, st) || is_held(file) == Ok(true) {
+        if !still_names(look, st) || settled.now(file) {
             return true;
         }
         let now = Instant::now();
@@ -95,7 +116,7 @@ async fn settles_within_async(
     dir: &OwnedFd,
     file_name: &std::ffi::OsStr,
     st: &rustix::fs::Stat,
-    grace: Duration,
+    grace: (Duration, Settled),
 ) -> bool {
     let (Ok(file), Ok(dir)) = (file.try_clone(), dir.try_clone()) else {
         return false;
@@ -117,8 +138,9 @@ async fn settles_within_async(
 pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Attempt> {
     let mut linked = LinkGrace::default();
     let mut unsettled = 0;
+    let mut squatted = None;
     loop {
-        return Ok(match settle(plan, lock_dir, block)? {
+        return Ok(match settle(plan, lock_dir, block, squatted.take())? {
             Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
             Step::Busy(file) => Attempt::Busy(Box::new(read_holder(&file, &plan.path()))),
             Step::Linked(file, links) => {
@@ -130,12 +152,24 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Resu
             Step::Unsettled(file, st) => {
                 unsettled += 1;
                 let dir = &lock_dir.fd;
+                let grace = (RELEASE_GRACE, Settled::WhenHeld);
                 if unsettled <= MAX_UNSETTLED
-                    && settles_within(&file, dir, &plan.file_name, &st, RELEASE_GRACE, None)
+                    && settles_within(&file, dir, &plan.file_name, &st, grace, None)
                 {
                     continue;
                 }
                 return Err(may_not_write(plan, &st));
+            }
+            Step::ReadLocked(file, st) => {
+                unsettled += 1;
+                let dir = &lock_dir.fd;
+                let grace = (RELEASE_GRACE, Settled::WhenHeldOrUnlocked);
+                if unsettled > MAX_UNSETTLED
+                    || !settles_within(&file, dir, &plan.file_name, &st, grace, None)
+                {
+                    squatted = Some((st.st_dev, st.st_ino));
+                }
+                continue;
             }
         });
     }
@@ -148,8 +182,9 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Resu
 pub(super) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Result<Attempt> {
     let mut linked = LinkGrace::default();
     let mut unsettled = 0;
+    let mut squatted = None;
     loop {
-        return Ok(match settle(plan, lock_dir, false)? {
+        return Ok(match settle(plan, lock_dir, false, squatted.take())? {
             Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
             Step::Busy(file) => {
                 Attempt::Busy(Box::new(read_holder_async(&file, &plan.path()).await))
@@ -163,12 +198,24 @@ pub(super) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Resul
             Step::Unsettled(file, st) => {
                 unsettled += 1;
                 let dir = &lock_dir.fd;
+                let grace = (RELEASE_GRACE, Settled::WhenHeld);
                 if unsettled <= MAX_UNSETTLED
-                    && settles_within_async(&file, dir, &plan.file_name, &st, RELEASE_GRACE).await
+                    && settles_within_async(&file, dir, &plan.file_name, &st, grace).await
                 {
                     continue;
                 }
                 return Err(may_not_write(plan, &st));
+            }
+            Step::ReadLocked(file, st) => {
+                unsettled += 1;
+                let dir = &lock_dir.fd;
+                let grace = (RELEASE_GRACE, Settled::WhenHeldOrUnlocked);
+                if unsettled > MAX_UNSETTLED
+                    || !settles_within_async(&file, dir, &plan.file_name, &st, grace).await
+                {
+                    squatted = Some((st.st_dev, st.st_ino));
+                }
+                continue;
             }
         });
     }
@@ -221,6 +268,54 @@ impl LinkGrace {
     }
 }
 
+/// Puts aside a lock file of ours, `file` (`st`), that no copy holds and someone keeps
+/// read-locked (see [`displace`]), for a new one of ours, locked: the acquisition. Only a lock
+/// file a copy of ours made and would remove (its record says so): one kept (a user's own file
+/// given as the lock file, found empty) or any other is left as it is, and the copy is refused
+/// as before, naming what its record says. `None`: look again.
+fn displace_squatted(
+    plan: &LockPlan,
+    lock_dir: &LockDir,
+    file: &OwnedFd,
+    st: &rustix::fs::Stat,
+    euid: u32,
+) -> Result<Option<Step>> {
+    let path = plan.path();
+    let content =
+        read_content(file).map_err(|e| Error::io("cannot read the lock file", &path, e.into()))?;
+    let previous = LockRecord::parse_whole(&content);
+    let ours_to_remove = is_ours(&content) && previous.as_ref().is_some_and(|r| !r.keep);
+    let busy = || -> Result<Option<Step>> {
+        let file = file
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate", &path, e))?;
+        Ok(Some(Step::Busy(file)))
+    };
+    if !ours_to_remove {
+        return busy();
+    }
+    let made = displace(
+        &lock_dir.fd,
+        plan.file_name.as_os_str(),
+        plan.file_mode,
+        st,
+        |new, new_st| set_new_file_owner_and_mode(plan, new, &path, new_st, euid, lock_dir),
+    )?;
+    match made {
+        Made::Named(new) => {
+            let new_st =
+                rustix::fs::fstat(&new).map_err(|e| Error::io("cannot stat", &path, e.into()))?;
+            tracing::warn!(path = %path.display(),
+                "the lock file, held by no copy, was kept read-locked by another process; \
+                 replaced it with a new one");
+            let held = HeldLock::new(new, &new_st, false, plan, lock_dir, path);
+            Ok(Some(Step::Acquired(held, previous)))
+        }
+        Made::Exists => Ok(None),
+        Made::Unsupported => busy(),
+    }
+}
+
 /// The refusal of another user's lock file `st`, which this user may not write, that nobody
 /// holds.
 fn may_not_write(plan: &LockPlan, st: &rustix::fs::Stat) -> Error {
@@ -249,10 +344,18 @@ fn one_name(file: &OwnedFd) -> Option<()> {
 /// retargeted, while we opened, locked or were refused the file, the lock taken or the holder seen belongs to a directory nobody else will
 /// find any more, so it starts over from the directory, made again under the same rules (see
 /// [`open_dir`](super::dir::open_dir)), a bounded number of times.
-fn settle(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Result<Step> {
+///
+/// `squatted`: the file (device, inode) found held only by readers through a whole grace: if it
+/// still is, it is put aside for a new one (see [`displace`]).
+fn settle(
+    plan: &LockPlan,
+    lock_dir: &mut LockDir,
+    block: bool,
+    squatted: Option<(u64, u64)>,
+) -> Result<Step> {
     test_hooks::stop_at(Hook::BeforeLockFile);
     for _ in 0..MAX_DIR_RACES {
-        match lock_step(plan, lock_dir, block)? {
+        match lock_step(plan, lock_dir, block, squatted)? {
             // Held or refused in a directory that is still the path's: the answer.
             Some(step) if lock_dir.is_current(plan) => return Ok(step),
             // Dropped unused: a lock taken in a removed directory releases nothing anyone
@@ -279,10 +382,19 @@ enum Step {
     /// Another user's file, which we may not write, held by nobody: given [`RELEASE_GRACE`] to
     /// be held again or go before it is refused (see [`settles_within`]).
     Unsettled(OwnedFd, rustix::fs::Stat),
+    /// A file of ours that no copy holds, but that someone holds read-locked, so that it cannot
+    /// be locked: given [`RELEASE_GRACE`] (a waiter's read lock lasts a moment), then put aside
+    /// (see [`displace`]).
+    ReadLocked(OwnedFd, rustix::fs::Stat),
 }
 
 /// One attempt in `lock_dir`; `None` when the directory was removed under it.
-fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<Step>> {
+fn lock_step(
+    plan: &LockPlan,
+    lock_dir: &LockDir,
+    block: bool,
+    squatted: Option<(u64, u64)>,
+) -> Result<Option<Step>> {
     let euid = rustix::process::geteuid().as_raw();
     let path = plan.path();
     let dir = &lock_dir.fd;
@@ -361,6 +473,16 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
         };
         match lock_exclusive(&file, block) {
             Ok(()) => {}
+            // Refused by read locks alone: no copy holds it (see `is_held`).
+            Err(Errno::AGAIN | Errno::ACCESS) if is_held(&file) == Ok(false) => {
+                if squatted != Some((st.st_dev, st.st_ino)) {
+                    return Ok(Some(Step::ReadLocked(file, st)));
+                }
+                match displace_squatted(plan, lock_dir, &file, &st, euid)? {
+                    Some(step) => return Ok(Some(step)),
+                    None => continue,
+                }
+            }
             Err(Errno::AGAIN | Errno::ACCESS) => {
                 return Ok(Some(Step::Busy(file)));
             }
@@ -386,20 +508,26 @@ fn lock_step(plan: &LockPlan, lock_dir: &LockDir, block: bool) -> Result<Option<
         if !is_ours(&content) {
             return Err(not_a_lock_file(plan, &path));
         }
-        let previous = LockRecord::parse_whole(&content);
-        // Clear a crashed holder's record at once, so nobody reports a dead PID while we set up.
-        // (An empty file, the usual case, needs no truncation: one system call less.)
-        if !content.is_empty() {
-            retry_eintr(|| rustix::fs::ftruncate(&file, 0))
-                .map_err(|e| Error::io("cannot truncate", &path, e.into()))?;
-        }
         // Created by us, or a crashed holder's that was ours: ours to remove. Found empty, or a
         // crashed holder's record says the file was found so (`LockRecord::keep`): kept. A mark
-        // in a file this attempt created is not believed: it was empty when made, so whoever
-        // wrote into it meanwhile could only make a file of ours stay behind (empty), which
+        // in a file this attempt created is not believed: it was made with our first record, so
+        // whoever wrote into it meanwhile could only make a file of ours stay behind, which
         // keeps nobody out of the lock and never lets two copies in.
+        let previous = if created {
+            None
+        } else {
+            LockRecord::parse_whole(&content)
+        };
         let keep_file =
             !created && (content.is_empty() || previous.as_ref().is_some_and(|r| r.keep));
+        // A crashed holder's record replaced at once, in one write, so nobody reports a dead PID
+        // while we set up, and a copy killed now leaves a record of its own, keep mark and all,
+        // never an empty file (see `placeholder`). A file we made has ours already; an empty one
+        // (the usual case: someone else's) needs nothing.
+        if !created && !content.is_empty() {
+            write_or_unknown(&file, &placeholder(keep_file, content.len()), &path)
+                .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
+        }
         let held = HeldLock::new(file, &st, keep_file, plan, lock_dir, path);
         return Ok(Some(Step::Acquired(held, previous)));
     }

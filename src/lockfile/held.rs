@@ -20,7 +20,7 @@ use crate::loss::LossReason;
 use crate::plan::LockPlan;
 
 use super::dir::LockDir;
-use super::ofd::{lock_exclusive, retry_eintr};
+use super::ofd::{is_held, lock_exclusive, retry_eintr};
 use super::record::{LockRecord, write_or_unknown};
 use super::watch::WatchHandle;
 use super::watch::lock_change_of;
@@ -202,6 +202,9 @@ impl HeldLock {
         lock_dir: &LockDir,
         path: PathBuf,
     ) -> HeldLock {
+        // What is in it now: our first record (see `placeholder`), which the holder's own
+        // overwrites whole, padded to its length; nothing in a file we keep.
+        let record_len = rustix::fs::fstat(&file).map_or(0, |now| now.st_size as usize);
         let files = Arc::new(Files {
             first: file,
             moved: [const { OnceLock::new() }; MAX_MOVES],
@@ -230,7 +233,7 @@ impl HeldLock {
             file_name: plan.file_name.clone(),
             path,
             released: false,
-            record_len: 0,
+            record_len,
             pid: std::process::id(),
             shared,
         }
@@ -462,6 +465,12 @@ impl HeldLock {
         loop {
             match lock_exclusive(&file, false) {
                 Ok(()) => return None,
+                // Kept from us by read locks alone: no description of ours (a forked child
+                // holds the write lock it shares), but someone who may read the file and took
+                // a read lock in the moment it was let go. Removed all the same: left, it
+                // would keep every copy waiting on the grace and the put-aside (see
+                // `attempt::displace_squatted`).
+                Err(Errno::AGAIN | Errno::ACCESS) if is_held(&file) == Ok(false) => return None,
                 Err(Errno::AGAIN | Errno::ACCESS) if pause <= Duration::from_millis(128) => {
                     std::thread::sleep(pause);
                     pause *= 2;
@@ -533,5 +542,50 @@ mod tests {
         }
         held.release().expect("release");
         assert!(!path.exists(), "a file we created is removed");
+    }
+
+    /// A lock file is never empty at its name while a copy sets up: made, it has a record of
+    /// ours before it has its name; taken over from a crashed holder, that holder's record is
+    /// replaced by ours in one write, not emptied first. So a copy killed before it wrote its own
+    /// record leaves a file the next copy takes over and removes, never an empty one, which it
+    /// would take for a user's and keep for good (a review: root's kept that way in the shared
+    /// directory, and every other user was refused with 77 from then on).
+    #[test]
+    fn a_lock_file_has_a_record_of_ours_from_the_moment_it_is_taken() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let plan = private_plan(&base.path().join("locks"));
+        let path = plan.dir.join(&plan.file_name);
+        let ours = |what: &str| {
+            let content = std::fs::read(&path).expect("read");
+            let record = LockRecord::parse_whole(&content)
+                .unwrap_or_else(|| panic!("{what}: not one record: {content:?}"));
+            assert_eq!(record.pid, std::process::id(), "{what}");
+            assert!(!record.keep, "{what}");
+        };
+        let mut dir = open_dir(&plan, false).expect("dir");
+        let Attempt::Acquired(held, None) = lock(&plan, &mut dir, false).expect("lock") else {
+            panic!("a fresh file is acquired, with no previous record");
+        };
+        ours("made");
+        held.release().expect("release");
+        // A crashed holder's record, longer than ours: the file left as it was.
+        let crashed = LockRecord {
+            pid: 999_999,
+            ..LockRecord::for_self(
+                vec![crate::scope::Backend::LockFile],
+                None,
+                Some(format!(":1.{}", "9".repeat(200))),
+            )
+        };
+        std::fs::write(&path, crashed.to_line()).expect("the crashed holder's record");
+        let mut dir = open_dir(&plan, false).expect("dir");
+        let Attempt::Acquired(held, Some(previous)) = lock(&plan, &mut dir, false).expect("lock")
+        else {
+            panic!("taken over, with the crashed holder's record");
+        };
+        assert_eq!(previous.pid, 999_999);
+        ours("taken over");
+        held.release().expect("release");
+        assert!(!path.exists(), "a file of ours is removed");
     }
 }

@@ -55,12 +55,27 @@ pub(super) fn wait_unlocked(file: &OwnedFd) -> rustix::io::Result<()> {
     })
 }
 
-/// Does anyone hold a lock on `file` that would keep us from locking it exclusively? Asked
-/// with `F_OFD_GETLK`, which takes nothing.
+/// Does a copy hold `file`: does another open file description hold a *write* lock on it (the
+/// lock an instance takes)? Asked with `F_OFD_GETLK` for a read lock, which takes nothing and
+/// is refused only by a write lock. A read lock is nobody's instance: anyone who may read the
+/// file can take one (a review: a local user's read lock on a service's lock file made every
+/// copy say "already running"), and a waiter takes one for a moment (see [`wait_unlocked`]).
 pub(super) fn is_held(file: impl AsFd) -> rustix::io::Result<bool> {
-    let mut probe = whole_file(libc::F_WRLCK);
+    Ok(conflicting(file, libc::F_RDLCK)? == Some(libc::F_WRLCK))
+}
+
+/// Does anyone hold any lock on `file` (a read lock included) that would keep us from locking
+/// it exclusively?
+pub(super) fn is_locked_at_all(file: impl AsFd) -> rustix::io::Result<bool> {
+    Ok(conflicting(file, libc::F_WRLCK)?.is_some())
+}
+
+/// The type of a lock another open file description holds on `file` that conflicts with a
+/// `lock_type` lock on the whole file, if any (`F_OFD_GETLK`, which takes nothing).
+fn conflicting(file: impl AsFd, lock_type: libc::c_int) -> rustix::io::Result<Option<libc::c_int>> {
+    let mut probe = whole_file(lock_type);
     retry_eintr(|| fcntl(file.as_fd(), FcntlArg::F_OFD_GETLK(&mut probe)).map_err(nix_errno))?;
-    Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
+    Ok((probe.l_type != libc::F_UNLCK as libc::c_short).then_some(libc::c_int::from(probe.l_type)))
 }
 
 fn nix_errno(e: nix::errno::Errno) -> Errno {

@@ -13,8 +13,8 @@ use crate::error::{Error, Result, UnsafeLockPath};
 use crate::plan::LockPlan;
 
 use super::dir::{LockDir, not_permitted};
-use super::ofd::{is_held, lock_exclusive, retry_eintr};
-use super::record::{LockRecord, read_content};
+use super::ofd::{is_held, is_locked_at_all, lock_exclusive, retry_eintr};
+use super::record::{LockRecord, placeholder, read_content, write_or_unknown};
 
 /// A lock file, opened.
 pub(super) enum Opened {
@@ -186,7 +186,7 @@ pub(super) fn open_lock_file(
         dir,
         plan.file_name.as_os_str(),
         plan.file_mode,
-        |file, st| set_new_file_owner_and_mode(plan, file, path, st, euid, lock_dir),
+        |file, st| new_lock_file(plan, file, path, st, euid, lock_dir),
     )?;
     let exists = match made {
         Made::Named(file) => {
@@ -202,7 +202,7 @@ pub(super) fn open_lock_file(
         match open(flags | OFlags::RDWR | OFlags::CREATE | OFlags::EXCL) {
             Ok(file) => {
                 let mut st = fstat(&file)?;
-                set_new_file_owner_and_mode(plan, &file, path, &mut st, euid, lock_dir)?;
+                new_lock_file(plan, &file, path, &mut st, euid, lock_dir)?;
                 return writable(file, st, true);
             }
             Err(Errno::EXIST) => {}
@@ -242,9 +242,22 @@ pub(super) fn open_lock_file(
     }
     if root_must_not_keep(plan, euid, st.st_uid, lock_dir) {
         // Held: its holder removes it when it lets go (a wait waits for that), and then we
-        // make our own.
-        if is_held(&file) == Ok(true) {
+        // make our own. Read-locked too: it cannot be removed as `remove_foreign` must (under
+        // its lock), and it is that user's own file, which they could as well hold.
+        if is_held(&file) == Ok(true) || is_locked_at_all(&file) == Ok(true) {
             return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::Held), st)));
+        }
+        // A lock file given by its path (`--lock-file /tmp/flag`) that is a user's own file is
+        // theirs: never removed (a review saw root delete a user's empty file so). Only a
+        // record of ours that says the file is ours to remove lets it go. (In a lock directory,
+        // a file at the name a copy derives is one put there to squat.)
+        let given_as_file = plan.create_dir_mode.is_none() && !plan.service_dir;
+        let ours_to_remove = LockRecord::parse_whole(&content).is_some_and(|record| !record.keep);
+        if given_as_file && !ours_to_remove {
+            return Err(unsafe_path(UnsafeLockPath::WrongOwner {
+                owner: st.st_uid,
+                expected: 0,
+            }));
         }
         if still_names(look(), &st) {
             remove_foreign(plan, dir, path, &st, open(flags | OFlags::RDWR))?;
@@ -331,6 +344,36 @@ pub(super) fn create_unnamed(
     mode: u32,
     prepare: impl FnOnce(&OwnedFd, &mut Stat) -> Result<()>,
 ) -> Result<Made> {
+    let Some((file, temporary)) = make_temporary(dir, mode, prepare)? else {
+        return Ok(Made::Unsupported);
+    };
+    let renamed = rustix::fs::renameat_with(
+        dir,
+        temporary.as_str(),
+        dir,
+        name,
+        rustix::fs::RenameFlags::NOREPLACE,
+    );
+    Ok(match renamed {
+        Ok(()) => Made::Named(file),
+        Err(Errno::EXIST) => {
+            remove_temporary(dir, &temporary);
+            Made::Exists
+        }
+        Err(_) => {
+            remove_temporary(dir, &temporary);
+            Made::Unsupported
+        }
+    })
+}
+
+/// The first half of [`create_unnamed`]: a new file under a temporary name, prepared and
+/// locked; `None` where that cannot be done here.
+fn make_temporary(
+    dir: &OwnedFd,
+    mode: u32,
+    prepare: impl FnOnce(&OwnedFd, &mut Stat) -> Result<()>,
+) -> Result<Option<(OwnedFd, String)>> {
     let mut tries = 0;
     let (file, temporary) = loop {
         let temporary = temporary_name();
@@ -345,7 +388,10 @@ pub(super) fn create_unnamed(
                     | OFlags::CLOEXEC
                     | OFlags::NOCTTY
                     | OFlags::NONBLOCK,
-                Mode::from_raw_mode(mode),
+                // No access for anyone until it is locked, then `mode`: a file anyone may read
+                // can be read-locked by them the moment it is made, and then never locked by us
+                // (a review read-locked every new file so).
+                Mode::empty(),
             )
         }) {
             Ok(file) => break (file, temporary),
@@ -353,46 +399,103 @@ pub(super) fn create_unnamed(
             Err(Errno::EXIST) if tries < MAX_TEMPORARY_TRIES => tries += 1,
             // Anything else (the directory removed, no room, not permitted): the open at the
             // name finds it and says it.
-            Err(_) => return Ok(Made::Unsupported),
+            Err(_) => return Ok(None),
         }
     };
-    let remove_temporary = || {
-        let _ = rustix::fs::unlinkat(dir, temporary.as_str(), AtFlags::empty());
-    };
-    let Ok(mut st) = rustix::fs::fstat(&file) else {
-        remove_temporary();
-        return Ok(Made::Unsupported);
-    };
-    if let Err(e) = prepare(&file, &mut st) {
-        remove_temporary();
-        return Err(e);
-    }
     // Locked before it has its name, so nobody ever finds it unlocked there: a copy that may
     // not write it (another user's) would otherwise be told it may not hold it, though it is
     // being taken. The lock belongs to this open file description; the caller's lock on it is
     // then a no-op. (A file system without locks: made at its name instead, and refused there.)
-    if lock_exclusive(&file, false).is_err() {
-        remove_temporary();
-        return Ok(Made::Unsupported);
+    if lock_exclusive(&file, false).is_err()
+        || rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).is_err()
+    {
+        remove_temporary(dir, &temporary);
+        return Ok(None);
     }
-    let renamed = rustix::fs::renameat_with(
-        dir,
-        temporary.as_str(),
-        dir,
-        name,
-        rustix::fs::RenameFlags::NOREPLACE,
-    );
-    Ok(match renamed {
-        Ok(()) => Made::Named(file),
-        Err(Errno::EXIST) => {
-            remove_temporary();
+    let Ok(mut st) = rustix::fs::fstat(&file) else {
+        remove_temporary(dir, &temporary);
+        return Ok(None);
+    };
+    if let Err(e) = prepare(&file, &mut st) {
+        remove_temporary(dir, &temporary);
+        return Err(e);
+    }
+    Ok(Some((file, temporary)))
+}
+
+fn remove_temporary(dir: &OwnedFd, temporary: &str) {
+    let _ = rustix::fs::unlinkat(dir, temporary, AtFlags::empty());
+}
+
+/// Puts a new lock file of ours in place of `squatted`, a lock file of ours that nobody holds
+/// as an instance but that someone keeps read-locked, so that no copy can lock it (anyone who
+/// may read it can take a read lock; a review made every copy of a deployed service say
+/// "already running" so). Made as [`create_unnamed`] makes one, then swapped with whatever is
+/// at `name` in one step (`RENAME_EXCHANGE`): the file swapped out is removed if it is
+/// `squatted`; if it is another (a copy that did the same first, or made a new file once the
+/// squatted one went), it is swapped back at once and nothing is made ([`Made::Exists`]: the
+/// caller looks again). The reader keeps its lock on a file with no name, which keeps nobody
+/// out. [`Made::Unsupported`] where the swap cannot be made.
+pub(super) fn displace(
+    dir: &OwnedFd,
+    name: &std::ffi::OsStr,
+    mode: u32,
+    squatted: &Stat,
+    prepare: impl FnOnce(&OwnedFd, &mut Stat) -> Result<()>,
+) -> Result<Made> {
+    let Some((file, temporary)) = make_temporary(dir, mode, prepare)? else {
+        return Ok(Made::Unsupported);
+    };
+    let swap = || {
+        rustix::fs::renameat_with(
+            dir,
+            temporary.as_str(),
+            dir,
+            name,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+    };
+    if let Err(e) = swap() {
+        remove_temporary(dir, &temporary);
+        // Nothing at the name any more: looked at again.
+        return Ok(if e == Errno::NOENT {
             Made::Exists
-        }
-        Err(_) => {
-            remove_temporary();
+        } else {
             Made::Unsupported
-        }
-    })
+        });
+    }
+    let out = rustix::fs::statat(dir, temporary.as_str(), AtFlags::SYMLINK_NOFOLLOW);
+    if out.is_ok_and(|out| (out.st_dev, out.st_ino) == (squatted.st_dev, squatted.st_ino)) {
+        remove_temporary(dir, &temporary);
+        return Ok(Made::Named(file));
+    }
+    // Someone else's file: back where it was, and ours, once it is at the temporary name
+    // again, removed.
+    let _ = swap();
+    let ours = rustix::fs::fstat(&file).ok();
+    let back = rustix::fs::statat(dir, temporary.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+    if let (Some(ours), Some(back)) = (ours, back)
+        && (ours.st_dev, ours.st_ino) == (back.st_dev, back.st_ino)
+    {
+        remove_temporary(dir, &temporary);
+    }
+    Ok(Made::Exists)
+}
+
+/// What a lock file we just made gets before anyone may lock it: its owner and mode (see
+/// [`set_new_file_owner_and_mode`]) and a first record (see [`placeholder`]).
+pub(super) fn new_lock_file(
+    plan: &LockPlan,
+    file: &OwnedFd,
+    path: &Path,
+    st: &mut Stat,
+    euid: u32,
+    lock_dir: &LockDir,
+) -> Result<()> {
+    set_new_file_owner_and_mode(plan, file, path, st, euid, lock_dir)?;
+    write_or_unknown(file, &placeholder(false, 0), path)
+        .map_err(|e| Error::io("cannot write holder record to", path, e))?;
+    Ok(())
 }
 
 /// Gives a lock file we just created its intended mode, whatever the umask (under `umask 077`

@@ -46,6 +46,33 @@ pub(crate) struct LockRecord {
     pub(crate) keep: bool,
 }
 
+/// The record a lock file gets the moment it is made or taken over, before the holder's own:
+/// this process's PID and user, and `keep`. A copy killed before it wrote its own leaves this,
+/// never an empty file, which the next copy would take for someone else's (see
+/// [`LockRecord::keep`]) and never remove: root's, in a shared directory, would then keep every
+/// other user out for good (a review). At least `len` bytes long (padded with spaces before its
+/// newline, as JSON allows), so that one write replaces a record of that length whole.
+pub(super) fn placeholder(keep: bool, len: usize) -> Vec<u8> {
+    let mut line = LockRecord {
+        pid: std::process::id(),
+        uid: rustix::process::geteuid().as_raw(),
+        start_time: None,
+        backend: vec![Backend::LockFile],
+        bus: None,
+        bus_unique_name: None,
+        executable: None,
+        hostname: None,
+        keep,
+    }
+    .to_line();
+    if line.len() < len {
+        line.pop();
+        line.resize(len - 1, b' ');
+        line.push(b'\n');
+    }
+    line
+}
+
 /// What starts the line of a record whose file is kept (see [`LockRecord::keep`]).
 const KEEP_MARK: u8 = b'\t';
 
