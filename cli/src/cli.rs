@@ -372,7 +372,10 @@ fn parse_wait(s: &str) -> Result<WaitFor, String> {
 
 fn parse_recheck(s: &str) -> Result<Duration, String> {
     let interval = parse_seconds(s)?;
-    if !interval.is_zero() && interval < MIN_RECHECK {
+    // Judged on the number given: one too small for a `Duration` (`1e-10`) rounds to zero,
+    // which would turn a request for a timer into "no timer" (a review).
+    let given_zero = s.trim().parse::<f64>().is_ok_and(|secs| secs == 0.0);
+    if !given_zero && interval < MIN_RECHECK {
         return Err(format!(
             "{s:?} is too short an interval: 0 (no timer) or at least {} seconds",
             MIN_RECHECK.as_secs_f64()
@@ -468,6 +471,13 @@ mod tests {
         assert!(parse_seconds("nan").is_err());
         assert_eq!(parse_seconds("1e9"), Ok(Duration::from_secs(1_000_000_000)));
         assert!(parse_recheck("1e-9").is_err_and(|e| e.contains("too short")));
+        for rounds_to_zero in ["0.0000000001", "1e-320"] {
+            assert!(
+                parse_recheck(rounds_to_zero).is_err_and(|e| e.contains("too short")),
+                "{rounds_to_zero}"
+            );
+        }
+        assert_eq!(parse_recheck("0.0"), Ok(Duration::ZERO));
         assert_eq!(parse_recheck("0"), Ok(Duration::ZERO));
         assert_eq!(parse_recheck("0.01"), Ok(Duration::from_millis(10)));
     }
