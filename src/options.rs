@@ -234,7 +234,10 @@ impl InstanceOptions {
                 match (lockfile::holder_of(&path, &plan.name), way) {
                     (Ok(Some(holder)), _) => Ok(Some(holder)),
                     (_, Err(e)) => Err(e),
-                    (Ok(None), Ok(())) => Ok(lockfile::copy_in_the_other_dir_blocking(&lock_plan)),
+                    (Ok(None), Ok(())) => {
+                        lockfile::refuse_unheld_file(&lock_plan)?;
+                        Ok(lockfile::copy_in_the_other_dir_blocking(&lock_plan))
+                    }
                     (Err(e), Ok(())) => Err(e),
                 }
             }

@@ -78,6 +78,9 @@ pub async fn status(options: &InstanceOptions) -> Result<Status> {
             (_, Err(e)) => return Err(e),
             (found, Ok(())) => found?,
         };
+        if lock_file_holder.is_none() {
+            lockfile::refuse_unheld_file(lock_plan)?;
+        }
         // As an acquisition would meet it: a copy in the other system directory.
         if lock_file_holder.is_none() {
             lock_file_holder = lockfile::copy_in_the_other_dir_async(lock_plan).await;

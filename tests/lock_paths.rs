@@ -1311,3 +1311,108 @@ fn another_users_file_being_created_under_a_strict_umask_is_never_a_refusal() {
         assert_eq!(counts.values().sum::<u32>(), 400, "{what}: {counts:?}");
     }
 }
+
+/// `status` refuses what `run` refuses, with the same exit code, rather than saying "not
+/// running" (3) or "internal error" (70) (a review): a per-user lock directory whose mode was
+/// loosened, another user's file given as the lock file, and lock paths that cannot name a file
+/// (a file on the way, a symbolic link loop, a name too long).
+#[test]
+fn status_refuses_what_run_refuses() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test makes files of other users and must run as root (CI does)"
+    );
+    let code = |uid: u32, args: &[&str], env: &[(&str, &OsStr)]| -> i32 {
+        let mut cmd = Command::new(common::cli_path());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let cmd = if uid == 0 {
+            cmd
+        } else {
+            as_user(uid, uid, &cmd)
+        };
+        common::status_within_timeout(cmd)
+            .code()
+            .expect("an exit code")
+    };
+    let both = |uid: u32, options: &[&str], env: &[(&str, &OsStr)], expected: i32, what: &str| {
+        let name = unique_name("status_as_run");
+        let mut run = vec!["run"];
+        run.extend_from_slice(options);
+        run.extend_from_slice(&[&name, "--", "true"]);
+        let mut status = vec!["status"];
+        status.extend_from_slice(options);
+        status.push(&name);
+        assert_eq!(code(uid, &run, env), expected, "{what}: run");
+        assert_eq!(code(uid, &status, env), expected, "{what}: status");
+    };
+
+    // A per-user directory made 0755.
+    const USER: u32 = 4_000_126;
+    let user_dir = Path::new("/run/lock").join(format!("unique-instance-{USER}"));
+    let _ = std::fs::remove_dir_all(&user_dir);
+    std::fs::create_dir(&user_dir).expect("mkdir");
+    std::os::unix::fs::chown(&user_dir, Some(USER), Some(USER)).expect("chown");
+    std::fs::set_permissions(&user_dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    both(
+        USER,
+        &["--user", "--backend", "lockfile"],
+        &[],
+        78,
+        "a per-user directory made 0755",
+    );
+    std::fs::remove_dir_all(&user_dir).expect("clean up");
+
+    // Another user's file given as the lock file, in a directory of root's.
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let theirs = base.path().join("theirs.lock");
+    std::fs::write(&theirs, "").expect("their file");
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let theirs = theirs.to_str().expect("UTF-8");
+    both(
+        0,
+        &["--backend", "lockfile", "--lock-file", theirs],
+        &[],
+        78,
+        "another user's file",
+    );
+    assert_eq!(std::fs::metadata(theirs).expect("their file").len(), 0);
+
+    // Paths that cannot name a lock file.
+    let file = base.path().join("a-file");
+    std::fs::write(&file, "").expect("a file");
+    let through_file = format!("{}/x.lock", file.display());
+    let looped = base.path().join("loop");
+    std::os::unix::fs::symlink("loop", &looped).expect("symlink");
+    let through_loop = format!("{}/x.lock", looped.display());
+    let too_long = format!("{}/{}.lock", base.path().display(), "a".repeat(300));
+    for (path, what) in [
+        (through_file.as_str(), "a file on the way"),
+        (through_loop.as_str(), "a symbolic link loop"),
+        (too_long.as_str(), "a name too long"),
+    ] {
+        both(
+            0,
+            &["--backend", "lockfile", "--lock-file", path],
+            &[],
+            64,
+            what,
+        );
+    }
+    let dev_null = OsStr::new("/dev/null");
+    both(
+        0,
+        &["--backend", "lockfile"],
+        &[("UNIQUE_INSTANCE_LOCK_DIR", dev_null)],
+        64,
+        "a lock directory that is a file",
+    );
+}

@@ -96,6 +96,21 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
                 ),
             })
         }
+        // A lock directory given (made if missing, but not the directories above it).
+        Err(Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound
+                && !plan.shared_system_dir
+                && !plan.private_dir
+                && !plan.service_dir =>
+        {
+            Err(Error::InvalidOption {
+                option: "lock_dir",
+                value: plan.dir.clone(),
+                reason: "a directory above it does not exist (only the lock directory itself is \
+                         made); create it or choose another lock directory"
+                    .into(),
+            })
+        }
         other => other,
     }
 }
@@ -219,7 +234,46 @@ fn may_create_dir(plan: &LockPlan, euid: u32) -> bool {
 }
 
 pub(super) fn dir_error(plan: &LockPlan, context: &'static str, e: Errno) -> Error {
-    if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS {
+    // A path the user gave that cannot name a directory: theirs to fix (64), not an internal
+    // error (a review saw 70 for each of these).
+    let given = !plan.shared_system_dir && !plan.private_dir && !plan.service_dir;
+    let why = match e {
+        Errno::NOTDIR => Some("something on the way to it is not a directory"),
+        Errno::LOOP => Some("the symbolic links on the way to it loop, or are too many"),
+        Errno::NAMETOOLONG => Some("it, or a name in it, is too long"),
+        _ => None,
+    };
+    if given && let Some(why) = why {
+        let explicit_file = plan.create_dir_mode.is_none();
+        return Error::InvalidOption {
+            option: if explicit_file {
+                "lock_file"
+            } else {
+                "lock_dir"
+            },
+            value: if explicit_file {
+                plan.path()
+            } else {
+                plan.dir.clone()
+            },
+            reason: format!(
+                "{context} {}: {why}; choose another lock path",
+                plan.dir.display()
+            ),
+        };
+    }
+    if e == Errno::ROFS {
+        return Error::NotPermitted {
+            name: plan.instance.clone(),
+            reason: format!(
+                "{context} {}: it is on a read-only file system; choose a lock directory on a \
+                 writable one",
+                plan.dir.display()
+            ),
+            source: Some(Box::new(std::io::Error::from(e))),
+        };
+    }
+    if e == Errno::ACCESS || e == Errno::PERM {
         Error::NotPermitted {
             name: plan.instance.clone(),
             reason: format!(

@@ -42,7 +42,7 @@ pub(crate) use held::ReleaseReport;
 pub(crate) use part::HeldFile;
 pub(crate) use probe::{
     copy_in_the_other_dir_async, copy_in_the_other_dir_blocking, holder_now, holder_of,
-    holder_of_async, refuse_unsafe_way, until_the_other_dir_is_free,
+    holder_of_async, refuse_unheld_file, refuse_unsafe_way, until_the_other_dir_is_free,
 };
 // For the fuzz targets' entry points (src/fuzzing.rs).
 #[cfg(any(fuzzing, test))]

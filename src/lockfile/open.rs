@@ -63,6 +63,15 @@ pub(super) fn is_ours(content: &[u8]) -> bool {
     content.is_empty() || LockRecord::parse_whole(content).is_some()
 }
 
+/// The refusal of a lock file's path too long to open (`ENAMETOOLONG`), given as `option`.
+pub(super) fn name_too_long(option: &'static str, path: &Path) -> Error {
+    Error::InvalidOption {
+        option,
+        value: path.to_owned(),
+        reason: "the lock file's path, or a name in it, is too long; choose a shorter one".into(),
+    }
+}
+
 pub(super) fn not_a_lock_file(plan: &LockPlan, path: &Path) -> Error {
     Error::NotALockFile {
         name: plan.instance.clone(),
@@ -126,7 +135,16 @@ pub(super) fn open_lock_file(
                     kind: "special file",
                 })
             }),
-        e if e == Errno::ACCESS || e == Errno::PERM || e == Errno::ROFS => not_permitted(
+        Errno::ROFS => not_permitted(
+            plan,
+            format!(
+                "cannot create lock file {}: it is on a read-only file system; choose a lock \
+                 path on a writable one",
+                path.display()
+            ),
+            Errno::ROFS,
+        ),
+        e if e == Errno::ACCESS || e == Errno::PERM => not_permitted(
             plan,
             format!(
                 "cannot open lock file {}: {}; run as its owner or choose another lock path",
@@ -135,6 +153,12 @@ pub(super) fn open_lock_file(
             ),
             e,
         ),
+        // A name too long to be a file (a lock file given, or a lock directory's path that
+        // leaves no room for the file's name): a path to choose again, not an internal error.
+        Errno::NAMETOOLONG if plan.create_dir_mode.is_none() && !plan.service_dir => {
+            name_too_long("lock_file", path)
+        }
+        Errno::NAMETOOLONG => name_too_long("lock_dir", path),
         e => Error::io("cannot open lock file", path, e.into()),
     };
     let fstat = |file: &OwnedFd| {
@@ -542,7 +566,7 @@ pub(super) fn set_new_file_owner_and_mode(
 /// (the service's user): only they and root can write that directory, and root gives the files
 /// it creates there to that user. Elsewhere a foreign file is refused, because its owner, not
 /// the directory's, decides what it is.
-fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, lock_dir: &LockDir) -> bool {
+pub(super) fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, lock_dir: &LockDir) -> bool {
     owner == euid
         || (plan.root_may_own
             && (owner == 0
@@ -557,7 +581,12 @@ fn owner_acceptable(plan: &LockPlan, euid: u32, owner: u32, lock_dir: &LockDir) 
 /// rename it away (the sticky bit lets the owner), and a third copy would then run beside
 /// root's. So root removes it, while holding its lock, and creates its own (`O_CREAT |
 /// O_EXCL`), which that user can neither write nor move.
-fn root_must_not_keep(plan: &LockPlan, euid: u32, owner: u32, lock_dir: &LockDir) -> bool {
+pub(super) fn root_must_not_keep(
+    plan: &LockPlan,
+    euid: u32,
+    owner: u32,
+    lock_dir: &LockDir,
+) -> bool {
     euid == 0
         && owner != 0
         && plan.root_may_own

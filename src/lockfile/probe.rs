@@ -13,11 +13,13 @@ use crate::error::{Error, Result, UnsafeLockPath};
 use crate::holder::Holder;
 use crate::plan::LockPlan;
 
+use super::dir::{check_dir, open_existing_dir};
 use super::ofd::is_held;
 use super::open::{file_type_name, is_ours, only_regular};
+use super::open::{name_too_long, owner_acceptable, root_must_not_keep};
 use super::reader::{look_at_record, read_holder, read_holder_async, unknown_holder};
 use super::record::read_content;
-use super::walk::{refuse_procfs_on_the_way, walk_dir};
+use super::walk::{Walked, refuse_procfs_on_the_way, walk_dir};
 
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
 pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
@@ -43,10 +45,51 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
 /// nothing but what the walk opens to look; anything else the walk meets (a directory not
 /// made yet) is left for the look at the file to say.
 pub(crate) fn refuse_unsafe_way(plan: &LockPlan) -> Result<()> {
-    match walk_dir(plan, rustix::process::geteuid().as_raw()) {
-        Err(e @ Error::UnsafeLockPath { .. }) => Err(e),
+    let euid = rustix::process::geteuid().as_raw();
+    match walk_dir(plan, euid) {
+        Err(e @ (Error::UnsafeLockPath { .. } | Error::InvalidOption { .. })) => Err(e),
+        // The directory's own rules too (its owner, its mode), as an acquisition checks them: a
+        // review saw `run` refuse a per-user directory made 0755 and `status` call it free.
+        Ok(Walked::Found(_, st, _)) => check_dir(plan, &st, euid),
         _ => Ok(()),
     }
+}
+
+/// For a look that found nobody holding the lock file: refuses the file an acquisition would
+/// refuse for its owner (one of another user's it could write, outside the directories where
+/// that is expected), so that a look never says "not running" where `run` says "unsafe lock
+/// path" (a review: another user's file given as the lock file). Anything else is left for the
+/// acquisition to judge.
+pub(crate) fn refuse_unheld_file(plan: &LockPlan) -> Result<()> {
+    let euid = rustix::process::geteuid().as_raw();
+    let Ok(dir) = open_existing_dir(plan, true) else {
+        return Ok(());
+    };
+    let name = plan.file_name.as_os_str();
+    let Ok(st) = rustix::fs::statat(&*dir.fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else {
+        return Ok(());
+    };
+    let writable = rustix::fs::accessat(
+        &*dir.fd,
+        name,
+        rustix::fs::Access::WRITE_OK,
+        rustix::fs::AtFlags::EACCESS | rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .is_ok();
+    if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+        && writable
+        && !owner_acceptable(plan, euid, st.st_uid, &dir)
+        && !root_must_not_keep(plan, euid, st.st_uid, &dir)
+    {
+        return Err(Error::UnsafeLockPath {
+            path: plan.path(),
+            problem: UnsafeLockPath::WrongOwner {
+                owner: st.st_uid,
+                expected: euid,
+            },
+        });
+    }
+    Ok(())
 }
 
 /// Who holds the lock file at `path`, by its record as it is now, with no grace: "unknown" when
@@ -98,6 +141,9 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
         Ok(st) => only_regular(path, &st)?,
         Err(Errno::NOENT) => return Ok(None),
         Err(e) if e == Errno::ACCESS || e == Errno::PERM => return Err(not_permitted(e)),
+        // Only a lock file given can have a name that long (a derived one is bounded), as an
+        // acquisition says it.
+        Err(Errno::NAMETOOLONG) => return Err(name_too_long("lock_file", path)),
         Err(e) => return Err(Error::io("cannot stat lock file", path, e.into())),
     }
     let file = match rustix::fs::open(

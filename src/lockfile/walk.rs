@@ -59,7 +59,7 @@ pub(super) fn walk_dir(plan: &LockPlan, euid: u32) -> Result<Walked> {
             .map(|(i, p)| (p, last_is_own && i + 1 == n))
             .collect()
     };
-    let io = |context, e: Errno| Error::io(context, &plan.dir, e.into());
+    let io = |context, e: Errno| dir_error(plan, context, e);
     if !plan.dir.is_absolute() {
         return Err(io("lock directory is not absolute", Errno::INVAL));
     }
