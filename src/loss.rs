@@ -37,6 +37,14 @@ pub enum LossReason {
     /// at all (`EACCES`: a directory on the way replaced by one it may not enter): that it
     /// leads to our file can then no longer be confirmed.
     LockDirectoryRemoved,
+    /// The lock on the lock file was let go while the file stayed at its path: a process that
+    /// shares the lock's open file description (`run`'s COMMAND through
+    /// `UNIQUE_INSTANCE_LOCK_FD`, a forked child, a handed descriptor) unlocked it
+    /// (`F_OFD_SETLK` with `F_UNLCK`), so another copy could take it. No event tells of it: the
+    /// watch sees it when it wakes (the periodic re-check of
+    /// [`crate::InstanceOptions::recheck_lock_file`], or any change on the path), or the
+    /// release does.
+    LockLetGo,
 }
 
 impl fmt::Display for LossReason {
@@ -46,6 +54,9 @@ impl fmt::Display for LossReason {
             LossReason::BusConnectionClosed => "the bus connection closed",
             LossReason::LockFileRemoved => "the lock file was removed by someone else",
             LossReason::LockFileReplaced => "the lock file was replaced by someone else",
+            LossReason::LockLetGo => {
+                "the lock on the lock file was let go by a process that shares its descriptor"
+            }
             LossReason::LockDirectoryRemoved => {
                 "the lock file's directory was removed, moved or replaced by someone else"
             }

@@ -1278,3 +1278,32 @@ fn a_task_limit_at_any_step_is_a_clear_error_not_an_abort() {
     }
     assert!(ran, "COMMAND never ran, even with 6 tasks allowed");
 }
+
+/// A COMMAND that lets go of the lock it inherits (`UNIQUE_INSTANCE_LOCK_FD`, shared with
+/// `run`) is a loss, not a second copy let in silently (a review: `status` said "not running", a
+/// second `run` started beside the first, and the first exited 0): with `--recheck` the wrapper
+/// sees it while COMMAND runs, stops it and exits 69; without, its release sees it and it exits
+/// 69 once COMMAND has ended.
+#[test]
+fn a_command_that_unlocks_its_inherited_lock_is_a_loss() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let unlocker = common::example_path("unlocker");
+    let unlocker = unlocker.to_str().expect("UTF-8");
+    for (recheck, tail) in [(true, None), (false, Some("--exit"))] {
+        let name = unique_name("unlocker");
+        let mut args = vec!["run", "--backend", "lockfile"];
+        if recheck {
+            args.extend(["--recheck", "0.05"]);
+        }
+        args.extend([name.as_str(), "--", unlocker]);
+        args.extend(tail);
+        let mut run = cli(None, lock_dir.path(), &args);
+        assert_eq!(run.next_line("COMMAND"), "unlocked", "recheck={recheck}");
+        assert_eq!(
+            run.exit_code(),
+            69,
+            "recheck={recheck}: {:?}",
+            run.stderr_lines()
+        );
+    }
+}

@@ -385,6 +385,13 @@ impl HeldLock {
             None if !now.lost => lock_change_of(&self.watch_handle(), now.dev, now.ino),
             None => None,
         };
+        // The file ours at its path, but its lock let go (no event tells of that).
+        if now.lost_at_release.is_none()
+            && !now.lost
+            && self.watch_handle().let_go_as(now.dev, now.ino)
+        {
+            now.lost_at_release = Some(LossReason::LockLetGo);
+        }
         if let Some(why) = self.shared_with_another(&now) {
             tracing::debug!(path = %self.path.display(), why,
                 "lock file left as it is on release: another process may still hold the lock");

@@ -265,7 +265,15 @@ fn watch_lock_blocking(
         // change made before the watch was in place is not missed: it is a loss (see
         // `NameHistory`), since whether another copy came meanwhile cannot be known.
         match handle.judge(&mut history, inotify) {
-            Judgement::Held | Judgement::Recreated | Judgement::Nowhere => {}
+            // The file is ours at its path; the lock on it may still have been let go by a
+            // process sharing its descriptor, which no event tells.
+            Judgement::Held => {
+                if handle.let_go() {
+                    report_lock_loss(handle, LossReason::LockLetGo, losses);
+                    return;
+                }
+            }
+            Judgement::Recreated | Judgement::Nowhere => {}
             Judgement::Lost(reason) => {
                 report_lock_loss(handle, reason, losses);
                 return;

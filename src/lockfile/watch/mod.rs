@@ -23,7 +23,7 @@ use rustix::io::Errno;
 use crate::loss::LossReason;
 
 use super::held::Shared;
-use super::ofd::is_held;
+use super::ofd::{is_held, is_locked_at_all};
 
 /// What changed under a held lock file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,6 +332,47 @@ impl WatchHandle {
     pub(crate) fn verify_held(&self) -> bool {
         let (dev, ino) = self.identity();
         self.verify_held_as(dev, ino)
+    }
+
+    /// [`WatchHandle::let_go_as`] for the file the lock is on now, unless the lock was released
+    /// or lost already.
+    pub(crate) fn let_go(&self) -> bool {
+        let (dev, ino) = {
+            let now = self.shared.now();
+            if now.released || now.lost {
+                return false;
+            }
+            (now.dev, now.ino)
+        };
+        self.let_go_as(dev, ino)
+    }
+
+    /// Whether our lock on the file (dev, ino), which the path still leads to, was let go (see
+    /// [`LossReason::LockLetGo`]): another open file description holds a lock on it (ours, a
+    /// write lock, would exclude any), or one opened now sees no write lock on it. Only what
+    /// is seen: a look that fails (no descriptor to spare, the path changing) says nothing, and
+    /// the path's own changes are the judgement's to report. Takes no lock of the shared state
+    /// (a release calls it with it taken).
+    pub(super) fn let_go_as(&self, dev: u64, ino: u64) -> bool {
+        let Some(files) = self.shared.files.upgrade() else {
+            return false;
+        };
+        if is_locked_at_all(files.lent()) == Ok(true) {
+            return true;
+        }
+        if self.path_as(dev, ino).is_some() {
+            return false;
+        }
+        let Ok(file) = rustix::fs::openat(
+            &*self.dir,
+            self.file_name.as_os_str(),
+            probe_flags(),
+            Mode::empty(),
+        ) else {
+            return false;
+        };
+        let same = rustix::fs::fstat(&file).is_ok_and(|st| (st.st_dev, st.st_ino) == (dev, ino));
+        same && is_held(&file) == Ok(false)
     }
 
     /// [`WatchHandle::verify_held`] for the file (dev, ino).
