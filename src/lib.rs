@@ -91,6 +91,11 @@ pub fn ensure_single_instance(name: &str) -> Result<InstanceGuard> {
 /// # Errors
 ///
 /// As [`ensure_single_instance`].
+///
+/// # Panics
+///
+/// As [`InstanceOptions::acquire_async`]: it needs a tokio runtime with its I/O and time
+/// drivers.
 pub async fn ensure_single_instance_async(name: &str) -> Result<InstanceGuard> {
     InstanceOptions::new(name).acquire_async().await
 }

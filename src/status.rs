@@ -65,6 +65,11 @@ impl Status {
 /// directory); [`crate::Error::Io`] when the lock file cannot be examined otherwise;
 /// [`crate::Error::NoUsableBackend`] when nothing could be checked: no lock file is planned
 /// (`Backend::Dbus`) and the bus cannot be reached.
+///
+/// # Panics
+///
+/// As [`InstanceOptions::acquire_async`]: it needs a tokio runtime with its I/O and time
+/// drivers.
 pub async fn status(options: &InstanceOptions) -> Result<Status> {
     let plan = options.plan()?;
     let lock_plan = options.resolve()?.2;

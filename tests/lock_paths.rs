@@ -1416,3 +1416,25 @@ fn status_refuses_what_run_refuses() {
         "a lock directory that is a file",
     );
 }
+
+/// The service's own lock directory removed while a copy that planned it starts (its
+/// deployment removed): a clear "start it again" (69), not an internal error (70, a review).
+#[test]
+fn a_service_directory_removed_as_a_copy_starts_is_no_internal_error() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (it makes /run/unique-instance/NAME)"
+    );
+    let name = unique_name("service_dir_gone");
+    let dir = ServiceDir::new(&name, 0);
+    let mut cmd = bare_holder(&[], &[&name, "--scope", "system", "--backend", "lockfile"]);
+    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_FILE");
+    let mut copy = Proc::spawn(cmd);
+    copy.stopped_at("before the lock file");
+    std::fs::remove_dir_all(&dir.0).expect("remove the service's directory");
+    copy.signal(rustix::process::Signal::CONT);
+    let line = copy.line_starting("");
+    assert!(line.starts_with("no-usable-backend"), "{line}");
+    assert!(line.contains("was removed"), "{line}");
+    assert_eq!(copy.exit_code(), 69);
+}

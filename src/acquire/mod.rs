@@ -145,6 +145,13 @@ impl InstanceOptions {
     /// # Errors
     ///
     /// As [`InstanceOptions::acquire`].
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, or in one built without its I/O and time drivers
+    /// (`Builder::enable_all`, which `#[tokio::main]` calls): zbus and the waits need both, and
+    /// tokio panics where they are missing. [`InstanceOptions::acquire`] starts a runtime of
+    /// its own.
     pub async fn acquire_async(self) -> Result<InstanceGuard> {
         let notify = self.notify_ready;
         tell_service_manager(notify, self.acquire_core().await)

@@ -118,8 +118,26 @@ pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDi
 /// [`open_dir`] once an attempt is under way: every error as it is.
 fn open_dir_again(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
     for _ in 0..MAX_DIR_RACES {
-        if let Some(dir) = open_dir_once(plan, allow_network_fs, true)? {
-            return Ok(dir);
+        match open_dir_once(plan, allow_network_fs, true) {
+            Ok(Some(dir)) => return Ok(dir),
+            Ok(None) => {}
+            // The service's own directory, there when the copy planned it, gone now (its
+            // deployment removed, or made again): not an internal error. A copy started again
+            // plans what is there then.
+            Err(Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && plan.service_dir =>
+            {
+                return Err(Error::NoUsableBackend {
+                    name: plan.instance.clone(),
+                    reason: format!(
+                        "the service's lock directory {} was removed as this copy started or \
+                         waited (its deployment removed?): start it again",
+                        plan.dir.display()
+                    ),
+                    source: None,
+                });
+            }
+            Err(e) => return Err(e),
         }
     }
     Err(Error::io(
