@@ -301,7 +301,13 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "still lives");
             std::thread::yield_now();
         }
-        assert!(process_is_zombie(child.id()), "exited, not reaped");
+        // Seen exiting (`PF_EXITING`) before it is a zombie, or as one: either way no longer
+        // living on, and a zombie until reaped.
+        while !process_is_zombie(child.id()) {
+            assert!(std::time::Instant::now() < deadline, "never a zombie");
+            assert!(!process_lives_on(child.id()), "lives again");
+            std::thread::yield_now();
+        }
         child.wait().expect("reap");
         assert!(!process_lives_on(child.id()), "reaped");
     }

@@ -35,6 +35,9 @@ pub(crate) enum Hook {
     /// In a holder's watch, once it has read that a link on the way was made anew, before it
     /// looks at the path (`lockfile::watcher`).
     AfterLinkRead,
+    /// When an attempt has found its lock file read-locked, by no copy, through a whole grace,
+    /// just before it removes it (`lockfile::attempt::remove_squatted`).
+    BeforeRemovingSquatted,
 }
 
 impl Hook {
@@ -73,11 +76,12 @@ mod imp {
             Hook::BeforeLockWatch => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_LOCK_WATCH",
             Hook::BeforeRecreate => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE",
             Hook::AfterLinkRead => "UNIQUE_INSTANCE_TEST_STOP_AFTER_LINK_READ",
+            Hook::BeforeRemovingSquatted => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REMOVING_SQUATTED",
         }
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 9] = [const { AtomicBool::new(false) }; 9];
+        static STOPPED: [AtomicBool; 10] = [const { AtomicBool::new(false) }; 10];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
             // To this thread (`raise`), not to the process: a process-directed SIGSTOP may be
             // taken by another thread, and this one, back from `kill`, would run on past the

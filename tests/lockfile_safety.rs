@@ -1062,3 +1062,72 @@ fn root_never_removes_a_users_own_file_given_as_the_lock_file() {
         (before.ino(), NOBODY, 0)
     );
 }
+
+/// A copy about to remove a lock file it found read-locked by no copy (stopped just before, at
+/// a test hook) never removes it once another copy has taken it meanwhile: the reader gone, a
+/// copy locks the same file and runs; the first copy, let go on, is refused naming it, and the
+/// copy that runs is told of no loss (a review: an earlier design swapped the file out from
+/// under the copy that had just taken it, and both ran).
+#[test]
+fn a_squatted_file_taken_by_a_copy_meanwhile_is_never_removed() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("squat_taken");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let mut crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    assert!(crashed.next_line("holder").starts_with("acquired"));
+    crashed.sigkill();
+    let squatter = std::fs::File::open(&path).expect("open to read");
+    read_lock(&squatter);
+    let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
+    cmd.args([&name, "--backend", "lockfile"]);
+    common::arm_test_hook(
+        &mut cmd,
+        "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REMOVING_SQUATTED",
+    );
+    let mut first = Proc::spawn(cmd);
+    first.stopped_at("before removing the squatted file");
+    drop(squatter);
+    let mut second = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = second.next_line("second copy");
+    assert!(line.starts_with("acquired"), "{line}");
+    let second_pid = second.pid().to_string();
+    first.signal(rustix::process::Signal::CONT);
+    let refused = first.next_line("first copy");
+    assert!(refused.starts_with("already-running"), "{refused}");
+    assert_eq!(
+        field(&refused, "holder_pid"),
+        Some(second_pid.as_str()),
+        "{refused}"
+    );
+    assert_eq!(first.exit_code(), 75);
+    // The second copy holds the file at its path, and was told of nothing.
+    assert!(path.exists());
+    second.close_stdin();
+    assert_eq!(second.line_starting(""), "released");
+    assert_eq!(second.exit_code(), 0);
+}
+
+/// Another user's file planted in the shared sticky directory, which they keep read-locked,
+/// does not keep root out: root removes it (under a read lock of its own, so no copy could hold
+/// it as it goes) and makes its own (a review: every root copy said "already running").
+#[test]
+fn root_removes_a_planted_file_kept_read_locked() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test plants a file as another user and must run as root (CI does)"
+    );
+    let dir = shared_sticky_dir();
+    let name = unique_name("planted_read_locked");
+    let lock_file = dir.path().join(format!("{name}.lock"));
+    std::fs::write(&lock_file, "").expect("plant");
+    std::os::unix::fs::chown(&lock_file, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let squatter = std::fs::File::open(&lock_file).expect("open to read");
+    read_lock(&squatter);
+    let guard = lock_only(&name, dir.path())
+        .acquire()
+        .expect("root acquires over a planted file no copy holds");
+    let now = std::fs::metadata(&lock_file).expect("the lock file");
+    assert_eq!(now.uid(), 0, "root kept the planter's file");
+    guard.release().expect("release");
+    assert!(!lock_file.exists());
+}

@@ -18,8 +18,8 @@ use super::grace::{await_answer, await_answer_async, on_a_thread};
 use super::held::HeldLock;
 use super::ofd::{is_held, is_locked_at_all, lock_exclusive, wait_unlocked};
 use super::open::{
-    Made, Opened, ReadOnlyBecause, displace, is_ours, not_a_lock_file, open_lock_file,
-    set_new_file_owner_and_mode, still_names,
+    Opened, ReadOnlyBecause, Removal, is_ours, not_a_lock_file, open_lock_file, read_locked,
+    remove_unheld, still_names,
 };
 use super::reader::{read_holder, read_holder_async};
 use super::record::{LockRecord, placeholder, read_content, write_or_unknown};
@@ -268,51 +268,38 @@ impl LinkGrace {
     }
 }
 
-/// Puts aside a lock file of ours, `file` (`st`), that no copy holds and someone keeps
-/// read-locked (see [`displace`]), for a new one of ours, locked: the acquisition. Only a lock
-/// file a copy of ours made and would remove (its record says so): one kept (a user's own file
-/// given as the lock file, found empty) or any other is left as it is, and the copy is refused
-/// as before, naming what its record says. `None`: look again.
-fn displace_squatted(
+/// Removes a lock file of ours, `file` (`st`), that no copy holds and someone keeps
+/// read-locked past the grace (see [`remove_unheld`]), so that the attempt makes a new one:
+/// `None` then, to look again. Only a lock file a copy of ours made and would remove (its
+/// record says so): one kept (a user's own file given as the lock file, found empty) is never
+/// removed, and neither it nor one that cannot be removed now is taken for a running copy: the
+/// copy is refused saying what keeps it out.
+fn remove_squatted(
     plan: &LockPlan,
     lock_dir: &LockDir,
-    file: &OwnedFd,
+    file: OwnedFd,
     st: &rustix::fs::Stat,
-    euid: u32,
 ) -> Result<Option<Step>> {
     let path = plan.path();
     let content =
-        read_content(file).map_err(|e| Error::io("cannot read the lock file", &path, e.into()))?;
-    let previous = LockRecord::parse_whole(&content);
-    let ours_to_remove = is_ours(&content) && previous.as_ref().is_some_and(|r| !r.keep);
-    let busy = || -> Result<Option<Step>> {
-        let file = file
-            .try_clone()
-            .map_err(|e| Error::io("cannot duplicate", &path, e))?;
-        Ok(Some(Step::Busy(file)))
-    };
+        read_content(&file).map_err(|e| Error::io("cannot read the lock file", &path, e.into()))?;
+    let ours_to_remove =
+        is_ours(&content) && LockRecord::parse_whole(&content).is_some_and(|r| !r.keep);
     if !ours_to_remove {
-        return busy();
+        return Err(read_locked(plan, &path));
     }
-    let made = displace(
-        &lock_dir.fd,
-        plan.file_name.as_os_str(),
-        plan.file_mode,
-        st,
-        |new, new_st| set_new_file_owner_and_mode(plan, new, &path, new_st, euid, lock_dir),
-    )?;
-    match made {
-        Made::Named(new) => {
-            let new_st =
-                rustix::fs::fstat(&new).map_err(|e| Error::io("cannot stat", &path, e.into()))?;
+    test_hooks::stop_at(Hook::BeforeRemovingSquatted);
+    match remove_unheld(&lock_dir.fd, plan.file_name.as_os_str(), &file, st) {
+        Ok(Removal::Removed) => {
             tracing::warn!(path = %path.display(),
                 "the lock file, held by no copy, was kept read-locked by another process; \
-                 replaced it with a new one");
-            let held = HeldLock::new(new, &new_st, false, plan, lock_dir, path);
-            Ok(Some(Step::Acquired(held, previous)))
+                 removed it to make a new one");
+            Ok(None)
         }
-        Made::Exists => Ok(None),
-        Made::Unsupported => busy(),
+        Ok(Removal::Moved) => Ok(None),
+        Ok(Removal::Held) => Ok(Some(Step::Busy(file))),
+        Ok(Removal::Contended) => Err(read_locked(plan, &path)),
+        Err(e) => Err(Error::io("cannot remove lock file", &path, e.into())),
     }
 }
 
@@ -346,7 +333,7 @@ fn one_name(file: &OwnedFd) -> Option<()> {
 /// [`open_dir`](super::dir::open_dir)), a bounded number of times.
 ///
 /// `squatted`: the file (device, inode) found held only by readers through a whole grace: if it
-/// still is, it is put aside for a new one (see [`displace`]).
+/// still is, it is removed for a new one (see [`remove_squatted`]).
 fn settle(
     plan: &LockPlan,
     lock_dir: &mut LockDir,
@@ -383,8 +370,8 @@ enum Step {
     /// be held again or go before it is refused (see [`settles_within`]).
     Unsettled(OwnedFd, rustix::fs::Stat),
     /// A file of ours that no copy holds, but that someone holds read-locked, so that it cannot
-    /// be locked: given [`RELEASE_GRACE`] (a waiter's read lock lasts a moment), then put aside
-    /// (see [`displace`]).
+    /// be locked: given [`RELEASE_GRACE`] (a waiter's read lock lasts a moment), then removed
+    /// (see [`remove_squatted`]).
     ReadLocked(OwnedFd, rustix::fs::Stat),
 }
 
@@ -478,7 +465,7 @@ fn lock_step(
                 if squatted != Some((st.st_dev, st.st_ino)) {
                     return Ok(Some(Step::ReadLocked(file, st)));
                 }
-                match displace_squatted(plan, lock_dir, &file, &st, euid)? {
+                match remove_squatted(plan, lock_dir, file, &st)? {
                     Some(step) => return Ok(Some(step)),
                     None => continue,
                 }

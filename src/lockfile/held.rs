@@ -21,6 +21,7 @@ use crate::plan::LockPlan;
 
 use super::dir::LockDir;
 use super::ofd::{is_held, lock_exclusive, retry_eintr};
+use super::open::{Removal, remove_unheld};
 use super::record::{LockRecord, write_or_unknown};
 use super::watch::WatchHandle;
 use super::watch::lock_change_of;
@@ -394,7 +395,7 @@ impl HeldLock {
         }
         if let Some(why) = self.shared_with_another(&now) {
             tracing::debug!(path = %self.path.display(), why,
-                "lock file left as it is on release: another process may still hold the lock");
+                "lock file not removed by the release: another process may still hold the lock, or it went otherwise");
             return Ok(());
         }
         if now.keep_file {
@@ -474,10 +475,23 @@ impl HeldLock {
                 Ok(()) => return None,
                 // Kept from us by read locks alone: no description of ours (a forked child
                 // holds the write lock it shares), but someone who may read the file and took
-                // a read lock in the moment it was let go. Removed all the same: left, it
-                // would keep every copy waiting on the grace and the put-aside (see
-                // `attempt::displace_squatted`).
-                Err(Errno::AGAIN | Errno::ACCESS) if is_held(&file) == Ok(false) => return None,
+                // a read lock in the moment it was let go. A file we keep is emptied as ever;
+                // one of ours is removed here, under a read lock of ours, so that no copy can
+                // have taken it as it goes (see `remove_unheld`): left, it would keep every
+                // copy waiting on the grace first.
+                Err(Errno::AGAIN | Errno::ACCESS) if is_held(&file) == Ok(false) => {
+                    if now.keep_file {
+                        return None;
+                    }
+                    return Some(
+                        match rustix::fs::fstat(&file).map(|st| {
+                            remove_unheld(&self.dir, self.file_name.as_os_str(), &file, &st)
+                        }) {
+                            Ok(Ok(Removal::Removed)) => "removed under a read lock of ours",
+                            _ => "read-locked by another process, and not removable now",
+                        },
+                    );
+                }
                 Err(Errno::AGAIN | Errno::ACCESS) if pause <= Duration::from_millis(128) => {
                     std::thread::sleep(pause);
                     pause *= 2;

@@ -44,6 +44,21 @@ pub(super) fn lock_exclusive(file: &OwnedFd, block: bool) -> rustix::io::Result<
     retry_eintr(|| fcntl(file, arg()).map(drop).map_err(nix_errno))
 }
 
+/// Takes a read lock on the whole of `file` (open for reading), without waiting: `false` when
+/// someone holds a write lock on it (a copy). While it is held, no copy can take the file.
+pub(super) fn read_lock(file: &OwnedFd) -> rustix::io::Result<bool> {
+    let lock = whole_file(libc::F_RDLCK);
+    match retry_eintr(|| {
+        fcntl(file, FcntlArg::F_OFD_SETLK(&lock))
+            .map(drop)
+            .map_err(nix_errno)
+    }) {
+        Ok(()) => Ok(true),
+        Err(Errno::AGAIN | Errno::ACCESS) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Waits until nobody holds `file` exclusively, on a descriptor open only for reading, by taking
 /// a shared lock; the caller drops it (closing `file`) at once. `EINTR` is retried.
 pub(super) fn wait_unlocked(file: &OwnedFd) -> rustix::io::Result<()> {

@@ -13,7 +13,7 @@ use crate::error::{Error, Result, UnsafeLockPath};
 use crate::plan::LockPlan;
 
 use super::dir::{LockDir, not_permitted};
-use super::ofd::{is_held, is_locked_at_all, lock_exclusive, retry_eintr};
+use super::ofd::{is_held, lock_exclusive, read_lock, retry_eintr};
 use super::record::{LockRecord, placeholder, read_content, write_or_unknown};
 
 /// A lock file, opened.
@@ -266,9 +266,8 @@ pub(super) fn open_lock_file(
     }
     if root_must_not_keep(plan, euid, st.st_uid, lock_dir) {
         // Held: its holder removes it when it lets go (a wait waits for that), and then we
-        // make our own. Read-locked too: it cannot be removed as `remove_foreign` must (under
-        // its lock), and it is that user's own file, which they could as well hold.
-        if is_held(&file) == Ok(true) || is_locked_at_all(&file) == Ok(true) {
+        // make our own. Read-locked only, it is removed all the same (see `remove_unheld`).
+        if is_held(&file) == Ok(true) {
             return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::Held), st)));
         }
         // A lock file given by its path (`--lock-file /tmp/flag`) that is a user's own file is
@@ -451,59 +450,82 @@ fn remove_temporary(dir: &OwnedFd, temporary: &str) {
     let _ = rustix::fs::unlinkat(dir, temporary, AtFlags::empty());
 }
 
-/// Puts a new lock file of ours in place of `squatted`, a lock file of ours that nobody holds
-/// as an instance but that someone keeps read-locked, so that no copy can lock it (anyone who
-/// may read it can take a read lock; a review made every copy of a deployed service say
-/// "already running" so). Made as [`create_unnamed`] makes one, then swapped with whatever is
-/// at `name` in one step (`RENAME_EXCHANGE`): the file swapped out is removed if it is
-/// `squatted`; if it is another (a copy that did the same first, or made a new file once the
-/// squatted one went), it is swapped back at once and nothing is made ([`Made::Exists`]: the
-/// caller looks again). The reader keeps its lock on a file with no name, which keeps nobody
-/// out. [`Made::Unsupported`] where the swap cannot be made.
-pub(super) fn displace(
+/// What [`remove_unheld`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Removal {
+    /// Removed: nobody held it as it went.
+    Removed,
+    /// A copy holds it: left.
+    Held,
+    /// The path names another file now, or none: left (the caller looks again).
+    Moved,
+    /// Another process holds the lock directory's `flock` (another remover, at length, or
+    /// someone keeping removers out): left.
+    Contended,
+}
+
+/// How long [`remove_unheld`] waits for another remover's `flock` on the lock directory.
+const REMOVER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Removes `st`, a lock file no copy holds, open as `file` (for reading and writing) in `dir`,
+/// only while that is so and the path still names it. Kept from every copy as it goes: by our
+/// write lock when one can be had, which also keeps out any other remover; else, when only
+/// read locks are in the way (anyone who may read a file can take one: a squatter), by a read
+/// lock of ours, which no copy can take a write lock past, together with the directory's
+/// `flock`, which keeps removers one at a time: two that both read-locked the file must not
+/// both remove it by its name, the second then removing a file a copy made since (a review
+/// found a copy's just-taken file removed so, by an earlier design).
+pub(super) fn remove_unheld(
     dir: &OwnedFd,
     name: &std::ffi::OsStr,
-    mode: u32,
-    squatted: &Stat,
-    prepare: impl FnOnce(&OwnedFd, &mut Stat) -> Result<()>,
-) -> Result<Made> {
-    let Some((file, temporary)) = make_temporary(dir, mode, prepare)? else {
-        return Ok(Made::Unsupported);
+    file: &OwnedFd,
+    st: &Stat,
+) -> rustix::io::Result<Removal> {
+    let _one_remover = match lock_exclusive(file, false) {
+        Ok(()) => None,
+        Err(Errno::AGAIN | Errno::ACCESS) => {
+            if !read_lock(file)? {
+                return Ok(Removal::Held);
+            }
+            match flock_dir(dir)? {
+                Some(flock) => Some(flock),
+                None => return Ok(Removal::Contended),
+            }
+        }
+        Err(e) => return Err(e),
     };
-    let swap = || {
-        rustix::fs::renameat_with(
-            dir,
-            temporary.as_str(),
-            dir,
-            name,
-            rustix::fs::RenameFlags::EXCHANGE,
-        )
-    };
-    if let Err(e) = swap() {
-        remove_temporary(dir, &temporary);
-        // Nothing at the name any more: looked at again.
-        return Ok(if e == Errno::NOENT {
-            Made::Exists
-        } else {
-            Made::Unsupported
-        });
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(now) if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) => {}
+        Ok(_) | Err(Errno::NOENT) => return Ok(Removal::Moved),
+        Err(e) => return Err(e),
     }
-    let out = rustix::fs::statat(dir, temporary.as_str(), AtFlags::SYMLINK_NOFOLLOW);
-    if out.is_ok_and(|out| (out.st_dev, out.st_ino) == (squatted.st_dev, squatted.st_ino)) {
-        remove_temporary(dir, &temporary);
-        return Ok(Made::Named(file));
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => Ok(Removal::Removed),
+        Err(e) => Err(e),
     }
-    // Someone else's file: back where it was, and ours, once it is at the temporary name
-    // again, removed.
-    let _ = swap();
-    let ours = rustix::fs::fstat(&file).ok();
-    let back = rustix::fs::statat(dir, temporary.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
-    if let (Some(ours), Some(back)) = (ours, back)
-        && (ours.st_dev, ours.st_ino) == (back.st_dev, back.st_ino)
-    {
-        remove_temporary(dir, &temporary);
+}
+
+/// An exclusive `flock` on the directory `dir` (on a descriptor of its own, which holds it
+/// until dropped), waited for up to [`REMOVER_WAIT`]; `None` when it is not had by then.
+fn flock_dir(dir: &OwnedFd) -> rustix::io::Result<Option<OwnedFd>> {
+    let own = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let until = std::time::Instant::now() + REMOVER_WAIT;
+    loop {
+        match rustix::fs::flock(&own, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(Some(own)),
+            Err(Errno::WOULDBLOCK) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(Errno::WOULDBLOCK) => return Ok(None),
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
     }
-    Ok(Made::Exists)
 }
 
 /// What a lock file we just made gets before anyone may lock it: its owner and mode (see
@@ -594,10 +616,9 @@ pub(super) fn root_must_not_keep(
         && lock_dir.service_owner != Some(owner)
 }
 
-/// Removes `st`, another user's lock file that nobody holds (see [`root_must_not_keep`]),
-/// opened again for writing as `rw`: locked first, so that no copy holds it as it goes, and
-/// only while the path still names it. Whatever happens meanwhile (it vanished, was replaced,
-/// or someone locked it first), the caller opens the path again.
+/// Removes `st`, another user's lock file that no copy holds (see [`root_must_not_keep`]),
+/// opened again for writing as `rw`, as [`remove_unheld`] does. Whatever happens meanwhile (it
+/// vanished, was replaced, or a copy locked it first), the caller opens the path again.
 fn remove_foreign(
     plan: &LockPlan,
     dir: &OwnedFd,
@@ -610,29 +631,38 @@ fn remove_foreign(
         Err(Errno::NOENT) => return Ok(()),
         Err(e) => return Err(Error::io("cannot open lock file", path, e.into())),
     };
-    let same = |now: &Stat| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino);
     match rustix::fs::fstat(&rw) {
-        Ok(now) if same(&now) => {}
+        Ok(now) if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) => {}
         Ok(_) => return Ok(()),
         Err(e) => return Err(Error::io("cannot stat", path, e.into())),
     }
-    match lock_exclusive(&rw, false) {
-        Ok(()) => {}
-        Err(Errno::AGAIN | Errno::ACCESS) => return Ok(()),
-        Err(e) => return Err(Error::io("cannot lock", path, e.into())),
+    match remove_unheld(dir, plan.file_name.as_os_str(), &rw, st) {
+        Ok(Removal::Removed) => {
+            tracing::info!(path = %path.display(), owner = st.st_uid,
+                "removed another user's lock file that no copy held from the shared directory, to make root's own");
+            Ok(())
+        }
+        Ok(Removal::Held | Removal::Moved) => Ok(()),
+        Ok(Removal::Contended) => Err(read_locked(plan, path)),
+        Err(e) => Err(Error::io("cannot remove lock file", path, e.into())),
     }
-    match rustix::fs::statat(dir, plan.file_name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(now) if same(&now) => {}
-        Ok(_) | Err(Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(Error::io("cannot stat", path, e.into())),
+}
+
+/// The refusal of a lock file that no copy holds but that cannot be taken or put aside now:
+/// read-locked by a process that is not a copy (anyone who may read it can), and either not a
+/// file a copy ever removes (a user's own file given as the lock file) or kept from removal.
+pub(super) fn read_locked(plan: &LockPlan, path: &Path) -> Error {
+    Error::NoUsableBackend {
+        name: plan.instance.clone(),
+        reason: format!(
+            "lock file {} is held by no copy, but another process keeps it read-locked, so no \
+             copy can lock it, and it cannot be put aside now; find that process (`fuser {}`) \
+             or remove the file",
+            path.display(),
+            path.display()
+        ),
+        source: None,
     }
-    match rustix::fs::unlinkat(dir, plan.file_name.as_os_str(), AtFlags::empty()) {
-        Ok(()) | Err(Errno::NOENT) => {}
-        Err(e) => return Err(Error::io("cannot remove lock file", path, e.into())),
-    }
-    tracing::info!(path = %path.display(), owner = st.st_uid,
-        "removed another user's lock file that nobody held from the shared directory, to make root's own");
-    Ok(())
 }
 
 /// Refuses anything at the lock path but a regular file, from a look at it (`statat` with

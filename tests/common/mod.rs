@@ -911,6 +911,34 @@ pub fn wait_until_watching_dir(pid: u32, dir: &Path) {
     wait_for_a_watch(pid, &dir.display().to_string(), |line| line.contains(&ino));
 }
 
+/// Waits until the lock-file watch thread of process `pid` (named `unique-instance-watch`, cut
+/// to `unique-instance`) sleeps in `poll`, as its `wchan` shows: it has read what was queued and
+/// looked at the path, so a change made now is one it reads as an event. Up to [`TIMEOUT`];
+/// where `wchan` tells nothing (`0`, a kernel that hides it), it returns at once.
+pub fn wait_until_watch_polls(pid: u32) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let mut told = false;
+        let polling = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the holder's tasks")
+            .filter_map(Result::ok)
+            .any(|task| {
+                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+                let wchan = std::fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+                told |= !wchan.is_empty() && wchan != "0";
+                comm.trim() == "unique-instance" && wchan.contains("poll")
+            });
+        if polling || !told {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watch of process {pid} never slept in poll within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits (up to [`TIMEOUT`]) until an `inotify wd:` line of process `pid`'s `fdinfo` passes
 /// `this`; `what` names the directory for the failure.
 fn wait_for_a_watch(pid: u32, what: &str, this: impl Fn(&str) -> bool) {
