@@ -1131,3 +1131,59 @@ fn root_removes_a_planted_file_kept_read_locked() {
     guard.release().expect("release");
     assert!(!lock_file.exists());
 }
+
+/// A copy that waits, for a user's own file given as the lock file (never removed), goes on
+/// waiting while another process keeps it read-locked for a moment after the holder let go (a
+/// waiter of another user takes a read lock as the holder leaves), and then takes it (a review:
+/// it gave up at once with 69).
+#[test]
+fn a_waiting_copy_waits_out_a_read_lock_on_a_kept_file() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("kept_read_locked");
+    let flag = lock_dir.path().join("flag");
+    std::fs::write(&flag, "").expect("the user's file");
+    let flag_arg = flag.to_str().expect("UTF-8");
+    let args = [
+        name.as_str(),
+        "--backend",
+        "lockfile",
+        "--lock-file",
+        flag_arg,
+    ];
+    let mut first = holder(None, lock_dir.path(), &args);
+    assert!(first.next_line("holder").starts_with("acquired"));
+    let mut waiter_cmd =
+        common::clean_command(&common::example_path("holder"), None, lock_dir.path());
+    waiter_cmd
+        .args(args)
+        .args(["--wait", "30"])
+        .env("RUST_LOG", "info");
+    let mut waiter = Proc::spawn(waiter_cmd);
+    waiter.stderr_line_containing("waiting for the running copy to exit");
+    // A reader that gets its read lock the moment the holder lets go, and keeps it a while:
+    // longer than the grace an attempt gives a read lock.
+    let reader = std::thread::spawn({
+        let flag = flag.clone();
+        move || {
+            let file = std::fs::File::open(&flag).expect("open to read");
+            let lock = libc::flock {
+                l_type: libc::F_RDLCK as libc::c_short,
+                l_whence: libc::SEEK_SET as libc::c_short,
+                l_start: 0,
+                l_len: 0,
+                l_pid: 0,
+            };
+            nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_SETLKW(&lock))
+                .expect("read lock, once the holder let go");
+            std::thread::sleep(Duration::from_millis(700));
+        }
+    });
+    first.close_stdin();
+    assert_eq!(first.line_starting("released"), "released");
+    reader.join().expect("the reader");
+    let line = waiter.next_line("waiter");
+    assert!(line.starts_with("acquired"), "{line}");
+    waiter.close_stdin();
+    assert_eq!(waiter.line_starting("released"), "released");
+    assert_eq!(std::fs::metadata(&flag).expect("the user's file").len(), 0);
+}

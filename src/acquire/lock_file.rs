@@ -50,7 +50,14 @@ async fn acquire_once(ctx: &mut Context, plan: &LockPlan) -> Result<bool> {
         (Attempt::Busy(holder), _) if ctx.wait == Wait::No => {
             return Err(already_running(&ctx.name, holder));
         }
-        (Attempt::Busy(holder), dir) => {
+        (Attempt::KeptOut, _) if ctx.wait == Wait::No => {
+            return Err(lockfile::read_locked(plan, &plan.path()));
+        }
+        (attempt @ (Attempt::Busy(_) | Attempt::KeptOut), dir) => {
+            let holder = match attempt {
+                Attempt::Busy(holder) => holder,
+                _ => Box::new(lockfile::holder_now(&plan.path())),
+            };
             let waited = wait_lock(
                 &ctx.name,
                 plan,

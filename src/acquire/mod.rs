@@ -192,6 +192,7 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     let held = match lockfile::lock(&plan, &mut dir, false)? {
         Attempt::Acquired(held, _) => held,
         Attempt::Busy(holder) => return Err(already_running(&name, holder)),
+        Attempt::KeptOut => return Err(lockfile::read_locked(&plan, &plan.path())),
     };
     // As `lock_file::acquire` does (no wait here): a copy in the other system directory.
     if let Some(holder) = lockfile::copy_in_the_other_dir_blocking(&plan) {

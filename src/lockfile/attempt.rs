@@ -18,8 +18,8 @@ use super::grace::{await_answer, await_answer_async, on_a_thread};
 use super::held::HeldLock;
 use super::ofd::{is_held, is_locked_at_all, lock_exclusive, wait_unlocked};
 use super::open::{
-    Opened, ReadOnlyBecause, Removal, is_ours, not_a_lock_file, open_lock_file, read_locked,
-    remove_unheld, still_names,
+    Opened, ReadOnlyBecause, Removal, is_ours, not_a_lock_file, open_lock_file, remove_unheld,
+    still_names,
 };
 use super::reader::{read_holder, read_holder_async};
 use super::record::{LockRecord, placeholder, read_content, write_or_unknown};
@@ -33,6 +33,11 @@ pub(crate) enum Attempt {
     Acquired(HeldLock, Option<LockRecord>),
     /// Someone else holds it.
     Busy(Box<Holder>),
+    /// No copy holds it, but another process keeps it read-locked, so no copy can lock it, and
+    /// it cannot be removed now (a user's own file, or removal kept out: see
+    /// `remove_squatted`). A copy that waits goes on waiting; one that does not is refused,
+    /// saying so ([`read_locked`]), not told "already running".
+    KeptOut,
 }
 
 /// How many times the file may vanish or appear between our own two system calls before we
@@ -143,6 +148,7 @@ pub(crate) fn lock(plan: &LockPlan, lock_dir: &mut LockDir, block: bool) -> Resu
         return Ok(match settle(plan, lock_dir, block, squatted.take())? {
             Step::Acquired(held, previous) => Attempt::Acquired(held, previous),
             Step::Busy(file) => Attempt::Busy(Box::new(read_holder(&file, &plan.path()))),
+            Step::KeptOut => Attempt::KeptOut,
             Step::Linked(file, links) => {
                 if let Some((inotify, deadline)) = linked.next(plan, links)? {
                     await_answer(&inotify, None, deadline, || one_name(&file));
@@ -189,6 +195,7 @@ pub(super) async fn lock_async(plan: &LockPlan, lock_dir: &mut LockDir) -> Resul
             Step::Busy(file) => {
                 Attempt::Busy(Box::new(read_holder_async(&file, &plan.path()).await))
             }
+            Step::KeptOut => Attempt::KeptOut,
             Step::Linked(file, links) => {
                 if let Some((inotify, deadline)) = linked.next(plan, links)? {
                     await_answer_async(inotify, deadline, move || one_name(&file)).await;
@@ -286,7 +293,7 @@ fn remove_squatted(
     let ours_to_remove =
         is_ours(&content) && LockRecord::parse_whole(&content).is_some_and(|r| !r.keep);
     if !ours_to_remove {
-        return Err(read_locked(plan, &path));
+        return Ok(Some(Step::KeptOut));
     }
     test_hooks::stop_at(Hook::BeforeRemovingSquatted);
     match remove_unheld(&lock_dir.fd, plan.file_name.as_os_str(), &file, st) {
@@ -298,7 +305,7 @@ fn remove_squatted(
         }
         Ok(Removal::Moved) => Ok(None),
         Ok(Removal::Held) => Ok(Some(Step::Busy(file))),
-        Ok(Removal::Contended) => Err(read_locked(plan, &path)),
+        Ok(Removal::Contended) => Ok(Some(Step::KeptOut)),
         Err(e) => Err(Error::io("cannot remove lock file", &path, e.into())),
     }
 }
@@ -373,6 +380,8 @@ enum Step {
     /// be locked: given [`RELEASE_GRACE`] (a waiter's read lock lasts a moment), then removed
     /// (see [`remove_squatted`]).
     ReadLocked(OwnedFd, rustix::fs::Stat),
+    /// See [`Attempt::KeptOut`].
+    KeptOut,
 }
 
 /// One attempt in `lock_dir`; `None` when the directory was removed under it.
@@ -511,8 +520,13 @@ fn lock_step(
         // while we set up, and a copy killed now leaves a record of its own, keep mark and all,
         // never an empty file (see `placeholder`). A file we made has ours already; an empty one
         // (the usual case: someone else's) needs nothing.
-        if !created && !content.is_empty() {
+        if !content.is_empty() && !created {
             write_or_unknown(&file, &placeholder(keep_file, content.len()), &path)
+                .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
+        } else if content.is_empty() && created {
+            // Made at its name (where it could not be named by a rename): its first record now
+            // that it is ours.
+            write_or_unknown(&file, &placeholder(false, 0), &path)
                 .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
         }
         let held = HeldLock::new(file, &st, keep_file, plan, lock_dir, path);

@@ -480,8 +480,12 @@ impl HeldLock {
                 // have taken it as it goes (see `remove_unheld`): left, it would keep every
                 // copy waiting on the grace first.
                 Err(Errno::AGAIN | Errno::ACCESS) if is_held(&file) == Ok(false) => {
+                    // A kept file is left as it is: emptied through a description that holds
+                    // no lock, it could be the next copy's record that goes (a review). Our
+                    // record in it names a process about to be gone, which the next copy
+                    // replaces.
                     if now.keep_file {
-                        return None;
+                        return Some("kept, and read-locked by another process: left as it is");
                     }
                     return Some(
                         match rustix::fs::fstat(&file).map(|st| {

@@ -39,6 +39,7 @@ pub use handed::{
     record_this_process_as_holder_keeping_bus_name,
 };
 pub(crate) use held::ReleaseReport;
+pub(crate) use open::read_locked;
 pub(crate) use part::HeldFile;
 pub(crate) use probe::{
     copy_in_the_other_dir_async, copy_in_the_other_dir_blocking, holder_now, holder_of,

@@ -226,7 +226,10 @@ pub(super) fn open_lock_file(
         match open(flags | OFlags::RDWR | OFlags::CREATE | OFlags::EXCL) {
             Ok(file) => {
                 let mut st = fstat(&file)?;
-                new_lock_file(plan, &file, path, &mut st, euid, lock_dir)?;
+                // Its first record only once it is locked (see `lock_step`): unlocked at its
+                // name, another copy may take it first, and a record written now would land
+                // over that copy's (a review).
+                set_new_file_owner_and_mode(plan, &file, path, &mut st, euid, lock_dir)?;
                 return writable(file, st, true);
             }
             Err(Errno::EXIST) => {}
@@ -651,15 +654,17 @@ fn remove_foreign(
 /// The refusal of a lock file that no copy holds but that cannot be taken or put aside now:
 /// read-locked by a process that is not a copy (anyone who may read it can), and either not a
 /// file a copy ever removes (a user's own file given as the lock file) or kept from removal.
-pub(super) fn read_locked(plan: &LockPlan, path: &Path) -> Error {
+pub(crate) fn read_locked(plan: &LockPlan, path: &Path) -> Error {
     Error::NoUsableBackend {
         name: plan.instance.clone(),
         reason: format!(
             "lock file {} is held by no copy, but another process keeps it read-locked, so no \
-             copy can lock it, and it cannot be put aside now; find that process (`fuser {}`) \
-             or remove the file",
+             copy can lock it, and it cannot be removed now (it is a file copies never remove, \
+             or another process holds its directory's flock); find those processes (`fuser {} \
+             {}`), or remove the file, or wait for it (--wait)",
             path.display(),
-            path.display()
+            path.display(),
+            path.parent().unwrap_or(path).display()
         ),
         source: None,
     }

@@ -336,8 +336,9 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
                     }
                     return Ok((held, previous, quiet));
                 }
-                // Another copy was quicker: wait for it in turn.
-                Attempt::Busy(_) => {}
+                // Another copy was quicker: wait for it in turn. Or a reader keeps the file
+                // from every copy for now: wait for it to let go.
+                Attempt::Busy(_) | Attempt::KeptOut => {}
             }
         }
         if dir.id() != watched {
