@@ -336,9 +336,22 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
                     }
                     return Ok((held, previous, quiet));
                 }
-                // Another copy was quicker: wait for it in turn. Or a reader keeps the file
-                // from every copy for now: wait for it to let go.
-                Attempt::Busy(_) | Attempt::KeptOut => {}
+                // Another copy was quicker: wait for it in turn.
+                Attempt::Busy(_) => {}
+                // A reader keeps the file from every copy for now: wait for it to let go, which
+                // no event tells, so by the timer, backing off. The attempt opened the file for
+                // writing, and its close queued an `IN_CLOSE_WRITE` that is no news: read now,
+                // or every attempt would wake the next at once (a review: attempts back to back
+                // for as long as the reader stayed, a busy loop where the grace's thread could
+                // not be had).
+                Attempt::KeptOut => {
+                    if let Some(watch) = &watch
+                        && take_events(watch.get_ref().fd(), name) == Some(true)
+                    {
+                        seen.made_since = true;
+                    }
+                    quick = 0;
+                }
             }
         }
         if dir.id() != watched {
