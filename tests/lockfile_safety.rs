@@ -918,6 +918,11 @@ fn a_users_empty_file_survives_a_crashed_holder() {
 /// Takes a read lock (`F_OFD_SETLK`, shared) on the whole of `file`, as anyone who may only read
 /// it can: held until `file` is closed.
 fn read_lock(file: &std::fs::File) {
+    read_lock_waiting(file, false);
+}
+
+/// [`read_lock`], waiting for it (`F_OFD_SETLKW`) when `wait`.
+fn read_lock_waiting(file: &std::fs::File, wait: bool) {
     let lock = libc::flock {
         l_type: libc::F_RDLCK as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
@@ -925,12 +930,17 @@ fn read_lock(file: &std::fs::File) {
         l_len: 0,
         l_pid: 0,
     };
-    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)).expect("read lock");
+    let arg = if wait {
+        nix::fcntl::FcntlArg::F_OFD_SETLKW(&lock)
+    } else {
+        nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)
+    };
+    nix::fcntl::fcntl(file, arg).expect("read lock");
 }
 
 /// A lock file of ours that no copy holds (its holder was SIGKILLed), read-locked by someone
-/// who may only read it, is no running copy: `status` says so, and the next copy puts it aside
-/// for a new file and runs (a review: a local user's read lock on a deployed service's file
+/// who may only read it, is no running copy: `status` says so, and the next copy removes it,
+/// makes a new file and runs (a review: a local user's read lock on a deployed service's file
 /// made every copy say "already running"). A user's own file given as the lock file, which a
 /// copy never removes, is never put aside: the copy is refused, the file left as it is.
 #[test]
@@ -1166,15 +1176,8 @@ fn a_waiting_copy_waits_out_a_read_lock_on_a_kept_file() {
         let flag = flag.clone();
         move || {
             let file = std::fs::File::open(&flag).expect("open to read");
-            let lock = libc::flock {
-                l_type: libc::F_RDLCK as libc::c_short,
-                l_whence: libc::SEEK_SET as libc::c_short,
-                l_start: 0,
-                l_len: 0,
-                l_pid: 0,
-            };
-            nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_SETLKW(&lock))
-                .expect("read lock, once the holder let go");
+            // Granted once the holder let go.
+            read_lock_waiting(&file, true);
             std::thread::sleep(Duration::from_millis(700));
         }
     });
