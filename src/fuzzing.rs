@@ -31,6 +31,19 @@ pub fn record_line(content: &[u8]) -> Option<Vec<u8>> {
     LockRecord::parse(&content[..content.len().min(MAX_RECORD_LEN)]).map(|record| record.to_line())
 }
 
+/// The record a copy writes at once into a crashed holder's file whose whole content is
+/// `content`, before its own (`None` unless `content` is a whole record): it must be a whole
+/// record too, as long at least, so that one write replaces the old one, and keep its mark.
+pub fn takeover_placeholder(content: &[u8]) -> Option<Vec<u8>> {
+    crate::lockfile::takeover_placeholder(content)
+}
+
+/// Whether a whole record marks its file as kept (someone else's, never removed); `None`
+/// unless `content` is a whole record.
+pub fn is_kept(content: &[u8]) -> Option<bool> {
+    crate::lockfile::is_kept(content)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -73,6 +86,12 @@ mod tests {
         for (path, seed) in &seeds {
             if let Some(line) = record_line(seed) {
                 assert!(is_whole_record(&line), "{}", path.display());
+            }
+            // And what a copy taking a crashed holder's file over writes first (see the target).
+            if let Some(line) = takeover_placeholder(seed) {
+                assert!(line.len() >= seed.len(), "{}", path.display());
+                assert!(is_whole_record(&line), "{}", path.display());
+                assert_eq!(is_kept(&line), is_kept(seed), "{}", path.display());
             }
         }
         // The seeds are mostly real records: a parser that rejects them all is broken.

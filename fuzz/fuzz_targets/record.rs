@@ -8,11 +8,14 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use unique_instance::Error;
-use unique_instance::fuzzing::{MAX_RECORD_LEN, holder_from_record, is_whole_record, record_line};
+use unique_instance::fuzzing::{
+    MAX_RECORD_LEN, holder_from_record, is_kept, is_whole_record, record_line, takeover_placeholder,
+};
 
 fuzz_target!(|content: &[u8]| {
     let lock_file = Path::new("/run/lock/unique-instance/org.example.Server.lock");
     let whole = is_whole_record(content);
+    check_takeover(content, whole);
     let Some(holder) = holder_from_record(content, lock_file) else {
         assert!(record_line(content).is_none());
         // A file taken for a crashed holder's (to take over and remove) is one a reader reads.
@@ -61,3 +64,27 @@ fuzz_target!(|content: &[u8]| {
         String::from_utf8_lossy(&line)
     );
 });
+
+/// A crashed holder's file taken over gets at once, in one write, a record of the new holder:
+/// a whole record itself (a copy killed next leaves a file the one after it takes over), at
+/// least as long as the old one (nothing of it is left after its newline), with its keep mark
+/// (a user's file never becomes ours to remove).
+fn check_takeover(content: &[u8], whole: bool) {
+    let Some(line) = takeover_placeholder(content) else {
+        assert!(!whole, "a whole record with no placeholder");
+        return;
+    };
+    assert!(whole, "a placeholder for a file that is not a whole record");
+    assert!(
+        line.len() >= content.len(),
+        "{} < {}",
+        line.len(),
+        content.len()
+    );
+    assert!(
+        is_whole_record(&line),
+        "not a whole record: {:?}",
+        String::from_utf8_lossy(&line)
+    );
+    assert_eq!(is_kept(&line), is_kept(content), "the keep mark changed");
+}

@@ -48,5 +48,7 @@ pub(crate) use probe::{
 // For the fuzz targets' entry points (src/fuzzing.rs).
 #[cfg(any(fuzzing, test))]
 pub(crate) use record::{LockRecord, MAX_RECORD_LEN};
+#[cfg(any(fuzzing, test))]
+pub(crate) use record::{is_kept, takeover_placeholder};
 pub(crate) use wait::{try_lock, wait_lock};
 pub(crate) use watch::new_inotify;

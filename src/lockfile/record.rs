@@ -73,6 +73,19 @@ pub(super) fn placeholder(keep: bool, len: usize) -> Vec<u8> {
     line
 }
 
+/// For the fuzz targets: the record a copy writes at once into a crashed holder's file it
+/// takes over (`content`, that file's whole content), and whether a file's whole content is
+/// marked kept; `None` where `content` is not a whole record.
+#[cfg(any(fuzzing, test))]
+pub(crate) fn takeover_placeholder(content: &[u8]) -> Option<Vec<u8>> {
+    LockRecord::parse_whole(content).map(|record| placeholder(record.keep, content.len()))
+}
+
+#[cfg(any(fuzzing, test))]
+pub(crate) fn is_kept(content: &[u8]) -> Option<bool> {
+    LockRecord::parse_whole(content).map(|record| record.keep)
+}
+
 /// What starts the line of a record whose file is kept (see [`LockRecord::keep`]).
 const KEEP_MARK: u8 = b'\t';
 
