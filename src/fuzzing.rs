@@ -31,9 +31,10 @@ pub fn record_line(content: &[u8]) -> Option<Vec<u8>> {
     LockRecord::parse(&content[..content.len().min(MAX_RECORD_LEN)]).map(|record| record.to_line())
 }
 
-/// The record a copy writes at once into a crashed holder's file whose whole content is
-/// `content`, before its own (`None` unless `content` is a whole record): it must be a whole
-/// record too, as long at least, so that one write replaces the old one, and keep its mark.
+/// What a copy writes at once into a crashed holder's file whose whole content is `content`,
+/// before its own record (`None` unless `content` is a whole record): a whole record too, as
+/// long at least, so that one write replaces the old one; or, where the old one is marked kept
+/// (someone else's file), nothing: the file is emptied.
 pub fn takeover_placeholder(content: &[u8]) -> Option<Vec<u8>> {
     crate::lockfile::takeover_placeholder(content)
 }
@@ -88,10 +89,14 @@ mod tests {
                 assert!(is_whole_record(&line), "{}", path.display());
             }
             // And what a copy taking a crashed holder's file over writes first (see the target).
-            if let Some(line) = takeover_placeholder(seed) {
-                assert!(line.len() >= seed.len(), "{}", path.display());
-                assert!(is_whole_record(&line), "{}", path.display());
-                assert_eq!(is_kept(&line), is_kept(seed), "{}", path.display());
+            match (takeover_placeholder(seed), is_kept(seed)) {
+                (Some(line), Some(true)) => assert!(line.is_empty(), "{}", path.display()),
+                (Some(line), _) => {
+                    assert!(line.len() >= seed.len(), "{}", path.display());
+                    assert!(is_whole_record(&line), "{}", path.display());
+                    assert_eq!(is_kept(&line), Some(false), "{}", path.display());
+                }
+                (None, _) => {}
             }
         }
         // The seeds are mostly real records: a parser that rejects them all is broken.

@@ -498,9 +498,10 @@ fn a_release_leaves_no_descriptor_of_the_watch() {
     assert_eq!(p.exit_code(), 0);
 }
 
-/// A refused copy gives a just-started holder a moment to write its record, and in async code
-/// that moment does not block the runtime: here the record comes back only if another task of
-/// the same current-thread runtime runs meanwhile, and the refusal must name the holder.
+/// A refused copy gives a holder that just took over a crashed one's file a moment to write its
+/// record in place of the dead one's, and in async code that moment does not block the
+/// runtime: here the record comes back only if another task of the same current-thread runtime
+/// runs meanwhile, and the refusal must name the holder.
 #[test]
 fn the_record_grace_does_not_block_the_runtime() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
@@ -512,8 +513,18 @@ fn the_record_grace_does_not_block_the_runtime() {
         .expect("pid");
     let path = lock_dir.path().join(format!("{name}.lock"));
     let record = std::fs::read(&path).expect("record");
-    // As if the holder had locked and not yet written (same inode, lock untouched).
-    std::fs::write(&path, b"").expect("empty");
+    // As if the holder had locked a crashed holder's file and not yet written its own record
+    // (same inode, lock untouched): the record of a process that is gone.
+    let mut gone = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let gone_pid = gone.id();
+    assert!(gone.wait().expect("wait").success());
+    let dead_record = String::from_utf8(record.clone())
+        .expect("UTF-8 record")
+        .replace(&format!("\"pid\":{pid},"), &format!("\"pid\":{gone_pid},"));
+    assert_ne!(dead_record.as_bytes(), record, "the pid replaced");
+    std::fs::write(&path, &dead_record).expect("a dead holder's record");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -523,9 +534,21 @@ fn the_record_grace_does_not_block_the_runtime() {
             .backend(unique_instance::Backend::LockFile)
             .lock_dir(lock_dir.path())
     };
+    // Written over the dead one in one `pwrite`, padded to its length, as a holder writes.
+    let mut padded = record.clone();
+    if padded.len() < dead_record.len() {
+        padded.pop();
+        padded.resize(dead_record.len() - 1, b' ');
+        padded.push(b'\n');
+    }
     let write_record = || async {
+        use std::os::unix::fs::FileExt;
         tokio::task::yield_now().await;
-        std::fs::write(&path, &record).expect("write record");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open the lock file");
+        file.write_all_at(&padded, 0).expect("write record");
     };
     let outcome = rt.block_on(async { tokio::join!(options().acquire_async(), write_record()).0 });
     match outcome {
@@ -535,7 +558,7 @@ fn the_record_grace_does_not_block_the_runtime() {
         other => panic!("expected already running, got {other:?}"),
     }
     // The same for `status`, another async reader of the lock file.
-    std::fs::write(&path, b"").expect("empty");
+    std::fs::write(&path, &dead_record).expect("a dead holder's record");
     let status = rt.block_on(async {
         let options = options();
         tokio::join!(unique_instance::status(&options), write_record()).0

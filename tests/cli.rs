@@ -2116,10 +2116,10 @@ fn the_keeper_re_creates_a_lock_file_removed_once_the_wrapper_is_gone() {
 }
 
 /// A user's empty file used as the lock file (`touch keep.flag`, a shared `job.lock`) is never
-/// removed, even when the wrapper is SIGKILLed and its keeper holds the file alone: the keeper
-/// empties it when it exits, and should it be SIGKILLed too, its record says the file is kept,
-/// so the next run uses it and leaves it as it was, the same file with its owner and mode
-/// (review: the keeper's record was left in it, and the next run removed it).
+/// written into nor removed, even when the wrapper is SIGKILLed and its keeper holds the file
+/// alone, and should the keeper be SIGKILLed too: the next run uses it and leaves it as it was,
+/// the same file with its owner and mode (reviews: the keeper's record was left in it, and the
+/// next run removed it; later, a release emptied what COMMAND had written into it).
 #[test]
 fn a_users_empty_lock_file_survives_a_killed_wrapper() {
     use std::os::unix::fs::PermissionsExt;
@@ -2152,8 +2152,8 @@ fn a_users_empty_lock_file_survives_a_killed_wrapper() {
         wait_pidfd(keeper, &keeper_fd);
         let left = std::fs::read(&path).expect("the file, after the keeper");
         assert!(
-            keeper_killed || left.is_empty(),
-            "the keeper left its record in the user's file: {:?}",
+            left.is_empty(),
+            "something of ours was written into the user's file: {:?}",
             String::from_utf8_lossy(&left)
         );
         for round in 0..2 {
@@ -2167,12 +2167,124 @@ fn a_users_empty_lock_file_survives_a_killed_wrapper() {
                 0,
                 "keeper killed: {keeper_killed}, round {round}"
             );
-            common::assert_same_file_emptied(
+            common::assert_same_empty_file(
                 &path,
                 &before,
                 &format!("keeper killed: {keeper_killed}, round {round}"),
             );
         }
+    }
+}
+
+/// A user's empty file given as the lock file, `flock(1)` style (`run --lock-file job.log …`,
+/// COMMAND appending to `job.log`), is the user's: nothing of ours is written into it, and
+/// what COMMAND writes into it is still there after the release, and after a wrapper killed,
+/// whose keeper keeps the lock all the same (review: the release emptied it, the log lost; and
+/// the keeper, finding it not a record, let the instance go and killed COMMAND without its
+/// grace). A file with data in it is then no lock file for the next copy (64), left as it is.
+#[test]
+fn what_command_writes_into_a_users_lock_file_is_kept() {
+    use std::os::unix::fs::MetadataExt;
+    for wrapper_killed in [false, true] {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("flag_written");
+        let path = lock_dir.path().join("job.log");
+        std::fs::write(&path, b"").expect("touch job.log");
+        let before = std::fs::metadata(&path).expect("meta");
+        let path_arg = path.to_str().expect("UTF-8 path");
+        let lock_file = format!("--lock-file={path_arg}");
+        // COMMAND shows what is in the file as it starts (nothing), then logs into it.
+        let script = "printf 'seen [%s]\\n' \"$(cat \"$1\")\"; echo logged >> \"$1\"; \
+                      trap '' TERM; echo pid $$; exec sleep 600";
+        let mut wrapper = cli(
+            None,
+            lock_dir.path(),
+            &[
+                "run",
+                "--kill-after=600",
+                "--backend=lockfile",
+                &lock_file,
+                &name,
+                "--",
+                "sh",
+                "-c",
+                script,
+                &name,
+                path_arg,
+            ],
+        );
+        assert_eq!(wrapper.next_line("what COMMAND saw"), "seen []");
+        let (pid, pidfd) = command_pidfd(&mut wrapper);
+        let _command = KillOnDrop(&pidfd);
+        let mut refused = cli(
+            None,
+            lock_dir.path(),
+            &["run", "--backend=lockfile", &lock_file, &name, "--", "true"],
+        );
+        assert_eq!(
+            refused.exit_code(),
+            75,
+            "{:?}",
+            refused.stderr_until_closed()
+        );
+        let mut keeper_fd = None;
+        if wrapper_killed {
+            let keeper = the_keeper(&wrapper, &name);
+            keeper_fd = Some((
+                keeper,
+                rustix::process::Pid::from_raw(keeper as i32)
+                    .and_then(|p| {
+                        rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+                    })
+                    .unwrap_or_else(|| panic!("keeper {keeper} is not running")),
+            ));
+            wrapper.sigkill();
+            let line = wrapper
+                .stderr_line_containing_any(&["holds the instance", "cannot keep the lock file"]);
+            assert!(
+                line.contains(&format!("its keeper (pid {keeper}) holds the instance")),
+                "{line}"
+            );
+            let mut still_refused = cli(
+                None,
+                lock_dir.path(),
+                &["run", "--backend=lockfile", &lock_file, &name, "--", "true"],
+            );
+            assert_eq!(still_refused.exit_code(), 75);
+        }
+        rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+        wait_pidfd(pid, &pidfd);
+        match &keeper_fd {
+            // The keeper, once the tree is gone, lets go: the file is as it left it.
+            Some((keeper, fd)) => wait_pidfd(*keeper, fd),
+            None => assert_eq!(wrapper.exit_code(), 128 + 9),
+        }
+        let after = std::fs::metadata(&path).expect("the user's file is still there");
+        assert_eq!(
+            (after.ino(), after.mode(), after.uid()),
+            (before.ino(), before.mode(), before.uid()),
+            "killed: {wrapper_killed}"
+        );
+        // A file with data in it is no lock file: refused, even by a copy that would wait.
+        let mut next = cli(
+            None,
+            lock_dir.path(),
+            &[
+                "run",
+                "--wait=60",
+                "--backend=lockfile",
+                &lock_file,
+                &name,
+                "--",
+                "true",
+            ],
+        );
+        assert_eq!(next.exit_code(), 64, "{:?}", next.stderr_until_closed());
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            b"logged\n",
+            "killed: {wrapper_killed}"
+        );
     }
 }
 

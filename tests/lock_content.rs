@@ -333,10 +333,10 @@ fn a_crashed_holders_record_is_taken_over_and_removed() {
 
 /// A file that was there, empty, before we took it may be someone's flag file (`touch
 /// keep.flag`): it is used as the lock (a holder killed before writing its record leaves one,
-/// which must not block restarts), but never removed: released, it is empty again, the same
-/// file, with its owner and mode. Before: removed on release. (Another user's empty file that
-/// root meets in a shared sticky directory is the exception: anyone may have planted it there,
-/// so root never keeps it; see `tests/lockfile_safety.rs`.)
+/// which must not block restarts), but never written into nor removed: released, it is the
+/// same file, empty, with its owner and mode. Before: removed on release. (Another user's empty
+/// file that root meets in a shared sticky directory is the exception: anyone may have planted
+/// it there, so root never keeps it; see `tests/lockfile_safety.rs`.)
 #[test]
 fn a_pre_existing_empty_file_is_used_but_never_removed() {
     use std::os::unix::fs::MetadataExt;
@@ -357,11 +357,22 @@ fn a_pre_existing_empty_file_is_used_but_never_removed() {
         }
         let before = std::fs::metadata(&path).expect("meta");
         let name = unique_name("emptyflag");
-        // COMMAND sees our record in it while it runs: the file was the lock.
+        // COMMAND is given the lock's descriptor: that file, with nothing of ours in it.
         let mut run = cli(
             None,
             lock_dir.path(),
-            &["run", "--lock-file", path_arg, &name, "--", "cat", path_arg],
+            &[
+                "run",
+                "--lock-file",
+                path_arg,
+                &name,
+                "--",
+                "sh",
+                "-c",
+                "printf '[%s] %s\\n' \"$(cat \"$1\")\" \"$(readlink /proc/self/fd/$UNIQUE_INSTANCE_LOCK_FD)\"",
+                "sh",
+                path_arg,
+            ],
         );
         let stdout = run.stdout_until_closed().join("\n");
         assert_eq!(
@@ -370,10 +381,7 @@ fn a_pre_existing_empty_file_is_used_but_never_removed() {
             "{path_arg}: {:?}",
             run.stderr_until_closed()
         );
-        assert!(
-            stdout.contains("\"pid\":"),
-            "{path_arg}: not the lock: {stdout}"
-        );
+        assert_eq!(stdout, format!("[] {path_arg}"), "{path_arg}");
         let after = std::fs::metadata(&path).expect("the file is still there");
         assert_eq!(
             (
@@ -463,8 +471,9 @@ fn a_record_that_cannot_be_read_is_logged_and_still_held() {
     );
 }
 
-/// Refused by a holder that has not written its record yet, an async acquisition waits for the
-/// record without blocking its executor: another task on the same current-thread runtime runs
+/// Refused by a holder that has not written its record yet (it has just taken a crashed
+/// holder's file over: the record there names a process that is gone), an async acquisition
+/// waits for the record without blocking its executor: another task on the same current-thread runtime runs
 /// meanwhile (here: it writes the record, which the acquisition then reports). Blocking, the
 /// acquisition would give up after its grace first, and report the holder as unknown.
 #[test]
@@ -472,7 +481,18 @@ fn waiting_for_a_holders_record_does_not_block_the_executor() {
     let dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("grace");
     let path = dir.path().join(format!("{name}.lock"));
-    std::fs::write(&path, b"").expect("an empty lock file");
+    // A crashed holder's record, of a process of this host that is gone, as a copy that has just
+    // taken the file over finds it before it writes its own.
+    let mut gone = std::process::Command::new("true").spawn().expect("true");
+    assert!(gone.wait().expect("wait").success());
+    let here = rustix::system::uname();
+    let dead = format!(
+        "{{\"pid\":{},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\"bus\":null,\
+         \"bus_unique_name\":null,\"executable\":null,\"hostname\":{:?}}}\n",
+        gone.id(),
+        here.nodename().to_str().expect("UTF-8 host name")
+    );
+    std::fs::write(&path, &dead).expect("a crashed holder's record");
     let _held = hold_ofd_lock(&path);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -486,8 +506,20 @@ fn waiting_for_a_holders_record_does_not_block_the_executor() {
             .notify_ready(false)
             .acquire_async();
         // Polled only once the acquisition has yielded to the executor.
+        // In one `pwrite` over the dead one, padded to its length, as a holder writes.
         let write_record = async {
-            std::fs::write(&path, record("4242", "1")).expect("write the record");
+            use std::os::unix::fs::FileExt;
+            let mut line = record("4242", "1");
+            if line.len() < dead.len() {
+                line.pop();
+                line.resize(dead.len() - 1, b' ');
+                line.push(b'\n');
+            }
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open the lock file");
+            file.write_all_at(&line, 0).expect("write the record");
         };
         let (outcome, ()) = tokio::join!(acquire, write_record);
         outcome

@@ -272,8 +272,17 @@ fn unlinked_and_recreated_file_never_yields_two_holders() {
         // the path change at once (inotify) and may take the new file while the holder still
         // holds the orphan, and a plain write after an unlink would then truncate the record of
         // the waiter's own file.
+        // The new file is a crashed holder's (an empty one would be someone else's, kept, in
+        // which nothing of ours is written, and the newcomer below could not name its holder).
         let new_file = dir.path().join(format!("{name}.new"));
-        std::fs::write(&new_file, "").expect("create");
+        let mut gone = std::process::Command::new("true").spawn().expect("true");
+        assert!(gone.wait().expect("wait").success());
+        let crashed = format!(
+            "{{\"pid\":{},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\
+             \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
+            gone.id()
+        );
+        std::fs::write(&new_file, crashed).expect("create");
         std::fs::set_permissions(&new_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         std::fs::rename(&new_file, &path).expect("recreate");
         h.close_stdin();
@@ -883,35 +892,53 @@ fn lock_file_holder_names_the_running_copy_and_takes_nothing() {
 }
 
 /// A file that was already there empty (`touch keep.flag`, a shared `job.lock` in `flock(1)`
-/// style) is never removed, even after a holder SIGKILLed with its record in it: the next copy
-/// takes the crashed holder's file over as its own, and releases it truncated back to empty, the
-/// same file with its owner and mode (review: it was removed, and the next one made with a new
-/// mode, the group locked out).
+/// style) is never written into nor removed, even after a holder SIGKILLed: the next copy takes
+/// it as it is, and releases it as it was, the same file with its owner and mode (reviews: it
+/// was removed, and the next one made with a new mode, the group locked out; later, what was
+/// written into it while held was emptied by the release). A record that an earlier version
+/// wrote into such a file, marked kept (a tab before its JSON), and left there when it was
+/// killed, is emptied by the copy that takes the file over, and the file kept all the same.
 #[test]
 fn a_users_empty_file_survives_a_crashed_holder() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let name = unique_name("keep_crash");
-    let path = dir.path().join("keep.flag");
-    std::fs::write(&path, b"").expect("touch keep.flag");
-    // A mode no lock file of ours is made with (0600, or 0644 for root).
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-    let before = std::fs::metadata(&path).expect("meta");
-    let file_arg = path.to_str().expect("UTF-8 path");
-    let args = [&name[..], "--backend", "lockfile", "--lock-file", file_arg];
-    let mut h = holder(None, dir.path(), &args);
-    assert!(h.next_line("holder").starts_with("acquired"));
-    h.sigkill();
-    let left = std::fs::read(&path).expect("the killed holder's file");
-    assert!(!left.is_empty(), "the killed holder left its record");
-    // Twice: the copy after the next one must find the file just as the first one did.
-    for round in 0..2 {
-        let guard = InstanceOptions::new(&name)
-            .backend(Backend::LockFile)
-            .lock_file(&path)
-            .acquire()
-            .expect("free after the holder died");
-        guard.release().expect("release");
-        common::assert_same_file_emptied(&path, &before, &format!("round {round}"));
+    for planted in [None, Some("earlier version's record")] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("keep_crash");
+        let path = dir.path().join("keep.flag");
+        std::fs::write(&path, b"").expect("touch keep.flag");
+        // A mode no lock file of ours is made with (0600, or 0644 for root).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let before = std::fs::metadata(&path).expect("meta");
+        let file_arg = path.to_str().expect("UTF-8 path");
+        let args = [&name[..], "--backend", "lockfile", "--lock-file", file_arg];
+        let mut h = holder(None, dir.path(), &args);
+        assert!(h.next_line("holder").starts_with("acquired"));
+        h.sigkill();
+        let left = std::fs::read(&path).expect("the killed holder's file");
+        assert!(left.is_empty(), "a record was written into the user's file");
+        if planted.is_some() {
+            // The killed holder's, as that version wrote it.
+            let record = format!(
+                "\t{{\"pid\":{},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\
+                 \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
+                h.pid()
+            );
+            std::fs::write(&path, record).expect("the earlier version's record");
+        }
+        // Twice: the copy after the next one must find the file just as the first one did.
+        for round in 0..2 {
+            let guard = InstanceOptions::new(&name)
+                .backend(Backend::LockFile)
+                .lock_file(&path)
+                .acquire()
+                .expect("free after the holder died");
+            assert_eq!(
+                std::fs::read(&path).expect("read"),
+                b"",
+                "{planted:?}, round {round}: held"
+            );
+            guard.release().expect("release");
+            common::assert_same_empty_file(&path, &before, &format!("{planted:?}, round {round}"));
+        }
     }
 }
 

@@ -16,13 +16,13 @@ use crate::test_hooks::{self, Hook};
 use super::dir::{LockDir, MAX_DIR_RACES, not_permitted};
 use super::grace::{await_answer, await_answer_async, on_a_thread};
 use super::held::HeldLock;
-use super::ofd::{is_held, is_locked_at_all, lock_exclusive, wait_unlocked};
+use super::ofd::{is_held, is_locked_at_all, lock_exclusive, retry_eintr, wait_unlocked};
 use super::open::{
     Opened, ReadOnlyBecause, Removal, is_ours, not_a_lock_file, open_lock_file, remove_unheld,
     still_names,
 };
 use super::reader::{read_holder, read_holder_async};
-use super::record::{LockRecord, placeholder, read_content, write_or_unknown};
+use super::record::{LockRecord, placeholder, read_content, takeover_line, write_or_unknown};
 
 /// The outcome of one attempt.
 // Returned once per attempt and taken apart at once: boxing the large variant would only add an
@@ -517,16 +517,28 @@ fn lock_step(
         let keep_file =
             !created && (content.is_empty() || previous.as_ref().is_some_and(|r| r.keep));
         // A crashed holder's record replaced at once, in one write, so nobody reports a dead PID
-        // while we set up, and a copy killed now leaves a record of its own, keep mark and all,
-        // never an empty file (see `placeholder`). A file we made has ours already; an empty one
-        // (the usual case: someone else's) needs nothing.
-        if !content.is_empty() && !created {
-            write_or_unknown(&file, &placeholder(keep_file, content.len()), &path)
-                .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
+        // while we set up, and a copy killed now leaves a record of its own, never an empty
+        // file (see `placeholder`); one in a kept file (earlier versions wrote them) goes, and
+        // the file is as its owner left it. A file we made has ours already; an empty one (the
+        // usual case: someone else's) gets nothing.
+        if let Some(previous) = previous.as_ref().filter(|_| !content.is_empty()) {
+            let line = takeover_line(previous, content.len());
+            if line.is_empty() {
+                retry_eintr(|| rustix::fs::ftruncate(&file, 0)).map_err(|e| {
+                    Error::io(
+                        "cannot empty the crashed holder's record in",
+                        &path,
+                        e.into(),
+                    )
+                })?;
+            } else {
+                write_or_unknown(&file, &line, &path)
+                    .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
+            }
         } else if content.is_empty() && created {
             // Made at its name (where it could not be named by a rename): its first record now
             // that it is ours.
-            write_or_unknown(&file, &placeholder(false, 0), &path)
+            write_or_unknown(&file, &placeholder(0), &path)
                 .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
         }
         let held = HeldLock::new(file, &st, keep_file, plan, lock_dir, path);

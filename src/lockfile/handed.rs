@@ -42,11 +42,14 @@ use super::watch::{NameHistory, WatchHandle, new_inotify};
 /// the one to name). Needs `/proc` (to tell that the lock is held through this very
 /// descriptor).
 ///
+/// A file that is not one of ours (it holds no holder record of ours: someone else's file,
+/// given as the lock file, which nothing of ours is ever written into) is left as it is, and
+/// this returns `Ok`: copies refused meanwhile are told the holder is unknown.
+///
 /// # Errors
 ///
 /// [`Error::Io`] (naming the file) when `lock` is not a regular file, the lock is not held
-/// through it (nobody holds it, or another open file does), the file holds anything but a
-/// holder record (or nothing), or it cannot be read or written.
+/// through it (nobody holds it, or another open file does), or it cannot be read or written.
 pub fn record_this_process_as_holder(lock: BorrowedFd<'_>) -> Result<()> {
     rewrite_as_holder(lock, false).map(drop)
 }
@@ -67,18 +70,22 @@ pub fn record_this_process_as_holder_keeping_bus_name(lock: BorrowedFd<'_>) -> R
 }
 
 /// The two above: with `keep_bus_name`, the bus name the current record gives is kept. Returns
-/// the line written, and whether the file is kept ([`LockRecord::keep`]): as the current record
-/// says, which the new one says too; a file with no record yet (its holder died before writing
-/// it, or found no room) is taken for kept, since nothing tells whether it was someone else's
-/// (a file of ours left behind, empty, keeps nobody out and lets no second copy in).
+/// the line written (or for a kept file the one a re-created file would get), and whether the
+/// file is kept: anything but a record of ours ([`LockRecord::keep`] unset) is someone else's
+/// file, or one of ours whose holder found no room for its record (nothing tells them apart; a
+/// file of ours left behind, empty, keeps nobody out and lets no second copy in), and nothing
+/// is written into it.
 fn rewrite_as_holder(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u8>, bool)> {
     let (line, keep, path) = holder_line(lock, keep_bus_name)?;
-    write_holder_line(lock, &line, &path)?;
+    if !keep {
+        write_holder_line(lock, &line, &path)?;
+    }
     Ok((line, keep))
 }
 
 /// The checks of [`rewrite_as_holder`], and the line it writes, with whether the file is kept
-/// and the file's path (for errors); nothing is written.
+/// and the file's path (for errors); nothing is written. The line is never padded for a kept
+/// file, nor marked kept: it is the one a re-created file, ours, would get.
 fn holder_line(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u8>, bool, PathBuf)> {
     let fd_path = PathBuf::from(format!("/proc/self/fd/{}", lock.as_raw_fd()));
     let path = std::fs::read_link(&fd_path).unwrap_or_else(|_| fd_path.clone());
@@ -112,12 +119,6 @@ fn holder_line(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u8>, bo
     let content =
         read_content(lock).map_err(|e| Error::io("cannot read the lock file", &path, e.into()))?;
     let current = LockRecord::parse_whole(&content);
-    if !content.is_empty() && current.is_none() {
-        return Err(invalid(
-            "cannot name this process in",
-            "it holds something other than a holder record",
-        ));
-    }
     let keep = current.as_ref().is_none_or(|current| current.keep);
     let record = match current {
         Some(current)
@@ -134,8 +135,12 @@ fn holder_line(lock: BorrowedFd<'_>, keep_bus_name: bool) -> Result<(Vec<u8>, bo
         }
         _ => LockRecord::for_self(vec![Backend::LockFile], None, None),
     };
-    let mut line = LockRecord { keep, ..record }.to_line();
-    if line.len() < content.len() {
+    let mut line = LockRecord {
+        keep: false,
+        ..record
+    }
+    .to_line();
+    if !keep && line.len() < content.len() {
         // `to_line` ends with the newline; JSON allows the spaces before it.
         line.pop();
         line.resize(content.len() - 1, b' ');
@@ -179,9 +184,9 @@ fn write_holder_line(lock: BorrowedFd<'_>, line: &[u8], path: &Path) -> Result<(
 /// file: others may hold some); the file is never removed, since the process that acquired it
 /// is the one that removes it: should it be gone, the next copy takes the file over from the
 /// record this one leaves and removes it. A file that was there, empty, before the acquiring
-/// process took it (`touch keep.flag`, a shared `job.lock`: the record says so, and this one
-/// keeps saying it) is someone else's: it is emptied instead (our record out of it) and left
-/// where it was, as a guard releases it. Blocking and synchronous: no thread, no runtime.
+/// process took it (`touch keep.flag`, a shared `job.lock`) is someone else's: nothing is ever
+/// written into it (no record names this process there), and it is left as it is. Blocking
+/// and synchronous: no thread, no runtime.
 #[derive(Debug)]
 #[must_use = "the lock file is kept only while this lives and `check` is called on each change"]
 pub struct HandedLockFile {
@@ -199,14 +204,6 @@ pub struct HandedLockFile {
     /// Lost by a rule of [`HandedLockFile::with_watch`] of its own (a link made anew among the
     /// events the acquiring process never read): final, as `Lost` is.
     given_up: std::sync::atomic::AtomicBool,
-}
-
-impl Drop for HandedLockFile {
-    fn drop(&mut self) {
-        if let Err(e) = self.lock.empty_if_kept() {
-            tracing::warn!(error = %e, "cannot empty the lock file kept");
-        }
-    }
 }
 
 /// What [`HandedLockFile::check`] found.
@@ -323,7 +320,7 @@ impl HandedLockFile {
                 std::io::ErrorKind::InvalidInput.into(),
             ));
         }
-        if st.st_nlink > 0 {
+        if st.st_nlink > 0 && !keep {
             write_holder_line(lock.fd(), &line, &fd_path)?;
         }
         // Best effort: a directory left unwatched is still looked at by the periodic checks.

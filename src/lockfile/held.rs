@@ -145,11 +145,15 @@ pub(super) struct Now {
     /// the first call of [`HeldLock::recreations`], and dropped on release, which ends them.
     pub(super) recreations: Option<watch::Sender<u64>>,
     /// The file was there, empty, before we took it, or a crashed holder's record says it was
-    /// ([`LockRecord::keep`]): someone else's (or a holder's that died before writing its
-    /// record), so it is never removed, only emptied again on release; our record says so. A
-    /// re-created file is ours.
+    /// ([`LockRecord::keep`], written by earlier versions): someone else's (or a holder's that
+    /// died before writing its record). Nothing of ours is ever written into it, and it is
+    /// never removed nor emptied: what its owner, or COMMAND, writes into it while we hold it
+    /// is theirs (a review: `flock`-style `run --lock-file job.log … >> job.log` lost the
+    /// log, emptied on release). Refused copies are told the holder is unknown. A re-created
+    /// file is ours.
     pub(super) keep_file: bool,
-    /// The last record written, for a re-created file.
+    /// The last record written, or for a kept file the one it would get: a re-created file
+    /// gets it.
     pub(super) record: Vec<u8>,
     /// Released (or being released): nothing is re-created any more.
     pub(super) released: bool,
@@ -245,9 +249,8 @@ impl HeldLock {
     }
 
     /// Makes this a lock handed over by the process that took it (see `handed.rs`), whose
-    /// record is `line`, already written: re-created files get it, and release never removes
-    /// nor empties the file (as in a process other than the one that took it; a kept file is
-    /// emptied by its `HandedLockFile`, see [`HeldLock::empty_if_kept`]).
+    /// record is `line`, already written (unless the file is kept): re-created files get it,
+    /// and release never removes the file (as in a process other than the one that took it).
     pub(super) fn handed(mut self, line: Vec<u8>) -> Self {
         self.pid = 0;
         self.record_len = line.len();
@@ -266,15 +269,19 @@ impl HeldLock {
     /// room for it (a full file system) the file is left empty instead, "holder unknown" (see
     /// [`write_or_unknown`]).
     ///
-    /// The record says whether the file is kept ([`LockRecord::keep`]), whatever `record` says:
-    /// the next copy, should this one crash, must know as this one does.
+    /// A kept file ([`Now::keep_file`]) gets nothing: the line is only kept for a re-created
+    /// file, which is ours.
     pub(crate) fn write_record(&mut self, record: &LockRecord) -> Result<()> {
         let mut now = self.shared.now();
         let mut line = LockRecord {
-            keep: now.keep_file,
+            keep: false,
             ..record.clone()
         }
         .to_line();
+        if now.keep_file {
+            now.record = line;
+            return Ok(());
+        }
         if line.len() < self.record_len {
             // `to_line` ends with the newline; JSON allows the spaces before it.
             line.pop();
@@ -286,17 +293,6 @@ impl HeldLock {
         // Not written (no room): the file is empty, and a re-creation tries the record again.
         self.record_len = if written { line.len() } else { 0 };
         now.record = line;
-        Ok(())
-    }
-
-    /// Empties the file if it is kept ([`Now::keep_file`]: someone else's, which our record must
-    /// not stay in once we let go). For a handed lock, whose release leaves the file as it is.
-    pub(super) fn empty_if_kept(&self) -> Result<()> {
-        let now = self.shared.now();
-        if now.keep_file {
-            retry_eintr(|| rustix::fs::ftruncate(self.files.lent(), 0))
-                .map_err(|e| Error::io("cannot empty lock file", &self.path, e.into()))?;
-        }
         Ok(())
     }
 
@@ -353,7 +349,7 @@ impl HeldLock {
 
     /// Removes the file while still holding the lock (only if the path is still our file), then
     /// unlocks by closing. A file that was there, empty, before we took it is not ours to
-    /// remove: it is emptied again instead (our record out of it) and left where it was.
+    /// remove: it is left as it is (see `Now::keep_file`).
     ///
     /// In any process other than the one that took the lock (a child after `fork`) it only
     /// closes this process's descriptor: the open file description, and the lock with it, is
@@ -398,10 +394,8 @@ impl HeldLock {
                 "lock file not removed by the release: another process may still hold the lock, or it went otherwise");
             return Ok(());
         }
-        if now.keep_file {
-            retry_eintr(|| rustix::fs::ftruncate(self.files.lent(), 0))
-                .map_err(|e| Error::io("cannot empty lock file", &self.path, e.into()))?;
-        } else if self.watch_handle().in_dir_as(now.dev, now.ino).is_none() {
+        // A kept file is left as it is (see `Now::keep_file`).
+        if !now.keep_file && self.watch_handle().in_dir_as(now.dev, now.ino).is_none() {
             match rustix::fs::unlinkat(&*self.dir, self.file_name.as_os_str(), AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(e) => {
@@ -475,15 +469,12 @@ impl HeldLock {
                 Ok(()) => return None,
                 // Kept from us by read locks alone: no description of ours (a forked child
                 // holds the write lock it shares), but someone who may read the file and took
-                // a read lock in the moment it was let go. A file we keep is emptied as ever;
+                // a read lock in the moment it was let go. A file we keep is left as ever;
                 // one of ours is removed here, under a read lock of ours, so that no copy can
                 // have taken it as it goes (see `remove_unheld`): left, it would keep every
                 // copy waiting on the grace first.
                 Err(Errno::AGAIN | Errno::ACCESS) if is_held(&file) == Ok(false) => {
-                    // A kept file is left as it is: emptied through a description that holds
-                    // no lock, it could be the next copy's record that goes (a review). Our
-                    // record in it names a process about to be gone, which the next copy
-                    // replaces.
+                    // A kept file is left as it is, as ever.
                     if now.keep_file {
                         return Some("kept, and read-locked by another process: left as it is");
                     }

@@ -542,7 +542,7 @@ pub(super) fn new_lock_file(
     lock_dir: &LockDir,
 ) -> Result<()> {
     set_new_file_owner_and_mode(plan, file, path, st, euid, lock_dir)?;
-    write_or_unknown(file, &placeholder(false, 0), path)
+    write_or_unknown(file, &placeholder(0), path)
         .map_err(|e| Error::io("cannot write holder record to", path, e))?;
     Ok(())
 }

@@ -207,8 +207,8 @@ impl HeldFile {
 /// Writes `record` in place of the lock file's, from another task than the guard's: padded to
 /// the length of the line written last, as [`HeldLock::write_record`] pads, so that the file is
 /// one whole record at every moment; and only while the lock is held, never after release
-/// (which may have emptied a file that was someone else's). Kept as the line a re-created file
-/// gets.
+/// (the next copy's file may be at the path by then), nor into a file that is someone else's
+/// (see `Now::keep_file`). Kept as the line a re-created file gets.
 fn rewrite_from_watch(lock: &WatchHandle, record: &LockRecord) {
     let mut now = lock.shared.now();
     if now.released {
@@ -218,12 +218,15 @@ fn rewrite_from_watch(lock: &WatchHandle, record: &LockRecord) {
     let Some(files) = lock.shared.files.upgrade() else {
         return;
     };
-    // Whether the file is kept, as every record says it (see `HeldLock::write_record`).
     let mut line = LockRecord {
-        keep: now.keep_file,
+        keep: false,
         ..record.clone()
     }
     .to_line();
+    if now.keep_file {
+        now.record = line;
+        return;
+    }
     let last_len = now.record.len();
     if line.len() < last_len {
         // `to_line` ends with the newline; JSON allows the spaces before it.

@@ -45,8 +45,18 @@ pub(super) fn unknown_holder(path: &Path) -> Holder {
 /// is not a wrong answer. Nor is a record believed whose process of this host runs as none of
 /// the user it names (the file's owner naming root's PID 1: a review), as a holder that gave up
 /// its user after acquiring is not: unknown, again.
+///
+/// A file that no record is coming to is unknown at once too, with no grace: one empty, or
+/// whose content does not start as a record does (a record is only ever written over another
+/// one, so a torn read starts as one). A file of ours has a record from the moment it has its
+/// name (see `placeholder`), so these are someone else's files given as the lock file, which
+/// nothing of ours is written into (see `Now::keep_file`), or rarely one of ours still being
+/// set up where it could not be made under another name first.
 pub(super) fn look_at_record(file: &OwnedFd, path: &Path) -> Option<Holder> {
     match read_content(file) {
+        Ok(content) if !content.starts_with(b"{") && !content.starts_with(b"\t{") => {
+            Some(unknown_holder(path))
+        }
         Ok(content) => match LockRecord::parse(&content) {
             Some(record) if !vouched_for(file, path, record.uid) || runs_as_another(&record) => {
                 tracing::debug!(path = %path.display(), uid = record.uid,

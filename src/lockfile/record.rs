@@ -23,9 +23,9 @@ pub(crate) const MAX_RECORD_LEN: usize = 4096;
 /// Unknown keys are refused: whether a file at the lock path is a crashed holder's (ours to
 /// take over and remove) is decided by its content alone, so only what a holder writes counts.
 ///
-/// The record of a file that is not ours to remove ([`LockRecord::keep`]) is marked by a tab
-/// before its JSON: whitespace to JSON, so every reader (older ones too, which refuse unknown
-/// keys) reads the same record, and a holder's writes never start a line with one otherwise.
+/// The record earlier versions wrote into a file that is not ours to remove
+/// ([`LockRecord::keep`]) is marked by a tab before its JSON: whitespace to JSON, so every
+/// reader reads the same record, and a holder's writes never start a line with one otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LockRecord {
@@ -39,20 +39,21 @@ pub(crate) struct LockRecord {
     pub(crate) executable: Option<PathBuf>,
     pub(crate) hostname: Option<String>,
     /// The file was there, empty, before a holder took it (`touch keep.flag`, a shared
-    /// `job.lock`): someone else's, never removed, only emptied again on release. Written as the
-    /// mark [`KEEP_MARK`] before the JSON, not as a key; carried over by whoever takes the file
-    /// over from a crashed holder, so that a crash never turns a user's file into ours.
+    /// `job.lock`): someone else's. Written by earlier versions, which wrote their record into
+    /// such a file, as the mark [`KEEP_MARK`] before the JSON, not as a key; now only read: a
+    /// copy that takes such a file over from a crashed holder empties it and keeps it (nothing
+    /// of ours is written into someone else's file any more).
     #[serde(skip)]
     pub(crate) keep: bool,
 }
 
-/// The record a lock file gets the moment it is made or taken over, before the holder's own:
-/// this process's PID and user, and `keep`. A copy killed before it wrote its own leaves this,
-/// never an empty file, which the next copy would take for someone else's (see
+/// The record a lock file of ours gets the moment it is made or taken over, before the
+/// holder's own: this process's PID and user. A copy killed before it wrote its own leaves
+/// this, never an empty file, which the next copy would take for someone else's (see
 /// [`LockRecord::keep`]) and never remove: root's, in a shared directory, would then keep every
 /// other user out for good (a review). At least `len` bytes long (padded with spaces before its
 /// newline, as JSON allows), so that one write replaces a record of that length whole.
-pub(super) fn placeholder(keep: bool, len: usize) -> Vec<u8> {
+pub(super) fn placeholder(len: usize) -> Vec<u8> {
     let mut line = LockRecord {
         pid: std::process::id(),
         uid: rustix::process::geteuid().as_raw(),
@@ -62,7 +63,7 @@ pub(super) fn placeholder(keep: bool, len: usize) -> Vec<u8> {
         bus_unique_name: None,
         executable: None,
         hostname: None,
-        keep,
+        keep: false,
     }
     .to_line();
     if line.len() < len {
@@ -73,12 +74,23 @@ pub(super) fn placeholder(keep: bool, len: usize) -> Vec<u8> {
     line
 }
 
-/// For the fuzz targets: the record a copy writes at once into a crashed holder's file it
-/// takes over (`content`, that file's whole content), and whether a file's whole content is
-/// marked kept; `None` where `content` is not a whole record.
+/// What a copy puts at once into a crashed holder's file it takes over, whose record is
+/// `previous`, `len` bytes long: a [`placeholder`] in a file of ours; nothing at all in a kept
+/// one (someone else's, where earlier versions wrote a record marked kept), which is emptied,
+/// as its owner left it.
+pub(super) fn takeover_line(previous: &LockRecord, len: usize) -> Vec<u8> {
+    if previous.keep {
+        Vec::new()
+    } else {
+        placeholder(len)
+    }
+}
+
+/// For the fuzz targets: [`takeover_line`] for a file whose whole content is `content`, and
+/// whether a file's whole content is marked kept; `None` where `content` is not a whole record.
 #[cfg(any(fuzzing, test))]
 pub(crate) fn takeover_placeholder(content: &[u8]) -> Option<Vec<u8>> {
-    LockRecord::parse_whole(content).map(|record| placeholder(record.keep, content.len()))
+    LockRecord::parse_whole(content).map(|record| takeover_line(&record, content.len()))
 }
 
 #[cfg(any(fuzzing, test))]

@@ -787,7 +787,7 @@ pub fn wait_for_queued_owners(address: &str, name: &str, count: usize) {
 
 /// Asserts that `path` is still the user's file described by `before` (same inode, mode and
 /// owner), and empty: `what` says which case failed.
-pub fn assert_same_file_emptied(path: &Path, before: &std::fs::Metadata, what: &str) {
+pub fn assert_same_empty_file(path: &Path, before: &std::fs::Metadata, what: &str) {
     use std::os::unix::fs::MetadataExt;
     let after = std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("{what}: the user's file was removed: {e}"));
@@ -800,7 +800,7 @@ pub fn assert_same_file_emptied(path: &Path, before: &std::fs::Metadata, what: &
             after.len()
         ),
         (before.ino(), before.mode(), before.uid(), before.gid(), 0),
-        "{what}: the same file, emptied"
+        "{what}: the same file, still empty"
     );
 }
 
