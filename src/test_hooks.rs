@@ -38,6 +38,9 @@ pub(crate) enum Hook {
     /// When an attempt has found its lock file read-locked, by no copy, through a whole grace,
     /// just before it removes it (`lockfile::attempt::remove_squatted`).
     BeforeRemovingSquatted,
+    /// When an attempt has read, without a lock, content at the lock path that is not a lock
+    /// file's, before it tests whether anyone holds that file (`lockfile::open`).
+    AfterReadingForeignContent,
 }
 
 impl Hook {
@@ -77,11 +80,14 @@ mod imp {
             Hook::BeforeRecreate => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_RECREATE",
             Hook::AfterLinkRead => "UNIQUE_INSTANCE_TEST_STOP_AFTER_LINK_READ",
             Hook::BeforeRemovingSquatted => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REMOVING_SQUATTED",
+            Hook::AfterReadingForeignContent => {
+                "UNIQUE_INSTANCE_TEST_STOP_AFTER_READING_FOREIGN_CONTENT"
+            }
         }
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 10] = [const { AtomicBool::new(false) }; 10];
+        static STOPPED: [AtomicBool; 11] = [const { AtomicBool::new(false) }; 11];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
             // To this thread (`raise`), not to the process: a process-directed SIGSTOP may be
             // taken by another thread, and this one, back from `kill`, would run on past the

@@ -384,6 +384,25 @@ enum Step {
     KeptOut,
 }
 
+/// Is `file` (at `st`), whose content was read unlocked and found not to be a lock file's, and
+/// which nobody holds now, still that file at the path and still not a lock file's? Read
+/// unlocked, the content may have been torn: a holder's record being rewritten (a longer one
+/// over its first, the file's size not yet updated: a review saw a false "not a lock file"
+/// under churn, about once in 250 000 acquisitions). That holder has let go since: its file
+/// went with its release (no name left), or reads whole now. Anything that cannot be checked
+/// counts as still not a lock file: the refusal stands.
+fn read_whole_again(dir: &OwnedFd, plan: &LockPlan, file: &OwnedFd, st: &rustix::fs::Stat) -> bool {
+    let gone = rustix::fs::fstat(file).is_ok_and(|now| now.st_nlink == 0)
+        || !still_names(
+            rustix::fs::statat(dir, plan.file_name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW),
+            st,
+        );
+    if gone {
+        return false;
+    }
+    read_content(file).map_or(true, |content| !is_ours(&content))
+}
+
 /// One attempt in `lock_dir`; `None` when the directory was removed under it.
 fn lock_step(
     plan: &LockPlan,
@@ -454,6 +473,12 @@ fn lock_step(
                     // refusal. A file nobody takes or removes within it is refused as before.
                     Ok(false) if why == ReadOnlyBecause::NoWritePermission => {
                         return Ok(Some(Step::Unsettled(file, st)));
+                    }
+                    Ok(false)
+                        if why == ReadOnlyBecause::NotOurs
+                            && !read_whole_again(dir, plan, &file, &st) =>
+                    {
+                        continue;
                     }
                     Ok(false) => {}
                     Err(Errno::NOLCK) => return Err(no_locks()),

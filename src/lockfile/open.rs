@@ -11,6 +11,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result, UnsafeLockPath};
 use crate::plan::LockPlan;
+use crate::test_hooks::{self, Hook};
 
 use super::dir::{LockDir, not_permitted};
 use super::ofd::{is_held, lock_exclusive, read_lock, retry_eintr};
@@ -261,6 +262,7 @@ pub(super) fn open_lock_file(
     let content =
         read_content(&file).map_err(|e| Error::io("cannot read the lock file", path, e.into()))?;
     if !is_ours(&content) {
+        test_hooks::stop_at(Hook::AfterReadingForeignContent);
         return Ok(Some((Opened::ReadOnly(file, ReadOnlyBecause::NotOurs), st)));
     }
     // Held, and we will not wait: already running, learnt without opening it for writing.

@@ -193,10 +193,20 @@ fn held_file(path: &Path, name: &str) -> Result<Option<OwnedFd>> {
     let content =
         read_content(&file).map_err(|e| Error::io("cannot read the lock file", path, e.into()))?;
     if links == 1 && !is_ours(&content) {
-        return Err(Error::NotALockFile {
-            name: name.to_owned(),
-            path: path.to_owned(),
-        });
+        // Read as a copy took the file and wrote into it, it may have been torn (a longer
+        // record over a shorter one, the size not yet updated): looked at once more.
+        if is_held(&file) == Ok(true) {
+            return Ok(Some(file));
+        }
+        let gone = rustix::fs::fstat(&file).is_ok_and(|now| now.st_nlink == 0);
+        let again = read_content(&file)
+            .map_err(|e| Error::io("cannot read the lock file", path, e.into()))?;
+        if !gone && !is_ours(&again) {
+            return Err(Error::NotALockFile {
+                name: name.to_owned(),
+                path: path.to_owned(),
+            });
+        }
     }
     Ok(None)
 }
