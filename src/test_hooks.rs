@@ -41,6 +41,9 @@ pub(crate) enum Hook {
     /// When an attempt has read, without a lock, content at the lock path that is not a lock
     /// file's, before it tests whether anyone holds that file (`lockfile::open`).
     AfterReadingForeignContent,
+    /// When a copy removing a lock file no copy holds has found that the path still names it,
+    /// just before it unlinks it (`lockfile::open::remove_unheld`).
+    BeforeUnlinkingUnheld,
 }
 
 impl Hook {
@@ -83,11 +86,12 @@ mod imp {
             Hook::AfterReadingForeignContent => {
                 "UNIQUE_INSTANCE_TEST_STOP_AFTER_READING_FOREIGN_CONTENT"
             }
+            Hook::BeforeUnlinkingUnheld => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_UNLINKING_UNHELD",
         }
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 11] = [const { AtomicBool::new(false) }; 11];
+        static STOPPED: [AtomicBool; 12] = [const { AtomicBool::new(false) }; 12];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
             // To this thread (`raise`), not to the process: a process-directed SIGSTOP may be
             // taken by another thread, and this one, back from `kill`, would run on past the

@@ -1267,3 +1267,49 @@ fn a_record_read_torn_as_its_holder_lets_go_is_no_refusal() {
     assert_eq!(copy.line_starting(""), "released");
     assert_eq!(copy.exit_code(), 0);
 }
+
+/// Root removing another user's file that no copy holds from the shared sticky directory (to
+/// make its own) is never made to remove another copy's file instead: the file's owner, who may
+/// rename their own file there, renames it away just as root has checked that the path names it
+/// and is about to unlink it (root stopped there, at a test hook), and a second root copy makes
+/// its file at the path meanwhile. A review had two copies run so: the first, let go on,
+/// unlinked the second's file and made its own. Now the file is root's before the look, so its
+/// former owner cannot move it.
+#[test]
+fn a_foreign_file_renamed_away_as_root_removes_it_never_costs_another_copy_its_file() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test plants a file as another user and must run as root (CI does)"
+    );
+    let dir = shared_sticky_dir();
+    let name = unique_name("foreign_renamed");
+    let lock_file = dir.path().join(format!("{name}.lock"));
+    std::fs::write(&lock_file, "").expect("plant");
+    std::os::unix::fs::chown(&lock_file, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
+    cmd.args([&name, "--backend", "lockfile"]);
+    common::arm_test_hook(
+        &mut cmd,
+        "UNIQUE_INSTANCE_TEST_STOP_BEFORE_UNLINKING_UNHELD",
+    );
+    let mut first = Proc::spawn(cmd);
+    first.stopped_at("before unlinking the planted file");
+    let mut mv = Command::new("mv");
+    mv.arg(&lock_file).arg(dir.path().join("moved-away"));
+    let moved = common::status_within_timeout(common::as_user(NOBODY, NOBODY, &mv)).success();
+    let mut second = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    let second_line = second.next_line("second copy");
+    first.signal(rustix::process::Signal::CONT);
+    let first_line = first.next_line("first copy");
+    assert!(
+        !(first_line.starts_with("acquired") && second_line.starts_with("acquired")),
+        "two copies run (the planter's rename {}): {first_line} / {second_line}",
+        if moved { "succeeded" } else { "failed" }
+    );
+    assert!(!moved, "the planter moved a file root was removing");
+    assert!(first_line.starts_with("acquired"), "{first_line}");
+    assert!(second_line.starts_with("already-running"), "{second_line}");
+    first.close_stdin();
+    assert_eq!(first.line_starting(""), "released");
+    assert_eq!(first.exit_code(), 0);
+}

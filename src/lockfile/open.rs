@@ -504,6 +504,7 @@ pub(super) fn remove_unheld(
         Ok(_) | Err(Errno::NOENT) => return Ok(Removal::Moved),
         Err(e) => return Err(e),
     }
+    test_hooks::stop_at(Hook::BeforeUnlinkingUnheld);
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => Ok(Removal::Removed),
         Err(e) => Err(e),
@@ -641,7 +642,28 @@ fn remove_foreign(
         Ok(_) => return Ok(()),
         Err(e) => return Err(Error::io("cannot stat", path, e.into())),
     }
-    match remove_unheld(dir, plan.file_name.as_os_str(), &rw, st) {
+    // Made root's first: in a sticky directory its owner may rename it, and one who did so
+    // between the look at the path and the unlink by name would have root remove whatever is
+    // at the path by then, another copy's file just made and held (a review: two copies ran).
+    // Given back to its owner unless it goes.
+    rustix::fs::fchown(
+        &rw,
+        Some(rustix::process::Uid::ROOT),
+        Some(rustix::process::Gid::ROOT),
+    )
+    .map_err(|e| Error::io("cannot take over lock file", path, e.into()))?;
+    let removal = remove_unheld(dir, plan.file_name.as_os_str(), &rw, st);
+    if !matches!(removal, Ok(Removal::Removed)) {
+        let owner = (
+            rustix::process::Uid::from_raw(st.st_uid),
+            rustix::process::Gid::from_raw(st.st_gid),
+        );
+        if let Err(e) = rustix::fs::fchown(&rw, Some(owner.0), Some(owner.1)) {
+            tracing::warn!(path = %path.display(), error = %std::io::Error::from(e),
+                "cannot give another user's lock file back to its owner");
+        }
+    }
+    match removal {
         Ok(Removal::Removed) => {
             tracing::info!(path = %path.display(), owner = st.st_uid,
                 "removed another user's lock file that no copy held from the shared directory, to make root's own");
