@@ -2288,6 +2288,42 @@ fn what_command_writes_into_a_users_lock_file_is_kept() {
     }
 }
 
+/// Once the wrapper is killed, its keeper stops COMMAND with SIGTERM and the `--kill-after`
+/// grace, and what COMMAND starts to clean up in that grace (a trap's child) is not sent
+/// SIGTERM too: it runs to its end, as it does when the wrapper itself stops COMMAND (a review:
+/// the keeper's walk every 200 ms sent every new child SIGTERM, so every clean-up was cut
+/// short). The clean-up here takes a second: the keeper walks the tree several times meanwhile.
+#[test]
+fn a_keeper_lets_commands_clean_up_run_its_course() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("keeper_cleanup");
+    let script = "cleanup() { sleep 1; echo \"clean-up rc=$?\"; exit 0; }; trap cleanup TERM; \
+                  echo pid $$; sleep 600 & wait";
+    let mut wrapper = cli(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--kill-after=600",
+            "--backend=lockfile",
+            &name,
+            "--",
+            "bash",
+            "-c",
+            script,
+            &name,
+        ],
+    );
+    let (pid, pidfd) = command_pidfd(&mut wrapper);
+    let _command = KillOnDrop(&pidfd);
+    let keeper = the_keeper(&wrapper, &name);
+    wrapper.sigkill();
+    wrapper.stderr_line_containing(&format!("its keeper (pid {keeper}) holds the instance"));
+    assert_eq!(wrapper.next_line("the clean-up's end"), "clean-up rc=0");
+    wait_pidfd(pid, &pidfd);
+    assert_a_waiting_copy_runs(None, lock_dir.path(), &name, "");
+}
+
 /// Takes every inotify instance user `uid` may have, until its stdin closes.
 fn take_every_inotify_instance(uid: u32) -> Proc {
     let perl = common::require_program("perl", "perl");

@@ -60,6 +60,12 @@ impl Keeper {
             nothing_held(if had_lock { LOCK_LOST } else { NO_BUS });
         }
         let mut signalled = std::collections::HashSet::new();
+        // What was there when the wrapper went: the tree to stop. A process born since to one
+        // of them that got SIGTERM is its clean-up (a trap's `sleep`, `rsync`, `pg_ctl`), which
+        // SIGTERM would cut short (a review: every clean-up child was killed so); it gets
+        // SIGKILL at the deadline with the rest, as the wrapper's own stop does. Orphans given
+        // to the keeper (a subreaper) are looked at as they come.
+        let mut tree: Option<std::collections::HashSet<Pid>> = None;
         let me = rustix::process::getpid();
         loop {
             if self.reap() {
@@ -78,7 +84,12 @@ impl Keeper {
             if left == Some(Duration::ZERO) {
                 signal = Signal::KILL;
             }
-            for (pid, parent) in descendants(Path::new("/proc"), me) {
+            let found = descendants(Path::new("/proc"), me);
+            let tree = tree.get_or_insert_with(|| found.iter().map(|&(pid, _)| pid).collect());
+            for (pid, parent) in found {
+                if signal == Signal::TERM && parent != me && !tree.contains(&pid) {
+                    continue;
+                }
                 let now = self.signal_for(pid, signal);
                 // One not signalled now (it changed parents since the walk) is found again.
                 if !signalled.contains(&(pid, now.as_raw()))
