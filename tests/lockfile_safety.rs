@@ -1313,3 +1313,35 @@ fn a_foreign_file_renamed_away_as_root_removes_it_never_costs_another_copy_its_f
     assert_eq!(first.line_starting(""), "released");
     assert_eq!(first.exit_code(), 0);
 }
+
+/// After a crash, a process that read-locks the lock file left behind and holds the lock
+/// directory's `flock` (anyone who may read the directory can: a deployed service's own
+/// directory is 0755) does not keep copies out of a directory nobody else may write: removers
+/// there are kept one at a time by a lock on a file no other user may open, and the next copy
+/// removes the file, makes its own and runs (a review kept a service down so for as long as it
+/// liked, every start refused with 69).
+#[test]
+fn a_read_lock_and_the_directorys_flock_keep_no_copy_out_of_a_private_directory() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(lock_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod 755");
+    let name = unique_name("flock_squat");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let mut crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    assert!(crashed.next_line("holder").starts_with("acquired"));
+    crashed.sigkill();
+    let squatter = std::fs::File::open(&path).expect("open to read");
+    read_lock(&squatter);
+    let squatted = squatter.metadata().expect("metadata").ino();
+    let dir = std::fs::File::open(lock_dir.path()).expect("open the directory");
+    rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .expect("the directory's flock");
+    let mut next = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = next.next_line("next copy");
+    assert!(line.starts_with("acquired"), "{line}");
+    let now = std::fs::metadata(&path).expect("the new lock file");
+    assert_ne!(now.ino(), squatted, "the same file");
+    next.close_stdin();
+    assert_eq!(next.line_starting("released"), "released");
+    assert_eq!(next.exit_code(), 0);
+}

@@ -476,8 +476,8 @@ const REMOVER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// only while that is so and the path still names it. Kept from every copy as it goes: by our
 /// write lock when one can be had, which also keeps out any other remover; else, when only
 /// read locks are in the way (anyone who may read a file can take one: a squatter), by a read
-/// lock of ours, which no copy can take a write lock past, together with the directory's
-/// `flock`, which keeps removers one at a time: two that both read-locked the file must not
+/// lock of ours, which no copy can take a write lock past, together with [`one_remover`],
+/// which keeps removers one at a time: two that both read-locked the file must not
 /// both remove it by its name, the second then removing a file a copy made since (a review
 /// found a copy's just-taken file removed so, by an earlier design).
 pub(super) fn remove_unheld(
@@ -492,8 +492,8 @@ pub(super) fn remove_unheld(
             if !read_lock(file)? {
                 return Ok(Removal::Held);
             }
-            match flock_dir(dir)? {
-                Some(flock) => Some(flock),
+            match one_remover(dir)? {
+                Some(remover) => Some(remover),
                 None => return Ok(Removal::Contended),
             }
         }
@@ -508,6 +508,79 @@ pub(super) fn remove_unheld(
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => Ok(Removal::Removed),
         Err(e) => Err(e),
+    }
+}
+
+/// The file whose lock keeps removers one at a time in a directory nobody but its owner (and
+/// root) may write: see [`one_remover`].
+const REMOVER_FILE: &str = ".unique-instance.remover";
+
+/// Keeps removers in `dir` one at a time (see [`remove_unheld`]) until the descriptor returned
+/// is dropped, waiting up to [`REMOVER_WAIT`]; `None` when that cannot be had by then.
+///
+/// In a directory others may write (a shared sticky one), by the directory's `flock`, which
+/// anyone who may read the directory can hold as well (a squatter there can keep copies out,
+/// as it can by making the lock file first). In one nobody but its owner and root may write
+/// (a service's own directory, a program's data directory), by a write lock on
+/// [`REMOVER_FILE`] in it, made there once, owned by the directory's owner, mode 0600: no
+/// other user may open it, so none can hold it (a review kept a deployed service from
+/// starting after a crash by holding the directory's `flock` with a read lock on the file).
+fn one_remover(dir: &OwnedFd) -> rustix::io::Result<Option<OwnedFd>> {
+    let dir_st = rustix::fs::fstat(dir)?;
+    if dir_st.st_mode & 0o022 != 0 {
+        return flock_dir(dir);
+    }
+    let file = match retry_eintr(|| {
+        rustix::fs::openat(
+            dir,
+            REMOVER_FILE,
+            OFlags::RDWR
+                | OFlags::CREATE
+                | OFlags::NOFOLLOW
+                | OFlags::CLOEXEC
+                | OFlags::NOCTTY
+                | OFlags::NONBLOCK,
+            Mode::from_raw_mode(0o600),
+        )
+    }) {
+        Ok(file) => file,
+        // Not ours to open (root's), or not a file at all (a symlink, a directory): nobody
+        // but the directory's owner or root could have put it there, and it is not had.
+        Err(Errno::ACCESS | Errno::PERM | Errno::LOOP | Errno::ISDIR | Errno::NXIO) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let st = rustix::fs::fstat(&file)?;
+    if st.st_uid != dir_st.st_uid {
+        // Made just now by root in a directory of another user's: given to that user, so that
+        // the directory's own copies may open it too.
+        if rustix::process::geteuid().is_root() && st.st_uid == 0 {
+            rustix::fs::fchown(
+                &file,
+                Some(rustix::process::Uid::from_raw(dir_st.st_uid)),
+                Some(rustix::process::Gid::from_raw(dir_st.st_gid)),
+            )?;
+        } else if st.st_uid != 0 {
+            return Ok(None);
+        }
+    }
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+        || st.st_nlink != 1
+        || st.st_mode & 0o077 != 0
+    {
+        return Ok(None);
+    }
+    let until = std::time::Instant::now() + REMOVER_WAIT;
+    loop {
+        match lock_exclusive(&file, false) {
+            Ok(()) => return Ok(Some(file)),
+            Err(Errno::AGAIN | Errno::ACCESS) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(Errno::AGAIN | Errno::ACCESS) => return Ok(None),
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -684,8 +757,9 @@ pub(crate) fn read_locked(plan: &LockPlan, path: &Path) -> Error {
         reason: format!(
             "lock file {} is held by no copy, but another process keeps it read-locked, so no \
              copy can lock it, and it cannot be removed now (it is a file copies never remove, \
-             or another process holds its directory's flock); find those processes (`fuser {} \
-             {}`), or remove the file, or wait for it (--wait)",
+             or another process holds the directory's flock, which keeps removers one at a \
+             time in a shared directory); find those processes (`fuser {} {}`), or remove the \
+             file, or wait for it (--wait)",
             path.display(),
             path.display(),
             path.parent().unwrap_or(path).display()
