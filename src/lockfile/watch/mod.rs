@@ -335,31 +335,45 @@ impl WatchHandle {
     }
 
     /// [`WatchHandle::let_go_as`] for the file the lock is on now, unless the lock was released
-    /// or lost already.
+    /// or lost already. Our own descriptors are looked at under the lock of the shared state,
+    /// never after release (see `Files`): held any longer by this thread, they would keep the
+    /// lock after the release returned, and a copy started then was refused (a test saw it).
     pub(crate) fn let_go(&self) -> bool {
         let (dev, ino) = {
             let now = self.shared.now();
             if now.released || now.lost {
                 return false;
             }
+            if self.locked_through_another() {
+                return true;
+            }
             (now.dev, now.ino)
         };
-        self.let_go_as(dev, ino)
+        self.unheld_at_the_path(dev, ino)
     }
 
     /// Whether our lock on the file (dev, ino), which the path still leads to, was let go (see
     /// [`LossReason::LockLetGo`]): another open file description holds a lock on it (ours, a
     /// write lock, would exclude any), or one opened now sees no write lock on it. Only what
     /// is seen: a look that fails (no descriptor to spare, the path changing) says nothing, and
-    /// the path's own changes are the judgement's to report. Takes no lock of the shared state
-    /// (a release calls it with it taken).
+    /// the path's own changes are the judgement's to report. For a caller that holds the lock
+    /// of the shared state (a release).
     pub(super) fn let_go_as(&self, dev: u64, ino: u64) -> bool {
-        let Some(files) = self.shared.files.upgrade() else {
-            return false;
-        };
-        if is_locked_at_all(files.lent()) == Ok(true) {
-            return true;
-        }
+        self.locked_through_another() || self.unheld_at_the_path(dev, ino)
+    }
+
+    /// Does another open file description hold a lock on the file our descriptors refer to?
+    /// Only with the lock of the shared state held (see `Files`).
+    fn locked_through_another(&self) -> bool {
+        self.shared
+            .files
+            .upgrade()
+            .is_some_and(|files| is_locked_at_all(files.lent()) == Ok(true))
+    }
+
+    /// Does a description of the file at the path, opened now, find (dev, ino) there and no
+    /// write lock on it? False when that cannot be seen.
+    fn unheld_at_the_path(&self, dev: u64, ino: u64) -> bool {
         if self.path_as(dev, ino).is_some() {
             return false;
         }
