@@ -2035,6 +2035,73 @@ fn a_killed_keeper_is_reported_truthfully() {
     assert_eq!(next.exit_code(), 0);
 }
 
+/// The wrapper and then its keeper both SIGKILLed (`kill -9 -1`, the OOM killer): COMMAND dies
+/// with its keeper (`PR_SET_PDEATHSIG`) and the instance is free; or, when COMMAND changed its
+/// credentials (`setpriv`), which clears that signal, COMMAND lives on and the lock it
+/// inherited still holds the instance: a copy is refused until COMMAND is gone. Never a
+/// COMMAND running unguarded beside a new copy (an audit: no test failed with either guard
+/// removed).
+#[test]
+fn command_never_outlives_a_killed_wrapper_and_keeper_unguarded() {
+    use std::os::unix::fs::PermissionsExt;
+    let setpriv = common::require_program("setpriv", "util-linux");
+    let setpriv = setpriv.to_str().expect("UTF-8 path");
+    for drops_privileges in [false, true] {
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(lock_dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 755");
+        let name = unique_name("wrapper_and_keeper_killed");
+        let mut args = vec!["run", "--kill-after=600", "--backend=lockfile", &name, "--"];
+        if drops_privileges {
+            args.extend_from_slice(&[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]);
+        }
+        args.extend_from_slice(&[
+            "sh",
+            "-c",
+            "trap '' TERM; echo pid $$; exec sleep 600",
+            &name,
+        ]);
+        let mut wrapper = cli(None, lock_dir.path(), &args);
+        let (pid, pidfd) = command_pidfd(&mut wrapper);
+        let _command = KillOnDrop(&pidfd);
+        let keeper = the_keeper(&wrapper, &name);
+        let keeper_fd = rustix::process::Pid::from_raw(keeper as i32)
+            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+            .unwrap_or_else(|| panic!("keeper {keeper} is not running"));
+        wrapper.sigkill();
+        wrapper.stderr_line_containing(&format!("its keeper (pid {keeper}) holds the instance"));
+        rustix::process::pidfd_send_signal(&keeper_fd, Signal::KILL).expect("kill the keeper");
+        wait_pidfd(keeper, &keeper_fd);
+        if drops_privileges {
+            assert!(
+                !has_exited(&pidfd),
+                "COMMAND died with its keeper after setpriv"
+            );
+            let mut refused = cli(
+                None,
+                lock_dir.path(),
+                &["run", "--backend=lockfile", &name, "--", "echo", "ran"],
+            );
+            assert_eq!(
+                refused.exit_code(),
+                75,
+                "a copy ran beside COMMAND (pid {pid}): {:?}",
+                refused.stdout_until_closed()
+            );
+            rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).expect("kill COMMAND");
+        }
+        // COMMAND dies with its keeper (or was killed above); then the instance is free.
+        wait_pidfd(pid, &pidfd);
+        let mut next = cli(
+            None,
+            lock_dir.path(),
+            &["run", "--backend=lockfile", &name, "--", "echo", "next"],
+        );
+        next.expect_line("next");
+        assert_eq!(next.exit_code(), 0);
+    }
+}
+
 /// While only the keeper holds the instance — the wrapper was killed, and COMMAND (which
 /// ignores SIGTERM) is being stopped — a refused copy names the keeper, the live process that
 /// holds the instance, and not the dead wrapper: never "holder unknown" after the grace a
