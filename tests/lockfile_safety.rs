@@ -1345,3 +1345,50 @@ fn a_read_lock_and_the_directorys_flock_keep_no_copy_out_of_a_private_directory(
     assert_eq!(next.line_starting("released"), "released");
     assert_eq!(next.exit_code(), 0);
 }
+
+/// A bounded wait that ends while no copy holds the lock file, but a reader keeps it from every
+/// copy (a user's own file, which copies never remove), says so (69), as a copy that does not
+/// wait does: not "timed out waiting for the running copy" (75), naming a copy that is not
+/// there while `status` says it is not running (a review).
+#[test]
+fn a_bounded_wait_kept_out_by_a_reader_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("kept_out_wait");
+    let path = dir.path().join("job.lock");
+    std::fs::write(&path, "").expect("the user's file");
+    let path_arg = path.to_str().expect("UTF-8 path");
+    let reader = std::fs::File::open(&path).expect("open to read");
+    read_lock(&reader);
+    let mut copy = common::cli(
+        None,
+        dir.path(),
+        &[
+            "run",
+            "--wait=0.3",
+            "--backend=lockfile",
+            "--lock-file",
+            path_arg,
+            &name,
+            "--",
+            "echo",
+            "ran",
+        ],
+    );
+    let stderr = copy.stderr_until_closed().join("\n");
+    assert_eq!(copy.exit_code(), 69, "{stderr}");
+    assert!(stderr.contains("read-locked"), "{stderr}");
+    let mut status = common::cli(
+        None,
+        dir.path(),
+        &[
+            "status",
+            "--backend",
+            "lockfile",
+            "--lock-file",
+            path_arg,
+            &name,
+        ],
+    );
+    assert_eq!(status.exit_code(), 3);
+    drop(reader);
+}

@@ -14,7 +14,7 @@ use crate::holder::Holder;
 use crate::plan::LockPlan;
 
 use super::dir::{check_dir, open_existing_dir};
-use super::ofd::is_held;
+use super::ofd::{is_held, is_locked_at_all};
 use super::open::{file_type_name, is_ours, only_regular};
 use super::open::{name_too_long, owner_acceptable, root_must_not_keep};
 use super::reader::{look_at_record, read_holder, read_holder_async, unknown_holder};
@@ -37,6 +37,28 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
         return None;
     }
     Some(look_at_record(&file, path).unwrap_or_else(|| unknown_holder(path)))
+}
+
+/// Is the lock file at `path` held by no copy (no write lock on it) but locked all the same,
+/// by readers alone, which keep every copy from locking it? False when that cannot be seen.
+pub(super) fn kept_out_by_readers(path: &Path) -> bool {
+    let Ok(st) = rustix::fs::lstat(path) else {
+        return false;
+    };
+    if only_regular(path, &st).is_err() {
+        return false;
+    }
+    let Ok(file) = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    rustix::fs::fstat(&file)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+        && is_held(&file) == Ok(false)
+        && is_locked_at_all(&file) == Ok(true)
 }
 
 /// Refuses the way to `plan`'s lock directory as an acquisition would ([`walk_dir`]'s checks:

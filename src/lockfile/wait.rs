@@ -22,7 +22,7 @@ use super::attempt::{Attempt, lock_async};
 use super::dir::{LockDir, open_dir};
 use super::held::HeldLock;
 use super::ofd::is_held;
-use super::probe::peek_holder;
+use super::probe::{kept_out_by_readers, peek_holder};
 use super::record::LockRecord;
 use super::watch::{drain, new_inotify};
 
@@ -259,6 +259,12 @@ pub(crate) async fn wait_lock(
     match deadline {
         Some(deadline) => match tokio::time::timeout_at(deadline.into(), waited).await {
             Ok(outcome) => outcome,
+            // Ended while no copy held the file but readers kept it from us: no running copy
+            // was waited for, and saying so would name one that is not there (a review: "timed
+            // out waiting for the running copy", while `status` said it was not running).
+            Err(_) if kept_out_by_readers(&plan.path()) => {
+                Err(super::open::read_locked(plan, &plan.path()))
+            }
             Err(_) => Err(Error::TimedOut {
                 name: name.to_string(),
                 waited: timeout,
