@@ -1415,6 +1415,33 @@ fn status_refuses_what_run_refuses() {
         64,
         "a lock directory that is a file",
     );
+
+    // Directories that an acquisition would not make, missing (a review: `run` said 64 and
+    // `status` "not running", 3).
+    let missing = base.path().join("missing");
+    let in_missing = format!("{}/x.lock", missing.display());
+    let deeper = format!("{}/deeper/x.lock", missing.display());
+    for (path, what) in [
+        (in_missing.as_str(), "a lock file's directory missing"),
+        (deeper.as_str(), "a lock file's directories missing"),
+    ] {
+        both(
+            0,
+            &["--backend", "lockfile", "--lock-file", path],
+            &[],
+            64,
+            what,
+        );
+    }
+    let missing_parent = missing.join("deeper");
+    both(
+        0,
+        &["--backend", "lockfile"],
+        &[("UNIQUE_INSTANCE_LOCK_DIR", missing_parent.as_os_str())],
+        64,
+        "a directory above a lock directory missing",
+    );
+    assert!(!missing.exists(), "a directory was made");
 }
 
 /// The service's own lock directory removed while a copy that planned it starts (its

@@ -78,41 +78,44 @@ pub(super) const MAX_DIR_RACES: u32 = 1000;
 /// walked to again (and made again), a bounded number of times.
 pub(crate) fn open_dir(plan: &LockPlan, allow_network_fs: bool) -> Result<LockDir> {
     match open_dir_again(plan, allow_network_fs) {
-        // Before anything: the directory of a lock file given explicitly, which is never made,
-        // is missing. The caller's choice to fix, not an internal error. (Missing later, while
-        // a copy waits, it is an I/O error as before: see `LockDir::reopen`.)
-        Err(Error::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound
-                && plan.create_dir_mode.is_none()
-                && !plan.service_dir =>
-        {
-            Err(Error::InvalidOption {
-                option: "lock_file",
-                value: plan.path(),
-                reason: format!(
-                    "its directory {} does not exist (it is not made for a lock file given \
-                     explicitly); create it or choose another lock path",
-                    plan.dir.display()
-                ),
-            })
-        }
-        // A lock directory given (made if missing, but not the directories above it).
-        Err(Error::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound
-                && !plan.shared_system_dir
-                && !plan.private_dir
-                && !plan.service_dir =>
-        {
-            Err(Error::InvalidOption {
-                option: "lock_dir",
-                value: plan.dir.clone(),
-                reason: "a directory above it does not exist (only the lock directory itself is \
-                         made); create it or choose another lock directory"
-                    .into(),
-            })
-        }
+        Err(e @ Error::Io { .. }) if is_not_found(&e) => Err(missing_directory(plan).unwrap_or(e)),
         other => other,
     }
+}
+
+/// Is `e` an I/O error saying that something is not there?
+pub(super) fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// What a lock directory (or one above it) found missing before anything is made is, for the
+/// caller to fix, when it is not an internal error: the directory of a lock file given
+/// explicitly, which is never made; or a directory above a lock directory given (only the lock
+/// directory itself is made). `None` for the directories this crate makes itself. (Missing
+/// later, while a copy waits, it is an I/O error as before: see `LockDir::reopen`.) `status`
+/// says the same as an acquisition.
+pub(super) fn missing_directory(plan: &LockPlan) -> Option<Error> {
+    if plan.create_dir_mode.is_none() && !plan.service_dir {
+        return Some(Error::InvalidOption {
+            option: "lock_file",
+            value: plan.path(),
+            reason: format!(
+                "its directory {} does not exist (it is not made for a lock file given \
+                 explicitly); create it or choose another lock path",
+                plan.dir.display()
+            ),
+        });
+    }
+    if !plan.shared_system_dir && !plan.private_dir && !plan.service_dir {
+        return Some(Error::InvalidOption {
+            option: "lock_dir",
+            value: plan.dir.clone(),
+            reason: "a directory above it does not exist (only the lock directory itself is \
+                     made); create it or choose another lock directory"
+                .into(),
+        });
+    }
+    None
 }
 
 /// [`open_dir`] once an attempt is under way: every error as it is.

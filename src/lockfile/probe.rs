@@ -13,7 +13,7 @@ use crate::error::{Error, Result, UnsafeLockPath};
 use crate::holder::Holder;
 use crate::plan::LockPlan;
 
-use super::dir::{check_dir, open_existing_dir};
+use super::dir::{check_dir, is_not_found, missing_directory, open_existing_dir};
 use super::ofd::{is_held, is_locked_at_all};
 use super::open::{file_type_name, is_ours, only_regular};
 use super::open::{name_too_long, owner_acceptable, root_must_not_keep};
@@ -70,6 +70,12 @@ pub(crate) fn refuse_unsafe_way(plan: &LockPlan) -> Result<()> {
     let euid = rustix::process::geteuid().as_raw();
     match walk_dir(plan, euid) {
         Err(e @ (Error::UnsafeLockPath { .. } | Error::InvalidOption { .. })) => Err(e),
+        // A directory missing that an acquisition would not make: the same refusal (64), not
+        // "not running" (a review: `run` said 64 and `status` 3 for one path).
+        Err(e) if is_not_found(&e) => missing_directory(plan).map_or(Ok(()), Err),
+        Ok(Walked::Missing(..)) if plan.create_dir_mode.is_none() && !plan.service_dir => {
+            missing_directory(plan).map_or(Ok(()), Err)
+        }
         // The directory's own rules too (its owner, its mode), as an acquisition checks them: a
         // review saw `run` refuse a per-user directory made 0755 and `status` call it free.
         Ok(Walked::Found(_, st, _)) => check_dir(plan, &st, euid),
