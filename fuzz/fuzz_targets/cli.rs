@@ -20,7 +20,8 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../cli/src/cli.rs"]
 mod cli;
-#[allow(dead_code, unreachable_pub)]
+// (Only the checks `cli.rs` calls are used here: the rest of deploy/'s re-exports are not.)
+#[allow(dead_code, unreachable_pub, unused_imports)]
 #[path = "../../cli/src/deploy/mod.rs"]
 mod deploy;
 
