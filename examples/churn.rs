@@ -9,7 +9,7 @@
 //! "acquired" or "already running": anything else is printed (`error ...`) and ends the run
 //! with exit 1. While it holds the instance it creates CRITICAL_FILE exclusively and removes it
 //! before releasing, so two holders at once are caught (`overlap ...`, exit 99). Prints
-//! `progress acquired=N refused=M` every 1000 acquisitions and `done acquired=N refused=M` at
+//! `progress acquired=N refused=M` every 100 acquisitions and `done acquired=N refused=M` at
 //! the end.
 
 use std::io::Write;
@@ -75,7 +75,7 @@ fn main() {
                     ));
                     std::process::exit(1);
                 }
-                if acquired % 1000 == 0 {
+                if acquired % 100 == 0 {
                     say(&format!("progress acquired={acquired} refused={refused}"));
                 }
             }

@@ -58,7 +58,7 @@ fn churn(default_total: u64, bus: Option<&str>) {
         .collect();
     let (mut acquired, mut refused) = (0u64, 0u64);
     for (i, copy) in copies.iter_mut().enumerate() {
-        // A progress line every 1000 acquisitions: each must come within the harness's
+        // A progress line every 100 acquisitions: each must come within the harness's
         // timeout, so a copy stuck in a loop is caught without a bound on the whole run.
         let done = loop {
             let line = copy.next_line("churn progress");
