@@ -34,13 +34,7 @@ async fn acquire_once(ctx: &mut Context, plan: &LockPlan) -> Result<bool> {
         (Wait::Timeout(_), Some(deadline)) => {
             match tokio::time::timeout_at(deadline.into(), first).await {
                 Ok(attempt) => attempt,
-                Err(_) => {
-                    return Err(Error::TimedOut {
-                        name: ctx.name.to_string(),
-                        waited: ctx.timeout,
-                        holder: Box::new(lockfile::holder_now(&plan.path())),
-                    });
-                }
+                Err(_) => return Err(lockfile::timed_out(&ctx.name, plan, ctx.timeout, None)),
             }
         }
         _ => first.await,

@@ -296,7 +296,7 @@ fn remove_squatted(
         return Ok(Some(Step::KeptOut));
     }
     test_hooks::stop_at(Hook::BeforeRemovingSquatted);
-    match remove_unheld(&lock_dir.fd, plan.file_name.as_os_str(), &file, st) {
+    match remove_unheld(plan, &lock_dir.fd, &file, st) {
         Ok(Removal::Removed) => {
             tracing::warn!(path = %path.display(),
                 "the lock file, held by no copy, was kept read-locked by another process; \

@@ -479,9 +479,9 @@ impl HeldLock {
                         return Some("kept, and read-locked by another process: left as it is");
                     }
                     return Some(
-                        match rustix::fs::fstat(&file).map(|st| {
-                            remove_unheld(&self.dir, self.file_name.as_os_str(), &file, &st)
-                        }) {
+                        match rustix::fs::fstat(&file)
+                            .map(|st| remove_unheld(&self.shared.plan, &self.dir, &file, &st))
+                        {
                             Ok(Ok(Removal::Removed)) => "removed under a read lock of ours",
                             _ => "read-locked by another process, and not removable now",
                         },

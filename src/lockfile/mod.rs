@@ -50,5 +50,5 @@ pub(crate) use probe::{
 pub(crate) use record::{LockRecord, MAX_RECORD_LEN};
 #[cfg(any(fuzzing, test))]
 pub(crate) use record::{is_kept, takeover_placeholder};
-pub(crate) use wait::{try_lock, wait_lock};
+pub(crate) use wait::{timed_out, try_lock, wait_lock};
 pub(crate) use watch::new_inotify;

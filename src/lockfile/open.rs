@@ -481,18 +481,21 @@ const REMOVER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// both remove it by its name, the second then removing a file a copy made since (a review
 /// found a copy's just-taken file removed so, by an earlier design).
 pub(super) fn remove_unheld(
+    plan: &LockPlan,
     dir: &OwnedFd,
-    name: &std::ffi::OsStr,
     file: &OwnedFd,
     st: &Stat,
 ) -> rustix::io::Result<Removal> {
+    let name = plan.file_name.as_os_str();
     let _one_remover = match lock_exclusive(file, false) {
         Ok(()) => None,
         Err(Errno::AGAIN | Errno::ACCESS) => {
             if !read_lock(file)? {
                 return Ok(Removal::Held);
             }
-            match one_remover(dir)? {
+            // A lock file given by its path is in a directory of the user's (see `one_remover`).
+            let in_a_lock_dir = plan.create_dir_mode.is_some() || plan.service_dir;
+            match one_remover(dir, in_a_lock_dir)? {
                 Some(remover) => Some(remover),
                 None => return Ok(Removal::Contended),
             }
@@ -518,56 +521,82 @@ const REMOVER_FILE: &str = ".unique-instance.remover";
 /// Keeps removers in `dir` one at a time (see [`remove_unheld`]) until the descriptor returned
 /// is dropped, waiting up to [`REMOVER_WAIT`]; `None` when that cannot be had by then.
 ///
-/// In a directory others may write (a shared sticky one), by the directory's `flock`, which
-/// anyone who may read the directory can hold as well (a squatter there can keep copies out,
-/// as it can by making the lock file first). In one nobody but its owner and root may write
-/// (a service's own directory, a program's data directory), by a write lock on
-/// [`REMOVER_FILE`] in it, made there once, owned by the directory's owner, mode 0600: no
-/// other user may open it, so none can hold it (a review kept a deployed service from
-/// starting after a crash by holding the directory's `flock` with a read lock on the file).
-fn one_remover(dir: &OwnedFd) -> rustix::io::Result<Option<OwnedFd>> {
+/// In a lock directory nobody outside its owner (and its group, where the group may write it)
+/// may write — a service's own, a user's private one, a program's given with `lock_dir` — by a
+/// write lock on [`REMOVER_FILE`] in it, made there once (`O_EXCL`; given to the directory's
+/// owner when root makes it, and to its group where the group shares it), which no other user
+/// may open, so none can hold it (a review kept a deployed service from starting after a crash
+/// by holding the directory's `flock` with a read lock on the file). A file found there is
+/// taken only as it would have been made: a regular file with one name, of the directory's
+/// owner or root (or its group, where the group shares it), and never changed (a review had
+/// root give a hard link to a file of its own to the directory's owner). Elsewhere — a
+/// directory others may write (a shared sticky one, where anyone could make that file first,
+/// as they can the lock file), or the directory of a lock file given by its path (a user's
+/// own, where no file of ours is left behind) — by the directory's `flock`, which anyone who
+/// may read the directory can hold as well.
+fn one_remover(dir: &OwnedFd, lock_dir: bool) -> rustix::io::Result<Option<OwnedFd>> {
     let dir_st = rustix::fs::fstat(dir)?;
-    if dir_st.st_mode & 0o022 != 0 {
+    if !lock_dir || dir_st.st_mode & 0o002 != 0 {
         return flock_dir(dir);
     }
-    let file = match retry_eintr(|| {
-        rustix::fs::openat(
-            dir,
-            REMOVER_FILE,
-            OFlags::RDWR
-                | OFlags::CREATE
-                | OFlags::NOFOLLOW
-                | OFlags::CLOEXEC
-                | OFlags::NOCTTY
-                | OFlags::NONBLOCK,
-            Mode::from_raw_mode(0o600),
-        )
-    }) {
+    let group_shared = dir_st.st_mode & 0o020 != 0;
+    let open = |more: OFlags, mode: u32| {
+        retry_eintr(|| {
+            rustix::fs::openat(
+                dir,
+                REMOVER_FILE,
+                OFlags::RDWR
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC
+                    | OFlags::NOCTTY
+                    | OFlags::NONBLOCK
+                    | more,
+                Mode::from_raw_mode(mode),
+            )
+        })
+    };
+    // Not ours to open (root's, a user's), or not a file at all (a symlink, a directory): not
+    // had. Only who may write the directory could have put it there.
+    let refused = |e: Errno| match e {
+        Errno::ACCESS | Errno::PERM | Errno::LOOP | Errno::ISDIR | Errno::NXIO => Ok(None),
+        e => Err(e),
+    };
+    let file = match open(OFlags::empty(), 0) {
         Ok(file) => file,
-        // Not ours to open (root's), or not a file at all (a symlink, a directory): nobody
-        // but the directory's owner or root could have put it there, and it is not had.
-        Err(Errno::ACCESS | Errno::PERM | Errno::LOOP | Errno::ISDIR | Errno::NXIO) => {
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
+        Err(Errno::NOENT) => match open(OFlags::CREATE | OFlags::EXCL, 0o600) {
+            Ok(file) => {
+                // Ours, just made: given its owner and mode before anyone else may use it.
+                let uid = rustix::process::geteuid();
+                if uid.is_root() && dir_st.st_uid != 0 {
+                    rustix::fs::fchown(
+                        &file,
+                        Some(rustix::process::Uid::from_raw(dir_st.st_uid)),
+                        Some(rustix::process::Gid::from_raw(dir_st.st_gid)),
+                    )?;
+                }
+                if group_shared {
+                    rustix::fs::fchmod(&file, Mode::from_raw_mode(0o660))?;
+                }
+                file
+            }
+            // Made by another remover meanwhile: opened as found.
+            Err(Errno::EXIST) => match open(OFlags::empty(), 0) {
+                Ok(file) => file,
+                Err(e) => return refused(e),
+            },
+            Err(e) => return refused(e),
+        },
+        Err(e) => return refused(e),
     };
     let st = rustix::fs::fstat(&file)?;
-    if st.st_uid != dir_st.st_uid {
-        // Made just now by root in a directory of another user's: given to that user, so that
-        // the directory's own copies may open it too.
-        if rustix::process::geteuid().is_root() && st.st_uid == 0 {
-            rustix::fs::fchown(
-                &file,
-                Some(rustix::process::Uid::from_raw(dir_st.st_uid)),
-                Some(rustix::process::Gid::from_raw(dir_st.st_gid)),
-            )?;
-        } else if st.st_uid != 0 {
-            return Ok(None);
-        }
-    }
+    let owner_ok = st.st_uid == dir_st.st_uid
+        || st.st_uid == 0
+        || (group_shared && st.st_gid == dir_st.st_gid);
+    let others = if group_shared { 0o007 } else { 0o077 };
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
         || st.st_nlink != 1
-        || st.st_mode & 0o077 != 0
+        || !owner_ok
+        || st.st_mode & others != 0
     {
         return Ok(None);
     }
@@ -719,13 +748,30 @@ fn remove_foreign(
     // between the look at the path and the unlink by name would have root remove whatever is
     // at the path by then, another copy's file just made and held (a review: two copies ran).
     // Given back to its owner unless it goes.
-    rustix::fs::fchown(
+    // Without the capability to (a unit that drops CAP_CHOWN), the removal is not safe: said,
+    // and the file left to its owner.
+    match rustix::fs::fchown(
         &rw,
         Some(rustix::process::Uid::ROOT),
         Some(rustix::process::Gid::ROOT),
-    )
-    .map_err(|e| Error::io("cannot take over lock file", path, e.into()))?;
-    let removal = remove_unheld(dir, plan.file_name.as_os_str(), &rw, st);
+    ) {
+        Ok(()) => {}
+        Err(e @ Errno::PERM) => {
+            return Err(not_permitted(
+                plan,
+                format!(
+                    "lock file {} is another user's (uid {}) and held by no copy; root removes \
+                     such a file only once it is root's, and cannot make it so here \
+                     (CAP_CHOWN): remove it, or give the program that capability",
+                    path.display(),
+                    st.st_uid
+                ),
+                e,
+            ));
+        }
+        Err(e) => return Err(Error::io("cannot take over lock file", path, e.into())),
+    }
+    let removal = remove_unheld(plan, dir, &rw, st);
     if !matches!(removal, Ok(Removal::Removed)) {
         let owner = (
             rustix::process::Uid::from_raw(st.st_uid),

@@ -259,19 +259,35 @@ pub(crate) async fn wait_lock(
     match deadline {
         Some(deadline) => match tokio::time::timeout_at(deadline.into(), waited).await {
             Ok(outcome) => outcome,
-            // Ended while no copy held the file but readers kept it from us: no running copy
-            // was waited for, and saying so would name one that is not there (a review: "timed
-            // out waiting for the running copy", while `status` said it was not running).
-            Err(_) if kept_out_by_readers(&plan.path()) => {
-                Err(super::open::read_locked(plan, &plan.path()))
-            }
-            Err(_) => Err(Error::TimedOut {
-                name: name.to_string(),
-                waited: timeout,
-                holder: Box::new(peek_holder(&plan.path()).unwrap_or(*holder)),
-            }),
+            Err(_) => Err(timed_out(name, plan, timeout, Some(*holder))),
         },
         None => waited.await,
+    }
+}
+
+/// What a wait for the lock file that ran out after `waited` says: timed out, naming the
+/// holder as its record says now (else `holder`, the one met first); unless no copy holds the
+/// file but readers keep it from us: then no running copy was waited for, and saying so would
+/// name one that is not there (a review: "timed out waiting for the running copy", while
+/// `status` said it was not running). That is the refusal a copy that does not wait gets.
+pub(crate) fn timed_out(
+    name: &InstanceName,
+    plan: &LockPlan,
+    waited: Duration,
+    holder: Option<Holder>,
+) -> Error {
+    let path = plan.path();
+    if kept_out_by_readers(&path) {
+        return super::open::read_locked(plan, &path);
+    }
+    Error::TimedOut {
+        name: name.to_string(),
+        waited,
+        holder: Box::new(
+            peek_holder(&path)
+                .or(holder)
+                .unwrap_or_else(|| super::reader::unknown_holder(&path)),
+        ),
     }
 }
 
