@@ -810,58 +810,6 @@ fn scope_comes_from_the_environment_unless_the_program_chose_one() {
     assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
 }
 
-/// `status` must never get in the way of a copy that is starting: it tests the lock without
-/// taking it, not even a shared lock for an instant (with which a copy starting at that moment
-/// would be refused as "already running (holder unknown)"). A crashed holder's file is left in
-/// place, unlocked, while a thread asks `status` about it in a tight loop; every acquisition
-/// must succeed. (Locks belong to open files, so a thread probes exactly as a process would.)
-#[test]
-fn status_never_makes_a_starting_copy_see_the_instance_as_running() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let name = unique_name("status_probe");
-    let path = dir.path().join(format!("{name}.lock"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let probes = Arc::new(AtomicUsize::new(0));
-    let prober = {
-        let (stop, probes) = (Arc::clone(&stop), Arc::clone(&probes));
-        let options = lock_only(&name, dir.path());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .build()
-                .expect("runtime");
-            while !stop.load(Ordering::Relaxed) {
-                rt.block_on(unique_instance::status(&options))
-                    .expect("status");
-                probes.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
-    // Enough rounds and enough probes alongside them, however the two threads get scheduled.
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    let mut round = 0;
-    while round < 300 || probes.load(Ordering::Relaxed) < 2000 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the prober made only {} probes in {:?}",
-            probes.load(Ordering::Relaxed),
-            common::TIMEOUT
-        );
-        round += 1;
-        // What a SIGKILLed holder leaves behind: its file, unlocked.
-        std::fs::write(&path, b"").expect("leave a crashed holder's file");
-        let acquired = lock_only(&name, dir.path()).acquire();
-        if let Err(e) = &acquired {
-            stop.store(true, Ordering::Relaxed);
-            panic!("round {round}: a status probe made the instance look busy: {e}");
-        }
-        drop(acquired);
-    }
-    stop.store(true, Ordering::Relaxed);
-    prober.join().expect("prober");
-}
-
 /// `lock_file_holder` answers who holds the lock file, from another process, without taking
 /// anything: the holder's PID while it runs, nobody once it is gone (even SIGKILLed, its file
 /// left behind), and the next copy then acquires.
