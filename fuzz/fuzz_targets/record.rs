@@ -80,7 +80,12 @@ fn check_takeover(content: &[u8], whole: bool) {
         assert!(line.is_empty(), "a record written into a kept file");
         return;
     }
-    assert!(line.len() >= content.len(), "{} < {}", line.len(), content.len());
+    assert!(
+        line.len() >= content.len(),
+        "{} < {}",
+        line.len(),
+        content.len()
+    );
     assert!(
         is_whole_record(&line),
         "not a whole record: {:?}",
