@@ -515,11 +515,7 @@ fn the_record_grace_does_not_block_the_runtime() {
     let record = std::fs::read(&path).expect("record");
     // As if the holder had locked a crashed holder's file and not yet written its own record
     // (same inode, lock untouched): the record of a process that is gone.
-    let mut gone = std::process::Command::new("true")
-        .spawn()
-        .expect("spawn true");
-    let gone_pid = gone.id();
-    assert!(gone.wait().expect("wait").success());
+    let gone_pid = common::gone_pid();
     let dead_record = String::from_utf8(record.clone())
         .expect("UTF-8 record")
         .replace(&format!("\"pid\":{pid},"), &format!("\"pid\":{gone_pid},"));

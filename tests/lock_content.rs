@@ -483,13 +483,12 @@ fn waiting_for_a_holders_record_does_not_block_the_executor() {
     let path = dir.path().join(format!("{name}.lock"));
     // A crashed holder's record, of a process of this host that is gone, as a copy that has just
     // taken the file over finds it before it writes its own.
-    let mut gone = std::process::Command::new("true").spawn().expect("true");
-    assert!(gone.wait().expect("wait").success());
+    let gone_pid = common::gone_pid();
     let here = rustix::system::uname();
     let dead = format!(
         "{{\"pid\":{},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\"bus\":null,\
          \"bus_unique_name\":null,\"executable\":null,\"hostname\":{:?}}}\n",
-        gone.id(),
+        gone_pid,
         here.nodename().to_str().expect("UTF-8 host name")
     );
     std::fs::write(&path, &dead).expect("a crashed holder's record");
@@ -575,11 +574,7 @@ fn a_device_at_the_lock_path_is_refused_not_a_panic() {
 #[test]
 fn a_refusal_never_names_a_process_that_is_gone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut gone = std::process::Command::new("true")
-        .spawn()
-        .expect("spawn true");
-    let dead_pid = gone.id();
-    gone.wait().expect("reap true");
+    let dead_pid = common::gone_pid();
     let hostname = rustix::system::uname()
         .nodename()
         .to_string_lossy()

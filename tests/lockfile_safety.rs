@@ -275,12 +275,11 @@ fn unlinked_and_recreated_file_never_yields_two_holders() {
         // The new file is a crashed holder's (an empty one would be someone else's, kept, in
         // which nothing of ours is written, and the newcomer below could not name its holder).
         let new_file = dir.path().join(format!("{name}.new"));
-        let mut gone = std::process::Command::new("true").spawn().expect("true");
-        assert!(gone.wait().expect("wait").success());
+        let gone_pid = common::gone_pid();
         let crashed = format!(
             "{{\"pid\":{},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\
              \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
-            gone.id()
+            gone_pid
         );
         std::fs::write(&new_file, crashed).expect("create");
         std::fs::set_permissions(&new_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -898,8 +897,14 @@ fn read_lock(file: &std::fs::File) {
 
 /// [`read_lock`], waiting for it (`F_OFD_SETLKW`) when `wait`.
 fn read_lock_waiting(file: &std::fs::File, wait: bool) {
+    ofd_lock(file, libc::F_RDLCK, wait);
+}
+
+/// Takes an OFD lock of `l_type` (`F_RDLCK`, `F_WRLCK`) on the whole of `file`, held until
+/// `file` is closed; waiting for it when `wait`.
+fn ofd_lock(file: &std::fs::File, l_type: libc::c_int, wait: bool) {
     let lock = libc::flock {
-        l_type: libc::F_RDLCK as libc::c_short,
+        l_type: l_type as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
         l_start: 0,
         l_len: 0,
@@ -910,7 +915,7 @@ fn read_lock_waiting(file: &std::fs::File, wait: bool) {
     } else {
         nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)
     };
-    nix::fcntl::fcntl(file, arg).expect("read lock");
+    nix::fcntl::fcntl(file, arg).expect("OFD lock");
 }
 
 /// A lock file of ours that no copy holds (its holder was SIGKILLed), read-locked by someone
@@ -1189,14 +1194,7 @@ fn a_record_read_torn_as_its_holder_lets_go_is_no_refusal() {
         .write(true)
         .open(&path)
         .expect("open as its holder");
-    let lock = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    nix::fcntl::fcntl(&holding, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)).expect("hold it");
+    ofd_lock(&holding, libc::F_WRLCK, false);
     let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
     cmd.args([&name, "--backend", "lockfile"]);
     common::arm_test_hook(
@@ -1267,31 +1265,88 @@ fn a_foreign_file_renamed_away_as_root_removes_it_never_costs_another_copy_its_f
 /// directory is 0755) does not keep copies out of a directory nobody else may write: removers
 /// there are kept one at a time by a lock on a file no other user may open, and the next copy
 /// removes the file, makes its own and runs (a review kept a service down so for as long as it
-/// liked, every start refused with 69).
+/// liked, every start refused with 69). Twice, the copies a user's (`nobody`, in a directory
+/// of its own) under `umask 277`: the remover file made the first time must serve the second
+/// (a review: made with the umask's mode, 0400, its owner could not open it again, and every
+/// later removal was refused).
 #[test]
 fn a_read_lock_and_the_directorys_flock_keep_no_copy_out_of_a_private_directory() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs copies as another user and must run as root (CI does)"
+    );
     let lock_dir = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(lock_dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod 755");
+    std::os::unix::fs::chown(lock_dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
     let name = unique_name("flock_squat");
     let path = lock_dir.path().join(format!("{name}.lock"));
+    let under_umask = |args: &[&str]| {
+        let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
+        cmd.args(args);
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "umask 277; exec \"$0\" \"$@\""]);
+        Proc::spawn(common::as_user(NOBODY, NOBODY, &common::wrapped(sh, &cmd)))
+    };
+    for round in 0..2 {
+        let mut crashed = under_umask(&[&name, "--backend", "lockfile"]);
+        assert!(
+            crashed.next_line("holder").starts_with("acquired"),
+            "round {round}"
+        );
+        crashed.sigkill();
+        let squatter = std::fs::File::open(&path).expect("open to read");
+        read_lock(&squatter);
+        let squatted = squatter.metadata().expect("metadata").ino();
+        let dir = std::fs::File::open(lock_dir.path()).expect("open the directory");
+        rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .expect("the directory's flock");
+        let mut next = under_umask(&[&name, "--backend", "lockfile"]);
+        let line = next.next_line("next copy");
+        assert!(line.starts_with("acquired"), "round {round}: {line}");
+        let now = std::fs::metadata(&path).expect("the new lock file");
+        assert_ne!(now.ino(), squatted, "round {round}: the same file");
+        next.close_stdin();
+        assert_eq!(next.line_starting("released"), "released");
+        assert_eq!(next.exit_code(), 0);
+    }
+}
+
+/// Copies that name one lock file two ways — by its lock directory, and by its path
+/// (`--lock-file`) — keep removers one at a time with the same lock: the one the directory
+/// calls for. A review stopped two such copies just before each removed the same read-locked
+/// file (a test hook), each holding a different kind of lock; let go, both ran. Now the second
+/// cannot get the lock while the first holds it, and is refused.
+#[test]
+fn copies_naming_one_file_two_ways_remove_it_one_at_a_time() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("two_ways");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let path_arg = path.to_str().expect("UTF-8 path");
     let mut crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
     assert!(crashed.next_line("holder").starts_with("acquired"));
     crashed.sigkill();
     let squatter = std::fs::File::open(&path).expect("open to read");
     read_lock(&squatter);
-    let squatted = squatter.metadata().expect("metadata").ino();
-    let dir = std::fs::File::open(lock_dir.path()).expect("open the directory");
-    rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        .expect("the directory's flock");
-    let mut next = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
-    let line = next.next_line("next copy");
-    assert!(line.starts_with("acquired"), "{line}");
-    let now = std::fs::metadata(&path).expect("the new lock file");
-    assert_ne!(now.ino(), squatted, "the same file");
-    next.close_stdin();
-    assert_eq!(next.line_starting("released"), "released");
-    assert_eq!(next.exit_code(), 0);
+    let stopped = |args: &[&str]| {
+        let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
+        cmd.args(args);
+        common::arm_test_hook(
+            &mut cmd,
+            "UNIQUE_INSTANCE_TEST_STOP_BEFORE_UNLINKING_UNHELD",
+        );
+        Proc::spawn(cmd)
+    };
+    let mut by_dir = stopped(&[&name, "--backend", "lockfile"]);
+    by_dir.stopped_at("before removing the squatted file");
+    let mut by_path = stopped(&[&name, "--backend", "lockfile", "--lock-file", path_arg]);
+    let refused = by_path.next_line("the copy naming the file by its path");
+    assert!(refused.starts_with("no-usable-backend"), "{refused}");
+    by_dir.signal(rustix::process::Signal::CONT);
+    assert!(by_dir.next_line("the copy").starts_with("acquired"));
+    by_dir.close_stdin();
+    assert_eq!(by_dir.line_starting("released"), "released");
+    assert_eq!(by_dir.exit_code(), 0);
 }
 
 /// A bounded wait that ends while no copy holds the lock file, but a reader keeps it from every

@@ -493,9 +493,7 @@ pub(super) fn remove_unheld(
             if !read_lock(file)? {
                 return Ok(Removal::Held);
             }
-            // A lock file given by its path is in a directory of the user's (see `one_remover`).
-            let in_a_lock_dir = plan.create_dir_mode.is_some() || plan.service_dir;
-            match one_remover(dir, in_a_lock_dir)? {
+            match one_remover(dir)? {
                 Some(remover) => Some(remover),
                 None => return Ok(Removal::Contended),
             }
@@ -521,26 +519,29 @@ const REMOVER_FILE: &str = ".unique-instance.remover";
 /// Keeps removers in `dir` one at a time (see [`remove_unheld`]) until the descriptor returned
 /// is dropped, waiting up to [`REMOVER_WAIT`]; `None` when that cannot be had by then.
 ///
-/// In a lock directory nobody outside its owner (and its group, where the group may write it)
-/// may write — a service's own, a user's private one, a program's given with `lock_dir` — by a
-/// write lock on [`REMOVER_FILE`] in it, made there once (`O_EXCL`; given to the directory's
-/// owner when root makes it, and to its group where the group shares it), which no other user
-/// may open, so none can hold it (a review kept a deployed service from starting after a crash
-/// by holding the directory's `flock` with a read lock on the file). A file found there is
-/// taken only as it would have been made: a regular file with one name, of the directory's
-/// owner or root (or its group, where the group shares it), and never changed (a review had
-/// root give a hard link to a file of its own to the directory's owner). Elsewhere — a
-/// directory others may write (a shared sticky one, where anyone could make that file first,
-/// as they can the lock file), or the directory of a lock file given by its path (a user's
-/// own, where no file of ours is left behind) — by the directory's `flock`, which anyone who
-/// may read the directory can hold as well.
-fn one_remover(dir: &OwnedFd, lock_dir: bool) -> rustix::io::Result<Option<OwnedFd>> {
+/// Chosen from the directory alone, so that every copy meeting one file uses the same lock,
+/// whether it named the file by its lock directory or by its path (a review had two removers
+/// run at once, one on each kind of lock, and two copies). In a directory that only its owner
+/// (and its group, where the group may write it) may write, by a write lock on
+/// [`REMOVER_FILE`] in it, which no other user may open, so none can hold it (a review kept a
+/// deployed service from starting after a crash by holding the directory's `flock` with a read
+/// lock on the file left behind). It is made as a lock file is: under a temporary name, given
+/// its mode (0600, or 0660 where the group shares the directory, whatever the umask), its
+/// owner (the directory's, when root makes it) and group (the directory's, where the group
+/// shares it), locked, and only then named; one found there is taken only as it would have
+/// been made (a regular file with one name, of the directory's owner, root or, where the
+/// group shares the directory, its group; no access for others), and never changed (a review
+/// had root give a hard link to a file of its own to the directory's owner). In a directory
+/// others may write (a shared sticky one, where anyone could make that file first, as they can
+/// the lock file), and where no file can be made so, by the directory's `flock`, which anyone
+/// who may read the directory can hold as well.
+fn one_remover(dir: &OwnedFd) -> rustix::io::Result<Option<OwnedFd>> {
     let dir_st = rustix::fs::fstat(dir)?;
-    if !lock_dir || dir_st.st_mode & 0o002 != 0 {
+    if dir_st.st_mode & 0o002 != 0 {
         return flock_dir(dir);
     }
     let group_shared = dir_st.st_mode & 0o020 != 0;
-    let open = |more: OFlags, mode: u32| {
+    let open_found = || {
         retry_eintr(|| {
             rustix::fs::openat(
                 dir,
@@ -549,9 +550,8 @@ fn one_remover(dir: &OwnedFd, lock_dir: bool) -> rustix::io::Result<Option<Owned
                     | OFlags::NOFOLLOW
                     | OFlags::CLOEXEC
                     | OFlags::NOCTTY
-                    | OFlags::NONBLOCK
-                    | more,
-                Mode::from_raw_mode(mode),
+                    | OFlags::NONBLOCK,
+                Mode::empty(),
             )
         })
     };
@@ -561,31 +561,33 @@ fn one_remover(dir: &OwnedFd, lock_dir: bool) -> rustix::io::Result<Option<Owned
         Errno::ACCESS | Errno::PERM | Errno::LOOP | Errno::ISDIR | Errno::NXIO => Ok(None),
         e => Err(e),
     };
-    let file = match open(OFlags::empty(), 0) {
+    let file = match open_found() {
         Ok(file) => file,
-        Err(Errno::NOENT) => match open(OFlags::CREATE | OFlags::EXCL, 0o600) {
-            Ok(file) => {
-                // Ours, just made: given its owner and mode before anyone else may use it.
-                let uid = rustix::process::geteuid();
-                if uid.is_root() && dir_st.st_uid != 0 {
-                    rustix::fs::fchown(
-                        &file,
-                        Some(rustix::process::Uid::from_raw(dir_st.st_uid)),
-                        Some(rustix::process::Gid::from_raw(dir_st.st_gid)),
-                    )?;
+        Err(Errno::NOENT) => {
+            let mode = if group_shared { 0o660 } else { 0o600 };
+            let give = |file: &OwnedFd, _: &mut Stat| -> Result<()> {
+                let (uid, gid) = (
+                    rustix::process::Uid::from_raw(dir_st.st_uid),
+                    rustix::process::Gid::from_raw(dir_st.st_gid),
+                );
+                let owner = rustix::process::geteuid().is_root().then_some(uid);
+                if owner.is_some() || group_shared {
+                    rustix::fs::fchown(file, owner, group_shared.then_some(gid)).map_err(|e| {
+                        Error::io("cannot give away", Path::new(REMOVER_FILE), e.into())
+                    })?;
                 }
-                if group_shared {
-                    rustix::fs::fchmod(&file, Mode::from_raw_mode(0o660))?;
-                }
-                file
+                Ok(())
+            };
+            match create_unnamed(dir, std::ffi::OsStr::new(REMOVER_FILE), mode, give) {
+                // Made, and locked by us before it had its name.
+                Ok(Made::Named(file)) => return Ok(Some(file)),
+                Ok(Made::Exists) => match open_found() {
+                    Ok(file) => file,
+                    Err(e) => return refused(e),
+                },
+                Ok(Made::Unsupported) | Err(_) => return flock_dir(dir),
             }
-            // Made by another remover meanwhile: opened as found.
-            Err(Errno::EXIST) => match open(OFlags::empty(), 0) {
-                Ok(file) => file,
-                Err(e) => return refused(e),
-            },
-            Err(e) => return refused(e),
-        },
+        }
         Err(e) => return refused(e),
     };
     let st = rustix::fs::fstat(&file)?;
@@ -803,9 +805,9 @@ pub(crate) fn read_locked(plan: &LockPlan, path: &Path) -> Error {
         reason: format!(
             "lock file {} is held by no copy, but another process keeps it read-locked, so no \
              copy can lock it, and it cannot be removed now (it is a file copies never remove, \
-             or another process holds the directory's flock, which keeps removers one at a \
-             time in a shared directory); find those processes (`fuser {} {}`), or remove the \
-             file, or wait for it (--wait)",
+             or the lock that keeps removers one at a time is held or cannot be used: the \
+             directory's flock, or its .unique-instance.remover); find those processes \
+             (`fuser {} {}`), or remove the file, or wait for it (--wait)",
             path.display(),
             path.display(),
             path.parent().unwrap_or(path).display()

@@ -237,7 +237,9 @@ fn rewrite_from_watch(lock: &WatchHandle, record: &LockRecord) {
     match write_or_unknown(files.lent(), &line, lock.path()) {
         Ok(_) => now.record = line,
         Err(e) => {
-            // Said with the shared state let go (see `recover.rs`).
+            // Said with the shared state let go (see `recover.rs`), and our descriptors before
+            // it (see `Files`).
+            drop(files);
             drop(now);
             tracing::warn!(path = %lock.path().display(), error = %e, "cannot rewrite the holder record without the bus")
         }

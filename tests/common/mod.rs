@@ -1009,3 +1009,12 @@ pub fn another_copy_comes_and_goes(lock_dir: &Path, name: &str, mode: &[&str]) {
     assert_eq!(other.stdout_until_closed(), ["released"], "{mode:?}");
     assert_eq!(other.exit_code(), 0);
 }
+
+/// The PID of a process of this host that has exited and been reaped: one a record can name as
+/// a holder that is gone (reused only after the kernel has gone round every other PID).
+pub fn gone_pid() -> u32 {
+    let mut gone = Command::new("true").spawn().expect("spawn true");
+    let pid = gone.id();
+    assert!(gone.wait().expect("reap true").success());
+    pid
+}
