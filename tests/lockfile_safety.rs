@@ -1268,7 +1268,7 @@ fn a_foreign_file_renamed_away_as_root_removes_it_never_costs_another_copy_its_f
 /// liked, every start refused with 69). Twice, the copies a user's (`nobody`, in a directory
 /// of its own) under `umask 277`: the remover file made the first time must serve the second
 /// (a review: made with the umask's mode, 0400, its owner could not open it again, and every
-/// later removal was refused).
+/// later removal was refused), though it was given a second name elsewhere meanwhile.
 #[test]
 fn a_read_lock_and_the_directorys_flock_keep_no_copy_out_of_a_private_directory() {
     assert!(
@@ -1288,6 +1288,7 @@ fn a_read_lock_and_the_directorys_flock_keep_no_copy_out_of_a_private_directory(
         sh.args(["-c", "umask 277; exec \"$0\" \"$@\""]);
         Proc::spawn(common::as_user(NOBODY, NOBODY, &common::wrapped(sh, &cmd)))
     };
+    let mut links = Vec::new();
     for round in 0..2 {
         let mut crashed = under_umask(&[&name, "--backend", "lockfile"]);
         assert!(
@@ -1309,6 +1310,13 @@ fn a_read_lock_and_the_directorys_flock_keep_no_copy_out_of_a_private_directory(
         next.close_stdin();
         assert_eq!(next.line_starting("released"), "released");
         assert_eq!(next.exit_code(), 0);
+        // A second name for the remover file, made elsewhere (by anyone, where hard links to
+        // others' files are allowed), gives no access to it and keeps no copy out (a review:
+        // refused for good, 69).
+        let remover = lock_dir.path().join(".unique-instance.remover");
+        let elsewhere = tempfile::tempdir_in("/tmp").expect("tempdir");
+        std::fs::hard_link(&remover, elsewhere.path().join("link")).expect("hard link");
+        links.push(elsewhere);
     }
 }
 

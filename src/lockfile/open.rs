@@ -529,12 +529,11 @@ const REMOVER_FILE: &str = ".unique-instance.remover";
 /// its mode (0600, or 0660 where the group shares the directory, whatever the umask), its
 /// owner (the directory's, when root makes it) and group (the directory's, where the group
 /// shares it), locked, and only then named; one found there is taken only as it would have
-/// been made (a regular file with one name, of the directory's owner, root or, where the
-/// group shares the directory, its group; no access for others), and never changed (a review
-/// had root give a hard link to a file of its own to the directory's owner). In a directory
-/// others may write (a shared sticky one, where anyone could make that file first, as they can
-/// the lock file), and where no file can be made so, by the directory's `flock`, which anyone
-/// who may read the directory can hold as well.
+/// been made (a regular file of the directory's owner, root or, where the group shares the
+/// directory, its group; no access for others), and never changed (a review had root give a
+/// hard link to a file of its own to the directory's owner). In a directory others may write
+/// (a shared sticky one, where anyone could make that file first, as they can the lock file),
+/// by the directory's `flock`, which anyone who may read the directory can hold as well.
 fn one_remover(dir: &OwnedFd) -> rustix::io::Result<Option<OwnedFd>> {
     let dir_st = rustix::fs::fstat(dir)?;
     if dir_st.st_mode & 0o002 != 0 {
@@ -585,7 +584,15 @@ fn one_remover(dir: &OwnedFd) -> rustix::io::Result<Option<OwnedFd>> {
                     Ok(file) => file,
                     Err(e) => return refused(e),
                 },
-                Ok(Made::Unsupported) | Err(_) => return flock_dir(dir),
+                // Not made now (no room, no inode, not permitted): not had, never the
+                // directory's `flock` instead, which a copy that made the file would not
+                // exclude (a review had two removers, one on each, and two copies). Where no
+                // file can be named by a rename at all, made at its name.
+                Ok(Made::Unsupported) => match make_at_its_name(dir, mode, give) {
+                    Some(file) => file,
+                    None => return Ok(None),
+                },
+                Err(_) => return Ok(None),
             }
         }
         Err(e) => return refused(e),
@@ -595,8 +602,9 @@ fn one_remover(dir: &OwnedFd) -> rustix::io::Result<Option<OwnedFd>> {
         || st.st_uid == 0
         || (group_shared && st.st_gid == dir_st.st_gid);
     let others = if group_shared { 0o007 } else { 0o077 };
+    // Its number of names does not matter: it is never written nor changed, and a name
+    // elsewhere gives no access to it (a review kept copies out for good with one hard link).
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
-        || st.st_nlink != 1
         || !owner_ok
         || st.st_mode & others != 0
     {
@@ -613,6 +621,39 @@ fn one_remover(dir: &OwnedFd) -> rustix::io::Result<Option<OwnedFd>> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// [`REMOVER_FILE`] made at its name (`O_EXCL`), given `mode` and what `give` gives it, where it
+/// cannot be made under another name first; `None` when it cannot be made.
+fn make_at_its_name(
+    dir: &OwnedFd,
+    mode: u32,
+    give: impl FnOnce(&OwnedFd, &mut Stat) -> Result<()>,
+) -> Option<OwnedFd> {
+    let file = retry_eintr(|| {
+        rustix::fs::openat(
+            dir,
+            REMOVER_FILE,
+            OFlags::RDWR
+                | OFlags::CREATE
+                | OFlags::EXCL
+                | OFlags::NOFOLLOW
+                | OFlags::CLOEXEC
+                | OFlags::NOCTTY
+                | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+    })
+    .ok()?;
+    let mut st = rustix::fs::fstat(&file).ok()?;
+    let made = rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).is_ok()
+        && give(&file, &mut st).is_ok()
+        && lock_exclusive(&file, false).is_ok();
+    if !made {
+        // Ours, just made, and unusable: not left to refuse every later removal.
+        let _ = rustix::fs::unlinkat(dir, REMOVER_FILE, AtFlags::empty());
+    }
+    made.then_some(file)
 }
 
 /// An exclusive `flock` on the directory `dir` (on a descriptor of its own, which holds it
@@ -805,9 +846,10 @@ pub(crate) fn read_locked(plan: &LockPlan, path: &Path) -> Error {
         reason: format!(
             "lock file {} is held by no copy, but another process keeps it read-locked, so no \
              copy can lock it, and it cannot be removed now (it is a file copies never remove, \
-             or the lock that keeps removers one at a time is held or cannot be used: the \
-             directory's flock, or its .unique-instance.remover); find those processes \
-             (`fuser {} {}`), or remove the file, or wait for it (--wait)",
+             or the lock that keeps removers one at a time is held: the directory's flock, or \
+             its .unique-instance.remover, which is also refused when it is not one a copy \
+             made (then remove it)); find those processes (`fuser {} {}`), or remove the lock \
+             file, or wait for it (--wait)",
             path.display(),
             path.display(),
             path.parent().unwrap_or(path).display()
