@@ -160,6 +160,8 @@ fn waiters_woken_by_removals_leave_the_holder_its_instance() {
         })
         .collect();
 
+    // What the holder said on its stderr, for a failure's message.
+    let mut said = Vec::new();
     for removal in 0..REMOVALS {
         std::fs::remove_file(&path).expect("remove the lock file");
         // Re-created, or lost (a waiter made the file first, and runs beside the holder).
@@ -170,16 +172,23 @@ fn waiters_woken_by_removals_leave_the_holder_its_instance() {
                 "removal {removal}: not re-created within {TIMEOUT:?}"
             );
             for line in first.stderr_lines() {
-                if line.contains("re-created") {
+                let recreated = line.contains("re-created");
+                said.push(line);
+                if recreated {
                     break 'recreated;
                 }
             }
             if let Some(line) = first.try_line(Duration::from_millis(10)) {
+                // Each waiter's first line, if it has one coming (a waiter that ran says so).
                 let winners: Vec<_> = waiters
                     .iter_mut()
-                    .filter_map(|w| w.try_line(Duration::ZERO))
+                    .filter_map(|w| w.try_line(Duration::from_millis(500)))
                     .collect();
-                panic!("removal {removal}: the holder lost ({line}); the waiters said {winners:?}");
+                said.extend(first.stderr_lines());
+                panic!(
+                    "removal {removal}: the holder lost ({line}); the waiters said {winners:?}; \
+                     the holder's stderr: {said:?}"
+                );
             }
         }
     }
