@@ -201,8 +201,22 @@ struct Seen {
     /// directory (`IN_CREATE`, `IN_MOVED_TO`): perhaps a holder's re-created file, which we
     /// have not found held.
     made_since: bool,
-    /// Since when the answer has been "not free" only because of `made_since`.
+    /// Since when the answer has been "not free" only because of `made_since`, counted from the
+    /// latest file made (see [`Seen::made_one`]).
     unsure_since: Option<Instant>,
+}
+
+impl Seen {
+    /// A file of the lock file's name was made in the directory. The grace of
+    /// [`UNSURE_GRACE`] counts from the latest one: a holder whose file is removed again and
+    /// again shows itself by each re-creation, and a waiter that had counted from the first
+    /// went ahead while that holder still held, on a machine loaded enough that the removals
+    /// took longer than the grace (suspected from one CI failure of
+    /// `removal_race::waiters_woken_by_removals_leave_the_holder_its_instance`).
+    fn made_one(&mut self) {
+        self.made_since = true;
+        self.unsure_since = None;
+    }
 }
 
 /// The file a waiter last found held, kept open (for reading only, so its close wakes nobody)
@@ -343,7 +357,7 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
         let watching = watch.as_mut().map(|watch| {
             // Events up to here are answered by the check below.
             if take_events(watch.get_ref().fd(), name) == Some(true) {
-                seen.made_since = true;
+                seen.made_one();
             }
             watch.get_mut()
         });
@@ -370,7 +384,7 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
                     if let Some(watch) = &watch
                         && take_events(watch.get_ref().fd(), name) == Some(true)
                     {
-                        seen.made_since = true;
+                        seen.made_one();
                     }
                     quick = 0;
                 }
@@ -420,7 +434,9 @@ async fn wait_for_release(plan: &LockPlan, dir: &mut LockDir) -> Result<Waited> 
                 recheck = (recheck * 2).min(RECHECK_EVERY);
             }
         }
-        seen.made_since |= made;
+        if made {
+            seen.made_one();
+        }
     }
 }
 
