@@ -23,8 +23,21 @@ use super::walk::{Walked, refuse_procfs_on_the_way, walk_dir};
 
 /// Reads the current holder of `path` without locking anything (for `status` and timeouts).
 pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
-    // Looked at before it is opened: anything but a regular file is never opened (see
-    // `only_regular`); one swapped in after the look is refused after the open.
+    let file = open_to_look(path)?;
+    Some(look_at_record(&file, path).unwrap_or_else(|| unknown_holder(path)))
+}
+
+/// Is the lock file at `path` held by no copy (no write lock on it) but locked all the same,
+/// by readers alone, which keep every copy from locking it? False when that cannot be seen.
+pub(super) fn kept_out_by_readers(path: &Path) -> bool {
+    open_to_look(path)
+        .is_some_and(|file| is_held(&file) == Ok(false) && is_locked_at_all(&file) == Ok(true))
+}
+
+/// The regular file at `path`, opened read-only to look at it; `None` when there is none.
+/// Looked at before it is opened: anything but a regular file is never opened (see
+/// `only_regular`); one swapped in after the look is refused after the open.
+fn open_to_look(path: &Path) -> Option<OwnedFd> {
     only_regular(path, &rustix::fs::lstat(path).ok()?).ok()?;
     let file = rustix::fs::open(
         path,
@@ -33,32 +46,7 @@ pub(super) fn peek_holder(path: &Path) -> Option<Holder> {
     )
     .ok()?;
     let st = rustix::fs::fstat(&file).ok()?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return None;
-    }
-    Some(look_at_record(&file, path).unwrap_or_else(|| unknown_holder(path)))
-}
-
-/// Is the lock file at `path` held by no copy (no write lock on it) but locked all the same,
-/// by readers alone, which keep every copy from locking it? False when that cannot be seen.
-pub(super) fn kept_out_by_readers(path: &Path) -> bool {
-    let Ok(st) = rustix::fs::lstat(path) else {
-        return false;
-    };
-    if only_regular(path, &st).is_err() {
-        return false;
-    }
-    let Ok(file) = rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
-        Mode::empty(),
-    ) else {
-        return false;
-    };
-    rustix::fs::fstat(&file)
-        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
-        && is_held(&file) == Ok(false)
-        && is_locked_at_all(&file) == Ok(true)
+    (FileType::from_raw_mode(st.st_mode) == FileType::RegularFile).then_some(file)
 }
 
 /// Refuses the way to `plan`'s lock directory as an acquisition would ([`walk_dir`]'s checks:
