@@ -918,6 +918,27 @@ fn ofd_lock(file: &std::fs::File, l_type: libc::c_int, wait: bool) {
     nix::fcntl::fcntl(file, arg).expect("OFD lock");
 }
 
+/// The holder example in `dir` with `args`, stopped by the test hook `hook` (an
+/// `UNIQUE_INSTANCE_TEST_STOP_*` variable) the first time it gets there.
+fn hooked_holder(dir: &Path, args: &[&str], hook: &str) -> Proc {
+    let mut cmd = common::clean_command(&common::example_path("holder"), None, dir);
+    cmd.args(args);
+    common::arm_test_hook(&mut cmd, hook);
+    Proc::spawn(cmd)
+}
+
+/// `crashed`, a holder of `path` that has just started, SIGKILLed once it has acquired; then
+/// its file, left behind, read-locked by this process, as anyone who may read it can: until
+/// the file returned is closed.
+fn crashed_then_read_locked(mut crashed: Proc, path: &Path) -> std::fs::File {
+    let line = crashed.next_line("holder");
+    assert!(line.starts_with("acquired"), "{line}");
+    crashed.sigkill();
+    let squatter = std::fs::File::open(path).expect("open to read");
+    read_lock(&squatter);
+    squatter
+}
+
 /// A lock file of ours that no copy holds (its holder was SIGKILLed), read-locked by someone
 /// who may only read it, is no running copy: `status` says so, and the next copy removes it,
 /// makes a new file and runs (a review: a local user's read lock on a deployed service's file
@@ -929,11 +950,8 @@ fn a_read_lock_is_no_running_copy_and_does_not_keep_copies_out() {
     for backend in ["lockfile", "auto"] {
         let name = unique_name("read_locked");
         let path = lock_dir.path().join(format!("{name}.lock"));
-        let mut crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
-        assert!(crashed.next_line("holder").starts_with("acquired"));
-        crashed.sigkill();
-        let squatter = std::fs::File::open(&path).expect("open to read");
-        read_lock(&squatter);
+        let crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+        let squatter = crashed_then_read_locked(crashed, &path);
         let squatted = squatter.metadata().expect("metadata").ino();
 
         let mut status = common::cli(
@@ -1063,18 +1081,13 @@ fn a_squatted_file_taken_by_a_copy_meanwhile_is_never_removed() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("squat_taken");
     let path = lock_dir.path().join(format!("{name}.lock"));
-    let mut crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
-    assert!(crashed.next_line("holder").starts_with("acquired"));
-    crashed.sigkill();
-    let squatter = std::fs::File::open(&path).expect("open to read");
-    read_lock(&squatter);
-    let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
-    cmd.args([&name, "--backend", "lockfile"]);
-    common::arm_test_hook(
-        &mut cmd,
+    let crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    let squatter = crashed_then_read_locked(crashed, &path);
+    let mut first = hooked_holder(
+        lock_dir.path(),
+        &[&name, "--backend", "lockfile"],
         "UNIQUE_INSTANCE_TEST_STOP_BEFORE_REMOVING_SQUATTED",
     );
-    let mut first = Proc::spawn(cmd);
     first.stopped_at("before removing the squatted file");
     drop(squatter);
     let mut second = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
@@ -1195,13 +1208,11 @@ fn a_record_read_torn_as_its_holder_lets_go_is_no_refusal() {
         .open(&path)
         .expect("open as its holder");
     ofd_lock(&holding, libc::F_WRLCK, false);
-    let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
-    cmd.args([&name, "--backend", "lockfile"]);
-    common::arm_test_hook(
-        &mut cmd,
+    let mut copy = hooked_holder(
+        dir.path(),
+        &[&name, "--backend", "lockfile"],
         "UNIQUE_INSTANCE_TEST_STOP_AFTER_READING_FOREIGN_CONTENT",
     );
-    let mut copy = Proc::spawn(cmd);
     copy.stopped_at("after reading the torn record");
     // The holder lets go as a release does: its file removed while it is locked, then unlocked.
     std::fs::remove_file(&path).expect("remove");
@@ -1232,13 +1243,11 @@ fn a_foreign_file_renamed_away_as_root_removes_it_never_costs_another_copy_its_f
     let lock_file = dir.path().join(format!("{name}.lock"));
     std::fs::write(&lock_file, "").expect("plant");
     std::os::unix::fs::chown(&lock_file, Some(NOBODY), Some(NOBODY)).expect("chown");
-    let mut cmd = common::clean_command(&common::example_path("holder"), None, dir.path());
-    cmd.args([&name, "--backend", "lockfile"]);
-    common::arm_test_hook(
-        &mut cmd,
+    let mut first = hooked_holder(
+        dir.path(),
+        &[&name, "--backend", "lockfile"],
         "UNIQUE_INSTANCE_TEST_STOP_BEFORE_UNLINKING_UNHELD",
     );
-    let mut first = Proc::spawn(cmd);
     first.stopped_at("before unlinking the planted file");
     let mut mv = Command::new("mv");
     mv.arg(&lock_file).arg(dir.path().join("moved-away"));
@@ -1290,14 +1299,8 @@ fn a_read_lock_and_the_directorys_flock_keep_no_copy_out_of_a_private_directory(
     };
     let mut links = Vec::new();
     for round in 0..2 {
-        let mut crashed = under_umask(&[&name, "--backend", "lockfile"]);
-        assert!(
-            crashed.next_line("holder").starts_with("acquired"),
-            "round {round}"
-        );
-        crashed.sigkill();
-        let squatter = std::fs::File::open(&path).expect("open to read");
-        read_lock(&squatter);
+        let crashed = under_umask(&[&name, "--backend", "lockfile"]);
+        let squatter = crashed_then_read_locked(crashed, &path);
         let squatted = squatter.metadata().expect("metadata").ino();
         let dir = std::fs::File::open(lock_dir.path()).expect("open the directory");
         rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive)
@@ -1331,19 +1334,14 @@ fn copies_naming_one_file_two_ways_remove_it_one_at_a_time() {
     let name = unique_name("two_ways");
     let path = lock_dir.path().join(format!("{name}.lock"));
     let path_arg = path.to_str().expect("UTF-8 path");
-    let mut crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
-    assert!(crashed.next_line("holder").starts_with("acquired"));
-    crashed.sigkill();
-    let squatter = std::fs::File::open(&path).expect("open to read");
-    read_lock(&squatter);
+    let crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    let _squatter = crashed_then_read_locked(crashed, &path);
     let stopped = |args: &[&str]| {
-        let mut cmd = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
-        cmd.args(args);
-        common::arm_test_hook(
-            &mut cmd,
+        hooked_holder(
+            lock_dir.path(),
+            args,
             "UNIQUE_INSTANCE_TEST_STOP_BEFORE_UNLINKING_UNHELD",
-        );
-        Proc::spawn(cmd)
+        )
     };
     let mut by_dir = stopped(&[&name, "--backend", "lockfile"]);
     by_dir.stopped_at("before removing the squatted file");
