@@ -889,6 +889,37 @@ fn a_users_empty_file_survives_a_crashed_holder() {
     }
 }
 
+/// An empty file of this user's at the name a copy derives in its lock directory is a holder's
+/// that died before its first record (one made at its name, or one that found no room for it):
+/// a lock file of ours, not a user's own. The next holder writes its record into it, so a copy
+/// refused is told who runs, and removes it on release. Before: kept as a user's file for good,
+/// every refusal from then on "holder unknown".
+#[test]
+fn an_empty_file_left_in_the_lock_directory_is_a_lock_file_of_ours() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("empty_left");
+    let path = dir.path().join(format!("{name}.lock"));
+    std::fs::write(&path, b"").expect("the dead holder's empty file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut h = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    assert!(h.next_line("holder").starts_with("acquired"));
+    let mut c = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = c.next_line("newcomer");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(h.pid().to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(c.exit_code(), 75);
+    h.close_stdin();
+    assert_eq!(h.next_line("holder's release"), "released");
+    assert!(
+        !path.exists(),
+        "the lock file of ours was left behind on release"
+    );
+}
+
 /// Takes a read lock (`F_OFD_SETLK`, shared) on the whole of `file`, as anyone who may only read
 /// it can: held until `file` is closed.
 fn read_lock(file: &std::fs::File) {

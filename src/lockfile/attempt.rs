@@ -529,18 +529,25 @@ fn lock_step(
         if !is_ours(&content) {
             return Err(not_a_lock_file(plan, &path));
         }
-        // Created by us, or a crashed holder's that was ours: ours to remove. Found empty, or a
-        // crashed holder's record says the file was found so (`LockRecord::keep`): kept. A mark
-        // in a file this attempt created is not believed: it was made with our first record, so
-        // whoever wrote into it meanwhile could only make a file of ours stay behind, which
-        // keeps nobody out of the lock and never lets two copies in.
+        // Created by us, or a crashed holder's that was ours: ours to remove. Found empty where
+        // it may be a user's own (a file given by its path, or another user's), or a crashed
+        // holder's record says the file was found so (`LockRecord::keep`): kept. This user's
+        // empty file at the name a copy derives in a lock directory is a holder's that died
+        // before its first record (made at its name) or found no room for one: ours, or every
+        // copy refused from now on would be told "holder unknown" (a review). A mark in a file
+        // this attempt created is not believed: it was made with our first record, so whoever
+        // wrote into it meanwhile could only make a file of ours stay behind, which keeps
+        // nobody out of the lock and never lets two copies in.
         let previous = if created {
             None
         } else {
             LockRecord::parse_whole(&content)
         };
-        let keep_file =
-            !created && (content.is_empty() || previous.as_ref().is_some_and(|r| r.keep));
+        let users_own_if_empty =
+            plan.file_given() || st.st_uid != rustix::process::geteuid().as_raw();
+        let keep_file = !created
+            && ((content.is_empty() && users_own_if_empty)
+                || previous.as_ref().is_some_and(|r| r.keep));
         // A crashed holder's record replaced at once, in one write, so nobody reports a dead PID
         // while we set up, and a copy killed now leaves a record of its own, never an empty
         // file (see `placeholder`); one in a kept file (earlier versions wrote them) goes, and
@@ -560,9 +567,9 @@ fn lock_step(
                 write_or_unknown(&file, &line, &path)
                     .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
             }
-        } else if content.is_empty() && created {
-            // Made at its name (where it could not be named by a rename): its first record now
-            // that it is ours.
+        } else if content.is_empty() && !keep_file {
+            // Made at its name (where it could not be named by a rename), by us or by a holder
+            // that died before writing: its first record now that it is ours.
             write_or_unknown(&file, &placeholder(0), &path)
                 .map_err(|e| Error::io("cannot write holder record to", &path, e))?;
         }

@@ -56,8 +56,8 @@ pub(super) enum ReadOnlyBecause {
 }
 
 /// Whether `content` (the start of a file at the lock path, see [`read_content`]) may be used as
-/// a lock file: empty (just created, or by a holder that died before writing its record; used,
-/// but never removed) or one holder record and nothing else (a crashed holder's, see
+/// a lock file: empty (just created, a holder's that died before writing its record, or a
+/// user's own, which is used but never written into nor removed) or one holder record and nothing else (a crashed holder's, see
 /// [`LockRecord::parse_whole`]). Anything else is someone's data, which unique-instance never
 /// writes into or removes.
 pub(super) fn is_ours(content: &[u8]) -> bool {
@@ -279,9 +279,8 @@ pub(super) fn open_lock_file(
         // theirs: never removed (a review saw root delete a user's empty file so). Only a
         // record of ours that says the file is ours to remove lets it go. (In a lock directory,
         // a file at the name a copy derives is one put there to squat.)
-        let given_as_file = plan.create_dir_mode.is_none() && !plan.service_dir;
         let ours_to_remove = LockRecord::parse_whole(&content).is_some_and(|record| !record.keep);
-        if given_as_file && !ours_to_remove {
+        if plan.file_given() && !ours_to_remove {
             return Err(unsafe_path(UnsafeLockPath::WrongOwner {
                 owner: st.st_uid,
                 expected: 0,

@@ -43,6 +43,12 @@ impl LockPlan {
     pub(crate) fn path(&self) -> PathBuf {
         self.dir.join(&self.file_name)
     }
+
+    /// The lock file was given by its path (`lock_file`, `--lock-file`): a file there may be a
+    /// user's own. In a lock directory, the file at the name a copy derives is a lock file.
+    pub(crate) fn file_given(&self) -> bool {
+        self.create_dir_mode.is_none() && !self.service_dir
+    }
 }
 
 /// The lock file of `name` in `scope`, for `options` in `env`: the file given, else in the
