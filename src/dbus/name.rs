@@ -98,9 +98,11 @@ pub(crate) async fn own_name(
         Err(e) => return Err(bus_error("cannot request the name", e)),
     };
     // Owned with flags that queue us when replaced: they are made `DO_NOT_QUEUE` before the
-    // name is taken as ours (see `leave_no_queue_behind`).
-    let owned = |stream| async {
-        match leave_no_queue_behind(conn, name, flags).await {
+    // name is taken as ours (see `leave_no_queue_behind`). `granted` are the flags of the
+    // request that got it: a copy that does not wait still queues behind a dead holder (a
+    // review saw one handed the name back after it was told it was replaced).
+    let owned = |stream, granted| async move {
+        match leave_no_queue_behind(conn, name, granted).await {
             Ok(()) => Ok(Some(stream)),
             Err(e) if is_access_denied(&e) => Err(not_permitted(e)),
             Err(e) if gone(&e) => bus_gone(e),
@@ -114,7 +116,7 @@ pub(crate) async fn own_name(
     let mut queue_deadline = deadline;
     match reply {
         RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => {
-            return owned(stream).await;
+            return owned(stream, flags).await;
         }
         RequestNameReply::InQueue => {}
         RequestNameReply::Exists => {
@@ -138,7 +140,7 @@ pub(crate) async fn own_name(
             let retry_flags = flags & !RequestNameFlags::DO_NOT_QUEUE;
             match request_name(conn, name.as_str(), retry_flags).await {
                 Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {
-                    return owned(stream).await;
+                    return owned(stream, retry_flags).await;
                 }
                 Ok(RequestNameReply::InQueue) => {}
                 Ok(RequestNameReply::Exists) => return Err(already_running(name, Box::new(owner))),
@@ -168,7 +170,8 @@ pub(crate) async fn own_name(
         None => Some(acquired.await),
     };
     match outcome {
-        Some(true) => owned(stream).await,
+        // Granted from the queue: with the flags of the request that queued us.
+        Some(true) => owned(stream, flags & !RequestNameFlags::DO_NOT_QUEUE).await,
         // The bus went away while we were in its queue.
         Some(false) => bus_gone(zbus::Error::InputOutput(std::sync::Arc::new(
             std::io::Error::new(
