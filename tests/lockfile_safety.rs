@@ -973,17 +973,24 @@ fn crashed_then_read_locked(mut crashed: Proc, path: &Path) -> std::fs::File {
 /// A lock file of ours that no copy holds (its holder was SIGKILLed), read-locked by someone
 /// who may only read it, is no running copy: `status` says so, and the next copy removes it,
 /// makes a new file and runs (a review: a local user's read lock on a deployed service's file
-/// made every copy say "already running"). A user's own file given as the lock file, which a
-/// copy never removes, is never put aside: the copy is refused, the file left as it is.
+/// made every copy say "already running"). So is one its holder left empty (no room for its
+/// record, then killed: another review kept a service out so for good). A user's own file
+/// given as the lock file, which a copy never removes, is never put aside: the copy is
+/// refused, the file left as it is.
 #[test]
 fn a_read_lock_is_no_running_copy_and_does_not_keep_copies_out() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
-    for backend in ["lockfile", "auto"] {
+    for (backend, left_empty) in [("lockfile", false), ("auto", false), ("lockfile", true)] {
         let name = unique_name("read_locked");
         let path = lock_dir.path().join(format!("{name}.lock"));
         let crashed = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
         let squatter = crashed_then_read_locked(crashed, &path);
         let squatted = squatter.metadata().expect("metadata").ino();
+        if left_empty {
+            // As `write_or_unknown` leaves it when the file system is full.
+            let file = std::fs::OpenOptions::new().write(true).open(&path);
+            file.and_then(|f| f.set_len(0)).expect("empty the record");
+        }
 
         let mut status = common::cli(
             None,
@@ -991,13 +998,24 @@ fn a_read_lock_is_no_running_copy_and_does_not_keep_copies_out() {
             &["status", "--backend", "lockfile", &name],
         );
         let said = status.stdout_until_closed();
-        assert_eq!(status.exit_code(), 3, "{backend}: status: {said:?}");
+        assert_eq!(
+            status.exit_code(),
+            3,
+            "{backend} left_empty={left_empty}: status: {said:?}"
+        );
 
         let mut next = holder(None, lock_dir.path(), &[&name, "--backend", backend]);
         let line = next.next_line("next copy");
-        assert!(line.starts_with("acquired"), "{backend}: {line}");
+        assert!(
+            line.starts_with("acquired"),
+            "{backend} left_empty={left_empty}: {line}"
+        );
         let now = std::fs::metadata(&path).expect("the new lock file");
-        assert_ne!(now.ino(), squatted, "{backend}: the same file");
+        assert_ne!(
+            now.ino(),
+            squatted,
+            "{backend} left_empty={left_empty}: the same file"
+        );
         next.close_stdin();
         assert_eq!(next.line_starting("released"), "released");
         assert_eq!(next.exit_code(), 0);

@@ -290,8 +290,11 @@ fn remove_squatted(
     let path = plan.path();
     let content =
         read_content(&file).map_err(|e| Error::io("cannot read the lock file", &path, e.into()))?;
-    let ours_to_remove =
-        is_ours(&content) && LockRecord::parse_whole(&content).is_some_and(|r| !r.keep);
+    let ours_to_remove = is_ours(&content)
+        && match LockRecord::parse_whole(&content) {
+            Some(record) => !record.keep,
+            None => !empty_may_be_users(plan, st),
+        };
     if !ours_to_remove {
         return Ok(Some(Step::KeptOut));
     }
@@ -308,6 +311,18 @@ fn remove_squatted(
         Ok(Removal::Contended) => Ok(Some(Step::KeptOut)),
         Err(e) => Err(Error::io("cannot remove lock file", &path, e.into())),
     }
+}
+
+/// Whether an empty file `st` at the lock path may be a user's own, kept as it is (used, never
+/// written into nor removed): one given by its path (`--lock-file`), or another user's where
+/// anyone else may write. At the name a copy derives in a lock directory, this user's (or, in
+/// a service's own directory, which only root and the service's user may write, anyone's) is
+/// a holder's that died before its first record (one made at its name) or found no room for
+/// it: a lock file of ours, given a record and removed like any other. Kept, it made every
+/// copy refused from then on say "holder unknown", and one read-locked by another user kept
+/// the service out for good (a review).
+fn empty_may_be_users(plan: &LockPlan, st: &rustix::fs::Stat) -> bool {
+    plan.file_given() || (!plan.service_dir && st.st_uid != rustix::process::geteuid().as_raw())
 }
 
 /// The refusal of another user's lock file `st`, which this user may not write, that nobody
@@ -530,11 +545,8 @@ fn lock_step(
             return Err(not_a_lock_file(plan, &path));
         }
         // Created by us, or a crashed holder's that was ours: ours to remove. Found empty where
-        // it may be a user's own (a file given by its path, or another user's), or a crashed
-        // holder's record says the file was found so (`LockRecord::keep`): kept. This user's
-        // empty file at the name a copy derives in a lock directory is a holder's that died
-        // before its first record (made at its name) or found no room for one: ours, or every
-        // copy refused from now on would be told "holder unknown" (a review). A mark in a file
+        // it may be a user's own (see `empty_may_be_users`), or a crashed holder's record says
+        // the file was found so (`LockRecord::keep`): kept. A mark in a file
         // this attempt created is not believed: it was made with our first record, so whoever
         // wrote into it meanwhile could only make a file of ours stay behind, which keeps
         // nobody out of the lock and never lets two copies in.
@@ -543,10 +555,8 @@ fn lock_step(
         } else {
             LockRecord::parse_whole(&content)
         };
-        let users_own_if_empty =
-            plan.file_given() || st.st_uid != rustix::process::geteuid().as_raw();
         let keep_file = !created
-            && ((content.is_empty() && users_own_if_empty)
+            && ((content.is_empty() && empty_may_be_users(plan, &st))
                 || previous.as_ref().is_some_and(|r| r.keep));
         // A crashed holder's record replaced at once, in one write, so nobody reports a dead PID
         // while we set up, and a copy killed now leaves a record of its own, never an empty
