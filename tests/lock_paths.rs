@@ -1012,6 +1012,108 @@ fn an_owner_the_user_namespace_does_not_map_is_named_as_such() {
     assert!(!lock_file.exists(), "nothing was created");
 }
 
+/// `cmd` run to its end: how it ended, and what it wrote to stderr.
+fn run_to_end(cmd: Command) -> (std::process::ExitStatus, String) {
+    let mut proc = Proc::spawn(cmd);
+    let stderr = proc.stderr_until_closed().join("\n");
+    (proc.wait(), stderr)
+}
+
+/// `run` as `nobody` with `UNIQUE_INSTANCE_LOCK_DIR=lock_dir` under `umask`, COMMAND `true`.
+fn run_as_nobody_under_umask(
+    lock_dir: &Path,
+    name: &str,
+    umask: &str,
+) -> (std::process::ExitStatus, String) {
+    let mut cmd = Command::new("sh");
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir)
+        .arg("-c")
+        .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
+        .arg(common::cli_path())
+        .args([
+            "run",
+            "--system",
+            "--backend",
+            "lockfile",
+            name,
+            "--",
+            "true",
+        ]);
+    run_to_end(as_user(NOBODY, NOBODY, &cmd))
+}
+
+/// A lock directory is made with its mode whatever the umask: one that leaves its owner no
+/// read permission (`umask 0477`) made a directory its maker could not open to give it its
+/// mode, and every copy after, under any umask, was refused (77) for good (a review).
+#[test]
+fn a_strict_umask_never_leaves_an_unusable_lock_directory() {
+    use std::os::unix::fs::MetadataExt;
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let parent = base.path().join("nobodys");
+    std::fs::create_dir(&parent).expect("mkdir");
+    std::os::unix::fs::chown(&parent, Some(NOBODY), Some(NOBODY)).expect("chown");
+    for umask in ["0477", "0777", "022"] {
+        let lock_dir = parent.join(format!("locks{umask}"));
+        let name = unique_name("umask_dir");
+        for round in 0..2 {
+            let (status, stderr) = run_as_nobody_under_umask(&lock_dir, &name, umask);
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "umask {umask}, round {round}: {stderr}"
+            );
+        }
+        let meta = std::fs::metadata(&lock_dir).expect("the lock directory");
+        assert_eq!(meta.mode() & 0o7777, 0o755, "umask {umask}");
+        assert_eq!(meta.uid(), NOBODY, "umask {umask}");
+    }
+}
+
+/// A copy killed as it made the lock directory (here: at its first `chmod`, by strace) leaves
+/// no directory at its name with another mode than its own: root's killed so left a `0700`
+/// directory that refused every other user's copy for good (a review). Now the next copy,
+/// another user's, makes it and runs.
+#[test]
+fn a_copy_killed_making_the_lock_directory_leaves_none_half_made() {
+    let strace = common::require_program("strace", "strace");
+    // Like /run/lock: root's, sticky, writable by all.
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let lock_dir = base.path().join("locks");
+    let name = unique_name("dir_killed");
+    let mut cmd = Command::new(strace);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNIQUE_INSTANCE_LOCK_DIR", &lock_dir)
+        .args(["-f", "-o", "/dev/null", "-e", "trace=fchmod,fchmodat"])
+        .args(["-e", "inject=fchmod,fchmodat:signal=KILL:when=1", "--"])
+        .arg(common::cli_path())
+        .args([
+            "run",
+            "--system",
+            "--backend",
+            "lockfile",
+            &name,
+            "--",
+            "true",
+        ]);
+    let (killed, stderr) = run_to_end(cmd);
+    assert_ne!(
+        killed.code(),
+        Some(0),
+        "root's copy was not killed as it made the directory: {stderr}"
+    );
+    let (status, stderr) = run_as_nobody_under_umask(&lock_dir, &name, "022");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "another user's copy after root's was killed: {stderr}"
+    );
+}
+
 #[test]
 fn the_umask_does_not_decide_who_can_see_the_instance() {
     use std::os::unix::fs::MetadataExt;

@@ -171,9 +171,9 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
     let (dir, st, way) = match walk_dir(plan, euid)? {
         Walked::Found(dir, st, way) => (dir, st, way),
         Walked::Missing(parent, name, way) if may_create => {
-            let created = match rustix::fs::mkdirat(&parent, &name, Mode::from_raw_mode(0o700)) {
-                Ok(()) => true,
-                Err(Errno::EXIST) => false,
+            let mode = plan.create_dir_mode.unwrap_or(0o700);
+            let created = match make_dir(&parent, &name, mode) {
+                Ok(made) => made,
                 Err(e) => return Err(dir_error(plan, "cannot create lock directory", e)),
             };
             let dir = rustix::fs::openat(
@@ -247,6 +247,81 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
         ino: st.st_ino,
         allow_network_fs,
     }))
+}
+
+/// Makes the directory `name` in `parent`, with exactly `mode`: made under a temporary name
+/// first, given its mode there, and only then its name, unless something has it by then
+/// (`false`). A directory made at its name and given its mode after would be found at its name
+/// with the umask's mode by a copy killed in between (a review killed root's copy so: every
+/// copy of another user was refused for good, the shared directory left `0700`), or for good
+/// by one whose umask leaves its owner no read permission (it could not open it to set the
+/// mode). Where the file system cannot rename so (`RENAME_NOREPLACE`), made at its name, as
+/// before, and given its mode once opened.
+fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::Result<bool> {
+    use super::open::{MAX_TEMPORARY_TRIES, temporary_name};
+    use rustix::fs::AtFlags;
+    let mut tries = 0;
+    let temporary = loop {
+        let temporary = temporary_name();
+        match rustix::fs::mkdirat(parent, temporary.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) => break temporary,
+            Err(Errno::EXIST) if tries < MAX_TEMPORARY_TRIES => tries += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    let remove = || {
+        let _ = rustix::fs::unlinkat(parent, temporary.as_str(), AtFlags::REMOVEDIR);
+    };
+    // By its name, which only we (and root, and the parent's owner, who is root or us: the
+    // walk's rule) can change where nobody else may rename in the parent; else through the
+    // directory opened, which needs the read permission the umask may have taken.
+    let by_name = rustix::fs::fstat(parent).is_ok_and(|st| !others_may_rename_in(st.st_mode));
+    let moded = if by_name {
+        rustix::fs::chmodat(
+            parent,
+            temporary.as_str(),
+            Mode::from_raw_mode(mode),
+            AtFlags::empty(),
+        )
+    } else {
+        rustix::fs::openat(
+            parent,
+            temporary.as_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .and_then(|dir| rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)))
+    };
+    if let Err(e) = moded {
+        remove();
+        return Err(e);
+    }
+    let renamed = rustix::fs::renameat_with(
+        parent,
+        temporary.as_str(),
+        parent,
+        name,
+        rustix::fs::RenameFlags::NOREPLACE,
+    );
+    match renamed {
+        Ok(()) => Ok(true),
+        Err(Errno::EXIST) => {
+            remove();
+            Ok(false)
+        }
+        Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+            remove();
+            match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => Ok(true),
+                Err(Errno::EXIST) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => {
+            remove();
+            Err(e)
+        }
+    }
 }
 
 /// Whether this process may create the lock directory if it is missing.

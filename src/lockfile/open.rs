@@ -331,13 +331,13 @@ pub(super) enum Made {
 static TEMPORARY_NAMES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many taken temporary names [`create_unnamed`] tries past before it gives up on them.
-const MAX_TEMPORARY_TRIES: u32 = 16;
+pub(super) const MAX_TEMPORARY_TRIES: u32 = 16;
 
 /// `.unique-instance.PID.N.R.new`: `N` tells one process's names apart, and `R` is random, so
 /// that nobody can plant files at the names a copy will use (a review planted one for every
 /// PID in a shared directory) and none is met again after a process killed mid-creation left
 /// one and its PID came back.
-fn temporary_name() -> String {
+pub(super) fn temporary_name() -> String {
     use std::hash::{BuildHasher, Hasher};
     // Seeded from the system's randomness once per thread, and different each time.
     let random = std::collections::hash_map::RandomState::new()
