@@ -1414,6 +1414,40 @@ fn another_users_file_being_created_under_a_strict_umask_is_never_a_refusal() {
     }
 }
 
+/// A lock path in a directory where no file can be made (`/proc`) is the user's to change (64),
+/// said at once: it was taken for a directory removed under the copy again and again, and
+/// given up on as an internal error (70) after a thousand tries (a review).
+#[test]
+fn a_lock_path_where_no_file_can_be_made_is_a_usage_error() {
+    let name = unique_name("procfs");
+    for (what, options, env) in [
+        (
+            "lock directory",
+            vec![],
+            vec![("UNIQUE_INSTANCE_LOCK_DIR", "/proc")],
+        ),
+        (
+            "lock file",
+            vec!["--lock-file", "/proc/unique-instance.lock"],
+            vec![],
+        ),
+    ] {
+        let mut cmd = Command::new(common::cli_path());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env)
+            .args(["run", "--backend", "lockfile"])
+            .args(options)
+            .args([name.as_str(), "--", "true"]);
+        let (status, stderr) = run_to_end(cmd);
+        assert_eq!(status.code(), Some(64), "{what}: {stderr}");
+        assert!(
+            stderr.contains("no file can be made in /proc"),
+            "{what}: {stderr}"
+        );
+    }
+}
+
 /// `status` refuses what `run` refuses, with the same exit code, rather than saying "not
 /// running" (3) or "internal error" (70) (a review): a per-user lock directory whose mode was
 /// loosened, another user's file given as the lock file, and lock paths that cannot name a file

@@ -329,6 +329,32 @@ fn may_create_dir(plan: &LockPlan, euid: u32) -> bool {
     plan.create_dir_mode.is_some() && !(plan.shared_system_dir && euid != 0)
 }
 
+/// The refusal of a lock directory that is there but where no file can be made at all (`ENOENT`
+/// from an `O_CREAT` open in a directory that still exists: `/proc`, `/sys`): a lock path the
+/// user chose (64), not a directory removed again and again (a review saw 70 after a thousand
+/// tries).
+pub(super) fn makes_no_files(plan: &LockPlan) -> Error {
+    let explicit_file = plan.create_dir_mode.is_none() && !plan.service_dir;
+    let reason = format!(
+        "no file can be made in {} (its file system makes none, as /proc and /sys); choose a \
+         lock path on one that holds files, such as /run/lock or /tmp",
+        plan.dir.display()
+    );
+    if explicit_file {
+        Error::InvalidOption {
+            option: "lock_file",
+            value: plan.path(),
+            reason,
+        }
+    } else {
+        Error::InvalidOption {
+            option: "lock_dir",
+            value: plan.dir.clone(),
+            reason,
+        }
+    }
+}
+
 pub(super) fn dir_error(plan: &LockPlan, context: &'static str, e: Errno) -> Error {
     // A path the user gave that cannot name a directory: theirs to fix (64), not an internal
     // error (a review saw 70 for each of these).

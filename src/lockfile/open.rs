@@ -234,7 +234,11 @@ pub(super) fn open_lock_file(
                 return writable(file, st, true);
             }
             Err(Errno::EXIST) => {}
-            // The directory was removed (nothing can be created in it): see `lock_step`.
+            // The directory was removed (nothing can be created in it): see `lock_step`. Unless
+            // it is still there: then its file system makes no files.
+            Err(Errno::NOENT) if fstat(dir).is_ok_and(|st| st.st_nlink > 0) => {
+                return Err(super::dir::makes_no_files(plan));
+            }
             Err(Errno::NOENT) => return Ok(None),
             Err(e) => return Err(refused(e)),
         }
