@@ -402,6 +402,38 @@ fn a_frozen_bus_delays_but_never_hangs_a_copy() {
     assert_eq!(first.exit_code(), 0);
 }
 
+/// A copy waiting in the bus's queue whose wait ends while the bus is frozen says so at its
+/// deadline, holder unknown, rather than when two more calls to the frozen bus time out (a
+/// review: a 2 s wait ended after 52 s). The bus stays frozen until the copy has answered.
+#[test]
+fn a_wait_in_the_queue_of_a_bus_that_freezes_ends_at_its_deadline() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("frozen_queue");
+    let mut first = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus"],
+    );
+    assert!(first.next_line("holder").starts_with("acquired"));
+    let mut waiter = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus", "--wait", "1"],
+    );
+    common::wait_for_queued_owners(&bus.address, &name, 2);
+    bus.freeze(true);
+    let thaw = Thaw(&bus);
+    // Its second, and a margin for a loaded machine; the calls it made before took 25 s each.
+    let line = waiter.try_line(std::time::Duration::from_secs(15));
+    drop(thaw);
+    let line = line.expect("the waiter did not answer while the bus was frozen");
+    assert!(line.starts_with("timed-out"), "{line}");
+    assert_eq!(waiter.exit_code(), 75);
+    first.close_stdin();
+    assert_eq!(first.line_starting("released"), "released");
+}
+
 /// Resumes a frozen bus however the test ends, so its drop can kill it.
 struct Thaw<'a>(&'a DbusDaemon);
 

@@ -29,6 +29,10 @@ use crate::test_hooks::{self, Hook};
 /// by the lock's previous holder, which has died but whose disconnect the bus has not yet seen.
 const DEAD_OWNER_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a copy whose wait in the bus's queue has ended gives the bus to take it out of the
+/// queue and name the owner, before it says so with the owner unknown.
+const AFTER_GIVING_UP: Duration = Duration::from_secs(1);
+
 /// Requests the name with explicit flags and, when asked or when the previous lock holder's
 /// connection is still being torn down, waits in the bus queue for it. `None` when the bus went
 /// away before it granted the name while we hold the lock file (which then alone decides).
@@ -180,9 +184,22 @@ pub(crate) async fn own_name(
             ),
         ))),
         None => {
-            // Leave the queue, so that we are not handed the name after giving up.
-            let _ = release_name(conn, name.as_str()).await;
-            let holder = Box::new(owner_of(conn, name.as_str(), kind).await);
+            // Leave the queue, so that we are not handed the name after giving up (the
+            // connection, ended by the caller, leaves it too), and name the owner: the answer
+            // is given, so a bus that stopped answering gets no more than `AFTER_GIVING_UP`
+            // for both (a review's frozen bus stretched a 2 s wait to 52 s, two call timeouts).
+            let leave_and_look = async {
+                let _ = release_name(conn, name.as_str()).await;
+                owner_of(conn, name.as_str(), kind).await
+            };
+            let holder = tokio::time::timeout(AFTER_GIVING_UP, leave_and_look)
+                .await
+                .unwrap_or_else(|_| Holder {
+                    found_by: Some(Backend::Dbus),
+                    bus: Some(kind),
+                    ..Holder::default()
+                });
+            let holder = Box::new(holder);
             if wait == Wait::No {
                 Err(already_running(name, holder))
             } else {
