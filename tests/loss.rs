@@ -1535,6 +1535,32 @@ fn run_stops_command_when_the_second_backend_goes_too() {
     }
 }
 
+/// `run --backend dbus`: the bus is the only backend, so when it dies nothing keeps other
+/// copies out, and COMMAND is stopped (exit 69), told so on stderr. (The audit: making `run`
+/// treat a closed bus as still exclusive failed no test.)
+#[test]
+fn run_on_the_bus_alone_stops_command_when_the_bus_dies() {
+    let script = "trap 'echo got-TERM; exit 0' TERM; echo ready; \
+                  sleep 60 </dev/null >/dev/null 2>&1 & wait";
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let mut bus = DbusDaemon::start(BusConfig::Open);
+    let name = unique_name("run_bus_only");
+    let mut wrapper = cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", "--backend", "dbus", &name, "--", "sh", "-c", script],
+    );
+    assert_eq!(wrapper.next_line("ready"), "ready");
+    bus.kill();
+    assert_eq!(wrapper.next_line("COMMAND told to stop"), "got-TERM");
+    assert_eq!(wrapper.exit_code(), 69);
+    let stderr = wrapper.stderr_until_closed().join("\n");
+    assert!(
+        stderr.contains("stopped because the instance was lost"),
+        "{stderr}"
+    );
+}
+
 /// A file system mounted over the lock directory: the path leads into another, empty directory
 /// (a copy started now acquires there), and inotify on the covered directory sees nothing. The
 /// mount table is watched too.
