@@ -284,6 +284,43 @@ fn a_bus_killed_during_request_name_is_a_bus_that_is_not_there() {
     }
 }
 
+/// A release frees the bus name first, then the lock file: stopped just before `ReleaseName`,
+/// the holder still holds its lock file, so a copy on the lock file alone is refused naming it.
+/// Released the other way, a copy started then takes the lock file and is refused on the bus,
+/// naming the process that is releasing (issue 10, item 17; the audit reversed the order and
+/// no test failed). Through `release_async`, `release` and a drop.
+#[test]
+fn the_name_is_released_before_the_lock_file() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    for mode in [
+        &[][..],
+        &["--blocking"][..],
+        &["--blocking", "--drop-in-runtime"][..],
+    ] {
+        let name = unique_name("release_order");
+        let mut args = vec![name.as_str()];
+        args.extend_from_slice(mode);
+        let mut copy = holder_stopping_at(
+            STOP_BEFORE_RELEASE_NAME,
+            Some(&bus.address),
+            lock_dir.path(),
+            &args,
+        );
+        let line = copy.next_line("the holder");
+        assert!(
+            line.starts_with("acquired") && line.contains("Dbus") && line.contains("LockFile"),
+            "{mode:?}: {line}"
+        );
+        copy.close_stdin();
+        copy.stopped_at(STOP_BEFORE_RELEASE_NAME);
+        assert_refused_naming(lock_dir.path(), &name, copy.pid(), &format!("{mode:?}"));
+        copy.signal(rustix::process::Signal::CONT);
+        assert_eq!(copy.line_starting("released"), "released", "{mode:?}");
+        assert_eq!(copy.exit_code(), 0, "{mode:?}");
+    }
+}
+
 /// The bus killed just as a holder releases the name (before `ReleaseName` went out, before the
 /// holder noticed the bus was gone): the name went with the connection, so the release is
 /// complete, not an error. The soak's checker found copies exiting 70 with "cannot release the
