@@ -198,7 +198,7 @@ fn relative_overrides_and_paths_naming_no_file_are_refused() {
     let mut cmd = Command::new(common::cli_path());
     cmd.args(["run", "--lock-file", "data.lock", &name, "--", "true"])
         .current_dir(cwd.path());
-    let output = cmd.output().expect("run the CLI");
+    let output = common::output_within_timeout(&mut cmd);
     assert_eq!(
         output.status.code(),
         Some(64),
@@ -210,12 +210,12 @@ fn relative_overrides_and_paths_naming_no_file_are_refused() {
     // A lock file in a directory that does not exist: the caller's to fix (64, saying what to
     // do), not an internal error (70).
     let missing = cwd.path().join("no-such-dir/data.lock");
-    let output = Command::new(common::cli_path())
-        .args(["run", "--backend", "lockfile", "--lock-file"])
-        .arg(&missing)
-        .args([name.as_str(), "--", "true"])
-        .output()
-        .expect("run the CLI");
+    let output = common::output_within_timeout(
+        &mut Command::new(common::cli_path())
+            .args(["run", "--backend", "lockfile", "--lock-file"])
+            .arg(&missing)
+            .args([name.as_str(), "--", "true"]),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(
@@ -578,13 +578,13 @@ fn a_copy_from_before_the_deployment_still_excludes_the_service() {
         "the service, blocking",
     );
     // `status` sees it as `run` meets it.
-    let status = Command::new(common::cli_path())
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .args(["status", "--system", "--backend", "lockfile", &name])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run the CLI");
+    let status = common::output_within_timeout(
+        &mut Command::new(common::cli_path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .args(["status", "--system", "--backend", "lockfile", &name])
+            .stdin(std::process::Stdio::null()),
+    );
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert_eq!(status.status.code(), Some(0), "status: {stdout}");
     assert!(stdout.contains(&early_pid.to_string()), "{stdout}");
@@ -1145,8 +1145,7 @@ fn the_umask_does_not_decide_who_can_see_the_instance() {
             .env("UNIQUE_INSTANCE_LOCK_DIR", dir.path())
             .args(args);
         let mut cmd = as_user(NOBODY, NOBODY, &cmd);
-        cmd.stdin(std::process::Stdio::null());
-        cmd.output().expect("run the CLI")
+        common::output_within_timeout(&mut cmd)
     };
     let status = cli_as_nobody(&["status", "--system", "--backend", "lockfile", &name]);
     let stdout = String::from_utf8_lossy(&status.stdout);
@@ -1262,7 +1261,7 @@ fn a_lock_path_through_proc_self_is_refused_not_two_files() {
         let mut args = vec!["run", "--backend", "lockfile"];
         args.extend_from_slice(lock_args);
         args.extend_from_slice(&[&name, "--", "echo", "second"]);
-        let second = cli(b.path(), env, &args).output().expect("run the CLI");
+        let second = common::output_within_timeout(&mut cli(b.path(), env, &args));
         let first_code = first.exit_code();
         let first_err = first.stderr_until_closed().join("\n");
         let second_err = String::from_utf8_lossy(&second.stderr);
@@ -1280,7 +1279,7 @@ fn a_lock_path_through_proc_self_is_refused_not_two_files() {
         let mut args = vec!["status", "--backend", "lockfile"];
         args.extend_from_slice(lock_args);
         args.push(&name);
-        let status = cli(b.path(), env, &args).output().expect("run the CLI");
+        let status = common::output_within_timeout(&mut cli(b.path(), env, &args));
         assert_eq!(
             status.status.code(),
             Some(78),
@@ -1383,9 +1382,7 @@ fn another_users_file_being_created_under_a_strict_umask_is_never_a_refusal() {
                  {cli} {probe} {name}{tail} >/dev/null 2>&1 </dev/null; \
                  echo $?; done"
             ));
-        let looks = as_user(NOBODY, NOBODY, &looks)
-            .output()
-            .expect("look as another user");
+        let looks = common::output_within_timeout(&mut as_user(NOBODY, NOBODY, &looks));
         root.sigkill();
         let _ = std::fs::remove_file(&critical);
         let said = root.stdout_until_closed();

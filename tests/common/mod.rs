@@ -569,6 +569,32 @@ pub fn arm_test_hook(cmd: &mut Command, var: &str) {
     cmd.env(var, "1");
 }
 
+/// Runs `cmd` to completion as `Command::output` does (stdout and stderr captured, stdin the
+/// null device), killing it after [`TIMEOUT`].
+pub fn output_within_timeout(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => panic!("waiting for {cmd:?}: {e}"),
+        Err(_) => {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            panic!("{cmd:?} did not finish within {TIMEOUT:?}")
+        }
+    }
+}
+
 /// Runs `cmd` to completion with its own stdio settings, killing it after [`TIMEOUT`].
 pub fn status_within_timeout(mut cmd: Command) -> ExitStatus {
     let mut child = cmd
