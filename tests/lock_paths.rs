@@ -211,7 +211,7 @@ fn relative_overrides_and_paths_naming_no_file_are_refused() {
     // do), not an internal error (70).
     let missing = cwd.path().join("no-such-dir/data.lock");
     let output = common::output_within_timeout(
-        &mut Command::new(common::cli_path())
+        Command::new(common::cli_path())
             .args(["run", "--backend", "lockfile", "--lock-file"])
             .arg(&missing)
             .args([name.as_str(), "--", "true"]),
@@ -579,7 +579,7 @@ fn a_copy_from_before_the_deployment_still_excludes_the_service() {
     );
     // `status` sees it as `run` meets it.
     let status = common::output_within_timeout(
-        &mut Command::new(common::cli_path())
+        Command::new(common::cli_path())
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .args(["status", "--system", "--backend", "lockfile", &name])
