@@ -1072,6 +1072,40 @@ fn a_strict_umask_never_leaves_an_unusable_lock_directory() {
     }
 }
 
+/// A lock directory to be made in a directory its group may write without the sticky bit is
+/// not made: a member of that group could swap what a copy makes there for another directory
+/// before it is given its mode, and root gave another user's private directory the lock
+/// directory's mode so (a review). Refused (64) saying how to make it; nothing is made. Made by
+/// hand, it is used.
+#[test]
+fn a_lock_directory_is_never_made_where_its_group_may_swap_it() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let parent = base.path().join("shared");
+    std::fs::create_dir(&parent).expect("mkdir");
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+    let lock_dir = parent.join("locks");
+    let name = unique_name("group_parent");
+    let run = |lock_dir: &Path| {
+        let mut cmd = Command::new(common::cli_path());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir)
+            .args(["run", "--backend", "lockfile", &name, "--", "true"]);
+        run_to_end(cmd)
+    };
+    let (status, stderr) = run(&lock_dir);
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("mkdir -m 0755"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(&parent).expect("read_dir").count(),
+        0,
+        "something was made in the group's directory"
+    );
+    std::fs::create_dir(&lock_dir).expect("mkdir by hand");
+    let (status, stderr) = run(&lock_dir);
+    assert_eq!(status.code(), Some(0), "made by hand: {stderr}");
+}
+
 /// A copy killed as it made the lock directory (here: at its first `chmod`, by strace) leaves
 /// no directory at its name with another mode than its own: root's killed so left a `0700`
 /// directory that refused every other user's copy for good (a review). Now the next copy,

@@ -171,6 +171,28 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
     let (dir, st, way) = match walk_dir(plan, euid)? {
         Walked::Found(dir, st, way) => (dir, st, way),
         Walked::Missing(parent, name, way) if may_create => {
+            // Where others may rename in the parent (its group may write it, without the
+            // sticky bit), what a copy makes there may be swapped for another directory before
+            // it is given its mode, and root would give that one the mode (a review exposed
+            // another user's directory so): not made, said what to do.
+            let parent_mode = rustix::fs::fstat(&parent)
+                .map_err(|e| Error::io("cannot stat", &plan.dir, e.into()))?
+                .st_mode;
+            if others_may_rename_in(parent_mode) {
+                return Err(Error::InvalidOption {
+                    option: "lock_dir",
+                    value: plan.dir.clone(),
+                    reason: format!(
+                        "it does not exist, and the directory above it is writable by its group \
+                         without the sticky bit (mode {:o}), so a member of that group could \
+                         swap what a copy makes there before it is ready; create it yourself \
+                         (`mkdir -m 0755 {}`), or choose a lock directory whose parent only its \
+                         owner may write",
+                        parent_mode & 0o7777,
+                        plan.dir.display()
+                    ),
+                });
+            }
             let mode = plan.create_dir_mode.unwrap_or(0o700);
             let created = match make_dir(&parent, &name, mode) {
                 Ok(made) => made,
@@ -250,13 +272,15 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
 }
 
 /// Makes the directory `name` in `parent`, with exactly `mode`: made under a temporary name
-/// first, given its mode there, and only then its name, unless something has it by then
+/// first, given its mode there (by name: only the parent's owner, root or us, and root may
+/// rename in it, see `open_dir_once`), and only then its name, unless something has it by then
 /// (`false`). A directory made at its name and given its mode after would be found at its name
 /// with the umask's mode by a copy killed in between (a review killed root's copy so: every
 /// copy of another user was refused for good, the shared directory left `0700`), or for good
 /// by one whose umask leaves its owner no read permission (it could not open it to set the
 /// mode). Where the file system cannot rename so (`RENAME_NOREPLACE`), made at its name, as
-/// before, and given its mode once opened.
+/// before, and given its mode once opened. A copy killed between the two leaves the temporary
+/// directory behind.
 fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::Result<bool> {
     use super::open::{MAX_TEMPORARY_TRIES, temporary_name};
     use rustix::fs::AtFlags;
@@ -272,26 +296,12 @@ fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::
     let remove = || {
         let _ = rustix::fs::unlinkat(parent, temporary.as_str(), AtFlags::REMOVEDIR);
     };
-    // By its name, which only we (and root, and the parent's owner, who is root or us: the
-    // walk's rule) can change where nobody else may rename in the parent; else through the
-    // directory opened, which needs the read permission the umask may have taken.
-    let by_name = rustix::fs::fstat(parent).is_ok_and(|st| !others_may_rename_in(st.st_mode));
-    let moded = if by_name {
-        rustix::fs::chmodat(
-            parent,
-            temporary.as_str(),
-            Mode::from_raw_mode(mode),
-            AtFlags::empty(),
-        )
-    } else {
-        rustix::fs::openat(
-            parent,
-            temporary.as_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .and_then(|dir| rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)))
-    };
+    let moded = rustix::fs::chmodat(
+        parent,
+        temporary.as_str(),
+        Mode::from_raw_mode(mode),
+        AtFlags::empty(),
+    );
     if let Err(e) = moded {
         remove();
         return Err(e);
