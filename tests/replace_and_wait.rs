@@ -78,6 +78,44 @@ fn dead_holder_on_the_bus(address: &str, lock_dir: &std::path::Path, name: &str)
     old
 }
 
+/// A copy replaced on the bus, whose lock file is still held, is not exclusive any more: when
+/// the bus then dies, that loss is no more exclusive than the replacement was, though the lock
+/// file is verified then (the audit made it claim exclusion and no test failed).
+#[tokio::test]
+async fn a_bus_dying_after_a_replacement_is_no_exclusive_loss() {
+    let mut bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("replaced_then_dead");
+    let mut h = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--allow-replacement"],
+    );
+    let line = h.next_line("holder");
+    assert!(
+        line.starts_with("acquired") && line.contains("LockFile") && line.contains("Dbus"),
+        "{line}"
+    );
+    let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
+    let (conn, reply) = request(&bus.address, &name, flags).await;
+    assert_eq!(reply, RequestNameReply::PrimaryOwner);
+    let (line, mut h) = tokio::task::spawn_blocking(move || (h.line_starting("lost"), h))
+        .await
+        .expect("join");
+    assert_eq!(line, "lost reason=Replaced still_exclusive=false");
+    drop(conn);
+    bus.kill();
+    let (line, mut h) = tokio::task::spawn_blocking(move || (h.line_starting("lost"), h))
+        .await
+        .expect("join");
+    assert_eq!(
+        line,
+        "lost reason=BusConnectionClosed still_exclusive=false"
+    );
+    h.close_stdin();
+    h.stdout_until_closed();
+}
+
 /// The owner of `name` on `conn`'s bus, `None` when it has none.
 async fn owner(conn: &zbus::Connection, name: &str) -> Option<String> {
     let reply = conn
