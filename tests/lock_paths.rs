@@ -1072,38 +1072,67 @@ fn a_strict_umask_never_leaves_an_unusable_lock_directory() {
     }
 }
 
-/// A lock directory to be made in a directory its group may write without the sticky bit is
-/// not made: a member of that group could swap what a copy makes there for another directory
-/// before it is given its mode, and root gave another user's private directory the lock
-/// directory's mode so (a review). Refused (64) saying how to make it; nothing is made. Made by
-/// hand, it is used.
+/// A lock directory made where its group may rename (a parent `0775`: `/run/lock` on some
+/// hosts, a home directory with a private group) is made, with its mode; but a directory
+/// swapped in for the one a copy has just made, before it has its mode (here strace holds the
+/// copy just after its `mkdir`, and another user's private directory is renamed over it), is
+/// never given it: a review saw root make such a directory `0755`, its contents readable by
+/// all. The copy makes another and runs.
 #[test]
-fn a_lock_directory_is_never_made_where_its_group_may_swap_it() {
+fn a_directory_swapped_in_for_a_new_lock_directory_never_gets_its_mode() {
+    use std::os::unix::fs::MetadataExt;
+    let strace = common::require_program("strace", "strace");
     let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let parent = base.path().join("shared");
     std::fs::create_dir(&parent).expect("mkdir");
     std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+    let victim = parent.join("victim");
+    std::fs::create_dir(&victim).expect("mkdir");
+    std::fs::write(victim.join("secret"), "secret").expect("write");
+    for path in [victim.join("secret"), victim.clone()] {
+        std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).expect("chown");
+    }
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let lock_dir = parent.join("locks");
-    let name = unique_name("group_parent");
-    let run = |lock_dir: &Path| {
-        let mut cmd = Command::new(common::cli_path());
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir)
-            .args(["run", "--backend", "lockfile", &name, "--", "true"]);
-        run_to_end(cmd)
+    let name = unique_name("swapped_dir");
+    let mut cmd = Command::new(strace);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNIQUE_INSTANCE_LOCK_DIR", &lock_dir)
+        .args(["-f", "-o", "/dev/null", "-e", "trace=mkdirat"])
+        .args(["-e", "inject=mkdirat:delay_exit=2000000:when=1", "--"])
+        .arg(common::cli_path())
+        .args(["run", "--backend", "lockfile", &name, "--", "true"]);
+    let mut copy = Proc::spawn(cmd);
+    // The directory the copy has just made, under its temporary name.
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let temporary = loop {
+        let made = std::fs::read_dir(&parent)
+            .expect("read_dir")
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name())
+            .find(|n| n.to_string_lossy().starts_with(".unique-instance."));
+        if let Some(made) = made {
+            break parent.join(made);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy made nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
     };
-    let (status, stderr) = run(&lock_dir);
-    assert_eq!(status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains("mkdir -m 0755"), "{stderr}");
+    std::fs::rename(&victim, &temporary).expect("swap the victim in");
+    let stderr = copy.stderr_until_closed().join("\n");
+    assert_eq!(copy.wait().code(), Some(0), "{stderr}");
+    let swapped = std::fs::metadata(&temporary).expect("the victim, where it was swapped");
     assert_eq!(
-        std::fs::read_dir(&parent).expect("read_dir").count(),
-        0,
-        "something was made in the group's directory"
+        (swapped.mode() & 0o7777, swapped.uid()),
+        (0o700, NOBODY),
+        "the victim was changed"
     );
-    std::fs::create_dir(&lock_dir).expect("mkdir by hand");
-    let (status, stderr) = run(&lock_dir);
-    assert_eq!(status.code(), Some(0), "made by hand: {stderr}");
+    let made = std::fs::metadata(&lock_dir).expect("the lock directory");
+    assert_eq!((made.mode() & 0o7777, made.uid()), (0o755, 0));
 }
 
 /// A copy killed as it made the lock directory (here: at its first `chmod`, by strace) leaves

@@ -171,59 +171,39 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
     let (dir, st, way) = match walk_dir(plan, euid)? {
         Walked::Found(dir, st, way) => (dir, st, way),
         Walked::Missing(parent, name, way) if may_create => {
-            // Where others may rename in the parent (its group may write it, without the
-            // sticky bit), what a copy makes there may be swapped for another directory before
-            // it is given its mode, and root would give that one the mode (a review exposed
-            // another user's directory so): not made, said what to do.
-            let parent_mode = rustix::fs::fstat(&parent)
-                .map_err(|e| Error::io("cannot stat", &plan.dir, e.into()))?
-                .st_mode;
-            if others_may_rename_in(parent_mode) {
-                return Err(Error::InvalidOption {
-                    option: "lock_dir",
-                    value: plan.dir.clone(),
-                    reason: format!(
-                        "it does not exist, and the directory above it is writable by its group \
-                         without the sticky bit (mode {:o}), so a member of that group could \
-                         swap what a copy makes there before it is ready; create it yourself \
-                         (`mkdir -m 0755 {}`), or choose a lock directory whose parent only its \
-                         owner may write",
-                        parent_mode & 0o7777,
-                        plan.dir.display()
-                    ),
-                });
-            }
             let mode = plan.create_dir_mode.unwrap_or(0o700);
-            let created = match make_dir(&parent, &name, mode) {
-                Ok(made) => made,
+            let made = match make_dir(&parent, &name, mode) {
+                Ok(MadeDir::Made(dir)) => Some(dir),
+                Ok(MadeDir::Exists) => None,
+                // Not the directory we made, at its temporary name or at its name: left as it
+                // is, and walked to again.
+                Ok(MadeDir::Swapped) => return Ok(None),
                 Err(e) => return Err(dir_error(plan, "cannot create lock directory", e)),
             };
-            let dir = rustix::fs::openat(
-                &parent,
-                &name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            );
-            let dir = match dir {
-                Ok(dir) => dir,
-                // Removed again since our mkdir (or since the one of whoever made it): again.
-                Err(Errno::NOENT) => return Ok(None),
-                // Someone put a symlink there since our mkdir failed with EEXIST.
-                Err(Errno::LOOP | Errno::NOTDIR) => {
-                    return Err(Error::UnsafeLockPath {
-                        path: plan.dir.clone(),
-                        problem: UnsafeLockPath::Symlink,
-                    });
+            let dir = match made {
+                Some(dir) => dir,
+                None => {
+                    let dir = rustix::fs::openat(
+                        &parent,
+                        &name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    );
+                    match dir {
+                        Ok(dir) => dir,
+                        // Removed again since whoever made it did: again.
+                        Err(Errno::NOENT) => return Ok(None),
+                        // Someone put a symlink there since our mkdir failed with EEXIST.
+                        Err(Errno::LOOP | Errno::NOTDIR) => {
+                            return Err(Error::UnsafeLockPath {
+                                path: plan.dir.clone(),
+                                problem: UnsafeLockPath::Symlink,
+                            });
+                        }
+                        Err(e) => return Err(dir_error(plan, "cannot open lock directory", e)),
+                    }
                 }
-                Err(e) => return Err(dir_error(plan, "cannot open lock directory", e)),
             };
-            if created && let Some(mode) = plan.create_dir_mode {
-                // mkdir's mode is masked by the umask; set the intended one exactly, on the
-                // directory we opened (the path could have been swapped in between).
-                rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)).map_err(|e| {
-                    Error::io("cannot set the mode of lock directory", &plan.dir, e.into())
-                })?;
-            }
             let st = rustix::fs::fstat(&dir)
                 .map_err(|e| Error::io("cannot stat lock directory", &plan.dir, e.into()))?;
             check_on_the_way(plan, &plan.dir, &st, euid, true)?;
@@ -271,19 +251,35 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
     }))
 }
 
+/// What [`make_dir`] did.
+enum MadeDir {
+    /// Made, with its mode, and named: open.
+    Made(OwnedFd),
+    /// Something else has the name already.
+    Exists,
+    /// What it made was swapped for another directory before it was ready, or what has its name
+    /// now is not what it made: nothing is done to that one.
+    Swapped,
+}
+
 /// Makes the directory `name` in `parent`, with exactly `mode`: made under a temporary name
-/// first, given its mode there (by name: only the parent's owner, root or us, and root may
-/// rename in it, see `open_dir_once`), and only then its name, unless something has it by then
-/// (`false`). A directory made at its name and given its mode after would be found at its name
-/// with the umask's mode by a copy killed in between (a review killed root's copy so: every
-/// copy of another user was refused for good, the shared directory left `0700`), or for good
-/// by one whose umask leaves its owner no read permission (it could not open it to set the
-/// mode). Where the file system cannot rename so (`RENAME_NOREPLACE`), made at its name, as
-/// before, and given its mode once opened. A copy killed between the two leaves the temporary
-/// directory behind.
-fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::Result<bool> {
+/// first, opened, given its mode through that descriptor, and only then its name, unless
+/// something has it by then. Made at its name and given its mode after, a copy killed in
+/// between left it at its name with the umask's mode (a review killed root's copy so: every
+/// other user's copy was refused for good, the shared directory left `0700`), and one whose
+/// umask leaves its owner no read permission could not open it to set the mode. Only the
+/// directory made is ever given the mode: what is at the temporary name when it is opened must
+/// be a private, empty directory of ours (where its group may rename in the parent, a member
+/// could swap in another, and root gave a review's victim directory the lock directory's mode),
+/// and once renamed, the name must lead to it. Where the file system cannot rename so
+/// (`RENAME_NOREPLACE`), made at its name, with the same checks. A copy killed before the
+/// rename leaves the temporary directory behind.
+fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::Result<MadeDir> {
     use super::open::{MAX_TEMPORARY_TRIES, temporary_name};
     use rustix::fs::AtFlags;
+    // Where nobody but its owner (root or us: the walk's rule) and root may rename in the
+    // parent, a name there leads to what we made.
+    let safe_parent = rustix::fs::fstat(parent).is_ok_and(|st| !others_may_rename_in(st.st_mode));
     let mut tries = 0;
     let temporary = loop {
         let temporary = temporary_name();
@@ -296,13 +292,15 @@ fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::
     let remove = || {
         let _ = rustix::fs::unlinkat(parent, temporary.as_str(), AtFlags::REMOVEDIR);
     };
-    let moded = rustix::fs::chmodat(
-        parent,
-        temporary.as_str(),
-        Mode::from_raw_mode(mode),
-        AtFlags::empty(),
-    );
-    if let Err(e) = moded {
+    let dir = match open_made_dir(parent, temporary.as_ref(), safe_parent) {
+        Ok(Some(dir)) => dir,
+        Ok(None) => return Ok(MadeDir::Swapped),
+        Err(e) => {
+            remove();
+            return Err(e);
+        }
+    };
+    if let Err(e) = rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode)) {
         remove();
         return Err(e);
     }
@@ -314,23 +312,92 @@ fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::
         rustix::fs::RenameFlags::NOREPLACE,
     );
     match renamed {
-        Ok(()) => Ok(true),
+        Ok(()) if names(parent, name, &dir) => Ok(MadeDir::Made(dir)),
+        Ok(()) => Ok(MadeDir::Swapped),
         Err(Errno::EXIST) => {
             remove();
-            Ok(false)
+            Ok(MadeDir::Exists)
         }
         Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
             remove();
             match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
-                Ok(()) => Ok(true),
-                Err(Errno::EXIST) => Ok(false),
-                Err(e) => Err(e),
+                Ok(()) => {}
+                Err(Errno::EXIST) => return Ok(MadeDir::Exists),
+                Err(e) => return Err(e),
             }
+            // One that cannot be opened (a umask that took its owner's read permission, where
+            // it cannot be undone by name) is removed again, not left unusable at its name.
+            let dir = match open_made_dir(parent, name, safe_parent) {
+                Ok(Some(dir)) => dir,
+                Ok(None) => return Ok(MadeDir::Swapped),
+                Err(e) => {
+                    let _ = rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR);
+                    return Err(e);
+                }
+            };
+            rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode))?;
+            Ok(MadeDir::Made(dir))
         }
         Err(e) => {
             remove();
             Err(e)
         }
+    }
+}
+
+/// Opens the directory just made (`mkdir`, mode 0700) at `name` in `parent`: `None` when what is
+/// there is not a private, empty directory of ours. A umask that took its owner's read or
+/// search permission is undone by name first, where only we may rename in the parent.
+fn open_made_dir(
+    parent: &OwnedFd,
+    name: &std::ffi::OsStr,
+    safe_parent: bool,
+) -> rustix::io::Result<Option<OwnedFd>> {
+    let open = || {
+        rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let dir = match open() {
+        Ok(dir) => dir,
+        Err(Errno::ACCESS) if safe_parent => {
+            rustix::fs::chmodat(
+                parent,
+                name,
+                Mode::from_raw_mode(0o700),
+                rustix::fs::AtFlags::empty(),
+            )?;
+            open()?
+        }
+        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let st = rustix::fs::fstat(&dir)?;
+    let ours = st.st_uid == rustix::process::geteuid().as_raw() && st.st_mode & 0o077 == 0;
+    Ok((ours && is_empty_dir(&dir)?).then_some(dir))
+}
+
+/// Whether the directory open as `dir` has no entry but `.` and `..`.
+fn is_empty_dir(dir: &OwnedFd) -> rustix::io::Result<bool> {
+    let mut entries = rustix::fs::Dir::read_from(dir)?;
+    for entry in &mut entries {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether `name` in `parent` leads to `dir` (not following a symlink there).
+fn names(parent: &OwnedFd, name: &std::ffi::OsStr, dir: &OwnedFd) -> bool {
+    let at_name = rustix::fs::statat(parent, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+    match (at_name, rustix::fs::fstat(dir)) {
+        (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+        _ => false,
     }
 }
 
