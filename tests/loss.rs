@@ -135,6 +135,79 @@ fn without_the_watch_bus_death_rechecks_the_lock_file_at_that_moment() {
     }
 }
 
+/// With the watch turned off, the lock let go through a description the holder shares with
+/// another process (as `run`'s COMMAND or a forked child shares it), and then taken by another
+/// copy on the lock file alone: when the bus dies, the lock file is held, but not by the
+/// holder, which is told so (a review: a fresh open saw the other copy's lock and took it for
+/// the holder's, `still_exclusive=true`).
+#[test]
+fn without_the_watch_a_lock_let_go_and_taken_is_not_ours_when_the_bus_dies() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test takes a descriptor from another process (pidfd_getfd) and must run as root"
+    );
+    for mode in [&["--no-watch"][..], &["--no-watch", "--blocking"][..]] {
+        let mut bus = DbusDaemon::start(BusConfig::Open);
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("let_go_taken");
+        let mut args = vec![name.as_str()];
+        args.extend_from_slice(mode);
+        let mut h = holder(Some(&bus.address), lock_dir.path(), &args);
+        let line = h.next_line("holder");
+        assert!(
+            line.contains("LockFile") && line.contains("Dbus"),
+            "{mode:?}: {line}"
+        );
+        let shared = lock_description_of(h.pid());
+        let unlock = nix::libc::flock {
+            l_type: nix::libc::F_UNLCK as nix::libc::c_short,
+            l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&shared, nix::fcntl::FcntlArg::F_OFD_SETLK(&unlock)).expect("unlock");
+        let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+        let line = other.next_line("second copy");
+        assert!(line.starts_with("acquired"), "{mode:?}: {line}");
+        bus.kill();
+        assert_eq!(
+            h.line_starting("lost"),
+            "lost reason=BusConnectionClosed still_exclusive=false",
+            "{mode:?}"
+        );
+        other.close_stdin();
+        assert_eq!(other.exit_code(), 0);
+        h.close_stdin();
+        h.stdout_until_closed();
+    }
+}
+
+/// A duplicate (`pidfd_getfd`) of the descriptor through which process `pid` holds its lock
+/// (the one whose fdinfo lists a write OFD lock): the same open file description.
+fn lock_description_of(pid: u32) -> std::os::fd::OwnedFd {
+    let target = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    let pidfd = rustix::process::pidfd_open(target, rustix::process::PidfdFlags::empty())
+        .expect("pidfd_open");
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
+        let entry = entry.expect("entry");
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let locked = info
+            .lines()
+            .any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains("WRITE"));
+        if locked {
+            let fd: i32 = entry.file_name().to_string_lossy().parse().expect("fd");
+            return rustix::process::pidfd_getfd(
+                &pidfd,
+                fd,
+                rustix::process::PidfdGetfdFlags::empty(),
+            )
+            .expect("pidfd_getfd");
+        }
+    }
+    panic!("process {pid} holds no OFD write lock");
+}
+
 /// With the watch turned off, a lock file found removed when the bus dies was not seen go: the
 /// copy that may have made the file, run and left meanwhile left the path as free as a removal
 /// alone would. So it is not re-created (it used to be, with `still_exclusive=true`, a claim

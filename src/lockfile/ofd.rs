@@ -79,6 +79,24 @@ pub(super) fn is_held(file: impl AsFd) -> rustix::io::Result<bool> {
     Ok(conflicting(file, libc::F_RDLCK)? == Some(libc::F_WRLCK))
 }
 
+/// Does the open file description of `file` itself hold a write lock on it? The kernel lists in
+/// `/proc/self/fdinfo/FD` the locks taken through that description and no other's, where
+/// `F_OFD_GETLK` on it sees only other descriptions' locks, and on a fresh one anyone's (a
+/// review: the lock let go through a description shared with another process, and taken by
+/// another copy, was verified as ours). False when that cannot be read (no `/proc`).
+pub(super) fn holds_write_lock(file: impl AsFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fdinfo/{}", file.as_fd().as_raw_fd());
+    std::fs::read_to_string(path).is_ok_and(|info| {
+        info.lines().any(|line| {
+            let mut words = line.split_whitespace();
+            words.next() == Some("lock:")
+                && line.contains("OFDLCK")
+                && line.split_whitespace().any(|word| word == "WRITE")
+        })
+    })
+}
+
 /// Does anyone hold any lock on `file` (a read lock included) that would keep us from locking
 /// it exclusively?
 pub(super) fn is_locked_at_all(file: impl AsFd) -> rustix::io::Result<bool> {

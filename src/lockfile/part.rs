@@ -175,9 +175,12 @@ impl HeldFile {
         let Ok(st) = rustix::fs::fstat(self.lock.as_fd()) else {
             return false;
         };
-        self.lock
-            .watch_handle()
-            .verify_held_as(st.st_dev, st.st_ino)
+        // Through our description (see `WatchHandle::verify_held`).
+        super::ofd::holds_write_lock(self.lock.as_fd())
+            && self
+                .lock
+                .watch_handle()
+                .verify_held_as(st.st_dev, st.st_ino)
     }
 
     /// See [`HeldLock::release_report`].

@@ -23,7 +23,7 @@ use rustix::io::Errno;
 use crate::loss::LossReason;
 
 use super::held::Shared;
-use super::ofd::{is_held, is_locked_at_all};
+use super::ofd::{holds_write_lock, is_held, is_locked_at_all};
 
 /// What changed under a held lock file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,12 +325,31 @@ pub(crate) struct Watches {
 
 // What a loss report needs beyond `check_path`: whether our lock is still what the kernel sees.
 impl WatchHandle {
-    /// Re-verifies, right now, that the lock still excludes other copies: the path (from our
+    /// Re-verifies, right now, that the lock still excludes other copies: no loss decided, our
+    /// own description holds the write lock (see `holds_write_lock`), the path (from our
     /// directory, and resolved afresh) names our file, and a fresh open of it shows it locked
     /// (`F_OFD_GETLK` on a new open file description sees our lock as a conflicting one) with
     /// the same (dev, ino). Anything that cannot be checked counts as not verified.
     pub(crate) fn verify_held(&self) -> bool {
-        let (dev, ino) = self.identity();
+        let (dev, ino) = {
+            let now = self.shared.now();
+            // A loss the watch has decided, told or not, is not undone by a look now.
+            if now.released || now.lost {
+                return false;
+            }
+            // Held through our own description, not merely by someone: a fresh open sees any
+            // copy's lock, one taken once ours was let go through a description we share with
+            // another process (`run`'s COMMAND, a forked child) included.
+            let ours = self
+                .shared
+                .files
+                .upgrade()
+                .is_some_and(|files| holds_write_lock(files.lent()));
+            if !ours {
+                return false;
+            }
+            (now.dev, now.ino)
+        };
         self.verify_held_as(dev, ino)
     }
 
