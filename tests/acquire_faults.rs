@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
 
@@ -164,19 +163,6 @@ fn a_waiting_copy_survives_its_lock_directory_being_removed_and_made_again() {
     }
 }
 
-/// Takes the exclusive OFD lock on `file`, as a holder does; `F_UNLCK` lets it go.
-fn ofd_lock(file: &std::fs::File, lock_type: i32) {
-    use nix::fcntl::{FcntlArg, fcntl};
-    let lock = nix::libc::flock {
-        l_type: lock_type as nix::libc::c_short,
-        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&lock)).expect("F_OFD_SETLK");
-}
-
 /// A lock let go without anything inotify reports: `F_UNLCK` by a holder that keeps its
 /// descriptor open (no close, no unlink). A waiter parked on its events must still find the
 /// lock free, by its periodic re-check, and acquire; through the async and the blocking API.
@@ -193,7 +179,7 @@ fn a_wait_acquires_a_lock_let_go_without_any_event() {
             .create_new(true)
             .open(&path)
             .expect("create the lock file");
-        ofd_lock(&file, nix::libc::F_WRLCK);
+        common::ofd_lock(&file, nix::libc::F_WRLCK, false);
         let mut args = vec![name.as_str(), "--backend", "lockfile", "--wait", "forever"];
         if blocking {
             args.push("--blocking");
@@ -201,7 +187,7 @@ fn a_wait_acquires_a_lock_let_go_without_any_event() {
         let mut waiter = holder_stopping_at(STOP_IN_LOCK_WAIT, None, lock_dir.path(), &args);
         waiter.stopped_at(STOP_IN_LOCK_WAIT);
         // Let go while the waiter cannot look; it then waits for an event that never comes.
-        ofd_lock(&file, nix::libc::F_UNLCK);
+        common::ofd_lock(&file, nix::libc::F_UNLCK, false);
         waiter.signal(rustix::process::Signal::CONT);
         let line = waiter.next_line("the waiter, after the lock was let go");
         assert!(line.starts_with("acquired"), "{what}: {line}");

@@ -234,24 +234,8 @@ fn newcomer_waits_for_the_bus_to_drop_the_previous_lock_holder() {
     let bus = DbusDaemon::start(BusConfig::Open);
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("deadowner");
-    let mut cmd = common::clean_command(
-        &common::example_path("fork_release"),
-        Some(&bus.address),
-        lock_dir.path(),
-    );
-    cmd.args([&name, "--backend", "dbus", "--child-asks"]);
-    let mut old = common::Proc::spawn(cmd);
-    let acquired = old.next_line("acquired");
-    let pid: u32 = field(&acquired, "pid")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{acquired}"));
-    assert!(old.next_line("forked").starts_with("forked child="));
     // The process that made the connection is gone; its child keeps the connection.
-    assert!(old.wait().success());
-    let record = format!(
-        "{{\"pid\":{pid},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\",\"dbus\"],\"bus\":\"session\",\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
-    );
-    std::fs::write(lock_dir.path().join(format!("{name}.lock")), record).expect("stale record");
+    let mut old = common::dead_holder_on_the_bus(&bus.address, lock_dir.path(), &name);
 
     let mut newcomer = holder(Some(&bus.address), lock_dir.path(), &[&name]);
     // Queued behind the old owner: it neither refused nor took the name.

@@ -11,7 +11,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use common::{cli, holder, unique_name};
-use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
 use unique_instance::{Backend, Error, InstanceOptions};
 
@@ -25,14 +24,7 @@ fn hold_ofd_lock(path: &Path) -> File {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .expect("open the planted file");
-    let lock = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).expect("lock the planted file");
+    common::ofd_lock(&file, libc::F_WRLCK, false);
     file
 }
 

@@ -1019,6 +1019,21 @@ fn run_to_end(cmd: Command) -> (std::process::ExitStatus, String) {
     (proc.wait(), stderr)
 }
 
+/// The CLI with `args` and `UNIQUE_INSTANCE_LOCK_DIR=lock_dir`, under strace tracing `trace`
+/// (its processes and their children) with `inject` (`inject=SYSCALL:...`): a system call
+/// delayed or the copy killed at it.
+fn run_under_strace(lock_dir: &Path, trace: &str, inject: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(common::require_program("strace", "strace"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir)
+        .args(["-f", "-o", "/dev/null", "-e", &format!("trace={trace}")])
+        .args(["-e", inject, "--"])
+        .arg(common::cli_path())
+        .args(args);
+    cmd
+}
+
 /// `run` as `nobody` with `UNIQUE_INSTANCE_LOCK_DIR=lock_dir` under `umask`, COMMAND `true`.
 fn run_as_nobody_under_umask(
     lock_dir: &Path,
@@ -1081,7 +1096,6 @@ fn a_strict_umask_never_leaves_an_unusable_lock_directory() {
 #[test]
 fn a_directory_swapped_in_for_a_new_lock_directory_never_gets_its_mode() {
     use std::os::unix::fs::MetadataExt;
-    let strace = common::require_program("strace", "strace");
     let base = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let parent = base.path().join("shared");
@@ -1096,15 +1110,12 @@ fn a_directory_swapped_in_for_a_new_lock_directory_never_gets_its_mode() {
     std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let lock_dir = parent.join("locks");
     let name = unique_name("swapped_dir");
-    let mut cmd = Command::new(strace);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("UNIQUE_INSTANCE_LOCK_DIR", &lock_dir)
-        .args(["-f", "-o", "/dev/null", "-e", "trace=mkdirat"])
-        .args(["-e", "inject=mkdirat:delay_exit=2000000:when=1", "--"])
-        .arg(common::cli_path())
-        .args(["run", "--backend", "lockfile", &name, "--", "true"]);
-    let mut copy = Proc::spawn(cmd);
+    let mut copy = Proc::spawn(run_under_strace(
+        &lock_dir,
+        "mkdirat",
+        "inject=mkdirat:delay_exit=2000000:when=1",
+        &["run", "--backend", "lockfile", &name, "--", "true"],
+    ));
     // The directory the copy has just made, under its temporary name.
     let deadline = std::time::Instant::now() + common::TIMEOUT;
     let temporary = loop {
@@ -1141,20 +1152,16 @@ fn a_directory_swapped_in_for_a_new_lock_directory_never_gets_its_mode() {
 /// another user's, makes it and runs.
 #[test]
 fn a_copy_killed_making_the_lock_directory_leaves_none_half_made() {
-    let strace = common::require_program("strace", "strace");
     // Like /run/lock: root's, sticky, writable by all.
     let base = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     let lock_dir = base.path().join("locks");
     let name = unique_name("dir_killed");
-    let mut cmd = Command::new(strace);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("UNIQUE_INSTANCE_LOCK_DIR", &lock_dir)
-        .args(["-f", "-o", "/dev/null", "-e", "trace=fchmod,fchmodat"])
-        .args(["-e", "inject=fchmod,fchmodat:signal=KILL:when=1", "--"])
-        .arg(common::cli_path())
-        .args([
+    let (killed, stderr) = run_to_end(run_under_strace(
+        &lock_dir,
+        "fchmod,fchmodat",
+        "inject=fchmod,fchmodat:signal=KILL:when=1",
+        &[
             "run",
             "--system",
             "--backend",
@@ -1162,8 +1169,8 @@ fn a_copy_killed_making_the_lock_directory_leaves_none_half_made() {
             &name,
             "--",
             "true",
-        ]);
-    let (killed, stderr) = run_to_end(cmd);
+        ],
+    ));
     assert_ne!(
         killed.code(),
         Some(0),

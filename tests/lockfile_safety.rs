@@ -903,15 +903,7 @@ fn an_empty_file_left_in_the_lock_directory_is_a_lock_file_of_ours() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let mut h = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
     assert!(h.next_line("holder").starts_with("acquired"));
-    let mut c = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
-    let line = c.next_line("newcomer");
-    assert!(line.starts_with("already-running"), "{line}");
-    assert_eq!(
-        field(&line, "holder_pid"),
-        Some(h.pid().to_string().as_str()),
-        "{line}"
-    );
-    assert_eq!(c.exit_code(), 75);
+    common::assert_refused_naming(dir.path(), &name, h.pid(), "the holder of the empty file");
     h.close_stdin();
     assert_eq!(h.next_line("holder's release"), "released");
     assert!(
@@ -928,25 +920,7 @@ fn read_lock(file: &std::fs::File) {
 
 /// [`read_lock`], waiting for it (`F_OFD_SETLKW`) when `wait`.
 fn read_lock_waiting(file: &std::fs::File, wait: bool) {
-    ofd_lock(file, libc::F_RDLCK, wait);
-}
-
-/// Takes an OFD lock of `l_type` (`F_RDLCK`, `F_WRLCK`) on the whole of `file`, held until
-/// `file` is closed; waiting for it when `wait`.
-fn ofd_lock(file: &std::fs::File, l_type: libc::c_int, wait: bool) {
-    let lock = libc::flock {
-        l_type: l_type as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    let arg = if wait {
-        nix::fcntl::FcntlArg::F_OFD_SETLKW(&lock)
-    } else {
-        nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)
-    };
-    nix::fcntl::fcntl(file, arg).expect("OFD lock");
+    common::ofd_lock(file, libc::F_RDLCK, wait);
 }
 
 /// The holder example in `dir` with `args`, stopped by the test hook `hook` (an
@@ -1256,7 +1230,7 @@ fn a_record_read_torn_as_its_holder_lets_go_is_no_refusal() {
         .write(true)
         .open(&path)
         .expect("open as its holder");
-    ofd_lock(&holding, libc::F_WRLCK, false);
+    common::ofd_lock(&holding, libc::F_WRLCK, false);
     let mut copy = hooked_holder(
         dir.path(),
         &[&name, "--backend", "lockfile"],

@@ -159,14 +159,7 @@ fn without_the_watch_a_lock_let_go_and_taken_is_not_ours_when_the_bus_dies() {
             "{mode:?}: {line}"
         );
         let shared = lock_description_of(h.pid());
-        let unlock = nix::libc::flock {
-            l_type: nix::libc::F_UNLCK as nix::libc::c_short,
-            l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
-            l_start: 0,
-            l_len: 0,
-            l_pid: 0,
-        };
-        nix::fcntl::fcntl(&shared, nix::fcntl::FcntlArg::F_OFD_SETLK(&unlock)).expect("unlock");
+        common::ofd_lock(&shared, nix::libc::F_UNLCK, false);
         let mut other = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
         let line = other.next_line("second copy");
         assert!(line.starts_with("acquired"), "{mode:?}: {line}");

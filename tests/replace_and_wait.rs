@@ -57,27 +57,6 @@ async fn holder_that_allows_replacement_reports_replaced() {
     assert_eq!(line.0, "lost reason=Replaced still_exclusive=false");
 }
 
-/// A holder of `name`'s bus name that has exited, leaving the name to its forked child, which
-/// keeps the connection's socket open until its stdin closes, and leaving in the lock file a
-/// record that names it, unlocked: the bus still lists a dead holder (see
-/// `newcomer_waits_for_the_bus_to_drop_the_previous_lock_holder`). Returns the child's parent.
-fn dead_holder_on_the_bus(address: &str, lock_dir: &std::path::Path, name: &str) -> Proc {
-    let mut cmd = clean_command(&example_path("fork_release"), Some(address), lock_dir);
-    cmd.args([name, "--backend", "dbus", "--child-asks"]);
-    let mut old = Proc::spawn(cmd);
-    let acquired = old.next_line("acquired");
-    let pid: u32 = field(&acquired, "pid")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{acquired}"));
-    assert!(old.next_line("forked").starts_with("forked child="));
-    assert!(old.wait().success());
-    let record = format!(
-        "{{\"pid\":{pid},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\",\"dbus\"],\"bus\":\"session\",\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
-    );
-    std::fs::write(lock_dir.join(format!("{name}.lock")), record).expect("stale record");
-    old
-}
-
 /// A copy replaced on the bus, whose lock file is still held, is not exclusive any more: when
 /// the bus then dies, that loss is no more exclusive than the replacement was, though the lock
 /// file is verified then (the audit made it claim exclusion and no test failed).
@@ -158,7 +137,11 @@ async fn a_replaced_copy_is_not_handed_the_name_back() {
                 assert!(first.next_line("first").starts_with("acquired"));
                 Some(first)
             }
-            _ => Some(dead_holder_on_the_bus(&bus.address, lock_dir.path(), &name)),
+            _ => Some(common::dead_holder_on_the_bus(
+                &bus.address,
+                lock_dir.path(),
+                &name,
+            )),
         };
         let args: &[&str] = match queued_first {
             "behind a dead holder" => &[&name, "--allow-replacement"],

@@ -1036,6 +1036,47 @@ pub fn another_copy_comes_and_goes(lock_dir: &Path, name: &str, mode: &[&str]) {
     assert_eq!(other.exit_code(), 0);
 }
 
+/// A holder of `name`'s bus name that has exited, leaving the name to its forked child, which
+/// keeps the connection's socket open until its stdin closes, and leaving in the lock file a
+/// record that names it, unlocked: the bus still lists a dead holder, whose connection was made
+/// by a process that is gone (see `newcomer_waits_for_the_bus_to_drop_the_previous_lock_holder`
+/// in tests/crash_and_bus.rs). Returns the child's parent.
+pub fn dead_holder_on_the_bus(address: &str, lock_dir: &Path, name: &str) -> Proc {
+    let mut cmd = clean_command(&example_path("fork_release"), Some(address), lock_dir);
+    cmd.args([name, "--backend", "dbus", "--child-asks"]);
+    let mut old = Proc::spawn(cmd);
+    let acquired = old.next_line("acquired");
+    let pid: u32 = field(&acquired, "pid")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{acquired}"));
+    assert!(old.next_line("forked").starts_with("forked child="));
+    assert!(old.wait().success());
+    let record = format!(
+        "{{\"pid\":{pid},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\",\"dbus\"],\"bus\":\"session\",\"bus_unique_name\":null,\"executable\":null,\"hostname\":null}}\n",
+    );
+    std::fs::write(lock_dir.join(format!("{name}.lock")), record).expect("stale record");
+    old
+}
+
+/// Takes (or with `F_UNLCK` lets go of) an OFD lock of `l_type` (`F_RDLCK`, `F_WRLCK`) on the
+/// whole of `file`, held until its open file description is closed; waiting for it when
+/// `wait`.
+pub fn ofd_lock(file: impl std::os::fd::AsFd, l_type: nix::libc::c_int, wait: bool) {
+    let lock = nix::libc::flock {
+        l_type: l_type as nix::libc::c_short,
+        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    let arg = if wait {
+        nix::fcntl::FcntlArg::F_OFD_SETLKW(&lock)
+    } else {
+        nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)
+    };
+    nix::fcntl::fcntl(file.as_fd(), arg).expect("OFD lock");
+}
+
 /// The PID of a process of this host that has exited and been reaped: one a record can name as
 /// a holder that is gone (reused only after the kernel has gone round every other PID).
 pub fn gone_pid() -> u32 {
