@@ -34,6 +34,20 @@ async fn request(
     (conn, reply)
 }
 
+/// Takes `name` from `holder` (`REPLACE_EXISTING`) on a connection of its own, returned, and
+/// waits until the holder says it was replaced, not exclusive any more.
+async fn replace(address: &str, name: &str, mut holder: Proc) -> (zbus::Connection, Proc) {
+    let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
+    let (conn, reply) = request(address, name, flags).await;
+    assert_eq!(reply, RequestNameReply::PrimaryOwner);
+    let (line, holder) =
+        tokio::task::spawn_blocking(move || (holder.line_starting("lost"), holder))
+            .await
+            .expect("join");
+    assert_eq!(line, "lost reason=Replaced still_exclusive=false");
+    (conn, holder)
+}
+
 #[tokio::test]
 async fn holder_that_allows_replacement_reports_replaced() {
     let bus = DbusDaemon::start(BusConfig::Open);
@@ -45,16 +59,7 @@ async fn holder_that_allows_replacement_reports_replaced() {
         &[&name, "--allow-replacement"],
     );
     assert!(h.next_line("holder").starts_with("acquired"));
-    let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
-    let (_conn, reply) = request(&bus.address, &name, flags).await;
-    assert_eq!(reply, RequestNameReply::PrimaryOwner);
-    let line = tokio::task::spawn_blocking(move || {
-        let line = h.line_starting("lost");
-        (line, h)
-    })
-    .await
-    .expect("join");
-    assert_eq!(line.0, "lost reason=Replaced still_exclusive=false");
+    let (_conn, _h) = replace(&bus.address, &name, h).await;
 }
 
 /// A copy replaced on the bus, whose lock file is still held, is not exclusive any more: when
@@ -75,13 +80,7 @@ async fn a_bus_dying_after_a_replacement_is_no_exclusive_loss() {
         line.starts_with("acquired") && line.contains("LockFile") && line.contains("Dbus"),
         "{line}"
     );
-    let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
-    let (conn, reply) = request(&bus.address, &name, flags).await;
-    assert_eq!(reply, RequestNameReply::PrimaryOwner);
-    let (line, mut h) = tokio::task::spawn_blocking(move || (h.line_starting("lost"), h))
-        .await
-        .expect("join");
-    assert_eq!(line, "lost reason=Replaced still_exclusive=false");
+    let (conn, mut h) = replace(&bus.address, &name, h).await;
     drop(conn);
     bus.kill();
     let (line, mut h) = tokio::task::spawn_blocking(move || (h.line_starting("lost"), h))
@@ -171,13 +170,7 @@ async fn a_replaced_copy_is_not_handed_the_name_back() {
             h.next_line("holder").starts_with("acquired"),
             "queued_first={queued_first}"
         );
-        let flags = RequestNameFlags::REPLACE_EXISTING | RequestNameFlags::DO_NOT_QUEUE;
-        let (conn, reply) = request(&bus.address, &name, flags).await;
-        assert_eq!(reply, RequestNameReply::PrimaryOwner);
-        let (line, mut h) = tokio::task::spawn_blocking(move || (h.line_starting("lost"), h))
-            .await
-            .expect("join");
-        assert_eq!(line, "lost reason=Replaced still_exclusive=false");
+        let (conn, mut h) = replace(&bus.address, &name, h).await;
         let released = conn
             .call_method(
                 Some("org.freedesktop.DBus"),
