@@ -8,6 +8,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -171,6 +172,53 @@ fn without_the_watch_a_lock_let_go_and_taken_is_not_ours_when_the_bus_dies() {
         );
         other.close_stdin();
         assert_eq!(other.exit_code(), 0);
+        h.close_stdin();
+        h.stdout_until_closed();
+    }
+}
+
+/// Without `/proc` (a tmpfs mounted over it, in a mount namespace of its own), a holder that
+/// holds its lock file is still told so when its bus dies: the kernel's list of the locks held
+/// through its description cannot be read, and the lock seen at the path, while its
+/// description meets no other one's, is its own (a review: "not exclusive" there, though it
+/// was).
+#[test]
+fn without_proc_a_held_lock_file_is_still_verified_when_the_bus_dies() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test mounts over /proc in a mount namespace and must run as root"
+    );
+    let unshare = common::require_program("unshare", "util-linux");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let mut bus = DbusDaemon::start(BusConfig::Open);
+        let lock_dir = tempfile::tempdir().expect("tempdir");
+        let name = unique_name("no_proc");
+        let mut holder_cmd = common::clean_command(
+            &common::example_path("holder"),
+            Some(&bus.address),
+            lock_dir.path(),
+        );
+        holder_cmd.arg(&name).args(mode);
+        let mut without_proc = Command::new(&unshare);
+        without_proc.args([
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /proc && exec \"$0\" \"$@\"",
+        ]);
+        let mut h = Proc::spawn(common::wrapped(without_proc, &holder_cmd));
+        let line = h.next_line("holder");
+        assert!(
+            line.contains("LockFile") && line.contains("Dbus"),
+            "{mode:?}: {line}"
+        );
+        bus.kill();
+        assert_eq!(
+            h.line_starting("lost"),
+            "lost reason=BusConnectionClosed still_exclusive=true",
+            "{mode:?}"
+        );
         h.close_stdin();
         h.stdout_until_closed();
     }

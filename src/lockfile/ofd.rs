@@ -83,7 +83,8 @@ pub(super) fn is_held(file: impl AsFd) -> rustix::io::Result<bool> {
 /// `/proc/self/fdinfo/FD` the locks taken through that description and no other's, where
 /// `F_OFD_GETLK` on it sees only other descriptions' locks, and on a fresh one anyone's (a
 /// review: the lock let go through a description shared with another process, and taken by
-/// another copy, was verified as ours). False when that cannot be read (no `/proc`).
+/// another copy, was verified as ours). False when that cannot be read (no `/proc`): see
+/// `WatchHandle::verify_held` for what is then looked at instead.
 pub(super) fn holds_write_lock(file: impl AsFd) -> bool {
     use std::os::fd::AsRawFd;
     let path = format!("/proc/self/fdinfo/{}", file.as_fd().as_raw_fd());

@@ -176,11 +176,13 @@ impl HeldFile {
             return false;
         };
         // Through our description (see `WatchHandle::verify_held`).
-        super::ofd::holds_write_lock(self.lock.as_fd())
-            && self
-                .lock
-                .watch_handle()
-                .verify_held_as(st.st_dev, st.st_ino)
+        let handle = self.lock.watch_handle();
+        let unopposed = || super::ofd::is_locked_at_all(self.lock.as_fd()) == Ok(false);
+        if super::ofd::holds_write_lock(self.lock.as_fd()) {
+            handle.verify_held_as(st.st_dev, st.st_ino)
+        } else {
+            unopposed() && handle.verify_held_as(st.st_dev, st.st_ino) && unopposed()
+        }
     }
 
     /// See [`HeldLock::release_report`].

@@ -331,26 +331,27 @@ impl WatchHandle {
     /// (`F_OFD_GETLK` on a new open file description sees our lock as a conflicting one) with
     /// the same (dev, ino). Anything that cannot be checked counts as not verified.
     pub(crate) fn verify_held(&self) -> bool {
-        let (dev, ino) = {
-            let now = self.shared.now();
-            // A loss the watch has decided, told or not, is not undone by a look now.
-            if now.released || now.lost {
-                return false;
-            }
-            // Held through our own description, not merely by someone: a fresh open sees any
-            // copy's lock, one taken once ours was let go through a description we share with
-            // another process (`run`'s COMMAND, a forked child) included.
-            let ours = self
-                .shared
-                .files
-                .upgrade()
-                .is_some_and(|files| holds_write_lock(files.lent()));
-            if !ours {
-                return false;
-            }
-            (now.dev, now.ino)
+        let now = self.shared.now();
+        // A loss the watch has decided, told or not, is not undone by a look now.
+        if now.released || now.lost {
+            return false;
+        }
+        // Our descriptors, looked at only under the lock of the shared state (see `Files`).
+        let Some(files) = self.shared.files.upgrade() else {
+            return false;
         };
-        self.verify_held_as(dev, ino)
+        // Held through our own description, not merely by someone: a fresh open sees any
+        // copy's lock, one taken once ours was let go through a description we share with
+        // another process (`run`'s COMMAND, a forked child) included (a review). The kernel
+        // says so in `/proc/self/fdinfo`; where it cannot be read (no `/proc`), a lock seen at
+        // the path while our description meets no other one's, before and after, is ours.
+        let lent = files.lent();
+        let unopposed = || is_locked_at_all(lent) == Ok(false);
+        if holds_write_lock(lent) {
+            self.verify_held_as(now.dev, now.ino)
+        } else {
+            unopposed() && self.verify_held_as(now.dev, now.ino) && unopposed()
+        }
     }
 
     /// [`WatchHandle::let_go_as`] for the file the lock is on now, unless the lock was released
