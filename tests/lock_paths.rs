@@ -1020,17 +1020,18 @@ fn run_to_end(cmd: Command) -> (std::process::ExitStatus, String) {
 }
 
 /// The CLI with `args` and `UNIQUE_INSTANCE_LOCK_DIR=lock_dir`, under strace tracing `trace`
-/// (its processes and their children) with `inject` (`inject=SYSCALL:...`): a system call
-/// delayed or the copy killed at it.
-fn run_under_strace(lock_dir: &Path, trace: &str, inject: &str, args: &[&str]) -> Command {
+/// (its processes and their children) with `injects` (each `inject=SYSCALL:...`): a system
+/// call delayed, failed, or the copy killed at it.
+fn run_under_strace(lock_dir: &Path, trace: &str, injects: &[&str], args: &[&str]) -> Command {
     let mut cmd = Command::new(common::require_program("strace", "strace"));
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("UNIQUE_INSTANCE_LOCK_DIR", lock_dir)
-        .args(["-f", "-o", "/dev/null", "-e", &format!("trace={trace}")])
-        .args(["-e", inject, "--"])
-        .arg(common::cli_path())
-        .args(args);
+        .args(["-f", "-o", "/dev/null", "-e", &format!("trace={trace}")]);
+    for inject in injects {
+        cmd.args(["-e", inject]);
+    }
+    cmd.arg("--").arg(common::cli_path()).args(args);
     cmd
 }
 
@@ -1061,89 +1062,147 @@ fn run_as_nobody_under_umask(
 
 /// A lock directory is made with its mode whatever the umask: one that leaves its owner no
 /// read permission (`umask 0477`) made a directory its maker could not open to give it its
-/// mode, and every copy after, under any umask, was refused (77) for good (a review).
+/// mode, and every copy after, under any umask, was refused (77) for good (a review). In a
+/// parent its group may write too (a home directory with a private group), where the mode is
+/// not given by the directory's name (another review: 77 there).
 #[test]
 fn a_strict_umask_never_leaves_an_unusable_lock_directory() {
     use std::os::unix::fs::MetadataExt;
     let base = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let parent = base.path().join("nobodys");
-    std::fs::create_dir(&parent).expect("mkdir");
-    std::os::unix::fs::chown(&parent, Some(NOBODY), Some(NOBODY)).expect("chown");
-    for umask in ["0477", "0777", "022"] {
-        let lock_dir = parent.join(format!("locks{umask}"));
-        let name = unique_name("umask_dir");
-        for round in 0..2 {
-            let (status, stderr) = run_as_nobody_under_umask(&lock_dir, &name, umask);
-            assert_eq!(
-                status.code(),
-                Some(0),
-                "umask {umask}, round {round}: {stderr}"
-            );
+    for parent_mode in [0o755, 0o775] {
+        let parent = base.path().join(format!("nobodys{parent_mode:o}"));
+        std::fs::create_dir(&parent).expect("mkdir");
+        std::os::unix::fs::chown(&parent, Some(NOBODY), Some(NOBODY)).expect("chown");
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(parent_mode))
+            .expect("chmod");
+        for umask in ["0477", "0777", "022"] {
+            let what = format!("parent {parent_mode:o}, umask {umask}");
+            let lock_dir = parent.join(format!("locks{umask}"));
+            let name = unique_name("umask_dir");
+            for round in 0..2 {
+                let (status, stderr) = run_as_nobody_under_umask(&lock_dir, &name, umask);
+                assert_eq!(status.code(), Some(0), "{what}, round {round}: {stderr}");
+            }
+            let meta = std::fs::metadata(&lock_dir).expect("the lock directory");
+            assert_eq!(meta.mode() & 0o7777, 0o755, "{what}");
+            assert_eq!(meta.uid(), NOBODY, "{what}");
         }
-        let meta = std::fs::metadata(&lock_dir).expect("the lock directory");
-        assert_eq!(meta.mode() & 0o7777, 0o755, "umask {umask}");
-        assert_eq!(meta.uid(), NOBODY, "umask {umask}");
     }
 }
 
 /// A lock directory made where its group may rename (a parent `0775`: `/run/lock` on some
 /// hosts, a home directory with a private group) is made, with its mode; but a directory
 /// swapped in for the one a copy has just made, before it has its mode (here strace holds the
-/// copy just after its `mkdir`, and another user's private directory is renamed over it), is
-/// never given it: a review saw root make such a directory `0755`, its contents readable by
-/// all. The copy makes another and runs.
+/// copy just after its `mkdir`, and a directory is renamed over it), is never given it: a
+/// review saw root make another user's private directory `0755`, its contents readable by all,
+/// and then (the check being "private and empty, and ours") root's own empty `/run/lock/lvm`
+/// world-writable. The copy makes another and runs.
 #[test]
 fn a_directory_swapped_in_for_a_new_lock_directory_never_gets_its_mode() {
     use std::os::unix::fs::MetadataExt;
+    for victim_owner in [NOBODY, 0] {
+        let base = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let parent = base.path().join("shared");
+        std::fs::create_dir(&parent).expect("mkdir");
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+        let victim = parent.join("victim");
+        std::fs::create_dir(&victim).expect("mkdir");
+        if victim_owner != 0 {
+            std::fs::write(victim.join("secret"), "secret").expect("write");
+            for path in [victim.join("secret"), victim.clone()] {
+                std::os::unix::fs::chown(&path, Some(victim_owner), Some(victim_owner))
+                    .expect("chown");
+            }
+        }
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        // Older than what the copy makes, as such a directory is (its birth time is what tells
+        // them apart): not synchronisation, the victim's age.
+        let born = std::fs::metadata(&victim)
+            .and_then(|m| m.created())
+            .expect("btime");
+        while born.elapsed().unwrap_or_default() < std::time::Duration::from_millis(200) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let lock_dir = parent.join("locks");
+        let name = unique_name("swapped_dir");
+        let mut copy = Proc::spawn(run_under_strace(
+            &lock_dir,
+            "mkdirat",
+            &["inject=mkdirat:delay_exit=2000000:when=1"],
+            &["run", "--backend", "lockfile", &name, "--", "true"],
+        ));
+        // The directory the copy has just made, under its temporary name.
+        let deadline = std::time::Instant::now() + common::TIMEOUT;
+        let temporary = loop {
+            let made = std::fs::read_dir(&parent)
+                .expect("read_dir")
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name())
+                .find(|n| n.to_string_lossy().starts_with(".unique-instance."));
+            if let Some(made) = made {
+                break parent.join(made);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the copy made nothing"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        std::fs::rename(&victim, &temporary).expect("swap the victim in");
+        let stderr = copy.stderr_until_closed().join("\n");
+        assert_eq!(copy.wait().code(), Some(0), "{victim_owner}: {stderr}");
+        let swapped = std::fs::metadata(&temporary).expect("the victim, where it was swapped");
+        assert_eq!(
+            (swapped.mode() & 0o7777, swapped.uid()),
+            (0o700, victim_owner),
+            "the victim was changed"
+        );
+        let made = std::fs::metadata(&lock_dir).expect("the lock directory");
+        assert_eq!((made.mode() & 0o7777, made.uid()), (0o755, 0));
+    }
+}
+
+/// Where the file system cannot rename a directory into place (`RENAME_NOREPLACE`, refused
+/// here by strace), the directory is made at its name and given its mode once opened, even
+/// when another copy has made its lock file in it meanwhile (a review: the mode was then
+/// skipped, and the umask's `0700` kept every other user out for good).
+#[test]
+fn a_lock_directory_made_at_its_name_gets_its_mode_though_another_copy_used_it() {
+    use std::os::unix::fs::MetadataExt;
     let base = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let parent = base.path().join("shared");
-    std::fs::create_dir(&parent).expect("mkdir");
-    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o775)).expect("chmod");
-    let victim = parent.join("victim");
-    std::fs::create_dir(&victim).expect("mkdir");
-    std::fs::write(victim.join("secret"), "secret").expect("write");
-    for path in [victim.join("secret"), victim.clone()] {
-        std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).expect("chown");
-    }
-    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    let lock_dir = parent.join("locks");
-    let name = unique_name("swapped_dir");
-    let mut copy = Proc::spawn(run_under_strace(
+    let lock_dir = base.path().join("locks");
+    let name = unique_name("fallback_dir");
+    // Its `mkdir` at the name held 3 s, once the rename was refused.
+    let mut first = Proc::spawn(run_under_strace(
         &lock_dir,
-        "mkdirat",
-        "inject=mkdirat:delay_exit=2000000:when=1",
+        "mkdirat,renameat2",
+        &[
+            "inject=renameat2:error=EINVAL",
+            "inject=mkdirat:delay_exit=3000000:when=2",
+        ],
         &["run", "--backend", "lockfile", &name, "--", "true"],
     ));
-    // The directory the copy has just made, under its temporary name.
     let deadline = std::time::Instant::now() + common::TIMEOUT;
-    let temporary = loop {
-        let made = std::fs::read_dir(&parent)
-            .expect("read_dir")
-            .filter_map(Result::ok)
-            .map(|entry| entry.file_name())
-            .find(|n| n.to_string_lossy().starts_with(".unique-instance."));
-        if let Some(made) = made {
-            break parent.join(made);
-        }
+    while !lock_dir.exists() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the copy made nothing"
+            "no lock directory made"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    std::fs::rename(&victim, &temporary).expect("swap the victim in");
-    let stderr = copy.stderr_until_closed().join("\n");
-    assert_eq!(copy.wait().code(), Some(0), "{stderr}");
-    let swapped = std::fs::metadata(&temporary).expect("the victim, where it was swapped");
-    assert_eq!(
-        (swapped.mode() & 0o7777, swapped.uid()),
-        (0o700, NOBODY),
-        "the victim was changed"
-    );
+    }
+    // Meanwhile another copy makes its lock file there, and holds it.
+    let mut second = common::holder(None, &lock_dir, &[&name, "--backend", "lockfile"]);
+    assert!(second.next_line("second copy").starts_with("acquired"));
+    let stderr = first.stderr_until_closed().join("\n");
+    assert_eq!(first.wait().code(), Some(75), "the first copy: {stderr}");
     let made = std::fs::metadata(&lock_dir).expect("the lock directory");
     assert_eq!((made.mode() & 0o7777, made.uid()), (0o755, 0));
+    second.close_stdin();
+    assert_eq!(second.exit_code(), 0);
 }
 
 /// A copy killed as it made the lock directory (here: at its first `chmod`, by strace) leaves
@@ -1160,7 +1219,7 @@ fn a_copy_killed_making_the_lock_directory_leaves_none_half_made() {
     let (killed, stderr) = run_to_end(run_under_strace(
         &lock_dir,
         "fchmod,fchmodat",
-        "inject=fchmod,fchmodat:signal=KILL:when=1",
+        &["inject=fchmod,fchmodat:signal=KILL:when=1"],
         &[
             "run",
             "--system",

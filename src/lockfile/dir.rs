@@ -178,6 +178,28 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
                 // Not the directory we made, at its temporary name or at its name: left as it
                 // is, and walked to again.
                 Ok(MadeDir::Swapped) => return Ok(None),
+                Ok(MadeDir::CannotTell) => {
+                    return Err(not_permitted(
+                        plan,
+                        format!(
+                            "the lock directory {} does not exist, and a copy cannot make it \
+                             safely: the directory above it may be renamed in by its group, and \
+                             this file system does not say when a directory was made, so the \
+                             copy cannot tell the one it made from one swapped in; make it \
+                             yourself (`install -d -m {:o} {}`{})",
+                            plan.dir.display(),
+                            mode,
+                            plan.dir.display(),
+                            if plan.shared_system_dir {
+                                ", or install the tmpfiles.d file that `unique-instance \
+                                 generate` writes"
+                            } else {
+                                ""
+                            }
+                        ),
+                        Errno::PERM,
+                    ));
+                }
                 Err(e) => return Err(dir_error(plan, "cannot create lock directory", e)),
             };
             let dir = match made {
@@ -260,6 +282,10 @@ enum MadeDir {
     /// What it made was swapped for another directory before it was ready, or what has its name
     /// now is not what it made: nothing is done to that one.
     Swapped,
+    /// Where others may rename in the parent, the file system does not say when the directory
+    /// found at the temporary name was made (no birth time), so it cannot be told from one
+    /// swapped in: nothing is done to it.
+    CannotTell,
 }
 
 /// Makes the directory `name` in `parent`, with exactly `mode`: made under a temporary name
@@ -268,12 +294,10 @@ enum MadeDir {
 /// between left it at its name with the umask's mode (a review killed root's copy so: every
 /// other user's copy was refused for good, the shared directory left `0700`), and one whose
 /// umask leaves its owner no read permission could not open it to set the mode. Only the
-/// directory made is ever given the mode: what is at the temporary name when it is opened must
-/// be a private, empty directory of ours (where its group may rename in the parent, a member
-/// could swap in another, and root gave a review's victim directory the lock directory's mode),
-/// and once renamed, the name must lead to it. Where the file system cannot rename so
-/// (`RENAME_NOREPLACE`), made at its name, with the same checks. A copy killed before the
-/// rename leaves the temporary directory behind.
+/// directory made is ever given the mode (see [`open_made_dir`]), and once renamed, the name
+/// must lead to it. Where the file system cannot rename so (`RENAME_NOREPLACE`), made at its
+/// name, with the same checks. A copy killed before the rename leaves the temporary directory
+/// behind.
 fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::Result<MadeDir> {
     use super::open::{MAX_TEMPORARY_TRIES, temporary_name};
     use rustix::fs::AtFlags;
@@ -281,10 +305,11 @@ fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::
     // parent, a name there leads to what we made.
     let safe_parent = rustix::fs::fstat(parent).is_ok_and(|st| !others_may_rename_in(st.st_mode));
     let mut tries = 0;
-    let temporary = loop {
+    let (temporary, made_after) = loop {
         let temporary = temporary_name();
+        let made_after = birth_time_floor();
         match rustix::fs::mkdirat(parent, temporary.as_str(), Mode::from_raw_mode(0o700)) {
-            Ok(()) => break temporary,
+            Ok(()) => break (temporary, made_after),
             Err(Errno::EXIST) if tries < MAX_TEMPORARY_TRIES => tries += 1,
             Err(e) => return Err(e),
         }
@@ -292,9 +317,13 @@ fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::
     let remove = || {
         let _ = rustix::fs::unlinkat(parent, temporary.as_str(), AtFlags::REMOVEDIR);
     };
-    let dir = match open_made_dir(parent, temporary.as_ref(), safe_parent) {
-        Ok(Some(dir)) => dir,
-        Ok(None) => return Ok(MadeDir::Swapped),
+    let dir = match open_made_dir(parent, temporary.as_ref(), safe_parent, made_after) {
+        Ok(Found::Ours(dir)) => dir,
+        Ok(Found::NotOurs) => return Ok(MadeDir::Swapped),
+        Ok(Found::CannotTell) => {
+            remove();
+            return Ok(MadeDir::CannotTell);
+        }
         Err(e) => {
             remove();
             return Err(e);
@@ -320,16 +349,22 @@ fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::
         }
         Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
             remove();
+            let made_after = birth_time_floor();
             match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
                 Ok(()) => {}
                 Err(Errno::EXIST) => return Ok(MadeDir::Exists),
                 Err(e) => return Err(e),
             }
-            // One that cannot be opened (a umask that took its owner's read permission, where
-            // it cannot be undone by name) is removed again, not left unusable at its name.
-            let dir = match open_made_dir(parent, name, safe_parent) {
-                Ok(Some(dir)) => dir,
-                Ok(None) => return Ok(MadeDir::Swapped),
+            // Made by us, so given its mode even once another copy has made its lock file in
+            // it (a review: skipped then, the umask's mode stayed for good); one that cannot be
+            // opened, or told from one swapped in, is removed again, not left at its name.
+            let dir = match open_made_dir(parent, name, safe_parent, made_after) {
+                Ok(Found::Ours(dir)) => dir,
+                Ok(Found::NotOurs) => return Ok(MadeDir::Swapped),
+                Ok(Found::CannotTell) => {
+                    let _ = rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR);
+                    return Ok(MadeDir::CannotTell);
+                }
                 Err(e) => {
                     let _ = rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR);
                     return Err(e);
@@ -345,51 +380,92 @@ fn make_dir(parent: &OwnedFd, name: &std::ffi::OsStr, mode: u32) -> rustix::io::
     }
 }
 
-/// Opens the directory just made (`mkdir`, mode 0700) at `name` in `parent`: `None` when what is
-/// there is not a private, empty directory of ours. A umask that took its owner's read or
-/// search permission is undone by name first, where only we may rename in the parent.
+/// A time no later than the birth time a file system gives a directory made from now on: file
+/// systems take it from the coarse clock, which may lag the precise one by a tick.
+fn birth_time_floor() -> rustix::time::Timespec {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+    // A tick or two of slack: 20 ms.
+    let nanos = i64::from(now.tv_nsec as i32) - 20_000_000;
+    if nanos < 0 {
+        rustix::time::Timespec {
+            tv_sec: now.tv_sec - 1,
+            tv_nsec: (nanos + 1_000_000_000) as _,
+        }
+    } else {
+        rustix::time::Timespec {
+            tv_sec: now.tv_sec,
+            tv_nsec: nanos as _,
+        }
+    }
+}
+
+/// What [`open_made_dir`] found.
+enum Found {
+    Ours(OwnedFd),
+    NotOurs,
+    CannotTell,
+}
+
+/// Opens the directory just made (`mkdir`, mode 0700, no earlier than `made_after`) at `name`
+/// in `parent`, if it is still what is there: a private directory of ours, and, where others
+/// may rename in the parent, born since (its group could swap in any private directory of
+/// ours: a review had root make its `/run/lock/lvm` world-writable so, where `/run/lock` is
+/// `0775 root:uucp`). A umask that took its owner's read or search permission is undone through
+/// a handle that needs none (`O_PATH`, and `/proc/self/fd`), so only that directory is changed.
 fn open_made_dir(
     parent: &OwnedFd,
     name: &std::ffi::OsStr,
     safe_parent: bool,
-) -> rustix::io::Result<Option<OwnedFd>> {
-    let open = || {
-        rustix::fs::openat(
-            parent,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-    };
-    let dir = match open() {
-        Ok(dir) => dir,
-        Err(Errno::ACCESS) if safe_parent => {
-            rustix::fs::chmodat(
-                parent,
-                name,
-                Mode::from_raw_mode(0o700),
-                rustix::fs::AtFlags::empty(),
-            )?;
-            open()?
-        }
-        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => return Ok(None),
+    made_after: rustix::time::Timespec,
+) -> rustix::io::Result<Found> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    let handle = match rustix::fs::openat(
+        parent,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(handle) => handle,
+        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => return Ok(Found::NotOurs),
         Err(e) => return Err(e),
     };
-    let st = rustix::fs::fstat(&dir)?;
-    let ours = st.st_uid == rustix::process::geteuid().as_raw() && st.st_mode & 0o077 == 0;
-    Ok((ours && is_empty_dir(&dir)?).then_some(dir))
-}
-
-/// Whether the directory open as `dir` has no entry but `.` and `..`.
-fn is_empty_dir(dir: &OwnedFd) -> rustix::io::Result<bool> {
-    let mut entries = rustix::fs::Dir::read_from(dir)?;
-    for entry in &mut entries {
-        let name = entry?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            return Ok(false);
+    let st = rustix::fs::statx(
+        &handle,
+        "",
+        AtFlags::EMPTY_PATH,
+        StatxFlags::BASIC_STATS | StatxFlags::BTIME,
+    )?;
+    let mode = u32::from(st.stx_mode);
+    if st.stx_uid != rustix::process::geteuid().as_raw() || mode & 0o077 != 0 {
+        return Ok(Found::NotOurs);
+    }
+    if !safe_parent {
+        if st.stx_mask & StatxFlags::BTIME.bits() == 0 {
+            return Ok(Found::CannotTell);
+        }
+        let born = (st.stx_btime.tv_sec, i64::from(st.stx_btime.tv_nsec));
+        if born < (made_after.tv_sec, i64::from(made_after.tv_nsec as i32)) {
+            return Ok(Found::NotOurs);
         }
     }
-    Ok(true)
+    if mode & 0o700 != 0o700 {
+        let through = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&handle));
+        match rustix::fs::chmod(through.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) => {}
+            // No `/proc`: by name, where only we may rename in the parent.
+            Err(_) if safe_parent => {
+                rustix::fs::chmodat(parent, name, Mode::from_raw_mode(0o700), AtFlags::empty())?
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let dir = rustix::fs::openat(
+        &handle,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(Found::Ours(dir))
 }
 
 /// Whether `name` in `parent` leads to `dir` (not following a symlink there).
