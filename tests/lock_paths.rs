@@ -1092,16 +1092,20 @@ fn a_strict_umask_never_leaves_an_unusable_lock_directory() {
 }
 
 /// A lock directory made where its group may rename (a parent `0775`: `/run/lock` on some
-/// hosts, a home directory with a private group) is made, with its mode; but a directory
-/// swapped in for the one a copy has just made, before it has its mode (here strace holds the
-/// copy just after its `mkdir`, and a directory is renamed over it), is never given it: a
-/// review saw root make another user's private directory `0755`, its contents readable by all,
-/// and then (the check being "private and empty, and ours") root's own empty `/run/lock/lvm`
-/// world-writable. The copy makes another and runs.
+/// hosts, a home directory with a private group) is made with its mode; a directory swapped in
+/// for it (here strace holds the copy just after its `mkdir`, and a directory is renamed over
+/// the one made) is never given that mode. Reviews saw root make another user's private
+/// directory `0755`, its contents readable by all, then (the check being "private, empty and
+/// ours") root's own empty `/run/lock/lvm` world-writable, then (the check being "born since
+/// our `mkdir`") a directory another root job had just made. Now the directory gets its mode
+/// from its `mkdir` alone; the victim, found at the name, is used or refused as it is. Where
+/// `unshare` is refused, the directory is made under a temporary name, and a victim swapped in
+/// there is not given the mode either (that copy makes another and runs).
 #[test]
 fn a_directory_swapped_in_for_a_new_lock_directory_never_gets_its_mode() {
     use std::os::unix::fs::MetadataExt;
-    for victim_owner in [NOBODY, 0] {
+    for (fallback, victim_owner) in [(false, NOBODY), (false, 0), (true, NOBODY), (true, 0)] {
+        let what = format!("fallback={fallback}, victim's owner {victim_owner}");
         let base = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
@@ -1109,64 +1113,89 @@ fn a_directory_swapped_in_for_a_new_lock_directory_never_gets_its_mode() {
         std::fs::create_dir(&parent).expect("mkdir");
         std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o775)).expect("chmod");
         let victim = parent.join("victim");
-        std::fs::create_dir(&victim).expect("mkdir");
-        if victim_owner != 0 {
-            std::fs::write(victim.join("secret"), "secret").expect("write");
-            for path in [victim.join("secret"), victim.clone()] {
-                std::os::unix::fs::chown(&path, Some(victim_owner), Some(victim_owner))
-                    .expect("chown");
+        let make_victim = || {
+            std::fs::create_dir(&victim).expect("mkdir");
+            if victim_owner != 0 {
+                std::fs::write(victim.join("secret"), "secret").expect("write");
+                for path in [victim.join("secret"), victim.clone()] {
+                    std::os::unix::fs::chown(&path, Some(victim_owner), Some(victim_owner))
+                        .expect("chown");
+                }
             }
-        }
-        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        // Older than what the copy makes, as such a directory is (its birth time is what tells
-        // them apart): not synchronisation, the victim's age.
-        let born = std::fs::metadata(&victim)
-            .and_then(|m| m.created())
-            .expect("btime");
-        while born.elapsed().unwrap_or_default() < std::time::Duration::from_millis(200) {
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod");
+        };
+        if fallback {
+            // Older than what the copy makes (the fallback tells them apart by birth time,
+            // which cannot tell one made in the same moment): not synchronisation, its age.
+            make_victim();
+            let born = std::fs::metadata(&victim)
+                .and_then(|m| m.created())
+                .expect("btime");
+            while born.elapsed().unwrap_or_default() < std::time::Duration::from_millis(200) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
         let lock_dir = parent.join("locks");
         let name = unique_name("swapped_dir");
+        let mut injects = vec!["inject=mkdirat:delay_exit=2000000:when=1"];
+        if fallback {
+            injects.push("inject=unshare:error=EPERM");
+        }
         let mut copy = Proc::spawn(run_under_strace(
             &lock_dir,
-            "mkdirat",
-            &["inject=mkdirat:delay_exit=2000000:when=1"],
+            "mkdirat,unshare",
+            &injects,
             &["run", "--backend", "lockfile", &name, "--", "true"],
         ));
-        // The directory the copy has just made, under its temporary name.
+        // The directory the copy has just made, at its name or a temporary one.
         let deadline = std::time::Instant::now() + common::TIMEOUT;
-        let temporary = loop {
+        let made = loop {
             let made = std::fs::read_dir(&parent)
                 .expect("read_dir")
                 .filter_map(Result::ok)
                 .map(|entry| entry.file_name())
-                .find(|n| n.to_string_lossy().starts_with(".unique-instance."));
+                .find(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with(".unique-instance.") || n == "locks"
+                });
             if let Some(made) = made {
                 break parent.join(made);
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the copy made nothing"
+                "{what}: the copy made nothing"
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
-        std::fs::rename(&victim, &temporary).expect("swap the victim in");
+        if !fallback {
+            // Born after the copy's `mkdir`, as a directory another root job makes then is.
+            make_victim();
+        }
+        std::fs::rename(&victim, &made).expect("swap the victim in");
         let stderr = copy.stderr_until_closed().join("\n");
-        assert_eq!(copy.wait().code(), Some(0), "{victim_owner}: {stderr}");
-        let swapped = std::fs::metadata(&temporary).expect("the victim, where it was swapped");
+        let code = copy.wait().code();
+        let swapped = std::fs::metadata(&made).expect("the victim, where it was swapped");
         assert_eq!(
             (swapped.mode() & 0o7777, swapped.uid()),
             (0o700, victim_owner),
-            "the victim was changed"
+            "{what}: the victim was changed; the copy said {code:?} {stderr}"
         );
-        let made = std::fs::metadata(&lock_dir).expect("the lock directory");
-        assert_eq!((made.mode() & 0o7777, made.uid()), (0o755, 0));
+        if fallback {
+            assert_eq!(code, Some(0), "{what}: {stderr}");
+            let made = std::fs::metadata(&lock_dir).expect("the lock directory");
+            assert_eq!((made.mode() & 0o7777, made.uid()), (0o755, 0), "{what}");
+        } else {
+            // Found at the name: another user's is refused, root's own used as it is.
+            let expected = if victim_owner == 0 { 0 } else { 78 };
+            assert_eq!(code, Some(expected), "{what}: {stderr}");
+        }
     }
 }
 
-/// Where the file system cannot rename a directory into place (`RENAME_NOREPLACE`, refused
-/// here by strace), the directory is made at its name and given its mode once opened, even
+/// Where `unshare` is refused (a sandbox) and the file system cannot rename a directory into
+/// place (`RENAME_NOREPLACE`; both refused here by strace), the directory is made at its name
+/// and given its mode once opened, even
 /// when another copy has made its lock file in it meanwhile (a review: the mode was then
 /// skipped, and the umask's `0700` kept every other user out for good).
 #[test]
@@ -1179,8 +1208,9 @@ fn a_lock_directory_made_at_its_name_gets_its_mode_though_another_copy_used_it()
     // Its `mkdir` at the name held 3 s, once the rename was refused.
     let mut first = Proc::spawn(run_under_strace(
         &lock_dir,
-        "mkdirat,renameat2",
+        "mkdirat,renameat2,unshare",
         &[
+            "inject=unshare:error=EPERM",
             "inject=renameat2:error=EINVAL",
             "inject=mkdirat:delay_exit=3000000:when=2",
         ],
@@ -1207,40 +1237,58 @@ fn a_lock_directory_made_at_its_name_gets_its_mode_though_another_copy_used_it()
 
 /// A copy killed as it made the lock directory (here: at its first `chmod`, by strace) leaves
 /// no directory at its name with another mode than its own: root's killed so left a `0700`
-/// directory that refused every other user's copy for good (a review). Now the next copy,
-/// another user's, makes it and runs.
+/// directory that refused every other user's copy for good (a review). Now the directory has
+/// its mode from its `mkdir`; where `unshare` is refused, it is made under a temporary name,
+/// which the kill leaves, and the next copy, another user's, makes it and runs.
 #[test]
 fn a_copy_killed_making_the_lock_directory_leaves_none_half_made() {
     // Like /run/lock: root's, sticky, writable by all.
     let base = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
-    let lock_dir = base.path().join("locks");
-    let name = unique_name("dir_killed");
-    let (killed, stderr) = run_to_end(run_under_strace(
-        &lock_dir,
-        "fchmod,fchmodat",
-        &["inject=fchmod,fchmodat:signal=KILL:when=1"],
-        &[
-            "run",
-            "--system",
-            "--backend",
-            "lockfile",
-            &name,
-            "--",
-            "true",
-        ],
-    ));
-    assert_ne!(
-        killed.code(),
-        Some(0),
-        "root's copy was not killed as it made the directory: {stderr}"
-    );
-    let (status, stderr) = run_as_nobody_under_umask(&lock_dir, &name, "022");
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "another user's copy after root's was killed: {stderr}"
-    );
+    // In one `mkdir` on a thread with its own umask; and where `unshare` is refused (a
+    // sandbox), under a temporary name.
+    for fallback in [false, true] {
+        let lock_dir = base.path().join(format!("locks{fallback}"));
+        let name = unique_name("dir_killed");
+        let mut injects = vec!["inject=fchmod,fchmodat:signal=KILL:when=1"];
+        if fallback {
+            injects.push("inject=unshare:error=EPERM");
+        }
+        let (killed, stderr) = run_to_end(run_under_strace(
+            &lock_dir,
+            "fchmod,fchmodat,unshare",
+            &injects,
+            &[
+                "run",
+                "--system",
+                "--backend",
+                "lockfile",
+                &name,
+                "--",
+                "true",
+            ],
+        ));
+        assert_ne!(
+            killed.code(),
+            Some(0),
+            "fallback={fallback}: root's copy was not killed at its chmod: {stderr}"
+        );
+        if fallback {
+            // The temporary directory is left; the name is free for another user's copy.
+            let (status, stderr) = run_as_nobody_under_umask(&lock_dir, &name, "022");
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "fallback={fallback}: another user's copy after root's was killed: {stderr}"
+            );
+        } else {
+            // No chmod of the directory at all: killed at its lock file's, the directory was
+            // whole already, with its mode.
+            use std::os::unix::fs::MetadataExt;
+            let made = std::fs::metadata(&lock_dir).expect("the lock directory");
+            assert_eq!((made.mode() & 0o7777, made.uid()), (0o755, 0));
+        }
+    }
 }
 
 #[test]

@@ -172,7 +172,14 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
         Walked::Found(dir, st, way) => (dir, st, way),
         Walked::Missing(parent, name, way) if may_create => {
             let mode = plan.create_dir_mode.unwrap_or(0o700);
-            let made = match make_dir(&parent, &name, mode) {
+            let made = match make_dir_at_once(&parent, &name, mode) {
+                // Made with its mode, never changed after: what is at the name is opened below
+                // as whatever it is, and checked.
+                Ok(true) => Ok(MadeDir::Exists),
+                Ok(false) => make_dir(&parent, &name, mode),
+                Err(e) => Err(e),
+            };
+            let made = match made {
                 Ok(MadeDir::Made(dir)) => Some(dir),
                 Ok(MadeDir::Exists) => None,
                 // Not the directory we made, at its temporary name or at its name: left as it
@@ -271,6 +278,52 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
         ino: st.st_ino,
         allow_network_fs,
     }))
+}
+
+/// Makes the directory `name` in `parent` with exactly `mode` in one `mkdir`, on a thread of
+/// its own with a umask of its own (`unshare(CLONE_FS)`, then `umask(0)`): nothing is
+/// chmodded after, so nothing put at the name meanwhile can be (reviews: root gave the lock
+/// directory's mode to a directory swapped in, in a parent its group may rename in, however
+/// the one made was told from others). `Ok(true)` when made, or when something has the name
+/// already (`EEXIST`: the caller opens what is there); `Ok(false)` when such a thread cannot be
+/// had (a sandbox refusing `unshare`): see [`make_dir`].
+fn make_dir_at_once(
+    parent: &OwnedFd,
+    name: &std::ffi::OsStr,
+    mode: u32,
+) -> rustix::io::Result<bool> {
+    let parent = parent
+        .try_clone()
+        .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+    let name = name.to_owned();
+    let made = std::thread::Builder::new()
+        .name("unique-instance-mkdir".into())
+        .spawn(
+            move || -> rustix::io::Result<Option<rustix::io::Result<()>>> {
+                // SAFETY: `CLONE_FS` gives this thread its own root, working directory and umask;
+                // it shares no file descriptor table change (`CLONE_FILES` is not asked), and the
+                // thread ends right after its one `mkdir`.
+                #[allow(unsafe_code)]
+                if unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }
+                    .is_err()
+                {
+                    return Ok(None);
+                }
+                rustix::process::umask(Mode::empty());
+                Ok(Some(rustix::fs::mkdirat(
+                    &parent,
+                    &name,
+                    Mode::from_raw_mode(mode),
+                )))
+            },
+        )
+        .ok()
+        .and_then(|thread| thread.join().ok());
+    match made {
+        Some(Ok(Some(Ok(()) | Err(Errno::EXIST)))) => Ok(true),
+        Some(Ok(Some(Err(e)))) => Err(e),
+        _ => Ok(false),
+    }
 }
 
 /// What [`make_dir`] did.
