@@ -633,27 +633,28 @@ impl Driver {
     }
 
     /// Removes the files in the lock directory, and says whose record each held (the PID, or
-    /// `?` for none or an unreadable one): the checker needs to know whose lock went away.
+    /// `?` for none or an unreadable one): the checker needs to know whose lock went away. Each
+    /// is first renamed out of the lock directory (next to it, on the same file system), which
+    /// takes exactly the file the path named then, and its record is read from there: a record
+    /// read at the path and a removal by name could be two files (a long run blamed a deletion
+    /// on a `run` wrapper releasing at that instant, whose file the path no longer named, and
+    /// found a copy's loss unexplained).
     fn remove_lock_files(&self) -> Vec<String> {
         let mut holders = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.lock_dir) else {
             return holders;
         };
+        let Some(aside_dir) = self.lock_dir.parent() else {
+            return holders;
+        };
         for entry in entries.flatten() {
-            let path = entry.path();
-            // The record read is the one of the file unlinked: read through a descriptor
-            // checked to be the path's file just before the unlink.
-            let mut record = String::new();
-            let same = File::open(&path).ok().and_then(|mut f| {
-                let _ = f.read_to_string(&mut record);
-                let opened = rustix::fs::fstat(&f).ok()?;
-                let now = rustix::fs::stat(&path).ok()?;
-                Some((opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino))
-            });
-            if std::fs::remove_file(&path).is_ok() {
-                let pid = record_pid(&record).filter(|_| same == Some(true));
-                holders.push(pid.unwrap_or_else(|| "?".into()));
+            let aside = aside_dir.join(format!(".removed.{}", entry.file_name().to_string_lossy()));
+            if std::fs::rename(entry.path(), &aside).is_err() {
+                continue;
             }
+            let record = std::fs::read_to_string(&aside).unwrap_or_default();
+            let _ = std::fs::remove_file(&aside);
+            holders.push(record_pid(&record).unwrap_or_else(|| "?".into()));
         }
         holders
     }
