@@ -4,8 +4,9 @@
 # nsenter. systemd: the booted container's init, systemctl, busctl, systemd-analyze,
 # systemd-tmpfiles. dbus-user-session: the session bus of the container's user manager.
 # dbus-broker: the second pass of the bus tests (scripts/test). perl: COMMANDs of some CLI
-# tests (syscall.ph, which perl-base lacks). strace: kills a copy at a chosen system call.
-UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session dbus-broker perl strace)
+# tests (syscall.ph, which perl-base lacks). strace: kills a copy at a chosen system call. acl:
+# setfacl, a default ACL on a lock directory's parent.
+UNIQUE_INSTANCE_PACKAGES=(dbus systemd-container libsystemd-dev util-linux systemd dbus-user-session dbus-broker perl strace acl)
 # The benchmarks also compile their C references (gcc, pkg-config) and strip copies (binutils).
 UNIQUE_INSTANCE_BENCH_PACKAGES=(dbus libsystemd-dev util-linux gcc pkg-config binutils)
 # The fuzz targets (scripts/fuzz) link libFuzzer, which libfuzzer-sys compiles from C++.

@@ -1193,6 +1193,36 @@ fn a_directory_swapped_in_for_a_new_lock_directory_never_gets_its_mode() {
     }
 }
 
+/// A default ACL on the lock directory's parent decides a new directory's permissions, not the
+/// mode `mkdir` asks for: made in one `mkdir`, the directory got 0750 here (and the shared
+/// system directory 1775, every other user refused for good: a review). It is given its mode
+/// after, as it is made where `unshare` is refused.
+#[test]
+fn a_default_acl_on_the_parent_does_not_decide_the_lock_directorys_mode() {
+    use std::os::unix::fs::MetadataExt;
+    let setfacl = common::require_program("setfacl", "acl");
+    let base = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut acl = Command::new(setfacl);
+    acl.args(["-d", "-m", "o::---"]).arg(base.path());
+    assert!(common::status_within_timeout(acl).success(), "setfacl");
+    let lock_dir = base.path().join("locks");
+    let name = unique_name("default_acl");
+    let mut cmd = Command::new(common::cli_path());
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNIQUE_INSTANCE_LOCK_DIR", &lock_dir)
+        .args(["run", "--backend", "lockfile", &name, "--", "true"]);
+    let (status, stderr) = run_to_end(cmd);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let made = std::fs::metadata(&lock_dir).expect("the lock directory");
+    assert_eq!(
+        made.mode() & 0o7777,
+        0o755,
+        "the default ACL decided the mode"
+    );
+}
+
 /// Where `unshare` is refused (a sandbox) and the file system cannot rename a directory into
 /// place (`RENAME_NOREPLACE`; both refused here by strace), the directory is made at its name
 /// and given its mode once opened, even

@@ -286,12 +286,22 @@ fn open_dir_once(plan: &LockPlan, allow_network_fs: bool, create: bool) -> Resul
 /// directory's mode to a directory swapped in, in a parent its group may rename in, however
 /// the one made was told from others). `Ok(true)` when made, or when something has the name
 /// already (`EEXIST`: the caller opens what is there); `Ok(false)` when such a thread cannot be
-/// had (a sandbox refusing `unshare`): see [`make_dir`].
+/// had (a sandbox refusing `unshare`), or the parent has a default ACL: see [`make_dir`].
 fn make_dir_at_once(
     parent: &OwnedFd,
     name: &std::ffi::OsStr,
     mode: u32,
 ) -> rustix::io::Result<bool> {
+    // A default ACL on the parent, not the umask, decides what a new directory's permissions
+    // are, whatever `mkdir` asks (a review: the shared directory made 1775, every other user
+    // refused for good): made as without `unshare`, and given its mode after.
+    // (The parent is open `O_PATH`, which `fgetxattr` refuses: looked at through `/proc`;
+    // where that cannot be done, as if it had one.)
+    let through = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(parent));
+    match rustix::fs::getxattr_query(through.as_str(), "system.posix_acl_default") {
+        Ok(0) | Err(Errno::NODATA | Errno::OPNOTSUPP) => {}
+        Ok(_) | Err(_) => return Ok(false),
+    }
     let parent = parent
         .try_clone()
         .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
