@@ -500,7 +500,11 @@ fn waiting_for_a_holders_record_does_not_block_the_executor() {
         // In one `pwrite` over the dead one, padded to its length, as a holder writes.
         let write_record = async {
             use std::os::unix::fs::FileExt;
-            let mut line = record("4242", "1");
+            // Another host's holder (a made-up PID with no host name is this host's, and gone).
+            let mut line = String::from_utf8(record("4242", "1"))
+                .expect("UTF-8")
+                .replace("\"hostname\":null", "\"hostname\":\"elsewhere.example\"")
+                .into_bytes();
             if line.len() < dead.len() {
                 line.pop();
                 line.resize(dead.len() - 1, b' ');
@@ -566,36 +570,41 @@ fn a_device_at_the_lock_path_is_refused_not_a_panic() {
 #[test]
 fn a_refusal_never_names_a_process_that_is_gone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let dead_pid = common::gone_pid();
     let hostname = rustix::system::uname()
         .nodename()
         .to_string_lossy()
         .into_owned();
-    let name = unique_name("dead_pid");
-    let path = dir.path().join(format!("{name}.lock"));
-    let content = format!(
-        "{{\"pid\":{dead_pid},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\
-         \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":\"{hostname}\"}}\n"
-    );
-    std::fs::write(&path, &content).expect("plant the record");
-    let _held = hold_ofd_lock(&path);
-    let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
-    let line = copy.next_line("the library's answer");
-    assert!(line.starts_with("already-running"), "{line}");
-    assert_eq!(
-        common::field(&line, "holder_pid"),
-        Some("unknown"),
-        "a refusal named the dead process {dead_pid}: {line}"
-    );
-    assert_eq!(copy.exit_code(), 75);
-    let mut status = cli(None, dir.path(), &["status", "--json", &name]);
-    let out = status.stdout_until_closed().join("\n");
-    assert_eq!(status.exit_code(), 0, "{out}");
-    assert!(
-        !out.contains(&format!("\"pid\":{dead_pid}"))
-            && !out.contains(&format!("\"pid\": {dead_pid}")),
-        "status named the dead process {dead_pid}: {out}"
-    );
+    // A whole record, and the placeholder a copy writes first (no host name): one killed just
+    // after writing it left a record the long soak saw named as the holder, 50 ms after the
+    // process was gone, while the copy that took the file over had not replaced it yet.
+    for host in [format!("\"{hostname}\""), "null".to_owned()] {
+        let dead_pid = common::gone_pid();
+        let name = unique_name("dead_pid");
+        let path = dir.path().join(format!("{name}.lock"));
+        let content = format!(
+            "{{\"pid\":{dead_pid},\"uid\":0,\"start_time\":null,\"backend\":[\"lock-file\"],\
+             \"bus\":null,\"bus_unique_name\":null,\"executable\":null,\"hostname\":{host}}}\n"
+        );
+        std::fs::write(&path, &content).expect("plant the record");
+        let _held = hold_ofd_lock(&path);
+        let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+        let line = copy.next_line("the library's answer");
+        assert!(line.starts_with("already-running"), "{host}: {line}");
+        assert_eq!(
+            common::field(&line, "holder_pid"),
+            Some("unknown"),
+            "{host}: a refusal named the dead process {dead_pid}: {line}"
+        );
+        assert_eq!(copy.exit_code(), 75);
+        let mut status = cli(None, dir.path(), &["status", "--json", &name]);
+        let out = status.stdout_until_closed().join("\n");
+        assert_eq!(status.exit_code(), 0, "{out}");
+        assert!(
+            !out.contains(&format!("\"pid\":{dead_pid}"))
+                && !out.contains(&format!("\"pid\": {dead_pid}")),
+            "{host}: status named the dead process {dead_pid}: {out}"
+        );
+    }
 }
 
 /// A record whose PID now belongs to another process (the holder died and the PID was reused)
