@@ -749,8 +749,11 @@ impl Driver {
             Action::RemoveLockFile => {
                 let t = now_ns();
                 let holders = self.remove_lock_files();
-                self.log
-                    .at(t, &format!("rm-lock holders={}", holders.join(",")));
+                let ended = fmt_t(now_ns());
+                self.log.at(
+                    t,
+                    &format!("rm-lock ended={ended} holders={}", holders.join(",")),
+                );
             }
             Action::RemoveLockDir => {
                 // `rm -rf`: each file (its record read first), then the directory; a file a copy
@@ -769,9 +772,13 @@ impl Driver {
                         Err(_) => break,
                     }
                 }
+                let ended = fmt_t(now_ns());
                 self.log.at(
                     t,
-                    &format!("rm-dir removed={removed} holders={}", holders.join(",")),
+                    &format!(
+                        "rm-dir ended={ended} removed={removed} holders={}",
+                        holders.join(",")
+                    ),
                 );
             }
             Action::MoveLockDir => {
@@ -780,6 +787,7 @@ impl Driver {
                 let trash = self.dir.join(format!("trash-{}", now_ns()));
                 let t = now_ns();
                 let removed = std::fs::rename(&self.lock_dir, &trash).is_ok();
+                let ended = fmt_t(now_ns());
                 let mut holders = Vec::new();
                 if removed {
                     for entry in std::fs::read_dir(&trash).into_iter().flatten().flatten() {
@@ -790,7 +798,10 @@ impl Driver {
                 }
                 self.log.at(
                     t,
-                    &format!("mv-dir removed={removed} holders={}", holders.join(",")),
+                    &format!(
+                        "mv-dir ended={ended} removed={removed} holders={}",
+                        holders.join(",")
+                    ),
                 );
             }
             Action::Churn {
@@ -965,6 +976,17 @@ struct Incarnation {
     lines: Vec<String>,
 }
 
+/// Lock files the nemesis removed.
+struct Deletion<'a> {
+    /// When it began removing, and when it was done.
+    began: u64,
+    ended: u64,
+    /// The PIDs the removed files' records named (None: no record).
+    holders: Vec<Option<u32>>,
+    /// Which fault it was: rm-lock, rm-dir or mv-dir.
+    kind: &'a str,
+}
+
 struct Belief {
     who: usize,
     start: u64,
@@ -1036,9 +1058,7 @@ fn check(text: &str, driver_pid: u32) -> Report {
     }
     let mut incs: Vec<Incarnation> = Vec::new();
     let mut current: HashMap<u32, usize> = HashMap::new();
-    // When the nemesis deleted lock files, the PIDs their records named (None: no record), and
-    // which fault it was (rm-lock, rm-dir, mv-dir).
-    let mut deletions: Vec<(u64, Vec<Option<u32>>, &str)> = Vec::new();
+    let mut deletions: Vec<Deletion> = Vec::new();
     // bus number -> when it was killed
     let mut bus_killed: HashMap<usize, u64> = HashMap::new();
     let new_inc = |pid, kind, born, bus: String, wrapper| Incarnation {
@@ -1085,7 +1105,16 @@ fn check(text: &str, driver_pid: u32) -> Report {
                         .filter(|h| !h.is_empty())
                         .map(|h| h.parse().ok())
                         .collect();
-                    deletions.push((line.t, holders, line.event.as_str()));
+                    // Logs from before `ended=` was written: the removal as one instant.
+                    let ended = field(&line.rest, "ended")
+                        .and_then(parse_t)
+                        .unwrap_or(line.t);
+                    deletions.push(Deletion {
+                        began: line.t,
+                        ended,
+                        holders,
+                        kind: line.event.as_str(),
+                    });
                     bump(&mut report, format!("nemesis {}", line.event));
                 }
                 "bus-kill" => {
@@ -1288,13 +1317,18 @@ fn check(text: &str, driver_pid: u32) -> Report {
             let took = |who: &Belief| {
                 let inc = &incs[who.who];
                 let pids = [Some(inc.pid), inc.wrapper.map(|w| incs[w].pid)];
-                deletions.iter().rfind(|(d, holders, _)| {
-                    *d >= who.since
-                        && *d <= b.start
-                        && (holders.is_empty()
-                            || holders.iter().any(|h| match h {
+                // A removal takes time (a directory's files one by one, each renamed aside and
+                // read): it may have taken this copy's file if the two overlapped in time, so it
+                // counts if it ended after the copy began trying and began before the second
+                // copy acquired. Three long runs found overlaps whose removal began a fraction
+                // of a millisecond before the victim's attempt was logged, and ended after.
+                deletions.iter().rfind(|d| {
+                    d.ended >= who.since
+                        && d.began <= b.start
+                        && (d.holders.is_empty()
+                            || d.holders.iter().any(|h| match h {
                                 None => true,
-                                Some(pid) => pids.contains(&Some(*pid)) || !alive_at(*pid, *d),
+                                Some(pid) => pids.contains(&Some(*pid)) || !alive_at(*pid, d.began),
                             }))
                 })
             };
@@ -1312,8 +1346,8 @@ fn check(text: &str, driver_pid: u32) -> Report {
             // The deletion's kind, whether its victim was stopped then, the victim, and when; for
             // each of the two whose lock it may have taken (both, when the record did not say:
             // a file not yet recorded, or a dead holder's).
-            let took_a = took(a).map(|(d, _, kind)| (*kind, stopped_at(a, *d), a, *d));
-            let took_b = took(b).map(|(d, _, kind)| (*kind, stopped_at(b, *d), b, *d));
+            let took_a = took(a).map(|d| (d.kind, stopped_at(a, d.began), a, d.began));
+            let took_b = took(b).map(|d| (d.kind, stopped_at(b, d.began), b, d.began));
             let deleted = took_a.or(took_b);
             let same_live_bus = a.bus.is_some()
                 && a.bus == b.bus
@@ -2011,4 +2045,45 @@ fn checker_rules_on_written_logs() {
             r.violations
         );
     }
+}
+
+/// A removal takes time: one that began just before a copy's attempt was logged and ended
+/// after it may have taken that copy's file, and explains the overlap that follows (three long
+/// runs reported such overlaps as unexplained while the removal was taken as its first
+/// instant). One that had ended before the copy began trying explains nothing.
+#[test]
+fn checker_takes_a_removal_as_the_time_it_took() {
+    let d = 1;
+    let log = |lines: &[&str]| lines.join("\n") + "\n";
+    let during_attempt = log(&[
+        "1.000000000 1 spawn pid=11 kind=lib bus=-",
+        "1.390000000 1 rm-dir ended=1.420000000 removed=true holders=11",
+        "1.400000000 11 attempt",
+        "1.410000000 11 acquired backends=[LockFile] bus=None",
+        "1.420000000 1 spawn pid=12 kind=lib bus=-",
+        "1.430000000 12 attempt",
+        "1.440000000 12 acquired backends=[LockFile] bus=None",
+        "1.450000000 11 lost msg=LockFileRemoved",
+        "1.460000000 11 releasing why=lost",
+        "1.500000000 12 releasing why=done",
+        "1.600000000 1 exit pid=11 code=69",
+        "1.700000000 1 exit pid=12 code=0",
+    ]);
+    let r = check(&during_attempt, d);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    assert_eq!(r.explained.len(), 1, "{}", r.summary());
+
+    // Ended before the copy's attempt: it cannot have taken the file the copy then made.
+    let before_attempt = during_attempt.replace("ended=1.420000000", "ended=1.395000000");
+    let r = check(&before_attempt, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("TWO HOLDERS AT ONCE"),
+        "{}",
+        r.violations[0]
+    );
+    // A log without `ended=` (written before it was) reads the removal as one instant.
+    let instant = during_attempt.replace("ended=1.420000000 ", "");
+    let r = check(&instant, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
 }
