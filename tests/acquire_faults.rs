@@ -343,3 +343,78 @@ fn a_bus_killed_as_the_name_is_released_is_a_release() {
         "the lock file was released too"
     );
 }
+
+/// An acquisition that fails after it holds both parts (here its lock-file watch cannot start:
+/// `eventfd2` fails, injected by strace) gives them up as a release would: the bus name before
+/// the lock file. What is held then is dropped, not released (`Holding`'s `Drop`), and a `Vec`
+/// drops its elements first to last: without that order, a copy on the lock file alone could
+/// take it while the bus still named this process, and a copy on both would be refused naming a
+/// copy that had failed (the audit found no test of this path). Through the async API and the
+/// blocking one; afterwards neither the name nor the file is left behind.
+#[test]
+fn a_failed_acquisition_gives_up_the_name_before_the_lock_file() {
+    let strace = common::require_program("strace", "strace");
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let trace_dir = tempfile::tempdir().expect("tempdir");
+    for mode in [&[][..], &["--blocking"][..]] {
+        let name = unique_name("failed_acquisition_order");
+        let lock_file = format!("{name}.lock");
+        // Which `eventfd2` is the watch's depends on the runtime's own; the first few are tried
+        // until one fails the watch's start, the step after the name is owned.
+        let (trace, outcome) = (1..=6)
+            .find_map(|nth| {
+                let trace = trace_dir.path().join(format!("{nth}{}", mode.len()));
+                let mut cmd = clean_command(&strace, Some(&bus.address), lock_dir.path());
+                cmd.args(["-f", "-o"])
+                    .arg(&trace)
+                    .args(["-e", "trace=eventfd2,shutdown,unlinkat"])
+                    .args(["-e", &format!("inject=eventfd2:error=EMFILE:when={nth}")])
+                    .arg("--")
+                    .arg(example_path("holder"))
+                    .arg(&name)
+                    .args(mode);
+                let out = common::output_within_timeout(&mut cmd);
+                String::from_utf8_lossy(&out.stdout)
+                    .contains("cannot start the thread that watches")
+                    .then(|| (std::fs::read_to_string(&trace).expect("trace"), out))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{mode:?}: no injected eventfd2 failure made the watch's start fail; the \
+                     test needs another way to fail an acquisition after the name is owned"
+                )
+            });
+        assert_eq!(outcome.status.code(), Some(70), "{mode:?}: {outcome:?}");
+        let line_of = |what: &str| {
+            trace
+                .lines()
+                .position(|line| line.contains(what))
+                .unwrap_or_else(|| panic!("{mode:?}: no {what} in the trace:\n{trace}"))
+        };
+        let name_gone = line_of(" shutdown(");
+        let file_gone = line_of("unlinkat(");
+        assert!(
+            trace.lines().nth(file_gone).unwrap().contains(&lock_file),
+            "{mode:?}: the first unlink is not the lock file's:\n{trace}"
+        );
+        assert!(
+            name_gone < file_gone,
+            "{mode:?}: the lock file went before the bus connection:\n{trace}"
+        );
+        assert!(
+            !lock_dir.path().join(&lock_file).exists(),
+            "{mode:?}: the lock file was left behind"
+        );
+        // The bus drops the name once it reads the hang-up: a copy that waits for it gets it.
+        let mut next = holder(
+            Some(&bus.address),
+            lock_dir.path(),
+            &[&name, "--backend", "dbus", "--wait", "forever"],
+        );
+        let line = next.next_line("a copy on the bus after the failed one");
+        assert!(line.starts_with("acquired"), "{mode:?}: {line}");
+        next.close_stdin();
+        assert_eq!(next.exit_code(), 0, "{mode:?}");
+    }
+}
