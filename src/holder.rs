@@ -120,6 +120,28 @@ pub(crate) fn process_start_time(pid: u32) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(boot.checked_add(since_boot)?)
 }
 
+/// This process's start time in whole seconds since the epoch, as a record gives it: read from
+/// `/proc` once per process (a child after `fork` reads its own), since every new lock file
+/// gets it twice (its first record, then the holder's).
+pub(crate) fn own_start_secs() -> Option<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // The PID in the high half, the seconds in the low half (until 2106); 0: not read yet.
+    static OWN: AtomicU64 = AtomicU64::new(0);
+    let pid = std::process::id();
+    let cached = OWN.load(Ordering::Relaxed);
+    if cached != 0 && (cached >> 32) as u32 == pid {
+        return Some(cached & u64::from(u32::MAX));
+    }
+    let secs = process_start_time(pid)?
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    if let Ok(low) = u32::try_from(secs) {
+        OWN.store((u64::from(pid) << 32) | u64::from(low), Ordering::Relaxed);
+    }
+    Some(secs)
+}
+
 /// Reads a small file (a `/proc` entry) with one `open`, as few `read`s as it takes, one `close`.
 fn read_small_file(path: &str) -> Option<Vec<u8>> {
     use rustix::fs::{Mode, OFlags};

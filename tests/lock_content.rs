@@ -646,6 +646,79 @@ fn a_refusal_never_names_a_process_that_reused_the_holders_pid() {
     assert_eq!(copy.exit_code(), 75);
 }
 
+/// The first record a copy writes into a new lock file, before its own (a placeholder), says
+/// when the copy started and on which host, as the holder's own does: a copy killed right after
+/// writing it leaves a record that tells it from whatever process gets its PID later. Without
+/// a start time (a review), such a record was believed as long as any process had that PID:
+/// hours later, a refusal named an unrelated process as the one running. Here the copy is
+/// SIGKILLed at its second write (strace), leaving its first record at the name; that record
+/// with its PID given to PID 1 (alive, started long before) is held, and a refusal must not
+/// name PID 1.
+#[test]
+fn a_first_record_left_by_a_killed_copy_does_not_name_whoever_reuses_its_pid() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let strace = common::require_program("strace", "strace");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("first_record");
+    let path = dir.path().join(format!("{name}.lock"));
+    let secs = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_secs()
+    };
+    let before = secs();
+    let mut cmd = common::clean_command(&strace, None, dir.path());
+    cmd.args(["-f", "-o", "/dev/null", "-e", "trace=pwrite64"])
+        .args(["-e", "inject=pwrite64:signal=KILL:when=2", "--"])
+        .arg(common::example_path("holder"))
+        .args([&name, "--backend", "lockfile"]);
+    let out = common::output_within_timeout(&mut cmd);
+    let after = secs();
+    let content = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("the copy killed at its second write left no lock file ({e}): {out:?}")
+    });
+    let record: serde_json::Value = serde_json::from_str(content.trim_end())
+        .unwrap_or_else(|e| panic!("not a record ({e}): {content:?}"));
+    assert_eq!(
+        record["executable"],
+        serde_json::Value::Null,
+        "not the first record (the copy was killed later than meant): {content}"
+    );
+    let start_time = record["start_time"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("the first record gives no start time: {content}"));
+    assert!(
+        (before.saturating_sub(5)..=after + 5).contains(&start_time),
+        "start time {start_time} is not the copy's ({before}..={after}): {content}"
+    );
+    let hostname = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(
+        record["hostname"].as_str(),
+        Some(hostname.as_str()),
+        "{content}"
+    );
+
+    // The dead copy's PID, now another process's (PID 1, started long before the copy).
+    let pid = record["pid"].as_u64().expect("pid");
+    let reused = content.replacen(&format!("\"pid\":{pid},"), "\"pid\":1,", 1);
+    assert_ne!(reused, content, "{content}");
+    std::fs::write(&path, &reused).expect("give the record's PID to PID 1");
+    let _held = hold_ofd_lock(&path);
+    let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = copy.next_line("the library's answer");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(
+        common::field(&line, "holder_pid"),
+        Some("unknown"),
+        "a refusal named PID 1, which only has the dead copy's PID: {line}"
+    );
+    assert_eq!(copy.exit_code(), 75);
+}
+
 /// `record_this_process_as_holder` writes a record only through a descriptor the lock is held
 /// through, and only over a holder record (or nothing): a file nobody holds, one held through
 /// another open file, or someone's data are left exactly as they were.

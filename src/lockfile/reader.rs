@@ -118,8 +118,8 @@ fn vouched_for(file: &OwnedFd, path: &Path, uid: u32) -> bool {
 /// A process that is alive under the record's PID but started at another time than the record
 /// says is not the holder either: the holder died and its PID was reused.
 fn names_a_process_gone_from_here(record: &LockRecord) -> bool {
-    // No host name: the placeholder a copy of this host writes first (see `placeholder`),
-    // which one killed right after leaves (a long soak saw its dead PID named as the holder).
+    // No host name: the first record of a copy of an earlier version, which wrote none there
+    // (a long soak saw the dead PID of one killed right after writing it named as the holder).
     if record.hostname.is_some() && !of_this_host(record) {
         return false;
     }

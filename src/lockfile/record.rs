@@ -8,7 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::holder::{Holder, process_start_time};
+use crate::holder::{Holder, own_start_secs};
 use crate::scope::Backend;
 use crate::scope::BusKind;
 
@@ -48,7 +48,10 @@ pub(crate) struct LockRecord {
 }
 
 /// The record a lock file of ours gets the moment it is made or taken over, before the
-/// holder's own: this process's PID and user. A copy killed before it wrote its own leaves
+/// holder's own: this process's PID, user, start time and host. The start time tells this
+/// process from a later one given its PID once it is gone (a review: a copy killed here left a
+/// record naming, hours later, whatever process had its PID by then, as the one running). A
+/// copy killed before it wrote its own leaves
 /// this, never an empty file, which the next copy would take for someone else's (see
 /// [`LockRecord::keep`]) and never remove: root's, in a shared directory, would then keep every
 /// other user out for good (a review). At least `len` bytes long (padded with spaces before its
@@ -57,12 +60,12 @@ pub(super) fn placeholder(len: usize) -> Vec<u8> {
     let mut line = LockRecord {
         pid: std::process::id(),
         uid: rustix::process::geteuid().as_raw(),
-        start_time: None,
+        start_time: own_start_secs(),
         backend: vec![Backend::LockFile],
         bus: None,
         bus_unique_name: None,
         executable: None,
-        hostname: None,
+        hostname: Some(this_host()),
         keep: false,
     }
     .to_line();
@@ -98,6 +101,14 @@ pub(crate) fn is_kept(content: &[u8]) -> Option<bool> {
     LockRecord::parse_whole(content).map(|record| record.keep)
 }
 
+/// This host's name, as records give it.
+fn this_host() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// What starts the line of a record whose file is kept (see [`LockRecord::keep`]).
 const KEEP_MARK: u8 = b'\t';
 
@@ -108,22 +119,15 @@ impl LockRecord {
         bus: Option<BusKind>,
         bus_unique_name: Option<String>,
     ) -> Self {
-        let pid = std::process::id();
         LockRecord {
-            pid,
+            pid: std::process::id(),
             uid: rustix::process::geteuid().as_raw(),
-            start_time: process_start_time(pid)
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())),
+            start_time: own_start_secs(),
             backend,
             bus,
             bus_unique_name,
             executable: std::env::current_exe().ok(),
-            hostname: Some(
-                rustix::system::uname()
-                    .nodename()
-                    .to_string_lossy()
-                    .into_owned(),
-            ),
+            hostname: Some(this_host()),
             keep: false,
         }
     }
