@@ -320,7 +320,8 @@ fn remove_squatted(
 /// a holder's that died before its first record (one made at its name) or found no room for
 /// it: a lock file of ours, given a record and removed like any other. Kept, it made every
 /// copy refused from then on say "holder unknown", and one read-locked by another user kept
-/// the service out for good (a review).
+/// the service out for good (a review). (Root meeting another user's unheld file in a shared
+/// sticky directory removes it all the same, empty or not: see `open::root_must_not_keep`.)
 fn empty_may_be_users(plan: &LockPlan, st: &rustix::fs::Stat) -> bool {
     plan.file_given() || (!plan.service_dir && st.st_uid != rustix::process::geteuid().as_raw())
 }
