@@ -28,6 +28,21 @@ fn hold_ofd_lock(path: &Path) -> File {
     file
 }
 
+/// Asserts that a copy on the lock file alone, in `dir`, is refused for `name` with the holder
+/// unknown (`why` says what it must not name), and that it exits 75; returns its answer line.
+fn assert_refused_holder_unknown(dir: &Path, name: &str, why: &str) -> String {
+    let mut copy = holder(None, dir, &[name, "--backend", "lockfile"]);
+    let line = copy.next_line("the library's answer");
+    assert!(line.starts_with("already-running"), "{why}: {line}");
+    assert_eq!(
+        common::field(&line, "holder_pid"),
+        Some("unknown"),
+        "{why}: {line}"
+    );
+    assert_eq!(copy.exit_code(), 75, "{why}");
+    line
+}
+
 /// A record in the holder's own format with the given numbers (written as they are, in range or not).
 fn record(pid: &str, start_time: &str) -> Vec<u8> {
     format!(
@@ -587,15 +602,11 @@ fn a_refusal_never_names_a_process_that_is_gone() {
         );
         std::fs::write(&path, &content).expect("plant the record");
         let _held = hold_ofd_lock(&path);
-        let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
-        let line = copy.next_line("the library's answer");
-        assert!(line.starts_with("already-running"), "{host}: {line}");
-        assert_eq!(
-            common::field(&line, "holder_pid"),
-            Some("unknown"),
-            "{host}: a refusal named the dead process {dead_pid}: {line}"
+        assert_refused_holder_unknown(
+            dir.path(),
+            &name,
+            &format!("{host}: a refusal named the dead process {dead_pid}"),
         );
-        assert_eq!(copy.exit_code(), 75);
         let mut status = cli(None, dir.path(), &["status", "--json", &name]);
         let out = status.stdout_until_closed().join("\n");
         assert_eq!(status.exit_code(), 0, "{out}");
@@ -633,17 +644,13 @@ fn a_refusal_never_names_a_process_that_reused_the_holders_pid() {
     );
     std::fs::write(&path, &content).expect("plant the record");
     let _held = hold_ofd_lock(&path);
-    let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
-    let line = copy.next_line("the library's answer");
+    assert_refused_holder_unknown(
+        dir.path(),
+        &name,
+        &format!("a refusal named process {reused_pid}, which only reused the holder's PID"),
+    );
     let _ = impostor.kill();
     let _ = impostor.wait();
-    assert!(line.starts_with("already-running"), "{line}");
-    assert_eq!(
-        common::field(&line, "holder_pid"),
-        Some("unknown"),
-        "a refusal named process {reused_pid}, which only reused the holder's PID: {line}"
-    );
-    assert_eq!(copy.exit_code(), 75);
 }
 
 /// The first record a copy writes into a new lock file, before its own (a placeholder), says
@@ -708,15 +715,11 @@ fn a_first_record_left_by_a_killed_copy_does_not_name_whoever_reuses_its_pid() {
     assert_ne!(reused, content, "{content}");
     std::fs::write(&path, &reused).expect("give the record's PID to PID 1");
     let _held = hold_ofd_lock(&path);
-    let mut copy = holder(None, dir.path(), &[&name, "--backend", "lockfile"]);
-    let line = copy.next_line("the library's answer");
-    assert!(line.starts_with("already-running"), "{line}");
-    assert_eq!(
-        common::field(&line, "holder_pid"),
-        Some("unknown"),
-        "a refusal named PID 1, which only has the dead copy's PID: {line}"
+    assert_refused_holder_unknown(
+        dir.path(),
+        &name,
+        "a refusal named PID 1, which only has the dead copy's PID",
     );
-    assert_eq!(copy.exit_code(), 75);
 }
 
 /// `record_this_process_as_holder` writes a record only through a descriptor the lock is held
