@@ -1307,3 +1307,57 @@ fn a_command_that_unlocks_its_inherited_lock_is_a_loss() {
         );
     }
 }
+
+/// `run`'s wrapper SIGKILLed: its keeper stops COMMAND, then gives the instance up as the
+/// wrapper's release would, its lock file removed. Left behind (a review), root's file in a
+/// shared sticky directory kept every other user's copy out with 77 ("belongs to uid 0 ... no
+/// copy holds it now": theirs to take over, but not to write) until root ran the name again,
+/// where a wrapper that ended normally left nothing.
+#[test]
+fn a_keeper_that_outlived_its_wrapper_leaves_no_lock_file_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(lock_dir.path(), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod");
+    let name = unique_name("keeper_release");
+    let lock_file = lock_dir.path().join(format!("{name}.lock"));
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--system", "--backend", "lockfile"];
+        all.extend_from_slice(args);
+        cli_command(None, lock_dir.path(), &all)
+    };
+    let mut wrapper = Proc::spawn(run(&[
+        "--kill-after=600",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo running $$; exec sleep 600",
+    ]));
+    let command_pid = number_after(&wrapper.line_starting("running "), "running ");
+    let keeper = KillOnDrop::new(parent_of(command_pid));
+    let _command = KillOnDrop::new(command_pid);
+    wrapper.signal(Signal::KILL);
+    let _ = wrapper.wait();
+    // The keeper sends COMMAND SIGTERM (`sleep` ends on it), then exits.
+    assert!(keeper.exits_within_timeout(), "the keeper did not exit");
+    assert!(
+        !lock_file.exists(),
+        "the keeper left the lock file behind: {:?}",
+        std::fs::read_to_string(&lock_file)
+    );
+    let mut other_user = common::as_user(
+        common::NOBODY,
+        common::NOBODY,
+        &run(&[&name, "--", "echo", "OTHER USER RAN"]),
+    );
+    let out = common::output_within_timeout(&mut other_user);
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (Some(0), "OTHER USER RAN"),
+        "another user's copy once the keeper was gone: {out:?}"
+    );
+}

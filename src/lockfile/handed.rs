@@ -181,9 +181,10 @@ fn write_holder_line(lock: BorrowedFd<'_>, line: &[u8], path: &Path) -> Result<(
 /// nothing is re-created any more.
 ///
 /// Dropping it closes its descriptors (the lock goes with the last descriptor of its open
-/// file: others may hold some); the file is never removed, since the process that acquired it
+/// file: others may hold some); the file is not removed, since the process that acquired it
 /// is the one that removes it: should it be gone, the next copy takes the file over from the
-/// record this one leaves and removes it. A file that was there, empty, before the acquiring
+/// record this one leaves and removes it. The one process that keeps it once the acquiring
+/// process is gone removes it with [`HandedLockFile::release`]. A file that was there, empty, before the acquiring
 /// process took it (`touch keep.flag`, a shared `job.lock`) is someone else's: nothing is ever
 /// written into it (no record names this process there), and it is left as it is. Blocking
 /// and synchronous: no thread, no runtime.
@@ -419,6 +420,24 @@ impl HandedLockFile {
     /// referring to the new file.
     pub fn descriptor(&self) -> BorrowedFd<'_> {
         self.lock.as_fd()
+    }
+
+    /// Gives the lock file up as the process that acquired it would have: removed while still
+    /// held, if the path still leads to it and no other process shares its lock (a duplicate
+    /// given to a child that is still alive: then it is only closed here), then unlocked. A
+    /// file that was someone else's before it was locked is left as it is. For the process
+    /// that keeps the lock file once the acquiring process is gone, when it has no more use
+    /// for it (`run`'s keeper, once the last of COMMAND's tree is gone): left behind, the file
+    /// is taken over by the next copy, but a copy that may not write it (another user's, in a
+    /// shared directory) cannot, and is kept out until its owner runs again (a review).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the file cannot be removed; it is unlocked all the same.
+    pub fn release(self) -> Result<()> {
+        let mut lock = self.lock;
+        lock.claim();
+        lock.release()
     }
 
     /// Takes the pending changes and looks at the path: re-creates the lock file if it was

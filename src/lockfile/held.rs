@@ -258,6 +258,13 @@ impl HeldLock {
         self
     }
 
+    /// Makes a handed lock (see [`HeldLock::handed`]) this process's to remove on release, as
+    /// the process that took it would have: for the one process that keeps it once that one is
+    /// gone (see `HandedLockFile::release`).
+    pub(super) fn claim(&mut self) {
+        self.pid = std::process::id();
+    }
+
     /// Writes the holder record with one `pwrite` at offset 0 (the file was emptied when
     /// locked). It may be written again, completed (the bus's unique name, once connected): a
     /// reader sees the old line or the new one. A line shorter than one written before is

@@ -146,6 +146,22 @@ impl Keeper {
     }
 }
 
+impl Keeper {
+    /// The last of COMMAND's tree is gone: the instance is given up as the wrapper's release
+    /// would have, the bus name first (the socket closed: the bus drops the name), then the
+    /// lock file kept since the wrapper left, removed. Left behind, root's file in the shared
+    /// directory kept out every other user's copy (77: theirs to take over, but not to write)
+    /// until root ran the instance again (a review).
+    pub(super) fn release_kept(&mut self) {
+        self.bus = None;
+        if let Some(kept) = self.kept.take()
+            && let Err(e) = kept.release()
+        {
+            say!("unique-instance: keeper: {e}");
+        }
+    }
+}
+
 /// The wrapper is gone and the keeper alone holds the instance: the record still names the
 /// wrapper, a dead process, which refused copies would report as "holder unknown" after the
 /// grace a record gets. The keeper names itself instead (its PID, start time and executable),

@@ -69,6 +69,7 @@ impl Keeper {
         let me = rustix::process::getpid();
         loop {
             if self.reap() {
+                self.release_kept();
                 return;
             }
             if holding
