@@ -172,10 +172,16 @@ async fn as_command(log: &Log) -> i32 {
             return 70;
         }
     };
+    let lock_fd = std::env::var("UNIQUE_INSTANCE_LOCK_FD").ok();
+    // The file the inherited descriptor is open on (`/proc/self/fd/N` leads to it).
+    let file = lock_fd
+        .as_deref()
+        .and_then(|fd| rustix::fs::stat(format!("/proc/self/fd/{fd}").as_str()).ok())
+        .map_or_else(|| "-".into(), |st| format!("{}:{}", st.st_dev, st.st_ino));
     log.event(&format!(
-        "acquired via=run wrapper={} lock_fd={}",
+        "acquired via=run wrapper={} lock_fd={} file={file}",
         wrapper_pid(),
-        std::env::var("UNIQUE_INSTANCE_LOCK_FD").unwrap_or_else(|_| "none".into())
+        lock_fd.as_deref().unwrap_or("none"),
     ));
     let stdin_closed = tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().count());
     tokio::select! {
@@ -219,10 +225,19 @@ fn options(args: &Args) -> InstanceOptions {
 
 fn acquired(log: &Log, guard: &InstanceGuard) {
     log.event(&format!(
-        "acquired backends={:?} bus={:?}",
+        "acquired backends={:?} bus={:?} file={}",
         guard.backends(),
-        guard.bus_kind()
+        guard.bus_kind(),
+        file_id(guard.lock_file_descriptor())
     ));
+}
+
+/// `DEV:INO` of the file a lock descriptor is open on (`-` for none): which lock file a copy
+/// holds, for the checker to tell whose file the nemesis removed (a record can still name the
+/// copy before, while the new one has locked the file and not written its own yet).
+fn file_id(fd: Option<std::os::fd::BorrowedFd<'_>>) -> String {
+    fd.and_then(|fd| rustix::fs::fstat(fd).ok())
+        .map_or_else(|| "-".into(), |st| format!("{}:{}", st.st_dev, st.st_ino))
 }
 
 /// Logs a failed acquisition and returns the exit code (the CLI's).

@@ -362,6 +362,44 @@ struct Driver {
 }
 
 /// The `"pid":N` of a lock file's record.
+/// The files a nemesis step removed: whose record each held (the PID, or `?` for none or an
+/// unreadable one), and which file each was (`DEV:INO`): a record can still name the holder
+/// before while a copy that has just taken the file over has not written its own yet (a long
+/// run blamed such a removal on a stopped copy), so the checker also matches the file itself
+/// against the file each copy says it acquired.
+#[derive(Default)]
+struct Removed {
+    holders: Vec<String>,
+    files: Vec<String>,
+}
+
+impl Removed {
+    /// Notes the file at `path`, renamed out of the lock directory: nobody can open it by name
+    /// there any more, so what is read is what was removed.
+    fn note(&mut self, path: &Path) {
+        let record = std::fs::read_to_string(path).unwrap_or_default();
+        self.holders
+            .push(record_pid(&record).unwrap_or_else(|| "?".into()));
+        if let Ok(st) = rustix::fs::stat(path) {
+            self.files.push(format!("{}:{}", st.st_dev, st.st_ino));
+        }
+    }
+
+    fn extend(&mut self, other: Removed) {
+        self.holders.extend(other.holders);
+        self.files.extend(other.files);
+    }
+
+    /// `holders=... files=...` for the log line.
+    fn fields(&self) -> String {
+        format!(
+            "holders={} files={}",
+            self.holders.join(","),
+            self.files.join(",")
+        )
+    }
+}
+
 fn record_pid(record: &str) -> Option<String> {
     let (_, rest) = record.split_once("\"pid\":")?;
     let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
@@ -639,24 +677,23 @@ impl Driver {
     /// read at the path and a removal by name could be two files (a long run blamed a deletion
     /// on a `run` wrapper releasing at that instant, whose file the path no longer named, and
     /// found a copy's loss unexplained).
-    fn remove_lock_files(&self) -> Vec<String> {
-        let mut holders = Vec::new();
+    fn remove_lock_files(&self) -> Removed {
+        let mut removed = Removed::default();
         let Ok(entries) = std::fs::read_dir(&self.lock_dir) else {
-            return holders;
+            return removed;
         };
         let Some(aside_dir) = self.lock_dir.parent() else {
-            return holders;
+            return removed;
         };
         for entry in entries.flatten() {
             let aside = aside_dir.join(format!(".removed.{}", entry.file_name().to_string_lossy()));
             if std::fs::rename(entry.path(), &aside).is_err() {
                 continue;
             }
-            let record = std::fs::read_to_string(&aside).unwrap_or_default();
+            removed.note(&aside);
             let _ = std::fs::remove_file(&aside);
-            holders.push(record_pid(&record).unwrap_or_else(|| "?".into()));
         }
-        holders
+        removed
     }
 
     fn signal(&self, copy: &Spawned, sig: Signal, word: &str) {
@@ -748,21 +785,19 @@ impl Driver {
             }
             Action::RemoveLockFile => {
                 let t = now_ns();
-                let holders = self.remove_lock_files();
+                let removed = self.remove_lock_files();
                 let ended = fmt_t(now_ns());
-                self.log.at(
-                    t,
-                    &format!("rm-lock ended={ended} holders={}", holders.join(",")),
-                );
+                self.log
+                    .at(t, &format!("rm-lock ended={ended} {}", removed.fields()));
             }
             Action::RemoveLockDir => {
                 // `rm -rf`: each file (its record read first), then the directory; a file a copy
                 // created meanwhile is removed (and recorded) on the next round.
                 let t = now_ns();
-                let mut holders = Vec::new();
+                let mut files = Removed::default();
                 let mut removed = false;
                 for _ in 0..100 {
-                    holders.extend(self.remove_lock_files());
+                    files.extend(self.remove_lock_files());
                     match rustix::fs::rmdir(&self.lock_dir) {
                         Ok(()) => {
                             removed = true;
@@ -775,10 +810,7 @@ impl Driver {
                 let ended = fmt_t(now_ns());
                 self.log.at(
                     t,
-                    &format!(
-                        "rm-dir ended={ended} removed={removed} holders={}",
-                        holders.join(",")
-                    ),
+                    &format!("rm-dir ended={ended} removed={removed} {}", files.fields()),
                 );
             }
             Action::MoveLockDir => {
@@ -788,20 +820,16 @@ impl Driver {
                 let t = now_ns();
                 let removed = std::fs::rename(&self.lock_dir, &trash).is_ok();
                 let ended = fmt_t(now_ns());
-                let mut holders = Vec::new();
+                let mut files = Removed::default();
                 if removed {
                     for entry in std::fs::read_dir(&trash).into_iter().flatten().flatten() {
-                        let record = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                        holders.push(record_pid(&record).unwrap_or_else(|| "?".into()));
+                        files.note(&entry.path());
                     }
                     let _ = std::fs::remove_dir_all(&trash);
                 }
                 self.log.at(
                     t,
-                    &format!(
-                        "mv-dir ended={ended} removed={removed} holders={}",
-                        holders.join(",")
-                    ),
+                    &format!("mv-dir ended={ended} removed={removed} {}", files.fields()),
                 );
             }
             Action::Churn {
@@ -969,6 +997,8 @@ struct Incarnation {
     wrapper: Option<usize>,
     attempt: Option<u64>,
     acquired: Option<u64>,
+    /// The lock file it acquired, `DEV:INO` (for `run`'s COMMAND, its wrapper's).
+    file: Option<String>,
     holds_name: bool,
     belief_end: Option<(u64, String)>,
     refused: Option<(u64, String)>,
@@ -983,6 +1013,8 @@ struct Deletion<'a> {
     ended: u64,
     /// The PIDs the removed files' records named (None: no record).
     holders: Vec<Option<u32>>,
+    /// The removed files, `DEV:INO` (logs from before they were written: none).
+    files: Vec<&'a str>,
     /// Which fault it was: rm-lock, rm-dir or mv-dir.
     kind: &'a str,
 }
@@ -1074,6 +1106,7 @@ fn check(text: &str, driver_pid: u32) -> Report {
         wrapper,
         attempt: None,
         acquired: None,
+        file: None,
         holds_name: false,
         belief_end: None,
         refused: None,
@@ -1113,6 +1146,11 @@ fn check(text: &str, driver_pid: u32) -> Report {
                         began: line.t,
                         ended,
                         holders,
+                        files: field(&line.rest, "files")
+                            .unwrap_or("")
+                            .split(',')
+                            .filter(|f| !f.is_empty())
+                            .collect(),
                         kind: line.event.as_str(),
                     });
                     bump(&mut report, format!("nemesis {}", line.event));
@@ -1181,6 +1219,9 @@ fn check(text: &str, driver_pid: u32) -> Report {
                     ));
                 }
                 inc.acquired = Some(line.t);
+                inc.file = field(&line.rest, "file")
+                    .filter(|f| *f != "-")
+                    .map(str::to_owned);
                 inc.holds_name = match inc.kind {
                     Kind::Library => line.rest.contains("Dbus"),
                     // `run` does not say; it holds the name when its bus was up when it started.
@@ -1325,7 +1366,8 @@ fn check(text: &str, driver_pid: u32) -> Report {
                 deletions.iter().rfind(|d| {
                     d.ended >= who.since
                         && d.began <= b.start
-                        && (d.holders.is_empty()
+                        && (inc.file.as_deref().is_some_and(|f| d.files.contains(&f))
+                            || d.holders.is_empty()
                             || d.holders.iter().any(|h| match h {
                                 None => true,
                                 Some(pid) => pids.contains(&Some(*pid)) || !alive_at(*pid, d.began),
@@ -2086,4 +2128,47 @@ fn checker_takes_a_removal_as_the_time_it_took() {
     let instant = during_attempt.replace("ended=1.420000000 ", "");
     let r = check(&instant, d);
     assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+}
+
+/// A removal whose file's record still named the copy before (alive: a stopped holder) took the
+/// lock of a copy that had just taken that file over and not written its own record yet: the
+/// file itself (`DEV:INO`, logged by the nemesis and by each copy at its acquisition) says whose
+/// it was (a long run, seed 20261213, reported such an overlap as two holders at once).
+#[test]
+fn checker_knows_a_removed_file_by_its_inode_too() {
+    let d = 1;
+    let log = |lines: &[&str]| lines.join("\n") + "\n";
+    let taken_over = log(&[
+        "1.000000000 1 spawn pid=10 kind=lib bus=-",
+        "1.010000000 10 attempt",
+        "1.020000000 10 acquired backends=[LockFile] bus=None file=5:100",
+        "1.030000000 1 stop pid=10",
+        "1.040000000 1 spawn pid=11 kind=lib bus=-",
+        "1.050000000 11 attempt",
+        "1.060000000 1 spawn pid=12 kind=lib bus=-",
+        "1.070000000 12 attempt",
+        "1.100000000 1 rm-lock ended=1.100100000 holders=10 files=5:200",
+        "1.101000000 11 acquired backends=[LockFile] bus=None file=5:200",
+        "1.102000000 12 acquired backends=[LockFile] bus=None file=5:300",
+        "1.150000000 11 lost reason=LockFileReplaced still_exclusive=false",
+        "1.151000000 11 releasing why=lost",
+        "1.160000000 1 kill pid=10",
+        "1.170000000 1 exit pid=10 signal=9",
+        "1.200000000 12 releasing why=done",
+        "1.300000000 1 exit pid=11 code=0",
+        "1.400000000 1 exit pid=12 code=0",
+    ]);
+    let r = check(&taken_over, d);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    // 10 (stopped, by its record) with each of 11 and 12; 11 (by its file) with 12.
+    assert_eq!(r.explained.len(), 3, "{}", r.summary());
+    // Another file removed: nothing explains the overlap.
+    let other_file = taken_over.replace("files=5:200", "files=5:999");
+    let r = check(&other_file, d);
+    assert_eq!(r.violations.len(), 1, "{:#?}", r.violations);
+    assert!(
+        r.violations[0].contains("TWO HOLDERS AT ONCE"),
+        "{}",
+        r.violations[0]
+    );
 }
