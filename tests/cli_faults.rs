@@ -1361,3 +1361,46 @@ fn a_keeper_that_outlived_its_wrapper_leaves_no_lock_file_behind() {
         "another user's copy once the keeper was gone: {out:?}"
     );
 }
+
+/// A file size limit (`ulimit -f 0`) too small for the lock file's record: a clear error and
+/// status 70, COMMAND not run, nothing left in the lock directory; through the library too.
+/// Before, the record's write killed the wrapper with SIGXFSZ: status 153 with nothing said,
+/// which a caller reads as COMMAND's death by a signal, and a temporary file left behind (a
+/// review).
+#[test]
+fn a_file_size_limit_too_small_for_a_record_is_a_clear_error() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("fsize");
+    let cli_run = cli_command(None, lock_dir.path(), &["run", &name, "--", "echo", "RAN"]);
+    let library = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
+    let mut library = library;
+    library.args([&name, "--backend", "lockfile"]);
+    for (what, cmd) in [("run", cli_run), ("the library", library)] {
+        let mut limited = common::wrapped(
+            {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "ulimit -f 0; exec \"$0\" \"$@\""]);
+                sh
+            },
+            &cmd,
+        );
+        let out = common::output_within_timeout(&mut limited);
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(70), "{what}: {out:?}");
+        assert!(said.contains("RLIMIT_FSIZE"), "{what}: {said}");
+        assert!(!said.contains("RAN"), "{what}: COMMAND ran: {said}");
+        let left: Vec<_> = std::fs::read_dir(lock_dir.path())
+            .expect("read the lock directory")
+            .flatten()
+            .map(|entry| entry.file_name())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{what}: left in the lock directory: {left:?}"
+        );
+    }
+}

@@ -146,6 +146,11 @@ fn unique_instance_main() -> ExitCode {
     {
         return fail(EXIT_INTERNAL, format_args!("{message}"));
     }
+    if matches!(cli.command, Command::Run(_))
+        && let Err(message) = enough_file_size()
+    {
+        return fail(EXIT_INTERNAL, format_args!("{message}"));
+    }
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::status(args),
@@ -224,6 +229,34 @@ fn enough_descriptors() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Refuses to start `run`, saying why, when the file size limit (`ulimit -f`) leaves no room
+/// for the lock file's record: writing it would kill the wrapper with SIGXFSZ, which a caller
+/// reads as COMMAND's death by a signal (status 153, and nothing said: a review). The library
+/// refuses too (`room_for_a_record`); this says it before anything else is done. SIGXFSZ is
+/// ignored first, so that the message, if stderr is a file the limit also bars, fails to be
+/// written instead of killing us: the exit status still says it.
+#[allow(unsafe_code)]
+fn enough_file_size() -> Result<(), String> {
+    // The library's longest record (`MAX_RECORD_LEN`), which it checks as well.
+    let needed: u64 = 4096;
+    match rustix::process::getrlimit(rustix::process::Resource::Fsize).current {
+        Some(bytes) if bytes < needed => {
+            // SAFETY: SIG_IGN runs no code of ours; we only exit after this.
+            let _ = unsafe {
+                nix::sys::signal::signal(
+                    nix::sys::signal::SIGXFSZ,
+                    nix::sys::signal::SigHandler::SigIgn,
+                )
+            };
+            Err(format!(
+                "the file size limit (RLIMIT_FSIZE, `ulimit -f`) is {bytes} bytes, and the lock \
+                 file's record may take {needed}: raise it (e.g. `ulimit -f unlimited`)"
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Prints `unique-instance: MESSAGE` on stderr and returns `code`.

@@ -271,6 +271,28 @@ pub(super) fn write_or_unknown(
     }
 }
 
+/// Refuses, saying why, when the file size limit (`RLIMIT_FSIZE`, `ulimit -f`) leaves no room
+/// for a record: a write past it would not fail but kill the process with SIGXFSZ (a review:
+/// `run` under `ulimit -f 0` died silently with status 153, which reads as COMMAND's). One
+/// `getrlimit` per acquisition.
+pub(crate) fn room_for_a_record(path: &std::path::Path) -> crate::error::Result<()> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
+    match limit {
+        Some(bytes) if bytes < MAX_RECORD_LEN as u64 => Err(crate::error::Error::io(
+            "cannot write the holder record of lock file",
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "the file size limit (RLIMIT_FSIZE, `ulimit -f`) is {bytes} bytes, and a \
+                     record may take {MAX_RECORD_LEN}: raise it (e.g. `ulimit -f unlimited`)"
+                ),
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The start of the file: at most [`MAX_RECORD_LEN`] bytes and one more, however large the file
 /// is (anyone who can create a file at the path chooses its size).
 pub(super) fn read_content(file: impl AsFd) -> rustix::io::Result<Vec<u8>> {
