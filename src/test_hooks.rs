@@ -44,6 +44,8 @@ pub(crate) enum Hook {
     /// When a copy removing a lock file no copy holds has found that the path still names it,
     /// just before it unlinks it (`lockfile::open::remove_unheld`).
     BeforeUnlinkingUnheld,
+    /// When `status` has looked at the lock file, before it asks the bus (`status`).
+    StatusBeforeAskingTheBus,
 }
 
 impl Hook {
@@ -87,11 +89,14 @@ mod imp {
                 "UNIQUE_INSTANCE_TEST_STOP_AFTER_READING_FOREIGN_CONTENT"
             }
             Hook::BeforeUnlinkingUnheld => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_UNLINKING_UNHELD",
+            Hook::StatusBeforeAskingTheBus => {
+                "UNIQUE_INSTANCE_TEST_STOP_STATUS_BEFORE_ASKING_THE_BUS"
+            }
         }
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 12] = [const { AtomicBool::new(false) }; 12];
+        static STOPPED: [AtomicBool; 13] = [const { AtomicBool::new(false) }; 13];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
             // To this thread (`raise`), not to the process: a process-directed SIGSTOP may be
             // taken by another thread, and this one, back from `kill`, would run on past the
