@@ -71,8 +71,10 @@ pub enum Error {
     /// instance is not acquired.
     #[error(
         "{name}: {} is not a lock file (it is neither empty nor a unique-instance record alone); \
-         unique-instance never writes into or removes a file it did not create: use a path of \
-         its own, e.g. {}.lock",
+         unique-instance never writes into or removes a file it did not create: if you gave \
+         this path, use one of its own, e.g. {}.lock; if not, someone put this file where the \
+         lock file goes: have its owner remove it, or give the instance a lock directory of its \
+         own (`unique-instance generate` makes one for a service)",
         path.display(),
         path.display()
     )]

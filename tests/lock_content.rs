@@ -827,3 +827,27 @@ fn in_a_forked_child_is_exclusive_looks_at_the_lock_file_itself() {
     // The child's end: its output closes.
     assert!(daemon.stdout_until_closed().is_empty());
 }
+
+/// A file that is not a lock file, planted by another user where the lock file of a name goes
+/// in a shared sticky directory, is left as it is, and the refusal says what happened and who
+/// can act on it: root gave no path, and was told to "use a path of its own" (a review).
+#[test]
+fn a_planted_file_at_a_derived_lock_path_is_refused_saying_who_put_it_there() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let name = unique_name("planted");
+    let path = dir.path().join(format!("{name}.lock"));
+    std::fs::write(&path, b"x").expect("plant");
+    std::os::unix::fs::chown(&path, Some(common::NOBODY), Some(common::NOBODY)).expect("chown");
+    let before = fingerprint(&path);
+    let mut run = cli(None, dir.path(), &["run", "--system", &name, "--", "true"]);
+    let stderr = run.stderr_until_closed().join("\n");
+    assert_eq!(run.exit_code(), 64, "{stderr}");
+    assert!(
+        stderr.contains("someone put this file where the lock file goes")
+            && stderr.contains("have its owner remove it"),
+        "{stderr}"
+    );
+    assert_eq!(fingerprint(&path), before, "the planted file was changed");
+}
