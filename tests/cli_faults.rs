@@ -1362,29 +1362,29 @@ fn a_keeper_that_outlived_its_wrapper_leaves_no_lock_file_behind() {
     );
 }
 
+/// `cmd` run under a file size limit (`RLIMIT_FSIZE`) of `bytes`, soft and hard, by `prlimit`.
+fn under_file_size_limit(bytes: u32, cmd: &Command) -> Command {
+    let mut prlimit = Command::new(common::require_program("prlimit", "util-linux"));
+    prlimit.arg(format!("--fsize={bytes}")).arg("--");
+    common::wrapped(prlimit, cmd)
+}
+
 /// A file size limit (`ulimit -f 0`) too small for the lock file's record: a clear error and
 /// status 70, COMMAND not run, nothing left in the lock directory; through the library too.
 /// Before, the record's write killed the wrapper with SIGXFSZ: status 153 with nothing said,
 /// which a caller reads as COMMAND's death by a signal, and a temporary file left behind (a
-/// review).
+/// review). A limit the record fits in (1024 bytes) is no error (a review of the first fix
+/// found those refused too), and COMMAND gets SIGXFSZ with its default action, as its caller
+/// left it, though `run` ignores it.
 #[test]
 fn a_file_size_limit_too_small_for_a_record_is_a_clear_error() {
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("fsize");
     let cli_run = cli_command(None, lock_dir.path(), &["run", &name, "--", "echo", "RAN"]);
-    let library = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
-    let mut library = library;
+    let mut library = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
     library.args([&name, "--backend", "lockfile"]);
     for (what, cmd) in [("run", cli_run), ("the library", library)] {
-        let mut limited = common::wrapped(
-            {
-                let mut sh = Command::new("sh");
-                sh.args(["-c", "ulimit -f 0; exec \"$0\" \"$@\""]);
-                sh
-            },
-            &cmd,
-        );
-        let out = common::output_within_timeout(&mut limited);
+        let out = common::output_within_timeout(&mut under_file_size_limit(0, &cmd));
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -1403,4 +1403,75 @@ fn a_file_size_limit_too_small_for_a_record_is_a_clear_error() {
             "{what}: left in the lock directory: {left:?}"
         );
     }
+    // 1024 bytes: the record fits; COMMAND's SIGXFSZ is not ignored (bit 25 of `SigIgn`).
+    let show = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "grep SigIgn /proc/self/status",
+        ],
+    );
+    let out = common::output_within_timeout(&mut under_file_size_limit(1024, &show));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mask = stdout
+        .trim()
+        .strip_prefix("SigIgn:")
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no SigIgn line: {stdout}"));
+    assert_eq!(mask & (1 << 24), 0, "COMMAND has SIGXFSZ ignored: {stdout}");
+}
+
+/// A stderr that is a log file already past the file size limit: the wrapper's and the keeper's
+/// messages cannot be written, and must not kill them (SIGXFSZ). The keeper, left alone by a
+/// SIGKILLed wrapper, died of its first message (a review): it never stopped COMMAND's tree,
+/// nor removed the lock file. Now it stops the tree and gives the instance up.
+#[test]
+fn a_stderr_past_the_file_size_limit_does_not_kill_the_keeper() {
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("fsize_keeper");
+    let log = lock_dir.path().join("big.log");
+    std::fs::write(&log, vec![0u8; 10_000]).expect("a log past the limit");
+    let stderr = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("open the log");
+    let run = cli_command(
+        None,
+        lock_dir.path(),
+        &[
+            "run",
+            "--backend",
+            "lockfile",
+            "--kill-after=600",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo running $$; exec sleep 600",
+        ],
+    );
+    // 8 KiB: the record fits, the log does not.
+    let mut wrapper = Proc::spawn_with_stderr(under_file_size_limit(8192, &run), stderr.into());
+    let command_pid = number_after(&wrapper.line_starting("running "), "running ");
+    let keeper = KillOnDrop::new(parent_of(command_pid));
+    let _command = KillOnDrop::new(command_pid);
+    wrapper.signal(Signal::KILL);
+    let _ = wrapper.wait();
+    // The keeper sends COMMAND SIGTERM (`sleep` ends on it), then gives the instance up.
+    assert!(keeper.exits_within_timeout(), "the keeper did not exit");
+    let lock_file = lock_dir.path().join(format!("{name}.lock"));
+    assert!(
+        !lock_file.exists(),
+        "the keeper died before giving the instance up: {:?}",
+        std::fs::read_to_string(&lock_file)
+    );
+    let mut next = cli(None, lock_dir.path(), &["run", &name, "--", "echo", "next"]);
+    assert_eq!(next.next_line("the next copy's COMMAND"), "next");
+    assert_eq!(next.exit_code(), 0);
 }

@@ -63,6 +63,7 @@ extern "C" fn main(
     _argv: *const *const std::ffi::c_char,
 ) -> std::ffi::c_int {
     standard_descriptors_open();
+    ignore_file_size_signal();
     // SAFETY: no other thread exists yet, and SIG_IGN runs no code of ours.
     if unsafe {
         nix::sys::signal::signal(
@@ -85,6 +86,7 @@ extern "C" fn main(
 /// std's start-up, where std needs it to read the arguments (not glibc).
 #[cfg(all(not(all(target_os = "linux", target_env = "gnu")), not(test)))]
 fn main() -> std::process::ExitCode {
+    ignore_file_size_signal();
     let code = unique_instance_main();
     say::drain();
     std::process::ExitCode::from(code.0)
@@ -143,11 +145,6 @@ fn unique_instance_main() -> ExitCode {
     logging::init();
     if matches!(cli.command, Command::Run(_) | Command::Status(_))
         && let Err(message) = enough_descriptors()
-    {
-        return fail(EXIT_INTERNAL, format_args!("{message}"));
-    }
-    if matches!(cli.command, Command::Run(_))
-        && let Err(message) = enough_file_size()
     {
         return fail(EXIT_INTERNAL, format_args!("{message}"));
     }
@@ -231,32 +228,44 @@ fn enough_descriptors() -> Result<(), String> {
     Ok(())
 }
 
-/// Refuses to start `run`, saying why, when the file size limit (`ulimit -f`) leaves no room
-/// for the lock file's record: writing it would kill the wrapper with SIGXFSZ, which a caller
-/// reads as COMMAND's death by a signal (status 153, and nothing said: a review). The library
-/// refuses too (`room_for_a_record`); this says it before anything else is done. SIGXFSZ is
-/// ignored first, so that the message, if stderr is a file the limit also bars, fails to be
-/// written instead of killing us: the exit status still says it.
+/// SIGXFSZ had its default action (death) when this process started: it is ignored here, and
+/// the processes we start get it back (see [`restore_file_size_signal`]).
+static FILE_SIZE_SIGNAL_WAS_DEFAULT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Ignores SIGXFSZ: a write past the file size limit (`ulimit -f`) then fails with `EFBIG`, an
+/// error said and answered by its exit status, instead of killing the process without a word.
+/// It killed the wrapper writing its record (status 153, which reads as COMMAND's death by a
+/// signal), and the wrapper or the keeper writing a message to a stderr that is a log file
+/// over the limit (the keeper then never stopped COMMAND's tree: reviews).
 #[allow(unsafe_code)]
-fn enough_file_size() -> Result<(), String> {
-    // The library's longest record (`MAX_RECORD_LEN`), which it checks as well.
-    let needed: u64 = 4096;
-    match rustix::process::getrlimit(rustix::process::Resource::Fsize).current {
-        Some(bytes) if bytes < needed => {
-            // SAFETY: SIG_IGN runs no code of ours; we only exit after this.
-            let _ = unsafe {
-                nix::sys::signal::signal(
-                    nix::sys::signal::SIGXFSZ,
-                    nix::sys::signal::SigHandler::SigIgn,
-                )
-            };
-            Err(format!(
-                "the file size limit (RLIMIT_FSIZE, `ulimit -f`) is {bytes} bytes, and the lock \
-                 file's record may take {needed}: raise it (e.g. `ulimit -f unlimited`)"
-            ))
-        }
-        _ => Ok(()),
+#[cfg_attr(test, allow(dead_code))]
+fn ignore_file_size_signal() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: no other thread exists yet, and SIG_IGN runs no code of ours.
+    if let Ok(before) = unsafe { sigaction(Signal::SIGXFSZ, &ignore) }
+        && matches!(before.handler(), SigHandler::SigDfl)
+    {
+        FILE_SIZE_SIGNAL_WAS_DEFAULT.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// In a child between `fork` and `exec` (async-signal-safe: an atomic load and `sigaction`):
+/// SIGXFSZ as our caller left it, so that COMMAND (through the keeper, which does the same)
+/// dies of a write past the limit as it would have without us.
+#[allow(unsafe_code)]
+pub(crate) fn restore_file_size_signal() -> std::io::Result<()> {
+    if FILE_SIZE_SIGNAL_WAS_DEFAULT.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: SIG_DFL runs no code of ours.
+        unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGXFSZ,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        }?;
+    }
+    Ok(())
 }
 
 /// Prints `unique-instance: MESSAGE` on stderr and returns `code`.

@@ -1173,6 +1173,7 @@ pub(crate) fn spawn_guarded(
                 let signal = nix::sys::signal::Signal::try_from(signal)?;
                 nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl)?;
             }
+            crate::restore_file_size_signal()?;
             Ok(())
         });
     }

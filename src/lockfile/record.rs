@@ -259,6 +259,11 @@ pub(super) fn write_or_unknown(
     };
     match write_whole(&file, line) {
         Ok(()) => Ok(true),
+        // Past the file size limit, with SIGXFSZ ignored (see `room_for_a_record`).
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error()) => {
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
+            Err(limit.map_or(e, file_size_limit_error))
+        }
         Err(e) if no_room(&e) => {
             if retry_eintr(|| rustix::fs::ftruncate(&file, 0)).is_err() {
                 return Err(e);
@@ -271,26 +276,49 @@ pub(super) fn write_or_unknown(
     }
 }
 
-/// Refuses, saying why, when the file size limit (`RLIMIT_FSIZE`, `ulimit -f`) leaves no room
-/// for a record: a write past it would not fail but kill the process with SIGXFSZ (a review:
-/// `run` under `ulimit -f 0` died silently with status 153, which reads as COMMAND's). One
-/// `getrlimit` per acquisition.
+/// Refuses, saying why, when the file size limit (`RLIMIT_FSIZE`, `ulimit -f`) may leave no
+/// room for a record while SIGXFSZ has its default action: a write past the limit would not
+/// fail but kill the process (a review: `run` under `ulimit -f 0` died silently with status
+/// 153, which reads as COMMAND's death by a signal). With the signal ignored (as `run` does),
+/// such a write fails with `EFBIG` instead, an error said as any other (see
+/// [`write_or_unknown`]), and a record that fits is written. One `getrlimit` per acquisition;
+/// `/proc/self/status` is read only under a limit below a record's size.
 pub(crate) fn room_for_a_record(path: &std::path::Path) -> crate::error::Result<()> {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
     match limit {
-        Some(bytes) if bytes < MAX_RECORD_LEN as u64 => Err(crate::error::Error::io(
-            "cannot write the holder record of lock file",
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::FileTooLarge,
-                format!(
-                    "the file size limit (RLIMIT_FSIZE, `ulimit -f`) is {bytes} bytes, and a \
-                     record may take {MAX_RECORD_LEN}: raise it (e.g. `ulimit -f unlimited`)"
-                ),
-            ),
-        )),
+        Some(bytes) if bytes < MAX_RECORD_LEN as u64 && !file_size_signal_ignored() => {
+            Err(crate::error::Error::io(
+                "cannot write the holder record of lock file",
+                path,
+                file_size_limit_error(bytes),
+            ))
+        }
         _ => Ok(()),
     }
+}
+
+/// Is SIGXFSZ ignored in this process (`SigIgn` in `/proc/self/status`)? `false` when that
+/// cannot be read.
+fn file_size_signal_ignored() -> bool {
+    let bit = 1u64 << (rustix::process::Signal::XFSZ.as_raw() - 1);
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let mask = status.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & bit != 0)
+}
+
+/// What a write past the file size limit of `bytes` is, said with what to do.
+fn file_size_limit_error(bytes: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::FileTooLarge,
+        format!(
+            "the file size limit (RLIMIT_FSIZE, `ulimit -f`) is {bytes} bytes, too small for a \
+             record (up to {MAX_RECORD_LEN}): raise it (e.g. `ulimit -f unlimited`)"
+        ),
+    )
 }
 
 /// The start of the file: at most [`MAX_RECORD_LEN`] bytes and one more, however large the file

@@ -184,6 +184,8 @@ pub(crate) fn spawn(
                 BorrowedFd::borrow_raw(theirs_raw),
                 rustix::io::FdFlags::empty(),
             )?;
+            // As our caller left it: the keeper ignores it as we do, and gives COMMAND the same.
+            crate::restore_file_size_signal()?;
             Ok(())
         });
     }
