@@ -605,9 +605,16 @@ impl Driver {
     /// Starts `cmd`, logs it, and leaves a thread to log its exit (before reaping it, so its
     /// PID cannot be reused before the line is written).
     fn spawn(&mut self, mut cmd: Command, what: &str) -> Spawned {
+        use std::os::unix::process::CommandExt;
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // Each copy a process group of its own, as a shell's jobs are. In the driver's group,
+            // a `run` COMMAND's exit (its parent, the keeper, is in another group) could leave
+            // that group orphaned, and the kernel then sends SIGHUP and SIGCONT to every process
+            // in it that has a stopped member: a copy the nemesis had stopped ran on unseen (a
+            // long run, seed 20261213, reported the overlap that followed).
+            .process_group(0);
         let t = now_ns();
         let mut child: Child = cmd
             .spawn()
