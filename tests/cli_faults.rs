@@ -1373,7 +1373,8 @@ fn under_file_size_limit(bytes: u32, cmd: &Command) -> Command {
 /// status 70, COMMAND not run, nothing left in the lock directory; through the library too.
 /// Before, the record's write killed the wrapper with SIGXFSZ: status 153 with nothing said,
 /// which a caller reads as COMMAND's death by a signal, and a temporary file left behind (a
-/// review). A limit the record fits in (1024 bytes) is no error (a review of the first fix
+/// review). A limit shorter than the record is refused the same way, and a limit the record
+/// fits in (1024 bytes) is no error (a review of the first fix
 /// found those refused too), and COMMAND gets SIGXFSZ with its default action, as its caller
 /// left it, though `run` ignores it.
 #[test]
@@ -1383,8 +1384,16 @@ fn a_file_size_limit_too_small_for_a_record_is_a_clear_error() {
     let cli_run = cli_command(None, lock_dir.path(), &["run", &name, "--", "echo", "RAN"]);
     let mut library = common::clean_command(&common::example_path("holder"), None, lock_dir.path());
     library.args([&name, "--backend", "lockfile"]);
-    for (what, cmd) in [("run", cli_run), ("the library", library)] {
-        let out = common::output_within_timeout(&mut under_file_size_limit(0, &cmd));
+    for (what, cmd, limit) in [
+        ("run", &cli_run, 0),
+        ("the library", &library, 0),
+        // Shorter than a record: the write stopped short, taken for a full disk, and the
+        // holder was left unknown without a word (a review of the first fix).
+        ("run", &cli_run, 50),
+        ("the library", &library, 50),
+    ] {
+        let what = format!("{what}, {limit} bytes");
+        let out = common::output_within_timeout(&mut under_file_size_limit(limit, cmd));
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -1403,7 +1412,15 @@ fn a_file_size_limit_too_small_for_a_record_is_a_clear_error() {
             "{what}: left in the lock directory: {left:?}"
         );
     }
-    // 1024 bytes: the record fits; COMMAND's SIGXFSZ is not ignored (bit 25 of `SigIgn`).
+    // 1024 bytes: the record fits, also where SIGXFSZ would kill (the library's caller leaves
+    // it at its default; a review of the first fix found such limits refused).
+    let out = common::output_within_timeout(&mut under_file_size_limit(1024, &library));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("acquired"),
+        "{out:?}"
+    );
+    // COMMAND's SIGXFSZ is not ignored (bit 25 of `SigIgn`), though `run` ignores it.
     let show = cli_command(
         None,
         lock_dir.path(),

@@ -187,7 +187,6 @@ fn acquire_lock_only(options: InstanceOptions) -> Result<InstanceGuard> {
     let plan = lock_plan.expect("the lock-file backend always plans a lock file");
     let scope = effective_scope(scope, Some(&plan), None);
     // Made before the lock: see `HeldLock::move_above`.
-    lockfile::room_for_a_record(&plan.path())?;
     let inotify = options.watch_lock.then(lockfile::new_inotify);
     let mut dir = lockfile::open_dir(&plan, options.allow_network_filesystem)?;
     let held = match lockfile::lock(&plan, &mut dir, false)? {

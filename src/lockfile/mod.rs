@@ -46,7 +46,6 @@ pub(crate) use probe::{
     holder_of_async, refuse_unheld_file, refuse_unsafe_way, until_the_other_dir_is_free,
 };
 // For the fuzz targets' entry points (src/fuzzing.rs).
-pub(crate) use record::room_for_a_record;
 #[cfg(any(fuzzing, test))]
 pub(crate) use record::{LockRecord, MAX_RECORD_LEN};
 #[cfg(any(fuzzing, test))]

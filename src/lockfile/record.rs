@@ -257,12 +257,21 @@ pub(super) fn write_or_unknown(
                     || code == rustix::io::Errno::DQUOT.raw_os_error()
             })
     };
+    // A record past the file size limit (`ulimit -f`) is refused before it is written: the write
+    // would stop short at the limit, and the next one past it would kill the process with
+    // SIGXFSZ, unless ignored (a review: `run` under `ulimit -f 0` died silently with status
+    // 153, which reads as COMMAND's death by a signal; under a limit shorter than the record, a
+    // short write was taken for a full disk and the holder left unknown, silently).
+    let fsize = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
+    if let Some(limit) = fsize.filter(|&limit| limit < line.len() as u64) {
+        return Err(file_size_limit_error(limit, line.len()));
+    }
     match write_whole(&file, line) {
         Ok(()) => Ok(true),
-        // Past the file size limit, with SIGXFSZ ignored (see `room_for_a_record`).
+        // The limit lowered meanwhile, with SIGXFSZ ignored.
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error()) => {
             let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
-            Err(limit.map_or(e, file_size_limit_error))
+            Err(limit.map_or(e, |limit| file_size_limit_error(limit, line.len())))
         }
         Err(e) if no_room(&e) => {
             if retry_eintr(|| rustix::fs::ftruncate(&file, 0)).is_err() {
@@ -276,47 +285,13 @@ pub(super) fn write_or_unknown(
     }
 }
 
-/// Refuses, saying why, when the file size limit (`RLIMIT_FSIZE`, `ulimit -f`) may leave no
-/// room for a record while SIGXFSZ has its default action: a write past the limit would not
-/// fail but kill the process (a review: `run` under `ulimit -f 0` died silently with status
-/// 153, which reads as COMMAND's death by a signal). With the signal ignored (as `run` does),
-/// such a write fails with `EFBIG` instead, an error said as any other (see
-/// [`write_or_unknown`]), and a record that fits is written. One `getrlimit` per acquisition;
-/// `/proc/self/status` is read only under a limit below a record's size.
-pub(crate) fn room_for_a_record(path: &std::path::Path) -> crate::error::Result<()> {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
-    match limit {
-        Some(bytes) if bytes < MAX_RECORD_LEN as u64 && !file_size_signal_ignored() => {
-            Err(crate::error::Error::io(
-                "cannot write the holder record of lock file",
-                path,
-                file_size_limit_error(bytes),
-            ))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Is SIGXFSZ ignored in this process (`SigIgn` in `/proc/self/status`)? `false` when that
-/// cannot be read.
-fn file_size_signal_ignored() -> bool {
-    let bit = 1u64 << (rustix::process::Signal::XFSZ.as_raw() - 1);
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let mask = status.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
-            u64::from_str_radix(mask.trim(), 16).ok()
-        })
-        .is_some_and(|mask| mask & bit != 0)
-}
-
-/// What a write past the file size limit of `bytes` is, said with what to do.
-fn file_size_limit_error(bytes: u64) -> std::io::Error {
+/// What a record of `needed` bytes past the file size limit of `bytes` is, said with what to do.
+fn file_size_limit_error(bytes: u64, needed: usize) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::FileTooLarge,
         format!(
-            "the file size limit (RLIMIT_FSIZE, `ulimit -f`) is {bytes} bytes, too small for a \
-             record (up to {MAX_RECORD_LEN}): raise it (e.g. `ulimit -f unlimited`)"
+            "the file size limit (RLIMIT_FSIZE, `ulimit -f`) is {bytes} bytes, too small for the \
+             holder record ({needed} bytes): raise it (e.g. `ulimit -f unlimited`)"
         ),
     )
 }

@@ -244,7 +244,6 @@ pub(crate) async fn try_lock(
     plan: &LockPlan,
     allow_network_fs: bool,
 ) -> Result<(Attempt, LockDir)> {
-    super::record::room_for_a_record(&plan.path())?;
     let mut dir = open_dir(plan, allow_network_fs)?;
     Ok((lock_async(plan, &mut dir).await?, dir))
 }
