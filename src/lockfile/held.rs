@@ -250,7 +250,8 @@ impl HeldLock {
 
     /// Makes this a lock handed over by the process that took it (see `handed.rs`), whose
     /// record is `line`, already written (unless the file is kept): re-created files get it,
-    /// and release never removes the file (as in a process other than the one that took it).
+    /// and release does not remove the file (as in a process other than the one that took it)
+    /// unless the lock is claimed first (see [`HeldLock::claim`]).
     pub(super) fn handed(mut self, line: Vec<u8>) -> Self {
         self.pid = 0;
         self.record_len = line.len();
