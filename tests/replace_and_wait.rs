@@ -382,3 +382,58 @@ fn a_queued_waiter_does_not_record_the_bus_name_before_it_owns_it() {
     assert_eq!(record["bus_unique_name"], unique, "{record}");
     assert_eq!(record["bus"], "session", "{record}");
 }
+
+/// A program that owns the name alone (`--backend dbus`, or one using the bus without a lock
+/// file) runs; a copy with both backends that waits takes the lock file and waits in the bus's
+/// queue. A third copy is refused by the lock file, and must name the one running, the name's
+/// owner, not the copy that only waits (a review found both the library and `run` naming the
+/// waiter, with its start time, as the running copy).
+#[test]
+fn a_refusal_names_the_names_owner_not_a_copy_waiting_behind_it() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("waiter_named");
+    let mut runner = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus"],
+    );
+    let line = runner.next_line("the name's owner");
+    assert!(line.starts_with("acquired"), "{line}");
+    let mut waiter = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--wait", "forever"],
+    );
+    common::wait_for_queued_owners(&bus.address, &name, 2);
+    // The library.
+    let mut third = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let line = third.next_line("the third copy");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(runner.pid().to_string().as_str()),
+        "not the running copy (the waiter is {}): {line}",
+        waiter.pid()
+    );
+    assert_eq!(third.exit_code(), 75);
+    // `run`.
+    let mut cli = common::cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "true"],
+    );
+    let stderr = cli.stderr_until_closed().join("\n");
+    assert_eq!(cli.exit_code(), 75, "{stderr}");
+    assert!(
+        stderr.contains(&format!("(pid {}", runner.pid())),
+        "not the running copy (the waiter is {}): {stderr}",
+        waiter.pid()
+    );
+    runner.close_stdin();
+    assert_eq!(runner.exit_code(), 0);
+    let line = waiter.next_line("the waiter, once the name is free");
+    assert!(line.starts_with("acquired"), "{line}");
+    waiter.close_stdin();
+    assert_eq!(waiter.exit_code(), 0);
+}
