@@ -393,18 +393,8 @@ fn look_early(args: &RunArgs) -> Early {
     if args.wait.is_some() || args.instance.backend == BackendArg::Dbus {
         return Early::Unknown;
     }
-    let options = options(args);
-    match options.lock_file_holder() {
+    match options(args).lock_file_holder() {
         Ok(None) => Early::Free,
-        // Its record says it does not own the bus name, while a bus is planned (it is down, or
-        // the holder waits in its queue behind a program that owns the name alone): the
-        // acquisition asks the bus who runs, and names that one (see the library's refusal).
-        Ok(Some(holder))
-            if holder.bus_unique_name.is_none()
-                && options.plan().is_ok_and(|plan| plan.bus.is_some()) =>
-        {
-            Early::Unknown
-        }
         Ok(Some(holder)) => Early::Refused(refused(
             args,
             &Error::AlreadyRunning {

@@ -2,7 +2,6 @@
 //! bus meanwhile when a bus step follows), write the record at once, and hold it.
 //! Must not: speak the lock file's protocol (that is `lockfile`).
 
-use crate::Holder;
 use crate::error::{Error, Result, already_running};
 use crate::held::Held;
 use crate::lockfile::{self, Attempt, HeldFile, try_lock, wait_lock};
@@ -43,7 +42,7 @@ async fn acquire_once(ctx: &mut Context, plan: &LockPlan) -> Result<bool> {
     let (held, previous, wait_watch) = match first? {
         (Attempt::Acquired(held, previous), _) => (held, previous, None),
         (Attempt::Busy(holder), _) if ctx.wait == Wait::No => {
-            return Err(already_running(&ctx.name, refused(ctx, holder).await));
+            return Err(already_running(&ctx.name, holder));
         }
         (Attempt::KeptOut, _) if ctx.wait == Wait::No => {
             return Err(lockfile::read_locked(plan, &plan.path()));
@@ -128,31 +127,3 @@ async fn acquire_once(ctx: &mut Context, plan: &LockPlan) -> Result<bool> {
     ctx.held.push(Held::LockFile(file));
     Ok(true)
 }
-
-/// Who a copy refused by the lock file names as the one running: the lock file's holder, unless
-/// its record says it does not own the bus name (a copy that holds the lock file while it waits
-/// in the bus's queue, behind a program that owns the name without a lock file: a review found
-/// refusals naming that waiter) and the bus names a live owner: then that owner. Asked only
-/// then, within [`ASK_THE_BUS_WITHIN`]: a refusal by an instance that holds both (the usual
-/// one, and a start-up storm's) costs nothing more, and a bus that does not answer in time
-/// leaves the lock file's answer.
-async fn refused(ctx: &Context, holder: Box<Holder>) -> Box<Holder> {
-    let Some(bus) = ctx.planned_bus.filter(|_| holder.bus_unique_name.is_none()) else {
-        return holder;
-    };
-    let ask = async {
-        let connected = crate::dbus::connect(bus, Vec::new(), None).await.ok()?;
-        crate::dbus::owner_of_or_unknown(&connected.conn, ctx.name.as_str(), bus)
-            .await
-            .ok()
-    };
-    match tokio::time::timeout(ASK_THE_BUS_WITHIN, ask).await {
-        // A live owner (a dead one is never named: see `owner_of`) that is not the lock file's
-        // holder, which then does not run as this instance yet.
-        Ok(Some(owner)) if owner.pid.is_some() && owner.pid != holder.pid => Box::new(owner),
-        _ => holder,
-    }
-}
-
-/// How long a refused copy asks the bus who runs (see [`refused`]).
-const ASK_THE_BUS_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
