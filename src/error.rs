@@ -296,6 +296,15 @@ impl Error {
         }
     }
 
+    /// This error naming `named` as the holder instead, for [`Error::AlreadyRunning`] and
+    /// [`Error::TimedOut`]; any other error unchanged.
+    pub(crate) fn naming(mut self, named: Holder) -> Self {
+        if let Error::AlreadyRunning { holder, .. } | Error::TimedOut { holder, .. } = &mut self {
+            **holder = named;
+        }
+        self
+    }
+
     pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             context,

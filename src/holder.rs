@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scope::{Backend, BusKind};
 
@@ -37,6 +37,27 @@ pub struct Holder {
     pub hostname: Option<String>,
     /// The lock file it holds, when it was found through one.
     pub lock_file: Option<PathBuf>,
+    /// Set when the holder holds the lock file but only waits in this bus's queue for the name,
+    /// which another process owns (one that holds the name without the lock file: `--backend
+    /// dbus`, say): the holder does not run as the instance yet. A refused copy names the
+    /// name's owner instead when it can ask that bus.
+    pub queued_on_bus: Option<BusKind>,
+    /// Where on the bus the holder waits, from its record: how a refused copy tells the
+    /// holder's bus and connection from others (see [`BusQueuePlace`]).
+    #[serde(skip)]
+    pub(crate) queue_place: Option<BusQueuePlace>,
+}
+
+/// Where the holder of a lock file waits in a bus's queue for the name: the bus, the holder's
+/// unique name there, and the bus's GUID. The GUID tells the holder's bus from another one at
+/// the same kind (another session's bus, or the same address after a restart, which gives out
+/// the same unique names again): a refused copy on another bus must not compare unique names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BusQueuePlace {
+    pub(crate) bus: BusKind,
+    pub(crate) unique_name: String,
+    pub(crate) server_guid: String,
 }
 
 fn serialize_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -77,6 +98,11 @@ impl fmt::Display for Holder {
         }
         if let Some(path) = &self.lock_file {
             parts.push(format!("lock file {}", path.display()));
+        }
+        if let Some(bus) = self.queued_on_bus {
+            parts.push(format!(
+                "waiting in the {bus} bus's queue for the name, which another process owns"
+            ));
         }
         if let Some(name) = &self.bus_unique_name
             && self.found_by == Some(Backend::Dbus)

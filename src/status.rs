@@ -216,5 +216,8 @@ fn merge(lock: Holder, from_bus: Holder) -> Holder {
         executable,
         hostname: lock.hostname,
         lock_file: lock.lock_file,
+        // The bus says it owns the name: a mark of waiting for it is from just before.
+        queued_on_bus: None,
+        queue_place: None,
     }
 }

@@ -354,8 +354,7 @@ fn a_queued_waiter_does_not_record_the_bus_name_before_it_owns_it() {
             "waiter got in early"
         );
     }
-    let record = std::fs::read_to_string(&path).expect("the waiter's record");
-    let record: serde_json::Value = serde_json::from_str(&record).expect("a JSON record");
+    let record = queued_record(&path);
     assert_eq!(record["pid"], w.pid(), "{record}");
     assert_eq!(
         record["bus_unique_name"],
@@ -363,12 +362,23 @@ fn a_queued_waiter_does_not_record_the_bus_name_before_it_owns_it() {
         "{record}"
     );
     assert_eq!(record["bus"], serde_json::Value::Null, "{record}");
-    let mut c = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    assert_eq!(record["queued_on_bus"]["bus"], "session", "{record}");
+    // A copy that cannot ask the bus is told the holder only waits, not that it runs.
+    let mut c = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
     let refused = c.next_line("contender");
     assert!(refused.starts_with("already-running"), "{refused}");
+    assert_eq!(
+        field(&refused, "holder_pid"),
+        Some(w.pid().to_string().as_str()),
+        "{refused}"
+    );
     assert!(
-        !refused.contains("on the session bus"),
+        !refused.contains(", on the session bus"),
         "named as on the bus: {refused}"
+    );
+    assert!(
+        refused.contains("waiting in the session bus's queue for the name"),
+        "not said to wait: {refused}"
     );
     assert_eq!(c.exit_code(), 75);
 
@@ -381,4 +391,134 @@ fn a_queued_waiter_does_not_record_the_bus_name_before_it_owns_it() {
     let record: serde_json::Value = serde_json::from_str(&record).expect("a JSON record");
     assert_eq!(record["bus_unique_name"], unique, "{record}");
     assert_eq!(record["bus"], "session", "{record}");
+    assert_eq!(record["queued_on_bus"], serde_json::Value::Null, "{record}");
+}
+
+/// The record at `path` once it says its holder waits in a bus's queue (written right after
+/// the bus answers that it queued it, so a moment after the bus lists it). Panics after
+/// [`common::TIMEOUT`].
+fn queued_record(path: &std::path::Path) -> serde_json::Value {
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(path).expect("the waiter's record");
+        let record: serde_json::Value = serde_json::from_str(&text).expect("a JSON record");
+        if !record["queued_on_bus"].is_null() {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the record never said its holder waits: {record}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A program that owns the name alone (`--backend dbus`, or one using the bus without a lock
+/// file) runs; a copy with both backends that waits takes the lock file and waits in the bus's
+/// queue. Copies refused by the lock file then, by a plain attempt or a timed-out wait, the
+/// library's and `run`, name the one running, the name's owner, not the copy that only waits (a
+/// review found them naming the waiter, with its start time, as the running copy).
+#[test]
+fn a_refusal_names_the_names_owner_not_a_copy_waiting_behind_it() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("waiter_named");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let mut runner = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus"],
+    );
+    let line = runner.next_line("the name's owner");
+    assert!(line.starts_with("acquired"), "{line}");
+    let mut waiter = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--wait", "forever"],
+    );
+    common::wait_for_queued_owners(&bus.address, &name, 2);
+    queued_record(&path);
+    let names_the_runner = |line: &str, what: &str| {
+        assert_eq!(
+            field(line, "holder_pid"),
+            Some(runner.pid().to_string().as_str()),
+            "{what} did not name the running copy (the waiter is {}): {line}",
+            waiter.pid()
+        );
+        assert!(!line.contains("waiting in"), "{line}");
+    };
+    // The library, refused at once, and after a wait.
+    let mut third = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let line = third.next_line("the third copy");
+    assert!(line.starts_with("already-running"), "{line}");
+    names_the_runner(&line, "a plain attempt");
+    assert_eq!(third.exit_code(), 75);
+    let mut fourth = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--wait", "0.3"],
+    );
+    let line = fourth.next_line("a copy that waits briefly");
+    assert!(line.starts_with("timed-out"), "{line}");
+    names_the_runner(&line, "a timed-out wait");
+    assert_eq!(fourth.exit_code(), 75);
+    // `run`.
+    let mut cli = common::cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["run", &name, "--", "true"],
+    );
+    let stderr = cli.stderr_until_closed().join("\n");
+    assert_eq!(cli.exit_code(), 75, "{stderr}");
+    assert!(
+        stderr.contains(&format!("(pid {}", runner.pid())),
+        "run did not name the running copy (the waiter is {}): {stderr}",
+        waiter.pid()
+    );
+    runner.close_stdin();
+    assert_eq!(runner.exit_code(), 0);
+    let line = waiter.next_line("the waiter, once the name is free");
+    assert!(line.starts_with("acquired"), "{line}");
+    waiter.close_stdin();
+    assert_eq!(waiter.exit_code(), 0);
+}
+
+/// A copy waiting in the bus's queue when the bus dies holds the instance through its lock file
+/// alone, and runs: its record no longer says it waits (a refused copy would be told it does
+/// not run yet).
+#[test]
+fn a_waiter_whose_bus_dies_is_no_longer_recorded_as_waiting() {
+    let mut bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("queue_gone");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let mut runner = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--backend", "dbus"],
+    );
+    let line = runner.next_line("the name's owner");
+    assert!(line.starts_with("acquired"), "{line}");
+    let mut waiter = holder(
+        Some(&bus.address),
+        lock_dir.path(),
+        &[&name, "--wait", "forever"],
+    );
+    common::wait_for_queued_owners(&bus.address, &name, 2);
+    queued_record(&path);
+    bus.kill();
+    let line = waiter.next_line("the waiter, its bus gone");
+    assert!(line.starts_with("acquired"), "{line}");
+    let text = std::fs::read_to_string(&path).expect("the record");
+    let record: serde_json::Value = serde_json::from_str(&text).expect("a JSON record");
+    assert_eq!(record["pid"], waiter.pid(), "{record}");
+    assert_eq!(record["queued_on_bus"], serde_json::Value::Null, "{record}");
+    let mut refused = holder(None, lock_dir.path(), &[&name, "--backend", "lockfile"]);
+    let line = refused.next_line("a copy refused by the lock file");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert!(!line.contains("waiting in"), "{line}");
+    assert_eq!(refused.exit_code(), 75);
+    waiter.close_stdin();
+    assert_eq!(waiter.exit_code(), 0);
+    drop(runner);
 }

@@ -395,6 +395,14 @@ fn look_early(args: &RunArgs) -> Early {
     }
     match options(args).lock_file_holder() {
         Ok(None) => Early::Free,
+        // Its holder only waits in a bus's queue for the name, behind a program that owns it
+        // without the lock file: the acquisition asks that bus who runs, and names the owner
+        // (see the library's refusal), where a bus is planned.
+        Ok(Some(holder))
+            if holder.queued_on_bus.is_some() && args.instance.backend != BackendArg::Lockfile =>
+        {
+            Early::Unknown
+        }
         Ok(Some(holder)) => Early::Refused(refused(
             args,
             &Error::AlreadyRunning {

@@ -7,6 +7,7 @@
 use crate::dbus::{self, HeldName, own_name, request_flags, watch_bus};
 use crate::error::{Error, Result};
 use crate::held::Held;
+use crate::holder::BusQueuePlace;
 use crate::lockfile::HeldFile;
 use crate::plan::BusPlan;
 use crate::scope::Backend;
@@ -67,6 +68,17 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
         pending_request,
         disconnect,
     } = connected;
+    // Our place in the queue, should the bus put us there, goes into the lock file's record.
+    let place = conn.unique_name().map(|unique_name| BusQueuePlace {
+        bus: plan.kind,
+        unique_name: unique_name.to_string(),
+        server_guid: conn.server_guid().to_string(),
+    });
+    let file = ctx.held.lock_file_mut();
+    let on_queued = move || match file.zip(place) {
+        Some((file, place)) => file.record_queued(Some(place)),
+        None => Ok(()),
+    };
     let owned = own_name(
         &name,
         plan.kind,
@@ -78,6 +90,7 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
         ctx.allow_replacement,
         ctx.previous_pid,
         held_locally,
+        on_queued,
     )
     .await?;
     match owned {
@@ -109,7 +122,13 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
         // The bus went away before granting the name: the lock file alone holds the instance,
         // as when no bus was reachable, and the record, written before the bus step, says so.
         // (Ending the connection here leaves nothing of ours on a bus that comes back.)
-        None if held_locally => drop((conn, disconnect)),
+        None if held_locally => {
+            drop((conn, disconnect));
+            // No longer in a queue: the lock file alone holds the instance, and we run.
+            if let Some(file) = ctx.held.lock_file_mut() {
+                file.record_queued(None)?;
+            }
+        }
         // Without the lock file `own_name` reports the bus's loss as an error.
         None => {
             return Err(Error::NoUsableBackend {

@@ -2,6 +2,7 @@
 //! bus meanwhile when a bus step follows), write the record at once, and hold it.
 //! Must not: speak the lock file's protocol (that is `lockfile`).
 
+use crate::Holder;
 use crate::error::{Error, Result, already_running};
 use crate::held::Held;
 use crate::lockfile::{self, Attempt, HeldFile, try_lock, wait_lock};
@@ -15,9 +16,66 @@ use super::steps::Context;
 /// backends; later steps complete it.
 pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
     // Again when our file was lost while we waited for the other directory's copy.
-    while !acquire_once(ctx, plan).await? {}
-    Ok(())
+    loop {
+        match acquire_once(ctx, plan).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(naming_who_runs(ctx, e).await),
+        }
+    }
 }
+
+/// `refusal` (already running, timed out), naming the bus name's owner when the lock file's
+/// holder only waits in a bus's queue for the name, by its record (behind a program that owns
+/// the name without the lock file: a review found refusals naming that waiter, with its start
+/// time, as the running copy). Asked only then, and only of the bus this copy would own the
+/// name on, and only when it is the very bus the holder waits on (its GUID: another session's
+/// bus, or the same address after a restart, gives out the same unique names to others), within
+/// [`ASK_THE_BUS_WITHIN`]. The holder is kept when the bus names no live owner, or names the
+/// holder itself (granted the name meanwhile: then running, and said so); its record's mark
+/// then tells the reader that it waits.
+async fn naming_who_runs(ctx: &Context, refusal: Error) -> Error {
+    let Some(holder) = refusal.holder() else {
+        return refusal;
+    };
+    let Some(place) = holder.queue_place.clone() else {
+        return refusal;
+    };
+    if ctx.planned_bus != Some(place.bus) {
+        return refusal;
+    }
+    let ask = async {
+        let connected = crate::dbus::connect(place.bus, Vec::new(), None)
+            .await
+            .ok()?;
+        if connected.conn.server_guid().to_string() != place.server_guid {
+            return None;
+        }
+        crate::dbus::owner_of_or_unknown(&connected.conn, ctx.name.as_str(), place.bus)
+            .await
+            .ok()
+    };
+    let Ok(Some(owner)) = tokio::time::timeout(ASK_THE_BUS_WITHIN, ask).await else {
+        return refusal;
+    };
+    if owner.bus_unique_name.as_deref() == Some(place.unique_name.as_str()) {
+        let holder = Holder {
+            bus: Some(place.bus),
+            bus_unique_name: Some(place.unique_name),
+            queued_on_bus: None,
+            queue_place: None,
+            ..holder.clone()
+        };
+        return refusal.naming(holder);
+    }
+    if owner.pid.is_some() {
+        return refusal.naming(owner);
+    }
+    refusal
+}
+
+/// How long a refused copy asks the bus who runs (see [`naming_who_runs`]).
+const ASK_THE_BUS_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One try of [`acquire`]: `false` when the lock file taken stopped being at its path while
 /// this copy waited for a copy in the other system directory (it had no watch then), so that

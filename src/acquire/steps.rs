@@ -45,6 +45,9 @@ pub(super) struct Context {
     /// the bus name. Not with objects to serve: they can go to one connection only, and a
     /// connection made early may have to be replaced if the bus restarts meanwhile.
     pub(super) bus_ahead: Option<BusKind>,
+    /// The bus a later step owns the name on, if any: a copy refused by a lock file whose
+    /// holder only waits in that bus's queue asks it who runs (see `lock_file::naming_who_runs`).
+    pub(super) planned_bus: Option<BusKind>,
     /// A connection made ahead (see `bus_ahead`), for the bus step.
     pub(super) early_bus: Option<Connected>,
     /// The process that held the lock file before us, by its record: the bus step gives the
@@ -79,7 +82,10 @@ pub(super) async fn walk(
         Step::Bus(bus) if options.exports.is_empty() => Some(bus.kind),
         _ => None,
     });
-    let planned_bus = steps.iter().any(|step| matches!(step, Step::Bus(_)));
+    let planned_bus = steps.iter().find_map(|step| match step {
+        Step::Bus(bus) => Some(bus.kind),
+        _ => None,
+    });
     let (loss_tx, loss_rx) = LossLog::new();
     let mut ctx = Context {
         name,
@@ -95,6 +101,7 @@ pub(super) async fn walk(
         losses: loss_tx,
         tasks: Vec::new(),
         bus_ahead,
+        planned_bus,
         early_bus: None,
         previous_pid: None,
     };
@@ -104,7 +111,7 @@ pub(super) async fn walk(
             Step::Bus(plan) => bus::acquire(&mut ctx, plan).await?,
         }
     }
-    if !planned_bus && ctx.held_locally() && options.backends == BackendSelection::Auto {
+    if planned_bus.is_none() && ctx.held_locally() && options.backends == BackendSelection::Auto {
         tracing::warn!(
             name = %ctx.name,
             "no D-Bus bus is configured; the lock file alone enforces exclusion"

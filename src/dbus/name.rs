@@ -36,7 +36,8 @@ const AFTER_GIVING_UP: Duration = Duration::from_secs(1);
 /// Requests the name with explicit flags and, when asked or when the previous lock holder's
 /// connection is still being torn down, waits in the bus queue for it. `None` when the bus went
 /// away before it granted the name while we hold the lock file (which then alone decides).
-/// `previous_pid`: the process that held the lock file before us, by its record.
+/// `previous_pid`: the process that held the lock file before us, by its record. `on_queued`
+/// is called when the bus puts us in its queue behind another owner (only when asked to wait).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn own_name(
     name: &InstanceName,
@@ -49,6 +50,7 @@ pub(crate) async fn own_name(
     allow_replacement: bool,
     previous_pid: Option<u32>,
     holding_lock: bool,
+    on_queued: impl FnOnce() -> Result<()>,
 ) -> Result<Option<BusMessages>> {
     let flags = request_flags(wait, allow_replacement);
     let bus_error = |context, source| Error::Bus {
@@ -122,7 +124,9 @@ pub(crate) async fn own_name(
         RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => {
             return owned(stream, flags).await;
         }
-        RequestNameReply::InQueue => {}
+        // Asked to wait (a plain attempt does not queue): behind an owner that is not a copy
+        // holding the lock file, since we hold it, or one that lost its lock file.
+        RequestNameReply::InQueue => on_queued()?,
         RequestNameReply::Exists => {
             let (owner, connected_by, _) =
                 owner_and_connecting_pid(conn, name.as_str(), kind).await;
@@ -404,6 +408,8 @@ pub(crate) async fn owner_and_connecting_pid(
         executable: pid.and_then(process_executable),
         hostname: None,
         lock_file: None,
+        queued_on_bus: None,
+        queue_place: None,
     };
     (holder, connected_by, unknown)
 }

@@ -110,6 +110,21 @@ impl HeldFile {
         self.record.backend.push(backend);
         self.record.bus = bus.or(self.record.bus);
         self.record.bus_unique_name = unique_name.or(self.record.bus_unique_name.take());
+        self.record.queued_on_bus = None;
+        self.lock.write_record(&self.record)
+    }
+
+    /// Records that we wait in a bus's queue for the name, which another process owns, at
+    /// `place` (or, with `None`, that we no longer do: the bus went away meanwhile), so that a
+    /// copy refused by our lock file meanwhile does not take us for the running copy.
+    pub(crate) fn record_queued(
+        &mut self,
+        place: Option<crate::holder::BusQueuePlace>,
+    ) -> Result<()> {
+        if self.record.queued_on_bus == place {
+            return Ok(());
+        }
+        self.record.queued_on_bus = place;
         self.lock.write_record(&self.record)
     }
 

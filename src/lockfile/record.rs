@@ -8,7 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::holder::{Holder, own_start_secs};
+use crate::holder::{BusQueuePlace, Holder, own_start_secs};
 use crate::scope::Backend;
 use crate::scope::BusKind;
 
@@ -38,6 +38,11 @@ pub(crate) struct LockRecord {
     pub(crate) bus_unique_name: Option<String>,
     pub(crate) executable: Option<PathBuf>,
     pub(crate) hostname: Option<String>,
+    /// Set while the holder waits in a bus's queue for the name, which another process owns
+    /// (see [`Holder::queued_on_bus`]); cleared once it owns the name, or the bus is gone.
+    /// Absent from records written before it existed.
+    #[serde(default)]
+    pub(crate) queued_on_bus: Option<BusQueuePlace>,
     /// The file was there, empty, before a holder took it (`touch keep.flag`, a shared
     /// `job.lock`): someone else's. Written by earlier versions, which wrote their record into
     /// such a file, as the mark [`KEEP_MARK`] before the JSON, not as a key; now only read: a
@@ -66,6 +71,7 @@ pub(super) fn placeholder(len: usize) -> Vec<u8> {
         bus_unique_name: None,
         executable: None,
         hostname: Some(this_host()),
+        queued_on_bus: None,
         keep: false,
     }
     .to_line();
@@ -128,6 +134,7 @@ impl LockRecord {
             bus_unique_name,
             executable: std::env::current_exe().ok(),
             hostname: Some(this_host()),
+            queued_on_bus: None,
             keep: false,
         }
     }
@@ -165,6 +172,7 @@ impl LockRecord {
                     executable: None,
                     hostname: None,
                     bus_unique_name: None,
+                    queued_on_bus: None,
                     ..self.clone()
                 })
                 .unwrap_or_default()
@@ -220,6 +228,8 @@ impl LockRecord {
             executable: self.executable,
             hostname: self.hostname,
             lock_file: Some(lock_file),
+            queued_on_bus: self.queued_on_bus.as_ref().map(|place| place.bus),
+            queue_place: self.queued_on_bus,
         }
     }
 }
@@ -318,6 +328,33 @@ mod tests {
         assert_eq!(LockRecord::parse(&line), Some(record));
         assert_eq!(LockRecord::parse(b""), None);
         assert_eq!(LockRecord::parse(b"\0\0garbage{"), None);
+    }
+
+    #[test]
+    fn a_place_in_a_bus_queue_round_trips_and_older_records_have_none() {
+        let mut record = LockRecord::for_self(vec![Backend::LockFile], None, None);
+        record.queued_on_bus = Some(BusQueuePlace {
+            bus: BusKind::Session,
+            unique_name: ":1.7".into(),
+            server_guid: "0123456789abcdef0123456789abcdef".into(),
+        });
+        let line = record.to_line();
+        assert_eq!(LockRecord::parse_whole(&line), Some(record.clone()));
+        let holder = record.into_holder(PathBuf::from("/x.lock"));
+        assert_eq!(holder.queued_on_bus, Some(BusKind::Session));
+        assert!(
+            holder
+                .to_string()
+                .contains("waiting in the session bus's queue")
+        );
+        // As records written before the mark existed are.
+        let older = br#"{"pid":1,"uid":0,"start_time":null,"backend":["lock-file"],"bus":null,"bus_unique_name":null,"executable":null,"hostname":null}"#;
+        let older = LockRecord::parse(older).expect("an older record");
+        assert_eq!(older.queued_on_bus, None);
+        assert_eq!(
+            older.into_holder(PathBuf::from("/x.lock")).queued_on_bus,
+            None
+        );
     }
 
     #[test]
