@@ -475,6 +475,19 @@ fn a_refusal_names_the_names_owner_not_a_copy_waiting_behind_it() {
         "run did not name the running copy (the waiter is {}): {stderr}",
         waiter.pid()
     );
+    // `status`: the name's owner runs; the lock file's holder is another process, which waits.
+    let mut status = common::cli(
+        Some(&bus.address),
+        lock_dir.path(),
+        &["status", "--json", &name],
+    );
+    let line = status.next_line("status --json");
+    assert_eq!(status.exit_code(), 0, "{line}");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("status --json is JSON");
+    assert_eq!(v["pid"], runner.pid(), "{v}");
+    assert_eq!(v["queued_on_bus"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["lock_file_holder"]["pid"], waiter.pid(), "{v}");
+    assert_eq!(v["lock_file_holder"]["queued_on_bus"], "session", "{v}");
     runner.close_stdin();
     assert_eq!(runner.exit_code(), 0);
     let line = waiter.next_line("the waiter, once the name is free");

@@ -48,6 +48,9 @@ pub(crate) fn status(args: StatusArgs) -> ExitCode {
                 .and_then(|h| h.lock_file.as_ref())
                 .or(status.lock_file.as_ref())
                 .map(|p| p.display().to_string()),
+            // The lock file's holder only waits in this bus's queue for the name (see
+            // `Holder::queued_on_bus`): the top level describes it when the bus was not asked.
+            "queued_on_bus": holder.and_then(|h| h.queued_on_bus).map(|b| b.to_string()),
             // Each backend's holder on its own: two different processes when the fields above
             // describe the bus name's owner but someone else holds the lock file.
             "lock_file_holder": status.lock_file_holder.as_ref().map(holder_json),
@@ -122,5 +125,6 @@ fn holder_json(holder: &Holder) -> serde_json::Value {
         "executable": holder.executable.as_ref().map(|p| p.display().to_string()),
         "hostname": holder.hostname,
         "lock_file": holder.lock_file.as_ref().map(|p| p.display().to_string()),
+        "queued_on_bus": holder.queued_on_bus.map(|b| b.to_string()),
     })
 }
