@@ -38,9 +38,9 @@ pub struct Holder {
     /// The lock file it holds, when it was found through one.
     pub lock_file: Option<PathBuf>,
     /// Set when the holder holds the lock file but only waits in this bus's queue for the name,
-    /// which another process owns (one that holds the name without the lock file: `--backend
-    /// dbus`, say): the holder does not run as the instance yet. A refused copy names the
-    /// name's owner instead when it can ask that bus.
+    /// behind a process that owned it when it queued (one that holds the name without this lock
+    /// file: `--backend dbus`, say): the holder does not run as the instance yet. A refused copy
+    /// names the name's owner instead when it can ask that bus.
     pub queued_on_bus: Option<BusKind>,
     /// Where on the bus the holder waits, from its record: how a refused copy tells the
     /// holder's bus and connection from others (see [`BusQueuePlace`]).
@@ -101,7 +101,7 @@ impl fmt::Display for Holder {
         }
         if let Some(bus) = self.queued_on_bus {
             parts.push(format!(
-                "waiting in the {bus} bus's queue for the name, which another process owns"
+                "it only waits in the {bus} bus's queue for the name"
             ));
         }
         if let Some(name) = &self.bus_unique_name

@@ -59,7 +59,8 @@ fuzz_target!(|content: &[u8]| {
                 holder.bus_unique_name.as_deref()
             )
             && dropped_or_same(again.hostname.as_deref(), holder.hostname.as_deref())
-            && (again.executable.is_none() || again.executable == holder.executable),
+            && (again.executable.is_none() || again.executable == holder.executable)
+            && (again.queued_on_bus.is_none() || again.queued_on_bus == holder.queued_on_bus),
         "read {holder:?}, wrote {:?}, read back {again:?}",
         String::from_utf8_lossy(&line)
     );

@@ -75,9 +75,10 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
         server_guid: conn.server_guid().to_string(),
     });
     let file = ctx.held.lock_file_mut();
-    let on_queued = move || match file.zip(place) {
-        Some((file, place)) => file.record_queued(Some(place)),
-        None => Ok(()),
+    let on_queued = move || {
+        if let Some((file, place)) = file.zip(place) {
+            note_queue_place(file, Some(place));
+        }
     };
     let owned = own_name(
         &name,
@@ -126,7 +127,7 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
             drop((conn, disconnect));
             // No longer in a queue: the lock file alone holds the instance, and we run.
             if let Some(file) = ctx.held.lock_file_mut() {
-                file.record_queued(None)?;
+                note_queue_place(file, None);
             }
         }
         // Without the lock file `own_name` reports the bus's loss as an error.
@@ -139,4 +140,13 @@ pub(super) async fn acquire(ctx: &mut Context, plan: BusPlan) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Records our place in the bus's queue, or that we have none any more (see
+/// [`HeldFile::record_queued`]). Only what refused copies are told depends on it: a write that
+/// fails is logged, and the acquisition goes on (the lock file excludes all the same).
+fn note_queue_place(file: &mut HeldFile, place: Option<BusQueuePlace>) {
+    if let Err(e) = file.record_queued(place) {
+        tracing::warn!(error = %e, "cannot record our place in the bus's queue in the lock file");
+    }
 }

@@ -31,9 +31,10 @@ pub(super) async fn acquire(ctx: &mut Context, plan: &LockPlan) -> Result<()> {
 /// time, as the running copy). Asked only then, and only of the bus this copy would own the
 /// name on, and only when it is the very bus the holder waits on (its GUID: another session's
 /// bus, or the same address after a restart, gives out the same unique names to others), within
-/// [`ASK_THE_BUS_WITHIN`]. The holder is kept when the bus names no live owner, or names the
-/// holder itself (granted the name meanwhile: then running, and said so); its record's mark
-/// then tells the reader that it waits.
+/// [`ASK_THE_BUS_WITHIN`], which a refusal or a timed-out wait then takes at most beyond its
+/// deadline (a bus that answers does so in a millisecond or two). The holder is kept when the
+/// bus names no owner, or names the holder itself (granted the name meanwhile: then running,
+/// and said so); its mark otherwise tells the reader that it waits.
 async fn naming_who_runs(ctx: &Context, refusal: Error) -> Error {
     let Some(holder) = refusal.holder() else {
         return refusal;
@@ -68,7 +69,10 @@ async fn naming_who_runs(ctx: &Context, refusal: Error) -> Error {
         };
         return refusal.naming(holder);
     }
-    if owner.pid.is_some() {
+    // Named even when the bus does not say which process it is (a TCP bus, a connection whose
+    // maker is gone, another PID namespace): "holder unknown" on the bus, not the waiter's PID
+    // (a review: a script acting on that PID picks the wrong process).
+    if owner.bus_unique_name.is_some() {
         return refusal.naming(owner);
     }
     refusal

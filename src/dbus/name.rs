@@ -50,7 +50,7 @@ pub(crate) async fn own_name(
     allow_replacement: bool,
     previous_pid: Option<u32>,
     holding_lock: bool,
-    on_queued: impl FnOnce() -> Result<()>,
+    on_queued: impl FnOnce(),
 ) -> Result<Option<BusMessages>> {
     let flags = request_flags(wait, allow_replacement);
     let bus_error = |context, source| Error::Bus {
@@ -126,7 +126,7 @@ pub(crate) async fn own_name(
         }
         // Asked to wait (a plain attempt does not queue): behind an owner that is not a copy
         // holding the lock file, since we hold it, or one that lost its lock file.
-        RequestNameReply::InQueue => on_queued()?,
+        RequestNameReply::InQueue => on_queued(),
         RequestNameReply::Exists => {
             let (owner, connected_by, _) =
                 owner_and_connecting_pid(conn, name.as_str(), kind).await;

@@ -38,10 +38,11 @@ pub(crate) struct LockRecord {
     pub(crate) bus_unique_name: Option<String>,
     pub(crate) executable: Option<PathBuf>,
     pub(crate) hostname: Option<String>,
-    /// Set while the holder waits in a bus's queue for the name, which another process owns
+    /// Set while the holder waits in a bus's queue for the name, behind another owner
     /// (see [`Holder::queued_on_bus`]); cleared once it owns the name, or the bus is gone.
-    /// Absent from records written before it existed.
-    #[serde(default)]
+    /// Written only when set: every other record is as earlier versions wrote it, which refuse
+    /// keys they do not know (they would take the file for someone else's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) queued_on_bus: Option<BusQueuePlace>,
     /// The file was there, empty, before a holder took it (`touch keep.flag`, a shared
     /// `job.lock`): someone else's. Written by earlier versions, which wrote their record into
@@ -345,7 +346,13 @@ mod tests {
         assert!(
             holder
                 .to_string()
-                .contains("waiting in the session bus's queue")
+                .contains("only waits in the session bus's queue")
+        );
+        // Without a mark, as earlier versions write them, and as they read them.
+        let unmarked = LockRecord::for_self(vec![Backend::LockFile], None, None).to_line();
+        assert!(
+            !String::from_utf8_lossy(&unmarked).contains("queued_on_bus"),
+            "{unmarked:?}"
         );
         // As records written before the mark existed are.
         let older = br#"{"pid":1,"uid":0,"start_time":null,"backend":["lock-file"],"bus":null,"bus_unique_name":null,"executable":null,"hostname":null}"#;
