@@ -46,6 +46,9 @@ pub(crate) enum Hook {
     BeforeUnlinkingUnheld,
     /// When `status` has looked at the lock file, before it asks the bus (`status`).
     StatusBeforeAskingTheBus,
+    /// When a copy is in the bus's queue for the name, its place recorded in its lock file or
+    /// not, just before it waits to be granted the name (`dbus::name::own_name`).
+    InBusQueue,
 }
 
 impl Hook {
@@ -89,6 +92,7 @@ mod imp {
                 "UNIQUE_INSTANCE_TEST_STOP_AFTER_READING_FOREIGN_CONTENT"
             }
             Hook::BeforeUnlinkingUnheld => "UNIQUE_INSTANCE_TEST_STOP_BEFORE_UNLINKING_UNHELD",
+            Hook::InBusQueue => "UNIQUE_INSTANCE_TEST_STOP_IN_BUS_QUEUE",
             Hook::StatusBeforeAskingTheBus => {
                 "UNIQUE_INSTANCE_TEST_STOP_STATUS_BEFORE_ASKING_THE_BUS"
             }
@@ -96,7 +100,10 @@ mod imp {
     }
 
     pub(super) fn stop_at(hook: Hook) {
-        static STOPPED: [AtomicBool; 13] = [const { AtomicBool::new(false) }; 13];
+        // One per hook: `InBusQueue` is the last (a hook added after it must take its place
+        // here, or its stop indexes past the end, which a test that arms it reports at once).
+        const HOOKS: usize = Hook::InBusQueue as usize + 1;
+        static STOPPED: [AtomicBool; HOOKS] = [const { AtomicBool::new(false) }; HOOKS];
         if hook.armed() && !STOPPED[hook as usize].swap(true, Ordering::Relaxed) {
             // To this thread (`raise`), not to the process: a process-directed SIGSTOP may be
             // taken by another thread, and this one, back from `kill`, would run on past the

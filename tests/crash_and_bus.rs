@@ -252,6 +252,48 @@ fn newcomer_waits_for_the_bus_to_drop_the_previous_lock_holder() {
     assert!(line.contains("Dbus"), "{line}");
 }
 
+/// The same newcomer, waiting (`--wait`): queued at once behind the dead holder's connection,
+/// it is about to run, and does not mark itself in its record as waiting behind another owner;
+/// a copy refused meanwhile names it, not the dead connection (a review saw "holder unknown, as
+/// :1.0" named, since the mark sent refused copies to the bus).
+#[test]
+fn a_waiting_newcomer_behind_a_dead_holder_is_named_as_the_running_copy() {
+    let bus = DbusDaemon::start(BusConfig::Open);
+    let lock_dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_name("deadowner_wait");
+    let path = lock_dir.path().join(format!("{name}.lock"));
+    let mut old = common::dead_holder_on_the_bus(&bus.address, lock_dir.path(), &name);
+    let mut cmd = common::clean_command(
+        &common::example_path("holder"),
+        Some(&bus.address),
+        lock_dir.path(),
+    );
+    cmd.args([name.as_str(), "--wait", "forever"]);
+    common::arm_test_hook(&mut cmd, "UNIQUE_INSTANCE_TEST_STOP_IN_BUS_QUEUE");
+    let mut newcomer = common::Proc::spawn(cmd);
+    // In the queue, past whatever it records of it.
+    newcomer.stopped_at("in the bus's queue");
+    let text = std::fs::read_to_string(&path).expect("the newcomer's record");
+    let record: serde_json::Value = serde_json::from_str(&text).expect("a JSON record");
+    assert_eq!(record["pid"], newcomer.pid(), "{record}");
+    assert!(record.get("queued_on_bus").is_none(), "{record}");
+    let mut third = holder(Some(&bus.address), lock_dir.path(), &[&name]);
+    let line = third.next_line("a copy refused meanwhile");
+    assert!(line.starts_with("already-running"), "{line}");
+    assert_eq!(
+        field(&line, "holder_pid"),
+        Some(newcomer.pid().to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(third.exit_code(), 75);
+    newcomer.signal(rustix::process::Signal::CONT);
+    old.close_stdin();
+    let line = newcomer.next_line("newcomer");
+    assert!(line.starts_with("acquired"), "{line}");
+    newcomer.close_stdin();
+    assert_eq!(newcomer.exit_code(), 0);
+}
+
 /// The D-Bus backend alone, with no bus configured or a dead one: no usable backend (69),
 /// never an unguarded success.
 #[test]

@@ -125,8 +125,24 @@ pub(crate) async fn own_name(
             return owned(stream, flags).await;
         }
         // Asked to wait (a plain attempt does not queue): behind an owner that is not a copy
-        // holding the lock file, since we hold it, or one that lost its lock file.
-        RequestNameReply::InQueue => on_queued(),
+        // holding the lock file, since we hold it (one that lost its lock file, one that owns
+        // the name alone), whose refusals are to name it, not us (see `on_queued`). Unless it
+        // is the lock's previous holder, dead, whose disconnect the bus has yet to process (see
+        // `Exists` below): then we are about to run, and are named so (a review: the dead
+        // connection was named instead, "holder unknown"). Asked only after a take-over.
+        RequestNameReply::InQueue => {
+            let behind_the_dead = match previous_pid.filter(|_| holding_lock) {
+                Some(previous) => {
+                    let (_, connected_by, _) =
+                        owner_and_connecting_pid(conn, name.as_str(), kind).await;
+                    connected_by == Some(previous) && !process_lives_on(previous)
+                }
+                None => false,
+            };
+            if !behind_the_dead {
+                on_queued();
+            }
+        }
         RequestNameReply::Exists => {
             let (owner, connected_by, _) =
                 owner_and_connecting_pid(conn, name.as_str(), kind).await;
@@ -163,6 +179,7 @@ pub(crate) async fn own_name(
             }
         }
     }
+    test_hooks::stop_at(Hook::InBusQueue);
     // In the queue: the bus sends NameAcquired the moment the holder lets go.
     let acquired = async {
         loop {
