@@ -413,6 +413,27 @@ fn queued_record(path: &std::path::Path) -> serde_json::Value {
     }
 }
 
+/// A copy owning `name` on the bus at `address` alone (`--backend dbus`), and one with both
+/// backends that waits: it holds the lock file in `lock_dir` and waits in the bus's queue, its
+/// record saying so. Returns the owner, its unique name, the waiter, and the lock file's path.
+fn runner_and_queued_waiter(
+    address: &str,
+    lock_dir: &std::path::Path,
+    name: &str,
+) -> (Proc, String, Proc, std::path::PathBuf) {
+    let path = lock_dir.join(format!("{name}.lock"));
+    let mut runner = holder(Some(address), lock_dir, &[name, "--backend", "dbus"]);
+    let line = runner.next_line("the name's owner");
+    assert!(line.starts_with("acquired"), "{line}");
+    let unique = field(&line, "unique")
+        .expect("the owner's unique name")
+        .to_owned();
+    let waiter = holder(Some(address), lock_dir, &[name, "--wait", "forever"]);
+    common::wait_for_queued_owners(address, name, 2);
+    queued_record(&path);
+    (runner, unique, waiter, path)
+}
+
 /// A program that owns the name alone (`--backend dbus`, or one using the bus without a lock
 /// file) runs; a copy with both backends that waits takes the lock file and waits in the bus's
 /// queue. Copies refused by the lock file then, by a plain attempt or a timed-out wait, the
@@ -423,21 +444,8 @@ fn a_refusal_names_the_names_owner_not_a_copy_waiting_behind_it() {
     let bus = DbusDaemon::start(BusConfig::Open);
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("waiter_named");
-    let path = lock_dir.path().join(format!("{name}.lock"));
-    let mut runner = holder(
-        Some(&bus.address),
-        lock_dir.path(),
-        &[&name, "--backend", "dbus"],
-    );
-    let line = runner.next_line("the name's owner");
-    assert!(line.starts_with("acquired"), "{line}");
-    let mut waiter = holder(
-        Some(&bus.address),
-        lock_dir.path(),
-        &[&name, "--wait", "forever"],
-    );
-    common::wait_for_queued_owners(&bus.address, &name, 2);
-    queued_record(&path);
+    let (mut runner, _, mut waiter, _) =
+        runner_and_queued_waiter(&bus.address, lock_dir.path(), &name);
     let names_the_runner = |line: &str, what: &str| {
         assert_eq!(
             field(line, "holder_pid"),
@@ -504,21 +512,8 @@ fn a_waiter_whose_bus_dies_is_no_longer_recorded_as_waiting() {
     let mut bus = DbusDaemon::start(BusConfig::Open);
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("queue_gone");
-    let path = lock_dir.path().join(format!("{name}.lock"));
-    let mut runner = holder(
-        Some(&bus.address),
-        lock_dir.path(),
-        &[&name, "--backend", "dbus"],
-    );
-    let line = runner.next_line("the name's owner");
-    assert!(line.starts_with("acquired"), "{line}");
-    let mut waiter = holder(
-        Some(&bus.address),
-        lock_dir.path(),
-        &[&name, "--wait", "forever"],
-    );
-    common::wait_for_queued_owners(&bus.address, &name, 2);
-    queued_record(&path);
+    let (runner, _, mut waiter, path) =
+        runner_and_queued_waiter(&bus.address, lock_dir.path(), &name);
     bus.kill();
     let line = waiter.next_line("the waiter, its bus gone");
     assert!(line.starts_with("acquired"), "{line}");
@@ -549,24 +544,8 @@ fn a_refusal_names_the_names_owner_by_its_unique_name_where_the_bus_knows_no_pid
     );
     let lock_dir = tempfile::tempdir().expect("tempdir");
     let name = unique_name("waiter_named_tcp");
-    let path = lock_dir.path().join(format!("{name}.lock"));
-    let mut runner = holder(
-        Some(&bus.address),
-        lock_dir.path(),
-        &[&name, "--backend", "dbus"],
-    );
-    let line = runner.next_line("the name's owner");
-    assert!(line.starts_with("acquired"), "{line}");
-    let unique = field(&line, "unique")
-        .expect("the owner's unique name")
-        .to_owned();
-    let mut waiter = holder(
-        Some(&bus.address),
-        lock_dir.path(),
-        &[&name, "--wait", "forever"],
-    );
-    common::wait_for_queued_owners(&bus.address, &name, 2);
-    queued_record(&path);
+    let (mut runner, unique, mut waiter, _) =
+        runner_and_queued_waiter(&bus.address, lock_dir.path(), &name);
     let mut third = holder(Some(&bus.address), lock_dir.path(), &[&name]);
     let line = third.next_line("the third copy");
     assert!(line.starts_with("already-running"), "{line}");
