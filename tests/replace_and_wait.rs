@@ -535,7 +535,7 @@ fn a_waiter_whose_bus_dies_is_no_longer_recorded_as_waiting() {
 /// names the owner by its unique name ("holder unknown" for the PID), never the waiter's PID
 /// (a review: a script acting on that PID would pick the wrong process).
 #[test]
-fn a_refusal_names_the_names_owner_by_its_unique_name_where_the_bus_knows_no_pids() {
+fn tcp_refusals_name_the_owner_by_its_unique_name_not_the_waiters_pid() {
     let bus = DbusDaemon::start_listening(
         BusConfig::Open,
         "",
