@@ -192,8 +192,25 @@ async fn as_command(log: &Log) -> i32 {
 }
 
 /// The `run` wrapper's PID: our parent is its keeper (`unique-instance internal-keeper`), whose
-/// parent is the wrapper; 0 when that cannot be read (the wrapper is already gone).
+/// parent is the wrapper. Once the wrapper is gone (SIGKILLed as it started us: we run until its
+/// death signal reaches us), the keeper's parent is init: then our process group's, which `run`
+/// puts us in and the soak makes the wrapper's own (a seed's checker found a COMMAND it could not
+/// tie to its wrapper, "wrapper=1", and so to its end). 0 when neither tells.
 fn wrapper_pid() -> i32 {
+    let by_parents = wrapper_by_parents();
+    if by_parents > 1 {
+        return by_parents;
+    }
+    let group = rustix::process::getpgrp().as_raw_nonzero().get();
+    if group != std::process::id() as i32 {
+        group
+    } else {
+        0
+    }
+}
+
+/// [`wrapper_pid`] by our parent and its parent; 1 or 0 when the wrapper is gone.
+fn wrapper_by_parents() -> i32 {
     let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
     let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap_or_default();
     if cmdline.split(|&b| b == 0).nth(1) != Some(b"internal-keeper".as_slice()) {
