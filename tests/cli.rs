@@ -559,7 +559,7 @@ fn status_that_could_check_nothing_does_not_say_not_running() {
         &["status", "--backend", "dbus", &name],
     );
     let code = status.exit_code();
-    let stderr = status.stderr_lines().join("\n");
+    let stderr = status.stderr_until_closed().join("\n");
     assert_eq!(code, 69, "{stderr}");
     assert!(stderr.contains("nothing could be checked"), "{stderr}");
 }
@@ -589,7 +589,7 @@ fn status_that_the_bus_does_not_answer_does_not_say_not_running() {
         &["status", "--backend", "dbus", &name],
     );
     let code = status.exit_code();
-    let stderr = status.stderr_lines().join("\n");
+    let stderr = status.stderr_until_closed().join("\n");
     assert_eq!(code, 69, "{stderr}");
     assert!(stderr.contains("did not say who owns"), "{stderr}");
     owner.close_stdin();

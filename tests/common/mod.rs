@@ -400,6 +400,10 @@ impl Proc {
         }
     }
 
+    /// The stderr lines read so far, without waiting: for a failure's message. Not for what a
+    /// test asserts once the process has exited: its last lines may still be on their way from
+    /// the reading thread (a CI run saw `status`'s message missing); use
+    /// [`Proc::stderr_until_closed`] there.
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.try_iter().collect()
     }
