@@ -131,14 +131,12 @@ pub(crate) async fn own_name(
         // `Exists` below): then we are about to run, and are named so (a review: the dead
         // connection was named instead, "holder unknown"). Asked only after a take-over.
         RequestNameReply::InQueue => {
-            let behind_the_dead = match previous_pid.filter(|_| holding_lock) {
-                Some(previous) => {
-                    let (_, connected_by, _) =
-                        owner_and_connecting_pid(conn, name.as_str(), kind).await;
-                    connected_by == Some(previous) && !process_lives_on(previous)
-                }
-                None => false,
-            };
+            let behind_the_dead = holding_lock
+                && previous_pid.is_some()
+                && is_dead_previous(
+                    previous_pid,
+                    owner_and_connecting_pid(conn, name.as_str(), kind).await.1,
+                );
             if !behind_the_dead {
                 on_queued();
             }
@@ -154,9 +152,7 @@ pub(crate) async fn own_name(
             // replacement, and kept the name) is the instance on the bus: refused at once, not
             // after the grace (a review saw every copy stall 5 s so). One that is exiting, or
             // gone while another process keeps its connection open a moment longer, is not.
-            let dead_previous = holding_lock
-                && previous_pid.is_some_and(|pid| Some(pid) == connected_by)
-                && connected_by.is_some_and(|pid| !process_lives_on(pid));
+            let dead_previous = holding_lock && is_dead_previous(previous_pid, connected_by);
             if !dead_previous {
                 return Err(already_running(name, Box::new(owner)));
             }
@@ -429,6 +425,14 @@ pub(crate) async fn owner_and_connecting_pid(
         queue_place: None,
     };
     (holder, connected_by, unknown)
+}
+
+/// Whether the name's owner is the lock's previous holder (`previous_pid`, by its record),
+/// dead or exiting, by the PID that made the owner's connection (`connected_by`): the bus has
+/// yet to process its disconnect.
+fn is_dead_previous(previous_pid: Option<u32>, connected_by: Option<u32>) -> bool {
+    previous_pid.is_some_and(|pid| Some(pid) == connected_by)
+        && connected_by.is_some_and(|pid| !process_lives_on(pid))
 }
 
 /// Is this the bus saying that nobody owns the name asked about?
